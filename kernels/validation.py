@@ -1,0 +1,118 @@
+"""Input checks shared by the ops: every failure is a ValueError that names the argument.
+
+Shape conventions (as in the public API): q ``[B, H, Nq, d]``, k and v ``[B, H, Nk, d]``,
+boxes ``[B, N, 4]`` as normalised (x1, y1, x2, y2), wg_weight ``[H, 64]``, wg_bias ``[H]``,
+key_padding_mask ``[B, Nk]`` bool with True = real object.
+"""
+from __future__ import annotations
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
+# Normalised boxes may overshoot [0, 1] by rounding in detectors' outputs; pixels do not fit this slack.
+BOX_SLACK = 1e-2
+
+
+def require_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def require_ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+
+
+def require_dtype(name: str, t: torch.Tensor, allowed) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise ValueError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
+
+
+def require_same_device(named: dict) -> torch.device:
+    """All tensors in ``named`` (name -> tensor or None) on one device; returns it."""
+    items = [(n, t) for n, t in named.items() if t is not None]
+    first_name, first = items[0]
+    for n, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+    return first.device
+
+
+def check_qkv(q, k, v, *, same_length: bool) -> None:
+    """q ``[B, H, Nq, d]``, k/v ``[B, H, Nk, d]`` of one float dtype; Nq == Nk when ``same_length``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_tensor(name, t)
+        require_ndim(name, t, 4, "[B, H, N, d]")
+        require_dtype(name, t, TORCH_DTYPES)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim ([B, H, N, d])"
+        )
+    if same_length and q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same number of objects N, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[3] == 0:
+        raise ValueError("q has head dim d = 0")
+
+
+def check_key_padding_mask(mask, batch: int, n_keys: int, name: str = "key_padding_mask") -> None:
+    if mask is None:
+        return
+    require_tensor(name, mask)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor (True = real object), got dtype {mask.dtype}")
+    if tuple(mask.shape) != (batch, n_keys):
+        raise ValueError(f"{name} must have shape [B, N] = {(batch, n_keys)}, got {tuple(mask.shape)}")
+
+
+def check_geometry_weights(wg_weight, wg_bias, heads: int, dim_g: int = 64) -> None:
+    require_tensor("wg_weight", wg_weight)
+    require_tensor("wg_bias", wg_bias)
+    require_dtype("wg_weight", wg_weight, TORCH_DTYPES)
+    require_dtype("wg_bias", wg_bias, TORCH_DTYPES)
+    if tuple(wg_weight.shape) != (heads, dim_g):
+        raise ValueError(f"wg_weight must have shape [H, {dim_g}] = {(heads, dim_g)}, got {tuple(wg_weight.shape)}")
+    if tuple(wg_bias.shape) != (heads,):
+        raise ValueError(f"wg_bias must have shape [H] = {(heads,)}, got {tuple(wg_bias.shape)}")
+
+
+def check_boxes(boxes, batch: int | None = None, n: int | None = None, key_padding_mask=None) -> None:
+    """boxes ``[B, N, 4]`` normalised (x1, y1, x2, y2): finite, x2 >= x1, y2 >= y1, inside [0, 1].
+
+    Padded entries (key_padding_mask False) are not checked. The value checks cost one
+    reduction over the boxes and one host synchronisation.
+    """
+    require_tensor("boxes", boxes)
+    require_dtype("boxes", boxes, TORCH_DTYPES)
+    if boxes.dim() != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape [B, N, 4] as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+    if batch is not None and (boxes.shape[0] != batch or boxes.shape[1] != n):
+        raise ValueError(f"boxes must have shape [B, N, 4] = {(batch, n, 4)}, got {tuple(boxes.shape)}")
+    if boxes.numel() == 0:
+        return
+    b = boxes.detach()
+    valid = torch.ones(b.shape[:2], dtype=torch.bool, device=b.device) if key_padding_mask is None else key_padding_mask
+    nonfinite = (~torch.isfinite(b)).any(-1) & valid
+    inverted = ((b[..., 2] < b[..., 0]) | (b[..., 3] < b[..., 1])) & valid
+    outside = ((b < -BOX_SLACK) | (b > 1 + BOX_SLACK)).any(-1) & valid & ~nonfinite
+    flags = torch.stack([nonfinite.any(), inverted.any(), outside.any()]).tolist()
+    if not any(flags):
+        return
+
+    def first(bad: torch.Tensor) -> str:
+        bi, ni = (int(x) for x in bad.nonzero()[0].tolist())
+        return f"boxes[{bi}, {ni}] = {b[bi, ni].tolist()}"
+
+    if flags[0]:
+        raise ValueError(f"boxes hold NaN or inf values: {first(nonfinite)}")
+    if flags[1]:
+        raise ValueError(f"boxes must satisfy x2 >= x1 and y2 >= y1 (x1, y1, x2, y2 order): {first(inverted)}")
+    raise ValueError(
+        f"boxes must be normalised to [0, 1] (divide pixel coordinates by the image width and height): {first(outside)}"
+    )

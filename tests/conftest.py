@@ -1,0 +1,20 @@
+"""Test-wide set-up.
+
+Without a GPU the Triton kernels run under the Triton CPU interpreter, which must be switched
+on before triton is first imported; with a GPU they run compiled, from the same test files.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
