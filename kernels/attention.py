@@ -1,0 +1,79 @@
+"""Public attention ops: ``geo_attention`` (ORT's geometry-biased self-attention) and
+``attention`` (the same kernel family without geometry), dispatched to Triton or PyTorch.
+
+Shapes: q ``[B, H, Nq, d]``, k and v ``[B, H, Nk, d]``; boxes ``[B, N, 4]`` normalised
+(x1, y1, x2, y2); wg_weight ``[H, 64]``, wg_bias ``[H]`` (ORT's per-head ``Linear(64 -> 1)``);
+key_padding_mask ``[B, Nk]`` bool, True = real object.
+
+Both return :class:`GeoAttention` ``(out, entropy, probs)``: ``out`` ``[B, H, Nq, d]`` in q's
+dtype; ``entropy`` ``[B, H, Nq]`` (nats, per query row, of the attention distribution before
+dropout) and ``probs`` ``[B, H, Nq, Nk]`` (before dropout) are None unless asked for, float32
+(float64 for float64 inputs) and detached: they are diagnostics, not differentiable outputs.
+A query row whose keys are all padded attends to nothing: out 0, probs 0, entropy 0.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._backend import resolve_backend
+from .validation import (KERNEL_DTYPES, check_boxes, check_geometry_weights, check_key_padding_mask, check_qkv,
+                         require_dtype, require_same_device)
+
+
+class GeoAttention(NamedTuple):
+    out: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    probs: Optional[torch.Tensor]
+
+
+def _check_dropout(dropout_p) -> float:
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _run(backend, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, causal, dropout_p,
+         return_entropy, return_probs) -> GeoAttention:
+    device = require_same_device({"q": q, "k": k, "v": v, "boxes": boxes, "wg_weight": wg_weight,
+                                  "wg_bias": wg_bias, "key_padding_mask": key_padding_mask})
+    chosen = resolve_backend(backend, device)
+    if chosen == "triton":
+        require_dtype("q", q, KERNEL_DTYPES)
+        from .triton_attention import triton_attention
+        fn = triton_attention
+    else:
+        from .torch_attention import torch_attention
+        fn = torch_attention
+    out, entropy, probs = fn(q, k, v, boxes=boxes, wg_weight=wg_weight, wg_bias=wg_bias,
+                             key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p,
+                             return_entropy=return_entropy, return_probs=return_probs)
+    return GeoAttention(out, entropy, probs)
+
+
+def geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask=None, *, dropout_p=0.0,
+                  return_entropy=False, return_probs=False, backend="auto") -> GeoAttention:
+    """ORT attention: ``softmax(QK^T / sqrt(d) [padded keys -1e9] + log(clamp(relu(E W_g^T + b_g), 1e-6))) V``.
+
+    The geometry is computed from ``boxes`` inside the op (float32; never an ``[N, N, 64]``
+    tensor). Gradients flow to q, k, v, wg_weight and wg_bias; boxes take none. ``dropout_p``
+    drops attention weights (keep-scaled), as ORT does in training; pass 0 in evaluation.
+    """
+    check_qkv(q, k, v, same_length=True)
+    batch, heads, n, _ = q.shape
+    check_key_padding_mask(key_padding_mask, batch, n)
+    check_geometry_weights(wg_weight, wg_bias, heads)
+    check_boxes(boxes, batch, n, key_padding_mask)
+    return _run(backend, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, False, _check_dropout(dropout_p),
+                return_entropy, return_probs)
+
+
+def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, return_entropy=False,
+              return_probs=False, backend="auto") -> GeoAttention:
+    """Scaled-dot-product attention with key padding and optional causal masking (bottom-right
+    aligned: query i sees keys ``j <= i + Nk - Nq``), for decoder self- and cross-attention."""
+    check_qkv(q, k, v, same_length=False)
+    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
+    return _run(backend, q, k, v, None, None, None, key_padding_mask, bool(causal), _check_dropout(dropout_p),
+                return_entropy, return_probs)

@@ -1,0 +1,151 @@
+"""The ORT box-relation geometry, in PyTorch: one definition that the eager reference, the
+PyTorch fallback and the Triton kernels' tests all rely on.
+
+Conventions (Herdade et al. 2019, the ORT code, exactly): boxes ``[B, N, 4]`` are
+(x1, y1, x2, y2) normalised to [0, 1]; cx = (x1 + x2) / 2, w = x2 - x1 + 1 (the +1 is ORT's,
+kept even on normalised boxes). For query box i and key box j::
+
+    dx[i, j] = log(max(|cx_i - cx_j| / w_i, 1e-3))     dy likewise with cy, h_i
+    dw[i, j] = log(w_i / w_j)                          dh likewise, no clamp
+
+Each of the four is multiplied by 100 and by the frequencies ``wave_len ** (-k / (dim_g / 8))``
+for k = 0 .. dim_g/8 - 1; the embedding is ``[sin(dx f), sin(dy f), sin(dw f), sin(dh f),
+cos(dx f), cos(dy f), cos(dw f), cos(dh f)]`` (dim_g channels). Head h's geometry logit is
+``x = emb . wg_weight[h] + wg_bias[h]`` and its attention bias is ``log(clamp(relu(x), 1e-6))``.
+
+The dw/dh channels are separable: with a_i = 100 f log w_i, dw f = a_i - a_j, so
+``sin(a_i - a_j) = sin a_i cos a_j - cos a_i sin a_j`` (and cos likewise). Their part of x is a
+rank-2*dim_g/4 product of per-box factors, which :func:`geometry_logits` uses so only the
+dx/dy half of the channels needs sin/cos per (query, key) pair.
+"""
+from __future__ import annotations
+
+import torch
+
+DIM_G = 64
+WAVE_LEN = 1000.0
+SCALE = 100.0
+DX_CLAMP = 1e-3
+BIAS_CLAMP = 1e-6
+
+
+def geometry_frequencies(dim_g: int = DIM_G, wave_len: float = WAVE_LEN, *, dtype=torch.float32, device=None):
+    """``[dim_g // 8]`` frequencies ``wave_len ** (-k / (dim_g / 8))``."""
+    if dim_g <= 0 or dim_g % 8:
+        raise ValueError(f"dim_g must be a positive multiple of 8, got {dim_g}")
+    n = dim_g // 8
+    return torch.tensor([wave_len ** (-k / n) for k in range(n)], dtype=dtype, device=device)
+
+
+def box_centers_sizes(boxes: torch.Tensor):
+    """``(cx, cy, w, h)``, each ``[B, N]``, with ORT's +1 on the sizes."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return (x1 + x2) * 0.5, (y1 + y2) * 0.5, x2 - x1 + 1.0, y2 - y1 + 1.0
+
+
+def box_displacement(boxes: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N, 4]`` = (dx, dy, dw, dh)[i, j] for query box i and key box j."""
+    cx, cy, w, h = box_centers_sizes(boxes)
+    dx = torch.log(torch.clamp(torch.abs((cx[:, :, None] - cx[:, None, :]) / w[:, :, None]), min=DX_CLAMP))
+    dy = torch.log(torch.clamp(torch.abs((cy[:, :, None] - cy[:, None, :]) / h[:, :, None]), min=DX_CLAMP))
+    dw = torch.log(w[:, :, None] / w[:, None, :])
+    dh = torch.log(h[:, :, None] / h[:, None, :])
+    return torch.stack([dx, dy, dw, dh], dim=-1)
+
+
+def box_relation_embedding(boxes: torch.Tensor, dim_g: int = DIM_G, wave_len: float = WAVE_LEN) -> torch.Tensor:
+    """``[B, N, N, dim_g]`` sinusoidal embedding of the box displacements (ORT's BoxRelationalEmbedding).
+
+    Computed in ``boxes.dtype``; builds the full pairwise tensor, so it is meant for inspection
+    and for the reference, not for large N (the attention paths never build it).
+    """
+    from .validation import check_boxes
+
+    check_boxes(boxes)
+    disp = box_displacement(boxes)                                   # [B, N, N, 4]
+    freq = geometry_frequencies(dim_g, wave_len, dtype=boxes.dtype, device=boxes.device)
+    args = (SCALE * disp)[..., None] * freq                          # [B, N, N, 4, dim_g/8]
+    args = args.flatten(-2)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:
+    """``log(clamp(relu(x), 1e-6))``: ORT's attention bias from the per-head geometry logits."""
+    return torch.log(torch.clamp(torch.relu(x), min=BIAS_CLAMP))
+
+
+class BoxFactors:
+    """Per-box quantities the fast geometry path needs, computed once per call.
+
+    Attributes (``B`` batch, ``N`` boxes, float32 or float64):
+    ``cx, cy, w, h`` ``[B, N]``; ``sin_far, cos_far`` ``[B, N, 16]`` = sin/cos of
+    100 f_k log w (k = 0..7) then of 100 f_k log h, the separable dw/dh factors.
+    """
+
+    def __init__(self, boxes: torch.Tensor, dtype: torch.dtype):
+        b = boxes.to(dtype)
+        self.cx, self.cy, self.w, self.h = box_centers_sizes(b)
+        freq = geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=b.device)
+        log_sizes = torch.stack([self.w.log(), self.h.log()], dim=-1)          # [B, N, 2]
+        far_args = (SCALE * log_sizes[..., None] * freq).flatten(-2)           # [B, N, 16]
+        self.sin_far, self.cos_far = torch.sin(far_args), torch.cos(far_args)
+        self.freq = freq
+
+    def rows(self, start: int, stop: int) -> "BoxFactors":
+        """The same factors restricted to boxes ``start:stop`` (a query block)."""
+        sub = object.__new__(BoxFactors)
+        for name in ("cx", "cy", "w", "h", "sin_far", "cos_far"):
+            setattr(sub, name, getattr(self, name)[:, start:stop])
+        sub.freq = self.freq
+        return sub
+
+
+def split_geometry_weights(wg_weight: torch.Tensor):
+    """Split ``[H, 64]`` into the pairwise (dx, dy) weights ``[H, 32]`` (order: sin dx, sin dy,
+    cos dx, cos dy) and the separable (dw, dh) sin / cos weights, each ``[H, 16]``."""
+    near = torch.cat([wg_weight[:, 0:16], wg_weight[:, 32:48]], dim=1)
+    return near, wg_weight[:, 16:32], wg_weight[:, 48:64]
+
+
+def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_bias: torch.Tensor) -> torch.Tensor:
+    """Per-head geometry logits ``x`` ``[B, H, Nq, Nk]`` (before relu / clamp / log) for query
+    boxes ``qf`` and key boxes ``kf``, in their dtype. Equal to
+    ``box_relation_embedding(boxes) @ wg_weight.T + wg_bias`` without building the embedding."""
+    w_near, w_sin_far, w_cos_far = split_geometry_weights(wg_weight.to(qf.cx.dtype))
+    dx = torch.log(torch.clamp(torch.abs(qf.cx[:, :, None] - kf.cx[:, None, :]) / qf.w[:, :, None], min=DX_CLAMP))
+    dy = torch.log(torch.clamp(torch.abs(qf.cy[:, :, None] - kf.cy[:, None, :]) / qf.h[:, :, None], min=DX_CLAMP))
+    near_args = (SCALE * torch.stack([dx, dy], dim=-1)[..., None] * qf.freq).flatten(-2)    # [B, Nq, Nk, 16]
+    near = torch.cat([torch.sin(near_args), torch.cos(near_args)], dim=-1) @ w_near.T      # [B, Nq, Nk, H]
+    # sin(a_i - a_j) w_s + cos(a_i - a_j) w_c = c_j (w_s s_i + w_c c_i) + s_j (w_c s_i - w_s c_i)
+    s_i, c_i = qf.sin_far[:, None], qf.cos_far[:, None]                                   # [B, 1, Nq, 16]
+    ws, wc = w_sin_far[None, :, None], w_cos_far[None, :, None]                           # [1, H, 1, 16]
+    query_side = torch.cat([ws * s_i + wc * c_i, wc * s_i - ws * c_i], dim=-1)            # [B, H, Nq, 32]
+    key_side = torch.cat([kf.cos_far, kf.sin_far], dim=-1)[:, None]                       # [B, 1, Nk, 32]
+    far = query_side @ key_side.transpose(-1, -2)                                          # [B, H, Nq, Nk]
+    return near.permute(0, 3, 1, 2) + far + wg_bias.to(far.dtype)[None, :, None, None]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, N]`` = ``log(clamp(relu(box_relation_embedding(boxes) @ wg_weight.T + wg_bias), 1e-6))``.
+
+    Computed in float32 (float64 for float64 boxes) with the separable dw/dh channels, so the
+    ``[B, N, N, 64]`` embedding is never built.
+    """
+    from .validation import check_boxes, check_geometry_weights
+
+    check_boxes(boxes)
+    check_geometry_weights(wg_weight, wg_bias, wg_weight.shape[0] if wg_weight.dim() == 2 else -1)
+    f = BoxFactors(boxes, compute_dtype(boxes.dtype))
+    return log_geometry_bias_from_logits(geometry_logits(f, f, wg_weight, wg_bias))
+
+
+__all__ = [
+    "DIM_G", "WAVE_LEN", "BoxFactors", "box_centers_sizes", "box_displacement", "box_relation_embedding",
+    "compute_dtype", "geometry_frequencies", "geometry_log_bias", "geometry_logits",
+    "log_geometry_bias_from_logits", "split_geometry_weights",
+]

@@ -1,0 +1,63 @@
+"""Eager ORT-style attention: the reference every other path is checked against.
+
+This is how the ORT code computes attention, op by op: the ``[B, N, N, 64]`` box embedding,
+one ``Linear(64 -> 1)`` per head, relu / clamp / log, ``QK^T / sqrt(d)``, padded keys set to
+-1e9, the log-geometry term added, softmax, ``@ V``. It materialises everything, recomputes the
+embedding per call and runs in the inputs' dtype (the embedding in the boxes' dtype, cast to the
+weights' dtype for the per-head linear), so it serves three roles: with float64 inputs it is the
+ground truth, at the inputs' own precision it measures the error an eager implementation makes
+(the tests' tolerance), and it is the "eager" baseline of the benchmarks.
+
+One deliberate difference from ORT: a query row whose keys are all padded attends to nothing
+(output 0, probabilities 0) instead of spreading uniformly over padding, as in every other path.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .geometry import box_relation_embedding, log_geometry_bias_from_logits
+
+MASKED_SCORE = -1e9
+
+
+def causal_keep(n_queries: int, n_keys: int, device=None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """``[stop - start, Nk]`` bool for query rows ``start:stop`` (default all ``Nq``): query i sees
+    keys ``j <= i + Nk - Nq``, i.e. the last query is aligned with the last key (as in cached decoding)."""
+    i = torch.arange(start, n_queries if stop is None else stop, device=device)[:, None]
+    j = torch.arange(n_keys, device=device)[None, :]
+    return j <= i + (n_keys - n_queries)
+
+
+def eager_geometry_log_bias(boxes, wg_weight, wg_bias) -> torch.Tensor:
+    """``[B, H, N, N]`` the ORT way: full embedding, then the per-head linear."""
+    emb = box_relation_embedding(boxes).to(wg_weight.dtype)                 # [B, N, N, 64]
+    x = torch.nn.functional.linear(emb, wg_weight, wg_bias.to(wg_weight.dtype))  # [B, N, N, H]
+    return log_geometry_bias_from_logits(x.permute(0, 3, 1, 2))
+
+
+def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None, *,
+                        causal=False, dropout_keep=None, dropout_p=0.0):
+    """Eager attention; returns ``(out [B, H, Nq, d], probs [B, H, Nq, Nk])``.
+
+    With ``boxes``, ``wg_weight`` and ``wg_bias`` it is ORT's geometry attention (Nq == Nk);
+    without, plain scaled-dot-product attention. ``dropout_keep`` (bool ``[B, H, Nq, Nk]``)
+    applies a given dropout mask with keep-scaling ``1 / (1 - dropout_p)``; ``probs`` are
+    the attention weights before dropout.
+    """
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)[None, None]
+    if causal:
+        keep = keep & causal_keep(q.shape[-2], k.shape[-2], q.device)
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(~keep, MASKED_SCORE)
+    if boxes is not None:
+        scores = scores + eager_geometry_log_bias(boxes, wg_weight, wg_bias).to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)
+    weights = probs
+    if dropout_keep is not None:
+        weights = probs * dropout_keep / (1.0 - dropout_p)
+    return weights @ v, probs

@@ -1,0 +1,97 @@
+"""The PyTorch path of geo_attention / attention: runs everywhere, memory bounded.
+
+Queries are processed in blocks so no ``[B, H, N, N]`` scores tensor (and never a
+``[B, N, N, 64]`` embedding) exists for large N; the geometry is computed per block with the
+separable dw/dh channels (kernels/geometry.py) and shared across heads. fp16/bf16 inputs are
+computed in float32, float64 in float64. Under autograd, large problems recompute each block in
+the backward (activation checkpointing) so the backward is bounded too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .geometry import BoxFactors, compute_dtype, geometry_logits
+from .reference import causal_keep
+
+# Temporaries per query block stay below about this many bytes.
+BLOCK_BUDGET_BYTES = 64 * 2**20
+# Above this many score elements the backward recomputes blocks instead of storing them.
+CHECKPOINT_ABOVE_ELEMENTS = 2**22
+
+
+def _query_block_size(batch: int, heads: int, n_keys: int, itemsize: int) -> int:
+    # per query row: 32 pairwise geometry channels + ~6 [H, Nk] score-sized temporaries
+    per_row = batch * n_keys * itemsize * (32 + 6 * heads)
+    return max(1, min(4096, BLOCK_BUDGET_BYTES // max(per_row, 1)))
+
+
+def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, causal, dropout_p, want_probs):
+    """Attention of the query block ``q [B, H, m, d]`` (rows ``q_start:q_start + m``) over all keys.
+
+    Returns ``(out [B, H, m, d], probs [B, H, m, Nk] or None, entropy [B, H, m])`` in the
+    compute dtype.
+    """
+    m, n_keys = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if qf is not None:
+        x = geometry_logits(qf, kf, wg_weight, wg_bias)
+        scores = scores + torch.log(torch.clamp(x, min=1e-6))
+    keep = keep_keys                                                   # [B, 1, 1, Nk] or None
+    if causal:
+        keep_causal = causal_keep(n_queries, n_keys, q.device, q_start, q_start + m)
+        keep = keep_causal[None, None] if keep is None else keep & keep_causal
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(scores - row_max)
+    total = p.sum(-1, keepdim=True)
+    probs = p / torch.where(total == 0, torch.ones_like(total), total)
+    entropy = torch.special.entr(probs).sum(-1)
+    weights = F.dropout(probs, dropout_p, training=True) if dropout_p > 0 else probs
+    return weights @ v, (probs if want_probs else None), entropy
+
+
+def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None,
+                    causal=False, dropout_p=0.0, return_entropy=False, return_probs=False):
+    """Inputs validated by the caller. Returns ``(out, entropy, probs)``: out in q's dtype,
+    entropy ``[B, H, Nq]`` and probs ``[B, H, Nq, Nk]`` in the compute dtype (or None)."""
+    ct = compute_dtype(q.dtype)
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    batch, heads, n_queries, _ = q.shape
+    n_keys = k.shape[-2]
+    geo = boxes is not None
+    factors = BoxFactors(boxes, ct) if geo else None
+    wgw = wg_weight.to(ct) if geo else None
+    wgb = wg_bias.to(ct) if geo else None
+    keep_keys = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
+    step = _query_block_size(batch, heads, n_keys, torch.finfo(ct).bits // 8)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, wg_weight, wg_bias))
+    recompute = needs_grad and batch * heads * n_queries * n_keys > CHECKPOINT_ABOVE_ELEMENTS
+
+    outs, probs, entropies = [], [], []
+    for start in range(0, n_queries, step):
+        stop = min(start + step, n_queries)
+        args = (qc[:, :, start:stop], kc, vc, keep_keys, factors.rows(start, stop) if geo else None,
+                factors, wgw, wgb, start, n_queries, causal, dropout_p, return_probs)
+        if recompute:
+            o, p, h = checkpoint(_block, *args, use_reentrant=False)
+        else:
+            o, p, h = _block(*args)
+        outs.append(o)
+        entropies.append(h)
+        if return_probs:
+            probs.append(p)
+    if not outs:  # Nq == 0
+        out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+        return out, (q.new_zeros(q.shape[:-1], dtype=ct) if return_entropy else None), (
+            q.new_zeros((batch, heads, 0, n_keys), dtype=ct) if return_probs else None)
+    out = torch.cat(outs, dim=-2).to(q.dtype)
+    entropy = torch.cat(entropies, dim=-1).detach() if return_entropy else None
+    prob = torch.cat(probs, dim=-2).detach() if return_probs else None
+    return out, entropy, prob
