@@ -52,7 +52,7 @@ def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, key_p
         keep = keep & causal_keep(q.shape[-2], k.shape[-2], q.device)
     if key_padding_mask is not None:
         keep = keep & key_padding_mask[:, None, None, :]
-    scores = scores.masked_fill(~keep, MASKED_SCORE)
+    scores = scores.masked_fill(~keep, max(MASKED_SCORE, torch.finfo(scores.dtype).min))
     if boxes is not None:
         scores = scores + eager_geometry_log_bias(boxes, wg_weight, wg_bias).to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)

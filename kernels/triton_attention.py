@@ -1,0 +1,514 @@
+"""Triton kernels for geometry-biased attention (ORT) and plain attention: forward, backward,
+and the torch.autograd.Function that ties them together.
+
+Forward (one program per (query block, batch*head)): for each key tile, the geometry logit
+``x = emb(boxes_i, boxes_j) . W_g[h] + b_g[h]`` is computed in registers from the BM query and
+BN key boxes it loads (never an N x N or N x N x 64 tensor in memory): the dx/dy channels need
+sin/cos per pair, the dw/dh channels are separable (kernels/geometry.py explains why) and become
+a ``[BM, 32] x [32, BN]`` product of per-box factors. ``log(max(x, 1e-6))`` joins the scaled
+scores, then the online softmax (kernels/triton_online.py) with its entropy accumulator, the
+optional dropout, and ``P @ V``. The log-sum-exp is stored for the backward.
+
+Backward: ``dk, dv`` and per-block partial sums of ``dW_g, db_g`` (one program per key block,
+reduced afterwards: deterministic, no float atomics), then ``dq`` (one program per query block).
+Dropout regenerates the same counter-based (Philox) mask from (seed, head, row, column).
+
+All arithmetic is fp32 on fp16/bf16/fp32 inputs; dots of fp32 inputs use IEEE precision (not
+TF32) so the fp32 path is as accurate as eager fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import interpreter_requested
+from .geometry import BIAS_CLAMP, DX_CLAMP, SCALE, geometry_frequencies
+from .triton_online import NEG_INIT, online_softmax_finish, online_softmax_step
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry inside a tile
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _load_tile(ptrs, mask, F32: tl.constexpr):
+    """Load a q/k/v/dO tile; ``F32`` upcasts it (bf16 under the interpreter, which has no bf16 dot)."""
+    t = tl.load(ptrs, mask=mask, other=0.0)
+    if F32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _load_boxes(Boxes, b, offs, N):
+    """``(cx, cy, w, h)`` of boxes ``offs`` of image ``b`` (ORT: w = x2 - x1 + 1); boxes are fp32 [B, N, 4]."""
+    inside = offs < N
+    base = Boxes + (b * N + offs) * 4
+    x1 = tl.load(base + 0, mask=inside, other=0.0)
+    y1 = tl.load(base + 1, mask=inside, other=0.0)
+    x2 = tl.load(base + 2, mask=inside, other=0.0)
+    y2 = tl.load(base + 3, mask=inside, other=0.0)
+    return (x1 + x2) * 0.5, (y1 + y2) * 0.5, x2 - x1 + 1.0, y2 - y1 + 1.0
+
+
+@triton.jit
+def _far_factors(w, h, Freq):
+    """``sin, cos`` ``[n, 16]`` of ``100 f_k log w`` (columns 0..7) and ``100 f_k log h`` (8..15)."""
+    cols = tl.arange(0, 16)
+    f = tl.load(Freq + (cols % 8))
+    size = tl.where(cols[None, :] < 8, tl.log(w)[:, None], tl.log(h)[:, None])
+    arg = size * 100.0 * f[None, :]
+    return tl.sin(arg), tl.cos(arg)
+
+
+@triton.jit
+def _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO: tl.constexpr):
+    """Per-query-block, per-head geometry: ``(cx, cy, w, h, sin_far, cos_far, A, Bq, bias)`` where
+    ``x_far[i, j] = A_i . cos_far_j + Bq_i . sin_far_j`` (A, Bq, sin_far, cos_far ``[BM, 16]``).
+    Scalars 0 stand in for every value when ``HAS_GEO`` is off."""
+    if HAS_GEO:
+        cx, cy, w, hh = _load_boxes(Boxes, b, offs_m, NQ)
+        s, c = _far_factors(w, hh, Freq)
+        cols = tl.arange(0, 16)
+        w_sin = tl.load(WgW + h * 64 + 16 + cols)[None, :]
+        w_cos = tl.load(WgW + h * 64 + 48 + cols)[None, :]
+        return cx, cy, w, hh, s, c, w_sin * s + w_cos * c, w_cos * s - w_sin * c, tl.load(WgB + h)
+    else:
+        return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+
+
+@triton.jit
+def _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO: tl.constexpr):
+    """``(cx, cy, sin_far, cos_far)`` of a key block (scalars 0 when ``HAS_GEO`` is off)."""
+    if HAS_GEO:
+        cx, cy, w, hh = _load_boxes(Boxes, b, offs_n, NK)
+        s, c = _far_factors(w, hh, Freq)
+        return cx, cy, s, c
+    else:
+        return 0.0, 0.0, 0.0, 0.0
+
+
+@triton.jit
+def _near_args(qcx, qcy, qw, qh, kcx, kcy):
+    """``100 * dx`` and ``100 * dy`` ``[BM, BN]`` (ORT: log of the clamped |dc| / size of the query box)."""
+    ax = tl.log(tl.maximum(tl.abs(qcx[:, None] - kcx[None, :]) / qw[:, None], 1e-3)) * 100.0
+    ay = tl.log(tl.maximum(tl.abs(qcy[:, None] - kcy[None, :]) / qh[:, None], 1e-3)) * 100.0
+    return ax, ay
+
+
+@triton.jit
+def _geometry_logit(qcx, qcy, qw, qh, qa, qb, kcx, kcy, k_sin, k_cos, WgW, bias, h, Freq):
+    """Head ``h``'s geometry logit ``x`` ``[BM, BN]`` before relu / clamp / log."""
+    x = tl.dot(qa, tl.trans(k_cos), input_precision="ieee") + tl.dot(qb, tl.trans(k_sin), input_precision="ieee")
+    x += bias
+    ax, ay = _near_args(qcx, qcy, qw, qh, kcx, kcy)
+    wrow = WgW + h * 64
+    for kk in tl.static_range(8):
+        f = tl.load(Freq + kk)
+        gx = ax * f
+        gy = ay * f
+        x += tl.load(wrow + kk) * tl.sin(gx) + tl.load(wrow + 32 + kk) * tl.cos(gx)
+        x += tl.load(wrow + 8 + kk) * tl.sin(gy) + tl.load(wrow + 40 + kk) * tl.cos(gy)
+    return x
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, NK, dropout_p):
+    """Keep-mask ``[BM, BN]``: Philox stream per (seed, batch*head), counter = row * NK + column."""
+    rnd = tl.rand(seed + bh * 1000003, offs_m[:, None] * NK + offs_n[None, :])
+    return rnd >= dropout_p
+
+
+@triton.jit
+def _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
+            HAS_GEO: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``(s, x)``: the attention logits ``[BM, BN]`` (scaled scores plus log-geometry) and the
+    geometry logit ``x`` they include (``s`` itself when ``HAS_GEO`` is off)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+    x = s
+    if HAS_GEO:
+        x = _geometry_logit(qcx, qcy, qw, qh, qa, qb, kcx, kcy, k_sin, k_cos, WgW, bias, h, Freq)
+        s += tl.log(tl.maximum(x, 1e-6))
+    return s, x
+
+
+@triton.jit
+def _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    valid = (offs_n[None, :] < NK) & (offs_m[:, None] >= 0)
+    if HAS_MASK:
+        km = tl.load(Mask + b * NK + offs_n, mask=offs_n < NK, other=0)
+        valid = valid & (km != 0)[None, :]
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (NK - NQ))
+    return valid
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, Ent, Probs, Boxes, WgW, WgB, Freq, Mask,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    H, NQ, NK, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_GEO: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    RETURN_ENT: tl.constexpr, RETURN_PROBS: tl.constexpr, DOT_PRECISION: tl.constexpr, F32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < NQ
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                   row_ok[:, None] & d_ok[None, :], F32)
+    qcx, qcy, qw, qh, _qs, _qc, qa, qb, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
+
+    m_i = tl.zeros([BM], dtype=tl.float32) + NEG_INIT
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    t_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BLOCK_D], dtype=tl.float32)
+    hi = NK
+    if CAUSAL:
+        hi = tl.minimum(NK, (pid_m + 1) * BM + NK - NQ)
+    for start_n in range(0, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
+        k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
+        kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
+        s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
+                        HAS_GEO, DOT_PRECISION)
+        valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
+        m_i, alpha, p, l_i, t_i = online_softmax_step(m_i, l_i, t_i, s, valid)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, NK, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = _load_tile(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+
+    lse, ent = online_softmax_finish(m_i, l_i, t_i)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + bh * NQ + offs_m, lse, mask=row_ok)
+    if RETURN_ENT:
+        tl.store(Ent + bh * NQ + offs_m, ent, mask=row_ok)
+    if RETURN_PROBS:
+        # second pass: the normalised weights, now that the log-sum-exp is known
+        for start_n in range(0, NK, BN):
+            offs_n = start_n + tl.arange(0, BN)
+            n_ok = offs_n < NK
+            k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                           n_ok[:, None] & d_ok[None, :], F32)
+            kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
+            s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
+                            HAS_GEO, DOT_PRECISION)
+            valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            tl.store(Probs + (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :], p,
+                     mask=row_ok[:, None] & n_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _geometry_weight_grads(dx, qcx, qcy, qw, qh, q_sin, q_cos, kcx, kcy, k_sin, k_cos, Freq,
+                           g_near, g_far_sin, g_far_cos):
+    """Add one tile's contribution to dL/dW_g given ``dx = dL/dx`` ``[BM, BN]``.
+
+    ``g_near`` ``[64]`` collects the pairwise channels (dx, dy: 0..15 and 32..47); the separable
+    dw/dh channels come from the per-box factors: ``sum_ij dx_ij sin(a_i - a_j) = sum_i (s_i (dx c)_i - c_i (dx s)_i)``.
+    """
+    cols = tl.arange(0, 64)
+    ax, ay = _near_args(qcx, qcy, qw, qh, kcx, kcy)
+    for kk in tl.static_range(8):
+        f = tl.load(Freq + kk)
+        gx = ax * f
+        gy = ay * f
+        g_near += tl.where(cols == kk, tl.sum(tl.sum(dx * tl.sin(gx), 1), 0), 0.0)
+        g_near += tl.where(cols == 32 + kk, tl.sum(tl.sum(dx * tl.cos(gx), 1), 0), 0.0)
+        g_near += tl.where(cols == 8 + kk, tl.sum(tl.sum(dx * tl.sin(gy), 1), 0), 0.0)
+        g_near += tl.where(cols == 40 + kk, tl.sum(tl.sum(dx * tl.cos(gy), 1), 0), 0.0)
+    dx_cos = tl.dot(dx, k_cos, input_precision="ieee")      # [BM, 16]
+    dx_sin = tl.dot(dx, k_sin, input_precision="ieee")
+    g_far_sin += tl.sum(q_sin * dx_cos - q_cos * dx_sin, 0)
+    g_far_cos += tl.sum(q_cos * dx_cos + q_sin * dx_sin, 0)
+    return g_near, g_far_sin, g_far_cos
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta, DW, DB, Boxes, WgW, WgB, Freq, Mask,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    H, NQ, NK, sm_scale, dropout_p, seed, N_KBLOCKS,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_GEO: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, F32: tl.constexpr,
+):
+    """dK, dV (stored with q's strides layout [B, H, NK, d] contiguous) and this key block's
+    partial dW_g ``[64]`` / db_g for its (batch, head)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
+    k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
+    v = _load_tile(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
+    kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
+    dk = tl.zeros([BN, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], dtype=tl.float32)
+    g_near = tl.zeros([64], dtype=tl.float32)
+    g_far_sin = tl.zeros([16], dtype=tl.float32)
+    g_far_cos = tl.zeros([16], dtype=tl.float32)
+    g_bias = tl.zeros([BM], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(pid_n * BN - (NK - NQ), 0) // BM * BM
+    for start_m in range(lo, NQ, BM):
+        offs_m = start_m + tl.arange(0, BM)
+        row_ok = offs_m < NQ
+        q_ok = row_ok[:, None] & d_ok[None, :]
+        q = _load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, q_ok, F32)
+        do = _load_tile(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, q_ok, F32)
+        lse = tl.load(Lse + bh * NQ + offs_m, mask=row_ok, other=-NEG_INIT)
+        delta = tl.load(Delta + bh * NQ + offs_m, mask=row_ok, other=0.0)
+        qcx, qcy, qw, qh, q_sin, q_cos, qa, qb, bias = _query_block_geometry(
+            Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
+        s, x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
+                       HAS_GEO, DOT_PRECISION)
+        valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        p_used = p
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, NK, dropout_p)
+            p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        dv += tl.dot(tl.trans(p_used.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if HAS_GEO:
+            dx = tl.where(x >= 1e-6, ds / tl.maximum(x, 1e-6), 0.0)
+            g_near, g_far_sin, g_far_cos = _geometry_weight_grads(
+                dx, qcx, qcy, qw, qh, q_sin, q_cos, kcx, kcy, k_sin, k_cos, Freq, g_near, g_far_sin, g_far_cos)
+            g_bias += tl.sum(dx, 1)
+    # dK and dV are written contiguous [B, H, NK, d]
+    out_offs = (bh * NK + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    if HAS_GEO:
+        part = bh * N_KBLOCKS + pid_n
+        cols = tl.arange(0, 64)
+        tl.store(DW + part * 64 + cols, g_near, mask=(cols % 32) < 16)
+        cols16 = tl.arange(0, 16)
+        tl.store(DW + part * 64 + 16 + cols16, g_far_sin)
+        tl.store(DW + part * 64 + 48 + cols16, g_far_cos)
+        tl.store(DB + part, tl.sum(g_bias, 0))
+
+
+@triton.jit
+def _bwd_q_kernel(
+    Q, K, V, DO, DQ, Lse, Delta, Boxes, WgW, WgB, Freq, Mask,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    H, NQ, NK, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_GEO: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, F32: tl.constexpr,
+):
+    """dQ for one query block (written contiguous [B, H, NQ, d])."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < NQ
+    d_ok = offs_d < HEAD_DIM
+    q_ok = row_ok[:, None] & d_ok[None, :]
+    q = _load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, q_ok, F32)
+    do = _load_tile(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, q_ok, F32)
+    lse = tl.load(Lse + bh * NQ + offs_m, mask=row_ok, other=-NEG_INIT)
+    delta = tl.load(Delta + bh * NQ + offs_m, mask=row_ok, other=0.0)
+    qcx, qcy, qw, qh, _qs, _qc, qa, qb, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
+    dq = tl.zeros([BM, BLOCK_D], dtype=tl.float32)
+    hi = NK
+    if CAUSAL:
+        hi = tl.minimum(NK, (pid_m + 1) * BM + NK - NQ)
+    for start_n in range(0, hi, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
+        k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
+        v = _load_tile(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
+        kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
+        s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
+                        HAS_GEO, DOT_PRECISION)
+        valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, NK, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(DQ + (bh * NQ + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=q_ok)
+
+
+@triton.jit
+def _dropout_mask_kernel(Keep, H, NQ, NK, dropout_p, seed, BM: tl.constexpr, BN: tl.constexpr):
+    """Materialise the keep-mask the attention kernels use (for tests and inspection)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    for start_n in range(0, NK, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        keep = _dropout_keep(seed, bh, offs_m, offs_n, NK, dropout_p)
+        tl.store(Keep + (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :], keep.to(tl.int8),
+                 mask=(offs_m < NQ)[:, None] & (offs_n < NK)[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch
+# --------------------------------------------------------------------------------------------
+def _pow2_at_least_16(n: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+def block_config(n_queries: int, n_keys: int, head_dim: int, backward: bool = False):
+    """``(BM, BN, num_warps)``: 16 x 16 under the interpreter (fast on CPU); on a GPU 64-wide
+    query blocks, key blocks narrowed for the register-heavy geometry backward and d = 128."""
+    if interpreter_requested():
+        return 16, 16, 4
+    bm = _pow2_at_least_16(n_queries, 64)
+    bn = _pow2_at_least_16(n_keys, 32 if (backward or head_dim > 64) else 64)
+    return bm, bn, 4
+
+
+def _upcast_in_kernel(dtype: torch.dtype) -> bool:
+    """The Triton interpreter has no bf16 dot: there bf16 tiles are computed in fp32."""
+    return dtype == torch.bfloat16 and interpreter_requested()
+
+
+def _strides(t):
+    return [t.stride(i) for i in range(4)]
+
+
+def dropout_keep_mask(batch, heads, n_queries, n_keys, dropout_p, seed, device) -> torch.Tensor:
+    """The bool keep-mask ``[B, H, Nq, Nk]`` the kernels draw for ``(dropout_p, seed)``."""
+    keep = torch.empty((batch, heads, n_queries, n_keys), dtype=torch.int8, device=device)
+    if keep.numel():
+        grid = (triton.cdiv(n_queries, 16), batch * heads)
+        _dropout_mask_kernel[grid](keep, heads, n_queries, n_keys, dropout_p, seed, BM=16, BN=16)
+    return keep.bool()
+
+
+class _Geometry:
+    """Kernel-side geometry inputs: fp32 contiguous boxes and weights, the frequency table."""
+
+    def __init__(self, boxes, wg_weight, wg_bias, device):
+        self.on = boxes is not None
+        self.freq = geometry_frequencies(dtype=torch.float32, device=device)
+        if self.on:
+            self.boxes = boxes.detach().to(torch.float32).contiguous()
+            self.weight = wg_weight.detach().to(torch.float32).contiguous()
+            self.bias = wg_bias.detach().to(torch.float32).contiguous()
+        else:
+            self.boxes = self.weight = self.bias = self.freq
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, wg_weight, wg_bias, boxes, key_padding_mask, causal, dropout_p, seed,
+                return_entropy, return_probs):
+        batch, heads, nq, d = q.shape
+        nk = k.shape[2]
+        geo = _Geometry(boxes, wg_weight, wg_bias, q.device)
+        mask = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else geo.freq
+        out = torch.empty((batch, heads, nq, d), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
+        ent = torch.empty_like(lse) if return_entropy else lse
+        probs = (torch.empty((batch, heads, nq, nk), dtype=torch.float32, device=q.device)
+                 if return_probs else lse)
+        bm, bn, warps = block_config(nq, nk, d)
+        f32 = _upcast_in_kernel(q.dtype)
+        precision = "ieee" if (q.dtype == torch.float32 or f32) else "tf32"
+        grid = (triton.cdiv(nq, bm), batch * heads)
+        _fwd_kernel[grid](
+            q, k, v, out, lse, ent, probs, geo.boxes, geo.weight, geo.bias, geo.freq, mask,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            heads, nq, nk, 1.0 / math.sqrt(d), dropout_p, seed,
+            HEAD_DIM=d, BLOCK_D=_pow2_at_least_16(d, 256), BM=bm, BN=bn,
+            HAS_GEO=geo.on, HAS_MASK=key_padding_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
+            RETURN_ENT=return_entropy, RETURN_PROBS=return_probs, DOT_PRECISION=precision, F32=f32,
+            num_warps=warps,
+        )
+        ctx.save_for_backward(q, k, v, out, lse, mask, geo.boxes, geo.weight, geo.bias, geo.freq)
+        ctx.flags = (geo.on, key_padding_mask is not None, causal, dropout_p, seed, precision, f32,
+                     wg_weight.dtype if geo.on else None)
+        outputs = [out, ent if return_entropy else None, probs if return_probs else None]
+        ctx.mark_non_differentiable(*[t for t in outputs[1:] if t is not None])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, d_out, _d_ent, _d_probs):
+        q, k, v, out, lse, mask, boxes, weight, bias, freq = ctx.saved_tensors
+        has_geo, has_mask, causal, dropout_p, seed, precision, f32, wg_dtype = ctx.flags
+        batch, heads, nq, d = q.shape
+        nk = k.shape[2]
+        d_out = d_out.contiguous()
+        delta = (d_out.float() * out.float()).sum(-1)                        # [B, H, NQ]
+        dq = torch.empty((batch, heads, nq, d), dtype=q.dtype, device=q.device)
+        dk = torch.empty((batch, heads, nk, d), dtype=k.dtype, device=k.device)
+        dv = torch.empty((batch, heads, nk, d), dtype=v.dtype, device=v.device)
+        bm, bn, warps = block_config(nq, nk, d, backward=True)
+        n_kblocks = triton.cdiv(nk, bn)
+        if has_geo:
+            dw_part = torch.empty((batch, heads, n_kblocks, 64), dtype=torch.float32, device=q.device)
+            db_part = torch.empty((batch, heads, n_kblocks), dtype=torch.float32, device=q.device)
+        else:
+            dw_part = db_part = lse
+        common = dict(HEAD_DIM=d, BLOCK_D=_pow2_at_least_16(d, 256), BM=bm, BN=bn, HAS_GEO=has_geo,
+                      HAS_MASK=has_mask, CAUSAL=causal, DROPOUT=dropout_p > 0, DOT_PRECISION=precision,
+                      F32=f32, num_warps=warps)
+        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(d_out))
+        sm_scale = 1.0 / math.sqrt(d)
+        _bwd_kv_kernel[(n_kblocks, batch * heads)](
+            q, k, v, d_out, dk, dv, lse, delta, dw_part, db_part, boxes, weight, bias, freq, mask,
+            *strides, heads, nq, nk, sm_scale, dropout_p, seed, n_kblocks, **common)
+        _bwd_q_kernel[(triton.cdiv(nq, bm), batch * heads)](
+            q, k, v, d_out, dq, lse, delta, boxes, weight, bias, freq, mask,
+            *strides, heads, nq, nk, sm_scale, dropout_p, seed, **common)
+        d_weight = d_bias = None
+        if has_geo:
+            d_weight = dw_part.sum(dim=(0, 2)).to(wg_dtype)
+            d_bias = db_part.sum(dim=(0, 2)).to(wg_dtype)
+        return dq, dk, dv, d_weight, d_bias, None, None, None, None, None, None, None
+
+
+def draw_dropout_seed() -> int:
+    """The Philox seed of one call, drawn from torch's default generator (so torch.manual_seed
+    makes dropout reproducible)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def triton_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None,
+                     causal=False, dropout_p=0.0, return_entropy=False, return_probs=False):
+    """Inputs validated by the caller (kernels/attention.py). Returns ``(out, entropy, probs)``."""
+    batch, heads, nq, d = q.shape
+    nk = k.shape[2]
+    if batch * heads * nq == 0:
+        return (q.new_zeros((batch, heads, nq, d)),
+                q.new_zeros((batch, heads, nq), dtype=torch.float32) if return_entropy else None,
+                q.new_zeros((batch, heads, nq, nk), dtype=torch.float32) if return_probs else None)
+    seed = draw_dropout_seed() if dropout_p > 0 else 0
+    return _TritonAttention.apply(q, k, v, wg_weight, wg_bias, boxes, key_padding_mask, causal, dropout_p, seed,
+                                  return_entropy, return_probs)
