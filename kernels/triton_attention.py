@@ -394,7 +394,8 @@ def block_config(n_queries: int, n_keys: int, head_dim: int, backward: bool = Fa
 
 
 def _upcast_in_kernel(dtype: torch.dtype) -> bool:
-    """The Triton interpreter has no bf16 dot: there bf16 tiles are computed in fp32."""
+    """The Triton interpreter has no bf16 dot and rounds fp32 -> bf16 wrongly: there bf16 tiles
+    are computed in fp32 and results are written to fp32 buffers that torch rounds."""
     return dtype == torch.bfloat16 and interpreter_requested()
 
 
@@ -433,13 +434,14 @@ class _TritonAttention(torch.autograd.Function):
         nk = k.shape[2]
         geo = _Geometry(boxes, wg_weight, wg_bias, q.device)
         mask = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else geo.freq
-        out = torch.empty((batch, heads, nq, d), dtype=q.dtype, device=q.device)
+        f32 = _upcast_in_kernel(q.dtype)
+        store_dtype = torch.float32 if f32 else q.dtype
+        out = torch.empty((batch, heads, nq, d), dtype=store_dtype, device=q.device)
         lse = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
         ent = torch.empty_like(lse) if return_entropy else lse
         probs = (torch.empty((batch, heads, nq, nk), dtype=torch.float32, device=q.device)
                  if return_probs else lse)
         bm, bn, warps = block_config(nq, nk, d)
-        f32 = _upcast_in_kernel(q.dtype)
         precision = "ieee" if (q.dtype == torch.float32 or f32) else "tf32"
         grid = (triton.cdiv(nq, bm), batch * heads)
         _fwd_kernel[grid](
@@ -451,6 +453,7 @@ class _TritonAttention(torch.autograd.Function):
             RETURN_ENT=return_entropy, RETURN_PROBS=return_probs, DOT_PRECISION=precision, F32=f32,
             num_warps=warps,
         )
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, mask, geo.boxes, geo.weight, geo.bias, geo.freq)
         ctx.flags = (geo.on, key_padding_mask is not None, causal, dropout_p, seed, precision, f32,
                      wg_weight.dtype if geo.on else None)
@@ -466,9 +469,10 @@ class _TritonAttention(torch.autograd.Function):
         nk = k.shape[2]
         d_out = d_out.contiguous()
         delta = (d_out.float() * out.float()).sum(-1)                        # [B, H, NQ]
-        dq = torch.empty((batch, heads, nq, d), dtype=q.dtype, device=q.device)
-        dk = torch.empty((batch, heads, nk, d), dtype=k.dtype, device=k.device)
-        dv = torch.empty((batch, heads, nk, d), dtype=v.dtype, device=v.device)
+        store_dtype = torch.float32 if f32 else q.dtype
+        dq = torch.empty((batch, heads, nq, d), dtype=store_dtype, device=q.device)
+        dk = torch.empty((batch, heads, nk, d), dtype=store_dtype, device=k.device)
+        dv = torch.empty((batch, heads, nk, d), dtype=store_dtype, device=v.device)
         bm, bn, warps = block_config(nq, nk, d, backward=True)
         n_kblocks = triton.cdiv(nk, bn)
         if has_geo:
@@ -491,7 +495,7 @@ class _TritonAttention(torch.autograd.Function):
         if has_geo:
             d_weight = dw_part.sum(dim=(0, 2)).to(wg_dtype)
             d_bias = db_part.sum(dim=(0, 2)).to(wg_dtype)
-        return dq, dk, dv, d_weight, d_bias, None, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_weight, d_bias, None, None, None, None, None, None, None
 
 
 def draw_dropout_seed() -> int:

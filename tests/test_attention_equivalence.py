@@ -1,0 +1,133 @@
+"""geo_attention / attention on every backend against a float64 eager reference, forward and
+backward, by flash-attention's rule (tests/helpers.py). The same file runs the Triton kernels
+under the interpreter on CPU and compiled on a GPU."""
+import pytest
+import torch
+
+from geocap.kernels import attention, geo_attention
+from helpers import (assert_within_eager_rule, differentiable, grads_of, max_err, random_inputs, run_reference,
+                     tolerance, upcast)
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _geo(inputs, backend, **kw):
+    return geo_attention(inputs["q"], inputs["k"], inputs["v"], inputs["boxes"], inputs["wg_weight"],
+                         inputs["wg_bias"], inputs["key_padding_mask"], backend=backend, **kw)
+
+
+def _check_against_reference(inputs, backend, call, causal=False):
+    """Forward and every gradient of ``call`` within the eager rule; returns the result."""
+    g = torch.Generator().manual_seed(123)
+    ours_in = differentiable(inputs)
+    result = call(ours_in, backend)
+    grad_out = torch.randn(result.out.shape, generator=g).to(result.out.device)
+    ours_grads = grads_of(result.out, ours_in, grad_out)
+
+    ref_in = upcast(inputs)
+    ref_out, ref_probs, ref_grads = run_reference(ref_in, grad_out, causal=causal)
+    eager_in = differentiable(inputs)
+    eager_out, _, eager_grads = run_reference(eager_in, grad_out, causal=causal)
+
+    assert result.out.dtype == inputs["q"].dtype and result.out.shape == ref_out.shape
+    assert_within_eager_rule("out", result.out, eager_out, ref_out)
+    for name in ref_grads:
+        assert ours_grads[name].dtype == inputs[name].dtype, name
+        assert_within_eager_rule(f"d{name}", ours_grads[name], eager_grads[name], ref_grads[name])
+    return result, ref_probs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 2, 37, 32), (1, 3, 16, 64), (2, 1, 1, 32), (1, 2, 20, 128)],
+                         ids=["odd_N37_d32", "block_N16_d64", "N1", "N20_d128"])
+def test_geo_attention_matches_reference(backend, dtype, shape, device):
+    inputs = random_inputs(*shape, dtype=dtype, device=device, seed=sum(shape))
+    _check_against_reference(inputs, backend, _geo)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_geo_attention_float64_torch_only(backend, device):
+    inputs = random_inputs(2, 2, 9, 16, torch.float64, device)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="q has dtype float64"):
+            _geo(inputs, backend)
+    else:
+        ref = run_reference(upcast(inputs), None)[0]
+        torch.testing.assert_close(_geo(inputs, backend).out, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_entropy_and_probs_outputs(backend, dtype, device):
+    inputs = random_inputs(2, 2, 21, 32, dtype, device, seed=5)
+    result = _geo(inputs, backend, return_entropy=True, return_probs=True)
+    ref_out, ref_probs, _ = run_reference(upcast(inputs), None)
+    eager_probs = run_reference(differentiable(inputs), None)[1]
+    assert result.probs.shape == (2, 2, 21, 21) and result.entropy.shape == (2, 2, 21)
+    assert result.probs.dtype == torch.float32 and result.entropy.dtype == torch.float32
+    assert not result.probs.requires_grad and not result.entropy.requires_grad
+    assert max_err(result.probs, ref_probs) <= tolerance(max_err(eager_probs, ref_probs))
+    ref_entropy = torch.special.entr(ref_probs).sum(-1)
+    eager_entropy = torch.special.entr(eager_probs.double()).sum(-1)
+    assert max_err(result.entropy, ref_entropy) <= tolerance(max_err(eager_entropy, ref_entropy))
+    assert (result.probs[..., ~inputs["key_padding_mask"][0]][0] == 0).all()
+    none = _geo(inputs, backend)
+    assert none.entropy is None and none.probs is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal,nq,nk", [(True, 19, 19), (True, 5, 23), (False, 7, 40), (False, 33, 1)],
+                         ids=["causal_square", "causal_cached", "cross", "cross_one_key"])
+def test_attention_matches_reference(backend, dtype, causal, nq, nk, device):
+    inputs = random_inputs(2, 2, nq, 32, dtype, device, seed=nq + nk, n_keys=nk, geometry=False)
+
+    def call(x, be):
+        return attention(x["q"], x["k"], x["v"], x["key_padding_mask"], causal=causal, backend=be)
+
+    _check_against_reference(inputs, backend, call, causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_padded_rows_attend_to_nothing(backend, device):
+    inputs = differentiable(random_inputs(2, 2, 12, 16, torch.float32, device))
+    inputs["key_padding_mask"][1] = False
+    result = _geo(inputs, backend, return_entropy=True, return_probs=True)
+    assert torch.isfinite(result.out).all()
+    assert (result.out[1] == 0).all() and (result.probs[1] == 0).all() and (result.entropy[1] == 0).all()
+    result.out.sum().backward()
+    for name in ("q", "k", "v", "wg_weight", "wg_bias"):
+        assert torch.isfinite(inputs[name].grad).all(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batches(backend, device):
+    for shape in [(0, 2, 5, 16), (2, 2, 0, 16)]:
+        inputs = random_inputs(*shape, dtype=torch.float32, device=device, masked=False)
+        result = _geo(inputs, backend, return_entropy=True, return_probs=True)
+        assert result.out.shape == shape and result.entropy.shape == shape[:3]
+        assert result.probs.shape == shape[:3] + (shape[2],)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    """q, k, v as views of a [B, N, H, d] projection, as a model produces them."""
+    inputs = random_inputs(2, 3, 17, 32, torch.float32, device)
+    contiguous = _geo(inputs, backend).out
+    for name in ("q", "k", "v"):
+        inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not inputs[name].is_contiguous()
+    torch.testing.assert_close(_geo(inputs, backend).out, contiguous, atol=1e-6, rtol=0)
+
+
+def test_triton_backward_is_deterministic(device):
+    inputs = random_inputs(2, 2, 37, 32, torch.float32, device)
+    runs = []
+    for _ in range(2):
+        x = differentiable(inputs)
+        out = _geo(x, "triton").out
+        runs.append(grads_of(out, x, torch.ones_like(out)))
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name

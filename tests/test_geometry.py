@@ -1,0 +1,70 @@
+"""The box-relation geometry against ORT's conventions and the pinned case."""
+import math
+
+import pytest
+import torch
+
+from geocap.kernels import box_relation_embedding, geometry_log_bias
+from geocap.kernels.geometry import box_displacement, geometry_frequencies
+from geocap.kernels.reference import eager_geometry_log_bias
+from helpers import random_boxes
+
+PINNED = torch.tensor([[[0.1, 0.2, 0.5, 0.6], [0.3, 0.1, 0.9, 0.4]]], dtype=torch.float64)
+
+
+def test_pinned_displacement():
+    d = box_displacement(PINNED)[0]
+    torch.testing.assert_close(d[0, 1], torch.tensor([-1.540445, -2.233592, -0.133531, 0.074108], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(d[1, 0], torch.tensor([-1.673976, -2.159484, 0.133531, -0.074108], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    diag = torch.tensor([math.log(1e-3), math.log(1e-3), 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(d[0, 0], diag)
+    torch.testing.assert_close(d[1, 1], diag)
+
+
+def test_embedding_channel_order_matches_ort():
+    """[sin(dx f0..f7), sin(dy ..), sin(dw ..), sin(dh ..), cos(dx ..), ..., cos(dh ..)], args 100 * disp * f."""
+    emb = box_relation_embedding(PINNED)[0, 0, 1]
+    disp = box_displacement(PINNED)[0, 0, 1]
+    freqs = [1000.0 ** (-k / 8) for k in range(8)]
+    expected = [math.sin(100 * disp[c].item() * f) for c in range(4) for f in freqs]
+    expected += [math.cos(100 * disp[c].item() * f) for c in range(4) for f in freqs]
+    torch.testing.assert_close(emb, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert box_relation_embedding(PINNED, dim_g=16).shape == (1, 2, 2, 16)
+
+
+def test_frequencies():
+    torch.testing.assert_close(geometry_frequencies(dtype=torch.float64),
+                               torch.tensor([1000.0 ** (-k / 8) for k in range(8)], dtype=torch.float64))
+    with pytest.raises(ValueError, match="dim_g"):
+        geometry_frequencies(12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 40])
+def test_separable_log_bias_equals_full_embedding(n):
+    g = torch.Generator().manual_seed(n)
+    boxes = random_boxes(3, n, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 64, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(4, generator=g, dtype=torch.float64) * 0.3
+    ours = geometry_log_bias(boxes, w, b)
+    ref = eager_geometry_log_bias(boxes, w, b)
+    assert ours.shape == (3, 4, n, n)
+    torch.testing.assert_close(ours, ref, atol=1e-9, rtol=0)
+
+
+def test_float32_log_bias_within_eager_rule():
+    g = torch.Generator().manual_seed(0)
+    boxes = random_boxes(2, 30, generator=g)
+    w, b = torch.randn(8, 64, generator=g) * 0.3, torch.randn(8, generator=g) * 0.3
+    ref = eager_geometry_log_bias(boxes.double(), w.double(), b.double())
+    # compare where the reference is not sitting on the clamp boundary: log is ill-conditioned there
+    eager_err = (eager_geometry_log_bias(boxes, w, b).double() - ref).abs().max().item()
+    ours_err = (geometry_log_bias(boxes, w, b).double() - ref).abs().max().item()
+    assert ours_err <= max(2 * eager_err, 1e-5)
+
+
+def test_degenerate_and_identical_boxes_are_finite():
+    boxes = torch.tensor([[[0.2, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2], [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]])
+    assert torch.isfinite(box_relation_embedding(boxes)).all()
+    assert torch.isfinite(geometry_log_bias(boxes, torch.randn(2, 64), torch.randn(2))).all()
