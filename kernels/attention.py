@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._backend import resolve_backend
+from .geometry import zero_padded_boxes
 from .validation import (KERNEL_DTYPES, check_boxes, check_geometry_weights, check_key_padding_mask, check_qkv,
                          require_dtype, require_same_device)
 
@@ -64,7 +65,10 @@ def geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask=None, *, 
     batch, heads, n, _ = q.shape
     check_key_padding_mask(key_padding_mask, batch, n)
     check_geometry_weights(wg_weight, wg_bias, heads)
+    require_same_device({"q": q, "boxes": boxes, "wg_weight": wg_weight, "wg_bias": wg_bias,
+                         "key_padding_mask": key_padding_mask})
     check_boxes(boxes, batch, n, key_padding_mask)
+    boxes = zero_padded_boxes(boxes, key_padding_mask)
     return _run(backend, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, False, _check_dropout(dropout_p),
                 return_entropy, return_probs)
 

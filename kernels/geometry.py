@@ -69,6 +69,12 @@ def box_relation_embedding(boxes: torch.Tensor, dim_g: int = DIM_G, wave_len: fl
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
+def zero_padded_boxes(boxes: torch.Tensor, key_padding_mask) -> torch.Tensor:
+    """Boxes of padded objects (mask False) replaced by zeros: padding may hold anything, and
+    the rows of padded queries should not depend on it."""
+    return boxes if key_padding_mask is None else boxes.masked_fill(~key_padding_mask[..., None], 0.0)
+
+
 def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:
     """``log(clamp(relu(x), 1e-6))``: ORT's attention bias from the per-head geometry logits."""
     return torch.log(torch.clamp(torch.relu(x), min=BIAS_CLAMP))
@@ -147,5 +153,5 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
 __all__ = [
     "DIM_G", "WAVE_LEN", "BoxFactors", "box_centers_sizes", "box_displacement", "box_relation_embedding",
     "compute_dtype", "geometry_frequencies", "geometry_log_bias", "geometry_logits",
-    "log_geometry_bias_from_logits", "split_geometry_weights",
+    "log_geometry_bias_from_logits", "split_geometry_weights", "zero_padded_boxes",
 ]

@@ -9,7 +9,8 @@ ground truth, at the inputs' own precision it measures the error an eager implem
 (the tests' tolerance), and it is the "eager" baseline of the benchmarks.
 
 One deliberate difference from ORT: a query row whose keys are all padded attends to nothing
-(output 0, probabilities 0) instead of spreading uniformly over padding, as in every other path.
+(output 0, probabilities 0) instead of spreading uniformly over padding, as in every other path;
+and padded boxes count as zeros (they are not validated and may hold anything).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import math
 
 import torch
 
-from .geometry import box_relation_embedding, log_geometry_bias_from_logits
+from .geometry import box_relation_embedding, log_geometry_bias_from_logits, zero_padded_boxes
 
 MASKED_SCORE = -1e9
 
@@ -54,6 +55,7 @@ def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, key_p
         keep = keep & key_padding_mask[:, None, None, :]
     scores = scores.masked_fill(~keep, max(MASKED_SCORE, torch.finfo(scores.dtype).min))
     if boxes is not None:
+        boxes = zero_padded_boxes(boxes, key_padding_mask)
         scores = scores + eager_geometry_log_bias(boxes, wg_weight, wg_bias).to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)
