@@ -1,0 +1,3 @@
+from geocap.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""The ``geocap`` command line (also ``python -m geocap``). Later issues add subcommands."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _demo(args) -> int:
+    if args.interpret and "triton" not in sys.modules:
+        # must happen before triton is imported anywhere
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from geocap.demo import run_demo
+
+    return run_demo(batch=args.batch, heads=args.heads, n=args.n, head_dim=args.head_dim, repeats=args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from geocap import __version__
+
+    parser = argparse.ArgumentParser(prog="geocap", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"geocap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="check every kernel backend against the float64 reference and time them")
+    demo.add_argument("--batch", type=int, default=4)
+    demo.add_argument("--heads", type=int, default=8)
+    demo.add_argument("--n", type=int, default=36, help="objects per image")
+    demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--repeats", type=int, default=5, help="timed calls per backend")
+    demo.add_argument("--no-interpret", dest="interpret", action="store_false",
+                      help="without a GPU, skip the Triton kernels instead of running them under the interpreter")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"geocap: error: {err}", file=sys.stderr)
+        return 2
