@@ -4,15 +4,8 @@ Each op has a Triton kernel (CUDA, or the Triton CPU interpreter) and a PyTorch 
 same semantics; ``backend="auto"`` picks Triton for CUDA tensors and PyTorch elsewhere.
 """
 from .attention import GeoAttention, attention, geo_attention
+from .entropy import attention_entropy
 from .geometry import box_relation_embedding, geometry_log_bias
 
 __all__ = ["GeoAttention", "attention", "attention_entropy", "box_relation_embedding", "geo_attention",
            "geometry_log_bias"]
-
-
-def __getattr__(name):
-    # attention_entropy lives in its own module (kernels/entropy.py)
-    if name == "attention_entropy":
-        from .entropy import attention_entropy
-        return attention_entropy
-    raise AttributeError(name)

@@ -14,7 +14,7 @@ Invalid entries (padding, causal future, out of range) contribute nothing. ``m``
 import triton
 import triton.language as tl
 
-NEG_INIT: tl.constexpr = -1.0e30
+NEG_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
