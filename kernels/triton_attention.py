@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._backend import interpreter_requested
 from .geometry import BIAS_CLAMP, DX_CLAMP, SCALE, geometry_frequencies
+from .triton_math import sincos
 from .triton_online import NEG_INIT, online_softmax_finish, online_softmax_step
 
 
@@ -59,8 +60,7 @@ def _far_factors(w, h, Freq):
     cols = tl.arange(0, 16)
     f = tl.load(Freq + (cols % 8))
     size = tl.where(cols[None, :] < 8, tl.log(w)[:, None], tl.log(h)[:, None])
-    arg = size * 100.0 * f[None, :]
-    return tl.sin(arg), tl.cos(arg)
+    return sincos(size * 100.0 * f[None, :])
 
 
 @triton.jit
@@ -91,11 +91,20 @@ def _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO: tl.constexpr):
 
 
 @triton.jit
-def _near_args(qcx, qcy, qw, qh, kcx, kcy):
-    """``100 * dx`` and ``100 * dy`` ``[BM, BN]`` (ORT: log of the clamped |dc| / size of the query box)."""
-    ax = tl.log(tl.maximum(tl.abs(qcx[:, None] - kcx[None, :]) / qw[:, None], 1e-3)) * 100.0
-    ay = tl.log(tl.maximum(tl.abs(qcy[:, None] - kcy[None, :]) / qh[:, None], 1e-3)) * 100.0
-    return ax, ay
+def _near_arg(qc, qsize, kc):
+    """``100 * dx`` ``[BM, BN]`` for centres ``qc``/``kc`` and query sizes ``qsize`` (ORT: log of the
+    clamped |dc| / size of the query box); the same for dy with the y centres and heights."""
+    return tl.log(tl.maximum(tl.abs(qc[:, None] - kc[None, :]) / qsize[:, None], 1e-3)) * 100.0
+
+
+@triton.jit
+def _near_logit(x, arg, wrow, Freq):
+    """Add one pairwise channel group (dx or dy: its 8 sin and 8 cos weights at ``wrow`` and
+    ``wrow + 32``) to the geometry logit ``x``."""
+    for kk in range(8):
+        sin_a, cos_a = sincos(arg * tl.load(Freq + kk))
+        x += tl.load(wrow + kk) * sin_a + tl.load(wrow + 32 + kk) * cos_a
+    return x
 
 
 @triton.jit
@@ -103,14 +112,8 @@ def _geometry_logit(qcx, qcy, qw, qh, qa, qb, kcx, kcy, k_sin, k_cos, WgW, bias,
     """Head ``h``'s geometry logit ``x`` ``[BM, BN]`` before relu / clamp / log."""
     x = tl.dot(qa, tl.trans(k_cos), input_precision="ieee") + tl.dot(qb, tl.trans(k_sin), input_precision="ieee")
     x += bias
-    ax, ay = _near_args(qcx, qcy, qw, qh, kcx, kcy)
-    wrow = WgW + h * 64
-    for kk in tl.static_range(8):
-        f = tl.load(Freq + kk)
-        gx = ax * f
-        gy = ay * f
-        x += tl.load(wrow + kk) * tl.sin(gx) + tl.load(wrow + 32 + kk) * tl.cos(gx)
-        x += tl.load(wrow + 8 + kk) * tl.sin(gy) + tl.load(wrow + 40 + kk) * tl.cos(gy)
+    x = _near_logit(x, _near_arg(qcx, qw, kcx), WgW + h * 64, Freq)
+    x = _near_logit(x, _near_arg(qcy, qh, kcy), WgW + h * 64 + 8, Freq)
     return x
 
 
@@ -218,6 +221,17 @@ def _fwd_kernel(
 # Backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _near_weight_grads(dx, arg, Freq, g_near, first: tl.constexpr):
+    """Add ``sum_ij dx_ij sin/cos(f_k arg_ij)`` to channels ``first + k`` / ``32 + first + k`` of ``g_near``."""
+    cols = tl.arange(0, 64)
+    for kk in range(8):
+        sin_a, cos_a = sincos(arg * tl.load(Freq + kk))
+        g_near += tl.where(cols == first + kk, tl.sum(tl.sum(dx * sin_a, 1), 0), 0.0)
+        g_near += tl.where(cols == 32 + first + kk, tl.sum(tl.sum(dx * cos_a, 1), 0), 0.0)
+    return g_near
+
+
+@triton.jit
 def _geometry_weight_grads(dx, qcx, qcy, qw, qh, q_sin, q_cos, kcx, kcy, k_sin, k_cos, Freq,
                            g_near, g_far_sin, g_far_cos):
     """Add one tile's contribution to dL/dW_g given ``dx = dL/dx`` ``[BM, BN]``.
@@ -225,16 +239,8 @@ def _geometry_weight_grads(dx, qcx, qcy, qw, qh, q_sin, q_cos, kcx, kcy, k_sin, 
     ``g_near`` ``[64]`` collects the pairwise channels (dx, dy: 0..15 and 32..47); the separable
     dw/dh channels come from the per-box factors: ``sum_ij dx_ij sin(a_i - a_j) = sum_i (s_i (dx c)_i - c_i (dx s)_i)``.
     """
-    cols = tl.arange(0, 64)
-    ax, ay = _near_args(qcx, qcy, qw, qh, kcx, kcy)
-    for kk in tl.static_range(8):
-        f = tl.load(Freq + kk)
-        gx = ax * f
-        gy = ay * f
-        g_near += tl.where(cols == kk, tl.sum(tl.sum(dx * tl.sin(gx), 1), 0), 0.0)
-        g_near += tl.where(cols == 32 + kk, tl.sum(tl.sum(dx * tl.cos(gx), 1), 0), 0.0)
-        g_near += tl.where(cols == 8 + kk, tl.sum(tl.sum(dx * tl.sin(gy), 1), 0), 0.0)
-        g_near += tl.where(cols == 40 + kk, tl.sum(tl.sum(dx * tl.cos(gy), 1), 0), 0.0)
+    g_near = _near_weight_grads(dx, _near_arg(qcx, qw, kcx), Freq, g_near, 0)
+    g_near = _near_weight_grads(dx, _near_arg(qcy, qh, kcy), Freq, g_near, 8)
     dx_cos = tl.dot(dx, k_cos, input_precision="ieee")      # [BM, 16]
     dx_sin = tl.dot(dx, k_sin, input_precision="ieee")
     g_far_sin += tl.sum(q_sin * dx_cos - q_cos * dx_sin, 0)
@@ -383,14 +389,25 @@ def _pow2_at_least_16(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
 
 
+def gpu_block_config(head_dim: int, backward: bool = False):
+    """``(BM, BN, num_warps)`` for large N on a GPU.
+
+    Chosen from ``ptxas -v`` on sm_90 (kernels/compile_check.py; bench/RESULTS.md has the
+    table): the largest tiles that compile without register spills for every dtype, with the
+    geometry, mask and dropout on. Not yet timed on a GPU.
+    """
+    if backward:
+        return (32, 32, 8) if head_dim > 64 else (64, 32, 8)
+    return (64, 32, 8) if head_dim > 64 else (64, 64, 8)
+
+
 def block_config(n_queries: int, n_keys: int, head_dim: int, backward: bool = False):
-    """``(BM, BN, num_warps)``: 16 x 16 under the interpreter (fast on CPU); on a GPU 64-wide
-    query blocks, key blocks narrowed for the register-heavy geometry backward and d = 128."""
+    """``(BM, BN, num_warps)``: 16 x 16 under the interpreter (fast on CPU); on a GPU
+    :func:`gpu_block_config`, shrunk to the next power of two of small N."""
     if interpreter_requested():
         return 16, 16, 4
-    bm = _pow2_at_least_16(n_queries, 64)
-    bn = _pow2_at_least_16(n_keys, 32 if (backward or head_dim > 64) else 64)
-    return bm, bn, 4
+    bm, bn, warps = gpu_block_config(head_dim, backward)
+    return _pow2_at_least_16(n_queries, bm), _pow2_at_least_16(n_keys, bn), warps
 
 
 def _upcast_in_kernel(dtype: torch.dtype) -> bool:
