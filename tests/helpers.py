@@ -12,6 +12,7 @@ import torch
 from geocap.kernels.reference import reference_attention
 
 GRAD_NAMES = ("q", "k", "v", "wg_weight", "wg_bias")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def random_boxes(batch, n, *, generator=None, dtype=torch.float32, device="cpu"):

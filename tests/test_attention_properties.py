@@ -8,8 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from geocap.kernels import geo_attention
-from helpers import max_err, run_reference, tolerance, upcast
-from conftest import DEVICE
+from helpers import DEVICE, max_err, run_reference, tolerance, upcast
 
 BOX_KINDS = ["random", "degenerate", "identical", "full_image", "tiny", "corner"]
 

@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# GPU check for geocap: environment, the test suite (compiled Triton), then the benchmarks.
+#
+#   bash bench/gpu_check.sh "$OUT"        (from the repository root, on the GPU machine)
+#
+# No network is needed: geocap is made importable from a symlink tree on PYTHONPATH
+# (geocap/* + kernels -> geocap.kernels + analysis -> geocap.analysis), nothing is pip-installed.
+# Every stage runs under `timeout` (SIGINT first, so pytest still writes its JSON / junit files,
+# then SIGKILL) and the whole script stays inside GPU_CHECK_DEADLINE_S (default 470 s < 8 min).
+#
+# Files left in $OUT (flat, at most 7):
+#   gpu_check.log                     everything printed below
+#   junit_tests.xml                   pytest tests -x
+#   junit_bench_sanity.xml            the non-benchmark (correctness) tests in bench/
+#   bench_entropy.json                pytest-benchmark record, bench/test_bench_entropy.py
+#   bench_entropy_summary.json        bench/conftest.py comparison (written after every benchmark)
+#   bench_attention.json              pytest-benchmark record, bench/test_bench_attention.py
+#   bench_attention_summary.json      bench/conftest.py comparison (written after every benchmark)
+#
+# Exit status: 1 if the test suite failed (or timed out), else 2 if a bench stage failed, else 0.
+# The benchmarks run even when the tests failed.
+#
+# Knobs (environment): GPU_CHECK_DEADLINE_S (470), GPU_CHECK_TESTS_S (170), GPU_CHECK_SANITY_S (90),
+# GPU_CHECK_ENTROPY_S (60), GPU_CHECK_ATTENTION_S (rest of the deadline); GPU_CHECK_DRY_RUN=1 skips the
+# test suite and restricts the attention sweep to N=36 (for trying the script on a CPU machine);
+# GEOCAP_BENCH_N / GEOCAP_BENCH_DTYPES / GEOCAP_BENCH_VARIANTS / GEOCAP_BENCH_PASSES pass through to
+# bench/test_bench_attention.py.
+set -u -o pipefail
+
+OUT_ARG=${1:-}
+if [[ -z "$OUT_ARG" ]]; then
+    echo "usage: bash bench/gpu_check.sh OUT_DIR" >&2
+    exit 64
+fi
+mkdir -p "$OUT_ARG"
+OUT=$(cd "$OUT_ARG" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOG="$OUT/gpu_check.log"
+START=$(date +%s)
+DEADLINE_S=${GPU_CHECK_DEADLINE_S:-470}
+PY=${PYTHON:-python3}
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+# seconds a stage may use: its cap, but never past the deadline (keeping `reserve` s for later stages)
+stage_limit() {
+    local cap=$1 reserve=${2:-0} left
+    left=$(( DEADLINE_S - $(elapsed) - reserve - 5 ))
+    (( left < cap )) && cap=$left
+    (( cap < 1 )) && cap=0
+    echo "$cap"
+}
+
+declare -A RC=()
+ORDER=()
+
+# run_stage NAME LIMIT_S CMD...: timeout with SIGINT (pytest finishes its reports), SIGKILL 20 s later
+run_stage() {
+    local name=$1 limit=$2; shift 2
+    ORDER+=("$name")
+    echo
+    echo "=== [$name] $(date -u +%H:%M:%S) limit ${limit}s (elapsed $(elapsed)s): $*"
+    if (( limit <= 0 )); then
+        echo "=== [$name] SKIPPED: no time left before the ${DEADLINE_S}s deadline"
+        RC[$name]=skipped
+        return 0
+    fi
+    local t0=$(date +%s) rc
+    timeout -s INT -k 20 "$limit" "$@"
+    rc=$?
+    if (( rc == 124 || rc == 137 )); then
+        echo "=== [$name] TIMED OUT after ${limit}s (rc $rc)"
+    fi
+    echo "=== [$name] rc=$rc in $(( $(date +%s) - t0 ))s"
+    RC[$name]=$rc
+    return 0
+}
+
+main() {
+    echo "geocap gpu_check: repo $REPO, out $OUT, started $(date -u +%Y-%m-%dT%H:%M:%SZ), deadline ${DEADLINE_S}s"
+    [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]] && echo "DRY RUN: test suite skipped, attention sweep limited to N=36"
+
+    # --- make geocap importable without installing anything ---------------------------------
+    unset TRITON_INTERPRET
+    export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+    local site
+    site=$(mktemp -d /tmp/geocap_site.XXXXXX)
+    mkdir -p "$site/geocap"
+    local f
+    for f in "$REPO"/geocap/*; do
+        [[ "$(basename "$f")" == __pycache__ ]] && continue
+        ln -s "$f" "$site/geocap/$(basename "$f")"
+    done
+    ln -sfn "$REPO/kernels" "$site/geocap/kernels"
+    ln -sfn "$REPO/analysis" "$site/geocap/analysis"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "PYTHONPATH=$PYTHONPATH"
+
+    # --- environment -----------------------------------------------------------------------
+    echo
+    echo "=== environment"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        timeout 30 nvidia-smi || echo "nvidia-smi failed"
+    else
+        echo "nvidia-smi: not found"
+    fi
+    grep -m1 "model name" /proc/cpuinfo 2>/dev/null; echo "cpus: $(nproc 2>/dev/null)"
+    timeout 120 "$PY" - <<'EOF'
+import importlib, platform, sys
+print("python", platform.python_version(), sys.executable)
+for mod in ("torch", "triton", "numpy", "scipy", "pytest", "pytest_benchmark", "hypothesis", "h5py", "pycocotools"):
+    try:
+        m = importlib.import_module(mod)
+        print(f"{mod:18s} {getattr(m, '__version__', '?')}")
+    except Exception as exc:
+        print(f"{mod:18s} MISSING ({type(exc).__name__}: {exc})")
+import torch
+print("cuda available:", torch.cuda.is_available(), "| torch.version.cuda:", torch.version.cuda)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device:", p.name, f"{p.total_memory / 2**30:.0f} GiB", "capability", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count)
+import geocap, geocap.kernels
+print("geocap from", geocap.__file__, "| kernels from", geocap.kernels.__file__)
+EOF
+    echo "env stage rc=$? (elapsed $(elapsed)s)"
+    "$PY" -c "import pytest, pytest_benchmark, hypothesis" 2>/dev/null \
+        || echo "WARNING: pytest / pytest_benchmark / hypothesis not all importable (see above); stages needing them will fail"
+
+    cd "$REPO" || return 1
+
+    # --- the test suite, compiled Triton ---------------------------------------------------
+    local attention_reserve=120 entropy_s=${GPU_CHECK_ENTROPY_S:-60} sanity_s=${GPU_CHECK_SANITY_S:-90}
+    if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]]; then
+        ORDER+=(tests); RC[tests]=skipped
+        echo; echo "=== [tests] SKIPPED (GPU_CHECK_DRY_RUN=1)"
+    else
+        run_stage tests "$(stage_limit "${GPU_CHECK_TESTS_S:-170}" $(( sanity_s + entropy_s + attention_reserve )))" \
+            "$PY" -m pytest tests -x -q -p no:cacheprovider --junitxml="$OUT/junit_tests.xml"
+    fi
+
+    # --- bench correctness checks (flex score_mod vs geometry_log_bias, variants agree) --------
+    run_stage bench_sanity "$(stage_limit "$sanity_s" $(( entropy_s + attention_reserve )))" \
+        "$PY" -m pytest bench -q -p no:cacheprovider --benchmark-skip --junitxml="$OUT/junit_bench_sanity.xml"
+
+    # --- benchmarks: entropy first (short), then the attention sweep with the rest ------------
+    if [[ -f bench/test_bench_entropy.py ]]; then
+        GEOCAP_BENCH_SUMMARY="$OUT/bench_entropy_summary.json" \
+        run_stage bench_entropy "$(stage_limit "$entropy_s" "$attention_reserve")" \
+            "$PY" -m pytest bench/test_bench_entropy.py --benchmark-only -q -p no:cacheprovider \
+            --benchmark-json="$OUT/bench_entropy.json"
+    else
+        ORDER+=(bench_entropy); RC[bench_entropy]=absent
+        echo; echo "=== [bench_entropy] bench/test_bench_entropy.py not present"
+    fi
+
+    local n_default="${GEOCAP_BENCH_N:-}"
+    [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 && -z "$n_default" ]] && n_default=36
+    GEOCAP_BENCH_N="$n_default" GEOCAP_BENCH_SUMMARY="$OUT/bench_attention_summary.json" \
+    run_stage bench_attention "$(stage_limit "${GPU_CHECK_ATTENTION_S:-$DEADLINE_S}" 0)" \
+        "$PY" -m pytest bench/test_bench_attention.py --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$OUT/bench_attention.json" --benchmark-columns=min,median,mean,stddev,rounds,iterations
+
+    # --- verdict -----------------------------------------------------------------------------
+    echo
+    echo "=== summary (elapsed $(elapsed)s of ${DEADLINE_S}s)"
+    local name status=0
+    for name in "${ORDER[@]}"; do
+        echo "  $name: rc=${RC[$name]}"
+    done
+    if [[ "${RC[tests]}" != 0 && "${RC[tests]}" != skipped ]]; then
+        status=1
+    else
+        for name in bench_sanity bench_entropy bench_attention; do
+            case "${RC[$name]:-absent}" in 0|absent) ;; *) status=2 ;; esac
+        done
+    fi
+    echo "  files in $OUT:"; ls -la "$OUT"
+    echo "gpu_check exit status: $status"
+    rm -rf "$site"
+    return "$status"
+}
+
+main 2>&1 | tee "$LOG"
+exit "${PIPESTATUS[0]}"
