@@ -121,7 +121,7 @@ def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_
     dx = torch.log(torch.clamp(torch.abs(qf.cx[:, :, None] - kf.cx[:, None, :]) / qf.w[:, :, None], min=DX_CLAMP))
     dy = torch.log(torch.clamp(torch.abs(qf.cy[:, :, None] - kf.cy[:, None, :]) / qf.h[:, :, None], min=DX_CLAMP))
     near_args = (SCALE * torch.stack([dx, dy], dim=-1)[..., None] * qf.freq).flatten(-2)    # [B, Nq, Nk, 16]
-    near = torch.cat([torch.sin(near_args), torch.cos(near_args)], dim=-1) @ w_near.T      # [B, Nq, Nk, H]
+    near = torch.sin(near_args) @ w_near[:, :16].T + torch.cos(near_args) @ w_near[:, 16:].T  # [B, Nq, Nk, H]
     # sin(a_i - a_j) w_s + cos(a_i - a_j) w_c = c_j (w_s s_i + w_c c_i) + s_j (w_c s_i - w_s c_i)
     s_i, c_i = qf.sin_far[:, None], qf.cos_far[:, None]                                   # [B, 1, Nq, 16]
     ws, wc = w_sin_far[None, :, None], w_cos_far[None, :, None]                           # [1, H, 1, 16]

@@ -24,36 +24,48 @@ CHECKPOINT_ABOVE_ELEMENTS = 2**22
 
 
 def _query_block_size(batch: int, heads: int, n_keys: int, itemsize: int) -> int:
-    # per query row: 32 pairwise geometry channels + ~6 [H, Nk] score-sized temporaries
-    per_row = batch * n_keys * itemsize * (32 + 6 * heads)
+    # per query row: ~64 floats per key for the pairwise geometry (arguments, sin, cos, their
+    # products) and ~8 [H, Nk] score-sized temporaries (geometry logits, bias, masks, softmax)
+    per_row = batch * n_keys * itemsize * (64 + 8 * heads)
     return max(1, min(4096, BLOCK_BUDGET_BYTES // max(per_row, 1)))
 
 
-def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, causal, dropout_p, want_probs):
+def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, causal, dropout_p,
+           want_probs, want_entropy):
     """Attention of the query block ``q [B, H, m, d]`` (rows ``q_start:q_start + m``) over all keys.
 
-    Returns ``(out [B, H, m, d], probs [B, H, m, Nk] or None, entropy [B, H, m])`` in the
+    The log-geometry and the masks become one additive bias for
+    ``F.scaled_dot_product_attention`` (fused softmax and backward). Returns
+    ``(out [B, H, m, d], probs [B, H, m, Nk] or None, entropy [B, H, m] or None)`` in the
     compute dtype.
     """
     m, n_keys = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    bias = None
     if qf is not None:
-        x = geometry_logits(qf, kf, wg_weight, wg_bias)
-        scores = scores + torch.log(torch.clamp(x, min=1e-6))
+        bias = torch.log(torch.clamp(geometry_logits(qf, kf, wg_weight, wg_bias), min=1e-6))
     keep = keep_keys                                                   # [B, 1, 1, Nk] or None
     if causal:
         keep_causal = causal_keep(n_queries, n_keys, q.device, q_start, q_start + m)
         keep = keep_causal[None, None] if keep is None else keep & keep_causal
+    has_key = None
     if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(scores - row_max)
-    total = p.sum(-1, keepdim=True)
-    probs = p / torch.where(total == 0, torch.ones_like(total), total)
-    entropy = torch.special.entr(probs).sum(-1)
-    weights = F.dropout(probs, dropout_p, training=True) if dropout_p > 0 else probs
-    return weights @ v, (probs if want_probs else None), entropy
+        has_key = keep.any(-1, keepdim=True)
+        if bias is None:
+            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+        # rows without any valid key get a harmless finite row here and are zeroed below
+        bias = bias.masked_fill(~keep & has_key, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    if has_key is not None:
+        out = out.masked_fill(~has_key, 0.0)
+    probs = entropy = None
+    if want_probs or want_entropy:
+        with torch.no_grad():
+            logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+            probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)
+            if has_key is not None:
+                probs = probs.masked_fill(~has_key, 0.0)
+            entropy = torch.special.entr(probs).sum(-1) if want_entropy else None
+    return out, (probs if want_probs else None), entropy
 
 
 def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None,
@@ -78,13 +90,14 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_pa
     for start in range(0, n_queries, step):
         stop = min(start + step, n_queries)
         args = (qc[:, :, start:stop], kc, vc, keep_keys, factors.rows(start, stop) if geo else None,
-                factors, wgw, wgb, start, n_queries, causal, dropout_p, return_probs)
+                factors, wgw, wgb, start, n_queries, causal, dropout_p, return_probs, return_entropy)
         if recompute:
             o, p, h = checkpoint(_block, *args, use_reentrant=False)
         else:
             o, p, h = _block(*args)
         outs.append(o)
-        entropies.append(h)
+        if return_entropy:
+            entropies.append(h)
         if return_probs:
             probs.append(p)
     if not outs:  # Nq == 0
