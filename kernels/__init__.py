@@ -6,6 +6,7 @@ same semantics; ``backend="auto"`` picks Triton for CUDA tensors and PyTorch els
 from .attention import GeoAttention, attention, geo_attention
 from .entropy import attention_entropy
 from .geometry import box_relation_embedding, geometry_log_bias
+from .validation import value_checks
 
 __all__ = ["GeoAttention", "attention", "attention_entropy", "box_relation_embedding", "geo_attention",
-           "geometry_log_bias"]
+           "geometry_log_bias", "value_checks"]

@@ -20,6 +20,8 @@ dx/dy half of the channels needs sin/cos per (query, key) pair.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 DIM_G = 64
@@ -30,9 +32,15 @@ BIAS_CLAMP = 1e-6
 
 
 def geometry_frequencies(dim_g: int = DIM_G, wave_len: float = WAVE_LEN, *, dtype=torch.float32, device=None):
-    """``[dim_g // 8]`` frequencies ``wave_len ** (-k / (dim_g / 8))``."""
+    """``[dim_g // 8]`` frequencies ``wave_len ** (-k / (dim_g / 8))`` (cached per device and
+    dtype: no host-to-device copy per call). Do not modify the returned tensor."""
     if dim_g <= 0 or dim_g % 8:
         raise ValueError(f"dim_g must be a positive multiple of 8, got {dim_g}")
+    return _frequencies(dim_g, float(wave_len), dtype, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _frequencies(dim_g: int, wave_len: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     n = dim_g // 8
     return torch.tensor([wave_len ** (-k / n) for k in range(n)], dtype=dtype, device=device)
 

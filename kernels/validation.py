@@ -6,12 +6,33 @@ key_padding_mask ``[B, Nk]`` bool with True = real object.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 # Normalised boxes may overshoot [0, 1] by rounding in detectors' outputs; pixels do not fit this slack.
 BOX_SLACK = 1e-2
+
+
+_value_checks = True
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the checks of box *values* (finite, ordered, normalised) on or off inside a block.
+
+    They are on by default; each costs one reduction and one host synchronisation per call,
+    which a training loop whose data was validated once may want to skip. Shape, dtype and
+    device checks always run. With checks off, bad boxes give undefined (possibly NaN) output.
+    """
+    global _value_checks
+    previous, _value_checks = _value_checks, bool(enabled)
+    try:
+        yield
+    finally:
+        _value_checks = previous
 
 
 def require_tensor(name: str, t) -> torch.Tensor:
@@ -94,7 +115,7 @@ def check_boxes(boxes, batch: int | None = None, n: int | None = None, key_paddi
         raise ValueError(f"boxes must have shape [B, N, 4] as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
     if batch is not None and (boxes.shape[0] != batch or boxes.shape[1] != n):
         raise ValueError(f"boxes must have shape [B, N, 4] = {(batch, n, 4)}, got {tuple(boxes.shape)}")
-    if boxes.numel() == 0:
+    if boxes.numel() == 0 or not _value_checks:
         return
     b = boxes.detach()
     valid = torch.ones(b.shape[:2], dtype=torch.bool, device=b.device) if key_padding_mask is None else key_padding_mask

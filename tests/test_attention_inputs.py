@@ -58,6 +58,19 @@ def test_inverted_box(inputs):
         _geo(inputs)
 
 
+def test_value_checks_can_be_switched_off_for_a_block(inputs):
+    from geocap.kernels import value_checks
+
+    inputs["key_padding_mask"][0, 2] = True
+    inputs["boxes"][0, 2, 2] = 3.0
+    with value_checks(False):
+        _geo(inputs)                       # pixel-like box accepted: the caller opted out
+        with pytest.raises(ValueError, match="mask must be a bool"):
+            _geo(inputs, key_padding_mask=inputs["key_padding_mask"].int())   # shape/dtype checks stay
+    with pytest.raises(ValueError, match="normalised"):
+        _geo(inputs)
+
+
 def test_padded_boxes_are_not_checked(inputs):
     inputs["key_padding_mask"][0, 2] = False
     inputs["boxes"][0, 2] = float("nan")
