@@ -187,7 +187,7 @@ def _fwd_kernel(
         s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
                         HAS_GEO, DOT_PRECISION)
         valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
-        m_i, alpha, p, l_i, t_i = online_softmax_step(m_i, l_i, t_i, s, valid)
+        m_i, alpha, p, l_i, t_i = online_softmax_step(m_i, l_i, t_i, s, valid, RETURN_ENT)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, NK, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)

@@ -18,11 +18,12 @@ NEG_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def online_softmax_step(m_i, l_i, t_i, s, valid):
+def online_softmax_step(m_i, l_i, t_i, s, valid, WITH_ENTROPY: tl.constexpr = True):
     """Fold one ``[BM, BN]`` tile of fp32 logits ``s`` (entries where ``valid``) into the row state.
 
     Returns ``(m_new, alpha, p, l_new, t_new)``: ``alpha = exp(m_i - m_new)`` rescales anything
     accumulated before this tile (``P @ V`` in attention), ``p = exp(s - m_new)`` (0 where invalid).
+    Without ``WITH_ENTROPY`` the entropy accumulator ``t`` is passed through untouched (no cost).
     """
     s_valid = tl.where(valid, s, NEG_INIT)
     m_new = tl.maximum(m_i, tl.max(s_valid, 1))
@@ -30,7 +31,9 @@ def online_softmax_step(m_i, l_i, t_i, s, valid):
     shifted = s_valid - m_new[:, None]
     p = tl.where(valid, tl.exp(shifted), 0.0)
     l_new = l_i * alpha + tl.sum(p, 1)
-    t_new = alpha * (t_i + l_i * (m_i - m_new)) + tl.sum(tl.where(valid, p * shifted, 0.0), 1)
+    t_new = t_i
+    if WITH_ENTROPY:
+        t_new = alpha * (t_i + l_i * (m_i - m_new)) + tl.sum(tl.where(valid, p * shifted, 0.0), 1)
     return m_new, alpha, p, l_new, t_new
 
 
