@@ -44,7 +44,7 @@ def compile_variant(kind: str, dtype: str, head_dim: int, geo: bool, mask: bool,
     from . import triton_attention as ta
 
     t = TORCH_TO_TRITON[dtype]
-    bm, bn, warps = blocks or ta.gpu_block_config(head_dim, backward=kind != "fwd")
+    bm, bn, warps = blocks or ta.gpu_block_config(head_dim, backward=kind != "fwd", fp32=dtype == "float32")
     common = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BM=bm, BN=bn,
                   HAS_GEO=geo, HAS_MASK=mask, CAUSAL=causal, DROPOUT=dropout,
                   DOT_PRECISION="ieee" if dtype == "float32" else "tf32", F32=False)

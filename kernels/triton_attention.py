@@ -389,24 +389,28 @@ def _pow2_at_least_16(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
 
 
-def gpu_block_config(head_dim: int, backward: bool = False):
+def gpu_block_config(head_dim: int, backward: bool = False, fp32: bool = False):
     """``(BM, BN, num_warps)`` for large N on a GPU.
 
     Chosen from ``ptxas -v`` on sm_90 (kernels/compile_check.py; bench/RESULTS.md has the
-    table): the largest tiles that compile without register spills for every dtype, with the
-    geometry, mask and dropout on. Not yet timed on a GPU.
+    table): the largest tiles that compile without register spills for fp16/bf16, with the
+    geometry, mask and dropout on. fp32 inputs take IEEE (non-tensor-core) dots whose operand
+    tiles live in registers: smaller tiles, and the fp32 backward still spills. Not yet timed
+    on a GPU.
     """
+    if fp32 and (backward or head_dim > 64):
+        return 32, 32, 8
     if backward:
         return (32, 32, 8) if head_dim > 64 else (64, 32, 8)
     return (64, 32, 8) if head_dim > 64 else (64, 64, 8)
 
 
-def block_config(n_queries: int, n_keys: int, head_dim: int, backward: bool = False):
+def block_config(n_queries: int, n_keys: int, head_dim: int, backward: bool = False, fp32: bool = False):
     """``(BM, BN, num_warps)``: 16 x 16 under the interpreter (fast on CPU); on a GPU
     :func:`gpu_block_config`, shrunk to the next power of two of small N."""
     if interpreter_requested():
         return 16, 16, 4
-    bm, bn, warps = gpu_block_config(head_dim, backward)
+    bm, bn, warps = gpu_block_config(head_dim, backward, fp32)
     return _pow2_at_least_16(n_queries, bm), _pow2_at_least_16(n_keys, bn), warps
 
 
@@ -458,7 +462,7 @@ class _TritonAttention(torch.autograd.Function):
         ent = torch.empty_like(lse) if return_entropy else lse
         probs = (torch.empty((batch, heads, nq, nk), dtype=torch.float32, device=q.device)
                  if return_probs else lse)
-        bm, bn, warps = block_config(nq, nk, d)
+        bm, bn, warps = block_config(nq, nk, d, fp32=q.dtype == torch.float32)
         precision = "ieee" if (q.dtype == torch.float32 or f32) else "tf32"
         grid = (triton.cdiv(nq, bm), batch * heads)
         _fwd_kernel[grid](
@@ -490,7 +494,7 @@ class _TritonAttention(torch.autograd.Function):
         dq = torch.empty((batch, heads, nq, d), dtype=store_dtype, device=q.device)
         dk = torch.empty((batch, heads, nk, d), dtype=store_dtype, device=k.device)
         dv = torch.empty((batch, heads, nk, d), dtype=store_dtype, device=v.device)
-        bm, bn, warps = block_config(nq, nk, d, backward=True)
+        bm, bn, warps = block_config(nq, nk, d, backward=True, fp32=q.dtype == torch.float32)
         n_kblocks = triton.cdiv(nk, bn)
         if has_geo:
             dw_part = torch.empty((batch, heads, n_kblocks, 64), dtype=torch.float32, device=q.device)
