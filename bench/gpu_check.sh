@@ -6,7 +6,7 @@
 # No network is needed: geocap is made importable from a symlink tree on PYTHONPATH
 # (geocap/* + kernels -> geocap.kernels + analysis -> geocap.analysis), nothing is pip-installed.
 # Every stage runs under `timeout` (SIGINT first, so pytest still writes its JSON / junit files,
-# then SIGKILL) and the whole script stays inside GPU_CHECK_DEADLINE_S (default 470 s < 8 min).
+# then SIGKILL) and the whole script stays inside GPU_CHECK_DEADLINE_S (default 420 s, well inside 8 min).
 #
 # Files left in $OUT (flat, at most 7):
 #   gpu_check.log                     everything printed below
@@ -20,7 +20,7 @@
 # Exit status: 1 if the test suite failed (or timed out), else 2 if a bench stage failed, else 0.
 # The benchmarks run even when the tests failed.
 #
-# Knobs (environment): GPU_CHECK_DEADLINE_S (470), GPU_CHECK_TESTS_S (170), GPU_CHECK_SANITY_S (90),
+# Knobs (environment): GPU_CHECK_DEADLINE_S (420), GPU_CHECK_TESTS_S (170), GPU_CHECK_SANITY_S (90),
 # GPU_CHECK_ENTROPY_S (60), GPU_CHECK_ATTENTION_S (rest of the deadline); GPU_CHECK_DRY_RUN=1 skips the
 # test suite and restricts the attention sweep to N=36 (for trying the script on a CPU machine);
 # GEOCAP_BENCH_N / GEOCAP_BENCH_DTYPES / GEOCAP_BENCH_VARIANTS / GEOCAP_BENCH_PASSES pass through to
@@ -37,7 +37,7 @@ OUT=$(cd "$OUT_ARG" && pwd)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOG="$OUT/gpu_check.log"
 START=$(date +%s)
-DEADLINE_S=${GPU_CHECK_DEADLINE_S:-470}
+DEADLINE_S=${GPU_CHECK_DEADLINE_S:-420}
 PY=${PYTHON:-python3}
 
 elapsed() { echo $(( $(date +%s) - START )); }
