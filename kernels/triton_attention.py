@@ -213,7 +213,8 @@ def _fwd_kernel(
                             HAS_GEO, DOT_PRECISION)
             valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-            tl.store(Probs + (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :], p,
+            # int64: B * H * NQ * NK reaches 2**31 for dump-sized batches
+            tl.store(Probs + (bh.to(tl.int64) * NQ + offs_m[:, None]) * NK + offs_n[None, :], p,
                      mask=row_ok[:, None] & n_ok[None, :])
 
 
