@@ -35,10 +35,12 @@ def _check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
-def _run(backend, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, causal, dropout_p,
+def _same_device(**tensors) -> torch.device:
+    return require_same_device(tensors)
+
+
+def _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, causal, dropout_p,
          return_entropy, return_probs) -> GeoAttention:
-    device = require_same_device({"q": q, "k": k, "v": v, "boxes": boxes, "wg_weight": wg_weight,
-                                  "wg_bias": wg_bias, "key_padding_mask": key_padding_mask})
     chosen = resolve_backend(backend, device)
     if chosen == "triton":
         require_dtype("q", q, KERNEL_DTYPES)
@@ -65,11 +67,11 @@ def geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask=None, *, 
     batch, heads, n, _ = q.shape
     check_key_padding_mask(key_padding_mask, batch, n)
     check_geometry_weights(wg_weight, wg_bias, heads)
-    require_same_device({"q": q, "boxes": boxes, "wg_weight": wg_weight, "wg_bias": wg_bias,
-                         "key_padding_mask": key_padding_mask})
+    device = _same_device(q=q, k=k, v=v, boxes=boxes, wg_weight=wg_weight, wg_bias=wg_bias,
+                          key_padding_mask=key_padding_mask)
     check_boxes(boxes, batch, n, key_padding_mask)
     boxes = zero_padded_boxes(boxes, key_padding_mask)
-    return _run(backend, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, False, _check_dropout(dropout_p),
+    return _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, False, _check_dropout(dropout_p),
                 return_entropy, return_probs)
 
 
@@ -79,5 +81,6 @@ def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, re
     aligned: query i sees keys ``j <= i + Nk - Nq``), for decoder self- and cross-attention."""
     check_qkv(q, k, v, same_length=False)
     check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
-    return _run(backend, q, k, v, None, None, None, key_padding_mask, bool(causal), _check_dropout(dropout_p),
+    device = _same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    return _run(backend, device, q, k, v, None, None, None, key_padding_mask, bool(causal), _check_dropout(dropout_p),
                 return_entropy, return_probs)

@@ -9,6 +9,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# import triton now, in the mode chosen above: a test that later flips TRITON_INTERPRET (to check
+# the error without the interpreter) must not be the first to import it
+import triton  # noqa: E402,F401
 
 import pytest  # noqa: E402
 
