@@ -34,7 +34,7 @@ def _signature(fn, pointers: dict, floats: set, const: dict):
 
 
 def compile_variant(kind: str, dtype: str, head_dim: int, geo: bool, mask: bool, causal: bool, dropout: bool,
-                    arch: int = 90, blocks=None):
+                    arch: int = 90, blocks=None, probs: bool = False):
     """Compile one variant; returns a dict with its name, registers and spills (from ptxas -v).
     ``blocks`` = (BM, BN, num_warps) overrides the launch heuristic (for tuning)."""
     import triton
@@ -51,7 +51,7 @@ def compile_variant(kind: str, dtype: str, head_dim: int, geo: bool, mask: bool,
     floats = {"sm_scale", "dropout_p"}
     if kind == "fwd":
         fn = ta._fwd_kernel
-        const = dict(common, RETURN_ENT=True, RETURN_PROBS=False)
+        const = dict(common, RETURN_ENT=True, RETURN_PROBS=probs)
         pointers = {"Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "Out": f"*{t}"}
         fp32_ptrs = ("Lse", "Ent", "Probs", "Boxes", "WgW", "WgB", "Freq")
     elif kind == "bwd_kv":
@@ -70,7 +70,8 @@ def compile_variant(kind: str, dtype: str, head_dim: int, geo: bool, mask: bool,
     compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps})
     name = f"{kind}/{dtype}/d{head_dim}" + "".join(
-        f"/{flag}" for flag, on in (("geo", geo), ("mask", mask), ("causal", causal), ("dropout", dropout)) if on)
+        f"/{flag}" for flag, on in (("geo", geo), ("mask", mask), ("causal", causal), ("dropout", dropout),
+                                     ("probs", probs)) if on)
     info = {"variant": name, "BM": bm, "BN": bn, "num_warps": warps, "shared_bytes": compiled.metadata.shared}
     info.update(_ptxas_usage(compiled.asm["ptx"], arch))
     return info
@@ -103,6 +104,7 @@ def variants(quick: bool = False):
         yield dict(kind=kind, dtype=dtype, head_dim=d, geo=True, mask=True, causal=False, dropout=not quick)
     for kind in ["fwd", "bwd_kv", "bwd_q"]:
         yield dict(kind=kind, dtype="float16", head_dim=64, geo=False, mask=True, causal=True, dropout=False)
+    yield dict(kind="fwd", dtype="float16", head_dim=64, geo=True, mask=True, causal=False, dropout=False, probs=True)
 
 
 def main(argv=None) -> int:
