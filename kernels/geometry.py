@@ -153,7 +153,7 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
     from .validation import check_boxes, check_geometry_weights
 
     check_boxes(boxes)
-    check_geometry_weights(wg_weight, wg_bias, wg_weight.shape[0] if wg_weight.dim() == 2 else -1)
+    check_geometry_weights(wg_weight, wg_bias)
     f = BoxFactors(boxes, compute_dtype(boxes.dtype))
     return log_geometry_bias_from_logits(geometry_logits(f, f, wg_weight, wg_bias))
 

@@ -92,11 +92,15 @@ def check_key_padding_mask(mask, batch: int, n_keys: int, name: str = "key_paddi
         raise ValueError(f"{name} must have shape [B, N] = {(batch, n_keys)}, got {tuple(mask.shape)}")
 
 
-def check_geometry_weights(wg_weight, wg_bias, heads: int, dim_g: int = 64) -> None:
+def check_geometry_weights(wg_weight, wg_bias, heads: int | None = None, dim_g: int = 64) -> None:
+    """wg_weight ``[H, dim_g]`` and wg_bias ``[H]``; ``heads=None`` takes H from wg_weight."""
     require_tensor("wg_weight", wg_weight)
     require_tensor("wg_bias", wg_bias)
     require_dtype("wg_weight", wg_weight, TORCH_DTYPES)
     require_dtype("wg_bias", wg_bias, TORCH_DTYPES)
+    if heads is None:
+        require_ndim("wg_weight", wg_weight, 2, f"[H, {dim_g}]")
+        heads = wg_weight.shape[0]
     if tuple(wg_weight.shape) != (heads, dim_g):
         raise ValueError(f"wg_weight must have shape [H, {dim_g}] = {(heads, dim_g)}, got {tuple(wg_weight.shape)}")
     if tuple(wg_bias.shape) != (heads,):

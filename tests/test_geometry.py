@@ -68,3 +68,13 @@ def test_degenerate_and_identical_boxes_are_finite():
     boxes = torch.tensor([[[0.2, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2], [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]])
     assert torch.isfinite(box_relation_embedding(boxes)).all()
     assert torch.isfinite(geometry_log_bias(boxes, torch.randn(2, 64), torch.randn(2))).all()
+
+
+def test_geometry_log_bias_input_errors():
+    boxes = random_boxes(1, 3)
+    with pytest.raises(ValueError, match=r"wg_weight must have shape \[H, 64\]"):
+        geometry_log_bias(boxes, torch.randn(64), torch.randn(1))
+    with pytest.raises(ValueError, match=r"wg_bias must have shape \[H\] = \(2,\)"):
+        geometry_log_bias(boxes, torch.randn(2, 64), torch.randn(3))
+    with pytest.raises(ValueError, match="normalised"):
+        geometry_log_bias(boxes * 100, torch.randn(2, 64), torch.randn(2))
