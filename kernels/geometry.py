@@ -121,15 +121,17 @@ def split_geometry_weights(wg_weight: torch.Tensor):
     return near, wg_weight[:, 16:32], wg_weight[:, 48:64]
 
 
-def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_bias: torch.Tensor) -> torch.Tensor:
-    """Per-head geometry logits ``x`` ``[B, H, Nq, Nk]`` (before relu / clamp / log) for query
-    boxes ``qf`` and key boxes ``kf``, in their dtype. Equal to
-    ``box_relation_embedding(boxes) @ wg_weight.T + wg_bias`` without building the embedding."""
-    w_near, w_sin_far, w_cos_far = split_geometry_weights(wg_weight.to(qf.cx.dtype))
+def _near_features(qf: BoxFactors, kf: BoxFactors):
+    """``sin, cos`` ``[B, Nq, Nk, 16]`` of the pairwise channels (100 f_k dx, then 100 f_k dy)."""
     dx = torch.log(torch.clamp(torch.abs(qf.cx[:, :, None] - kf.cx[:, None, :]) / qf.w[:, :, None], min=DX_CLAMP))
     dy = torch.log(torch.clamp(torch.abs(qf.cy[:, :, None] - kf.cy[:, None, :]) / qf.h[:, :, None], min=DX_CLAMP))
-    near_args = (SCALE * torch.stack([dx, dy], dim=-1)[..., None] * qf.freq).flatten(-2)    # [B, Nq, Nk, 16]
-    near = torch.sin(near_args) @ w_near[:, :16].T + torch.cos(near_args) @ w_near[:, 16:].T  # [B, Nq, Nk, H]
+    near_args = (SCALE * torch.stack([dx, dy], dim=-1)[..., None] * qf.freq).flatten(-2)
+    return torch.sin(near_args), torch.cos(near_args)
+
+
+def _logits_from_features(near_sin, near_cos, qf: BoxFactors, kf: BoxFactors, wg_weight, wg_bias):
+    w_near, w_sin_far, w_cos_far = split_geometry_weights(wg_weight.to(qf.cx.dtype))
+    near = near_sin @ w_near[:, :16].T + near_cos @ w_near[:, 16:].T                      # [B, Nq, Nk, H]
     # sin(a_i - a_j) w_s + cos(a_i - a_j) w_c = c_j (w_s s_i + w_c c_i) + s_j (w_c s_i - w_s c_i)
     s_i, c_i = qf.sin_far[:, None], qf.cos_far[:, None]                                   # [B, 1, Nq, 16]
     ws, wc = w_sin_far[None, :, None], w_cos_far[None, :, None]                           # [1, H, 1, 16]
@@ -137,6 +139,50 @@ def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_
     key_side = torch.cat([kf.cos_far, kf.sin_far], dim=-1)[:, None]                       # [B, 1, Nk, 32]
     far = query_side @ key_side.transpose(-1, -2)                                          # [B, H, Nq, Nk]
     return near.permute(0, 3, 1, 2) + far + wg_bias.to(far.dtype)[None, :, None, None]
+
+
+def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_bias: torch.Tensor) -> torch.Tensor:
+    """Per-head geometry logits ``x`` ``[B, H, Nq, Nk]`` (before relu / clamp / log) for query
+    boxes ``qf`` and key boxes ``kf``, in their dtype. Equal to
+    ``box_relation_embedding(boxes) @ wg_weight.T + wg_bias`` without building the embedding."""
+    return _logits_from_features(*_near_features(qf, kf), qf, kf, wg_weight, wg_bias)
+
+
+class _BlockLogBias(torch.autograd.Function):
+    """``log(clamp(x, 1e-6))`` of :func:`geometry_logits` with a hand-written backward: the
+    gradients of W_g and b_g come from one pass over ``dL/dx`` (the boxes take none), instead
+    of autograd's chain through every intermediate."""
+
+    @staticmethod
+    def forward(ctx, wg_weight, wg_bias, qf, kf):
+        near_sin, near_cos = _near_features(qf, kf)
+        x = _logits_from_features(near_sin, near_cos, qf, kf, wg_weight, wg_bias)
+        ctx.save_for_backward(x, near_sin, near_cos)
+        ctx.factors = (qf, kf)
+        return torch.log(torch.clamp(x, min=BIAS_CLAMP))
+
+    @staticmethod
+    def backward(ctx, d_bias):
+        x, near_sin, near_cos = ctx.saved_tensors
+        qf, kf = ctx.factors
+        dx = (d_bias.contiguous() / x).masked_fill_(x < BIAS_CLAMP, 0.0)                    # [B, H, Nq, Nk]
+        heads = dx.shape[1]
+        dx_rows = dx.permute(0, 2, 3, 1).reshape(-1, heads)                                # [B*Nq*Nk, H]
+        g_near_sin = dx_rows.T @ near_sin.reshape(-1, near_sin.shape[-1])                  # [H, 16]
+        g_near_cos = dx_rows.T @ near_cos.reshape(-1, near_cos.shape[-1])
+        dx_cos = dx @ kf.cos_far[:, None]                                                  # [B, H, Nq, 16]
+        dx_sin = dx @ kf.sin_far[:, None]
+        s_i, c_i = qf.sin_far[:, None], qf.cos_far[:, None]
+        g_far_sin = (s_i * dx_cos - c_i * dx_sin).sum(dim=(0, 2))                         # [H, 16]
+        g_far_cos = (c_i * dx_cos + s_i * dx_sin).sum(dim=(0, 2))
+        d_weight = torch.cat([g_near_sin, g_far_sin, g_near_cos, g_far_cos], dim=1)       # channel order
+        return d_weight, dx.sum(dim=(0, 2, 3)), None, None
+
+
+def block_log_bias(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_bias: torch.Tensor) -> torch.Tensor:
+    """``[B, H, Nq, Nk]`` log-geometry bias for a block of query boxes; differentiable in
+    wg_weight and wg_bias (same dtype as the factors)."""
+    return _BlockLogBias.apply(wg_weight, wg_bias, qf, kf)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -155,11 +201,12 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
     check_boxes(boxes)
     check_geometry_weights(wg_weight, wg_bias)
     f = BoxFactors(boxes, compute_dtype(boxes.dtype))
-    return log_geometry_bias_from_logits(geometry_logits(f, f, wg_weight, wg_bias))
+    ct = f.cx.dtype
+    return block_log_bias(f, f, wg_weight.to(ct), wg_bias.to(ct))
 
 
 __all__ = [
-    "DIM_G", "WAVE_LEN", "BoxFactors", "box_centers_sizes", "box_displacement", "box_relation_embedding",
+    "DIM_G", "WAVE_LEN", "BoxFactors", "block_log_bias", "box_centers_sizes", "box_displacement", "box_relation_embedding",
     "compute_dtype", "geometry_frequencies", "geometry_log_bias", "geometry_logits",
     "log_geometry_bias_from_logits", "split_geometry_weights", "zero_padded_boxes",
 ]

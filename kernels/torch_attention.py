@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .geometry import BoxFactors, compute_dtype, geometry_logits
+from .geometry import BoxFactors, block_log_bias, compute_dtype
 from .reference import causal_keep
 
 # Temporaries per query block stay below about this many bytes.
@@ -42,7 +42,7 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
     m, n_keys = q.shape[-2], k.shape[-2]
     bias = None
     if qf is not None:
-        bias = torch.log(torch.clamp(geometry_logits(qf, kf, wg_weight, wg_bias), min=1e-6))
+        bias = block_log_bias(qf, kf, wg_weight, wg_bias)
     keep = keep_keys                                                   # [B, 1, 1, Nk] or None
     if causal:
         keep_causal = causal_keep(n_queries, n_keys, q.device, q_start, q_start + m)
