@@ -78,3 +78,14 @@ def test_geometry_log_bias_input_errors():
         geometry_log_bias(boxes, torch.randn(2, 64), torch.randn(3))
     with pytest.raises(ValueError, match="normalised"):
         geometry_log_bias(boxes * 100, torch.randn(2, 64), torch.randn(2))
+
+
+def test_block_log_bias_gradients_match_finite_differences():
+    from geocap.kernels.geometry import BoxFactors, block_log_bias
+
+    g = torch.Generator().manual_seed(4)
+    boxes = random_boxes(2, 11, generator=g, dtype=torch.float64)
+    w = (torch.randn(3, 64, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    b = (torch.randn(3, generator=g, dtype=torch.float64) * 0.3 + 0.5).requires_grad_()
+    f = BoxFactors(boxes, torch.float64)
+    assert torch.autograd.gradcheck(lambda w, b: block_log_bias(f.rows(3, 9), f, w, b), (w, b))
