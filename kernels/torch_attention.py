@@ -54,7 +54,15 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
             bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
         # rows without any valid key get a harmless finite row here and are zeroed below
         bias = bias.masked_fill(~keep & has_key, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        # SDPA's differentiable CPU path is its "math" fallback, which adds its own passes for
+        # fully masked rows (handled above); the plain ops are cheaper to differentiate
+        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+        weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
+        out = F.dropout(weights, dropout_p) @ v if dropout_p > 0 else weights @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     if has_key is not None:
         out = out.masked_fill(~has_key, 0.0)
     probs = entropy = None
