@@ -35,7 +35,8 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
     """Attention of the query block ``q [B, H, m, d]`` (rows ``q_start:q_start + m``) over all keys.
 
     The log-geometry and the masks become one additive bias for
-    ``F.scaled_dot_product_attention`` (fused softmax and backward). Returns
+    ``F.scaled_dot_product_attention`` (fused softmax), except when differentiating on CPU,
+    where plain ops are cheaper than SDPA's math fallback. Returns
     ``(out [B, H, m, d], probs [B, H, m, Nk] or None, entropy [B, H, m] or None)`` in the
     compute dtype.
     """
@@ -54,8 +55,9 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
             bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
         # rows without any valid key get a harmless finite row here and are zeroed below
         bias = bias.masked_fill(~keep & has_key, float("-inf"))
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    differentiating = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad))
+    if differentiating and q.device.type == "cpu":
         # SDPA's differentiable CPU path is its "math" fallback, which adds its own passes for
         # fully masked rows (handled above); the plain ops are cheaper to differentiate
         scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
