@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-interpret", dest="interpret", action="store_false",
                       help="without a GPU, skip the Triton kernels instead of running them under the interpreter")
     demo.set_defaults(func=_demo)
+
+    from geocap.data.prepro import add_prepro_parser
+    from geocap.data.synth import add_synth_parser
+
+    add_synth_parser(sub)
+    add_prepro_parser(sub)
     return parser
 
 
