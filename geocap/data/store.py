@@ -40,6 +40,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
+from geocap.data.atomic import atomic_output
 from geocap.data.records import DataError, ImageFeatures
 
 FORMAT = "geocap-features"
@@ -262,63 +263,50 @@ def write_store(path, records: Iterable[ImageFeatures], *, feature_dtype: str = 
     n_labels = None if label_names is None else len(label_names)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
     started = time.perf_counter()
     skipped: list = []
     position: dict = {}
     sizes: list = []
     counts: list = []
     writer = None
-    h5 = None
     bar = progress_bar(total=n_images, enabled=progress, unit="img", desc=f"writing {os.path.basename(path)}")
     try:
-        h5 = h5py.File(tmp, "w", locking=False)
-        for record in records:
-            bar.update(1)
-            image_id = None
-            try:
-                image_id = _image_id(record)
-                if image_id in position:
-                    raise DataError(f"image {image_id}: appears twice (already stored at position "
-                                    f"{position[image_id]})")
-                feats, boxes, width, height, labels = _checked(
-                    record, image_id, writer.feature_dim if writer else None, n_labels, dtype)
-            except DataError as err:
-                if on_error == "raise":
-                    raise DataError(f"{err} (writing {path})") from None
-                skipped.append((image_id, str(err)))
-                bar.set_postfix_str(f"{len(skipped)} skipped")
-                continue
+        with atomic_output(path) as tmp, h5py.File(tmp, "w", locking=False) as h5:
+            for record in records:
+                bar.update(1)
+                image_id = None
+                try:
+                    image_id = _image_id(record)
+                    if image_id in position:
+                        raise DataError(f"image {image_id}: appears twice (already stored at position "
+                                        f"{position[image_id]})")
+                    feats, boxes, width, height, labels = _checked(
+                        record, image_id, writer.feature_dim if writer else None, n_labels, dtype)
+                except DataError as err:
+                    if on_error == "raise":
+                        raise DataError(f"{err} (writing {path})") from None
+                    skipped.append((image_id, str(err)))
+                    bar.set_postfix_str(f"{len(skipped)} skipped")
+                    continue
+                if writer is None:
+                    writer = _Writer(h5, feats.shape[1], dtype, label_names)
+                position[image_id] = len(counts)
+                counts.append(len(feats))
+                sizes.append((width, height))
+                writer.append(feats, boxes, labels)
             if writer is None:
-                writer = _Writer(h5, feats.shape[1], dtype, label_names)
-            position[image_id] = len(counts)
-            counts.append(len(feats))
-            sizes.append((width, height))
-            writer.append(feats, boxes, labels)
-        if writer is None:
-            why = f"all {len(skipped)} records were skipped" if skipped else "there were no records"
-            raise DataError(f"nothing to write to {path}: {why}")
-        writer.flush()
-        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        h5.create_dataset("offsets", data=offsets)
-        h5.create_dataset("image_ids", data=np.fromiter(position, dtype=np.int64, count=len(position)))
-        h5.create_dataset("image_sizes", data=np.asarray(sizes, dtype=np.int32).reshape(-1, 2))
-        h5.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
-                         "feature_dim": writer.feature_dim, "feature_dtype": feature_dtype,
-                         "n_images": len(counts), "n_boxes": int(offsets[-1])})
-        has_labels = writer.labels is not None
-        h5.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if h5 is not None:
-            try:
-                h5.close()
-            except Exception:  # pragma: no cover - closing a broken file is best effort
-                pass
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+                why = f"all {len(skipped)} records were skipped" if skipped else "there were no records"
+                raise DataError(f"nothing to write to {path}: {why}")
+            writer.flush()
+            offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            h5.create_dataset("offsets", data=offsets)
+            h5.create_dataset("image_ids", data=np.fromiter(position, dtype=np.int64, count=len(position)))
+            h5.create_dataset("image_sizes", data=np.asarray(sizes, dtype=np.int32).reshape(-1, 2))
+            h5.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+                             "feature_dim": writer.feature_dim, "feature_dtype": feature_dtype,
+                             "n_images": len(counts), "n_boxes": int(offsets[-1])})
+            has_labels = writer.labels is not None
     finally:
         bar.close()
     return StoreStats(path=path, n_images=len(counts), n_boxes=int(offsets[-1]), feature_dim=writer.feature_dim,

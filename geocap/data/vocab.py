@@ -37,6 +37,7 @@ from typing import Iterable, Optional
 import h5py
 import numpy as np
 
+from geocap.data.atomic import atomic_output, write_text_atomic
 from geocap.data.records import Caption, CaptionSet, DataError
 from geocap.data.store import progress_bar
 
@@ -106,7 +107,7 @@ class Vocabulary:
         return " ".join(out)
 
     def save(self, path) -> None:
-        _atomic_write_text(os.fspath(path), json.dumps(
+        write_text_atomic(os.fspath(path), json.dumps(
             {"format": VOCAB_FORMAT, "format_version": FORMAT_VERSION, "min_count": self.min_count,
              "words": self.words}, ensure_ascii=False))
 
@@ -216,8 +217,7 @@ def write_captions(directory, encoded: EncodedCaptions) -> None:
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, CAPTIONS_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_output(path) as tmp:
         with h5py.File(tmp, "w", locking=False) as h5:
             h5.create_dataset("image_id", data=encoded.image_id)
             h5.create_dataset("caption_id", data=encoded.caption_id)
@@ -230,11 +230,6 @@ def write_captions(directory, encoded: EncodedCaptions) -> None:
                              "max_len": encoded.max_len, "vocab_size": len(encoded.vocab),
                              "vocab_sha1": encoded.vocab.sha1, "split_names": json.dumps(encoded.split_names)})
         encoded.vocab.save(os.path.join(directory, VOCAB_FILE))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_captions(directory) -> EncodedCaptions:
@@ -285,13 +280,3 @@ def load_captions(directory) -> EncodedCaptions:
                            split_names=split_names, tokens=tokens, length=length, reference=reference, max_len=max_len)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..atomic import write_text_atomic
 from ..records import Caption, CaptionSet
 from .captions import CAPTIONS_PER_IMAGE, RELATION_PHRASES, SynthCaption, sample_captions
 from .features import DEFAULT_FEATURE_DIM, check_feature_dim, feature_model, iter_features, similarity_by_pair_type
@@ -174,15 +175,7 @@ def ground_truth_json(images: Sequence[SynthImage], parameters: dict) -> dict:
 def _write_json_atomic(path: str, obj) -> None:
     """``obj`` as compact JSON at ``path``, through ``<path>.tmp-<pid>`` and a rename."""
     text = json.dumps(obj, separators=(",", ":"))      # one C-encoder pass: much faster than json.dump
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, text)
 
 
 @dataclass
