@@ -1,0 +1,115 @@
+"""ORT's decoder: pre-norm layers of masked self-attention, cross-attention into the encoder
+output and feed-forward, then a final norm.
+
+The same code path serves teacher forcing (all T tokens at once, empty cache) and incremental
+decoding (the new tokens only, over the cached keys/values of the prefix): the causal mask of
+geocap.kernels is bottom-right aligned, so new query i sees the cached keys and new keys j <= i.
+
+Padding tokens are not masked as keys: in geocap captions <pad> only follows <eos>, so the causal
+mask already hides it from every position up to <eos>; the outputs at <pad> inputs are not
+trained on. (ORT masks them too, which changes nothing at those positions.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from geocap.kernels import GeoAttention
+
+from .config import ORTConfig
+from .layers import FeedForward, LayerNorm, MultiHeadAttention
+
+
+@dataclass
+class DecoderCache:
+    """Keys and values of the decoder self-attention for the tokens decoded so far.
+
+    ``keys[l]``, ``values[l]``: layer l's ``[B, H, t, d_model // H]`` for the t tokens seen.
+    Immutable in use: each step returns a new cache (the old one stays valid).
+    """
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+    @property
+    def length(self) -> int:
+        """Number of tokens cached (the position of the next token)."""
+        return self.keys[0].shape[2]
+
+    def index_select(self, index: torch.Tensor) -> "DecoderCache":
+        """Rows ``index`` (``[B']`` long) of every tensor: reorders or prunes beams."""
+        return DecoderCache(tuple(k.index_select(0, index) for k in self.keys),
+                            tuple(v.index_select(0, index) for v in self.values))
+
+    def repeat_interleave(self, repeats: int) -> "DecoderCache":
+        """Each row ``repeats`` times in a row (``[B] -> [B * repeats]``)."""
+        return DecoderCache(tuple(k.repeat_interleave(repeats, 0) for k in self.keys),
+                            tuple(v.repeat_interleave(repeats, 0) for v in self.values))
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention into the encoder output, feed-forward."""
+
+    def __init__(self, config: ORTConfig):
+        super().__init__()
+        d, h, p = config.d_model, config.heads, config.dropout
+        self.self_norm = LayerNorm(d)
+        self.self_attn = MultiHeadAttention(d, h, p)
+        self.cross_norm = LayerNorm(d)
+        self.cross_attn = MultiHeadAttention(d, h, p)
+        self.ff_norm = LayerNorm(d)
+        self.feed_forward = FeedForward(d, config.d_ff, p)
+        self.dropout = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor, past: Optional[tuple[torch.Tensor, torch.Tensor]],
+                memory_k: torch.Tensor, memory_v: torch.Tensor, memory_mask: Optional[torch.Tensor], *,
+                backend: str = "auto", record: bool = False):
+        """``x [B, t, d_model]`` the new tokens; ``past`` this layer's cached ``(k, v)``
+        ``[B, H, c, d]`` or None; ``memory_k``/``memory_v`` ``[B, H, N, d]`` the projected encoder
+        output; ``memory_mask [B, N]`` True = real box.
+
+        Returns ``(x [B, t, d_model], (k, v) [B, H, c + t, d], self GeoAttention, cross GeoAttention)``.
+        """
+        h = self.self_norm(x)
+        k, v = self.self_attn.keys_values(h)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        a, self_stats = self.self_attn.attend(h, k, v, None, causal=True, backend=backend, record=record)
+        x = x + self.dropout(a)
+        a, cross_stats = self.cross_attn.attend(self.cross_norm(x), memory_k, memory_v, memory_mask,
+                                                backend=backend, record=record)
+        x = x + self.dropout(a)
+        x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
+        return x, (k, v), self_stats, cross_stats
+
+
+class Decoder(nn.Module):
+    """``config.layers`` :class:`DecoderLayer` and a final :class:`LayerNorm`."""
+
+    def __init__(self, config: ORTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
+        self.norm = LayerNorm(config.d_model)
+
+    def memory_keys_values(self, states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Each layer's cross-attention keys and values of the encoder output ``states [B, N, d_model]``."""
+        kv = [layer.cross_attn.keys_values(states) for layer in self.layers]
+        return tuple(k for k, _ in kv), tuple(v for _, v in kv)
+
+    def forward(self, x: torch.Tensor, memory, cache: Optional[DecoderCache], *, backend: str = "auto",
+                record: bool = False) -> tuple[torch.Tensor, DecoderCache, list[GeoAttention], list[GeoAttention]]:
+        """``x [B, t, d_model]`` embedded new tokens, ``memory`` a :class:`~geocap.model.Memory`.
+        Returns ``(states [B, t, d_model], new cache, [self GeoAttention], [cross GeoAttention])``."""
+        keys, values, self_stats, cross_stats = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            past = None if cache is None else (cache.keys[i], cache.values[i])
+            x, (k, v), s, c = layer(x, past, memory.keys[i], memory.values[i], memory.mask,
+                                    backend=backend, record=record)
+            keys.append(k)
+            values.append(v)
+            self_stats.append(s)
+            cross_stats.append(c)
+        return self.norm(x), DecoderCache(tuple(keys), tuple(values)), self_stats, cross_stats

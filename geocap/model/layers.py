@@ -1,0 +1,164 @@
+"""Building blocks of the Object Relation Transformer: ORT's LayerNorm, sinusoidal positions,
+the feed-forward block and multi-head attention on geocap.kernels.
+
+Every attention here calls :func:`geocap.kernels.geo_attention` or :func:`geocap.kernels.attention`,
+so it runs the Triton kernels on CUDA tensors and the PyTorch path elsewhere (``backend`` is passed
+straight through: ``"auto"``, ``"triton"`` or ``"torch"``).
+
+Shapes: sequences are ``[B, N, d_model]``; per-head tensors are ``[B, H, N, d_model // H]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from geocap.kernels import GeoAttention, attention, geo_attention
+from geocap.kernels.geometry import DIM_G
+
+
+class LayerNorm(nn.Module):
+    """ORT's layer norm, exactly: ``a_2 * (x - mean) / (std + eps) + b_2`` over the last dim,
+    with torch's *unbiased* std (divides by n - 1) and ``eps`` added to the std, not the variance.
+
+    This is not ``nn.LayerNorm`` (biased variance, eps inside the square root); keeping ORT's form
+    lets ORT weights reproduce ORT's outputs. Parameters are named as in ORT (``a_2``, ``b_2``).
+    """
+
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.a_2 = nn.Parameter(torch.ones(size))
+        self.b_2 = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)
+        std = x.std(-1, keepdim=True)  # unbiased
+        return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
+    """``[max_len, d_model]``: row p holds sin(p w_i) in even and cos(p w_i) in odd columns,
+    with w_i = 10000^(-2i / d_model) for column pair i (the Transformer's encoding)."""
+    position = torch.arange(max_len, dtype=torch.float64)[:, None]
+    rates = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(max_len, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * rates)
+    table[:, 1::2] = torch.cos(position * rates)[:, : d_model // 2]
+    return table.float()
+
+
+class FeedForward(nn.Module):
+    """``Linear(d_model -> d_ff) -> ReLU -> Dropout -> Linear(d_ff -> d_model)`` (ORT's w_1, w_2)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.w_1 = nn.Linear(d_model, d_ff)
+        self.w_2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_2(self.dropout(torch.relu(self.w_1(x))))
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with q/k/v/out projections ``Linear(d_model -> d_model)``
+    (ORT's ``linears[0..3]``), attention dropout ``dropout`` in training.
+
+    With ``geometry=True`` it is ORT's box attention (the encoder's self-attention): the geometry
+    weights of ORT's per-head ``WGs[h] = Linear(64 -> 1)`` are stored as one pair,
+    ``wg_weight [H, 64]`` and ``wg_bias [H]``, where ``wg_weight[h] = WGs[h].weight[0]`` and
+    ``wg_bias[h] = WGs[h].bias[0]`` (what a checkpoint importer must copy, row by row).
+
+    ``legacy_extra_skip=True`` reproduces ORT's optional extra skip in its box attention:
+    after the output projection ORT does ``x = input_value + x``, i.e. the attention's *value
+    input* (here the normalised sequence the sublayer received) is added to its output, so an
+    encoder sublayer becomes ``x + dropout(norm(x) + attn(norm(x)))``. It applies to self-attention
+    (:meth:`forward`) with or without geometry, so the geometry ablation changes nothing else.
+    """
+
+    def __init__(self, d_model: int, heads: int, dropout: float, *, geometry: bool = False,
+                 legacy_extra_skip: bool = False):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.dropout = dropout
+        self.legacy_extra_skip = legacy_extra_skip
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        if geometry:
+            self.wg_weight = nn.Parameter(torch.empty(heads, DIM_G))
+            self.wg_bias = nn.Parameter(torch.empty(heads))
+            self.reset_geometry_parameters()
+        else:
+            self.register_parameter("wg_weight", None)
+            self.register_parameter("wg_bias", None)
+
+    @property
+    def geometry(self) -> bool:
+        return self.wg_weight is not None
+
+    def reset_geometry_parameters(self) -> None:
+        """Initialise each head's row as ORT initialises its ``Linear(64 -> 1)``: the weight
+        xavier-uniform for a ``[1, 64]`` matrix, the bias torch's default ``U(-1/8, 1/8)``."""
+        bound = math.sqrt(6.0 / (DIM_G + 1))
+        with torch.no_grad():
+            self.wg_weight.uniform_(-bound, bound)
+            self.wg_bias.uniform_(-1.0 / math.sqrt(DIM_G), 1.0 / math.sqrt(DIM_G))
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, d_model] -> [B, H, N, d_model // H]``."""
+        b, n, d = x.shape
+        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    @staticmethod
+    def merge_heads(x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, N, d] -> [B, N, H * d]``."""
+        b, h, n, d = x.shape
+        return x.transpose(1, 2).reshape(b, n, h * d)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values of ``x [B, N, d_model]``, each ``[B, H, N, d_model // H]``."""
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+
+    def _dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+               *, causal: bool = False, backend: str = "auto", record: bool = False
+               ) -> tuple[torch.Tensor, GeoAttention]:
+        """Plain attention of the queries of ``x [B, Nq, d_model]`` over projected ``k``, ``v``
+        ``[B, H, Nk, d]`` (decoder self- and cross-attention). ``key_padding_mask [B, Nk]`` True =
+        real key; ``causal`` is bottom-right aligned (the last query sees every key).
+
+        Returns ``(out [B, Nq, d_model], GeoAttention)``; its entropy ``[B, H, Nq]`` and probs
+        ``[B, H, Nq, Nk]`` are filled when ``record``.
+        """
+        q = self.split_heads(self.q_proj(x))
+        r = attention(q, k, v, key_padding_mask, causal=causal, dropout_p=self._dropout_p(),
+                      return_entropy=record, return_probs=record, backend=backend)
+        return self.out_proj(self.merge_heads(r.out)), r
+
+    def forward(self, x: torch.Tensor, boxes: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                *, backend: str = "auto", record: bool = False) -> tuple[torch.Tensor, GeoAttention]:
+        """Self-attention of ``x [B, N, d_model]`` (the encoder's): ORT's box attention with
+        ``boxes [B, N, 4]`` when this module has geometry weights, else plain attention (boxes
+        ignored). ``key_padding_mask [B, N]`` True = real box. Returns as :meth:`attend`."""
+        q = self.split_heads(self.q_proj(x))
+        k, v = self.keys_values(x)
+        if self.geometry:
+            r = geo_attention(q, k, v, boxes, self.wg_weight, self.wg_bias, key_padding_mask,
+                              dropout_p=self._dropout_p(), return_entropy=record, return_probs=record,
+                              backend=backend)
+        else:
+            r = attention(q, k, v, key_padding_mask, dropout_p=self._dropout_p(), return_entropy=record,
+                          return_probs=record, backend=backend)
+        out = self.out_proj(self.merge_heads(r.out))
+        if self.legacy_extra_skip:
+            out = x + out  # ORT: `x = input_value + x`, the value input added to the output
+        return out, r
