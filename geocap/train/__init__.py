@@ -1,0 +1,127 @@
+"""``geocap train``: cross-entropy training of the ORT captioner, single process or under
+torchrun (DistributedDataParallel), with exact resume.
+
+Usage::
+
+    geocap synth DIR && geocap prepro captions --karpathy DIR/dataset_coco.json --out DIR/caps
+    geocap train --data DIR --out RUN [--config options.json] [--OPTION VALUE ...] [--resume]
+    torchrun --nproc_per_node=K -m geocap train --data DIR --out RUN ...
+
+Options come from the TrainConfig defaults, then ``--config`` (a JSON object with a subset of the
+fields), then the command line; ``--resume`` starts from RUN/train_config.json instead of the
+defaults and continues RUN/checkpoint-latest.pt (``--steps`` may raise the total). See
+:mod:`geocap.train.config` for the layouts and :mod:`geocap.train.loop` for the conventions.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+
+from .config import BEST, CONFIG_FILE, LATEST, METRICS, TrainConfig
+from .loop import TrainResult, epoch_batches, token_loss, train, validate
+from .schedule import LRSchedule, noam_lr, warmup_lr
+
+__all__ = ["BEST", "CONFIG_FILE", "LATEST", "METRICS", "LRSchedule", "TrainConfig", "TrainResult",
+           "add_train_parser", "config_from_args", "epoch_batches", "main", "noam_lr", "run_train", "token_loss",
+           "train", "validate", "warmup_lr"]
+
+_HELP = {
+    "data": "folder holding the feature store and the captions directory",
+    "out": "run folder (checkpoints, metrics.jsonl, train_config.json)",
+    "features": "feature store file inside --data (default features.h5)",
+    "captions": "captions directory inside --data (default caps)",
+    "steps": "total optimiser steps",
+    "batch_size": "captions per batch and process",
+    "optimizer": "noam (Adam 0.9/0.98/1e-9, ORT's schedule) or adamw (linear warmup to --lr)",
+    "lr_factor": "noam: the schedule's factor",
+    "lr": "adamw: the peak learning rate",
+    "warmup": "warm-up steps",
+    "grad_clip": "max gradient L2 norm (0: no clipping)",
+    "precision": "auto, fp32, bf16 or fp16 (bf16/fp16 need a GPU)",
+    "val_every": "validate (greedy decoding, CIDEr-D) every N steps (0: never)",
+    "val_images": "validate on the first N val images (0: all)",
+    "checkpoint_every": "write checkpoint-latest.pt every N steps (0: only at the end)",
+    "captions_per_image": "all, one-random, or an int k (the first k captions of each image)",
+}
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="JSON file of options (command-line options override it)")
+    parser.add_argument("--resume", action="store_true", default=False,
+                        help="continue RUN/checkpoint-latest.pt with RUN/train_config.json's options")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
+        parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
+                            metavar="BOOL" if kind is _bool else f.name.upper(),
+                            help=f"{_HELP.get(f.name, '')} (default {f.default!r})".strip())
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                        help="no progress bar (it is off anyway when stderr is not a terminal)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed ``geocap train`` options: defaults (or, with --resume, the run's
+    train_config.json), then --config, then the options given."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    base = None
+    if getattr(args, "resume", False):
+        out = given.get("out")
+        if not out and hasattr(args, "config"):
+            out = TrainConfig.load(args.config).out
+        if not out:
+            raise ValueError("--resume needs --out RUN")
+        saved = os.path.join(out, CONFIG_FILE)
+        if not os.path.isfile(saved):
+            raise ValueError(f"--resume: {saved} missing (RUN holds no training run)")
+        base = TrainConfig.load(saved)
+    if hasattr(args, "config"):
+        base = TrainConfig.load(args.config, base)
+    return TrainConfig.from_dict(given, base)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of ``geocap train`` (raises ValueError for bad options, which geocap.cli reports)."""
+    config = config_from_args(args)
+    result = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        best = ("" if result.best_cider is None
+                else f"; best val CIDEr-D {result.best_cider:.4f} at step {result.best_step}")
+        print(f"trained to step {result.step}{best}; run in {result.out}")
+    return 0
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``geocap train`` on an argparse subparsers object; returns its parser. The handler
+    (``args.func(args)``) returns 0 or raises ValueError for bad options or data."""
+    parser = subparsers.add_parser(
+        "train", help="cross-entropy training of the captioner (torchrun for several processes)",
+        description=__doc__.split("\n\n")[0] + " Data: DIR/features.h5 and DIR/caps/ (vocab.json, captions.h5), "
+                    "as `geocap synth DIR` and `geocap prepro captions --karpathy DIR/dataset_coco.json "
+                    "--out DIR/caps` write them.")
+    _add_options(parser)
+    parser.set_defaults(func=run_train)
+    return parser
+
+
+def main(argv=None) -> int:
+    """``python -m geocap.train ARGS`` (the same as ``geocap train ARGS``)."""
+    parser = argparse.ArgumentParser(prog="geocap")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"geocap: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,206 @@
+"""The training configuration: one flat dataclass, JSON-able, built from defaults, an optional
+JSON file and command-line options (later sources win).
+
+Data layout (what ``geocap synth DIR`` + ``geocap prepro captions --karpathy
+DIR/dataset_coco.json --out DIR/caps`` produce)::
+
+    DIR/features.h5      the feature store          (``features`` option, relative to DIR)
+    DIR/caps/vocab.json  the captions directory     (``captions`` option, relative to DIR)
+    DIR/caps/captions.h5
+
+Run layout (``out``)::
+
+    RUN/train_config.json      the resolved TrainConfig (written at the start, rank 0)
+    RUN/checkpoint-latest.pt   every ``checkpoint_every`` steps and at the end
+    RUN/checkpoint-best.pt     the checkpoint of the best validation CIDEr-D so far
+    RUN/metrics.jsonl          one JSON object per line: "kind" "train" or "val"
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Union
+
+CONFIG_FILE = "train_config.json"
+LATEST, BEST, METRICS = "checkpoint-latest.pt", "checkpoint-best.pt", "metrics.jsonl"
+
+# fields that shape the model or the data order: a resumed run must keep them
+RESUME_FIXED = ("layers", "d_model", "heads", "d_ff", "dropout", "geometry", "features", "captions",
+                "train_split", "batch_size", "seed", "captions_per_image", "pool_batches", "optimizer")
+
+
+@dataclass
+class TrainConfig:
+    """Cross-entropy training options (see the module doc for the data and run layouts).
+
+    Model: ``layers``, ``d_model``, ``heads``, ``d_ff``, ``dropout``, ``geometry`` as in ORTConfig
+    (vocab_size and feature_dim come from the data). Steps count optimiser updates; ``steps`` is
+    the total (a resumed run continues up to it). ``batch_size`` is per process (DDP multiplies it).
+
+    Optimiser: ``"noam"`` = Adam(betas (0.9, 0.98), eps 1e-9) with ORT's schedule
+    ``lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)``; ``"adamw"`` = AdamW
+    (``weight_decay``) whose lr rises linearly to ``lr`` over ``warmup`` steps, then stays.
+    ``grad_clip``: max L2 norm of all gradients (0 = no clipping; the norm is logged either way).
+    ``label_smoothing`` ε: loss = (1-ε)·NLL + ε·mean over the non-<pad> words of -log p.
+
+    ``precision``: ``"auto"`` (bf16 autocast on a GPU that has it, else fp32), ``"fp32"``,
+    ``"bf16"``, ``"fp16"`` (with a GradScaler); bf16/fp16 need a GPU. ``device``: ``"auto"``
+    (cuda:LOCAL_RANK when CUDA is there, else cpu), or a torch device string.
+
+    Validation every ``val_every`` steps (0 = never; also at the end): greedy decoding of the
+    ``val_split`` images (the first ``val_images``; 0 = all) up to ``max_decode_len`` words,
+    CIDEr-D against their references. ``checkpoint_every`` (0 = only at the end).
+    """
+
+    data: str = ""
+    out: str = ""
+    features: str = "features.h5"
+    captions: str = "caps"
+    train_split: str = "train"
+    val_split: str = "val"
+    # model
+    layers: int = 6
+    d_model: int = 512
+    heads: int = 8
+    d_ff: int = 2048
+    dropout: float = 0.1
+    geometry: bool = True
+    backend: str = "auto"
+    # optimisation
+    steps: int = 30000
+    batch_size: int = 10
+    optimizer: str = "noam"
+    lr_factor: float = 1.0
+    lr: float = 5e-4
+    warmup: int = 20000
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    # data
+    captions_per_image: Union[str, int] = "all"
+    pool_batches: int = 50
+    num_workers: int = 0
+    # evaluation, checkpoints, logging
+    val_every: int = 1000
+    val_images: int = 0
+    val_batch_size: int = 50
+    max_decode_len: int = 16
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the option for any value out of range or of the wrong type."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"train option {f.name} must be an int, got {value!r}")
+            elif f.type in ("float", float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"train option {f.name} must be a number, got {value!r}")
+                setattr(self, f.name, float(value))
+            elif f.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"train option {f.name} must be true or false, got {value!r}")
+            elif f.type in ("str", str):
+                if not isinstance(value, str):
+                    raise ValueError(f"train option {f.name} must be a string, got {value!r}")
+        positive = ("layers", "d_model", "heads", "d_ff", "steps", "batch_size", "pool_batches", "val_batch_size",
+                    "max_decode_len", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"train option {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup", "val_every", "val_images", "checkpoint_every", "num_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train option {name} must be >= 0, got {getattr(self, name)}")
+        if self.d_model % self.heads:
+            raise ValueError(f"train option d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"train option dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"train option label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("lr_factor", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"train option {name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train option {name} must be >= 0, got {getattr(self, name)}")
+        if self.optimizer not in ("noam", "adamw"):
+            raise ValueError(f"train option optimizer must be 'noam' or 'adamw', got {self.optimizer!r}")
+        if self.optimizer == "noam" and self.warmup < 1:
+            raise ValueError("train option warmup must be at least 1 with the noam schedule")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train option precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"train option backend must be auto, torch or triton, got {self.backend!r}")
+        cpi = self.captions_per_image
+        if isinstance(cpi, str) and cpi.isdigit():
+            self.captions_per_image = cpi = int(cpi)
+        if cpi not in ("all", "one-random") and (isinstance(cpi, bool) or not isinstance(cpi, int) or cpi < 1):
+            raise ValueError(f"train option captions_per_image must be 'all', 'one-random' or a positive int, "
+                             f"got {cpi!r}")
+
+    def require_paths(self) -> None:
+        """ValueError unless ``data`` and ``out`` are set and the data files exist."""
+        if not self.data:
+            raise ValueError("train needs --data DIR (the folder holding features.h5 and the captions directory)")
+        if not self.out:
+            raise ValueError("train needs --out RUN (the folder for checkpoints and metrics)")
+        if not os.path.isdir(self.data):
+            raise ValueError(f"--data {self.data}: not a directory")
+        if not os.path.isfile(self.features_path):
+            raise ValueError(f"{self.features_path}: feature store missing (expected DIR/{self.features}; "
+                             f"`geocap synth DIR` or `geocap prepro features` writes it)")
+        if not os.path.isdir(self.captions_path):
+            raise ValueError(f"{self.captions_path}: captions directory missing (expected DIR/{self.captions}; "
+                             f"`geocap prepro captions ... --out DIR/{self.captions}` writes it)")
+
+    @property
+    def features_path(self) -> str:
+        return os.path.join(self.data, self.features)
+
+    @property
+    def captions_path(self) -> str:
+        return os.path.join(self.data, self.captions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: Optional["TrainConfig"] = None) -> "TrainConfig":
+        """``base`` (default: the defaults) with the fields of ``data`` replaced; unknown fields
+        raise ValueError naming them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a train config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown train options: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        merged = base.to_dict() if base is not None else {}
+        merged.update(data)
+        return cls(**merged)
+
+    @classmethod
+    def load(cls, path, base: Optional["TrainConfig"] = None) -> "TrainConfig":
+        """Read a JSON config file (a subset of the fields) over ``base``."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: config file missing") from None
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a readable JSON config ({err})") from None
+        try:
+            return cls.from_dict(data, base)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None

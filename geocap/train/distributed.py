@@ -1,0 +1,91 @@
+"""Process-group helpers for ``torchrun`` (or any launcher that sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT): NCCL on CUDA, gloo on CPU; a single process when
+WORLD_SIZE is unset or 1. Rank 0 is the one that writes files."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an int") from None
+
+
+def setup(device_kind: str) -> DistInfo:
+    """Join the process group described by the environment (``device_kind`` "cuda" -> NCCL,
+    else gloo); a no-op for one process. An already initialised group is reused."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if world <= 1:
+        return DistInfo()
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local, False)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise ValueError(f"WORLD_SIZE={world} but {name} is not set (launch with torchrun)")
+    dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, world, local, True)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def mean_scalar(info: DistInfo, value: float, device: torch.device) -> float:
+    """``value`` averaged over the ranks (itself for one process)."""
+    if not info.enabled:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size
+
+
+def gather_objects(info: DistInfo, obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` for one process)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(info: DistInfo, obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

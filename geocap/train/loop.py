@@ -1,0 +1,400 @@
+"""Cross-entropy training of the ORT captioner (``geocap train``).
+
+Conventions:
+
+- A step is one optimiser update on one batch per process; ``step`` counts completed updates.
+- Loss: next-token cross-entropy with teacher forcing (inputs ``captions[:, :-1]``, targets
+  ``captions[:, 1:]``), averaged over the non-<pad> targets of the batch; optional label smoothing
+  (see :class:`~geocap.train.config.TrainConfig`). DDP averages gradients over the processes.
+- Data order: :class:`~geocap.data.dataset.BucketBatchSampler` (seed ``seed``, epoch e) gives the
+  epoch's batch list; with W processes, rank r takes batches ``r, r + W, ...`` of the first
+  ``W * floor(len / W)``, so every rank runs the same number of steps. ``data_position`` =
+  ``{"epoch": e, "batch": i}``: the next batch is the i-th of rank's epoch-e list.
+- Randomness: the model is initialised from ``seed`` (identical on every rank; DDP broadcasts rank
+  0's weights anyway); training then reseeds torch with ``seed + 1000003 * rank`` (dropout differs
+  per rank). The DataLoader gets its own generator per epoch, so it never draws from the global
+  generator. Validation runs under ``torch.random.fork_rng`` and leaves the generators untouched.
+- Exact resume: a checkpoint holds the weights, optimiser, schedule, GradScaler, step, data
+  position and every rank's random states (``extra["rank_rng"]``), so resuming from
+  ``checkpoint-latest.pt`` and training on gives the same parameters as training straight through
+  (same number of processes; with ``num_workers > 0`` and ``captions_per_image="one-random"`` the
+  workers' caption draws are reproducible per epoch but not across a mid-epoch resume).
+- Only rank 0 writes files; checkpoints are written atomically (temporary file + rename).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from geocap.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from geocap.data.atomic import write_text_atomic
+from geocap.data.dataset import BucketBatchSampler, CaptionDataset, collate
+from geocap.data.vocab import PAD
+from geocap.decoding import greedy_decode
+from geocap.metrics import cider_d
+from geocap.model import ObjectRelationTransformer, ORTConfig
+
+from . import distributed as D
+from .config import BEST, CONFIG_FILE, LATEST, METRICS, RESUME_FIXED, TrainConfig
+from .schedule import LRSchedule
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the final ``step``, the best validation CIDEr-D and its step
+    (None without validation), the last validation entry, the trained model (unwrapped, on its
+    device) and the run folder."""
+    step: int
+    best_cider: Optional[float]
+    best_step: Optional[int]
+    last_val: Optional[dict]
+    model: ObjectRelationTransformer
+    out: str
+    history: list = field(default_factory=list)
+
+
+def token_loss(log_probs: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0,
+               pad_id: int = PAD) -> torch.Tensor:
+    """Mean next-token loss over the non-<pad> targets: ``log_probs [B, T, V]``, ``targets [B, T]``.
+    With ``smoothing`` ε: ``(1 - ε) * NLL + ε * mean over the V - 1 non-<pad> words of -log p``."""
+    log_probs = log_probs.float()
+    mask = targets != pad_id
+    n = mask.sum().clamp(min=1)
+    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    loss = nll
+    if smoothing > 0:
+        v = log_probs.shape[-1]
+        uniform = -(log_probs.sum(-1) - log_probs[..., pad_id]) / (v - 1)
+        loss = (1.0 - smoothing) * nll + smoothing * uniform
+    return (loss * mask).sum() / n
+
+
+class _Batches(Sampler):
+    """A fixed list of index batches, as a DataLoader ``batch_sampler``."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def epoch_batches(sampler: BucketBatchSampler, epoch: int, rank: int = 0, world_size: int = 1) -> list:
+    """Rank ``rank``'s index batches of ``epoch`` (see the module doc)."""
+    sampler.set_epoch(epoch)
+    batches = list(sampler)
+    if world_size > 1:
+        usable = len(batches) // world_size * world_size
+        batches = batches[rank:usable:world_size]
+    return batches
+
+
+def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
+    if config.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    try:
+        device = torch.device(config.device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"train option device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train option device={config.device!r} but CUDA is not available")
+    return device
+
+
+def _resolve_precision(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, None for fp32."""
+    if config.precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    if config.precision == "fp32":
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"train option precision={config.precision!r} needs a CUDA device (this run is on "
+                         f"{device}); use fp32 or auto")
+    return torch.bfloat16 if config.precision == "bf16" else torch.float16
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _rng_as_json() -> dict:
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _restore_rank_rng(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if torch.cuda.is_available() and state.get("cuda"):
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.tensor(s, dtype=torch.uint8), i)
+
+
+def validate(model: ObjectRelationTransformer, dataset: CaptionDataset, *, images: int = 0, batch_size: int = 50,
+             max_len: int = 16, device: torch.device = torch.device("cpu"),
+             amp_dtype: Optional[torch.dtype] = None) -> dict:
+    """Greedy-decode the first ``images`` (0 = all) images of ``dataset`` (a per-image
+    CaptionDataset) and score them with CIDEr-D against their references (document frequencies
+    from these images' references, as coco-caption). Returns ``{"cider_d", "images",
+    "examples"}`` (a few ``[image_id, caption]``). The model's mode and every random generator
+    are left as they were."""
+    n = len(dataset) if images <= 0 else min(images, len(dataset))
+    vocab = dataset.vocab
+    res, gts = {}, {}
+    was_training = model.training
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            for start in range(0, n, batch_size):
+                batch = collate([dataset[i] for i in range(start, min(n, start + batch_size))]).to(device)
+                with _autocast(device, amp_dtype):
+                    memory = model.encode(batch.features, batch.boxes, batch.box_mask)
+                    decoded = greedy_decode(model, memory, max_len=max_len)
+                for image_id, ids in zip(batch.image_ids.tolist(), decoded.to_lists()):
+                    res[image_id] = " ".join(vocab.words[i] for i in ids)
+                    gts[image_id] = dataset.references(image_id)
+        finally:
+            model.train(was_training)
+    score, _ = cider_d(gts, res)
+    examples = [[i, res[i]] for i in list(res)[:3]]
+    return {"cider_d": float(score), "images": n, "examples": examples}
+
+
+class _MetricsLog:
+    """Appends JSON lines to RUN/metrics.jsonl (rank 0 only; a no-op elsewhere)."""
+
+    def __init__(self, path: str, enabled: bool, resume_step: Optional[int]):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and os.path.exists(path):
+            # drop what a crashed run logged after the checkpoint it resumes from
+            kept = []
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(entry, dict) and entry.get("step", 0) <= resume_step:
+                        kept.append(json.dumps(entry))
+            write_text_atomic(path, "".join(k + "\n" for k in kept))
+        elif enabled and resume_step is None and os.path.exists(path):
+            os.remove(path)
+
+    def write(self, entry: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Train per ``config`` (see TrainConfig and the module doc), from scratch or, with
+    ``resume``, from ``config.out``/checkpoint-latest.pt. Under torchrun (WORLD_SIZE > 1) this
+    runs DistributedDataParallel. ValueError for bad options, missing data, a run folder that
+    already holds a run (without ``resume``), or a checkpoint that does not fit the options."""
+    config.validate()
+    config.require_paths()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    device = _resolve_device(config, local_rank)
+    amp_dtype = _resolve_precision(config, device)
+    latest_path, best_path = os.path.join(config.out, LATEST), os.path.join(config.out, BEST)
+    if resume and not os.path.isfile(latest_path):
+        raise ValueError(f"--resume: {latest_path} missing (nothing to resume)")
+    if not resume and os.path.exists(latest_path):
+        raise ValueError(f"{config.out} already holds a training run ({LATEST}); pass --resume to continue it "
+                         f"or choose another --out")
+    info = D.setup(device.type)
+    try:
+        return _train(config, resume, info, device, amp_dtype, latest_path, best_path)
+    finally:
+        D.teardown(info)
+
+
+def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> TrainResult:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(latest_path)
+        saved = ckpt.extra.get("train_config") or {}
+        changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(config, k)]
+        if changed:
+            raise ValueError(f"cannot resume {latest_path} with other " + ", ".join(
+                f"{k} ({saved[k]!r} there, {getattr(config, k)!r} now)" for k in changed))
+        if ckpt.extra.get("world_size", 1) != info.world_size:
+            raise ValueError(f"{latest_path} was written by {ckpt.extra.get('world_size', 1)} processes; resume "
+                             f"with as many (now {info.world_size})")
+    if info.is_main:
+        os.makedirs(config.out, exist_ok=True)
+        write_text_atomic(os.path.join(config.out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
+
+    train_ds = CaptionDataset(config.features_path, config.captions_path, config.train_split,
+                              captions_per_image=config.captions_per_image)
+    vocab = train_ds.vocab
+    val_ds = None
+    if config.val_every > 0:
+        val_ds = CaptionDataset(config.features_path, config.captions_path, config.val_split, per_image=True,
+                                captions_per_image=1)
+    model_config = ORTConfig(vocab_size=len(vocab), feature_dim=train_ds.store.feature_dim, layers=config.layers,
+                             d_model=config.d_model, heads=config.heads, d_ff=config.d_ff, dropout=config.dropout,
+                             geometry=config.geometry)
+    if ckpt is not None and ckpt.config != model_config:
+        raise ValueError(f"{latest_path}: its model config does not fit the data and options "
+                         f"({ckpt.config.to_dict()} vs {model_config.to_dict()})")
+    if ckpt is not None and ckpt.vocab != vocab:
+        raise ValueError(f"{latest_path}: trained with another vocabulary than {config.captions_path}")
+
+    torch.manual_seed(config.seed)
+    model = ObjectRelationTransformer(model_config, backend=config.backend).to(device)
+    params = list(model.parameters())
+    if config.optimizer == "noam":
+        optimizer = torch.optim.Adam(params, lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+        schedule = LRSchedule(optimizer, "noam", warmup=config.warmup, d_model=config.d_model,
+                              factor=config.lr_factor)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        schedule = LRSchedule(optimizer, "warmup", warmup=config.warmup, lr=config.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    step, epoch, batch_index = 0, 0, 0
+    best_cider, best_step = None, None
+    torch.manual_seed(config.seed + 1000003 * info.rank)
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model_state)
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        schedule.load_state_dict(ckpt.scheduler_state)
+        if ckpt.extra.get("scaler"):
+            scaler.load_state_dict(ckpt.extra["scaler"])
+        step = ckpt.step
+        pos = ckpt.data_position or {}
+        epoch, batch_index = int(pos.get("epoch", 0)), int(pos.get("batch", 0))
+        best = ckpt.extra.get("best") or {}
+        best_cider, best_step = best.get("cider_d"), best.get("step")
+        restore_rng(ckpt)
+        ranks = ckpt.extra.get("rank_rng") or []
+        if len(ranks) > info.rank:
+            _restore_rank_rng(ranks[info.rank])
+    net = model
+    if info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = BucketBatchSampler(train_ds.box_counts, config.batch_size, shuffle=True,
+                                 pool_batches=config.pool_batches, seed=config.seed)
+    log = _MetricsLog(os.path.join(config.out, METRICS), info.is_main, step if ckpt is not None else None)
+    from tqdm import tqdm
+    bar = tqdm(total=config.steps, initial=step, disable=True if not (config.progress and info.is_main) else None,
+               dynamic_ncols=True, desc="train", file=sys.stderr)
+    started = time.perf_counter()
+    last_val, history = None, []
+    interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
+
+    def save(path, extra_metrics=None):
+        ranks = D.gather_objects(info, _rng_as_json())
+        if not info.is_main:
+            return
+        extra = {"data_position": {"epoch": epoch, "batch": batch_index},
+                 "metrics": extra_metrics if extra_metrics is not None else last_val,
+                 "best": {"cider_d": best_cider, "step": best_step},
+                 "train_config": config.to_dict(), "world_size": info.world_size,
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                 "rank_rng": ranks}
+        save_checkpoint(path, model=model, config=model_config, vocab=vocab, optimizer=optimizer,
+                        scheduler=schedule, step=step, rng=True, extra=extra)
+
+    model.train()
+    try:
+        while step < config.steps:
+            batches = epoch_batches(sampler, epoch, info.rank, info.world_size)
+            if not batches:
+                raise ValueError(f"split {config.train_split!r} gives no batch per process "
+                                 f"({len(train_ds)} items, batch_size {config.batch_size}, "
+                                 f"{info.world_size} processes)")
+            if batch_index >= len(batches):
+                epoch, batch_index = epoch + 1, 0
+                continue
+            loader = DataLoader(train_ds, batch_sampler=_Batches(batches[batch_index:]), collate_fn=collate,
+                                num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                                generator=torch.Generator().manual_seed(config.seed * 1000003 + epoch))
+            for batch in loader:
+                batch = batch.to(device, non_blocking=True)
+                inputs, targets = batch.captions[:, :-1], batch.captions[:, 1:]
+                lr = schedule.get_last_lr()[0]
+                with _autocast(device, amp_dtype):
+                    log_probs = net(batch.features, batch.boxes, batch.box_mask, inputs)
+                loss = token_loss(log_probs, targets, config.label_smoothing)
+                if not torch.isfinite(loss) and not scaler.is_enabled():
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, config.grad_clip if config.grad_clip > 0 else math.inf)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                step += 1
+                batch_index += 1
+                interval_loss += float(loss.detach())
+                interval_steps += 1
+                interval_tokens += int((targets != PAD).sum())
+                bar.update(1)
+                last = step >= config.steps
+                if step % config.log_every == 0 or last:
+                    mean_loss = D.mean_scalar(info, interval_loss / interval_steps, device)
+                    entry = {"kind": "train", "step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                             "grad_norm": float(grad_norm), "tokens": interval_tokens * info.world_size,
+                             "time": time.perf_counter() - started}
+                    log.write(entry)
+                    history.append(entry)
+                    bar.set_postfix_str(f"loss {mean_loss:.3f} lr {lr:.2e}")
+                    interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
+                if val_ds is not None and (step % config.val_every == 0 or last):
+                    new_best = False
+                    if info.is_main:
+                        t0 = time.perf_counter()
+                        result = validate(model, val_ds, images=config.val_images, batch_size=config.val_batch_size,
+                                          max_len=config.max_decode_len, device=device, amp_dtype=amp_dtype)
+                        new_best = best_cider is None or result["cider_d"] > best_cider
+                        if new_best:
+                            best_cider, best_step = result["cider_d"], step
+                        last_val = {"kind": "val", "step": step, "epoch": epoch, "cider_d": result["cider_d"],
+                                    "best": new_best, "best_cider_d": best_cider, "best_step": best_step,
+                                    "images": result["images"], "examples": result["examples"],
+                                    "seconds": time.perf_counter() - t0, "time": time.perf_counter() - started}
+                        log.write(last_val)
+                        history.append(last_val)
+                    new_best = D.broadcast_object(info, new_best)
+                    if new_best:
+                        save(best_path, last_val)
+                    D.barrier(info)
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
+                    save(latest_path)
+                if last:
+                    break
+            if step < config.steps:
+                epoch, batch_index = epoch + 1, 0
+    finally:
+        bar.close()
+    D.barrier(info)
+    return TrainResult(step=step, best_cider=best_cider, best_step=best_step, last_val=last_val, model=model,
+                       out=config.out, history=history)
