@@ -33,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from geocap.data.prepro import add_prepro_parser
     from geocap.data.synth import add_synth_parser
+    from geocap.evaluate import add_evaluate_parser
     from geocap.train import add_train_parser
 
     add_synth_parser(sub)
     add_prepro_parser(sub)
     add_train_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 
