@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -292,17 +291,3 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    """``python -m geocap.evaluate ARGS`` (the same as ``geocap evaluate ARGS``)."""
-    parser = argparse.ArgumentParser(prog="geocap")
-    add_evaluate_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["evaluate", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as err:
-        print(f"geocap: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

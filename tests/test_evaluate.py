@@ -9,10 +9,10 @@ import torch
 
 import geocap
 from geocap.checkpoint import file_sha256, save_checkpoint
-from geocap.data.prepro import main as prepro_main
+from geocap.cli import main as cli_main
 from geocap.data.synth import generate_synthetic
 from geocap.data.vocab import Vocabulary, load_captions
-from geocap.evaluate import evaluate, main
+from geocap.evaluate import evaluate
 from geocap.metrics import METRIC_NAMES, java_available
 from geocap.model import ObjectRelationTransformer, ORTConfig
 
@@ -33,7 +33,7 @@ def data(tmp_path_factory):
     tiny model saved with the captions dir's vocabulary."""
     root = tmp_path_factory.mktemp("evaldata")
     generate_synthetic(root, images=40, seed=0, feature_dim=16, progress=False)
-    assert prepro_main(["captions", "--karpathy", str(root / "dataset_coco.json"), "--out", str(root / "caps"),
+    assert cli_main(["prepro", "captions", "--karpathy", str(root / "dataset_coco.json"), "--out", str(root / "caps"),
                         "--min-count", "1"]) == 0
     caps = load_captions(root / "caps")
     ckpt = _checkpoint(root / "model.pt", caps.vocab)
@@ -128,7 +128,7 @@ def test_references_are_the_untruncated_strings(data, tmp_path, monkeypatch):
 def test_cli(data, tmp_path, capsys):
     root, ckpt, test_ids = data
     out = tmp_path / "cli"
-    assert main(["--checkpoint", ckpt, "--data", root, "--split", "test", "--beam-size", "1", "--out", str(out),
+    assert cli_main(["evaluate", "--checkpoint", ckpt, "--data", root, "--split", "test", "--beam-size", "1", "--out", str(out),
                  "--no-meteor", "--tokenizer", "python", "--no-progress", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "CIDEr" in text and "Bleu_4" in text and "skipped METEOR: disabled by the caller" in text
@@ -146,7 +146,7 @@ def test_meteor_and_java_tokenizer(data, tmp_path):
 
 
 def _error(capsys, argv):
-    assert main(argv) == 2
+    assert cli_main(["evaluate", *argv]) == 2
     return capsys.readouterr().err
 
 

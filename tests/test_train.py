@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from geocap.checkpoint import load_checkpoint
-from geocap.data.prepro import main as prepro_main
+from geocap.cli import main as cli_main
 from geocap.data.synth import generate_synthetic
-from geocap.train import (BEST, LATEST, METRICS, LRSchedule, TrainConfig, epoch_batches, main, noam_lr, token_loss,
+from geocap.train import (BEST, LATEST, METRICS, LRSchedule, TrainConfig, epoch_batches, noam_lr, token_loss,
                           train)
 
 TINY = dict(layers=1, d_model=32, heads=2, d_ff=64, batch_size=16, progress=False, log_every=1)
@@ -23,7 +23,7 @@ def data_dir(tmp_path_factory):
     """40 synthetic images (32 train, 4 val, 4 test), D = 16, laid out as geocap synth + prepro make it."""
     root = tmp_path_factory.mktemp("traindata")
     generate_synthetic(root, images=40, seed=0, feature_dim=16, progress=False)
-    assert prepro_main(["captions", "--karpathy", str(root / "dataset_coco.json"), "--out", str(root / "caps"),
+    assert cli_main(["prepro", "captions", "--karpathy", str(root / "dataset_coco.json"), "--out", str(root / "caps"),
                         "--min-count", "1"]) == 0
     return str(root)
 
@@ -138,18 +138,18 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
 
 
 def _error(capsys, argv):
-    assert main(argv) == 2
+    assert cli_main(["train", *argv]) == 2
     return capsys.readouterr().err
 
 
 def test_cli_runs_and_bad_arguments(data_dir, tmp_path, capsys):
     run = str(tmp_path / "run")
     tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--no-progress"]
-    assert main(["--data", data_dir, "--out", run, "--steps", "3", "--val-every", "0", *tiny]) == 0
+    assert cli_main(["train", "--data", data_dir, "--out", run, "--steps", "3", "--val-every", "0", *tiny]) == 0
     assert "trained to step 3" in capsys.readouterr().out
     assert "already holds a training run" in _error(capsys, ["--data", data_dir, "--out", run, *tiny])
     # resume picks the run's options up and extends it
-    assert main(["--out", run, "--resume", "--steps", "5"]) == 0
+    assert cli_main(["train", "--out", run, "--resume", "--steps", "5"]) == 0
     assert load_checkpoint(os.path.join(run, LATEST)).step == 5
     assert "cannot resume" in _error(capsys, ["--out", run, "--resume", "--steps", "6", "--d-model", "64"])
     assert "train_config.json missing" in _error(capsys, ["--out", str(tmp_path / "x"), "--resume"])
@@ -163,5 +163,5 @@ def test_cli_runs_and_bad_arguments(data_dir, tmp_path, capsys):
     bad.write_text(json.dumps({"stepz": 3}))
     assert "unknown train options: stepz" in _error(capsys, ["--config", str(bad), "--data", data_dir])
     with pytest.raises(SystemExit):
-        main(["--steps", "many"])
+        cli_main(["train", "--steps", "many"])
     assert not os.path.exists(tmp_path / "y")

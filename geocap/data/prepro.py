@@ -191,17 +191,3 @@ def run_captions(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    """Run ``prepro`` alone (``python -m geocap.data.prepro features ...``), as geocap's CLI would."""
-    parser = argparse.ArgumentParser(prog="geocap")
-    add_prepro_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["prepro", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as err:
-        print(f"geocap: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

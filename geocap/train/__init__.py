@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from dataclasses import fields
 
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, TrainConfig
@@ -24,7 +23,7 @@ from .loop import TrainResult, epoch_batches, token_loss, train, validate
 from .schedule import LRSchedule, noam_lr, warmup_lr
 
 __all__ = ["BEST", "CONFIG_FILE", "LATEST", "METRICS", "LRSchedule", "TrainConfig", "TrainResult",
-           "add_train_parser", "config_from_args", "epoch_batches", "main", "noam_lr", "run_train", "token_loss",
+           "add_train_parser", "config_from_args", "epoch_batches", "noam_lr", "run_train", "token_loss",
            "train", "validate", "warmup_lr"]
 
 _HELP = {
@@ -114,14 +113,3 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.set_defaults(func=run_train)
     return parser
 
-
-def main(argv=None) -> int:
-    """``python -m geocap.train ARGS`` (the same as ``geocap train ARGS``)."""
-    parser = argparse.ArgumentParser(prog="geocap")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as err:
-        print(f"geocap: error: {err}", file=sys.stderr)
-        return 2
