@@ -160,6 +160,9 @@ def b64(array: np.ndarray) -> str:
 
 def tsv_fields(image: PixelImage, *, num_boxes: Optional[int] = None) -> list:
     """The six TSV fields of one image (``num_boxes`` overrides the true count)."""
+    # a fixture whose arrays disagree would test the writer, not the reader: malformed rows are
+    # built from explicit field strings instead
+    assert image.boxes.shape == (len(image.features), 4), "PixelImage boxes must be [N, 4] beside features [N, D]"
     n = len(image.boxes) if num_boxes is None else num_boxes
     return [str(image.image_id), str(image.width), str(image.height), str(n),
             b64(image.boxes.astype("<f4")), b64(image.features.astype("<f4"))]
