@@ -23,10 +23,13 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
+from geocap.model import ORTConfig
+
 CONFIG_FILE = "train_config.json"
 LATEST, BEST, METRICS = "checkpoint-latest.pt", "checkpoint-best.pt", "metrics.jsonl"
 
 # fields that shape the model or the data order: a resumed run must keep them
+_ORT_DEFAULTS = {f.name: f.default for f in fields(ORTConfig) if f.default is not dataclasses.MISSING}
 RESUME_FIXED = ("layers", "d_model", "heads", "d_ff", "dropout", "geometry", "features", "captions",
                 "train_split", "batch_size", "seed", "captions_per_image", "pool_batches", "optimizer")
 
@@ -60,13 +63,13 @@ class TrainConfig:
     captions: str = "caps"
     train_split: str = "train"
     val_split: str = "val"
-    # model
-    layers: int = 6
-    d_model: int = 512
-    heads: int = 8
-    d_ff: int = 2048
-    dropout: float = 0.1
-    geometry: bool = True
+    # model (defaults are ORTConfig's, the one place ORT's sizes are written down)
+    layers: int = _ORT_DEFAULTS["layers"]
+    d_model: int = _ORT_DEFAULTS["d_model"]
+    heads: int = _ORT_DEFAULTS["heads"]
+    d_ff: int = _ORT_DEFAULTS["d_ff"]
+    dropout: float = _ORT_DEFAULTS["dropout"]
+    geometry: bool = _ORT_DEFAULTS["geometry"]
     backend: str = "auto"
     # optimisation
     steps: int = 30000
