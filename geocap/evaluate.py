@@ -44,7 +44,7 @@ from typing import Optional, Union
 import torch
 from torch.utils.data import DataLoader, Subset
 
-__all__ = ["EVALUATION_FORMAT", "EvaluationResult", "add_evaluate_parser", "evaluate", "format_report", "main",
+__all__ = ["EVALUATION_FORMAT", "EvaluationResult", "add_evaluate_parser", "evaluate", "format_report",
            "run_evaluate"]
 
 EVALUATION_FORMAT, EVALUATION_VERSION = "geocap-evaluation", 1

@@ -15,7 +15,7 @@ cos(dx f), cos(dy f), cos(dw f), cos(dh f)]`` (dim_g channels). Head h's geometr
 
 The dw/dh channels are separable: with a_i = 100 f log w_i, dw f = a_i - a_j, so
 ``sin(a_i - a_j) = sin a_i cos a_j - cos a_i sin a_j`` (and cos likewise). Their part of x is a
-rank-2*dim_g/4 product of per-box factors, which :func:`geometry_logits` uses so only the
+rank-2*dim_g/4 product of per-box factors, which :func:`block_log_bias` uses so only the
 dx/dy half of the channels needs sin/cos per (query, key) pair.
 """
 from __future__ import annotations
@@ -141,15 +141,10 @@ def _logits_from_features(near_sin, near_cos, qf: BoxFactors, kf: BoxFactors, wg
     return near.permute(0, 3, 1, 2) + far + wg_bias.to(far.dtype)[None, :, None, None]
 
 
-def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_bias: torch.Tensor) -> torch.Tensor:
-    """Per-head geometry logits ``x`` ``[B, H, Nq, Nk]`` (before relu / clamp / log) for query
-    boxes ``qf`` and key boxes ``kf``, in their dtype. Equal to
-    ``box_relation_embedding(boxes) @ wg_weight.T + wg_bias`` without building the embedding."""
-    return _logits_from_features(*_near_features(qf, kf), qf, kf, wg_weight, wg_bias)
-
-
 class _BlockLogBias(torch.autograd.Function):
-    """``log(clamp(x, 1e-6))`` of :func:`geometry_logits` with a hand-written backward: the
+    """``log(clamp(x, 1e-6))`` of the per-head geometry logits ``x`` (equal to
+    ``box_relation_embedding(boxes) @ wg_weight.T + wg_bias`` without building the embedding)
+    with a hand-written backward: the
     gradients of W_g and b_g come from one pass over ``dL/dx`` (the boxes take none), instead
     of autograd's chain through every intermediate."""
 
@@ -207,6 +202,6 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
 
 __all__ = [
     "DIM_G", "WAVE_LEN", "BoxFactors", "block_log_bias", "box_centers_sizes", "box_displacement", "box_relation_embedding",
-    "compute_dtype", "geometry_frequencies", "geometry_log_bias", "geometry_logits",
+    "compute_dtype", "geometry_frequencies", "geometry_log_bias",
     "log_geometry_bias_from_logits", "split_geometry_weights", "zero_padded_boxes",
 ]

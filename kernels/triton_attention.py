@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._backend import interpreter_requested
-from .geometry import BIAS_CLAMP, DX_CLAMP, SCALE, geometry_frequencies
+from .geometry import geometry_frequencies
 from .triton_math import sincos
 from .triton_online import NEG_INIT, online_softmax_finish, online_softmax_step
 
