@@ -1,0 +1,1 @@
+"""A static attention viewer for dumps (issue 6)."""
