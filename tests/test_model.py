@@ -149,7 +149,7 @@ def test_legacy_extra_skip_adds_the_value_input(geometry):
     layer = model.encoder.layers[0]
     attn = layer.self_attn
     x = model.feature_embed(features)
-    # manual encoder layer, ORT's op order: value input = norm(x); out = linears[3](attn) + value
+    # manual encoder layer, ORT's op order: value input = norm(x); out = linears[3](heads + value)
     h = layer.attn_norm(x)
     q, k, v = (attn.split_heads(proj(h)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     if geometry:
@@ -157,8 +157,8 @@ def test_legacy_extra_skip_adds_the_value_input(geometry):
     else:
         from geocap.kernels import attention
         heads = attention(q, k, v, box_mask).out
-    attended = attn.out_proj(attn.merge_heads(heads))
-    y = x + (h + attended)
+    attended = attn.out_proj(attn.merge_heads(heads) + h)
+    y = x + attended
     y = y + layer.feed_forward(layer.ff_norm(y))
     out, _ = layer(x, boxes, box_mask)
     torch.testing.assert_close(out, y, atol=1e-6, rtol=1e-6)
@@ -166,7 +166,7 @@ def test_legacy_extra_skip_adds_the_value_input(geometry):
     with_skip, _ = attn(h, boxes, box_mask)
     attn.legacy_extra_skip = False
     without, _ = attn(h, boxes, box_mask)
-    torch.testing.assert_close(with_skip - without, h, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(with_skip - without, h @ attn.out_proj.weight.T, atol=1e-6, rtol=1e-6)
 
 
 def test_torch_and_triton_backends_agree(device):
@@ -273,3 +273,83 @@ def test_feed_forward_is_linear_relu_linear():
     x = torch.randn(3, 5, 8)
     expected = torch.relu(x @ ff.w_1.weight.T + ff.w_1.bias) @ ff.w_2.weight.T + ff.w_2.bias
     torch.testing.assert_close(ff(x), expected)
+
+
+# -- decoder padding: <pad> keys are not masked, and need not be ----------------------------------
+def _right_padded_batch(model, lengths=(7, 4, 2)):
+    """Captions ``<bos> w.. <eos>`` of ``lengths`` tokens (inputs, <eos> included), right-padded."""
+    g = torch.Generator().manual_seed(3)
+    cfg = model.config
+    rows = []
+    for n in lengths:
+        words = torch.randint(3, cfg.vocab_size, (n - 2,), generator=g).tolist()
+        rows.append([cfg.bos_id] + words + [cfg.eos_id] + [cfg.pad_id] * (max(lengths) - n))
+    return torch.tensor(rows)
+
+
+def test_right_padding_changes_no_real_position():
+    """Teacher forcing on a right-padded batch: every real position's log-probabilities equal the
+    caption's alone (causality hides the later <pad> keys), and the decoder's self-attention of a
+    real query gives the <pad> keys weight 0 exactly."""
+    model = make_model().eval()
+    features, boxes, box_mask, _ = make_inputs()
+    lengths = (7, 4, 2)
+    tokens = _right_padded_batch(model, lengths)
+    with torch.no_grad():
+        batch, record = model(features, boxes, box_mask, tokens, record=True)
+        for i, n in enumerate(lengths):
+            alone = model(features[i:i + 1], boxes[i:i + 1], box_mask[i:i + 1], tokens[i:i + 1, :n])
+            torch.testing.assert_close(batch[i:i + 1, :n], alone, atol=1e-5, rtol=0)
+    pad_key = tokens == model.config.pad_id
+    real_query = ~pad_key
+    for probs in record.decoder_probs:  # [B, H, T, T]
+        weights = probs.permute(0, 2, 3, 1)[real_query]  # [real queries, T keys, H]
+        keys = pad_key[:, None, :].expand(-1, tokens.shape[1], -1)[real_query]
+        assert (weights[keys] == 0).all()
+
+
+def test_left_padding_is_refused():
+    """<pad> before a real token would be attended (the keys are not masked): forward refuses it,
+    naming tokens. Position 0 (<bos>) is exempt, so vocabularies with one id for <bos>, <eos> and
+    <pad> (ORT's 0) still work with right padding."""
+    model = make_model().eval()
+    features, boxes, box_mask, _ = make_inputs()
+    left = torch.tensor([[1, 5, 6, 2], [1, 0, 7, 2], [1, 4, 2, 0]])
+    with pytest.raises(ValueError, match=r"tokens row 1 holds <pad> \(id 0\) before a real token"):
+        model(features, boxes, box_mask, left)
+    # why: a <pad> key before the words would change them (decode_step, which does not look
+    # at padding, shows it)
+    with torch.no_grad():
+        memory = model.encode(features[1:2], boxes[1:2], box_mask[1:2])
+        padded, _ = model.decode_step(memory, torch.tensor([[1, 0, 7]]))
+        plain, _ = model.decode_step(memory, torch.tensor([[1, 7]]))
+    assert (padded - plain).abs().max() > 1e-3
+    ort_style = make_model(pad_id=0, bos_id=0, eos_id=0).eval()
+    tokens = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 0], [0, 4, 0, 0]])  # <bos> = 0, then words, then 0s
+    with torch.no_grad():
+        out = ort_style(features, boxes, box_mask, tokens)
+        alone = ort_style(features[2:], boxes[2:], box_mask[2:], tokens[2:, :2])
+    torch.testing.assert_close(out[2:, :2], alone, atol=1e-5, rtol=0)
+
+
+def test_ended_rows_do_not_affect_other_rows_in_cached_decoding():
+    """Batched decoding feeds <pad> to rows that ended (greedy, sampling) and reorders or drops
+    beams (beam search): rows never mix, so a row's steps equal its decoding alone."""
+    model = make_model().eval()
+    features, boxes, box_mask, _ = make_inputs()
+    cfg = model.config
+    live = torch.tensor([cfg.bos_id, 5, 9, 4, 7, 11])
+    ended = torch.tensor([cfg.bos_id, 6, cfg.eos_id, cfg.pad_id, cfg.pad_id, cfg.pad_id])
+    with torch.no_grad():
+        memory = model.encode(features[:2], boxes[:2], box_mask[:2])
+        alone_memory = model.encode(features[1:2], boxes[1:2], box_mask[1:2])
+        cache = alone_cache = None
+        for t in range(len(live)):
+            # row 0 ended at t = 2; the rows swap places at t = 3 (as beams do), so row 1 is live
+            if t == 3:
+                swap = torch.tensor([1, 0])
+                memory, cache = memory.index_select(swap), cache.index_select(swap)
+            order = (ended[t], live[t]) if t < 3 else (live[t], ended[t])
+            step, cache = model.decode_step(memory, torch.stack(order), cache)
+            alone, alone_cache = model.decode_step(alone_memory, live[t:t + 1], alone_cache)
+            torch.testing.assert_close(step[1 if t < 3 else 0], alone[0], atol=1e-5, rtol=0)

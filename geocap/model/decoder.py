@@ -5,9 +5,14 @@ The same code path serves teacher forcing (all T tokens at once, empty cache) an
 decoding (the new tokens only, over the cached keys/values of the prefix): the causal mask of
 geocap.kernels is bottom-right aligned, so new query i sees the cached keys and new keys j <= i.
 
-Padding tokens are not masked as keys: in geocap captions <pad> only follows <eos>, so the causal
-mask already hides it from every position up to <eos>; the outputs at <pad> inputs are not
-trained on. (ORT masks them too, which changes nothing at those positions.)
+Padding tokens are not masked as keys: in geocap captions <pad> only follows <eos> (right
+padding), so the causal mask already hides it from every position up to <eos>, whose outputs
+equal those of the caption alone (to float rounding); the outputs at <pad> inputs are not trained on. (ORT
+masks them too, which changes nothing at those positions.) Left padding would be attended, so
+:meth:`~geocap.model.ObjectRelationTransformer.forward` refuses <pad> before a real token. Batched
+decoding is unaffected as well: rows never mix, so a row that ended and is fed <pad> (greedy,
+sampling), or a beam reordered or dropped by ``DecoderCache.index_select``, changes no other row
+(tests/test_model.py checks all three).
 """
 from __future__ import annotations
 

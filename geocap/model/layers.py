@@ -34,6 +34,8 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:  # an empty batch (B = 0 or N = 0): nothing to normalise, and std() would warn
+            return self.a_2 * x + self.b_2
         mean = x.mean(-1, keepdim=True)
         std = x.std(-1, keepdim=True)  # unbiased
         return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
@@ -73,9 +75,9 @@ class MultiHeadAttention(nn.Module):
     ``wg_bias[h] = WGs[h].bias[0]`` (what a checkpoint importer must copy, row by row).
 
     ``legacy_extra_skip=True`` reproduces ORT's optional extra skip in its box attention:
-    after the output projection ORT does ``x = input_value + x``, i.e. the attention's *value
-    input* (here the normalised sequence the sublayer received) is added to its output, so an
-    encoder sublayer becomes ``x + dropout(norm(x) + attn(norm(x)))``. It applies to self-attention
+    before the output projection ORT does ``x = input_value + x``, i.e. the attention's *value
+    input* (here the normalised sequence the sublayer received) is added to the merged heads, so
+    an encoder sublayer becomes ``x + dropout(out_proj(norm(x) + heads(norm(x))))``. It applies to self-attention
     (:meth:`forward`) with or without geometry, so the geometry ablation changes nothing else.
     """
 
@@ -158,7 +160,7 @@ class MultiHeadAttention(nn.Module):
         else:
             r = attention(q, k, v, key_padding_mask, dropout_p=self._dropout_p(), return_entropy=record,
                           return_probs=record, backend=backend)
-        out = self.out_proj(self.merge_heads(r.out))
+        merged = self.merge_heads(r.out)
         if self.legacy_extra_skip:
-            out = x + out  # ORT: `x = input_value + x`, the value input added to the output
-        return out, r
+            merged = x + merged  # ORT: `x = input_value + x`, then `linears[-1](x)`
+        return self.out_proj(merged), r

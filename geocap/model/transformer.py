@@ -7,31 +7,42 @@ Data flow, for B images with N region slots (``box_mask`` True = real) and capti
         --Linear(d_model -> V), log_softmax--> log_probs [B, T, V]
 
 Conventions: boxes ``[B, N, 4]`` normalised (x1, y1, x2, y2); padded slots may hold anything
-(features are zeroed, boxes ignored); token ids as in geocap.data.vocab (<pad> 0, <bos> 1,
-<eos> 2 by default); the input tokens of teacher forcing are ``captions[:, :-1]``, starting
-with <bos>, and ``log_probs[:, t]`` predicts token t + 1.
+(features are zeroed, boxes ignored); token ids ``config.pad_id``, ``config.bos_id``,
+``config.eos_id`` as the vocabulary's (geocap's <pad> 0, <bos> 1, <eos> 2 by default; a model
+imported from ORT uses 0 for all three); the input tokens of teacher forcing are
+``captions[:, :-1]``, starting with <bos>, and ``log_probs[:, t]`` predicts token t + 1.
 
-Parameter correspondence with ORT's code (for a checkpoint importer; ORT prefixes ``model.``
-on the transformer part, l = layer):
+Parameter correspondence with ORT's code (used by :mod:`geocap.ort_import`, which checks every
+name and shape and loads the result strictly; l = layer, h = head). ORT's keys are its
+``RelationTransformerModel.state_dict()``: ``att_embed.*`` at the top, everything else under
+``model.``:
 
-=======================================  ==========================================================
-geocap                                    ORT
-=======================================  ==========================================================
-feature_embed.0                           att_embed.0 (the Linear after the optional BatchNorm)
-encoder.layers.l.self_attn.{q,k,v,out}_proj  encoder.layers.l.self_attn.linears.{0,1,2,3}
-encoder.layers.l.self_attn.wg_weight[h]   encoder.layers.l.self_attn.WGs.h.weight[0]
-encoder.layers.l.self_attn.wg_bias[h]     encoder.layers.l.self_attn.WGs.h.bias[0]
-encoder.layers.l.{attn_norm, ff_norm}     encoder.layers.l.sublayer.{0, 1}.norm
-encoder.layers.l.feed_forward.w_{1,2}     encoder.layers.l.feed_forward.w_{1,2}
-decoder.layers.l.{self,cross}_attn.*      decoder.layers.l.{self_attn, src_attn}.linears.*
-decoder.layers.l.{self,cross,ff}_norm     decoder.layers.l.sublayer.{0, 1, 2}.norm
-encoder.norm, decoder.norm                encoder.norm, decoder.norm
-word_embed                                tgt_embed.0.lut
-generator                                 generator.proj
-=======================================  ==========================================================
+============================================  =====================================================
+geocap                                        ORT
+============================================  =====================================================
+feature_embed.0.{weight,bias}                 att_embed.0.{weight,bias} (use_bn=0); with use_bn=1
+                                              att_embed.1.*, ORT's eval-mode BatchNorm1d
+                                              att_embed.0.{weight,bias,running_mean,running_var}
+                                              folded into it
+encoder.layers.l.self_attn.{q,k,v,out}_proj   model.encoder.layers.l.self_attn.linears.{0,1,2,3}
+encoder.layers.l.self_attn.wg_weight[h]       model.encoder.layers.l.self_attn.WGs.h.weight[0]
+encoder.layers.l.self_attn.wg_bias[h]         model.encoder.layers.l.self_attn.WGs.h.bias[0]
+encoder.layers.l.{attn,ff}_norm               model.encoder.layers.l.sublayer.{0,1}.norm
+encoder.layers.l.feed_forward.w_{1,2}         model.encoder.layers.l.feed_forward.w_{1,2}
+decoder.layers.l.self_attn.{q,k,v,out}_proj   model.decoder.layers.l.self_attn.linears.{0,1,2,3}
+decoder.layers.l.cross_attn.{q,k,v,out}_proj  model.decoder.layers.l.src_attn.linears.{0,1,2,3}
+decoder.layers.l.{self,cross,ff}_norm         model.decoder.layers.l.sublayer.{0,1,2}.norm
+decoder.layers.l.feed_forward.w_{1,2}         model.decoder.layers.l.feed_forward.w_{1,2}
+encoder.norm, decoder.norm                    model.encoder.norm, model.decoder.norm
+word_embed.weight                             model.tgt_embed.0.lut.weight
+generator.{weight,bias}                       model.generator.proj.{weight,bias}
+============================================  =====================================================
 
-(The sinusoidal table is a non-persistent buffer, recomputed, so ORT's ``tgt_embed.1.pe`` is not
-loaded. Verify the names against a real checkpoint when writing the importer.)
+Not loaded: ORT's ``model.tgt_embed.1.pe`` (the sinusoidal table; here a non-persistent buffer,
+recomputed) and BatchNorm's ``num_batches_tracked``. ORT's vocabulary has ``len(ix_to_word) + 1``
+ids, 0 being start, end and padding at once. ORT's ``legacy_extra_skip`` adds the box attention's
+value input to the merged heads *before* the output projection (``x = input_value + x;
+return linears[-1](x)``).
 """
 from __future__ import annotations
 
@@ -41,6 +52,9 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+
+from geocap.kernels import value_checks
+from geocap.kernels.validation import check_boxes, require_tensor
 
 from .config import ORTConfig
 from .decoder import Decoder, DecoderCache
@@ -126,40 +140,128 @@ class ObjectRelationTransformer(nn.Module):
     def _backend(self, backend: Optional[str]) -> str:
         return self.backend if backend is None else backend
 
-    # -- encoder -----------------------------------------------------------------------------
-    def _encode(self, features, boxes, box_mask, backend, record):
-        if features.dim() != 3 or features.shape[-1] != self.config.feature_dim:
-            raise ValueError(f"features must have shape [B, N, {self.config.feature_dim}], got {tuple(features.shape)}")
+    # -- input checks ------------------------------------------------------------------------
+    @property
+    def _device(self) -> torch.device:
+        return self.generator.weight.device
+
+    def _check_images(self, features, boxes, box_mask) -> torch.Tensor:
+        """Validate the encoder's inputs (see :meth:`encode`); returns the bool mask ``[B, N]``."""
+        require_tensor("features", features)
+        d = self.config.feature_dim
+        if features.dim() != 3 or features.shape[-1] != d:
+            raise ValueError(f"features must have shape [B, N, {d}] (D = config.feature_dim), "
+                             f"got {tuple(features.shape)}")
+        if not features.is_floating_point():
+            raise ValueError(f"features must be floating point, got {features.dtype}")
+        if features.device != self._device:
+            raise ValueError(f"features are on {features.device} but the model is on {self._device}")
         b, n, _ = features.shape
         if box_mask is None:
             box_mask = torch.ones(b, n, dtype=torch.bool, device=features.device)
+        require_tensor("box_mask", box_mask)
         if box_mask.shape != (b, n) or box_mask.dtype != torch.bool:
-            raise ValueError(f"box_mask must be a bool tensor [B, N] = {(b, n)}, got {box_mask.dtype} {tuple(box_mask.shape)}")
+            raise ValueError(f"box_mask must be a bool tensor [B, N] = {(b, n)}, "
+                             f"got {box_mask.dtype} {tuple(box_mask.shape)}")
+        if box_mask.device != features.device:
+            raise ValueError(f"box_mask is on {box_mask.device} but features are on {features.device}")
+        if boxes is None:
+            if self.config.geometry:
+                raise ValueError("boxes must be a tensor [B, N, 4]: this model's encoder uses geometry "
+                                 "(config.geometry=True)")
+            return box_mask
+        # shape, dtype and the values of the real slots: finite, x2 >= x1, y2 >= y1, within [0, 1]
+        check_boxes(boxes, b, n, box_mask)
+        if boxes.device != features.device:
+            raise ValueError(f"boxes are on {boxes.device} but features are on {features.device}")
+        return box_mask
+
+    def _check_tokens(self, tokens, *, batch: Optional[int] = None, right_padded: bool = False,
+                      layout: str = "[B, T]") -> None:
+        """Word ids ``tokens`` (``layout``; ``[B]`` allowed when layout is ``"[B] or [B, t]"``): an
+        integer tensor on the model's device, ids in ``[0, vocab_size)``, ``batch`` rows when given.
+        ``right_padded``: <pad> may appear only after a row's last real token (position 0, the
+        <bos>, is not looked at: some vocabularies give <bos> and <pad> one id). One host
+        synchronisation (for the id range and the padding), none for an empty tensor."""
+        require_tensor("tokens", tokens)
+        if tokens.dim() != 2 and not (tokens.dim() == 1 and layout != "[B, T]"):
+            raise ValueError(f"tokens must have shape {layout}, got {tuple(tokens.shape)}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer word ids, got dtype {tokens.dtype}")
+        if batch is not None and tokens.shape[0] != batch:
+            raise ValueError(f"tokens have {tokens.shape[0]} rows but there are {batch} images")
+        if tokens.device != self._device:
+            raise ValueError(f"tokens are on {tokens.device} but the model is on {self._device}")
+        if tokens.numel() == 0:
+            return
+        flags = [tokens.min().long(), tokens.max().long()]
+        if right_padded and tokens.dim() == 2 and tokens.shape[1] > 2:
+            pad = tokens[:, 1:] == self.config.pad_id
+            flags.append((pad[:, :-1] & ~pad[:, 1:]).any().long())
+        lo, hi, *inner = torch.stack(flags).tolist()
+        v = self.config.vocab_size
+        if lo < 0 or hi >= v:
+            raise ValueError(f"tokens hold ids {lo}..{hi}, outside the vocabulary's 0..{v - 1} "
+                             f"(config.vocab_size = {v})")
+        if inner and inner[0]:
+            pad = tokens[:, 1:] == self.config.pad_id
+            row = int((pad[:, :-1] & ~pad[:, 1:]).any(1).nonzero()[0, 0])
+            raise ValueError(f"tokens row {row} holds <pad> (id {self.config.pad_id}) before a real token: pad "
+                             f"captions on the right only (the decoder does not mask <pad> keys)")
+
+    def _check_memory(self, memory) -> None:
+        if not isinstance(memory, Memory):
+            raise ValueError(f"memory must be a Memory from encode(), got {type(memory).__name__}")
+        c = self.config
+        expected = (c.heads, c.head_dim)
+        if (len(memory.keys) != c.layers or len(memory.values) != c.layers or memory.states.shape[-1] != c.d_model
+                or any(tuple(k.shape[1:2]) + tuple(k.shape[3:]) != expected for k in memory.keys + memory.values)):
+            shape = tuple(memory.keys[0].shape) if memory.keys else ()
+            raise ValueError(f"memory does not fit this model (layers {c.layers}, d_model {c.d_model}, heads "
+                             f"{c.heads}): it holds {len(memory.keys)} layers of keys {shape}; encode with this model")
+
+    # -- encoder -----------------------------------------------------------------------------
+    def _encode(self, features, boxes, box_mask, backend, record):
+        box_mask = self._check_images(features, boxes, box_mask)
         # padded slots may hold anything (even NaN); zero them so nothing can leak through 0 * NaN
         features = features.to(self.feature_embed[0].weight.dtype).masked_fill(~box_mask[..., None], 0.0)
         x = self.feature_embed(features)
-        states, stats = self.encoder(x, boxes, box_mask, backend=backend, record=record)
+        with value_checks(False):  # the box values were checked above, once
+            states, stats = self.encoder(x, boxes, box_mask, backend=backend, record=record)
         keys, values = self.decoder.memory_keys_values(states)
         return Memory(states, box_mask, keys, values), stats
 
-    def encode(self, features: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor] = None, *,
-               backend: Optional[str] = None) -> Memory:
+    def encode(self, features: torch.Tensor, boxes: Optional[torch.Tensor], box_mask: Optional[torch.Tensor] = None,
+               *, backend: Optional[str] = None) -> Memory:
         """Encode ``features [B, N, D]``, ``boxes [B, N, 4]``, ``box_mask [B, N]`` (True = real;
-        None = all real) into a :class:`Memory` (its cross-attention keys/values computed up front)."""
+        None = all real) into a :class:`Memory` (its cross-attention keys/values computed up front).
+
+        Checked (ValueError naming the argument): D = ``config.feature_dim``, floating-point
+        features on the model's device, the mask's shape and dtype, and the boxes of the real
+        slots: finite, x2 >= x1, y2 >= y1, normalised to [0, 1] (this holds with
+        ``config.geometry=False`` too, where the boxes are otherwise unused and may be None).
+        ``B = 0`` gives an empty Memory; an image without a real box (N = 0, or a mask row all
+        False) is encoded, and the decoder's cross-attention then attends to nothing.
+        """
         return self._encode(features, boxes, box_mask, self._backend(backend), False)[0]
 
     # -- decoder -----------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``tokens [B, t]`` at positions ``start .. start + t - 1`` -> ``[B, t, d_model]``:
-        word embedding * sqrt(d_model) + sinusoidal position, then dropout."""
+        word embedding * sqrt(d_model) + sinusoidal position, then dropout. ValueError for ids
+        outside the vocabulary or positions beyond ``config.max_len``."""
+        self._check_tokens(tokens)
+        return self._embed(tokens, start)
+
+    def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         t = tokens.shape[1]
         if start + t > self.config.max_len:
             raise ValueError(f"positions up to {start + t} exceed config.max_len = {self.config.max_len}")
-        x = self.word_embed(tokens) * math.sqrt(self.config.d_model) + self.positions[start:start + t]
+        x = self.word_embed(tokens.long()) * math.sqrt(self.config.d_model) + self.positions[start:start + t]
         return self.embed_dropout(x)
 
     def _decode(self, memory, tokens, cache, backend, record):
-        x = self.embed_tokens(tokens, 0 if cache is None else cache.length)
+        x = self._embed(tokens, 0 if cache is None else cache.length)
         states, cache, self_stats, cross_stats = self.decoder(x, memory, cache, backend=backend, record=record)
         return torch.log_softmax(self.generator(states), dim=-1), cache, self_stats, cross_stats
 
@@ -169,9 +271,18 @@ class ObjectRelationTransformer(nn.Module):
         """Teacher forcing: ``tokens [B, T]`` input ids (starting with <bos>) ->
         ``log_probs [B, T, V]``, row t the distribution of token t + 1.
 
+        Captions of different lengths are padded on the right with <pad> (after <eos>): by
+        causality a real position never sees a later <pad>, so its log-probabilities equal those of
+        the caption alone; <pad> before a real token (left padding) is refused, since <pad> keys are
+        not masked. Inputs are checked as in :meth:`encode`, and ``tokens`` must be integer ids in
+        ``[0, vocab_size)`` with B rows (ValueError naming the argument). ``B = 0`` gives
+        ``[0, T, V]``; ``T = 0`` gives ``[B, 0, V]``.
+
         ``record=True`` returns ``(log_probs, AttentionRecord)`` with every layer's attention
         weights and entropies (encoder self, decoder self, cross).
         """
+        if isinstance(features, torch.Tensor) and features.dim() == 3:
+            self._check_tokens(tokens, batch=features.shape[0], right_padded=True)
         backend = self._backend(backend)
         memory, enc_stats = self._encode(features, boxes, box_mask, backend, record)
         log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, backend, record)
@@ -192,8 +303,17 @@ class ObjectRelationTransformer(nn.Module):
         (then ``tokens`` is typically the <bos> column). ``memory`` rows must match ``tokens``
         rows (expand with ``memory.repeat_interleave(k)`` or ``index_select`` for beams).
         Returns ``(log_probs [B, V] for the token after the last, new DecoderCache)``; the prefix is
-        never re-decoded. Call in eval mode for deterministic results.
+        never re-decoded. Call in eval mode for deterministic results. ValueError for a ``memory``
+        or ``cache`` of another model or batch, ids outside the vocabulary, or positions beyond
+        ``config.max_len``.
         """
+        self._check_memory(memory)
+        self._check_tokens(tokens, layout="[B] or [B, t]")
+        if cache is not None:
+            if not isinstance(cache, DecoderCache) or len(cache.keys) != self.config.layers:
+                raise ValueError("cache must be the DecoderCache a previous decode_step of this model returned")
+            if cache.keys[0].shape[0] != memory.batch_size:
+                raise ValueError(f"cache has {cache.keys[0].shape[0]} rows but memory has {memory.batch_size}")
         if tokens.dim() == 1:
             tokens = tokens[:, None]
         elif cache is not None:
