@@ -10,7 +10,11 @@ Inputs, for B images with N region slots of D = ``config.feature_dim`` features:
 ``boxes``        ``[B, N, 4]`` floating point, normalised (x1, y1, x2, y2) in [0, 1]
 ``feature_mask`` ``[B, N]`` bool, True = real box (None: every slot real); each image needs at
                  least one real box; padded slots may hold anything
-``tokens``       ``[B, T]`` integer word ids of the vocabulary, without <bos>/<eos>
+``tokens``       ``[B, T]`` integer word ids of the vocabulary, without <bos>/<eos>, padded
+                 after a row's last word with the vocabulary's ``pad_id``
+
+Special ids (<pad>, <bos>, <eos>) are the vocabulary's (``vocab.pad_id`` ...), which the model's
+config must share: geocap's 0, 1, 2, or e.g. an imported ORT model's single id 0 for all three.
 
 numpy arrays and torch tensors are both accepted; numpy arrays and CPU tensors are moved to the
 model's device, tensors on another device are refused (ValueError naming the argument).
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 
 from geocap.checkpoint import load_checkpoint, save_checkpoint
-from geocap.data.vocab import BOS, EOS, PAD, Vocabulary
+from geocap.data.vocab import Vocabulary
 from geocap.model import ObjectRelationTransformer, ORTConfig
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -34,8 +38,8 @@ class Captioner:
     """An :class:`~geocap.model.ObjectRelationTransformer` with its :class:`~geocap.data.vocab.Vocabulary`.
 
     ``model.config.vocab_size`` must equal ``len(vocab)`` and the config's <pad>/<bos>/<eos> ids
-    must be the vocabulary's (0, 1, 2). Methods run the model in eval mode under
-    ``torch.no_grad()`` and put it back in the mode it was in.
+    must be the vocabulary's (``vocab.pad_id``, ``vocab.bos_id``, ``vocab.eos_id``). Methods run
+    the model in eval mode under ``torch.no_grad()`` and put it back in the mode it was in.
     """
 
     def __init__(self, model: ObjectRelationTransformer, vocab: Vocabulary):
@@ -46,9 +50,10 @@ class Captioner:
         config = model.config
         if config.vocab_size != len(vocab):
             raise ValueError(f"vocab has {len(vocab)} words but model.config.vocab_size is {config.vocab_size}")
-        if (config.pad_id, config.bos_id, config.eos_id) != (PAD, BOS, EOS):
+        ids = (vocab.pad_id, vocab.bos_id, vocab.eos_id)
+        if (config.pad_id, config.bos_id, config.eos_id) != ids:
             raise ValueError(f"model.config's <pad>/<bos>/<eos> ids {(config.pad_id, config.bos_id, config.eos_id)} "
-                             f"are not the vocabulary's {(PAD, BOS, EOS)}")
+                             f"are not the vocabulary's {ids}")
         self.model = model
         self.vocab = vocab
 
@@ -140,9 +145,11 @@ class Captioner:
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= len(self.vocab):
                 raise ValueError(f"tokens hold ids {lo}..{hi}, outside the vocabulary's 0..{len(self.vocab) - 1}")
-            if bool(((tokens == BOS) | (tokens == EOS)).any()):
+            v = self.vocab
+            marks = [i for i in {v.bos_id, v.eos_id} if i != v.pad_id]
+            if marks and bool(torch.isin(tokens, torch.tensor(marks, device=tokens.device)).any()):
                 raise ValueError("tokens must not contain <bos> or <eos> (they are added internally)")
-            pad = tokens == PAD
+            pad = tokens == v.pad_id
             if bool((pad[:, :-1] & ~pad[:, 1:]).any()):
                 raise ValueError("tokens may hold <pad> only after a row's last word")
         return tokens
@@ -180,14 +187,15 @@ class Captioner:
         """Teacher-forced scores of ``tokens [B, T]`` (word ids, no <bos>/<eos>): returns
         ``[B, T + 1, V]`` log-probabilities on the model's device, where position ``t`` is
         ``log P(next word | <bos>, tokens[:, :t])``; position ``T`` scores what follows the last
-        word (its ``[EOS]`` entry is the probability that the caption ends there).
+        word (its ``[vocab.eos_id]`` entry is the probability that the caption ends there).
 
-        Rows of different lengths may be padded with <pad> after their last word: row b's end is
-        then predicted at position ``length_b`` and the positions after it are meaningless.
+        Rows of different lengths may be padded with <pad> (``vocab.pad_id``) after their last
+        word: row b's end is then predicted at position ``length_b`` and the positions after it
+        are meaningless.
         """
         features, boxes, mask = self._inputs(features, boxes, feature_mask)
         tokens = self._tokens(tokens, features.shape[0])
-        bos = torch.full((tokens.shape[0], 1), BOS, dtype=torch.long, device=tokens.device)
+        bos = torch.full((tokens.shape[0], 1), self.vocab.bos_id, dtype=torch.long, device=tokens.device)
         training = self.model.training
         try:
             self.model.eval()

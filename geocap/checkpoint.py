@@ -10,7 +10,9 @@ unpickler refuses any other object, so loading a file never runs code from it (a
     format_version   1
     geocap_version   geocap.__version__ of the writer
     config           ORTConfig.to_dict()
-    vocab            {"words": [...], "min_count": int | None}
+    vocab            {"words": [...], "min_count": int | None, "pad_id", "bos_id", "eos_id": int,
+                     "unk_id": int | None} (Vocabulary.to_dict; ids absent in older files mean the
+                     defaults 0-3); the config's pad/bos/eos ids must be the vocabulary's
     model            the model's state_dict (CPU tensors)
     optimizer        optimizer.state_dict() or None
     scheduler        scheduler.state_dict() or None
@@ -141,6 +143,15 @@ def _state_mismatch(state: Any, config: ORTConfig) -> Optional[str]:
     return None
 
 
+def _ids_mismatch(config: ORTConfig, vocab: Vocabulary) -> Optional[str]:
+    """None when the config's <pad>/<bos>/<eos> ids are the vocabulary's, else what differs."""
+    got = (config.pad_id, config.bos_id, config.eos_id)
+    want = (vocab.pad_id, vocab.bos_id, vocab.eos_id)
+    if got != want:
+        return f"the config's pad/bos/eos ids {got} are not the vocabulary's {want}"
+    return None
+
+
 def _rng_state() -> dict:
     """The torch CPU/CUDA, numpy and python random states, as tensors, ints, floats and lists."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -176,6 +187,9 @@ def save_checkpoint(path, *, model: torch.nn.Module, config: Union[ORTConfig, di
         raise ValueError(f"vocab must be a Vocabulary, got {type(vocab).__name__}")
     if config.vocab_size != len(vocab):
         raise ValueError(f"config.vocab_size = {config.vocab_size} but the vocabulary has {len(vocab)} words")
+    problem = _ids_mismatch(config, vocab)
+    if problem:
+        raise ValueError(problem)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     extra = {} if extra is None else extra
@@ -195,7 +209,7 @@ def save_checkpoint(path, *, model: torch.nn.Module, config: Union[ORTConfig, di
         "format_version": CHECKPOINT_VERSION,
         "geocap_version": _geocap_version(),
         "config": config.to_dict(),
-        "vocab": {"words": list(vocab.words), "min_count": vocab.min_count},
+        "vocab": vocab.to_dict(),
         "model": state,
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
@@ -227,7 +241,7 @@ def load_checkpoint(path, map_location: Any = "cpu") -> Checkpoint:
     except Exception as err:  # noqa: BLE001 - every failure of the restricted unpickler means "not ours"
         raise CheckpointError(f"{path}: not a loadable geocap checkpoint: corrupt, truncated, or holding objects "
                               f"other than tensors and plain data, which are never unpickled (torch.load with "
-                              f"weights_only=True: {type(err).__name__}: {_load_error_detail(err)})") from None
+                              f"weights_only=True: {type(err).__name__}: {load_error_detail(err)})") from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path}: not a geocap checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
@@ -248,12 +262,15 @@ def load_checkpoint(path, map_location: Any = "cpu") -> Checkpoint:
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise CheckpointError(f"{path}: 'vocab' must hold a list of strings under 'words'")
     try:
-        vocab = Vocabulary(words, vocab_data.get("min_count"))
-    except ValueError as err:
+        vocab = Vocabulary.from_dict(vocab_data)
+    except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: invalid vocabulary ({err})") from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"{path}: the vocabulary has {len(vocab)} words but config.vocab_size is "
                               f"{config.vocab_size}")
+    problem = _ids_mismatch(config, vocab)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     problem = _state_mismatch(data["model"], config)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
@@ -271,9 +288,10 @@ def load_checkpoint(path, map_location: Any = "cpu") -> Checkpoint:
                       format_version=data["format_version"])
 
 
-def _load_error_detail(err: Exception) -> str:
-    """The informative line of a torch.load error, without torch's advice to retry with
-    ``weights_only=False`` (which would run whatever code the file holds)."""
+def load_error_detail(err: Exception) -> str:
+    """The informative line of a torch.load error (also used by :mod:`geocap.ort_import`),
+    without torch's advice to retry with ``weights_only=False`` (which would run whatever code
+    the file holds)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     keep = []
     for line in lines:

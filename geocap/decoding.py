@@ -16,7 +16,9 @@ Conventions shared by the three:
   after ``max_len`` tokens is cut there (``max_len`` words, no <eos>). So ``tokens.shape[1] <=
   max_len``, and the decoder sees at most ``max_len`` positions (``<= config.max_len``).
 * <pad> and <bos> are never generated (they are not words; a trained model gives them ~0
-  probability anyway): they are excluded when choosing (argmax, top-k, sampling). The scores and
+  probability anyway): they are excluded when choosing (argmax, top-k, sampling), unless they
+  are the <eos> id too (ORT's vocabulary: one id 0 for padding, start and end, so nothing is
+  excluded and choosing 0 ends the caption). The scores and
   log-probabilities returned are nevertheless the model's own ``log_softmax`` over the whole
   vocabulary, i.e. what teacher forcing on the returned tokens gives.
 * Decoding stops as soon as every row has ended.

@@ -211,3 +211,35 @@ def test_constructor_and_load_errors(tmp_path, captioner):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.pt"):
         Captioner.load(bad)
+
+
+def test_shared_start_end_padding_id():
+    """A vocabulary and model with ORT's ids (0 = <pad> = <bos> = <eos>): scoring starts from 0,
+    0 pads a row only after its last word, captions stop at 0."""
+    vocab = Vocabulary(["<eos>"] + WORDS, pad_id=0, bos_id=0, eos_id=0, unk_id=None)
+    torch.manual_seed(4)
+    config = ORTConfig(vocab_size=len(vocab), pad_id=0, bos_id=0, eos_id=0, dropout=0.0, **TINY)
+    model = ObjectRelationTransformer(config).eval()
+    cap = Captioner(model, vocab)
+    features, boxes, mask = make_inputs()
+    tokens = torch.randint(1, len(vocab), (3, 4), generator=torch.Generator().manual_seed(5))
+    tokens[1, 2:] = 0
+    with torch.no_grad():
+        expected = model(features, boxes, mask, torch.cat([torch.zeros(3, 1, dtype=torch.long), tokens], 1))
+    assert torch.equal(cap.log_probs(features, boxes, tokens, mask), expected)
+    inner = tokens.clone()
+    inner[0, 1] = 0
+    with pytest.raises(ValueError, match="only after"):
+        cap.log_probs(features, boxes, inner, mask)
+    with torch.no_grad():
+        model.generator.bias[0] += 3.0
+    from geocap.decoding import greedy_decode
+    with torch.no_grad():
+        decoded = greedy_decode(model, model.encode(features, boxes, mask), max_len=6)
+    captions = cap.caption(features, boxes, mask, beam_size=1, max_len=6)
+    assert captions == [" ".join(WORDS[i - 1] for i in ids) for ids in decoded.to_lists()]
+    # some caption has words and then ended at 0 (kept in tokens, not in the words)
+    assert any(ids and n == len(ids) + 1 for ids, n in zip(decoded.to_lists(), decoded.lengths.tolist()))
+    assert all(set(c.split()) <= set(WORDS) for c in cap.caption(features, boxes, mask, beam_size=3, max_len=6))
+    with pytest.raises(ValueError, match="ids"):
+        Captioner(model, Vocabulary(list(SPECIALS) + WORDS[:-3]))

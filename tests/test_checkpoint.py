@@ -203,6 +203,8 @@ def _mutations():
         "bad config field": (lambda d: d["config"].__setitem__("colour", "red"), "invalid config"),
         "bad vocab": (lambda d: d["vocab"].__setitem__("words", ["x", "y"]), "invalid vocabulary"),
         "bad step": (set_("step", "seven"), "step"),
+        "vocab ids vs config": (lambda d: d["vocab"].update(pad_id=3, unk_id=0), "pad/bos/eos ids"),
+        "bad vocab id": (lambda d: d["vocab"].__setitem__("eos_id", 99), "eos_id"),
     }
 
 
@@ -281,3 +283,25 @@ def test_pickle_with_code_is_refused_without_running(saved, tmp_path, container)
         control = tmp_path / "control"
         pickle.loads(pickle.dumps(_Exploit(f"touch '{control}'")))
         assert control.exists()
+
+
+def test_special_ids_round_trip_and_old_files(tmp_path):
+    """A vocabulary with other special ids (ORT's: one id 0 for <pad>, <bos>, <eos>; no <unk>) is
+    saved with its ids and the config that shares them; a file without ids (written before the
+    ids were stored) loads with the defaults 0-3; a config with other ids than the vocabulary is refused."""
+    vocab = Vocabulary(["<eos>"] + WORDS, pad_id=0, bos_id=0, eos_id=0, unk_id=None)
+    config = ORTConfig(vocab_size=len(vocab), pad_id=0, bos_id=0, eos_id=0, **TINY)
+    model = ObjectRelationTransformer(config)
+    path = tmp_path / "ort_ids.pt"
+    save_checkpoint(path, model=model, config=config, vocab=vocab, rng=False)
+    ckpt = load_checkpoint(path)
+    assert ckpt.vocab == vocab and ckpt.vocab.unk_id is None and ckpt.config.eos_id == 0
+    with pytest.raises(ValueError, match="pad/bos/eos ids"):
+        save_checkpoint(tmp_path / "bad.pt", model=make_model(), config=make_model().config,
+                        vocab=Vocabulary(list(SPECIALS) + WORDS, pad_id=0, bos_id=2, eos_id=1), rng=False)
+    assert not (tmp_path / "bad.pt").exists()
+    default = tmp_path / "default.pt"
+    save_checkpoint(default, model=make_model(), config=make_model().config, vocab=make_vocab(), rng=False)
+    old = tmp_path / "old.pt"
+    _resave(default, old, lambda d: d.__setitem__("vocab", {"words": d["vocab"]["words"], "min_count": 1}))
+    assert load_checkpoint(old).vocab == make_vocab()

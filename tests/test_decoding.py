@@ -295,3 +295,29 @@ def test_sample_is_reproducible_and_baseline_is_greedy_in_eval_mode():
     greedy = greedy_decode(model, memory, max_len=8)
     assert torch.equal(out.baseline.tokens, greedy.tokens) and not out.baseline.scores.requires_grad
     torch.testing.assert_close(out.baseline.scores, greedy.scores, atol=0, rtol=0)
+
+
+def test_shared_start_end_padding_id():
+    """ORT's ids, 0 = <pad> = <bos> = <eos>: decoding starts from 0, nothing is excluded when
+    choosing, choosing 0 ends a row (kept and counted), and ended rows are padded with 0."""
+    model = make_model(seed=3, pad_id=0, bos_id=0, eos_id=0)
+    with torch.no_grad():
+        model.generator.bias[0] += 1.5
+    images = make_images()
+    memory = model.encode(*images)
+    max_len = 6
+    for out in (greedy_decode(model, memory, max_len=max_len),
+                beam_search(model, memory, beam_size=3, max_len=max_len)):
+        for row, n in zip(out.tokens.tolist(), out.lengths.tolist()):
+            assert 0 not in row[:n - 1] and (row[n - 1] == 0 or n == max_len) and set(row[n:]) <= {0}
+        assert (out.lengths < max_len).any()
+        inputs = torch.cat([torch.zeros(out.tokens.shape[0], 1, dtype=torch.long), out.tokens[:, :-1]], dim=1)
+        with torch.no_grad():
+            lp = model(*images, inputs)
+        token_lp = lp.gather(2, out.tokens[..., None]).squeeze(2) * out.mask
+        torch.testing.assert_close(token_lp.sum(1), out.token_log_probs.sum(1), atol=1e-4, rtol=1e-4)
+    greedy = greedy_decode(model, memory, max_len=max_len)
+    inputs = torch.cat([torch.zeros(3, 1, dtype=torch.long), greedy.tokens[:, :-1]], dim=1)
+    with torch.no_grad():
+        argmax = model(*images, inputs).argmax(-1)  # over every id, 0 included
+    assert torch.equal(argmax[greedy.mask], greedy.tokens[greedy.mask])

@@ -3,6 +3,7 @@ match, and ``geocap prepro captions`` on Karpathy and COCO files."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 
@@ -199,3 +200,45 @@ def test_prepro_captions_from_coco(tmp_path, capsys):
     assert got.reference[0] == "a dog on a mat" and "counted over all captions" in capsys.readouterr().out
     with pytest.raises(DataError, match="missing.json"):
         run_prepro(["prepro", "captions", "--coco", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
+
+
+def test_vocabulary_with_other_special_ids(tmp_path):
+    """ORT's layout: one id 0 for padding, start and end; its ordinary word "UNK" as unk_id, or none."""
+    words = ["<eos>", "a", "dog", "UNK", "on"]
+    vocab = Vocabulary(words, pad_id=0, bos_id=0, eos_id=0, unk_id=3)
+    assert not vocab.has_default_ids and vocab.special_ids == {"pad_id": 0, "bos_id": 0, "eos_id": 0, "unk_id": 3}
+    assert vocab.encode(["a", "zebra", "<eos>", "dog", "UNK"]) == [1, 3, 3, 2, 3]
+    assert vocab.decode([1, 2, 3, 0, 4]) == "a dog UNK" and vocab.decode([0, 1]) == ""
+    vocab.save(tmp_path / "vocab.json")
+    loaded = Vocabulary.load(tmp_path / "vocab.json")
+    assert loaded == vocab and loaded.special_ids == vocab.special_ids
+    no_unk = Vocabulary(words, pad_id=0, bos_id=0, eos_id=0, unk_id=None)
+    assert no_unk != vocab and no_unk.sha1 != vocab.sha1 and Vocabulary.from_dict(no_unk.to_dict()) == no_unk
+    with pytest.raises(ValueError, match="zebra"):
+        no_unk.encode(["a", "zebra"])
+    with pytest.raises(ValueError, match="unk_id"):
+        Vocabulary(words, pad_id=0, bos_id=0, eos_id=0, unk_id=0)
+    with pytest.raises(ValueError, match="eos_id"):
+        Vocabulary(words, pad_id=0, bos_id=0, eos_id=9, unk_id=None)
+    # geocap's own vocabularies keep their fingerprint (captions.h5 written before stay readable)
+    default = build_vocab(caption_set(), min_count=2)
+    assert default.has_default_ids
+    assert default.sha1 == hashlib.sha1("\n".join(default.words).encode()).hexdigest()
+
+
+def test_vocab_file_without_ids_and_padding_with_the_pad_id(tmp_path):
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps({"format": "geocap-vocab", "format_version": 1, "min_count": 2,
+                                "words": list(SPECIALS) + ["a", "dog"]}))
+    assert Vocabulary.load(path) == Vocabulary(list(SPECIALS) + ["a", "dog"], 2)
+    path.write_text(json.dumps({"format": "geocap-vocab", "format_version": 1, "words": ["a", "b"], "eos_id": 5}))
+    with pytest.raises(DataError, match="eos_id"):
+        Vocabulary.load(path)
+    # captions are padded with the vocabulary's pad_id and round-trip with its ids
+    vocab = Vocabulary(["<unk>", "<end>", "a", "dog", "cat"], pad_id=1, bos_id=1, eos_id=1, unk_id=0)
+    encoded = encode_captions(caption_set(), vocab, max_len=5)
+    write_captions(tmp_path / "caps", encoded)
+    got = load_captions(tmp_path / "caps")
+    assert got.vocab == vocab and got.vocab.pad_id == 1
+    assert got.tokens[6].tolist() == [0, 1, 1, 1, 1]  # "zebra": <unk>, then padding
+    assert vocab.decode(got.tokens[0]) == "a cat <unk> <unk> a"

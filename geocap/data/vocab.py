@@ -3,8 +3,11 @@
 A captions directory holds two files, each written atomically (temporary file + rename):
 
 ``vocab.json``
-    ``{"format": "geocap-vocab", "format_version": 1, "min_count": 5, "words": [...]}``; word
-    ``i`` has id ``i``. Ids 0-3 are always ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>``.
+    ``{"format": "geocap-vocab", "format_version": 1, "min_count": 5, "words": [...],
+    "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3}``; word ``i`` has id ``i``. geocap's own
+    vocabularies (:func:`build_vocab`) put ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>`` at ids 0-3 (the
+    defaults, assumed when a file gives no ids); an imported one keeps its source's ids (ORT: one
+    id 0 for padding, start and end at once, no <unk>; see :class:`Vocabulary`).
 ``captions.h5`` (format ``geocap-captions`` version 1), one row per caption, grouped by image
 (ascending image id, source order within an image)::
 
@@ -12,7 +15,7 @@ A captions directory holds two files, each written atomically (temporary file + 
     caption_id  [M]           int64
     split       [M]           uint8, an index into the attribute ``split_names``
                               (images the source gives no split get "none")
-    tokens      [M, max_len]  int32 word ids, no <bos>/<eos>, padded with <pad> (0)
+    tokens      [M, max_len]  int32 word ids, no <bos>/<eos>, padded with the vocabulary's pad_id
     length      [M]           int32 words kept (<= max_len)
     reference   [M]           UTF-8 strings: all the caption's tokens joined by spaces, before
                               truncation and <unk> (what caption metrics compare against)
@@ -64,52 +67,114 @@ def caption_tokens(caption: Caption) -> list:
 
 
 class Vocabulary:
-    """Words <-> ids. ``words[i]`` has id ``i``; ids 0-3 are <pad>, <bos>, <eos>, <unk>."""
+    """Words <-> ids. ``words[i]`` has id ``i``.
 
-    def __init__(self, words: Iterable[str], min_count: Optional[int] = None):
+    The special ids are fields: ``pad_id`` (padding after a caption), ``bos_id`` (the decoder's
+    first input), ``eos_id`` (the end of a caption) and ``unk_id`` (what unknown words encode as;
+    None: the vocabulary has none and :meth:`encode` refuses unknown words). The defaults are
+    geocap's layout, ids 0-3 = ``<pad>``, ``<bos>``, ``<eos>``, ``<unk>`` (then the first four words
+    must be exactly those). Other layouts are for imported models, e.g. ORT's: ``pad_id = bos_id
+    = eos_id = 0`` and ``unk_id`` None or the id of its ordinary word "UNK". pad, bos and eos may
+    coincide; ``unk_id`` must differ from all three.
+    """
+
+    def __init__(self, words: Iterable[str], min_count: Optional[int] = None, *, pad_id: int = PAD,
+                 bos_id: int = BOS, eos_id: int = EOS, unk_id: Optional[int] = UNK):
         self.words = list(words)
-        if tuple(self.words[:4]) != SPECIALS:
-            raise ValueError(f"a vocabulary starts with {SPECIALS}, got {self.words[:4]}")
+        if (pad_id, bos_id, eos_id, unk_id) == (PAD, BOS, EOS, UNK) and tuple(self.words[:4]) != SPECIALS:
+            raise ValueError(f"a vocabulary with the default special ids starts with {SPECIALS}, "
+                             f"got {self.words[:4]}")
+        ids = {"pad_id": pad_id, "bos_id": bos_id, "eos_id": eos_id, "unk_id": unk_id}
+        for name, value in ids.items():
+            if value is None and name == "unk_id":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(self.words):
+                raise ValueError(f"{name} must be a word id in [0, {len(self.words)}), got {value!r}")
+        if unk_id is not None and unk_id in (pad_id, bos_id, eos_id):
+            raise ValueError(f"unk_id {unk_id} must differ from pad_id, bos_id and eos_id {(pad_id, bos_id, eos_id)}")
         self.index = {w: i for i, w in enumerate(self.words)}
         if len(self.index) != len(self.words):
             raise ValueError("a vocabulary lists some word twice")
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = pad_id, bos_id, eos_id, unk_id
         self.min_count = min_count
+
+    @property
+    def special_ids(self) -> dict:
+        """``{"pad_id", "bos_id", "eos_id", "unk_id"}`` -> id (``unk_id`` may be None): the fields
+        a file stores next to the words."""
+        return {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id, "unk_id": self.unk_id}
+
+    @property
+    def has_default_ids(self) -> bool:
+        """True for geocap's own layout (ids 0-3 = <pad>, <bos>, <eos>, <unk>)."""
+        return (self.pad_id, self.bos_id, self.eos_id, self.unk_id) == (PAD, BOS, EOS, UNK)
 
     def __len__(self) -> int:
         return len(self.words)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Vocabulary) and self.words == other.words
+        return isinstance(other, Vocabulary) and self.words == other.words and self.special_ids == other.special_ids
 
     def __repr__(self) -> str:
-        return f"Vocabulary({len(self)} words, min_count={self.min_count})"
+        ids = "" if self.has_default_ids else ", " + ", ".join(f"{k}={v}" for k, v in self.special_ids.items())
+        return f"Vocabulary({len(self)} words, min_count={self.min_count}{ids})"
 
     @property
     def sha1(self) -> str:
-        """Fingerprint of the word list (recorded in captions.h5)."""
-        return hashlib.sha1("\n".join(self.words).encode()).hexdigest()
+        """Fingerprint of the word list, and of the special ids when they are not the defaults
+        (recorded in captions.h5)."""
+        text = "\n".join(self.words)
+        if not self.has_default_ids:
+            text += "\n" + json.dumps(self.special_ids, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()
 
     def encode(self, tokens: Iterable[str], max_len: Optional[int] = None) -> list:
-        """Word ids of ``tokens`` (unknown words, and the special tokens' own spellings, ->
-        <unk>), the first ``max_len`` only; no <bos>/<eos>."""
-        ids = [i if (i := self.index.get(t, UNK)) >= len(SPECIALS) else UNK for t in tokens]
+        """Word ids of ``tokens`` (unknown words, and the words at the pad/bos/eos ids, -> ``unk_id``;
+        ValueError naming the word when the vocabulary has no ``unk_id``), the first ``max_len``
+        only; no <bos>/<eos>."""
+        specials = {self.pad_id, self.bos_id, self.eos_id}
+        ids = []
+        for t in tokens:
+            i = self.index.get(t)
+            if i is None or i in specials:
+                if self.unk_id is None:
+                    raise ValueError(f"word {t!r} is not in the vocabulary, which has no unknown-word id")
+                i = self.unk_id
+            ids.append(i)
         return ids if max_len is None else ids[:max_len]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Words of ``ids`` joined by spaces, stopping at <eos> or <pad>; <bos> skipped."""
+        """Words of ``ids`` joined by spaces, stopping at ``eos_id`` or ``pad_id``; ``bos_id`` skipped
+        (when it is neither)."""
         out = []
         for i in ids:
             i = int(i)
-            if i in (EOS, PAD):
+            if i in (self.eos_id, self.pad_id):
                 break
-            if i != BOS:
+            if i != self.bos_id:
                 out.append(self.words[i])
         return " ".join(out)
 
     def save(self, path) -> None:
         write_text_atomic(os.fspath(path), json.dumps(
             {"format": VOCAB_FORMAT, "format_version": FORMAT_VERSION, "min_count": self.min_count,
-             "words": self.words}, ensure_ascii=False))
+             "words": self.words, **self.special_ids}, ensure_ascii=False))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Vocabulary":
+        """The vocabulary of ``{"words": [...], "min_count": ..., "pad_id": ..., ...}`` (the special
+        ids optional: absent ones take the defaults); ValueError when it is not one."""
+        words = data.get("words") if isinstance(data, dict) else None
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError("'words' must be a list of strings")
+        defaults = {"pad_id": PAD, "bos_id": BOS, "eos_id": EOS, "unk_id": UNK}
+        ids = {k: data.get(k, v) for k, v in defaults.items()}
+        return cls(words, data.get("min_count"), **ids)
+
+    def to_dict(self) -> dict:
+        """``{"words", "min_count", "pad_id", "bos_id", "eos_id", "unk_id"}``: plain data, the
+        inverse of :meth:`from_dict`."""
+        return {"words": list(self.words), "min_count": self.min_count, **self.special_ids}
 
     @classmethod
     def load(cls, path) -> "Vocabulary":
@@ -126,11 +191,8 @@ class Vocabulary:
         if data.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{path}: vocabulary format version {data.get('format_version')}; this geocap reads "
                             f"version {FORMAT_VERSION}")
-        words = data.get("words")
-        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-            raise DataError(f"{path}: 'words' must be a list of strings")
         try:
-            return cls(words, data.get("min_count"))
+            return cls.from_dict(data)
         except ValueError as err:
             raise DataError(f"{path}: {err}") from None
 
@@ -197,7 +259,8 @@ def encode_captions(captions: CaptionSet, vocab: Vocabulary, max_len: int = 16, 
     code = {name: i for i, name in enumerate(names)}
     m = len(items)
     out = EncodedCaptions(vocab=vocab, image_id=np.empty(m, np.int64), caption_id=np.empty(m, np.int64),
-                          split=np.empty(m, np.uint8), split_names=names, tokens=np.zeros((m, max_len), np.int32),
+                          split=np.empty(m, np.uint8), split_names=names,
+                          tokens=np.full((m, max_len), vocab.pad_id, np.int32),
                           length=np.empty(m, np.int32), reference=[""] * m, max_len=max_len)
     for row, k in enumerate(progress_bar(order, enabled=progress, unit="cap", desc="encoding captions")):
         cap = items[k]
