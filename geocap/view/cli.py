@@ -1,0 +1,78 @@
+"""``geocap view DUMP --out DIR``: the static attention viewer of a dump (see geocap.view.site)."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return value
+
+
+def report_href(report, out_dir) -> str | None:
+    """The link from the site's pages to ``report`` (a path), relative to ``out_dir``; None for None."""
+    if report is None:
+        return None
+    href = os.path.relpath(os.path.abspath(report), os.path.abspath(out_dir))
+    return Path(href).as_posix()
+
+
+def run_view(args) -> int:
+    """Handler of ``geocap view``: open the dump, build the site, print where it is."""
+    from geocap.data.dump_format import open_dump
+    from geocap.view.site import build_site
+
+    dump = open_dump(args.dump)
+    summary = build_site(dump, args.out, images_dir=args.images, limit=args.limit or None,
+                         report_href=report_href(args.report, args.out), progress=args.progress,
+                         page_size=args.page_size, title=os.path.basename(os.path.normpath(args.dump)),
+                         grouped=True)          # a dump stores its records image by image
+    missing = ", ".join(f"{name} in {count}" for name, count in summary.missing.items() if count)
+    print(f"viewer: {summary.images} images, {summary.records} records "
+          f"({summary.images_with_file} with image files), {summary.files} files, "
+          f"{summary.bytes / 1e6:.1f} MB in {summary.seconds:.1f} s")
+    if missing:
+        print(f"records without maps: {missing}")
+    print(f"open {Path(args.out) / 'index.html'}")
+    return 0
+
+
+def add_view_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``geocap view`` on an argparse subparsers object; returns its parser. The handler
+    (``args.func(args)``) returns 0 or raises ValueError for bad options or data."""
+    parser = subparsers.add_parser(
+        "view", help="write a static attention viewer (HTML, no network) for a dump",
+        description="Write a static site for browsing a dump's attention: an index of its images "
+                    "(searchable by id and caption words, paged) and a page per image with its boxes "
+                    "shaded by encoder, cross and decoder attention per layer and head. Open "
+                    "DIR/index.html from disk or any static server.")
+    parser.add_argument("dump", metavar="DUMP", help="an attention dump (geocap dump)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder of the site (replaced atomically; must be empty, absent or an earlier site)")
+    parser.add_argument("--images", default=None, metavar="IMAGE_DIR",
+                        help="folder of the image files, named by id as COCO names them; they are hard-linked "
+                             "into DIR/images (copied across file systems). Default: boxes on blank canvases")
+    parser.add_argument("--limit", type=_non_negative, default=0, metavar="N",
+                        help="only the first N images of the dump (default 0: all)")
+    parser.add_argument("--report", default=None, metavar="PATH",
+                        help="the analysis report to link to (its path; the link is made relative to DIR)")
+    parser.add_argument("--page-size", type=_positive, default=100, metavar="K",
+                        help="images per index page and per data file of the index (default 100)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (it is off anyway when stderr is not a terminal)")
+    parser.set_defaults(func=run_view)
+    return parser

@@ -1,0 +1,151 @@
+"""Turn attention records into the viewer's compact, JSON-able per-record data.
+
+Encoding (read by ``static/common.js``; the two must agree):
+
+- Attention maps: float16, little-endian, C order, base64 — ``{"shape": [L, H, R, C], "f16": "..."}``.
+  float16 keeps ~3.3 significant digits (relative error <= 2**-11 for values >= 6.1e-5, absolute
+  error <= 3e-8 below), plenty for shading; the values shown and put in ``data-attention`` are
+  exactly the float16 values, and "mean over heads" is the mean of those.
+- Boxes: normalised (x1, y1, x2, y2) rounded to 4 decimals (1/10 pixel on a 1000-pixel image).
+- Entropies: the mean over rows of each ``[L, H, rows]`` array, ``[L][H]`` nats rounded to 4
+  significant digits (the per-layer plot averages them over heads).
+- Labels: per box its name from the dump's ``label_names``, else ``"#<id>"``; null for a
+  negative (unknown) id, and no list at all when every id is unknown.
+- Search words: lower-cased runs of letters, digits and ``_`` (``\\w+``); the bucket of a word is
+  the 32-bit FNV-1a hash of its UTF-16 code units modulo the bucket count.
+"""
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+
+from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
+
+MAP_TITLES = {"encoder_self": "encoder self-attention", "decoder_self": "decoder self-attention",
+              "cross": "cross-attention"}
+_WORD = re.compile(r"\w+")
+_BOX_TOLERANCE = 1e-3
+
+
+def encode_f16(array: np.ndarray) -> dict:
+    """``{"shape": [...], "f16": base64 of little-endian float16 in C order}``."""
+    data = np.ascontiguousarray(array, dtype="<f2")
+    return {"shape": list(data.shape), "f16": base64.b64encode(data.tobytes()).decode("ascii")}
+
+
+def decode_f16(encoded: dict) -> np.ndarray:
+    """Inverse of :func:`encode_f16` (float16 array of the stored shape)."""
+    raw = base64.b64decode(encoded["f16"])
+    return np.frombuffer(raw, dtype="<f2").reshape(encoded["shape"])
+
+
+def caption_text(tokens) -> str:
+    """The caption as words: the tokens without the final ``"<eos>"``."""
+    words = list(tokens)
+    if words and words[-1] == "<eos>":
+        words = words[:-1]
+    return " ".join(str(w) for w in words)
+
+
+def words_of(text: str) -> list:
+    """The search words of a text (lower-cased ``\\w+`` runs), in order, with repeats."""
+    return _WORD.findall(text.lower())
+
+
+def word_bucket(word: str, buckets: int) -> int:
+    """FNV-1a (32 bit) over the UTF-16 code units of ``word``, modulo ``buckets`` (as common.js)."""
+    h = 0x811C9DC5
+    raw = word.encode("utf-16-le")
+    for i in range(0, len(raw), 2):
+        h ^= raw[i] | (raw[i + 1] << 8)
+        h = (h * 0x01000193) & 0xFFFFFFFF
+    return h % buckets
+
+
+def label_names_from(metadata) -> dict:
+    """``{label id: name}`` from ``metadata["label_names"]`` (a list indexed by id, or a dict);
+    empty when absent."""
+    names = (metadata or {}).get("label_names")
+    if names is None:
+        return {}
+    if isinstance(names, dict):
+        return {int(k): str(v) for k, v in names.items()}
+    return {i: str(v) for i, v in enumerate(names)}
+
+
+def _where(record: Record) -> str:
+    return f"image {record.image_id} (caption {record.caption_id}, {record.kind})"
+
+
+def _check_values(record: Record) -> None:
+    boxes = np.asarray(record.boxes, dtype=np.float64)
+    if boxes.size and not np.isfinite(boxes).all():
+        raise ValueError(f"record of {_where(record)}: boxes hold NaN or inf")
+    if boxes.size and (boxes.min() < -_BOX_TOLERANCE or boxes.max() > 1 + _BOX_TOLERANCE):
+        raise ValueError(f"record of {_where(record)}: boxes must be normalised to [0, 1] "
+                         f"(got values in [{boxes.min():.4g}, {boxes.max():.4g}]; pixels?)")
+    if boxes.size and ((boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any()):
+        raise ValueError(f"record of {_where(record)}: a box has x2 < x1 or y2 < y1")
+    for name in MAP_NAMES + tuple(ENTROPY_NAMES.values()):
+        value = getattr(record, name)
+        if value is not None and not np.isfinite(value).all():
+            raise ValueError(f"record of {_where(record)}: {name} holds NaN or inf")
+
+
+def encode_record(record: Record, label_names: dict, cache: dict | None = None) -> dict:
+    """One record as the viewer's JSON-able dict (see the module docstring); validates it first
+    (``ValueError`` naming the image, caption and field). ``cache``: a dict kept across the
+    records of one image; a map whose memory (address, shape, strides) was encoded already is
+    not encoded again (the records of an image share their encoder map)."""
+    if not isinstance(record, Record):
+        raise ValueError(f"expected a geocap.data.attention_record.Record, got {type(record).__name__}")
+    record.validate()
+    _check_values(record)
+    if int(record.image_id) < 0:
+        raise ValueError(f"record of {_where(record)}: image_id must be >= 0")
+    n = record.num_objects
+    labels = None
+    if record.labels is not None:            # a negative id is an unknown label
+        labels = [label_names.get(int(x), f"#{int(x)}") if int(x) >= 0 else None
+                  for x in np.asarray(record.labels).tolist()]
+        if all(name is None for name in labels):
+            labels = None
+    out = {
+        "kind": record.kind,
+        "caption_id": int(record.caption_id),
+        "tokens": [str(t) for t in record.tokens],
+        "boxes": np.round(np.asarray(record.boxes, dtype=np.float64), 4).tolist(),
+        "labels": labels,
+        "maps": {},
+        "entropy": {},
+    }
+    for name in ("referents", "source_referents"):
+        value = getattr(record, name)
+        out[name] = None if value is None else np.asarray(value).astype(int).tolist()
+    for name in MAP_NAMES:
+        value = getattr(record, name)
+        out["maps"][name] = None if value is None else _encode_cached(value, cache)
+        ent = getattr(record, ENTROPY_NAMES[name])
+        if ent is None or ent.shape[-1] == 0:
+            out["entropy"][name] = None
+        else:
+            means = np.asarray(ent, dtype=np.float64).mean(axis=-1)
+            out["entropy"][name] = [[float(f"{v:.4g}") for v in row] for row in means.tolist()]
+    out["num_objects"] = n
+    return out
+
+
+def _encode_cached(value, cache):
+    if cache is None or not isinstance(value, np.ndarray):
+        return encode_f16(value)
+    key = (value.__array_interface__["data"][0], value.shape, value.strides, value.dtype.str)
+    if key not in cache:                 # the array is kept too, so its address cannot be reused
+        cache[key] = (value, encode_f16(value))
+    return cache[key][1]
+
+
+def kind_order(kind: str) -> int:
+    """Sort key of a record kind: reference, generated, hypothetical."""
+    return KINDS.index(kind) if kind in KINDS else len(KINDS)

@@ -1,0 +1,322 @@
+"""Write the static attention viewer for any iterable of attention records.
+
+Layout of the site (open ``index.html`` from disk or from any static server; nothing is fetched
+from the network):
+
+- ``index.html``, ``image.html`` and ``static/`` (the scripts and styles, copied from
+  ``geocap/view/static``);
+- ``data/manifest.js``: totals, the index pages' id ranges, the word-bucket count, label and
+  report information;
+- ``data/index/pNNNNN.js``: one index page (``page_size`` images, sorted by id): per image its
+  id, object count, captions and whether an image file is known;
+- ``data/words/bNNNN.js``: one bucket of the word index, ``{word: delta-encoded sorted image ids}``;
+- ``data/img/<id % 1000 as 3 digits>/<id>.js``: everything the image page shows for one image
+  (all its records; an encoder map shared by several records is stored once);
+- ``images/<id>.<ext>``: the image files found in ``images_dir`` (hard links when possible,
+  else copies).
+
+Every data file is a small script calling ``geocapData(key, value)``, loaded on demand by adding
+a ``<script>`` tag: ``fetch()`` of local JSON is refused on ``file://`` pages in Chromium, script
+tags work from disk and from a server alike, so the site has a single loading path. The value is
+JSON (written by ``json.dumps``) and is read back only as JSON (never executed) when the builder
+merges records of an image that arrive apart.
+
+The site is built in a temporary folder beside ``out_dir`` and renamed into place when complete;
+an existing ``out_dir`` is replaced only when it is empty or an earlier viewer site.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from geocap.data.atomic import write_text_atomic
+from geocap.data.store import progress_bar
+from geocap.view.encode import caption_text, encode_record, kind_order, label_names_from, word_bucket, words_of
+
+STATIC_DIR = Path(__file__).with_name("static")
+HTML_PAGES = ("index.html", "image.html")
+MARKER = "geocap-view.json"
+FORMAT_VERSION = 1
+DEFAULT_PAGE_SIZE = 100
+_IMAGE_FILE = re.compile(r"(\d+)\.(jpe?g|png|gif|webp|bmp)$", re.IGNORECASE)
+_CALL = "geocapData("
+
+
+@dataclass
+class SiteSummary:
+    """What :func:`build_site` wrote."""
+
+    out_dir: Path
+    images: int
+    records: int
+    images_with_file: int
+    bytes: int
+    files: int
+    seconds: float
+    missing: dict        # map name -> number of records without it
+
+
+def image_data_key(image_id: int) -> str:
+    """Path of an image's data file under ``data/`` (as ``Geocap.imageKey`` in static/common.js)."""
+    return f"img/{image_id % 1000:03d}/{image_id}.js"
+
+
+def find_images(images_dir) -> dict:
+    """``{image id: path}`` for the files of ``images_dir`` whose names end in ``<digits>.<ext>``
+    (COCO's ``COCO_val2014_000000391895.jpg`` and ``000000391895.jpg`` alike)."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise ValueError(f"--images: {images_dir} is not a folder")
+    found = {}
+    for entry in sorted(os.scandir(images_dir), key=lambda e: e.name):
+        match = _IMAGE_FILE.search(entry.name)
+        if match and entry.is_file():
+            found.setdefault(int(match.group(1)), Path(entry.path))
+    return found
+
+
+def _write_js(path: Path, key: str, value) -> int:
+    text = f"{_CALL}{json.dumps(key)},{json.dumps(value, separators=(',', ':'), allow_nan=False)});\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return len(text)
+
+
+def _read_js(path: Path):
+    """The JSON value of a data file this module wrote (parsed as JSON, never run)."""
+    text = path.read_text(encoding="utf-8")
+    start = text.index(",", len(_CALL)) + 1
+    return json.loads(text[start:text.rindex(");")])
+
+
+def _pack_image(image_id: int, records: list, size, image_href) -> dict:
+    """The image file's value: records sorted (kind, caption id, arrival), encoders de-duplicated."""
+    records = sorted(records, key=lambda r: (kind_order(r["kind"]), r["caption_id"]))
+    encoders, packed = [], []
+    for rec in records:
+        rec = dict(rec, maps=dict(rec["maps"]))
+        enc = rec["maps"]["encoder_self"]
+        if isinstance(enc, dict):
+            for k, seen in enumerate(encoders):
+                if seen == enc:
+                    rec["maps"]["encoder_self"] = k
+                    break
+            else:
+                encoders.append(enc)
+                rec["maps"]["encoder_self"] = len(encoders) - 1
+        packed.append(rec)
+    width, height = size if size else (None, None)
+    return {"id": image_id, "width": width, "height": height, "image": image_href,
+            "encoders": encoders, "records": packed}
+
+
+def _unpack_records(value: dict) -> list:
+    out = []
+    for rec in value["records"]:
+        rec = dict(rec, maps=dict(rec["maps"]))
+        if isinstance(rec["maps"]["encoder_self"], int):
+            rec["maps"]["encoder_self"] = value["encoders"][rec["maps"]["encoder_self"]]
+        out.append(rec)
+    return out
+
+
+def _size_from(extra: dict):
+    try:
+        width, height = float(extra.get("width")), float(extra.get("height"))
+    except (TypeError, ValueError):
+        return None
+    return (width, height) if width > 0 and height > 0 and math.isfinite(width * height) else None
+
+
+class _Builder:
+    def __init__(self, root: Path, images_dir, label_names: dict):
+        self.root, self.label_names = root, label_names
+        self.images_dir = Path(images_dir) if images_dir is not None else None
+        self.images = find_images(images_dir) if images_dir is not None else {}
+        self.summaries = {}          # image id -> index entry
+        self.words = {}              # word -> set of image ids
+        self.records = 0
+        self.missing = {"encoder_self": 0, "decoder_self": 0, "cross": 0}
+        self.with_file = 0
+
+    def _image_href(self, image_id: int, extras: list):
+        path = self.images.get(image_id)
+        if path is None and self.images_dir is not None:
+            for extra in extras:
+                name = extra.get("file_name")
+                if isinstance(name, str) and name and (self.images_dir / name).is_file():
+                    path = self.images_dir / name
+                    break
+        if path is None:
+            return None
+        target = self.root / "images" / f"{image_id}{path.suffix.lower()}"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copyfile(path, target)
+            self.with_file += 1
+        return f"images/{target.name}"
+
+    def flush(self, image_id: int, encoded: list, extras: list) -> None:
+        key = image_data_key(image_id)
+        path = self.root / "data" / key
+        size = next((s for s in map(_size_from, extras) if s), None)
+        if image_id in self.summaries:           # records of this image arrived apart: merge
+            old = _read_js(path)
+            encoded = _unpack_records(old) + encoded
+            if size is None and old["width"]:
+                size = (old["width"], old["height"])
+        href = self._image_href(image_id, extras)
+        value = _pack_image(image_id, encoded, size, href)
+        _write_js(path, key, value)
+        captions = [[rec["kind"], caption_text(rec["tokens"])] for rec in value["records"]]
+        self.summaries[image_id] = {"id": image_id, "n": value["records"][0]["num_objects"],
+                                    "caps": captions, "img": href is not None}
+        for _, text in captions:
+            for word in words_of(text):
+                self.words.setdefault(word, set()).add(image_id)
+
+    def count(self, enc: dict) -> None:
+        self.records += 1
+        for name, value in enc["maps"].items():
+            if value is None:
+                self.missing[name] += 1
+
+    def finish(self, page_size: int, title: str, report_href) -> None:
+        ids = sorted(self.summaries)
+        pages = []
+        for start in range(0, len(ids), page_size):
+            chunk = ids[start:start + page_size]
+            key = f"index/p{len(pages):05d}.js"
+            _write_js(self.root / "data" / key, key, [self.summaries[i] for i in chunk])
+            pages.append([chunk[0], chunk[-1], len(chunk)])
+        buckets = max(1, min(4096, math.ceil(len(self.words) / 64)))
+        grouped = [{} for _ in range(buckets)]
+        for word, image_ids in self.words.items():
+            ordered = sorted(image_ids)
+            grouped[word_bucket(word, buckets)][word] = [ordered[0]] + [b - a for a, b in zip(ordered, ordered[1:])]
+        for k, group in enumerate(grouped):
+            key = f"words/b{k:04d}.js"
+            _write_js(self.root / "data" / key, key, group)
+        manifest = {
+            "version": FORMAT_VERSION, "title": str(title), "images": len(ids), "records": self.records,
+            "page_size": page_size, "pages": pages, "word_buckets": buckets,
+            "missing": self.missing, "report_href": report_href,
+            "label_names_known": bool(self.label_names),
+        }
+        _write_js(self.root / "data" / "manifest.js", "manifest.js", manifest)
+
+
+def _check_out_dir(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder")
+    if any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ValueError(f"--out: {out} is not empty and is not a geocap view site; refusing to replace it")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old.exists():
+            os.rename(old, out)
+        raise
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, report_href=None,
+               progress=True, page_size: int = DEFAULT_PAGE_SIZE, title=None, grouped: bool = False) -> SiteSummary:
+    """Write the viewer for ``records`` (any iterable of :class:`~geocap.data.attention_record.Record`,
+    e.g. ``geocap.data.dump_format.open_dump(path)``) to ``out_dir``, atomically; returns a
+    :class:`SiteSummary`.
+
+    - Records are grouped by ``image_id``, in any order (an image's records need not be adjacent);
+      on its page they are sorted reference, generated, hypothetical, then by caption id.
+    - ``images_dir``: folder of image files named by id (COCO names; else a record's
+      ``extra["file_name"]`` in that folder); images without a file are drawn on a blank canvas.
+    - ``limit``: keep the first ``limit`` images in record order; None: all. The iterable is read
+      to the end (for records of those images that come later) unless ``grouped``: the records of
+      each image are adjacent (as in a geocap dump, written image by image), so reading stops at
+      the first record of image ``limit + 1``.
+    - ``metadata``: the dump's metadata (default ``records.metadata`` when present);
+      ``metadata["label_names"]`` (a list indexed by label id, or a dict) names the boxes.
+    - ``report_href``: link to the analysis report, relative to ``out_dir`` (None: no link).
+    - ``title``: the name the pages show (default ``metadata["title"]``, else "attention dump").
+    - ``page_size``: images per index page.
+    - Image sizes come from ``record.extra["width"]`` / ``["height"]``, else from the image file;
+      without either the page draws a 4:3 canvas and says so.
+
+    Raises ``ValueError`` for bad records (naming the image) or options; on any error the previous
+    ``out_dir`` is left as it was and no temporary folder remains.
+    """
+    started = time.perf_counter()
+    out = Path(out_dir)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+    _check_out_dir(out)
+    if metadata is None:
+        metadata = getattr(records, "metadata", None) or {}
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise ValueError(f"--images: {images_dir} is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        shutil.copytree(STATIC_DIR, tmp / "static", ignore=shutil.ignore_patterns(".keep", *HTML_PAGES))
+        for page in HTML_PAGES:
+            shutil.copyfile(STATIC_DIR / page, tmp / page)
+        builder = _Builder(tmp, images_dir, label_names_from(metadata))
+        current, encoded, extras, cache = None, [], [], {}
+        for record in progress_bar(records, enabled=progress, unit="record", desc="geocap view"):
+            image_id = int(getattr(record, "image_id", -1))
+            if image_id != current:
+                if current is not None:
+                    builder.flush(current, encoded, extras)
+                current, encoded, extras, cache = None, [], [], {}
+                if limit is not None and image_id not in builder.summaries and len(builder.summaries) >= limit:
+                    if grouped:
+                        break
+                    continue
+                current = image_id
+            enc = encode_record(record, builder.label_names, cache)
+            builder.count(enc)
+            encoded.append(enc)
+            extras.append(record.extra or {})
+        if current is not None:
+            builder.flush(current, encoded, extras)
+        if not builder.summaries:
+            raise ValueError("no records to view (an empty dump, or --limit 0)")
+        builder.finish(page_size, title or metadata.get("title") or "attention dump", report_href)
+        write_text_atomic(tmp / MARKER, json.dumps({"format": "geocap-view", "version": FORMAT_VERSION,
+                                                    "images": len(builder.summaries),
+                                                    "records": builder.records}) + "\n")
+        files, size = 0, 0
+        for dirpath, _, names in os.walk(tmp):
+            for name in names:
+                files += 1
+                size += os.stat(os.path.join(dirpath, name)).st_size
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SiteSummary(out_dir=out, images=len(builder.summaries), records=builder.records,
+                       images_with_file=builder.with_file, bytes=size, files=files,
+                       seconds=time.perf_counter() - started, missing=dict(builder.missing))

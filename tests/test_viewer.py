@@ -1,0 +1,436 @@
+"""``geocap view``: the site builder (no browser) and the pages driven in a real headless Chromium.
+
+The browser tests need Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``,
+``/usr/bin/chromedriver``; ``.ci/run`` installs them). Without them they are skipped, unless
+``GEOCAP_REQUIRE_BROWSER=1`` (CI), where they fail. The site is served from 127.0.0.1 by
+``http.server`` in a thread; one test also opens it from ``file://``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import io
+import json
+import os
+import re
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from geocap.view import build_site
+from geocap.view.cli import add_view_parser, report_href
+from geocap.view.encode import decode_f16, encode_f16, encode_record, label_names_from, word_bucket, words_of
+from geocap.view.site import MARKER, image_data_key
+from geocap.view.synthetic import synthetic_records
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+REQUIRE_BROWSER = os.environ.get("GEOCAP_REQUIRE_BROWSER") == "1"
+IDS = [3, 12, 40, 41, 300, 1001, 2048]
+LABEL_NAMES = ["person", "dog", "bus", "tree"]
+L, H, N, T = 2, 3, 5, 6
+PAGE_SIZE = 3
+WAIT_S = 10
+
+
+def _records():
+    """Three records per image (reference, reference, generated), with chosen captions for the
+    search tests, one record without cross-attention, sizes for some images, and image 12's
+    generated record last (its records are not adjacent)."""
+    recs = list(synthetic_records(IDS, objects=N, tokens=T, layers=L, heads=H, captions=3, labels=4, seed=1))
+    by_image = {i: [r for r in recs if r.image_id == i] for i in IDS}
+    by_image[40][0].tokens = ["a", "zebra", "and", "a", "giraffe", "<eos>"]
+    by_image[41][0].tokens = ["one", "okapi", "near", "a", "giraffe", "<eos>"]
+    by_image[41][2].cross = None
+    by_image[41][2].cross_entropy = None
+    by_image[3][0].extra = {"width": 200, "height": 100}
+    by_image[12][0].extra = {"width": 500, "height": 375}
+    late = by_image[12][2]
+    return [r for r in recs if r is not late] + [late]
+
+
+def _write_images(folder):
+    from PIL import Image
+
+    folder.mkdir()
+    x = np.linspace(0, 255, 500, dtype=np.float64)
+    y = np.linspace(0, 255, 375, dtype=np.float64)
+    pixels = np.stack([np.add.outer(y * 0, x), np.add.outer(y, x * 0), np.add.outer(y, x) / 2], axis=-1)
+    Image.fromarray(pixels.astype(np.uint8)).save(folder / "COCO_val2014_000000000012.png")
+    Image.fromarray(pixels[:100, :100].astype(np.uint8)).save(folder / "000000002048.png")
+    (folder / "COCO_val2014_000000001001.jpg").write_bytes(b"not an image at all")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return _records()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, records):
+    root = tmp_path_factory.mktemp("viewer")
+    _write_images(root / "images")
+    out = root / "site"
+    summary = build_site(records, out, images_dir=root / "images", metadata={"label_names": LABEL_NAMES},
+                         report_href="../report/index.html", progress=False, page_size=PAGE_SIZE)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    out, _ = site
+    handler = functools.partial(_QuietHandler, directory=str(out))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def _check_browser(require: bool) -> None:
+    """Skip (or, when ``require``, fail) unless Debian's chromium and chromedriver are installed."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if missing:
+        reason = (f"no browser: {', '.join(missing)} missing (apt-get install chromium chromium-driver; "
+                  ".ci/run does it)")
+        if require:
+            pytest.fail(reason + " and GEOCAP_REQUIRE_BROWSER=1")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    _check_browser(REQUIRE_BROWSER)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1200,1000",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+# ---------------------------------------------------------------- helpers
+
+def _wait_ready(driver, ready):
+    """Wait until the page has rendered (body data-ready = "index" / "image") or shows an error."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == ready
+        or "error" in (d.find_element("id", "status").get_attribute("class") or ""))
+
+
+def _open(driver, url, ready):
+    driver.get("about:blank")
+    driver.get(url)
+    _wait_ready(driver, ready)
+    status = driver.find_element("id", "status")
+    assert "error" not in (status.get_attribute("class") or ""), status.text
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+
+
+def _select(driver, element_id, value):
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element("id", element_id)).select_by_value(str(value))
+
+
+def _values(driver, css, key):
+    """{int(attribute key): float(data-attention)} of the elements matching css that carry a value."""
+    out = {}
+    for node in driver.find_elements("css selector", css):
+        value = node.get_attribute("data-attention")
+        if value is not None:
+            out[int(node.get_attribute(key))] = float(value)
+    return out
+
+
+def _expected(array, layer, head, row):
+    """The row as the page must show it: the stored float16 values, or their mean over heads."""
+    values = np.asarray(array, dtype=np.float16).astype(np.float64)[layer]
+    return values[:, row].mean(axis=0) if head == "mean" else values[head, row]
+
+
+def _assert_row(shown: dict, expected):
+    assert sorted(shown) == list(range(len(expected))), shown
+    got = np.array([shown[i] for i in range(len(expected))])
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-7)
+
+
+def _page_records(records, image_id):
+    """The image's records in the page's order (kind, then caption id)."""
+    order = {"reference": 0, "generated": 1, "hypothetical": 2}
+    return sorted((r for r in records if r.image_id == image_id), key=lambda r: (order[r.kind], r.caption_id))
+
+
+def _index_ids(driver):
+    """The image ids the index lists now (read in one script: the list may be re-rendered meanwhile)."""
+    return driver.execute_script("return Array.from(document.querySelectorAll('#results .entry'), "
+                                 "e => Number(e.dataset.id));")
+
+
+# ---------------------------------------------------------------- builder (no browser)
+
+def test_encoding_roundtrip_and_words():
+    x = np.random.default_rng(0).random((2, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(decode_f16(encode_f16(x)), x.astype(np.float16))
+    assert words_of("A man, riding <unk> BUS_2!") == ["a", "man", "riding", "unk", "bus_2"]
+    rec = next(synthetic_records([9], objects=3, tokens=4, layers=1, heads=2, captions=1))
+    rec.labels = np.array([-1, 2, 30])
+    assert encode_record(rec, label_names_from({"label_names": LABEL_NAMES}))["labels"] == [None, "bus", "#30"]
+    rec.labels = np.array([-1, -1, -1])
+    assert encode_record(rec, {})["labels"] is None
+    buckets = {word_bucket(w, 7) for w in ("a", "dog", "giraffe", "zebra", "okapi", "bus", "tree", "café")}
+    assert buckets <= set(range(7)) and len(buckets) > 1
+
+
+def test_missing_browser_skips_or_fails(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMEDRIVER", "/nonexistent/chromedriver")
+    with pytest.raises(pytest.skip.Exception, match="/nonexistent/chromedriver missing"):
+        _check_browser(require=False)
+    with pytest.raises(pytest.fail.Exception, match="GEOCAP_REQUIRE_BROWSER=1"):
+        _check_browser(require=True)
+
+
+def test_site_files_and_grouping(site, records):
+    out, summary = site
+    assert summary.images == len(IDS) and summary.records == len(records)
+    assert summary.images_with_file == 3 and summary.missing == {"encoder_self": 0, "decoder_self": 0, "cross": 1}
+    assert json.loads((out / MARKER).read_text())["images"] == len(IDS)
+    assert not list(out.parent.glob(".site.*"))                # no temporary folder left
+    text = (out / "data" / image_data_key(12)).read_text()
+    value = json.loads(text[text.index(",") + 1:text.rindex(");")])
+    assert [r["kind"] for r in value["records"]] == ["reference", "reference", "generated"]
+    assert len(value["encoders"]) == 1                           # one encoder map shared by the 3 records
+    assert value["image"] == "images/12.png" and (value["width"], value["height"]) == (500, 375)
+    for path in out.rglob("*"):                                  # every asset local (the SVG namespace aside)
+        if path.suffix in (".html", ".js", ".css"):
+            assert not re.search(r"(?i)(https?:)?//(?!www\.w3\.org/2000/svg)[a-z0-9.-]+\.[a-z]", path.read_text()), path
+
+
+def test_rebuild_replaces_site_and_bad_input_leaves_it(tmp_path, records):
+    out = tmp_path / "site"
+    build_site(records[:3], out, progress=False)
+    first = (out / "data" / "manifest.js").read_text()
+    build_site(records, out, progress=False, limit=2)
+    manifest = (out / "data" / "manifest.js").read_text()
+    assert manifest != first and '"images":2' in manifest
+    # limit keeps the first two images in record order, with all their records
+    assert sorted(int(p.stem) for p in (out / "data" / "img").rglob("*.js")) == [3, 12]
+    assert '"records":6' in manifest
+    # grouped records: reading stops at the first record of the image after the limit
+    def grouped_records():
+        yield from (r for r in records if r.image_id in (3, 40))
+        raise AssertionError("read past the limit")
+    assert build_site(grouped_records(), tmp_path / "grouped", progress=False, limit=1, grouped=True).records == 3
+    bad = list(records[:3])
+    bad[1] = synthetic_records([77], objects=N, tokens=T, layers=L, heads=H, captions=1).__next__()
+    bad[1].cross = bad[1].cross.astype(np.float32)
+    bad[1].cross[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="image 77.*cross holds NaN"):
+        build_site(bad, out, progress=False)
+    assert (out / "data" / "manifest.js").read_text() == manifest   # the old site, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grouped", "site"]   # no temporary folder left
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a geocap view site"):
+        build_site(records, other, progress=False)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="no records"):
+        build_site([], tmp_path / "empty", progress=False)
+    pixel_boxes = synthetic_records([5], objects=N, tokens=T, layers=L, heads=H, captions=1).__next__()
+    pixel_boxes.boxes = pixel_boxes.boxes * 640
+    with pytest.raises(ValueError, match="image 5.*normalised"):
+        build_site([pixel_boxes], tmp_path / "pixels", progress=False)
+
+
+def test_cli_builds_site_from_dump(tmp_path, records, monkeypatch, capsys):
+    import geocap.data.dump_format as dump_format
+
+    class FakeDump(list):
+        metadata = {"label_names": LABEL_NAMES}
+
+    opened = []
+    monkeypatch.setattr(dump_format, "open_dump", lambda path: opened.append(path) or FakeDump(records))
+    parser = argparse.ArgumentParser()
+    add_view_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "view"
+    args = parser.parse_args(["view", str(tmp_path / "dump"), "--out", str(out), "--limit", "2",
+                              "--report", str(tmp_path / "report" / "index.html"), "--no-progress"])
+    assert args.func(args) == 0
+    assert opened == [str(tmp_path / "dump")] and "2 images" in capsys.readouterr().out
+    manifest = (out / "data" / "manifest.js").read_text()
+    assert '"report_href":"../report/index.html"' in manifest and '"label_names_known":true' in manifest
+    assert report_href(None, out) is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["view", "d", "--out", "o", "--limit", "-1"])
+
+
+# ---------------------------------------------------------------- in the browser
+
+def test_shading_equals_dump_values(browser, server, records):
+    from selenium.webdriver.common.by import By
+
+    recs = _page_records(records, 12)
+    _open(browser, server + "image.html#id=12", "image")
+    assert browser.find_element(By.ID, "canvas").get_attribute("data-background") == "image"
+    resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
+    assert resources and all(r.startswith(server) for r in resources), resources   # nothing from elsewhere
+    assert browser.find_element(By.ID, "report-link").get_attribute("href").endswith("/report/index.html")
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#objects .object")]
+    assert labels == [f"{i}: {LABEL_NAMES[k]}" for i, k in enumerate(recs[0].labels)]
+    for layer, head in ((1, 2), (0, "mean")):
+        _select(browser, "layer", layer)
+        _select(browser, "head", head)
+        # an object: every box shaded by the encoder self-attention it receives from object 3
+        obj = browser.find_element(By.CSS_SELECTOR, '#objects .object[data-index="3"]')
+        obj.click()
+        assert browser.find_element(By.ID, "stage").get_attribute("data-shading") == "encoder_self"
+        _assert_row(_values(browser, "rect.box", "data-index"), _expected(recs[0].encoder_self, layer, head, 3))
+        # a token: boxes by cross-attention of step 2, words by decoder self-attention of step 2
+        browser.find_element(By.CSS_SELECTOR, '.token[data-step="2"]').click()
+        assert browser.find_element(By.ID, "stage").get_attribute("data-shading") == "cross"
+        _assert_row(_values(browser, "rect.box", "data-index"), _expected(recs[0].cross, layer, head, 2))
+        _assert_row(_values(browser, ".token", "data-input"), _expected(recs[0].decoder_self, layer, head, 2))
+        browser.find_element(By.ID, "clear-selection").click()
+    # fill opacity is proportional to the value (darkest = 0.8)
+    shown = _values(browser, "rect.box", "data-index")
+    assert shown == {}
+    browser.find_element(By.CSS_SELECTOR, '.token[data-step="4"]').click()
+    shown = _values(browser, "rect.box", "data-index")
+    top = max(shown.values())
+    for box in browser.find_elements(By.CSS_SELECTOR, "rect.box"):
+        value = float(box.get_attribute("data-attention"))
+        assert float(box.get_attribute("fill-opacity")) == pytest.approx(0.8 * value / top, abs=1e-3)
+    # another record of the image (the generated one, stored apart): its own maps
+    _select(browser, "record", 2)
+    _select(browser, "layer", 1)
+    _select(browser, "head", 0)
+    browser.find_element(By.CSS_SELECTOR, '.token[data-step="5"]').click()
+    _assert_row(_values(browser, "rect.box", "data-index"), _expected(recs[2].cross, 1, 0, 5))
+    _assert_row(_values(browser, ".token", "data-input"), _expected(recs[2].decoder_self, 1, 0, 5))
+    # the entropy plot shows the record's per-layer entropies of head 0
+    points = browser.find_elements(By.CSS_SELECTOR, '#entropy-plot circle[data-map="cross"]')
+    np.testing.assert_allclose([float(p.get_attribute("data-entropy")) for p in points],
+                               recs[2].cross_entropy[:, 0].mean(axis=-1), rtol=1e-3)
+    # the word bucket and the word rules of the page are those of the builder
+    words = ["a", "giraffe", "café", "naïve", "日本", "x_1"]
+    assert browser.execute_script("return arguments[0].map(w => Geocap.wordBucket(w, 97));", words) == \
+        [word_bucket(w, 97) for w in words]
+    text = "Ein Café, NAÏVE <unk> x_1!"
+    assert browser.execute_script("return Geocap.words(arguments[0]);", text) == words_of(text)
+
+
+def test_missing_maps_and_canvases(browser, server, records):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server + "image.html#id=41&r=2", "image")
+    notices = browser.find_elements(By.CSS_SELECTOR, "#notices .missing")
+    assert [n.get_attribute("data-map") for n in notices] == ["cross"]
+    assert "no cross-attention" in notices[0].text
+    browser.find_element(By.CSS_SELECTOR, '.token[data-step="1"]').click()
+    assert _values(browser, "rect.box", "data-index") == {}        # nothing to shade the boxes with
+    rec = _page_records(records, 41)[2]
+    _assert_row(_values(browser, ".token", "data-input"), _expected(rec.decoder_self, 0, "mean", 1))
+    assert "no cross-attention in this record" in browser.find_element(By.ID, "shading-info").text
+    # the records that have it show no notice
+    _select(browser, "record", 0)
+    assert browser.find_elements(By.CSS_SELECTOR, "#notices .missing") == []
+    # no image file, size known: blank canvas of the image's shape
+    _open(browser, server + "image.html#id=3", "image")
+    canvas = browser.find_element(By.ID, "canvas")
+    assert canvas.get_attribute("data-background") == "blank" and canvas.get_dom_attribute("viewBox") == "0 0 200 100"
+    # no image file, size unknown: a 4:3 blank canvas, and the page says so
+    _open(browser, server + "image.html#id=300", "image")
+    canvas = browser.find_element(By.ID, "canvas")
+    assert canvas.get_attribute("data-background") == "blank" and canvas.get_dom_attribute("viewBox") == "0 0 400 300"
+    assert "4:3" in browser.find_element(By.ID, "notices").text
+    # an image file that cannot be loaded: blank canvas too
+    _open(browser, server + "image.html#id=1001", "image")
+    assert browser.find_element(By.ID, "canvas").get_attribute("data-background") == "blank"
+    assert "could not be loaded" in browser.find_element(By.ID, "notices").text
+    # an image file and no size in the records: the file's own size
+    _open(browser, server + "image.html#id=2048", "image")
+    canvas = browser.find_element(By.ID, "canvas")
+    assert canvas.get_attribute("data-background") == "image" and canvas.get_dom_attribute("viewBox") == "0 0 100 100"
+    # an id the site does not hold: a clear error on the page
+    browser.get(server + "image.html#id=999")
+    _wait_ready(browser, "image")
+    status = browser.find_element(By.ID, "status")
+    assert status.get_attribute("class") == "error" and "image 999 is not in this site" in status.text
+    browser.get_log("browser")                                      # the expected 404, read and dropped
+
+
+def test_index_search_and_paging(browser, server, site):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def wait_for(ids):
+        WebDriverWait(browser, WAIT_S).until(lambda d: _index_ids(d) == ids)
+
+    _open(browser, server + "index.html", "index")
+    assert _index_ids(browser) == IDS[:3]
+    assert browser.find_element(By.ID, "page-number").text == "page 1 of 3"
+    browser.find_element(By.ID, "next-page").click()
+    wait_for(IDS[3:6])
+    browser.find_element(By.ID, "last-page").click()
+    wait_for(IDS[6:])
+    assert browser.find_element(By.ID, "report-link").get_attribute("href").endswith("/report/index.html")
+    notice = browser.find_element(By.CSS_SELECTOR, '#notices .missing[data-map="cross"]')
+    assert "1 of 21 records" in notice.text
+    for query, ids in (("zebra", [40]), ("giraffe", [40, 41]), ("Giraffe  OKAPI", [41]), ("1001", [1001]),
+                       ("no-such-word", [])):
+        box = browser.find_element(By.ID, "query")
+        box.clear()
+        box.send_keys(query)
+        browser.find_element(By.ID, "search-button").click()
+        said = f"{len(ids)} image{' matches' if len(ids) == 1 else 's match'} {json.dumps(query.strip())}"
+        WebDriverWait(browser, WAIT_S).until(
+            lambda d: d.find_element(By.ID, "status").get_attribute("textContent") == said,
+            message=f"status: {said!r} expected")
+        wait_for(ids)
+    # search results link to the image page, and the image page back to the index
+    browser.get(server + "index.html#q=giraffe")
+    wait_for([40, 41])
+    browser.find_element(By.CSS_SELECTOR, '.entry[data-id="41"] a.image-link').click()
+    _wait_ready(browser, "image")
+    assert browser.find_element(By.ID, "title").text == "Image 41"
+    browser.find_element(By.ID, "index-link").click()
+    _wait_ready(browser, "index")
+    # opened from disk (file://): the same data loads without a server
+    out, _ = site
+    _open(browser, (out / "index.html").as_uri() + "#p=2", "index")
+    assert _index_ids(browser) == IDS[3:6]
+
+
+def test_screenshot_is_not_blank(browser, server):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server + "image.html#id=12", "image")
+    browser.find_element(By.CSS_SELECTOR, '.token[data-step="1"]').click()
+    image = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("L"), dtype=np.float64)
+    assert image.std() > 20, image.std()
+    stage = browser.find_element(By.ID, "canvas").rect
+    scale = image.shape[1] / browser.execute_script("return window.innerWidth;")
+    top, left = int(stage["y"] * scale), int(stage["x"] * scale)
+    crop = image[top:top + int(stage["height"] * scale), left:left + int(stage["width"] * scale)]
+    assert crop.size and crop.std() > 20, crop.std()                # the image and the shaded boxes
