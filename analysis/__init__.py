@@ -1,3 +1,20 @@
-"""geocap.analysis: attention analyses over records (entropy, thematic clusters, proximity,
-grounding). Built on geocap.kernels and the record format only, so they apply to any model's
-records. The analyses themselves are not written yet (the dumps-and-analyses issue)."""
+"""geocap.analysis: the seed study's four attention analyses over records (entropy, thematic
+clusters, proximity, grounding). Built on geocap.kernels and the record format
+(geocap.data.attention_record) only, so they apply to any model's records.
+
+Each analysis is a function over any iterable of Records returning a result with ``to_json()``,
+``plot(path)`` and ``reading()``, built on a streaming, mergeable accumulator (``update``, ``merge``,
+``state``, ``from_state``, ``result``); :class:`StatsCollector` bundles the four (what
+``geocap dump --stats-only`` stores per shard) and :func:`run_analyses` writes analysis.json, the
+figures and report.md (``geocap analyze``).
+"""
+from .collector import StatsCollector
+from .entropy import EntropyAccumulator, EntropyResult, entropy
+from .grounding import GroundingAccumulator, GroundingResult, grounding
+from .proximity import ProximityAccumulator, ProximityResult, proximity
+from .report import collect, run_analyses
+from .thematic import ThematicAccumulator, ThematicResult, thematic
+
+__all__ = ["EntropyAccumulator", "EntropyResult", "GroundingAccumulator", "GroundingResult", "ProximityAccumulator",
+           "ProximityResult", "StatsCollector", "ThematicAccumulator", "ThematicResult", "collect", "entropy",
+           "grounding", "proximity", "run_analyses", "thematic"]

@@ -1,0 +1,233 @@
+"""The streaming, mergeable accumulator every analysis is built on, and its small helpers.
+
+An analysis is a fold over records: ``update(record)`` adds one record, ``merge(other)`` adds
+another accumulator's records (from another shard or rank), ``state()`` exports everything as a
+flat ``dict[str, np.ndarray]`` (storable as HDF5 datasets: plain names, numeric arrays, 0-d for
+scalars), ``from_state(state)`` rebuilds the accumulator, and ``result()`` turns the sums into the
+analysis' numbers. Memory never grows with the number of records (each analysis documents its
+bounds).
+
+Most statistics are ratios of sums (mean = sum / count), so they live in a :class:`SumTable`:
+named float64 arrays whose shape (usually ``[L, H]`` or ``[L]``) is fixed by the first record
+that contributes and only ever grows by addition, which makes ``merge`` exact (up to float64
+summation order) and independent of how the records were split.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from geocap.data.attention_record import Record
+
+STATE_SEPARATOR = "."
+
+
+def describe(record: Record) -> str:
+    """``image 12 (caption 3, reference)``: how errors name a record."""
+    return f"image {record.image_id} (caption {record.caption_id}, {record.kind})"
+
+
+def as_map(record: Record, name: str) -> np.ndarray | None:
+    """The record's attention map ``name`` as float64 (stored maps are float16), or None.
+
+    Raises ValueError naming the record when the map holds NaN, infinite or negative weights."""
+    value = getattr(record, name)
+    if value is None:
+        return None
+    value = np.asarray(value, dtype=np.float64)
+    if value.size and not (np.isfinite(value).all() and value.min() >= 0):
+        raise ValueError(f"record of {describe(record)}: {name} holds NaN, infinite or negative attention weights")
+    return value
+
+
+def unit_features(record: Record) -> np.ndarray | None:
+    """The record's features scaled to unit length ``[N, D]`` float64 (an all-zero row stays 0: it
+    has no direction), or None without features. Raises ValueError naming the record on NaN or
+    infinite features."""
+    if record.features is None:
+        return None
+    feats = np.asarray(record.features, dtype=np.float64)
+    if not np.isfinite(feats).all():
+        raise ValueError(f"record of {describe(record)}: features hold NaN or infinite values")
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    return np.divide(feats, norms, out=np.zeros_like(feats), where=norms > 0)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch ops on one intra-op thread inside the block, then restore the caller's setting.
+
+    One record's tensors are far too small for intra-op threads, and on a busy CPU torch's thread
+    pool was measured 20-70x slower than one thread (entropy of [6, 8, 36, 36]: 23 ms vs 0.3 ms).
+    Re-entrant: nested blocks cost nothing, so a collector switches once per record."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+_SHARED: dict | None = None   # per-record results shared by a collector's analyses, keyed by id(record)
+
+
+@contextlib.contextmanager
+def shared_per_record():
+    """Inside the block, per-record derived arrays (feature cosines) are computed once per record
+    and shared by every analysis (the collector wraps each ``update`` in it); outside, nothing is
+    cached. Keys are ``id(record)``: valid while the block holds the records alive."""
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def feature_cosines(record: Record) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(cosine [N, N] float64, nonzero [N] bool)`` of the record's object features, or None
+    without features. ``nonzero`` is False for objects with an all-zero feature vector, which have
+    no cosine (their rows and columns hold 0).
+
+    One Gram matrix per record, in float64 by torch on one thread (numpy's ``@`` goes to OpenBLAS
+    threads, measured 20x slower on a busy CPU; ``einsum`` 5x slower); shared between analyses
+    inside :func:`shared_per_record`."""
+    if record.features is None:
+        return None
+    key = ("cosines", id(record))
+    if _SHARED is not None and key in _SHARED:
+        return _SHARED[key]
+    unit = unit_features(record)
+    with one_thread():
+        unit_t = torch.from_numpy(unit)
+        gram = (unit_t @ unit_t.T).numpy()
+    result = np.clip(gram, -1.0, 1.0), (unit != 0).any(axis=1)
+    if _SHARED is not None:
+        _SHARED[key] = result
+    return result
+
+
+class SumTable:
+    """Named float64 arrays that only grow by addition; each name's shape is fixed by its first add.
+
+    ``add(name, value)`` raises ValueError when a later value has another shape (records from two
+    models with different layer/head counts cannot be pooled), naming the record when given."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, value, where: str = "") -> None:
+        value = np.asarray(value, dtype=np.float64)
+        current = self.arrays.get(name)
+        if current is None:
+            self.arrays[name] = value.copy()
+        elif current.shape != value.shape:
+            raise ValueError(f"{where or 'merge'}: {name} has shape {value.shape}, earlier records gave "
+                             f"{current.shape} (records with different layer/head counts cannot be pooled)")
+        else:
+            current += value
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self.arrays.get(name)
+
+    def scalar(self, name: str) -> float:
+        """A scalar sum (0 when nothing was added)."""
+        value = self.arrays.get(name)
+        return 0.0 if value is None else float(value)
+
+    def merge(self, other: "SumTable") -> None:
+        for name, value in other.arrays.items():
+            self.add(name, value)
+
+    def state(self, prefix: str = "sum") -> dict[str, np.ndarray]:
+        return {f"{prefix}{STATE_SEPARATOR}{name}": value.copy() for name, value in self.arrays.items()}
+
+    @classmethod
+    def from_state(cls, state: dict, prefix: str = "sum") -> "SumTable":
+        table = cls()
+        head = f"{prefix}{STATE_SEPARATOR}"
+        for key, value in state.items():
+            if key.startswith(head):
+                table.arrays[key[len(head):]] = np.array(value, dtype=np.float64)
+        return table
+
+
+def ratio(numerator: np.ndarray | None, denominator: np.ndarray | None) -> np.ndarray | None:
+    """``numerator / denominator`` elementwise, NaN where the denominator is 0 (callers turn NaN
+    into None with :func:`to_list` and say why); None when either is missing."""
+    if numerator is None or denominator is None:
+        return None
+    numerator, denominator = np.broadcast_arrays(np.asarray(numerator, float), np.asarray(denominator, float))
+    out = np.full(numerator.shape, np.nan)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def to_list(values):
+    """A nested list of floats for JSON, with None where a value is not finite (never a NaN)."""
+    if values is None:
+        return None
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 0:
+        return float(values) if np.isfinite(values) else None
+    return [to_list(v) for v in values]
+
+
+def config_state(**config) -> dict[str, np.ndarray]:
+    """Numeric settings as 0-d arrays under ``config.<name>``."""
+    return {f"config{STATE_SEPARATOR}{name}": np.asarray(value) for name, value in config.items()}
+
+
+def read_config(state: dict, name: str, kind: type, owner: str):
+    key = f"config{STATE_SEPARATOR}{name}"
+    if key not in state:
+        raise ValueError(f"{owner} state lacks {key!r} (not a state written by this version of geocap.analysis)")
+    return kind(np.asarray(state[key]))
+
+
+class Accumulator:
+    """Base of the four analyses' accumulators; see the module docstring for the protocol.
+
+    Subclasses implement ``_update(record)`` (the record is already validated), ``_merge(other)``,
+    ``state()``, ``from_state(state)`` and ``result()``. Records of kind ``"hypothetical"`` are
+    interventions, not the model's own behaviour: every analysis except grounding skips them and
+    counts them under ``skipped_hypothetical``.
+    """
+
+    name = "analysis"
+
+    def update(self, record: Record) -> "Accumulator":
+        """Validate ``record`` (ValueError naming it on a bad shape) and add it; returns self."""
+        if not isinstance(record, Record):
+            raise ValueError(f"{self.name}: expected a geocap.data.attention_record.Record, "
+                             f"got {type(record).__name__}")
+        record.validate()
+        with one_thread():
+            self._update(record)
+        return self
+
+    def merge(self, other: "Accumulator") -> "Accumulator":
+        """Add every record ``other`` has seen; returns self."""
+        if type(other) is not type(self):
+            raise ValueError(f"{self.name}: cannot merge a {type(other).__name__} into a {type(self).__name__}")
+        self._merge(other)
+        return self
+
+    def _update(self, record: Record) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _merge(self, other: "Accumulator") -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def fold(accumulator: Accumulator, records) -> Accumulator:
+    """Update ``accumulator`` with every record of ``records`` (any iterable); returns it."""
+    for record in records:
+        accumulator.update(record)
+    return accumulator

@@ -1,0 +1,97 @@
+"""``StatsCollector``: the four analyses' accumulators behind one streaming, mergeable interface.
+
+``geocap dump --stats-only`` keeps one per shard (``update`` per record), stores ``state()`` in the
+shard, and the reader merges the shards' collectors (``from_state`` + ``merge``); ``geocap analyze``
+turns the merged collector into ``analysis.json`` (``to_json()``) and the figures.
+
+State: a flat ``dict[str, np.ndarray]`` (names like ``entropy.sum.cross.sum``: ``<analysis>.<key>``,
+plain numeric arrays, 0-d for scalars) storable as HDF5 datasets, plus ``collector.records`` and
+``collector.version`` (:data:`STATE_VERSION`; ``from_state`` refuses other versions).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from geocap.data.attention_record import Record
+
+from .accumulator import STATE_SEPARATOR, one_thread, shared_per_record
+from .entropy import EntropyAccumulator
+from .grounding import GroundingAccumulator
+from .proximity import ProximityAccumulator
+from .thematic import ThematicAccumulator
+
+STATE_VERSION = 1
+ANALYSES = ("entropy", "thematic", "proximity", "grounding")
+
+
+class StatsCollector:
+    """All four analyses at once (each record is validated once).
+
+    Args:
+        k, kmeans_buffer: the thematic analysis' k-means fallback (see :mod:`.thematic`).
+        bins, reservoir: the proximity analysis' curve bins and Spearman sample size (:mod:`.proximity`).
+        seed: seed of the k-means fallback and of the pair sample.
+    """
+
+    def __init__(self, *, k: int = 6, kmeans_buffer: int = 256, bins: int = 10, reservoir: int = 20000,
+                 seed: int = 0):
+        self.parts = {
+            "entropy": EntropyAccumulator(),
+            "thematic": ThematicAccumulator(k=k, kmeans_buffer=kmeans_buffer, seed=seed),
+            "proximity": ProximityAccumulator(bins=bins, reservoir=reservoir, seed=seed),
+            "grounding": GroundingAccumulator(),
+        }
+        self.records = 0
+
+    def update(self, record: Record) -> "StatsCollector":
+        """Validate ``record`` (ValueError naming it) and add it to every analysis; returns self."""
+        if not isinstance(record, Record):
+            raise ValueError(f"StatsCollector.update: expected a Record, got {type(record).__name__}")
+        record.validate()
+        with one_thread(), shared_per_record():
+            for part in self.parts.values():
+                part._update(record)
+        self.records += 1
+        return self
+
+    def merge(self, other: "StatsCollector") -> "StatsCollector":
+        """Add every record ``other`` has seen; returns self."""
+        if not isinstance(other, StatsCollector):
+            raise ValueError(f"StatsCollector.merge: expected a StatsCollector, got {type(other).__name__}")
+        for name, part in self.parts.items():
+            part.merge(other.parts[name])
+        self.records += other.records
+        return self
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {"collector.version": np.asarray(STATE_VERSION, dtype=np.int64),
+               "collector.records": np.asarray(self.records, dtype=np.int64)}
+        for name, part in self.parts.items():
+            out.update({f"{name}{STATE_SEPARATOR}{key}": value for key, value in part.state().items()})
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StatsCollector":
+        if "collector.version" not in state:
+            raise ValueError("not a StatsCollector state: 'collector.version' is missing")
+        version = int(np.asarray(state["collector.version"]))
+        if version != STATE_VERSION:
+            raise ValueError(f"StatsCollector state version {version} is not supported (this geocap reads "
+                             f"version {STATE_VERSION})")
+        collector = cls()
+        for name, part in collector.parts.items():
+            head = f"{name}{STATE_SEPARATOR}"
+            sub = {key[len(head):]: value for key, value in state.items() if key.startswith(head)}
+            collector.parts[name] = type(part).from_state(sub)
+        collector.records = int(np.asarray(state.get("collector.records", 0)))
+        return collector
+
+    def results(self) -> dict:
+        """``{analysis name: result}`` (each with ``to_json()``, ``plot(path)`` and ``reading()``)."""
+        return {name: part.result() for name, part in self.parts.items()}
+
+    def to_json(self) -> dict:
+        """The analysis.json dict: one section per analysis plus ``records``."""
+        out = {name: result.to_json() for name, result in self.results().items()}
+        out["records"] = self.records
+        return out

@@ -1,0 +1,181 @@
+"""Analysis III of the seed study: attention entropy per layer and head.
+
+Statistic, for each attention kind (``encoder_self``, ``decoder_self``, ``cross``) and each
+layer ``l`` and head ``h``: the mean over attention rows of the *normalised entropy*
+``H(row) / log(n)``, ``n`` = the row's valid keys (1 = uniform over the valid keys, 0 = all mass
+on one key). Valid keys: the image's N objects for encoder self- and cross-attention; the
+``t + 1`` inputs ``<bos>, tokens[0], ..., tokens[t-1]`` for decoder self-attention row ``t``
+(causal). Rows with fewer than two valid keys (decoder row 0; images with one object) have no
+defined normalised entropy and are excluded. The mean is pooled: the sum over all rows of all
+records divided by their number (records with more rows weigh more).
+
+Entropies come from the record's ``*_entropy`` field when present (the fused attention kernels
+computed them online from the logits, in float32, before the maps were rounded to float16),
+otherwise from the map itself through the streaming entropy op
+:func:`geocap.kernels.attention_entropy` (``normalized=True``, causal mask for the decoder).
+Records of kind ``"hypothetical"`` are skipped (counted). State: ``[L, H]`` sums and row counts
+per kind; memory does not depend on the number of records.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from geocap.data.attention_record import ENTROPY_NAMES, MAP_NAMES, Record
+from geocap.kernels import attention_entropy
+
+from .accumulator import Accumulator, SumTable, describe, fold, one_thread, ratio, to_list
+
+
+def _valid_keys(kind: str, rows: int, num_objects: int) -> np.ndarray:
+    """Valid keys of each row ``[rows]``: ``t + 1`` for decoder self-attention, else N."""
+    if kind == "decoder_self":
+        return np.arange(1, rows + 1)
+    return np.full(rows, num_objects)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_mask(t: int) -> torch.Tensor:
+    """``[t, t]`` bool, True on and below the diagonal (cached per length: never modify it). Built in
+    numpy: under CPU contention torch's ``tril`` on a tiny tensor was measured at ~20 ms a call."""
+    return torch.from_numpy(np.tril(np.ones((t, t), dtype=bool)))
+
+
+def normalised_entropy(record: Record, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(entropy [L, H, R] / log(valid keys), used [R] bool)`` for one attention kind of one
+    record (``used``: rows with at least two valid keys), or None when the record has neither the
+    map nor its entropies. Raises ValueError naming the record on invalid weights."""
+    stored = getattr(record, ENTROPY_NAMES[kind])
+    if stored is not None:
+        nats = np.asarray(stored, dtype=np.float64)
+        if not np.isfinite(nats).all():
+            raise ValueError(f"record of {describe(record)}: {ENTROPY_NAMES[kind]} holds NaN or infinite values")
+        valid = _valid_keys(kind, nats.shape[-1], record.num_objects)
+        used = valid >= 2
+        out = np.zeros_like(nats)
+        out[..., used] = nats[..., used] / np.log(valid[used])
+        return out, used
+    weights = getattr(record, kind)
+    if weights is None:
+        return None
+    x = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+    mask = None
+    if kind == "decoder_self":
+        mask = _causal_mask(x.shape[-1])
+    try:
+        with one_thread():
+            out = attention_entropy(x, mask, normalized=True, backend="torch").numpy().astype(np.float64)
+    except ValueError as err:
+        raise ValueError(f"record of {describe(record)}: {kind}: {err}") from None
+    return out, _valid_keys(kind, x.shape[-2], record.num_objects) >= 2
+
+
+@dataclass
+class EntropyResult:
+    """Mean normalised entropy ``[L, H]`` per attention kind (None where not computable, with the
+    reason in ``unavailable``), the rows behind each mean, and records lacking each kind."""
+
+    per_head: dict = field(default_factory=dict)        # kind -> np.ndarray [L, H] (NaN: no rows)
+    rows: dict = field(default_factory=dict)            # kind -> rows averaged
+    missing: dict = field(default_factory=dict)         # kind -> records without map or entropy
+    records: int = 0
+    skipped_hypothetical: int = 0
+    unavailable: dict = field(default_factory=dict)     # kind -> reason
+
+    def per_layer(self, kind: str) -> np.ndarray | None:
+        """Mean over heads ``[L]`` (every head averages the same rows, so this is the pooled mean)."""
+        values = self.per_head.get(kind)
+        return None if values is None else values.mean(axis=1)
+
+    def to_json(self) -> dict:
+        out = {kind: to_list(self.per_head.get(kind)) for kind in MAP_NAMES}
+        out["per_layer"] = {kind: to_list(self.per_layer(kind)) for kind in MAP_NAMES}
+        out["rows"] = {kind: int(self.rows.get(kind, 0)) for kind in MAP_NAMES}
+        out["records_missing"] = {kind: int(self.missing.get(kind, 0)) for kind in MAP_NAMES}
+        out["records"] = self.records
+        out["skipped_hypothetical"] = self.skipped_hypothetical
+        out["unavailable"] = dict(self.unavailable)
+        return out
+
+    def reading(self) -> str:
+        """Two or three sentences on the numbers, for the report."""
+        parts = []
+        for kind in MAP_NAMES:
+            layers = self.per_layer(kind)
+            if layers is None:
+                parts.append(f"{kind}: not computed ({self.unavailable[kind]}).")
+                continue
+            trend = "falls" if layers[-1] < layers[0] else "rises" if layers[-1] > layers[0] else "stays"
+            parts.append(f"{kind}: normalised entropy {trend} from {layers[0]:.3f} in layer 1 to "
+                         f"{layers[-1]:.3f} in layer {len(layers)} (range over heads "
+                         f"{np.min(self.per_head[kind]):.3f}-{np.max(self.per_head[kind]):.3f}; "
+                         f"{self.rows[kind]} rows).")
+        return " ".join(parts)
+
+    def plot(self, path) -> None:
+        from .plotting import plot_entropy
+
+        plot_entropy(self, path)
+
+
+class EntropyAccumulator(Accumulator):
+    """Streaming sums behind :class:`EntropyResult`; see the module docstring."""
+
+    name = "entropy"
+
+    def __init__(self):
+        self.sums = SumTable()
+
+    def _update(self, record: Record) -> None:
+        if record.kind == "hypothetical":
+            self.sums.add("skipped_hypothetical", 1)
+            return
+        self.sums.add("records", 1)
+        for kind in MAP_NAMES:
+            got = normalised_entropy(record, kind)
+            if got is None:
+                self.sums.add(f"{kind}.missing", 1)
+                continue
+            values, used = got
+            self.sums.add(f"{kind}.sum", values[..., used].sum(axis=-1), describe(record))
+            self.sums.add(f"{kind}.rows", used.sum())
+
+    def _merge(self, other: "EntropyAccumulator") -> None:
+        self.sums.merge(other.sums)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.sums.state()
+
+    @classmethod
+    def from_state(cls, state: dict) -> "EntropyAccumulator":
+        acc = cls()
+        acc.sums = SumTable.from_state(state)
+        return acc
+
+    def result(self) -> EntropyResult:
+        records = int(self.sums.scalar("records"))
+        res = EntropyResult(records=records, skipped_hypothetical=int(self.sums.scalar("skipped_hypothetical")))
+        for kind in MAP_NAMES:
+            rows = self.sums.scalar(f"{kind}.rows")
+            res.rows[kind] = int(rows)
+            res.missing[kind] = int(self.sums.scalar(f"{kind}.missing"))
+            total = self.sums.get(f"{kind}.sum")
+            if records == 0:
+                res.unavailable[kind] = "no reference or generated records"
+            elif total is None:
+                res.unavailable[kind] = (f"none of the {records} records has {kind} maps or "
+                                         f"{ENTROPY_NAMES[kind]} (not recorded)")
+            elif rows == 0:
+                res.unavailable[kind] = "no attention row has two or more valid keys"
+            else:
+                res.per_head[kind] = ratio(total, rows)
+        return res
+
+
+def entropy(records) -> EntropyResult:
+    """Mean normalised attention entropy per layer and head over ``records`` (any iterable of
+    :class:`~geocap.data.attention_record.Record`); see the module docstring."""
+    return fold(EntropyAccumulator(), records).result()

@@ -1,0 +1,205 @@
+"""Analysis IV of the seed study: visual grounding of nouns in cross-attention, and the
+hypothetical-caption follow-up.
+
+Row ``t`` of a decoder map is the step that predicts ``tokens[t]`` (its input is ``tokens[t - 1]``;
+see :mod:`geocap.data.attention_record`). The "most-attended object" of a row is the argmax over
+the image's objects (the first one on ties).
+
+**Grounding** (records of kind ``"reference"`` or ``"generated"`` with ``cross`` and ``referents``):
+for each token ``t`` with a referent (``referents[t] >= 0``), is the most-attended object of cross-
+attention row ``t`` (the step that produces the word) its referent? ``accuracy [L]`` uses the
+head-mean map of each layer, ``accuracy_per_head [L, H]`` each head's map; both are hits / grounded
+tokens pooled over all records. ``chance`` = the mean over grounded tokens of ``1 / N`` (the hit
+rate of a uniformly random pick).
+
+**Follow-up** (records of kind ``"hypothetical"`` with ``cross``, ``referents`` and
+``source_referents``): each swapped token ``t`` (``referents[t] >= 0``, ``source_referents[t] >= 0``,
+different) now names ``referents[t]`` instead of ``source_referents[t]``. Under teacher forcing the
+step that predicts ``tokens[t]`` has not read it yet, so the model can only react to the new word at
+row ``t + 1``, the first step whose input is the swapped word (swaps at the last position have no
+such row and are skipped). ``hypothetical_follow_rate [L]`` (head-mean map; ``..._per_head [L, H]``):
+how often row ``t + 1``'s most-attended object is the new referent; ``hypothetical_source_rate``:
+how often it stays on the original referent; ``hypothetical_follow_rate_same_step``: the same as the
+follow rate at row ``t`` itself (attention driven by earlier swaps only; a baseline);
+``hypothetical_chance``: mean ``1 / N``. Memory: ``[L, H]`` sums.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from geocap.data.attention_record import Record
+
+from .accumulator import Accumulator, SumTable, as_map, describe, fold, ratio, to_list
+
+
+@dataclass
+class GroundingResult:
+    """Grounding accuracies and follow rates; NaN where undefined (null in JSON, reason in
+    ``unavailable``)."""
+
+    accuracy: np.ndarray | None = None               # [L] head-mean map
+    accuracy_per_head: np.ndarray | None = None      # [L, H]
+    chance: float | None = None
+    tokens: int = 0
+    follow_rate: np.ndarray | None = None            # [L]
+    follow_rate_per_head: np.ndarray | None = None   # [L, H]
+    source_rate: np.ndarray | None = None            # [L]
+    follow_rate_same_step: np.ndarray | None = None  # [L]
+    hypothetical_chance: float | None = None
+    hypothetical_tokens: int = 0
+    records: int = 0
+    hypothetical_records: int = 0
+    records_without_cross: int = 0
+    records_without_referents: int = 0
+    unavailable: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "accuracy": to_list(self.accuracy),
+            "accuracy_per_head": to_list(self.accuracy_per_head),
+            "chance": self.chance,
+            "tokens": self.tokens,
+            "hypothetical_follow_rate": to_list(self.follow_rate),
+            "hypothetical_follow_rate_per_head": to_list(self.follow_rate_per_head),
+            "hypothetical_source_rate": to_list(self.source_rate),
+            "hypothetical_follow_rate_same_step": to_list(self.follow_rate_same_step),
+            "hypothetical_chance": self.hypothetical_chance,
+            "hypothetical_tokens": self.hypothetical_tokens,
+            "records": self.records,
+            "hypothetical_records": self.hypothetical_records,
+            "records_without_cross": self.records_without_cross,
+            "records_without_referents": self.records_without_referents,
+            "unavailable": dict(self.unavailable),
+        }
+
+    def reading(self) -> str:
+        parts = []
+        if self.accuracy is not None:
+            best_layer = int(np.argmax(self.accuracy))
+            l, h = np.unravel_index(int(np.argmax(self.accuracy_per_head)), self.accuracy_per_head.shape)
+            parts.append(f"The most-attended object is the noun's referent for {self.accuracy[0]:.0%} of "
+                         f"{self.tokens} grounded tokens in layer 1 and {self.accuracy[-1]:.0%} in layer "
+                         f"{len(self.accuracy)} (best layer {best_layer + 1}: {self.accuracy[best_layer]:.0%}; "
+                         f"best head L{l + 1}H{h + 1}: {self.accuracy_per_head[l, h]:.0%}; chance "
+                         f"{self.chance:.0%}).")
+        else:
+            parts.append(f"Grounding accuracy not computed ({self.unavailable.get('accuracy')}).")
+        if self.follow_rate is not None:
+            best = int(np.argmax(self.follow_rate))
+            parts.append(f"With hypothetical captions, attention follows the swapped word to its new object for "
+                         f"{self.follow_rate[best]:.0%} of {self.hypothetical_tokens} swaps in layer {best + 1} "
+                         f"(stays on the original object {self.source_rate[best]:.0%}; chance "
+                         f"{self.hypothetical_chance:.0%}).")
+        else:
+            parts.append(f"Hypothetical follow rate not computed ({self.unavailable.get('hypothetical_follow_rate')}).")
+        return " ".join(parts)
+
+    def plot(self, path) -> None:
+        from .plotting import plot_grounding
+
+        plot_grounding(self, path)
+
+
+class GroundingAccumulator(Accumulator):
+    """Streaming sums behind :class:`GroundingResult`; see the module docstring."""
+
+    name = "grounding"
+
+    def __init__(self):
+        self.sums = SumTable()
+
+    def _update(self, record: Record) -> None:
+        hypothetical = record.kind == "hypothetical"
+        self.sums.add("hypothetical_records" if hypothetical else "records", 1)
+        cross = as_map(record, "cross")
+        if cross is None:
+            self.sums.add("records_without_cross", 1)
+            return
+        if record.referents is None or (hypothetical and record.source_referents is None):
+            self.sums.add("records_without_referents", 1)
+            return
+        where = describe(record)
+        referents = np.asarray(record.referents, dtype=np.int64)
+        n = record.num_objects
+        if not hypothetical:
+            rows = np.flatnonzero(referents >= 0)
+            target = referents[rows]
+            self._hits("ground", cross, rows, target, where)
+            self.sums.add("ground.chance", len(rows) / max(n, 1))
+            return
+        source = np.asarray(record.source_referents, dtype=np.int64)
+        t = np.flatnonzero((referents >= 0) & (source >= 0) & (referents != source))
+        t = t[t + 1 < record.num_tokens]
+        self._hits("follow", cross, t + 1, referents[t], where)
+        self._hits("source", cross, t + 1, source[t], where, per_head=False)
+        self._hits("same_step", cross, t, referents[t], where, per_head=False)
+        self.sums.add("follow.chance", len(t) / max(n, 1))
+
+    def _hits(self, name: str, cross: np.ndarray, rows: np.ndarray, target: np.ndarray, where: str,
+              per_head: bool = True) -> None:
+        """Count rows whose most-attended object is ``target``: head-mean ``[L]`` and per head ``[L, H]``."""
+        layers, heads = cross.shape[:2]
+        if len(rows) == 0:              # nothing to count (also when the image has no objects)
+            layer_hits, head_hits = np.zeros(layers), np.zeros((layers, heads))
+        else:
+            picked = cross[:, :, rows, :]                                    # [L, H, K, N]
+            layer_hits = (picked.mean(axis=1).argmax(-1) == target).sum(-1)
+            head_hits = (picked.argmax(-1) == target).sum(-1)
+        self.sums.add(f"{name}.layer", layer_hits, where)
+        if per_head:
+            self.sums.add(f"{name}.head", head_hits, where)
+        self.sums.add(f"{name}.tokens", len(rows))
+
+    def _merge(self, other: "GroundingAccumulator") -> None:
+        self.sums.merge(other.sums)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.sums.state()
+
+    @classmethod
+    def from_state(cls, state: dict) -> "GroundingAccumulator":
+        acc = cls()
+        acc.sums = SumTable.from_state(state)
+        return acc
+
+    def result(self) -> GroundingResult:
+        s = self.sums
+        res = GroundingResult(records=int(s.scalar("records")),
+                              hypothetical_records=int(s.scalar("hypothetical_records")),
+                              records_without_cross=int(s.scalar("records_without_cross")),
+                              records_without_referents=int(s.scalar("records_without_referents")),
+                              tokens=int(s.scalar("ground.tokens")), hypothetical_tokens=int(s.scalar("follow.tokens")))
+        if res.tokens:
+            res.accuracy = ratio(s.get("ground.layer"), res.tokens)
+            res.accuracy_per_head = ratio(s.get("ground.head"), res.tokens)
+            res.chance = s.scalar("ground.chance") / res.tokens
+        else:
+            reason = self._reason(res.records, "ground.tokens", "reference or generated records", "referents")
+            for key in ("accuracy", "chance"):
+                res.unavailable[key] = reason
+        if res.hypothetical_tokens:
+            res.follow_rate = ratio(s.get("follow.layer"), res.hypothetical_tokens)
+            res.follow_rate_per_head = ratio(s.get("follow.head"), res.hypothetical_tokens)
+            res.source_rate = ratio(s.get("source.layer"), res.hypothetical_tokens)
+            res.follow_rate_same_step = ratio(s.get("same_step.layer"), res.hypothetical_tokens)
+            res.hypothetical_chance = s.scalar("follow.chance") / res.hypothetical_tokens
+        else:
+            res.unavailable["hypothetical_follow_rate"] = self._reason(
+                res.hypothetical_records, "follow.tokens", "hypothetical records", "referents and source_referents")
+        return res
+
+    def _reason(self, records: int, tokens_key: str, what: str, fields: str) -> str:
+        if records == 0:
+            return f"no {what}"
+        if self.sums.get(tokens_key) is None:
+            return f"none of the {records} {what} has both cross maps and {fields}"
+        if tokens_key == "follow.tokens":
+            return f"the {what} have no swapped token before the last position"
+        return f"the {what} have no token with a referent"
+
+
+def grounding(records) -> GroundingResult:
+    """Grounding accuracy and hypothetical follow rates over ``records`` (any iterable of Records)."""
+    return fold(GroundingAccumulator(), records).result()

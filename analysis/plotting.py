@@ -1,0 +1,151 @@
+"""One PNG per analysis result (matplotlib's Agg canvas directly: no pyplot, no global backend).
+
+Every figure is written atomically; where a panel's numbers could not be computed it says so
+(with the reason) instead of plotting nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from geocap.data.atomic import atomic_output
+
+DPI = 110
+
+
+def _figure(panels: int) -> tuple[Figure, list]:
+    fig = Figure(figsize=(5.0 * panels, 3.8), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.get_layout_engine().set(w_pad=0.15, wspace=0.08)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _layer_axis(ax) -> None:
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig: Figure, path) -> None:
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _missing(ax, title: str, reason: str | None) -> None:
+    ax.set_title(title)
+    ax.text(0.5, 0.5, "not computed:\n" + (reason or "no data"), ha="center", va="center", wrap=True,
+            fontsize=9, transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _layers(values) -> np.ndarray:
+    return np.arange(1, len(values) + 1)
+
+
+def _masked(values) -> np.ndarray:
+    return np.ma.masked_invalid(np.asarray(values, dtype=float))
+
+
+def plot_entropy(result, path) -> None:
+    """Mean normalised entropy per layer, one line per attention kind (heads as a shaded range)."""
+    fig, (ax,) = _figure(1)
+    drawn = False
+    for kind in ("encoder_self", "decoder_self", "cross"):
+        per_head = result.per_head.get(kind)
+        if per_head is None:
+            continue
+        layers = _layers(per_head)
+        ax.plot(layers, per_head.mean(axis=1), marker="o", label=kind)
+        ax.fill_between(layers, per_head.min(axis=1), per_head.max(axis=1), alpha=0.15)
+        drawn = True
+    if not drawn:
+        _missing(ax, "attention entropy", "; ".join(f"{k}: {v}" for k, v in result.unavailable.items()))
+    else:
+        _layer_axis(ax)
+        ax.set_ylabel("normalised entropy (1 = uniform)")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("attention entropy per layer (band: range over heads)")
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_thematic(result, path) -> None:
+    """Affinity heatmap, layer x head (1 = chance), and the within/across cluster feature cosines."""
+    fig, (heat, bars) = _figure(2)
+    if result.affinity is None:
+        _missing(heat, "within-cluster affinity", result.unavailable.get("affinity"))
+    else:
+        aff = _masked(result.affinity)
+        top = max(2.0, float(aff.max()) if aff.count() else 2.0)
+        image = heat.imshow(aff, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=top), aspect="auto",
+                            interpolation="nearest")
+        fig.colorbar(image, ax=heat, label="affinity (1 = chance)", pad=0.02)
+        heat.set_xlabel("head")
+        heat.set_ylabel("layer")
+        heat.set_xticks(range(aff.shape[1]), [str(h + 1) for h in range(aff.shape[1])])
+        heat.set_yticks(range(aff.shape[0]), [str(l + 1) for l in range(aff.shape[0])])
+        heat.set_title("attention within the query's cluster")
+    if result.same_cluster_cosine is None or result.diff_cluster_cosine is None:
+        _missing(bars, "feature cosine", result.unavailable.get("same_cluster_cosine")
+                 or result.unavailable.get("diff_cluster_cosine"))
+    else:
+        bars.bar(["same cluster", "different clusters"], [result.same_cluster_cosine, result.diff_cluster_cosine],
+                 color=["tab:red", "tab:blue"])
+        bars.set_ylabel("mean cosine similarity")
+        bars.set_title("object features (seed: 0.50 vs 0.31)")
+    _save(fig, path)
+
+
+def plot_proximity(result, path) -> None:
+    """Mean attention weight per distance bin and per similarity bin, one curve per layer."""
+    fig, axes = _figure(2)
+    for ax, measure, label in zip(axes, ("distance", "similarity"),
+                                  ("normalised box-centre distance", "feature cosine similarity")):
+        curve = result.curves.get(measure)
+        if curve is None:
+            _missing(ax, f"attention vs {measure}", result.unavailable.get(f"spearman_{measure}"))
+            continue
+        edges = result.edges(measure)
+        centres = (edges[:-1] + edges[1:]) / 2
+        rhos = getattr(result, f"spearman_{measure}") or [None] * len(curve)
+        for layer, (values, rho) in enumerate(zip(curve, rhos)):
+            tag = f"layer {layer + 1}" + ("" if rho is None else f" (rho {rho:+.2f})")
+            ax.plot(centres, _masked(values), marker=".", label=tag)
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean attention weight (head mean)")
+        ax.set_title(f"attention vs {measure}")
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_grounding(result, path) -> None:
+    """Grounding accuracy per layer vs chance, and the hypothetical follow / stay rates."""
+    fig, (acc, follow) = _figure(2)
+    if result.accuracy is None:
+        _missing(acc, "grounding accuracy", result.unavailable.get("accuracy"))
+    else:
+        layers = _layers(result.accuracy)
+        acc.plot(layers, result.accuracy, marker="o", label="head-mean map")
+        acc.plot(layers, np.max(result.accuracy_per_head, axis=1), marker="^", linestyle=":", label="best head")
+        acc.axhline(result.chance, color="gray", linestyle="--", label="chance")
+        acc.set_ylim(0, 1.05)
+        _layer_axis(acc)
+        acc.set_ylabel("referent is most attended")
+        acc.set_title("noun grounding in cross-attention")
+        acc.legend()
+    if result.follow_rate is None:
+        _missing(follow, "hypothetical captions", result.unavailable.get("hypothetical_follow_rate"))
+    else:
+        layers = _layers(result.follow_rate)
+        follow.plot(layers, result.follow_rate, marker="o", label="follows the new word")
+        follow.plot(layers, result.source_rate, marker="s", label="stays on the original object")
+        follow.axhline(result.hypothetical_chance, color="gray", linestyle="--", label="chance")
+        follow.set_ylim(0, 1.05)
+        _layer_axis(follow)
+        follow.set_ylabel("share of swapped nouns")
+        follow.set_title("hypothetical captions (step after the word)")
+        follow.legend()
+    _save(fig, path)

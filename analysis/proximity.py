@@ -1,0 +1,236 @@
+"""Analysis II of the seed study: encoder self-attention against visual proximity and semantic
+similarity of the two objects.
+
+For every ordered pair of distinct objects ``(i, j)`` of a record (query i, key j), per layer ``l``:
+
+- the attention weight ``w_l(i, j)``: the encoder self-attention of i to j, averaged over heads
+  (raw weight: rows sum to 1 over the image's N objects);
+- the normalised distance ``d(i, j) = ||centre_i - centre_j|| / sqrt(2)`` between the box centres
+  (boxes are normalised to the image, so ``d`` is in [0, 1], 1 = opposite corners);
+- the semantic similarity ``s(i, j)``: the cosine of the two objects' feature vectors (records
+  with features; objects with an all-zero feature vector are skipped).
+
+Results, per layer: **binned curves** (exact means of ``w`` over all pairs, in ``bins`` equal bins of
+``d`` on [0, 1] and of ``s`` on [-1, 1]) and **Spearman's rank correlation** of ``w_l`` with ``d`` and
+with ``s``. Spearman over all pairs of a 100k-image dump cannot be held in memory, so it is computed
+on a uniform random sample of at most ``reservoir`` pairs (bottom-k by a seeded hash of the pair,
+see :mod:`.reservoir`: the same pairs for every layer, and merging shards gives exactly the
+single-pass sample; with fewer pairs than ``reservoir`` it is exact). The sample holds each image's
+pairs once (encoder attention is the same for every record of an image), while the binned means
+count every record (an image with five reference captions weighs five times, as in the entropy
+and thematic analyses). Records of kind ``"hypothetical"`` are skipped. Memory: ``[L, bins]``
+sums and the two samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from geocap.data.attention_record import Record
+
+from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, feature_cosines, fold, ratio,
+                          read_config, to_list)
+from .reservoir import PairReservoir, pair_keys
+
+MEASURES = ("distance", "similarity")
+RANGES = {"distance": (0.0, 1.0), "similarity": (-1.0, 1.0)}
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float | None, str | None]:
+    """Spearman's rho of two samples, or ``(None, reason)`` when it is undefined."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 3:
+        return None, f"only {len(x)} pairs (need 3)"
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None, "constant values (no ranking)"
+    return float(spearmanr(x, y).statistic), None
+
+
+@dataclass
+class ProximityResult:
+    """Binned curves and Spearman correlations per layer; None / null where undefined, with the
+    reason in ``unavailable`` (keys ``spearman_distance``, ``spearman_similarity``, ``..._layer<l>``)."""
+
+    bins: int = 10
+    spearman_distance: list = field(default_factory=list)     # [L] float or None
+    spearman_similarity: list = field(default_factory=list)
+    curves: dict = field(default_factory=dict)                # measure -> [L, bins] mean weight (NaN: empty)
+    counts: dict = field(default_factory=dict)                # measure -> [bins] pairs per bin
+    sampled: dict = field(default_factory=dict)               # measure -> pairs in the Spearman sample
+    pairs: dict = field(default_factory=dict)                 # measure -> pairs seen
+    records: int = 0
+    records_without_encoder_self: int = 0
+    records_without_features: int = 0
+    skipped_hypothetical: int = 0
+    unavailable: dict = field(default_factory=dict)
+
+    def edges(self, measure: str) -> np.ndarray:
+        low, high = RANGES[measure]
+        return np.linspace(low, high, self.bins + 1)
+
+    def to_json(self) -> dict:
+        return {
+            "spearman_distance": list(self.spearman_distance) if self.spearman_distance else None,
+            "spearman_similarity": list(self.spearman_similarity) if self.spearman_similarity else None,
+            "distance_bin_edges": to_list(self.edges("distance")),
+            "distance_curve": to_list(self.curves.get("distance")),
+            "distance_bin_pairs": to_list(self.counts.get("distance")),
+            "similarity_bin_edges": to_list(self.edges("similarity")),
+            "similarity_curve": to_list(self.curves.get("similarity")),
+            "similarity_bin_pairs": to_list(self.counts.get("similarity")),
+            "spearman_sample_pairs": {m: int(self.sampled.get(m, 0)) for m in MEASURES},
+            "pairs": {m: int(self.pairs.get(m, 0)) for m in MEASURES},
+            "records": self.records,
+            "records_without_encoder_self": self.records_without_encoder_self,
+            "records_without_features": self.records_without_features,
+            "skipped_hypothetical": self.skipped_hypothetical,
+            "unavailable": dict(self.unavailable),
+        }
+
+    def reading(self) -> str:
+        parts = []
+        for measure, values in (("distance", self.spearman_distance), ("similarity", self.spearman_similarity)):
+            key = f"spearman_{measure}"
+            shown = [f"layer {i + 1}: {v:+.2f}" for i, v in enumerate(values or []) if v is not None]
+            if not shown:
+                reason = self.unavailable.get(key) or self.unavailable.get(f"{key}_layer1")
+                parts.append(f"Spearman correlation of attention with {measure}: not computed ({reason}).")
+                continue
+            what = "box-centre distance" if measure == "distance" else "feature cosine similarity"
+            parts.append(f"Spearman correlation of attention weight with {what} ({self.sampled[measure]} sampled "
+                         f"pairs of {self.pairs[measure]}): {', '.join(shown)}.")
+        return " ".join(parts)
+
+    def plot(self, path) -> None:
+        from .plotting import plot_proximity
+
+        plot_proximity(self, path)
+
+
+class ProximityAccumulator(Accumulator):
+    """Streaming sums and pair samples behind :class:`ProximityResult`; see the module docstring.
+
+    Args:
+        bins: bins of each curve.
+        reservoir: pairs kept for each Spearman correlation.
+        seed: seed of the pair hash.
+    """
+
+    name = "proximity"
+
+    def __init__(self, *, bins: int = 10, reservoir: int = 20000, seed: int = 0):
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins}")
+        self.bins, self.capacity, self.seed = int(bins), int(reservoir), int(seed)
+        self.sums = SumTable()
+        self.samples = {m: PairReservoir(self.capacity) for m in MEASURES}
+
+    def _bin(self, measure: str, values: np.ndarray) -> np.ndarray:
+        low, high = RANGES[measure]
+        return np.clip(((values - low) / (high - low) * self.bins).astype(np.int64), 0, self.bins - 1)
+
+    def _add(self, measure: str, record: Record, x: np.ndarray, weights: np.ndarray, i, j) -> None:
+        """Add pairs ``x [P]`` with weights ``[L, P]`` to the binned sums and the sample."""
+        where = describe(record)
+        layers = weights.shape[0]
+        index = self._bin(measure, x)
+        flat = (np.arange(layers)[:, None] * self.bins + index[None, :]).ravel()
+        sums = np.bincount(flat, weights=weights.ravel(), minlength=layers * self.bins).reshape(layers, self.bins)
+        self.sums.add(f"{measure}.weight", sums, where)
+        self.sums.add(f"{measure}.pairs", np.bincount(index, minlength=self.bins), where)
+        keys = pair_keys(self.seed, record.image_id, i, j)
+        self.samples[measure].add(keys, x, weights, where)
+
+    def _update(self, record: Record) -> None:
+        if record.kind == "hypothetical":
+            self.sums.add("skipped_hypothetical", 1)
+            return
+        self.sums.add("records", 1)
+        attn = as_map(record, "encoder_self")
+        if attn is None:
+            self.sums.add("records_without_encoder_self", 1)
+            return
+        n = record.num_objects
+        i, j = np.nonzero(~np.eye(n, dtype=bool))
+        weights = attn.mean(axis=1)[:, i, j]                                   # [L, P]
+        boxes = np.asarray(record.boxes, dtype=np.float64)
+        centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+        distance = np.linalg.norm(centres[i] - centres[j], axis=1) / np.sqrt(2.0)
+        self._add("distance", record, distance, weights, i, j)
+        cosines = feature_cosines(record)
+        if cosines is None:
+            self.sums.add("records_without_features", 1)
+            return
+        cosine, nonzero = cosines
+        keep = nonzero[i] & nonzero[j]
+        i, j = i[keep], j[keep]
+        self._add("similarity", record, cosine[i, j], weights[:, keep], i, j)
+
+    def _merge(self, other: "ProximityAccumulator") -> None:
+        if (other.bins, other.capacity, other.seed) != (self.bins, self.capacity, self.seed):
+            raise ValueError("proximity: cannot merge accumulators with different bins, reservoir or seed "
+                             f"({(self.bins, self.capacity, self.seed)} vs {(other.bins, other.capacity, other.seed)})")
+        self.sums.merge(other.sums)
+        for m in MEASURES:
+            self.samples[m].merge(other.samples[m])
+
+    def state(self) -> dict[str, np.ndarray]:
+        state = self.sums.state()
+        state.update(config_state(bins=self.bins, reservoir=self.capacity, seed=self.seed))
+        for m in MEASURES:
+            state.update(self.samples[m].state(f"sample_{m}"))
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ProximityAccumulator":
+        owner = "proximity"
+        acc = cls(bins=read_config(state, "bins", int, owner), reservoir=read_config(state, "reservoir", int, owner),
+                  seed=read_config(state, "seed", int, owner))
+        acc.sums = SumTable.from_state(state)
+        for m in MEASURES:
+            if f"sample_{m}.keys" not in state:
+                raise ValueError(f"proximity state lacks 'sample_{m}.keys'")
+            acc.samples[m] = PairReservoir.from_state(state, f"sample_{m}", acc.capacity)
+        return acc
+
+    def result(self) -> ProximityResult:
+        s = self.sums
+        res = ProximityResult(bins=self.bins, records=int(s.scalar("records")),
+                              records_without_encoder_self=int(s.scalar("records_without_encoder_self")),
+                              records_without_features=int(s.scalar("records_without_features")),
+                              skipped_hypothetical=int(s.scalar("skipped_hypothetical")))
+        for m in MEASURES:
+            key = f"spearman_{m}"
+            weight, pairs = s.get(f"{m}.weight"), s.get(f"{m}.pairs")
+            sample = self.samples[m]
+            sample.compact()
+            res.sampled[m], res.pairs[m] = len(sample.keys), sample.seen
+            if weight is None:
+                if res.records == 0:
+                    res.unavailable[key] = "no reference or generated records"
+                elif m == "distance" or res.records_without_encoder_self == res.records:
+                    res.unavailable[key] = f"none of the {res.records} records has encoder_self maps"
+                else:
+                    res.unavailable[key] = "no record with encoder_self maps has object features"
+                continue
+            res.curves[m], res.counts[m] = ratio(weight, pairs[None, :]), pairs
+            if sample.y is None:
+                res.unavailable[key] = "no record has two or more objects"
+                setattr(res, key, [None] * weight.shape[0])
+                continue
+            values = []
+            for layer in range(sample.y.shape[0]):
+                rho, why = spearman(sample.x, sample.y[layer].astype(np.float64))
+                values.append(rho)
+                if why:
+                    res.unavailable[f"{key}_layer{layer + 1}"] = why
+            setattr(res, key, values)
+        return res
+
+
+def proximity(records, **options) -> ProximityResult:
+    """Attention against box distance and feature similarity over ``records`` (any iterable of
+    Records); ``options`` go to :class:`ProximityAccumulator`."""
+    return fold(ProximityAccumulator(**options), records).result()

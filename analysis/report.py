@@ -1,0 +1,114 @@
+"""Run the four analyses and write ``analysis.json``, one PNG per analysis and ``report.md``.
+
+``run_analyses(source, out_dir)`` accepts a :class:`~.collector.StatsCollector` (already filled),
+a dump (an object with ``iter_chunks(size)``; a stats-only dump, ``metadata["stats_only"]`` true,
+is read through its merged ``stats()`` instead of its records), or any iterable of Records.
+Every file is written atomically; ``analysis.json`` is written with ``allow_nan=False``, so an
+undefined number can only appear as null next to its reason in the section's ``unavailable``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from geocap.data.atomic import write_text_atomic
+
+from .collector import ANALYSES, StatsCollector
+
+CHUNK = 64
+FIGURES = {name: f"{name}.png" for name in ANALYSES}
+TITLES = {
+    "entropy": "Attention entropy (seed analysis III)",
+    "thematic": "Thematic relatedness (seed analysis I)",
+    "proximity": "Visual proximity and semantic similarity (seed analysis II)",
+    "grounding": "Visual grounding and hypothetical captions (seed analysis IV)",
+}
+DEFINITIONS = {
+    "entropy": "Mean entropy of each attention row divided by the log of its valid keys (1 = uniform), per layer "
+               "and head, for encoder self-, decoder self- and cross-attention.",
+    "thematic": "Affinity: attention a query object gives to other objects of its cluster over its attention to all "
+                "other objects, divided by the share chance would give (1.0 = chance), layer x head.",
+    "proximity": "Encoder self-attention (head mean) against the normalised distance of the box centres and the "
+                 "cosine similarity of the object features: binned means per layer and Spearman correlations.",
+    "grounding": "Share of grounded nouns whose referent is the most-attended object in cross-attention, per layer, "
+                 "against chance (1/N); for hypothetical captions with swapped nouns, how often attention at the "
+                 "step after the new word moves to the object it now names.",
+}
+
+
+def _is_stats_only(source) -> bool:
+    metadata = getattr(source, "metadata", None) or {}
+    return bool(metadata.get("stats_only")) and callable(getattr(source, "stats", None))
+
+
+def _records(source, progress: bool):
+    """The records of a dump (in chunks of ``CHUNK``; the dump shows its own progress bar, as it
+    was opened) or of any other iterable (with a tqdm bar when ``progress`` and stderr is a terminal)."""
+    if hasattr(source, "iter_chunks"):
+        for chunk in source.iter_chunks(CHUNK):
+            yield from chunk
+        return
+    from tqdm import tqdm
+
+    try:
+        total = len(source)
+    except TypeError:
+        total = None
+    with tqdm(total=total, unit="rec", desc="analyse", disable=not (progress and sys.stderr.isatty())) as bar:
+        for record in source:
+            yield record
+            bar.update(1)
+
+
+def collect(source, *, progress: bool = True, **options) -> StatsCollector:
+    """A filled :class:`StatsCollector` from a collector, a dump or an iterable of Records;
+    ``options`` go to ``StatsCollector`` (ignored for a collector or a stats-only dump, whose
+    settings were fixed when the statistics were gathered)."""
+    if isinstance(source, StatsCollector):
+        return source
+    if _is_stats_only(source):
+        stats = source.stats()
+        if not isinstance(stats, StatsCollector):
+            raise ValueError(f"the stats-only dump's stats() returned {type(stats).__name__}, not a StatsCollector")
+        return stats
+    collector = StatsCollector(**options)
+    for record in _records(source, progress):
+        collector.update(record)
+    return collector
+
+
+def _report_markdown(results: dict, records: int, viewer_href: str | None) -> str:
+    lines = ["# Attention analyses", "",
+             f"{records} records. Numbers: `analysis.json`. Definitions: the docstrings of `geocap.analysis`.", ""]
+    if viewer_href:
+        lines += [f"Browse the attention maps themselves in the [attention viewer]({viewer_href}).", ""]
+    for name in ANALYSES:
+        result = results[name]
+        lines += [f"## {TITLES[name]}", "", DEFINITIONS[name], "", f"![{name}]({FIGURES[name]})", "",
+                  result.reading(), ""]
+        if result.unavailable:
+            lines += ["Not computed:", ""]
+            lines += [f"- `{key}`: {reason}" for key, reason in sorted(result.unavailable.items())]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def run_analyses(records_or_dump, out_dir, *, viewer_href: str | None = None, progress: bool = True,
+                 **options) -> dict:
+    """Run all four analyses over ``records_or_dump`` and write ``out_dir/analysis.json``, one PNG
+    per analysis (``entropy.png``, ``thematic.png``, ``proximity.png``, ``grounding.png``) and
+    ``out_dir/report.md`` (figures, a short reading of each, what could not be computed and why,
+    and a link to the attention viewer when ``viewer_href`` is given). ``options`` go to
+    :class:`StatsCollector`. Returns the analysis.json dict."""
+    collector = collect(records_or_dump, progress=progress, **options)
+    results = collector.results()
+    data = {name: result.to_json() for name, result in results.items()}
+    data["records"] = collector.records
+    text = json.dumps(data, indent=1, allow_nan=False)   # fails loudly rather than write a NaN
+    os.makedirs(out_dir, exist_ok=True)
+    for name, result in results.items():
+        result.plot(os.path.join(out_dir, FIGURES[name]))
+    write_text_atomic(os.path.join(out_dir, "analysis.json"), text + "\n")
+    write_text_atomic(os.path.join(out_dir, "report.md"), _report_markdown(results, collector.records, viewer_href))
+    return data

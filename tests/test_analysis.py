@@ -1,0 +1,423 @@
+"""geocap.analysis: each analysis recovers an answer planted in records built in memory; the
+accumulators merge and round-trip exactly; missing fields are reported, never NaN; the report and
+``geocap analyze`` write every file."""
+import argparse
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from geocap.analysis import (EntropyAccumulator, StatsCollector, ThematicAccumulator, entropy, grounding, proximity,
+                             run_analyses, thematic)
+from geocap.analysis.reservoir import PairReservoir, pair_keys
+from geocap.data.attention_record import MAP_NAMES, Record
+
+L, H, N, T = 3, 4, 8, 6
+CLUSTERS = 3
+
+
+def softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def causal_softmax(logits):
+    t = logits.shape[-1]
+    return softmax(np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf))
+
+
+def make_record(rng, image_id, *, kind="reference", caption_id=0, n=N, t=T, layers=L, heads=H, sharpness=None,
+                maps=MAP_NAMES, with_clusters=True, with_labels=False, with_features=True, with_referents=True):
+    """A record with random (Dirichlet-like) attention; ``sharpness[l]`` scales layer l's logits."""
+    sharp = (np.ones(layers) if sharpness is None else np.asarray(sharpness, float))[:, None, None, None]
+    x1y1 = rng.uniform(0, 0.7, size=(n, 2))
+    wh = rng.uniform(0.05, 0.3, size=(n, 2))
+    boxes = np.concatenate([x1y1, np.minimum(x1y1 + wh, 1.0)], axis=1).astype(np.float32)
+    clusters = rng.integers(0, CLUSTERS, size=n)
+    centres = np.eye(CLUSTERS, 16)
+    features = (centres[clusters] + 0.2 * rng.normal(size=(n, 16))).astype(np.float32)
+    rec = Record(image_id=image_id, caption_id=caption_id, kind=kind, boxes=boxes,
+                 tokens=[f"w{i}" for i in range(t - 1)] + ["<eos>"],
+                 clusters=clusters if with_clusters else None, labels=clusters * 10 if with_labels else None,
+                 features=features if with_features else None)
+    if with_referents:
+        referents = np.full(t, -1)
+        referents[1:t - 1:2] = rng.integers(0, n, size=len(referents[1:t - 1:2]))
+        rec.referents = referents
+    if "encoder_self" in maps:
+        rec.encoder_self = softmax(sharp * rng.normal(size=(layers, heads, n, n))).astype(np.float16)
+    if "decoder_self" in maps:
+        rec.decoder_self = causal_softmax(sharp * rng.normal(size=(layers, heads, t, t))).astype(np.float16)
+    if "cross" in maps:
+        rec.cross = softmax(sharp * rng.normal(size=(layers, heads, t, n))).astype(np.float16)
+    return rec
+
+
+def records(count=24, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    return [make_record(rng, i, **kw) for i in range(count)]
+
+
+def norm_entropy_numpy(p, valid):
+    """Reference: normalised entropy of rows of p [..., K] with ``valid`` [R] keys per row."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=-1)
+    return h / np.log(valid)
+
+
+# --- entropy -------------------------------------------------------------------------------
+
+
+def test_entropy_falls_with_depth_and_matches_the_definition():
+    recs = records(sharpness=[0.5, 2.0, 6.0])
+    res = entropy(recs)
+    for kind in MAP_NAMES:
+        layers = res.per_layer(kind)
+        assert layers[0] > layers[1] > layers[2], (kind, layers)
+        assert layers[0] > 0.9 and layers[2] < 0.6, (kind, layers)
+    # the definition, in float64 numpy on the same (float16) maps; the op computes in float32
+    enc = np.stack([r.encoder_self.astype(np.float64) for r in recs])
+    expected = norm_entropy_numpy(enc, N).mean(axis=(0, 3))
+    np.testing.assert_allclose(res.per_head["encoder_self"], expected, atol=1e-5)
+    dec = np.stack([r.decoder_self.astype(np.float64) for r in recs])[..., 1:, :]      # row 0: one valid key
+    expected = norm_entropy_numpy(dec, np.arange(2, T + 1)).mean(axis=(0, 3))
+    np.testing.assert_allclose(res.per_head["decoder_self"], expected, atol=1e-5)
+    assert res.rows["decoder_self"] == len(recs) * (T - 1)
+    assert res.rows["encoder_self"] == len(recs) * N
+
+
+def test_entropy_from_stored_entropies_equals_entropy_from_maps():
+    recs = records(sharpness=[0.5, 2.0, 6.0])
+    from_maps = entropy(recs)
+    for r in recs:
+        for kind, name in (("encoder_self", "encoder_entropy"), ("decoder_self", "decoder_entropy"),
+                           ("cross", "cross_entropy")):
+            p = getattr(r, kind).astype(np.float64)
+            setattr(r, name, -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(-1).astype(np.float32))
+            setattr(r, kind, None)
+    from_stored = entropy(recs)
+    for kind in MAP_NAMES:
+        np.testing.assert_allclose(from_stored.per_head[kind], from_maps.per_head[kind], atol=1e-4)
+
+
+# --- thematic ------------------------------------------------------------------------------
+
+
+def plant_within_cluster(recs, layer, strength=4.0):
+    for r in recs:
+        same = (r.clusters[:, None] == r.clusters[None, :]).astype(float)
+        enc = r.encoder_self.astype(np.float64)
+        enc[layer] = softmax(np.log(enc[layer]) + strength * same)
+        r.encoder_self = enc.astype(np.float16)
+    return recs
+
+
+def test_thematic_affinity_finds_the_layer_that_attends_within_clusters():
+    recs = plant_within_cluster(records(count=40), layer=1)
+    res = thematic(recs)
+    assert res.affinity.shape == (L, H)
+    assert (res.affinity[1] > 2.0).all(), res.affinity
+    assert (np.abs(res.affinity[[0, 2]] - 1.0) < 0.25).all(), res.affinity
+    assert res.same_cluster_cosine > res.diff_cluster_cosine + 0.3
+    assert res.cluster_sources["clusters"] == 40
+
+
+def test_thematic_affinity_is_exactly_one_for_uniform_attention():
+    recs = records(count=5)
+    for r in recs:
+        r.encoder_self = np.full((L, H, N, N), 1.0 / N)
+    res = thematic(recs)
+    np.testing.assert_allclose(res.affinity, 1.0, rtol=1e-12)
+
+
+def test_thematic_clusters_from_labels_then_kmeans_fallback():
+    by_labels = thematic(plant_within_cluster(records(count=20, with_labels=True), layer=2))
+    assert by_labels.cluster_sources == {"clusters": 20, "labels": 0, "kmeans": 0}
+    recs = plant_within_cluster(records(count=30), layer=2)
+    for r in recs:
+        r.clusters, r.labels = None, r.clusters * 7
+    assert thematic(recs).cluster_sources["labels"] == 30
+    for r in recs:
+        r.labels = None
+    acc = ThematicAccumulator(k=CLUSTERS, kmeans_buffer=10)
+    for r in recs:
+        acc.update(r)
+    res = acc.result()
+    assert res.cluster_sources["kmeans"] == 30 and acc.centroids.shape == (CLUSTERS, 16)
+    # well separated features: k-means recovers the planted clusters, so the planted layer stands out
+    assert (res.affinity[2] > 1.5).all() and (np.abs(res.affinity[0] - 1.0) < 0.3).all(), res.affinity
+
+
+# --- proximity -----------------------------------------------------------------------------
+
+
+def test_proximity_spearman_recovers_attention_decaying_with_distance():
+    recs = records(count=30)
+    for r in recs:
+        c = np.stack([(r.boxes[:, 0] + r.boxes[:, 2]) / 2, (r.boxes[:, 1] + r.boxes[:, 3]) / 2], 1)
+        d = np.linalg.norm(c[:, None] - c[None], axis=-1)
+        f = r.features / np.linalg.norm(r.features, axis=1, keepdims=True)
+        enc = r.encoder_self.astype(np.float64)
+        enc[0] = softmax(-d / 0.05 + 0.1 * np.random.default_rng(r.image_id).normal(size=(H, N, N)))
+        enc[2] = softmax(6.0 * (f @ f.T) + 0 * enc[2])
+        r.encoder_self = enc.astype(np.float16)
+    res = proximity(recs, reservoir=500, bins=8)
+    assert res.spearman_distance[0] < -0.8, res.spearman_distance
+    assert abs(res.spearman_distance[1]) < 0.15, res.spearman_distance
+    assert res.spearman_similarity[2] > 0.8 and abs(res.spearman_similarity[1]) < 0.15, res.spearman_similarity
+    assert res.sampled["distance"] == 500 and res.pairs["distance"] == 30 * N * (N - 1)
+    curve = res.curves["distance"][0]
+    filled = np.isfinite(curve)
+    assert np.all(np.diff(curve[filled]) < 0), curve                   # binned means fall with distance
+    assert res.counts["distance"].sum() == 30 * N * (N - 1)
+
+
+def test_pair_reservoir_keeps_the_smallest_keys_in_any_order():
+    rng = np.random.default_rng(1)
+    keys = pair_keys(3, 17, np.arange(200) // 20, np.arange(200) % 20)
+    x, y = rng.normal(size=200), rng.normal(size=(2, 200))
+    assert len(np.unique(keys)) == 200
+    one = PairReservoir(30)
+    one.add(keys, x, y)
+    a, b = PairReservoir(30), PairReservoir(30)
+    order = rng.permutation(200)
+    for part, res in ((order[:90], a), (order[90:], b)):
+        for chunk in np.array_split(part, 7):
+            res.add(keys[chunk], x[chunk], y[:, chunk])
+    a.merge(b)
+    assert len(a) == len(one) == 30 and a.seen == 200
+    np.testing.assert_array_equal(a.keys, np.sort(keys)[:30])
+    np.testing.assert_array_equal(a.keys, one.keys)
+    np.testing.assert_array_equal(a.y, one.y)
+    # the same image offered again (another record of it): its pairs are not sampled twice
+    a.add(keys, x, y)
+    a.compact()
+    np.testing.assert_array_equal(a.keys, one.keys)
+    np.testing.assert_array_equal(a.x, one.x)
+    # no collisions over many images x pairs (a symmetric hash once mapped (image a, 0, b) to (b, 0, a))
+    i, j = np.nonzero(~np.eye(36, dtype=bool))
+    grid = np.concatenate([pair_keys(0, image, i, j) for image in range(150)])
+    assert len(np.unique(grid)) == len(grid)
+
+
+# --- grounding -----------------------------------------------------------------------------
+
+
+def test_grounding_finds_the_head_that_points_nouns_at_their_referents():
+    recs = records(count=60, n=6)
+    planted = (1, 2)
+    for r in recs:
+        cross = r.cross.astype(np.float64)
+        for t in np.flatnonzero(r.referents >= 0):
+            row = np.full(r.num_objects, 0.02)
+            row[r.referents[t]] = 1.0
+            cross[planted][t] = row / row.sum()
+        r.cross = cross.astype(np.float16)
+    res = grounding(recs)
+    assert res.accuracy_per_head[planted] == 1.0
+    others = np.delete(res.accuracy_per_head.ravel(), planted[0] * H + planted[1])
+    assert res.chance == pytest.approx(1 / 6)
+    assert np.all(np.abs(others - res.chance) < 0.15), res.accuracy_per_head
+    assert res.tokens == 60 * 2
+    assert res.follow_rate is None and "hypothetical_follow_rate" in res.unavailable
+
+
+def hypothetical(recs, follow: bool):
+    """Hypothetical twins of ``recs``: referents[t] swapped; row t + 1 attends to the new (follow)
+    or the original (not follow) object in every head."""
+    out = []
+    for r in recs:
+        src = r.referents.copy()
+        new = np.where(src >= 0, (src + 1) % r.num_objects, -1)
+        cross = r.cross.astype(np.float64)
+        for t in np.flatnonzero(src >= 0):
+            row = np.full(r.num_objects, 0.01)
+            row[new[t] if follow else src[t]] = 1.0
+            cross[:, :, t + 1] = row / row.sum()
+        out.append(Record(image_id=r.image_id, boxes=r.boxes, tokens=r.tokens, kind="hypothetical",
+                          referents=new, source_referents=src, cross=cross))
+    return out
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_grounding_hypothetical_follow_rate(follow):
+    recs = records(count=10)
+    res = grounding(recs + hypothetical(recs, follow))
+    assert res.hypothetical_tokens == 20 and res.tokens == 20
+    np.testing.assert_array_equal(res.follow_rate, np.full(L, 1.0 if follow else 0.0))
+    np.testing.assert_array_equal(res.source_rate, np.full(L, 0.0 if follow else 1.0))
+    assert res.hypothetical_chance == pytest.approx(1 / N)
+    # the other analyses ignore hypothetical records
+    assert entropy(recs + hypothetical(recs, follow)).skipped_hypothetical == 10
+
+
+# --- collector: merge, state, missing fields -----------------------------------------------
+
+
+def planted_mix(count=24):
+    recs = plant_within_cluster(records(count=count, sharpness=[0.5, 2.0, 6.0]), layer=1)
+    recs += [make_record(np.random.default_rng(9), 100 + i, with_clusters=False, with_labels=True) for i in range(4)]
+    return recs + hypothetical(recs[:6], True)
+
+
+def assert_json_close(a, b, path="$"):
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            assert_json_close(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_json_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-9, abs=1e-12), path
+    else:
+        assert a == b, path
+
+
+def test_merge_equals_one_pass_and_state_round_trips_through_hdf5(tmp_path):
+    recs = planted_mix()
+    one = StatsCollector(reservoir=200)
+    for r in recs:
+        one.update(r)
+    parts = [StatsCollector(reservoir=200) for _ in range(3)]
+    for i, r in enumerate(recs):
+        parts[i % 3].update(r)
+    merged = StatsCollector.from_state(parts[0].state()).merge(parts[1])
+    merged.merge(StatsCollector.from_state(parts[2].state()))
+    expected = one.to_json()
+    assert expected["proximity"]["spearman_sample_pairs"]["distance"] == 200
+    # the collector (which shares per-record work between analyses) equals each analysis alone
+    assert_json_close(expected["thematic"], thematic(recs).to_json())
+    assert_json_close(expected["proximity"], proximity(recs, reservoir=200).to_json())
+    assert_json_close(expected["entropy"], entropy(recs).to_json())
+    assert_json_close(expected["grounding"], grounding(recs).to_json())
+    assert_json_close(expected, merged.to_json())
+    path = tmp_path / "state.h5"
+    with h5py.File(path, "w") as f:
+        for key, value in one.state().items():
+            f[key] = value
+    with h5py.File(path, "r") as f:
+        state = {key: f[key][()] for key in f}
+    assert_json_close(expected, StatsCollector.from_state(state).to_json())
+    assert StatsCollector.from_state(state).state().keys() == one.state().keys()
+
+
+def test_missing_fields_are_reported_never_nan():
+    bare = records(count=4, maps=(), with_clusters=False, with_features=False, with_referents=False)
+    data = StatsCollector().update(bare[0]).update(bare[1]).to_json()
+    json.dumps(data, allow_nan=False)
+    for kind in MAP_NAMES:
+        assert data["entropy"][kind] is None and "encoder" in data["entropy"]["unavailable"]["encoder_self"]
+    assert data["thematic"]["affinity"] is None and "clusters" in data["thematic"]["unavailable"]["affinity"]
+    assert data["proximity"]["spearman_distance"] is None
+    assert "encoder_self" in data["proximity"]["unavailable"]["spearman_distance"]
+    assert data["grounding"]["accuracy"] is None and "cross" in data["grounding"]["unavailable"]["accuracy"]
+    # partial: maps but no features -> cosines and similarity reported missing, the rest computed
+    partial = records(count=4, with_features=False)
+    data = StatsCollector().update(partial[0]).update(partial[1]).to_json()
+    json.dumps(data, allow_nan=False)
+    assert data["thematic"]["affinity"] is not None and data["thematic"]["same_cluster_cosine"] is None
+    assert "features" in data["thematic"]["unavailable"]["same_cluster_cosine"]
+    assert data["proximity"]["spearman_distance"] is not None and data["proximity"]["spearman_similarity"] is None
+    assert "features" in data["proximity"]["unavailable"]["spearman_similarity"]
+
+
+def test_bad_input_raises_naming_the_record():
+    rec = records(count=1)[0]
+    rec.encoder_self = rec.encoder_self.astype(np.float32)
+    rec.encoder_self[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="image 0"):
+        StatsCollector().update(rec)
+    a, b = records(count=1)[0], records(count=1, layers=2)[0]
+    acc = EntropyAccumulator().update(a)
+    with pytest.raises(ValueError, match="cannot be pooled"):
+        acc.update(b)
+    with pytest.raises(ValueError, match="version"):
+        StatsCollector.from_state({**StatsCollector().state(), "collector.version": np.asarray(99)})
+    with pytest.raises(ValueError, match="Record"):
+        StatsCollector().update({"image_id": 1})
+
+
+# --- report and CLI ------------------------------------------------------------------------
+
+
+def check_outputs(out, layers=L, heads=H):
+    data = json.loads((out / "analysis.json").read_text())
+    for kind in ("encoder_self", "decoder_self", "cross"):
+        assert np.shape(data["entropy"][kind]) == (layers, heads)
+    for key in ("same_cluster_cosine", "diff_cluster_cosine"):
+        assert isinstance(data["thematic"][key], float)
+    assert np.shape(data["thematic"]["affinity"]) == (layers, heads)
+    for key in ("spearman_distance", "spearman_similarity"):
+        assert np.shape(data["proximity"][key]) == (layers,)
+    assert np.shape(data["grounding"]["accuracy"]) == (layers,)
+    assert isinstance(data["grounding"]["chance"], float)
+    assert np.shape(data["grounding"]["hypothetical_follow_rate"]) == (layers,)
+    report = (out / "report.md").read_text()
+    for name in ("entropy", "thematic", "proximity", "grounding"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({name}.png)" in report
+    assert not list(out.glob("*.tmp-*"))
+    return data, report
+
+
+def test_run_analyses_writes_json_figures_and_report(tmp_path):
+    recs = planted_mix()
+    dump = FakeDump(recs)                       # read in chunks, as a dump is
+    data, report = check_outputs_after(run_analyses(dump, tmp_path / "out", viewer_href="../view/index.html",
+                                                    progress=False), tmp_path / "out")
+    assert "falls from" in report and "(../view/index.html)" in report
+    assert data["records"] == len(recs)
+    # nothing computable: still every file, with the reasons in the report
+    bare = records(count=2, maps=(), with_clusters=False, with_features=False, with_referents=False)
+    run_analyses(bare, tmp_path / "bare", progress=False)
+    report = (tmp_path / "bare" / "report.md").read_text()
+    assert "Not computed" in report and (tmp_path / "bare" / "grounding.png").exists()
+
+
+def check_outputs_after(returned, out):
+    data, report = check_outputs(out)
+    assert returned == data
+    return data, report
+
+
+class FakeDump(list):
+    """What geocap.data.dump_format.open_dump returns, for the CLI test: a sequence of records with
+    ``metadata``, ``iter_chunks`` and, when stats-only, ``stats()``."""
+
+    def __init__(self, recs, stats=None):
+        super().__init__([] if stats else recs)
+        self.metadata = {"stats_only": stats is not None}
+        self._stats = stats
+
+    def iter_chunks(self, size):
+        for i in range(0, len(self), size):
+            yield self[i:i + size]
+
+    def stats(self):
+        return self._stats
+
+
+def test_analyze_cli_on_a_stats_only_dump(tmp_path, monkeypatch):
+    """The CLI on a stats-only dump: its merged statistics, not its (absent) records."""
+    import geocap.analyze as cli
+
+    recs = planted_mix()
+    collector = StatsCollector()
+    for r in recs:
+        collector.update(r)
+    dump_path = tmp_path / "dump"
+    dump_path.mkdir()
+    monkeypatch.setattr(cli, "_open_dump", lambda path, progress: FakeDump(recs, collector))
+    parser = argparse.ArgumentParser()
+    cli.add_analyze_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["analyze", str(dump_path), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert args.func(args) == 0
+    data, _ = check_outputs(tmp_path / "out")
+    assert_json_close(collector.to_json(), data)
+    bad = parser.parse_args(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
+    with pytest.raises(ValueError, match="does not exist"):
+        bad.func(bad)
