@@ -1,11 +1,14 @@
-"""``geocap train``: cross-entropy training of the ORT captioner, single process or under
-torchrun (DistributedDataParallel), with exact resume.
+"""``geocap train``: cross-entropy training of the ORT captioner, then optionally self-critical
+sequence training (SCST, CIDEr-D reward), single process or under torchrun
+(DistributedDataParallel), with exact resume.
 
 Usage::
 
     geocap synth DIR && geocap prepro captions --karpathy DIR/dataset_coco.json --out DIR/caps
     geocap train --data DIR --out RUN [--config options.json] [--OPTION VALUE ...] [--resume]
     torchrun --nproc_per_node=K -m geocap train --data DIR --out RUN ...
+    geocap train --data DIR --out RUN --steps 40000 --scst-from-step 30000 [--scst-baseline mean]
+    geocap train --out RUN --resume --steps 40000 --scst-from-step 30000   # SCST after a finished XE run
 
 Options come from the TrainConfig defaults, then ``--config`` (a JSON object with a subset of the
 fields), then the command line; ``--resume`` starts from RUN/train_config.json instead of the
@@ -21,10 +24,11 @@ from dataclasses import fields
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, TrainConfig
 from .loop import TrainResult, epoch_batches, token_loss, train, validate
 from .schedule import LRSchedule, noam_lr, warmup_lr
+from .scst import SCSTObjective, SCSTStats, mean_baseline, reward_scorer, scst_loss
 
-__all__ = ["BEST", "CONFIG_FILE", "LATEST", "METRICS", "LRSchedule", "TrainConfig", "TrainResult",
-           "add_train_parser", "config_from_args", "epoch_batches", "noam_lr", "run_train", "token_loss",
-           "train", "validate", "warmup_lr"]
+__all__ = ["BEST", "CONFIG_FILE", "LATEST", "METRICS", "LRSchedule", "SCSTObjective", "SCSTStats", "TrainConfig",
+           "TrainResult", "add_train_parser", "config_from_args", "epoch_batches", "mean_baseline", "noam_lr",
+           "reward_scorer", "run_train", "scst_loss", "token_loss", "train", "validate", "warmup_lr"]
 
 _HELP = {
     "data": "folder holding the feature store and the captions directory",
@@ -43,6 +47,12 @@ _HELP = {
     "val_images": "validate on the first N val images (0: all)",
     "checkpoint_every": "write checkpoint-latest.pt every N steps (0: only at the end)",
     "captions_per_image": "all, one-random, or an int k (the first k captions of each image)",
+    "scst_from_step": "self-critical training (CIDEr-D reward) for the steps after this many (-1: never; "
+                      "0: from the start; may be set when resuming a cross-entropy run)",
+    "scst_baseline": "greedy (the greedy caption's reward) or mean (the mean reward of the image's other samples)",
+    "scst_samples": "sampled captions per image in SCST (>= 2 with the mean baseline)",
+    "scst_batch_size": "images per SCST batch and process (0: --batch-size)",
+    "scst_lr": "constant learning rate of the SCST steps",
 }
 
 
@@ -105,7 +115,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap train`` on an argparse subparsers object; returns its parser. The handler
     (``args.func(args)``) returns 0 or raises ValueError for bad options or data."""
     parser = subparsers.add_parser(
-        "train", help="cross-entropy training of the captioner (torchrun for several processes)",
+        "train", help="cross-entropy and self-critical training of the captioner (torchrun for several processes)",
         description=__doc__.split("\n\n")[0] + " Data: DIR/features.h5 and DIR/caps/ (vocab.json, captions.h5), "
                     "as `geocap synth DIR` and `geocap prepro captions --karpathy DIR/dataset_coco.json "
                     "--out DIR/caps` write them.")

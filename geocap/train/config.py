@@ -13,7 +13,9 @@ Run layout (``out``)::
     RUN/train_config.json      the resolved TrainConfig (written at the start, rank 0)
     RUN/checkpoint-latest.pt   every ``checkpoint_every`` steps and at the end
     RUN/checkpoint-best.pt     the checkpoint of the best validation CIDEr-D so far
-    RUN/metrics.jsonl          one JSON object per line: "kind" "train" or "val"
+    RUN/metrics.jsonl          one JSON object per line: "kind" "train" or "val"; train lines carry
+                               "phase" ("xe" or "scst"; scst lines add "reward", "baseline",
+                               "sample_length")
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
 from geocap.model import ORTConfig
+
+from .scst import BASELINES
 
 CONFIG_FILE = "train_config.json"
 LATEST, BEST, METRICS = "checkpoint-latest.pt", "checkpoint-best.pt", "metrics.jsonl"
@@ -36,7 +40,7 @@ RESUME_FIXED = ("layers", "d_model", "heads", "d_ff", "dropout", "geometry", "fe
 
 @dataclass
 class TrainConfig:
-    """Cross-entropy training options (see the module doc for the data and run layouts).
+    """Training options: cross-entropy, then optionally self-critical (the module doc has the layouts).
 
     Model: ``layers``, ``d_model``, ``heads``, ``d_ff``, ``dropout``, ``geometry`` as in ORTConfig
     (vocab_size and feature_dim come from the data). Steps count optimiser updates; ``steps`` is
@@ -55,6 +59,19 @@ class TrainConfig:
     Validation every ``val_every`` steps (0 = never; also at the end): greedy decoding of the
     ``val_split`` images (the first ``val_images``; 0 = all) up to ``max_decode_len`` words,
     CIDEr-D against their references. ``checkpoint_every`` (0 = only at the end).
+
+    Self-critical training (:mod:`geocap.train.scst`): the steps numbered from
+    ``scst_from_step`` on (``step >= scst_from_step`` completed updates; -1 = never, the
+    default; 0 = from the first step) use SCST instead of cross-entropy: batches of
+    ``scst_batch_size`` training images per process (0 = ``batch_size``), ``scst_samples``
+    sampled captions each (up to ``max_decode_len`` tokens), CIDEr-D reward (document frequencies
+    of the training split's references), baseline ``scst_baseline`` ("greedy": the greedy
+    caption's reward; "mean": the mean reward of the image's other samples, needs
+    ``scst_samples >= 2``), a constant learning rate ``scst_lr`` (the optimiser and its moments
+    carry on from cross-entropy; the schedule is not used), gradient clipping as above. The
+    switch can come in the middle of a run or at a resume: ``--resume --scst-from-step S``
+    continues a cross-entropy checkpoint of step s with SCST from step max(S, s) (a checkpoint
+    already in SCST keeps its SCST: S <= s, same images per batch).
     """
 
     data: str = ""
@@ -96,6 +113,12 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 10
     progress: bool = True
+    # self-critical sequence training
+    scst_from_step: int = -1
+    scst_baseline: str = "greedy"
+    scst_samples: int = 5
+    scst_batch_size: int = 0
+    scst_lr: float = 2e-5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -131,7 +154,7 @@ class TrainConfig:
             raise ValueError(f"train option dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"train option label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("lr_factor", "lr"):
+        for name in ("lr_factor", "lr", "scst_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"train option {name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip"):
@@ -145,6 +168,18 @@ class TrainConfig:
             raise ValueError(f"train option precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"train option backend must be auto, torch or triton, got {self.backend!r}")
+        if self.scst_from_step < -1:
+            raise ValueError(f"train option scst_from_step must be -1 (no SCST) or a step >= 0, "
+                             f"got {self.scst_from_step}")
+        if self.scst_baseline not in BASELINES:
+            raise ValueError(f"train option scst_baseline must be 'greedy' or 'mean', got {self.scst_baseline!r}")
+        if self.scst_samples < 1:
+            raise ValueError(f"train option scst_samples must be at least 1, got {self.scst_samples}")
+        if self.scst_baseline == "mean" and self.scst_samples < 2:
+            raise ValueError(f"train option scst_samples must be at least 2 with scst_baseline 'mean' (a sample's "
+                             f"baseline is the mean reward of its image's other samples), got {self.scst_samples}")
+        if self.scst_batch_size < 0:
+            raise ValueError(f"train option scst_batch_size must be >= 0 (0: batch_size), got {self.scst_batch_size}")
         cpi = self.captions_per_image
         if isinstance(cpi, str) and cpi.isdigit():
             self.captions_per_image = cpi = int(cpi)
@@ -166,6 +201,16 @@ class TrainConfig:
         if not os.path.isdir(self.captions_path):
             raise ValueError(f"{self.captions_path}: captions directory missing (expected DIR/{self.captions}; "
                              f"`geocap prepro captions ... --out DIR/{self.captions}` writes it)")
+
+    def phase_at(self, step: int) -> str:
+        """``"scst"`` for the update after ``step`` completed ones when it is self-critical (see
+        the class doc), else ``"xe"``."""
+        return "scst" if 0 <= self.scst_from_step <= step else "xe"
+
+    @property
+    def scst_images_per_batch(self) -> int:
+        """Images per SCST batch and process: ``scst_batch_size``, or ``batch_size`` when 0."""
+        return self.scst_batch_size or self.batch_size
 
     @property
     def features_path(self) -> str:

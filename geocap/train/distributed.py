@@ -64,13 +64,14 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def mean_scalar(info: DistInfo, value: float, device: torch.device) -> float:
-    """``value`` averaged over the ranks (itself for one process)."""
+def mean_scalars(info: DistInfo, values: list, device: torch.device) -> list:
+    """Each of ``values`` averaged over the ranks, in one all-reduce (the floats themselves for
+    one process)."""
     if not info.enabled:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item()) / info.world_size
+    return [x / info.world_size for x in t.tolist()]
 
 
 def gather_objects(info: DistInfo, obj) -> list:

@@ -1,4 +1,5 @@
-"""Cross-entropy training of the ORT captioner (``geocap train``).
+"""Training of the ORT captioner (``geocap train``): cross-entropy, then optionally
+self-critical sequence training (SCST, :mod:`geocap.train.scst`).
 
 Conventions:
 
@@ -6,16 +7,25 @@ Conventions:
 - Loss: next-token cross-entropy with teacher forcing (inputs ``captions[:, :-1]``, targets
   ``captions[:, 1:]``), averaged over the non-<pad> targets of the batch; optional label smoothing
   (see :class:`~geocap.train.config.TrainConfig`). DDP averages gradients over the processes.
+- Phases: the update after ``step`` completed ones is self-critical when
+  ``TrainConfig.phase_at(step) == "scst"`` (``step >= scst_from_step``), with its own data
+  stream: batches of training *images* (per-image dataset, same sampler, seed and rank split),
+  whose epochs count from 0 at the switch. DDP wraps a :class:`~geocap.train.scst.PolicyModule`
+  whose one forward does teacher forcing or sampling, so both phases' gradients are all-reduced
+  as usual; the greedy baseline is decoded by the unwrapped model under ``no_grad``.
 - Data order: :class:`~geocap.data.dataset.BucketBatchSampler` (seed ``seed``, epoch e) gives the
   epoch's batch list; with W processes, rank r takes batches ``r, r + W, ...`` of the first
   ``W * floor(len / W)``, so every rank runs the same number of steps. ``data_position`` =
-  ``{"epoch": e, "batch": i}``: the next batch is the i-th of rank's epoch-e list.
+  ``{"epoch": e, "batch": i}``: the next batch is the i-th of rank's epoch-e list of the data
+  stream of ``phase_at(step)`` (the checkpoint also records it as ``extra["data_phase"]``; the
+  position is reset to epoch 0, batch 0 at the switch, and when a cross-entropy checkpoint is
+  resumed with an ``scst_from_step`` it has already reached).
 - Randomness: the model is initialised from ``seed`` (identical on every rank; DDP broadcasts rank
   0's weights anyway); training then reseeds torch with ``seed + 1000003 * rank`` (dropout differs
   per rank). The DataLoader gets its own generator per epoch, so it never draws from the global
   generator. Validation runs under ``torch.random.fork_rng`` and leaves the generators untouched.
 - Exact resume: a checkpoint holds the weights, optimiser, schedule, GradScaler, step, data
-  position and every rank's random states (``extra["rank_rng"]``), so resuming from
+  position and phase, and every rank's random states (``extra["rank_rng"]``), so resuming from
   ``checkpoint-latest.pt`` and training on gives the same parameters as training straight through
   (same number of processes; with ``num_workers > 0`` and ``captions_per_image="one-random"`` the
   workers' caption draws are reproducible per epoch but not across a mid-epoch resume).
@@ -46,6 +56,7 @@ from geocap.model import ObjectRelationTransformer, ORTConfig
 from . import distributed as D
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, RESUME_FIXED, TrainConfig
 from .schedule import LRSchedule
+from .scst import PolicyModule, SCSTObjective, captions_text, reward_scorer
 
 
 @dataclass
@@ -170,8 +181,8 @@ def validate(model: ObjectRelationTransformer, dataset: CaptionDataset, *, image
                 with _autocast(device, amp_dtype):
                     memory = model.encode(batch.features, batch.boxes, batch.box_mask)
                     decoded = greedy_decode(model, memory, max_len=max_len)
-                for image_id, ids in zip(batch.image_ids.tolist(), decoded.to_lists()):
-                    res[image_id] = " ".join(vocab.words[i] for i in ids)
+                for image_id, caption in zip(batch.image_ids.tolist(), captions_text(decoded, vocab)):
+                    res[image_id] = caption
                     gts[image_id] = dataset.references(image_id)
         finally:
             model.train(was_training)
@@ -229,10 +240,27 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         D.teardown(info)
 
 
+def _check_resume_phase(config: TrainConfig, ckpt, saved: dict, latest_path: str) -> str:
+    """The phase of ``ckpt``'s data position; ValueError when ``config`` cannot continue it."""
+    phase = ckpt.extra.get("data_phase", "xe")
+    if phase not in ("xe", "scst"):
+        raise ValueError(f"{latest_path}: unknown data_phase {phase!r} (expected 'xe' or 'scst')")
+    if phase == "scst":
+        if config.phase_at(ckpt.step) != "scst":
+            raise ValueError(f"cannot resume {latest_path}: it trained with SCST up to step {ckpt.step} "
+                             f"(scst_from_step {saved.get('scst_from_step')!r}); scst_from_step must stay between "
+                             f"0 and {ckpt.step}, got {config.scst_from_step}")
+        before = saved.get("scst_batch_size") or saved.get("batch_size")
+        if before is not None and before != config.scst_images_per_batch:
+            raise ValueError(f"cannot resume {latest_path} with other SCST images per batch ({before} there, "
+                             f"{config.scst_images_per_batch} now; scst_batch_size, or batch_size when it is 0)")
+    return phase
+
+
 def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> TrainResult:
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ckpt = None
+    ckpt, ckpt_phase = None, "xe"
     if resume:
         ckpt = load_checkpoint(latest_path)
         saved = ckpt.extra.get("train_config") or {}
@@ -243,6 +271,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
         if ckpt.extra.get("world_size", 1) != info.world_size:
             raise ValueError(f"{latest_path} was written by {ckpt.extra.get('world_size', 1)} processes; resume "
                              f"with as many (now {info.world_size})")
+        ckpt_phase = _check_resume_phase(config, ckpt, saved, latest_path)
     if info.is_main:
         os.makedirs(config.out, exist_ok=True)
         write_text_atomic(os.path.join(config.out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
@@ -287,19 +316,38 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
         step = ckpt.step
         pos = ckpt.data_position or {}
         epoch, batch_index = int(pos.get("epoch", 0)), int(pos.get("batch", 0))
+        if ckpt_phase != config.phase_at(step):  # a cross-entropy run continued with SCST: its data from the start
+            epoch, batch_index = 0, 0
         best = ckpt.extra.get("best") or {}
         best_cider, best_step = best.get("cider_d"), best.get("step")
         restore_rng(ckpt)
         ranks = ckpt.extra.get("rank_rng") or []
         if len(ranks) > info.rank:
             _restore_rank_rng(ranks[info.rank])
-    net = model
+    net = PolicyModule(model)
     if info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler = BucketBatchSampler(train_ds.box_counts, config.batch_size, shuffle=True,
-                                 pool_batches=config.pool_batches, seed=config.seed)
+    xe_sampler = BucketBatchSampler(train_ds.box_counts, config.batch_size, shuffle=True,
+                                    pool_batches=config.pool_batches, seed=config.seed)
+    scst_parts = []  # [dataset, sampler, objective], built when the first SCST step comes
+
+    def phase_data(phase):
+        if phase == "xe":
+            return train_ds, xe_sampler, None
+        if not scst_parts:  # draws no random number: exact resume holds wherever it is built
+            ds = CaptionDataset(config.features_path, config.captions_path, config.train_split, per_image=True,
+                                captions_per_image=1)
+            objective = SCSTObjective(reward_scorer(ds), vocab, samples=config.scst_samples,
+                                      baseline=config.scst_baseline, max_len=config.max_decode_len)
+            scst_parts.extend([ds, BucketBatchSampler(ds.box_counts, config.scst_images_per_batch, shuffle=True,
+                                                      pool_batches=config.pool_batches, seed=config.seed),
+                               objective])
+        return tuple(scst_parts)
+
+    def amp_context():
+        return _autocast(device, amp_dtype)
     log = _MetricsLog(os.path.join(config.out, METRICS), info.is_main, step if ckpt is not None else None)
     from tqdm import tqdm
     bar = tqdm(total=config.steps, initial=step, disable=True if not (config.progress and info.is_main) else None,
@@ -307,12 +355,13 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
     started = time.perf_counter()
     last_val, history = None, []
     interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
+    interval_reward, interval_baseline, interval_length = 0.0, 0.0, 0.0
 
     def save(path, extra_metrics=None):
         ranks = D.gather_objects(info, _rng_as_json())
         if not info.is_main:
             return
-        extra = {"data_position": {"epoch": epoch, "batch": batch_index},
+        extra = {"data_position": {"epoch": epoch, "batch": batch_index}, "data_phase": config.phase_at(step),
                  "metrics": extra_metrics if extra_metrics is not None else last_val,
                  "best": {"cider_d": best_cider, "step": best_step},
                  "train_config": config.to_dict(), "world_size": info.world_size,
@@ -324,24 +373,37 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
     model.train()
     try:
         while step < config.steps:
+            phase = config.phase_at(step)
+            dataset, sampler, objective = phase_data(phase)
             batches = epoch_batches(sampler, epoch, info.rank, info.world_size)
             if not batches:
-                raise ValueError(f"split {config.train_split!r} gives no batch per process "
-                                 f"({len(train_ds)} items, batch_size {config.batch_size}, "
-                                 f"{info.world_size} processes)")
+                unit = "images" if objective is not None else "items"
+                size = config.scst_images_per_batch if objective is not None else config.batch_size
+                raise ValueError(f"split {config.train_split!r} gives no {phase} batch per process "
+                                 f"({len(dataset)} {unit}, batch size {size}, {info.world_size} processes)")
             if batch_index >= len(batches):
                 epoch, batch_index = epoch + 1, 0
                 continue
-            loader = DataLoader(train_ds, batch_sampler=_Batches(batches[batch_index:]), collate_fn=collate,
+            loader = DataLoader(dataset, batch_sampler=_Batches(batches[batch_index:]), collate_fn=collate,
                                 num_workers=config.num_workers, pin_memory=device.type == "cuda",
                                 generator=torch.Generator().manual_seed(config.seed * 1000003 + epoch))
+            switched = False
             for batch in loader:
                 batch = batch.to(device, non_blocking=True)
-                inputs, targets = batch.captions[:, :-1], batch.captions[:, 1:]
-                lr = schedule.get_last_lr()[0]
-                with _autocast(device, amp_dtype):
-                    log_probs = net(batch.features, batch.boxes, batch.box_mask, inputs)
-                loss = token_loss(log_probs, targets, config.label_smoothing)
+                stats = None
+                if objective is None:
+                    inputs, targets = batch.captions[:, :-1], batch.captions[:, 1:]
+                    lr = schedule.get_last_lr()[0]
+                    with amp_context():
+                        log_probs = net(batch.features, batch.boxes, batch.box_mask, inputs)
+                    loss = token_loss(log_probs, targets, config.label_smoothing)
+                    tokens = int((targets != PAD).sum())
+                else:
+                    lr = config.scst_lr
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    loss, stats = objective(net, model, batch, autocast=amp_context)
+                    tokens = stats.tokens
                 if not torch.isfinite(loss) and not scaler.is_enabled():
                     raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
@@ -356,18 +418,32 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                 batch_index += 1
                 interval_loss += float(loss.detach())
                 interval_steps += 1
-                interval_tokens += int((targets != PAD).sum())
+                interval_tokens += tokens
+                if stats is not None:
+                    interval_reward += stats.reward
+                    interval_baseline += stats.baseline
+                    interval_length += stats.sample_length
                 bar.update(1)
                 last = step >= config.steps
-                if step % config.log_every == 0 or last:
-                    mean_loss = D.mean_scalar(info, interval_loss / interval_steps, device)
-                    entry = {"kind": "train", "step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
-                             "grad_norm": float(grad_norm), "tokens": interval_tokens * info.world_size,
+                switched = config.phase_at(step) != phase
+                if step % config.log_every == 0 or last or switched:
+                    mean_loss, mean_reward, mean_baseline, mean_length = D.mean_scalars(
+                        info, [x / interval_steps for x in (interval_loss, interval_reward, interval_baseline,
+                                                            interval_length)], device)
+                    entry = {"kind": "train", "phase": phase, "step": step, "epoch": epoch, "loss": mean_loss,
+                             "lr": lr, "grad_norm": float(grad_norm), "tokens": interval_tokens * info.world_size,
                              "time": time.perf_counter() - started}
+                    postfix = f"loss {mean_loss:.3f} lr {lr:.2e}"
+                    if phase == "scst":
+                        entry.update(reward=mean_reward, baseline=mean_baseline, sample_length=mean_length)
+                        postfix = f"reward {mean_reward:.3f} baseline {mean_baseline:.3f} lr {lr:.2e}"
                     log.write(entry)
                     history.append(entry)
-                    bar.set_postfix_str(f"loss {mean_loss:.3f} lr {lr:.2e}")
+                    bar.set_postfix_str(postfix)
                     interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
+                    interval_reward, interval_baseline, interval_length = 0.0, 0.0, 0.0
+                if switched:  # the next step reads the SCST data stream from its start
+                    epoch, batch_index = 0, 0
                 if val_ds is not None and (step % config.val_every == 0 or last):
                     new_best = False
                     if info.is_main:
@@ -389,9 +465,9 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                     D.barrier(info)
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
                     save(latest_path)
-                if last:
+                if last or switched:
                     break
-            if step < config.steps:
+            if step < config.steps and not switched:
                 epoch, batch_index = epoch + 1, 0
     finally:
         bar.close()
