@@ -129,28 +129,39 @@ EOF
     cd "$REPO" || return 1
 
     # --- the test suite, compiled Triton ---------------------------------------------------
-    local attention_reserve=120 entropy_s=${GPU_CHECK_ENTROPY_S:-45} sanity_s=${GPU_CHECK_SANITY_S:-45}
+    local attention_reserve=120 entropy_s=${GPU_CHECK_ENTROPY_S:-45} sanity_s=${GPU_CHECK_SANITY_S:-45} captioner_s=${GPU_CHECK_CAPTIONER_S:-60}
     if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]]; then
         ORDER+=(tests); RC[tests]=skipped
         echo; echo "=== [tests] SKIPPED (GPU_CHECK_DRY_RUN=1)"
     else
-        run_stage tests "$(stage_limit "${GPU_CHECK_TESTS_S:-190}" $(( sanity_s + entropy_s + attention_reserve )))" \
+        run_stage tests "$(stage_limit "${GPU_CHECK_TESTS_S:-190}" $(( sanity_s + entropy_s + captioner_s + attention_reserve )))" \
             "$PY" -m pytest tests -q --maxfail=25 -p no:cacheprovider --junitxml="$OUT/junit_tests.xml"
     fi
 
     # --- bench correctness checks (flex score_mod vs geometry_log_bias, variants agree) --------
-    run_stage bench_sanity "$(stage_limit "$sanity_s" $(( entropy_s + attention_reserve )))" \
+    run_stage bench_sanity "$(stage_limit "$sanity_s" $(( entropy_s + captioner_s + attention_reserve )))" \
         "$PY" -m pytest bench -q -p no:cacheprovider --benchmark-skip --junitxml="$OUT/junit_bench_sanity.xml"
 
     # --- benchmarks: entropy first (short), then the attention sweep with the rest ------------
     if [[ -f bench/test_bench_entropy.py ]]; then
         GEOCAP_BENCH_SUMMARY="$OUT/bench_entropy_summary.json" \
-        run_stage bench_entropy "$(stage_limit "$entropy_s" "$attention_reserve")" \
+        run_stage bench_entropy "$(stage_limit "$entropy_s" $(( captioner_s + attention_reserve )))" \
             "$PY" -m pytest bench/test_bench_entropy.py --benchmark-only -q -p no:cacheprovider \
             --benchmark-json="$OUT/bench_entropy.json"
     else
         ORDER+=(bench_entropy); RC[bench_entropy]=absent
         echo; echo "=== [bench_entropy] bench/test_bench_entropy.py not present"
+    fi
+
+    # --- captioner: decoding (beam 3, T = 16, 32 images) and training against ORT-style ------
+    if [[ -f bench/test_bench_captioner.py ]]; then
+        GEOCAP_BENCH_SUMMARY="$OUT/bench_captioner_summary.json" \
+        run_stage bench_captioner "$(stage_limit "$captioner_s" "$attention_reserve")" \
+            "$PY" -m pytest bench/test_bench_captioner.py --benchmark-only -q -p no:cacheprovider \
+            --benchmark-json="$OUT/bench_captioner.json"
+    else
+        ORDER+=(bench_captioner); RC[bench_captioner]=absent
+        echo; echo "=== [bench_captioner] bench/test_bench_captioner.py not present"
     fi
 
     local n_default="${GEOCAP_BENCH_N:-}"
@@ -170,7 +181,7 @@ EOF
     if [[ "${RC[tests]}" != 0 && "${RC[tests]}" != skipped ]]; then
         status=1
     else
-        for name in bench_sanity bench_entropy bench_attention; do
+        for name in bench_sanity bench_entropy bench_captioner bench_attention; do
             case "${RC[$name]:-absent}" in 0|absent) ;; *) status=2 ;; esac
         done
     fi
