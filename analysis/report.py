@@ -68,7 +68,7 @@ def collect(source, *, progress: bool = True, **options) -> StatsCollector:
     if isinstance(source, StatsCollector):
         return source
     if _is_stats_only(source):
-        stats = source.stats()
+        stats = source.stats(StatsCollector)
         if not isinstance(stats, StatsCollector):
             raise ValueError(f"the stats-only dump's stats() returned {type(stats).__name__}, not a StatsCollector")
         return stats

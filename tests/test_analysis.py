@@ -397,7 +397,8 @@ class FakeDump(list):
         for i in range(0, len(self), size):
             yield self[i:i + size]
 
-    def stats(self):
+    def stats(self, collector_class):
+        assert collector_class is type(self._stats)
         return self._stats
 
 

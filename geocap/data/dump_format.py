@@ -1,0 +1,479 @@
+"""The on-disk format of attention dumps (``geocap dump``), and its reader :func:`open_dump`.
+
+numpy and h5py only (the data layer): analyses and viewers read dumps without the model.
+
+Layout (format ``geocap-dump`` version 1). A dump is a directory::
+
+    DUMP/manifest.json           the dump's description and the list of completed shards
+    DUMP/manifest.lock           empty; writers take an exclusive ``flock`` on it to update the manifest
+    DUMP/shard-00000.h5 ...      one HDF5 file per shard (shard k covers a fixed range of the
+                                 split's images, in the split's order)
+    DUMP/shard-00007.h5.tmp-PID  a shard being written (renamed to its final name when complete)
+
+``manifest.json`` (written atomically: temporary file, then rename)::
+
+    format "geocap-dump", format_version 1,
+    metadata      dict fixed when the dump starts: model config, checkpoint path and sha256,
+                  geocap version, data dir, split, mode, what, options, image-list digest,
+                  clusters (source and, for k-means, the centroids) ...
+    metadata_sha256  SHA-256 of the canonical JSON of ``metadata`` (every shard carries it)
+    n_shards, n_images, shard_images   shard k holds images [k * shard_images, (k+1) * shard_images)
+    shards        completed shards, ascending index: {index, file, images, records, bytes,
+                  rank, seconds, writer_seconds}
+
+A dump is complete when ``shards`` lists all ``n_shards``; the records are the shards' records
+in shard order.
+
+Each shard (attributes ``format`` "geocap-dump-shard", ``format_version`` 1, ``index``,
+``n_images``, ``n_records``, ``metadata_sha256``, ``checkpoint_sha256``, ``maps`` (JSON list of
+the map kinds stored), ``entropies`` (JSON list of the map kinds whose entropies are stored),
+``encoder_lh`` / ``decoder_lh`` ([L, H] of the encoder / decoder maps), ``has_labels``,
+``has_clusters``, ``has_features``, ``stats_only``). M images, R records, sums over them::
+
+    vocab                    [V]            UTF-8 words; tokens are stored as indices into it
+    images/image_id          [M]            int64
+    images/n_objects         [M]            int32 (N of each image; objects are per image)
+    objects/boxes            [sum N, 4]     float32
+    objects/labels           [sum N]        int32 (when has_labels)
+    objects/clusters         [sum N]        int32 (when has_clusters)
+    objects/features         [sum N, D]     float16 (when has_features)
+    records/image            [R]            int32, the record's image (index into images/)
+    records/caption_id       [R]            int64 (-1 for generated captions)
+    records/kind             [R]            uint8, index into attention_record.KINDS
+    records/n_tokens         [R]            int32 (T of each record)
+    records/has_referents    [R]            bool
+    records/has_source_referents [R]        bool
+    tokens/ids               [sum T]        int32, indices into vocab
+    tokens/referents         [sum T]        int32 (-1 where none or unknown)
+    tokens/source_referents  [sum T]        int32
+    maps/encoder_self        [sum L H N N]  float16, one map per *image* (the encoder does not see
+                                            the caption: every record of an image shares it)
+    maps/decoder_self        [sum L H T T]  float16, one per record
+    maps/cross               [sum L H T N]  float16, one per record
+    entropy/encoder_self     [sum L H N]    float32, per image
+    entropy/decoder_self     [sum L H T]    float32, per record
+    entropy/cross            [sum L H T]    float32, per record
+    stats/00000 ...          the shard's analysis-collector state (stats-only dumps): one dataset per
+                             state entry, numbered in key order, its key in the attribute ``key``
+
+Ragged without padding: each map kind is one flat array; a record's slice starts at the sum of
+the sizes before it (computed from ``n_objects`` / ``n_tokens`` when a shard is first read) and
+is reshaped to ``[L, H, rows, cols]``. Maps and entropies are chunked to about one record's
+size (the read pattern: one record at a time) and compressed (HDF5 filters, so any HDF5 reader
+decodes them: lzf by default, gzip (level 1) with the shuffle filter, or none; the shard attribute
+``compression`` names it).
+
+Stats-only dumps store every field except the three maps (entropies included), plus
+``stats/``; their records have ``encoder_self`` = ``decoder_self`` = ``cross`` = None.
+
+Errors: every problem with a dump (no manifest, another format or version, an unfinished dump,
+a missing, truncated or corrupt shard, a shard of another dump or model) raises
+:class:`DumpError`, a ValueError naming the file.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from typing import Iterator, Optional, Sequence
+
+import h5py
+import numpy as np
+
+from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
+
+FORMAT, SHARD_FORMAT, FORMAT_VERSION = "geocap-dump", "geocap-dump-shard", 1
+MANIFEST, LOCK = "manifest.json", "manifest.lock"
+CACHE_BYTES = 16 << 20          # HDF5 chunk cache per open shard (a few records' chunks)
+OPEN_SHARDS = 8                 # shards a Dump keeps open at once (least recently used closed first)
+
+__all__ = ["CACHE_BYTES", "Dump", "DumpError", "FORMAT", "FORMAT_VERSION", "LOCK", "MANIFEST", "SHARD_FORMAT",
+           "metadata_digest", "open_dump", "read_manifest", "shard_name"]
+
+
+class DumpError(ValueError):
+    """A dump (or one of its files) that cannot be read as it claims; the message names the file."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+def metadata_digest(metadata: dict) -> str:
+    """SHA-256 of ``metadata``'s canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(metadata, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_manifest(path) -> Optional[dict]:
+    """The manifest of the dump directory ``path`` (None when there is none yet); DumpError
+    naming the file when it is unreadable or of another format or version."""
+    file = os.path.join(os.fspath(path), MANIFEST)
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise DumpError(f"{file}: unreadable dump manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DumpError(f"{file}: not a geocap dump manifest (format {found!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DumpError(f"{file}: dump format version {manifest.get('format_version')!r}; this geocap reads "
+                        f"version {FORMAT_VERSION}")
+    for key in ("metadata", "metadata_sha256", "n_shards", "n_images", "shard_images", "shards"):
+        if key not in manifest:
+            raise DumpError(f"{file}: incomplete dump manifest, missing {key!r}")
+    if metadata_digest(manifest["metadata"]) != manifest["metadata_sha256"]:
+        raise DumpError(f"{file}: the manifest's metadata does not match its metadata_sha256 (edited or corrupt)")
+    return manifest
+
+
+def _json_attr(attrs, name):
+    value = attrs.get(name)
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+class _Shard:
+    """One open shard: its small per-record arrays in memory, maps read on demand."""
+
+    def __init__(self, path: str, entry: dict, manifest: dict):
+        self.path = path
+        if not os.path.isfile(path):
+            raise DumpError(f"{path}: shard {entry['index']} listed in the manifest is missing")
+        size = os.path.getsize(path)
+        if "bytes" in entry and size != entry["bytes"]:
+            raise DumpError(f"{path}: shard file has {size} bytes, the manifest recorded {entry['bytes']} "
+                            f"(truncated or replaced)")
+        try:
+            self.h5 = h5py.File(path, "r", locking=False, rdcc_nbytes=CACHE_BYTES, rdcc_nslots=10007)
+        except OSError as err:
+            raise DumpError(f"{path}: not a readable HDF5 shard (corrupt or truncated: {err})") from None
+        try:
+            self._load(entry, manifest)
+        except DumpError:
+            self.h5.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            self.h5.close()
+            raise DumpError(f"{path}: corrupt dump shard ({type(err).__name__}: {err})") from None
+
+    def _load(self, entry, manifest):
+        a, path = self.h5.attrs, self.path
+        if a.get("format") != SHARD_FORMAT:
+            raise DumpError(f"{path}: not a geocap dump shard (format {a.get('format')!r})")
+        if a.get("format_version") != FORMAT_VERSION:
+            raise DumpError(f"{path}: dump shard format version {a.get('format_version')!r}; this geocap reads "
+                            f"version {FORMAT_VERSION}")
+        ckpt = manifest["metadata"].get("checkpoint_sha256")
+        if a.get("checkpoint_sha256") != ckpt:
+            raise DumpError(f"{path}: written by another model (checkpoint sha256 "
+                            f"{str(a.get('checkpoint_sha256'))[:12]}) than the manifest's ({str(ckpt)[:12]}): "
+                            f"a shard of another dump")
+        if a.get("metadata_sha256") != manifest["metadata_sha256"]:
+            raise DumpError(f"{path}: written with other dump settings (metadata sha256 differs from the manifest's):"
+                            f" a shard of another dump")
+        if int(a["index"]) != entry["index"] or int(a["n_records"]) != entry["records"]:
+            raise DumpError(f"{path}: shard index/records {int(a['index'])}/{int(a['n_records'])} differ from the "
+                            f"manifest's {entry['index']}/{entry['records']}")
+        self.maps = tuple(_json_attr(a, "maps"))
+        self.entropies = tuple(_json_attr(a, "entropies"))
+        self.lh = {"encoder_self": tuple(int(x) for x in a["encoder_lh"]),
+                   "decoder_self": tuple(int(x) for x in a["decoder_lh"]),
+                   "cross": tuple(int(x) for x in a["decoder_lh"])}
+        self.flags = {k: bool(a[k]) for k in ("has_labels", "has_clusters", "has_features")}
+        h = self.h5
+        self.vocab = [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in h["vocab"][()]]
+        self.image_id = h["images/image_id"][()]
+        self.n_objects = h["images/n_objects"][()].astype(np.int64)
+        self.rec_image = h["records/image"][()].astype(np.int64)
+        self.caption_id = h["records/caption_id"][()]
+        self.kind = h["records/kind"][()]
+        self.n_tokens = h["records/n_tokens"][()].astype(np.int64)
+        self.has_ref = h["records/has_referents"][()]
+        self.has_src = h["records/has_source_referents"][()]
+        n_images, n_records = len(self.image_id), len(self.rec_image)
+        if n_records != entry["records"] or n_images != int(a["n_images"]):
+            raise DumpError(f"{path}: holds {n_records} records / {n_images} images, its attributes say "
+                            f"{entry['records']} / {int(a['n_images'])}")
+        if n_records and (self.rec_image.min() < 0 or self.rec_image.max() >= n_images):
+            raise DumpError(f"{path}: records/image points outside the shard's {n_images} images")
+        if self.kind.size and self.kind.max() >= len(KINDS):
+            raise DumpError(f"{path}: records/kind holds an unknown kind {int(self.kind.max())}")
+        self.obj_off = np.concatenate([[0], np.cumsum(self.n_objects)])
+        self.tok_off = np.concatenate([[0], np.cumsum(self.n_tokens)])
+        rec_n = self.n_objects[self.rec_image]
+        t = self.n_tokens
+        le, he = self.lh["encoder_self"]
+        ld, hd = self.lh["decoder_self"]
+        sizes = {  # per image / per record element counts of each map kind and its entropies
+            "encoder_self": (le * he * self.n_objects ** 2, le * he * self.n_objects),
+            "decoder_self": (ld * hd * t * t, ld * hd * t),
+            "cross": (ld * hd * t * rec_n, ld * hd * t),
+        }
+        self.map_off = {k: np.concatenate([[0], np.cumsum(s[0])]) for k, s in sizes.items()}
+        self.ent_off = {k: np.concatenate([[0], np.cumsum(s[1])]) for k, s in sizes.items()}
+        expected = {"objects/boxes": (int(self.obj_off[-1]), 4), "tokens/ids": (int(self.tok_off[-1]),)}
+        for name in self.maps:
+            expected[f"maps/{name}"] = (int(self.map_off[name][-1]),)
+        for name in self.entropies:
+            expected[f"entropy/{name}"] = (int(self.ent_off[name][-1]),)
+        for name, shape in expected.items():
+            if name not in h:
+                raise DumpError(f"{path}: dataset {name} missing")
+            if tuple(h[name].shape) != shape:
+                raise DumpError(f"{path}: dataset {name} has shape {tuple(h[name].shape)}, its records need {shape}")
+        self.n_records = n_records
+
+    def close(self):
+        try:
+            self.h5.close()
+        except Exception:  # pragma: no cover - best effort
+            pass
+
+    def _read(self, name: str, lo: int, hi: int) -> np.ndarray:
+        try:
+            return self.h5[name][lo:hi]
+        except (OSError, KeyError, ValueError) as err:
+            raise DumpError(f"{self.path}: cannot read {name}[{lo}:{hi}] (corrupt shard: {err})") from None
+
+    def records(self, lo: int, hi: int) -> list:
+        """Records ``lo:hi`` of this shard, each dataset read in one slice."""
+        if hi <= lo:
+            return []
+        imgs = self.rec_image[lo:hi]
+        i0, i1 = int(imgs.min()), int(imgs.max()) + 1
+        o0, o1 = int(self.obj_off[i0]), int(self.obj_off[i1])
+        t0, t1 = int(self.tok_off[lo]), int(self.tok_off[hi])
+        obj = {"boxes": self._read("objects/boxes", o0, o1)}
+        for flag, name in (("has_labels", "labels"), ("has_clusters", "clusters"), ("has_features", "features")):
+            if self.flags[flag]:
+                obj[name] = self._read(f"objects/{name}", o0, o1)
+        tok = {name: self._read(f"tokens/{name}", t0, t1) for name in ("ids", "referents", "source_referents")}
+        blocks = {}
+        for name in MAP_NAMES:
+            per_image = name == "encoder_self"
+            a, b = (i0, i1) if per_image else (lo, hi)
+            if name in self.maps:
+                off = self.map_off[name]
+                blocks[name] = (int(off[a]), self._read(f"maps/{name}", int(off[a]), int(off[b])))
+            if name in self.entropies:
+                off = self.ent_off[name]
+                blocks[ENTROPY_NAMES[name]] = (int(off[a]), self._read(f"entropy/{name}", int(off[a]), int(off[b])))
+        out = []
+        for j in range(lo, hi):
+            m = int(self.rec_image[j])
+            n, t = int(self.n_objects[m]), int(self.n_tokens[j])
+            oa, ob = int(self.obj_off[m]) - o0, int(self.obj_off[m + 1]) - o0
+            ta, tb = int(self.tok_off[j]) - t0, int(self.tok_off[j + 1]) - t0
+            fields = {}
+            for name in ("labels", "clusters"):
+                if name in obj:
+                    fields[name] = obj[name][oa:ob].astype(np.int64)
+            if "features" in obj:
+                fields["features"] = obj["features"][oa:ob]
+            if self.has_ref[j]:
+                fields["referents"] = tok["referents"][ta:tb].astype(np.int64)
+            if self.has_src[j]:
+                fields["source_referents"] = tok["source_referents"][ta:tb].astype(np.int64)
+            rows = {"encoder_self": (n, n), "decoder_self": (t, t), "cross": (t, n)}
+            for name in MAP_NAMES:
+                layers, heads = self.lh[name]
+                index = m if name == "encoder_self" else j
+                for key, off, tail in ((name, self.map_off, rows[name]),
+                                       (ENTROPY_NAMES[name], self.ent_off, rows[name][:1])):
+                    if key in blocks:
+                        base, data = blocks[key]
+                        s, e = int(off[name][index]) - base, int(off[name][index + 1]) - base
+                        fields[key] = data[s:e].reshape(layers, heads, *tail)
+            ids = tok["ids"][ta:tb]
+            out.append(Record(image_id=int(self.image_id[m]), boxes=obj["boxes"][oa:ob],
+                              tokens=[self.vocab[int(k)] for k in ids], kind=KINDS[int(self.kind[j])],
+                              caption_id=int(self.caption_id[j]), **fields))
+        return out
+
+    def stats_state(self) -> dict:
+        if "stats" not in self.h5:
+            raise DumpError(f"{self.path}: no analysis statistics stored (not a stats-only dump)")
+        group = self.h5["stats"]
+        try:
+            return {str(group[name].attrs["key"]): group[name][()] for name in group}
+        except (OSError, KeyError) as err:
+            raise DumpError(f"{self.path}: corrupt statistics ({err})") from None
+
+
+class Dump(Sequence):
+    """The records of a complete dump, in shard order, read on demand (see :func:`open_dump`).
+
+    ``len(dump)``; ``dump[i]`` -> :class:`Record`; ``dump[a:b]`` -> list of Records;
+    ``iter(dump)`` / :meth:`iter_chunks` stream them; ``metadata`` is the manifest's metadata
+    dict; :meth:`stats` merges the stats-only shards' collector states. Shards are opened on
+    first use (and reopened after a ``fork``); :meth:`close` closes them.
+    """
+
+    def __init__(self, path, manifest: dict, *, progress: bool = True):
+        self.path = os.fspath(path)
+        self.manifest = manifest
+        self.metadata = manifest["metadata"]
+        self.progress = progress
+        self._entries = sorted(manifest["shards"], key=lambda e: e["index"])
+        counts = [int(e["records"]) for e in self._entries]
+        self._starts = [0]
+        for c in counts:
+            self._starts.append(self._starts[-1] + c)
+        self._shards: OrderedDict = OrderedDict()
+        self._pid = os.getpid()
+
+    # -- shards
+    def _shard(self, k: int) -> _Shard:
+        """Shard k, opened on first use; at most OPEN_SHARDS stay open (least recently used closed)."""
+        if self._pid != os.getpid():      # inherited through fork: reopen in this process
+            self._shards, self._pid = OrderedDict(), os.getpid()
+        shard = self._shards.get(k)
+        if shard is None:
+            entry = self._entries[k]
+            shard = _Shard(os.path.join(self.path, entry["file"]), entry, self.manifest)
+            self._shards[k] = shard
+            while len(self._shards) > OPEN_SHARDS:
+                self._shards.popitem(last=False)[1].close()
+        else:
+            self._shards.move_to_end(k)
+        return shard
+
+    def check(self) -> "Dump":
+        """Open every shard once (validating its attributes and dataset shapes); returns self."""
+        for k in range(len(self._entries)):
+            self._shard(k)
+        return self
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+        self._shards = OrderedDict()
+
+    def __enter__(self) -> "Dump":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):
+        return {"path": self.path, "manifest": self.manifest, "progress": self.progress}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["manifest"], progress=state["progress"])
+
+    def __repr__(self) -> str:
+        return f"Dump({self.path!r}, {len(self)} records, {len(self._entries)} shards)"
+
+    # -- sequence
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _locate(self, i: int) -> tuple:
+        k = bisect.bisect_right(self._starts, i) - 1
+        return k, i - self._starts[k]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            return self._range(start, stop)
+        n = len(self)
+        try:
+            i = int(i) if not isinstance(i, (bool, np.bool_)) else None
+        except TypeError:
+            i = None
+        if i is None:
+            raise TypeError("dump indices must be integers or slices")
+        if not -n <= i < n:
+            raise IndexError(f"record {i} out of range for {n} records in {self.path}")
+        k, j = self._locate(i % n)
+        return self._shard(k).records(j, j + 1)[0]
+
+    def _range(self, start: int, stop: int) -> list:
+        out = []
+        while start < stop:
+            k, j = self._locate(start)
+            take = min(stop - start, self._starts[k + 1] - start)
+            out += self._shard(k).records(j, j + take)
+            start += take
+        return out
+
+    def iter_chunks(self, size: int = 256, *, progress: Optional[bool] = None) -> Iterator[list]:
+        """Lists of up to ``size`` consecutive records (never across shards), each read with one
+        slice per dataset; a progress bar (records) when ``progress`` (default: the dump's)."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        show = self.progress if progress is None else progress
+        bar = None
+        if show:
+            from geocap.data.store import progress_bar
+            bar = progress_bar(total=len(self), unit="rec", desc=f"reading {os.path.basename(self.path)}")
+        try:
+            for k in range(len(self._entries)):
+                shard = self._shard(k)
+                for lo in range(0, shard.n_records, size):
+                    chunk = shard.records(lo, min(lo + size, shard.n_records))
+                    if bar is not None:
+                        bar.update(len(chunk))
+                    yield chunk
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def __iter__(self) -> Iterator[Record]:
+        """Every record in order (read in chunks of 256; a progress bar when the dump has one)."""
+        for chunk in self.iter_chunks():
+            yield from chunk
+
+    # -- statistics
+    def shard_states(self) -> list:
+        """Each shard's stored collector state (``dict[str, ndarray]``), in shard order;
+        DumpError when the dump is not stats-only."""
+        if not self.metadata.get("stats_only"):
+            raise DumpError(f"{self.path}: not a stats-only dump (written without --stats-only): no statistics stored")
+        return [self._shard(k).stats_state() for k in range(len(self._entries))]
+
+    def stats(self, collector_class):
+        """The merged analysis statistics of a stats-only dump: a ``collector_class`` (e.g.
+        ``geocap.analysis.StatsCollector``: passed in, since the data layer never imports the
+        analyses) built ``from_state`` of each shard and merged in shard order."""
+        states = self.shard_states()
+        total = None
+        for state in states:
+            part = collector_class.from_state(state)
+            if total is None:
+                total = part
+            else:
+                merged = total.merge(part)          # in place (returns None) or a new collector
+                total = total if merged is None else merged
+        return collector_class() if total is None else total
+
+
+def open_dump(path, *, progress: bool = True, check: bool = True) -> Dump:
+    """The records of the complete dump at ``path`` (a directory written by ``geocap dump``).
+
+    Reads the manifest, refuses an unfinished dump (naming how many shards are missing) and,
+    with ``check``, opens every shard once to validate it (missing, truncated, corrupt, or of
+    another model or dump: :class:`DumpError` naming the file). No map is read until a record is
+    asked for. ``progress``: a progress bar when iterating in chunks.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise DumpError(f"{path}: no such dump directory")
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise DumpError(f"{os.path.join(path, MANIFEST)}: dump manifest missing (not a dump, or one that never "
+                        f"started)")
+    done = {e["index"] for e in manifest["shards"]}
+    missing = [k for k in range(manifest["n_shards"]) if k not in done]
+    if missing:
+        raise DumpError(f"{path}: unfinished dump: {len(missing)} of {manifest['n_shards']} shards missing "
+                        f"(first: {shard_name(missing[0])}); run the same dump command again to finish it")
+    dump = Dump(path, manifest, progress=progress)
+    return dump.check() if check else dump

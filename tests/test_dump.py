@@ -1,0 +1,435 @@
+"""geocap dump: records round trip, modes, map subsets, stats-only, resume after SIGKILL, two
+ranks, and clear errors for bad dumps. A randomly initialised tiny model on 30 synthetic images."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from geocap.checkpoint import save_checkpoint
+from geocap.cli import main as cli_main
+from geocap.data.attention_record import MAP_NAMES, Record
+from geocap.data.dump_format import DumpError, open_dump
+from geocap.data.store import FeatureStore
+from geocap.data.synth import generate_synthetic
+from geocap.data.vocab import BOS, Vocabulary, load_captions
+from geocap.dump.job import dump
+from geocap.model import ObjectRelationTransformer, ORTConfig
+
+F16 = dict(atol=2e-3, rtol=2e-3)       # float16 storage of weights in [0, 1]
+SETTINGS = dict(shard_images=4, batch_size=2, progress=False)   # train split: 16 images -> 4 shards
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (more only oversubscribe a shared CPU); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dumpdata")
+    generate_synthetic(root, images=20, seed=0, feature_dim=16, progress=False)
+    assert cli_main(["prepro", "captions", "--karpathy", str(root / "dataset_coco.json"), "--out", str(root / "caps"),
+                     "--min-count", "1"]) == 0
+    return str(root)
+
+
+def _save_model(data_dir, path, seed):
+    vocab = Vocabulary.load(os.path.join(data_dir, "caps", "vocab.json"))
+    torch.manual_seed(seed)
+    config = ORTConfig(vocab_size=len(vocab), feature_dim=16, layers=2, d_model=32, heads=2, d_ff=64, max_len=40)
+    save_checkpoint(path, model=ObjectRelationTransformer(config), config=config, vocab=vocab, rng=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(data_dir, tmp_path_factory):
+    return _save_model(data_dir, tmp_path_factory.mktemp("ckpt") / "model.pt", seed=0)
+
+
+@pytest.fixture(scope="module")
+def base(ckpt, data_dir, tmp_path_factory):
+    """An uninterrupted one-rank dump of the train split (maps, referents, hypotheticals)."""
+    out = tmp_path_factory.mktemp("base") / "dump"
+    result = dump(ckpt, data_dir, "train", out, **SETTINGS)
+    assert result.complete and result.shards_written == list(range(4)) and result.images == 16
+    return str(out)
+
+
+def _model(ckpt):
+    from geocap.checkpoint import load_checkpoint
+    return load_checkpoint(ckpt).build_model().eval()
+
+
+def _recorded(model, vocab, store, image_id, words):
+    """What the model records for one image and one caption (``words`` ending with <eos>)."""
+    vocab_ids = {w: i for i, w in enumerate(vocab)}
+    feats, boxes = store.read(store.index_of(image_id))
+    inputs = torch.tensor([[BOS] + [vocab_ids[w] for w in words[:-1]]])
+    with torch.no_grad():
+        _, rec = model(torch.from_numpy(feats)[None], torch.from_numpy(boxes)[None], None, inputs, record=True)
+    stack = lambda xs: torch.stack(xs, 1)[0].numpy()  # noqa: E731
+    return boxes, {"encoder_self": stack(rec.encoder_probs), "encoder_entropy": stack(rec.encoder_entropy),
+                   "decoder_self": stack(rec.decoder_probs), "decoder_entropy": stack(rec.decoder_entropy),
+                   "cross": stack(rec.cross_probs), "cross_entropy": stack(rec.cross_entropy)}
+
+
+def _same(a: Record, b: Record) -> None:
+    """Two records read from two dumps are identical, field by field."""
+    assert (a.image_id, a.caption_id, a.kind, a.tokens) == (b.image_id, b.caption_id, b.kind, b.tokens)
+    for name in ("boxes", "labels", "clusters", "features", "referents", "source_referents", *MAP_NAMES,
+                 "encoder_entropy", "decoder_entropy", "cross_entropy"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and np.array_equal(x, y), (name, a.image_id, a.caption_id)
+
+
+def _same_dumps(path_a, path_b):
+    a, b = open_dump(path_a, progress=False), open_dump(path_b, progress=False)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        _same(x, y)
+
+
+def test_round_trip_teacher_forced(base, ckpt, data_dir):
+    d = open_dump(base, progress=False)
+    truth = json.load(open(os.path.join(data_dir, "ground_truth.json")))
+    gt_images = {im["image_id"]: im for im in truth["images"]}
+    categories = {c["id"]: c for c in truth["categories"]}
+    caps = load_captions(os.path.join(data_dir, "caps"))
+    train_ids = sorted({int(i) for i in caps.image_id[caps.rows("train")]})
+    assert d.metadata["split"] == "train" and d.metadata["mode"] == "teacher-forced"
+    assert d.metadata["clusters"] == "ground_truth" and d.metadata["n_images"] == 16
+    records = list(d)
+    assert len(records) == len(d) == sum(e["records"] for e in d.manifest["shards"])
+    assert [r.image_id for r in records] == sorted(r.image_id for r in records)
+    assert sorted({r.image_id for r in records}) == train_ids
+    refs = [r for r in records if r.kind == "reference"]
+    assert len(refs) == 5 * 16                          # every reference caption once
+    assert len({(r.image_id, r.caption_id, r.kind) for r in records}) == len(records)
+    hyps = [r for r in records if r.kind == "hypothetical"]
+    assert hyps, "images with several categories give hypothetical captions"
+
+    model = _model(ckpt)
+    words = Vocabulary.load(os.path.join(data_dir, "caps", "vocab.json")).words
+    store = FeatureStore(os.path.join(data_dir, "features.h5"))
+    checked = 0
+    for r in records[:12] + hyps[:6]:
+        r.validate()
+        im = gt_images[r.image_id]
+        boxes, expected = _recorded(model, words, store, r.image_id, r.tokens)
+        assert np.array_equal(r.boxes, boxes)
+        assert r.tokens[-1] == "<eos>"
+        assert np.array_equal(r.labels, [o["category_id"] for o in im["objects"]])
+        assert np.array_equal(r.clusters, [o["cluster_id"] for o in im["objects"]])
+        for name, value in expected.items():
+            got = getattr(r, name)
+            assert got.shape == value.shape, name
+            np.testing.assert_allclose(got.astype(np.float32), value, **F16, err_msg=name)
+        assert r.encoder_self.dtype == np.float16 and r.decoder_entropy.dtype == np.float32
+        cap = next(c for c in im["captions"] if c["caption_id"] == r.caption_id)
+        if r.kind == "reference":
+            assert r.tokens[:-1] == cap["tokens"] and r.source_referents is None
+            assert r.referents.tolist() == cap["refs"] + [-1]
+        else:  # swapped nouns name another category present in the image, and point at it
+            swapped = np.flatnonzero(r.source_referents >= 0)
+            assert len(swapped) and len(r.tokens) - 1 >= len(cap["tokens"]) - 1
+            for t in swapped:
+                new_cat = categories[im["objects"][r.referents[t]]["category_id"]]
+                old_cat = im["objects"][r.source_referents[t]]["category_id"]
+                assert new_cat["id"] != old_cat
+                assert r.tokens[t] in new_cat["name"].split() + new_cat["plural"].split()
+        for t in np.flatnonzero(r.referents >= 0):   # a grounded word names its object's category
+            cat = categories[im["objects"][r.referents[t]]["category_id"]]
+            assert r.tokens[t] in {w for pair in cat["names"] for name in pair for w in name.split()}
+        checked += 1
+    assert checked == 18
+
+    # sequence API: indexing, negative index, slices, chunks, pickling
+    _same(d[-1], records[-1])
+    _same(d[7], records[7])
+    assert [x.caption_id for x in d[5:9]] == [x.caption_id for x in records[5:9]]
+    chunks = list(d.iter_chunks(7, progress=False))
+    assert sum(len(c) for c in chunks) == len(d) and max(len(c) for c in chunks) == 7
+    _same(pickle.loads(pickle.dumps(d))[3], records[3])
+    import geocap.data.dump_format as dump_format
+    old, dump_format.OPEN_SHARDS = dump_format.OPEN_SHARDS, 2    # reopening closed shards gives the same records
+    try:
+        d.close()
+        for i in (0, len(d) - 1, 40, 3, len(d) - 2):
+            _same(d[i], records[i])
+        assert len(d._shards) <= 2
+    finally:
+        dump_format.OPEN_SHARDS = old
+    with pytest.raises(IndexError):
+        d[len(d)]
+    with pytest.raises(DumpError, match="not a stats-only dump"):
+        d.shard_states()
+
+
+def test_generated_mode_and_map_subset(ckpt, data_dir, tmp_path):
+    from geocap.captioner import Captioner
+    out = tmp_path / "gen"
+    result = dump(ckpt, data_dir, "val", out, mode="generated", what="cross", beam_size=1, max_len=8, **SETTINGS)
+    assert result.complete and result.images == 2
+    d = open_dump(out, progress=False)
+    with h5py.File(out / "shard-00000.h5", "r", locking=False) as h5:
+        assert set(h5["maps"]) == {"cross"} and set(h5["entropy"]) == {"cross"}
+    cap = Captioner.load(ckpt, device="cpu")
+    store = FeatureStore(os.path.join(data_dir, "features.h5"))
+    assert len(d) == 2 and {r.kind for r in d} == {"generated"}
+    for r in d:
+        feats, boxes = store.read(store.index_of(r.image_id))
+        text = cap.caption(feats[None], boxes[None], beam_size=1, max_len=8)[0]
+        words = text.split() + (["<eos>"] if len(text.split()) < 8 else [])
+        assert r.tokens == words and r.caption_id == -1 and r.referents is None
+        assert r.encoder_self is None and r.decoder_self is None and r.encoder_entropy is None
+        _, expected = _recorded(cap.model, cap.vocab.words, store, r.image_id, r.tokens)
+        np.testing.assert_allclose(r.cross.astype(np.float32), expected["cross"], **F16)
+        np.testing.assert_allclose(r.cross_entropy, expected["cross_entropy"], **F16)
+
+
+class CountingCollector:
+    """A minimal stand-in for geocap.analysis.StatsCollector (same interface): records, tokens and
+    the summed cross-attention entropy per layer."""
+
+    def __init__(self):
+        self.records, self.tokens, self.cross_entropy = 0, 0, None
+
+    def update(self, record):
+        assert record.cross is not None          # the collector sees the maps, the shard stores none
+        self.records += 1
+        self.tokens += record.num_tokens
+        s = record.cross_entropy.astype(np.float64).sum(axis=(1, 2))
+        self.cross_entropy = s if self.cross_entropy is None else self.cross_entropy + s
+
+    def merge(self, other):
+        self.records += other.records
+        self.tokens += other.tokens
+        self.cross_entropy = self.cross_entropy + other.cross_entropy
+
+    def state(self):
+        return {"records": np.array(self.records), "tokens": np.array(self.tokens),
+                "cross_entropy": self.cross_entropy}
+
+    @classmethod
+    def from_state(cls, state):
+        c = cls()
+        c.records, c.tokens, c.cross_entropy = int(state["records"]), int(state["tokens"]), state["cross_entropy"]
+        return c
+
+    def to_json(self):
+        return {"records": self.records, "tokens": self.tokens}
+
+
+def test_stats_only(base, ckpt, data_dir, tmp_path):
+    out = tmp_path / "stats"
+    result = dump(ckpt, data_dir, "train", out, stats_only=True, stats_collector=CountingCollector, **SETTINGS)
+    assert result.complete
+    d = open_dump(out, progress=False)
+    full = list(open_dump(base, progress=False))
+    assert len(d) == len(full)
+    for r, f in zip(d, full):
+        assert r.encoder_self is None and r.decoder_self is None and r.cross is None
+        assert r.tokens == f.tokens and np.array_equal(r.cross_entropy, f.cross_entropy)
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".h5"):
+            with h5py.File(out / name, "r", locking=False) as h5:
+                assert "maps" not in h5 and "stats" in h5
+    stats = d.stats(CountingCollector)
+    assert stats.records == len(full) and stats.tokens == sum(f.num_tokens for f in full)
+    expected = sum(f.cross_entropy.astype(np.float64).sum(axis=(1, 2)) for f in full)
+    np.testing.assert_allclose(stats.cross_entropy, expected, rtol=1e-6)
+    assert result.bytes < sum(os.path.getsize(os.path.join(base, n)) for n in os.listdir(base))
+
+
+def test_kmeans_clusters_without_ground_truth(ckpt, data_dir, tmp_path):
+    plain = tmp_path / "plain"                     # the same data without ground_truth.json
+    plain.mkdir()
+    shutil.copy(os.path.join(data_dir, "features.h5"), plain / "features.h5")
+    shutil.copytree(os.path.join(data_dir, "caps"), plain / "caps")
+    kw = dict(SETTINGS, what="encoder", clusters=3, limit=6, features=True)
+    dump(ckpt, plain, "train", tmp_path / "a", **kw)
+    dump(ckpt, plain, "train", tmp_path / "b", rank=1, world_size=2, **kw)
+    dump(ckpt, plain, "train", tmp_path / "b", rank=0, world_size=2, **kw)
+    a = open_dump(tmp_path / "a", progress=False)
+    assert a.metadata["clusters"] == "kmeans" and np.asarray(a.metadata["cluster_centroids"]).shape == (3, 16)
+    assert {r.kind for r in a} == {"reference"} and len(a) == 6 * 5
+    clusters = np.concatenate([r.clusters for r in a])
+    assert clusters.min() >= 0 and clusters.max() < 3 and len(set(clusters.tolist())) > 1
+    assert all(r.referents is None and r.decoder_self is None and r.encoder_self is not None for r in a)
+    store = FeatureStore(plain / "features.h5")
+    for r in a:                                     # --features: each object's stored features
+        assert r.features.dtype == np.float16
+        assert np.array_equal(r.features, store.read(store.index_of(r.image_id), float32=False)[0])
+    _same_dumps(tmp_path / "a", tmp_path / "b")     # every rank computed the same clusters
+    with pytest.raises(ValueError, match="hypothetical captions need referents"):
+        dump(ckpt, plain, "train", tmp_path / "c", hypothetical=True, **kw)
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_compressions_store_the_same_records(base, ckpt, data_dir, tmp_path, compression):
+    out = tmp_path / compression                  # the base dump is lzf (the default)
+    dump(ckpt, data_dir, "train", out, compression=compression, limit=8, **SETTINGS)
+    d, b = open_dump(out, progress=False), open_dump(base, progress=False)
+    assert d.metadata["compression"] == compression and b.metadata["compression"] == "lzf"
+    with h5py.File(out / "shard-00000.h5", "r", locking=False) as h5:
+        assert h5["maps/cross"].compression == (None if compression == "none" else compression)
+    assert len(d) == len(b[:len(d)])
+    for x, y in zip(d, b[:len(d)]):
+        _same(x, y)
+
+
+def test_stats_only_with_the_analysis_collector(base, ckpt, data_dir, tmp_path):
+    from geocap.analysis import StatsCollector
+    out = tmp_path / "stats"
+    dump(ckpt, data_dir, "train", out, stats_only=True, limit=8, **SETTINGS)      # 2 shards, default collector
+    stats = open_dump(out, progress=False).stats(StatsCollector)
+    full = open_dump(base, progress=False)[:len(open_dump(out, progress=False))]
+    sequential = StatsCollector()
+    for r in full:
+        sequential.update(r)
+    assert isinstance(stats, StatsCollector) and stats.records == sequential.records == len(full)
+    assert set(stats.state()) == set(sequential.state())
+    np.testing.assert_allclose(stats.state()["collector.records"], sequential.state()["collector.records"])
+
+
+def _cli_command(ckpt, data_dir, out):
+    args = ["--checkpoint", ckpt, "--data", data_dir, "--split", "train", "--out", str(out), "--shard-images", "4",
+            "--batch-size", "2", "--no-progress"]
+    return [sys.executable, "-c", f"import sys; from geocap.dump.cli import main; sys.exit(main({args!r}))"]
+
+
+def test_resume_after_sigkill(base, ckpt, data_dir, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_cli_command(ckpt, data_dir, out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    killed_at = None
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            manifest = out / "manifest.json"
+            if manifest.exists():
+                try:
+                    done = len(json.loads(manifest.read_text())["shards"])
+                except ValueError:
+                    done = 0
+                temps = [n for n in os.listdir(out) if ".tmp-" in n and n.startswith("shard-")]
+                if done >= 1 and temps:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_at = (done, temps)
+                    break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        proc.wait()
+    assert killed_at is not None, f"the dump ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(DumpError, match="unfinished dump"):
+        open_dump(out)
+    # rerun the same command: it resumes, removes the dead process's temporary file
+    result = dump(ckpt, data_dir, "train", out, **SETTINGS)
+    assert result.complete and len(result.shards_skipped) >= 1
+    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    _same_dumps(base, out)
+
+
+def test_two_ranks_read_as_one(base, ckpt, data_dir, tmp_path):
+    out = tmp_path / "ranks"
+    first = dump(ckpt, data_dir, "train", out, rank=1, world_size=2, **SETTINGS)
+    assert first.shards_written == [1, 3] and not first.complete
+    with pytest.raises(DumpError, match="2 of 4 shards missing"):
+        open_dump(out)
+    second = dump(ckpt, data_dir, "train", out, rank=0, world_size=2, **SETTINGS)
+    assert second.shards_written == [0, 2] and second.complete
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["rank"] for e in manifest["shards"]] == [0, 1, 0, 1]
+    _same_dumps(base, out)
+
+
+def test_bad_dumps(base, ckpt, data_dir, tmp_path):
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(base, dst)
+        return dst
+
+    # resuming with another model (or other settings) is refused
+    other = _save_model(data_dir, tmp_path / "other.pt", seed=1)
+    with pytest.raises(DumpError, match="checkpoint_sha256"):
+        dump(other, data_dir, "train", copy("resume_other"), **SETTINGS)
+    with pytest.raises(DumpError, match="mode"):
+        dump(ckpt, data_dir, "train", copy("resume_mode"), mode="generated", **SETTINGS)
+
+    missing = copy("missing")
+    os.remove(missing / "shard-00002.h5")
+    with pytest.raises(DumpError, match="shard-00002.h5.*missing"):
+        open_dump(missing)
+    repaired = dump(ckpt, data_dir, "train", missing, **SETTINGS)   # a rerun writes it again
+    assert repaired.shards_redone == [2] and repaired.shards_written == [2] and repaired.complete
+    _same_dumps(base, missing)
+
+    unfinished = copy("unfinished")
+    manifest = json.loads((unfinished / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:2]
+    (unfinished / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DumpError, match="unfinished dump: 2 of 4 shards missing"):
+        open_dump(unfinished)
+
+    truncated = copy("truncated")
+    path = truncated / "shard-00001.h5"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(DumpError, match="shard-00001.h5.*truncated"):
+        open_dump(truncated)
+
+    corrupt = copy("corrupt")               # same size, garbage over the map data
+    path = corrupt / "shard-00003.h5"
+    with h5py.File(path, "r", locking=False) as h5:
+        offset = h5["maps/decoder_self"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + 64] = os.urandom(64)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DumpError, match="shard-00003.h5"):
+        d = open_dump(corrupt, progress=False)
+        for _ in d.iter_chunks(1000, progress=False):
+            pass
+    header = copy("header")                 # garbage over the HDF5 superblock
+    path = header / "shard-00000.h5"
+    raw = bytearray(path.read_bytes())
+    raw[:512] = bytes(512)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DumpError, match="shard-00000.h5.*corrupt"):
+        open_dump(header)
+
+    foreign = copy("foreign")               # a shard of a dump by another model, sizes patched to fit
+    other_dump = tmp_path / "other_dump"
+    dump(other, data_dir, "train", other_dump, limit=4, **SETTINGS)
+    shutil.copy(other_dump / "shard-00000.h5", foreign / "shard-00000.h5")
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["shards"][0]["bytes"] = os.path.getsize(foreign / "shard-00000.h5")
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DumpError, match="shard-00000.h5: written by another model"):
+        open_dump(foreign)
+
+    version = copy("version")
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DumpError, match="format version 99"):
+        open_dump(version)
