@@ -1,4 +1,5 @@
-"""The ``geocap`` command line (also ``python -m geocap``). Later issues add subcommands."""
+"""The ``geocap`` command line (also ``python -m geocap``): demo, synth, prepro, train, evaluate,
+import-ort, dump, analyze, view. Each subcommand's parser lives with the code it runs."""
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="without a GPU, skip the Triton kernels instead of running them under the interpreter")
     demo.set_defaults(func=_demo)
 
+    from geocap.analyze import add_analyze_parser
     from geocap.data.prepro import add_prepro_parser
     from geocap.data.synth import add_synth_parser
+    from geocap.dump.cli import add_dump_parser
     from geocap.evaluate import add_evaluate_parser
+    from geocap.ort_import import add_import_ort_parser
     from geocap.train import add_train_parser
+    from geocap.view.cli import add_view_parser
 
     add_synth_parser(sub)
     add_prepro_parser(sub)
     add_train_parser(sub)
     add_evaluate_parser(sub)
+    add_import_ort_parser(sub)
+    add_dump_parser(sub)
+    add_analyze_parser(sub)
+    add_view_parser(sub)
     return parser
 
 
