@@ -21,8 +21,8 @@ modules; nothing is copied), so both sides of a benchmark share every weight:
   (:func:`ort_beam_search`).
 * **Features repeated per caption in training.** ORT's loader copies each image's features
   ``seq_per_img`` times and the model encodes every copy: a training batch is per caption
-  (:func:`per_caption_batch`); geocap's trainer reads per-caption items too
-  (``CaptionDataset(per_image=False)``), so both encode every copy.
+  (:func:`per_caption_batch`). geocap's trainer reads per-image batches instead and encodes each
+  image once (:class:`geocap.train.CrossEntropyObjective`).
 
 What is *not* ORT's: the beam selection rule. ORT's ``beam_step`` keeps ``k`` beams, parks ended
 ones in ``done_beams`` and always runs ``seq_length`` steps; here each image's search is
@@ -47,7 +47,7 @@ import torch
 from geocap.decoding import Decoded, beam_search
 from geocap.kernels.reference import reference_attention
 from geocap.model import Memory, MultiHeadAttention, ObjectRelationTransformer
-from geocap.train import token_loss
+from geocap.train import optimizer_update, token_loss
 
 __all__ = ["OrtStyleCaptioner", "PrefixState", "concat_decoded", "ort_beam_search", "per_caption_batch",
            "training_step"]
@@ -233,17 +233,15 @@ def per_caption_batch(features: torch.Tensor, boxes: torch.Tensor, box_mask: tor
 def training_step(forward: Callable[[torch.Tensor], torch.Tensor], captions: torch.Tensor,
                   optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], *, grad_clip: float = 0.1,
                   label_smoothing: float = 0.0, pad_id: int = 0) -> torch.Tensor:
-    """One optimiser update as ``geocap.train.loop`` does it, for any model: ``forward(inputs
-    [R, T-1]) -> log_probs [R, T-1, V]`` on the inputs ``captions[:, :-1]`` (``captions [R, T]``
-    per caption, <bos> first), :func:`geocap.train.token_loss` against ``captions[:, 1:]``,
-    backward, gradient-norm clipping at ``grad_clip`` (0: none), ``optimizer.step()``. Returns
-    the loss (detached)."""
+    """One optimiser update on a per-caption batch, for any model: ``forward(inputs [R, T-1]) ->
+    log_probs [R, T-1, V]`` on the inputs ``captions[:, :-1]`` (``captions [R, T]`` per caption,
+    <bos> first), :func:`geocap.train.token_loss` against ``captions[:, 1:]`` (the targets that
+    are not ``pad_id``: a vocabulary whose <eos> differs from <pad>), then the trainer's
+    :func:`geocap.train.optimizer_update` (backward, gradient-norm clipping at ``grad_clip``, 0:
+    none, step). Returns the loss (detached)."""
     inputs, targets = captions[:, :-1], captions[:, 1:]
     loss = token_loss(forward(inputs), targets, label_smoothing, pad_id)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training_step: the loss is {loss.item()}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
+    optimizer_update(loss, optimizer, params, grad_clip=grad_clip)
     return loss.detach()

@@ -10,17 +10,16 @@ Groups and variants (every variant of a group does the same work on the same inp
     alone, every step re-decoding the ``[3, t]`` prefix with eager attention;
     ``geocap`` (subject) = ``model.encode`` + ``geocap.decoding.beam_search``: all images' beams
     as one batch, one token per step over the key/value cache.
-``train B10x5`` (images x captions)  captions per second of one optimiser step (Adam; ``training_step``: forward,
-    ``token_loss``, backward, grad-norm clip 0.1, step) on 10 images x 5 captions, model in train
-    mode (dropout 0.1):
+``train B10x5`` (images x captions)  captions per second of one optimiser step (Adam; forward,
+    loss, backward, grad-norm clip 0.1 and step by ``geocap.train.optimizer_update``) on 10 images
+    x 5 captions, model in train mode (dropout 0.1):
     ``ort_style`` (baseline) = ``OrtStyleCaptioner`` on the per-caption batch (features copied
-    per caption, each copy encoded; eager attention with ORT's ``nn.Dropout`` on the weights);
-    ``geocap`` (subject) = ``model(features, boxes, box_mask, inputs)`` on the same per-caption
-    batch, which is what ``geocap.train.loop`` runs (its ``CaptionDataset`` items are per
-    caption; the trainer has no per-image mode);
-    ``geocap_per_image`` = the same model encoding each image once and repeating its
-    ``Memory`` per caption (``Memory.repeat_interleave``) before teacher forcing: what a
-    per-image training batch would cost (not what the trainer does today).
+    per caption, each copy encoded; eager attention with ORT's ``nn.Dropout`` on the weights;
+    ``ort_style.training_step``);
+    ``geocap`` (subject) = exactly the trainer's cross-entropy step (``geocap.train.loop``):
+    ``CrossEntropyObjective`` through a ``PolicyModule`` on the per-image ``Batch`` (each image
+    encoded once, its ``Memory`` expanded to its captions, ``teacher_force``), then
+    ``optimizer_update``.
 
 Model: ``ORTConfig(vocab_size=10000, feature_dim=2048, layers=3, d_model=256, heads=8,
 d_ff=1024)``, ORT's init, fixed seed (random weights: decoded captions run the full 16 tokens);
@@ -31,7 +30,7 @@ on CUDA the same shapes (float32, Triton kernels) -- this file is sized for the 
 Before anything is timed, module fixtures check equal work: both decoders choose the same
 captions for every image (token for token; scores within 1e-3; a near-tie flip between the two
 float32 implementations is tolerated for at most 1 image in 16 and counted in ``extra_info``)
-and, in eval mode, the three training forwards give the same loss (rtol 1e-4) and gradients
+and, in eval mode, the two training variants give the same loss (rtol 1e-4) and gradients
 (per parameter, max error <= 1e-3 x its largest entry + 1e-6). Nothing asserts speed.
 
 Timing: ``benchmark.pedantic``, one untimed warm-up call (which also sizes the run), then 3
@@ -58,8 +57,9 @@ import pytest
 import torch
 
 from geocap.decoding import Decoded, beam_search
+from geocap.data.dataset import Batch
 from geocap.model import ObjectRelationTransformer, ORTConfig
-from geocap.train import token_loss
+from geocap.train import CrossEntropyObjective, PolicyModule, optimizer_update, token_loss
 
 try:  # the bench directory is on sys.path under pytest's default (prepend) import mode
     from memory import peak_memory_info
@@ -129,8 +129,9 @@ def make_images(batch: int, seed: int):
     return features.to(DEVICE), boxes.to(DEVICE), box_mask.to(DEVICE)
 
 
-def make_captions(batch: int, per_image: int, seed: int) -> torch.Tensor:
-    """``[B, K, T]`` captions ``<bos> w1 .. wL <eos> <pad>..`` with L in 8..16 random word ids."""
+def make_captions(batch: int, per_image: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, K, T]`` captions ``<bos> w1 .. wL <eos> <pad>..`` with L in 8..16 random word ids, and
+    their framed lengths ``[B, K]`` (L + 2)."""
     cfg = ORTConfig(**CONFIG)
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(MIN_WORDS, MAX_WORDS + 1, (batch, per_image), generator=g)
@@ -140,7 +141,7 @@ def make_captions(batch: int, per_image: int, seed: int) -> torch.Tensor:
     caps = torch.where(pos <= lengths[..., None], words, torch.full_like(words, cfg.pad_id))
     caps[..., 0] = cfg.bos_id
     caps.scatter_(2, (lengths + 1)[..., None], cfg.eos_id)
-    return caps.to(DEVICE)
+    return caps.to(DEVICE), (lengths + 2).to(DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,26 +156,40 @@ def ort_decode(ort, features, boxes, box_mask):
     return ort_beam_search(ort, features, boxes, box_mask, beam_size=BEAM, max_len=MAX_LEN)
 
 
-def per_image_forward(model, features, boxes, box_mask, per_image):
-    """Teacher forcing with each image encoded once: ``inputs [B*K, T]`` image-major."""
-    def forward(inputs):
-        memory = model.encode(features, boxes, box_mask).repeat_interleave(per_image)
-        # the model's own teacher-forcing decoder over a given Memory (forward() always encodes)
-        return model._decode(memory, inputs, None, model.backend, False)[0]
-    return forward
-
-
-def train_forwards(model, images, captions):
-    """``{variant: forward(inputs [B*K, T-1]) -> log_probs [B*K, T-1, V]}`` on ``model``'s weights,
-    for ``images`` (B of them) and ``captions [B, K, T]``."""
+def per_image_batch(images, captions, lengths) -> Batch:
+    """The trainer's per-image :class:`Batch` of ``images`` and ``captions [B, K, T]``."""
     features, boxes, box_mask = images
-    f, b, m, _ = per_caption_batch(features, boxes, box_mask, captions)
+    return Batch(features=features, boxes=boxes, box_mask=box_mask, captions=captions, caption_lengths=lengths,
+                 image_ids=torch.arange(features.shape[0], device=features.device))
+
+
+def train_steps(model, images, captions, lengths, optimizer, params) -> dict:
+    """``{variant: (loss(), step())}`` on ``model``'s weights for ``images`` (B of them) and
+    ``captions [B, K, T]`` (framed lengths ``[B, K]``): ``loss()`` the variant's loss (with the
+    graph), ``step()`` its timed optimiser update (returns the detached loss)."""
+    features, boxes, box_mask = images
+    f, b, m, flat = per_caption_batch(features, boxes, box_mask, captions)
     ort = OrtStyleCaptioner(model)
-    return {
-        "ort_style": lambda inputs: ort(f, b, m, inputs),
-        "geocap": lambda inputs: model(f, b, m, inputs),
-        "geocap_per_image": per_image_forward(model, features, boxes, box_mask, captions.shape[1]),
-    }
+    pad_id = model.config.pad_id
+    batch = per_image_batch(images, captions, lengths)
+    policy = PolicyModule(model)
+    objective = CrossEntropyObjective(pad_id=pad_id, eos_id=model.config.eos_id)
+
+    def ort_loss():
+        return token_loss(ort(f, b, m, flat[:, :-1]), flat[:, 1:], pad_id=pad_id)
+
+    def ort_step():
+        return training_step(lambda inputs: ort(f, b, m, inputs), flat, optimizer, params, grad_clip=GRAD_CLIP,
+                             pad_id=pad_id)
+
+    def geocap_step():  # the trainer's cross-entropy step (geocap.train.loop)
+        loss, _ = objective(policy, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss.item()}")
+        optimizer_update(loss, optimizer, params, grad_clip=GRAD_CLIP)
+        return loss.detach()
+
+    return {"ort_style": (ort_loss, ort_step), "geocap": (lambda: objective(policy, batch)[0], geocap_step)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,14 +223,13 @@ def same_captions(ours, theirs, atol: float = 1e-3) -> int:
 def train_case():
     model = make_model()
     images = make_images(TRAIN_IMAGES, seed=2)
-    captions = make_captions(TRAIN_IMAGES, CAPTIONS_PER_IMAGE, seed=3)
-    flat = captions.reshape(-1, captions.shape[-1])
+    captions, lengths = make_captions(TRAIN_IMAGES, CAPTIONS_PER_IMAGE, seed=3)
     model.eval()  # no dropout: the variants must agree exactly
     params = [p for p in model.parameters()]
     results = {}
-    for name, forward in train_forwards(model, images, captions).items():
+    for name, (loss_fn, _) in train_steps(model, images, captions, lengths, None, params).items():
         model.zero_grad(set_to_none=True)
-        loss = token_loss(forward(flat[:, :-1]), flat[:, 1:])
+        loss = loss_fn()
         loss.backward()
         results[name] = (loss.detach(), [p.grad.detach().clone() for p in params])
     model.zero_grad(set_to_none=True)
@@ -225,7 +239,7 @@ def train_case():
         for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
             err = (g - r).abs().max().item()
             assert err <= 1e-3 * r.abs().max().item() + 1e-6, f"{name}: gradient of {pname} differs by {err:.3g}"
-    return model, images, captions
+    return model, images, captions, lengths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,29 +305,20 @@ def test_decode(benchmark, decode_case, variant):
     benchmark.extra_info.update(peak_memory_info(call, DEVICE))
 
 
-@pytest.mark.parametrize("variant", ["ort_style", "geocap", "geocap_per_image"])
+@pytest.mark.parametrize("variant", ["ort_style", "geocap"])
 def test_train(benchmark, train_case, variant):
-    base_model, images, captions = train_case
+    base_model, images, captions, lengths = train_case
     model = copy.deepcopy(base_model).train()  # each variant trains its own copy of the same weights
-    forward = train_forwards(model, images, captions)[variant]
     params = list(model.parameters())
     optimizer = torch.optim.Adam(params, lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-9)
-    flat = captions.reshape(-1, captions.shape[-1])
-    pad_id = model.config.pad_id
-
-    def call():
-        return training_step(forward, flat, optimizer, params, grad_clip=GRAD_CLIP, pad_id=pad_id)
-
-    n_captions = flat.shape[0]
+    _, call = train_steps(model, images, captions, lengths, optimizer, params)[variant]
+    n_captions = captions.shape[0] * captions.shape[1]
     group = f"train B{TRAIN_IMAGES}x{CAPTIONS_PER_IMAGE}"
     benchmark.group = group
     _common_info(benchmark, variant)
     median = _time(benchmark, call)
     benchmark.extra_info.update(B=n_captions, images=TRAIN_IMAGES, captions_per_image=CAPTIONS_PER_IMAGE,
-                                T=flat.shape[1], captions_per_s=round(n_captions / median, 2))
-    if variant == "geocap_per_image":
-        benchmark.extra_info["note"] = ("each image encoded once, Memory repeated per caption: not what the "
-                                        "trainer runs (it has no per-image mode)")
+                                T=captions.shape[2], captions_per_s=round(n_captions / median, 2))
     _record_ratio(benchmark, group, variant, median)
     benchmark.extra_info.update(peak_memory_info(call, DEVICE))
 

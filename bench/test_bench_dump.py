@@ -88,7 +88,7 @@ def _synth(root) -> tuple:
     assert cli_main(["prepro", "captions", "--karpathy", str(root / "dataset_coco.json"), "--out", str(root / "caps"),
                      "--min-count", "1"]) == 0
     result = train(TrainConfig(data=str(root), out=str(root / "run"), layers=LAYERS, d_model=64, heads=HEADS,
-                               d_ff=128, batch_size=16, steps=60, optimizer="adamw", lr=3e-3, warmup=5, val_every=0,
+                               d_ff=128, batch_size=3, steps=60, optimizer="adamw", lr=3e-3, warmup=5, val_every=0,
                                checkpoint_every=0, progress=False, log_every=100))
     return str(root), os.path.join(result.out, "checkpoint-latest.pt")
 

@@ -204,3 +204,36 @@ def test_bad_arguments_and_missing_features(data, tmp_path):
     with pytest.raises(ValueError):
         collate([])
     assert isinstance(CaptionDataset(store, caps, "val")[0], Sample)
+
+
+def test_collate_frames_with_the_vocabulary_ids(data, tmp_path):
+    """An ORT-layout vocabulary (pad = bos = eos = 0, no <unk>): CaptionDataset.collate frames
+    each caption with its ids, per image and per caption; the bare collate keeps geocap's."""
+    from geocap.data.vocab import Vocabulary
+    store, caps, _, caption_set = data
+    default = build_vocab(caption_set, min_count=1)
+    ort = Vocabulary(["<eos>"] + default.words[4:], pad_id=0, bos_id=0, eos_id=0, unk_id=None)
+    write_captions(tmp_path / "ortcaps", encode_captions(caption_set, ort, max_len=12))
+    ds = CaptionDataset(store, tmp_path / "ortcaps", "val", per_image=True)
+    assert ds.frame_ids == {"pad_id": 0, "bos_id": 0, "eos_id": 0}
+    samples = [ds[i] for i in range(len(ds))]
+    batch = ds.collate(samples)
+    for i, s in enumerate(samples):
+        texts = [" ".join(c.text.split()[:12]) for c in captions_of(caption_set, s.image_id)]
+        for j, text in enumerate(texts):
+            row, length = batch.captions[i, j].tolist(), int(batch.caption_lengths[i, j])
+            words = text.split()
+            assert length == len(words) + 2 and row[0] == 0 and row[length - 1] == 0
+            assert 0 not in row[1:length - 1] and set(row[length:]) <= {0}
+            assert [ort.words[w] for w in row[1:length - 1]] == words
+    default_framed = collate(samples)  # geocap's ids: <bos> 1, <eos> 2, <pad> 0
+    real = batch.caption_lengths > 0
+    assert (default_framed.captions[:, :, 0][real] == BOS).all() and (batch.captions[:, :, 0] == 0).all()
+    assert torch.equal(default_framed.caption_lengths, batch.caption_lengths)
+    per_caption = CaptionDataset(store, tmp_path / "ortcaps", "train")
+    flat = per_caption.collate([per_caption[i] for i in range(6)])
+    ends = flat.captions.gather(1, flat.caption_lengths[:, None] - 1)
+    assert (flat.captions[:, 0] == 0).all() and (ends == 0).all()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="eos_id must be a word id"):
+            collate(samples, eos_id=bad)

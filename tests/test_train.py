@@ -1,7 +1,10 @@
-"""geocap.train: cross-entropy training, checkpoints, exact resume, validation, DDP (gloo)."""
+"""geocap.train: cross-entropy training on per-image batches, checkpoints, exact resume, validation, DDP
+(gloo), vocabularies with ORT's ids, stale temporary files."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import socket
 
@@ -15,7 +18,7 @@ from geocap.data.synth import generate_synthetic
 from geocap.train import (BEST, LATEST, METRICS, LRSchedule, TrainConfig, epoch_batches, noam_lr, token_loss,
                           train)
 
-TINY = dict(layers=1, d_model=32, heads=2, d_ff=64, batch_size=16, progress=False, log_every=1)
+TINY = dict(layers=1, d_model=32, heads=2, d_ff=64, batch_size=4, progress=False, log_every=1)  # 4 images x 5 captions
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ def test_checkpoints_and_best_by_val_cider(data_dir, tmp_path):
     assert names == sorted([BEST, LATEST, METRICS, "train_config.json"])  # no temporary files left
     latest = load_checkpoint(out / LATEST)
     assert latest.step == 24 and latest.optimizer_state and latest.rng is not None
-    assert latest.data_position == {"epoch": 2, "batch": 4}            # 10 batches per epoch
+    assert latest.data_position == {"epoch": 2, "batch": 8}  # 32 images: 8 batches of 4 per epoch
     vals = [e for e in _metrics(out) if e["kind"] == "val"]
     assert [v["step"] for v in vals] == [4, 8, 12, 16, 20, 24]
     best = max(vals, key=lambda v: (v["cider_d"], -v["step"]))        # first step of the maximum
@@ -165,3 +168,145 @@ def test_cli_runs_and_bad_arguments(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--steps", "many"])
     assert not os.path.exists(tmp_path / "y")
+
+
+# -- per-image batches, vocabulary ids, stale temporaries -----------------------------------------
+def _tiny_model(ds, dropout=0.0):
+    from geocap.model import ObjectRelationTransformer, ORTConfig
+    torch.manual_seed(0)
+    v = ds.vocab
+    return ObjectRelationTransformer(ORTConfig(vocab_size=len(v), feature_dim=ds.store.feature_dim, layers=1,
+                                               d_model=32, heads=2, d_ff=64, dropout=dropout, pad_id=v.pad_id,
+                                               bos_id=v.bos_id, eos_id=v.eos_id))
+
+
+def _train_images(data_dir, captions="caps", **kw):
+    from geocap.data.dataset import CaptionDataset
+    return CaptionDataset(os.path.join(data_dir, "features.h5"), os.path.join(data_dir, captions), "train",
+                          per_image=True, **kw)
+
+
+def test_per_image_batches_encode_each_image_once(data_dir):
+    """The cross-entropy objective on a per-image batch: one encoder pass over the B images, and
+    (eval mode) the loss and gradients of encoding a copy of each image per caption."""
+    from geocap.train import CrossEntropyObjective, PolicyModule, caption_rows
+    ds = _train_images(data_dir)
+    batch = ds.collate([ds[i] for i in range(6)])
+    model = _tiny_model(ds).eval()
+    calls = []
+    model.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    objective = CrossEntropyObjective.for_vocab(ds.vocab)
+    loss, tokens = objective(PolicyModule(model), batch)
+    assert calls == [6]
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    rows = caption_rows(batch)
+    assert rows.image_index.tolist() == sum(([i] * int(n) for i, n in enumerate(ds.n_captions[:6])), [])
+    assert tokens == int((rows.lengths - 1).sum())
+    idx = rows.image_index
+    copies = model(batch.features[idx], batch.boxes[idx], batch.box_mask[idx], rows.captions[:, :-1])
+    expected = token_loss(copies, rows.captions[:, 1:])  # geocap's ids: <eos> is not <pad>
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, torch.autograd.grad(expected, list(model.parameters()))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # at most k captions per image: the first k
+    first2 = caption_rows(batch, 2)
+    assert first2.image_index.tolist() == sum(([i] * min(2, int(n)) for i, n in enumerate(ds.n_captions[:6])), [])
+    assert torch.equal(first2.captions[:2], rows.captions[:2, :first2.captions.shape[1]])
+    with pytest.raises(ValueError, match="per image"):
+        caption_rows(dataclasses.replace(batch, captions=batch.captions[:, 0]))
+    with pytest.raises(ValueError, match="memory has 6"):
+        model.teacher_force(model.encode(batch.features, batch.boxes, batch.box_mask), rows.captions[:, :-1])
+    with pytest.raises(ValueError, match="captions_per_image must be None"):
+        CrossEntropyObjective(pad_id=0, eos_id=2, captions_per_image=0)
+
+
+def test_captions_per_image_k_trains_on_the_first_k(data_dir, tmp_path):
+    from geocap.data.dataset import BucketBatchSampler
+    result = train(_config(data_dir, tmp_path / "run", steps=3, captions_per_image=2))
+    ds = _train_images(data_dir)
+    batches = epoch_batches(BucketBatchSampler(ds.box_counts, 4, seed=0), 0)
+    expected = [sum(int(ds.captions.length[int(ds.first_row[i]) + j]) + 1 for i in items
+                    for j in range(min(2, int(ds.n_captions[i])))) for items in batches[:3]]
+    assert [e["tokens"] for e in _metrics(result.out) if e["kind"] == "train"] == expected
+
+
+@pytest.fixture(scope="module")
+def ort_data_dir(data_dir, tmp_path_factory):
+    """The training data with its captions encoded in ORT's layout too (DIR/ortcaps): id 0 is
+    <pad>, <bos> and <eos> at once, no <unk>."""
+    from geocap.data.readers import read_karpathy
+    from geocap.data.vocab import Vocabulary, build_vocab, encode_captions, write_captions
+    captions = read_karpathy(os.path.join(data_dir, "dataset_coco.json"))
+    words = build_vocab(captions, min_count=1).words[4:]
+    vocab = Vocabulary(["<eos>"] + words, pad_id=0, bos_id=0, eos_id=0, unk_id=None)
+    write_captions(os.path.join(data_dir, "ortcaps"), encode_captions(captions, vocab))
+    return data_dir
+
+
+def test_ort_vocabulary_keeps_the_end_token_in_the_loss(ort_data_dir, tmp_path):
+    from geocap.data.dataset import BucketBatchSampler
+    from geocap.train import CrossEntropyObjective, PolicyModule, caption_rows, target_mask
+    ds = _train_images(ort_data_dir, "ortcaps")
+    batch = ds.collate([ds[i] for i in range(4)])
+    rows = caption_rows(batch)
+    targets = rows.captions[:, 1:]
+    mask = target_mask(rows.lengths, targets.shape[1])
+    # each caption's last target is its <eos>, id 0 = <pad>: in the mask, which counts L + 1
+    assert (mask.sum(1) == rows.lengths - 1).all()
+    assert (targets[mask.nonzero()[:, 0], mask.nonzero()[:, 1]] == 0).sum() == len(rows.lengths)
+    assert int((targets != 0).sum()) == int((rows.lengths - 2).sum())  # what `!= pad` would have kept
+    # the objective's loss is the mean over the L words and the <eos> of every caption
+    model = _tiny_model(ds).eval()
+    loss, tokens = CrossEntropyObjective.for_vocab(ds.vocab)(PolicyModule(model), batch)
+    with torch.no_grad():
+        memory = model.encode(batch.features, batch.boxes, batch.box_mask).index_select(rows.image_index)
+        log_probs = model.teacher_force(memory, rows.captions[:, :-1])
+    picked = [-float(log_probs[r, j, targets[r, j]]) for r in range(len(rows.lengths))
+              for j in range(int(rows.lengths[r]) - 1)]
+    assert tokens == len(picked) == int((rows.lengths - 1).sum())
+    assert float(loss.detach()) == pytest.approx(sum(picked) / len(picked), rel=1e-5)
+    # a few steps of training on it: the model takes the vocabulary's ids, every target is counted
+    result = train(_config(ort_data_dir, tmp_path / "run", captions="ortcaps", steps=6, val_every=3, max_decode_len=8,
+                           checkpoint_every=3))
+    ckpt = load_checkpoint(tmp_path / "run" / LATEST)
+    assert (ckpt.config.pad_id, ckpt.config.bos_id, ckpt.config.eos_id) == (0, 0, 0) and ckpt.vocab == ds.vocab
+    sampler = BucketBatchSampler(ds.box_counts, 4, seed=0)
+    batches = epoch_batches(sampler, 0)
+    expected = []  # 8 batches of 4 images per epoch: the 6 steps are epoch 0's first 6
+    for items in batches[:6]:
+        expected.append(sum(int(ds.captions.length[r]) + 1 for i in items  # L words + <eos> per caption
+                            for r in range(int(ds.first_row[i]), int(ds.first_row[i]) + int(ds.n_captions[i]))))
+    entries = [e for e in _metrics(result.out) if e["kind"] == "train"]
+    assert [e["tokens"] for e in entries] == expected and all(math.isfinite(e["loss"]) for e in entries)
+    assert [e["step"] for e in _metrics(result.out) if e["kind"] == "val"] == [3, 6]
+    # with ORT's ids the smoothing spreads over every id (id 0 is a real target, <eos>)
+    log_probs = torch.log_softmax(torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0)), -1)
+    tgt, m = torch.tensor([[4, 0, 0], [3, 1, 0]]), torch.tensor([[True, True, False], [True, True, True]])
+    smoothed = token_loss(log_probs, tgt, 0.1, None, mask=m)
+    nll = -log_probs.gather(-1, tgt[..., None])[..., 0]
+    torch.testing.assert_close(smoothed, ((0.9 * nll - 0.1 * log_probs.mean(-1)) * m).sum() / 5)
+    with pytest.raises(ValueError, match="needs a mask"):
+        token_loss(log_probs, tgt, 0.0, None)
+
+
+def test_start_deletes_stale_temporaries_of_the_run_files(tmp_path):
+    from geocap.train import remove_stale_temporaries
+    own = f"{LATEST}.tmp-{os.getpid()}"
+    stale = [f"{LATEST}.tmp-12345", f"{METRICS}.tmp-7", "train_config.json.tmp-99", f"{BEST}.tmp-3"]
+    kept = [own, f"{LATEST}.tmp-abc", "notes.txt.tmp-5", f"x{LATEST}.tmp-5", LATEST]
+    for name in stale + kept:
+        (tmp_path / name).write_text("x")
+    assert remove_stale_temporaries(str(tmp_path)) == sorted(stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
+def test_resume_refuses_a_checkpoint_of_per_caption_batches(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_config(data_dir, out, steps=2))
+    path = out / LATEST
+    payload = torch.load(path, weights_only=True)
+    assert payload["extra"].pop("xe_batches") == "images"
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="held --batch-size captions"):
+        train(_config(data_dir, out, steps=4), resume=True)
+    assert train(_config(data_dir, out, steps=3, scst_from_step=2, scst_samples=2), resume=True).step == 3

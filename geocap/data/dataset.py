@@ -3,12 +3,17 @@ batch sampler that groups images of similar box counts.
 
 Two kinds of item, chosen with ``per_image``:
 
-- ``per_image=False`` (cross-entropy training): one item per caption. ``captions_per_image``
-  "all" uses every caption, an int ``k`` the first ``k`` of each image, "one-random" makes one
-  item per image whose caption is drawn afresh each time it is read.
-- ``per_image=True`` (self-critical training, evaluation): one item per image with several
-  captions: "all" of them (the batch pads to its largest count), the first ``k`` (cycled when an
-  image has fewer), or "one-random" (one, drawn afresh).
+- ``per_image=False``: one item per caption. ``captions_per_image`` "all" uses every caption,
+  an int ``k`` the first ``k`` of each image, "one-random" makes one item per image whose caption
+  is drawn afresh each time it is read.
+- ``per_image=True`` (cross-entropy and self-critical training, evaluation): one item per image
+  with several captions: "all" of them (the batch pads to its largest count), the first ``k``
+  (cycled when an image has fewer), or "one-random" (one, drawn afresh).
+
+Captions are framed ``<bos> w1 .. wL <eos> <pad>..`` with the vocabulary's ids: pass
+:meth:`CaptionDataset.collate` (not the bare :func:`collate`, whose ids are geocap's defaults)
+to a DataLoader. With an imported ORT vocabulary ``pad = bos = eos = 0``, so a caption's end is
+known from ``caption_lengths`` only, never from comparing ids with <pad>.
 
 Random draws use torch's generator, which DataLoader seeds per worker and per epoch, so
 ``torch.manual_seed`` makes them reproducible.
@@ -55,8 +60,9 @@ class Batch:
     the batch's longest L + 2; caption_lengths int64 ``[B]`` or ``[B, K]`` = L + 2, 0 for the
     padding captions of an image with fewer than K; image_ids int64 ``[B]``.
 
-    Teacher forcing: inputs ``captions[..., :-1]``, targets ``captions[..., 1:]``, loss where
-    the target is not <pad>.
+    Teacher forcing: inputs ``captions[..., :-1]``, targets ``captions[..., 1:]``; the targets
+    in the loss are the first ``caption_lengths - 1`` of each row (the words and <eos>). Do not
+    find them by ``targets != pad``: a vocabulary whose <eos> is its <pad> (ORT's) would lose <eos>.
     """
     features: torch.Tensor
     boxes: torch.Tensor
@@ -75,16 +81,26 @@ class Batch:
         return len(self.image_ids)
 
 
-def _frame(ids: np.ndarray, length: int, out: np.ndarray) -> None:
-    out[0] = BOS
+def _frame(ids: np.ndarray, length: int, out: np.ndarray, bos_id: int, eos_id: int) -> None:
+    """``out[:length + 2] = <bos> ids[:length] <eos>`` (the rest of ``out`` is left as it is)."""
+    out[0] = bos_id
     out[1:length + 1] = ids[:length]
-    out[length + 1] = EOS
+    out[length + 1] = eos_id
 
 
-def collate(samples: Sequence[Sample]) -> Batch:
-    """Pad a list of ``Sample`` into a ``Batch`` (see there for shapes)."""
+def _check_id(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"collate: {name} must be a word id >= 0, got {value!r}")
+    return int(value)
+
+
+def collate(samples: Sequence[Sample], *, pad_id: int = PAD, bos_id: int = BOS, eos_id: int = EOS) -> Batch:
+    """Pad a list of ``Sample`` into a ``Batch`` (see there for shapes), framing each caption
+    ``bos_id w1 .. wL eos_id pad_id..``. The defaults are geocap's own ids (<pad> 0, <bos> 1,
+    <eos> 2); :meth:`CaptionDataset.collate` passes its vocabulary's."""
     if not samples:
         raise ValueError("collate needs at least one sample")
+    pad_id, bos_id, eos_id = _check_id("pad_id", pad_id), _check_id("bos_id", bos_id), _check_id("eos_id", eos_id)
     b = len(samples)
     n = max(len(s.boxes) for s in samples)
     d = samples[0].features.shape[1]
@@ -100,18 +116,18 @@ def collate(samples: Sequence[Sample]) -> Batch:
     if per_image:
         kmax = max(len(s.lengths) for s in samples)
         t = max(int(np.max(s.lengths, initial=0)) for s in samples) + 2
-        caps = np.full((b, kmax, t), PAD, dtype=np.int64)
+        caps = np.full((b, kmax, t), pad_id, dtype=np.int64)
         lens = np.zeros((b, kmax), dtype=np.int64)
         for i, s in enumerate(samples):
             for j, length in enumerate(s.lengths):
-                _frame(s.captions[j], int(length), caps[i, j])
+                _frame(s.captions[j], int(length), caps[i, j], bos_id, eos_id)
                 lens[i, j] = int(length) + 2
     else:
         t = max(int(s.lengths) for s in samples) + 2
-        caps = np.full((b, t), PAD, dtype=np.int64)
+        caps = np.full((b, t), pad_id, dtype=np.int64)
         lens = np.zeros(b, dtype=np.int64)
         for i, s in enumerate(samples):
-            _frame(s.captions, int(s.lengths), caps[i])
+            _frame(s.captions, int(s.lengths), caps[i], bos_id, eos_id)
             lens[i] = int(s.lengths) + 2
     return Batch(features=torch.from_numpy(feats), boxes=torch.from_numpy(boxes), box_mask=torch.from_numpy(mask),
                  captions=torch.from_numpy(caps), caption_lengths=torch.from_numpy(lens),
@@ -171,6 +187,16 @@ class CaptionDataset(Dataset):
     @property
     def vocab(self):
         return self.captions.vocab
+
+    @property
+    def frame_ids(self) -> dict:
+        """``{"pad_id", "bos_id", "eos_id"}`` of the vocabulary: what :meth:`collate` frames with."""
+        v = self.vocab
+        return {"pad_id": v.pad_id, "bos_id": v.bos_id, "eos_id": v.eos_id}
+
+    def collate(self, samples: Sequence[Sample]) -> Batch:
+        """:func:`collate` with this dataset's vocabulary ids (a DataLoader ``collate_fn``)."""
+        return collate(samples, **self.frame_ids)
 
     @property
     def box_counts(self) -> np.ndarray:

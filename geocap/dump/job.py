@@ -230,7 +230,7 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
     """
     from geocap import __version__
     from geocap.checkpoint import file_sha256, load_checkpoint
-    from geocap.data.dataset import CaptionDataset, collate
+    from geocap.data.dataset import CaptionDataset
     from geocap.data.store import progress_bar
     from geocap.dump import grounding
     from geocap.dump.records import generate_rows, record_batch
@@ -358,7 +358,7 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
             try:
                 for b0 in range(lo, hi, batch_size):
                     positions = list(range(b0, min(hi, b0 + batch_size)))
-                    batch = collate([dataset[i] for i in positions])
+                    batch = dataset.collate([dataset[i] for i in positions])
                     objects = source.objects(positions, batch)
                     per_image = record_batch(
                         model, batch.features.to(dev), batch.boxes.to(dev), batch.box_mask.to(dev),

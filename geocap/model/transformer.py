@@ -294,6 +294,26 @@ class ObjectRelationTransformer(nn.Module):
             [s.probs for s in cross_stats], [s.entropy for s in cross_stats])
         return log_probs, rec
 
+    def teacher_force(self, memory: Memory, tokens: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+        """Teacher forcing over a given :class:`Memory`: ``tokens [R, T]`` input ids (starting
+        with <bos>, right-padded as in :meth:`forward`), row r decoded against memory row r ->
+        ``log_probs [R, T, V]``, row t the distribution of token t + 1.
+
+        ``teacher_force(encode(features, boxes, box_mask), tokens)`` is ``forward(features, boxes,
+        box_mask, tokens)``; encoding once and expanding the memory to several captions per image
+        (``memory.index_select(image_of_row)`` or ``memory.repeat_interleave(k)``) runs the encoder
+        once per image. In training mode that image's captions then share the encoder's dropout
+        draw (made by :meth:`encode`); the decoder draws its own per caption. ValueError for a
+        ``memory`` of another model, or ``tokens`` that are not integer ids in ``[0, vocab_size)``
+        with as many rows as ``memory``, or padded on the left.
+        """
+        self._check_memory(memory)
+        if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[0] != memory.batch_size:
+            raise ValueError(f"tokens have {tokens.shape[0]} rows but memory has {memory.batch_size} (expand the "
+                             f"memory to the captions with index_select or repeat_interleave)")
+        self._check_tokens(tokens, right_padded=True)
+        return self._decode(memory, tokens, None, self._backend(backend), False)[0]
+
     def decode_step(self, memory: Memory, tokens: torch.Tensor, cache: Optional[DecoderCache] = None, *,
                     backend: Optional[str] = None) -> tuple[torch.Tensor, DecoderCache]:
         """Incremental decoding: the distribution of the next token.

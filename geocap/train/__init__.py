@@ -22,13 +22,16 @@ import os
 from dataclasses import fields
 
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, TrainConfig
-from .loop import TrainResult, epoch_batches, token_loss, train, validate
+from .loop import TrainResult, epoch_batches, remove_stale_temporaries, train, validate
 from .schedule import LRSchedule, noam_lr, warmup_lr
-from .scst import SCSTObjective, SCSTStats, mean_baseline, reward_scorer, scst_loss
+from .scst import PolicyModule, SCSTObjective, SCSTStats, mean_baseline, reward_scorer, scst_loss
+from .step import CaptionRows, CrossEntropyObjective, caption_rows, optimizer_update, target_mask, token_loss
 
-__all__ = ["BEST", "CONFIG_FILE", "LATEST", "METRICS", "LRSchedule", "SCSTObjective", "SCSTStats", "TrainConfig",
-           "TrainResult", "add_train_parser", "config_from_args", "epoch_batches", "mean_baseline", "noam_lr",
-           "reward_scorer", "run_train", "scst_loss", "token_loss", "train", "validate", "warmup_lr"]
+__all__ = ["BEST", "CONFIG_FILE", "LATEST", "METRICS", "CaptionRows", "CrossEntropyObjective", "LRSchedule",
+           "PolicyModule", "SCSTObjective", "SCSTStats", "TrainConfig", "TrainResult", "add_train_parser",
+           "caption_rows", "config_from_args", "epoch_batches", "mean_baseline", "noam_lr", "optimizer_update",
+           "remove_stale_temporaries", "reward_scorer", "run_train", "scst_loss", "target_mask", "token_loss", "train",
+           "validate", "warmup_lr"]
 
 _HELP = {
     "data": "folder holding the feature store and the captions directory",
@@ -36,7 +39,8 @@ _HELP = {
     "features": "feature store file inside --data (default features.h5)",
     "captions": "captions directory inside --data (default caps)",
     "steps": "total optimiser steps",
-    "batch_size": "captions per batch and process",
+    "batch_size": "images per batch and process, each with its captions (--captions-per-image); "
+                  "it counted captions before batches were per image",
     "optimizer": "noam (Adam 0.9/0.98/1e-9, ORT's schedule) or adamw (linear warmup to --lr)",
     "lr_factor": "noam: the schedule's factor",
     "lr": "adamw: the peak learning rate",
@@ -46,7 +50,8 @@ _HELP = {
     "val_every": "validate (greedy decoding, CIDEr-D) every N steps (0: never)",
     "val_images": "validate on the first N val images (0: all)",
     "checkpoint_every": "write checkpoint-latest.pt every N steps (0: only at the end)",
-    "captions_per_image": "all, one-random, or an int k (the first k captions of each image)",
+    "captions_per_image": "the captions of each image in a cross-entropy batch: all, one-random, or an int k "
+                          "(the first k)",
     "scst_from_step": "self-critical training (CIDEr-D reward) for the steps after this many (-1: never; "
                       "0: from the start; may be set when resuming a cross-entropy run)",
     "scst_baseline": "greedy (the greedy caption's reward) or mean (the mean reward of the image's other samples)",

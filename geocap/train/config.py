@@ -44,13 +44,20 @@ class TrainConfig:
 
     Model: ``layers``, ``d_model``, ``heads``, ``d_ff``, ``dropout``, ``geometry`` as in ORTConfig
     (vocab_size and feature_dim come from the data). Steps count optimiser updates; ``steps`` is
-    the total (a resumed run continues up to it). ``batch_size`` is per process (DDP multiplies it).
+    the total (a resumed run continues up to it). ``batch_size`` counts *images* per batch and
+    process (DDP multiplies it), each with its captions: ``captions_per_image`` "all" (default;
+    5 per image in COCO), an int k (the first k of each image, fewer when it has fewer) or
+    "one-random" (one, drawn afresh each epoch); each image is encoded once per batch and its
+    encoder dropout draw is shared by its captions. (Until per-image batches, ``batch_size``
+    counted captions: ``batch_size=50`` then is ``batch_size=10`` with 5 captions per image now,
+    ORT's ``batch_size 10, seq_per_img 5``.)
 
     Optimiser: ``"noam"`` = Adam(betas (0.9, 0.98), eps 1e-9) with ORT's schedule
     ``lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)``; ``"adamw"`` = AdamW
     (``weight_decay``) whose lr rises linearly to ``lr`` over ``warmup`` steps, then stays.
     ``grad_clip``: max L2 norm of all gradients (0 = no clipping; the norm is logged either way).
-    ``label_smoothing`` ε: loss = (1-ε)·NLL + ε·mean over the non-<pad> words of -log p.
+    ``label_smoothing`` ε: loss = (1-ε)·NLL + ε·mean over the words other than <pad> of -log p
+    (all words when the vocabulary's <pad> is its <eos>, as ORT's).
 
     ``precision``: ``"auto"`` (bf16 autocast on a GPU that has it, else fp32), ``"fp32"``,
     ``"bf16"``, ``"fp16"`` (with a GradScaler); bf16/fp16 need a GPU. ``device``: ``"auto"``

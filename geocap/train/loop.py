@@ -4,9 +4,17 @@ self-critical sequence training (SCST, :mod:`geocap.train.scst`).
 Conventions:
 
 - A step is one optimiser update on one batch per process; ``step`` counts completed updates.
+- Cross-entropy batches are batches of ``batch_size`` training *images* (the per-image dataset),
+  each with its captions (all of them, the first ``captions_per_image`` k, or one drawn at
+  random): each image is encoded once and its memory expanded to its captions
+  (:mod:`geocap.train.step`; the encoder's dropout draw is shared by an image's captions).
+  Runs written before batches were per image (they counted captions) cannot be resumed in
+  cross-entropy (the checkpoint's ``extra["xe_batches"]`` is ``"images"`` since).
 - Loss: next-token cross-entropy with teacher forcing (inputs ``captions[:, :-1]``, targets
-  ``captions[:, 1:]``), averaged over the non-<pad> targets of the batch; optional label smoothing
-  (see :class:`~geocap.train.config.TrainConfig`). DDP averages gradients over the processes.
+  ``captions[:, 1:]``), averaged over the batch's targets up to and including each caption's <eos>
+  (found from the caption lengths: the vocabulary's <eos> may be its <pad>, as ORT's); optional
+  label smoothing (see :class:`~geocap.train.config.TrainConfig`). DDP averages gradients over
+  the processes. The model's ``pad_id``/``bos_id``/``eos_id`` are the vocabulary's.
 - Phases: the update after ``step`` completed ones is self-critical when
   ``TrainConfig.phase_at(step) == "scst"`` (``step >= scst_from_step``), with its own data
   stream: batches of training *images* (per-image dataset, same sampler, seed and rank split),
@@ -29,14 +37,16 @@ Conventions:
   ``checkpoint-latest.pt`` and training on gives the same parameters as training straight through
   (same number of processes; with ``num_workers > 0`` and ``captions_per_image="one-random"`` the
   workers' caption draws are reproducible per epoch but not across a mid-epoch resume).
-- Only rank 0 writes files; checkpoints are written atomically (temporary file + rename).
+- Only rank 0 writes files; checkpoints are written atomically (temporary file + rename). At the
+  start rank 0 deletes what killed runs left in RUN: the temporaries ``<name>.tmp-<pid>`` of the
+  run's own files (config, checkpoints, metrics) of any pid but its own.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,8 +57,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from geocap.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from geocap.data.atomic import write_text_atomic
-from geocap.data.dataset import BucketBatchSampler, CaptionDataset, collate
-from geocap.data.vocab import PAD
+from geocap.data.dataset import BucketBatchSampler, CaptionDataset
 from geocap.decoding import greedy_decode
 from geocap.metrics import cider_d
 from geocap.model import ObjectRelationTransformer, ORTConfig
@@ -57,6 +66,9 @@ from . import distributed as D
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, RESUME_FIXED, TrainConfig
 from .schedule import LRSchedule
 from .scst import PolicyModule, SCSTObjective, captions_text, reward_scorer
+from .step import CrossEntropyObjective, optimizer_update
+
+XE_BATCHES = "images"  # extra["xe_batches"]: what a cross-entropy batch counts (checked at resume)
 
 
 @dataclass
@@ -71,22 +83,6 @@ class TrainResult:
     model: ObjectRelationTransformer
     out: str
     history: list = field(default_factory=list)
-
-
-def token_loss(log_probs: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0,
-               pad_id: int = PAD) -> torch.Tensor:
-    """Mean next-token loss over the non-<pad> targets: ``log_probs [B, T, V]``, ``targets [B, T]``.
-    With ``smoothing`` ε: ``(1 - ε) * NLL + ε * mean over the V - 1 non-<pad> words of -log p``."""
-    log_probs = log_probs.float()
-    mask = targets != pad_id
-    n = mask.sum().clamp(min=1)
-    nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    loss = nll
-    if smoothing > 0:
-        v = log_probs.shape[-1]
-        uniform = -(log_probs.sum(-1) - log_probs[..., pad_id]) / (v - 1)
-        loss = (1.0 - smoothing) * nll + smoothing * uniform
-    return (loss * mask).sum() / n
 
 
 class _Batches(Sampler):
@@ -177,7 +173,7 @@ def validate(model: ObjectRelationTransformer, dataset: CaptionDataset, *, image
         model.eval()
         try:
             for start in range(0, n, batch_size):
-                batch = collate([dataset[i] for i in range(start, min(n, start + batch_size))]).to(device)
+                batch = dataset.collate([dataset[i] for i in range(start, min(n, start + batch_size))]).to(device)
                 with _autocast(device, amp_dtype):
                     memory = model.encode(batch.features, batch.boxes, batch.box_mask)
                     decoded = greedy_decode(model, memory, max_len=max_len)
@@ -215,6 +211,22 @@ class _MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry) + "\n")
+
+
+def remove_stale_temporaries(folder: str, names=(CONFIG_FILE, LATEST, BEST, METRICS)) -> list:
+    """Delete ``folder/<name>.tmp-<pid>`` (the temporary names of
+    :func:`geocap.data.atomic.atomic_output`) for each of ``names`` and every pid but this
+    process's: what a run killed while writing left behind. Returns the names deleted. Call it
+    only where no other live process writes those files (the trainer's rank 0 at its start)."""
+    pattern = re.compile("(?:" + "|".join(re.escape(n) for n in names) + r")\.tmp-(\d+)")
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        match = pattern.fullmatch(entry)
+        if match and int(match.group(1)) != os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, entry))
+            removed.append(entry)
+    return removed
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
@@ -272,20 +284,30 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
             raise ValueError(f"{latest_path} was written by {ckpt.extra.get('world_size', 1)} processes; resume "
                              f"with as many (now {info.world_size})")
         ckpt_phase = _check_resume_phase(config, ckpt, saved, latest_path)
+        if (ckpt_phase == "xe" and config.phase_at(ckpt.step) == "xe"
+                and ckpt.extra.get("xe_batches") != XE_BATCHES):
+            raise ValueError(f"cannot resume {latest_path} in cross-entropy: it was written when a batch held "
+                             f"--batch-size captions (now images, each with its captions), so its data position "
+                             f"means other batches; continue it with SCST (--scst-from-step {ckpt.step}) or start "
+                             f"a new run")
     if info.is_main:
         os.makedirs(config.out, exist_ok=True)
+        remove_stale_temporaries(config.out)
         write_text_atomic(os.path.join(config.out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
 
-    train_ds = CaptionDataset(config.features_path, config.captions_path, config.train_split,
-                              captions_per_image=config.captions_per_image)
+    cpi = config.captions_per_image
+    train_ds = CaptionDataset(config.features_path, config.captions_path, config.train_split, per_image=True,
+                              captions_per_image="one-random" if cpi == "one-random" else "all")
     vocab = train_ds.vocab
+    xe_objective = CrossEntropyObjective.for_vocab(vocab, smoothing=config.label_smoothing,
+                                                   captions_per_image=cpi if isinstance(cpi, int) else None)
     val_ds = None
     if config.val_every > 0:
         val_ds = CaptionDataset(config.features_path, config.captions_path, config.val_split, per_image=True,
                                 captions_per_image=1)
     model_config = ORTConfig(vocab_size=len(vocab), feature_dim=train_ds.store.feature_dim, layers=config.layers,
                              d_model=config.d_model, heads=config.heads, d_ff=config.d_ff, dropout=config.dropout,
-                             geometry=config.geometry)
+                             geometry=config.geometry, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id)
     if ckpt is not None and ckpt.config != model_config:
         raise ValueError(f"{latest_path}: its model config does not fit the data and options "
                          f"({ckpt.config.to_dict()} vs {model_config.to_dict()})")
@@ -366,7 +388,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                  "best": {"cider_d": best_cider, "step": best_step},
                  "train_config": config.to_dict(), "world_size": info.world_size,
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "rank_rng": ranks}
+                 "rank_rng": ranks, "xe_batches": XE_BATCHES}
         save_checkpoint(path, model=model, config=model_config, vocab=vocab, optimizer=optimizer,
                         scheduler=schedule, step=step, rng=True, extra=extra)
 
@@ -377,14 +399,13 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
             dataset, sampler, objective = phase_data(phase)
             batches = epoch_batches(sampler, epoch, info.rank, info.world_size)
             if not batches:
-                unit = "images" if objective is not None else "items"
-                size = config.scst_images_per_batch if objective is not None else config.batch_size
+                size = config.scst_images_per_batch if phase == "scst" else config.batch_size
                 raise ValueError(f"split {config.train_split!r} gives no {phase} batch per process "
-                                 f"({len(dataset)} {unit}, batch size {size}, {info.world_size} processes)")
+                                 f"({len(dataset)} images, {size} per batch, {info.world_size} processes)")
             if batch_index >= len(batches):
                 epoch, batch_index = epoch + 1, 0
                 continue
-            loader = DataLoader(dataset, batch_sampler=_Batches(batches[batch_index:]), collate_fn=collate,
+            loader = DataLoader(dataset, batch_sampler=_Batches(batches[batch_index:]), collate_fn=dataset.collate,
                                 num_workers=config.num_workers, pin_memory=device.type == "cuda",
                                 generator=torch.Generator().manual_seed(config.seed * 1000003 + epoch))
             switched = False
@@ -392,12 +413,8 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                 batch = batch.to(device, non_blocking=True)
                 stats = None
                 if objective is None:
-                    inputs, targets = batch.captions[:, :-1], batch.captions[:, 1:]
                     lr = schedule.get_last_lr()[0]
-                    with amp_context():
-                        log_probs = net(batch.features, batch.boxes, batch.box_mask, inputs)
-                    loss = token_loss(log_probs, targets, config.label_smoothing)
-                    tokens = int((targets != PAD).sum())
+                    loss, tokens = xe_objective(net, batch, autocast=amp_context)
                 else:
                     lr = config.scst_lr
                     for group in optimizer.param_groups:
@@ -406,13 +423,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                     tokens = stats.tokens
                 if not torch.isfinite(loss) and not scaler.is_enabled():
                     raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower the learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, config.grad_clip if config.grad_clip > 0 else math.inf)
-                scaler.step(optimizer)
-                scaler.update()
+                grad_norm = optimizer_update(loss, optimizer, params, grad_clip=config.grad_clip, scaler=scaler)
                 schedule.step()
                 step += 1
                 batch_index += 1

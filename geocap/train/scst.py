@@ -89,23 +89,34 @@ def scst_loss(token_log_probs: torch.Tensor, mask: torch.Tensor, advantages: tor
 
 class PolicyModule(nn.Module):
     """Wraps the captioner for training (the module DDP wraps): ``forward(features, boxes,
-    box_mask, tokens)`` is the model's teacher forcing (``log_probs [B, T, V]``);
-    ``forward(features, boxes, box_mask, samples=K, max_len=L)`` encodes the ``B`` images and
-    draws ``K`` captions each (:func:`geocap.decoding.sample`), returning the :class:`Decoded`
-    (``B * K`` rows, image-major, ``token_log_probs`` with the graph)."""
+    box_mask, tokens)`` is the model's teacher forcing (``tokens [B, T]``, one caption per image,
+    -> ``log_probs [B, T, V]``); with ``image_index [R]`` (int64, the image of each row of
+    ``tokens [R, T]``) the ``B`` images are encoded once and the memory expanded to the ``R``
+    captions (:meth:`~geocap.model.ObjectRelationTransformer.teacher_force`; the cross-entropy
+    step); ``forward(features, boxes, box_mask, samples=K, max_len=L)`` encodes the ``B`` images
+    and draws ``K`` captions each (:func:`geocap.decoding.sample`), returning the
+    :class:`Decoded` (``B * K`` rows, image-major, ``token_log_probs`` with the graph)."""
 
     def __init__(self, model: ObjectRelationTransformer):
         super().__init__()
         self.model = model
 
     def forward(self, features: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor],
-                tokens: Optional[torch.Tensor] = None, *, samples: int = 0, max_len: int = 16):
+                tokens: Optional[torch.Tensor] = None, *, image_index: Optional[torch.Tensor] = None,
+                samples: int = 0, max_len: int = 16):
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
             raise ValueError(f"samples must be an int >= 0, got {samples!r}")
         if samples == 0:
             if tokens is None:
                 raise ValueError("PolicyModule needs tokens (teacher forcing) or samples > 0 (sampling)")
-            return self.model(features, boxes, box_mask, tokens)
+            if image_index is None:
+                return self.model(features, boxes, box_mask, tokens)
+            if not isinstance(image_index, torch.Tensor) or image_index.dim() != 1 or image_index.dtype != torch.int64:
+                raise ValueError(f"image_index must be an int64 tensor [R], got "
+                                 f"{getattr(image_index, 'dtype', type(image_index).__name__)} "
+                                 f"{tuple(getattr(image_index, 'shape', ()))}")
+            memory = self.model.encode(features, boxes, box_mask)
+            return self.model.teacher_force(memory.index_select(image_index), tokens)
         memory = self.model.encode(features, boxes, box_mask)
         return sample(self.model, memory, n=samples, max_len=max_len)
 
