@@ -17,6 +17,11 @@ import pytest  # noqa: E402
 
 from helpers import DEVICE  # noqa: E402
 
+if not torch.cuda.is_available():
+    # the suite's tensors are tiny: extra intra-op threads only add synchronisation, and on a
+    # shared 2-core machine they made tests up to 20x slower
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def device() -> torch.device:

@@ -81,3 +81,38 @@ def tolerance(eager_err: float) -> float:
 def assert_within_eager_rule(name, ours, eager, ref):
     err, eager_err = max_err(ours, ref), max_err(eager, ref)
     assert err <= tolerance(eager_err), f"{name}: error {err:.3e} > 2 x eager error {eager_err:.3e} (floor 1e-5)"
+
+
+def synth_data_dir(root, *, images: int = 40, seed: int = 0, feature_dim: int = 16) -> str:
+    """A data dir as ``geocap synth`` + ``geocap prepro captions`` lay it out (features.h5,
+    ground_truth.json, caps/ with every word kept), at ``root``; returns its path."""
+    from geocap.cli import main as cli_main
+    from geocap.data.synth import generate_synthetic
+
+    generate_synthetic(root, images=images, seed=seed, feature_dim=feature_dim, progress=False)
+    assert cli_main(["prepro", "captions", "--karpathy", str(root / "dataset_coco.json"), "--out",
+                     str(root / "caps"), "--min-count", "1"]) == 0
+    return str(root)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test's torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_train_worker(rank, world, port, config_dict, out_dir):
+    """``torch.multiprocessing`` entry: rank ``rank`` of ``world`` trains ``TrainConfig(**config_dict)``
+    over gloo and saves its final state dict to ``out_dir/rank{rank}.pt``."""
+    import os
+
+    from geocap.train import TrainConfig, train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = train(TrainConfig(**config_dict))
+    torch.save(result.model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))

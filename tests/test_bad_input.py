@@ -24,7 +24,7 @@ from geocap.data.vocab import SPECIALS, UNK, Vocabulary
 from geocap.decoding import beam_search, greedy_decode, sample
 from geocap.model import ObjectRelationTransformer, ORTConfig
 
-from helpers import random_boxes
+from helpers import random_boxes, synth_data_dir
 
 WORDS = ["a", "man", "dog", "on", "the", "grass", "riding", "horse"]
 D, MAX_LEN = 16, 24
@@ -307,17 +307,11 @@ def test_bad_sample_count(captioner, n):
 def test_training_resume_on_features_of_another_width(tmp_path):
     """The trainer's data path: resuming a run on a feature store of another width is refused
     before any step (the checkpoint's model cannot take those features)."""
-    from geocap.cli import main as cli_main
-    from geocap.data.synth import generate_synthetic
     from geocap.train import TrainConfig, train
 
     dirs = {}
     for width in (16, 8):
-        root = tmp_path / f"data{width}"
-        generate_synthetic(root, images=20, seed=0, feature_dim=width, progress=False)
-        assert cli_main(["prepro", "captions", "--karpathy", str(root / "dataset_coco.json"), "--out",
-                         str(root / "caps"), "--min-count", "1"]) == 0
-        dirs[width] = str(root)
+        dirs[width] = synth_data_dir(tmp_path / f"data{width}", images=20, feature_dim=width)
     options = dict(out=str(tmp_path / "run"), layers=1, d_model=32, heads=2, d_ff=64, batch_size=8, steps=1,
                    val_every=0, progress=False, device="cpu")
     assert train(TrainConfig(data=dirs[16], **options)).step == 1

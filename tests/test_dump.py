@@ -17,35 +17,21 @@ import pytest
 import torch
 
 from geocap.checkpoint import save_checkpoint
-from geocap.cli import main as cli_main
 from geocap.data.attention_record import MAP_NAMES, Record
 from geocap.data.dump_format import DumpError, open_dump
 from geocap.data.store import FeatureStore
-from geocap.data.synth import generate_synthetic
 from geocap.data.vocab import BOS, Vocabulary, load_captions
 from geocap.dump.job import dump
 from geocap.model import ObjectRelationTransformer, ORTConfig
+from helpers import synth_data_dir
 
 F16 = dict(atol=2e-3, rtol=2e-3)       # float16 storage of weights in [0, 1]
 SETTINGS = dict(shard_images=4, batch_size=2, progress=False)   # train split: 16 images -> 4 shards
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (more only oversubscribe a shared CPU); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dumpdata")
-    generate_synthetic(root, images=20, seed=0, feature_dim=16, progress=False)
-    assert cli_main(["prepro", "captions", "--karpathy", str(root / "dataset_coco.json"), "--out", str(root / "caps"),
-                     "--min-count", "1"]) == 0
-    return str(root)
+    return synth_data_dir(tmp_path_factory.mktemp("dumpdata"), images=20)
 
 
 def _save_model(data_dir, path, seed):

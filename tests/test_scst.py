@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -12,33 +11,20 @@ import torch
 from geocap.checkpoint import load_checkpoint
 from geocap.cli import main as cli_main
 from geocap.data.dataset import CaptionDataset, collate
-from geocap.data.synth import generate_synthetic
 from geocap.decoding import greedy_decode, sample
 from geocap.metrics import cider_d
 from geocap.model import ObjectRelationTransformer, ORTConfig
 from geocap.train import LATEST, METRICS, SCSTObjective, TrainConfig, mean_baseline, reward_scorer, scst_loss, train
 from geocap.train.scst import PolicyModule
+from helpers import ddp_train_worker, free_port, synth_data_dir
 
 TINY = dict(layers=1, d_model=32, heads=2, d_ff=64, batch_size=16, progress=False, log_every=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """40 synthetic images (32 train, 4 val, 4 test), D = 16, as geocap synth + prepro make them."""
-    root = tmp_path_factory.mktemp("scstdata")
-    generate_synthetic(root, images=40, seed=0, feature_dim=16, progress=False)
-    assert cli_main(["prepro", "captions", "--karpathy", str(root / "dataset_coco.json"), "--out", str(root / "caps"),
-                     "--min-count", "1"]) == 0
-    return str(root)
+    """40 synthetic images (32 train, 4 val, 4 test), D = 16."""
+    return synth_data_dir(tmp_path_factory.mktemp("scstdata"))
 
 
 @pytest.fixture(scope="module")
@@ -262,26 +248,12 @@ def test_bad_scst_options(data_dir, tmp_path, capsys, train_images):
         SCSTObjective(scorer, ds.vocab, samples=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, config_dict, dump_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    result = train(TrainConfig(**config_dict))
-    torch.save(result.model.state_dict(), os.path.join(dump_dir, f"rank{rank}.pt"))
-
-
 def test_ddp_scst_two_processes_gloo(data_dir, tmp_path):
     import torch.multiprocessing as mp
     out = tmp_path / "run"
     config = _config(data_dir, out, steps=4, scst_from_step=1, scst_batch_size=4, scst_samples=2, dropout=0.1,
                      val_every=2, checkpoint_every=2).to_dict()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(ddp_train_worker, args=(2, free_port(), config, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

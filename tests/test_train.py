@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ import torch.nn.functional as F
 
 from geocap.checkpoint import load_checkpoint
 from geocap.cli import main as cli_main
-from geocap.data.synth import generate_synthetic
+from helpers import ddp_train_worker, free_port, synth_data_dir
+
 from geocap.train import (BEST, LATEST, METRICS, LRSchedule, TrainConfig, epoch_batches, noam_lr, token_loss,
                           train)
 
@@ -23,12 +23,8 @@ TINY = dict(layers=1, d_model=32, heads=2, d_ff=64, batch_size=4, progress=False
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """40 synthetic images (32 train, 4 val, 4 test), D = 16, laid out as geocap synth + prepro make it."""
-    root = tmp_path_factory.mktemp("traindata")
-    generate_synthetic(root, images=40, seed=0, feature_dim=16, progress=False)
-    assert cli_main(["prepro", "captions", "--karpathy", str(root / "dataset_coco.json"), "--out", str(root / "caps"),
-                        "--min-count", "1"]) == 0
-    return str(root)
+    """40 synthetic images (32 train, 4 val, 4 test), D = 16."""
+    return synth_data_dir(tmp_path_factory.mktemp("traindata"))
 
 
 def _config(data_dir, out, **kw):
@@ -106,25 +102,11 @@ def test_exact_resume_with_dropout(data_dir, tmp_path):
         train(_config(data_dir, tmp_path / "c", **kw), resume=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, config_dict, dump_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    result = train(TrainConfig(**config_dict))
-    torch.save(result.model.state_dict(), os.path.join(dump_dir, f"rank{rank}.pt"))
-
-
 def test_ddp_two_processes_gloo(data_dir, tmp_path):
     import torch.multiprocessing as mp
     out = tmp_path / "run"
     config = _config(data_dir, out, steps=6, dropout=0.1, val_every=3, checkpoint_every=3).to_dict()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(ddp_train_worker, args=(2, free_port(), config, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

@@ -23,9 +23,8 @@ import pytest
 import torch
 
 from geocap.checkpoint import CheckpointError, load_checkpoint
-from geocap.cli import main as cli_main
-from geocap.data.synth import generate_synthetic
 from geocap.train import CONFIG_FILE, LATEST, METRICS
+from helpers import synth_data_dir
 
 STEPS, EVERY = 30, 3
 RUN_FILES = {LATEST, METRICS, CONFIG_FILE}
@@ -36,11 +35,7 @@ TIMEOUT = 120
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """40 synthetic images (32 train), D = 16, as geocap synth + prepro lay them out."""
-    root = tmp_path_factory.mktemp("killdata")
-    generate_synthetic(root, images=40, seed=0, feature_dim=16, progress=False)
-    assert cli_main(["prepro", "captions", "--karpathy", str(root / "dataset_coco.json"), "--out",
-                     str(root / "caps"), "--min-count", "1"]) == 0
-    return str(root)
+    return synth_data_dir(tmp_path_factory.mktemp("killdata"))
 
 
 def train_args(data_dir, out):
