@@ -5,7 +5,7 @@ Usage::
 
     geocap evaluate --checkpoint RUN/checkpoint-best.pt --data DIR --split test \\
         [--beam-size 3] [--max-len 20] [--batch-size 50] [--out RESULTS_DIR] [--limit N] \\
-        [--no-meteor] [--no-spice] [--tokenizer auto|java|python]
+        [--no-meteor] [--no-spice] [--tokenizer auto|java|python] [--ground-truth FILE]
 
 Conventions:
 
@@ -20,6 +20,11 @@ Conventions:
   METEOR when Java is on the PATH (unless switched off); SPICE only when its Stanford CoreNLP
   jars are already installed (never downloaded). Values are pycocoevalcap's raw values
   (fractions; CIDEr-D on its x10 scale).
+* Relation-word accuracy (synthetic data only): when ``DIR/ground_truth.json`` (``ground_truth``,
+  relative to DIR; written by ``geocap synth``) exists, the generated captions' relation phrases
+  are judged against the scenes' boxes by :func:`geocap.metrics.relation_accuracy` (see
+  :mod:`geocap.metrics.relations`); otherwise it is skipped, with the reason in
+  ``relation_note``.
 * Outputs, in ``out_dir`` (default: the checkpoint's folder), each written atomically:
   ``captions_<split>.json`` -- COCO results ``[{"image_id": int, "caption": str}, ...]`` in
   ascending image id -- and ``metrics_<split>.json`` -- a JSON object with ``format``
@@ -27,7 +32,10 @@ Conventions:
   ``tokenizer`` ("java" or "python", the one that ran) and ``tokenizer_note`` (why the Python
   fallback ran, else null), ``checkpoint`` (absolute path), ``checkpoint_sha256``,
   ``checkpoint_step``, ``data``, ``split``, ``beam_size``, ``max_len``, ``limit``, ``n_images``,
-  ``geocap_version`` and ``results_file``.
+  ``geocap_version``, ``results_file``, and ``relation_accuracy`` (correct relation uses / uses;
+  null when skipped or when no caption uses a relation phrase), ``relation_counts`` (null when
+  skipped, else :meth:`geocap.metrics.RelationAccuracy.as_dict` plus ``ground_truth``, the file's
+  absolute path) and ``relation_note`` (why the accuracy is null, else null).
 * Errors: bad arguments, a missing checkpoint or data file, an unknown split, a checkpoint whose
   vocabulary (or feature dimension) differs from the data's raise ValueError naming the argument
   or the file (``geocap.cli`` prints them and exits with status 2).
@@ -39,10 +47,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Subset
+
+if TYPE_CHECKING:
+    from geocap.metrics.relations import RelationAccuracy
 
 __all__ = ["EVALUATION_FORMAT", "EvaluationResult", "add_evaluate_parser", "evaluate", "format_report",
            "run_evaluate"]
@@ -58,7 +69,9 @@ class EvaluationResult:
     ``metrics``: metric name -> value; ``skipped``: metric name -> why it was not computed;
     ``captions``: image id -> generated caption (ascending image id); ``tokenizer``: the
     tokenizer that ran ("java" or "python"), with ``tokenizer_note`` saying why when the Python
-    fallback replaced PTBTokenizer; ``record``: the metrics file's JSON object.
+    fallback replaced PTBTokenizer; ``record``: the metrics file's JSON object; ``relations``:
+    the relation-word accuracy counts (None when skipped), ``relation_note`` why its accuracy is
+    undefined (no ground truth, or no relation phrase used), else None.
     """
     metrics: dict
     skipped: dict
@@ -73,6 +86,8 @@ class EvaluationResult:
     results_path: Path
     metrics_path: Path
     record: dict = field(default_factory=dict)
+    relations: Optional[RelationAccuracy] = None
+    relation_note: Optional[str] = None
 
 
 def _positive_int(name: str, value, *, zero_ok: bool = False) -> int:
@@ -125,6 +140,7 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
              beam_size: int = 3, max_len: int = 20, batch_size: int = 50,
              out_dir: Union[str, os.PathLike, None] = None, limit: int = 0, meteor: bool = True,
              spice: bool = True, tokenizer: str = "auto", features: str = "features.h5", captions: str = "caps",
+             ground_truth: str = "ground_truth.json",
              device: Union[str, torch.device, None] = None, workers: int = 0, progress: bool = True,
              meteor_timeout_s: float = 600.0) -> EvaluationResult:
     """Caption the ``split`` images of ``data_dir`` with ``checkpoint``, score them, write the
@@ -132,7 +148,8 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
 
     ``device`` None/"auto": CUDA when available, else CPU. ``workers``: DataLoader worker
     processes (0: load in this process). ``progress``: a tqdm bar on stderr (off anyway when
-    stderr is not a terminal).
+    stderr is not a terminal). ``ground_truth``: the synthetic ground-truth file inside
+    ``data_dir`` for the relation-word accuracy (skipped when the file is absent).
     """
     from geocap import __version__
     from geocap.captioner import Captioner
@@ -140,7 +157,7 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     from geocap.data.dataset import collate
     from geocap.data.store import progress_bar
     from geocap.data.atomic import write_text_atomic
-    from geocap.metrics import caption_metrics, write_results
+    from geocap.metrics import caption_metrics, load_relation_truth, relation_accuracy, write_results
 
     # -- arguments ---------------------------------------------------------------------------
     _positive_int("beam_size", beam_size)
@@ -169,6 +186,9 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     features_path = os.path.join(data_dir, features)
     captions_dir = os.path.join(data_dir, captions)
     dataset = _open_dataset(features_path, captions_dir, split)
+    truth_path = os.path.join(data_dir, ground_truth)
+    # read before captioning: a malformed file fails before any work is done or anything written
+    truth = load_relation_truth(truth_path) if os.path.isfile(truth_path) else None
     data_vocab = dataset.vocab
     if ckpt.vocab.words != data_vocab.words:
         raise ValueError(f"checkpoint {checkpoint} and captions dir {captions_dir} have different vocabularies "
@@ -213,6 +233,14 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     metrics, skipped = caption_metrics(gts, res, tokenizer=tokenizer, meteor=meteor, spice=spice,
                                        meteor_timeout_s=meteor_timeout_s)
     tokenizer_note = skipped.pop("tokenizer", None)
+    relations, relation_note, relation_counts = None, None, None
+    if truth is None:
+        relation_note = f"no {ground_truth} in {data_dir} (relation-word accuracy needs synthetic data)"
+    else:
+        relations = relation_accuracy(res, truth)
+        relation_counts = {**relations.as_dict(), "ground_truth": truth_path}
+        if relations.accuracy is None:
+            relation_note = "no generated caption uses a relation phrase"
     used = "python" if tokenizer_note is not None else "java"
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"captions_{split}.json"
@@ -224,12 +252,15 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
         "checkpoint": checkpoint, "checkpoint_sha256": sha256,
         "checkpoint_step": step, "data": data_dir, "split": split, "beam_size": beam_size, "max_len": max_len,
         "limit": limit, "n_images": n, "geocap_version": __version__, "results_file": results_path.name,
+        "relation_accuracy": relations.accuracy if relations is not None else None,
+        "relation_counts": relation_counts, "relation_note": relation_note,
     }
     write_text_atomic(metrics_path, json.dumps(record, indent=2) + "\n")
     return EvaluationResult(metrics=metrics, skipped=skipped, captions=res, split=split, n_images=n,
                             beam_size=beam_size, tokenizer=used, tokenizer_note=tokenizer_note,
                             checkpoint=checkpoint, checkpoint_sha256=sha256, results_path=results_path,
-                            metrics_path=metrics_path, record=record)
+                            metrics_path=metrics_path, record=record, relations=relations,
+                            relation_note=relation_note)
 
 
 def format_report(result: EvaluationResult) -> str:
@@ -242,6 +273,12 @@ def format_report(result: EvaluationResult) -> str:
     lines += [f"{name:<{width}}  {value:.4f}" for name, value in result.metrics.items()]
     for name, reason in result.skipped.items():
         lines.append(f"skipped {name}: {reason}")
+    rel = result.relations
+    if rel is not None and rel.accuracy is not None:
+        lines.append(f"relation-word accuracy {rel.accuracy:.4f}: {rel.correct} of {rel.uses} relation uses correct "
+                     f"({rel.unresolved} unresolved), in {rel.captions_with_relation} of {rel.captions} captions")
+    else:
+        lines.append(f"skipped relation-word accuracy: {result.relation_note}")
     if result.tokenizer_note:
         lines.append(f"note: {result.tokenizer_note}")
     lines.append(f"wrote {result.results_path} and {result.metrics_path}")
@@ -253,7 +290,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, args.data, args.split, beam_size=args.beam_size, max_len=args.max_len,
                       batch_size=args.batch_size, out_dir=args.out, limit=args.limit, meteor=args.meteor,
                       spice=args.spice, tokenizer=args.tokenizer, features=args.features, captions=args.captions,
-                      device=args.device, workers=args.workers, progress=args.progress)
+                      ground_truth=args.ground_truth, device=args.device, workers=args.workers, progress=args.progress)
     print(format_report(result))
     return 0
 
@@ -283,6 +320,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                         help="PTB tokenizer: java (Stanford), python (fallback), auto (java when present)")
     parser.add_argument("--features", default="features.h5", help="feature store file inside --data")
     parser.add_argument("--captions", default="caps", help="captions directory inside --data")
+    parser.add_argument("--ground-truth", default="ground_truth.json", metavar="FILE",
+                        help="synthetic ground truth inside --data, for the relation-word accuracy "
+                             "(default ground_truth.json; skipped when absent)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",

@@ -179,3 +179,76 @@ def test_errors(data, tmp_path, capsys):
     with pytest.raises(ValueError, match="limit"):
         evaluate(ckpt, root, "test", limit=-1)
     assert not os.path.exists(tmp_path / "o")                  # nothing written on any error
+
+
+def test_relation_accuracy_in_metrics_file(data, tmp_path, capsys):
+    from geocap.metrics import load_relation_truth, relation_accuracy
+    root, ckpt, test_ids = data
+    kw = dict(beam_size=1, max_len=10, meteor=False, spice=False, tokenizer="python", progress=False, device="cpu")
+    result = evaluate(ckpt, root, "test", out_dir=tmp_path / "with", **kw)
+    record = _read(result.metrics_path)
+    truth_path = os.path.join(root, "ground_truth.json")
+    expected = relation_accuracy(result.captions, load_relation_truth(truth_path)).as_dict()
+    assert record["relation_counts"] == {**expected, "ground_truth": truth_path}
+    assert record["relation_accuracy"] == expected["relation_accuracy"]
+    assert record["relation_counts"]["captions"] == len(test_ids)
+    assert (record["relation_note"] is None) == (expected["uses"] > 0)
+    assert "relation_accuracy" not in record["metrics"] and "relation_accuracy" not in record["skipped"]
+
+    # the references as "generated" captions: every relation use is right
+    import geocap.captioner as captioner_module
+    caps = load_captions(os.path.join(root, "caps"))
+    order = iter([caps.references(i)[k] for k in range(5) for i in test_ids])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(captioner_module.Captioner, "caption", lambda self, f, *a, **k: [next(order) for _ in f])
+        scores = [evaluate(ckpt, root, "test", out_dir=tmp_path / f"refs{k}", **kw).relations for k in range(5)]
+    assert all(r.accuracy in (None, 1.0) and r.unresolved == 0 for r in scores)
+    assert sum(r.uses for r in scores) > 0
+    capsys.readouterr()
+    assert cli_main(["evaluate", "--checkpoint", ckpt, "--data", root, "--beam-size", "1", "--out", str(tmp_path / "c"),
+                     "--no-meteor", "--tokenizer", "python", "--no-progress", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "relation-word accuracy" in out
+
+    # no ground truth file: skipped, with the reason
+    skipped = evaluate(ckpt, root, "test", out_dir=tmp_path / "without", ground_truth="absent.json", **kw)
+    record = _read(skipped.metrics_path)
+    assert record["relation_accuracy"] is None and record["relation_counts"] is None
+    assert "absent.json" in record["relation_note"] and skipped.relations is None
+    # a malformed one: a clear error before anything is written
+    bad = tmp_path / "bad_gt"
+    bad.mkdir()
+    (bad / "ground_truth.json").write_text("{}")
+    for name in ("features.h5", "caps"):
+        os.symlink(os.path.join(root, name), bad / name)
+    with pytest.raises(ValueError, match="ground_truth.json"):
+        evaluate(ckpt, bad, "test", out_dir=tmp_path / "never", **kw)
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_demo_table_side_by_side(data, tmp_path, capsys):
+    from geocap.demo_table import main as table_main
+    root, ckpt, test_ids = data
+    caps = load_captions(os.path.join(root, "caps"))
+    other = _checkpoint(tmp_path / "other.pt", caps.vocab, seed=1)
+    kw = dict(beam_size=1, max_len=8, meteor=False, spice=False, tokenizer="python", progress=False, device="cpu")
+    a = evaluate(ckpt, root, "test", out_dir=tmp_path / "a", **kw)
+    b = evaluate(other, root, "test", out_dir=tmp_path / "b", ground_truth="absent.json", **kw)
+    assert table_main(["--captions", os.path.join(root, "caps"), "--samples", "2",
+                       f"geometry={a.metrics_path}", f"no-geometry={b.metrics_path}"]) == 0
+    out = capsys.readouterr().out
+    header, rule, row_a, row_b = out.splitlines()[1:5]
+    assert header.split()[:3] == ["model", "CIDEr-D", "BLEU-4"] and "relation acc" in header
+    assert row_a.split()[:3] == ["geometry", f"{a.metrics['CIDEr']:.3f}", f"{a.metrics['Bleu_4']:.3f}"]
+    if a.relations.uses:
+        assert f"{a.relations.accuracy:.3f} ({a.relations.correct}/{a.relations.uses} uses" in row_a
+    assert row_b.split()[0] == "no-geometry" and "n/a (no absent.json" in row_b
+    first = test_ids[0]
+    assert f"image {first}" in out and a.captions[first] in out and caps.references(first)[0] in out
+    assert str(a.metrics_path) in out and str(b.results_path) in out
+    # a file that is not an evaluation, or models evaluated on other images: exit status 2, named
+    assert table_main([f"x={tmp_path / 'nope.json'}"]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    c = evaluate(ckpt, root, "test", out_dir=tmp_path / "c", limit=1, **kw)
+    assert table_main([f"a={a.metrics_path}", f"c={c.metrics_path}"]) == 2
+    assert "other images" in capsys.readouterr().err
