@@ -77,6 +77,7 @@ def _recorded(model, vocab, store, image_id, words):
 def _same(a: Record, b: Record) -> None:
     """Two records read from two dumps are identical, field by field."""
     assert (a.image_id, a.caption_id, a.kind, a.tokens) == (b.image_id, b.caption_id, b.kind, b.tokens)
+    assert a.extra == b.extra
     for name in ("boxes", "labels", "clusters", "features", "referents", "source_referents", *MAP_NAMES,
                  "encoder_entropy", "decoder_entropy", "cross_entropy"):
         x, y = getattr(a, name), getattr(b, name)
@@ -419,3 +420,106 @@ def test_bad_dumps(base, ckpt, data_dir, tmp_path):
     (version / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DumpError, match="format version 99"):
         open_dump(version)
+
+
+def _gt_names(data_dir):
+    truth = json.load(open(os.path.join(data_dir, "ground_truth.json")))
+    return [c["name"] for c in sorted(truth["categories"], key=lambda c: c["id"])]
+
+
+def test_label_names_and_image_sizes(base, ckpt, data_dir, tmp_path):
+    store = FeatureStore(os.path.join(data_dir, "features.h5"))
+    d = open_dump(base, progress=False)
+    assert d.metadata["label_names"] == store.label_names == _gt_names(data_dir)
+    for r in d:
+        width, height = (int(v) for v in store.image_sizes[store.index_of(r.image_id)])
+        assert width > 0 and height > 0 and r.extra == {"width": width, "height": height}
+    with h5py.File(os.path.join(base, "shard-00000.h5"), "r", locking=False) as h5:
+        assert h5["images/width"].dtype == np.int32 and h5["images/height"].shape == h5["images/image_id"].shape
+    # the viewer built from the dump names the boxes and knows the image's shape
+    from geocap.view import build_site
+    from geocap.view.site import image_data_key
+    build_site(d, tmp_path / "view", limit=1, grouped=True, progress=False)
+    text = (tmp_path / "view" / "data" / image_data_key(d[0].image_id)).read_text()
+    page = json.loads(text[text.index(",") + 1:text.rindex(");")])
+    assert (page["width"], page["height"]) == (d[0].extra["width"], d[0].extra["height"])
+    assert page["records"][0]["labels"] == [store.label_names[k] for k in d[0].labels]
+
+    # a store without label names (names from ground_truth.json) and with one image's size unknown
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    with h5py.File(data / "features.h5", "r+", locking=False) as h5:
+        del h5["label_names"]
+        h5["image_sizes"][store.index_of(d[0].image_id)] = [-1, -1]
+    out = tmp_path / "dump"
+    dump(ckpt, data, "train", out, what="cross", limit=4, **SETTINGS)
+    e = open_dump(out, progress=False)
+    assert e.metadata["label_names"] == _gt_names(data_dir)
+    assert [r.extra for r in e if r.image_id == d[0].image_id] and \
+        all(r.extra == {} for r in e if r.image_id == d[0].image_id)
+    assert all(r.extra == {"width": x.extra["width"], "height": x.extra["height"]}
+               for r, x in zip(e, d) if r.image_id != d[0].image_id)
+    # without ground truth either: no names
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(data / "features.h5", plain / "features.h5")
+    shutil.copytree(data / "caps", plain / "caps")
+    dump(ckpt, plain, "train", tmp_path / "plain_dump", what="cross", limit=2, clusters=0, **SETTINGS)
+    assert open_dump(tmp_path / "plain_dump", progress=False).metadata["label_names"] is None
+
+
+def _old_layout(path):
+    """Rewrite the dump at ``path`` as written before image sizes and label names existed: no
+    images/width|height datasets, no label_names in the metadata (digest, shard attributes and
+    byte counts patched to fit)."""
+    from geocap.data.dump_format import metadata_digest
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["metadata"]["label_names"]
+    manifest["metadata_sha256"] = metadata_digest(manifest["metadata"])
+    for entry in manifest["shards"]:
+        file = path / entry["file"]
+        with h5py.File(file, "r+", locking=False) as h5:
+            del h5["images/width"], h5["images/height"]
+            h5.attrs["metadata_sha256"] = manifest["metadata_sha256"]
+        entry["bytes"] = os.path.getsize(file)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_old_layout_dump_still_reads(base, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(base, old)
+    _old_layout(old)
+    d, b = open_dump(old, progress=False), open_dump(base, progress=False)
+    assert "label_names" not in d.metadata and len(d) == len(b)
+    for x, y in zip(d, b):
+        assert x.extra == {} and y.extra
+        x.extra = y.extra
+        _same(x, y)
+    # a size dataset that does not fit the shard's images is a clear error
+    bad = tmp_path / "bad"
+    shutil.copytree(base, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    with h5py.File(bad / "shard-00001.h5", "r+", locking=False) as h5:
+        del h5["images/width"]
+        h5.create_dataset("images/width", data=np.ones(2, np.int32))
+    manifest["shards"][1]["bytes"] = os.path.getsize(bad / "shard-00001.h5")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DumpError, match=r"shard-00001.h5: dataset images/width has shape \(2,\)"):
+        open_dump(bad)
+
+
+def test_writer_rejects_bad_image_size(tmp_path):
+    from geocap.dump.writer import ShardWriter
+    from geocap.view.synthetic import synthetic_records
+    rec = next(synthetic_records([5], objects=3, tokens=4, layers=1, heads=2, captions=1))
+    writer = ShardWriter(tmp_path / "s.h5", index=0, metadata_sha256="x", checkpoint_sha256="y",
+                         vocab=sorted(set(rec.tokens)), maps=(), entropies=(), encoder_lh=(1, 2), decoder_lh=(1, 2),
+                         has_labels=False, has_clusters=False, has_features=False, stats_only=False)
+    try:
+        for bad in (0, -3, 2.5, "640", True):
+            rec.extra = {"width": bad, "height": 480}
+            with pytest.raises(ValueError, match=r"image 5: extra\['width'\] must be a positive int"):
+                writer.add_image([rec])
+    finally:
+        writer.abort()
+    assert not list(tmp_path.iterdir())

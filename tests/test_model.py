@@ -249,6 +249,40 @@ def test_record_returns_attention_maps():
         assert (p[..., future] == 0).all()
 
 
+def test_public_encode_and_teacher_force_record_what_forward_records():
+    """encode(record=True) gives the encoder's maps, teacher_force(record=True) the decoder's, over
+    a memory expanded to several captions per image: each equals forward(record=True) of its row."""
+    model = make_model().eval()
+    features, boxes, box_mask, tokens = make_inputs()
+    _, full = model(features, boxes, box_mask, tokens, record=True)
+    memory = model.encode(features, boxes, box_mask)
+    assert isinstance(memory, Memory)
+    memory_r, enc = model.encode(features, boxes, box_mask, record=True)
+    torch.testing.assert_close(memory_r.states, memory.states, atol=0, rtol=0)
+    assert isinstance(enc, AttentionRecord) and enc.decoder_probs == [] and enc.cross_probs == []
+    for name in ("encoder_probs", "encoder_entropy"):
+        assert len(getattr(enc, name)) == 2
+        for a, b in zip(getattr(enc, name), getattr(full, name)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    rows = torch.tensor([2, 0, 2])                 # three captions: two of image 2, one of image 0
+    caption_tokens = tokens[[0, 1, 2]]
+    plain = model.teacher_force(memory.index_select(rows), caption_tokens)
+    log_probs, dec = model.teacher_force(memory.index_select(rows), caption_tokens, record=True)
+    torch.testing.assert_close(log_probs, plain, atol=0, rtol=0)
+    assert dec.encoder_probs == [] and len(dec.decoder_probs) == len(dec.cross_entropy) == 2
+    t, n = tokens.shape[1], features.shape[1]
+    for r, image in enumerate(rows.tolist()):
+        _, one = model(features[image:image + 1], boxes[image:image + 1], box_mask[image:image + 1],
+                       caption_tokens[r:r + 1], record=True)
+        for name, shape in (("decoder_probs", (2, t, t)), ("decoder_entropy", (2, t)),
+                            ("cross_probs", (2, t, n)), ("cross_entropy", (2, t))):
+            for a, b in zip(getattr(dec, name), getattr(one, name)):
+                assert a.shape[1:] == shape and not a.requires_grad
+                torch.testing.assert_close(a[r:r + 1], b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="tokens have 2 rows but memory has 3"):
+        model.teacher_force(memory, tokens[:2], record=True)
+
+
 def test_init_is_xavier_uniform_with_ort_geometry_rows():
     model = make_model(d_model=64, heads=4, d_ff=128)
     for name, p in model.named_parameters():

@@ -297,6 +297,13 @@ def test_shading_equals_dump_values(browser, server, records):
     assert browser.find_element(By.ID, "report-link").get_attribute("href").endswith("/report/index.html")
     labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#objects .object")]
     assert labels == [f"{i}: {LABEL_NAMES[k]}" for i, k in enumerate(recs[0].labels)]
+    # layers and heads are shown 1-based, as the analysis report numbers them (values stay 0-based)
+    options = lambda sid: [(o.get_attribute("value"), o.text)  # noqa: E731
+                           for o in browser.find_elements(By.CSS_SELECTOR, f"#{sid} option")]
+    assert options("layer") == [(str(l), str(l + 1)) for l in range(L)]
+    assert options("head") == [("mean", "mean over heads")] + [(str(h), f"head {h + 1}") for h in range(H)]
+    ticks = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#entropy-plot text.tick")]
+    assert [x for x in ticks if x.startswith("L")] == [f"L{l + 1}" for l in range(L)]
     for layer, head in ((1, 2), (0, "mean")):
         _select(browser, "layer", layer)
         _select(browser, "head", head)
@@ -304,6 +311,8 @@ def test_shading_equals_dump_values(browser, server, records):
         obj = browser.find_element(By.CSS_SELECTOR, '#objects .object[data-index="3"]')
         obj.click()
         assert browser.find_element(By.ID, "stage").get_attribute("data-shading") == "encoder_self"
+        shown_head = "mean over heads" if head == "mean" else f"head {head + 1}"
+        assert f"layer {layer + 1}, {shown_head}" in browser.find_element(By.ID, "shading-info").text
         _assert_row(_values(browser, "rect.box", "data-index"), _expected(recs[0].encoder_self, layer, head, 3))
         # a token: boxes by cross-attention of step 2, words by decoder self-attention of step 2
         browser.find_element(By.CSS_SELECTOR, '.token[data-step="2"]').click()

@@ -7,11 +7,11 @@ any other model, or records built in memory by a test) and what consumes it (``g
 Conventions (L layers, H heads, N objects, T caption positions):
 
 - ``boxes [N, 4]`` float32, normalised (x1, y1, x2, y2); only the image's real objects (no padding).
-- ``tokens``: the caption's words as the decoder *produced* them, ending with ``"<eos>"``; row t of
-  every decoder map is the decoding step that predicts ``tokens[t]``. Its decoder input is the
-  token before: ``"<bos>"`` for t = 0, else ``tokens[t - 1]``. So ``decoder_self[l, h, t, s]`` is
-  the weight step t gives to the input at position s (``"<bos>"`` for s = 0, else ``tokens[s - 1]``),
-  with s <= t (causal).
+- ``tokens``: the caption's words as the decoder *produced* them, ending with ``"<eos>"`` unless the
+  caption was cut at max_len; row t of every decoder map is the decoding step that predicts
+  ``tokens[t]``. Its decoder input is the token before: ``"<bos>"`` for t = 0, else
+  ``tokens[t - 1]``. So ``decoder_self[l, h, t, s]`` is the weight step t gives to the input at
+  position s (``"<bos>"`` for s = 0, else ``tokens[s - 1]``), with s <= t (causal).
 - ``encoder_self [L, H, N, N]``: query object i (row) attending to key object j (column).
 - ``decoder_self [L, H, T, T]``, ``cross [L, H, T, N]``: decoding step t attending to inputs / objects.
 - Maps are the weights before dropout; rows sum to 1 over valid keys. Any map may be None (not

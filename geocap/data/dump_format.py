@@ -15,7 +15,9 @@ Layout (format ``geocap-dump`` version 1). A dump is a directory::
     format "geocap-dump", format_version 1,
     metadata      dict fixed when the dump starts: model config, checkpoint path and sha256,
                   geocap version, data dir, split, mode, what, options, image-list digest,
-                  clusters (source and, for k-means, the centroids) ...
+                  clusters (source and, for k-means, the centroids), ``label_names`` (the
+                  labels' names: a list indexed by label id, or a dict {str(id): name}; None or
+                  absent when unknown) ...
     metadata_sha256  SHA-256 of the canonical JSON of ``metadata`` (every shard carries it)
     n_shards, n_images, shard_images   shard k holds images [k * shard_images, (k+1) * shard_images)
     shards        completed shards, ascending index: {index, file, images, records, bytes,
@@ -33,6 +35,8 @@ the map kinds stored), ``entropies`` (JSON list of the map kinds whose entropies
     vocab                    [V]            UTF-8 words; tokens are stored as indices into it
     images/image_id          [M]            int64
     images/n_objects         [M]            int32 (N of each image; objects are per image)
+    images/width             [M]            int32 pixels, -1 where unknown (see "Older dumps")
+    images/height            [M]            int32 pixels, -1 where unknown
     objects/boxes            [sum N, 4]     float32
     objects/labels           [sum N]        int32 (when has_labels)
     objects/clusters         [sum N]        int32 (when has_clusters)
@@ -62,6 +66,14 @@ is reshaped to ``[L, H, rows, cols]``. Maps and entropies are chunked to about o
 size (the read pattern: one record at a time) and compressed (HDF5 filters, so any HDF5 reader
 decodes them: lzf by default, gzip (level 1) with the shuffle filter, or none; the shard attribute
 ``compression`` names it).
+
+Records: a record's ``extra`` holds ``"width"`` and ``"height"`` (ints, pixels) when both are
+known for its image, and is empty otherwise.
+
+Older dumps: version-1 dumps written before image sizes and label names were stored have no
+``images/width`` / ``images/height`` and no ``label_names``; they read as before, every size
+unknown (empty ``extra``), names unknown. The additions are optional datasets and keys (older
+readers ignore them), so the format version stays 1.
 
 Stats-only dumps store every field except the three maps (entropies included), plus
 ``stats/``; their records have ``encoder_self`` = ``decoder_self`` = ``cross`` = None.
@@ -189,6 +201,11 @@ class _Shard:
         self.vocab = [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in h["vocab"][()]]
         self.image_id = h["images/image_id"][()]
         self.n_objects = h["images/n_objects"][()].astype(np.int64)
+        self.sizes = {}          # "width" / "height" -> [M] int64, -1 unknown (absent in older shards)
+        for name in ("width", "height"):
+            key = f"images/{name}"
+            self.sizes[name] = (h[key][()].astype(np.int64) if key in h
+                                else np.full(len(self.n_objects), -1, np.int64))
         self.rec_image = h["records/image"][()].astype(np.int64)
         self.caption_id = h["records/caption_id"][()]
         self.kind = h["records/kind"][()]
@@ -217,6 +234,9 @@ class _Shard:
         self.map_off = {k: np.concatenate([[0], np.cumsum(s[0])]) for k, s in sizes.items()}
         self.ent_off = {k: np.concatenate([[0], np.cumsum(s[1])]) for k, s in sizes.items()}
         expected = {"objects/boxes": (int(self.obj_off[-1]), 4), "tokens/ids": (int(self.tok_off[-1]),)}
+        for name in ("width", "height"):
+            if f"images/{name}" in h:
+                expected[f"images/{name}"] = (n_images,)
         for name in self.maps:
             expected[f"maps/{name}"] = (int(self.map_off[name][-1]),)
         for name in self.entropies:
@@ -269,7 +289,8 @@ class _Shard:
             n, t = int(self.n_objects[m]), int(self.n_tokens[j])
             oa, ob = int(self.obj_off[m]) - o0, int(self.obj_off[m + 1]) - o0
             ta, tb = int(self.tok_off[j]) - t0, int(self.tok_off[j + 1]) - t0
-            fields = {}
+            width, height = int(self.sizes["width"][m]), int(self.sizes["height"][m])
+            fields = {"extra": {"width": width, "height": height} if width > 0 and height > 0 else {}}
             for name in ("labels", "clusters"):
                 if name in obj:
                     fields[name] = obj[name][oa:ob].astype(np.int64)

@@ -3,9 +3,9 @@ synthetic ground truth (``DIR/ground_truth.json``), k-means clusters otherwise, 
 hypothetical captions (reference captions whose nouns name other objects of the image).
 
 Conventions (see :mod:`geocap.data.attention_record`): a record's tokens are the words the decoder
-produces, ending with ``"<eos>"``; ``referents[t]`` the object index token t names, -1 for none.
-The ground truth's ``refs`` give that per caption word (a plural noun points at its group's first
-object); the ``<eos>`` position gets -1.
+produces, ending with ``"<eos>"`` (unless cut at max_len); ``referents[t]`` the object index token
+t names, -1 for none. The ground truth's ``refs`` give that per caption word (a plural noun points
+at its group's first object); the ``<eos>`` position gets -1.
 """
 from __future__ import annotations
 
@@ -59,6 +59,14 @@ class GroundTruth:
         if missing:
             raise ValueError(f"{self.path}: no ground truth for {len(missing)} images (image {missing[0]}, ...)")
         self._captions = {(i, int(c["caption_id"])): c for i, im in self.images.items() for c in im["captions"]}
+
+    def label_names(self):
+        """The category names indexed by category id: a list when the ids are 0..K-1, else a dict
+        ``{str(id): name}`` (JSON keys); ``metadata["label_names"]`` of a dump."""
+        ids = sorted(self.categories)
+        if ids == list(range(len(ids))):
+            return [str(self.categories[i]["name"]) for i in ids]
+        return {str(i): str(self.categories[i]["name"]) for i in ids}
 
     def objects(self, image_id: int) -> list:
         return self.images[int(image_id)]["objects"]

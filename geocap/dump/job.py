@@ -22,9 +22,12 @@ Determinism and resume:
 Records per image: ``teacher-forced``: its reference captions (in caption order), then, when
 referents are known and ``hypothetical`` is on, one hypothetical caption per reference that
 has a noun to swap; ``generated``: the model's own caption (beam search). Labels come from the
-feature store (else the ground truth); clusters from the ground truth's categories, else from
-k-means on the split's features (``clusters`` centroids fitted once on a fixed sample of up to
-``cluster_sample`` objects, stored in the metadata, so every rank and every rerun uses the same).
+feature store (else the ground truth), their names (``metadata["label_names"]``, indexed by label
+id; None when unknown) from the store's ``label_names``, else the ground truth's category names;
+each image's width and height (pixels, in every record's ``extra``) from the store's
+``image_sizes``; clusters from the ground truth's categories, else from k-means on the split's
+features (``clusters`` centroids fitted once on a fixed sample of up to ``cluster_sample``
+objects, stored in the metadata, so every rank and every rerun uses the same).
 """
 from __future__ import annotations
 
@@ -293,6 +296,9 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
         centroids = kmeans_centroids(dataset, n_images, clusters, cluster_sample)
 
     maps = () if stats_only else tuple(_map(w) for w in what)
+    label_names = store.label_names
+    if label_names is None and truth is not None:
+        label_names = truth.label_names()
     metadata = {
         "geocap_version": __version__, "checkpoint": checkpoint, "checkpoint_sha256": sha256,
         "checkpoint_step": ckpt.step, "model_config": config.to_dict(), "vocab_sha1": vocab.sha1,
@@ -302,7 +308,8 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
         "beam_size": beam_size if mode == "generated" else None, "max_len": max_len if mode == "generated" else None,
         "n_images": n_images, "image_ids_sha256": hashlib.sha256(np.ascontiguousarray(image_ids, np.int64)
                                                                  .tobytes()).hexdigest(),
-        "referents": truth is not None, "labels": bool(has_labels), "clusters": cluster_source,
+        "referents": truth is not None, "labels": bool(has_labels),
+        "label_names": label_names, "clusters": cluster_source,
         "n_clusters": clusters if cluster_source == "kmeans" else None,
         "cluster_centroids": None if centroids is None else centroids.tolist(),
     }

@@ -2,13 +2,13 @@
 
 One pass per batch: the encoder runs once per image (its self-attention maps are the image's,
 shared by all its records), the decoder teacher-forces every caption row of the batch against
-its image's memory, both with ``record=True`` so the fused kernels return the attention weights
-and per-row entropies. Maps are cast to float16 on the model's device before they are copied to
-the host.
+its image's memory (the model's public ``encode`` / ``teacher_force``), both with ``record=True``
+so the fused kernels return the attention weights and per-row entropies. Maps are cast to float16
+on the model's device before they are copied to the host.
 
-A caption row's ``ids`` are the tokens the decoder produces (caption words then <eos>); its
-decoder input is ``<bos>`` followed by ``ids[:-1]``, so row t of every decoder map is the step
-that predicts ``ids[t]`` (the Record convention).
+A caption row's ``ids`` are the tokens the decoder produces (caption words then <eos>, unless cut
+at max_len); its decoder input is ``<bos>`` followed by ``ids[:-1]``, so row t of every decoder
+map is the step that predicts ``ids[t]`` (the Record convention).
 """
 from __future__ import annotations
 
@@ -38,20 +38,20 @@ class CaptionRow:
     source_referents: Optional[np.ndarray] = None
 
 
-def _stack(stats, attr: str, dtype) -> Optional[np.ndarray]:
-    """``[B, L, H, ...]`` numpy from a list of per-layer GeoAttention stats."""
-    if not stats or getattr(stats[0], attr) is None:
+def _stack(layers, dtype) -> Optional[np.ndarray]:
+    """``[B, L, H, ...]`` numpy from a model ``AttentionRecord``'s per-layer list (``[B, H, ...]`` each)."""
+    if not layers or layers[0] is None:
         return None
-    return torch.stack([getattr(s, attr) for s in stats], 1).to(dtype).cpu().numpy()
+    return torch.stack(list(layers), 1).to(dtype).cpu().numpy()
 
 
 def encode_batch(model, features: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor, *, record_encoder: bool):
     """The batch's Memory and, when ``record_encoder``, its encoder maps ``[B, L, H, N, N]``
     (float16 numpy) and entropies ``[B, L, H, N]`` (float32 numpy); else (memory, None, None)."""
-    memory, stats = model._encode(features, boxes, mask, model.backend, record_encoder)
     if not record_encoder:
-        return memory, None, None
-    return memory, _stack(stats, "probs", torch.float16), _stack(stats, "entropy", torch.float32)
+        return model.encode(features, boxes, mask), None, None
+    memory, rec = model.encode(features, boxes, mask, record=True)
+    return memory, _stack(rec.encoder_probs, torch.float16), _stack(rec.encoder_entropy, torch.float32)
 
 
 def generate_rows(model, memory, *, beam_size: int, max_len: int) -> list:
@@ -77,7 +77,8 @@ def record_batch(model, features: torch.Tensor, boxes: torch.Tensor, mask: torch
     ``rows_fn(memory) -> list[CaptionRow]`` gives the caption rows (it may decode with the
     memory); ``words`` the vocabulary; ``what`` map kinds among "encoder", "decoder", "cross"
     (maps and entropies are recorded for those only); ``objects[b]`` the per-image fields put in
-    every record (``labels``, ``clusters``, ``features``: arrays ``[N_b]`` / ``[N_b, D]`` or None).
+    every record (``labels``, ``clusters``, ``features``: arrays ``[N_b]`` / ``[N_b, D]`` or None;
+    ``width``, ``height``: pixels or None, put in ``record.extra`` when both are known).
     The model must be in eval mode; runs under ``torch.no_grad()``.
     """
     names = {WHAT[w] for w in what}
@@ -93,20 +94,20 @@ def record_batch(model, features: torch.Tensor, boxes: torch.Tensor, mask: torch
             for i, r in enumerate(rows):
                 inputs[i, 1:len(r.ids)] = torch.tensor(r.ids[:-1], dtype=torch.long)
             index = torch.tensor([r.image for r in rows], dtype=torch.long, device=memory.states.device)
-            _, _, self_stats, cross_stats = model._decode(memory.index_select(index), inputs.to(index.device), None,
-                                                          model.backend, True)
+            _, rec = model.teacher_force(memory.index_select(index), inputs.to(index.device), record=True)
             if "decoder_self" in names:
-                dec["decoder_self"] = (_stack(self_stats, "probs", torch.float16),
-                                       _stack(self_stats, "entropy", torch.float32))
+                dec["decoder_self"] = (_stack(rec.decoder_probs, torch.float16),
+                                       _stack(rec.decoder_entropy, torch.float32))
             if "cross" in names:
-                dec["cross"] = (_stack(cross_stats, "probs", torch.float16),
-                                _stack(cross_stats, "entropy", torch.float32))
+                dec["cross"] = (_stack(rec.cross_probs, torch.float16), _stack(rec.cross_entropy, torch.float32))
     counts = mask.sum(1).tolist()
     box_np = boxes.float().cpu().numpy()
     out = [[] for _ in range(len(image_ids))]
     for i, r in enumerate(rows):
         b, n, t = r.image, int(counts[r.image]), len(r.ids)
         fields = {name: objects[b].get(name) for name in ("labels", "clusters", "features")}
+        width, height = objects[b].get("width"), objects[b].get("height")
+        fields["extra"] = {"width": int(width), "height": int(height)} if width and height else {}
         if enc_maps is not None:
             fields["encoder_self"] = enc_maps[b, :, :, :n, :n]
             fields["encoder_entropy"] = enc_ent[b, :, :, :n]

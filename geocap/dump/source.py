@@ -54,11 +54,15 @@ class SplitSource:
         return int(self.dataset.image_ids[position])
 
     def objects(self, positions: Sequence[int], batch) -> list:
-        """Per image of the batch: ``{"labels", "clusters", "features"}`` (arrays or None)."""
+        """Per image of the batch: ``{"labels", "clusters", "features"}`` (arrays or None) and
+        ``"width"``, ``"height"`` (pixels, from the store's ``image_sizes``; None when unknown)."""
         store, out = self.dataset.store, []
+        sizes = store.image_sizes
         for b, i in enumerate(positions):
             image_id, n = self.image_id(i), int(batch.box_mask[b].sum())
-            obj = {"labels": None, "clusters": None, "features": None}
+            width, height = (int(v) for v in sizes[int(self.dataset.position[i])])
+            obj = {"labels": None, "clusters": None, "features": None,
+                   "width": width if width > 0 else None, "height": height if height > 0 else None}
             feats = batch.features[b, :n].numpy()
             if self.truth is not None:
                 self.truth.check_objects(image_id, n)

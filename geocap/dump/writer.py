@@ -20,7 +20,7 @@ image vs none: lzf -10% random / -19% trained, gzip -26% / -36% (zlib level 4: ~
 ~4.7k records/s, gzip ~1.9k (random, 36 boxes). lzf is the default: much cheaper to read back
 (analyses read a dump many times) and to write on few cores; gzip when disk space matters.
 
-The small per-record arrays (ids, counts, tokens, referents, boxes, labels) are kept in memory
+The small per-record arrays (ids, counts, image sizes, tokens, referents, boxes, labels) are kept in memory
 and written uncompressed and contiguous when the shard is closed.
 """
 from __future__ import annotations
@@ -121,7 +121,9 @@ class ShardWriter:
 
     def add_image(self, records: Sequence[Record]) -> None:
         """Append one image's records (at least one; all of the same image, sharing its boxes and
-        encoder map, which are taken from the first)."""
+        encoder map, which are taken from the first, as are its size: ``extra["width"]`` /
+        ``extra["height"]`` in pixels, stored as -1 when absent; ValueError naming the image when
+        not a positive int)."""
         t0 = time.perf_counter()
         if not records:
             raise ValueError("add_image needs at least one record")
@@ -129,8 +131,11 @@ class ShardWriter:
         where = f"image {first.image_id}"
         n = first.num_objects
         image = self.n_images
+        width, height = self._size(first, "width"), self._size(first, "height")
         self._put("images/image_id", np.array([first.image_id], np.int64))
         self._put("images/n_objects", np.array([n], np.int32))
+        self._put("images/width", np.array([width], np.int32))
+        self._put("images/height", np.array([height], np.int32))
         self._put("objects/boxes", np.asarray(first.boxes, np.float32).reshape(n, 4))
         for flag, name, dtype in (("has_labels", "labels", np.int32), ("has_clusters", "clusters", np.int32),
                                   ("has_features", "features", np.float16)):
@@ -172,6 +177,17 @@ class ShardWriter:
         if self._buf_bytes >= self.flush_bytes:
             self._flush()
         self.seconds += time.perf_counter() - t0
+
+    @staticmethod
+    def _size(rec: Record, name: str) -> int:
+        """``rec.extra[name]`` ("width" / "height", pixels) as a positive int; -1 when absent or None."""
+        value = (rec.extra or {}).get(name)
+        if value is None:
+            return -1
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 < value < 2**31:
+            raise ValueError(f"image {rec.image_id}: extra[{name!r}] must be a positive int (pixels) or None, "
+                             f"got {value!r}")
+        return int(value)
 
     @staticmethod
     def _field(rec: Record, name: str, dtype) -> np.ndarray:
@@ -264,6 +280,7 @@ class ShardWriter:
     def _ensure_all(self) -> None:
         """Create the datasets an empty or partial shard never flushed (so every shard has them)."""
         shapes = {"images/image_id": ((0,), np.int64), "images/n_objects": ((0,), np.int32),
+                  "images/width": ((0,), np.int32), "images/height": ((0,), np.int32),
                   "objects/boxes": ((0, 4), np.float32), "records/image": ((0,), np.int32),
                   "records/caption_id": ((0,), np.int64), "records/kind": ((0,), np.uint8),
                   "records/n_tokens": ((0,), np.int32), "records/has_referents": ((0,), np.bool_),

@@ -232,7 +232,8 @@ class ObjectRelationTransformer(nn.Module):
         return Memory(states, box_mask, keys, values), stats
 
     def encode(self, features: torch.Tensor, boxes: Optional[torch.Tensor], box_mask: Optional[torch.Tensor] = None,
-               *, backend: Optional[str] = None) -> Memory:
+               *, record: bool = False, backend: Optional[str] = None
+               ) -> Union[Memory, tuple[Memory, AttentionRecord]]:
         """Encode ``features [B, N, D]``, ``boxes [B, N, 4]``, ``box_mask [B, N]`` (True = real;
         None = all real) into a :class:`Memory` (its cross-attention keys/values computed up front).
 
@@ -242,8 +243,16 @@ class ObjectRelationTransformer(nn.Module):
         ``config.geometry=False`` too, where the boxes are otherwise unused and may be None).
         ``B = 0`` gives an empty Memory; an image without a real box (N = 0, or a mask row all
         False) is encoded, and the decoder's cross-attention then attends to nothing.
+
+        ``record=True`` returns ``(memory, AttentionRecord)`` whose ``encoder_probs[l]``
+        ``[B, H, N, N]`` and ``encoder_entropy[l]`` ``[B, H, N]`` hold each encoder layer's
+        self-attention (its decoder lists stay empty).
         """
-        return self._encode(features, boxes, box_mask, self._backend(backend), False)[0]
+        memory, stats = self._encode(features, boxes, box_mask, self._backend(backend), record)
+        if not record:
+            return memory
+        return memory, AttentionRecord(encoder_probs=[s.probs for s in stats],
+                                       encoder_entropy=[s.entropy for s in stats])
 
     # -- decoder -----------------------------------------------------------------------------
     def embed_tokens(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -294,7 +303,8 @@ class ObjectRelationTransformer(nn.Module):
             [s.probs for s in cross_stats], [s.entropy for s in cross_stats])
         return log_probs, rec
 
-    def teacher_force(self, memory: Memory, tokens: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    def teacher_force(self, memory: Memory, tokens: torch.Tensor, *, record: bool = False,
+                      backend: Optional[str] = None) -> Union[torch.Tensor, tuple[torch.Tensor, AttentionRecord]]:
         """Teacher forcing over a given :class:`Memory`: ``tokens [R, T]`` input ids (starting
         with <bos>, right-padded as in :meth:`forward`), row r decoded against memory row r ->
         ``log_probs [R, T, V]``, row t the distribution of token t + 1.
@@ -306,13 +316,23 @@ class ObjectRelationTransformer(nn.Module):
         draw (made by :meth:`encode`); the decoder draws its own per caption. ValueError for a
         ``memory`` of another model, or ``tokens`` that are not integer ids in ``[0, vocab_size)``
         with as many rows as ``memory``, or padded on the left.
+
+        ``record=True`` returns ``(log_probs, AttentionRecord)`` whose ``decoder_probs[l]``
+        ``[R, H, T, T]``, ``decoder_entropy[l]`` ``[R, H, T]``, ``cross_probs[l]`` ``[R, H, T, N]``
+        and ``cross_entropy[l]`` ``[R, H, T]`` hold each decoder layer's attention (its encoder
+        lists stay empty: see :meth:`encode`).
         """
         self._check_memory(memory)
         if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[0] != memory.batch_size:
             raise ValueError(f"tokens have {tokens.shape[0]} rows but memory has {memory.batch_size} (expand the "
                              f"memory to the captions with index_select or repeat_interleave)")
         self._check_tokens(tokens, right_padded=True)
-        return self._decode(memory, tokens, None, self._backend(backend), False)[0]
+        log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, self._backend(backend), record)
+        if not record:
+            return log_probs
+        return log_probs, AttentionRecord(
+            decoder_probs=[s.probs for s in self_stats], decoder_entropy=[s.entropy for s in self_stats],
+            cross_probs=[s.probs for s in cross_stats], cross_entropy=[s.entropy for s in cross_stats])
 
     def decode_step(self, memory: Memory, tokens: torch.Tensor, cache: Optional[DecoderCache] = None, *,
                     backend: Optional[str] = None) -> tuple[torch.Tensor, DecoderCache]:

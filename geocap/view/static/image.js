@@ -1,5 +1,7 @@
 /* geocap view: one image, its boxes and the attention of each of its records.
  * State in the location hash: #id=<image id>&r=<record>&l=<layer>&h=<head or "mean">.
+ * Layers and heads are 0-based in the hash, the select values and data-layer attributes, and
+ * shown 1-based ("layer 1", "head 1", "L1"), as the analysis report numbers them.
  * Shaded elements carry the exact value shown in data-attention (float16 values, or their mean
  * over heads); the fill opacity is proportional to it (the largest value of the row is darkest). */
 "use strict";
@@ -91,8 +93,8 @@
     const [L, H] = shapes();
     state.layer = Math.min(state.layer, Math.max(0, L - 1));
     if (state.head !== "mean" && Number(state.head) >= H) state.head = "mean";
-    fillSelect(ui.layer, Array.from({ length: Math.max(L, 1) }, (_, l) => [l, L ? String(l) : "none"]), state.layer);
-    fillSelect(ui.head, [["mean", "mean over heads"]].concat(Array.from({ length: H }, (_, h) => [h, "head " + h])),
+    fillSelect(ui.layer, Array.from({ length: Math.max(L, 1) }, (_, l) => [l, L ? String(l + 1) : "none"]), state.layer);
+    fillSelect(ui.head, [["mean", "mean over heads"]].concat(Array.from({ length: H }, (_, h) => [h, "head " + (h + 1)])),
       state.head);
   }
 
@@ -224,7 +226,7 @@
       G.el("text", { class: "tick", x: left - 4, y: pad + 4, "text-anchor": "end", text: top.toFixed(2) }),
       G.el("text", { class: "tick", x: left - 4, y: Hgt - pad, "text-anchor": "end", text: "0" }));
     for (let l = 0; l < L; l++) {
-      svg.append(G.el("text", { class: "tick", x: x(l), y: Hgt - 2, "text-anchor": "middle", text: "L" + l }));
+      svg.append(G.el("text", { class: "tick", x: x(l), y: Hgt - 2, "text-anchor": "middle", text: "L" + (l + 1) }));
     }
     series.forEach(function (s, k) {
       const points = [];
@@ -234,7 +236,7 @@
         if (v === null) return;
         const dot = G.el("circle", { class: "point series-" + s.name + (l === state.layer ? " current" : ""),
           cx: x(l), cy: y(v), r: l === state.layer ? 4 : 3, "data-map": s.name, "data-layer": l, "data-entropy": v },
-        G.el("title", { text: G.MAP_TITLES[s.name] + ", layer " + l + ": " + v.toFixed(4) + " nats" }));
+        G.el("title", { text: G.MAP_TITLES[s.name] + ", layer " + (l + 1) + ": " + v.toFixed(4) + " nats" }));
         svg.append(dot);
       });
       svg.append(G.el("text", { class: "legend series-" + s.name, x: W - right + 8, y: pad + 14 * k + 4,
@@ -251,7 +253,7 @@
   }
 
   function headText() {
-    return state.head === "mean" ? "mean over heads" : "head " + state.head;
+    return state.head === "mean" ? "mean over heads" : "head " + (Number(state.head) + 1);
   }
 
   function paint(elements, values) {
@@ -299,7 +301,7 @@
       ui.info.textContent = "Hover or select an object, or select a word.";
       return;
     }
-    const where = "layer " + state.layer + ", " + headText();
+    const where = "layer " + (state.layer + 1) + ", " + headText();
     const boxes = Array.from(rec.boxes, function (_, i) { return ui.stage.querySelector('rect.box[data-index="' + i + '"]'); });
     if (active.kind === "object") {
       const row = m.encoder_self ? G.mapRow(m.encoder_self, state.layer, state.head, active.index) : null;
