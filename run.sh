@@ -34,25 +34,34 @@ case "$command" in
         train_options=(--steps "$steps" --layers 2 --d-model 128 --heads 4 --d-ff 256 --batch-size 10
                        --optimizer adamw --lr 1e-3 --warmup 50 --val-every 400 --val-images 100
                        --checkpoint-every "$steps")
-        echo "== 1/4 kernel check: every attention backend against the float64 reference, timings"
+        echo "== 1/5 kernel check: every attention backend against the float64 reference, timings"
         "$geocap" demo "$@"
-        echo; echo "== 2/4 synthetic data: $images images -> $data"
+        echo; echo "== 2/5 synthetic data: $images images -> $data"
         rm -rf "$work"
         "$geocap" synth "$data" --images "$images" --feature-dim 256
         "$geocap" prepro captions --karpathy "$data/dataset_coco.json" --out "$data/caps"
         for model in geometry no-geometry; do
             geometry=true
             [ "$model" = no-geometry ] && geometry=false
-            echo; echo "== 3/4 $model model (--geometry $geometry): train $steps steps -> $work/$model, evaluate"
+            echo; echo "== 3/5 $model model (--geometry $geometry): train $steps steps -> $work/$model, evaluate"
             "$geocap" train --data "$data" --out "$work/$model" --geometry "$geometry" "${train_options[@]}"
             "$geocap" evaluate --checkpoint "$work/$model/checkpoint-best.pt" --data "$data" --split test \
                 --out "$work/$model/eval" --no-meteor
         done
-        # -- attention dumps, analyses and the viewer go here (dump -> analyse -> view) --
-        echo; echo "== 4/4 geometry vs no-geometry (ORT's ablation) on the test split"
+        # the geometry model's attention over the test split (reference captions teacher-forced, plus
+        # hypothetical ones with swapped nouns), the seed's four analyses, and the viewer
+        echo; echo "== 4/5 attention: dump -> $work/dump, analyses -> $work/report, viewer -> $work/view"
+        "$geocap" dump --checkpoint "$work/geometry/checkpoint-best.pt" --data "$data" --split test \
+            --out "$work/dump" --features
+        "$geocap" analyze "$work/dump" --out "$work/report" --viewer-href ../view/index.html
+        "$geocap" view "$work/dump" --out "$work/view" --report "$work/report/report.md"
+        echo; echo "== 5/5 geometry vs no-geometry (ORT's ablation) on the test split"
         "$py" -m geocap.demo_table --captions "$data/caps" --samples 3 \
             geometry="$work/geometry/eval/metrics_test.json" no-geometry="$work/no-geometry/eval/metrics_test.json"
-        echo "everything is under $work/ (data/, geometry/, no-geometry/); ${SECONDS} s in all"
+        echo "everything is under $work/ (data/, geometry/, no-geometry/, dump/, report/, view/)"
+        echo "analysis report:  $PWD/$work/report/report.md"
+        echo "attention viewer: file://$PWD/$work/view/index.html"
+        echo "${SECONDS} s in all"
         ;;
     test) exec "$py" -m pytest tests "$@" ;;
     *) echo "usage: ./run.sh [demo|test] [args...]" >&2; exit 2 ;;
