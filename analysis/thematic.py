@@ -89,14 +89,17 @@ class ThematicResult:
         else:
             parts.append(f"Affinity not computed ({self.unavailable.get('affinity')}).")
         if self.same_cluster_cosine is not None and self.diff_cluster_cosine is not None:
-            parts.append(f"Object features are more similar within clusters ({self.same_cluster_cosine:.2f}) than "
-                         f"across ({self.diff_cluster_cosine:.2f}); the seed reports 0.50 vs 0.31.")
+            relation = "more" if self.same_cluster_cosine > self.diff_cluster_cosine else "not more"
+            parts.append(f"Object features are {relation} similar within clusters ({self.same_cluster_cosine:.2f}) "
+                         f"than across ({self.diff_cluster_cosine:.2f}); the seed reports 0.50 vs 0.31.")
         else:
             reason = self.unavailable.get("same_cluster_cosine") or self.unavailable.get("diff_cluster_cosine")
             parts.append(f"Feature cosine not computed ({reason}).")
-        sources = ", ".join(f"{k}: {v}" for k, v in self.cluster_sources.items() if v)
+        source_names = {"clusters": "the records' clusters", "labels": "the records' labels",
+                        "kmeans": "k-means on the features"}
+        sources = ", ".join(f"{source_names.get(k, k)} for {v} records" for k, v in self.cluster_sources.items() if v)
         if sources:
-            parts.append(f"Clusters from {sources} records.")
+            parts.append(f"Clusters: {sources}.")
         return " ".join(parts)
 
     def plot(self, path) -> None:
