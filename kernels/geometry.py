@@ -150,17 +150,24 @@ class _BlockLogBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, wg_weight, wg_bias, qf, kf):
-        near_sin, near_cos = _near_features(qf, kf)
-        x = _logits_from_features(near_sin, near_cos, qf, kf, wg_weight, wg_bias)
+        # the geometry term is ill-conditioned: always in the factors' dtype, never autocast's
+        with torch.autocast(qf.cx.device.type, enabled=False):
+            near_sin, near_cos = _near_features(qf, kf)
+            x = _logits_from_features(near_sin, near_cos, qf, kf, wg_weight, wg_bias)
         ctx.save_for_backward(x, near_sin, near_cos)
         ctx.factors = (qf, kf)
         return torch.log(torch.clamp(x, min=BIAS_CLAMP))
 
     @staticmethod
     def backward(ctx, d_bias):
+        with torch.autocast(d_bias.device.type, enabled=False):
+            return _BlockLogBias._backward(ctx, d_bias)
+
+    @staticmethod
+    def _backward(ctx, d_bias):
         x, near_sin, near_cos = ctx.saved_tensors
         qf, kf = ctx.factors
-        dx = (d_bias.contiguous() / x).masked_fill_(x < BIAS_CLAMP, 0.0)                    # [B, H, Nq, Nk]
+        dx = (d_bias.to(x.dtype).contiguous() / x).masked_fill_(x < BIAS_CLAMP, 0.0)        # [B, H, Nq, Nk]
         heads = dx.shape[1]
         dx_rows = dx.permute(0, 2, 3, 1).reshape(-1, heads)                                # [B*Nq*Nk, H]
         g_near_sin = dx_rows.T @ near_sin.reshape(-1, near_sin.shape[-1])                  # [H, 16]

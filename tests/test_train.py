@@ -48,6 +48,21 @@ def test_loss_decreases(data_dir, tmp_path):
     assert {"step", "loss", "lr", "grad_norm", "time"} <= set(first)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_resumes_exactly(data_dir, tmp_path, precision):
+    """The autocast path (and fp16's GradScaler, whose state is checkpointed) on the CPU: the loss
+    falls, and a resumed run equals an uninterrupted one."""
+    straight = train(_config(data_dir, tmp_path / "a", steps=12, precision=precision, checkpoint_every=6))
+    losses = [e["loss"] for e in _metrics(straight.out) if e["kind"] == "train"]
+    assert all(math.isfinite(x) for x in losses) and sum(losses[-3:]) < sum(losses[:3])
+    train(_config(data_dir, tmp_path / "b", steps=6, precision=precision, checkpoint_every=6))
+    resumed = train(_config(data_dir, tmp_path / "b", steps=12, precision=precision, checkpoint_every=6), resume=True)
+    for name, p in straight.model.state_dict().items():
+        assert torch.equal(p, resumed.model.state_dict()[name]), name
+    scaler = load_checkpoint(os.path.join(straight.out, LATEST)).extra.get("scaler")
+    assert (scaler is not None) == (precision == "fp16")
+
+
 def test_noam_schedule_and_loss():
     assert noam_lr(100, d_model=512, warmup=100) == pytest.approx(512 ** -0.5 * 100 ** -0.5)
     assert noam_lr(50, d_model=512, warmup=100, factor=2.0) == pytest.approx(2 * 512 ** -0.5 * 50 * 100 ** -1.5)

@@ -46,7 +46,7 @@ _HELP = {
     "lr": "adamw: the peak learning rate",
     "warmup": "warm-up steps",
     "grad_clip": "max gradient L2 norm (0: no clipping)",
-    "precision": "auto, fp32, bf16 or fp16 (bf16/fp16 need a GPU)",
+    "precision": "auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (autocast; fp16 with a GradScaler)",
     "val_every": "validate (greedy decoding, CIDEr-D) every N steps (0: never)",
     "val_images": "validate on the first N val images (0: all)",
     "checkpoint_every": "write checkpoint-latest.pt every N steps (0: only at the end)",

@@ -60,7 +60,7 @@ class TrainConfig:
     (all words when the vocabulary's <pad> is its <eos>, as ORT's).
 
     ``precision``: ``"auto"`` (bf16 autocast on a GPU that has it, else fp32), ``"fp32"``,
-    ``"bf16"``, ``"fp16"`` (with a GradScaler); bf16/fp16 need a GPU. ``device``: ``"auto"``
+    ``"bf16"``, ``"fp16"`` (with a GradScaler; both also run on a CPU, slowly). ``device``: ``"auto"``
     (cuda:LOCAL_RANK when CUDA is there, else cpu), or a torch device string.
 
     Validation every ``val_every`` steps (0 = never; also at the end): greedy decoding of the

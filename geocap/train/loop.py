@@ -130,9 +130,6 @@ def _resolve_precision(config: TrainConfig, device: torch.device) -> Optional[to
         return None
     if config.precision == "fp32":
         return None
-    if device.type != "cuda":
-        raise ValueError(f"train option precision={config.precision!r} needs a CUDA device (this run is on "
-                         f"{device}); use fp32 or auto")
     return torch.bfloat16 if config.precision == "bf16" else torch.float16
 
 
