@@ -157,8 +157,8 @@ def test_cli_runs_and_bad_arguments(data_dir, tmp_path, capsys):
     assert "not a directory" in _error(capsys, ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
     assert "optimizer" in _error(capsys, ["--data", data_dir, "--out", str(tmp_path / "y"), "--optimizer", "sgd"])
     assert "divisible" in _error(capsys, ["--data", data_dir, "--out", str(tmp_path / "y"), "--heads", "3"])
-    assert "needs a CUDA device" in _error(capsys, ["--data", data_dir, "--out", str(tmp_path / "y"),
-                                                    "--precision", "bf16", "--device", "cpu", *tiny])
+    assert "precision must be" in _error(capsys, ["--data", data_dir, "--out", str(tmp_path / "y"),
+                                                  "--precision", "tf32", *tiny])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"stepz": 3}))
     assert "unknown train options: stepz" in _error(capsys, ["--config", str(bad), "--data", data_dir])
