@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from geocap.data.json_file import read_json
 from geocap.evaluate import EVALUATION_FORMAT
 
 
@@ -41,12 +42,9 @@ def load_model(name: str, path: str) -> EvaluatedModel:
     file when either is missing or not geocap's evaluation output."""
     path = os.path.abspath(os.fspath(path))
     try:
-        with open(path, encoding="utf-8") as fh:
-            record = json.load(fh)
-    except FileNotFoundError:
-        raise ValueError(f"{name}: {path}: metrics file missing") from None
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{name}: {path}: not a readable JSON file ({err})") from None
+        record = read_json(path, "metrics file")
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
     if not isinstance(record, dict) or record.get("format") != EVALUATION_FORMAT:
         raise ValueError(f"{name}: {path}: not a {EVALUATION_FORMAT} metrics file")
     for key in ("metrics", "results_file", "split", "n_images"):

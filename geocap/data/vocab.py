@@ -41,6 +41,7 @@ import h5py
 import numpy as np
 
 from geocap.data.atomic import atomic_output, write_text_atomic
+from geocap.data.json_file import read_json
 from geocap.data.records import Caption, CaptionSet, DataError
 from geocap.data.store import progress_bar
 
@@ -179,13 +180,7 @@ class Vocabulary:
     @classmethod
     def load(cls, path) -> "Vocabulary":
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
-            raise DataError(f"{path}: vocabulary file missing") from None
-        except (OSError, ValueError) as err:
-            raise DataError(f"{path}: not a readable vocabulary ({err})") from None
+        data = read_json(path, "vocabulary file", DataError)
         if not isinstance(data, dict) or data.get("format") != VOCAB_FORMAT:
             raise DataError(f"{path}: not a geocap vocabulary (no format {VOCAB_FORMAT!r})")
         if data.get("format_version") != FORMAT_VERSION:

@@ -41,7 +41,6 @@ no captions), and per relation name its uses and correct uses.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from geocap.data.json_file import read_json
 from geocap.data.synth import FILES, RELATIONS, group_relations, relation_matrix
 from geocap.data.synth.geometry import INSIDE_AREA, NEXT_TO_GAP, NEXT_TO_OVERLAP, ON_DEPTH
 
@@ -189,13 +189,7 @@ def load_relation_truth(path: Union[str, os.PathLike]) -> RelationTruth:
     ValueError naming the file (and the image id) for a missing or malformed file, another
     format, relations unknown to the geometry module or relation thresholds that differ from it."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: ground truth file missing") from None
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err})") from None
+    data = read_json(path, "ground truth file")
     if not isinstance(data, dict) or data.get("format") != GROUND_TRUTH_FORMAT:
         raise _bad(path, f"not a {GROUND_TRUTH_FORMAT} file")
     if data.get("format_version") != GROUND_TRUTH_VERSION:

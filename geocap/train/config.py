@@ -20,11 +20,11 @@ Run layout (``out``)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
+from geocap.data.json_file import read_json
 from geocap.model import ORTConfig
 
 from .scst import BASELINES
@@ -248,13 +248,7 @@ class TrainConfig:
     def load(cls, path, base: Optional["TrainConfig"] = None) -> "TrainConfig":
         """Read a JSON config file (a subset of the fields) over ``base``."""
         path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
-            raise ValueError(f"{path}: config file missing") from None
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: not a readable JSON config ({err})") from None
+        data = read_json(path, "JSON config file")
         try:
             return cls.from_dict(data, base)
         except ValueError as err:
