@@ -12,8 +12,11 @@ Data (two sets, both 64 images, features D = 64, ORT's attention shape L = 6 lay
 Write variants (one complete dump per round, into a fresh directory; batch 16 images, shards of
 32): ``maps_lzf``, ``maps_gzip`` (shuffle + zlib level 1; lzf is the default), ``maps_none`` and
 ``stats_only`` (no maps; the analysis collector is ``geocap.analysis.StatsCollector`` when it exists, else a counting
-stand-in, named in ``extra_info["collector"]``). ``extra_info``: images/s, records/s, bytes
-per image, and the writer's share of the wall time.
+stand-in, named in ``extra_info["collector"]``); each with ``writer`` "process" (the default:
+the shard writer in a child process) and "inline" (in the model's process). ``extra_info``:
+images/s, records/s, bytes per image, the writer's share of the wall time (``writer_share``: the
+model process's time in the writer, or handing records over to the writer process and waiting
+for it) and ``writer_child_share`` (the writer process's own time / wall time).
 
 Read variants, over the dumps written above: ``h5py_raw`` reads every dataset of every shard
 whole (the floor for any reader), ``open_dump_chunks`` iterates the records in chunks of 256,
@@ -25,6 +28,7 @@ never asserted.
 from __future__ import annotations
 
 import os
+import pickle
 import time
 
 import h5py
@@ -142,12 +146,13 @@ class _Counting:
         return {"n": self.n}
 
 
+@pytest.mark.parametrize("writer", ["process", "inline"])
 @pytest.mark.parametrize("variant", WRITE_VARIANTS)
 @pytest.mark.parametrize("data", ["coco36", "synth"])
-def test_bench_dump_write(benchmark, datasets, tmp_path, data, variant):
+def test_bench_dump_write(benchmark, datasets, tmp_path, data, variant, writer):
     data_dir, ckpt = datasets[data]
     collector, collector_name = _collector()
-    kw = dict(SETTINGS)
+    kw = dict(SETTINGS, writer=writer)
     if variant == "stats_only":
         kw.update(stats_only=True, stats_collector=collector)
     else:
@@ -160,15 +165,40 @@ def test_bench_dump_write(benchmark, datasets, tmp_path, data, variant):
         return out
 
     out = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
-    _DUMPS[(data, variant)] = str(out)
+    if writer == "process":
+        _DUMPS[(data, variant)] = str(out)
     r = runs[-1]
     best = min(runs, key=lambda x: x.seconds)
-    benchmark.group = f"dump write {data}"
+    benchmark.group = f"dump write {data} {variant}"
     benchmark.extra_info.update({
-        "variant": variant, "baseline": variant == "maps_none", "images": r.images, "records": r.records,
+        "variant": f"writer_{writer}", "dump": variant, "baseline": writer == "inline", "images": r.images,
+        "records": r.records,
         "images_per_s": round(best.images / best.seconds, 2), "records_per_s": round(best.records / best.seconds, 1),
         "bytes_per_image": round(r.bytes_per_image), "writer_share": round(best.writer_seconds / best.seconds, 3),
+        "writer_child_share": round(best.writer_child_seconds / best.seconds, 3),
         "collector": collector_name if variant == "stats_only" else None})
+
+
+def test_bench_dump_handover(benchmark):
+    """Pickling one image's records, as ``multiprocessing`` does to hand them to the writer process
+    (in the parent's queue feeder thread, which holds the GIL): ``extra_info``: KB and ms per image."""
+    path = _DUMPS.get(("coco36", "maps_lzf"))
+    if path is None:
+        pytest.skip("run with test_bench_dump_write first (same session)")
+    d = open_dump(path, progress=False)
+    images: dict = {}
+    for r in d:
+        images.setdefault(r.image_id, []).append(r)
+    d.close()
+    per_image = list(images.values())
+
+    def run():
+        return sum(len(pickle.dumps(recs, protocol=pickle.HIGHEST_PROTOCOL)) for recs in per_image)
+
+    n_bytes = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.group = "dump handover coco36"
+    benchmark.extra_info.update({"images": len(per_image), "kb_per_image": round(n_bytes / len(per_image) / 1024, 1),
+                                 "ms_per_image": round(1e3 * benchmark.stats.stats.median / len(per_image), 3)})
 
 
 def _raw_read(path: str) -> int:

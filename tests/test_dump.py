@@ -282,6 +282,76 @@ def test_compressions_store_the_same_records(base, ckpt, data_dir, tmp_path, com
         _same(x, y)
 
 
+@pytest.mark.parametrize("writer", ["inline", "process"])
+def test_writers_store_the_same_records(base, ckpt, data_dir, tmp_path, writer):
+    """The in-process writer and the writer process (the default, which wrote ``base``) write identical dumps."""
+    out = tmp_path / writer
+    result = dump(ckpt, data_dir, "train", out, writer=writer, **SETTINGS)
+    assert result.complete and result.records == len(open_dump(base, progress=False))
+    _same_dumps(base, out)
+    entries = json.loads((out / "manifest.json").read_text())["shards"]
+    assert all(("writer_child_seconds" in e) == (writer == "process") for e in entries)
+    assert (result.writer_child_seconds > 0) == (writer == "process")
+    with open(os.path.join(base, "manifest.json")) as fh:
+        base_entries = json.load(fh)["shards"]
+    assert all("writer_child_seconds" in e for e in base_entries)          # "process" is the default
+    with pytest.raises(ValueError, match="writer must be one of process, inline"):
+        dump(ckpt, data_dir, "train", tmp_path / "bad", writer="thread", **SETTINGS)
+
+
+def _writer_args(rec):
+    return dict(index=0, metadata_sha256="x", checkpoint_sha256="y", vocab=sorted(set(rec.tokens)), maps=(),
+                entropies=(), encoder_lh=(1, 2), decoder_lh=(1, 2), has_labels=False, has_clusters=False,
+                has_features=False, stats_only=False)
+
+
+def test_writer_process_errors_reach_the_parent(tmp_path):
+    from geocap.dump.writer_process import WriterProcess
+    from geocap.view.synthetic import synthetic_records
+    rec = next(synthetic_records([5], objects=3, tokens=4, layers=1, heads=2, captions=1))
+    with WriterProcess(queue_images=2) as proc:
+        proc.open(tmp_path / "a.h5", **_writer_args(rec))
+        rec.extra = {"width": 2.5, "height": 480}
+        proc.add_image([rec])                       # the error comes back later: at the next call or the close
+        with pytest.raises(ValueError, match=r"image 5: extra\['width'\] must be a positive int"):
+            for _ in range(50):
+                proc.add_image([rec])
+                time.sleep(0.02)
+            proc.close()
+        proc.abort()
+        rec.extra = {"width": 640, "height": 480}
+        proc.open(tmp_path / "b.h5", **_writer_args(rec))      # the child goes on with the next shard
+        proc.add_image([rec])
+        assert proc.close() == os.path.getsize(tmp_path / "b.h5") and proc.n_records == 1
+        assert sorted(os.listdir(tmp_path)) == ["b.h5"]        # the failed shard's temporary file is gone
+        proc.open(tmp_path / "d.h5", **_writer_args(rec))      # an error of a shard closing in the background
+        rec.extra = {"width": -1, "height": 480}
+        proc.add_image([rec])
+        proc.send_close()
+        with pytest.raises(ValueError, match=r"image 5: extra\['width'\]"):
+            proc.collect(block=True)
+        assert proc.collect(block=True) == []
+        rec.extra = {"width": 640, "height": 480}
+    with WriterProcess() as proc:                              # records that cannot be pickled
+        proc.open(tmp_path / "c.h5", **_writer_args(rec))
+        rec.extra = {"width": 640, "height": 480, "bad": lambda: 0}
+        with pytest.raises(RuntimeError, match="could not send to the shard writer process"):
+            for _ in range(10):
+                proc.add_image([rec])
+                time.sleep(0.05)
+        rec.extra = {"width": 640, "height": 480}
+    assert proc._proc.poll() is not None and not os.path.exists(tmp_path / "c.h5")
+    with WriterProcess() as proc:
+        proc.open(tmp_path / "c.h5", **_writer_args(rec))
+        os.kill(proc.pid, signal.SIGKILL)                      # a dead writer raises, never hangs
+        with pytest.raises(RuntimeError, match=f"shard writer process {proc.pid} died"):
+            for _ in range(10):
+                proc.add_image([rec])
+            proc.close()
+    with pytest.raises(ValueError, match="queue_images"):
+        WriterProcess(queue_images=0)
+
+
 def test_stats_only_with_the_analysis_collector(base, ckpt, data_dir, tmp_path):
     from geocap.analysis import StatsCollector
     out = tmp_path / "stats"
@@ -302,6 +372,33 @@ def _cli_command(ckpt, data_dir, out):
     return [sys.executable, "-c", f"import sys; from geocap.dump.cli import main; sys.exit(main({args!r}))"]
 
 
+def _writer_children(pid):
+    """Pids of the shard writer children of process ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"geocap.dump.writer_process" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_resume_after_sigkill(base, ckpt, data_dir, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -319,6 +416,7 @@ def test_resume_after_sigkill(base, ckpt, data_dir, tmp_path):
                     done = 0
                 temps = [n for n in os.listdir(out) if ".tmp-" in n and n.startswith("shard-")]
                 if done >= 1 and temps:
+                    writers = _writer_children(proc.pid)
                     os.kill(proc.pid, signal.SIGKILL)
                     killed_at = (done, temps)
                     break
@@ -329,6 +427,11 @@ def test_resume_after_sigkill(base, ckpt, data_dir, tmp_path):
         proc.wait()
     assert killed_at is not None, f"the dump ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
     assert proc.returncode == -signal.SIGKILL
+    assert writers, "the dump runs its shard writer in a child process by default"
+    deadline = time.time() + 3                  # the writer process dies with the dump (PR_SET_PDEATHSIG)
+    while time.time() < deadline and any(_alive(pid) for pid in writers):
+        time.sleep(0.02)
+    assert not [pid for pid in writers if _alive(pid)], "a writer process outlived the killed dump"
     with pytest.raises(DumpError, match="unfinished dump"):
         open_dump(out)
     # rerun the same command: it resumes, removes the dead process's temporary file

@@ -21,7 +21,8 @@ Layout (format ``geocap-dump`` version 1). A dump is a directory::
     metadata_sha256  SHA-256 of the canonical JSON of ``metadata`` (every shard carries it)
     n_shards, n_images, shard_images   shard k holds images [k * shard_images, (k+1) * shard_images)
     shards        completed shards, ascending index: {index, file, images, records, bytes,
-                  rank, seconds, writer_seconds}
+                  rank, seconds, writer_seconds, and writer_child_seconds
+                  with the writer process}
 
 A dump is complete when ``shards`` lists all ``n_shards``; the records are the shards' records
 in shard order.

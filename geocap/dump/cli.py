@@ -4,8 +4,8 @@ Usage::
 
     geocap dump --checkpoint CKPT --data DIR --split SPLIT --out DUMP \\
         [--mode teacher-forced|generated] [--what encoder,decoder,cross] [--stats-only] \\
-        [--no-hypothetical] [--features] [--compression lzf|gzip|none] [--shard-images 256] \\
-        [--batch-size 16] [--beam-size 3] [--max-len 20] [--limit N] [--clusters 8]
+        [--no-hypothetical] [--features] [--compression lzf|gzip|none] [--writer process|inline] \\
+        [--shard-images 256] [--batch-size 16] [--beam-size 3] [--max-len 20] [--limit N] [--clusters 8]
 
 Run the same command again after an interruption to resume. Under ``torchrun`` every rank
 dumps its share of the shards (shard k: rank k % WORLD_SIZE) into one dump; each rank uses
@@ -35,7 +35,8 @@ def run_dump(args: argparse.Namespace) -> int:
                       features=args.features, compression=args.compression, shard_images=args.shard_images,
                       batch_size=args.batch_size, beam_size=args.beam_size, max_len=args.max_len, limit=args.limit,
                       clusters=args.clusters, features_file=args.features_file, captions=args.captions,
-                      device=args.device, rank=info.rank, world_size=info.world_size, progress=args.progress)
+                      device=args.device, rank=info.rank, world_size=info.world_size, progress=args.progress,
+                      writer=args.writer)
         distributed.barrier(info)
         if info.enabled:
             from geocap.dump.job import summarize
@@ -75,6 +76,9 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--compression", choices=COMPRESSIONS, default="lzf",
                         help="compression of maps and entropies: lzf (default), gzip (shuffle + zlib level 1, by "
                              "a thread pool: ~20%% smaller, 2.4x slower to read) or none")
+    parser.add_argument("--writer", choices=("process", "inline"), default="process",
+                        help="run the shard writer (compression, HDF5) in a child process of each rank (default) "
+                             "or inline in the model's process; the shards are identical")
     parser.add_argument("--shard-images", type=int, default=256, help="images per shard (default 256)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     parser.add_argument("--beam-size", type=int, default=3, help="generated mode: beams (1 = greedy; default 3)")

@@ -18,6 +18,11 @@ Determinism and resume:
   checkpoint, split, mode, map kinds or options, another image list, another geocap version)
   raises ValueError naming the differing keys. Only ``checkpoint`` and ``data`` (paths) may
   differ (the files may have moved; their content is checked by hash / image list).
+* The shard writer (compression, HDF5) runs in a child process of each rank by default
+  (:mod:`geocap.dump.writer_process`; ``writer="inline"`` keeps it in the model's process; the
+  shards are identical). A shard's close is queued and the model goes on with the next shard;
+  the shard is listed in the manifest as soon as the child reports it renamed. The child dies
+  with its rank (SIGKILL included), so a rerun never races a leftover writer.
 
 Records per image: ``teacher-forced``: its reference captions (in caption order), then, when
 referents are known and ``hypothetical`` is on, one hypothetical caption per reference that
@@ -51,17 +56,20 @@ from geocap.data.dump_format import (FORMAT, FORMAT_VERSION, LOCK, MANIFEST, Dum
 from geocap.dump.writer import COMPRESSIONS
 
 MODES = ("teacher-forced", "generated")
+WRITERS = ("process", "inline")     # the shard writer in a child process (default) or in this one
 WHAT_NAMES = ("encoder", "decoder", "cross")
 UNCHECKED = ("checkpoint", "data")          # metadata keys a rerun may change (paths)
 
-__all__ = ["DumpResult", "MODES", "WHAT_NAMES", "dump", "summarize"]
+__all__ = ["DumpResult", "MODES", "WHAT_NAMES", "WRITERS", "dump", "summarize"]
 
 
 @dataclass
 class DumpResult:
     """What one call of :func:`dump` did (this rank): shards written and skipped (and
     ``shards_redone``: listed in the manifest but missing or of the wrong size), images and
-    records written, wall ``seconds``, ``writer_seconds`` spent in the shard writer, ``bytes``
+    records written, wall ``seconds``, ``writer_seconds`` the time this process spent on writing
+    (in the shard writer, or with ``writer="process"`` handing records to the writer process and
+    waiting for it), ``writer_child_seconds`` the writer process's own time (0 inline), ``bytes``
     written; ``complete`` whether the manifest lists every shard now, ``dump_bytes`` /
     ``dump_images`` the whole dump's totals over the listed shards."""
     path: str
@@ -74,6 +82,7 @@ class DumpResult:
     records: int = 0
     seconds: float = 0.0
     writer_seconds: float = 0.0
+    writer_child_seconds: float = 0.0
     bytes: int = 0
     complete: bool = False
     dump_bytes: int = 0
@@ -91,7 +100,9 @@ class DumpResult:
         share = 100.0 * self.writer_seconds / self.seconds if self.seconds > 0 else 0.0
         out = [f"rank {self.rank}/{self.world_size}: wrote {len(self.shards_written)} shards "
                f"({self.images} images, {self.records} records, {self.bytes / 2**20:.1f} MiB) in {self.seconds:.1f} s "
-               f"({self.images_per_s:.1f} images/s; writer {share:.0f}% of the time); "
+               f"({self.images_per_s:.1f} images/s; writer {share:.0f}% of the time"
+               + (f", writer process busy {100.0 * self.writer_child_seconds / self.seconds:.0f}%"
+                  if self.writer_child_seconds and self.seconds > 0 else "") + "); "
                f"{len(self.shards_skipped)} shards already done"
                + (f"; redid {len(self.shards_redone)} listed shards whose files were missing or damaged"
                   if self.shards_redone else "")]
@@ -219,7 +230,8 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
          compression: str = "lzf", shard_images: int = 256, batch_size: int = 16, beam_size: int = 3,
          max_len: int = 20, limit: int = 0, clusters: int = 8, cluster_sample: int = 20000,
          features_file: str = "features.h5", captions: str = "caps", device=None, rank: Optional[int] = None,
-         world_size: Optional[int] = None, progress: bool = True, stats_collector=None) -> DumpResult:
+         world_size: Optional[int] = None, progress: bool = True, stats_collector=None,
+         writer: str = "process") -> DumpResult:
     """Dump ``checkpoint``'s attention over ``split`` of ``data`` into the directory ``out``
     (layout: :mod:`geocap.data.dump_format`; determinism and resume: this module's doc).
 
@@ -229,7 +241,9 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
     no maps; ``hypothetical`` None = on when referents are known (teacher-forced only);
     ``features``: store each object's features (float16); ``clusters``: k-means clusters when
     the data has no ground truth (0: none); ``rank``/``world_size``: this process's share (None:
-    from RANK / WORLD_SIZE, else 0 / 1). Returns a :class:`DumpResult`.
+    from RANK / WORLD_SIZE, else 0 / 1); ``writer``: "process" (default: the shard writer runs in
+    a child process of this rank, :mod:`geocap.dump.writer_process`) or "inline" (in this process);
+    both write identical shards. Returns a :class:`DumpResult`.
     """
     from geocap import __version__
     from geocap.checkpoint import file_sha256, load_checkpoint
@@ -251,6 +265,8 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
                              ("beam_size", beam_size, 1), ("max_len", max_len, 1), ("limit", limit, 0),
                              ("clusters", clusters, 0), ("cluster_sample", cluster_sample, 1)):
         _check_int(name, value, low)
+    if writer not in WRITERS:
+        raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {writer!r}")
     rank, world_size = _rank_world(rank, world_size)
     checkpoint = os.path.abspath(os.fspath(checkpoint))
     if not os.path.isfile(checkpoint):
@@ -351,16 +367,48 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
     todo_images = sum(min(n_images, (k + 1) * shard_images) - k * shard_images for k in todo)
     bar = progress_bar(enabled=progress, total=todo_images, unit="img",
                        desc=f"dump {split}" + (f" rank {rank}" if world_size > 1 else ""))
+    child = None
+    if todo and writer == "process":
+        from geocap.dump.writer_process import WriterProcess
+        t0 = time.perf_counter()
+        child = WriterProcess()
+        result.writer_seconds += time.perf_counter() - t0
+    closing: dict = {}          # writer process: seq -> (k, lo, hi, t_shard, parent seconds) of shards closing
+
+    def finish(k, lo, hi, t_shard, size, n_records, parent_seconds, child_seconds) -> None:
+        """A shard is complete (renamed): count it and list it in the manifest."""
+        result.writer_seconds += parent_seconds
+        result.writer_child_seconds += child_seconds
+        result.bytes += size
+        result.records += n_records
+        result.shards_written.append(k)
+        entry = {"index": k, "file": shard_name(k), "images": hi - lo, "records": n_records, "bytes": size,
+                 "rank": rank, "seconds": round(time.perf_counter() - t_shard, 4),
+                 "writer_seconds": round(parent_seconds, 4)}
+        if child is not None:
+            entry["writer_child_seconds"] = round(child_seconds, 4)
+        _add_shard(out, entry)
+
+    def collect(block: bool) -> None:
+        t0 = time.perf_counter()
+        for seq, size, n_records, child_seconds in child.collect(block):
+            k, lo, hi, t_shard, parent_seconds = closing.pop(seq)
+            finish(k, lo, hi, t_shard, size, n_records, parent_seconds, child_seconds)
+        result.writer_seconds += time.perf_counter() - t0
+
     try:
         for k in todo:
             t_shard = time.perf_counter()
             lo, hi = k * shard_images, min(n_images, (k + 1) * shard_images)
-            writer = ShardWriter(os.path.join(out, shard_name(k)), index=k, metadata_sha256=digest,
-                                 checkpoint_sha256=sha256, vocab=vocab.words, maps=maps,
-                                 entropies=tuple(_map(w) for w in what), encoder_lh=lh_enc,
-                                 decoder_lh=(config.layers, config.heads), has_labels=has_labels,
-                                 has_clusters=cluster_source != "none", has_features=features,
-                                 stats_only=stats_only, compression=compression)
+            shard_args = dict(index=k, metadata_sha256=digest, checkpoint_sha256=sha256, vocab=vocab.words, maps=maps,
+                              entropies=tuple(_map(w) for w in what), encoder_lh=lh_enc,
+                              decoder_lh=(config.layers, config.heads), has_labels=has_labels,
+                              has_clusters=cluster_source != "none", has_features=features,
+                              stats_only=stats_only, compression=compression)
+            path = os.path.join(out, shard_name(k))
+            shard = child if child is not None else ShardWriter(path, **shard_args)
+            if child is not None:
+                child.open(path, **shard_args)
             collector = collector_class() if collector_class is not None else None
             try:
                 for b0 in range(lo, hi, batch_size):
@@ -376,23 +424,30 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
                             for r in recs:
                                 collector.update(r)
                                 r.encoder_self = r.decoder_self = r.cross = None
-                        writer.add_image(recs)
-                        result.records += len(recs)
+                        shard.add_image(recs)
                     result.images += len(positions)
                     bar.update(len(positions))
-                size = writer.close(None if collector is None else collector.state())
+                    if closing:
+                        collect(block=False)        # list the shards the writer process finished meanwhile
+                state = None if collector is None else collector.state()
+                if child is None:
+                    size = shard.close(state)
+                else:                               # the child finishes it while the model goes on
+                    seq = child.send_close(state)
+                    closing[seq] = (k, lo, hi, t_shard, child.seconds)
             except BaseException:
-                writer.abort()
+                shard.abort()
                 raise
-            result.writer_seconds += writer.seconds
-            result.bytes += size
-            result.shards_written.append(k)
-            manifest = _add_shard(out, {"index": k, "file": shard_name(k), "images": hi - lo,
-                                        "records": writer.n_records, "bytes": size, "rank": rank,
-                                        "seconds": round(time.perf_counter() - t_shard, 4),
-                                        "writer_seconds": round(writer.seconds, 4)})
+            if child is None:
+                finish(k, lo, hi, t_shard, size, shard.n_records, shard.seconds, 0.0)
+        while closing:
+            collect(block=True)             # each shard listed as soon as the writer process renamed it
     finally:
         bar.close()
+        if child is not None:
+            t0 = time.perf_counter()
+            child.stop()
+            result.writer_seconds += time.perf_counter() - t0
     result.seconds = time.perf_counter() - t_start
     return summarize(result)
 

@@ -20,6 +20,8 @@ image vs none: lzf -10% random / -19% trained, gzip -26% / -36% (zlib level 4: ~
 ~4.7k records/s, gzip ~1.9k (random, 36 boxes). lzf is the default: much cheaper to read back
 (analyses read a dump many times) and to write on few cores; gzip when disk space matters.
 
+A dump runs this writer in a child process by default (:mod:`geocap.dump.writer_process`).
+
 The small per-record arrays (ids, counts, image sizes, tokens, referents, boxes, labels) are kept in memory
 and written uncompressed and contiguous when the shard is closed.
 """
