@@ -51,10 +51,14 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
     has_key = None
     if keep is not None:
         has_key = keep.any(-1, keepdim=True)
-        if bias is None:
-            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-        # rows without any valid key get a harmless finite row here and are zeroed below
-        bias = bias.masked_fill(~keep & has_key, float("-inf"))
+        # an additive 0 / -inf mask without the head axis (cheaper than masked_fill on the
+        # [B, H, m, Nk] bias); rows without any valid key get a harmless finite row here and
+        # are zeroed below
+        key_bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~keep & has_key, float("-inf"))
+        bias = key_bias if bias is None else bias + key_bias
+        if q.device.type == "cpu" and bool(has_key.all()):  # (no host sync on GPUs)
+            has_key = None
     differentiating = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad))
     if differentiating and q.device.type == "cpu":
