@@ -283,6 +283,35 @@ def test_public_encode_and_teacher_force_record_what_forward_records():
         model.teacher_force(memory, tokens[:2], record=True)
 
 
+def test_teacher_force_positions_packs_the_wanted_rows():
+    """positions=mask gives log_probs[mask] ([M, V], row-major) and the same gradients through it;
+    a mask of the wrong shape or dtype is refused by name."""
+    model = make_model().eval()
+    features, boxes, box_mask, tokens = make_inputs()
+    memory = model.encode(features, boxes, box_mask)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(tokens.shape, generator=g) < 0.6
+    mask[0] = False                                    # a row with no wanted position
+    full = model.teacher_force(memory, tokens)
+    packed = model.teacher_force(memory, tokens, positions=mask)
+    assert packed.shape == (int(mask.sum()), model.config.vocab_size)
+    torch.testing.assert_close(packed, full[mask], atol=1e-6, rtol=1e-6)
+    weights = torch.randn(packed.shape, generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads_packed = torch.autograd.grad((model.teacher_force(memory, tokens, positions=mask) * weights).sum(), params,
+                                       allow_unused=True, retain_graph=True)
+    grads_full = torch.autograd.grad((model.teacher_force(memory, tokens)[mask] * weights).sum(), params,
+                                     allow_unused=True)
+    for a, b in zip(grads_packed, grads_full):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    empty = model.teacher_force(memory, tokens, positions=torch.zeros_like(mask))
+    assert empty.shape == (0, model.config.vocab_size)
+    for bad in (mask.long(), mask[:, :-1], mask.tolist()):
+        with pytest.raises(ValueError, match="positions must be a bool tensor shaped like tokens"):
+            model.teacher_force(memory, tokens, positions=bad)
+
+
 def test_init_is_xavier_uniform_with_ort_geometry_rows():
     model = make_model(d_model=64, heads=4, d_ff=128)
     for name, p in model.named_parameters():

@@ -217,6 +217,51 @@ def test_per_image_batches_encode_each_image_once(data_dir):
         CrossEntropyObjective(pad_id=0, eos_id=2, captions_per_image=0)
 
 
+def test_packed_objective_equals_the_unpacked_loss_with_smoothing(data_dir):
+    """The objective runs the output layer only at the targets in the loss; with label smoothing
+    its loss and gradients equal token_loss over the full [R, T, V] log-probabilities."""
+    from geocap.train import CrossEntropyObjective, PolicyModule, caption_rows, target_mask
+    ds = _train_images(data_dir)
+    batch = ds.collate([ds[i] for i in range(5)])
+    model = _tiny_model(ds).eval()
+    objective = CrossEntropyObjective.for_vocab(ds.vocab, smoothing=0.1)
+    loss, tokens = objective(PolicyModule(model), batch)
+    rows = caption_rows(batch)
+    memory = model.encode(batch.features, batch.boxes, batch.box_mask).index_select(rows.image_index)
+    targets = rows.captions[:, 1:]
+    mask = target_mask(rows.lengths, targets.shape[1])
+    assert bool((~mask).any())                          # the batch has padding to skip
+    expected = token_loss(model.teacher_force(memory, rows.captions[:, :-1]), targets, 0.1, ds.vocab.pad_id, mask=mask)
+    assert tokens == int(mask.sum())
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    params = list(model.parameters())
+    for g, e in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_make_optimizer_is_fused_on_cpu_and_updates_like_the_loop(data_dir):
+    from geocap.train import make_optimizer
+    ds = _train_images(data_dir)
+    for kind, reference in (("noam", lambda ps: torch.optim.Adam(ps, lr=1e-3, betas=(0.9, 0.98), eps=1e-9)),
+                            ("adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01))):
+        a, b = _tiny_model(ds), _tiny_model(ds)
+        b.load_state_dict(a.state_dict())
+        opt_a = make_optimizer(list(a.parameters()), kind, lr=1e-3, weight_decay=0.01)
+        assert opt_a.defaults.get("fused") is True
+        opt_b = reference(list(b.parameters()))
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for pa, pb in zip(a.parameters(), b.parameters()):
+                pa.grad = torch.randn(pa.shape, generator=g)
+                pb.grad = pa.grad.clone()
+            opt_a.step()
+            opt_b.step()
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{kind} {name}: {m}")
+    with pytest.raises(ValueError, match="optimizer must be 'noam' or 'adamw'"):
+        make_optimizer(list(a.parameters()), "sgd")
+
+
 def test_captions_per_image_k_trains_on_the_first_k(data_dir, tmp_path):
     from geocap.data.dataset import BucketBatchSampler
     result = train(_config(data_dir, tmp_path / "run", steps=3, captions_per_image=2))

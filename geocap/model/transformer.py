@@ -269,9 +269,11 @@ class ObjectRelationTransformer(nn.Module):
         x = self.word_embed(tokens.long()) * math.sqrt(self.config.d_model) + self.positions[start:start + t]
         return self.embed_dropout(x)
 
-    def _decode(self, memory, tokens, cache, backend, record):
+    def _decode(self, memory, tokens, cache, backend, record, positions=None):
         x = self._embed(tokens, 0 if cache is None else cache.length)
         states, cache, self_stats, cross_stats = self.decoder(x, memory, cache, backend=backend, record=record)
+        if positions is not None:
+            states = states[positions]                                  # [M, d]: skip the others' output layer
         return torch.log_softmax(self.generator(states), dim=-1), cache, self_stats, cross_stats
 
     def forward(self, features: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor],
@@ -304,7 +306,8 @@ class ObjectRelationTransformer(nn.Module):
         return log_probs, rec
 
     def teacher_force(self, memory: Memory, tokens: torch.Tensor, *, record: bool = False,
-                      backend: Optional[str] = None) -> Union[torch.Tensor, tuple[torch.Tensor, AttentionRecord]]:
+                      positions: Optional[torch.Tensor] = None, backend: Optional[str] = None
+                      ) -> Union[torch.Tensor, tuple[torch.Tensor, AttentionRecord]]:
         """Teacher forcing over a given :class:`Memory`: ``tokens [R, T]`` input ids (starting
         with <bos>, right-padded as in :meth:`forward`), row r decoded against memory row r ->
         ``log_probs [R, T, V]``, row t the distribution of token t + 1.
@@ -321,13 +324,24 @@ class ObjectRelationTransformer(nn.Module):
         ``[R, H, T, T]``, ``decoder_entropy[l]`` ``[R, H, T]``, ``cross_probs[l]`` ``[R, H, T, N]``
         and ``cross_entropy[l]`` ``[R, H, T]`` hold each decoder layer's attention (its encoder
         lists stay empty: see :meth:`encode`).
+
+        ``positions``: optional bool ``[R, T]`` (True = wanted, e.g. the positions in a loss):
+        returns only those rows of the log-probabilities, packed ``[M, V]`` in row-major order
+        (``log_probs[positions]``), and runs the output layer and its softmax only there (on
+        right-padded captions most of the ``[R, T, V]`` work and memory it saves is <pad>).
         """
         self._check_memory(memory)
         if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[0] != memory.batch_size:
             raise ValueError(f"tokens have {tokens.shape[0]} rows but memory has {memory.batch_size} (expand the "
                              f"memory to the captions with index_select or repeat_interleave)")
         self._check_tokens(tokens, right_padded=True)
-        log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, self._backend(backend), record)
+        if positions is not None and (not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool
+                                      or positions.shape != tokens.shape or positions.device != tokens.device):
+            raise ValueError(f"positions must be a bool tensor shaped like tokens {tuple(tokens.shape)} on "
+                             f"{tokens.device}, got {getattr(positions, 'dtype', type(positions).__name__)} "
+                             f"{tuple(getattr(positions, 'shape', ()))}")
+        log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, self._backend(backend), record,
+                                                             positions)
         if not record:
             return log_probs
         return log_probs, AttentionRecord(

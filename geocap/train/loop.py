@@ -66,7 +66,7 @@ from . import distributed as D
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, RESUME_FIXED, TrainConfig
 from .schedule import LRSchedule
 from .scst import PolicyModule, SCSTObjective, captions_text, reward_scorer
-from .step import CrossEntropyObjective, optimizer_update
+from .step import CrossEntropyObjective, make_optimizer, optimizer_update
 
 XE_BATCHES = "images"  # extra["xe_batches"]: what a cross-entropy batch counts (checked at resume)
 
@@ -314,12 +314,12 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
     torch.manual_seed(config.seed)
     model = ObjectRelationTransformer(model_config, backend=config.backend).to(device)
     params = list(model.parameters())
+    optimizer = make_optimizer(params, config.optimizer, lr=0.0 if config.optimizer == "noam" else config.lr,
+                               weight_decay=config.weight_decay)
     if config.optimizer == "noam":
-        optimizer = torch.optim.Adam(params, lr=0.0, betas=(0.9, 0.98), eps=1e-9)
         schedule = LRSchedule(optimizer, "noam", warmup=config.warmup, d_model=config.d_model,
                               factor=config.lr_factor)
     else:
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         schedule = LRSchedule(optimizer, "warmup", warmup=config.warmup, lr=config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 

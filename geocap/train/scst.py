@@ -93,7 +93,8 @@ class PolicyModule(nn.Module):
     -> ``log_probs [B, T, V]``); with ``image_index [R]`` (int64, the image of each row of
     ``tokens [R, T]``) the ``B`` images are encoded once and the memory expanded to the ``R``
     captions (:meth:`~geocap.model.ObjectRelationTransformer.teacher_force`; the cross-entropy
-    step); ``forward(features, boxes, box_mask, samples=K, max_len=L)`` encodes the ``B`` images
+    step), and ``positions`` (bool ``[R, T]``, optional) packs the output to those positions'
+    ``[M, V]``; ``forward(features, boxes, box_mask, samples=K, max_len=L)`` encodes the ``B`` images
     and draws ``K`` captions each (:func:`geocap.decoding.sample`), returning the
     :class:`Decoded` (``B * K`` rows, image-major, ``token_log_probs`` with the graph)."""
 
@@ -103,20 +104,22 @@ class PolicyModule(nn.Module):
 
     def forward(self, features: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor],
                 tokens: Optional[torch.Tensor] = None, *, image_index: Optional[torch.Tensor] = None,
-                samples: int = 0, max_len: int = 16):
+                positions: Optional[torch.Tensor] = None, samples: int = 0, max_len: int = 16):
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
             raise ValueError(f"samples must be an int >= 0, got {samples!r}")
         if samples == 0:
             if tokens is None:
                 raise ValueError("PolicyModule needs tokens (teacher forcing) or samples > 0 (sampling)")
-            if image_index is None:
+            if image_index is None and positions is None:
                 return self.model(features, boxes, box_mask, tokens)
+            if image_index is None:
+                image_index = torch.arange(features.shape[0], device=features.device)
             if not isinstance(image_index, torch.Tensor) or image_index.dim() != 1 or image_index.dtype != torch.int64:
                 raise ValueError(f"image_index must be an int64 tensor [R], got "
                                  f"{getattr(image_index, 'dtype', type(image_index).__name__)} "
                                  f"{tuple(getattr(image_index, 'shape', ()))}")
             memory = self.model.encode(features, boxes, box_mask)
-            return self.model.teacher_force(memory.index_select(image_index), tokens)
+            return self.model.teacher_force(memory.index_select(image_index), tokens, positions=positions)
         memory = self.model.encode(features, boxes, box_mask)
         return sample(self.model, memory, n=samples, max_len=max_len)
 
