@@ -24,8 +24,8 @@ def run_dump(args: argparse.Namespace) -> int:
     WORLD_SIZE > 1), prints the summary, returns 0; ValueError for bad options or data."""
     import torch
 
+    from geocap import distributed
     from geocap.dump.job import dump
-    from geocap.train import distributed
 
     info = distributed.setup("cuda" if torch.cuda.is_available() and args.device in (None, "auto", "cuda")
                              else "cpu")

@@ -62,7 +62,7 @@ from geocap.decoding import greedy_decode
 from geocap.metrics import cider_d
 from geocap.model import ObjectRelationTransformer, ORTConfig
 
-from . import distributed as D
+from geocap import distributed as D
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, RESUME_FIXED, TrainConfig
 from .schedule import LRSchedule
 from .scst import PolicyModule, SCSTObjective, captions_text, reward_scorer

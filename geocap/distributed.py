@@ -1,6 +1,7 @@
 """Process-group helpers for ``torchrun`` (or any launcher that sets RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT): NCCL on CUDA, gloo on CPU; a single process when
-WORLD_SIZE is unset or 1. Rank 0 is the one that writes files."""
+WORLD_SIZE is unset or 1. Rank 0 is the one that writes files. Shared by the jobs that sit on
+the model (training, dumps); depends on torch only."""
 from __future__ import annotations
 
 import os
