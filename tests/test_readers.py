@@ -365,6 +365,23 @@ def test_m2_requires_boxes(tmp_path, rng):
     assert_names(err, path, 1)
 
 
+def test_m2_reader_refuses_an_hdf5_file_of_another_kind(tmp_path):
+    """An HDF5 file without any '<id>_features' dataset (a geocap store, a cocotalk file) is a
+    DataError naming it, not an empty stream."""
+    import h5py
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        for name in ("features", "boxes", "offsets", "ids", "sizes", "labels"):
+            f.create_dataset(name, data=[0])
+    with pytest.raises(DataError, match=r"no '<image id>_features' dataset: not a meshed-memory features file "
+                                        r"\(top-level keys: boxes, features, ids, labels, offsets, \.\.\. \(6 in all\)\)"):
+        list(read_m2_hdf5(path, sizes={}))
+    with h5py.File(tmp_path / "empty.h5", "w"):
+        pass
+    with pytest.raises(DataError, match=r"empty.h5: no '<image id>_features' dataset.*top-level keys: none"):
+        list(read_m2_hdf5(tmp_path / "empty.h5", sizes={}))
+
+
 def _tsv_with(tmp_path, rng, mangle):
     """A 3-image TSV whose second line's fields go through ``mangle``."""
     images = random_images(rng, 3, dim=6, n_boxes=4)

@@ -57,6 +57,11 @@ def _records(path, sizes, wanted, on_error, stats) -> Iterator[ImageFeatures]:
                 if m:
                     by_id.setdefault(int(m.group(1)), []).append(m.group(1))
             items = sorted(by_id.items())
+            if not items:
+                keys = sorted(f.keys())
+                shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+                raise DataError(f"{path}: no '<image id>_features' dataset: not a meshed-memory features file "
+                                f"(top-level keys: {shown or 'none'})")
         for image_id, prefixes in items:
             try:
                 record = _image(f, path, image_id, prefixes, sizes, stats)
