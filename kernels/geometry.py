@@ -127,9 +127,10 @@ def _near_features(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
     product per image (no permute of a pair-sized tensor)."""
     dx = torch.log(torch.clamp(torch.abs(qf.cx[:, :, None] - kf.cx[:, None, :]) / qf.w[:, :, None], min=DX_CLAMP))
     dy = torch.log(torch.clamp(torch.abs(qf.cy[:, :, None] - kf.cy[:, None, :]) / qf.h[:, :, None], min=DX_CLAMP))
-    freq = (SCALE * qf.freq)[None, :, None, None]                                        # [1, 8, 1, 1]
+    freq = qf.freq[None, :, None, None]                                                  # [1, 8, 1, 1]
     n_freq = freq.shape[1]
-    args = torch.cat([dx[:, None] * freq, dy[:, None] * freq], dim=1)                    # [B, 16, Nq, Nk]
+    # (100 d) f, rounded in the reference's order: the sinusoid of a large argument magnifies it
+    args = torch.cat([(SCALE * dx)[:, None] * freq, (SCALE * dy)[:, None] * freq], dim=1)  # [B, 16, Nq, Nk]
     feats = args.new_empty((args.shape[0], 4 * n_freq) + args.shape[2:])
     torch.sin(args, out=feats[:, :2 * n_freq])
     torch.cos(args, out=feats[:, 2 * n_freq:])
