@@ -164,11 +164,15 @@ def _fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    # int64 base offsets (q, k, v may hold over 2**31 elements); offsets within a (batch, head) stay int32
+    K_bh = K + (b.to(tl.int64) * skb + h.to(tl.int64) * skh)
+    Q_bh = Q + (b.to(tl.int64) * sqb + h.to(tl.int64) * sqh)
+    V_bh = V + (b.to(tl.int64) * svb + h.to(tl.int64) * svh)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < NQ
     d_ok = offs_d < HEAD_DIM
-    q = _load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+    q = _load_tile(Q_bh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                    row_ok[:, None] & d_ok[None, :], F32)
     qcx, qcy, qw, qh, _qs, _qc, qa, qb, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
 
@@ -182,7 +186,7 @@ def _fwd_kernel(
     for start_n in range(0, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
         kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
-        k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
+        k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
         kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
         s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
                         HAS_GEO, DOT_PRECISION)
@@ -191,12 +195,12 @@ def _fwd_kernel(
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, NK, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = _load_tile(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
+        v = _load_tile(V_bh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
     lse, ent = online_softmax_finish(m_i, l_i, t_i)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+    tl.store(Out + (b.to(tl.int64) * sob + h.to(tl.int64) * soh) + offs_m[:, None] * som + offs_d[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + bh * NQ + offs_m, lse, mask=row_ok)
     if RETURN_ENT:
@@ -206,15 +210,15 @@ def _fwd_kernel(
         for start_n in range(0, NK, BN):
             offs_n = start_n + tl.arange(0, BN)
             n_ok = offs_n < NK
-            k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                            n_ok[:, None] & d_ok[None, :], F32)
             kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
             s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
                             HAS_GEO, DOT_PRECISION)
             valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-            # int64: B * H * NQ * NK reaches 2**31 for dump-sized batches
-            tl.store(Probs + (bh.to(tl.int64) * NQ + offs_m[:, None]) * NK + offs_n[None, :], p,
+            # int64 base: B * H * NQ * NK reaches 2**31 for dump-sized batches (NQ * NK stays int32)
+            tl.store(Probs + bh.to(tl.int64) * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], p,
                      mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -264,12 +268,17 @@ def _bwd_kv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    # int64 base offsets (q, k, v may hold over 2**31 elements); offsets within a (batch, head) stay int32
+    DO_bh = DO + (b.to(tl.int64) * sdb + h.to(tl.int64) * sdh)
+    K_bh = K + (b.to(tl.int64) * skb + h.to(tl.int64) * skh)
+    Q_bh = Q + (b.to(tl.int64) * sqb + h.to(tl.int64) * sqh)
+    V_bh = V + (b.to(tl.int64) * svb + h.to(tl.int64) * svh)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
-    k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
-    v = _load_tile(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
+    k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
+    v = _load_tile(V_bh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
     kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
     dk = tl.zeros([BN, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BN, BLOCK_D], dtype=tl.float32)
@@ -284,8 +293,8 @@ def _bwd_kv_kernel(
         offs_m = start_m + tl.arange(0, BM)
         row_ok = offs_m < NQ
         q_ok = row_ok[:, None] & d_ok[None, :]
-        q = _load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, q_ok, F32)
-        do = _load_tile(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, q_ok, F32)
+        q = _load_tile(Q_bh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, q_ok, F32)
+        do = _load_tile(DO_bh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, q_ok, F32)
         lse = tl.load(Lse + bh * NQ + offs_m, mask=row_ok, other=-NEG_INIT)
         delta = tl.load(Delta + bh * NQ + offs_m, mask=row_ok, other=0.0)
         qcx, qcy, qw, qh, q_sin, q_cos, qa, qb, bias = _query_block_geometry(
@@ -309,9 +318,10 @@ def _bwd_kv_kernel(
                 dx, qcx, qcy, qw, qh, q_sin, q_cos, kcx, kcy, k_sin, k_cos, Freq, g_near, g_far_sin, g_far_cos)
             g_bias += tl.sum(dx, 1)
     # dK and dV are written contiguous [B, H, NK, d]
-    out_offs = (bh * NK + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    out_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    bh_offset = bh.to(tl.int64) * NK * HEAD_DIM
+    tl.store(DK + bh_offset + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + bh_offset + out_offs, dv.to(DV.dtype.element_ty), mask=kv_ok)
     if HAS_GEO:
         part = bh * N_KBLOCKS + pid_n
         cols = tl.arange(0, 64)
@@ -336,13 +346,18 @@ def _bwd_q_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    # int64 base offsets (q, k, v may hold over 2**31 elements); offsets within a (batch, head) stay int32
+    DO_bh = DO + (b.to(tl.int64) * sdb + h.to(tl.int64) * sdh)
+    K_bh = K + (b.to(tl.int64) * skb + h.to(tl.int64) * skh)
+    Q_bh = Q + (b.to(tl.int64) * sqb + h.to(tl.int64) * sqh)
+    V_bh = V + (b.to(tl.int64) * svb + h.to(tl.int64) * svh)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < NQ
     d_ok = offs_d < HEAD_DIM
     q_ok = row_ok[:, None] & d_ok[None, :]
-    q = _load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, q_ok, F32)
-    do = _load_tile(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, q_ok, F32)
+    q = _load_tile(Q_bh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, q_ok, F32)
+    do = _load_tile(DO_bh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, q_ok, F32)
     lse = tl.load(Lse + bh * NQ + offs_m, mask=row_ok, other=-NEG_INIT)
     delta = tl.load(Delta + bh * NQ + offs_m, mask=row_ok, other=0.0)
     qcx, qcy, qw, qh, _qs, _qc, qa, qb, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
@@ -353,8 +368,8 @@ def _bwd_q_kernel(
     for start_n in range(0, hi, BN):
         offs_n = start_n + tl.arange(0, BN)
         kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
-        k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
-        v = _load_tile(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
+        k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
+        v = _load_tile(V_bh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
         kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
         s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
                         HAS_GEO, DOT_PRECISION)
@@ -366,7 +381,7 @@ def _bwd_q_kernel(
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + (bh * NQ + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+    tl.store(DQ + bh.to(tl.int64) * NQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_ok)
 
 
@@ -379,7 +394,7 @@ def _dropout_mask_kernel(Keep, H, NQ, NK, dropout_p, seed, BM: tl.constexpr, BN:
     for start_n in range(0, NK, BN):
         offs_n = start_n + tl.arange(0, BN)
         keep = _dropout_keep(seed, bh, offs_m, offs_n, NK, dropout_p)
-        tl.store(Keep + (bh * NQ + offs_m[:, None]) * NK + offs_n[None, :], keep.to(tl.int8),
+        tl.store(Keep + bh.to(tl.int64) * NQ * NK + offs_m[:, None] * NK + offs_n[None, :], keep.to(tl.int8),
                  mask=(offs_m < NQ)[:, None] & (offs_n < NK)[None, :])
 
 
