@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from geocap.data.atomic import write_text_atomic
 
@@ -49,13 +48,13 @@ def _records(source, progress: bool):
         for chunk in source.iter_chunks(CHUNK):
             yield from chunk
         return
-    from tqdm import tqdm
+    from geocap.progress import progress_bar
 
     try:
         total = len(source)
     except TypeError:
         total = None
-    with tqdm(total=total, unit="rec", desc="analyse", disable=not (progress and sys.stderr.isatty())) as bar:
+    with progress_bar(enabled=progress, total=total, unit="rec", desc="analyse") as bar:
         for record in source:
             yield record
             bar.update(1)

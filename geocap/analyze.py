@@ -57,6 +57,6 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
                         help="object pairs sampled for each Spearman correlation (default 20000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the k-means fallback and the pair sample")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar (it is off anyway when stderr is not a terminal)")
+                        help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
     parser.set_defaults(func=run_analyze)
     return parser

@@ -147,15 +147,15 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     results and metrics files (see the module doc for every convention) and return them.
 
     ``device`` None/"auto": CUDA when available, else CPU. ``workers``: DataLoader worker
-    processes (0: load in this process). ``progress``: a tqdm bar on stderr (off anyway when
-    stderr is not a terminal). ``ground_truth``: the synthetic ground-truth file inside
-    ``data_dir`` for the relation-word accuracy (skipped when the file is absent).
+    processes (0: load in this process). ``progress``: a bar on stderr (a line every
+    ``GEOCAP_PROGRESS_INTERVAL`` s when stderr is not a terminal: :mod:`geocap.progress`).
+    ``ground_truth``: the synthetic ground-truth file inside ``data_dir`` for the relation-word accuracy (skipped when the file is absent).
     """
     from geocap import __version__
     from geocap.captioner import Captioner
     from geocap.checkpoint import file_sha256, load_checkpoint
     from geocap.data.dataset import collate
-    from geocap.data.store import progress_bar
+    from geocap.progress import progress_bar
     from geocap.data.atomic import write_text_atomic
     from geocap.metrics import caption_metrics, load_relation_truth, relation_accuracy, write_results
 
@@ -326,7 +326,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar (it is off anyway when stderr is not a terminal)")
+                        help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
     parser.set_defaults(func=run_evaluate)
     return parser
 

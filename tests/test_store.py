@@ -160,7 +160,7 @@ def test_boxes_just_outside_the_unit_square_are_clipped(tmp_path):
 
 
 def test_progress_bar_and_conversions(tmp_path, records):
-    # progress=True must work (tqdm, off when stderr is no terminal); float64 / list inputs convert
+    # progress=True must work (geocap.progress: lines in a log); float64 / list inputs convert
     rec = ImageFeatures(image_id=np.int32(5), features=records[0].features.astype(np.float64).tolist(),
                         boxes=records[0].boxes.astype(np.float64), width=np.int64(640), height=480)
     stats = write_store(tmp_path / "p.h5", [rec], feature_dtype="float32", n_images=1, progress=True)

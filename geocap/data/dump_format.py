@@ -434,7 +434,7 @@ class Dump(Sequence):
         show = self.progress if progress is None else progress
         bar = None
         if show:
-            from geocap.data.store import progress_bar
+            from geocap.progress import progress_bar
             bar = progress_bar(total=len(self), unit="rec", desc=f"reading {os.path.basename(self.path)}")
         try:
             for k in range(len(self._entries)):

@@ -42,6 +42,7 @@ import numpy as np
 
 from geocap.data.atomic import atomic_output
 from geocap.data.records import DataError, ImageFeatures
+from geocap.progress import progress_bar
 
 FORMAT = "geocap-features"
 FORMAT_VERSION = 1
@@ -51,38 +52,6 @@ BOX_CHUNK_ROWS = 8192          # rows per boxes / labels chunk (128 KiB of boxes
 FLUSH_BYTES = 32 << 20         # the writer buffers this many feature bytes between writes
 BOX_TOLERANCE = 1e-4           # coordinates this far outside [0, 1] are clipped, further ones rejected
 REQUIRED = ("features", "boxes", "offsets", "image_ids", "image_sizes")
-
-
-def progress_bar(iterable=None, *, enabled: bool = True, **kwargs):
-    """A tqdm progress bar (on stderr, switched off when stderr is not a terminal) or, when
-    ``enabled`` is false, the bare iterable / a do-nothing bar."""
-    if enabled:
-        from tqdm import tqdm
-        return tqdm(iterable, disable=None, dynamic_ncols=True, **kwargs)
-    return _NoBar(iterable)
-
-
-class _NoBar:
-    def __init__(self, iterable):
-        self._it = iterable
-
-    def __iter__(self):
-        return iter(self._it)
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix_str(self, s):
-        pass
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def feature_chunk_rows(feature_dim: int, itemsize: int) -> int:
@@ -286,7 +255,7 @@ def write_store(path, records: Iterable[ImageFeatures], *, feature_dtype: str = 
                     if on_error == "raise":
                         raise DataError(f"{err} (writing {path})") from None
                     skipped.append((image_id, str(err)))
-                    bar.set_postfix_str(f"{len(skipped)} skipped")
+                    bar.set_postfix_str(f"{len(skipped)} skipped", refresh=False)
                     continue
                 if writer is None:
                     writer = _Writer(h5, feats.shape[1], dtype, label_names)

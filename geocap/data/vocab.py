@@ -43,7 +43,7 @@ import numpy as np
 from geocap.data.atomic import atomic_output, write_text_atomic
 from geocap.data.json_file import read_json
 from geocap.data.records import Caption, CaptionSet, DataError
-from geocap.data.store import progress_bar
+from geocap.progress import progress_bar
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")

@@ -248,7 +248,7 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
     from geocap import __version__
     from geocap.checkpoint import file_sha256, load_checkpoint
     from geocap.data.dataset import CaptionDataset
-    from geocap.data.store import progress_bar
+    from geocap.progress import progress_bar
     from geocap.dump import grounding
     from geocap.dump.records import generate_rows, record_batch
     from geocap.dump.source import SplitSource, kmeans_centroids

@@ -84,7 +84,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
                             metavar="BOOL" if kind is _bool else f.name.upper(),
                             help=f"{_HELP.get(f.name, '')} (default {f.default!r})".strip())
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                        help="no progress bar (it is off anyway when stderr is not a terminal)")
+                        help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

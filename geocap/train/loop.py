@@ -47,7 +47,6 @@ import contextlib
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -55,14 +54,15 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from geocap import distributed as D
 from geocap.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from geocap.data.atomic import write_text_atomic
 from geocap.data.dataset import BucketBatchSampler, CaptionDataset
 from geocap.decoding import greedy_decode
 from geocap.metrics import cider_d
 from geocap.model import ObjectRelationTransformer, ORTConfig
+from geocap.progress import progress_bar
 
-from geocap import distributed as D
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, RESUME_FIXED, TrainConfig
 from .schedule import LRSchedule
 from .scst import PolicyModule, SCSTObjective, captions_text, reward_scorer
@@ -368,9 +368,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
     def amp_context():
         return _autocast(device, amp_dtype)
     log = _MetricsLog(os.path.join(config.out, METRICS), info.is_main, step if ckpt is not None else None)
-    from tqdm import tqdm
-    bar = tqdm(total=config.steps, initial=step, disable=True if not (config.progress and info.is_main) else None,
-               dynamic_ncols=True, desc="train", file=sys.stderr)
+    bar = progress_bar(enabled=config.progress and info.is_main, total=config.steps, initial=step, desc="train")
     started = time.perf_counter()
     last_val, history = None, []
     interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
@@ -447,7 +445,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                         postfix = f"reward {mean_reward:.3f} baseline {mean_baseline:.3f} lr {lr:.2e}"
                     log.write(entry)
                     history.append(entry)
-                    bar.set_postfix_str(postfix)
+                    bar.set_postfix_str(postfix, refresh=False)  # shown at the next update
                     interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
                     interval_reward, interval_baseline, interval_length = 0.0, 0.0, 0.0
                 if switched:  # the next step reads the SCST data stream from its start

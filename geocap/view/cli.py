@@ -73,6 +73,6 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--page-size", type=_positive, default=100, metavar="K",
                         help="images per index page and per data file of the index (default 100)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar (it is off anyway when stderr is not a terminal)")
+                        help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
     parser.set_defaults(func=run_view)
     return parser

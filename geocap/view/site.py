@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geocap.data.atomic import write_text_atomic
-from geocap.data.store import progress_bar
+from geocap.progress import progress_bar
 from geocap.view.encode import caption_text, encode_record, kind_order, label_names_from, word_bucket, words_of
 
 STATIC_DIR = Path(__file__).with_name("static")

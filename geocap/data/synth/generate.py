@@ -76,7 +76,7 @@ class _NoProgress:
 def _progress(enabled: bool, total: int, desc: str):
     if not enabled:
         return _NoProgress()
-    from ..store import progress_bar
+    from geocap.progress import progress_bar
     return progress_bar(total=total, unit="img", desc=desc)
 
 
