@@ -55,6 +55,30 @@ class DecoderCache:
                             tuple(v.repeat_interleave(repeats, 0) for v in self.values))
 
 
+class Packing:
+    """The kept positions of a right-padded ``[R, T]`` batch as one packed ``[M, ...]`` tensor.
+
+    ``kept [R, T]`` bool must be a prefix of each row (True up to some position, False after):
+    then dropping the others changes no kept position's output, since causal attention only
+    looks back. Dense layers run on the ``M`` kept rows; attention unpacks its projected inputs
+    to ``[R, T, ...]`` (zeros at dropped positions, which only dropped queries could see).
+    """
+
+    def __init__(self, kept: torch.Tensor):
+        self.shape = tuple(kept.shape)
+        self.index = kept.reshape(-1).nonzero().squeeze(1)              # [M] row-major flat positions
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[R, T, ...] -> [M, ...]``."""
+        return x.reshape((-1,) + tuple(x.shape[2:])).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[M, ...] -> [R, T, ...]``, zeros at the dropped positions."""
+        rows = self.shape[0] * self.shape[1]
+        full = x.new_zeros((rows,) + tuple(x.shape[1:])).index_copy(0, self.index, x)
+        return full.view(self.shape + tuple(x.shape[1:]))
+
+
 class DecoderLayer(nn.Module):
     """Causal self-attention, cross-attention into the encoder output, feed-forward."""
 
@@ -90,6 +114,20 @@ class DecoderLayer(nn.Module):
         x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
         return x, (k, v), self_stats, cross_stats
 
+    def forward_packed(self, x: torch.Tensor, packing: Packing, memory_k: torch.Tensor, memory_v: torch.Tensor,
+                       memory_mask: Optional[torch.Tensor], *, backend: str = "auto") -> torch.Tensor:
+        """:meth:`forward` of a whole right-padded batch (no cache, no record) on its kept
+        positions only: ``x [M, d_model]`` packed by ``packing`` -> ``[M, d_model]``."""
+        sa, ca = self.self_attn, self.cross_attn
+        h = self.self_norm(x)
+        q, k, v = (sa.split_heads(packing.unpack(proj(h))) for proj in (sa.q_proj, sa.k_proj, sa.v_proj))
+        r = sa.attend_heads(q, k, v, None, causal=True, backend=backend)
+        x = x + self.dropout(sa.out_proj(packing.pack(sa.merge_heads(r.out))))
+        q = ca.split_heads(packing.unpack(ca.q_proj(self.cross_norm(x))))
+        r = ca.attend_heads(q, memory_k, memory_v, memory_mask, backend=backend)
+        x = x + self.dropout(ca.out_proj(packing.pack(ca.merge_heads(r.out))))
+        return x + self.dropout(self.feed_forward(self.ff_norm(x)))
+
 
 class Decoder(nn.Module):
     """``config.layers`` :class:`DecoderLayer` and a final :class:`LayerNorm`."""
@@ -118,3 +156,10 @@ class Decoder(nn.Module):
             self_stats.append(s)
             cross_stats.append(c)
         return self.norm(x), DecoderCache(tuple(keys), tuple(values)), self_stats, cross_stats
+
+    def forward_packed(self, x: torch.Tensor, packing: Packing, memory, *, backend: str = "auto") -> torch.Tensor:
+        """Teacher forcing on the kept positions only: ``x [M, d_model]`` the embedded tokens
+        packed by ``packing`` -> the final states ``[M, d_model]`` (see :class:`Packing`)."""
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_packed(x, packing, memory.keys[i], memory.values[i], memory.mask, backend=backend)
+        return self.norm(x)

@@ -141,10 +141,16 @@ class MultiHeadAttention(nn.Module):
         Returns ``(out [B, Nq, d_model], GeoAttention)``; its entropy ``[B, H, Nq]`` and probs
         ``[B, H, Nq, Nk]`` are filled when ``record``.
         """
-        q = self.split_heads(self.q_proj(x))
-        r = attention(q, k, v, key_padding_mask, causal=causal, dropout_p=self._dropout_p(),
-                      return_entropy=record, return_probs=record, backend=backend)
+        r = self.attend_heads(self.split_heads(self.q_proj(x)), k, v, key_padding_mask, causal=causal,
+                              backend=backend, record=record)
         return self.out_proj(self.merge_heads(r.out)), r
+
+    def attend_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                     *, causal: bool = False, backend: str = "auto", record: bool = False) -> GeoAttention:
+        """The attention step of :meth:`attend` on projected, split queries ``q [B, H, Nq, d]``
+        (no projections): ``GeoAttention`` with ``out [B, H, Nq, d]``."""
+        return attention(q, k, v, key_padding_mask, causal=causal, dropout_p=self._dropout_p(),
+                         return_entropy=record, return_probs=record, backend=backend)
 
     def forward(self, x: torch.Tensor, boxes: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                 *, backend: str = "auto", record: bool = False) -> tuple[torch.Tensor, GeoAttention]:

@@ -57,7 +57,7 @@ from geocap.kernels import value_checks
 from geocap.kernels.validation import check_boxes, require_tensor
 
 from .config import ORTConfig
-from .decoder import Decoder, DecoderCache
+from .decoder import Decoder, DecoderCache, Packing
 from .encoder import Encoder
 from .layers import MultiHeadAttention, sinusoidal_positions
 
@@ -271,6 +271,13 @@ class ObjectRelationTransformer(nn.Module):
 
     def _decode(self, memory, tokens, cache, backend, record, positions=None):
         x = self._embed(tokens, 0 if cache is None else cache.length)
+        if positions is not None and cache is None and not record:
+            # only the wanted positions and those before them (causality) are decoded at all
+            kept = positions.flip(1).cummax(1).values.flip(1)           # [R, T]: up to each row's last wanted
+            packing = Packing(kept)
+            states = self.decoder.forward_packed(packing.pack(x), packing, memory, backend=backend)
+            states = states[positions[kept]]                            # [M, d]
+            return torch.log_softmax(self.generator(states), dim=-1), None, [], []
         states, cache, self_stats, cross_stats = self.decoder(x, memory, cache, backend=backend, record=record)
         if positions is not None:
             states = states[positions]                                  # [M, d]: skip the others' output layer
@@ -327,8 +334,9 @@ class ObjectRelationTransformer(nn.Module):
 
         ``positions``: optional bool ``[R, T]`` (True = wanted, e.g. the positions in a loss):
         returns only those rows of the log-probabilities, packed ``[M, V]`` in row-major order
-        (``log_probs[positions]``), and runs the output layer and its softmax only there (on
-        right-padded captions most of the ``[R, T, V]`` work and memory it saves is <pad>).
+        (``log_probs[positions]``): the output layer and its softmax run only there, and (without
+        ``record``) the decoder layers only at each row's positions up to its last wanted one
+        (:class:`~geocap.model.decoder.Packing`); on right-padded captions what this skips is <pad>.
         """
         self._check_memory(memory)
         if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[0] != memory.batch_size:
