@@ -19,9 +19,9 @@ Groups and variants (every variant of a group does the same work on the same inp
     per-tensor ``torch.optim.Adam``);
     ``geocap`` (subject) = exactly the trainer's cross-entropy step (``geocap.train.loop``):
     ``CrossEntropyObjective`` through a ``PolicyModule`` on the per-image ``Batch`` (each image
-    encoded once, its ``Memory`` expanded to its captions, ``teacher_force`` with the output
-    layer only at the targets in the loss), then ``optimizer_update`` with the trainer's
-    ``make_optimizer`` (fused Adam).
+    encoded once, its ``Memory`` expanded to its captions, ``teacher_force`` with the decoder
+    only up to each caption's last target and the output layer only at the targets in the loss),
+    then ``optimizer_update`` with the trainer's ``make_optimizer`` (fused Adam).
 
 Model: ``ORTConfig(vocab_size=10000, feature_dim=2048, layers=3, d_model=256, heads=8,
 d_ff=1024)``, ORT's init, fixed seed (random weights: decoded captions run the full 16 tokens);
