@@ -95,38 +95,34 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, past: Optional[tuple[torch.Tensor, torch.Tensor]],
                 memory_k: torch.Tensor, memory_v: torch.Tensor, memory_mask: Optional[torch.Tensor], *,
-                backend: str = "auto", record: bool = False):
+                backend: str = "auto", record: bool = False, packing: Optional[Packing] = None):
         """``x [B, t, d_model]`` the new tokens; ``past`` this layer's cached ``(k, v)``
         ``[B, H, c, d]`` or None; ``memory_k``/``memory_v`` ``[B, H, N, d]`` the projected encoder
-        output; ``memory_mask [B, N]`` True = real box.
+        output; ``memory_mask [B, N]`` True = real box. With ``packing`` (teacher forcing of a whole
+        right-padded batch, no ``past``): ``x [M, d_model]`` holds only the kept positions, the dense
+        layers run on those and attention on its inputs unpacked to ``[B, t, ...]``.
 
-        Returns ``(x [B, t, d_model], (k, v) [B, H, c + t, d], self GeoAttention, cross GeoAttention)``.
+        Returns ``(x [B, t, d_model] (or [M, d_model]), (k, v) [B, H, c + t, d], self GeoAttention,
+        cross GeoAttention)``.
         """
-        h = self.self_norm(x)
-        k, v = self.self_attn.keys_values(h)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        a, self_stats = self.self_attn.attend(h, k, v, None, causal=True, backend=backend, record=record)
-        x = x + self.dropout(a)
-        a, cross_stats = self.cross_attn.attend(self.cross_norm(x), memory_k, memory_v, memory_mask,
-                                                backend=backend, record=record)
-        x = x + self.dropout(a)
-        x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
-        return x, (k, v), self_stats, cross_stats
-
-    def forward_packed(self, x: torch.Tensor, packing: Packing, memory_k: torch.Tensor, memory_v: torch.Tensor,
-                       memory_mask: Optional[torch.Tensor], *, backend: str = "auto") -> torch.Tensor:
-        """:meth:`forward` of a whole right-padded batch (no cache, no record) on its kept
-        positions only: ``x [M, d_model]`` packed by ``packing`` -> ``[M, d_model]``."""
+        pack = packing.pack if packing is not None else _same
+        unpack = packing.unpack if packing is not None else _same
         sa, ca = self.self_attn, self.cross_attn
         h = self.self_norm(x)
-        q, k, v = (sa.split_heads(packing.unpack(proj(h))) for proj in (sa.q_proj, sa.k_proj, sa.v_proj))
-        r = sa.attend_heads(q, k, v, None, causal=True, backend=backend)
-        x = x + self.dropout(sa.out_proj(packing.pack(sa.merge_heads(r.out))))
-        q = ca.split_heads(packing.unpack(ca.q_proj(self.cross_norm(x))))
-        r = ca.attend_heads(q, memory_k, memory_v, memory_mask, backend=backend)
-        x = x + self.dropout(ca.out_proj(packing.pack(ca.merge_heads(r.out))))
-        return x + self.dropout(self.feed_forward(self.ff_norm(x)))
+        q, k, v = (sa.split_heads(unpack(proj(h))) for proj in (sa.q_proj, sa.k_proj, sa.v_proj))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        r_self = sa.attend(q, k, v, None, causal=True, backend=backend, record=record)
+        x = x + self.dropout(sa.out_proj(pack(sa.merge_heads(r_self.out))))
+        q = ca.split_heads(unpack(ca.q_proj(self.cross_norm(x))))
+        r_cross = ca.attend(q, memory_k, memory_v, memory_mask, backend=backend, record=record)
+        x = x + self.dropout(ca.out_proj(pack(ca.merge_heads(r_cross.out))))
+        x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
+        return x, (k, v), r_self, r_cross
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class Decoder(nn.Module):
@@ -161,5 +157,5 @@ class Decoder(nn.Module):
         """Teacher forcing on the kept positions only: ``x [M, d_model]`` the embedded tokens
         packed by ``packing`` -> the final states ``[M, d_model]`` (see :class:`Packing`)."""
         for i, layer in enumerate(self.layers):
-            x = layer.forward_packed(x, packing, memory.keys[i], memory.values[i], memory.mask, backend=backend)
+            x = layer(x, None, memory.keys[i], memory.values[i], memory.mask, backend=backend, packing=packing)[0]
         return self.norm(x)

@@ -131,24 +131,14 @@ class MultiHeadAttention(nn.Module):
     def _dropout_p(self) -> float:
         return self.dropout if self.training else 0.0
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-               *, causal: bool = False, backend: str = "auto", record: bool = False
-               ) -> tuple[torch.Tensor, GeoAttention]:
-        """Plain attention of the queries of ``x [B, Nq, d_model]`` over projected ``k``, ``v``
-        ``[B, H, Nk, d]`` (decoder self- and cross-attention). ``key_padding_mask [B, Nk]`` True =
-        real key; ``causal`` is bottom-right aligned (the last query sees every key).
-
-        Returns ``(out [B, Nq, d_model], GeoAttention)``; its entropy ``[B, H, Nq]`` and probs
-        ``[B, H, Nq, Nk]`` are filled when ``record``.
-        """
-        r = self.attend_heads(self.split_heads(self.q_proj(x)), k, v, key_padding_mask, causal=causal,
-                              backend=backend, record=record)
-        return self.out_proj(self.merge_heads(r.out)), r
-
-    def attend_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                     *, causal: bool = False, backend: str = "auto", record: bool = False) -> GeoAttention:
-        """The attention step of :meth:`attend` on projected, split queries ``q [B, H, Nq, d]``
-        (no projections): ``GeoAttention`` with ``out [B, H, Nq, d]``."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+               *, causal: bool = False, backend: str = "auto", record: bool = False) -> GeoAttention:
+        """Plain attention (decoder self- and cross-attention) of projected, split queries
+        ``q [B, H, Nq, d]`` over projected ``k``, ``v`` ``[B, H, Nk, d]``, without the output
+        projection (the caller applies ``out_proj(merge_heads(.out))``, so a packed decoder can pack
+        in between). ``key_padding_mask [B, Nk]`` True = real key; ``causal`` is bottom-right
+        aligned (the last query sees every key). Returns the ``GeoAttention``: ``out [B, H, Nq, d]``,
+        entropy ``[B, H, Nq]`` and probs ``[B, H, Nq, Nk]`` filled when ``record``."""
         return attention(q, k, v, key_padding_mask, causal=causal, dropout_p=self._dropout_p(),
                          return_entropy=record, return_probs=record, backend=backend)
 
@@ -156,7 +146,8 @@ class MultiHeadAttention(nn.Module):
                 *, backend: str = "auto", record: bool = False) -> tuple[torch.Tensor, GeoAttention]:
         """Self-attention of ``x [B, N, d_model]`` (the encoder's): ORT's box attention with
         ``boxes [B, N, 4]`` when this module has geometry weights, else plain attention (boxes
-        ignored). ``key_padding_mask [B, N]`` True = real box. Returns as :meth:`attend`."""
+        ignored). ``key_padding_mask [B, N]`` True = real box. Returns ``(out [B, N, d_model],
+        GeoAttention)``, its entropy and probs filled when ``record``."""
         q = self.split_heads(self.q_proj(x))
         k, v = self.keys_values(x)
         if self.geometry:
