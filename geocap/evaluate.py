@@ -149,7 +149,8 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     ``device`` None/"auto": CUDA when available, else CPU. ``workers``: DataLoader worker
     processes (0: load in this process). ``progress``: a bar on stderr (a line every
     ``GEOCAP_PROGRESS_INTERVAL`` s when stderr is not a terminal: :mod:`geocap.progress`).
-    ``ground_truth``: the synthetic ground-truth file inside ``data_dir`` for the relation-word accuracy (skipped when the file is absent).
+    ``ground_truth``: the synthetic ground-truth file inside ``data_dir`` for the relation-word
+    accuracy (skipped when the file is absent).
     """
     from geocap import __version__
     from geocap.captioner import Captioner

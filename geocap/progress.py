@@ -77,19 +77,7 @@ class _NoBar:
     def update(self, n=1):
         pass
 
-    def set_postfix(self, *args, **kwargs):
-        pass
-
     def set_postfix_str(self, *args, **kwargs):
-        pass
-
-    def set_description(self, *args, **kwargs):
-        pass
-
-    def write(self, *args, **kwargs):
-        pass
-
-    def refresh(self):
         pass
 
     def close(self):

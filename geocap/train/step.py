@@ -24,14 +24,16 @@ import torch
 
 from geocap.data.vocab import PAD
 
-__all__ = ["CaptionRows", "CrossEntropyObjective", "caption_rows", "make_optimizer", "optimizer_update", "target_mask", "token_loss"]
+__all__ = ["CaptionRows", "CrossEntropyObjective", "caption_rows", "make_optimizer", "optimizer_update",
+           "target_mask", "token_loss"]
 
 
 def token_loss(log_probs: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0, pad_id: Optional[int] = PAD,
                *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean next-token loss over the targets in the loss: ``log_probs [R, T, V]``, ``targets
-    [R, T]``, ``mask [R, T]`` bool (any leading shape: ``[M, V]``, ``[M]``, ``[M]`` for packed targets) (True = in the loss; None: ``targets != pad_id``, right for a
-    vocabulary whose <eos> is not its <pad>; see :func:`target_mask`). With ``smoothing`` ε:
+    [R, T]``, ``mask [R, T]`` bool (or packed: ``[M, V]``, ``[M]``, ``[M]``), True = in the loss;
+    None: ``targets != pad_id``, right for a vocabulary whose <eos> is not its <pad> (see
+    :func:`target_mask`). With ``smoothing`` ε:
     ``(1 - ε) * NLL + ε * mean of -log p`` over the V - 1 ids other than ``pad_id`` (over all V
     when ``pad_id`` is None, as for a vocabulary whose <pad> is also <eos>, a real target).
     Returns a float32 scalar (0 when the mask is empty)."""
