@@ -17,7 +17,8 @@
 #                                     failures), junit_bench_sanity.xml, and the pytest-benchmark
 #                                     records bench_{entropy,captioner,attention}.json
 #
-# Exit status: 1 if the test suite failed (or timed out), else 2 if a bench stage failed, else 0.
+# Exit status: 3 if geocap cannot be imported (nothing else runs), 1 if the test suite failed (or
+# timed out), else 2 if a bench stage failed, else 0.
 # The benchmarks run even when the tests failed.
 #
 # Knobs (environment): GPU_CHECK_DEADLINE_S (420), GPU_CHECK_TESTS_S (190), GPU_CHECK_TEST_WORKERS (8
@@ -95,6 +96,9 @@ main() {
     ln -sfn "$REPO/kernels" "$site/geocap/kernels"
     ln -sfn "$REPO/analysis" "$site/geocap/analysis"
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    # without this, `python -m pytest` run from the repository root puts the root first on sys.path
+    # and `geocap` resolves to ./geocap, which has no kernels/ or analysis/ inside
+    export PYTHONSAFEPATH=1
     echo "PYTHONPATH=$PYTHONPATH"
 
     # --- environment -----------------------------------------------------------------------
@@ -123,7 +127,12 @@ if torch.cuda.is_available():
 import geocap, geocap.kernels
 print("geocap from", geocap.__file__, "| kernels from", geocap.kernels.__file__)
 EOF
-    echo "env stage rc=$? (elapsed $(elapsed)s)"
+    local env_rc=$?
+    echo "env stage rc=$env_rc (elapsed $(elapsed)s)"
+    if (( env_rc != 0 )); then
+        echo "gpu_check: the environment check failed (see above); nothing else can run. exit status 3"
+        return 3
+    fi
     "$PY" -c "import pytest, pytest_benchmark, hypothesis" 2>/dev/null \
         || echo "WARNING: pytest / pytest_benchmark / hypothesis not all importable (see above); stages needing them will fail"
 
