@@ -139,7 +139,7 @@ EOF
     cd "$REPO" || return 1
 
     # --- the test suite, compiled Triton ---------------------------------------------------
-    local attention_reserve=120 entropy_s=${GPU_CHECK_ENTROPY_S:-45} sanity_s=${GPU_CHECK_SANITY_S:-45} captioner_s=${GPU_CHECK_CAPTIONER_S:-60}
+    local attention_reserve=${GPU_CHECK_ATTENTION_RESERVE_S:-120} entropy_s=${GPU_CHECK_ENTROPY_S:-45} sanity_s=${GPU_CHECK_SANITY_S:-45} captioner_s=${GPU_CHECK_CAPTIONER_S:-60}
     if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]]; then
         ORDER+=(tests); RC[tests]=skipped
         echo; echo "=== [tests] SKIPPED (GPU_CHECK_DRY_RUN=1)"
@@ -151,7 +151,7 @@ EOF
             parallel=(-n "${GPU_CHECK_TEST_WORKERS:-8}" --dist loadfile)
         fi
         run_stage tests "$(stage_limit "${GPU_CHECK_TESTS_S:-190}" $(( sanity_s + entropy_s + captioner_s + attention_reserve )))" \
-            "$PY" -m pytest tests -q -rfE --maxfail=25 -p no:cacheprovider "${parallel[@]}" --junitxml="$OUT/junit_tests.xml"
+            "$PY" -m pytest tests -q -rfE --maxfail=25 -p no:cacheprovider "${parallel[@]}" --tb=short --junitxml="$OUT/junit_tests.xml"
     fi
 
     # --- bench correctness checks (flex score_mod vs geometry_log_bias, variants agree) --------
