@@ -242,6 +242,36 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path, store_path, records)
     assert not fresh.exists() and not leftovers(tmp_path)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_write_removes_the_stale_temporaries_of_its_target(tmp_path, records):
+    """What a killed writer left (``<path>.tmp-<dead pid>``) goes at the next write of the same
+    path; a live writer's temporary, other targets' and other files stay."""
+    import subprocess
+    import sys
+    path = tmp_path / "features.h5"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = dead_pid()
+        stale = [f"features.h5.tmp-{dead}"]
+        kept = [f"features.h5.tmp-{live.pid}", f"other.h5.tmp-{dead}", f"features.h5.tmp-{dead}x",
+                f"xfeatures.h5.tmp-{dead}", "features.h5.tmp-abc"]
+        for name in stale + kept:
+            (tmp_path / name).write_text("partial")
+        write_store(path, iter(records), progress=False)
+        assert sorted(os.listdir(tmp_path)) == sorted(kept + ["features.h5"])
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_rewriting_a_store_from_itself(store_path, records):
     # the reader keeps the old file open while the new one replaces it
     write_store(store_path, FeatureStore(store_path), feature_dtype="float32", progress=False)

@@ -331,15 +331,28 @@ def test_ort_vocabulary_keeps_the_end_token_in_the_loss(ort_data_dir, tmp_path):
         token_loss(log_probs, tgt, 0.0, None)
 
 
-def test_start_deletes_stale_temporaries_of_the_run_files(tmp_path):
-    from geocap.train import remove_stale_temporaries
-    own = f"{LATEST}.tmp-{os.getpid()}"
-    stale = [f"{LATEST}.tmp-12345", f"{METRICS}.tmp-7", "train_config.json.tmp-99", f"{BEST}.tmp-3"]
-    kept = [own, f"{LATEST}.tmp-abc", "notes.txt.tmp-5", f"x{LATEST}.tmp-5", LATEST]
-    for name in stale + kept:
-        (tmp_path / name).write_text("x")
-    assert remove_stale_temporaries(str(tmp_path)) == sorted(stale)
-    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+def test_start_deletes_stale_temporaries_of_the_run_files(data_dir, tmp_path):
+    """A (re)start removes the temporaries that dead writers left of the run's files, and only
+    those (a live process's stays)."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = proc.pid
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        stale = [f"{LATEST}.tmp-{dead}", f"{METRICS}.tmp-{dead}", f"train_config.json.tmp-{dead}",
+                 f"{BEST}.tmp-{dead}"]
+        kept = [f"{BEST}.tmp-{live.pid}", f"{LATEST}.tmp-abc", f"notes.txt.tmp-{dead}", f"x{LATEST}.tmp-{dead}"]
+        for name in stale + kept:
+            (out / name).write_text("x")
+        train(_config(data_dir, out, steps=1))
+        assert sorted(os.listdir(out)) == sorted(kept + [LATEST, METRICS, "train_config.json"])
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_resume_refuses_a_checkpoint_of_per_caption_batches(data_dir, tmp_path):

@@ -39,14 +39,14 @@ Conventions:
   workers' caption draws are reproducible per epoch but not across a mid-epoch resume).
 - Only rank 0 writes files; checkpoints are written atomically (temporary file + rename). At the
   start rank 0 deletes what killed runs left in RUN: the temporaries ``<name>.tmp-<pid>`` of the
-  run's own files (config, checkpoints, metrics) of any pid but its own.
+  run's own files (config, checkpoints, metrics) whose pid is no longer alive
+  (:func:`geocap.data.atomic.remove_stale_temporaries`).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from geocap import distributed as D
 from geocap.checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from geocap.data.atomic import write_text_atomic
+from geocap.data.atomic import remove_stale_temporaries, write_text_atomic
 from geocap.data.dataset import BucketBatchSampler, CaptionDataset
 from geocap.decoding import greedy_decode
 from geocap.metrics import cider_d
@@ -68,6 +68,7 @@ from .schedule import LRSchedule
 from .scst import PolicyModule, SCSTObjective, captions_text, reward_scorer
 from .step import CrossEntropyObjective, make_optimizer, optimizer_update
 
+RUN_FILES = (CONFIG_FILE, LATEST, BEST, METRICS)  # what a run writes in RUN
 XE_BATCHES = "images"  # extra["xe_batches"]: what a cross-entropy batch counts (checked at resume)
 
 
@@ -210,22 +211,6 @@ class _MetricsLog:
                 fh.write(json.dumps(entry) + "\n")
 
 
-def remove_stale_temporaries(folder: str, names=(CONFIG_FILE, LATEST, BEST, METRICS)) -> list:
-    """Delete ``folder/<name>.tmp-<pid>`` (the temporary names of
-    :func:`geocap.data.atomic.atomic_output`) for each of ``names`` and every pid but this
-    process's: what a run killed while writing left behind. Returns the names deleted. Call it
-    only where no other live process writes those files (the trainer's rank 0 at its start)."""
-    pattern = re.compile("(?:" + "|".join(re.escape(n) for n in names) + r")\.tmp-(\d+)")
-    removed = []
-    for entry in sorted(os.listdir(folder)):
-        match = pattern.fullmatch(entry)
-        if match and int(match.group(1)) != os.getpid():
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, entry))
-            removed.append(entry)
-    return removed
-
-
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train per ``config`` (see TrainConfig and the module doc), from scratch or, with
     ``resume``, from ``config.out``/checkpoint-latest.pt. Under torchrun (WORLD_SIZE > 1) this
@@ -289,7 +274,8 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                              f"a new run")
     if info.is_main:
         os.makedirs(config.out, exist_ok=True)
-        remove_stale_temporaries(config.out)
+        for name in RUN_FILES:
+            remove_stale_temporaries(os.path.join(config.out, name))
         write_text_atomic(os.path.join(config.out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
 
     cpi = config.captions_per_image
