@@ -365,3 +365,40 @@ def test_resume_refuses_a_checkpoint_of_per_caption_batches(data_dir, tmp_path):
     with pytest.raises(ValueError, match="held --batch-size captions"):
         train(_config(data_dir, out, steps=4), resume=True)
     assert train(_config(data_dir, out, steps=3, scst_from_step=2, scst_samples=2), resume=True).step == 3
+
+
+def test_run_records_the_data_path_absolute_and_resumes_from_elsewhere(data_dir, tmp_path, monkeypatch):
+    root = os.path.dirname(data_dir)
+    monkeypatch.chdir(root)
+    relative = os.path.basename(data_dir)
+    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--batch-size", "4",
+            "--val-every", "0", "--no-progress"]
+    run = str(tmp_path / "run")
+    assert cli_main(["train", "--data", relative, "--out", run, "--steps", "2", *tiny]) == 0
+    with open(os.path.join(run, "train_config.json"), encoding="utf-8") as fh:
+        assert json.load(fh)["data"] == os.path.abspath(data_dir)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", "--out", run, "--resume", "--steps", "3"]) == 0
+    assert load_checkpoint(os.path.join(run, LATEST)).step == 3
+
+
+def test_a_refused_resume_writes_nothing(data_dir, tmp_path, capsys):
+    """Options that do not fit the checkpoint or the data are refused before anything in RUN is
+    written: the next plain --resume still reads the run's own options."""
+    run = tmp_path / "run"
+    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--batch-size", "4",
+            "--val-every", "0", "--no-progress"]
+    assert cli_main(["train", "--data", data_dir, "--out", str(run), "--steps", "2", *tiny]) == 0
+    other = synth_data_dir(tmp_path / "other", images=12, seed=3, feature_dim=16)  # another vocabulary
+    before = {name: (run / name).read_bytes() for name in os.listdir(run)}
+    refusals = {
+        "another vocabulary": ["--data", other],
+        "no val": ["--val-split", "nope", "--val-every", "1"],
+        "heads": ["--heads", "4"],
+    }
+    for name, argv in refusals.items():
+        assert cli_main(["train", "--out", str(run), "--resume", "--steps", "4", *argv]) == 2, name
+        assert "geocap: error:" in capsys.readouterr().err, name
+        assert {n: (run / n).read_bytes() for n in os.listdir(run)} == before, name
+    assert cli_main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0
+    assert load_checkpoint(run / LATEST).step == 3

@@ -45,6 +45,7 @@ Conventions:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -215,9 +216,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train per ``config`` (see TrainConfig and the module doc), from scratch or, with
     ``resume``, from ``config.out``/checkpoint-latest.pt. Under torchrun (WORLD_SIZE > 1) this
     runs DistributedDataParallel. ValueError for bad options, missing data, a run folder that
-    already holds a run (without ``resume``), or a checkpoint that does not fit the options."""
+    already holds a run (without ``resume``), or a checkpoint that does not fit the options or
+    the data; all of them are raised before anything is written in ``config.out``. The run's
+    ``train_config.json`` (and checkpoints) record ``data`` as an absolute path."""
     config.validate()
     config.require_paths()
+    # the run records where its data is: absolute, so that --resume works from any directory
+    config = dataclasses.replace(config, data=os.path.abspath(config.data))
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     device = _resolve_device(config, local_rank)
     amp_dtype = _resolve_precision(config, device)
@@ -272,12 +277,6 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                              f"--batch-size captions (now images, each with its captions), so its data position "
                              f"means other batches; continue it with SCST (--scst-from-step {ckpt.step}) or start "
                              f"a new run")
-    if info.is_main:
-        os.makedirs(config.out, exist_ok=True)
-        for name in RUN_FILES:
-            remove_stale_temporaries(os.path.join(config.out, name))
-        write_text_atomic(os.path.join(config.out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
-
     cpi = config.captions_per_image
     train_ds = CaptionDataset(config.features_path, config.captions_path, config.train_split, per_image=True,
                               captions_per_image="one-random" if cpi == "one-random" else "all")
@@ -351,6 +350,21 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                                objective])
         return tuple(scst_parts)
 
+    def no_batch(phase):
+        dataset, _, _ = phase_data(phase)
+        size = config.scst_images_per_batch if phase == "scst" else config.batch_size
+        return (f"split {config.train_split!r} gives no {phase} batch per process "
+                f"({len(dataset)} images, {size} per batch, {info.world_size} processes)")
+
+    # everything is checked before the first write, so a refused run (or resume) leaves RUN as it was
+    if not epoch_batches(phase_data(config.phase_at(step))[1], epoch, info.rank, info.world_size):
+        raise ValueError(no_batch(config.phase_at(step)))
+    if info.is_main:
+        os.makedirs(config.out, exist_ok=True)
+        for name in RUN_FILES:
+            remove_stale_temporaries(os.path.join(config.out, name))
+        write_text_atomic(os.path.join(config.out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
+
     def amp_context():
         return _autocast(device, amp_dtype)
     log = _MetricsLog(os.path.join(config.out, METRICS), info.is_main, step if ckpt is not None else None)
@@ -380,9 +394,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
             dataset, sampler, objective = phase_data(phase)
             batches = epoch_batches(sampler, epoch, info.rank, info.world_size)
             if not batches:
-                size = config.scst_images_per_batch if phase == "scst" else config.batch_size
-                raise ValueError(f"split {config.train_split!r} gives no {phase} batch per process "
-                                 f"({len(dataset)} images, {size} per batch, {info.world_size} processes)")
+                raise ValueError(no_batch(phase))
             if batch_index >= len(batches):
                 epoch, batch_index = epoch + 1, 0
                 continue
