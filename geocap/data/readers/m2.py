@@ -10,6 +10,7 @@ from typing import Iterable, Iterator, Mapping, Optional
 
 import h5py
 
+from ..hdf5_errors import named_hdf5_errors
 from ..records import DataError, ImageFeatures
 from ._common import (FeatureStream, ReadStats, check_on_error, handle, make_image,
                       requested_ids, size_of)
@@ -47,7 +48,7 @@ def _records(path, sizes, wanted, on_error, stats) -> Iterator[ImageFeatures]:
         f = h5py.File(path, "r")
     except OSError as err:
         raise DataError(f"{path}: not an HDF5 file ({err})") from None
-    with f:
+    with f, named_hdf5_errors(str(path), "HDF5 file"):
         if wanted is not None:
             items = [(i, [str(i)]) for i in wanted]
         else:
@@ -78,14 +79,15 @@ def _image(f, path, image_id, prefixes, sizes, stats) -> ImageFeatures:
         raise DataError(f"{at}: duplicate image id (datasets "
                         f"{', '.join(p + '_features' for p in sorted(prefixes))})")
     prefix = prefixes[0]
-    if f"{prefix}_features" not in f:
-        raise DataError(f"{at}: no {prefix}_features dataset (image not in the file)")
-    if f"{prefix}_boxes" not in f:
-        raise DataError(f"{at}: no {prefix}_boxes dataset; boxes are required")
-    width, height = size_of(sizes, image_id, str(path))
-    try:
-        features, boxes = f[f"{prefix}_features"][()], f[f"{prefix}_boxes"][()]
-    except (OSError, TypeError, KeyError, AttributeError) as err:
-        raise DataError(f"{at}: unreadable datasets ({err})") from None
+    with named_hdf5_errors(at, "datasets"):
+        if f"{prefix}_features" not in f:
+            raise DataError(f"{at}: no {prefix}_features dataset (image not in the file)")
+        if f"{prefix}_boxes" not in f:
+            raise DataError(f"{at}: no {prefix}_boxes dataset; boxes are required")
+        width, height = size_of(sizes, image_id, str(path))
+        try:
+            features, boxes = f[f"{prefix}_features"][()], f[f"{prefix}_boxes"][()]
+        except (TypeError, AttributeError) as err:    # a group or a link where a dataset belongs
+            raise DataError(f"{at}: unreadable datasets ({err})") from None
     return make_image(str(path), image_id, features, boxes,
                       units="pixel", width=width, height=height, stats=stats)
