@@ -402,3 +402,67 @@ def test_a_refused_resume_writes_nothing(data_dir, tmp_path, capsys):
         assert {n: (run / n).read_bytes() for n in os.listdir(run)} == before, name
     assert cli_main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0
     assert load_checkpoint(run / LATEST).step == 3
+
+
+def _children(pid: int) -> list:
+    """The pids whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
+def test_torchrun_ranks_die_with_a_killed_launcher(data_dir, tmp_path):
+    """torchrun starts each rank in a session of its own: SIGKILL the launcher alone and the two
+    gloo ranks of a long training run must be gone within a few seconds, not train on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "geocap", "train", "--data", data_dir, "--out", str(out),
+           "--steps", "100000", "--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64",
+           "--batch-size", "2", "--val-every", "0", "--checkpoint-every", "0", "--log-every", "1",
+           "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / METRICS).exists() or out.joinpath(METRICS).stat().st_size == 0:   # both ranks train
+            assert launcher.poll() is None, "torchrun ended before training"
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2 and all(_running(p) for p in ranks)
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while any(_running(p) for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in ranks if _running(p)], "ranks still running after the launcher died"
+    finally:
+        for pid in ranks:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
