@@ -88,8 +88,8 @@ class Captioner:
     # -- inputs ------------------------------------------------------------------------------
     def _tensor(self, name: str, value) -> torch.Tensor:
         if isinstance(value, np.ndarray):
-            if value.dtype == object:
-                raise ValueError(f"{name} must be a numeric array, got dtype object")
+            if value.dtype.kind not in "biuf":         # strings, objects, dates, complex...
+                raise ValueError(f"{name} must be a numeric array, got dtype {value.dtype}")
             return torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")

@@ -1,7 +1,13 @@
 """Process-group helpers for ``torchrun`` (or any launcher that sets RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT): NCCL on CUDA, gloo on CPU; a single process when
 WORLD_SIZE is unset or 1. Rank 0 is the one that writes files. Shared by the jobs that sit on
-the model (training, dumps); depends on torch only."""
+the model (training, dumps); depends on torch only.
+
+A rank dies with its launcher: ``torchrun`` starts each rank in a session of its own, so
+killing the launcher alone (SIGKILL, or a crash) used to leave the ranks running to the end;
+:func:`setup` makes a rank that torchrun started (``TORCHELASTIC_RUN_ID`` set) die with its
+parent, the launcher (:func:`geocap.parent_death.die_with_parent`). Ranks started otherwise
+(by hand with the variables set, ``torch.multiprocessing``) are left as they are."""
 from __future__ import annotations
 
 import os
@@ -9,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from geocap.parent_death import die_with_parent
 
 
 @dataclass
@@ -39,13 +47,16 @@ def _env_int(name: str, default: int) -> int:
 
 def setup(device_kind: str) -> DistInfo:
     """Join the process group described by the environment (``device_kind`` "cuda" -> NCCL,
-    else gloo); a no-op for one process. An already initialised group is reused."""
+    else gloo); a no-op for one process. An already initialised group is reused. A rank that
+    torchrun started dies with the launcher from here on."""
     world = _env_int("WORLD_SIZE", 1)
     rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if world <= 1:
         return DistInfo()
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    if os.environ.get("TORCHELASTIC_RUN_ID"):      # started by torchrun: the parent is the launcher
+        die_with_parent()
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local, False)
     for name in ("MASTER_ADDR", "MASTER_PORT"):

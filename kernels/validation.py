@@ -107,6 +107,23 @@ def check_geometry_weights(wg_weight, wg_bias, heads: int | None = None, dim_g: 
         raise ValueError(f"wg_bias must have shape [H] = {(heads,)}, got {tuple(wg_bias.shape)}")
 
 
+def check_finite(name: str, t: torch.Tensor, valid=None) -> None:
+    """ValueError naming ``name`` and the first ``[b, i]`` whose values hold NaN or inf, for
+    ``t`` ``[B, N, ...]``; rows where ``valid`` ``[B, N]`` is False are not checked. A value
+    check (skipped under ``value_checks(False)``): one reduction and one host synchronisation."""
+    if t.numel() == 0 or not _value_checks:
+        return
+    bad = ~torch.isfinite(t.detach()).flatten(2).all(-1)
+    if valid is not None:
+        bad &= valid
+    if not bool(bad.any()):
+        return
+    bi, ni = (int(x) for x in bad.nonzero()[0].tolist())
+    kind = "NaN" if bool(torch.isnan(t[bi, ni]).any()) else "inf"
+    raise ValueError(f"{name} hold {kind} values: image {bi}, box {ni} ({name}[{bi}, {ni}]; "
+                     f"{int(bad.sum())} boxes affected)")
+
+
 def check_boxes(boxes, batch: int | None = None, n: int | None = None, key_padding_mask=None) -> None:
     """boxes ``[B, N, 4]`` normalised (x1, y1, x2, y2): finite, x2 >= x1, y2 >= y1, inside [0, 1].
 

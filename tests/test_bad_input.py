@@ -16,6 +16,7 @@ greedy_decode, beam_search, sample         ValueError "memory holds no image"
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,6 +258,35 @@ def test_malformed_tokens_name_tokens(captioner, tokens, message):
     features, boxes, mask = make_inputs(batch=1)
     with pytest.raises(ValueError, match=f"tokens.*{message}|{message}"):
         captioner.model(features, boxes, mask, tokens)
+
+
+@pytest.mark.parametrize("tokens", [np.array([["a", "b"]]), np.array([[b"4", b"5"]]), np.array([[4, None]]),
+                                    np.array([[4 + 1j, 5]])], ids=["str", "bytes", "object", "complex"])
+def test_non_numeric_token_arrays_name_tokens(captioner, tokens):
+    """Strings (or objects, complex numbers) as token ids: the documented ValueError, not a TypeError."""
+    features, boxes, mask = make_inputs(batch=1)
+    raises_for("Captioner.log_probs", "tokens must be a numeric array", captioner.log_probs, features, boxes,
+               tokens, mask)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_features_name_features_and_the_image(captioner, value):
+    """NaN/inf in a real box's features: a ValueError naming features, the image and the box,
+    through every entry point (before the fix caption gave '' and log_probs NaN); in a padded
+    slot they are ignored."""
+    features, boxes, mask = make_inputs()
+    bad = features.clone()
+    bad[1, 1, 3] = value
+    kind = "NaN" if value != value else "inf"
+    for name, call in entry_points(captioner).items():
+        raises_for(name, rf"features hold {kind} values: image 1, box 1", call, bad, boxes, mask)
+    raises_for("Captioner.caption(numpy)", "features hold", captioner.caption, bad.numpy(), boxes.numpy(),
+               mask.numpy())
+    padded = features.clone()
+    padded[1, 3] = value                        # image 1 has 2 real boxes: slot 3 is padding
+    assert captioner.caption(padded, boxes, mask, beam_size=1, max_len=4) == captioner.caption(
+        features, boxes, mask, beam_size=1, max_len=4)
+    assert torch.isfinite(captioner.log_probs(padded, boxes, tokens_for(), mask)).all()
 
 
 # -- 5. max_len < 1 (and beyond the model's positions) -------------------------------------------------

@@ -365,6 +365,37 @@ def test_m2_requires_boxes(tmp_path, rng):
     assert_names(err, path, 1)
 
 
+def test_npz_box_file_without_its_feature_file(tmp_path, rng):
+    """A ``<id>.npy`` box file whose ``<id>.npz`` is missing is an error for that image (it was
+    dropped silently); with skip, it is counted."""
+    images = random_images(rng, 3, dim=8, n_boxes=3)
+    feat, box = write_npz_dir(tmp_path / "att", tmp_path / "box", images, relative=True)
+    (feat / "2.npz").unlink()
+    with pytest.raises(DataError, match="no feature file for this image .*box file") as err:
+        list(read_npz_dir(feat, box, box_units="relative"))
+    assert_names(err, feat / "2.npz", 2)
+    stats = ReadStats()
+    assert [r.image_id for r in read_npz_dir(feat, box, box_units="relative", on_error="skip",
+                                             stats=stats)] == [1, 3]
+    assert stats.skipped_images == 1 and "image 2" in stats.errors[0]
+
+
+def test_m2_boxes_without_features(tmp_path, rng):
+    """``<id>_boxes`` without ``<id>_features`` is an error for that image (it was dropped
+    silently); with skip, it is counted."""
+    images = random_images(rng, 3, dim=8, n_boxes=3)
+    path = write_m2_h5(tmp_path / "det.hdf5", images)
+    with h5py.File(path, "a") as f:
+        del f["2_features"]
+    with pytest.raises(DataError, match="no 2_features dataset .*has its 2_boxes") as err:
+        list(read_m2_hdf5(path, sizes=sizes_of(images)))
+    assert_names(err, path, 2)
+    stats = ReadStats()
+    assert [r.image_id for r in read_m2_hdf5(path, sizes=sizes_of(images), on_error="skip",
+                                             stats=stats)] == [1, 3]
+    assert stats.skipped_images == 1 and "image 2" in stats.errors[0]
+
+
 def test_m2_reader_refuses_an_hdf5_file_of_another_kind(tmp_path):
     """An HDF5 file without any '<id>_features' dataset (a geocap store, a cocotalk file) is a
     DataError naming it, not an empty stream."""

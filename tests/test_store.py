@@ -242,6 +242,36 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path, store_path, records)
     assert not fresh.exists() and not leftovers(tmp_path)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_write_removes_the_stale_temporaries_of_its_target(tmp_path, records):
+    """What a killed writer left (``<path>.tmp-<dead pid>``) goes at the next write of the same
+    path; a live writer's temporary, other targets' and other files stay."""
+    import subprocess
+    import sys
+    path = tmp_path / "features.h5"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = dead_pid()
+        stale = [f"features.h5.tmp-{dead}"]
+        kept = [f"features.h5.tmp-{live.pid}", f"other.h5.tmp-{dead}", f"features.h5.tmp-{dead}x",
+                f"xfeatures.h5.tmp-{dead}", "features.h5.tmp-abc"]
+        for name in stale + kept:
+            (tmp_path / name).write_text("partial")
+        write_store(path, iter(records), progress=False)
+        assert sorted(os.listdir(tmp_path)) == sorted(kept + ["features.h5"])
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_rewriting_a_store_from_itself(store_path, records):
     # the reader keeps the old file open while the new one replaces it
     write_store(store_path, FeatureStore(store_path), feature_dtype="float32", progress=False)
@@ -464,3 +494,67 @@ def test_prepro_from_public_formats(tmp_path, capsys):
     names.write_text("\n".join(LABELS) + "\n")
     assert run_prepro([*runs["m2"], "--out", tmp_path / "named.h5", "--label-names", names]) == 0
     assert FeatureStore(tmp_path / "named.h5").label_names == LABELS
+
+
+# ---------------------------------------------------------------------------- corrupt HDF5 metadata
+
+
+def _corrupt(path, signature: bytes, at: int = 0):
+    """Overwrite the ``at``-th occurrence of an HDF5 structure's signature (b"HEAP" a local heap,
+    b"SNOD" a group's symbol table node, b"TREE" a B-tree node) with junk."""
+    data = bytearray(path.read_bytes())
+    pos = -1
+    for _ in range(at + 1):
+        pos = data.index(signature, pos + 1)
+    data[pos:pos + len(signature)] = b"\xa5" * len(signature)
+    path.write_bytes(bytes(data))
+
+
+def _corrupted_tree(path, seed: int):
+    """Four random bytes of the first 4 KiB (superblock, root group, object headers) overwritten."""
+    import random
+    data = bytearray(path.read_bytes())
+    rnd = random.Random(seed)
+    for _ in range(4):
+        data[rnd.randrange(min(4096, len(data)))] = rnd.randrange(256)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("source", ["store", "m2-h5"])
+@pytest.mark.parametrize("damage", ["HEAP", "SNOD", "TREE", "random"])
+def test_corrupt_hdf5_metadata_is_one_line_naming_the_file(tmp_path, capsys, source, damage):
+    """Damaged HDF5 metadata in a feature store or an M2 file: `geocap prepro features` exits 2 with
+    one line `geocap: error: ...` naming the file (h5py raises RuntimeError, KeyError or OSError
+    there, depending on the structure hit)."""
+    from data_formats import random_images, sizes_of, write_json, write_m2_h5
+
+    from geocap.cli import main
+    bad = tmp_path / "bad.h5"
+    extra = []
+    if source == "store":
+        write_store(bad, make_records(6, d=8), label_names=LABELS, progress=False)
+    else:
+        images = random_images(np.random.default_rng(1), 6, 8, n_boxes=(2, 4))
+        write_m2_h5(bad, images)
+        extra = ["--sizes", str(write_json(tmp_path / "sizes.json", {"images": [
+            {"id": i, "width": w, "height": h} for i, (w, h) in sizes_of(images).items()]}))]
+    pristine = bad.read_bytes()
+    seeds = range(30) if damage == "random" else [None]
+    failures = 0
+    for seed in seeds:
+        bad.write_bytes(pristine)
+        if seed is None:
+            _corrupt(bad, damage.encode())
+        else:
+            _corrupted_tree(bad, seed)
+        out = tmp_path / "out.h5"
+        code = main(["prepro", "features", "--from", source, str(bad), "--out", str(out), "--no-progress", *extra])
+        err = capsys.readouterr().err
+        if code == 0:      # random bytes may hit nothing that is read
+            continue
+        failures += 1
+        assert code == 2, (seed, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("geocap: error: ") and str(bad) in lines[0], (seed, err)
+        assert leftovers(tmp_path) == []
+    assert failures

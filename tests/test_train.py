@@ -331,15 +331,28 @@ def test_ort_vocabulary_keeps_the_end_token_in_the_loss(ort_data_dir, tmp_path):
         token_loss(log_probs, tgt, 0.0, None)
 
 
-def test_start_deletes_stale_temporaries_of_the_run_files(tmp_path):
-    from geocap.train import remove_stale_temporaries
-    own = f"{LATEST}.tmp-{os.getpid()}"
-    stale = [f"{LATEST}.tmp-12345", f"{METRICS}.tmp-7", "train_config.json.tmp-99", f"{BEST}.tmp-3"]
-    kept = [own, f"{LATEST}.tmp-abc", "notes.txt.tmp-5", f"x{LATEST}.tmp-5", LATEST]
-    for name in stale + kept:
-        (tmp_path / name).write_text("x")
-    assert remove_stale_temporaries(str(tmp_path)) == sorted(stale)
-    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+def test_start_deletes_stale_temporaries_of_the_run_files(data_dir, tmp_path):
+    """A (re)start removes the temporaries that dead writers left of the run's files, and only
+    those (a live process's stays)."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = proc.pid
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        stale = [f"{LATEST}.tmp-{dead}", f"{METRICS}.tmp-{dead}", f"train_config.json.tmp-{dead}",
+                 f"{BEST}.tmp-{dead}"]
+        kept = [f"{BEST}.tmp-{live.pid}", f"{LATEST}.tmp-abc", f"notes.txt.tmp-{dead}", f"x{LATEST}.tmp-{dead}"]
+        for name in stale + kept:
+            (out / name).write_text("x")
+        train(_config(data_dir, out, steps=1))
+        assert sorted(os.listdir(out)) == sorted(kept + [LATEST, METRICS, "train_config.json"])
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_resume_refuses_a_checkpoint_of_per_caption_batches(data_dir, tmp_path):
@@ -352,3 +365,104 @@ def test_resume_refuses_a_checkpoint_of_per_caption_batches(data_dir, tmp_path):
     with pytest.raises(ValueError, match="held --batch-size captions"):
         train(_config(data_dir, out, steps=4), resume=True)
     assert train(_config(data_dir, out, steps=3, scst_from_step=2, scst_samples=2), resume=True).step == 3
+
+
+def test_run_records_the_data_path_absolute_and_resumes_from_elsewhere(data_dir, tmp_path, monkeypatch):
+    root = os.path.dirname(data_dir)
+    monkeypatch.chdir(root)
+    relative = os.path.basename(data_dir)
+    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--batch-size", "4",
+            "--val-every", "0", "--no-progress"]
+    run = str(tmp_path / "run")
+    assert cli_main(["train", "--data", relative, "--out", run, "--steps", "2", *tiny]) == 0
+    with open(os.path.join(run, "train_config.json"), encoding="utf-8") as fh:
+        assert json.load(fh)["data"] == os.path.abspath(data_dir)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", "--out", run, "--resume", "--steps", "3"]) == 0
+    assert load_checkpoint(os.path.join(run, LATEST)).step == 3
+
+
+def test_a_refused_resume_writes_nothing(data_dir, tmp_path, capsys):
+    """Options that do not fit the checkpoint or the data are refused before anything in RUN is
+    written: the next plain --resume still reads the run's own options."""
+    run = tmp_path / "run"
+    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--batch-size", "4",
+            "--val-every", "0", "--no-progress"]
+    assert cli_main(["train", "--data", data_dir, "--out", str(run), "--steps", "2", *tiny]) == 0
+    other = synth_data_dir(tmp_path / "other", images=12, seed=3, feature_dim=16)  # another vocabulary
+    before = {name: (run / name).read_bytes() for name in os.listdir(run)}
+    refusals = {
+        "another vocabulary": ["--data", other],
+        "no val": ["--val-split", "nope", "--val-every", "1"],
+        "heads": ["--heads", "4"],
+    }
+    for name, argv in refusals.items():
+        assert cli_main(["train", "--out", str(run), "--resume", "--steps", "4", *argv]) == 2, name
+        assert "geocap: error:" in capsys.readouterr().err, name
+        assert {n: (run / n).read_bytes() for n in os.listdir(run)} == before, name
+    assert cli_main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0
+    assert load_checkpoint(run / LATEST).step == 3
+
+
+def _children(pid: int) -> list:
+    """The pids whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
+def test_torchrun_ranks_die_with_a_killed_launcher(data_dir, tmp_path):
+    """torchrun starts each rank in a session of its own: SIGKILL the launcher alone and the two
+    gloo ranks of a long training run must be gone within a few seconds, not train on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "geocap", "train", "--data", data_dir, "--out", str(out),
+           "--steps", "100000", "--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64",
+           "--batch-size", "2", "--val-every", "0", "--checkpoint-every", "0", "--log-every", "1",
+           "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / METRICS).exists() or out.joinpath(METRICS).stat().st_size == 0:   # both ranks train
+            assert launcher.poll() is None, "torchrun ended before training"
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2 and all(_running(p) for p in ranks)
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while any(_running(p) for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in ranks if _running(p)], "ranks still running after the launcher died"
+    finally:
+        for pid in ranks:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()

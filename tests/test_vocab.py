@@ -202,6 +202,44 @@ def test_prepro_captions_from_coco(tmp_path, capsys):
         run_prepro(["prepro", "captions", "--coco", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
 
 
+def test_prepro_captions_refuses_coco_captions_twice(tmp_path):
+    """The same file twice (also under another name), or one annotation in two files, would
+    double captions silently: refused, naming the files and the image."""
+    one = {"images": [{"id": 1, "width": 640, "height": 480, "file_name": "a.jpg"}],
+           "annotations": [{"image_id": 1, "id": 11, "caption": "a dog"}]}
+    (tmp_path / "a.json").write_text(json.dumps(one))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "copy.json").write_text(json.dumps(one))
+    os.symlink(tmp_path / "a.json", tmp_path / "link.json")
+    base = ["prepro", "captions", "--out", str(tmp_path / "caps"), "--min-count", "1", "--no-progress", "--coco"]
+    for again in [tmp_path / "a.json", tmp_path / "sub" / ".." / "a.json", tmp_path / "link.json"]:
+        with pytest.raises(DataError, match="given twice") as err:
+            run_prepro([*base, str(tmp_path / "a.json"), str(again)])
+        assert str(again) in str(err.value)
+    with pytest.raises(DataError, match="image 1: annotation 11 is also in") as err:
+        run_prepro([*base, str(tmp_path / "a.json"), str(tmp_path / "copy.json")])
+    assert str(tmp_path / "a.json") in str(err.value) and str(tmp_path / "copy.json") in str(err.value)
+    assert not (tmp_path / "caps").exists()
+
+
+def test_prepro_captions_from_cocotalk(tmp_path, capsys):
+    from data_formats import random_captions, write_cocotalk
+    splits = {21: "restval", 20: "val", 22: "test", 23: "train"}
+    captions = random_captions(np.random.default_rng(0), list(splits), per_image=5, max_words=12)
+    write_cocotalk(tmp_path / "cocotalk.json", tmp_path / "cocotalk_label.h5", captions, splits)
+    assert run_prepro(["prepro", "captions", "--cocotalk", str(tmp_path / "cocotalk.json"),
+                       str(tmp_path / "cocotalk_label.h5"), "--out", str(tmp_path / "caps"), "--min-count", "1",
+                       "--no-progress"]) == 0
+    assert "wrote 20 captions of 4 images" in capsys.readouterr().out
+    got = load_captions(tmp_path / "caps")
+    assert sorted(set(got.image_id.tolist())) == [20, 21, 22, 23] and got.split_names == ["test", "train", "val"]
+    by_image = {}
+    for c in captions:
+        by_image.setdefault(c.image_id, []).append(" ".join(t.lower() for t in c.tokens))
+    for image_id, reference in zip(got.image_id.tolist(), got.reference):
+        assert reference in by_image[image_id]
+
+
 def test_vocabulary_with_other_special_ids(tmp_path):
     """ORT's layout: one id 0 for padding, start and end; its ordinary word "UNK" as unk_id, or none."""
     words = ["<eos>", "a", "dog", "UNK", "on"]

@@ -1,17 +1,68 @@
 """Files appear complete or not at all: write to a temporary name beside the target, rename
 when done, remove the temporary file on any failure (an interrupted run leaves the old output
-or none, never a half-written file)."""
+or none, never a half-written file).
+
+The temporary name of ``path`` is ``<path>.tmp-<pid>``. A process killed outright (SIGKILL, a
+power cut) cannot remove its own, so each write first removes the *stale* temporaries of its
+target: those whose pid is no longer alive on this machine (a live writer's file is kept)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+
+
+def temporary_name(path, pid: int | None = None) -> str:
+    """``<path>.tmp-<pid>`` (default: this process's pid)."""
+    return f"{os.fspath(path)}.tmp-{os.getpid() if pid is None else pid}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (a zombie or another user's counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path) -> list:
+    """Delete the temporaries ``<path>.tmp-<pid>`` of ``path`` whose pid is no longer alive
+    (what a killed writer of ``path`` left); returns the names removed, sorted. Other files of
+    the folder, this process's own temporary and those of live processes are left alone."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"\.tmp-(\d+)")
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in sorted(entries):
+        match = pattern.fullmatch(entry)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, entry))
+            removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_output(path):
-    """Yield ``<path>.tmp-<pid>`` to write; on success it replaces ``path``, on failure it is removed."""
+    """Yield ``<path>.tmp-<pid>`` to write; on success it replaces ``path``, on failure (any
+    exception, KeyboardInterrupt included) it is removed. Stale temporaries of ``path`` left by
+    dead processes are removed first."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    remove_stale_temporaries(path)
+    tmp = temporary_name(path)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -6,8 +6,12 @@
                            [--sizes COCO_JSON...] --out features.h5
     geocap prepro features --from m2-h5 FILE --sizes COCO_JSON... --out features.h5
     geocap prepro features --from store STORE... --out features.h5      (copy, merge, change dtype)
-    geocap prepro captions (--karpathy FILE | --coco FILE...) --out DIR [--min-count 5] [--max-len 16]
-                           [--vocab-split train|all]
+    geocap prepro captions (--karpathy FILE | --coco FILE... | --cocotalk JSON LABEL_H5) --out DIR
+                           [--min-count 5] [--max-len 16] [--vocab-split train|all]
+
+``--coco`` refuses a file given twice (by resolved path) and an annotation (image id and
+annotation id) found in two of the files, naming both files and the image, instead of
+doubling captions.
 
 ``add_prepro_parser(subparsers)`` registers ``prepro`` on an argparse subparsers object; each
 handler returns the exit status and raises ``DataError`` (a ValueError) for bad input.
@@ -50,7 +54,12 @@ def add_prepro_parser(subparsers) -> argparse.ArgumentParser:
     caps = sub.add_parser("captions", help="caption annotations -> vocab.json + captions.h5")
     src = caps.add_mutually_exclusive_group(required=True)
     src.add_argument("--karpathy", metavar="FILE", help="Karpathy's dataset_coco.json (tokens and splits)")
-    src.add_argument("--coco", nargs="+", metavar="FILE", help="COCO caption annotations (no splits: 'none')")
+    src.add_argument("--coco", nargs="+", metavar="FILE",
+                     help="COCO caption annotations (no splits: 'none'); each file once, each annotation in "
+                          "one file only")
+    src.add_argument("--cocotalk", nargs=2, metavar=("JSON", "LABEL_H5"),
+                     help="ORT / self-critical cocotalk.json and cocotalk_label.h5 (their words and splits; "
+                          "the vocabulary is rebuilt with --min-count)")
     caps.add_argument("--out", required=True, metavar="DIR")
     caps.add_argument("--min-count", type=int, default=5, help="words seen fewer times become <unk>")
     caps.add_argument("--max-len", type=int, default=16, help="words kept per caption")
@@ -145,16 +154,45 @@ def run_features(args) -> int:
 # ---------------------------------------------------------------------------- captions
 
 
+def _source_name(args) -> str:
+    return args.karpathy or ", ".join(args.coco or args.cocotalk)
+
+
+def _read_coco_files(paths) -> CaptionSet:
+    """The captions of several COCO annotation files; DataError for a file given twice or an
+    annotation (image id, annotation id) in two files."""
+    import os
+
+    from geocap.data import readers
+    seen_paths = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen_paths:
+            raise DataError(f"--coco: {path} is given twice (also as {seen_paths[real]}): its captions would "
+                            f"count double")
+        seen_paths[real] = path
+    merged = CaptionSet()
+    owner = {}                                   # (image id, annotation id) -> file
+    for path in paths:
+        part = readers.read_coco_captions(path)
+        for caption in part.captions:
+            key = (caption.image_id, caption.caption_id)
+            if key in owner:
+                raise DataError(f"{path}: image {caption.image_id}: annotation {caption.caption_id} is also in "
+                                f"{owner[key]} (the same captions in two --coco files?)")
+            owner[key] = path
+        merged.captions.extend(part.captions)
+        merged.splits.update(part.splits)
+    return merged
+
+
 def _read_captions(args) -> CaptionSet:
     from geocap.data import readers
     if args.karpathy:
         return readers.read_karpathy(args.karpathy)
-    merged = CaptionSet()
-    for path in args.coco:
-        part = readers.read_coco_captions(path)
-        merged.captions.extend(part.captions)
-        merged.splits.update(part.splits)
-    return merged
+    if args.cocotalk:
+        return readers.read_cocotalk(*args.cocotalk).captions
+    return _read_coco_files(args.coco)
 
 
 def run_captions(args) -> int:
@@ -168,7 +206,7 @@ def run_captions(args) -> int:
     except FileNotFoundError as err:
         raise DataError(str(err)) from None
     if not captions.captions:
-        raise DataError(f"{args.karpathy or ', '.join(args.coco)}: no captions")
+        raise DataError(f"{_source_name(args)}: no captions")
     counted = captions.captions
     if args.vocab_split == "train" and captions.splits:
         counted = [c for c in captions.captions if captions.splits.get(int(c.image_id)) == "train"]

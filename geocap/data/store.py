@@ -41,6 +41,7 @@ import h5py
 import numpy as np
 
 from geocap.data.atomic import atomic_output
+from geocap.data.hdf5_errors import HDF5_ERRORS, named_hdf5_errors
 from geocap.data.records import DataError, ImageFeatures
 from geocap.progress import progress_bar
 
@@ -296,8 +297,11 @@ class _Open:
             self.h5 = h5py.File(path, "r", locking=False, rdcc_nbytes=0)
         except OSError as err:
             raise DataError(f"{path}: not a readable HDF5 file (not a feature store, or truncated): {err}") from None
+        except HDF5_ERRORS as err:
+            raise DataError(f"{path}: unreadable feature store (corrupt or truncated?): {err}") from None
         try:
-            self._load(path)
+            with named_hdf5_errors(path, "feature store"):
+                self._load(path)
         except BaseException:
             self.h5.close()
             raise
@@ -318,13 +322,10 @@ class _Open:
             raise DataError(f"{path}: incomplete feature store, missing {', '.join(missing)}")
         self.features, self.boxes = h5["features"], h5["boxes"]
         self.labels = h5["labels"] if "labels" in h5 else None
-        try:
-            self.offsets = h5["offsets"][()].astype(np.int64)
-            self.image_ids = h5["image_ids"][()].astype(np.int64)
-            self.image_sizes = h5["image_sizes"][()].astype(np.int32)
-            names = h5["label_names"][()] if "label_names" in h5 else None
-        except OSError as err:
-            raise DataError(f"{path}: unreadable feature store (truncated or corrupt?): {err}") from None
+        self.offsets = h5["offsets"][()].astype(np.int64)
+        self.image_ids = h5["image_ids"][()].astype(np.int64)
+        self.image_sizes = h5["image_sizes"][()].astype(np.int32)
+        names = h5["label_names"][()] if "label_names" in h5 else None
         self.label_names = None if names is None else [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         n, total = len(self.image_ids), self.features.shape[0]
         consistent = (
@@ -458,10 +459,8 @@ class FeatureStore:
         fast path for data loaders."""
         s = self._open
         a, b = int(s.offsets[i]), int(s.offsets[i + 1])
-        try:
+        with named_hdf5_errors(f"{self.path}: image {int(s.image_ids[i])}", "feature store"):
             feats, boxes = s.features[a:b], s.boxes[a:b]
-        except OSError as err:
-            raise DataError(f"{self.path}: cannot read image {int(s.image_ids[i])} (file corrupt?): {err}") from None
         return (feats.astype(np.float32) if float32 else feats), boxes
 
     def __getitem__(self, i: int) -> ImageFeatures:
@@ -474,7 +473,8 @@ class FeatureStore:
         feats, boxes = self.read(i)
         labels = None
         if s.labels is not None:
-            labels = s.labels[int(s.offsets[i]):int(s.offsets[i + 1])].astype(np.int64)
+            with named_hdf5_errors(f"{self.path}: image {int(s.image_ids[i])}", "feature store"):
+                labels = s.labels[int(s.offsets[i]):int(s.offsets[i + 1])].astype(np.int64)
             if (labels < 0).all():
                 labels = None
         width, height = (int(v) for v in s.image_sizes[i])
@@ -496,9 +496,11 @@ class FeatureStore:
             j = int(np.searchsorted(s.offsets, s.offsets[i] + block_rows, side="right")) - 1
             j = min(n, max(j, i + 1))
             a, b = int(s.offsets[i]), int(s.offsets[j])
-            feats = s.features[a:b].astype(np.float32)
-            boxes = s.boxes[a:b]
-            labels = s.labels[a:b].astype(np.int64) if s.labels is not None else None
+            with named_hdf5_errors(f"{self.path}: images {int(s.image_ids[i])}..{int(s.image_ids[j - 1])}",
+                                   "feature store"):
+                feats = s.features[a:b].astype(np.float32)
+                boxes = s.boxes[a:b]
+                labels = s.labels[a:b].astype(np.int64) if s.labels is not None else None
             for k in range(i, j):
                 lo, hi = int(s.offsets[k]) - a, int(s.offsets[k + 1]) - a
                 lab = None if labels is None or (labels[lo:hi] < 0).all() else labels[lo:hi]

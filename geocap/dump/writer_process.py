@@ -29,7 +29,6 @@ writer. SIGINT is ignored in the child: the parent aborts it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import queue
 import signal
@@ -40,20 +39,12 @@ import time
 from multiprocessing.connection import Connection
 from typing import Optional, Sequence
 
+from geocap.parent_death import die_with_parent as _die_with_parent
+
 QUEUE_IMAGES = 32         # messages (images) queued for the writer at most (coco36 with maps: ~1 MB each)
 POLL_S = 0.5              # how often a waiting side checks that the other is alive
 
 __all__ = ["QUEUE_IMAGES", "WriterProcess"]
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:       # the parent died before the prctl
-        os._exit(1)
 
 
 def _serve(commands: Connection, replies: Connection, parent_pid: int) -> None:

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from geocap.kernels import value_checks
-from geocap.kernels.validation import check_boxes, require_tensor
+from geocap.kernels.validation import check_boxes, check_finite, require_tensor
 
 from .config import ORTConfig
 from .decoder import Decoder, DecoderCache, Packing
@@ -165,6 +165,7 @@ class ObjectRelationTransformer(nn.Module):
                              f"got {box_mask.dtype} {tuple(box_mask.shape)}")
         if box_mask.device != features.device:
             raise ValueError(f"box_mask is on {box_mask.device} but features are on {features.device}")
+        check_finite("features", features, box_mask)
         if boxes is None:
             if self.config.geometry:
                 raise ValueError("boxes must be a tensor [B, N, 4]: this model's encoder uses geometry "
@@ -238,7 +239,8 @@ class ObjectRelationTransformer(nn.Module):
         None = all real) into a :class:`Memory` (its cross-attention keys/values computed up front).
 
         Checked (ValueError naming the argument): D = ``config.feature_dim``, floating-point
-        features on the model's device, the mask's shape and dtype, and the boxes of the real
+        features on the model's device, finite in the real slots (the error names the image
+        and the box), the mask's shape and dtype, and the boxes of the real
         slots: finite, x2 >= x1, y2 >= y1, normalised to [0, 1] (this holds with
         ``config.geometry=False`` too, where the boxes are otherwise unused and may be None).
         ``B = 0`` gives an empty Memory; an image without a real box (N = 0, or a mask row all

@@ -22,7 +22,7 @@ import os
 from dataclasses import fields
 
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, TrainConfig
-from .loop import TrainResult, epoch_batches, remove_stale_temporaries, train, validate
+from .loop import TrainResult, epoch_batches, train, validate
 from .schedule import LRSchedule, noam_lr, warmup_lr
 from .scst import PolicyModule, SCSTObjective, SCSTStats, mean_baseline, reward_scorer, scst_loss
 from .step import (CaptionRows, CrossEntropyObjective, caption_rows, make_optimizer, optimizer_update, target_mask,
@@ -32,7 +32,7 @@ __all__ = ["BEST", "CONFIG_FILE", "LATEST", "METRICS", "CaptionRows", "CrossEntr
            "PolicyModule", "SCSTObjective", "SCSTStats", "TrainConfig", "TrainResult", "add_train_parser",
            "caption_rows", "config_from_args", "epoch_batches", "make_optimizer", "mean_baseline", "noam_lr",
            "optimizer_update",
-           "remove_stale_temporaries", "reward_scorer", "run_train", "scst_loss", "target_mask", "token_loss", "train",
+           "reward_scorer", "run_train", "scst_loss", "target_mask", "token_loss", "train",
            "validate", "warmup_lr"]
 
 _HELP = {

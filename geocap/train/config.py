@@ -10,7 +10,8 @@ DIR/dataset_coco.json --out DIR/caps`` produce)::
 
 Run layout (``out``)::
 
-    RUN/train_config.json      the resolved TrainConfig (written at the start, rank 0)
+    RUN/train_config.json      the resolved TrainConfig, ``data`` made absolute (written at the start,
+                               rank 0, once every option and the data have been checked)
     RUN/checkpoint-latest.pt   every ``checkpoint_every`` steps and at the end
     RUN/checkpoint-best.pt     the checkpoint of the best validation CIDEr-D so far
     RUN/metrics.jsonl          one JSON object per line: "kind" "train" or "val"; train lines carry

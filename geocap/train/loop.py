@@ -39,14 +39,15 @@ Conventions:
   workers' caption draws are reproducible per epoch but not across a mid-epoch resume).
 - Only rank 0 writes files; checkpoints are written atomically (temporary file + rename). At the
   start rank 0 deletes what killed runs left in RUN: the temporaries ``<name>.tmp-<pid>`` of the
-  run's own files (config, checkpoints, metrics) of any pid but its own.
+  run's own files (config, checkpoints, metrics) whose pid is no longer alive
+  (:func:`geocap.data.atomic.remove_stale_temporaries`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -56,7 +57,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from geocap import distributed as D
 from geocap.checkpoint import load_checkpoint, restore_rng, save_checkpoint
-from geocap.data.atomic import write_text_atomic
+from geocap.data.atomic import remove_stale_temporaries, write_text_atomic
 from geocap.data.dataset import BucketBatchSampler, CaptionDataset
 from geocap.decoding import greedy_decode
 from geocap.metrics import cider_d
@@ -68,6 +69,7 @@ from .schedule import LRSchedule
 from .scst import PolicyModule, SCSTObjective, captions_text, reward_scorer
 from .step import CrossEntropyObjective, make_optimizer, optimizer_update
 
+RUN_FILES = (CONFIG_FILE, LATEST, BEST, METRICS)  # what a run writes in RUN
 XE_BATCHES = "images"  # extra["xe_batches"]: what a cross-entropy batch counts (checked at resume)
 
 
@@ -210,29 +212,17 @@ class _MetricsLog:
                 fh.write(json.dumps(entry) + "\n")
 
 
-def remove_stale_temporaries(folder: str, names=(CONFIG_FILE, LATEST, BEST, METRICS)) -> list:
-    """Delete ``folder/<name>.tmp-<pid>`` (the temporary names of
-    :func:`geocap.data.atomic.atomic_output`) for each of ``names`` and every pid but this
-    process's: what a run killed while writing left behind. Returns the names deleted. Call it
-    only where no other live process writes those files (the trainer's rank 0 at its start)."""
-    pattern = re.compile("(?:" + "|".join(re.escape(n) for n in names) + r")\.tmp-(\d+)")
-    removed = []
-    for entry in sorted(os.listdir(folder)):
-        match = pattern.fullmatch(entry)
-        if match and int(match.group(1)) != os.getpid():
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, entry))
-            removed.append(entry)
-    return removed
-
-
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train per ``config`` (see TrainConfig and the module doc), from scratch or, with
     ``resume``, from ``config.out``/checkpoint-latest.pt. Under torchrun (WORLD_SIZE > 1) this
     runs DistributedDataParallel. ValueError for bad options, missing data, a run folder that
-    already holds a run (without ``resume``), or a checkpoint that does not fit the options."""
+    already holds a run (without ``resume``), or a checkpoint that does not fit the options or
+    the data; all of them are raised before anything is written in ``config.out``. The run's
+    ``train_config.json`` (and checkpoints) record ``data`` as an absolute path."""
     config.validate()
     config.require_paths()
+    # the run records where its data is: absolute, so that --resume works from any directory
+    config = dataclasses.replace(config, data=os.path.abspath(config.data))
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     device = _resolve_device(config, local_rank)
     amp_dtype = _resolve_precision(config, device)
@@ -287,11 +277,6 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                              f"--batch-size captions (now images, each with its captions), so its data position "
                              f"means other batches; continue it with SCST (--scst-from-step {ckpt.step}) or start "
                              f"a new run")
-    if info.is_main:
-        os.makedirs(config.out, exist_ok=True)
-        remove_stale_temporaries(config.out)
-        write_text_atomic(os.path.join(config.out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
-
     cpi = config.captions_per_image
     train_ds = CaptionDataset(config.features_path, config.captions_path, config.train_split, per_image=True,
                               captions_per_image="one-random" if cpi == "one-random" else "all")
@@ -365,6 +350,21 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                                objective])
         return tuple(scst_parts)
 
+    def no_batch(phase):
+        dataset, _, _ = phase_data(phase)
+        size = config.scst_images_per_batch if phase == "scst" else config.batch_size
+        return (f"split {config.train_split!r} gives no {phase} batch per process "
+                f"({len(dataset)} images, {size} per batch, {info.world_size} processes)")
+
+    # everything is checked before the first write, so a refused run (or resume) leaves RUN as it was
+    if not epoch_batches(phase_data(config.phase_at(step))[1], epoch, info.rank, info.world_size):
+        raise ValueError(no_batch(config.phase_at(step)))
+    if info.is_main:
+        os.makedirs(config.out, exist_ok=True)
+        for name in RUN_FILES:
+            remove_stale_temporaries(os.path.join(config.out, name))
+        write_text_atomic(os.path.join(config.out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
+
     def amp_context():
         return _autocast(device, amp_dtype)
     log = _MetricsLog(os.path.join(config.out, METRICS), info.is_main, step if ckpt is not None else None)
@@ -394,9 +394,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
             dataset, sampler, objective = phase_data(phase)
             batches = epoch_batches(sampler, epoch, info.rank, info.world_size)
             if not batches:
-                size = config.scst_images_per_batch if phase == "scst" else config.batch_size
-                raise ValueError(f"split {config.train_split!r} gives no {phase} batch per process "
-                                 f"({len(dataset)} images, {size} per batch, {info.world_size} processes)")
+                raise ValueError(no_batch(phase))
             if batch_index >= len(batches):
                 epoch, batch_index = epoch + 1, 0
                 continue

@@ -10,11 +10,13 @@ from typing import Iterable, Iterator, Mapping, Optional
 
 import h5py
 
+from ..hdf5_errors import named_hdf5_errors
 from ..records import DataError, ImageFeatures
 from ._common import (FeatureStream, ReadStats, check_on_error, handle, make_image,
                       requested_ids, size_of)
 
 _FEATURES = re.compile(r"^(\d+)_features$")
+_BOXES = re.compile(r"^(\d+)_boxes$")
 
 
 def read_m2_hdf5(path, *, sizes: Optional[Mapping[int, tuple]] = None,
@@ -26,8 +28,9 @@ def read_m2_hdf5(path, *, sizes: Optional[Mapping[int, tuple]] = None,
     in pixels, so ``sizes`` {image_id: (width, height)} must give every image's size (e.g.
     :func:`read_image_sizes` of the COCO annotations); an image without one is a DataError
     naming it. image_ids: these images in this order (one absent from the file is an error for
-    that image); by default every ``<digits>_features`` dataset in ascending id order (two for
-    one id, e.g. ``7_features`` and ``007_features``, are an error for that image).
+    that image); by default every ``<digits>_features`` and ``<digits>_boxes`` dataset in
+    ascending id order (two for one id, e.g. ``7_features`` and ``007_features``, are an error for
+    that image, and so are boxes without their features).
 
     Yields :class:`ImageFeatures`: features float32 ``[N, D]`` as stored; boxes float32
     ``[N, 4]`` normalised, in the file's order (not re-sorted), clipped to the image where
@@ -47,15 +50,20 @@ def _records(path, sizes, wanted, on_error, stats) -> Iterator[ImageFeatures]:
         f = h5py.File(path, "r")
     except OSError as err:
         raise DataError(f"{path}: not an HDF5 file ({err})") from None
-    with f:
+    with f, named_hdf5_errors(str(path), "HDF5 file"):
         if wanted is not None:
             items = [(i, [str(i)]) for i in wanted]
         else:
-            by_id = {}
+            by_id, boxes_only = {}, {}
             for key in f.keys():
                 m = _FEATURES.match(key)
                 if m:
                     by_id.setdefault(int(m.group(1)), []).append(m.group(1))
+                m = _BOXES.match(key)
+                if m:
+                    boxes_only.setdefault(int(m.group(1)), [m.group(1)])
+            for image_id, prefixes in boxes_only.items():   # boxes whose features are missing
+                by_id.setdefault(image_id, prefixes)
             items = sorted(by_id.items())
             if not items:
                 keys = sorted(f.keys())
@@ -78,14 +86,16 @@ def _image(f, path, image_id, prefixes, sizes, stats) -> ImageFeatures:
         raise DataError(f"{at}: duplicate image id (datasets "
                         f"{', '.join(p + '_features' for p in sorted(prefixes))})")
     prefix = prefixes[0]
-    if f"{prefix}_features" not in f:
-        raise DataError(f"{at}: no {prefix}_features dataset (image not in the file)")
-    if f"{prefix}_boxes" not in f:
-        raise DataError(f"{at}: no {prefix}_boxes dataset; boxes are required")
-    width, height = size_of(sizes, image_id, str(path))
-    try:
-        features, boxes = f[f"{prefix}_features"][()], f[f"{prefix}_boxes"][()]
-    except (OSError, TypeError, KeyError, AttributeError) as err:
-        raise DataError(f"{at}: unreadable datasets ({err})") from None
+    with named_hdf5_errors(at, "datasets"):
+        if f"{prefix}_features" not in f:
+            why = f"the file has its {prefix}_boxes" if f"{prefix}_boxes" in f else "image not in the file"
+            raise DataError(f"{at}: no {prefix}_features dataset ({why})")
+        if f"{prefix}_boxes" not in f:
+            raise DataError(f"{at}: no {prefix}_boxes dataset; boxes are required")
+        width, height = size_of(sizes, image_id, str(path))
+        try:
+            features, boxes = f[f"{prefix}_features"][()], f[f"{prefix}_boxes"][()]
+        except (TypeError, AttributeError) as err:    # a group or a link where a dataset belongs
+            raise DataError(f"{at}: unreadable datasets ({err})") from None
     return make_image(str(path), image_id, features, boxes,
                       units="pixel", width=width, height=height, stats=stats)

@@ -26,6 +26,7 @@ from .karpathy import split_name
 
 FEATURE_KEYS = ("feat", "z")
 _ID_FILE = re.compile(r"^(\d+)\.npz$")
+_BOX_FILE = re.compile(r"^(\d+)\.npy$")
 
 
 def read_npz_dir(feature_dir, box_dir, *, box_units: str,
@@ -38,8 +39,9 @@ def read_npz_dir(feature_dir, box_dir, *, box_units: str,
     {image_id: (width, height)} must give, else a :class:`DataError` naming the image) or
     "relative" (``cocobu_box_relative``; ``sizes`` optional, only fills width/height).
     image_ids: these images in this order (a missing file is an error for that image); by
-    default every ``<digits>.npz`` in ``feature_dir`` in ascending id order (two files for one
-    id, e.g. ``7.npz`` and ``007.npz``, are an error for that image).
+    default every ``<digits>.npz`` in ``feature_dir`` and every ``<digits>.npy`` in ``box_dir``
+    in ascending id order (two files for one id, e.g. ``7.npz`` and ``007.npz``, are an error for
+    that image, and so is a box file without its feature file).
 
     Yields :class:`ImageFeatures`: features float32 ``[N, D]`` as stored; boxes float32
     ``[N, 4]`` normalised, in the file's order (not re-sorted), clipped to the image where
@@ -69,6 +71,10 @@ def _npz_records(feature_dir, box_dir, box_units, sizes, wanted, on_error, stats
             m = _ID_FILE.match(name)
             if m:
                 by_id.setdefault(int(m.group(1)), []).append(name)
+        for name in sorted(os.listdir(box_dir)):        # boxes whose features are missing
+            m = _BOX_FILE.match(name)
+            if m:
+                by_id.setdefault(int(m.group(1)), [m.group(1) + ".npz"])
         items = sorted(by_id.items())
     for image_id, names in items:
         try:
@@ -86,7 +92,9 @@ def _npz_image(feature_dir, box_dir, image_id, names, box_units, sizes, stats) -
         raise DataError(f"{feature_dir}: image {image_id}: duplicate image id "
                         f"(files {', '.join(names)})")
     if not feature_path.is_file():
-        raise DataError(f"{feature_path}: image {image_id}: no feature file for this image")
+        box_path = box_dir / (feature_path.stem + ".npy")
+        beside = f" (its box file {box_path} is there)" if box_path.is_file() else ""
+        raise DataError(f"{feature_path}: image {image_id}: no feature file for this image{beside}")
     box_path = box_dir / (feature_path.stem + ".npy")
     if not box_path.is_file():
         raise DataError(f"{box_path}: image {image_id}: no box file for this image")
