@@ -11,7 +11,8 @@ Determinism and resume:
   the manifest and rewriting it atomically, so concurrent ranks never lose an entry.
 * Rerunning the same command skips the shards the manifest lists, deletes this rank's stale
   temporary files, rewrites any shard that was renamed but not yet listed, and rewrites (and
-  reports) any of its listed shards whose file is missing or not of the recorded size. Killing the job
+  reports) any of its listed shards whose file is missing, not of the recorded size or not of
+  the recorded SHA-256 (every listed shard of this rank is hashed: ~1 GB/s). Killing the job
   at any moment (SIGKILL included) therefore loses at most the shards in progress, and the
   finished dump holds exactly the records of an uninterrupted run.
 * The manifest's ``metadata`` is fixed by the first run; a rerun whose metadata differs (another
@@ -44,6 +45,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -52,7 +54,7 @@ import torch
 
 from geocap.data.atomic import write_text_atomic
 from geocap.data.dump_format import (FORMAT, FORMAT_VERSION, LOCK, MANIFEST, DumpError, metadata_digest,
-                                     read_manifest, shard_name)
+                                     read_manifest, shard_name, shard_problem)
 from geocap.dump.writer import COMPRESSIONS
 
 MODES = ("teacher-forced", "generated")
@@ -206,10 +208,15 @@ def _add_shard(out: str, entry: dict) -> dict:
 
 
 def _drop_lost_shards(out: str, entries: list) -> list:
-    """Indices of the listed ``entries`` whose file is missing or not of the recorded size; they
-    are removed from the manifest (under the lock) so that they are written again."""
-    lost = [e["index"] for e in entries if not os.path.isfile(os.path.join(out, e["file"]))
-            or os.path.getsize(os.path.join(out, e["file"])) != e["bytes"]]
+    """Indices of the listed ``entries`` whose file is missing, damaged or replaced (not of the
+    recorded size or SHA-256; shards listed without a digest, by geocap before checksums, are
+    checked by size alone, with a warning); they are removed from the manifest (under the lock)
+    so that they are written again."""
+    lost = [e["index"] for e in entries if shard_problem(os.path.join(out, e["file"]), e, digest=True)]
+    unchecked = [e["file"] for e in entries if "sha256" not in e and e["index"] not in lost]
+    if unchecked:
+        warnings.warn(f"{out}: {len(unchecked)} listed shards (first: {unchecked[0]}) were written without a "
+                      f"checksum (by an older geocap): resuming checks their size only", stacklevel=3)
     if lost:
         with manifest_lock(out):
             manifest = read_manifest(out)
@@ -375,7 +382,7 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
         result.writer_seconds += time.perf_counter() - t0
     closing: dict = {}          # writer process: seq -> (k, lo, hi, t_shard, parent seconds) of shards closing
 
-    def finish(k, lo, hi, t_shard, size, n_records, parent_seconds, child_seconds) -> None:
+    def finish(k, lo, hi, t_shard, size, sha256, n_records, parent_seconds, child_seconds) -> None:
         """A shard is complete (renamed): count it and list it in the manifest."""
         result.writer_seconds += parent_seconds
         result.writer_child_seconds += child_seconds
@@ -383,7 +390,7 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
         result.records += n_records
         result.shards_written.append(k)
         entry = {"index": k, "file": shard_name(k), "images": hi - lo, "records": n_records, "bytes": size,
-                 "rank": rank, "seconds": round(time.perf_counter() - t_shard, 4),
+                 "sha256": sha256, "rank": rank, "seconds": round(time.perf_counter() - t_shard, 4),
                  "writer_seconds": round(parent_seconds, 4)}
         if child is not None:
             entry["writer_child_seconds"] = round(child_seconds, 4)
@@ -391,9 +398,9 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
 
     def collect(block: bool) -> None:
         t0 = time.perf_counter()
-        for seq, size, n_records, child_seconds in child.collect(block):
+        for seq, size, n_records, child_seconds, sha256 in child.collect(block):
             k, lo, hi, t_shard, parent_seconds = closing.pop(seq)
-            finish(k, lo, hi, t_shard, size, n_records, parent_seconds, child_seconds)
+            finish(k, lo, hi, t_shard, size, sha256, n_records, parent_seconds, child_seconds)
         result.writer_seconds += time.perf_counter() - t0
 
     try:
@@ -439,7 +446,7 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
                 shard.abort()
                 raise
             if child is None:
-                finish(k, lo, hi, t_shard, size, shard.n_records, shard.seconds, 0.0)
+                finish(k, lo, hi, t_shard, size, shard.sha256, shard.n_records, shard.seconds, 0.0)
         while closing:
             collect(block=True)             # each shard listed as soon as the writer process renamed it
     finally:
