@@ -731,3 +731,34 @@ def test_dead_writer_process_is_a_one_line_error(base, ckpt, data_dir, tmp_path)
     result = dump(ckpt, data_dir, "train", out, **SETTINGS)
     assert result.complete
     _same_dumps(base, out)
+
+
+def _listing(folder):
+    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in folder.rglob("*"))
+
+
+def test_commands_refuse_to_write_into_a_foreign_folder(base, ckpt, data_dir, tmp_path, capsys):
+    """``geocap dump --out`` into a folder that is not a dump, ``geocap analyze DUMP --out DUMP``
+    (or any folder that is not a report): one error line, nothing written."""
+    from geocap.cli import main
+    foreign = tmp_path / "papers"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    before = _listing(foreign)
+    assert main(["dump", "--checkpoint", ckpt, "--data", data_dir, "--split", "train", "--out", str(foreign),
+                 "--limit", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"geocap: error: --out: {foreign} is not empty and is not a geocap dump; refusing to write "
+                   f"into it"]
+    assert _listing(foreign) == before
+    dump_copy = tmp_path / "dump"
+    shutil.copytree(base, dump_copy)
+    before_dump = _listing(dump_copy)
+    for out, why in ((dump_copy, "is the dump itself"),
+                     (foreign, "is not empty and is not a geocap analysis report; refusing to write into it")):
+        assert main(["analyze", str(dump_copy), "--out", str(out), "--no-progress"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"geocap: error: --out: {out} {why}"
+                                                                 + ("; the report needs a folder of its own"
+                                                                    if out == dump_copy else "")]
+    assert _listing(dump_copy) == before_dump and _listing(foreign) == before

@@ -63,7 +63,8 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
                         help="folder holding the feature store, the captions directory and (synthetic data) "
                              "ground_truth.json")
     parser.add_argument("--split", required=True, help="split of the captions directory")
-    parser.add_argument("--out", required=True, metavar="DUMP", help="the dump directory (created)")
+    parser.add_argument("--out", required=True, metavar="DUMP",
+                        help="the dump directory (created; must be empty, absent or this dump, to resume it)")
     parser.add_argument("--mode", choices=("teacher-forced", "generated"), default="teacher-forced",
                         help="teacher-force the reference captions (default) or the model's own (beam search)")
     parser.add_argument("--what", default="encoder,decoder,cross",

@@ -56,6 +56,7 @@ from geocap.data.atomic import write_text_atomic
 from geocap.data.dump_format import (FORMAT, FORMAT_VERSION, LOCK, MANIFEST, DumpError, metadata_digest,
                                      read_manifest, shard_name, shard_problem)
 from geocap.dump.writer import COMPRESSIONS
+from geocap.out_dir import check_out_dir
 
 MODES = ("teacher-forced", "generated")
 WRITERS = ("process", "inline")     # the shard writer in a child process (default) or in this one
@@ -282,8 +283,7 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
     if not os.path.isdir(data):
         raise ValueError(f"data: {data}: no such directory")
     out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"out: {out} exists and is not a directory")
+    check_out_dir(out, marker=MANIFEST, kind="geocap dump")        # a dump (resumed) or a new folder
     store_path, caps_dir = os.path.join(data, features_file), os.path.join(data, captions)
     if not os.path.isfile(store_path):
         raise ValueError(f"data: {store_path}: feature store missing")
