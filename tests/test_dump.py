@@ -356,7 +356,7 @@ def test_writer_process_errors_reach_the_parent(tmp_path):
 def test_stats_only_with_the_analysis_collector(base, ckpt, data_dir, tmp_path):
     from geocap.analysis import StatsCollector
     out = tmp_path / "stats"
-    dump(ckpt, data_dir, "train", out, stats_only=True, limit=8, **SETTINGS)      # 2 shards, default collector
+    dump(ckpt, data_dir, "train", out, stats_only=True, stats_collector=StatsCollector, limit=8, **SETTINGS)  # 2 shards
     stats = open_dump(out, progress=False).stats(StatsCollector)
     full = open_dump(base, progress=False)[:len(open_dump(out, progress=False))]
     sequential = StatsCollector()
@@ -762,3 +762,29 @@ def test_commands_refuse_to_write_into_a_foreign_folder(base, ckpt, data_dir, tm
                                                                  + ("; the report needs a folder of its own"
                                                                     if out == dump_copy else "")]
     assert _listing(dump_copy) == before_dump and _listing(foreign) == before
+
+
+def test_dump_takes_its_collector_and_imports_no_analysis(ckpt, data_dir, tmp_path):
+    """The dump sits below the analyses: a stats-only dump needs its collector passed in, and
+    nothing of geocap.analysis is imported by the job."""
+    code = (f"import sys\nfrom geocap.dump.job import dump\n"
+            f"try:\n    dump({ckpt!r}, {str(data_dir)!r}, 'train', {str(tmp_path / 'd')!r}, stats_only=True,"
+            f" limit=4, shard_images=4, progress=False)\nexcept ValueError as err:\n    print('error:', err)\n"
+            f"print('analysis imported:', any(m.split('.')[0] == 'analysis' or m.startswith('geocap.analysis')"
+            f" for m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "error: stats_only needs stats_collector" in out and "analysis imported: False" in out, out
+
+
+def test_device_resolution_is_shared_and_names_the_device():
+    from geocap.distributed import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None, 0).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device: not a torch device .*'gpu7'"):
+        resolve_device("gpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda:1': CUDA is not available"):
+            resolve_device("cuda:1")
+    import geocap.dump.job
+    import geocap.train.loop
+    assert not hasattr(geocap.dump.job, "_resolve_device") and not hasattr(geocap.train.loop, "_resolve_device")
