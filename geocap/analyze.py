@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from geocap.out_dir import check_out_dir
+
+REPORT_MARKER = "analysis.json"       # what every report folder holds (geocap.analysis.run_analyses)
+
 
 def _open_dump(path: str, progress: bool):
     from geocap.data.dump_format import open_dump  # lazy: h5py and the reader only when analysing
@@ -22,6 +26,9 @@ def run_analyze(args) -> int:
 
     if not os.path.exists(args.dump):
         raise ValueError(f"dump {args.dump!r} does not exist")
+    if os.path.exists(args.out) and os.path.samefile(args.out, args.dump):
+        raise ValueError(f"--out: {args.out} is the dump itself; the report needs a folder of its own")
+    check_out_dir(args.out, marker=REPORT_MARKER, kind="geocap analysis report")
     for name in ("clusters", "kmeans_buffer", "bins"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -45,7 +52,8 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
                     "DIR/report.md. A stats-only dump is analysed from its stored statistics (the options below "
                     "were fixed when it was written and are ignored).")
     parser.add_argument("dump", metavar="DUMP", help="an attention dump (geocap dump)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder (created if missing; must be empty, absent or an earlier report)")
     parser.add_argument("--viewer-href", default=None, metavar="URL",
                         help="link report.md to the attention viewer (geocap view) at this address")
     parser.add_argument("--clusters", type=int, default=6, metavar="K",

@@ -30,7 +30,6 @@ raises :class:`CheckpointError`, a ValueError naming the file and the problem.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from geocap.data.atomic import atomic_output
+from geocap.data.file_digest import file_sha256  # noqa: F401  (re-exported)
 from geocap.data.vocab import Vocabulary
 from geocap.model import ObjectRelationTransformer, ORTConfig
 
@@ -89,15 +89,6 @@ class Checkpoint:
         model = ObjectRelationTransformer(self.config, **kwargs)
         model.load_state_dict(self.model_state, strict=True)
         return model if device is None else model.to(device)
-
-
-def file_sha256(path) -> str:
-    """Hex SHA-256 of the file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(os.fspath(path), "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

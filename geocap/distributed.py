@@ -66,6 +66,30 @@ def setup(device_kind: str) -> DistInfo:
     return DistInfo(rank, world, local, True)
 
 
+def local_rank() -> int:
+    """This process's LOCAL_RANK (0 when unset)."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def resolve_device(device=None, rank_local=None) -> torch.device:
+    """The torch device a job on the model runs on: ``None`` / ``"auto"``: ``cuda:LOCAL_RANK``
+    (modulo the GPUs there are) when CUDA is available, else the CPU; otherwise ``device`` itself
+    (a torch device or its string). ``rank_local``: LOCAL_RANK when None. ValueError naming
+    ``device`` when it is not a device, or a CUDA one without CUDA."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            rank_local = local_rank() if rank_local is None else rank_local
+            return torch.device("cuda", rank_local % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"device: not a torch device ({device!r}: {err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available")
+    return resolved
+
+
 def teardown(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
         dist.destroy_process_group()

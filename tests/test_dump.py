@@ -344,7 +344,8 @@ def test_writer_process_errors_reach_the_parent(tmp_path):
     with WriterProcess() as proc:
         proc.open(tmp_path / "c.h5", **_writer_args(rec))
         os.kill(proc.pid, signal.SIGKILL)                      # a dead writer raises, never hangs
-        with pytest.raises(RuntimeError, match=f"shard writer process {proc.pid} died"):
+        with pytest.raises(DumpError, match=f"c.h5: the shard writer process {proc.pid} died "
+                                            r"\(killed by SIGKILL\)"):
             for _ in range(10):
                 proc.add_image([rec])
             proc.close()
@@ -355,7 +356,7 @@ def test_writer_process_errors_reach_the_parent(tmp_path):
 def test_stats_only_with_the_analysis_collector(base, ckpt, data_dir, tmp_path):
     from geocap.analysis import StatsCollector
     out = tmp_path / "stats"
-    dump(ckpt, data_dir, "train", out, stats_only=True, limit=8, **SETTINGS)      # 2 shards, default collector
+    dump(ckpt, data_dir, "train", out, stats_only=True, stats_collector=StatsCollector, limit=8, **SETTINGS)  # 2 shards
     stats = open_dump(out, progress=False).stats(StatsCollector)
     full = open_dump(base, progress=False)[:len(open_dump(out, progress=False))]
     sequential = StatsCollector()
@@ -626,3 +627,164 @@ def test_writer_rejects_bad_image_size(tmp_path):
     finally:
         writer.abort()
     assert not list(tmp_path.iterdir())
+
+
+def test_fletcher32_is_hdf5s(tmp_path):
+    """The gzip path stores chunks it compressed itself: its Fletcher-32 must be HDF5's, bit for
+    bit (odd lengths, all-ones words that hit the end-around carry, several 360-word blocks)."""
+    from geocap.dump.writer import fletcher32
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "f.h5", "w") as h5:
+        for i, (n, filters) in enumerate([(4096, dict(compression="gzip", shuffle=True)), (777, {}),
+                                          (1 << 16, dict(compression="lzf")), (1000, dict(compression="gzip")),
+                                          (5000, {}), (1, {})]):
+            for data in (rng.random(n).astype(np.float16), np.full(n, 0xFFFF, np.uint16).view(np.float16),
+                         np.arange(n, dtype=np.uint8)):
+                ds = h5.create_dataset(f"d{i}_{data.dtype}_{data[0]}", data=data, chunks=(n,), fletcher32=True,
+                                       **filters)
+                raw = ds.id.read_direct_chunk((0,))[1]
+                assert fletcher32(raw[:-4]) == int.from_bytes(raw[-4:], "little"), (n, filters, len(raw))
+
+
+def _flip_bit(path, offset):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def _chunk_offset(path, name):
+    with h5py.File(path, "r", locking=False) as h5:
+        return h5[name].id.get_chunk_info(0).byte_offset
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_checksums_catch_same_size_damage(ckpt, data_dir, tmp_path, compression):
+    """One flipped bit anywhere in a shard (same size) is an error naming the shard, never other
+    numbers; a rerun of the dump writes that shard again and the dump equals an undamaged one."""
+    settings = dict(SETTINGS, compression=compression, limit=12)            # 3 shards
+    clean = tmp_path / "clean"
+    dump(ckpt, data_dir, "train", clean, **settings)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(clean, damaged)
+    # a map chunk (uncompressed data read back as other numbers without a checksum)
+    _flip_bit(damaged / "shard-00001.h5", _chunk_offset(damaged / "shard-00001.h5", "maps/cross") + 100)
+    # a small per-record array read when the shard is opened
+    _flip_bit(damaged / "shard-00002.h5", _chunk_offset(damaged / "shard-00002.h5", "records/n_tokens") + 2)
+    d = open_dump(damaged, progress=False, check=False)
+    with pytest.raises(DumpError, match="shard-00001.h5: cannot read maps/cross"):
+        for _ in d.iter_chunks(1000, progress=False):
+            pass
+    with pytest.raises(DumpError, match="shard-00002.h5"):
+        open_dump(damaged, progress=False)
+    # the vocabulary (variable-length strings, no HDF5 filter): only the file's digest sees it
+    path = damaged / "shard-00000.h5"
+    raw = path.read_bytes()
+    words = [w for w in sorted(open_dump(clean, progress=False)[0].tokens, key=len, reverse=True)
+             if raw.count(w.encode()) == 1]
+    _flip_bit(path, raw.index(words[0].encode()))
+    with pytest.raises(DumpError, match=r"shard-00000.h5: shard file's SHA-256 differs"):
+        open_dump(damaged, progress=False, verify=True)
+    # a rerun hashes the listed shards, writes the damaged ones again, and the dump is whole
+    redo = dump(ckpt, data_dir, "train", damaged, **settings)
+    assert redo.shards_redone == [0, 1, 2] == redo.shards_written and redo.complete
+    open_dump(damaged, progress=False, verify=True)
+    _same_dumps(clean, damaged)
+
+
+def test_dump_without_checksums_reads_with_a_warning(base, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(base, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        del entry["sha256"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="4 of its shards .* written without checksums"):
+        d = open_dump(old, progress=False)
+    assert len(d) == len(open_dump(base, progress=False))
+
+
+def test_dead_writer_process_is_a_one_line_error(base, ckpt, data_dir, tmp_path):
+    """The shard writer child killed mid-dump: ``geocap dump`` ends with one ``geocap: error:``
+    line naming the shard and the dump folder; the same command then resumes."""
+    out = tmp_path / "dead"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_cli_command(ckpt, data_dir, out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    writers = []
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None and not writers:
+            writers = _writer_children(proc.pid)
+            time.sleep(0.002)
+        assert writers, f"no writer process seen: {proc.stderr.read().decode()[-500:]}"
+        os.kill(writers[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = stderr.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, stderr.decode()[-2000:]
+    assert lines[0].startswith(f"geocap: error: {out}{os.sep}shard-0000"), lines[0]
+    assert f"the shard writer process {writers[0]} died (killed by SIGKILL)" in lines[0]
+    assert lines[0].endswith(f"rerun the same command to resume the dump {out}"), lines[0]
+    result = dump(ckpt, data_dir, "train", out, **SETTINGS)
+    assert result.complete
+    _same_dumps(base, out)
+
+
+def _listing(folder):
+    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in folder.rglob("*"))
+
+
+def test_commands_refuse_to_write_into_a_foreign_folder(base, ckpt, data_dir, tmp_path, capsys):
+    """``geocap dump --out`` into a folder that is not a dump, ``geocap analyze DUMP --out DUMP``
+    (or any folder that is not a report): one error line, nothing written."""
+    from geocap.cli import main
+    foreign = tmp_path / "papers"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    before = _listing(foreign)
+    assert main(["dump", "--checkpoint", ckpt, "--data", data_dir, "--split", "train", "--out", str(foreign),
+                 "--limit", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"geocap: error: --out: {foreign} is not empty and is not a geocap dump; refusing to write "
+                   f"into it"]
+    assert _listing(foreign) == before
+    dump_copy = tmp_path / "dump"
+    shutil.copytree(base, dump_copy)
+    before_dump = _listing(dump_copy)
+    for out, why in ((dump_copy, "is the dump itself"),
+                     (foreign, "is not empty and is not a geocap analysis report; refusing to write into it")):
+        assert main(["analyze", str(dump_copy), "--out", str(out), "--no-progress"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"geocap: error: --out: {out} {why}"
+                                                                 + ("; the report needs a folder of its own"
+                                                                    if out == dump_copy else "")]
+    assert _listing(dump_copy) == before_dump and _listing(foreign) == before
+
+
+def test_dump_takes_its_collector_and_imports_no_analysis(ckpt, data_dir, tmp_path):
+    """The dump sits below the analyses: a stats-only dump needs its collector passed in, and
+    nothing of geocap.analysis is imported by the job."""
+    code = (f"import sys\nfrom geocap.dump.job import dump\n"
+            f"try:\n    dump({ckpt!r}, {str(data_dir)!r}, 'train', {str(tmp_path / 'd')!r}, stats_only=True,"
+            f" limit=4, shard_images=4, progress=False)\nexcept ValueError as err:\n    print('error:', err)\n"
+            f"print('analysis imported:', any(m.split('.')[0] == 'analysis' or m.startswith('geocap.analysis')"
+            f" for m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "error: stats_only needs stats_collector" in out and "analysis imported: False" in out, out
+
+
+def test_device_resolution_is_shared_and_names_the_device():
+    from geocap.distributed import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None, 0).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device: not a torch device .*'gpu7'"):
+        resolve_device("gpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda:1': CUDA is not available"):
+            resolve_device("cuda:1")
+    import geocap.dump.job
+    import geocap.train.loop
+    assert not hasattr(geocap.dump.job, "_resolve_device") and not hasattr(geocap.train.loop, "_resolve_device")

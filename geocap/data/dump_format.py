@@ -21,8 +21,8 @@ Layout (format ``geocap-dump`` version 1). A dump is a directory::
     metadata_sha256  SHA-256 of the canonical JSON of ``metadata`` (every shard carries it)
     n_shards, n_images, shard_images   shard k holds images [k * shard_images, (k+1) * shard_images)
     shards        completed shards, ascending index: {index, file, images, records, bytes,
-                  rank, seconds, writer_seconds, and writer_child_seconds
-                  with the writer process}
+                  sha256 (of the whole file), rank, seconds, writer_seconds, and
+                  writer_child_seconds with the writer process}
 
 A dump is complete when ``shards`` lists all ``n_shards``; the records are the shards' records
 in shard order.
@@ -68,13 +68,24 @@ size (the read pattern: one record at a time) and compressed (HDF5 filters, so a
 decodes them: lzf by default, gzip (level 1) with the shuffle filter, or none; the shard attribute
 ``compression`` names it).
 
+Checksums: two layers. (1) Every dataset of a shard except ``vocab`` (variable-length strings
+take no HDF5 filter) and 0-d ``stats/`` entries carries HDF5's Fletcher-32 filter, applied after
+compression, so HDF5 checks each chunk's stored bytes on every read by any reader, at little cost;
+a damaged chunk is a :class:`DumpError` naming the shard when read. (2) Each manifest entry
+records the SHA-256 of the whole shard file, which also covers what Fletcher-32 does not
+(attributes, the vocabulary, HDF5's own metadata). A resumed dump hashes every shard it would
+skip and writes again any that differ; readers hash them with ``open_dump(path, verify=True)``
+(a whole read of every file, ~1 GB/s; off by default since the data are checked on read).
+
 Records: a record's ``extra`` holds ``"width"`` and ``"height"`` (ints, pixels) when both are
 known for its image, and is empty otherwise.
 
 Older dumps: version-1 dumps written before image sizes and label names were stored have no
 ``images/width`` / ``images/height`` and no ``label_names``; they read as before, every size
-unknown (empty ``extra``), names unknown. The additions are optional datasets and keys (older
-readers ignore them), so the format version stays 1.
+unknown (empty ``extra``), names unknown. Dumps written before checksums have no ``sha256`` in
+their manifest entries and no Fletcher-32 filters: they read as before, with a warning that damage
+inside their shards may go undetected (a resume checks their size only). The additions are
+optional datasets, filters and keys (older readers ignore them), so the format version stays 1.
 
 Stats-only dumps store every field except the three maps (entropies included), plus
 ``stats/``; their records have ``encoder_self`` = ``decoder_self`` = ``cross`` = None.
@@ -89,6 +100,7 @@ import bisect
 import hashlib
 import json
 import os
+import warnings
 from collections import OrderedDict
 from typing import Iterator, Optional, Sequence
 
@@ -96,6 +108,7 @@ import h5py
 import numpy as np
 
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
+from geocap.data.file_digest import file_sha256
 
 FORMAT, SHARD_FORMAT, FORMAT_VERSION = "geocap-dump", "geocap-dump-shard", 1
 MANIFEST, LOCK = "manifest.json", "manifest.lock"
@@ -103,7 +116,7 @@ CACHE_BYTES = 16 << 20          # HDF5 chunk cache per open shard (a few records
 OPEN_SHARDS = 8                 # shards a Dump keeps open at once (least recently used closed first)
 
 __all__ = ["CACHE_BYTES", "Dump", "DumpError", "FORMAT", "FORMAT_VERSION", "LOCK", "MANIFEST", "SHARD_FORMAT",
-           "metadata_digest", "open_dump", "read_manifest", "shard_name"]
+           "metadata_digest", "open_dump", "read_manifest", "shard_name", "shard_problem"]
 
 
 class DumpError(ValueError):
@@ -145,6 +158,20 @@ def read_manifest(path) -> Optional[dict]:
     return manifest
 
 
+def shard_problem(path: str, entry: dict, *, digest: bool) -> Optional[str]:
+    """What is wrong with the shard file ``path`` that the manifest ``entry`` lists, as an error
+    message naming the file (None when nothing): missing, not of the recorded size, or (with
+    ``digest``, when the entry records one) not of the recorded SHA-256."""
+    if not os.path.isfile(path):
+        return f"{path}: shard {entry['index']} listed in the manifest is missing"
+    size = os.path.getsize(path)
+    if "bytes" in entry and size != entry["bytes"]:
+        return f"{path}: shard file has {size} bytes, the manifest recorded {entry['bytes']} (truncated or replaced)"
+    if digest and "sha256" in entry and file_sha256(path) != entry["sha256"]:
+        return f"{path}: shard file's SHA-256 differs from the one the manifest recorded (damaged or replaced)"
+    return None
+
+
 def _json_attr(attrs, name):
     value = attrs.get(name)
     return json.loads(value) if isinstance(value, (str, bytes)) else value
@@ -153,14 +180,11 @@ def _json_attr(attrs, name):
 class _Shard:
     """One open shard: its small per-record arrays in memory, maps read on demand."""
 
-    def __init__(self, path: str, entry: dict, manifest: dict):
+    def __init__(self, path: str, entry: dict, manifest: dict, *, verify: bool = False):
         self.path = path
-        if not os.path.isfile(path):
-            raise DumpError(f"{path}: shard {entry['index']} listed in the manifest is missing")
-        size = os.path.getsize(path)
-        if "bytes" in entry and size != entry["bytes"]:
-            raise DumpError(f"{path}: shard file has {size} bytes, the manifest recorded {entry['bytes']} "
-                            f"(truncated or replaced)")
+        problem = shard_problem(path, entry, digest=verify)
+        if problem:
+            raise DumpError(problem)
         try:
             self.h5 = h5py.File(path, "r", locking=False, rdcc_nbytes=CACHE_BYTES, rdcc_nslots=10007)
         except OSError as err:
@@ -333,14 +357,17 @@ class Dump(Sequence):
     ``len(dump)``; ``dump[i]`` -> :class:`Record`; ``dump[a:b]`` -> list of Records;
     ``iter(dump)`` / :meth:`iter_chunks` stream them; ``metadata`` is the manifest's metadata
     dict; :meth:`stats` merges the stats-only shards' collector states. Shards are opened on
-    first use (and reopened after a ``fork``); :meth:`close` closes them.
+    first use (and reopened after a ``fork``); :meth:`close` closes them. With ``verify`` each
+    shard file's SHA-256 is checked against the manifest when it is first opened.
     """
 
-    def __init__(self, path, manifest: dict, *, progress: bool = True):
+    def __init__(self, path, manifest: dict, *, progress: bool = True, verify: bool = False):
         self.path = os.fspath(path)
         self.manifest = manifest
         self.metadata = manifest["metadata"]
         self.progress = progress
+        self.verify = verify
+        self._verified: set = set()
         self._entries = sorted(manifest["shards"], key=lambda e: e["index"])
         counts = [int(e["records"]) for e in self._entries]
         self._starts = [0]
@@ -357,7 +384,10 @@ class Dump(Sequence):
         shard = self._shards.get(k)
         if shard is None:
             entry = self._entries[k]
-            shard = _Shard(os.path.join(self.path, entry["file"]), entry, self.manifest)
+            verify = self.verify and k not in self._verified
+            shard = _Shard(os.path.join(self.path, entry["file"]), entry, self.manifest, verify=verify)
+            if verify:
+                self._verified.add(k)
             self._shards[k] = shard
             while len(self._shards) > OPEN_SHARDS:
                 self._shards.popitem(last=False)[1].close()
@@ -383,10 +413,11 @@ class Dump(Sequence):
         self.close()
 
     def __getstate__(self):
-        return {"path": self.path, "manifest": self.manifest, "progress": self.progress}
+        return {"path": self.path, "manifest": self.manifest, "progress": self.progress, "verify": self.verify}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], state["manifest"], progress=state["progress"])
+        self.__init__(state["path"], state["manifest"], progress=state["progress"],
+                      verify=state.get("verify", False))
 
     def __repr__(self) -> str:
         return f"Dump({self.path!r}, {len(self)} records, {len(self._entries)} shards)"
@@ -477,13 +508,16 @@ class Dump(Sequence):
         return collector_class() if total is None else total
 
 
-def open_dump(path, *, progress: bool = True, check: bool = True) -> Dump:
+def open_dump(path, *, progress: bool = True, check: bool = True, verify: bool = False) -> Dump:
     """The records of the complete dump at ``path`` (a directory written by ``geocap dump``).
 
     Reads the manifest, refuses an unfinished dump (naming how many shards are missing) and,
     with ``check``, opens every shard once to validate it (missing, truncated, corrupt, or of
-    another model or dump: :class:`DumpError` naming the file). No map is read until a record is
-    asked for. ``progress``: a progress bar when iterating in chunks.
+    another model or dump: :class:`DumpError` naming the file). With ``verify`` every shard
+    file is hashed (SHA-256, whole file) when first opened and compared with the manifest's.
+    No map is read until a record is asked for; every chunk read is checked by HDF5
+    (Fletcher-32). A dump written before checksums reads with a warning. ``progress``: a
+    progress bar when iterating in chunks.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -497,5 +531,9 @@ def open_dump(path, *, progress: bool = True, check: bool = True) -> Dump:
     if missing:
         raise DumpError(f"{path}: unfinished dump: {len(missing)} of {manifest['n_shards']} shards missing "
                         f"(first: {shard_name(missing[0])}); run the same dump command again to finish it")
-    dump = Dump(path, manifest, progress=progress)
+    unchecked = [e["file"] for e in manifest["shards"] if "sha256" not in e]
+    if unchecked:
+        warnings.warn(f"{path}: {len(unchecked)} of its shards (first: {unchecked[0]}) were written without "
+                      f"checksums (by an older geocap): damage inside them may go undetected", stacklevel=2)
+    dump = Dump(path, manifest, progress=progress, verify=verify)
     return dump.check() if check else dump

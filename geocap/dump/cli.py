@@ -21,25 +21,25 @@ __all__ = ["add_dump_parser", "main", "run_dump"]
 
 def run_dump(args: argparse.Namespace) -> int:
     """Handler of ``geocap dump``: runs the job (joining the torchrun process group when
-    WORLD_SIZE > 1), prints the summary, returns 0; ValueError for bad options or data."""
-    import torch
-
+    WORLD_SIZE > 1; with ``--stats-only`` feeding ``geocap.analysis.StatsCollector``), prints
+    the summary, returns 0; ValueError for bad options or data."""
     from geocap import distributed
-    from geocap.dump.job import dump
+    from geocap.dump.job import DumpOptions, dump, summarize
 
-    info = distributed.setup("cuda" if torch.cuda.is_available() and args.device in (None, "auto", "cuda")
-                             else "cpu")
+    options = DumpOptions(mode=args.mode, what=args.what, stats_only=args.stats_only,
+                          hypothetical=False if args.no_hypothetical else None, features=args.features,
+                          compression=args.compression, shard_images=args.shard_images, batch_size=args.batch_size,
+                          beam_size=args.beam_size, max_len=args.max_len, limit=args.limit, clusters=args.clusters,
+                          features_file=args.features_file, captions=args.captions, writer=args.writer)
+    collector = None
+    if args.stats_only:
+        from geocap.analysis import StatsCollector as collector
+    info = distributed.setup(distributed.resolve_device(args.device).type)
     try:
-        result = dump(args.checkpoint, args.data, args.split, args.out, mode=args.mode, what=args.what,
-                      stats_only=args.stats_only, hypothetical=False if args.no_hypothetical else None,
-                      features=args.features, compression=args.compression, shard_images=args.shard_images,
-                      batch_size=args.batch_size, beam_size=args.beam_size, max_len=args.max_len, limit=args.limit,
-                      clusters=args.clusters, features_file=args.features_file, captions=args.captions,
-                      device=args.device, rank=info.rank, world_size=info.world_size, progress=args.progress,
-                      writer=args.writer)
+        result = dump(args.checkpoint, args.data, args.split, args.out, options, device=args.device,
+                      rank=info.rank, world_size=info.world_size, progress=args.progress, stats_collector=collector)
         distributed.barrier(info)
         if info.enabled:
-            from geocap.dump.job import summarize
             result = summarize(result)
         for line in result.lines():
             if info.is_main or not result.complete:
@@ -63,7 +63,8 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
                         help="folder holding the feature store, the captions directory and (synthetic data) "
                              "ground_truth.json")
     parser.add_argument("--split", required=True, help="split of the captions directory")
-    parser.add_argument("--out", required=True, metavar="DUMP", help="the dump directory (created)")
+    parser.add_argument("--out", required=True, metavar="DUMP",
+                        help="the dump directory (created; must be empty, absent or this dump, to resume it)")
     parser.add_argument("--mode", choices=("teacher-forced", "generated"), default="teacher-forced",
                         help="teacher-force the reference captions (default) or the model's own (beam search)")
     parser.add_argument("--what", default="encoder,decoder,cross",

@@ -23,7 +23,14 @@ image vs none: lzf -10% random / -19% trained, gzip -26% / -36% (zlib level 4: ~
 A dump runs this writer in a child process by default (:mod:`geocap.dump.writer_process`).
 
 The small per-record arrays (ids, counts, image sizes, tokens, referents, boxes, labels) are kept in memory
-and written uncompressed and contiguous when the shard is closed.
+and written uncompressed when the shard is closed.
+
+Checksums: every dataset but the vocabulary (variable-length strings take no HDF5 filter) and
+0-d statistics carries HDF5's Fletcher-32 filter (after compression: it checks the stored bytes),
+so every read of a damaged chunk fails in HDF5 itself, whatever reads the shard. The gzip path
+appends the checksum to the chunks it compresses (:func:`fletcher32`, HDF5's algorithm). At
+close the writer also takes the SHA-256 of the whole file (``sha256``), which the dump's
+manifest records; it also covers the attributes, the vocabulary and HDF5's own metadata.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ import numpy as np
 
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, Record
 from geocap.data.dump_format import FORMAT_VERSION, SHARD_FORMAT
+from geocap.data.file_digest import file_sha256
 
 COMPRESSIONS = ("lzf", "gzip", "none")
 GZIP_LEVEL = 1                 # measured: 2% larger than level 4 on shuffled float16 maps, ~35% less CPU
@@ -48,23 +56,50 @@ FLUSH_BYTES = 32 << 20
 PENDING_BYTES = 128 << 20        # uncompressed bytes queued for the compression threads at most
 MIN_CHUNK, MAX_CHUNK = 1 << 12, 1 << 18      # elements per map / entropy chunk
 
-__all__ = ["COMPRESSIONS", "ShardWriter"]
+__all__ = ["COMPRESSIONS", "ShardWriter", "fletcher32"]
+
+_FLETCHER_BLOCK = 360            # 16-bit words HDF5 sums between two reductions
+_FLETCHER_WEIGHTS = np.arange(_FLETCHER_BLOCK, 0, -1, dtype=np.uint64)
+
+
+def fletcher32(data: bytes) -> int:
+    """HDF5's Fletcher-32 checksum of ``data`` (``H5_checksum_fletcher32``, bit for bit: big-endian
+    16-bit words, the sums reduced every 360 words and wrapping at 32 bits, an odd last byte as
+    the high byte of a word). Each block's two sums come from numpy; only the reductions loop."""
+    words = np.frombuffer(data, np.uint8, count=len(data) // 2 * 2).view(">u2").astype(np.uint64)
+    full = len(words) // _FLETCHER_BLOCK * _FLETCHER_BLOCK
+    blocks = words[:full].reshape(-1, _FLETCHER_BLOCK)
+    sums = [(_FLETCHER_BLOCK, int(a), int(b)) for a, b in zip(blocks.sum(1), blocks @ _FLETCHER_WEIGHTS)]
+    if len(words) > full:
+        tail = words[full:]
+        sums.append((len(tail), int(tail.sum()), int(tail @ _FLETCHER_WEIGHTS[-len(tail):])))
+    if len(data) % 2:
+        sums.append((1, data[-1] << 8, data[-1] << 8))
+    sum1 = sum2 = 0
+    for n, words_sum, weighted_sum in sums:      # sum2 gains sum1 after each word: n * sum1 + weighted
+        sum2 = (sum2 + n * sum1 + weighted_sum) & 0xFFFFFFFF
+        sum1 = (sum1 + words_sum) & 0xFFFFFFFF
+        sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    return (sum2 << 16) | sum1
 
 
 def _shuffle_deflate(chunk: np.ndarray) -> bytes:
-    """One chunk as HDF5's shuffle + deflate filters store it: the elements' bytes regrouped by
-    byte position, then zlib (which releases the GIL, so chunks compress in parallel threads)."""
+    """One chunk as HDF5's shuffle + deflate + Fletcher-32 filters store it: the elements' bytes
+    regrouped by byte position, then zlib (which releases the GIL, so chunks compress in parallel
+    threads), then the checksum of the compressed bytes (4 bytes, little-endian)."""
     raw = np.ascontiguousarray(chunk).view(np.uint8).reshape(-1, chunk.dtype.itemsize)
-    return zlib.compress(np.ascontiguousarray(raw.T).tobytes(), GZIP_LEVEL)
+    packed = zlib.compress(np.ascontiguousarray(raw.T).tobytes(), GZIP_LEVEL)
+    return packed + fletcher32(packed).to_bytes(4, "little")
 
 
 def _filters(compression: str) -> dict:
     if compression == "lzf":
-        return {"compression": "lzf"}
+        return {"compression": "lzf", "fletcher32": True}
     if compression == "gzip":
-        return {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True}
+        return {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True, "fletcher32": True}
     if compression == "none":
-        return {}
+        return {"fletcher32": True}
     raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
 
 
@@ -76,7 +111,7 @@ class ShardWriter:
     ``vocab``: the words tokens index; ``has_labels``/``has_clusters``/``has_features``: whether
     every record carries them (ValueError naming the image when one does not).
     Use :meth:`add_image` per image, then :meth:`close` (renames) or :meth:`abort` (removes).
-    ``seconds`` accumulates the time spent in the writer.
+    ``seconds`` accumulates the time spent in the writer; ``sha256`` is the closed file's digest.
     """
 
     def __init__(self, path, *, index: int, metadata_sha256: str, checkpoint_sha256: str, vocab: Sequence[str],
@@ -101,6 +136,7 @@ class ShardWriter:
             "encoder_lh": np.asarray(encoder_lh, dtype=np.int64), "decoder_lh": np.asarray(decoder_lh, dtype=np.int64),
             "stats_only": bool(stats_only), "compression": compression, **self.flags})
         self.n_images = self.n_records = 0
+        self.sha256: Optional[str] = None
         self._buf: dict = {}
         self._buf_bytes = 0
         # gzip: chunks are shuffled and deflated by a thread pool and stored with write_direct_chunk
@@ -212,7 +248,7 @@ class ShardWriter:
             parts = self._buf.pop(name)
             data = np.concatenate(parts) if len(parts) > 1 else parts[0]
             if not self._streamed(name):
-                h5.create_dataset(name, data=data)
+                h5.create_dataset(name, data=data, fletcher32=True)
                 continue
             if name not in h5:
                 per_item = max(1, data[:1].nbytes if data.ndim > 1 else data.shape[0] // max(1, len(parts)))
@@ -294,12 +330,12 @@ class ShardWriter:
             shapes[f"entropy/{name}"] = ((0,), np.float32)
         for name, (shape, dtype) in shapes.items():
             if name not in self.h5:
-                self.h5.create_dataset(name, shape=shape, dtype=dtype)
+                self.h5.create_dataset(name, shape=shape, dtype=dtype, fletcher32=True)
 
     # -- finishing
     def close(self, stats_state: Optional[dict] = None) -> int:
-        """Flush, store ``stats_state`` (``dict[str, array]``) under ``stats/``, close and rename
-        to the final name; returns the file's size in bytes."""
+        """Flush, store ``stats_state`` (``dict[str, array]``) under ``stats/``, close, take the
+        file's SHA-256 (``sha256``) and rename to the final name; returns the file's size in bytes."""
         t0 = time.perf_counter()
         try:
             self._flush(final=True)
@@ -307,7 +343,8 @@ class ShardWriter:
             if stats_state is not None:
                 group = self.h5.create_group("stats")   # keys may hold "/": datasets by number
                 for i, (key, value) in enumerate(sorted(stats_state.items())):
-                    ds = group.create_dataset(f"{i:05d}", data=np.asarray(value))
+                    value = np.asarray(value)     # 0-d arrays take no filter: the file digest covers them
+                    ds = group.create_dataset(f"{i:05d}", data=value, fletcher32=value.ndim > 0)
                     ds.attrs["key"] = str(key)
             self.h5.attrs["n_images"] = self.n_images
             self.h5.attrs["n_records"] = self.n_records
@@ -315,6 +352,7 @@ class ShardWriter:
             self._stop_pool()
             with open(self.tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            self.sha256 = file_sha256(self.tmp)
             os.replace(self.tmp, self.path)
         except BaseException:
             self.abort()

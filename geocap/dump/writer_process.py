@@ -8,14 +8,15 @@ pipes (``multiprocessing.connection``):
 - the parent sends ``("open", seq, path, kwargs)``, then ``("image", seq, records)`` per image
   (a list of :class:`~geocap.data.attention_record.Record`), then ``("close", seq, stats_state)``
   or ``("abort", seq)``; ``("stop",)`` ends the child;
-- the child answers ``("closed", seq, bytes, n_records, seconds)`` after the rename, or
+- the child answers ``("closed", seq, bytes, n_records, seconds, sha256)`` after the rename, or
   ``("error", seq, type_name, message)`` on the first error of shard ``seq`` (it then removes
   the temporary file and drops that shard's remaining messages).
 
 The parent queues at most ``queue_images`` messages (a feeder thread pickles them into the pipe,
 whose buffer holds at most one more), so memory stays bounded and the model waits when the writer
 falls behind. Every wait of the parent polls with a timeout and checks that the child is alive,
-so a dead writer raises RuntimeError (with its exit code), never hangs.
+so a dead writer raises :class:`~geocap.data.dump_format.DumpError` naming the shards it was
+writing (and how it died), never hangs.
 
 The child is a fresh interpreter (``python -m geocap.dump.writer_process``), not a
 ``multiprocessing`` fork or spawn: fork is unsafe once torch runs threads, and spawn re-runs the
@@ -39,6 +40,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Optional, Sequence
 
+from geocap.data.dump_format import DumpError
 from geocap.parent_death import die_with_parent as _die_with_parent
 
 QUEUE_IMAGES = 32         # messages (images) queued for the writer at most (coco36 with maps: ~1 MB each)
@@ -79,7 +81,7 @@ def _serve(commands: Connection, replies: Connection, parent_pid: int) -> None:
                 writer.add_image(msg[2])
             elif op == "close":
                 size = writer.close(msg[2])
-                replies.send(("closed", seq, size, writer.n_records, writer.seconds))
+                replies.send(("closed", seq, size, writer.n_records, writer.seconds, writer.sha256))
                 writer = None
             elif op == "abort":
                 writer.abort()
@@ -98,12 +100,12 @@ class WriterProcess:
     :meth:`send_close` (does not wait: the next shard can start while the child finishes this one)
     and later :meth:`collect`; or :meth:`abort`; :meth:`stop` at the end (also a context manager).
 
-    After :meth:`close`: ``n_records`` and ``child_seconds`` (time in the child's ShardWriter) of
-    that shard. ``seconds``: the parent's time in this object since :meth:`open` (queueing the
-    records, waiting for queue room and for the close), i.e. what writing costs the model's
-    process apart from pickling, which the feeder thread does. Errors of the child's writer are
-    raised here: ValueError for its ValueErrors (same message), RuntimeError otherwise, or when
-    the child died.
+    After :meth:`close`: ``n_records``, ``child_seconds`` (time in the child's ShardWriter) and
+    ``sha256`` of that shard. ``seconds``: the parent's time in this object since :meth:`open`
+    (queueing the records, waiting for queue room and for the close), i.e. what writing costs the
+    model's process apart from pickling, which the feeder thread does. Errors of the child's
+    writer are raised here: ValueError for its ValueErrors (same message), RuntimeError
+    otherwise; a dead child raises DumpError naming the shard files it was writing.
     """
 
     def __init__(self, queue_images: int = QUEUE_IMAGES):
@@ -133,9 +135,12 @@ class WriterProcess:
         self._seq = 0
         self._open = False
         self._pending: set = set()        # closing shards (their close queued, its reply not yet in)
+        self._paths: dict = {}            # seq -> shard path, of the open and the closing shards
+        self._folder: Optional[str] = None    # the folder of the last shard opened
         self._done: list = []
         self.seconds = self.child_seconds = 0.0
         self.n_records = 0
+        self.sha256: Optional[str] = None
 
     # -- plumbing
     def _feed(self) -> None:
@@ -150,9 +155,26 @@ class WriterProcess:
                 self._feeder_error = err
                 return
 
+    def _died(self) -> DumpError:
+        """The error for a child that ended on its own: it names the shards it was writing."""
+        code = self._proc.returncode
+        if code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exit code {code}"
+        shards = [self._paths[seq] for seq in sorted(self._paths)]
+        where = ", ".join(shards) if shards else (self._folder or "no dump") + " (no shard open)"
+        folder = self._folder
+        what = "this shard" if len(shards) == 1 else "these shards" if shards else "the dump"
+        return DumpError(f"{where}: the shard writer process {self.pid} died ({how}) while writing {what}"
+                         + (f"; rerun the same command to resume the dump {folder}" if folder else ""))
+
     def _check(self) -> None:
         if self._proc.poll() is not None:
-            raise RuntimeError(f"shard writer process {self.pid} died (exit code {self._proc.returncode})")
+            raise self._died()
         if self._feeder_error is not None or not self._feeder.is_alive():
             err = self._feeder_error
             if err is None or isinstance(err, OSError):
@@ -161,13 +183,14 @@ class WriterProcess:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._proc.wait(timeout=2.0)
                 if self._proc.poll() is not None:
-                    raise RuntimeError(f"shard writer process {self.pid} died (exit code {self._proc.returncode})")
+                    raise self._died()
             raise RuntimeError(f"could not send to the shard writer process {self.pid}: "
                                f"{type(err).__name__}: {err}")
 
     def _raise(self, reply) -> None:
         _, seq, kind, message = reply
         self._pending.discard(seq)
+        self._paths.pop(seq, None)
         if seq == self._seq:
             self._open = False
         if kind == "ValueError":
@@ -199,6 +222,7 @@ class WriterProcess:
             self._raise(reply)
         if reply[0] == "closed" and seq in self._pending:
             self._pending.discard(seq)
+            self._paths.pop(seq, None)
             self._done.append(reply[1:])
 
     def _poll(self) -> None:
@@ -218,6 +242,8 @@ class WriterProcess:
             raise ValueError("open: the previous shard is still open (close or abort it first)")
         self._seq += 1
         self.seconds = 0.0
+        self._paths[self._seq] = os.fspath(path)
+        self._folder = os.path.dirname(os.fspath(path))
         self._put(("open", self._seq, os.fspath(path), kwargs))
         self._open = True
         self.seconds += time.perf_counter() - t0
@@ -245,7 +271,7 @@ class WriterProcess:
         return self._seq
 
     def collect(self, block: bool = False) -> list:
-        """The shards closed since the last call: ``(seq, bytes, n_records, child_seconds)`` each;
+        """The shards closed since the last call: ``(seq, bytes, n_records, child_seconds, sha256)`` each;
         with ``block``, after waiting for at least one while any is closing (so the caller can
         list each shard as soon as it is complete). Raises a closing shard's error."""
         self._poll()
@@ -259,8 +285,8 @@ class WriterProcess:
         return done
 
     def close(self, stats_state: Optional[dict] = None) -> int:
-        """Close the open shard and wait for it; its size in bytes (``n_records`` and
-        ``child_seconds``: that shard's)."""
+        """Close the open shard and wait for it; its size in bytes (``n_records``,
+        ``child_seconds`` and ``sha256``: that shard's)."""
         t0 = time.perf_counter()
         seq = self.send_close(stats_state)
         while seq in self._pending:
@@ -269,7 +295,7 @@ class WriterProcess:
                 self._check()
             else:
                 self._take(reply)
-        for i, (done_seq, size, self.n_records, self.child_seconds) in enumerate(self._done):
+        for i, (done_seq, size, self.n_records, self.child_seconds, self.sha256) in enumerate(self._done):
             if done_seq == seq:
                 del self._done[i]
                 break
@@ -280,9 +306,10 @@ class WriterProcess:
         """Drop the current shard: the child removes its temporary file."""
         if self._open:
             self._open = False
+            self._paths.pop(self._seq, None)
             try:
                 self._put(("abort", self._seq))
-            except RuntimeError:
+            except (RuntimeError, DumpError):       # the child is gone: nothing left to abort
                 pass
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -110,20 +110,6 @@ def epoch_batches(sampler: BucketBatchSampler, epoch: int, rank: int = 0, world_
     return batches
 
 
-def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
-    if config.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    try:
-        device = torch.device(config.device)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"train option device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train option device={config.device!r} but CUDA is not available")
-    return device
-
-
 def _resolve_precision(config: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype, None for fp32."""
     if config.precision == "auto":
@@ -223,8 +209,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     config.require_paths()
     # the run records where its data is: absolute, so that --resume works from any directory
     config = dataclasses.replace(config, data=os.path.abspath(config.data))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    device = _resolve_device(config, local_rank)
+    device = D.resolve_device(config.device)
     amp_dtype = _resolve_precision(config, device)
     latest_path, best_path = os.path.join(config.out, LATEST), os.path.join(config.out, BEST)
     if resume and not os.path.isfile(latest_path):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geocap.data.atomic import write_text_atomic
+from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
 from geocap.view.encode import caption_text, encode_record, kind_order, label_names_from, word_bucket, words_of
 
@@ -215,15 +216,6 @@ class _Builder:
         _write_js(self.root / "data" / "manifest.js", "manifest.js", manifest)
 
 
-def _check_out_dir(out: Path) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"--out: {out} exists and is not a folder")
-    if any(out.iterdir()) and not (out / MARKER).is_file():
-        raise ValueError(f"--out: {out} is not empty and is not a geocap view site; refusing to replace it")
-
-
 def _swap_into_place(tmp: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
@@ -269,7 +261,7 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
-    _check_out_dir(out)
+    check_out_dir(out, marker=MARKER, kind="geocap view site", verb="replace")
     if metadata is None:
         metadata = getattr(records, "metadata", None) or {}
     if images_dir is not None and not Path(images_dir).is_dir():

@@ -1,0 +1,238 @@
+"""The plan of a dump job: its options checked, the checkpoint and the split loaded, the
+metadata fixed, the manifest created or checked, and this rank's shards assigned (shard k:
+rank ``k % world_size``; those the manifest lists are skipped unless their files are damaged).
+Determinism and resume: :mod:`geocap.dump.job`."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from geocap.data.dump_format import MANIFEST
+from geocap.data.file_digest import file_sha256
+from geocap.dump.manifest import drop_lost_shards, open_manifest, remove_stale
+from geocap.dump.records import WHAT
+from geocap.dump.writer import COMPRESSIONS
+from geocap.out_dir import check_out_dir
+
+MODES = ("teacher-forced", "generated")
+WRITERS = ("process", "inline")     # the shard writer in a child process (default) or in this one
+WHAT_NAMES = ("encoder", "decoder", "cross")
+
+__all__ = ["DumpOptions", "DumpPlan", "MODES", "WHAT_NAMES", "WRITERS", "plan_dump"]
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _parse_what(what) -> tuple:
+    if isinstance(what, str):
+        what = [w.strip() for w in what.split(",") if w.strip()]
+    what = tuple(what)
+    bad = [w for w in what if w not in WHAT_NAMES]
+    if bad or not what:
+        raise ValueError(f"what must be a non-empty subset of {','.join(WHAT_NAMES)}, got {','.join(what) or '(none)'}")
+    return tuple(w for w in WHAT_NAMES if w in what)
+
+
+@dataclass(frozen=True)
+class DumpOptions:
+    """What a dump records and how (:func:`geocap.dump.job.dump` documents each option)."""
+    mode: str = "teacher-forced"
+    what: Union[str, Sequence[str]] = WHAT_NAMES
+    stats_only: bool = False
+    hypothetical: Optional[bool] = None
+    features: bool = False
+    compression: str = "lzf"
+    shard_images: int = 256
+    batch_size: int = 16
+    beam_size: int = 3
+    max_len: int = 20
+    limit: int = 0
+    clusters: int = 8
+    cluster_sample: int = 20000
+    features_file: str = "features.h5"
+    captions: str = "caps"
+    writer: str = "process"
+
+    def checked(self) -> "DumpOptions":
+        """These options with ``what`` as a tuple in canonical order; ValueError naming a bad one."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        what = _parse_what(self.what)
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+        for name, low in (("shard_images", 1), ("batch_size", 1), ("beam_size", 1), ("max_len", 1), ("limit", 0),
+                          ("clusters", 0), ("cluster_sample", 1)):
+            _check_int(name, getattr(self, name), low)
+        if self.writer not in WRITERS:
+            raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {self.writer!r}")
+        return dataclasses.replace(self, what=what)
+
+
+@dataclass
+class DumpPlan:
+    """A dump job's inputs and its share of the work (see :func:`plan_dump`). ``ckpt`` is the
+    loaded checkpoint until :meth:`build_model` (then None); ``config`` and ``words`` its model
+    config and vocabulary; ``max_len`` the decoding limit within the model's; ``todo`` this
+    rank's shards to write, ``skipped`` those already done, ``redone`` those listed but damaged
+    (now unlisted, so in ``todo``)."""
+    out: str
+    split: str
+    rank: int
+    world_size: int
+    options: DumpOptions
+    ckpt: object
+    config: object
+    words: list
+    checkpoint_sha256: str
+    dataset: object
+    truth: object
+    image_ids: np.ndarray
+    n_images: int
+    max_len: int
+    hypothetical: bool
+    has_labels: bool
+    cluster_source: str
+    centroids: Optional[np.ndarray]
+    maps: tuple
+    metadata: dict
+    metadata_sha256: str
+    todo: list
+    skipped: list
+    redone: list
+
+    def build_model(self, device):
+        """The checkpoint's model on ``device``, in eval mode; the checkpoint is dropped (its
+        weights live in the model now)."""
+        model = self.ckpt.build_model(device).eval()
+        self.ckpt = None
+        return model
+
+    def shard_range(self, k: int) -> tuple:
+        """Positions ``[lo, hi)`` (in the split's order) of shard k's images."""
+        size = self.options.shard_images
+        return k * size, min(self.n_images, (k + 1) * size)
+
+    def shard_args(self, k: int) -> dict:
+        """Shard k's :class:`~geocap.dump.writer.ShardWriter` arguments (all but the path)."""
+        config = self.config
+        o = self.options
+        return dict(index=k, metadata_sha256=self.metadata_sha256, checkpoint_sha256=self.checkpoint_sha256,
+                    vocab=self.words, maps=self.maps, entropies=tuple(WHAT[w] for w in o.what),
+                    encoder_lh=(config.layers, config.heads), decoder_lh=(config.layers, config.heads),
+                    has_labels=self.has_labels, has_clusters=self.cluster_source != "none",
+                    has_features=o.features, stats_only=o.stats_only, compression=o.compression)
+
+
+def _rank_world(rank, world_size):
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0") or 0)
+    _check_int("world_size", world_size, 1)
+    if not (isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+    return rank, world_size
+
+
+def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: Optional[int] = None,
+              world_size: Optional[int] = None) -> DumpPlan:
+    """Check the arguments, load the checkpoint and ``split`` of ``data``, fix the metadata,
+    create or check ``out``'s manifest and assign this rank's shards (removing its stale
+    temporary files and unlisting its damaged shards). ValueError (DumpError for a dump of other
+    settings) naming the bad argument or file."""
+    from geocap import __version__
+    from geocap.checkpoint import load_checkpoint
+    from geocap.data.dataset import CaptionDataset
+    from geocap.dump import grounding
+    from geocap.dump.source import kmeans_centroids
+
+    o = options.checked()
+    rank, world_size = _rank_world(rank, world_size)
+    checkpoint = os.path.abspath(os.fspath(checkpoint))
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"checkpoint: {checkpoint}: no such file")
+    data = os.path.abspath(os.fspath(data))
+    if not os.path.isdir(data):
+        raise ValueError(f"data: {data}: no such directory")
+    out = os.path.abspath(os.fspath(out))
+    check_out_dir(out, marker=MANIFEST, kind="geocap dump")        # a dump (resumed) or a new folder
+    store_path, caps_dir = os.path.join(data, o.features_file), os.path.join(data, o.captions)
+    if not os.path.isfile(store_path):
+        raise ValueError(f"data: {store_path}: feature store missing")
+    if not os.path.isdir(caps_dir):
+        raise ValueError(f"data: {caps_dir}: captions directory missing")
+
+    sha256 = file_sha256(checkpoint)
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    dataset = CaptionDataset(store_path, caps_dir, split, per_image=True, captions_per_image="all")
+    vocab = ckpt.vocab
+    if vocab.words != dataset.vocab.words:
+        raise ValueError(f"checkpoint {checkpoint} and captions dir {caps_dir} have different vocabularies "
+                         f"(sha1 {vocab.sha1[:12]} vs {dataset.vocab.sha1[:12]})")
+    if ckpt.config.feature_dim != dataset.store.feature_dim:
+        raise ValueError(f"checkpoint {checkpoint} expects {ckpt.config.feature_dim}-dimensional features but "
+                         f"{store_path} holds {dataset.store.feature_dim}-dimensional ones")
+    config = ckpt.config
+    max_len = min(o.max_len, config.max_len)
+    n_images = len(dataset.image_ids) if o.limit == 0 else min(o.limit, len(dataset.image_ids))
+    image_ids = dataset.image_ids[:n_images]
+    gt_path = os.path.join(data, grounding.GROUND_TRUTH)
+    truth = grounding.GroundTruth(gt_path, image_ids.tolist()) if os.path.isfile(gt_path) else None
+    hypothetical = o.hypothetical
+    if hypothetical is None:
+        hypothetical = truth is not None and o.mode == "teacher-forced"
+    if hypothetical and (truth is None or o.mode != "teacher-forced"):
+        raise ValueError("hypothetical captions need referents (DIR/ground_truth.json) and mode teacher-forced")
+    store = dataset.store
+    has_labels = store.has_labels or truth is not None
+    cluster_source = "ground_truth" if truth is not None else ("kmeans" if o.clusters > 0 else "none")
+    centroids = None
+    if cluster_source == "kmeans":
+        centroids = kmeans_centroids(dataset, n_images, o.clusters, o.cluster_sample)
+
+    maps = () if o.stats_only else tuple(WHAT[w] for w in o.what)
+    label_names = store.label_names
+    if label_names is None and truth is not None:
+        label_names = truth.label_names()
+    generated = o.mode == "generated"
+    metadata = {
+        "geocap_version": __version__, "checkpoint": checkpoint, "checkpoint_sha256": sha256,
+        "checkpoint_step": ckpt.step, "model_config": config.to_dict(), "vocab_sha1": vocab.sha1,
+        "data": data, "split": split, "mode": o.mode, "what": list(o.what), "maps": list(maps),
+        "stats_only": bool(o.stats_only), "hypothetical": bool(hypothetical), "features": bool(o.features),
+        "compression": o.compression, "shard_images": o.shard_images, "limit": o.limit,
+        "beam_size": o.beam_size if generated else None, "max_len": max_len if generated else None,
+        "n_images": n_images, "image_ids_sha256": hashlib.sha256(np.ascontiguousarray(image_ids, np.int64)
+                                                                 .tobytes()).hexdigest(),
+        "referents": truth is not None, "labels": bool(has_labels),
+        "label_names": label_names, "clusters": cluster_source,
+        "n_clusters": o.clusters if cluster_source == "kmeans" else None,
+        "cluster_centroids": None if centroids is None else centroids.tolist(),
+    }
+    os.makedirs(out, exist_ok=True)
+    manifest = open_manifest(out, metadata, n_images, o.shard_images)
+    metadata = manifest["metadata"]
+    if metadata.get("cluster_centroids") is not None:
+        centroids = np.asarray(metadata["cluster_centroids"], np.float32)
+    mine = [k for k in range(manifest["n_shards"]) if k % world_size == rank]
+    redone = drop_lost_shards(out, [e for e in manifest["shards"] if e["index"] in mine])
+    done = {e["index"] for e in manifest["shards"]} - set(redone)
+    todo = [k for k in mine if k not in done]
+    for k in todo:
+        remove_stale(out, k)
+    return DumpPlan(out=out, split=split, rank=rank, world_size=world_size, options=o, ckpt=ckpt, config=config,
+                    words=vocab.words,
+                    checkpoint_sha256=sha256, dataset=dataset, truth=truth, image_ids=image_ids, n_images=n_images,
+                    max_len=max_len, hypothetical=bool(hypothetical), has_labels=bool(has_labels),
+                    cluster_source=cluster_source, centroids=centroids, maps=maps, metadata=metadata,
+                    metadata_sha256=manifest["metadata_sha256"], todo=todo,
+                    skipped=[k for k in mine if k in done], redone=redone)

@@ -1,0 +1,116 @@
+"""The shard runner of a dump job: the model's attention over each shard of a
+:class:`~geocap.dump.plan.DumpPlan`'s ``todo``, batch by batch, into the shard writer (in a
+child process or inline), each finished shard listed in the manifest as soon as it is renamed.
+With ``stats_only``, a fresh ``collector_class()`` sees every record of a shard (maps included)
+and its ``state()`` is stored in the shard instead of the maps."""
+from __future__ import annotations
+
+import os
+import time
+
+from geocap.data.dump_format import shard_name
+from geocap.dump.manifest import add_shard
+from geocap.dump.plan import DumpPlan
+from geocap.dump.result import DumpResult
+
+__all__ = ["run_shards"]
+
+
+def run_shards(plan: DumpPlan, model, source, device, result: DumpResult, *, collector_class=None,
+               progress: bool = True) -> None:
+    """Write every shard of ``plan.todo`` with ``model`` (on ``device``, in eval mode) and the
+    records' inputs from ``source`` (a :class:`~geocap.dump.source.SplitSource`), counting into
+    ``result``. On any error the open shard is aborted (its temporary file removed) and the
+    shards already renamed stay listed."""
+    from geocap.dump.records import generate_rows, record_batch
+    from geocap.dump.writer import ShardWriter
+    from geocap.progress import progress_bar
+
+    o, dataset, out = plan.options, plan.dataset, plan.out
+    words = plan.words
+
+    def rows_of(positions, batch):
+        if o.mode == "generated":
+            return lambda memory: generate_rows(model, memory, beam_size=o.beam_size, max_len=plan.max_len)
+        return lambda memory: source.reference_rows(positions, batch)
+
+    todo_images = sum(hi - lo for lo, hi in map(plan.shard_range, plan.todo))
+    bar = progress_bar(enabled=progress, total=todo_images, unit="img",
+                       desc=f"dump {plan.split}" + (f" rank {plan.rank}" if plan.world_size > 1 else ""))
+    child = None
+    if plan.todo and o.writer == "process":
+        from geocap.dump.writer_process import WriterProcess
+        t0 = time.perf_counter()
+        child = WriterProcess()
+        result.writer_seconds += time.perf_counter() - t0
+    closing: dict = {}          # writer process: seq -> (k, t_shard, parent seconds) of shards closing
+
+    def finish(k, t_shard, size, sha256, n_records, parent_seconds, child_seconds) -> None:
+        """A shard is complete (renamed): count it and list it in the manifest."""
+        lo, hi = plan.shard_range(k)
+        result.writer_seconds += parent_seconds
+        result.writer_child_seconds += child_seconds
+        result.bytes += size
+        result.records += n_records
+        result.shards_written.append(k)
+        entry = {"index": k, "file": shard_name(k), "images": hi - lo, "records": n_records, "bytes": size,
+                 "sha256": sha256, "rank": plan.rank, "seconds": round(time.perf_counter() - t_shard, 4),
+                 "writer_seconds": round(parent_seconds, 4)}
+        if child is not None:
+            entry["writer_child_seconds"] = round(child_seconds, 4)
+        add_shard(out, entry)
+
+    def collect(block: bool) -> None:
+        t0 = time.perf_counter()
+        for seq, size, n_records, child_seconds, sha256 in child.collect(block):
+            k, t_shard, parent_seconds = closing.pop(seq)
+            finish(k, t_shard, size, sha256, n_records, parent_seconds, child_seconds)
+        result.writer_seconds += time.perf_counter() - t0
+
+    try:
+        for k in plan.todo:
+            t_shard = time.perf_counter()
+            lo, hi = plan.shard_range(k)
+            path = os.path.join(out, shard_name(k))
+            shard = child if child is not None else ShardWriter(path, **plan.shard_args(k))
+            if child is not None:
+                child.open(path, **plan.shard_args(k))
+            collector = collector_class() if collector_class is not None else None
+            try:
+                for b0 in range(lo, hi, o.batch_size):
+                    positions = list(range(b0, min(hi, b0 + o.batch_size)))
+                    batch = dataset.collate([dataset[i] for i in positions])
+                    objects = source.objects(positions, batch)
+                    per_image = record_batch(
+                        model, batch.features.to(device), batch.boxes.to(device), batch.box_mask.to(device),
+                        rows_of(positions, batch), image_ids=[int(plan.image_ids[i]) for i in positions],
+                        words=words, what=o.what, objects=objects)
+                    for recs in per_image:
+                        if collector is not None:
+                            for r in recs:
+                                collector.update(r)
+                                r.encoder_self = r.decoder_self = r.cross = None
+                        shard.add_image(recs)
+                    result.images += len(positions)
+                    bar.update(len(positions))
+                    if closing:
+                        collect(block=False)        # list the shards the writer process finished meanwhile
+                state = None if collector is None else collector.state()
+                if child is None:
+                    size = shard.close(state)
+                else:                               # the child finishes it while the model goes on
+                    seq = child.send_close(state)
+                    closing[seq] = (k, t_shard, child.seconds)
+            except BaseException:
+                shard.abort()
+                raise
+            if child is None:
+                finish(k, t_shard, size, shard.sha256, shard.n_records, shard.seconds, 0.0)
+        while closing:
+            collect(block=True)             # each shard listed as soon as the writer process renamed it
+    finally:
+        bar.close()
+        if child is not None:
+            t0 = time.perf_counter()
+            child.stop()
+            result.writer_seconds += time.perf_counter() - t0
