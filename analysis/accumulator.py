@@ -158,6 +158,130 @@ class SumTable:
         return table
 
 
+class SeenImages:
+    """The image ids an accumulator has counted, so that what depends on the image alone (encoder
+    maps, boxes, features: the same for every record of an image) is counted once per image.
+
+    ``first(image_id)`` is True the first time an id is offered. ``merge`` refuses two parts that
+    both counted an image (its sums would count twice; a dump's shards hold disjoint images).
+    Memory: one integer per image."""
+
+    def __init__(self):
+        self.ids: set[int] = set()
+
+    def first(self, image_id: int) -> bool:
+        image_id = int(image_id)
+        if image_id in self.ids:
+            return False
+        self.ids.add(image_id)
+        return True
+
+    def merge(self, other: "SeenImages", owner: str) -> None:
+        both = self.ids & other.ids
+        if both:
+            raise ValueError(f"{owner}: cannot merge two parts that both counted image {min(both)} "
+                             f"({len(both)} images in both; merge parts of disjoint images)")
+        self.ids |= other.ids
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}{STATE_SEPARATOR}image_ids": np.asarray(sorted(self.ids), dtype=np.int64)}
+
+    @classmethod
+    def from_state(cls, state: dict, prefix: str, owner: str) -> "SeenImages":
+        key = f"{prefix}{STATE_SEPARATOR}image_ids"
+        if key not in state:
+            raise ValueError(f"{owner} state lacks {key!r} (not a state written by this version of geocap.analysis)")
+        seen = cls()
+        seen.ids = {int(i) for i in np.asarray(state[key]).ravel()}
+        return seen
+
+
+TREND_Z = 2.0   # a by-layer change is called a rise or a fall when it exceeds TREND_Z standard errors
+
+
+class ImageUnits:
+    """Per-layer ratios of sums ``R[l] = sum x[l] / sum n[l]`` over records, with their covariance
+    ``[L, L]`` estimated from the spread between images (cluster-robust, delta method), so that the
+    records of one image, which share its objects and encoder maps, are not taken as independent.
+
+    A unit is a run of consecutive records of one image (a dump stores an image's records together);
+    ``add(table, name, image_id, x [L], n [L] or scalar)`` adds a record's sums to the current unit,
+    and a record of another image closes it: its sums and second moments go to ``table`` (a
+    :class:`SumTable`, so they merge and round-trip with it) under ``<name>.x``, ``.n``, ``.xx``,
+    ``.xn``, ``.nn`` and ``.units``. Call ``flush(table)`` before ``state``, ``merge`` and
+    ``result``. For m units with linearised values ``z_i[l] = (x_i[l] - R[l] n_i[l]) / N[l]``
+    (``N = sum n``), ``cov(R) = m / (m - 1) * sum_i z_i z_i^T``, computed from the moment sums."""
+
+    def __init__(self):
+        self.image = None
+        self.pending: dict[str, list[np.ndarray]] = {}
+
+    def add(self, table: SumTable, name: str, image_id: int, x, n, where: str = "") -> None:
+        if image_id != self.image:
+            self.flush(table)
+            self.image = image_id
+        x = np.asarray(x, dtype=np.float64)
+        n = np.broadcast_to(np.asarray(n, dtype=np.float64), x.shape)
+        if name in self.pending:
+            px, pn = self.pending[name]
+            if px.shape != x.shape:
+                raise ValueError(f"{where or 'record'}: {name} has shape {x.shape}, the image's earlier records gave "
+                                 f"{px.shape} (records with different layer counts cannot be pooled)")
+            self.pending[name] = [px + x, pn + n]
+        else:
+            self.pending[name] = [x.copy(), n.copy()]
+
+    def flush(self, table: SumTable) -> None:
+        for name, (x, n) in self.pending.items():
+            table.add(f"{name}.x", x)
+            table.add(f"{name}.n", n)
+            table.add(f"{name}.xx", np.outer(x, x))
+            table.add(f"{name}.xn", np.outer(x, n))
+            table.add(f"{name}.nn", np.outer(n, n))
+            table.add(f"{name}.units", 1)
+        self.pending = {}
+        self.image = None
+
+
+def ratio_with_covariance(table: SumTable, name: str) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+    """``(R [L], cov [L, L] or None, units)`` of the ratio :class:`ImageUnits` accumulated under
+    ``name`` (R NaN where ``sum n`` is 0; cov None with fewer than 2 units), or None when nothing was
+    added."""
+    x, n = table.get(f"{name}.x"), table.get(f"{name}.n")
+    if x is None:
+        return None
+    units = int(table.scalar(f"{name}.units"))
+    r = ratio(x, n)
+    if units < 2 or not np.isfinite(r).all():
+        return r, None, units
+    xx, xn, nn = table.get(f"{name}.xx"), table.get(f"{name}.xn"), table.get(f"{name}.nn")
+    spread = xx - xn * r[None, :] - xn.T * r[:, None] + nn * np.outer(r, r)      # sum_i (x - R n)(x - R n)^T
+    cov = units / (units - 1) * spread / np.outer(n, n)
+    return r, cov, units
+
+
+def standard_errors(cov: np.ndarray | None, layers: int) -> np.ndarray:
+    """Per-layer standard errors ``[L]`` from a covariance (NaN without one)."""
+    if cov is None:
+        return np.full(layers, np.nan)
+    return np.sqrt(np.clip(np.diag(cov), 0.0, None))
+
+
+def trend(values: np.ndarray, cov: np.ndarray | None) -> tuple[str, float | None]:
+    """How ``values [L]`` change from the first to the last layer, judged against the standard error
+    of that change: ``("rises" | "falls" | "no change beyond its uncertainty", se)``; with one layer
+    ``("one layer only", None)``, without a covariance ``("uncertainty unknown", None)``."""
+    if len(values) < 2:
+        return "one layer only", None
+    if cov is None:
+        return "uncertainty unknown", None
+    se = float(np.sqrt(max(cov[0, 0] + cov[-1, -1] - 2 * cov[0, -1], 0.0)))
+    change = float(values[-1] - values[0])
+    if abs(change) > TREND_Z * se:
+        return ("rises" if change > 0 else "falls"), se
+    return "no change beyond its uncertainty", se
+
+
 def ratio(numerator: np.ndarray | None, denominator: np.ndarray | None) -> np.ndarray | None:
     """``numerator / denominator`` elementwise, NaN where the denominator is 0 (callers turn NaN
     into None with :func:`to_list` and say why); None when either is missing."""

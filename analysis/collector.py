@@ -20,7 +20,7 @@ from .grounding import GroundingAccumulator
 from .proximity import ProximityAccumulator
 from .thematic import ThematicAccumulator
 
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: proximity counts each image once (its state holds the image ids)
 ANALYSES = ("entropy", "thematic", "proximity", "grounding")
 
 

@@ -100,23 +100,34 @@ def plot_thematic(result, path) -> None:
 
 
 def plot_proximity(result, path) -> None:
-    """Mean attention weight per distance bin and per similarity bin, one curve per layer."""
+    """Mean attention weight per distance bin and per similarity bin, one curve per layer, over the
+    pairs behind each bin (grey bars, right axis); bins under ``MIN_BIN_PAIRS`` pairs are left out."""
+    from .proximity import MIN_BIN_PAIRS
+
     fig, axes = _figure(2)
     for ax, measure, label in zip(axes, ("distance", "similarity"),
                                   ("normalised box-centre distance", "feature cosine similarity")):
-        curve = result.curves.get(measure)
+        curve = result.shown_curve(measure)
         if curve is None:
             _missing(ax, f"attention vs {measure}", result.unavailable.get(f"spearman_{measure}"))
             continue
         edges = result.edges(measure)
         centres = (edges[:-1] + edges[1:]) / 2
+        counts = ax.twinx()
+        counts.bar(centres, result.counts[measure], width=np.diff(edges) * 0.9, color="0.85", zorder=0)
+        counts.axhline(MIN_BIN_PAIRS, color="0.5", linestyle=":", linewidth=1)
+        counts.set_yscale("symlog", linthresh=max(MIN_BIN_PAIRS, 1))
+        counts.set_ylabel(f"object pairs per bin (dotted: {MIN_BIN_PAIRS}, fewer are left out)", fontsize=8)
+        ax.set_zorder(counts.get_zorder() + 1)
+        ax.patch.set_visible(False)
         rhos = getattr(result, f"spearman_{measure}") or [None] * len(curve)
         for layer, (values, rho) in enumerate(zip(curve, rhos)):
             tag = f"layer {layer + 1}" + ("" if rho is None else f" (rho {rho:+.2f})")
             ax.plot(centres, _masked(values), marker=".", label=tag)
+        ax.set_xlim(edges[0], edges[-1])
         ax.set_xlabel(label)
         ax.set_ylabel("mean attention weight (head mean)")
-        ax.set_title(f"attention vs {measure}")
+        ax.set_title(f"attention vs {measure} ({result.images} images)")
         ax.legend(fontsize=7)
     _save(fig, path)
 

@@ -173,6 +173,36 @@ def test_proximity_spearman_recovers_attention_decaying_with_distance():
     assert res.counts["distance"].sum() == 30 * N * (N - 1)
 
 
+def captions_of(recs, captions=5):
+    """Each record repeated as ``captions`` records of its image (new caption ids, same encoder
+    maps, boxes and features), consecutively, as a dump holds them."""
+    return [Record(image_id=r.image_id, caption_id=c, boxes=r.boxes, tokens=r.tokens, clusters=r.clusters,
+                   features=r.features, referents=r.referents, encoder_self=r.encoder_self,
+                   decoder_self=r.decoder_self, cross=r.cross) for r in recs for c in range(captions)]
+
+
+def test_proximity_counts_each_image_once_and_leaves_out_thin_bins():
+    from geocap.analysis.proximity import MIN_BIN_PAIRS
+
+    images = records(count=12)
+    res = proximity(captions_of(images), bins=10)
+    pairs = 12 * N * (N - 1)
+    assert res.images == 12 and res.records == 60 and res.records_repeating_an_image == 48
+    assert res.pairs["distance"] == res.sampled["distance"] == pairs          # each image once, all pairs kept
+    assert res.counts["distance"].sum() == pairs
+    # the curves equal those of one record per image: the repeats add nothing
+    np.testing.assert_array_equal(res.curves["distance"], proximity(images, bins=10).curves["distance"])
+    text = res.reading()
+    assert f"all {pairs} ordered pairs" in text and "of 12 images" in text and "sampled" not in text
+    # boxes within 0.3 of each other: the far distance bins hold fewer than MIN_BIN_PAIRS pairs
+    thin = res.counts["distance"] < MIN_BIN_PAIRS
+    assert thin.any() and (~thin).any(), res.counts["distance"]
+    shown = res.shown_curve("distance")
+    assert np.isnan(shown[:, thin]).all()
+    np.testing.assert_array_equal(shown[:, ~thin], res.curves["distance"][:, ~thin])
+    assert f"fewer than {MIN_BIN_PAIRS} pairs" in text
+
+
 def test_pair_reservoir_keeps_the_smallest_keys_in_any_order():
     rng = np.random.default_rng(1)
     keys = pair_keys(3, 17, np.arange(200) // 20, np.arange(200) % 20)
