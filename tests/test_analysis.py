@@ -251,6 +251,7 @@ def test_grounding_finds_the_head_that_points_nouns_at_their_referents():
     assert np.all(np.abs(others - res.chance) < 0.15), res.accuracy_per_head
     assert res.tokens == 60 * 2
     assert res.follow_rate is None and "hypothetical_follow_rate" in res.unavailable
+    assert not res.best_head_below_head_mean() and "No single head" not in res.reading()
 
 
 def hypothetical(recs, follow: bool):
@@ -280,6 +281,89 @@ def test_grounding_hypothetical_follow_rate(follow):
     assert res.hypothetical_chance == pytest.approx(1 / N)
     # the other analyses ignore hypothetical records
     assert entropy(recs + hypothetical(recs, follow)).skipped_hypothetical == 10
+
+
+def test_head_mean_beating_every_head_is_explained():
+    """Two of four heads point at a wrong object (a different one each) on every grounded token, so each
+    head grounds half the tokens while the head mean grounds all of them."""
+    recs = records(count=40, n=6)
+    for r in recs:
+        cross = r.cross.astype(np.float64)
+        for k, t in enumerate(np.flatnonzero(r.referents >= 0)):
+            ref = r.referents[t]
+            for h in range(H):
+                row = np.full(r.num_objects, 0.02)
+                if (h + k + r.image_id) % 2:
+                    row[(ref + 1 + h % 2) % r.num_objects] = 0.45
+                    row[ref] = 0.35
+                else:
+                    row[ref] = 0.6
+                cross[:, h, t] = row / row.sum()
+        r.cross = cross.astype(np.float16)
+    res = grounding(recs)
+    np.testing.assert_array_equal(res.accuracy, np.ones(L))
+    assert np.max(res.accuracy_per_head) < 0.75, res.accuracy_per_head
+    assert res.best_head_below_head_mean()
+    assert "No single head reaches the head-mean map" in res.reading()
+
+
+def test_hypothetical_reading_gives_the_same_step_baseline():
+    recs = records(count=10)
+    res = grounding(recs + hypothetical(recs, True))
+    best = int(np.argmax(res.follow_rate))
+    text = res.reading()
+    assert f"for {res.follow_rate[best]:.1%} of 20 swaps" in text
+    assert f"against {res.follow_rate_same_step[best]:.1%} at the step of the word itself" in text
+    data = res.to_json()
+    assert data["hypothetical_follow_rate_same_step"][best] == pytest.approx(res.follow_rate_same_step[best])
+
+
+# --- uncertainty ---------------------------------------------------------------------------
+
+
+def test_layer_uncertainty_is_the_image_clustered_standard_error():
+    from geocap.analysis.accumulator import SumTable
+    from geocap.analysis.uncertainty import ImageUnits, ratio_with_covariance
+
+    rng = np.random.default_rng(3)
+    images = 15
+    image = np.repeat(np.arange(images), rng.integers(1, 4, images))        # 1-3 consecutive records per image
+    x, n = rng.uniform(0, 5, (len(image), L)), rng.integers(1, 6, len(image)).astype(float)
+
+    def fold_units(rows):
+        table, units = SumTable(), ImageUnits()
+        for r in rows:
+            units.add(table, "q", image[r], x[r], n[r])
+        units.flush(table)
+        return table
+
+    one = fold_units(range(len(image)))
+    split = int(np.flatnonzero(image == 7)[0])                                # parts hold whole images
+    merged = fold_units(range(split))
+    merged.merge(fold_units(range(split, len(image))))
+    # the textbook cluster-robust covariance of a ratio, from per-image sums
+    xs = np.stack([x[image == i].sum(0) for i in range(images)])
+    ns = np.array([n[image == i].sum() for i in range(images)])
+    r = xs.sum(0) / ns.sum()
+    z = (xs - r * ns[:, None]) / ns.sum()
+    expected = images / (images - 1) * z.T @ z
+    for table in (one, merged):
+        values, cov, units = ratio_with_covariance(table, "q")
+        assert units == images
+        np.testing.assert_allclose(values, r, rtol=1e-12)
+        np.testing.assert_allclose(cov, expected, rtol=1e-9, atol=1e-15)
+
+
+def test_a_flat_by_layer_curve_is_not_called_a_rise_or_a_fall():
+    flat = records(count=30)                                    # every layer drawn alike
+    text = entropy(flat).reading() + " " + thematic(flat).reading() + " " + grounding(flat).reading()
+    assert "rises" not in text and "falls" not in text, text
+    assert text.count("no change beyond its uncertainty") == 5, text   # 3 entropies, affinity, grounding
+    steep = entropy(records(count=30, sharpness=[0.5, 2.0, 6.0]))
+    assert steep.reading().count("falls from") == 3
+    summary = steep.to_json()["per_layer_uncertainty"]["cross"]
+    assert summary["trend"] == "falls" and summary["units"] == 30
+    assert abs(summary["change"]) > 2 * summary["change_se"] > 0
 
 
 # --- collector: merge, state, missing fields -----------------------------------------------
