@@ -318,6 +318,15 @@ def test_hypothetical_reading_gives_the_same_step_baseline():
     assert data["hypothetical_follow_rate_same_step"][best] == pytest.approx(res.follow_rate_same_step[best])
 
 
+def test_rate_axes_zoom_onto_the_values():
+    from geocap.analysis.plotting import rate_limits
+
+    low, high = rate_limits([0.21, 0.24, np.nan], [0.26])
+    assert 0.19 < low < 0.21 and 0.26 < high < 0.28          # not 0..1.05: a 0.05 difference stays visible
+    assert rate_limits([0.5]) == pytest.approx((0.475, 0.525))
+    assert rate_limits([0.0, 1.0]) == (0.0, 1.0) and rate_limits([np.nan]) == (0.0, 1.0)
+
+
 # --- uncertainty ---------------------------------------------------------------------------
 
 
