@@ -484,7 +484,24 @@ def check_outputs(out, layers=L, heads=H):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name}.png)" in report
     assert not list(out.glob("*.tmp-*"))
+    check_html(out, report)
     return data, report
+
+
+def check_html(out, report):
+    """report.html: the report rendered, an <img> for every figure on disk, every table of report.md."""
+    import re
+
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "http" not in html.replace("../view/index.html", "")
+    images = set(re.findall(r'<img alt="[^"]*" src="([^"]+)"', html))
+    assert images == {p.name for p in out.glob("*.png")}, images
+    tables = report.count("\n|---")
+    assert html.count("<table>") == tables
+    cells = re.sub(r"\s*\n\s*", "", html)
+    for row in re.findall(r"^\| (.*) \|$", report, flags=re.M):
+        tag = "th" if f"| {row} |\n|---" in report else "td"
+        assert "".join(f"<{tag}>{cell}</{tag}>" for cell in row.split(" | ")) in cells, row
 
 
 def test_run_analyses_writes_json_figures_and_report(tmp_path):
@@ -494,11 +511,33 @@ def test_run_analyses_writes_json_figures_and_report(tmp_path):
                                                     progress=False), tmp_path / "out")
     assert "falls from" in report and "(../view/index.html)" in report
     assert data["records"] == len(recs)
+    assert data["model"] == {"encoder": [L, H], "decoder": [L, H]}
+    assert f"encoder {L} layers x {H} heads, decoder {L} layers x {H} heads" in report
+    # the proximity tables: every bin's pairs and, for bins with enough pairs, its means as in analysis.json
+    from geocap.analysis.proximity import MIN_BIN_PAIRS
+
+    prox = data["proximity"]
+    for measure in ("distance", "similarity"):
+        edges = prox[f"{measure}_bin_edges"]
+        for b, pairs in enumerate(prox[f"{measure}_bin_pairs"]):
+            means = [f"{layer[b]:.4f}" if pairs >= MIN_BIN_PAIRS else "-" for layer in prox[f"{measure}_curve"]]
+            row = " | ".join([f"{edges[b]:.2f} to {edges[b + 1]:.2f}", str(int(pairs))] + means)
+            assert f"| {row} |" in report, row
+    # the uncertainties the text quotes are analysis.json's
+    for kind, summary in data["entropy"]["per_layer_uncertainty"].items():
+        assert f"(change {summary['change']:+.3f} ± {summary['change_se']:.3f}; standard errors over " \
+               f"{summary['units']} images)" in report, kind
+    # another model's records: its size is read from them
+    other = records(count=3, layers=2, heads=5)
+    run_analyses(other, tmp_path / "other", progress=False)
+    assert "encoder 2 layers x 5 heads" in (tmp_path / "other" / "report.md").read_text()
     # nothing computable: still every file, with the reasons in the report
     bare = records(count=2, maps=(), with_clusters=False, with_features=False, with_referents=False)
     run_analyses(bare, tmp_path / "bare", progress=False)
     report = (tmp_path / "bare" / "report.md").read_text()
     assert "Not computed" in report and (tmp_path / "bare" / "grounding.png").exists()
+    assert "Model size unknown" in report
+    check_html(tmp_path / "bare", report)
 
 
 def check_outputs_after(returned, out):
