@@ -158,6 +158,44 @@ class SumTable:
         return table
 
 
+class SeenImages:
+    """The image ids an accumulator has counted, so that what depends on the image alone (encoder
+    maps, boxes, features: the same for every record of an image) is counted once per image.
+
+    ``first(image_id)`` is True the first time an id is offered. ``merge`` refuses two parts that
+    both counted an image (its sums would count twice; a dump's shards hold disjoint images).
+    Memory: one integer per image."""
+
+    def __init__(self):
+        self.ids: set[int] = set()
+
+    def first(self, image_id: int) -> bool:
+        image_id = int(image_id)
+        if image_id in self.ids:
+            return False
+        self.ids.add(image_id)
+        return True
+
+    def merge(self, other: "SeenImages", owner: str) -> None:
+        both = self.ids & other.ids
+        if both:
+            raise ValueError(f"{owner}: cannot merge two parts that both counted image {min(both)} "
+                             f"({len(both)} images in both; merge parts of disjoint images)")
+        self.ids |= other.ids
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}{STATE_SEPARATOR}image_ids": np.asarray(sorted(self.ids), dtype=np.int64)}
+
+    @classmethod
+    def from_state(cls, state: dict, prefix: str, owner: str) -> "SeenImages":
+        key = f"{prefix}{STATE_SEPARATOR}image_ids"
+        if key not in state:
+            raise ValueError(f"{owner} state lacks {key!r} (not a state written by this version of geocap.analysis)")
+        seen = cls()
+        seen.ids = {int(i) for i in np.asarray(state[key]).ravel()}
+        return seen
+
+
 def ratio(numerator: np.ndarray | None, denominator: np.ndarray | None) -> np.ndarray | None:
     """``numerator / denominator`` elementwise, NaN where the denominator is 0 (callers turn NaN
     into None with :func:`to_list` and say why); None when either is missing."""

@@ -20,7 +20,7 @@ from .grounding import GroundingAccumulator
 from .proximity import ProximityAccumulator
 from .thematic import ThematicAccumulator
 
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: proximity counts each image once (its state holds the image ids)
 ANALYSES = ("entropy", "thematic", "proximity", "grounding")
 
 
@@ -91,7 +91,22 @@ class StatsCollector:
         return {name: part.result() for name, part in self.parts.items()}
 
     def to_json(self) -> dict:
-        """The analysis.json dict: one section per analysis plus ``records``."""
-        out = {name: result.to_json() for name, result in self.results().items()}
+        """The analysis.json dict: one section per analysis plus ``records`` and ``model``."""
+        results = self.results()
+        out = {name: result.to_json() for name, result in results.items()}
         out["records"] = self.records
+        out["model"] = model_size(results)
         return out
+
+
+def model_size(results: dict) -> dict:
+    """Layers and heads of the encoder and the decoder, from the shapes of the attention statistics
+    (so any model's records, not geocap's config): ``{"encoder": [L, H] or None, "decoder": ...}``."""
+    entropy, thematic, grounding = results["entropy"], results["thematic"], results["grounding"]
+    encoder = entropy.per_head.get("encoder_self")
+    encoder = encoder if encoder is not None else thematic.affinity
+    decoder = next((entropy.per_head[k] for k in ("decoder_self", "cross") if entropy.per_head.get(k) is not None),
+                   grounding.accuracy_per_head)
+    return {part: None if values is None else [int(n) for n in np.shape(values)]
+            for part, values in (("encoder", encoder), ("decoder", decoder))}
+

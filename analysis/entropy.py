@@ -28,6 +28,7 @@ from geocap.data.attention_record import ENTROPY_NAMES, MAP_NAMES, Record
 from geocap.kernels import attention_entropy
 
 from .accumulator import Accumulator, SumTable, describe, fold, one_thread, ratio, to_list
+from .uncertainty import ImageUnits, layer_uncertainty, trend_phrase, uncertainty_json
 
 
 def _valid_keys(kind: str, rows: int, num_objects: int) -> np.ndarray:
@@ -81,6 +82,7 @@ class EntropyResult:
     per_head: dict = field(default_factory=dict)        # kind -> np.ndarray [L, H] (NaN: no rows)
     rows: dict = field(default_factory=dict)            # kind -> rows averaged
     missing: dict = field(default_factory=dict)         # kind -> records without map or entropy
+    uncertainty: dict = field(default_factory=dict)     # kind -> per-layer standard errors and trend
     records: int = 0
     skipped_hypothetical: int = 0
     unavailable: dict = field(default_factory=dict)     # kind -> reason
@@ -93,6 +95,7 @@ class EntropyResult:
     def to_json(self) -> dict:
         out = {kind: to_list(self.per_head.get(kind)) for kind in MAP_NAMES}
         out["per_layer"] = {kind: to_list(self.per_layer(kind)) for kind in MAP_NAMES}
+        out["per_layer_uncertainty"] = {kind: uncertainty_json(self.uncertainty.get(kind)) for kind in MAP_NAMES}
         out["rows"] = {kind: int(self.rows.get(kind, 0)) for kind in MAP_NAMES}
         out["records_missing"] = {kind: int(self.missing.get(kind, 0)) for kind in MAP_NAMES}
         out["records"] = self.records
@@ -108,11 +111,10 @@ class EntropyResult:
             if layers is None:
                 parts.append(f"{kind}: not computed ({self.unavailable[kind]}).")
                 continue
-            trend = "falls" if layers[-1] < layers[0] else "rises" if layers[-1] > layers[0] else "stays"
-            parts.append(f"{kind}: normalised entropy {trend} from {layers[0]:.3f} in layer 1 to "
-                         f"{layers[-1]:.3f} in layer {len(layers)} (range over heads "
-                         f"{np.min(self.per_head[kind]):.3f}-{np.max(self.per_head[kind]):.3f}; "
-                         f"{self.rows[kind]} rows).")
+            counted = " (an image's encoder rows once per record)" if kind == "encoder_self" else ""
+            parts.append(f"{kind}: normalised entropy {trend_phrase(layers, self.uncertainty.get(kind))}; range over "
+                         f"heads {np.min(self.per_head[kind]):.3f}-{np.max(self.per_head[kind]):.3f}; "
+                         f"{self.rows[kind]} rows of {self.records} records{counted}.")
         return " ".join(parts)
 
     def plot(self, path) -> None:
@@ -128,6 +130,7 @@ class EntropyAccumulator(Accumulator):
 
     def __init__(self):
         self.sums = SumTable()
+        self.units = ImageUnits()
 
     def _update(self, record: Record) -> None:
         if record.kind == "hypothetical":
@@ -140,13 +143,19 @@ class EntropyAccumulator(Accumulator):
                 self.sums.add(f"{kind}.missing", 1)
                 continue
             values, used = got
-            self.sums.add(f"{kind}.sum", values[..., used].sum(axis=-1), describe(record))
+            sums = values[..., used].sum(axis=-1)
+            self.sums.add(f"{kind}.sum", sums, describe(record))
             self.sums.add(f"{kind}.rows", used.sum())
+            self.units.add(self.sums, f"units.{kind}", record.image_id, sums.mean(axis=1), used.sum(),
+                           describe(record))
 
     def _merge(self, other: "EntropyAccumulator") -> None:
+        self.units.flush(self.sums)
+        other.units.flush(other.sums)
         self.sums.merge(other.sums)
 
     def state(self) -> dict[str, np.ndarray]:
+        self.units.flush(self.sums)
         return self.sums.state()
 
     @classmethod
@@ -156,6 +165,7 @@ class EntropyAccumulator(Accumulator):
         return acc
 
     def result(self) -> EntropyResult:
+        self.units.flush(self.sums)
         records = int(self.sums.scalar("records"))
         res = EntropyResult(records=records, skipped_hypothetical=int(self.sums.scalar("skipped_hypothetical")))
         for kind in MAP_NAMES:
@@ -172,6 +182,7 @@ class EntropyAccumulator(Accumulator):
                 res.unavailable[kind] = "no attention row has two or more valid keys"
             else:
                 res.per_head[kind] = ratio(total, rows)
+                res.uncertainty[kind] = layer_uncertainty(self.sums, f"units.{kind}")
         return res
 
 

@@ -22,6 +22,11 @@ how often row ``t + 1``'s most-attended object is the new referent; ``hypothetic
 how often it stays on the original referent; ``hypothetical_follow_rate_same_step``: the same as the
 follow rate at row ``t`` itself (attention driven by earlier swaps only; a baseline);
 ``hypothetical_chance``: mean ``1 / N``. Memory: ``[L, H]`` sums.
+
+The head-mean map can ground more nouns than every single head: each head may miss on other
+tokens, and in the mean the heads that point at the referent outvote the rest (both use the same
+tokens and the same argmax rule). The report says so when it happens. Per-layer rates carry
+standard errors over images (:mod:`.uncertainty`).
 """
 from __future__ import annotations
 
@@ -32,6 +37,10 @@ import numpy as np
 from geocap.data.attention_record import Record
 
 from .accumulator import Accumulator, SumTable, as_map, describe, fold, ratio, to_list
+from .uncertainty import ImageUnits, layer_uncertainty, trend_phrase, uncertainty_json
+
+RATES = {"accuracy": "ground", "hypothetical_follow_rate": "follow", "hypothetical_source_rate": "source",
+         "hypothetical_follow_rate_same_step": "same_step"}   # JSON name -> the sums' name
 
 
 @dataclass
@@ -53,10 +62,16 @@ class GroundingResult:
     hypothetical_records: int = 0
     records_without_cross: int = 0
     records_without_referents: int = 0
+    uncertainty: dict = field(default_factory=dict)  # RATES key -> per-layer standard errors and trend
     unavailable: dict = field(default_factory=dict)
+
+    def best_head_below_head_mean(self) -> bool:
+        """Whether no single head grounds as many nouns as the head-mean map of the best layer."""
+        return bool(np.max(self.accuracy_per_head) < np.max(self.accuracy))
 
     def to_json(self) -> dict:
         return {
+            "uncertainty": {key: uncertainty_json(self.uncertainty.get(key)) for key in RATES},
             "accuracy": to_list(self.accuracy),
             "accuracy_per_head": to_list(self.accuracy_per_head),
             "chance": self.chance,
@@ -79,19 +94,25 @@ class GroundingResult:
         if self.accuracy is not None:
             best_layer = int(np.argmax(self.accuracy))
             l, h = np.unravel_index(int(np.argmax(self.accuracy_per_head)), self.accuracy_per_head.shape)
-            parts.append(f"The most-attended object is the noun's referent for {self.accuracy[0]:.0%} of "
-                         f"{self.tokens} grounded tokens in layer 1 and {self.accuracy[-1]:.0%} in layer "
-                         f"{len(self.accuracy)} (best layer {best_layer + 1}: {self.accuracy[best_layer]:.0%}; "
-                         f"best head L{l + 1}H{h + 1}: {self.accuracy_per_head[l, h]:.0%}; chance "
-                         f"{self.chance:.0%}).")
+            trend = trend_phrase(self.accuracy, self.uncertainty.get("accuracy"), ".1%")
+            parts.append(f"Grounding accuracy (share of {self.tokens} grounded tokens whose referent is the "
+                         f"most-attended object of the layer's head-mean map) {trend}; chance {self.chance:.1%}. "
+                         f"Best layer {best_layer + 1}: {self.accuracy[best_layer]:.1%}; best single head "
+                         f"L{l + 1}H{h + 1}: {self.accuracy_per_head[l, h]:.1%}.")
+            if self.best_head_below_head_mean():
+                parts.append("No single head reaches the head-mean map: the heads miss on different tokens, and in "
+                             "their mean the heads pointing at the referent outvote the others (same tokens, same "
+                             "argmax rule).")
         else:
             parts.append(f"Grounding accuracy not computed ({self.unavailable.get('accuracy')}).")
         if self.follow_rate is not None:
             best = int(np.argmax(self.follow_rate))
-            parts.append(f"With hypothetical captions, attention follows the swapped word to its new object for "
-                         f"{self.follow_rate[best]:.0%} of {self.hypothetical_tokens} swaps in layer {best + 1} "
-                         f"(stays on the original object {self.source_rate[best]:.0%}; chance "
-                         f"{self.hypothetical_chance:.0%}).")
+            parts.append(f"With hypothetical captions, attention at the step after a swapped word moves to the object "
+                         f"the word now names for {self.follow_rate[best]:.1%} of {self.hypothetical_tokens} swaps in "
+                         f"layer {best + 1}, against {self.follow_rate_same_step[best]:.1%} at the step of the word "
+                         f"itself, before the model has read it (the baseline); it stays on the original object "
+                         f"{self.source_rate[best]:.1%}; chance {self.hypothetical_chance:.1%}. The follow rate "
+                         f"{trend_phrase(self.follow_rate, self.uncertainty.get('hypothetical_follow_rate'), '.1%')}.")
         else:
             parts.append(f"Hypothetical follow rate not computed ({self.unavailable.get('hypothetical_follow_rate')}).")
         return " ".join(parts)
@@ -109,6 +130,7 @@ class GroundingAccumulator(Accumulator):
 
     def __init__(self):
         self.sums = SumTable()
+        self.units = ImageUnits()
 
     def _update(self, record: Record) -> None:
         hypothetical = record.kind == "hypothetical"
@@ -126,18 +148,18 @@ class GroundingAccumulator(Accumulator):
         if not hypothetical:
             rows = np.flatnonzero(referents >= 0)
             target = referents[rows]
-            self._hits("ground", cross, rows, target, where)
+            self._hits("ground", record, cross, rows, target, where)
             self.sums.add("ground.chance", len(rows) / max(n, 1))
             return
         source = np.asarray(record.source_referents, dtype=np.int64)
         t = np.flatnonzero((referents >= 0) & (source >= 0) & (referents != source))
         t = t[t + 1 < record.num_tokens]
-        self._hits("follow", cross, t + 1, referents[t], where)
-        self._hits("source", cross, t + 1, source[t], where, per_head=False)
-        self._hits("same_step", cross, t, referents[t], where, per_head=False)
+        self._hits("follow", record, cross, t + 1, referents[t], where)
+        self._hits("source", record, cross, t + 1, source[t], where, per_head=False)
+        self._hits("same_step", record, cross, t, referents[t], where, per_head=False)
         self.sums.add("follow.chance", len(t) / max(n, 1))
 
-    def _hits(self, name: str, cross: np.ndarray, rows: np.ndarray, target: np.ndarray, where: str,
+    def _hits(self, name: str, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray, where: str,
               per_head: bool = True) -> None:
         """Count rows whose most-attended object is ``target``: head-mean ``[L]`` and per head ``[L, H]``."""
         layers, heads = cross.shape[:2]
@@ -151,11 +173,15 @@ class GroundingAccumulator(Accumulator):
         if per_head:
             self.sums.add(f"{name}.head", head_hits, where)
         self.sums.add(f"{name}.tokens", len(rows))
+        self.units.add(self.sums, f"units.{name}", record.image_id, layer_hits, len(rows), where)
 
     def _merge(self, other: "GroundingAccumulator") -> None:
+        self.units.flush(self.sums)
+        other.units.flush(other.sums)
         self.sums.merge(other.sums)
 
     def state(self) -> dict[str, np.ndarray]:
+        self.units.flush(self.sums)
         return self.sums.state()
 
     @classmethod
@@ -165,6 +191,7 @@ class GroundingAccumulator(Accumulator):
         return acc
 
     def result(self) -> GroundingResult:
+        self.units.flush(self.sums)
         s = self.sums
         res = GroundingResult(records=int(s.scalar("records")),
                               hypothetical_records=int(s.scalar("hypothetical_records")),
@@ -185,7 +212,10 @@ class GroundingAccumulator(Accumulator):
             res.source_rate = ratio(s.get("source.layer"), res.hypothetical_tokens)
             res.follow_rate_same_step = ratio(s.get("same_step.layer"), res.hypothetical_tokens)
             res.hypothetical_chance = s.scalar("follow.chance") / res.hypothetical_tokens
-        else:
+        for key, name in RATES.items():
+            if res.tokens if name == "ground" else res.hypothetical_tokens:
+                res.uncertainty[key] = layer_uncertainty(s, f"units.{name}")
+        if not res.hypothetical_tokens:
             res.unavailable["hypothetical_follow_rate"] = self._reason(
                 res.hypothetical_records, "follow.tokens", "hypothetical records", "referents and source_referents")
         return res

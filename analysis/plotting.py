@@ -100,52 +100,99 @@ def plot_thematic(result, path) -> None:
 
 
 def plot_proximity(result, path) -> None:
-    """Mean attention weight per distance bin and per similarity bin, one curve per layer."""
+    """Mean attention weight per distance bin and per similarity bin, one curve per layer, over the
+    pairs behind each bin (grey bars, right axis); bins under ``MIN_BIN_PAIRS`` pairs are left out."""
+    from .proximity import MIN_BIN_PAIRS
+
     fig, axes = _figure(2)
     for ax, measure, label in zip(axes, ("distance", "similarity"),
                                   ("normalised box-centre distance", "feature cosine similarity")):
-        curve = result.curves.get(measure)
+        curve = result.shown_curve(measure)
         if curve is None:
             _missing(ax, f"attention vs {measure}", result.unavailable.get(f"spearman_{measure}"))
             continue
         edges = result.edges(measure)
         centres = (edges[:-1] + edges[1:]) / 2
+        counts = ax.twinx()
+        counts.bar(centres, result.counts[measure], width=np.diff(edges) * 0.9, color="0.85", zorder=0)
+        counts.axhline(MIN_BIN_PAIRS, color="0.5", linestyle=":", linewidth=1)
+        counts.set_yscale("symlog", linthresh=max(MIN_BIN_PAIRS, 1))
+        counts.set_ylabel(f"object pairs per bin (dotted: {MIN_BIN_PAIRS}, fewer are left out)", fontsize=8)
+        ax.set_zorder(counts.get_zorder() + 1)
+        ax.patch.set_visible(False)
         rhos = getattr(result, f"spearman_{measure}") or [None] * len(curve)
         for layer, (values, rho) in enumerate(zip(curve, rhos)):
             tag = f"layer {layer + 1}" + ("" if rho is None else f" (rho {rho:+.2f})")
             ax.plot(centres, _masked(values), marker=".", label=tag)
+        ax.set_xlim(edges[0], edges[-1])
         ax.set_xlabel(label)
         ax.set_ylabel("mean attention weight (head mean)")
-        ax.set_title(f"attention vs {measure}")
+        ax.set_title(f"attention vs {measure} ({result.images} images)")
         ax.legend(fontsize=7)
     _save(fig, path)
 
 
+def rate_limits(*series, floor: float = 0.05) -> tuple[float, float]:
+    """y-limits for rates in [0, 1] that show their differences: the data's range (NaN ignored)
+    widened by a tenth on each side, at least ``floor`` wide, clipped to [0, 1]."""
+    values = np.concatenate([np.ravel(np.asarray(v, dtype=float)) for v in series])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = float(values.min()), float(values.max())
+    pad = max((high - low) * 0.1, (floor - (high - low)) / 2, 0.0)
+    return max(0.0, low - pad), min(1.0, high + pad)
+
+
+def _spread(values, summary) -> list:
+    """``values`` and the ends of their error bars, for :func:`rate_limits`."""
+    if summary is None:
+        return [values]
+    se = np.asarray(summary["se"], dtype=float)
+    return [values, np.asarray(values) - se, np.asarray(values) + se]
+
+
+def _rate(ax, values, summary, **style) -> None:
+    """A per-layer rate with its standard errors (from the analysis' uncertainty) as error bars."""
+    se = None if summary is None else _masked(summary["se"])
+    ax.errorbar(_layers(values), values, yerr=se, capsize=3, **style)
+
+
 def plot_grounding(result, path) -> None:
-    """Grounding accuracy per layer vs chance, and the hypothetical follow / stay rates."""
+    """Grounding accuracy per layer vs chance (head-mean map and the layer's best head), and the
+    hypothetical follow rate against its same-step baseline and the stay rate; error bars: one
+    standard error over images; the y range is zoomed onto the values."""
     fig, (acc, follow) = _figure(2)
     if result.accuracy is None:
         _missing(acc, "grounding accuracy", result.unavailable.get("accuracy"))
     else:
-        layers = _layers(result.accuracy)
-        acc.plot(layers, result.accuracy, marker="o", label="head-mean map")
-        acc.plot(layers, np.max(result.accuracy_per_head, axis=1), marker="^", linestyle=":", label="best head")
+        best_head = np.max(result.accuracy_per_head, axis=1)
+        _rate(acc, result.accuracy, result.uncertainty.get("accuracy"), marker="o", label="head-mean map")
+        acc.plot(_layers(best_head), best_head, marker="^", linestyle=":", label="best head of the layer")
         acc.axhline(result.chance, color="gray", linestyle="--", label="chance")
-        acc.set_ylim(0, 1.05)
+        acc.set_ylim(*rate_limits(*_spread(result.accuracy, result.uncertainty.get("accuracy")), best_head,
+                                  [result.chance]))
         _layer_axis(acc)
         acc.set_ylabel("referent is most attended")
-        acc.set_title("noun grounding in cross-attention")
-        acc.legend()
+        acc.set_title(f"noun grounding in cross-attention ({result.tokens} nouns)")
+        acc.legend(fontsize=8)
     if result.follow_rate is None:
         _missing(follow, "hypothetical captions", result.unavailable.get("hypothetical_follow_rate"))
     else:
-        layers = _layers(result.follow_rate)
-        follow.plot(layers, result.follow_rate, marker="o", label="follows the new word")
-        follow.plot(layers, result.source_rate, marker="s", label="stays on the original object")
+        u = result.uncertainty
+        _rate(follow, result.follow_rate, u.get("hypothetical_follow_rate"), marker="o",
+              label="follows the new word (step after it)")
+        _rate(follow, result.follow_rate_same_step, u.get("hypothetical_follow_rate_same_step"), marker="v",
+              linestyle="--", label="baseline: at the word's own step")
+        _rate(follow, result.source_rate, u.get("hypothetical_source_rate"), marker="s",
+              label="stays on the original object")
         follow.axhline(result.hypothetical_chance, color="gray", linestyle="--", label="chance")
-        follow.set_ylim(0, 1.05)
+        rates = {"hypothetical_follow_rate": result.follow_rate, "hypothetical_source_rate": result.source_rate,
+                 "hypothetical_follow_rate_same_step": result.follow_rate_same_step}
+        spread = [part for key, values in rates.items() for part in _spread(values, u.get(key))]
+        follow.set_ylim(*rate_limits(*spread, [result.hypothetical_chance]))
         _layer_axis(follow)
         follow.set_ylabel("share of swapped nouns")
-        follow.set_title("hypothetical captions (step after the word)")
-        follow.legend()
+        follow.set_title(f"hypothetical captions ({result.hypothetical_tokens} swaps)")
+        follow.legend(fontsize=8)
     _save(fig, path)

@@ -15,11 +15,16 @@ Results, per layer: **binned curves** (exact means of ``w`` over all pairs, in `
 with ``s``. Spearman over all pairs of a 100k-image dump cannot be held in memory, so it is computed
 on a uniform random sample of at most ``reservoir`` pairs (bottom-k by a seeded hash of the pair,
 see :mod:`.reservoir`: the same pairs for every layer, and merging shards gives exactly the
-single-pass sample; with fewer pairs than ``reservoir`` it is exact). The sample holds each image's
-pairs once (encoder attention is the same for every record of an image), while the binned means
-count every record (an image with five reference captions weighs five times, as in the entropy
-and thematic analyses). Records of kind ``"hypothetical"`` are skipped. Memory: ``[L, bins]``
-sums and the two samples.
+single-pass sample; with fewer pairs than ``reservoir`` it is every pair, and exact).
+
+What is counted: each *image's* pairs, once. Encoder attention, boxes and features depend on the
+image alone, and a dump holds one record per caption of an image, all with the same encoder maps;
+only the first record of an image is used (the others are counted under
+``records_repeating_an_image``), so ``pairs`` is the number of ordered pairs of distinct objects
+over ``images`` images. A bin with fewer than :data:`MIN_BIN_PAIRS` pairs is too thin for its mean
+to mean much: the figure and the report leave it out (``analysis.json`` keeps its mean and count
+under ``*_curve`` / ``*_bin_pairs``). Records of kind ``"hypothetical"`` are skipped. Memory:
+``[L, bins]`` sums, the two samples and one id per image.
 """
 from __future__ import annotations
 
@@ -29,12 +34,13 @@ import numpy as np
 
 from geocap.data.attention_record import Record
 
-from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, feature_cosines, fold, ratio,
-                          read_config, to_list)
+from .accumulator import (Accumulator, SeenImages, SumTable, as_map, config_state, describe, feature_cosines, fold,
+                          ratio, read_config, to_list)
 from .reservoir import PairReservoir, pair_keys
 
 MEASURES = ("distance", "similarity")
 RANGES = {"distance": (0.0, 1.0), "similarity": (-1.0, 1.0)}
+MIN_BIN_PAIRS = 30   # bins with fewer object pairs are left out of the figure and the report's table
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float | None, str | None]:
@@ -59,9 +65,11 @@ class ProximityResult:
     curves: dict = field(default_factory=dict)                # measure -> [L, bins] mean weight (NaN: empty)
     counts: dict = field(default_factory=dict)                # measure -> [bins] pairs per bin
     sampled: dict = field(default_factory=dict)               # measure -> pairs in the Spearman sample
-    pairs: dict = field(default_factory=dict)                 # measure -> pairs seen
+    pairs: dict = field(default_factory=dict)                 # measure -> pairs seen (each image once)
+    images: int = 0
     records: int = 0
-    records_without_encoder_self: int = 0
+    records_repeating_an_image: int = 0
+    records_without_encoder_self: int = 0                     # of the images' first records
     records_without_features: int = 0
     skipped_hypothetical: int = 0
     unavailable: dict = field(default_factory=dict)
@@ -69,6 +77,13 @@ class ProximityResult:
     def edges(self, measure: str) -> np.ndarray:
         low, high = RANGES[measure]
         return np.linspace(low, high, self.bins + 1)
+
+    def shown_curve(self, measure: str) -> np.ndarray | None:
+        """``curves[measure]`` with NaN in the bins holding fewer than :data:`MIN_BIN_PAIRS` pairs."""
+        curve = self.curves.get(measure)
+        if curve is None:
+            return None
+        return np.where(self.counts[measure][None, :] >= MIN_BIN_PAIRS, curve, np.nan)
 
     def to_json(self) -> dict:
         return {
@@ -82,7 +97,10 @@ class ProximityResult:
             "similarity_bin_pairs": to_list(self.counts.get("similarity")),
             "spearman_sample_pairs": {m: int(self.sampled.get(m, 0)) for m in MEASURES},
             "pairs": {m: int(self.pairs.get(m, 0)) for m in MEASURES},
+            "min_bin_pairs": MIN_BIN_PAIRS,
+            "images": self.images,
             "records": self.records,
+            "records_repeating_an_image": self.records_repeating_an_image,
             "records_without_encoder_self": self.records_without_encoder_self,
             "records_without_features": self.records_without_features,
             "skipped_hypothetical": self.skipped_hypothetical,
@@ -99,8 +117,15 @@ class ProximityResult:
                 parts.append(f"Spearman correlation of attention with {measure}: not computed ({reason}).")
                 continue
             what = "box-centre distance" if measure == "distance" else "feature cosine similarity"
-            parts.append(f"Spearman correlation of attention weight with {what} ({self.sampled[measure]} sampled "
-                         f"pairs of {self.pairs[measure]}): {', '.join(shown)}.")
+            sampled, pairs = self.sampled[measure], self.pairs[measure]
+            over = f"all {pairs} ordered pairs of distinct objects" if sampled == pairs else \
+                f"a uniform sample of {sampled} of the {pairs} ordered pairs of distinct objects"
+            parts.append(f"Spearman correlation of attention weight with {what}, over {over} of {self.images} "
+                         f"images (each image once, not once per caption): {', '.join(shown)}.")
+        sparse = {m: int((self.counts[m] < MIN_BIN_PAIRS).sum()) for m in MEASURES if m in self.counts}
+        if any(sparse.values()):
+            parts.append(f"Bins with fewer than {MIN_BIN_PAIRS} pairs are left out of the curves ("
+                         + ", ".join(f"{v} of {self.bins} {m} bins" for m, v in sparse.items() if v) + ").")
         return " ".join(parts)
 
     def plot(self, path) -> None:
@@ -126,6 +151,7 @@ class ProximityAccumulator(Accumulator):
         self.bins, self.capacity, self.seed = int(bins), int(reservoir), int(seed)
         self.sums = SumTable()
         self.samples = {m: PairReservoir(self.capacity) for m in MEASURES}
+        self.images = SeenImages()
 
     def _bin(self, measure: str, values: np.ndarray) -> np.ndarray:
         low, high = RANGES[measure]
@@ -148,6 +174,9 @@ class ProximityAccumulator(Accumulator):
             self.sums.add("skipped_hypothetical", 1)
             return
         self.sums.add("records", 1)
+        if not self.images.first(record.image_id):
+            self.sums.add("records_repeating_an_image", 1)
+            return
         attn = as_map(record, "encoder_self")
         if attn is None:
             self.sums.add("records_without_encoder_self", 1)
@@ -172,6 +201,7 @@ class ProximityAccumulator(Accumulator):
         if (other.bins, other.capacity, other.seed) != (self.bins, self.capacity, self.seed):
             raise ValueError("proximity: cannot merge accumulators with different bins, reservoir or seed "
                              f"({(self.bins, self.capacity, self.seed)} vs {(other.bins, other.capacity, other.seed)})")
+        self.images.merge(other.images, "proximity")
         self.sums.merge(other.sums)
         for m in MEASURES:
             self.samples[m].merge(other.samples[m])
@@ -179,6 +209,7 @@ class ProximityAccumulator(Accumulator):
     def state(self) -> dict[str, np.ndarray]:
         state = self.sums.state()
         state.update(config_state(bins=self.bins, reservoir=self.capacity, seed=self.seed))
+        state.update(self.images.state("seen"))
         for m in MEASURES:
             state.update(self.samples[m].state(f"sample_{m}"))
         return state
@@ -189,6 +220,7 @@ class ProximityAccumulator(Accumulator):
         acc = cls(bins=read_config(state, "bins", int, owner), reservoir=read_config(state, "reservoir", int, owner),
                   seed=read_config(state, "seed", int, owner))
         acc.sums = SumTable.from_state(state)
+        acc.images = SeenImages.from_state(state, "seen", owner)
         for m in MEASURES:
             if f"sample_{m}.keys" not in state:
                 raise ValueError(f"proximity state lacks 'sample_{m}.keys'")
@@ -197,7 +229,8 @@ class ProximityAccumulator(Accumulator):
 
     def result(self) -> ProximityResult:
         s = self.sums
-        res = ProximityResult(bins=self.bins, records=int(s.scalar("records")),
+        res = ProximityResult(bins=self.bins, records=int(s.scalar("records")), images=len(self.images.ids),
+                              records_repeating_an_image=int(s.scalar("records_repeating_an_image")),
                               records_without_encoder_self=int(s.scalar("records_without_encoder_self")),
                               records_without_features=int(s.scalar("records_without_features")),
                               skipped_hypothetical=int(s.scalar("skipped_hypothetical")))
@@ -210,8 +243,9 @@ class ProximityAccumulator(Accumulator):
             if weight is None:
                 if res.records == 0:
                     res.unavailable[key] = "no reference or generated records"
-                elif m == "distance" or res.records_without_encoder_self == res.records:
-                    res.unavailable[key] = f"none of the {res.records} records has encoder_self maps"
+                elif m == "distance" or res.records_without_encoder_self == res.images:
+                    res.unavailable[key] = (f"none of the {res.records} records ({res.images} images) has "
+                                            "encoder_self maps")
                 else:
                     res.unavailable[key] = "no record with encoder_self maps has object features"
                 continue

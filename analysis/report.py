@@ -1,4 +1,6 @@
-"""Run the four analyses and write ``analysis.json``, one PNG per analysis and ``report.md``.
+"""Run the four analyses and write ``analysis.json``, one PNG per analysis, ``report.md`` and
+``report.html`` (the same report rendered from the markdown by Python-Markdown, figures as ``<img>``
+with relative paths, no network).
 
 ``run_analyses(source, out_dir)`` accepts a :class:`~.collector.StatsCollector` (already filled),
 a dump (an object with ``iter_chunks(size)``; a stats-only dump, ``metadata["stats_only"]`` true,
@@ -11,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from geocap.data.atomic import write_text_atomic
 
-from .collector import ANALYSES, StatsCollector
+from .collector import ANALYSES, StatsCollector, model_size
+from .proximity import MEASURES, MIN_BIN_PAIRS
 
 CHUNK = 64
 FIGURES = {name: f"{name}.png" for name in ANALYSES}
@@ -77,15 +82,50 @@ def collect(source, *, progress: bool = True, **options) -> StatsCollector:
     return collector
 
 
-def _report_markdown(results: dict, records: int, viewer_href: str | None) -> str:
+def _size_sentence(size: dict) -> str:
+    parts = [f"{part} {lh[0]} layers x {lh[1]} heads" for part, lh in size.items() if lh is not None]
+    if not parts:
+        return "Model size unknown (the records hold no attention maps or entropies)."
+    return f"Model: {', '.join(parts)} (from the shapes of the recorded attention)."
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+def _proximity_tables(result) -> list[str]:
+    """Per measure: each bin's range, its pairs and the mean weight per layer (bins with fewer than
+    MIN_BIN_PAIRS pairs show no mean)."""
+    lines = []
+    for measure in MEASURES:
+        curve = result.curves.get(measure)
+        if curve is None:
+            continue
+        edges, counts = result.edges(measure), result.counts[measure]
+        rows = []
+        for b in range(result.bins):
+            means = [f"{v:.4f}" if counts[b] >= MIN_BIN_PAIRS and np.isfinite(v) else "-" for v in curve[:, b]]
+            rows.append([f"{edges[b]:.2f} to {edges[b + 1]:.2f}", str(int(counts[b]))] + means)
+        lines += [f"Mean attention weight by {measure} ({result.images} images; '-': fewer than {MIN_BIN_PAIRS} "
+                  f"pairs):", ""]
+        lines += _table([measure, "pairs"] + [f"layer {l + 1}" for l in range(curve.shape[0])], rows)
+    return lines
+
+
+def _report_markdown(results: dict, records: int, size: dict, viewer_href: str | None) -> str:
     lines = ["# Attention analyses", "",
-             f"{records} records. Numbers: `analysis.json`. Definitions: the docstrings of `geocap.analysis`.", ""]
+             f"{records} records. {_size_sentence(size)} Numbers: `analysis.json`. Definitions: the docstrings "
+             "of `geocap.analysis`. Standard errors are over images; a change across layers is called a rise or "
+             "a fall only beyond two standard errors.", ""]
     if viewer_href:
         lines += [f"Browse the attention maps themselves in the [attention viewer]({viewer_href}).", ""]
     for name in ANALYSES:
         result = results[name]
         lines += [f"## {TITLES[name]}", "", DEFINITIONS[name], "", f"![{name}]({FIGURES[name]})", "",
                   result.reading(), ""]
+        if name == "proximity":
+            lines += _proximity_tables(result)
         if result.unavailable:
             lines += ["Not computed:", ""]
             lines += [f"- `{key}`: {reason}" for key, reason in sorted(result.unavailable.items())]
@@ -93,21 +133,38 @@ def _report_markdown(results: dict, records: int, viewer_href: str | None) -> st
     return "\n".join(lines)
 
 
+def _report_html(markdown_text: str) -> str:
+    """``report.md`` rendered to one self-contained HTML page (tables, images by relative path)."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"], output_format="html")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>Attention analyses</title>\n"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+            "img{max-width:100%}table{border-collapse:collapse;margin:0.5em 0}"
+            "th,td{border:1px solid #ccc;padding:2px 8px;text-align:right}</style>\n</head>\n<body>\n"
+            f"{body}\n</body>\n</html>\n")
+
+
 def run_analyses(records_or_dump, out_dir, *, viewer_href: str | None = None, progress: bool = True,
                  **options) -> dict:
     """Run all four analyses over ``records_or_dump`` and write ``out_dir/analysis.json``, one PNG
-    per analysis (``entropy.png``, ``thematic.png``, ``proximity.png``, ``grounding.png``) and
-    ``out_dir/report.md`` (figures, a short reading of each, what could not be computed and why,
-    and a link to the attention viewer when ``viewer_href`` is given). ``options`` go to
+    per analysis (``entropy.png``, ``thematic.png``, ``proximity.png``, ``grounding.png``),
+    ``out_dir/report.md`` (the model's size, figures, a short reading of each, the proximity bins,
+    what could not be computed and why, and a link to the attention viewer when ``viewer_href`` is
+    given) and ``out_dir/report.html`` (the same, rendered). ``options`` go to
     :class:`StatsCollector`. Returns the analysis.json dict."""
     collector = collect(records_or_dump, progress=progress, **options)
     results = collector.results()
     data = {name: result.to_json() for name, result in results.items()}
     data["records"] = collector.records
+    size = model_size(results)
+    data["model"] = size
     text = json.dumps(data, indent=1, allow_nan=False)   # fails loudly rather than write a NaN
     os.makedirs(out_dir, exist_ok=True)
     for name, result in results.items():
         result.plot(os.path.join(out_dir, FIGURES[name]))
     write_text_atomic(os.path.join(out_dir, "analysis.json"), text + "\n")
-    write_text_atomic(os.path.join(out_dir, "report.md"), _report_markdown(results, collector.records, viewer_href))
+    report = _report_markdown(results, collector.records, size, viewer_href)
+    write_text_atomic(os.path.join(out_dir, "report.md"), report)
+    write_text_atomic(os.path.join(out_dir, "report.html"), _report_html(report))
     return data

@@ -38,6 +38,7 @@ from geocap.data.attention_record import Record
 
 from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, feature_cosines, fold, ratio,
                           read_config, to_list, unit_features)
+from .uncertainty import ImageUnits, layer_uncertainty, trend_phrase, uncertainty_json
 
 CLUSTER_SOURCES = ("clusters", "labels", "kmeans")
 
@@ -50,6 +51,7 @@ class ThematicResult:
     affinity: np.ndarray | None = None              # [L, H]
     affinity_per_layer: np.ndarray | None = None    # [L], pooled over heads
     queries: np.ndarray | None = None               # [L, H] queries behind each affinity
+    affinity_uncertainty: dict | None = None        # standard errors of affinity_per_layer, its trend
     same_cluster_cosine: float | None = None
     diff_cluster_cosine: float | None = None
     pairs: dict = field(default_factory=dict)       # same / diff -> pairs behind each cosine
@@ -67,6 +69,7 @@ class ThematicResult:
             "diff_cluster_cosine": self.diff_cluster_cosine,
             "affinity": to_list(self.affinity),
             "affinity_per_layer": to_list(self.affinity_per_layer),
+            "affinity_per_layer_uncertainty": uncertainty_json(self.affinity_uncertainty),
             "affinity_queries": to_list(self.queries),
             "cosine_pairs": {k: int(v) for k, v in self.pairs.items()},
             "cluster_sources": {k: int(v) for k, v in self.cluster_sources.items()},
@@ -83,9 +86,9 @@ class ThematicResult:
         if self.affinity_per_layer is not None and np.isfinite(self.affinity_per_layer).any():
             layers = self.affinity_per_layer
             best = int(np.nanargmax(layers))
-            parts.append(f"Within-cluster attention affinity (1.0 = chance) is {layers[0]:.2f} in layer 1 and "
-                         f"{layers[-1]:.2f} in layer {len(layers)}; highest in layer {best + 1} ({layers[best]:.2f}), "
-                         f"strongest head {np.nanmax(self.affinity):.2f}.")
+            parts.append(f"Within-cluster attention affinity (1.0 = chance, mean over heads) "
+                         f"{trend_phrase(layers, self.affinity_uncertainty, '.2f')}; highest in layer {best + 1} "
+                         f"({layers[best]:.2f}), strongest head {np.nanmax(self.affinity):.2f}.")
         else:
             parts.append(f"Affinity not computed ({self.unavailable.get('affinity')}).")
         if self.same_cluster_cosine is not None and self.diff_cluster_cosine is not None:
@@ -126,6 +129,7 @@ class ThematicAccumulator(Accumulator):
             raise ValueError(f"kmeans_buffer must be >= 1, got {kmeans_buffer}")
         self.k, self.kmeans_buffer, self.seed = int(k), int(kmeans_buffer), int(seed)
         self.sums = SumTable()
+        self.units = ImageUnits()
         self.centroids: np.ndarray | None = None
         self._pending: list[Record] = []
 
@@ -214,10 +218,14 @@ class ThematicAccumulator(Accumulator):
         self.sums.add("affinity.share", share.sum(axis=-1), where)
         self.sums.add("affinity.chance", chance.sum(axis=-1), where)
         self.sums.add("affinity.queries", ok.sum(axis=-1), where)
+        self.units.add(self.sums, "units.affinity", record.image_id, share.sum(axis=(1, 2)), chance.sum(axis=(1, 2)),
+                       where)
 
     def _merge(self, other: "ThematicAccumulator") -> None:
         self._fit()
         other._fit()
+        self.units.flush(self.sums)
+        other.units.flush(other.sums)
         self.sums.merge(other.sums)
         if self.centroids is None:
             self.centroids = other.centroids
@@ -226,6 +234,7 @@ class ThematicAccumulator(Accumulator):
 
     def state(self) -> dict[str, np.ndarray]:
         self._fit()
+        self.units.flush(self.sums)
         state = self.sums.state()
         state.update(config_state(k=self.k, kmeans_buffer=self.kmeans_buffer, seed=self.seed))
         if self.centroids is not None:
@@ -244,6 +253,7 @@ class ThematicAccumulator(Accumulator):
 
     def result(self) -> ThematicResult:
         self._fit()
+        self.units.flush(self.sums)
         s = self.sums
         res = ThematicResult(
             records=int(s.scalar("records")), records_without_clusters=int(s.scalar("records_without_clusters")),
@@ -265,6 +275,7 @@ class ThematicAccumulator(Accumulator):
             res.queries = s.get("affinity.queries")
             res.affinity = ratio(share, chance)
             res.affinity_per_layer = ratio(share.sum(axis=1), chance.sum(axis=1))
+            res.affinity_uncertainty = layer_uncertainty(s, "units.affinity")
             if not np.isfinite(res.affinity).all():
                 res.unavailable["affinity"] = ("no query object had both another object of its cluster and one of "
                                                "another cluster (null entries)")

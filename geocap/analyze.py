@@ -1,5 +1,5 @@
 """``geocap analyze DUMP --out DIR``: the four attention analyses of a dump, as analysis.json,
-one figure per analysis and report.md (see :mod:`geocap.analysis.report`).
+one figure per analysis, report.md and report.html (see :mod:`geocap.analysis.report`).
 
 A stats-only dump (``geocap dump --stats-only``) holds no maps but the analyses' merged statistics,
 which are used as they are; a full dump is read record by record, in chunks, never whole.
@@ -39,17 +39,17 @@ def run_analyze(args) -> int:
                         k=args.clusters, kmeans_buffer=args.kmeans_buffer, bins=args.bins,
                         reservoir=args.reservoir, seed=args.seed)
     print(f"analysed {data['records']} records -> {os.path.join(args.out, 'analysis.json')}, "
-          f"{os.path.join(args.out, 'report.md')}")
+          f"{os.path.join(args.out, 'report.md')}, {os.path.join(args.out, 'report.html')}")
     return 0
 
 
 def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap analyze`` on an argparse subparsers object; returns its parser."""
     parser = subparsers.add_parser(
-        "analyze", help="run the four attention analyses over a dump (analysis.json, figures, report.md)",
+        "analyze", help="run the four attention analyses over a dump (analysis.json, figures, report.md and .html)",
         description="Run the seed study's four attention analyses (entropy, thematic relatedness, proximity, "
                     "grounding) over an attention dump and write DIR/analysis.json, one PNG per analysis and "
-                    "DIR/report.md. A stats-only dump is analysed from its stored statistics (the options below "
+                    "DIR/report.md, rendered as DIR/report.html. A stats-only dump is analysed from its stored statistics (the options below "
                     "were fixed when it was written and are ignored).")
     parser.add_argument("dump", metavar="DUMP", help="an attention dump (geocap dump)")
     parser.add_argument("--out", required=True, metavar="DIR",

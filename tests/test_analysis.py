@@ -173,6 +173,36 @@ def test_proximity_spearman_recovers_attention_decaying_with_distance():
     assert res.counts["distance"].sum() == 30 * N * (N - 1)
 
 
+def captions_of(recs, captions=5):
+    """Each record repeated as ``captions`` records of its image (new caption ids, same encoder
+    maps, boxes and features), consecutively, as a dump holds them."""
+    return [Record(image_id=r.image_id, caption_id=c, boxes=r.boxes, tokens=r.tokens, clusters=r.clusters,
+                   features=r.features, referents=r.referents, encoder_self=r.encoder_self,
+                   decoder_self=r.decoder_self, cross=r.cross) for r in recs for c in range(captions)]
+
+
+def test_proximity_counts_each_image_once_and_leaves_out_thin_bins():
+    from geocap.analysis.proximity import MIN_BIN_PAIRS
+
+    images = records(count=12)
+    res = proximity(captions_of(images), bins=10)
+    pairs = 12 * N * (N - 1)
+    assert res.images == 12 and res.records == 60 and res.records_repeating_an_image == 48
+    assert res.pairs["distance"] == res.sampled["distance"] == pairs          # each image once, all pairs kept
+    assert res.counts["distance"].sum() == pairs
+    # the curves equal those of one record per image: the repeats add nothing
+    np.testing.assert_array_equal(res.curves["distance"], proximity(images, bins=10).curves["distance"])
+    text = res.reading()
+    assert f"all {pairs} ordered pairs" in text and "of 12 images" in text and "sampled" not in text
+    # boxes within 0.3 of each other: the far distance bins hold fewer than MIN_BIN_PAIRS pairs
+    thin = res.counts["distance"] < MIN_BIN_PAIRS
+    assert thin.any() and (~thin).any(), res.counts["distance"]
+    shown = res.shown_curve("distance")
+    assert np.isnan(shown[:, thin]).all()
+    np.testing.assert_array_equal(shown[:, ~thin], res.curves["distance"][:, ~thin])
+    assert f"fewer than {MIN_BIN_PAIRS} pairs" in text
+
+
 def test_pair_reservoir_keeps_the_smallest_keys_in_any_order():
     rng = np.random.default_rng(1)
     keys = pair_keys(3, 17, np.arange(200) // 20, np.arange(200) % 20)
@@ -221,6 +251,7 @@ def test_grounding_finds_the_head_that_points_nouns_at_their_referents():
     assert np.all(np.abs(others - res.chance) < 0.15), res.accuracy_per_head
     assert res.tokens == 60 * 2
     assert res.follow_rate is None and "hypothetical_follow_rate" in res.unavailable
+    assert not res.best_head_below_head_mean() and "No single head" not in res.reading()
 
 
 def hypothetical(recs, follow: bool):
@@ -250,6 +281,98 @@ def test_grounding_hypothetical_follow_rate(follow):
     assert res.hypothetical_chance == pytest.approx(1 / N)
     # the other analyses ignore hypothetical records
     assert entropy(recs + hypothetical(recs, follow)).skipped_hypothetical == 10
+
+
+def test_head_mean_beating_every_head_is_explained():
+    """Two of four heads point at a wrong object (a different one each) on every grounded token, so each
+    head grounds half the tokens while the head mean grounds all of them."""
+    recs = records(count=40, n=6)
+    for r in recs:
+        cross = r.cross.astype(np.float64)
+        for k, t in enumerate(np.flatnonzero(r.referents >= 0)):
+            ref = r.referents[t]
+            for h in range(H):
+                row = np.full(r.num_objects, 0.02)
+                if (h + k + r.image_id) % 2:
+                    row[(ref + 1 + h % 2) % r.num_objects] = 0.45
+                    row[ref] = 0.35
+                else:
+                    row[ref] = 0.6
+                cross[:, h, t] = row / row.sum()
+        r.cross = cross.astype(np.float16)
+    res = grounding(recs)
+    np.testing.assert_array_equal(res.accuracy, np.ones(L))
+    assert np.max(res.accuracy_per_head) < 0.75, res.accuracy_per_head
+    assert res.best_head_below_head_mean()
+    assert "No single head reaches the head-mean map" in res.reading()
+
+
+def test_hypothetical_reading_gives_the_same_step_baseline():
+    recs = records(count=10)
+    res = grounding(recs + hypothetical(recs, True))
+    best = int(np.argmax(res.follow_rate))
+    text = res.reading()
+    assert f"for {res.follow_rate[best]:.1%} of 20 swaps" in text
+    assert f"against {res.follow_rate_same_step[best]:.1%} at the step of the word itself" in text
+    data = res.to_json()
+    assert data["hypothetical_follow_rate_same_step"][best] == pytest.approx(res.follow_rate_same_step[best])
+
+
+def test_rate_axes_zoom_onto_the_values():
+    from geocap.analysis.plotting import rate_limits
+
+    low, high = rate_limits([0.21, 0.24, np.nan], [0.26])
+    assert 0.19 < low < 0.21 and 0.26 < high < 0.28          # not 0..1.05: a 0.05 difference stays visible
+    assert rate_limits([0.5]) == pytest.approx((0.475, 0.525))
+    assert rate_limits([0.0, 1.0]) == (0.0, 1.0) and rate_limits([np.nan]) == (0.0, 1.0)
+
+
+# --- uncertainty ---------------------------------------------------------------------------
+
+
+def test_layer_uncertainty_is_the_image_clustered_standard_error():
+    from geocap.analysis.accumulator import SumTable
+    from geocap.analysis.uncertainty import ImageUnits, ratio_with_covariance
+
+    rng = np.random.default_rng(3)
+    images = 15
+    image = np.repeat(np.arange(images), rng.integers(1, 4, images))        # 1-3 consecutive records per image
+    x, n = rng.uniform(0, 5, (len(image), L)), rng.integers(1, 6, len(image)).astype(float)
+
+    def fold_units(rows):
+        table, units = SumTable(), ImageUnits()
+        for r in rows:
+            units.add(table, "q", image[r], x[r], n[r])
+        units.flush(table)
+        return table
+
+    one = fold_units(range(len(image)))
+    split = int(np.flatnonzero(image == 7)[0])                                # parts hold whole images
+    merged = fold_units(range(split))
+    merged.merge(fold_units(range(split, len(image))))
+    # the textbook cluster-robust covariance of a ratio, from per-image sums
+    xs = np.stack([x[image == i].sum(0) for i in range(images)])
+    ns = np.array([n[image == i].sum() for i in range(images)])
+    r = xs.sum(0) / ns.sum()
+    z = (xs - r * ns[:, None]) / ns.sum()
+    expected = images / (images - 1) * z.T @ z
+    for table in (one, merged):
+        values, cov, units = ratio_with_covariance(table, "q")
+        assert units == images
+        np.testing.assert_allclose(values, r, rtol=1e-12)
+        np.testing.assert_allclose(cov, expected, rtol=1e-9, atol=1e-15)
+
+
+def test_a_flat_by_layer_curve_is_not_called_a_rise_or_a_fall():
+    flat = records(count=30)                                    # every layer drawn alike
+    text = entropy(flat).reading() + " " + thematic(flat).reading() + " " + grounding(flat).reading()
+    assert "rises" not in text and "falls" not in text, text
+    assert text.count("no change beyond its uncertainty") == 5, text   # 3 entropies, affinity, grounding
+    steep = entropy(records(count=30, sharpness=[0.5, 2.0, 6.0]))
+    assert steep.reading().count("falls from") == 3
+    summary = steep.to_json()["per_layer_uncertainty"]["cross"]
+    assert summary["trend"] == "falls" and summary["units"] == 30
+    assert abs(summary["change"]) > 2 * summary["change_se"] > 0
 
 
 # --- collector: merge, state, missing fields -----------------------------------------------
@@ -361,7 +484,24 @@ def check_outputs(out, layers=L, heads=H):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name}.png)" in report
     assert not list(out.glob("*.tmp-*"))
+    check_html(out, report)
     return data, report
+
+
+def check_html(out, report):
+    """report.html: the report rendered, an <img> for every figure on disk, every table of report.md."""
+    import re
+
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "http" not in html.replace("../view/index.html", "")
+    images = set(re.findall(r'<img alt="[^"]*" src="([^"]+)"', html))
+    assert images == {p.name for p in out.glob("*.png")}, images
+    tables = report.count("\n|---")
+    assert html.count("<table>") == tables
+    cells = re.sub(r"\s*\n\s*", "", html)
+    for row in re.findall(r"^\| (.*) \|$", report, flags=re.M):
+        tag = "th" if f"| {row} |\n|---" in report else "td"
+        assert "".join(f"<{tag}>{cell}</{tag}>" for cell in row.split(" | ")) in cells, row
 
 
 def test_run_analyses_writes_json_figures_and_report(tmp_path):
@@ -371,11 +511,33 @@ def test_run_analyses_writes_json_figures_and_report(tmp_path):
                                                     progress=False), tmp_path / "out")
     assert "falls from" in report and "(../view/index.html)" in report
     assert data["records"] == len(recs)
+    assert data["model"] == {"encoder": [L, H], "decoder": [L, H]}
+    assert f"encoder {L} layers x {H} heads, decoder {L} layers x {H} heads" in report
+    # the proximity tables: every bin's pairs and, for bins with enough pairs, its means as in analysis.json
+    from geocap.analysis.proximity import MIN_BIN_PAIRS
+
+    prox = data["proximity"]
+    for measure in ("distance", "similarity"):
+        edges = prox[f"{measure}_bin_edges"]
+        for b, pairs in enumerate(prox[f"{measure}_bin_pairs"]):
+            means = [f"{layer[b]:.4f}" if pairs >= MIN_BIN_PAIRS else "-" for layer in prox[f"{measure}_curve"]]
+            row = " | ".join([f"{edges[b]:.2f} to {edges[b + 1]:.2f}", str(int(pairs))] + means)
+            assert f"| {row} |" in report, row
+    # the uncertainties the text quotes are analysis.json's
+    for kind, summary in data["entropy"]["per_layer_uncertainty"].items():
+        assert f"(change {summary['change']:+.3f} ± {summary['change_se']:.3f}; standard errors over " \
+               f"{summary['units']} images)" in report, kind
+    # another model's records: its size is read from them
+    other = records(count=3, layers=2, heads=5)
+    run_analyses(other, tmp_path / "other", progress=False)
+    assert "encoder 2 layers x 5 heads" in (tmp_path / "other" / "report.md").read_text()
     # nothing computable: still every file, with the reasons in the report
     bare = records(count=2, maps=(), with_clusters=False, with_features=False, with_referents=False)
     run_analyses(bare, tmp_path / "bare", progress=False)
     report = (tmp_path / "bare" / "report.md").read_text()
     assert "Not computed" in report and (tmp_path / "bare" / "grounding.png").exists()
+    assert "Model size unknown" in report
+    check_html(tmp_path / "bare", report)
 
 
 def check_outputs_after(returned, out):
