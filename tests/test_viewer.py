@@ -33,6 +33,7 @@ LABEL_NAMES = ["person", "dog", "bus", "tree"]
 L, H, N, T = 2, 3, 5, 6
 PAGE_SIZE = 3
 WAIT_S = 10
+WINDOW = (1400, 1000)           # the window size the layout is made for (issue 12)
 
 
 def _records():
@@ -116,7 +117,7 @@ def browser(tmp_path_factory):
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1200,1000",
+                "--disable-dev-shm-usage", f"--window-size={WINDOW[0]},{WINDOW[1]}",
                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -178,6 +179,16 @@ def _page_records(records, image_id):
     """The image's records in the page's order (kind, then caption id)."""
     order = {"reference": 0, "generated": 1, "hypothetical": 2}
     return sorted((r for r in records if r.image_id == image_id), key=lambda r: (order[r.kind], r.caption_id))
+
+
+def _normalised_entropy(nats, kind, objects):
+    """``[L, H]``: the mean over rows of entropy / log(valid keys), rows with fewer than two valid
+    keys left out (the analysis report's unit: 1 = uniform); decoder row t sees t + 1 inputs."""
+    nats = np.asarray(nats, dtype=np.float64)
+    rows = nats.shape[-1]
+    valid = np.arange(1, rows + 1) if kind == "decoder_self" else np.full(rows, objects)
+    used = valid >= 2
+    return (nats[..., used] / np.log(valid[used])).mean(axis=-1)
 
 
 def _index_ids(driver):
@@ -273,12 +284,14 @@ def test_cli_builds_site_from_dump(tmp_path, records, monkeypatch, capsys):
     parser = argparse.ArgumentParser()
     add_view_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "view"
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.html").write_text("<h1>report</h1>")
     args = parser.parse_args(["view", str(tmp_path / "dump"), "--out", str(out), "--limit", "2",
-                              "--report", str(tmp_path / "report" / "index.html"), "--no-progress"])
+                              "--report", str(tmp_path / "report" / "report.md"), "--no-progress"])
     assert args.func(args) == 0
     assert opened == [str(tmp_path / "dump")] and "2 images" in capsys.readouterr().out
     manifest = (out / "data" / "manifest.js").read_text()
-    assert '"report_href":"../report/index.html"' in manifest and '"label_names_known":true' in manifest
+    assert '"report_href":"../report/report.html"' in manifest and '"label_names_known":true' in manifest
     assert report_href(None, out) is None
     with pytest.raises(SystemExit):
         parser.parse_args(["view", "d", "--out", "o", "--limit", "-1"])
@@ -320,15 +333,17 @@ def test_shading_equals_dump_values(browser, server, records):
         _assert_row(_values(browser, "rect.box", "data-index"), _expected(recs[0].cross, layer, head, 2))
         _assert_row(_values(browser, ".token", "data-input"), _expected(recs[0].decoder_self, layer, head, 2))
         browser.find_element(By.ID, "clear-selection").click()
-    # fill opacity is proportional to the value (darkest = 0.8)
+    # the fills: darker for more weight, drawn weakest first (the strongest on top where they overlap)
     shown = _values(browser, "rect.box", "data-index")
     assert shown == {}
     browser.find_element(By.CSS_SELECTOR, '.token[data-step="4"]').click()
     shown = _values(browser, "rect.box", "data-index")
-    top = max(shown.values())
-    for box in browser.find_elements(By.CSS_SELECTOR, "rect.box"):
-        value = float(box.get_attribute("data-attention"))
-        assert float(box.get_attribute("fill-opacity")) == pytest.approx(0.8 * value / top, abs=1e-3)
+    fills = browser.execute_script("return Array.from(document.querySelectorAll('#fills rect.fill'), "
+                                   "f => [Number(f.dataset.index), getComputedStyle(f).fill]);")
+    drawn = [shown[i] for i, _ in fills]
+    assert drawn == sorted(drawn)
+    lightness = [sum(map(int, re.findall(r"\d+", fill))) for _, fill in fills]
+    assert lightness == sorted(lightness, reverse=True) and lightness[0] > lightness[-1]
     # another record of the image (the generated one, stored apart): its own maps
     _select(browser, "record", 2)
     _select(browser, "layer", 1)
@@ -339,7 +354,7 @@ def test_shading_equals_dump_values(browser, server, records):
     # the entropy plot shows the record's per-layer entropies of head 0
     points = browser.find_elements(By.CSS_SELECTOR, '#entropy-plot circle[data-map="cross"]')
     np.testing.assert_allclose([float(p.get_attribute("data-entropy")) for p in points],
-                               recs[2].cross_entropy[:, 0].mean(axis=-1), rtol=1e-3)
+                               _normalised_entropy(recs[2].cross_entropy, "cross", N)[:, 0], rtol=1e-3)
     # the word bucket and the word rules of the page are those of the builder
     words = ["a", "giraffe", "café", "naïve", "日本", "x_1"]
     assert browser.execute_script("return arguments[0].map(w => Geocap.wordBucket(w, 97));", words) == \
@@ -443,3 +458,274 @@ def test_screenshot_is_not_blank(browser, server):
     top, left = int(stage["y"] * scale), int(stage["x"] * scale)
     crop = image[top:top + int(stage["height"] * scale), left:left + int(stage["width"] * scale)]
     assert crop.size and crop.std() > 20, crop.std()                # the image and the shaded boxes
+
+
+# ---------------------------------------------------------------- issue 12: the viewer must not mislead
+
+OVERLAP_ID, PORTRAIT_ID = 5, 6
+
+
+def _crafted_records():
+    """Image 5: three boxes on a 400 x 300 canvas, A and B overlapping, C apart, with the first
+    step's cross-attention 0.3, 0.3 and 0.4 (every head alike); no labels. Image 6: a portrait
+    image (375 x 500) with 36 objects and 16 tokens, as a real dump has."""
+    rec = next(synthetic_records([OVERLAP_ID], objects=3, tokens=4, layers=1, heads=2, captions=1, seed=2))
+    rec.boxes = np.array([[0.05, 0.1, 0.45, 0.6], [0.30, 0.1, 0.70, 0.6], [0.75, 0.1, 0.95, 0.6]], dtype=np.float32)
+    rec.cross = rec.cross.astype(np.float32)
+    rec.cross[0, :, 0] = [0.3, 0.3, 0.4]
+    rec.labels = None
+    rec.extra = {"width": 400, "height": 300}
+    tall = next(synthetic_records([PORTRAIT_ID], objects=36, tokens=16, layers=2, heads=2, captions=1, seed=3))
+    tall.extra = {"width": 375, "height": 500}
+    return [rec, tall]
+
+
+@pytest.fixture(scope="module")
+def crafted_site(tmp_path_factory):
+    """The crafted records' site, opened from disk, with a rendered analysis report beside it."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("crafted")
+    report = root / "report"
+    report.mkdir()
+    Image.fromarray(np.full((20, 30, 3), 90, dtype=np.uint8)).save(report / "entropy.png")
+    (report / "report.md").write_text("# Attention analysis\n\n![entropy](entropy.png)\n")
+    (report / "report.html").write_text('<!doctype html><title>Attention analysis</title><h1>Attention analysis</h1>'
+                                        '<img id="figure" src="entropy.png" alt="entropy">')
+    out = root / "view"
+    build_site(_crafted_records(), out, progress=False, report_href=report_href(report / "report.md", out))
+    return out
+
+
+def _hover(driver, element):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(driver).move_to_element(element).perform()
+    return driver.find_element("id", "tooltip").text
+
+
+def _number(text):
+    """The last number in a text (as the page formats it: 0.1234 or 1.23e-4)."""
+    return float(re.findall(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?", text)[-1])
+
+
+def test_hovering_a_box_keeps_the_selected_word(browser, server, records):
+    from selenium.webdriver.common.by import By
+
+    rec = _page_records(records, 12)[0]
+    _open(browser, server + "image.html#id=12", "image")
+    browser.find_element(By.CSS_SELECTOR, '.token[data-step="2"]').click()
+    expected = _expected(rec.cross, 0, "mean", 2)
+    for index in (3, 0):
+        text = _hover(browser, browser.find_element(By.CSS_SELECTOR, f'#objects .object[data-index="{index}"]'))
+        assert browser.find_element(By.ID, "stage").get_attribute("data-shading") == "cross"
+        _assert_row(_values(browser, "rect.box", "data-index"), expected)      # still the word's view
+        assert browser.find_elements(By.CSS_SELECTOR, '.token.selected[data-step="2"]')
+        assert f"object {index}" in text and "cross-attention weight of step 2" in text, text
+        assert _number(text) == pytest.approx(expected[index], rel=1e-3, abs=6e-5)
+    # on the stage too: the hovered box (whichever is on top at its centre) tells its own weight
+    box = browser.find_element(By.CSS_SELECTOR, 'rect.box[data-index="1"]')
+    text = _hover(browser, box)
+    hovered = int(re.search(r"object (\d+)", text).group(1))
+    assert browser.find_element(By.ID, "stage").get_attribute("data-shading") == "cross"
+    assert _number(text) == pytest.approx(expected[hovered], rel=1e-3, abs=6e-5)
+    # with nothing selected, hovering an object previews its encoder self-attention
+    browser.find_element(By.ID, "clear-selection").click()
+    _hover(browser, browser.find_element(By.CSS_SELECTOR, '#objects .object[data-index="3"]'))
+    assert browser.find_element(By.ID, "stage").get_attribute("data-shading") == "encoder_self"
+    _assert_row(_values(browser, "rect.box", "data-index"), _expected(rec.encoder_self, 0, "mean", 3))
+
+
+def test_word_tooltips_say_what_the_number_is(browser, server, records):
+    from selenium.webdriver.common.by import By
+
+    rec = _page_records(records, 12)[0]
+    _open(browser, server + "image.html#id=12", "image")
+    browser.find_element(By.CSS_SELECTOR, '.token[data-step="2"]').click()
+    own = _hover(browser, browser.find_element(By.CSS_SELECTOR, '.token[data-step="2"]'))
+    assert "attention 0" not in own and "not one of that step's inputs" in own, own
+    later = _hover(browser, browser.find_element(By.CSS_SELECTOR, '.token[data-input="4"]'))
+    assert "not one of its inputs" in later, later
+    earlier = _hover(browser, browser.find_element(By.CSS_SELECTOR, '.token[data-input="1"]'))
+    assert "decoder self-attention weight of step 2" in earlier, earlier
+    assert _number(earlier) == pytest.approx(_expected(rec.decoder_self, 0, "mean", 2)[1], rel=1e-3, abs=6e-5)
+
+
+def test_overlapping_boxes_do_not_add_up(browser, crafted_site):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    _open(browser, (crafted_site / "image.html").as_uri() + f"#id={OVERLAP_ID}&w=0", "image")
+    assert browser.find_element(By.ID, "stage").get_attribute("data-shading") == "cross"
+    ratio = browser.execute_script("return window.devicePixelRatio;")
+    points = {"a only": (0.17, 0.35), "a and b": (0.375, 0.35), "c": (0.85, 0.35), "none": (0.5, 0.85)}
+    where = browser.execute_script(
+        "const svg = document.getElementById('canvas'), m = svg.getScreenCTM(), out = {};"
+        "for (const [k, [x, y]] of Object.entries(arguments[0])) {"
+        "  const p = svg.createSVGPoint(); p.x = x * 400; p.y = y * 300; const q = p.matrixTransform(m);"
+        "  out[k] = [q.x, q.y]; } return out;", points)
+    image = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("L"), dtype=np.float64)
+    grey = {k: image[int(y * ratio), int(x * ratio)] for k, (x, y) in where.items()}
+    assert grey["none"] - grey["a only"] > 20, grey                     # a weight of 0.3 shows
+    assert abs(grey["a and b"] - grey["a only"]) <= 2, grey              # two 0.3 boxes are still 0.3
+    assert grey["a and b"] - grey["c"] > 10, grey                        # ... and lighter than 0.4
+    numbers = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#objects .object-value")]
+    assert [float(x) for x in numbers] == pytest.approx([0.3, 0.3, 0.4], abs=1e-3)   # the numbers beside
+
+
+def test_words_and_boxes_on_one_screen(browser, server, crafted_site):
+    from selenium.webdriver.common.by import By
+
+    assert browser.get_window_size() == {"width": WINDOW[0], "height": WINDOW[1]}
+    for url in (server + "image.html#id=12", (crafted_site / "image.html").as_uri() + f"#id={PORTRAIT_ID}"):
+        _open(browser, url, "image")
+        view = browser.execute_script("return [innerWidth, innerHeight];")
+        rects = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#canvas, .token'), e => e.getBoundingClientRect().toJSON());")
+        canvas, chips = rects[0], rects[1:]
+        assert canvas["height"] >= 0.5 * view[1] and canvas["width"] >= 300, canvas     # not shrunk away
+        for r in rects:
+            assert r["top"] >= 0 and r["bottom"] <= view[1] and r["right"] <= view[0], (url, r, view)
+        assert len(chips) == len(browser.find_elements(By.CSS_SELECTOR, ".token")) > 5
+
+
+def test_previous_next_image_and_back_to_its_index_page(browser, server):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, server + "image.html#id=40&l=1&h=2", "image")       # the last image of index page 1
+    assert browser.find_element(By.ID, "prev-image").get_attribute("href").endswith("#id=12&l=1&h=2")
+    assert browser.find_element(By.ID, "index-link").get_attribute("href").endswith("index.html#p=1")
+    browser.find_element(By.ID, "next-image").click()
+    _wait_ready(browser, "image")
+    assert browser.find_element(By.ID, "title").text == "Image 41"
+    assert (browser.find_element(By.ID, "layer").get_attribute("value"),
+            browser.find_element(By.ID, "head").get_attribute("value")) == ("1", "2")
+    assert browser.find_element(By.ID, "index-link").get_attribute("href").endswith("index.html#p=2")
+    _open(browser, server + f"image.html#id={IDS[-1]}", "image")
+    assert browser.find_element(By.ID, "next-image").tag_name == "span"      # no next image: not a link
+    assert browser.find_element(By.ID, "prev-image").get_attribute("href").endswith(f"#id={IDS[-2]}&l=0&h=mean")
+    _open(browser, server + f"image.html#id={IDS[0]}", "image")
+    assert browser.find_element(By.ID, "prev-image").tag_name == "span"
+
+
+def test_paging_shows_the_new_page_from_the_top(browser, server):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_window_size(WINDOW[0], 420)
+    try:
+        _open(browser, server + "index.html", "index")
+        browser.execute_script("window.scrollTo(0, document.body.scrollHeight);")
+        assert browser.execute_script("return window.scrollY;") > 50            # the pager is below the fold
+        browser.find_element(By.ID, "next-page").click()
+        WebDriverWait(browser, WAIT_S).until(lambda d: _index_ids(d) == IDS[3:6])
+        assert browser.execute_script("return window.scrollY;") == 0
+    finally:
+        browser.set_window_size(*WINDOW)
+
+
+def test_view_state_in_the_address(browser, server, records):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    recs = _page_records(records, 12)
+    _open(browser, server + "image.html#id=12&r=1&l=1&h=2&w=3", "image")
+    shown = [browser.find_element(By.ID, k).get_attribute("value") for k in ("record", "layer", "head")]
+    assert shown == ["1", "1", "2"]
+    assert browser.find_elements(By.CSS_SELECTOR, '.token.selected[data-step="3"]')
+    _assert_row(_values(browser, "rect.box", "data-index"), _expected(recs[1].cross, 1, 2, 3))
+    assert not browser.find_elements(By.ID, "address-notice")
+    # an edit of the address is followed
+    browser.execute_script("location.hash = 'id=12&r=0&l=0&h=mean&o=2';")
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: d.find_element(By.ID, "stage").get_attribute("data-shading") == "encoder_self")
+    _assert_row(_values(browser, "rect.box", "data-index"), _expected(recs[0].encoder_self, 0, "mean", 2))
+    assert browser.find_elements(By.CSS_SELECTOR, '#objects .object.selected[data-index="2"]')
+    # every choice on the page is written back
+    browser.find_element(By.CSS_SELECTOR, '.token[data-step="4"]').click()
+    _select(browser, "head", 1)
+    assert browser.execute_script("return location.hash;") == "#id=12&r=0&l=0&h=1&w=4"
+    browser.find_element(By.CSS_SELECTOR, '#objects .object[data-index="1"]').click()
+    assert browser.execute_script("return location.hash;") == "#id=12&r=0&l=0&h=1&o=1"
+    # heads, layers, words and objects the record does not have: a message, and the defaults
+    for bad, said in (("h=-1", "head h=-1"), ("h=3", "head h=3"), ("h=x", "head h=x"), ("l=2", "layer l=2"),
+                      ("w=99", "word w=99"), ("o=-2", "object o=-2"), ("r=7", "caption r=7")):
+        _open(browser, server + "image.html#id=12&" + bad, "image")
+        notice = browser.find_element(By.ID, "address-notice").text
+        assert said in notice, notice
+        assert browser.find_element(By.ID, "head").get_attribute("value") in ("mean", "0", "1", "2")
+        assert browser.find_element(By.CSS_SELECTOR, "#entropy-plot circle")           # the page still works
+    browser.execute_script("location.hash = 'id=12&h=-5';")
+    WebDriverWait(browser, WAIT_S).until(lambda d: "h=-5" in d.find_element(By.ID, "address-notice").text)
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_entropy_normalised_as_the_report_with_grid_and_colours(browser, server, records):
+    import matplotlib
+    import matplotlib.colors
+    from selenium.webdriver.common.by import By
+
+    rec = _page_records(records, 12)[0]
+    _open(browser, server + "image.html#id=12", "image")
+    for kind, nats in (("encoder_self", rec.encoder_entropy), ("decoder_self", rec.decoder_entropy),
+                       ("cross", rec.cross_entropy)):
+        expected = _normalised_entropy(nats, kind, N)
+        points = browser.find_elements(By.CSS_SELECTOR, f'#entropy-plot circle[data-map="{kind}"]')
+        np.testing.assert_allclose([float(p.get_attribute("data-entropy")) for p in points], expected.mean(axis=1),
+                                   rtol=1e-3)
+        cells = browser.find_elements(By.CSS_SELECTOR, f'.entropy-grid[data-map="{kind}"] td')
+        grid = {(int(c.get_attribute("data-layer")), c.get_attribute("data-head")):
+                float(c.get_attribute("data-entropy")) for c in cells}
+        assert sorted(grid) == sorted([(l, h) for l in range(L) for h in [str(h) for h in range(H)] + ["mean"]])
+        np.testing.assert_allclose([[grid[l, str(h)] for h in range(H)] for l in range(L)], expected, rtol=1e-3)
+    assert browser.find_element(By.ID, "uniform-line").get_attribute("data-entropy") == "1"
+    # the report's colours: plot_entropy draws encoder, decoder, cross with matplotlib's first three
+    report = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"][:3]
+    for kind, colour in zip(("encoder_self", "decoder_self", "cross"), report):
+        rgb = "rgb({}, {}, {})".format(*(round(255 * c) for c in matplotlib.colors.to_rgb(colour)))
+        line = browser.find_element(By.CSS_SELECTOR, f"#entropy-plot polyline.series-{kind}")
+        assert browser.execute_script("return getComputedStyle(arguments[0]).stroke;", line) == rgb, kind
+    # a click on a cell picks its layer and head
+    browser.find_element(By.CSS_SELECTOR, '.entropy-grid[data-map="cross"] td[data-layer="1"][data-head="2"]').click()
+    assert browser.execute_script("return location.hash;").endswith("&l=1&h=2")
+
+
+def test_encoded_entropy_is_the_reports_unit():
+    from geocap.analysis.entropy import entropy
+
+    rec = next(synthetic_records([9], objects=4, tokens=5, layers=2, heads=3, captions=1, seed=4))
+    encoded = encode_record(rec, {})["entropy"]
+    report = entropy([rec]).per_head
+    for kind, nats in (("encoder_self", rec.encoder_entropy), ("decoder_self", rec.decoder_entropy),
+                       ("cross", rec.cross_entropy)):
+        np.testing.assert_allclose(encoded[kind], _normalised_entropy(nats, kind, 4), rtol=1e-3)
+        np.testing.assert_allclose(encoded[kind], report[kind], rtol=1e-3)
+    rec.cross_entropy = None                       # no stored entropies: from the map, as the report does
+    np.testing.assert_allclose(encode_record(rec, {})["entropy"]["cross"], report["cross"], rtol=2e-3)
+    one = next(synthetic_records([9], objects=1, tokens=5, layers=1, heads=1, captions=1))
+    assert encode_record(one, {})["entropy"]["encoder_self"] is None       # one object: no row qualifies
+
+
+def test_report_link_is_the_rendered_report(tmp_path, browser, crafted_site, capsys):
+    from selenium.webdriver.common.by import By
+
+    from geocap.cli import main
+
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("# report\n")
+    with pytest.raises(ValueError, match=r"--report: no HTML report at .*report\.html"):
+        report_href(report / "report.md", tmp_path / "view")
+    assert main(["view", str(tmp_path / "no-dump"), "--out", str(tmp_path / "view"),
+                 "--report", str(report / "report.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("geocap: error: --report: no HTML report") and err.count("\n") == 1, err
+    assert not (tmp_path / "view").exists()
+    (report / "report.html").write_text("<h1>report</h1>")
+    for given in (report / "report.md", report / "report.html", report):
+        assert report_href(given, tmp_path / "view") == "../report/report.html"
+    # in the browser: the link opens the HTML report, with its figure
+    _open(browser, (crafted_site / "index.html").as_uri(), "index")
+    browser.find_element(By.ID, "report-link").click()
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Attention analysis"
+    assert browser.execute_script("return document.getElementById('figure').naturalWidth;") == 30

@@ -24,10 +24,24 @@ def _positive(text: str) -> int:
 
 
 def report_href(report, out_dir) -> str | None:
-    """The link from the site's pages to ``report`` (a path), relative to ``out_dir``; None for None."""
+    """The link from the site's pages to the rendered analysis report: ``report.html`` beside the
+    given report (``report`` is its ``.md`` or ``.html`` path, or its folder), relative to
+    ``out_dir``; None for None. Raises ValueError when no HTML report is there (``geocap analyze``
+    writes it beside ``report.md``): a link to markdown would show the raw text without figures."""
     if report is None:
         return None
-    href = os.path.relpath(os.path.abspath(report), os.path.abspath(out_dir))
+    path = Path(report)
+    if path.is_dir():
+        html = path / "report.html"
+    elif path.suffix.lower() in (".md", ".html"):
+        html = path.with_suffix(".html") if path.suffix.lower() == ".md" else path
+    else:
+        raise ValueError(f"--report: expected the analysis report (report.md or report.html) or its folder, "
+                         f"got {report}")
+    if not html.is_file():
+        raise ValueError(f"--report: no HTML report at {html} (geocap analyze writes report.html beside "
+                         f"report.md; rerun it)")
+    href = os.path.relpath(os.path.abspath(html), os.path.abspath(out_dir))
     return Path(href).as_posix()
 
 
@@ -36,9 +50,10 @@ def run_view(args) -> int:
     from geocap.data.dump_format import open_dump
     from geocap.view.site import build_site
 
+    href = report_href(args.report, args.out)          # checked before the dump is read
     dump = open_dump(args.dump)
     summary = build_site(dump, args.out, images_dir=args.images, limit=args.limit or None,
-                         report_href=report_href(args.report, args.out), progress=args.progress,
+                         report_href=href, progress=args.progress,
                          page_size=args.page_size, title=os.path.basename(os.path.normpath(args.dump)),
                          grouped=True)          # a dump stores its records image by image
     missing = ", ".join(f"{name} in {count}" for name, count in summary.missing.items() if count)
@@ -69,7 +84,8 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=_non_negative, default=0, metavar="N",
                         help="only the first N images of the dump (default 0: all)")
     parser.add_argument("--report", default=None, metavar="PATH",
-                        help="the analysis report to link to (its path; the link is made relative to DIR)")
+                        help="the analysis report to link to: report.md or report.html of geocap analyze, or their "
+                             "folder; the pages link to report.html there (relative to DIR)")
     parser.add_argument("--page-size", type=_positive, default=100, metavar="K",
                         help="images per index page and per data file of the index (default 100)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",

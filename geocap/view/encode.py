@@ -7,8 +7,11 @@ Encoding (read by ``static/common.js``; the two must agree):
   error <= 3e-8 below), plenty for shading; the values shown and put in ``data-attention`` are
   exactly the float16 values, and "mean over heads" is the mean of those.
 - Boxes: normalised (x1, y1, x2, y2) rounded to 4 decimals (1/10 pixel on a 1000-pixel image).
-- Entropies: the mean over rows of each ``[L, H, rows]`` array, ``[L][H]`` nats rounded to 4
-  significant digits (the per-layer plot averages them over heads).
+- Entropies: normalised as the analysis report normalises them (``geocap.analysis.entropy``:
+  each row's entropy over log(its valid keys), so 1 = uniform; decoder self-attention row t has
+  the t + 1 causal-visible inputs, the others the N objects; rows with fewer than two valid keys
+  excluded), averaged over rows: ``[L][H]`` rounded to 4 significant digits; null when no row
+  qualifies or the record has neither the map nor its entropies.
 - Labels: per box its name from the dump's ``label_names``, else ``"#<id>"``; null for a
   negative (unknown) id, and no list at all when every id is unknown.
 - Search words: lower-cased runs of letters, digits and ``_`` (``\\w+``); the bucket of a word is
@@ -21,6 +24,7 @@ import re
 
 import numpy as np
 
+from geocap.analysis.entropy import normalised_entropy
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
 
 MAP_TITLES = {"encoder_self": "encoder self-attention", "decoder_self": "decoder self-attention",
@@ -127,14 +131,19 @@ def encode_record(record: Record, label_names: dict, cache: dict | None = None) 
     for name in MAP_NAMES:
         value = getattr(record, name)
         out["maps"][name] = None if value is None else _encode_cached(value, cache)
-        ent = getattr(record, ENTROPY_NAMES[name])
-        if ent is None or ent.shape[-1] == 0:
-            out["entropy"][name] = None
-        else:
-            means = np.asarray(ent, dtype=np.float64).mean(axis=-1)
-            out["entropy"][name] = [[float(f"{v:.4g}") for v in row] for row in means.tolist()]
+        out["entropy"][name] = _mean_normalised_entropy(record, name)
     out["num_objects"] = n
     return out
+
+
+def _mean_normalised_entropy(record: Record, name: str):
+    """``[L][H]`` mean normalised entropy over the rows with two or more valid keys, or None."""
+    got = normalised_entropy(record, name)
+    if got is None or not got[1].any():
+        return None
+    values, used = got
+    means = values[..., used].mean(axis=-1)
+    return [[float(f"{v:.4g}") for v in row] for row in means.tolist()]
 
 
 def _encode_cached(value, cache):

@@ -6,7 +6,7 @@ from the network):
 - ``index.html``, ``image.html`` and ``static/`` (the scripts and styles, copied from
   ``geocap/view/static``);
 - ``data/manifest.js``: totals, the index pages' id ranges, the word-bucket count, label and
-  report information;
+  report information, the colour of each attention kind (:mod:`geocap.view.colours`);
 - ``data/index/pNNNNN.js``: one index page (``page_size`` images, sorted by id): per image its
   id, object count, captions and whether an image file is known;
 - ``data/words/bNNNN.js``: one bucket of the word index, ``{word: delta-encoded sorted image ids}``;
@@ -38,12 +38,13 @@ from pathlib import Path
 from geocap.data.atomic import write_text_atomic
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
+from geocap.view.colours import ATTENTION_COLOURS
 from geocap.view.encode import caption_text, encode_record, kind_order, label_names_from, word_bucket, words_of
 
 STATIC_DIR = Path(__file__).with_name("static")
 HTML_PAGES = ("index.html", "image.html")
 MARKER = "geocap-view.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: entropies normalised (1 = uniform), colours in the manifest
 DEFAULT_PAGE_SIZE = 100
 _IMAGE_FILE = re.compile(r"(\d+)\.(jpe?g|png|gif|webp|bmp)$", re.IGNORECASE)
 _CALL = "geocapData("
@@ -211,7 +212,7 @@ class _Builder:
             "version": FORMAT_VERSION, "title": str(title), "images": len(ids), "records": self.records,
             "page_size": page_size, "pages": pages, "word_buckets": buckets,
             "missing": self.missing, "report_href": report_href,
-            "label_names_known": bool(self.label_names),
+            "label_names_known": bool(self.label_names), "colours": ATTENTION_COLOURS,
         }
         _write_js(self.root / "data" / "manifest.js", "manifest.js", manifest)
 

@@ -42,6 +42,42 @@ const Geocap = (function () {
     return promise;
   }
 
+  /** Index page (0-based) holding image id, by binary search over the manifest's [first, last]
+   * id ranges of its pages; -1 when no page holds it. */
+  function pageOf(manifest, id) {
+    let lo = 0, hi = manifest.pages.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      const [first, last] = manifest.pages[mid];
+      if (id < first) hi = mid - 1;
+      else if (id > last) lo = mid + 1;
+      else return mid;
+    }
+    return -1;
+  }
+
+  /** The colour of each attention kind (the report's, from the manifest: geocap/view/colours.py),
+   * also set as the CSS variables --colour-<kind> the stylesheet uses. */
+  const colours = {};
+  function setColours(manifest) {
+    for (const [kind, colour] of Object.entries(manifest.colours || {})) {
+      colours[kind] = colour;
+      document.documentElement.style.setProperty("--colour-" + kind, colour);
+    }
+  }
+
+  /** A weight fraction f in [0, 1] as an opaque colour from a pale tint (f = 0) to the kind's
+   * colour (f = 1): lighter is less, so opaque shades compare without adding up. */
+  function ramp(kind, f) {
+    const hex = colours[kind] || "#555555";
+    const t = 0.12 + 0.88 * Math.min(1, Math.max(0, f));
+    const channel = function (k) {
+      const c = parseInt(hex.slice(1 + 2 * k, 3 + 2 * k), 16);
+      return Math.round(255 + (c - 255) * t);
+    };
+    return "rgb(" + channel(0) + ", " + channel(1) + ", " + channel(2) + ")";
+  }
+
   function imageKey(id) {
     return "img/" + String(id % 1000).padStart(3, "0") + "/" + id + ".js";
   }
@@ -161,6 +197,6 @@ const Geocap = (function () {
 
   return {
     load, imageKey, indexPageKey, bucketKey, decodeMap, mapRow, halfToNumber, words, wordBucket,
-    hashState, hashOf, el, fmt, showError, MAP_TITLES,
+    hashState, hashOf, el, fmt, showError, MAP_TITLES, pageOf, setColours, ramp, colours,
   };
 })();

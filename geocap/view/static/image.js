@@ -1,18 +1,24 @@
 /* geocap view: one image, its boxes and the attention of each of its records.
- * State in the location hash: #id=<image id>&r=<record>&l=<layer>&h=<head or "mean">.
+ * State in the location hash: #id=<image id>&r=<record>&l=<layer>&h=<head or "mean">, and the
+ * selection: &w=<step of the selected word> or &o=<index of the selected object>. Every change is
+ * written back and edits of the address are followed; a value the record does not have is
+ * reported on the page (#address-notice) and replaced by the default.
  * Layers and heads are 0-based in the hash, the select values and data-layer attributes, and
  * shown 1-based ("layer 1", "head 1", "L1"), as the analysis report numbers them.
- * Shaded elements carry the exact value shown in data-attention (float16 values, or their mean
- * over heads); the fill opacity is proportional to it (the largest value of the row is darkest). */
+ * Shading: a box's weight is its fill colour, on a pale-to-full ramp of the attention kind's colour.
+ * The fills are opaque inside one group whose opacity lets the image through, drawn weakest
+ * first, so where boxes overlap the strongest of them shows: fills never add up. The outline
+ * width grows with the weight too (for a box under a stronger one). Shaded elements carry the
+ * exact value in data-attention (float16 values, or their mean over heads). */
 "use strict";
 
 (function () {
   const G = Geocap;
   const BLANK_ASPECT = [400, 300];
-  const MAX_OPACITY = 0.8;
+  const FILL_OPACITY = 0.7;
   const ui = {};
-  const state = { data: null, record: 0, layer: 0, head: "mean", sel: null, hover: null,
-                  canvas: null, decoded: {}, manifest: null };
+  const state = { data: null, record: 0, layer: 0, head: "mean", sel: null, hover: null, shown: null,
+                  canvas: null, decoded: {}, manifest: null, problems: [] };
 
   function $(id) { return document.getElementById(id); }
 
@@ -41,6 +47,8 @@
   function inputWord(s) {
     return s === 0 ? "<bos>" : record().tokens[s - 1];
   }
+
+  function quote(word) { return "\u201c" + word + "\u201d"; }
 
   /** Where the boxes are drawn: the image file, else a blank canvas of the image's (or a 4:3) shape. */
   function resolveCanvas(data) {
@@ -72,6 +80,7 @@
     select.value = String(value);
   }
 
+  /** [layers, heads] of the current record (over its maps and entropies). */
   function shapes() {
     const rec = record();
     let L = 0, H = 0;
@@ -83,6 +92,55 @@
       if (ent) { L = Math.max(L, ent.length); H = Math.max(H, ent.length ? ent[0].length : 0); }
     }
     return [L, H];
+  }
+
+  /** The index n when text is a whole number below count, else null. */
+  function indexIn(text, count) {
+    return /^\d+$/.test(text) && Number(text) < count ? Number(text) : null;
+  }
+
+  /** Set the view state from the address (a hashState object); what the image or record does not
+   * have is left at its default and said in state.problems. */
+  function applyAddress(hash) {
+    const problems = [];
+    const recs = state.data.records;
+    state.record = 0;
+    if (hash.r !== undefined) {
+      const r = indexIn(hash.r, recs.length);
+      if (r === null) problems.push("caption r=" + hash.r + " is not one of this image's " + recs.length +
+        " captions (r=0 to " + (recs.length - 1) + "): showing the first.");
+      else state.record = r;
+    }
+    const [L, H] = shapes();
+    state.layer = 0;
+    if (hash.l !== undefined) {
+      const l = indexIn(hash.l, L);
+      if (l === null) problems.push("layer l=" + hash.l + " is not a layer of this record (l=0 to " + (L - 1) +
+        ", counted from 0): showing layer 1.");
+      else state.layer = l;
+    }
+    state.head = "mean";
+    if (hash.h !== undefined && hash.h !== "mean") {
+      const h = indexIn(hash.h, H);
+      if (h === null) problems.push("head h=" + hash.h + " is not a head of this record (h=0 to " + (H - 1) +
+        ", counted from 0, or h=mean): showing the mean over heads.");
+      else state.head = String(h);
+    }
+    state.sel = null;
+    state.hover = null;
+    const rec = record();
+    if (hash.w !== undefined) {
+      const t = indexIn(hash.w, rec.tokens.length);
+      if (t === null) problems.push("word w=" + hash.w + " is not a word of this caption (w=0 to " +
+        (rec.tokens.length - 1) + "): no word selected.");
+      else state.sel = { kind: "token", step: t };
+    } else if (hash.o !== undefined) {
+      const i = indexIn(hash.o, rec.boxes.length);
+      if (i === null) problems.push("object o=" + hash.o + " is not an object of this image (o=0 to " +
+        (rec.boxes.length - 1) + "): no object selected.");
+      else state.sel = { kind: "object", index: i };
+    }
+    state.problems = problems;
   }
 
   function renderControls() {
@@ -101,6 +159,10 @@
   function renderNotices() {
     const rec = record();
     const notices = [];
+    if (state.problems.length) {
+      notices.push(G.el("p", { id: "address-notice", class: "notice address",
+        text: "In the address: " + state.problems.join(" ") }));
+    }
     for (const note of state.canvas.notes) notices.push(G.el("p", { class: "notice canvas-note", text: note }));
     const consequence = {
       encoder_self: "hovering or selecting an object cannot shade the boxes.",
@@ -127,16 +189,23 @@
     } else {
       svg.append(G.el("rect", { id: "canvas-blank", x: 0, y: 0, width: W, height: H }));
     }
+    const geometry = function (i) {
+      const [x1, y1, x2, y2] = rec.boxes[i];
+      return { x: x1 * W, y: y1 * H, width: Math.max((x2 - x1) * W, 0.5), height: Math.max((y2 - y1) * H, 0.5) };
+    };
+    const fills = G.el("g", { id: "fills", opacity: FILL_OPACITY });
+    for (let i = 0; i < rec.boxes.length; i++) {
+      fills.append(G.el("rect", Object.assign({ class: "fill", "data-index": i, fill: "none" }, geometry(i))));
+    }
+    // outlines and event targets: small boxes on top, so each stays reachable
     const order = rec.boxes.map(function (b, i) { return i; });
     const area = function (b) { return (b[2] - b[0]) * (b[3] - b[1]); };
     order.sort(function (a, b) { return area(rec.boxes[b]) - area(rec.boxes[a]); });
     const group = G.el("g", { id: "boxes" });
     for (const i of order) {
-      const [x1, y1, x2, y2] = rec.boxes[i];
-      const box = G.el("rect", { class: "box", "data-index": i, "data-label": labelOf(i),
-        x: x1 * W, y: y1 * H, width: Math.max((x2 - x1) * W, 0.5), height: Math.max((y2 - y1) * H, 0.5),
-        "fill-opacity": 0, "vector-effect": "non-scaling-stroke" });
-      box.addEventListener("mouseenter", function () { state.hover = { kind: "object", index: i }; shade(); });
+      const box = G.el("rect", Object.assign({ class: "box", "data-index": i, "data-label": labelOf(i),
+        "vector-effect": "non-scaling-stroke" }, geometry(i)));
+      box.addEventListener("mouseenter", function () { state.hover = i; shade(); });
       box.addEventListener("mouseleave", function () { state.hover = null; shade(); hideTooltip(); });
       box.addEventListener("mousemove", function (event) { showTooltip(event, box); });
       box.addEventListener("click", function () { select({ kind: "object", index: i }); });
@@ -150,16 +219,16 @@
           "font-size": Math.max(9, H / 40), text: rec.labels[i] }));
       }
     }
-    svg.append(group);
+    svg.append(fills, group);
     ui.stage.replaceChildren(svg);
     ui.objects.replaceChildren.apply(ui.objects, rec.boxes.map(function (b, i) {
-      const item = G.el("li", {},
-        G.el("button", { type: "button", class: "object", "data-index": i,
+      const button = G.el("button", { type: "button", class: "object", "data-index": i,
           onclick: function () { select({ kind: "object", index: i }); },
-          onmouseenter: function () { state.hover = { kind: "object", index: i }; shade(); },
-          onmouseleave: function () { state.hover = null; shade(); } },
-        i + ": " + labelOf(i)), G.el("span", { class: "object-value" }));
-      return item;
+          onmouseenter: function () { state.hover = i; shade(); },
+          onmouseleave: function () { state.hover = null; shade(); hideTooltip(); } },
+        i + ": " + labelOf(i));
+      button.addEventListener("mousemove", function (event) { showTooltip(event, button); });
+      return G.el("li", {}, button, G.el("span", { class: "object-value" }));
     }));
   }
 
@@ -184,47 +253,43 @@
         chip.addEventListener("mouseenter", function () {
           if (ref >= 0) ui.stage.querySelectorAll('rect.box[data-index="' + ref + '"]').forEach(function (b) { b.classList.add("referent"); });
         });
-        chip.addEventListener("mouseleave", function () {
-          ui.stage.querySelectorAll("rect.box.referent").forEach(function (b) { b.classList.remove("referent"); });
-          hideTooltip();
-        });
-      } else {
-        chip.disabled = true;
       }
+      chip.addEventListener("mouseleave", function () {
+        ui.stage.querySelectorAll("rect.box.referent").forEach(function (b) { b.classList.remove("referent"); });
+        hideTooltip();
+      });
       chip.addEventListener("mousemove", function (event) { showTooltip(event, chip); });
       chips.push(chip);
     }
     ui.tokens.replaceChildren.apply(ui.tokens, chips);
   }
 
-  function renderEntropy() {
-    const rec = record();
-    const names = Object.keys(G.MAP_TITLES).filter(function (n) { return rec.entropy[n]; });
-    if (!names.length) {
-      ui.entropy.replaceChildren(G.el("p", { class: "notice missing", "data-map": "entropy",
-        text: "Missing: this record has no entropies." }));
-      return;
-    }
-    const series = names.map(function (name) {
+  /** The record's entropies of the current head (or the mean over heads) per layer, by kind. */
+  function entropySeries(rec) {
+    return Object.keys(G.MAP_TITLES).filter(function (n) { return rec.entropy[n]; }).map(function (name) {
       const perLayer = rec.entropy[name].map(function (heads) {
         if (state.head === "mean") return heads.reduce(function (a, b) { return a + b; }, 0) / heads.length;
         return Number(state.head) < heads.length ? heads[Number(state.head)] : null;
       });
       return { name: name, values: perLayer };
     });
+  }
+
+  function entropyPlot(series) {
     const L = Math.max.apply(null, series.map(function (s) { return s.values.length; }));
-    let top = 0;
-    for (const s of series) for (const v of s.values) if (v !== null) top = Math.max(top, v);
-    top = top > 0 ? top * 1.1 : 1;
-    const W = 340, Hgt = 150, left = 40, right = 90, pad = 14;
-    const legend = { encoder_self: "encoder", decoder_self: "decoder self", cross: "cross" };
+    const top = 1.05;
+    const W = 460, Hgt = 190, left = 40, right = 100, pad = 14;
+    const legend = { encoder_self: "encoder self", decoder_self: "decoder self", cross: "cross" };
     const x = function (l) { return left + (L > 1 ? l * (W - left - right) / (L - 1) : (W - left - right) / 2); };
     const y = function (v) { return Hgt - pad - v / top * (Hgt - 2 * pad); };
     const svg = G.el("svg", { id: "entropy-plot", viewBox: "0 0 " + W + " " + Hgt, width: W, height: Hgt });
     svg.append(G.el("line", { class: "axis", x1: left, y1: Hgt - pad, x2: W - right, y2: Hgt - pad }),
       G.el("line", { class: "axis", x1: left, y1: pad, x2: left, y2: Hgt - pad }),
-      G.el("text", { class: "tick", x: left - 4, y: pad + 4, "text-anchor": "end", text: top.toFixed(2) }),
-      G.el("text", { class: "tick", x: left - 4, y: Hgt - pad, "text-anchor": "end", text: "0" }));
+      G.el("line", { id: "uniform-line", class: "uniform", x1: left, y1: y(1), x2: W - right, y2: y(1), "data-entropy": 1 },
+        G.el("title", { text: "1 = uniform: equal weight on every key the row attends to" })),
+      G.el("text", { class: "tick", x: left - 4, y: y(1) + 4, "text-anchor": "end", text: "1" }),
+      G.el("text", { class: "tick", x: left - 4, y: y(0.5) + 4, "text-anchor": "end", text: "0.5" }),
+      G.el("text", { class: "tick", x: left - 4, y: y(0) + 4, "text-anchor": "end", text: "0" }));
     for (let l = 0; l < L; l++) {
       svg.append(G.el("text", { class: "tick", x: x(l), y: Hgt - 2, "text-anchor": "middle", text: "L" + (l + 1) }));
     }
@@ -234,60 +299,111 @@
       svg.append(G.el("polyline", { class: "series series-" + s.name, points: points.join(" ") }));
       s.values.forEach(function (v, l) {
         if (v === null) return;
-        const dot = G.el("circle", { class: "point series-" + s.name + (l === state.layer ? " current" : ""),
+        svg.append(G.el("circle", { class: "point series-" + s.name + (l === state.layer ? " current" : ""),
           cx: x(l), cy: y(v), r: l === state.layer ? 4 : 3, "data-map": s.name, "data-layer": l, "data-entropy": v },
-        G.el("title", { text: G.MAP_TITLES[s.name] + ", layer " + (l + 1) + ": " + v.toFixed(4) + " nats" }));
-        svg.append(dot);
+        G.el("title", { text: G.MAP_TITLES[s.name] + ", layer " + (l + 1) + ", " + headText() + ": normalised entropy " +
+          v.toFixed(3) + " (1 = uniform)" })));
       });
-      svg.append(G.el("text", { class: "legend series-" + s.name, x: W - right + 8, y: pad + 14 * k + 4,
+      svg.append(G.el("text", { class: "legend series-" + s.name, x: W - right + 8, y: y(1) + 14 * k + 4,
         text: legend[s.name] }));
     });
-    ui.entropy.replaceChildren(svg);
+    svg.append(G.el("text", { class: "legend uniform-label", x: W - right, y: y(1) - 3, "text-anchor": "end", text: "uniform" }));
+    return svg;
+  }
+
+  /** A layer x head table of one kind's entropies (and their mean over heads); a click picks them. */
+  function entropyGrid(name, perHead) {
+    const H = perHead.length ? perHead[0].length : 0;
+    const head = G.el("tr", {}, G.el("th", { text: "layer \\ head" }));
+    for (let h = 0; h < H; h++) head.append(G.el("th", { class: "head" + (String(h) === state.head ? " current" : ""), text: String(h + 1) }));
+    head.append(G.el("th", { class: "head" + (state.head === "mean" ? " current" : ""), text: "mean" }));
+    const table = G.el("table", { class: "entropy-grid", "data-map": name },
+      G.el("caption", { class: "series-" + name, text: G.MAP_TITLES[name] }), head);
+    perHead.forEach(function (heads, l) {
+      const row = G.el("tr", { class: l === state.layer ? "current" : null }, G.el("th", { text: "L" + (l + 1) }));
+      const mean = heads.reduce(function (a, b) { return a + b; }, 0) / heads.length;
+      heads.concat([mean]).forEach(function (v, h) {
+        const headValue = h < H ? String(h) : "mean";
+        const current = l === state.layer && headValue === state.head;
+        row.append(G.el("td", { class: "cell" + (current ? " current" : ""), "data-layer": l, "data-head": headValue,
+          "data-entropy": v, style: "background-color: " + G.ramp(name, v),
+          title: G.MAP_TITLES[name] + ", layer " + (l + 1) + ", " + (h < H ? "head " + (h + 1) : "mean over heads") +
+            ": normalised entropy " + v.toFixed(3) + " (1 = uniform)",
+          onclick: function () { state.layer = l; state.head = headValue; state.problems = []; renderRecord(); },
+          text: v.toFixed(2) }));
+      });
+      table.append(row);
+    });
+    return table;
+  }
+
+  function renderEntropy() {
+    const rec = record();
+    const series = entropySeries(rec);
+    if (!series.length) {
+      ui.entropy.replaceChildren(G.el("p", { class: "notice missing", "data-map": "entropy",
+        text: "Missing: this record has no entropies." }));
+      return;
+    }
+    const grids = G.el("div", { id: "entropy-grids" });
+    for (const s of series) grids.append(entropyGrid(s.name, rec.entropy[s.name]));
+    ui.entropy.replaceChildren(entropyPlot(series), grids);
   }
 
   function select(target) {
     const same = state.sel && target && state.sel.kind === target.kind &&
       state.sel.index === target.index && state.sel.step === target.step;
     state.sel = same ? null : target;
+    state.problems = [];
+    renderNotices();
     shade();
+    writeHash();
   }
 
   function headText() {
     return state.head === "mean" ? "mean over heads" : "head " + (Number(state.head) + 1);
   }
 
-  function paint(elements, values) {
-    let top = 0;
-    for (const v of values) if (v > top) top = v;
-    elements.forEach(function (node, k) {
-      const v = values[k];
-      node.setAttribute("data-attention", String(v));
-      const opacity = top > 0 ? MAX_OPACITY * v / top : 0;
-      if (node.tagName.toLowerCase() === "rect") node.setAttribute("fill-opacity", opacity.toFixed(4));
-      else node.style.setProperty("--shade", opacity.toFixed(4));
-    });
-    return top;
-  }
-
   function clearShading() {
+    ui.stage.querySelectorAll("rect.fill").forEach(function (f) { f.setAttribute("fill", "none"); });
     ui.stage.querySelectorAll("rect.box").forEach(function (b) {
       b.removeAttribute("data-attention");
-      b.setAttribute("fill-opacity", 0);
+      b.style.removeProperty("stroke-width");
       b.classList.remove("selected");
     });
     ui.tokens.querySelectorAll(".token").forEach(function (c) {
       c.removeAttribute("data-attention");
-      c.style.setProperty("--shade", 0);
-      c.classList.remove("selected");
+      c.style.removeProperty("background-color");
+      c.classList.remove("selected", "masked");
     });
     ui.objects.querySelectorAll(".object").forEach(function (o) { o.classList.remove("selected"); });
     ui.objects.querySelectorAll(".object-value").forEach(function (o) { o.textContent = ""; });
   }
 
-  /** Shade the boxes (and words) for the hovered, else the selected, object or word. */
+  /** Shade the boxes by a row of weights over the objects (see the file's comment); returns the largest. */
+  function paintBoxes(kind, row) {
+    const top = Math.max.apply(null, row.concat([0]));
+    const fills = ui.stage.querySelector("#fills");
+    const order = row.map(function (v, i) { return i; }).sort(function (a, b) { return row[a] - row[b]; });
+    for (const i of order) {
+      const fill = fills.querySelector('rect.fill[data-index="' + i + '"]');
+      fill.setAttribute("fill", row[i] > 0 && top > 0 ? G.ramp(kind, row[i] / top) : "none");
+      fills.append(fill);                          // weakest first: the strongest ends on top
+    }
+    ui.stage.querySelectorAll("rect.box").forEach(function (box) {
+      const v = row[Number(box.getAttribute("data-index"))];
+      box.setAttribute("data-attention", String(v));
+      box.style.setProperty("stroke-width", (1 + 3 * (top > 0 ? v / top : 0)).toFixed(2) + "px");
+    });
+    ui.objects.querySelectorAll(".object-value").forEach(function (o, i) { o.textContent = " " + G.fmt(row[i]); });
+    return top;
+  }
+
+  /** Shade the selected object or word; with nothing selected, the hovered object. */
   function shade() {
     clearShading();
-    const active = state.hover || state.sel;
+    state.shown = null;
+    const active = state.sel || (state.hover !== null ? { kind: "object", index: state.hover } : null);
     const rec = record();
     const m = maps();
     if (state.sel && state.sel.kind === "object") {
@@ -298,11 +414,10 @@
     }
     ui.stage.setAttribute("data-shading", "none");
     if (!active) {
-      ui.info.textContent = "Hover or select an object, or select a word.";
+      ui.info.textContent = "Select an object or a word (or hover an object).";
       return;
     }
     const where = "layer " + (state.layer + 1) + ", " + headText();
-    const boxes = Array.from(rec.boxes, function (_, i) { return ui.stage.querySelector('rect.box[data-index="' + i + '"]'); });
     if (active.kind === "object") {
       const row = m.encoder_self ? G.mapRow(m.encoder_self, state.layer, state.head, active.index) : null;
       if (!row) {
@@ -310,19 +425,20 @@
           : "No encoder self-attention in this record: nothing to shade for object " + active.index + ".";
         return;
       }
-      const top = paint(boxes, row);
-      ui.objects.querySelectorAll(".object-value").forEach(function (o, i) { o.textContent = " " + G.fmt(row[i]); });
+      const top = paintBoxes("encoder_self", row);
+      state.shown = { boxes: "encoder_self", object: active.index };
       ui.stage.setAttribute("data-shading", "encoder_self");
       ui.info.textContent = "Boxes: encoder self-attention from object " + active.index + " (" + labelOf(active.index) +
         ") to every object, " + where + "; darkest = " + G.fmt(top) + ".";
       return;
     }
     const t = active.step;
+    state.shown = { step: t };
     const parts = [];
     const cross = m.cross ? G.mapRow(m.cross, state.layer, state.head, t) : null;
     if (cross) {
-      const top = paint(boxes, cross);
-      ui.objects.querySelectorAll(".object-value").forEach(function (o, i) { o.textContent = " " + G.fmt(cross[i]); });
+      const top = paintBoxes("cross", cross);
+      state.shown.boxes = "cross";
       ui.stage.setAttribute("data-shading", "cross");
       parts.push("boxes: cross-attention (darkest " + G.fmt(top) + ")");
     } else {
@@ -330,31 +446,61 @@
     }
     const dec = m.decoder_self ? G.mapRow(m.decoder_self, state.layer, state.head, t) : null;
     if (dec) {
-      const chips = Array.from({ length: rec.tokens.length }, function (_, s) {
-        return ui.tokens.querySelector('.token[data-input="' + s + '"]');
-      });
-      const top = paint(chips, dec);
-      parts.push("words: decoder self-attention over the inputs (darkest " + G.fmt(top) + ")");
+      const top = Math.max.apply(null, dec.concat([0]));
+      for (let s = 0; s < rec.tokens.length; s++) {
+        const chip = ui.tokens.querySelector('.token[data-input="' + s + '"]');
+        chip.setAttribute("data-attention", String(dec[s]));
+        if (s > t + 1) chip.classList.add("masked");        // t + 1: the selected word itself
+        else if (s <= t) chip.style.setProperty("background-color", G.ramp("decoder_self", top > 0 ? dec[s] / top : 0));
+      }
+      state.shown.words = true;
+      parts.push("words: decoder self-attention over the inputs <bos> \u2026 " + quote(inputWord(t)) +
+        " (darkest " + G.fmt(top) + "; the later words are not inputs of this step)");
     } else {
       parts.push(m.decoder_self ? "no decoder self-attention at " + where : "no decoder self-attention in this record");
     }
-    ui.info.textContent = "Step " + t + " (predicting \u201c" + rec.tokens[t] + "\u201d, input \u201c" + inputWord(t) +
-      "\u201d), " + where + ": " + parts.join("; ") + ".";
+    ui.info.textContent = "Step " + t + " (predicting " + quote(rec.tokens[t]) + ", input " + quote(inputWord(t)) +
+      "), " + where + ": " + parts.join("; ") + ".";
+  }
+
+  /** What a shaded element's number is, in words. */
+  function describeValue(node) {
+    const value = node.getAttribute("data-attention");
+    const shown = state.shown;
+    if (value === null || !shown) return "";
+    const rec = record();
+    const where = " in layer " + (state.layer + 1) + ", " + headText() + ": ";
+    if (node.classList.contains("token")) {
+      const s = Number(node.getAttribute("data-input"));
+      const t = shown.step;
+      if (s === t + 1) return " \u2014 the word step " + t + " predicts: not one of that step's inputs";
+      if (s > t) return " \u2014 comes after step " + t + " (predicting " + quote(rec.tokens[t]) + "): not one of its inputs";
+      return " \u2014 decoder self-attention weight of step " + t + " (predicting " + quote(rec.tokens[t]) +
+        ") on this input" + where + G.fmt(Number(value));
+    }
+    if (shown.boxes === "cross") {
+      return " \u2014 cross-attention weight of step " + shown.step + " (predicting " + quote(rec.tokens[shown.step]) +
+        ") on this object" + where + G.fmt(Number(value));
+    }
+    return " \u2014 encoder self-attention weight from object " + shown.object + " (" + labelOf(shown.object) +
+      ") to this object" + where + G.fmt(Number(value));
   }
 
   function showTooltip(event, node) {
-    const value = node.getAttribute("data-attention");
     let text;
-    if (node.classList.contains("box")) {
-      text = "object " + node.getAttribute("data-index") + ": " + node.getAttribute("data-label");
+    if (node.classList.contains("box") || node.classList.contains("object")) {
+      const i = Number(node.getAttribute("data-index"));
+      text = "object " + i + ": " + labelOf(i);
+      const box = ui.stage.querySelector('rect.box[data-index="' + i + '"]');
+      text += box ? describeValue(box) : "";
     } else {
       text = node.textContent;
       const ref = node.getAttribute("data-referent");
       if (ref !== null) text += " (names object " + ref + ": " + labelOf(Number(ref)) + ")";
       const source = node.getAttribute("data-source-referent");
       if (source !== null) text += " (swapped in; the original word named object " + source + ": " + labelOf(Number(source)) + ")";
+      text += describeValue(node);
     }
-    if (value !== null) text += " \u2014 attention " + G.fmt(Number(value));
     ui.tooltip.textContent = text;
     ui.tooltip.hidden = false;
     ui.tooltip.style.left = (event.pageX + 12) + "px";
@@ -364,7 +510,10 @@
   function hideTooltip() { ui.tooltip.hidden = true; }
 
   function writeHash() {
-    const target = G.hashOf({ id: state.data.id, r: state.record, l: state.layer, h: state.head });
+    const view = { id: state.data.id, r: state.record, l: state.layer, h: state.head };
+    if (state.sel && state.sel.kind === "token") view.w = state.sel.step;
+    if (state.sel && state.sel.kind === "object") view.o = state.sel.index;
+    const target = G.hashOf(view);
     if (target !== location.hash) history.replaceState(null, "", target);
   }
 
@@ -376,6 +525,36 @@
     renderEntropy();
     shade();
     writeHash();
+    renderNeighbours();
+  }
+
+  /** The previous and next image of the index, and the index page holding this one. */
+  async function neighbours(id) {
+    const page = G.pageOf(state.manifest, id);
+    if (page < 0) return { page: -1, prev: null, next: null };
+    const entries = await G.load(G.indexPageKey(page));
+    const k = entries.findIndex(function (e) { return e.id === id; });
+    const pages = state.manifest.pages;
+    return {
+      page: page,
+      prev: k > 0 ? entries[k - 1].id : page > 0 ? pages[page - 1][1] : null,
+      next: k < entries.length - 1 ? entries[k + 1].id : page < pages.length - 1 ? pages[page + 1][0] : null,
+    };
+  }
+
+  /** Links to the neighbouring images (keeping layer and head) and to this image's index page. */
+  function renderNeighbours() {
+    const near = state.near;
+    if (!near) return;
+    const link = function (id, targetId, label) {
+      const old = $(id);
+      const node = targetId === null ? G.el("span", { id: id, class: "disabled", text: label })
+        : G.el("a", { id: id, href: "image.html" + G.hashOf({ id: targetId, l: state.layer, h: state.head }), text: label });
+      old.replaceWith(node);
+    };
+    link("prev-image", near.prev, "\u2039 previous image");
+    link("next-image", near.next, "next image \u203a");
+    $("index-link").setAttribute("href", near.page >= 0 ? "index.html" + G.hashOf({ p: near.page + 1 }) : "index.html");
   }
 
   async function loadImage(id) {
@@ -388,15 +567,13 @@
     } catch (err) {
       throw new Error("image " + id + " is not in this site (" + err.message + ")");
     }
-    const hash = G.hashState();
+    const near = await neighbours(id);
+    const canvas = await resolveCanvas(data);
     state.data = data;
     state.decoded = {};
-    state.sel = null;
-    state.hover = null;
-    state.record = Math.min(Math.max(0, parseInt(hash.r || "0", 10) || 0), data.records.length - 1);
-    state.layer = Math.max(0, parseInt(hash.l || "0", 10) || 0);
-    state.head = hash.h && hash.h !== "mean" ? String(parseInt(hash.h, 10) || 0) : "mean";
-    state.canvas = await resolveCanvas(data);
+    state.near = near;
+    state.canvas = canvas;
+    applyAddress(G.hashState());
     $("title").textContent = "Image " + id;
     document.title = "geocap view: image " + id;
     ui.status.textContent = data.records.length + " records, " + record().boxes.length + " objects" +
@@ -405,32 +582,53 @@
     document.body.setAttribute("data-ready", "image");
   }
 
+  /** The image id of the address, or an error saying what is wrong with it. */
+  function addressId() {
+    const text = G.hashState().id;
+    if (text === undefined) throw new Error("no image id in the address (image.html#id=<image id>)");
+    if (!/^\d+$/.test(text)) throw new Error("the image id in the address, " + JSON.stringify(text) + ", is not a whole number");
+    return Number(text);
+  }
+
+  function onAddressChange() {
+    let id;
+    try {
+      id = addressId();
+    } catch (err) {
+      G.showError(err);
+      return;
+    }
+    if (!state.data || id !== state.data.id) {
+      loadImage(id).catch(G.showError);
+      return;
+    }
+    applyAddress(G.hashState());
+    renderRecord();
+  }
+
   async function start() {
     for (const id of ["record", "layer", "head", "notices", "stage", "objects", "tokens", "entropy", "tooltip", "status"]) {
       ui[id] = $(id);
     }
     ui.info = $("shading-info");
+    const changed = function () { state.problems = []; renderRecord(); };
     ui.record.addEventListener("change", function () {
       state.record = Number(ui.record.value);
       state.sel = null;
       state.hover = null;
-      renderRecord();
+      changed();
     });
-    ui.layer.addEventListener("change", function () { state.layer = Number(ui.layer.value); renderEntropy(); shade(); writeHash(); });
-    ui.head.addEventListener("change", function () { state.head = ui.head.value; renderEntropy(); shade(); writeHash(); });
-    $("clear-selection").addEventListener("click", function () { state.sel = null; state.hover = null; shade(); });
-    window.addEventListener("hashchange", function () {
-      const id = parseInt(G.hashState().id, 10);
-      if (state.data && id !== state.data.id && id >= 0) loadImage(id).catch(G.showError);
-    });
+    ui.layer.addEventListener("change", function () { state.layer = Number(ui.layer.value); changed(); });
+    ui.head.addEventListener("change", function () { state.head = ui.head.value; changed(); });
+    $("clear-selection").addEventListener("click", function () { state.hover = null; select(null); });
+    window.addEventListener("hashchange", onAddressChange);
     try {
       state.manifest = await G.load("manifest.js");
+      G.setColours(state.manifest);
       if (state.manifest.report_href) {
         $("links").append(" ", G.el("a", { id: "report-link", href: state.manifest.report_href, text: "analysis report" }));
       }
-      const id = parseInt(G.hashState().id, 10);
-      if (!(id >= 0)) throw new Error("no image id in the address (image.html#id=<image id>)");
-      await loadImage(id);
+      await loadImage(addressId());
     } catch (err) {
       G.showError(err);
     }

@@ -1,26 +1,14 @@
 /* geocap view: the index of a dump's images, paged, searchable by image id and caption words.
- * State lives in the location hash: #q=<query>&p=<page, from 1>. */
+ * State lives in the location hash: #q=<query>&p=<page, from 1>. A new page or query shows
+ * its list from the top (the scroll position of the previous list means nothing there). */
 "use strict";
 
 (function () {
   const G = Geocap;
   let manifest = null;
 
-  /** Index page holding image id, by binary search over the pages' [first, last] id ranges. */
-  function pageOf(id) {
-    let lo = 0, hi = manifest.pages.length - 1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >> 1;
-      const [first, last] = manifest.pages[mid];
-      if (id < first) hi = mid - 1;
-      else if (id > last) lo = mid + 1;
-      else return mid;
-    }
-    return -1;
-  }
-
   async function entryOf(id) {
-    const page = pageOf(id);
+    const page = G.pageOf(manifest, id);
     if (page < 0) return null;
     const entries = await G.load(G.indexPageKey(page));
     return entries.find(function (e) { return e.id === id; }) || null;
@@ -88,6 +76,7 @@
   }
 
   let renderSerial = 0;
+  let shownList = null;        // "query|page" of the list shown
 
   async function render() {
     const serial = ++renderSerial;
@@ -118,6 +107,9 @@
     status.className = "";
     list.replaceChildren.apply(list, entries.map(renderEntry));
     renderPager(page, pages, query);
+    const shown = query.trim() + "|" + page;
+    if (shownList !== null && shown !== shownList) window.scrollTo(0, 0);
+    shownList = shown;
     document.body.setAttribute("data-ready", "index");
   }
 
@@ -140,6 +132,7 @@
   async function start() {
     try {
       manifest = await G.load("manifest.js");
+      G.setColours(manifest);
       renderHeader();
       document.getElementById("search-form").addEventListener("submit", function (event) {
         event.preventDefault();
