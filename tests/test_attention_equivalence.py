@@ -31,14 +31,21 @@ def _ours_eager_reference(inputs, backend, call, causal=False):
     eager_out, _, eager_grads = run_reference(differentiable(inputs), grad_out, causal=causal)
 
     def named(out, grads):
-        return {"out": out, **{f"d{name}": grad for name, grad in grads.items()}}
+        return {"out": out.detach(), **{f"d{name}": grad for name, grad in grads.items()}}
 
     return named(result.out, ours_grads), named(eager_out, eager_grads), named(ref_out, ref_grads)
 
 
-def _check_against_reference(inputs, backend, call, causal=False):
-    """Forward and every gradient of ``call`` within the eager rule, in the inputs' dtypes."""
-    ours, eager, ref = _ours_eager_reference(inputs, backend, call, causal)
+@functools.lru_cache(maxsize=None)
+def _geo_results(backend, dtype, shape):
+    """``(inputs, (ours, eager, ref))`` of geo_attention on ``random_inputs(*shape)``, computed once
+    (the rule-rejects tests below reuse the equivalence test's runs)."""
+    inputs = random_inputs(*shape, dtype=dtype, device=DEVICE, seed=sum(shape))
+    return inputs, _ours_eager_reference(inputs, backend, _geo)
+
+
+def _assert_within_rule(inputs, ours, eager, ref):
+    """Forward and every gradient in ``ours`` within the eager rule, in the inputs' dtypes."""
     dtype = inputs["q"].dtype
     assert ours["out"].dtype == dtype and ours["out"].shape == ref["out"].shape
     assert ours.keys() == ref.keys()
@@ -48,13 +55,17 @@ def _check_against_reference(inputs, backend, call, causal=False):
         assert_within_eager_rule(name, ours[name], eager[name], ref[name], dtype)
 
 
+def _check_against_reference(inputs, backend, call, causal=False):
+    _assert_within_rule(inputs, *_ours_eager_reference(inputs, backend, call, causal))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 2, 37, 32), (1, 3, 16, 64), (2, 1, 1, 32), (1, 2, 20, 128)],
                          ids=["odd_N37_d32", "block_N16_d64", "N1", "N20_d128"])
-def test_geo_attention_matches_reference(backend, dtype, shape, device):
-    inputs = random_inputs(*shape, dtype=dtype, device=device, seed=sum(shape))
-    _check_against_reference(inputs, backend, _geo)
+def test_geo_attention_matches_reference(backend, dtype, shape):
+    inputs, results = _geo_results(backend, dtype, shape)
+    _assert_within_rule(inputs, *results)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -146,22 +157,15 @@ def test_triton_backward_is_deterministic(device):
 # The rule must see an error: a result 20% off (and a forward without the geometry bias) is
 # rejected at every dtype, on the N=37 case where the eager bf16 error of db_g is largest (~10%
 # of |db_g|; the rule without its cap let a db_g 40% off pass there).
-WRONG_CASE = (2, 2, 37, 32)
+WRONG_CASE = (2, 2, 37, 32)                 # the "odd_N37_d32" case above
 RESULTS = ("out", "dq", "dk", "dv", "dwg_weight", "dwg_bias")
-
-
-@functools.lru_cache(maxsize=None)
-def _geo_results(backend, dtype):
-    """``(ours, eager, ref)`` of the WRONG_CASE geometry attention, computed once per backend and dtype."""
-    inputs = random_inputs(*WRONG_CASE, dtype=dtype, device=DEVICE, seed=sum(WRONG_CASE))
-    return _ours_eager_reference(inputs, backend, _geo)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", RESULTS)
 def test_rule_rejects_a_result_scaled_by_0_8(backend, dtype, name):
-    ours, eager, ref = _geo_results(backend, dtype)
+    ours, eager, ref = _geo_results(backend, dtype, WRONG_CASE)[1]
     assert_within_eager_rule(name, ours[name], eager[name], ref[name], dtype)
     with pytest.raises(AssertionError, match=f"^{name}: error"):
         assert_within_eager_rule(name, ours[name] * 0.8, eager[name], ref[name], dtype)
@@ -169,7 +173,7 @@ def test_rule_rejects_a_result_scaled_by_0_8(backend, dtype, name):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rule_rejects_a_bf16_geometry_bias_gradient_scaled_by_0_6(backend):
-    ours, eager, ref = _geo_results(backend, torch.bfloat16)
+    ours, eager, ref = _geo_results(backend, torch.bfloat16, WRONG_CASE)[1]
     with pytest.raises(AssertionError, match="^dwg_bias: error"):
         assert_within_eager_rule("dwg_bias", ours["dwg_bias"] * 0.6, eager["dwg_bias"], ref["dwg_bias"],
                                  torch.bfloat16)
