@@ -210,7 +210,8 @@ def load_relation_truth(path: Union[str, os.PathLike]) -> RelationTruth:
     phrase_map = {}
     for name, phrases in relations.items():
         if name not in RELATIONS:
-            raise _bad(path, f"relation {name!r} is not one of geocap.data.relations.RELATIONS ({', '.join(RELATIONS)})")
+            raise _bad(path, f"relation {name!r} is not one of geocap.data.relations.RELATIONS "
+                             f"({', '.join(RELATIONS)})")
         if not isinstance(phrases, list) or not phrases:
             raise _bad(path, f"relation {name!r}: its phrases must be a non-empty list")
         for phrase in phrases:
