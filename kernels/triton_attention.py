@@ -473,7 +473,11 @@ class _TritonAttention(torch.autograd.Function):
         geo = _Geometry(boxes, wg_weight, wg_bias, q.device)
         mask = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else geo.freq
         f32 = _upcast_in_kernel(q.dtype)
-        store_dtype = torch.float32 if f32 else q.dtype
+        # dW_g and db_g sum ds / x over every (query, key) pair, where each row of ds sums to 0 up
+        # to delta's error; delta from the output rounded to fp16/bf16 made their error ~6x the
+        # eager one (fp16, tests/test_attention_equivalence.py), so it is taken from float32
+        geometry_grads = geo.on and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        store_dtype = torch.float32 if (f32 or geometry_grads) else q.dtype
         out = torch.empty((batch, heads, nq, d), dtype=store_dtype, device=q.device)
         lse = torch.empty((batch, heads, nq), dtype=torch.float32, device=q.device)
         ent = torch.empty_like(lse) if return_entropy else lse
@@ -491,8 +495,8 @@ class _TritonAttention(torch.autograd.Function):
             RETURN_ENT=return_entropy, RETURN_PROBS=return_probs, DOT_PRECISION=precision, F32=f32,
             num_warps=warps,
         )
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, mask, geo.boxes, geo.weight, geo.bias, geo.freq)
+        out_for_delta, out = (out, out.to(q.dtype)) if geometry_grads else (out.to(q.dtype),) * 2
+        ctx.save_for_backward(q, k, v, out_for_delta, lse, mask, geo.boxes, geo.weight, geo.bias, geo.freq)
         ctx.flags = (geo.on, key_padding_mask is not None, causal, dropout_p, seed, precision, f32,
                      wg_weight.dtype if geo.on else None)
         outputs = [out, ent if return_entropy else None, probs if return_probs else None]
@@ -501,12 +505,12 @@ class _TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, _d_ent, _d_probs):
-        q, k, v, out, lse, mask, boxes, weight, bias, freq = ctx.saved_tensors
+        q, k, v, out_for_delta, lse, mask, boxes, weight, bias, freq = ctx.saved_tensors
         has_geo, has_mask, causal, dropout_p, seed, precision, f32, wg_dtype = ctx.flags
         batch, heads, nq, d = q.shape
         nk = k.shape[2]
         d_out = d_out.contiguous()
-        delta = (d_out.float() * out.float()).sum(-1)                        # [B, H, NQ]
+        delta = (d_out.float() * out_for_delta.float()).sum(-1)              # [B, H, NQ]
         store_dtype = torch.float32 if f32 else q.dtype
         dq = torch.empty((batch, heads, nq, d), dtype=store_dtype, device=q.device)
         dk = torch.empty((batch, heads, nk, d), dtype=store_dtype, device=k.device)

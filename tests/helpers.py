@@ -1,9 +1,12 @@
-"""Shared test helpers: random ORT inputs and flash-attention's tolerance rule.
+"""Shared test helpers: random ORT inputs and the tolerance rule every attention test uses.
 
-The rule: a path's max error against the float64 reference may be at most twice the error the
-eager ORT-style implementation makes at the same precision, and never needs to beat 1e-5.
-The reference always runs on the *same* (already rounded) inputs upcast to float64, so errors
-measure computation, not input rounding.
+The rule (:func:`assert_within_eager_rule`): a path's max error against the float64 reference
+may be at most twice the error the eager implementation makes at the same precision
+(flash-attention's rule), at most a fixed fraction of the reference's max ``|value|``
+(:data:`ERROR_CAP`), and never needs to beat 1e-5. The eager run is built as geocap's model runs
+(geometry in float32, attention in the inputs' dtype; ``kernels/reference.py``). The reference
+always runs on the *same* (already rounded) inputs upcast to float64, so errors measure
+computation, not input rounding.
 """
 from __future__ import annotations
 
@@ -74,13 +77,38 @@ def max_err(x, ref) -> float:
     return (x.detach().double() - ref.detach().double()).abs().max().item() if x.numel() else 0.0
 
 
-def tolerance(eager_err: float) -> float:
-    return max(2.0 * eager_err, 1e-5)
+# The most a path may miss the float64 reference by, as a fraction of the reference's max |value|
+# (per tensor: the output, each gradient, probs, entropy), whatever the eager error. The 2x-eager
+# rule alone is loose where the eager error is large (bf16 db_g: the eager error is ~10% of
+# |db_g|, so 2x lets a gradient 20% off pass). Measured max error / max |reference| over the
+# equivalence shapes, torch and Triton (interpreter), 2026-12-03:
+#   float32   ours <= 4.1e-4 (db_g, N=37)     eager <= 3.7e-4  (the geometry term is ill-conditioned)
+#   float16   ours <= 8.4e-4 (Triton dq)      eager <= 2.5e-3  (db_g)
+#   bfloat16  ours <= 4.7e-3 (Triton dk)      eager <= 9.7e-2  (db_g; dW_g 1.7e-2, out 1.1e-2)
+# The caps leave ~5x (float32), ~10x (float16) and ~10x (bfloat16, for compiled kernels that
+# round tiles to bf16 as eager does, unlike the interpreter) above that, and still reject a
+# result scaled by 0.8 at every dtype (tests/test_attention_equivalence.py shows it).
+ERROR_CAP = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+ERROR_FLOOR = 1e-5
 
 
-def assert_within_eager_rule(name, ours, eager, ref):
+def allowed_error(eager_err: float, ref, dtype, *, capped: bool = True) -> float:
+    """The largest max |error| the rule allows for one tensor whose float64 reference is ``ref``,
+    computed from ``dtype`` inputs, when the eager run's error is ``eager_err``; ``capped=False``
+    drops the :data:`ERROR_CAP` (measured on attention results, not for other quantities)."""
+    scale = ref.detach().abs().max().item() if ref.numel() else 0.0
+    bound = min(2.0 * eager_err, ERROR_CAP[dtype] * scale) if capped else 2.0 * eager_err
+    return max(bound, ERROR_FLOOR)
+
+
+def assert_within_eager_rule(name, ours, eager, ref, dtype, *, capped: bool = True):
+    """``ours`` within :func:`allowed_error` of ``ref`` (the float64 reference); ``eager`` is the
+    eager run at ``dtype`` (the inputs' dtype). AssertionError naming ``name`` otherwise."""
     err, eager_err = max_err(ours, ref), max_err(eager, ref)
-    assert err <= tolerance(eager_err), f"{name}: error {err:.3e} > 2 x eager error {eager_err:.3e} (floor 1e-5)"
+    allowed = allowed_error(eager_err, ref, dtype, capped=capped)
+    cap = f"capped at {ERROR_CAP[dtype]:g} x max |reference|" if capped else "no cap"
+    assert err <= allowed, (f"{name}: error {err:.3e} > allowed {allowed:.3e} (2 x eager error {eager_err:.3e}, "
+                            f"{cap}, floor {ERROR_FLOOR:g})")
 
 
 def synth_data_dir(root, *, images: int = 40, seed: int = 0, feature_dim: int = 16) -> str:

@@ -1,12 +1,14 @@
 """geo_attention / attention on every backend against a float64 eager reference, forward and
-backward, by flash-attention's rule (tests/helpers.py). The same file runs the Triton kernels
-under the interpreter on CPU and compiled on a GPU."""
+backward, by the rule of tests/helpers.py (2x the eager error, capped per dtype), and that the
+rule rejects wrong results at every dtype. The same file runs the Triton kernels under the
+interpreter on CPU and compiled on a GPU."""
+import functools
+
 import pytest
 import torch
 
 from geocap.kernels import attention, geo_attention
-from helpers import (assert_within_eager_rule, differentiable, grads_of, max_err, random_inputs, run_reference,
-                     tolerance, upcast)
+from helpers import DEVICE, assert_within_eager_rule, differentiable, grads_of, random_inputs, run_reference, upcast
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -17,34 +19,53 @@ def _geo(inputs, backend, **kw):
                          inputs["wg_bias"], inputs["key_padding_mask"], backend=backend, **kw)
 
 
-def _check_against_reference(inputs, backend, call, causal=False):
-    """Forward and every gradient of ``call`` within the eager rule; returns the result."""
+def _ours_eager_reference(inputs, backend, call, causal=False):
+    """``(ours, eager, ref)``: each a dict of ``"out"`` and ``"d<name>"`` for every gradient,
+    from ``call`` on ``backend``, the eager run at the inputs' dtype and the float64 reference."""
     g = torch.Generator().manual_seed(123)
     ours_in = differentiable(inputs)
     result = call(ours_in, backend)
     grad_out = torch.randn(result.out.shape, generator=g).to(result.out.device)
     ours_grads = grads_of(result.out, ours_in, grad_out)
+    ref_out, _, ref_grads = run_reference(upcast(inputs), grad_out, causal=causal)
+    eager_out, _, eager_grads = run_reference(differentiable(inputs), grad_out, causal=causal)
 
-    ref_in = upcast(inputs)
-    ref_out, ref_probs, ref_grads = run_reference(ref_in, grad_out, causal=causal)
-    eager_in = differentiable(inputs)
-    eager_out, _, eager_grads = run_reference(eager_in, grad_out, causal=causal)
+    def named(out, grads):
+        return {"out": out.detach(), **{f"d{name}": grad for name, grad in grads.items()}}
 
-    assert result.out.dtype == inputs["q"].dtype and result.out.shape == ref_out.shape
-    assert_within_eager_rule("out", result.out, eager_out, ref_out)
-    for name in ref_grads:
-        assert ours_grads[name].dtype == inputs[name].dtype, name
-        assert_within_eager_rule(f"d{name}", ours_grads[name], eager_grads[name], ref_grads[name])
-    return result, ref_probs
+    return named(result.out, ours_grads), named(eager_out, eager_grads), named(ref_out, ref_grads)
+
+
+@functools.lru_cache(maxsize=None)
+def _geo_results(backend, dtype, shape):
+    """``(inputs, (ours, eager, ref))`` of geo_attention on ``random_inputs(*shape)``, computed once
+    (the rule-rejects tests below reuse the equivalence test's runs)."""
+    inputs = random_inputs(*shape, dtype=dtype, device=DEVICE, seed=sum(shape))
+    return inputs, _ours_eager_reference(inputs, backend, _geo)
+
+
+def _assert_within_rule(inputs, ours, eager, ref):
+    """Forward and every gradient in ``ours`` within the eager rule, in the inputs' dtypes."""
+    dtype = inputs["q"].dtype
+    assert ours["out"].dtype == dtype and ours["out"].shape == ref["out"].shape
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        if name != "out":
+            assert ours[name].dtype == inputs[name[1:]].dtype, name         # "dq" is q's gradient
+        assert_within_eager_rule(name, ours[name], eager[name], ref[name], dtype)
+
+
+def _check_against_reference(inputs, backend, call, causal=False):
+    _assert_within_rule(inputs, *_ours_eager_reference(inputs, backend, call, causal))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 2, 37, 32), (1, 3, 16, 64), (2, 1, 1, 32), (1, 2, 20, 128)],
                          ids=["odd_N37_d32", "block_N16_d64", "N1", "N20_d128"])
-def test_geo_attention_matches_reference(backend, dtype, shape, device):
-    inputs = random_inputs(*shape, dtype=dtype, device=device, seed=sum(shape))
-    _check_against_reference(inputs, backend, _geo)
+def test_geo_attention_matches_reference(backend, dtype, shape):
+    inputs, results = _geo_results(backend, dtype, shape)
+    _assert_within_rule(inputs, *results)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -68,10 +89,10 @@ def test_entropy_and_probs_outputs(backend, dtype, device):
     assert result.probs.shape == (2, 2, 21, 21) and result.entropy.shape == (2, 2, 21)
     assert result.probs.dtype == torch.float32 and result.entropy.dtype == torch.float32
     assert not result.probs.requires_grad and not result.entropy.requires_grad
-    assert max_err(result.probs, ref_probs) <= tolerance(max_err(eager_probs, ref_probs))
+    assert_within_eager_rule("probs", result.probs, eager_probs, ref_probs, dtype)
     ref_entropy = torch.special.entr(ref_probs).sum(-1)
     eager_entropy = torch.special.entr(eager_probs.double()).sum(-1)
-    assert max_err(result.entropy, ref_entropy) <= tolerance(max_err(eager_entropy, ref_entropy))
+    assert_within_eager_rule("entropy", result.entropy, eager_entropy, ref_entropy, dtype)
     assert (result.probs[..., ~inputs["key_padding_mask"][0]][0] == 0).all()
     none = _geo(inputs, backend)
     assert none.entropy is None and none.probs is None
@@ -131,3 +152,43 @@ def test_triton_backward_is_deterministic(device):
         runs.append(grads_of(out, x, torch.ones_like(out)))
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+# The rule must see an error: a result 20% off (and a forward without the geometry bias) is
+# rejected at every dtype, on the N=37 case where the eager bf16 error of db_g is largest (~10%
+# of |db_g|; the rule without its cap let a db_g 40% off pass there).
+WRONG_CASE = (2, 2, 37, 32)                 # the "odd_N37_d32" case above
+RESULTS = ("out", "dq", "dk", "dv", "dwg_weight", "dwg_bias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", RESULTS)
+def test_rule_rejects_a_result_scaled_by_0_8(backend, dtype, name):
+    ours, eager, ref = _geo_results(backend, dtype, WRONG_CASE)[1]
+    assert_within_eager_rule(name, ours[name], eager[name], ref[name], dtype)
+    with pytest.raises(AssertionError, match=f"^{name}: error"):
+        assert_within_eager_rule(name, ours[name] * 0.8, eager[name], ref[name], dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rule_rejects_a_bf16_geometry_bias_gradient_scaled_by_0_6(backend):
+    ours, eager, ref = _geo_results(backend, torch.bfloat16, WRONG_CASE)[1]
+    with pytest.raises(AssertionError, match="^dwg_bias: error"):
+        assert_within_eager_rule("dwg_bias", ours["dwg_bias"] * 0.6, eager["dwg_bias"], ref["dwg_bias"],
+                                 torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rule_rejects_a_forward_without_the_geometry_bias(backend, dtype):
+    inputs = random_inputs(*WRONG_CASE, dtype=dtype, device=DEVICE, seed=sum(WRONG_CASE))
+
+    def no_geometry(x, be):
+        return attention(x["q"], x["k"], x["v"], x["key_padding_mask"], backend=be)
+
+    ours = no_geometry(inputs, backend).out
+    ref_out, _, _ = run_reference(upcast(inputs), None)
+    eager_out, _, _ = run_reference(differentiable(inputs), None)
+    with pytest.raises(AssertionError, match="^out: error"):
+        assert_within_eager_rule("out", ours, eager_out, ref_out, dtype)

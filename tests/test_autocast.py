@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from geocap.kernels import geo_attention, geometry_log_bias
-from helpers import DEVICE, random_inputs
+from helpers import DEVICE, ERROR_CAP, random_inputs
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -44,7 +44,7 @@ def test_geo_attention_under_autocast(backend):
     ref_out, ref_grads = run(False, torch.float64, "torch")
     proj.float()
     assert out.isfinite().all() and all(g.isfinite().all() for g in grads)
-    # bf16 has 8 bits of mantissa: a few units of 2^-8 relative to each tensor's scale
+    # bf16 has 8 bits of mantissa: the equivalence tests' cap on bf16 errors, relative to each tensor's scale
     for name, got, ref in zip(["out", *leaves], [out, *grads], [ref_out, *ref_grads]):
         scale = ref.abs().max().clamp(min=1e-3)
-        assert (got - ref).abs().max() <= 0.05 * scale, name
+        assert (got - ref).abs().max() <= ERROR_CAP[dtype] * scale, name

@@ -7,7 +7,7 @@ import torch
 from geocap.kernels import box_relation_embedding, geometry_log_bias
 from geocap.kernels.geometry import box_displacement, geometry_frequencies
 from geocap.kernels.reference import eager_geometry_log_bias
-from helpers import random_boxes
+from helpers import assert_within_eager_rule, random_boxes
 
 PINNED = torch.tensor([[[0.1, 0.2, 0.5, 0.6], [0.3, 0.1, 0.9, 0.4]]], dtype=torch.float64)
 
@@ -58,10 +58,10 @@ def test_float32_log_bias_within_eager_rule():
     boxes = random_boxes(2, 30, generator=g)
     w, b = torch.randn(8, 64, generator=g) * 0.3, torch.randn(8, generator=g) * 0.3
     ref = eager_geometry_log_bias(boxes.double(), w.double(), b.double())
-    # compare where the reference is not sitting on the clamp boundary: log is ill-conditioned there
-    eager_err = (eager_geometry_log_bias(boxes, w, b).double() - ref).abs().max().item()
-    ours_err = (geometry_log_bias(boxes, w, b).double() - ref).abs().max().item()
-    assert ours_err <= max(2 * eager_err, 1e-5)
+    # uncapped: near the clamp, log(x) is ill-conditioned past any fixed fraction of |log 1e-6|,
+    # eager included (6.9e-2 of 13.8 here); the attention results it feeds are capped
+    assert_within_eager_rule("log bias", geometry_log_bias(boxes, w, b), eager_geometry_log_bias(boxes, w, b), ref,
+                             torch.float32, capped=False)
 
 
 def test_degenerate_and_identical_boxes_are_finite():

@@ -105,6 +105,30 @@ def test_geometry_decides(tmp_path, synth):
     assert (r.uses, r.correct, r.unresolved) == (2, 0, 0)
 
 
+def test_one_relation_definition_for_captions_and_metric(tmp_path, synth, monkeypatch):
+    """The synthetic captions and the metric both take the relations from geocap.data.relations:
+    a changed threshold changes the relations the captions are written from, the thresholds the
+    ground truth records, and the metric's judgement alike."""
+    import geocap.data.relations as relations
+
+    objects = [("cup", (0.1, 0.2, 0.2, 0.3)), ("bowl", (0.23, 0.2, 0.43, 0.3))]   # gap 0.03 = 0.3 x the cup's width
+    caption = {1: ["a cup is next to a bowl"]}
+    assert relation_accuracy(caption, _tiny(tmp_path, synth, objects)).accuracy == 1.0
+    monkeypatch.setattr(relations, "NEXT_TO_GAP", 0.1)
+    with pytest.raises(ValueError, match="relation threshold next_to_gap is 0.5 but geocap.data.relations uses 0.1"):
+        load_relation_truth(synth[0])                 # written under the old definition: refused
+    changed = tmp_path / "changed"
+    generate_synthetic(changed, images=60, seed=1, feature_dim=8, progress=False)
+    gt = json.loads((changed / "ground_truth.json").read_text())
+    assert gt["parameters"]["relation_thresholds"]["next_to_gap"] == 0.1
+    refs = {image["image_id"]: [" ".join(c["tokens"]) for c in image["captions"]] for image in gt["images"]}
+    assert relation_accuracy(refs, load_relation_truth(changed / "ground_truth.json")).accuracy == 1.0
+    assert refs != {image["image_id"]: [" ".join(c["tokens"]) for c in image["captions"]]
+                    for image in synth[1]["images"]}        # fewer pairs are "next to": other captions
+    tiny = dict(synth[1], parameters=gt["parameters"])
+    assert relation_accuracy(caption, _tiny(tmp_path, (None, tiny), objects)).accuracy == 0.0
+
+
 def test_unresolvable_mentions_count_as_wrong(tmp_path, synth):
     t = _tiny(tmp_path, synth, [("cup", (0.1, 0.2, 0.2, 0.3)), ("bowl", (0.5, 0.2, 0.7, 0.3))])
     cases = ["a zebra is left of a bowl",          # unknown noun: no subject

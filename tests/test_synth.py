@@ -24,7 +24,7 @@ SEEDS = (0, 1, 2)
 
 
 def holds(relation: str, a, b) -> bool:
-    """Whether "box a <relation> box b", from the definitions in the docstring of geocap.data.synth.geometry."""
+    """Whether "box a <relation> box b", from the definitions in the docstring of geocap.data.relations."""
     ax1, ay1, ax2, ay2 = (float(v) for v in a)
     bx1, by1, bx2, by2 = (float(v) for v in b)
     share_height = min(ay2, by2) - max(ay1, by1)

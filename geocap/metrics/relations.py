@@ -3,15 +3,15 @@
 For each generated caption the relation phrases it uses ("to the left of", "under", "on top
 of", ...) are found, with the noun mentions each one links, and each use is judged against the
 image's boxes by the very definition that decided which relations were true when the reference
-captions were written (:func:`geocap.data.synth.relation_matrix` and
-:func:`geocap.data.synth.group_relations`). So the reference captions score 1.0 by construction,
+captions were written (:func:`geocap.data.relations.relation_matrix` and
+:func:`geocap.data.relations.group_relations`). So the reference captions score 1.0 by construction,
 and a model that says "left of" where the boxes say "right of" is wrong.
 
 What the phrases, nouns and places are comes from the dataset's ``ground_truth.json``:
 ``relations`` (relation name -> its phrases, the names those of
-:data:`geocap.data.synth.RELATIONS`), ``categories`` (every singular and plural name, synonyms
+:data:`geocap.data.relations.RELATIONS`), ``categories`` (every singular and plural name, synonyms
 included), ``clusters`` (the place phrases, "in a kitchen", which are not relations). The file's
-relation thresholds must equal the geometry module's, else the truth recomputed here would not be
+relation thresholds must equal :mod:`geocap.data.relations`', else the truth recomputed here would not be
 the one the captions were written from (ValueError).
 
 Parsing a caption (PTB-tokenised, :func:`geocap.metrics.python_ptb_tokenize`), left to right,
@@ -49,8 +49,8 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from geocap.data.json_file import read_json
-from geocap.data.synth import FILES, RELATIONS, group_relations, relation_matrix
-from geocap.data.synth.geometry import INSIDE_AREA, NEXT_TO_GAP, NEXT_TO_OVERLAP, ON_DEPTH
+from geocap.data.relations import RELATIONS, group_relations, relation_matrix, relation_thresholds
+from geocap.data.synth import FILES
 
 from .tokenize import python_ptb_tokenize
 
@@ -59,8 +59,6 @@ __all__ = ["GROUND_TRUTH_FILE", "ParsedRelation", "RelationAccuracy", "RelationL
 
 GROUND_TRUTH_FILE = FILES["ground_truth"]
 GROUND_TRUTH_FORMAT, GROUND_TRUTH_VERSION = "geocap-synth-ground-truth", 1
-_THRESHOLDS = {"on_depth": ON_DEPTH, "inside_area": INSIDE_AREA, "next_to_gap": NEXT_TO_GAP,
-               "next_to_overlap": NEXT_TO_OVERLAP}
 
 _PLACE, _NOUN, _RELATION = 0, 1, 2
 
@@ -187,7 +185,7 @@ def _token_tuple(text) -> tuple:
 def load_relation_truth(path: Union[str, os.PathLike]) -> RelationTruth:
     """Read ``ground_truth.json`` (written by ``geocap synth``) into a :class:`RelationTruth`.
     ValueError naming the file (and the image id) for a missing or malformed file, another
-    format, relations unknown to the geometry module or relation thresholds that differ from it."""
+    format, relations unknown to :mod:`geocap.data.relations` or relation thresholds that differ from it."""
     path = os.fspath(path)
     data = read_json(path, "ground truth file")
     if not isinstance(data, dict) or data.get("format") != GROUND_TRUTH_FORMAT:
@@ -202,17 +200,18 @@ def load_relation_truth(path: Union[str, os.PathLike]) -> RelationTruth:
         images = data["images"]
     except (KeyError, TypeError) as err:
         raise _bad(path, f"missing or malformed field {err}") from None
-    for name, value in _THRESHOLDS.items():
+    for name, value in relation_thresholds().items():
         got = thresholds.get(name) if isinstance(thresholds, dict) else None
         if not isinstance(got, (int, float)) or not math.isclose(got, value, rel_tol=0, abs_tol=1e-12):
-            raise _bad(path, f"relation threshold {name} is {got!r} but geocap.data.synth.geometry uses {value}: "
+            raise _bad(path, f"relation threshold {name} is {got!r} but geocap.data.relations uses {value}: "
                              f"the relations cannot be recomputed as the captions were written")
     if not isinstance(relations, dict) or not relations:
         raise _bad(path, "'relations' must map relation names to their phrases")
     phrase_map = {}
     for name, phrases in relations.items():
         if name not in RELATIONS:
-            raise _bad(path, f"relation {name!r} is not one of geocap.data.synth.RELATIONS ({', '.join(RELATIONS)})")
+            raise _bad(path, f"relation {name!r} is not one of geocap.data.relations.RELATIONS "
+                             f"({', '.join(RELATIONS)})")
         if not isinstance(phrases, list) or not phrases:
             raise _bad(path, f"relation {name!r}: its phrases must be a non-empty list")
         for phrase in phrases:

@@ -28,7 +28,7 @@ Conventions: image ids 1..images; caption ids ``5 (image_id - 1) + k`` for k = 1
 (x1, y1, x2, y2) normalised to [0, 1] by the image width and height, y pointing down, in the
 store's order (shuffled, so parts do not follow their wholes); object indices are positions in
 that order. The modules: ``world`` (categories, clusters, parts), ``scenes`` (placement),
-``geometry`` (the relation definitions), ``captions`` (grammar and grounding), ``features``
+``captions`` (grammar and grounding; the relations are :mod:`geocap.data.relations`), ``features``
 (the calibrated feature model), ``generate`` (the files and the command).
 
 Default ``feature_dim`` 2048, the bottom-up detectors' size, is kept because it costs little here:
@@ -46,7 +46,7 @@ from .features import (DEFAULT_FEATURE_DIM, MIN_FEATURE_DIM, SIMILARITY, Feature
                        iter_features, object_features, prototypes, relu_cosine, similarity_by_pair_type)
 from .generate import (DEFAULT_IMAGES, FILES, SynthImage, SynthSummary, add_synth_parser, caption_set, coco_json,
                        generate_scenes, generate_synthetic, ground_truth_json, karpathy_json, split_of)
-from .geometry import RELATIONS, group_relations, relation_matrix
+from ..relations import RELATIONS, group_relations, relation_matrix
 from .scenes import Draws, Scene, sample_scene
 from .world import (CATEGORIES, CATEGORY_IDS, CLUSTER_IDS, CLUSTER_OF, CLUSTERS, IMAGE_SIZES, MAX_OBJECTS,
                     MIN_OBJECTS, MIN_SIZE, PARTS, Category, Cluster, category_names)

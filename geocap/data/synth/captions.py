@@ -5,7 +5,7 @@ A caption names one noun phrase ("a photo of two dogs", "a cat in a field"), two
 table"). A noun phrase names *all* objects of its category with their exact count ("a dog" =
 the scene's only dog, "three cups" = exactly three), so counts are right and referents
 unambiguous. The relation is drawn among those true of the two groups' boxes (see
-``geometry``), and which group is the subject is drawn too, so "left of" and "right of" are
+:mod:`geocap.data.relations`), and which group is the subject is drawn too, so "left of" and "right of" are
 equally likely for any two categories: only the boxes tell them apart.
 
 Grounding: ``refs[t]`` is the object token t names (the noun's words; for a plural noun the
@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from .geometry import RELATIONS, group_relations
+from ..relations import RELATIONS, group_relations
 from .scenes import Draws, Scene
 from .world import CATEGORIES, CLUSTERS
 

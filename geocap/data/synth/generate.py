@@ -15,7 +15,7 @@ from ..atomic import write_text_atomic
 from ..records import Caption, CaptionSet
 from .captions import CAPTIONS_PER_IMAGE, RELATION_PHRASES, SynthCaption, sample_captions
 from .features import DEFAULT_FEATURE_DIM, check_feature_dim, feature_model, iter_features, similarity_by_pair_type
-from .geometry import INSIDE_AREA, NEXT_TO_GAP, NEXT_TO_OVERLAP, ON_DEPTH, RELATIONS, relation_matrix
+from ..relations import RELATIONS, relation_matrix, relation_thresholds
 from .scenes import Draws, Scene, sample_scene
 from .world import (CATEGORIES, CLUSTER_IDS, CLUSTER_OF, CLUSTERS, MARGIN, MAX_OBJECTS, MIN_OBJECTS, MIN_SIZE,
                     PARTS, THEME_P, category_names)
@@ -221,8 +221,7 @@ def generate_synthetic(out_dir, *, images: int = DEFAULT_IMAGES, seed: int = 0,
                   "captions_per_image": CAPTIONS_PER_IMAGE, "objects_per_image": [MIN_OBJECTS, MAX_OBJECTS],
                   "theme_probability": THEME_P, "min_box_size": MIN_SIZE, "box_margin": MARGIN,
                   "split_rule": "image index % 10: 8 -> val, 9 -> test, else train",
-                  "relation_thresholds": {"on_depth": ON_DEPTH, "inside_area": INSIDE_AREA,
-                                          "next_to_gap": NEXT_TO_GAP, "next_to_overlap": NEXT_TO_OVERLAP},
+                  "relation_thresholds": relation_thresholds(),
                   "feature_model": feature_model().as_dict()}
     with _gc_paused():
         _write_json_atomic(paths["captions"], coco_json(data))

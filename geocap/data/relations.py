@@ -1,4 +1,8 @@
-"""The spatial relations the captions use, defined on boxes.
+"""The spatial relations between boxes: their names, thresholds and truth, in one place.
+
+The synthetic captions are written from these definitions (``geocap.data.synth``) and the
+relation-word metric judges generated captions by them (``geocap.metrics.relations``), so the two
+cannot disagree. Boxes are numpy arrays; nothing here depends on the synthetic world.
 
 For boxes A = (ax1, ay1, ax2, ay2) and B (normalised, y pointing down), with widths
 aw = ax2 - ax1, heights ah = ay2 - ay1, the overlap of the x intervals
@@ -32,6 +36,13 @@ ON_DEPTH = 0.3             # "on": A's bottom within the top 30% of B
 INSIDE_AREA = 0.5          # "inside": A's area at most half of B's
 NEXT_TO_GAP = 0.5          # "next to": gap <= 0.5 x the narrower width
 NEXT_TO_OVERLAP = 0.5      # "next to": shared height >= 0.5 x the lower height
+
+
+def relation_thresholds() -> dict:
+    """The thresholds :func:`relation_matrix` uses now, by the names ``ground_truth.json`` records
+    them under (``parameters.relation_thresholds``)."""
+    return {"on_depth": ON_DEPTH, "inside_area": INSIDE_AREA, "next_to_gap": NEXT_TO_GAP,
+            "next_to_overlap": NEXT_TO_OVERLAP}
 
 
 def relation_matrix(boxes: np.ndarray) -> np.ndarray:
