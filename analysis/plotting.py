@@ -14,6 +14,9 @@ from matplotlib.ticker import MaxNLocator
 from geocap.data.atomic import atomic_output
 
 DPI = 110
+# one colour per attention kind, in every figure here and on every page of the viewer
+# (geocap.view reads this constant): matplotlib's first three default colours
+ATTENTION_COLOURS = {"encoder_self": "#1f77b4", "decoder_self": "#ff7f0e", "cross": "#2ca02c"}
 
 
 def _figure(panels: int) -> tuple[Figure, list]:
@@ -58,8 +61,9 @@ def plot_entropy(result, path) -> None:
         if per_head is None:
             continue
         layers = _layers(per_head)
-        ax.plot(layers, per_head.mean(axis=1), marker="o", label=kind)
-        ax.fill_between(layers, per_head.min(axis=1), per_head.max(axis=1), alpha=0.15)
+        colour = ATTENTION_COLOURS[kind]
+        ax.plot(layers, per_head.mean(axis=1), marker="o", label=kind, color=colour)
+        ax.fill_between(layers, per_head.min(axis=1), per_head.max(axis=1), alpha=0.15, color=colour)
         drawn = True
     if not drawn:
         _missing(ax, "attention entropy", "; ".join(f"{k}: {v}" for k, v in result.unavailable.items()))

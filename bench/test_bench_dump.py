@@ -38,7 +38,7 @@ import torch
 
 from geocap.checkpoint import save_checkpoint
 from geocap.data.dump_format import open_dump
-from geocap.data.records import Caption, CaptionSet, ImageFeatures
+from geocap.data.items import Caption, CaptionSet, ImageFeatures
 from geocap.data.store import write_store
 from geocap.data.vocab import build_vocab, encode_captions, write_captions
 from geocap.dump.job import dump

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from geocap.data.dataset import CaptionDataset, collate
-from geocap.data.records import Caption, CaptionSet, ImageFeatures
+from geocap.data.items import Caption, CaptionSet, ImageFeatures
 from geocap.data.store import write_store
 from geocap.data.vocab import build_vocab, encode_captions, write_captions
 

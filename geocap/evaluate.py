@@ -116,7 +116,7 @@ def _first_difference(a: list, b: list) -> str:
 
 def _open_dataset(features_path: str, captions_dir: str, split: str):
     from geocap.data.dataset import CaptionDataset
-    from geocap.data.records import DataError
+    from geocap.data.items import DataError
     from geocap.data.vocab import load_captions
 
     if not os.path.isfile(features_path):

@@ -54,7 +54,7 @@ import torch
 from geocap.captioner import Captioner
 from geocap.checkpoint import file_sha256, load_error_detail, save_checkpoint
 from geocap.data.readers.ort import _vocabulary as ort_word_list
-from geocap.data.records import DataError
+from geocap.data.items import DataError
 from geocap.data.vocab import Vocabulary
 from geocap.model import ObjectRelationTransformer, ORTConfig
 

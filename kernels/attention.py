@@ -5,7 +5,7 @@ Shapes: q ``[B, H, Nq, d]``, k and v ``[B, H, Nk, d]``; boxes ``[B, N, 4]`` norm
 (x1, y1, x2, y2); wg_weight ``[H, 64]``, wg_bias ``[H]`` (ORT's per-head ``Linear(64 -> 1)``);
 key_padding_mask ``[B, Nk]`` bool, True = real object.
 
-Both return :class:`GeoAttention` ``(out, entropy, probs)``: ``out`` ``[B, H, Nq, d]`` in q's
+Both return :class:`AttentionResult` ``(out, entropy, probs)``: ``out`` ``[B, H, Nq, d]`` in q's
 dtype; ``entropy`` ``[B, H, Nq]`` (nats, per query row, of the attention distribution before
 dropout) and ``probs`` ``[B, H, Nq, Nk]`` (before dropout) are None unless asked for, float32
 (float64 for float64 inputs) and detached: they are diagnostics, not differentiable outputs.
@@ -23,7 +23,7 @@ from .validation import (KERNEL_DTYPES, check_boxes, check_geometry_weights, che
                          require_dtype, require_same_device)
 
 
-class GeoAttention(NamedTuple):
+class AttentionResult(NamedTuple):
     out: torch.Tensor
     entropy: Optional[torch.Tensor]
     probs: Optional[torch.Tensor]
@@ -40,7 +40,7 @@ def _same_device(**tensors) -> torch.device:
 
 
 def _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, causal, dropout_p,
-         return_entropy, return_probs) -> GeoAttention:
+         return_entropy, return_probs) -> AttentionResult:
     chosen = resolve_backend(backend, device)
     if chosen == "triton":
         require_dtype("q", q, KERNEL_DTYPES)
@@ -52,11 +52,11 @@ def _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, 
     out, entropy, probs = fn(q, k, v, boxes=boxes, wg_weight=wg_weight, wg_bias=wg_bias,
                              key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p,
                              return_entropy=return_entropy, return_probs=return_probs)
-    return GeoAttention(out, entropy, probs)
+    return AttentionResult(out, entropy, probs)
 
 
 def geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask=None, *, dropout_p=0.0,
-                  return_entropy=False, return_probs=False, backend="auto") -> GeoAttention:
+                  return_entropy=False, return_probs=False, backend="auto") -> AttentionResult:
     """ORT attention: ``softmax(QK^T / sqrt(d) [padded keys -1e9] + log(clamp(relu(E W_g^T + b_g), 1e-6))) V``.
 
     The geometry is computed from ``boxes`` inside the op (float32; never an ``[N, N, 64]``
@@ -76,7 +76,7 @@ def geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask=None, *, 
 
 
 def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, return_entropy=False,
-              return_probs=False, backend="auto") -> GeoAttention:
+              return_probs=False, backend="auto") -> AttentionResult:
     """Scaled-dot-product attention with key padding and optional causal masking (bottom-right
     aligned: query i sees keys ``j <= i + Nk - Nq``), for decoder self- and cross-attention."""
     check_qkv(q, k, v, same_length=False)

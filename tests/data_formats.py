@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import h5py
 import numpy as np
 
-from geocap.data.records import Caption
+from geocap.data.items import Caption
 
 TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 

@@ -9,7 +9,7 @@ entry point                                B = 0
 =========================================  ===============================================
 Captioner.caption                          ``[]``
 Captioner.log_probs                        ``[0, T + 1, V]``
-ObjectRelationTransformer.forward          ``[0, T, V]`` (with record: empty maps)
+ObjectRelationTransformer.forward          ``[0, T, V]`` (with return_attention: empty maps)
 ObjectRelationTransformer.encode           a Memory of 0 rows (decode_step: ``[0, V]``)
 greedy_decode, beam_search, sample         ValueError "memory holds no image"
 =========================================  ===============================================
@@ -78,7 +78,7 @@ def entry_points(captioner):
         "Captioner.caption": lambda f, b, m: captioner.caption(f, b, m, beam_size=2, max_len=4),
         "Captioner.log_probs": lambda f, b, m: captioner.log_probs(f, b, tokens_for(f.shape[0]), m),
         "model.forward": lambda f, b, m: model(f, b, m, bos_tokens[:f.shape[0]]),
-        "model.forward(record)": lambda f, b, m: model(f, b, m, bos_tokens[:f.shape[0]], record=True),
+        "model.forward(record)": lambda f, b, m: model(f, b, m, bos_tokens[:f.shape[0]], return_attention=True),
         "model.encode": lambda f, b, m: model.encode(f, b, m),
     }
 
@@ -178,7 +178,7 @@ def test_empty_batch(captioner):
     tokens = torch.ones(0, 5, dtype=torch.long)
     with torch.no_grad():
         assert model(f, b, m, tokens).shape == (0, 5, v)
-        log_probs, record = model(f, b, m, tokens, record=True)
+        log_probs, record = model(f, b, m, tokens, return_attention=True)
     assert log_probs.shape == (0, 5, v)
     assert record.encoder_probs[0].shape == (0, 2, 4, 4) and record.cross_entropy[0].shape == (0, 2, 5)
     memory = model.encode(f, b, m)

@@ -49,7 +49,7 @@ def _interrupt_prepro(tmp_path, sig, *, inherit_ignored_sigint=False):
 
     import numpy as np
 
-    from geocap.data.records import ImageFeatures
+    from geocap.data.items import ImageFeatures
     from geocap.data.store import write_store
 
     rng = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from geocap.data.dataset import Batch, BucketBatchSampler, CaptionDataset, Sample, collate
-from geocap.data.records import Caption, CaptionSet, DataError, ImageFeatures
+from geocap.data.items import Caption, CaptionSet, DataError, ImageFeatures
 from geocap.data.store import FeatureStore, write_store
 from geocap.data.vocab import BOS, EOS, PAD, build_vocab, encode_captions, write_captions
 

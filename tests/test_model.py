@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from geocap.kernels import geo_attention
-from geocap.model import AttentionRecord, LayerNorm, Memory, ObjectRelationTransformer, ORTConfig
+from geocap.model import AttentionMaps, LayerNorm, Memory, ObjectRelationTransformer, ORTConfig
 
 from helpers import random_boxes
 
@@ -222,9 +222,9 @@ def test_record_returns_attention_maps():
     model = make_model().eval()
     features, boxes, box_mask, tokens = make_inputs()
     plain = model(features, boxes, box_mask, tokens)
-    log_probs, rec = model(features, boxes, box_mask, tokens, record=True)
+    log_probs, rec = model(features, boxes, box_mask, tokens, return_attention=True)
     torch.testing.assert_close(log_probs, plain, atol=0, rtol=0)
-    assert isinstance(rec, AttentionRecord)
+    assert isinstance(rec, AttentionMaps)
     b, n, t, h = 3, 6, 7, 2
     shapes = {"encoder": (n, n), "decoder": (t, t), "cross": (t, n)}
     for kind, (nq, nk) in shapes.items():
@@ -250,16 +250,16 @@ def test_record_returns_attention_maps():
 
 
 def test_public_encode_and_teacher_force_record_what_forward_records():
-    """encode(record=True) gives the encoder's maps, teacher_force(record=True) the decoder's, over
-    a memory expanded to several captions per image: each equals forward(record=True) of its row."""
+    """encode(return_attention=True) gives the encoder's maps, teacher_force(return_attention=True) the decoder's, over
+    a memory expanded to several captions per image: each equals forward(return_attention=True) of its row."""
     model = make_model().eval()
     features, boxes, box_mask, tokens = make_inputs()
-    _, full = model(features, boxes, box_mask, tokens, record=True)
+    _, full = model(features, boxes, box_mask, tokens, return_attention=True)
     memory = model.encode(features, boxes, box_mask)
     assert isinstance(memory, Memory)
-    memory_r, enc = model.encode(features, boxes, box_mask, record=True)
+    memory_r, enc = model.encode(features, boxes, box_mask, return_attention=True)
     torch.testing.assert_close(memory_r.states, memory.states, atol=0, rtol=0)
-    assert isinstance(enc, AttentionRecord) and enc.decoder_probs == [] and enc.cross_probs == []
+    assert isinstance(enc, AttentionMaps) and enc.decoder_probs == [] and enc.cross_probs == []
     for name in ("encoder_probs", "encoder_entropy"):
         assert len(getattr(enc, name)) == 2
         for a, b in zip(getattr(enc, name), getattr(full, name)):
@@ -267,20 +267,20 @@ def test_public_encode_and_teacher_force_record_what_forward_records():
     rows = torch.tensor([2, 0, 2])                 # three captions: two of image 2, one of image 0
     caption_tokens = tokens[[0, 1, 2]]
     plain = model.teacher_force(memory.index_select(rows), caption_tokens)
-    log_probs, dec = model.teacher_force(memory.index_select(rows), caption_tokens, record=True)
+    log_probs, dec = model.teacher_force(memory.index_select(rows), caption_tokens, return_attention=True)
     torch.testing.assert_close(log_probs, plain, atol=0, rtol=0)
     assert dec.encoder_probs == [] and len(dec.decoder_probs) == len(dec.cross_entropy) == 2
     t, n = tokens.shape[1], features.shape[1]
     for r, image in enumerate(rows.tolist()):
         _, one = model(features[image:image + 1], boxes[image:image + 1], box_mask[image:image + 1],
-                       caption_tokens[r:r + 1], record=True)
+                       caption_tokens[r:r + 1], return_attention=True)
         for name, shape in (("decoder_probs", (2, t, t)), ("decoder_entropy", (2, t)),
                             ("cross_probs", (2, t, n)), ("cross_entropy", (2, t))):
             for a, b in zip(getattr(dec, name), getattr(one, name)):
                 assert a.shape[1:] == shape and not a.requires_grad
                 torch.testing.assert_close(a[r:r + 1], b, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="tokens have 2 rows but memory has 3"):
-        model.teacher_force(memory, tokens[:2], record=True)
+        model.teacher_force(memory, tokens[:2], return_attention=True)
 
 
 def test_teacher_force_positions_packs_the_wanted_rows():
@@ -367,7 +367,7 @@ def test_right_padding_changes_no_real_position():
     lengths = (7, 4, 2)
     tokens = _right_padded_batch(model, lengths)
     with torch.no_grad():
-        batch, record = model(features, boxes, box_mask, tokens, record=True)
+        batch, record = model(features, boxes, box_mask, tokens, return_attention=True)
         for i, n in enumerate(lengths):
             alone = model(features[i:i + 1], boxes[i:i + 1], box_mask[i:i + 1], tokens[i:i + 1, :n])
             torch.testing.assert_close(batch[i:i + 1, :n], alone, atol=1e-5, rtol=0)

@@ -15,7 +15,7 @@ from data_formats import (PixelImage, b64, random_captions, random_images, sizes
                           write_m2_h5, write_npz_dir, write_tsv)
 from geocap.data.readers import (ReadStats, read_bottom_up_tsv, read_coco_captions, read_cocotalk,
                                  read_image_sizes, read_karpathy, read_m2_hdf5, read_npz_dir)
-from geocap.data.records import DataError, ImageFeatures
+from geocap.data.items import DataError, ImageFeatures
 
 CSV_DEFAULT_LIMIT = 131072
 

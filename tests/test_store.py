@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from geocap.data import store as store_mod
-from geocap.data.records import DataError, ImageFeatures
+from geocap.data.items import DataError, ImageFeatures
 from geocap.data.store import FORMAT, FeatureStore, feature_chunk_rows, write_store
 
 LABELS = [f"class{k}" for k in range(12)]

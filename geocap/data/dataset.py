@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from geocap.data.records import DataError
+from geocap.data.items import DataError
 from geocap.data.store import FeatureStore
 from geocap.data.vocab import BOS, EOS, PAD, load_captions
 

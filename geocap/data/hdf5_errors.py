@@ -1,4 +1,4 @@
-"""h5py's errors on a damaged file, as one :class:`~geocap.data.records.DataError` naming it.
+"""h5py's errors on a damaged file, as one :class:`~geocap.data.items.DataError` naming it.
 
 Corrupt metadata (superblock, object headers, local heaps, B-trees) does not always surface as
 ``OSError``: depending on which HDF5 call meets it, h5py raises ``RuntimeError`` (e.g. "Unable
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
-from geocap.data.records import DataError
+from geocap.data.items import DataError
 
 HDF5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
 

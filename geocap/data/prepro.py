@@ -23,7 +23,7 @@ import itertools
 import sys
 import time
 
-from geocap.data.records import CaptionSet, DataError
+from geocap.data.items import CaptionSet, DataError
 
 SOURCES = ("tsv", "npz-dir", "m2-h5", "store")
 

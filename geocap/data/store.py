@@ -42,7 +42,7 @@ import numpy as np
 
 from geocap.data.atomic import atomic_output
 from geocap.data.hdf5_errors import HDF5_ERRORS, named_hdf5_errors
-from geocap.data.records import DataError, ImageFeatures
+from geocap.data.items import DataError, ImageFeatures
 from geocap.progress import progress_bar
 
 FORMAT = "geocap-features"

@@ -42,7 +42,7 @@ import numpy as np
 
 from geocap.data.atomic import atomic_output, write_text_atomic
 from geocap.data.json_file import read_json
-from geocap.data.records import Caption, CaptionSet, DataError
+from geocap.data.items import Caption, CaptionSet, DataError
 from geocap.progress import progress_bar
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3

@@ -15,7 +15,7 @@ import numpy as np
 from geocap.data.dump_format import MANIFEST
 from geocap.data.file_digest import file_sha256
 from geocap.dump.manifest import drop_lost_shards, open_manifest, remove_stale
-from geocap.dump.records import WHAT
+from geocap.dump.record_builder import WHAT
 from geocap.dump.writer import COMPRESSIONS
 from geocap.out_dir import check_out_dir
 
@@ -152,7 +152,7 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     from geocap import __version__
     from geocap.checkpoint import load_checkpoint
     from geocap.data.dataset import CaptionDataset
-    from geocap.dump import grounding
+    from geocap.dump import ground_truth
     from geocap.dump.source import kmeans_centroids
 
     o = options.checked()
@@ -185,8 +185,8 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     max_len = min(o.max_len, config.max_len)
     n_images = len(dataset.image_ids) if o.limit == 0 else min(o.limit, len(dataset.image_ids))
     image_ids = dataset.image_ids[:n_images]
-    gt_path = os.path.join(data, grounding.GROUND_TRUTH)
-    truth = grounding.GroundTruth(gt_path, image_ids.tolist()) if os.path.isfile(gt_path) else None
+    gt_path = os.path.join(data, ground_truth.GROUND_TRUTH)
+    truth = ground_truth.GroundTruth(gt_path, image_ids.tolist()) if os.path.isfile(gt_path) else None
     hypothetical = o.hypothetical
     if hypothetical is None:
         hypothetical = truth is not None and o.mode == "teacher-forced"

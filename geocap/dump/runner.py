@@ -22,7 +22,7 @@ def run_shards(plan: DumpPlan, model, source, device, result: DumpResult, *, col
     records' inputs from ``source`` (a :class:`~geocap.dump.source.SplitSource`), counting into
     ``result``. On any error the open shard is aborted (its temporary file removed) and the
     shards already renamed stay listed."""
-    from geocap.dump.records import generate_rows, record_batch
+    from geocap.dump.record_builder import generate_rows, record_batch
     from geocap.dump.writer import ShardWriter
     from geocap.progress import progress_bar
 

@@ -12,17 +12,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from geocap.dump import grounding
-from geocap.dump.records import CaptionRow
+from geocap.dump import ground_truth
+from geocap.dump.record_builder import CaptionRow
 
 __all__ = ["SplitSource", "kmeans_centroids"]
 
 
 def kmeans_centroids(dataset, n_images: int, k: int, sample: int) -> np.ndarray:
     """Centroids ``[k, D]`` fitted on the objects of a fixed random sample of the first
-    ``n_images`` images of ``dataset`` (up to ``sample`` objects; seed ``grounding.KMEANS_SEED``):
+    ``n_images`` images of ``dataset`` (up to ``sample`` objects; seed ``ground_truth.KMEANS_SEED``):
     every rank computes the same ones."""
-    order = np.random.default_rng(grounding.KMEANS_SEED).permutation(n_images)
+    order = np.random.default_rng(ground_truth.KMEANS_SEED).permutation(n_images)
     feats, total = [], 0
     for i in order.tolist():
         f, _ = dataset.store.read(int(dataset.position[i]))
@@ -30,17 +30,17 @@ def kmeans_centroids(dataset, n_images: int, k: int, sample: int) -> np.ndarray:
         total += len(f)
         if total >= sample:
             break
-    return grounding.fit_clusters(np.concatenate(feats)[:sample], k)
+    return ground_truth.fit_clusters(np.concatenate(feats)[:sample], k)
 
 
 class SplitSource:
     """Per-batch inputs of a dump of ``dataset`` (a per-image ``CaptionDataset`` with every
-    caption): ``truth`` a :class:`~geocap.dump.grounding.GroundTruth` or None, ``centroids``
+    caption): ``truth`` a :class:`~geocap.dump.ground_truth.GroundTruth` or None, ``centroids``
     the k-means centroids or None, ``words`` the vocabulary, ``eos_id``/``max_len`` the model's
     <eos> id and positions, ``hypothetical`` whether to add hypothetical captions,
     ``has_labels`` whether every record carries labels, ``features`` whether it carries features."""
 
-    def __init__(self, dataset, *, truth: Optional[grounding.GroundTruth], centroids: Optional[np.ndarray],
+    def __init__(self, dataset, *, truth: Optional[ground_truth.GroundTruth], centroids: Optional[np.ndarray],
                  words: Sequence[str], eos_id: int, max_len: int, hypothetical: bool, has_labels: bool,
                  features: bool):
         self.dataset, self.truth, self.centroids = dataset, truth, centroids
@@ -68,7 +68,7 @@ class SplitSource:
                 self.truth.check_objects(image_id, n)
                 obj["clusters"] = self.truth.clusters(image_id)
             elif self.centroids is not None:
-                obj["clusters"] = grounding.assign_clusters(feats, self.centroids)
+                obj["clusters"] = ground_truth.assign_clusters(feats, self.centroids)
             if store.has_labels:
                 obj["labels"] = store[int(self.dataset.position[i])].labels
             if obj["labels"] is None and self.truth is not None:
@@ -95,14 +95,14 @@ class SplitSource:
                 refs = None
                 if truth is not None:
                     caption = truth.caption(image_id, cid)
-                    refs = grounding.reference_referents(caption, [self.words[k] for k in ids[:-1]],
+                    refs = ground_truth.reference_referents(caption, [self.words[k] for k in ids[:-1]],
                                                          image_id=image_id, path=truth.path)[:len(ids)]
                     if self.hypothetical:
-                        hyp = grounding.hypothetical_caption(caption, truth.objects(image_id), truth.categories,
+                        hyp = ground_truth.hypothetical_caption(caption, truth.objects(image_id), truth.categories,
                                                              self.known)
                         if hyp is not None:
                             n = min(len(hyp.words), caps.max_len, self.max_len - 1)
-                            hid = grounding.encode_words(hyp.words[:n], self.word_id) + [self.eos_id]
+                            hid = ground_truth.encode_words(hyp.words[:n], self.word_id) + [self.eos_id]
                             hyps.append(CaptionRow(b, hid, "hypothetical", cid,
                                                    np.array(hyp.referents[:n] + [-1], np.int64),
                                                    np.array(hyp.source_referents[:n] + [-1], np.int64)))

@@ -2,7 +2,7 @@
 from .config import ORTConfig
 from .decoder import DecoderCache
 from .layers import LayerNorm, MultiHeadAttention, sinusoidal_positions
-from .transformer import AttentionRecord, Memory, ObjectRelationTransformer
+from .transformer import AttentionMaps, Memory, ObjectRelationTransformer
 
-__all__ = ["AttentionRecord", "DecoderCache", "LayerNorm", "Memory", "MultiHeadAttention", "ORTConfig",
+__all__ = ["AttentionMaps", "DecoderCache", "LayerNorm", "Memory", "MultiHeadAttention", "ORTConfig",
            "ObjectRelationTransformer", "sinusoidal_positions"]

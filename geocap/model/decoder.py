@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from geocap.kernels import GeoAttention
+from geocap.kernels import AttentionResult
 
 from .config import ORTConfig
 from .layers import FeedForward, LayerNorm, MultiHeadAttention
@@ -95,15 +95,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, past: Optional[tuple[torch.Tensor, torch.Tensor]],
                 memory_k: torch.Tensor, memory_v: torch.Tensor, memory_mask: Optional[torch.Tensor], *,
-                backend: str = "auto", record: bool = False, packing: Optional[Packing] = None):
+                backend: str = "auto", return_attention: bool = False, packing: Optional[Packing] = None):
         """``x [B, t, d_model]`` the new tokens; ``past`` this layer's cached ``(k, v)``
         ``[B, H, c, d]`` or None; ``memory_k``/``memory_v`` ``[B, H, N, d]`` the projected encoder
         output; ``memory_mask [B, N]`` True = real box. With ``packing`` (teacher forcing of a whole
         right-padded batch, no ``past``): ``x [M, d_model]`` holds only the kept positions, the dense
         layers run on those and attention on its inputs unpacked to ``[B, t, ...]``.
 
-        Returns ``(x [B, t, d_model] (or [M, d_model]), (k, v) [B, H, c + t, d], self GeoAttention,
-        cross GeoAttention)``.
+        Returns ``(x [B, t, d_model] (or [M, d_model]), (k, v) [B, H, c + t, d], self AttentionResult,
+        cross AttentionResult)``.
         """
         pack = packing.pack if packing is not None else _same
         unpack = packing.unpack if packing is not None else _same
@@ -112,10 +112,10 @@ class DecoderLayer(nn.Module):
         q, k, v = (sa.split_heads(unpack(proj(h))) for proj in (sa.q_proj, sa.k_proj, sa.v_proj))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        r_self = sa.attend(q, k, v, None, causal=True, backend=backend, record=record)
+        r_self = sa.attend(q, k, v, None, causal=True, backend=backend, return_attention=return_attention)
         x = x + self.dropout(sa.out_proj(pack(sa.merge_heads(r_self.out))))
         q = ca.split_heads(unpack(ca.q_proj(self.cross_norm(x))))
-        r_cross = ca.attend(q, memory_k, memory_v, memory_mask, backend=backend, record=record)
+        r_cross = ca.attend(q, memory_k, memory_v, memory_mask, backend=backend, return_attention=return_attention)
         x = x + self.dropout(ca.out_proj(pack(ca.merge_heads(r_cross.out))))
         x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
         return x, (k, v), r_self, r_cross
@@ -139,14 +139,14 @@ class Decoder(nn.Module):
         return tuple(k for k, _ in kv), tuple(v for _, v in kv)
 
     def forward(self, x: torch.Tensor, memory, cache: Optional[DecoderCache], *, backend: str = "auto",
-                record: bool = False) -> tuple[torch.Tensor, DecoderCache, list[GeoAttention], list[GeoAttention]]:
+                return_attention: bool = False) -> tuple[torch.Tensor, DecoderCache, list[AttentionResult], list[AttentionResult]]:
         """``x [B, t, d_model]`` embedded new tokens, ``memory`` a :class:`~geocap.model.Memory`.
-        Returns ``(states [B, t, d_model], new cache, [self GeoAttention], [cross GeoAttention])``."""
+        Returns ``(states [B, t, d_model], new cache, [self AttentionResult], [cross AttentionResult])``."""
         keys, values, self_stats, cross_stats = [], [], [], []
         for i, layer in enumerate(self.layers):
             past = None if cache is None else (cache.keys[i], cache.values[i])
             x, (k, v), s, c = layer(x, past, memory.keys[i], memory.values[i], memory.mask,
-                                    backend=backend, record=record)
+                                    backend=backend, return_attention=return_attention)
             keys.append(k)
             values.append(v)
             self_stats.append(s)

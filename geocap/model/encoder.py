@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from geocap.kernels import GeoAttention, value_checks
+from geocap.kernels import AttentionResult, value_checks
 
 from .config import ORTConfig
 from .layers import FeedForward, LayerNorm, MultiHeadAttention
@@ -30,10 +30,10 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor], *,
-                backend: str = "auto", record: bool = False) -> tuple[torch.Tensor, GeoAttention]:
+                backend: str = "auto", return_attention: bool = False) -> tuple[torch.Tensor, AttentionResult]:
         """``x [B, N, d_model]``, ``boxes [B, N, 4]``, ``box_mask [B, N]`` (True = real) ->
-        ``(x [B, N, d_model], GeoAttention of the self-attention)``."""
-        a, stats = self.self_attn(self.attn_norm(x), boxes, box_mask, backend=backend, record=record)
+        ``(x [B, N, d_model], AttentionResult of the self-attention)``."""
+        a, stats = self.self_attn(self.attn_norm(x), boxes, box_mask, backend=backend, return_attention=return_attention)
         x = x + self.dropout(a)
         x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
         return x, stats
@@ -48,15 +48,15 @@ class Encoder(nn.Module):
         self.norm = LayerNorm(config.d_model)
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor], *,
-                backend: str = "auto", record: bool = False) -> tuple[torch.Tensor, list[GeoAttention]]:
-        """Returns ``(states [B, N, d_model], [GeoAttention per layer])``; the box values are
+                backend: str = "auto", return_attention: bool = False) -> tuple[torch.Tensor, list[AttentionResult]]:
+        """Returns ``(states [B, N, d_model], [AttentionResult per layer])``; the box values are
         validated by the first layer only (one host synchronisation per forward, not per layer)."""
         stats = []
         for i, layer in enumerate(self.layers):
             if i == 0:
-                x, s = layer(x, boxes, box_mask, backend=backend, record=record)
+                x, s = layer(x, boxes, box_mask, backend=backend, return_attention=return_attention)
             else:
                 with value_checks(False):
-                    x, s = layer(x, boxes, box_mask, backend=backend, record=record)
+                    x, s = layer(x, boxes, box_mask, backend=backend, return_attention=return_attention)
             stats.append(s)
         return self.norm(x), stats

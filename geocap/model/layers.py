@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from geocap.kernels import GeoAttention, attention, geo_attention
+from geocap.kernels import AttentionResult, attention, geo_attention
 from geocap.kernels.geometry import DIM_G
 
 
@@ -132,31 +132,31 @@ class MultiHeadAttention(nn.Module):
         return self.dropout if self.training else 0.0
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-               *, causal: bool = False, backend: str = "auto", record: bool = False) -> GeoAttention:
+               *, causal: bool = False, backend: str = "auto", return_attention: bool = False) -> AttentionResult:
         """Plain attention (decoder self- and cross-attention) of projected, split queries
         ``q [B, H, Nq, d]`` over projected ``k``, ``v`` ``[B, H, Nk, d]``, without the output
         projection (the caller applies ``out_proj(merge_heads(.out))``, so a packed decoder can pack
         in between). ``key_padding_mask [B, Nk]`` True = real key; ``causal`` is bottom-right
-        aligned (the last query sees every key). Returns the ``GeoAttention``: ``out [B, H, Nq, d]``,
-        entropy ``[B, H, Nq]`` and probs ``[B, H, Nq, Nk]`` filled when ``record``."""
+        aligned (the last query sees every key). Returns the ``AttentionResult``: ``out [B, H, Nq, d]``,
+        entropy ``[B, H, Nq]`` and probs ``[B, H, Nq, Nk]`` filled when ``return_attention``."""
         return attention(q, k, v, key_padding_mask, causal=causal, dropout_p=self._dropout_p(),
-                         return_entropy=record, return_probs=record, backend=backend)
+                         return_entropy=return_attention, return_probs=return_attention, backend=backend)
 
     def forward(self, x: torch.Tensor, boxes: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-                *, backend: str = "auto", record: bool = False) -> tuple[torch.Tensor, GeoAttention]:
+                *, backend: str = "auto", return_attention: bool = False) -> tuple[torch.Tensor, AttentionResult]:
         """Self-attention of ``x [B, N, d_model]`` (the encoder's): ORT's box attention with
         ``boxes [B, N, 4]`` when this module has geometry weights, else plain attention (boxes
         ignored). ``key_padding_mask [B, N]`` True = real box. Returns ``(out [B, N, d_model],
-        GeoAttention)``, its entropy and probs filled when ``record``."""
+        AttentionResult)``, its entropy and probs filled when ``return_attention``."""
         q = self.split_heads(self.q_proj(x))
         k, v = self.keys_values(x)
         if self.geometry:
             r = geo_attention(q, k, v, boxes, self.wg_weight, self.wg_bias, key_padding_mask,
-                              dropout_p=self._dropout_p(), return_entropy=record, return_probs=record,
+                              dropout_p=self._dropout_p(), return_entropy=return_attention, return_probs=return_attention,
                               backend=backend)
         else:
-            r = attention(q, k, v, key_padding_mask, dropout_p=self._dropout_p(), return_entropy=record,
-                          return_probs=record, backend=backend)
+            r = attention(q, k, v, key_padding_mask, dropout_p=self._dropout_p(), return_entropy=return_attention,
+                          return_probs=return_attention, backend=backend)
         merged = self.merge_heads(r.out)
         if self.legacy_extra_skip:
             merged = x + merged  # ORT: `x = input_value + x`, then `linears[-1](x)`

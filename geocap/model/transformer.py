@@ -91,7 +91,7 @@ class Memory:
 
 
 @dataclass
-class AttentionRecord:
+class AttentionMaps:
     """Per-layer attention weights (before dropout) and their entropies (nats per query row),
     float32 and detached. L layers; N box slots; T tokens.
 
@@ -222,19 +222,19 @@ class ObjectRelationTransformer(nn.Module):
                              f"{c.heads}): it holds {len(memory.keys)} layers of keys {shape}; encode with this model")
 
     # -- encoder -----------------------------------------------------------------------------
-    def _encode(self, features, boxes, box_mask, backend, record):
+    def _encode(self, features, boxes, box_mask, backend, return_attention):
         box_mask = self._check_images(features, boxes, box_mask)
         # padded slots may hold anything (even NaN); zero them so nothing can leak through 0 * NaN
         features = features.to(self.feature_embed[0].weight.dtype).masked_fill(~box_mask[..., None], 0.0)
         x = self.feature_embed(features)
         with value_checks(False):  # the box values were checked above, once
-            states, stats = self.encoder(x, boxes, box_mask, backend=backend, record=record)
+            states, stats = self.encoder(x, boxes, box_mask, backend=backend, return_attention=return_attention)
         keys, values = self.decoder.memory_keys_values(states)
         return Memory(states, box_mask, keys, values), stats
 
     def encode(self, features: torch.Tensor, boxes: Optional[torch.Tensor], box_mask: Optional[torch.Tensor] = None,
-               *, record: bool = False, backend: Optional[str] = None
-               ) -> Union[Memory, tuple[Memory, AttentionRecord]]:
+               *, return_attention: bool = False, backend: Optional[str] = None
+               ) -> Union[Memory, tuple[Memory, AttentionMaps]]:
         """Encode ``features [B, N, D]``, ``boxes [B, N, 4]``, ``box_mask [B, N]`` (True = real;
         None = all real) into a :class:`Memory` (its cross-attention keys/values computed up front).
 
@@ -246,14 +246,14 @@ class ObjectRelationTransformer(nn.Module):
         ``B = 0`` gives an empty Memory; an image without a real box (N = 0, or a mask row all
         False) is encoded, and the decoder's cross-attention then attends to nothing.
 
-        ``record=True`` returns ``(memory, AttentionRecord)`` whose ``encoder_probs[l]``
+        ``return_attention=True`` returns ``(memory, AttentionMaps)`` whose ``encoder_probs[l]``
         ``[B, H, N, N]`` and ``encoder_entropy[l]`` ``[B, H, N]`` hold each encoder layer's
         self-attention (its decoder lists stay empty).
         """
-        memory, stats = self._encode(features, boxes, box_mask, self._backend(backend), record)
-        if not record:
+        memory, stats = self._encode(features, boxes, box_mask, self._backend(backend), return_attention)
+        if not return_attention:
             return memory
-        return memory, AttentionRecord(encoder_probs=[s.probs for s in stats],
+        return memory, AttentionMaps(encoder_probs=[s.probs for s in stats],
                                        encoder_entropy=[s.entropy for s in stats])
 
     # -- decoder -----------------------------------------------------------------------------
@@ -271,23 +271,23 @@ class ObjectRelationTransformer(nn.Module):
         x = self.word_embed(tokens.long()) * math.sqrt(self.config.d_model) + self.positions[start:start + t]
         return self.embed_dropout(x)
 
-    def _decode(self, memory, tokens, cache, backend, record, positions=None):
+    def _decode(self, memory, tokens, cache, backend, return_attention, positions=None):
         x = self._embed(tokens, 0 if cache is None else cache.length)
-        if positions is not None and cache is None and not record:
+        if positions is not None and cache is None and not return_attention:
             # only the wanted positions and those before them (causality) are decoded at all
             kept = positions.flip(1).cummax(1).values.flip(1)           # [R, T]: up to each row's last wanted
             packing = Packing(kept)
             states = self.decoder.forward_packed(packing.pack(x), packing, memory, backend=backend)
             states = states[positions[kept]]                            # [M, d]
             return torch.log_softmax(self.generator(states), dim=-1), None, [], []
-        states, cache, self_stats, cross_stats = self.decoder(x, memory, cache, backend=backend, record=record)
+        states, cache, self_stats, cross_stats = self.decoder(x, memory, cache, backend=backend, return_attention=return_attention)
         if positions is not None:
             states = states[positions]                                  # [M, d]: skip the others' output layer
         return torch.log_softmax(self.generator(states), dim=-1), cache, self_stats, cross_stats
 
     def forward(self, features: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor],
-                tokens: torch.Tensor, *, record: bool = False, backend: Optional[str] = None
-                ) -> Union[torch.Tensor, tuple[torch.Tensor, AttentionRecord]]:
+                tokens: torch.Tensor, *, return_attention: bool = False, backend: Optional[str] = None
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, AttentionMaps]]:
         """Teacher forcing: ``tokens [B, T]`` input ids (starting with <bos>) ->
         ``log_probs [B, T, V]``, row t the distribution of token t + 1.
 
@@ -298,25 +298,25 @@ class ObjectRelationTransformer(nn.Module):
         ``[0, vocab_size)`` with B rows (ValueError naming the argument). ``B = 0`` gives
         ``[0, T, V]``; ``T = 0`` gives ``[B, 0, V]``.
 
-        ``record=True`` returns ``(log_probs, AttentionRecord)`` with every layer's attention
+        ``return_attention=True`` returns ``(log_probs, AttentionMaps)`` with every layer's attention
         weights and entropies (encoder self, decoder self, cross).
         """
         if isinstance(features, torch.Tensor) and features.dim() == 3:
             self._check_tokens(tokens, batch=features.shape[0], right_padded=True)
         backend = self._backend(backend)
-        memory, enc_stats = self._encode(features, boxes, box_mask, backend, record)
-        log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, backend, record)
-        if not record:
+        memory, enc_stats = self._encode(features, boxes, box_mask, backend, return_attention)
+        log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, backend, return_attention)
+        if not return_attention:
             return log_probs
-        rec = AttentionRecord(
+        rec = AttentionMaps(
             [s.probs for s in enc_stats], [s.entropy for s in enc_stats],
             [s.probs for s in self_stats], [s.entropy for s in self_stats],
             [s.probs for s in cross_stats], [s.entropy for s in cross_stats])
         return log_probs, rec
 
-    def teacher_force(self, memory: Memory, tokens: torch.Tensor, *, record: bool = False,
+    def teacher_force(self, memory: Memory, tokens: torch.Tensor, *, return_attention: bool = False,
                       positions: Optional[torch.Tensor] = None, backend: Optional[str] = None
-                      ) -> Union[torch.Tensor, tuple[torch.Tensor, AttentionRecord]]:
+                      ) -> Union[torch.Tensor, tuple[torch.Tensor, AttentionMaps]]:
         """Teacher forcing over a given :class:`Memory`: ``tokens [R, T]`` input ids (starting
         with <bos>, right-padded as in :meth:`forward`), row r decoded against memory row r ->
         ``log_probs [R, T, V]``, row t the distribution of token t + 1.
@@ -329,7 +329,7 @@ class ObjectRelationTransformer(nn.Module):
         ``memory`` of another model, or ``tokens`` that are not integer ids in ``[0, vocab_size)``
         with as many rows as ``memory``, or padded on the left.
 
-        ``record=True`` returns ``(log_probs, AttentionRecord)`` whose ``decoder_probs[l]``
+        ``return_attention=True`` returns ``(log_probs, AttentionMaps)`` whose ``decoder_probs[l]``
         ``[R, H, T, T]``, ``decoder_entropy[l]`` ``[R, H, T]``, ``cross_probs[l]`` ``[R, H, T, N]``
         and ``cross_entropy[l]`` ``[R, H, T]`` hold each decoder layer's attention (its encoder
         lists stay empty: see :meth:`encode`).
@@ -337,7 +337,7 @@ class ObjectRelationTransformer(nn.Module):
         ``positions``: optional bool ``[R, T]`` (True = wanted, e.g. the positions in a loss):
         returns only those rows of the log-probabilities, packed ``[M, V]`` in row-major order
         (``log_probs[positions]``): the output layer and its softmax run only there, and (without
-        ``record``) the decoder layers only at each row's positions up to its last wanted one
+        ``return_attention``) the decoder layers only at each row's positions up to its last wanted one
         (:class:`~geocap.model.decoder.Packing`); on right-padded captions what this skips is <pad>.
         """
         self._check_memory(memory)
@@ -350,11 +350,11 @@ class ObjectRelationTransformer(nn.Module):
             raise ValueError(f"positions must be a bool tensor shaped like tokens {tuple(tokens.shape)} on "
                              f"{tokens.device}, got {getattr(positions, 'dtype', type(positions).__name__)} "
                              f"{tuple(getattr(positions, 'shape', ()))}")
-        log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, self._backend(backend), record,
+        log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, self._backend(backend), return_attention,
                                                              positions)
-        if not record:
+        if not return_attention:
             return log_probs
-        return log_probs, AttentionRecord(
+        return log_probs, AttentionMaps(
             decoder_probs=[s.probs for s in self_stats], decoder_entropy=[s.entropy for s in self_stats],
             cross_probs=[s.probs for s in cross_stats], cross_entropy=[s.entropy for s in cross_stats])
 

@@ -6,7 +6,7 @@ from the network):
 - ``index.html``, ``image.html`` and ``static/`` (the scripts and styles, copied from
   ``geocap/view/static``);
 - ``data/manifest.js``: totals, the index pages' id ranges, the word-bucket count, label and
-  report information, the colour of each attention kind (:mod:`geocap.view.colours`);
+  report information, the colour of each attention kind (``geocap.analysis.plotting.ATTENTION_COLOURS``, as the report draws them);
 - ``data/index/pNNNNN.js``: one index page (``page_size`` images, sorted by id): per image its
   id, object count, captions and whether an image file is known;
 - ``data/words/bNNNN.js``: one bucket of the word index, ``{word: delta-encoded sorted image ids}``;
@@ -38,7 +38,7 @@ from pathlib import Path
 from geocap.data.atomic import write_text_atomic
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
-from geocap.view.colours import ATTENTION_COLOURS
+from geocap.analysis.plotting import ATTENTION_COLOURS
 from geocap.view.encode import caption_text, encode_record, kind_order, label_names_from, word_bucket, words_of
 
 STATIC_DIR = Path(__file__).with_name("static")

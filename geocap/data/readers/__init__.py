@@ -1,6 +1,6 @@
 """Readers for the caption and feature files captioning research already has.
 
-Captions (whole file -> :class:`~geocap.data.records.CaptionSet`):
+Captions (whole file -> :class:`~geocap.data.items.CaptionSet`):
 
 - :func:`read_coco_captions` — COCO caption annotations, through pycocotools.
 - :func:`read_karpathy` — Karpathy's ``dataset_coco.json`` (tokens and splits; restval = train).
@@ -8,7 +8,7 @@ Captions (whole file -> :class:`~geocap.data.records.CaptionSet`):
   (decoded captions and the vocabulary).
 - :func:`read_image_sizes` — {image_id: (width, height)} for readers of pixel boxes.
 
-Features (lazy :class:`FeatureStream` of :class:`~geocap.data.records.ImageFeatures`):
+Features (lazy :class:`FeatureStream` of :class:`~geocap.data.items.ImageFeatures`):
 
 - :func:`read_bottom_up_tsv` — bottom-up-attention TSV, 36 or 10-100 boxes, streamed by line.
 - :func:`read_npz_dir` — ORT / self-critical ``<id>.npz`` features + ``<id>.npy`` boxes.
@@ -16,7 +16,7 @@ Features (lazy :class:`FeatureStream` of :class:`~geocap.data.records.ImageFeatu
 
 Every feature reader keeps the boxes in the file's order (never sorted by area), normalises
 them to [0, 1], clips boxes reaching outside the image (counted in ``ReadStats.clipped_boxes``)
-and raises :class:`~geocap.data.records.DataError` naming the file and image id for bad input
+and raises :class:`~geocap.data.items.DataError` naming the file and image id for bad input
 — or, with ``on_error="skip"``, counts it in ``ReadStats`` and goes on.
 """
 from ._common import FeatureStream, ReadStats

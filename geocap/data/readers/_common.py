@@ -1,7 +1,7 @@
 """What every feature reader shares: the stats object, the stream it fills, error handling, and
 the one place where a detector's raw output becomes an :class:`ImageFeatures`.
 
-Conventions (see ``geocap/data/records.py``): features float32 ``[N, D]``; boxes float32
+Conventions (see ``geocap/data/items.py``): features float32 ``[N, D]``; boxes float32
 ``[N, 4]`` (x1, y1, x2, y2) normalised to [0, 1] by the image width and height, in the order of
 the source file. The readers never re-sort boxes (some loaders sort them by area; we do not).
 """
@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from ..records import DataError, ImageFeatures
+from ..items import DataError, ImageFeatures
 
 ON_ERROR = ("raise", "skip")
 

@@ -10,7 +10,7 @@ import io
 
 from pycocotools.coco import COCO
 
-from ..records import Caption, CaptionSet, DataError
+from ..items import Caption, CaptionSet, DataError
 from ._common import int_field, load_json
 
 

@@ -5,7 +5,7 @@ restval (restval is the rest of COCO val2014, used for training).
 """
 from __future__ import annotations
 
-from ..records import Caption, CaptionSet, DataError
+from ..items import Caption, CaptionSet, DataError
 from ._common import int_field, load_json
 
 SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}

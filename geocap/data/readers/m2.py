@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Mapping, Optional
 import h5py
 
 from ..hdf5_errors import named_hdf5_errors
-from ..records import DataError, ImageFeatures
+from ..items import DataError, ImageFeatures
 from ._common import (FeatureStream, ReadStats, check_on_error, handle, make_image,
                       requested_ids, size_of)
 

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Optional
 import h5py
 import numpy as np
 
-from ..records import Caption, CaptionSet, DataError, ImageFeatures
+from ..items import Caption, CaptionSet, DataError, ImageFeatures
 from ._common import (FeatureStream, ReadStats, check_on_error, handle, int_field, load_json,
                       make_image, requested_ids, size_of)
 from .karpathy import split_name

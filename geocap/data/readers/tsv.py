@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from ..records import DataError, ImageFeatures
+from ..items import DataError, ImageFeatures
 from ._common import FeatureStream, ReadStats, check_on_error, handle, make_image, requested_ids
 
 FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")

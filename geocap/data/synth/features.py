@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..records import ImageFeatures
+from ..items import ImageFeatures
 from .world import CATEGORIES, CLUSTER_OF, CLUSTERS
 
 SIMILARITY = {"same category": 0.60, "same cluster": 0.50, "different clusters": 0.31}

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..atomic import write_text_atomic
-from ..records import Caption, CaptionSet
+from ..items import Caption, CaptionSet
 from .captions import CAPTIONS_PER_IMAGE, RELATION_PHRASES, SynthCaption, sample_captions
 from .features import DEFAULT_FEATURE_DIM, check_feature_dim, feature_model, iter_features, similarity_by_pair_type
 from ..relations import RELATIONS, relation_matrix, relation_thresholds

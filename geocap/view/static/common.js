@@ -56,7 +56,7 @@ const Geocap = (function () {
     return -1;
   }
 
-  /** The colour of each attention kind (the report's, from the manifest: geocap/view/colours.py),
+  /** The colour of each attention kind (the report's, from the manifest: ATTENTION_COLOURS in analysis/plotting.py),
    * also set as the CSS variables --colour-<kind> the stylesheet uses. */
   const colours = {};
   function setColours(manifest) {

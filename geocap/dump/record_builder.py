@@ -2,7 +2,7 @@
 
 One pass per batch: the encoder runs once per image (its self-attention maps are the image's,
 shared by all its records), the decoder teacher-forces every caption row of the batch against
-its image's memory (the model's public ``encode`` / ``teacher_force``), both with ``record=True``
+its image's memory (the model's public ``encode`` / ``teacher_force``), both with ``return_attention=True``
 so the fused kernels return the attention weights and per-row entropies. Maps are cast to float16
 on the model's device before they are copied to the host.
 
@@ -39,7 +39,7 @@ class CaptionRow:
 
 
 def _stack(layers, dtype) -> Optional[np.ndarray]:
-    """``[B, L, H, ...]`` numpy from a model ``AttentionRecord``'s per-layer list (``[B, H, ...]`` each)."""
+    """``[B, L, H, ...]`` numpy from a model ``AttentionMaps``'s per-layer list (``[B, H, ...]`` each)."""
     if not layers or layers[0] is None:
         return None
     return torch.stack(list(layers), 1).to(dtype).cpu().numpy()
@@ -50,7 +50,7 @@ def encode_batch(model, features: torch.Tensor, boxes: torch.Tensor, mask: torch
     (float16 numpy) and entropies ``[B, L, H, N]`` (float32 numpy); else (memory, None, None)."""
     if not record_encoder:
         return model.encode(features, boxes, mask), None, None
-    memory, rec = model.encode(features, boxes, mask, record=True)
+    memory, rec = model.encode(features, boxes, mask, return_attention=True)
     return memory, _stack(rec.encoder_probs, torch.float16), _stack(rec.encoder_entropy, torch.float32)
 
 
@@ -94,7 +94,7 @@ def record_batch(model, features: torch.Tensor, boxes: torch.Tensor, mask: torch
             for i, r in enumerate(rows):
                 inputs[i, 1:len(r.ids)] = torch.tensor(r.ids[:-1], dtype=torch.long)
             index = torch.tensor([r.image for r in rows], dtype=torch.long, device=memory.states.device)
-            _, rec = model.teacher_force(memory.index_select(index), inputs.to(index.device), record=True)
+            _, rec = model.teacher_force(memory.index_select(index), inputs.to(index.device), return_attention=True)
             if "decoder_self" in names:
                 dec["decoder_self"] = (_stack(rec.decoder_probs, torch.float16),
                                        _stack(rec.decoder_entropy, torch.float32))
