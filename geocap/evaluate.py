@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from geocap.distributed import resolve_device
+
 if TYPE_CHECKING:
     from geocap.metrics.relations import RelationAccuracy
 
@@ -96,15 +98,6 @@ def _positive_int(name: str, value, *, zero_ok: bool = False) -> int:
         kind = "a non-negative" if zero_ok else "a positive"
         raise ValueError(f"{name} must be {kind} int, got {value!r}")
     return value
-
-
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device: not a torch device ({device!r}: {err})") from None
 
 
 def _first_difference(a: list, b: list) -> str:
@@ -179,7 +172,7 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     out_dir = Path(os.path.dirname(checkpoint) if out_dir is None else os.fspath(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out: {out_dir} exists and is not a directory")
-    device = _resolve_device(device)
+    device = resolve_device(device)
 
     # -- model and data ----------------------------------------------------------------------
     sha256 = file_sha256(checkpoint)       # of the bytes that are then loaded
