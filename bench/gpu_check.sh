@@ -8,25 +8,28 @@
 # Every stage runs under `timeout` (SIGINT first, so pytest still writes its JSON / junit files,
 # then SIGKILL) and the whole script stays inside GPU_CHECK_DEADLINE_S (default 420 s, well inside 8 min).
 #
-# Files left in $OUT (flat, at most 5, within the device tool's 8):
+# Files left in $OUT (flat, at most 6, within the device tool's 8):
 #   gpu_check.log                     everything printed below
 #   bench_entropy_summary.json        bench/conftest.py comparison (written after every benchmark)
 #   bench_captioner_summary.json      likewise, bench/test_bench_captioner.py
-#   bench_attention_summary.json      likewise, bench/test_bench_attention.py
+#   bench_attention_summary.json      likewise, bench/test_bench_attention.py (eager, sdpa_bias, geocap)
+#   bench_flex_summary.json           likewise, compiled FlexAttention beside eager and geocap (N = 36, fwd)
 #   raw_records.tar.gz                at the end: junit_tests.xml (pytest tests, stops after 25
 #                                     failures), junit_bench_sanity.xml, and the pytest-benchmark
-#                                     records bench_{entropy,captioner,attention}.json
+#                                     records bench_{entropy,captioner,attention,flex}.json
 #
 # Exit status: 3 if geocap cannot be imported (nothing else runs), 1 if the test suite failed (or
 # timed out), else 2 if a bench stage failed, else 0.
 # The benchmarks run even when the tests failed.
 #
-# Knobs (environment): GPU_CHECK_DEADLINE_S (420), GPU_CHECK_TESTS_S (190), GPU_CHECK_TEST_WORKERS (8
-# pytest-xdist workers when xdist is importable; 0 runs the suite in one process), GPU_CHECK_SANITY_S (45),
-# GPU_CHECK_ENTROPY_S (45), GPU_CHECK_ATTENTION_S (rest of the deadline); GPU_CHECK_DRY_RUN=1 skips the
-# test suite and restricts the attention sweep to N=36 (for trying the script on a CPU machine);
-# GEOCAP_BENCH_N / GEOCAP_BENCH_DTYPES / GEOCAP_BENCH_VARIANTS / GEOCAP_BENCH_PASSES pass through to
-# bench/test_bench_attention.py.
+# Knobs (environment): GPU_CHECK_DEADLINE_S (420), GPU_CHECK_TESTS_S (210), GPU_CHECK_TEST_WORKERS
+# (pytest-xdist workers when xdist is importable, default nproc - 1; 0 runs the suite in one process),
+# GPU_CHECK_SANITY_S (45), GPU_CHECK_ENTROPY_S (45), GPU_CHECK_CAPTIONER_S (60),
+# GPU_CHECK_ATTENTION_RESERVE_S (120, kept for the attention sweep while earlier stages run),
+# GPU_CHECK_ATTENTION_S (rest of the deadline less GPU_CHECK_FLEX_S), GPU_CHECK_FLEX_S (60);
+# GPU_CHECK_DRY_RUN=1 skips the test suite and restricts the attention sweep to N=36 (for trying the
+# script on a CPU machine); GEOCAP_BENCH_N / GEOCAP_BENCH_DTYPES / GEOCAP_BENCH_VARIANTS (default here
+# eager,sdpa_bias,geocap) / GEOCAP_BENCH_PASSES pass through to bench/test_bench_attention.py.
 set -u -o pipefail
 
 OUT_ARG=${1:-}
@@ -147,10 +150,11 @@ EOF
         # pytest-xdist, where installed, spreads the files over worker processes: the suite's time is
         # mostly Triton compilation and CPU-side tests, and the GPU machine has the cores for it
         local parallel=()
-        if "$PY" -c "import xdist" 2>/dev/null && [[ "${GPU_CHECK_TEST_WORKERS:-8}" != 0 ]]; then
-            parallel=(-n "${GPU_CHECK_TEST_WORKERS:-8}" --dist loadfile)
+        local workers=${GPU_CHECK_TEST_WORKERS:-$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))}
+        if "$PY" -c "import xdist" 2>/dev/null && [[ "$workers" != 0 ]]; then
+            parallel=(-n "$workers" --dist loadfile)
         fi
-        run_stage tests "$(stage_limit "${GPU_CHECK_TESTS_S:-190}" $(( sanity_s + entropy_s + captioner_s + attention_reserve )))" \
+        run_stage tests "$(stage_limit "${GPU_CHECK_TESTS_S:-210}" $(( sanity_s + entropy_s + captioner_s + attention_reserve )))" \
             "$PY" -m pytest tests -q -rfE --maxfail=25 -p no:cacheprovider "${parallel[@]}" --tb=short --junitxml="$OUT/junit_tests.xml"
     fi
 
@@ -182,10 +186,21 @@ EOF
 
     local n_default="${GEOCAP_BENCH_N:-}"
     [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 && -z "$n_default" ]] && n_default=36
-    GEOCAP_BENCH_N="$n_default" GEOCAP_BENCH_SUMMARY="$OUT/bench_attention_summary.json" \
-    run_stage bench_attention "$(stage_limit "${GPU_CHECK_ATTENTION_S:-$DEADLINE_S}" 0)" \
+    # flex is left to its own last stage: on the H200 (torch 2.11) its first compiled forward had not
+    # finished after 165 s, which cost the rest of the sweep (RESULTS.md, 2026-12-04)
+    local flex_s=${GPU_CHECK_FLEX_S:-60}
+    GEOCAP_BENCH_N="$n_default" GEOCAP_BENCH_VARIANTS="${GEOCAP_BENCH_VARIANTS:-eager,sdpa_bias,geocap}" \
+    GEOCAP_BENCH_SUMMARY="$OUT/bench_attention_summary.json" \
+    run_stage bench_attention "$(stage_limit "${GPU_CHECK_ATTENTION_S:-$DEADLINE_S}" "$flex_s")" \
         "$PY" -m pytest bench/test_bench_attention.py --benchmark-only -q -p no:cacheprovider \
         --benchmark-json="$OUT/bench_attention.json" --benchmark-columns=min,median,mean,stddev,rounds,iterations
+
+    # flex beside eager and geocap, forward at N = 36 only, in whatever time is left
+    GEOCAP_BENCH_N=36 GEOCAP_BENCH_PASSES=fwd GEOCAP_BENCH_VARIANTS=eager,geocap,flex \
+    GEOCAP_BENCH_SUMMARY="$OUT/bench_flex_summary.json" \
+    run_stage bench_flex "$(stage_limit "$flex_s" 0)" \
+        "$PY" -m pytest bench/test_bench_attention.py --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$OUT/bench_flex.json"
 
     # --- verdict -----------------------------------------------------------------------------
     echo
@@ -197,7 +212,7 @@ EOF
     if [[ "${RC[tests]}" != 0 && "${RC[tests]}" != skipped ]]; then
         status=1
     else
-        for name in bench_sanity bench_entropy bench_captioner bench_attention; do
+        for name in bench_sanity bench_entropy bench_captioner bench_attention bench_flex; do
             case "${RC[$name]:-absent}" in 0|absent) ;; *) status=2 ;; esac
         done
     fi
