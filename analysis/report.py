@@ -10,6 +10,7 @@ undefined number can only appear as null next to its reason in the section's ``u
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 
@@ -133,12 +134,14 @@ def _report_markdown(results: dict, records: int, size: dict, viewer_href: str |
     return "\n".join(lines)
 
 
-def _report_html(markdown_text: str) -> str:
-    """``report.md`` rendered to one self-contained HTML page (tables, images by relative path)."""
+def _report_html(markdown_text: str, title: str = "Attention analyses") -> str:
+    """``report.md`` (or any report's markdown) rendered to one self-contained HTML page titled
+    ``title`` (tables, images by relative path)."""
     import markdown
 
     body = markdown.markdown(markdown_text, extensions=["tables"], output_format="html")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>Attention analyses</title>\n"
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
             "img{max-width:100%}table{border-collapse:collapse;margin:0.5em 0}"
             "th,td{border:1px solid #ccc;padding:2px 8px;text-align:right}</style>\n</head>\n<body>\n"
