@@ -80,10 +80,12 @@ def test_relation_counts_per_image_sum_to_evaluate_s(synth):
 
 # -- bootstrap -----------------------------------------------------------------------------------------
 
-def planted_stats(n=60, seeds=2, seed=0, good=True):
-    """Per seed: captions equal to a reference (good) or random words (not good)."""
+def planted_stats(n=60, seeds=2, seed=0, good=True, caption_seed=None):
+    """Per seed: captions equal to a reference (good) or random words (not good); references from
+    ``seed``, captions from ``caption_seed`` (default: the same stream)."""
     rng = random.Random(seed)
     refs = {i: [random_caption(rng) for _ in range(5)] for i in range(1, n + 1)}
+    rng = rng if caption_seed is None else random.Random(caption_seed)
     out = []
     for _ in range(seeds):
         caps = {i: refs[i][rng.randrange(5)] if good else random_caption(rng) for i in refs}
@@ -106,6 +108,18 @@ def test_bootstrap_is_deterministic_and_pairs_variants():
     assert mean == pytest.approx(np.mean([metric_values(s)["cider_d"][0] for s in good]))
     lo, hi = a["variants"]["ort"]["ci95"]["cider_d"]
     assert lo < mean < hi
+
+
+def test_models_both_perfect_do_not_differ():
+    """Two variants each captioning with one of the references: BLEU-4, ROUGE-L and relation accuracy
+    are 1 for both (up to BLEU's float guards), so no difference excludes 0."""
+    rng = random.Random(0)
+    refs = {i: [random_caption(rng) for _ in range(5)] for i in range(1, 61)}
+    shortest = image_statistics(refs, {i: min(r, key=len) for i, r in refs.items()})
+    longest = image_statistics(refs, {i: max(r, key=len) for i, r in refs.items()})
+    got = bootstrap({"ort": [shortest], "none": [longest]}, n_boot=200, seed=0, pairs=[("ort", "none")])
+    bleu = next(c for c in got["comparisons"] if c["metric"] == "bleu_4")
+    assert abs(bleu["difference"]) < 1e-8 and not bleu["excludes_zero"], bleu
 
 
 def test_intervals_shrink_with_more_images():

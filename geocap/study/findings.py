@@ -40,14 +40,14 @@ from __future__ import annotations
 import math
 from typing import Mapping, Optional, Sequence
 
-from .stats import RELATION_GROUPS, combine_seeds
+from .stats import RELATION_GROUPS, combine_seeds, excludes_zero
 
 __all__ = ["ENTROPY_KINDS", "VERDICTS", "attention_findings", "attention_summary", "by_layer", "feature_cosine_finding",
            "geometry_findings", "verdict"]
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
 ENTROPY_KINDS = ("encoder_self", "decoder_self", "cross")
-SEED = "Herdade-style ORT analysed in the seed study (../shared/seed), COCO"
+SEED = "the seed study, ORT on COCO"
 
 
 # -- reading analysis.json -------------------------------------------------------------------------
@@ -94,13 +94,9 @@ def attention_summary(analysis: Mapping) -> dict:
 # -- the verdict rule --------------------------------------------------------------------------------
 
 def _effect_state(ci: Optional[Sequence], sign: int) -> str:
-    if ci is None:
+    if not excludes_zero(ci):
         return "inconclusive"
-    if (ci[0] > 0 and sign > 0) or (ci[1] < 0 and sign < 0):
-        return "holds"
-    if ci[0] > 0 or ci[1] < 0:
-        return "contradicts"
-    return "inconclusive"
+    return "holds" if (ci[0] > 0) == (sign > 0) else "contradicts"
 
 
 def verdict(effects: Sequence[Mapping]) -> str:

@@ -55,13 +55,16 @@ import numpy as np
 
 from geocap.data.relations import RELATIONS
 
-__all__ = ["METRICS", "RELATION_GROUPS", "ImageStats", "bleu4", "bootstrap", "combine_seeds", "image_statistics",
-           "metric_names", "metric_values", "tokenizer_for"]
+__all__ = ["METRICS", "RELATION_GROUPS", "ZERO_TOLERANCE", "ImageStats", "bleu4", "bootstrap", "combine_seeds",
+           "excludes_zero", "image_statistics", "metric_names", "metric_values", "tokenizer_for"]
 
 METRICS = ("cider_d", "bleu_4", "rouge_l", "relation_accuracy")
 #: relations whose directions ORT's |dx|, |dy| embedding cannot tell apart, pooled
 RELATION_GROUPS = {"left/right": ("left of", "right of"), "above/below": ("above", "below")}
 MAX_UNDEFINED = 0.05      # share of undefined replicates beyond which no interval is given
+#: an interval bound within this of 0 does not exclude 0: two models whose captions all equal a reference differ
+#: through BLEU's guards only (tiny = 1e-15, small = 1e-9 bias it by up to ~1e-9), never really
+ZERO_TOLERANCE = 1e-8
 _Z95 = 1.959963984540054
 
 
@@ -205,6 +208,11 @@ def _interval(replicates: np.ndarray) -> tuple[Optional[list], int]:
     return [float(lo), float(hi)], undefined
 
 
+def excludes_zero(ci: Optional[Sequence]) -> bool:
+    """Whether the interval ``ci`` ([lo, hi] or None) lies beyond 0, by more than :data:`ZERO_TOLERANCE`."""
+    return ci is not None and (ci[0] > ZERO_TOLERANCE or ci[1] < -ZERO_TOLERANCE)
+
+
 def _counts(rng: np.random.Generator, n_boot: int, size: int) -> np.ndarray:
     """``[n_boot, size]`` multiplicities of ``size`` draws with replacement from ``size`` items."""
     draws = rng.integers(0, size, size=(n_boot, size)) + size * np.arange(n_boot)[:, None]
@@ -259,7 +267,7 @@ def bootstrap(per_variant: Mapping[str, Sequence[ImageStats]], *, n_boot: int = 
             diff = _finite_or_none(point[a][m] - point[b][m])
             ci, undefined = _interval(reps[a][m] - reps[b][m]) if diff is not None else (None, n_boot)
             comparisons.append({"a": a, "b": b, "metric": m, "difference": diff, "ci95": ci,
-                                "excludes_zero": ci is not None and (ci[0] > 0 or ci[1] < 0),
+                                "excludes_zero": excludes_zero(ci),
                                 "undefined_replicates": undefined})
     return {"variants": variants, "comparisons": comparisons}
 
