@@ -373,3 +373,20 @@ def test_report_holds_every_number_of_the_tables(study, tmp_path):
             if "estimate" in m:
                 assert f"{format_number(m['estimate'])} {format_interval(m['ci95'])}" in text
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_one_seed_one_variant_without_ground_truth(synth, analyses, tmp_path):
+    """The smallest study still summarises: relation accuracy undefined (None, never NaN), intervals
+    from image sampling only, the report says so, and the geometry findings are inconclusive."""
+    r = study_results(synth, analyses, seeds=(0,))[0]
+    r.ground_truth = None
+    got = summarize([r], n_boot=100)
+    entry = got["variants"]["ort"]
+    assert entry["mean"]["relation_accuracy"] is None and entry["ci95"]["relation_accuracy"] is None
+    assert entry["seeds"][0]["relations"]["left of"] == {"accuracy": None, "uses": 0, "correct": 0}
+    assert got["comparisons"] == []
+    geometry = [f for f in got["findings"] if f["name"].startswith(("geometry", "directional"))]
+    assert len(geometry) == 4 and all(f["verdict"] == "inconclusive" for f in geometry)
+    json.dumps(got, allow_nan=False)
+    write_report(got, tmp_path)
+    assert "One seed only" in (tmp_path / "study.md").read_text()
