@@ -1,4 +1,5 @@
-"""Geometry-biased attention (ORT), four implementations side by side: forward and forward+backward.
+"""Geometry-biased attention (ORT), four implementations side by side, and geocap's signed box
+embedding beside its ORT one: forward and forward+backward.
 
 Variants (every timed function computes the geometry from the boxes itself; nothing is cached
 between calls):
@@ -17,6 +18,8 @@ between calls):
                ``log(clamp(relu(x), 1e-6))``, padded keys -inf. CUDA only (see the skip reason).
 ``geocap``     ``geocap.kernels.geo_attention(..., backend="auto")``: the Triton kernel on CUDA,
                the blocked PyTorch path on CPU.
+``geocap_signed``  the same with ``embedding="signed"`` (asinh of the signed centre offsets in
+               place of ORT's log of their absolute value): what the direction-aware embedding costs.
 
 fwd+bwd times the forward plus ``torch.autograd.grad`` of the output (a fixed random upstream
 gradient) with respect to q, k, v, W_g and b_g, for every variant.
@@ -81,7 +84,7 @@ except ImportError:  # pragma: no cover - imported as a package
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 H, D = 8, 64
-VARIANTS = ("eager", "sdpa_bias", "flex", "geocap")
+VARIANTS = ("eager", "sdpa_bias", "flex", "geocap", "geocap_signed")
 PASSES = ("fwd", "fwd+bwd")
 SIZES = (36, 100, 512, 2048)
 BATCH = {36: 64, 100: 32, 512: 4, 2048: 4} if CUDA else {36: 8, 100: 2, 512: 1, 2048: 1}
@@ -163,6 +166,11 @@ def run_geocap(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
     return geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, backend="auto").out
 
 
+def run_geocap_signed(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
+    return geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, backend="auto",
+                         embedding="signed").out
+
+
 FREQS = tuple(WAVE_LEN ** (-kk / (DIM_G // 8)) for kk in range(DIM_G // 8))
 
 
@@ -242,7 +250,8 @@ def run_flex(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
                                    attention=compiled_flex_attention())
 
 
-RUNNERS = {"eager": run_eager, "sdpa_bias": run_sdpa_bias, "flex": run_flex, "geocap": run_geocap}
+RUNNERS = {"eager": run_eager, "sdpa_bias": run_sdpa_bias, "flex": run_flex, "geocap": run_geocap,
+           "geocap_signed": run_geocap_signed}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +383,8 @@ def test_attention(benchmark, variant, pass_, n, dtype_name):
         device_name=torch.cuda.get_device_name() if CUDA else "cpu",
         torch=torch.__version__, threads=torch.get_num_threads(), rounds=rounds, iterations=iterations,
         grad_inputs=",".join(grad_names),
-        backend=("triton" if CUDA else "torch") if variant == "geocap" else variant)
+        backend=("triton" if CUDA else "torch") if variant.startswith("geocap") else variant,
+        embedding="signed" if variant == "geocap_signed" else "ort")
     if note:
         benchmark.extra_info["note"] = note
     load_before = _loadavg()
@@ -424,7 +434,12 @@ def test_variants_agree(n):
                 "flex_uncompiled": flex_geometry_attention(**inp)}
         if CUDA or shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++"):
             outs["flex"] = run_flex(**inp)
+        signed_ref = reference_attention(*(inp[k].double() for k in names), inp["key_padding_mask"],
+                                         embedding="signed")[0]
+        signed = run_geocap_signed(**inp)
     # float32 inputs: the geometry's float32 sin/cos arguments (up to ~700 rad) limit agreement to ~1e-3
     tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for name, out in outs.items():
         torch.testing.assert_close(out.double(), ref, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(signed.double(), signed_ref, **tol, msg=lambda m: f"geocap_signed: {m}")
+    assert (signed_ref - ref).abs().max() > 10 * tol["atol"]          # another embedding, not ORT's again

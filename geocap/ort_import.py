@@ -306,6 +306,7 @@ def ort_config(opt: dict, vocab_size: int, path: str = "infos.pkl", *, max_len: 
             d_ff=_opt_value(opt, "rnn_size", "int", path),
             dropout=ORT_DROPOUT if dropout is None else dropout,
             geometry=True,
+            embedding="ort",  # ORT's own box embedding (|offset| between centres), whatever the default
             legacy_extra_skip=bool(_opt_value(opt, "legacy_extra_skip", "bool", path, False, required=False)
                                    if legacy_extra_skip is None else legacy_extra_skip),
             max_len=max_len, pad_id=0, bos_id=0, eos_id=0)

@@ -19,8 +19,8 @@ import torch
 
 from ._backend import resolve_backend
 from .geometry import zero_padded_boxes
-from .validation import (KERNEL_DTYPES, check_boxes, check_geometry_weights, check_key_padding_mask, check_qkv,
-                         require_dtype, require_same_device)
+from .validation import (KERNEL_DTYPES, check_boxes, check_embedding, check_geometry_weights, check_key_padding_mask,
+                         check_qkv, require_dtype, require_same_device)
 
 
 class AttentionResult(NamedTuple):
@@ -40,7 +40,7 @@ def _same_device(**tensors) -> torch.device:
 
 
 def _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, causal, dropout_p,
-         return_entropy, return_probs) -> AttentionResult:
+         return_entropy, return_probs, embedding="ort") -> AttentionResult:
     chosen = resolve_backend(backend, device)
     if chosen == "triton":
         require_dtype("q", q, KERNEL_DTYPES)
@@ -51,18 +51,22 @@ def _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, 
         fn = torch_attention
     out, entropy, probs = fn(q, k, v, boxes=boxes, wg_weight=wg_weight, wg_bias=wg_bias,
                              key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p,
-                             return_entropy=return_entropy, return_probs=return_probs)
+                             return_entropy=return_entropy, return_probs=return_probs, embedding=embedding)
     return AttentionResult(out, entropy, probs)
 
 
 def geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask=None, *, dropout_p=0.0,
-                  return_entropy=False, return_probs=False, backend="auto") -> AttentionResult:
+                  return_entropy=False, return_probs=False, backend="auto", embedding="ort") -> AttentionResult:
     """ORT attention: ``softmax(QK^T / sqrt(d) [padded keys -1e9] + log(clamp(relu(E W_g^T + b_g), 1e-6))) V``.
 
     The geometry is computed from ``boxes`` inside the op (float32; never an ``[N, N, 64]``
     tensor). Gradients flow to q, k, v, wg_weight and wg_bias; boxes take none. ``dropout_p``
     drops attention weights (keep-scaled), as ORT does in training; pass 0 in evaluation.
+    ``embedding`` picks the box embedding E: ``"ort"`` (ORT's, which sees only |offset| between
+    centres) or ``"signed"`` (the signed centre offsets, so a layout and its mirror image differ);
+    kernels/geometry.py defines both.
     """
+    check_embedding(embedding)
     check_qkv(q, k, v, same_length=True)
     batch, heads, n, _ = q.shape
     check_key_padding_mask(key_padding_mask, batch, n)
@@ -72,7 +76,7 @@ def geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask=None, *, 
     check_boxes(boxes, batch, n, key_padding_mask)
     boxes = zero_padded_boxes(boxes, key_padding_mask)
     return _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, False, _check_dropout(dropout_p),
-                return_entropy, return_probs)
+                return_entropy, return_probs, embedding)
 
 
 def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, return_entropy=False,

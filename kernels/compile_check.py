@@ -34,9 +34,10 @@ def _signature(fn, pointers: dict, floats: set, const: dict):
 
 
 def compile_variant(kind: str, dtype: str, head_dim: int, geo: bool, mask: bool, causal: bool, dropout: bool,
-                    arch: int = 90, blocks=None, probs: bool = False):
+                    arch: int = 90, blocks=None, probs: bool = False, signed: bool = False):
     """Compile one variant; returns a dict with its name, registers and spills (from ptxas -v).
-    ``blocks`` = (BM, BN, num_warps) overrides the launch heuristic (for tuning)."""
+    ``blocks`` = (BM, BN, num_warps) overrides the launch heuristic (for tuning); ``signed`` the
+    signed box embedding (``embedding="signed"``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -47,7 +48,7 @@ def compile_variant(kind: str, dtype: str, head_dim: int, geo: bool, mask: bool,
     bm, bn, warps = blocks or ta.gpu_block_config(head_dim, backward=kind != "fwd", fp32=dtype == "float32")
     common = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BM=bm, BN=bn,
                   HAS_GEO=geo, HAS_MASK=mask, CAUSAL=causal, DROPOUT=dropout,
-                  DOT_PRECISION="ieee" if dtype == "float32" else "tf32", F32=False)
+                  DOT_PRECISION="ieee" if dtype == "float32" else "tf32", F32=False, SIGNED=signed)
     floats = {"sm_scale", "dropout_p"}
     if kind == "fwd":
         fn = ta._fwd_kernel
@@ -71,7 +72,7 @@ def compile_variant(kind: str, dtype: str, head_dim: int, geo: bool, mask: bool,
                               options={"num_warps": warps})
     name = f"{kind}/{dtype}/d{head_dim}" + "".join(
         f"/{flag}" for flag, on in (("geo", geo), ("mask", mask), ("causal", causal), ("dropout", dropout),
-                                     ("probs", probs)) if on)
+                                     ("probs", probs), ("signed", signed)) if on)
     info = {"variant": name, "BM": bm, "BN": bn, "num_warps": warps, "shared_bytes": compiled.metadata.shared}
     info.update(_ptxas_usage(compiled.asm["ptx"], arch))
     return info
@@ -105,6 +106,9 @@ def variants(quick: bool = False):
     for kind in ["fwd", "bwd_kv", "bwd_q"]:
         yield dict(kind=kind, dtype="float16", head_dim=64, geo=False, mask=True, causal=True, dropout=False)
     yield dict(kind="fwd", dtype="float16", head_dim=64, geo=True, mask=True, causal=False, dropout=False, probs=True)
+    for kind in ["fwd", "bwd_kv", "bwd_q"]:
+        yield dict(kind=kind, dtype="float16", head_dim=64, geo=True, mask=True, causal=False, dropout=not quick,
+                   signed=True)
 
 
 def main(argv=None) -> int:

@@ -3,10 +3,24 @@ PyTorch fallback and the Triton kernels' tests all rely on.
 
 Conventions (Herdade et al. 2019, the ORT code, exactly): boxes ``[B, N, 4]`` are
 (x1, y1, x2, y2) normalised to [0, 1]; cx = (x1 + x2) / 2, w = x2 - x1 + 1 (the +1 is ORT's,
-kept even on normalised boxes). For query box i and key box j::
+kept even on normalised boxes). For query box i and key box j, with ``embedding="ort"`` (the default, ORT exactly)::
 
     dx[i, j] = log(max(|cx_i - cx_j| / w_i, 1e-3))     dy likewise with cy, h_i
     dw[i, j] = log(w_i / w_j)                          dh likewise, no clamp
+
+ORT's dx and dy lose the sign of the offset, so a layout and its mirror image get the same
+bias ("left of" and "right of" look alike). ``embedding="signed"`` keeps everything else and
+replaces them by::
+
+    dx[i, j] = asinh((cx_i - cx_j) / (2e-3 w_i))       dy likewise with cy, h_i
+
+With u = (cx_i - cx_j) / w_i this is odd in u and smooth through 0 (d dx / du = 1 / sqrt(u^2 +
+(2e-3)^2) <= 500, where ORT's 1/|u| reaches 1000 at its clamp and drops to 0 below it), and for
+|u| >> 1e-3 it equals ``sign(u) (log|u| - log 1e-3)`` up to O((1e-3 / u)^2): ORT's dx shifted
+so that its clamp floor maps to 0, with the sign restored. For u > 0 its sinusoids are ORT's
+rotated by a fixed phase per frequency (which W_g can absorb), for u < 0 the sines change sign.
+Its range matches ORT's: |u| <= 1.02 for boxes within ``BOX_SLACK`` of [0, 1] (w_i >= 1), so
+|dx| <= asinh(510) = 6.93 against ORT's |log 1e-3| = 6.91, and 100 f dx stays within ~693.
 
 Each of the four is multiplied by 100 and by the frequencies ``wave_len ** (-k / (dim_g / 8))``
 for k = 0 .. dim_g/8 - 1; the embedding is ``[sin(dx f), sin(dy f), sin(dw f), sin(dh f),
@@ -28,7 +42,12 @@ DIM_G = 64
 WAVE_LEN = 1000.0
 SCALE = 100.0
 DX_CLAMP = 1e-3
+# embedding="signed": dx = asinh(u / SIGNED_OFFSET_SCALE); 2 x DX_CLAMP puts asinh's log branch
+# (asinh z ~ log 2z) exactly at ORT's log(|u| / DX_CLAMP)
+SIGNED_OFFSET_SCALE = 2 * DX_CLAMP
 BIAS_CLAMP = 1e-6
+# the box-relation embeddings geo_attention offers: ORT's (|offset|) and the signed one
+EMBEDDINGS = ("ort", "signed")
 
 
 def geometry_frequencies(dim_g: int = DIM_G, wave_len: float = WAVE_LEN, *, dtype=torch.float32, device=None):
@@ -51,26 +70,40 @@ def box_centers_sizes(boxes: torch.Tensor):
     return (x1 + x2) * 0.5, (y1 + y2) * 0.5, x2 - x1 + 1.0, y2 - y1 + 1.0
 
 
-def box_displacement(boxes: torch.Tensor) -> torch.Tensor:
+def center_offset(query_centers: torch.Tensor, query_sizes: torch.Tensor, key_centers: torch.Tensor,
+                  embedding: str = "ort") -> torch.Tensor:
+    """``[B, Nq, Nk]`` dx (or dy) for query centres and sizes ``[B, Nq]`` and key centres ``[B, Nk]``:
+    ORT's ``log(max(|c_i - c_j| / s_i, 1e-3))`` or the signed ``asinh((c_i - c_j) / s_i / 2e-3)``
+    (the module docstring gives both), in ORT's op order."""
+    u = (query_centers[:, :, None] - key_centers[:, None, :]) / query_sizes[:, :, None]
+    if embedding == "signed":
+        return torch.asinh(u / SIGNED_OFFSET_SCALE)
+    return torch.log(torch.clamp(torch.abs(u), min=DX_CLAMP))
+
+
+def box_displacement(boxes: torch.Tensor, embedding: str = "ort") -> torch.Tensor:
     """``[B, N, N, 4]`` = (dx, dy, dw, dh)[i, j] for query box i and key box j."""
     cx, cy, w, h = box_centers_sizes(boxes)
-    dx = torch.log(torch.clamp(torch.abs((cx[:, :, None] - cx[:, None, :]) / w[:, :, None]), min=DX_CLAMP))
-    dy = torch.log(torch.clamp(torch.abs((cy[:, :, None] - cy[:, None, :]) / h[:, :, None]), min=DX_CLAMP))
+    dx = center_offset(cx, w, cx, embedding)
+    dy = center_offset(cy, h, cy, embedding)
     dw = torch.log(w[:, :, None] / w[:, None, :])
     dh = torch.log(h[:, :, None] / h[:, None, :])
     return torch.stack([dx, dy, dw, dh], dim=-1)
 
 
-def box_relation_embedding(boxes: torch.Tensor, dim_g: int = DIM_G, wave_len: float = WAVE_LEN) -> torch.Tensor:
-    """``[B, N, N, dim_g]`` sinusoidal embedding of the box displacements (ORT's BoxRelationalEmbedding).
+def box_relation_embedding(boxes: torch.Tensor, dim_g: int = DIM_G, wave_len: float = WAVE_LEN, *,
+                           embedding: str = "ort") -> torch.Tensor:
+    """``[B, N, N, dim_g]`` sinusoidal embedding of the box displacements (ORT's BoxRelationalEmbedding
+    with ``embedding="ort"``, the signed dx/dy with ``"signed"``).
 
     Computed in ``boxes.dtype``; builds the full pairwise tensor, so it is meant for inspection
     and for the reference, not for large N (the attention paths never build it).
     """
-    from .validation import check_boxes
+    from .validation import check_boxes, check_embedding
 
     check_boxes(boxes)
-    disp = box_displacement(boxes)                                   # [B, N, N, 4]
+    check_embedding(embedding)
+    disp = box_displacement(boxes, embedding)                        # [B, N, N, 4]
     freq = geometry_frequencies(dim_g, wave_len, dtype=boxes.dtype, device=boxes.device)
     args = (SCALE * disp)[..., None] * freq                          # [B, N, N, 4, dim_g/8]
     args = args.flatten(-2)
@@ -93,10 +126,12 @@ class BoxFactors:
 
     Attributes (``B`` batch, ``N`` boxes, float32 or float64):
     ``cx, cy, w, h`` ``[B, N]``; ``sin_far, cos_far`` ``[B, N, 16]`` = sin/cos of
-    100 f_k log w (k = 0..7) then of 100 f_k log h, the separable dw/dh factors.
+    100 f_k log w (k = 0..7) then of 100 f_k log h, the separable dw/dh factors;
+    ``embedding`` the dx/dy form (``EMBEDDINGS``).
     """
 
-    def __init__(self, boxes: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, boxes: torch.Tensor, dtype: torch.dtype, embedding: str = "ort"):
+        self.embedding = embedding
         b = boxes.to(dtype)
         self.cx, self.cy, self.w, self.h = box_centers_sizes(b)
         freq = geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=b.device)
@@ -110,7 +145,7 @@ class BoxFactors:
         sub = object.__new__(BoxFactors)
         for name in ("cx", "cy", "w", "h", "sin_far", "cos_far"):
             setattr(sub, name, getattr(self, name)[:, start:stop])
-        sub.freq = self.freq
+        sub.freq, sub.embedding = self.freq, self.embedding
         return sub
 
 
@@ -125,8 +160,8 @@ def _near_features(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
     """``[B, 32, Nq, Nk]`` pairwise channels, channel-first: sin of 100 f_k dx (k = 0..7), sin of
     100 f_k dy, then cos of the same, so that the per-head logits are one ``[H, 32] @ [32, Nq Nk]``
     product per image (no permute of a pair-sized tensor)."""
-    dx = torch.log(torch.clamp(torch.abs(qf.cx[:, :, None] - kf.cx[:, None, :]) / qf.w[:, :, None], min=DX_CLAMP))
-    dy = torch.log(torch.clamp(torch.abs(qf.cy[:, :, None] - kf.cy[:, None, :]) / qf.h[:, :, None], min=DX_CLAMP))
+    dx = center_offset(qf.cx, qf.w, kf.cx, qf.embedding)
+    dy = center_offset(qf.cy, qf.h, kf.cy, qf.embedding)
     freq = qf.freq[None, :, None, None]                                                  # [1, 8, 1, 1]
     n_freq = freq.shape[1]
     # (100 d) f, rounded in the reference's order: the sinusoid of a large argument magnifies it
@@ -215,23 +250,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: torch.Tensor) -> torch.Tensor:
-    """``[B, H, N, N]`` = ``log(clamp(relu(box_relation_embedding(boxes) @ wg_weight.T + wg_bias), 1e-6))``.
+def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: torch.Tensor, *,
+                      embedding: str = "ort") -> torch.Tensor:
+    """``[B, H, N, N]`` = ``log(clamp(relu(box_relation_embedding(boxes, embedding=embedding) @ wg_weight.T
+    + wg_bias), 1e-6))``.
 
     Computed in float32 (float64 for float64 boxes) with the separable dw/dh channels, so the
     ``[B, N, N, 64]`` embedding is never built.
     """
-    from .validation import check_boxes, check_geometry_weights
+    from .validation import check_boxes, check_embedding, check_geometry_weights
 
     check_boxes(boxes)
     check_geometry_weights(wg_weight, wg_bias)
-    f = BoxFactors(boxes, compute_dtype(boxes.dtype))
+    check_embedding(embedding)
+    f = BoxFactors(boxes, compute_dtype(boxes.dtype), embedding)
     ct = f.cx.dtype
     return block_log_bias(f, f, wg_weight.to(ct), wg_bias.to(ct))
 
 
 __all__ = [
-    "DIM_G", "WAVE_LEN", "BoxFactors", "block_log_bias", "box_centers_sizes", "box_displacement", "box_relation_embedding",
-    "compute_dtype", "geometry_frequencies", "geometry_log_bias",
+    "DIM_G", "EMBEDDINGS", "WAVE_LEN", "BoxFactors", "block_log_bias", "box_centers_sizes", "box_displacement",
+    "box_relation_embedding", "center_offset", "compute_dtype", "geometry_frequencies", "geometry_log_bias",
     "log_geometry_bias_from_logits", "split_geometry_weights", "zero_padded_boxes",
 ]

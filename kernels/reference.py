@@ -34,22 +34,24 @@ def causal_keep(n_queries: int, n_keys: int, device=None, start: int = 0, stop: 
     return j <= i + (n_keys - n_queries)
 
 
-def eager_geometry_log_bias(boxes, wg_weight, wg_bias) -> torch.Tensor:
-    """``[B, H, N, N]`` the ORT way: full embedding, then the per-head linear; in float32
-    (float64 when any input is float64), never in autocast's dtype, as every geocap path."""
+def eager_geometry_log_bias(boxes, wg_weight, wg_bias, embedding="ort") -> torch.Tensor:
+    """``[B, H, N, N]`` the ORT way: full embedding (ORT's, or the signed one), then the per-head
+    linear; in float32 (float64 when any input is float64), never in autocast's dtype, as every
+    geocap path."""
     ct = compute_dtype(torch.promote_types(boxes.dtype, wg_weight.dtype))
     with torch.autocast(boxes.device.type, enabled=False):
-        emb = box_relation_embedding(boxes.to(ct))                          # [B, N, N, 64]
+        emb = box_relation_embedding(boxes.to(ct), embedding=embedding)     # [B, N, N, 64]
         x = torch.nn.functional.linear(emb, wg_weight.to(ct), wg_bias.to(ct))  # [B, N, N, H]
         return log_geometry_bias_from_logits(x.permute(0, 3, 1, 2))
 
 
 def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None, *,
-                        causal=False, dropout_keep=None, dropout_p=0.0):
+                        causal=False, dropout_keep=None, dropout_p=0.0, embedding="ort"):
     """Eager attention; returns ``(out [B, H, Nq, d], probs [B, H, Nq, Nk])``.
 
-    With ``boxes``, ``wg_weight`` and ``wg_bias`` it is ORT's geometry attention (Nq == Nk);
-    without, plain scaled-dot-product attention. ``dropout_keep`` (bool ``[B, H, Nq, Nk]``)
+    With ``boxes``, ``wg_weight`` and ``wg_bias`` it is ORT's geometry attention (Nq == Nk), its
+    box embedding chosen by ``embedding`` ("ort" or "signed"); without, plain scaled-dot-product
+    attention. ``dropout_keep`` (bool ``[B, H, Nq, Nk]``)
     applies a given dropout mask with keep-scaling ``1 / (1 - dropout_p)``; ``probs`` are
     the attention weights before dropout.
     """
@@ -62,7 +64,7 @@ def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, key_p
     scores = scores.masked_fill(~keep, max(MASKED_SCORE, torch.finfo(scores.dtype).min))
     if boxes is not None:
         boxes = zero_padded_boxes(boxes, key_padding_mask)
-        scores = scores + eager_geometry_log_bias(boxes, wg_weight, wg_bias).to(scores.dtype)
+        scores = scores + eager_geometry_log_bias(boxes, wg_weight, wg_bias, embedding).to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)
     weights = probs

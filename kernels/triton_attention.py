@@ -91,10 +91,23 @@ def _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO: tl.constexpr):
 
 
 @triton.jit
-def _near_arg(qc, qsize, kc):
-    """``100 * dx`` ``[BM, BN]`` for centres ``qc``/``kc`` and query sizes ``qsize`` (ORT: log of the
-    clamped |dc| / size of the query box); the same for dy with the y centres and heights."""
-    return tl.log(tl.maximum(tl.abs(qc[:, None] - kc[None, :]) / qsize[:, None], 1e-3)) * 100.0
+def _near_arg(qc, qsize, kc, SIGNED: tl.constexpr):
+    """``100 * dx`` ``[BM, BN]`` for centres ``qc``/``kc`` and query sizes ``qsize``; the same for dy
+    with the y centres and heights. ORT: log of the clamped |dc| / size of the query box; ``SIGNED``:
+    ``asinh(dc / size / 2e-3)`` (kernels/geometry.py, ``SIGNED_OFFSET_SCALE``)."""
+    if SIGNED:
+        z = (qc[:, None] - kc[None, :]) / qsize[:, None] / 2e-3
+        # asinh|z| = log1p(y), y = |z| + z^2 / (1 + sqrt(z^2 + 1)) (|z| <= ~510: z^2 cannot overflow);
+        # log1p(y) = log(1 + y) y / ((1 + y) - 1) corrects the rounding of 1 + y (Goldberg), which
+        # log(|z| + sqrt(z^2 + 1)) leaves in (with it, fp32 db_g missed float64 by up to 3x more)
+        a = tl.abs(z)
+        y = a + a * a / (1.0 + tl.sqrt(a * a + 1.0))
+        one_plus_y = 1.0 + y
+        rounded_y = one_plus_y - 1.0
+        d = tl.where(rounded_y == 0.0, y, tl.log(one_plus_y) * (y / tl.where(rounded_y == 0.0, 1.0, rounded_y)))
+        return tl.where(z < 0.0, -d, d) * 100.0
+    else:
+        return tl.log(tl.maximum(tl.abs(qc[:, None] - kc[None, :]) / qsize[:, None], 1e-3)) * 100.0
 
 
 @triton.jit
@@ -108,12 +121,12 @@ def _near_logit(x, arg, wrow, Freq):
 
 
 @triton.jit
-def _geometry_logit(qcx, qcy, qw, qh, qa, qb, kcx, kcy, k_sin, k_cos, WgW, bias, h, Freq):
+def _geometry_logit(qcx, qcy, qw, qh, qa, qb, kcx, kcy, k_sin, k_cos, WgW, bias, h, Freq, SIGNED: tl.constexpr):
     """Head ``h``'s geometry logit ``x`` ``[BM, BN]`` before relu / clamp / log."""
     x = tl.dot(qa, tl.trans(k_cos), input_precision="ieee") + tl.dot(qb, tl.trans(k_sin), input_precision="ieee")
     x += bias
-    x = _near_logit(x, _near_arg(qcx, qw, kcx), WgW + h * 64, Freq)
-    x = _near_logit(x, _near_arg(qcy, qh, kcy), WgW + h * 64 + 8, Freq)
+    x = _near_logit(x, _near_arg(qcx, qw, kcx, SIGNED), WgW + h * 64, Freq)
+    x = _near_logit(x, _near_arg(qcy, qh, kcy, SIGNED), WgW + h * 64 + 8, Freq)
     return x
 
 
@@ -126,13 +139,13 @@ def _dropout_keep(seed, bh, offs_m, offs_n, NK, dropout_p):
 
 @triton.jit
 def _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
-            HAS_GEO: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            HAS_GEO: tl.constexpr, DOT_PRECISION: tl.constexpr, SIGNED: tl.constexpr):
     """``(s, x)``: the attention logits ``[BM, BN]`` (scaled scores plus log-geometry) and the
     geometry logit ``x`` they include (``s`` itself when ``HAS_GEO`` is off)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
     x = s
     if HAS_GEO:
-        x = _geometry_logit(qcx, qcy, qw, qh, qa, qb, kcx, kcy, k_sin, k_cos, WgW, bias, h, Freq)
+        x = _geometry_logit(qcx, qcy, qw, qh, qa, qb, kcx, kcy, k_sin, k_cos, WgW, bias, h, Freq, SIGNED)
         s += tl.log(tl.maximum(x, 1e-6))
     return s, x
 
@@ -159,6 +172,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_GEO: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     RETURN_ENT: tl.constexpr, RETURN_PROBS: tl.constexpr, DOT_PRECISION: tl.constexpr, F32: tl.constexpr,
+    SIGNED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -189,7 +203,7 @@ def _fwd_kernel(
         k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
         kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
         s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
-                        HAS_GEO, DOT_PRECISION)
+                        HAS_GEO, DOT_PRECISION, SIGNED)
         valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
         m_i, alpha, p, l_i, t_i = online_softmax_step(m_i, l_i, t_i, s, valid, RETURN_ENT)
         if DROPOUT:
@@ -214,7 +228,7 @@ def _fwd_kernel(
                            n_ok[:, None] & d_ok[None, :], F32)
             kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
             s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
-                            HAS_GEO, DOT_PRECISION)
+                            HAS_GEO, DOT_PRECISION, SIGNED)
             valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
             # int64 base: B * H * NQ * NK reaches 2**31 for dump-sized batches (NQ * NK stays int32)
@@ -238,14 +252,14 @@ def _near_weight_grads(dx, arg, Freq, g_near, first: tl.constexpr):
 
 @triton.jit
 def _geometry_weight_grads(dx, qcx, qcy, qw, qh, q_sin, q_cos, kcx, kcy, k_sin, k_cos, Freq,
-                           g_near, g_far_sin, g_far_cos):
+                           g_near, g_far_sin, g_far_cos, SIGNED: tl.constexpr):
     """Add one tile's contribution to dL/dW_g given ``dx = dL/dx`` ``[BM, BN]``.
 
     ``g_near`` ``[64]`` collects the pairwise channels (dx, dy: 0..15 and 32..47); the separable
     dw/dh channels come from the per-box factors: ``sum_ij dx_ij sin(a_i - a_j) = sum_i (s_i (dx c)_i - c_i (dx s)_i)``.
     """
-    g_near = _near_weight_grads(dx, _near_arg(qcx, qw, kcx), Freq, g_near, 0)
-    g_near = _near_weight_grads(dx, _near_arg(qcy, qh, kcy), Freq, g_near, 8)
+    g_near = _near_weight_grads(dx, _near_arg(qcx, qw, kcx, SIGNED), Freq, g_near, 0)
+    g_near = _near_weight_grads(dx, _near_arg(qcy, qh, kcy, SIGNED), Freq, g_near, 8)
     dx_cos = tl.dot(dx, k_cos, input_precision="ieee")      # [BM, 16]
     dx_sin = tl.dot(dx, k_sin, input_precision="ieee")
     g_far_sin += tl.sum(q_sin * dx_cos - q_cos * dx_sin, 0)
@@ -260,7 +274,7 @@ def _bwd_kv_kernel(
     H, NQ, NK, sm_scale, dropout_p, seed, N_KBLOCKS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_GEO: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, F32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, F32: tl.constexpr, SIGNED: tl.constexpr,
 ):
     """dK, dV (stored with q's strides layout [B, H, NK, d] contiguous) and this key block's
     partial dW_g ``[64]`` / db_g for its (batch, head)."""
@@ -300,7 +314,7 @@ def _bwd_kv_kernel(
         qcx, qcy, qw, qh, q_sin, q_cos, qa, qb, bias = _query_block_geometry(
             Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
         s, x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
-                       HAS_GEO, DOT_PRECISION)
+                       HAS_GEO, DOT_PRECISION, SIGNED)
         valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -315,7 +329,7 @@ def _bwd_kv_kernel(
         if HAS_GEO:
             dx = tl.where(x >= 1e-6, ds / tl.maximum(x, 1e-6), 0.0)
             g_near, g_far_sin, g_far_cos = _geometry_weight_grads(
-                dx, qcx, qcy, qw, qh, q_sin, q_cos, kcx, kcy, k_sin, k_cos, Freq, g_near, g_far_sin, g_far_cos)
+                dx, qcx, qcy, qw, qh, q_sin, q_cos, kcx, kcy, k_sin, k_cos, Freq, g_near, g_far_sin, g_far_cos, SIGNED)
             g_bias += tl.sum(dx, 1)
     # dK and dV are written contiguous [B, H, NK, d]
     out_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
@@ -339,7 +353,7 @@ def _bwd_q_kernel(
     H, NQ, NK, sm_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     HAS_GEO: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, F32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, F32: tl.constexpr, SIGNED: tl.constexpr,
 ):
     """dQ for one query block (written contiguous [B, H, NQ, d])."""
     pid_m = tl.program_id(0)
@@ -372,7 +386,7 @@ def _bwd_q_kernel(
         v = _load_tile(V_bh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
         kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
         s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
-                        HAS_GEO, DOT_PRECISION)
+                        HAS_GEO, DOT_PRECISION, SIGNED)
         valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -451,10 +465,12 @@ def dropout_keep_mask(batch, heads, n_queries, n_keys, dropout_p, seed, device) 
 
 
 class _Geometry:
-    """Kernel-side geometry inputs: fp32 contiguous boxes and weights, the frequency table."""
+    """Kernel-side geometry inputs: fp32 contiguous boxes and weights, the frequency table, and
+    ``signed`` (the kernels' ``SIGNED`` flag: the signed box embedding)."""
 
-    def __init__(self, boxes, wg_weight, wg_bias, device):
+    def __init__(self, boxes, wg_weight, wg_bias, device, embedding):
         self.on = boxes is not None
+        self.signed = self.on and embedding == "signed"
         self.freq = geometry_frequencies(dtype=torch.float32, device=device)
         if self.on:
             self.boxes = boxes.detach().to(torch.float32).contiguous()
@@ -467,10 +483,10 @@ class _Geometry:
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, wg_weight, wg_bias, boxes, key_padding_mask, causal, dropout_p, seed,
-                return_entropy, return_probs):
+                return_entropy, return_probs, embedding):
         batch, heads, nq, d = q.shape
         nk = k.shape[2]
-        geo = _Geometry(boxes, wg_weight, wg_bias, q.device)
+        geo = _Geometry(boxes, wg_weight, wg_bias, q.device, embedding)
         mask = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else geo.freq
         f32 = _upcast_in_kernel(q.dtype)
         # dW_g and db_g sum ds / x over every (query, key) pair, where each row of ds sums to 0 up
@@ -493,12 +509,12 @@ class _TritonAttention(torch.autograd.Function):
             HEAD_DIM=d, BLOCK_D=_pow2_at_least_16(d, 256), BM=bm, BN=bn,
             HAS_GEO=geo.on, HAS_MASK=key_padding_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
             RETURN_ENT=return_entropy, RETURN_PROBS=return_probs, DOT_PRECISION=precision, F32=f32,
-            num_warps=warps,
+            SIGNED=geo.signed, num_warps=warps,
         )
         out_for_delta, out = (out, out.to(q.dtype)) if geometry_grads else (out.to(q.dtype),) * 2
         ctx.save_for_backward(q, k, v, out_for_delta, lse, mask, geo.boxes, geo.weight, geo.bias, geo.freq)
         ctx.flags = (geo.on, key_padding_mask is not None, causal, dropout_p, seed, precision, f32,
-                     wg_weight.dtype if geo.on else None)
+                     wg_weight.dtype if geo.on else None, geo.signed)
         outputs = [out, ent if return_entropy else None, probs if return_probs else None]
         ctx.mark_non_differentiable(*[t for t in outputs[1:] if t is not None])
         return tuple(outputs)
@@ -506,7 +522,7 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, _d_ent, _d_probs):
         q, k, v, out_for_delta, lse, mask, boxes, weight, bias, freq = ctx.saved_tensors
-        has_geo, has_mask, causal, dropout_p, seed, precision, f32, wg_dtype = ctx.flags
+        has_geo, has_mask, causal, dropout_p, seed, precision, f32, wg_dtype, signed = ctx.flags
         batch, heads, nq, d = q.shape
         nk = k.shape[2]
         d_out = d_out.contiguous()
@@ -524,7 +540,7 @@ class _TritonAttention(torch.autograd.Function):
             dw_part = db_part = lse
         common = dict(HEAD_DIM=d, BLOCK_D=_pow2_at_least_16(d, 256), BM=bm, BN=bn, HAS_GEO=has_geo,
                       HAS_MASK=has_mask, CAUSAL=causal, DROPOUT=dropout_p > 0, DOT_PRECISION=precision,
-                      F32=f32, num_warps=warps)
+                      F32=f32, SIGNED=signed, num_warps=warps)
         strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(d_out))
         sm_scale = 1.0 / math.sqrt(d)
         _bwd_kv_kernel[(n_kblocks, batch * heads)](
@@ -537,7 +553,7 @@ class _TritonAttention(torch.autograd.Function):
         if has_geo:
             d_weight = dw_part.sum(dim=(0, 2)).to(wg_dtype)
             d_bias = db_part.sum(dim=(0, 2)).to(wg_dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_weight, d_bias, None, None, None, None, None, None, None
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_weight, d_bias) + (None,) * 8
 
 
 def draw_dropout_seed() -> int:
@@ -547,8 +563,9 @@ def draw_dropout_seed() -> int:
 
 
 def triton_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None,
-                     causal=False, dropout_p=0.0, return_entropy=False, return_probs=False):
-    """Inputs validated by the caller (kernels/attention.py). Returns ``(out, entropy, probs)``."""
+                     causal=False, dropout_p=0.0, return_entropy=False, return_probs=False, embedding="ort"):
+    """Inputs validated by the caller (kernels/attention.py); ``embedding`` "ort" or "signed" (the
+    box embedding's dx/dy form, kernels/geometry.py). Returns ``(out, entropy, probs)``."""
     batch, heads, nq, d = q.shape
     nk = k.shape[2]
     if batch * heads * nq == 0:
@@ -557,4 +574,4 @@ def triton_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_p
                 q.new_zeros((batch, heads, nq, nk), dtype=torch.float32) if return_probs else None)
     seed = draw_dropout_seed() if dropout_p > 0 else 0
     return _TritonAttention.apply(q, k, v, wg_weight, wg_bias, boxes, key_padding_mask, causal, dropout_p, seed,
-                                  return_entropy, return_probs)
+                                  return_entropy, return_probs, embedding)

@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 
+from .geometry import EMBEDDINGS
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 # Normalised boxes may overshoot [0, 1] by rounding in detectors' outputs; pixels do not fit this slack.
@@ -90,6 +92,13 @@ def check_key_padding_mask(mask, batch: int, n_keys: int, name: str = "key_paddi
         raise ValueError(f"{name} must be a bool tensor (True = real object), got dtype {mask.dtype}")
     if tuple(mask.shape) != (batch, n_keys):
         raise ValueError(f"{name} must have shape [B, N] = {(batch, n_keys)}, got {tuple(mask.shape)}")
+
+
+def check_embedding(embedding) -> str:
+    """``embedding`` one of :data:`~geocap.kernels.geometry.EMBEDDINGS` ("ort", "signed")."""
+    if not isinstance(embedding, str) or embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {', '.join(map(repr, EMBEDDINGS))}, got {embedding!r}")
+    return embedding
 
 
 def check_geometry_weights(wg_weight, wg_bias, heads: int | None = None, dim_g: int = 64) -> None:

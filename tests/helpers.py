@@ -25,8 +25,22 @@ def random_boxes(batch, n, *, generator=None, dtype=torch.float32, device="cpu")
     return torch.cat([xy, xy + wh], dim=-1).to(dtype=dtype, device=device)
 
 
-def random_inputs(batch, heads, n, d, dtype, device, *, seed=0, masked=True, n_keys=None, geometry=True):
-    """dict of q, k, v (and boxes, wg_weight, wg_bias) in ``dtype`` plus key_padding_mask."""
+def dyadic_boxes(batch, n, seed):
+    """Random valid boxes ``[B, N, 4]`` on a 1/256 grid: their centres, sizes and mirror images
+    are exact in float32, so results on the mirror image can be compared bit for bit."""
+    return torch.round(random_boxes(batch, n, generator=torch.Generator().manual_seed(seed)) * 256) / 256
+
+
+def mirrored_boxes(boxes):
+    """Boxes ``[..., 4]`` mirrored left-right: x -> 1 - x."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([1 - x2, y1, 1 - x1, y2], dim=-1)
+
+
+def random_inputs(batch, heads, n, d, dtype, device, *, seed=0, masked=True, n_keys=None, geometry=True,
+                  embedding="ort"):
+    """dict of q, k, v (and boxes, wg_weight, wg_bias and the box ``embedding`` name) in ``dtype``
+    plus key_padding_mask."""
     g = torch.Generator().manual_seed(seed)
     nk = n if n_keys is None else n_keys
     t = {
@@ -45,6 +59,8 @@ def random_inputs(batch, heads, n, d, dtype, device, *, seed=0, masked=True, n_k
         mask[:, 0] = True
         mask = mask.to(device)
     out["key_padding_mask"] = mask
+    if geometry:
+        out["embedding"] = embedding
     return out
 
 
@@ -63,7 +79,8 @@ def run_reference(inputs, grad_out, causal=False, dropout_keep=None, dropout_p=0
     when ``grad_out`` is None)."""
     out, probs = reference_attention(inputs["q"], inputs["k"], inputs["v"], inputs.get("boxes"),
                                      inputs.get("wg_weight"), inputs.get("wg_bias"), inputs["key_padding_mask"],
-                                     causal=causal, dropout_keep=dropout_keep, dropout_p=dropout_p)
+                                     causal=causal, dropout_keep=dropout_keep, dropout_p=dropout_p,
+                                     embedding=inputs.get("embedding", "ort"))
     return out, probs, (None if grad_out is None else grads_of(out, inputs, grad_out))
 
 

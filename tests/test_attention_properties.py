@@ -51,10 +51,11 @@ def problems(draw):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems(), st.sampled_from(["torch", "triton"]))
-def test_backends_agree_with_reference_and_make_distributions(x, backend):
+@given(problems(), st.sampled_from(["torch", "triton"]), st.sampled_from(["ort", "signed"]))
+def test_backends_agree_with_reference_and_make_distributions(x, backend, embedding):
+    x = dict(x, embedding=embedding)
     result = geo_attention(x["q"], x["k"], x["v"], x["boxes"], x["wg_weight"], x["wg_bias"], x["key_padding_mask"],
-                           backend=backend, return_entropy=True, return_probs=True)
+                           backend=backend, return_entropy=True, return_probs=True, embedding=embedding)
     assert torch.isfinite(result.out).all() and torch.isfinite(result.entropy).all()
     ref_out, ref_probs, _ = run_reference(upcast(x), None)
     eager_out, eager_probs, _ = run_reference(x, None)

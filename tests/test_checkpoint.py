@@ -305,3 +305,21 @@ def test_special_ids_round_trip_and_old_files(tmp_path):
     old = tmp_path / "old.pt"
     _resave(default, old, lambda d: d.__setitem__("vocab", {"words": d["vocab"]["words"], "min_count": 1}))
     assert load_checkpoint(old).vocab == make_vocab()
+
+
+def test_box_embedding_round_trips_and_old_files_read_as_ort(tmp_path):
+    """config.embedding is saved and restored (the rebuilt model computes with it); a checkpoint
+    written before the field existed loads as ORT's embedding."""
+    torch.manual_seed(0)
+    signed = ObjectRelationTransformer(ORTConfig(vocab_size=len(make_vocab()), embedding="signed", **TINY)).eval()
+    path = tmp_path / "signed.pt"
+    save_checkpoint(path, model=signed, config=signed.config, vocab=make_vocab(), rng=False)
+    rebuilt = load_checkpoint(path).build_model().eval()
+    assert rebuilt.config.embedding == "signed" and rebuilt.encoder.layers[0].self_attn.embedding == "signed"
+    features = torch.randn(1, 2, 16)
+    boxes = torch.tensor([[[0.1, 0.1, 0.3, 0.5], [0.6, 0.2, 0.9, 0.4]]])
+    tokens = torch.tensor([[1, 4, 5]])
+    assert torch.equal(rebuilt(features, boxes, None, tokens), signed(features, boxes, None, tokens))
+    old = tmp_path / "old.pt"
+    _resave(path, old, lambda d: d["config"].pop("embedding"))
+    assert load_checkpoint(old).config.embedding == "ort"

@@ -2,6 +2,7 @@
 ranks, and clear errors for bad dumps. A randomly initialised tiny model on 30 synthetic images."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -18,7 +19,7 @@ import torch
 
 from geocap.checkpoint import save_checkpoint
 from geocap.data.attention_record import MAP_NAMES, Record
-from geocap.data.dump_format import DumpError, open_dump
+from geocap.data.dump_format import DumpError, box_embedding, open_dump
 from geocap.data.store import FeatureStore
 from geocap.data.vocab import BOS, Vocabulary, load_captions
 from geocap.dump.job import dump
@@ -573,12 +574,13 @@ def test_label_names_and_image_sizes(base, ckpt, data_dir, tmp_path):
 
 
 def _old_layout(path):
-    """Rewrite the dump at ``path`` as written before image sizes and label names existed: no
-    images/width|height datasets, no label_names in the metadata (digest, shard attributes and
-    byte counts patched to fit)."""
+    """Rewrite the dump at ``path`` as written before image sizes, label names and the box
+    embedding existed: no images/width|height datasets, no label_names in the metadata, no
+    embedding in its model config (digest, shard attributes and byte counts patched to fit)."""
     from geocap.data.dump_format import metadata_digest
     manifest = json.loads((path / "manifest.json").read_text())
     del manifest["metadata"]["label_names"]
+    del manifest["metadata"]["model_config"]["embedding"]
     manifest["metadata_sha256"] = metadata_digest(manifest["metadata"])
     for entry in manifest["shards"]:
         file = path / entry["file"]
@@ -595,6 +597,7 @@ def test_old_layout_dump_still_reads(base, tmp_path):
     _old_layout(old)
     d, b = open_dump(old, progress=False), open_dump(base, progress=False)
     assert "label_names" not in d.metadata and len(d) == len(b)
+    assert "embedding" not in d.metadata["model_config"] and box_embedding(d.metadata) == "ort"
     for x, y in zip(d, b):
         assert x.extra == {} and y.extra
         x.extra = y.extra
@@ -610,6 +613,34 @@ def test_old_layout_dump_still_reads(base, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DumpError, match=r"shard-00001.h5: dataset images/width has shape \(2,\)"):
         open_dump(bad)
+
+
+def test_dump_of_a_signed_model_records_its_box_embedding(base, data_dir, tmp_path):
+    """The dump's metadata carry the model's box embedding, and its encoder maps are the signed
+    model's own (not ORT's embedding under the signed model's weights)."""
+    vocab = Vocabulary.load(os.path.join(data_dir, "caps", "vocab.json"))
+    torch.manual_seed(0)
+    config = ORTConfig(vocab_size=len(vocab), feature_dim=16, layers=2, d_model=32, heads=2, d_ff=64, max_len=40,
+                       embedding="signed")
+    signed = ObjectRelationTransformer(config)
+    path = str(tmp_path / "signed.pt")
+    save_checkpoint(path, model=signed, config=config, vocab=vocab, rng=False)
+    out = tmp_path / "dump"
+    assert dump(path, data_dir, "train", out, limit=2, **SETTINGS).complete
+    d = open_dump(out, progress=False)
+    assert d.metadata["model_config"]["embedding"] == "signed" and box_embedding(d.metadata) == "signed"
+    assert box_embedding(open_dump(base, progress=False).metadata) == "ort"
+    assert box_embedding({"model_config": {"geometry": False, "embedding": "ort"}}) == "none"
+    assert box_embedding({"label_names": None}) is None
+    record = d[0]
+    store = FeatureStore(os.path.join(data_dir, "features.h5"))
+    words = record.tokens
+    _, want = _recorded(_model(path), vocab.words, store, record.image_id, words)
+    np.testing.assert_allclose(record.encoder_self, want["encoder_self"], **F16)
+    unsigned = ObjectRelationTransformer(dataclasses.replace(config, embedding="ort"))
+    unsigned.load_state_dict(signed.state_dict())
+    _, ort_maps = _recorded(unsigned.eval(), vocab.words, store, record.image_id, words)
+    assert np.abs(record.encoder_self - ort_maps["encoder_self"]).max() > 1e-2
 
 
 def test_writer_rejects_bad_image_size(tmp_path):

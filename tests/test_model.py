@@ -142,6 +142,28 @@ def test_geometry_ablation_runs_and_differs():
     torch.testing.assert_close(plain(features, random_boxes(3, 6), box_mask, tokens), b, atol=0, rtol=0)
 
 
+def test_signed_embedding_reaches_the_encoder_attention():
+    """config.embedding is what every encoder layer's geo_attention computes with: the signed model
+    (same weights: the option adds none) equals geo_attention(embedding="signed") and tells a
+    layout from its mirror image, where the ORT model cannot."""
+    ort, signed = make_model().eval(), make_model(embedding="signed").eval()
+    assert signed.state_dict().keys() == ort.state_dict().keys()
+    signed.load_state_dict(ort.state_dict())
+    assert [layer.self_attn.embedding for layer in signed.encoder.layers] == ["signed", "signed"]
+    features, boxes, box_mask, tokens = make_inputs()
+    layer = signed.encoder.layers[0]
+    attn = layer.self_attn
+    h = layer.attn_norm(signed.feature_embed(features))
+    q, k, v = (attn.split_heads(proj(h)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    heads = geo_attention(q, k, v, boxes, attn.wg_weight, attn.wg_bias, box_mask, embedding="signed").out
+    torch.testing.assert_close(attn(h, boxes, box_mask)[0], attn.out_proj(attn.merge_heads(heads)), atol=1e-6, rtol=0)
+    mirrored = torch.stack([1 - boxes[..., 2], boxes[..., 1], 1 - boxes[..., 0], boxes[..., 3]], -1)
+    mirrored = mirrored.masked_fill(~box_mask[..., None], 0.0)
+    torch.testing.assert_close(ort(features, mirrored, box_mask, tokens), ort(features, boxes, box_mask, tokens),
+                               atol=1e-5, rtol=0)
+    assert (signed(features, mirrored, box_mask, tokens) - signed(features, boxes, box_mask, tokens)).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("geometry", [True, False])
 def test_legacy_extra_skip_adds_the_value_input(geometry):
     model = make_model(legacy_extra_skip=True, geometry=geometry).eval()
@@ -201,10 +223,13 @@ def test_ort_layer_norm_formula():
 
 
 def test_config_round_trip_and_validation():
-    cfg = ORTConfig(**TINY, dropout=0.25, geometry=False, legacy_extra_skip=True, max_len=40)
+    cfg = ORTConfig(**TINY, dropout=0.25, geometry=False, legacy_extra_skip=True, embedding="signed", max_len=40)
     again = ORTConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert ORTConfig.from_dict({"vocab_size": 9}) == ORTConfig(vocab_size=9)
+    assert ORTConfig.from_dict({"vocab_size": 9}).embedding == "ort"        # a config saved before the field
+    with pytest.raises(ValueError, match="ORTConfig.embedding must be one of 'ort', 'signed', got 'abs'"):
+        ORTConfig(**TINY, embedding="abs")
     with pytest.raises(ValueError, match="bogus"):
         ORTConfig.from_dict({**TINY, "bogus": 1})
     with pytest.raises(ValueError, match="divisible"):

@@ -135,6 +135,7 @@ def test_log_probs_match_ort_reference(tmp_path, use_bn, legacy_extra_skip):
     opt = make_opt(use_bn=use_bn, legacy_extra_skip=legacy_extra_skip)
     captioner = import_ort(*write_ort_files(tmp_path, state, opt))
     assert captioner.config.legacy_extra_skip is legacy_extra_skip and captioner.config.heads == HEADS
+    assert captioner.config.embedding == "ort"          # an ORT checkpoint is always ORT's box embedding
     features, boxes, mask, tokens, lengths = make_inputs()
     ours = captioner.log_probs(features, boxes, tokens, mask).double()
     ref64 = reference(state, opt, features, boxes, mask, tokens, torch.float64)

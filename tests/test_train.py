@@ -167,6 +167,24 @@ def test_cli_runs_and_bad_arguments(data_dir, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "y")
 
 
+def test_cli_embedding_signed_trains_saves_and_resumes_with_it(data_dir, tmp_path, capsys):
+    """``geocap train --embedding signed``: the checkpoint's model uses the signed box embedding, a
+    resume keeps it and refuses to change it; an unknown embedding is a one-line error."""
+    run = str(tmp_path / "run")
+    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--no-progress", "--val-every", "0"]
+    assert cli_main(["train", "--data", data_dir, "--out", run, "--steps", "2", "--embedding", "signed", *tiny]) == 0
+    assert load_checkpoint(os.path.join(run, LATEST)).config.embedding == "signed"
+    assert cli_main(["train", "--out", run, "--resume", "--steps", "3"]) == 0
+    ckpt = load_checkpoint(os.path.join(run, LATEST))
+    assert ckpt.step == 3 and ckpt.config.embedding == "signed"
+    assert ckpt.build_model().encoder.layers[0].self_attn.embedding == "signed"
+    assert "cannot resume" in _error(capsys, ["--out", run, "--resume", "--steps", "4", "--embedding", "ort"])
+    assert "train option embedding must be one of 'ort', 'signed', got 'left'" in _error(
+        capsys, ["--data", data_dir, "--out", str(tmp_path / "y"), "--embedding", "left", *tiny])
+    assert not os.path.exists(tmp_path / "y")
+    assert TrainConfig().embedding == "ort"
+
+
 # -- per-image batches, vocabulary ids, stale temporaries -----------------------------------------
 def _tiny_model(ds, dropout=0.0):
     from geocap.model import ObjectRelationTransformer, ORTConfig

@@ -18,6 +18,9 @@ from geocap.kernels.compile_check import compile_variant
 for kind in ("fwd", "bwd_kv", "bwd_q"):
     print(json.dumps(compile_variant(kind, sys.argv[1], 64, geo=True, mask=True, causal=False, dropout=True)))
 print(json.dumps(compile_variant("fwd", sys.argv[1], 64, geo=True, mask=True, causal=False, dropout=False, probs=True)))
+for kind in ("fwd", "bwd_kv", "bwd_q"):
+    print(json.dumps(compile_variant(kind, sys.argv[1], 64, geo=True, mask=True, causal=False, dropout=True,
+                                     signed=True)))
 """
 
 
@@ -29,6 +32,7 @@ def test_attention_kernels_compile_for_sm90(dtype):
     run = subprocess.run([sys.executable, "-c", SCRIPT, dtype], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert [r["variant"].split("/")[0] for r in reports] == ["fwd", "bwd_kv", "bwd_q", "fwd"]
+    assert [r["variant"].split("/")[0] for r in reports] == ["fwd", "bwd_kv", "bwd_q", "fwd", "fwd", "bwd_kv", "bwd_q"]
+    assert [r["variant"].endswith("/signed") for r in reports] == [False] * 4 + [True] * 3
     for r in reports:
         assert r["registers"] is not None and r["registers"] <= 255, r

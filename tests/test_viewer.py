@@ -74,7 +74,8 @@ def site(tmp_path_factory, records):
     root = tmp_path_factory.mktemp("viewer")
     _write_images(root / "images")
     out = root / "site"
-    summary = build_site(records, out, images_dir=root / "images", metadata={"label_names": LABEL_NAMES},
+    metadata = {"label_names": LABEL_NAMES, "model_config": {"geometry": True, "embedding": "signed"}}
+    summary = build_site(records, out, images_dir=root / "images", metadata=metadata,
                          report_href="../report/index.html", progress=False, page_size=PAGE_SIZE)
     return out, summary
 
@@ -225,6 +226,7 @@ def test_site_files_and_grouping(site, records):
     assert summary.images == len(IDS) and summary.records == len(records)
     assert summary.images_with_file == 3 and summary.missing == {"encoder_self": 0, "decoder_self": 0, "cross": 1}
     assert json.loads((out / MARKER).read_text())["images"] == len(IDS)
+    assert '"box_embedding":"signed"' in (out / "data" / "manifest.js").read_text()
     assert not list(out.parent.glob(".site.*"))                # no temporary folder left
     text = (out / "data" / image_data_key(12)).read_text()
     value = json.loads(text[text.index(",") + 1:text.rindex(");")])
@@ -292,6 +294,7 @@ def test_cli_builds_site_from_dump(tmp_path, records, monkeypatch, capsys):
     assert opened == [str(tmp_path / "dump")] and "2 images" in capsys.readouterr().out
     manifest = (out / "data" / "manifest.js").read_text()
     assert '"report_href":"../report/report.html"' in manifest and '"label_names_known":true' in manifest
+    assert '"box_embedding":null' in manifest                  # metadata without a model config: not shown
     assert report_href(None, out) is None
     with pytest.raises(SystemExit):
         parser.parse_args(["view", "d", "--out", "o", "--limit", "-1"])
@@ -418,6 +421,7 @@ def test_index_search_and_paging(browser, server, site):
     browser.find_element(By.ID, "last-page").click()
     wait_for(IDS[6:])
     assert browser.find_element(By.ID, "report-link").get_attribute("href").endswith("/report/index.html")
+    assert browser.find_element(By.ID, "box-embedding").text.startswith("box embedding: signed")
     notice = browser.find_element(By.CSS_SELECTOR, '#notices .missing[data-map="cross"]')
     assert "1 of 21 records" in notice.text
     for query, ids in (("zebra", [40]), ("giraffe", [40, 41]), ("Giraffe  OKAPI", [41]), ("1001", [1001]),

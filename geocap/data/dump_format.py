@@ -13,7 +13,9 @@ Layout (format ``geocap-dump`` version 1). A dump is a directory::
 ``manifest.json`` (written atomically: temporary file, then rename)::
 
     format "geocap-dump", format_version 1,
-    metadata      dict fixed when the dump starts: model config, checkpoint path and sha256,
+    metadata      dict fixed when the dump starts: model config (``model_config``: the model's
+                  settings, ORTConfig's fields, among them ``geometry`` and the box
+                  ``embedding``, "ort" or "signed"; :func:`box_embedding` reads it), checkpoint path and sha256,
                   geocap version, data dir, split, mode, what, options, image-list digest,
                   clusters (source and, for k-means, the centroids), ``label_names`` (the
                   labels' names: a list indexed by label id, or a dict {str(id): name}; None or
@@ -86,6 +88,8 @@ unknown (empty ``extra``), names unknown. Dumps written before checksums have no
 their manifest entries and no Fletcher-32 filters: they read as before, with a warning that damage
 inside their shards may go undetected (a resume checks their size only). The additions are
 optional datasets, filters and keys (older readers ignore them), so the format version stays 1.
+Dumps written before models had a choice of box embedding have no ``embedding`` in their
+``model_config``: their model used ORT's, and :func:`box_embedding` reads them as "ort".
 
 Stats-only dumps store every field except the three maps (entropies included), plus
 ``stats/``; their records have ``encoder_self`` = ``decoder_self`` = ``cross`` = None.
@@ -116,7 +120,7 @@ CACHE_BYTES = 16 << 20          # HDF5 chunk cache per open shard (a few records
 OPEN_SHARDS = 8                 # shards a Dump keeps open at once (least recently used closed first)
 
 __all__ = ["CACHE_BYTES", "Dump", "DumpError", "FORMAT", "FORMAT_VERSION", "LOCK", "MANIFEST", "SHARD_FORMAT",
-           "metadata_digest", "open_dump", "read_manifest", "shard_name", "shard_problem"]
+           "box_embedding", "metadata_digest", "open_dump", "read_manifest", "shard_name", "shard_problem"]
 
 
 class DumpError(ValueError):
@@ -125,6 +129,18 @@ class DumpError(ValueError):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
+
+
+def box_embedding(metadata: dict) -> Optional[str]:
+    """The box embedding of the model whose attention a dump holds, from its ``metadata``: "ort"
+    or "signed"; "none" for a model without geometry; None when the metadata carry no model
+    config (records that are not a dump's). A dump written before the choice existed reads as "ort"."""
+    config = (metadata or {}).get("model_config")
+    if not isinstance(config, dict):
+        return None
+    if config.get("geometry", True) is False:
+        return "none"
+    return str(config.get("embedding", "ort"))
 
 
 def metadata_digest(metadata: dict) -> str:

@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
+from geocap.kernels.geometry import EMBEDDINGS
+
 
 @dataclass(frozen=True)
 class ORTConfig:
@@ -18,7 +20,10 @@ class ORTConfig:
     ``geometry=False`` makes the encoder's self-attention plain scaled-dot-product attention (no
     box term, no ``wg_weight``/``wg_bias``): the ablation of ORT's geometry. ``legacy_extra_skip``
     reproduces ORT's optional extra skip inside the encoder's attention (see
-    :class:`~geocap.model.layers.MultiHeadAttention`). ``max_len`` is the number of sinusoidal
+    :class:`~geocap.model.layers.MultiHeadAttention`). ``embedding`` is the box embedding of the
+    geometry term: ``"ort"`` (ORT's, |offset| between centres) or ``"signed"`` (signed offsets, so
+    mirror images differ; ``geocap.kernels.geometry``); it has no weights of its own, and a config
+    saved before it existed reads as ``"ort"``. ``max_len`` is the number of sinusoidal
     positions precomputed (captions are at most that long; ORT uses 5000).
     """
 
@@ -31,6 +36,7 @@ class ORTConfig:
     dropout: float = 0.1
     geometry: bool = True
     legacy_extra_skip: bool = False
+    embedding: str = "ort"
     max_len: int = 5000
     pad_id: int = 0
     bos_id: int = 1
@@ -48,6 +54,9 @@ class ORTConfig:
         for name in ("geometry", "legacy_extra_skip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ORTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"ORTConfig.embedding must be one of {', '.join(map(repr, EMBEDDINGS))}, "
+                             f"got {self.embedding!r}")
         for name in ("pad_id", "bos_id", "eos_id"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:

@@ -24,7 +24,7 @@ class EncoderLayer(nn.Module):
         d = config.d_model
         self.attn_norm = LayerNorm(d)
         self.self_attn = MultiHeadAttention(d, config.heads, config.dropout, geometry=config.geometry,
-                                            legacy_extra_skip=config.legacy_extra_skip)
+                                            legacy_extra_skip=config.legacy_extra_skip, embedding=config.embedding)
         self.ff_norm = LayerNorm(d)
         self.feed_forward = FeedForward(d, config.d_ff, config.dropout)
         self.dropout = nn.Dropout(config.dropout)

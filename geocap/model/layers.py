@@ -17,6 +17,7 @@ from torch import nn
 
 from geocap.kernels import AttentionResult, attention, geo_attention
 from geocap.kernels.geometry import DIM_G
+from geocap.kernels.validation import check_embedding
 
 
 class LayerNorm(nn.Module):
@@ -79,16 +80,19 @@ class MultiHeadAttention(nn.Module):
     input* (here the normalised sequence the sublayer received) is added to the merged heads, so
     an encoder sublayer becomes ``x + dropout(out_proj(norm(x) + heads(norm(x))))``. It applies to self-attention
     (:meth:`forward`) with or without geometry, so the geometry ablation changes nothing else.
+
+    ``embedding`` is the box embedding passed to ``geo_attention`` ("ort" or "signed").
     """
 
     def __init__(self, d_model: int, heads: int, dropout: float, *, geometry: bool = False,
-                 legacy_extra_skip: bool = False):
+                 legacy_extra_skip: bool = False, embedding: str = "ort"):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by heads ({heads})")
         self.heads = heads
         self.dropout = dropout
         self.legacy_extra_skip = legacy_extra_skip
+        self.embedding = check_embedding(embedding)
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
@@ -153,7 +157,7 @@ class MultiHeadAttention(nn.Module):
         if self.geometry:
             r = geo_attention(q, k, v, boxes, self.wg_weight, self.wg_bias, key_padding_mask,
                               dropout_p=self._dropout_p(), return_entropy=return_attention, return_probs=return_attention,
-                              backend=backend)
+                              backend=backend, embedding=self.embedding)
         else:
             r = attention(q, k, v, key_padding_mask, dropout_p=self._dropout_p(), return_entropy=return_attention,
                           return_probs=return_attention, backend=backend)

@@ -40,6 +40,8 @@ _HELP = {
     "out": "run folder (checkpoints, metrics.jsonl, train_config.json)",
     "features": "feature store file inside --data (default features.h5)",
     "captions": "captions directory inside --data (default caps)",
+    "embedding": "the box embedding of the encoder's geometry: ort (ORT's, |offset| between centres) or signed "
+                 "(signed offsets: tells a layout from its mirror image)",
     "steps": "total optimiser steps",
     "batch_size": "images per batch and process, each with its captions (--captions-per-image); "
                   "it counted captions before batches were per image",

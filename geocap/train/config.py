@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
 from geocap.data.json_file import read_json
+from geocap.kernels.geometry import EMBEDDINGS
 from geocap.model import ORTConfig
 
 from .scst import BASELINES
@@ -35,7 +36,7 @@ LATEST, BEST, METRICS = "checkpoint-latest.pt", "checkpoint-best.pt", "metrics.j
 
 # fields that shape the model or the data order: a resumed run must keep them
 _ORT_DEFAULTS = {f.name: f.default for f in fields(ORTConfig) if f.default is not dataclasses.MISSING}
-RESUME_FIXED = ("layers", "d_model", "heads", "d_ff", "dropout", "geometry", "features", "captions",
+RESUME_FIXED = ("layers", "d_model", "heads", "d_ff", "dropout", "geometry", "embedding", "features", "captions",
                 "train_split", "batch_size", "seed", "captions_per_image", "pool_batches", "optimizer")
 
 
@@ -43,8 +44,8 @@ RESUME_FIXED = ("layers", "d_model", "heads", "d_ff", "dropout", "geometry", "fe
 class TrainConfig:
     """Training options: cross-entropy, then optionally self-critical (the module doc has the layouts).
 
-    Model: ``layers``, ``d_model``, ``heads``, ``d_ff``, ``dropout``, ``geometry`` as in ORTConfig
-    (vocab_size and feature_dim come from the data). Steps count optimiser updates; ``steps`` is
+    Model: ``layers``, ``d_model``, ``heads``, ``d_ff``, ``dropout``, ``geometry``, ``embedding`` (the
+    box embedding, "ort" or "signed") as in ORTConfig (vocab_size and feature_dim come from the data). Steps count optimiser updates; ``steps`` is
     the total (a resumed run continues up to it). ``batch_size`` counts *images* per batch and
     process (DDP multiplies it), each with its captions: ``captions_per_image`` "all" (default;
     5 per image in COCO), an int k (the first k of each image, fewer when it has fewer) or
@@ -95,6 +96,7 @@ class TrainConfig:
     d_ff: int = _ORT_DEFAULTS["d_ff"]
     dropout: float = _ORT_DEFAULTS["dropout"]
     geometry: bool = _ORT_DEFAULTS["geometry"]
+    embedding: str = _ORT_DEFAULTS["embedding"]
     backend: str = "auto"
     # optimisation
     steps: int = 30000
@@ -174,6 +176,9 @@ class TrainConfig:
             raise ValueError("train option warmup must be at least 1 with the noam schedule")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train option precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"train option embedding must be one of {', '.join(map(repr, EMBEDDINGS))}, "
+                             f"got {self.embedding!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"train option backend must be auto, torch or triton, got {self.backend!r}")
         if self.scst_from_step < -1:

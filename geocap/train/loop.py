@@ -274,7 +274,8 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                                 captions_per_image=1)
     model_config = ORTConfig(vocab_size=len(vocab), feature_dim=train_ds.store.feature_dim, layers=config.layers,
                              d_model=config.d_model, heads=config.heads, d_ff=config.d_ff, dropout=config.dropout,
-                             geometry=config.geometry, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id)
+                             geometry=config.geometry, embedding=config.embedding, pad_id=vocab.pad_id,
+                             bos_id=vocab.bos_id, eos_id=vocab.eos_id)
     if ckpt is not None and ckpt.config != model_config:
         raise ValueError(f"{latest_path}: its model config does not fit the data and options "
                          f"({ckpt.config.to_dict()} vs {model_config.to_dict()})")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geocap.data.atomic import write_text_atomic
+from geocap.data.dump_format import box_embedding
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
 from geocap.analysis.plotting import ATTENTION_COLOURS
@@ -192,7 +193,7 @@ class _Builder:
             if value is None:
                 self.missing[name] += 1
 
-    def finish(self, page_size: int, title: str, report_href) -> None:
+    def finish(self, page_size: int, title: str, report_href, embedding) -> None:
         ids = sorted(self.summaries)
         pages = []
         for start in range(0, len(ids), page_size):
@@ -213,6 +214,7 @@ class _Builder:
             "page_size": page_size, "pages": pages, "word_buckets": buckets,
             "missing": self.missing, "report_href": report_href,
             "label_names_known": bool(self.label_names), "colours": ATTENTION_COLOURS,
+            "box_embedding": embedding,
         }
         _write_js(self.root / "data" / "manifest.js", "manifest.js", manifest)
 
@@ -246,7 +248,8 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
       each image are adjacent (as in a geocap dump, written image by image), so reading stops at
       the first record of image ``limit + 1``.
     - ``metadata``: the dump's metadata (default ``records.metadata`` when present);
-      ``metadata["label_names"]`` (a list indexed by label id, or a dict) names the boxes.
+      ``metadata["label_names"]`` (a list indexed by label id, or a dict) names the boxes; the
+      model's box embedding (``metadata["model_config"]``) is shown in the index header.
     - ``report_href``: link to the analysis report, relative to ``out_dir`` (None: no link).
     - ``title``: the name the pages show (default ``metadata["title"]``, else "attention dump").
     - ``page_size``: images per index page.
@@ -297,7 +300,8 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
             builder.flush(current, encoded, extras)
         if not builder.summaries:
             raise ValueError("no records to view (an empty dump, or --limit 0)")
-        builder.finish(page_size, title or metadata.get("title") or "attention dump", report_href)
+        builder.finish(page_size, title or metadata.get("title") or "attention dump", report_href,
+                       box_embedding(metadata))
         write_text_atomic(tmp / MARKER, json.dumps({"format": "geocap-view", "version": FORMAT_VERSION,
                                                     "images": len(builder.summaries),
                                                     "records": builder.records}) + "\n")

@@ -118,6 +118,13 @@
     document.title = "geocap view: " + manifest.title;
     const links = document.getElementById("links");
     if (manifest.report_href) links.append(G.el("a", { id: "report-link", href: manifest.report_href, text: "analysis report" }));
+    if (manifest.box_embedding) {
+      const what = { ort: "ORT's (|offset| between box centres: mirror images look alike)",
+                     signed: "signed (offsets between box centres with their sign)",
+                     none: "none (a model without geometry)" }[manifest.box_embedding] || manifest.box_embedding;
+      links.append(G.el("span", { id: "box-embedding", "data-embedding": manifest.box_embedding,
+                                  text: "box embedding: " + what }));
+    }
     const notices = document.getElementById("notices");
     for (const name of Object.keys(G.MAP_TITLES)) {
       const missing = manifest.missing[name];
