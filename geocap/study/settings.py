@@ -7,12 +7,23 @@ train options of ``VARIANTS[variant]``, everything else (data, sizes, steps, see
 The seeds of a study are ``0 .. seeds - 1``; seed k trains with ``TrainConfig.seed = k`` (the
 model's initialisation, dropout and the data order).
 
-Sizes (measured on the 2-core CPU machine of the study's development, torch 2.13, fp32; one
-training step = one batch of ``batch_size`` images with their 5 captions):
+Sizes, from the time per training step measured on the 2-core CPU machine the study was
+written on (torch 2.13, fp32, batches of 10 images with their 5 captions, d_model 128, 4 heads,
+d_ff 256, 256-dimensional features, one torch thread because the machine was shared; 2026-12-05):
+2 layers 0.067 s/step, 6 layers 0.24 s/step (6 layers, d_model 256, d_ff 1024: 0.59 s/step).
+Two torch threads on the same, shared, cores were 7-25x slower (1.65 s/step for 2 layers):
+on a shared machine run the study with ``OMP_NUM_THREADS=1``.
 
-* quick (``for_quick()``): 2 layers, d_model 128, 400 steps of 10 images on 1500 images
-  (150 test): MEASURED_QUICK below.
-* full (``full()``): 6 layers (ORT's depth), d_model 128, FULL_ARITHMETIC below.
+* full (the defaults, ``full()``): 9 models (3 variants x 3 seeds) in at most 90 min = 600 s
+  per model. 6 layers (ORT's depth), d_model 128; 2000 steps x 0.24 s = 480 s of training,
+  plus ~30 s per model measured for the rest (a 6-layer model on these data: evaluation of the
+  600 test images with beam 3 3.5 s, the dump 10 s, the analyses 4 s, each validation on 200
+  val images ~1 s): ~510 s per model, ~77 min in all, ~85 MB of disk per model. 6000 images
+  (4800 train): 2000 steps of 10 images are ~4 epochs. Whether ``ort`` has converged by then
+  (its validation CIDEr-D gains under 2 % over the last fifth of training) is to be measured.
+* quick (``for_quick()``): 6 models (3 variants x 2 seeds) in at most 10 minutes: 2 layers,
+  1000 steps on 3000 images (the demo's data size). Measured with ort and none, 2 seeds each:
+  4 models in 214 s (50-56 s per model, 47 s of it training), so ~5.5 min for the six.
 """
 from __future__ import annotations
 
@@ -69,12 +80,12 @@ class StudySettings:
     heads: int = 4
     d_ff: int = 256
     dropout: float = 0.1
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 10
     lr: float = 1e-3
     warmup: int = 100
-    val_every: int = 250
-    val_images: int = 100
+    val_every: int = 200
+    val_images: int = 200
     # evaluation
     beam_size: int = 3
     max_decode_len: int = 20
@@ -93,8 +104,8 @@ class StudySettings:
     def for_quick(cls, **changes) -> "StudySettings":
         """The quick study: the same code path, 2 seeds, a 2-layer model, fewer images and steps;
         with ``changes``."""
-        quick = dict(seeds=2, quick=True, images=1500, layers=2, steps=400, warmup=50, val_every=100,
-                     val_images=50)
+        quick = dict(seeds=2, quick=True, images=3000, layers=2, steps=1000, warmup=50, val_every=200,
+                     val_images=100)
         quick.update(changes)
         return cls(**quick)
 
