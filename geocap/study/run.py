@@ -325,6 +325,18 @@ def _check_settings(out: str, settings: StudySettings) -> bool:
     return True
 
 
+def _check_train_options(settings: StudySettings) -> None:
+    """ValueError, before anything is written, when a model's train options are not ones this
+    geocap's trainer takes (e.g. a variant's option not yet in TrainConfig)."""
+    from geocap.train import TrainConfig
+
+    for variant, seed in settings.models():
+        try:
+            TrainConfig.from_dict({"data": "", "out": "", **settings.train_options(variant, seed)})
+        except ValueError as err:
+            raise ValueError(f"study variant {variant}: {err}") from None
+
+
 def _remove_stale(out: str, log: Callable[[str], None]) -> None:
     """Delete what killed studies left beside the layout: ``<name>.tmp-<pid>`` files and folders
     of dead processes in DIR and DIR/models (a live process's are left alone)."""
@@ -358,6 +370,7 @@ def run_study(out, settings: StudySettings, *, aggregate: Optional[Callable] = N
     log = _stderr if log is None else log
     aggregate = summarize_and_report if aggregate is None else aggregate
     settings.validate()
+    _check_train_options(settings)
     if not _check_settings(out, settings):
         os.makedirs(out, exist_ok=True)
         settings.save(os.path.join(out, SETTINGS_FILE))   # first: it marks DIR as this study's
