@@ -250,7 +250,7 @@ def model_result_fields(out, variant: str, seed: int, references: dict) -> dict:
     """The fields of :class:`geocap.study.summary.ModelResult` for one finished model of the
     study in ``out``; ``references``: test image id -> its reference strings (shared by all)."""
     folder = model_dir(out, variant, seed)
-    data = os.path.join(os.fspath(out), DATA_DIR)
+    data = os.path.abspath(os.path.join(os.fspath(out), DATA_DIR))
     results = read_json(os.path.join(folder, "eval", f"captions_{TEST_SPLIT}.json"), "captions file")
     captions = {int(item["image_id"]): str(item["caption"]) for item in results}
     truth = os.path.join(data, "ground_truth.json")
