@@ -1,5 +1,5 @@
 """The ``geocap`` command line (also ``python -m geocap``): demo, synth, prepro, train, evaluate,
-import-ort, dump, analyze, view. Each subcommand's parser lives with the code it runs.
+import-ort, dump, analyze, view, study. Each subcommand's parser lives with the code it runs.
 
 Exit status: 0 done; 2 bad input or options (one line ``geocap: error: ...``); 130 stopped by
 SIGINT, 143 by SIGTERM. Both signals raise :class:`Interrupted` (a KeyboardInterrupt) in the
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     from geocap.dump.cli import add_dump_parser
     from geocap.evaluate import add_evaluate_parser
     from geocap.ort_import import add_import_ort_parser
+    from geocap.study.cli import add_study_parser
     from geocap.train import add_train_parser
     from geocap.view.cli import add_view_parser
 
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dump_parser(sub)
     add_analyze_parser(sub)
     add_view_parser(sub)
+    add_study_parser(sub)
     return parser
 
 

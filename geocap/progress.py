@@ -8,6 +8,7 @@ every layer (data, jobs, analyses) may use it.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 DEFAULT_INTERVAL_S = 30.0
@@ -28,16 +29,22 @@ def log_interval() -> float:
     return value
 
 
+# ANSI control sequences: tqdm moves the cursor (ESC [ A) to stack bars open at the same time
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 class _Lines:
-    """A file for tqdm that turns its carriage-return redraws into whole lines."""
+    """A file for tqdm that turns its carriage-return redraws into whole lines, without the
+    cursor movements of stacked bars (a log cannot show them)."""
 
     def __init__(self, stream):
         self.stream = stream
 
     def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
-        if line:
-            self.stream.write(line + "\n")
+        for line in _CONTROL.sub("", text).replace("\r", "\n").split("\n"):
+            line = line.strip()
+            if line:
+                self.stream.write(line + "\n")
 
     def flush(self) -> None:
         self.stream.flush()

@@ -35,6 +35,23 @@ def test_a_log_is_written_at_most_once_per_interval(monkeypatch):
     assert 1 <= len(lines) <= 3 and "1000/1000" in lines[-1] and "loss 1.0" in lines[-1]
 
 
+def test_a_log_gets_no_cursor_movements_from_nested_bars(monkeypatch):
+    """An outer bar (geocap study's models) open while inner ones run (each model's training):
+    tqdm stacks them with cursor movements, which a log cannot show; it gets whole lines only."""
+    monkeypatch.setenv("GEOCAP_PROGRESS_INTERVAL", "0")
+    log = io.StringIO()
+    outer = progress_bar(total=2, stream=log, desc="study")
+    for _ in range(2):
+        for _ in progress_bar(range(3), stream=log, desc="train"):
+            pass
+        outer.update(1)
+    outer.close()
+    lines = log.getvalue().splitlines()
+    assert "\x1b" not in log.getvalue()
+    assert lines and all(line.startswith(("study:", "train:")) for line in lines), lines
+    assert "2/2" in [line for line in lines if line.startswith("study:")][-1]
+
+
 def test_a_terminal_gets_a_bar_redrawn_in_place():
     term = _Terminal()
     for _ in progress_bar(range(3), stream=term, desc="work"):

@@ -1,0 +1,317 @@
+"""``geocap study``'s settings, runner and command on a tiny study (2 variants x 1 seed, 40
+images, a 1-layer model, 6 steps): the layout end to end, rerun skipping finished models, a
+model whose done.json is gone or whose checkpoint is corrupt made again (and equal to the first
+one), other settings refused without touching the folder, and a SIGKILLed study resuming to the
+same models as an uninterrupted one. The aggregation is a recording stand-in (the real one,
+geocap.study.summary, is tested on its own)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+
+import geocap.train
+from geocap.checkpoint import load_checkpoint
+from geocap.cli import main as cli_main
+from geocap.data.file_digest import file_sha256
+from geocap.study.run import DONE_FILE, STUDY_FILE, finished_models, model_dir, run_study
+from geocap.study.settings import SETTINGS_FILE, VARIANTS, StudySettings
+
+TINY = dict(variants=["ort", "none"], seeds=1, images=40, feature_dim=16, min_count=1, layers=1, d_model=32, heads=2,
+            d_ff=64, steps=6, batch_size=4, warmup=2, val_every=3, val_images=4, beam_size=2, tokenizer="python")
+MODEL_FIELDS = {"variant", "seed", "references", "captions", "ground_truth", "analysis", "metrics", "val_curve"}
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+TIMEOUT = 120
+
+
+def tiny(**changes) -> StudySettings:
+    return StudySettings.from_dict({**TINY, **changes})
+
+
+class Recorder:
+    """A stand-in aggregation: records each call's model results and returns a small summary."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, results, out_dir, settings):
+        self.calls.append(results)
+        return {"models": [f"{r['variant']}-seed{r['seed']}" for r in results]}
+
+
+class Lines(list):
+    def __call__(self, line):
+        self.append(line)
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    """Records the models geocap.train.train is called for (their run folder's parent's name)."""
+    names, real = [], geocap.train.train
+
+    def counting(config, **kwargs):
+        names.append(os.path.basename(os.path.dirname(config.out)))
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(geocap.train, "train", counting)
+    return names
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The tiny study run once, uninterrupted: (folder, recorder, log lines)."""
+    out = str(tmp_path_factory.mktemp("study") / "s")
+    recorder, log = Recorder(), Lines()
+    path = run_study(out, tiny(), aggregate=recorder, progress=False, log=log)
+    assert path == os.path.join(out, STUDY_FILE)
+    return out, recorder, log
+
+
+def copy_of(study, tmp_path) -> str:
+    out = str(tmp_path / "copy")
+    shutil.copytree(study[0], out)
+    return out
+
+
+def weights(out, variant, seed) -> dict:
+    return load_checkpoint(os.path.join(model_dir(out, variant, seed), "run", "checkpoint-best.pt")).model_state
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def snapshot(folder) -> dict:
+    """Every path under ``folder`` with its size and modification time (ns)."""
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            found[os.path.relpath(path, folder)] = (st.st_size if name in files else None, st.st_mtime_ns)
+    return found
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def test_settings_round_trip_differences_and_variants(tmp_path):
+    settings = tiny()
+    path = tmp_path / SETTINGS_FILE
+    settings.save(path)
+    assert StudySettings.load(path) == settings
+    assert StudySettings.from_dict(json.loads(path.read_text())) == settings
+    assert settings.differences(settings) == []
+    other = tiny(seeds=2, lr=3e-3)
+    assert other.differences(settings) == ["seeds (1 there, 2 now)", "lr (0.001 there, 0.003 now)"]
+
+    quick = StudySettings.for_quick()
+    assert quick.quick and quick.seeds == 2 and quick.variants == ("ort", "none", "directional")
+    assert quick.layers <= 2 and StudySettings.full().layers == 6 and StudySettings.full().seeds >= 3
+    assert quick.models()[:3] == [("ort", 0), ("none", 0), ("directional", 0)]
+    # the variants differ in their geometry options only
+    options = {v: StudySettings.full().train_options(v, 1) for v in VARIANTS}
+    assert options["ort"]["geometry"] is True and "embedding" not in options["ort"]
+    assert options["none"]["geometry"] is False
+    assert options["directional"]["geometry"] is True and options["directional"]["embedding"] == "signed"
+    shared = {k: v for k, v in options["ort"].items() if k != "geometry"}
+    for variant in VARIANTS:
+        assert {k: v for k, v in options[variant].items() if k in shared} == shared
+        assert options[variant]["seed"] == 1
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"variants": ["ort", "left-right"]}, "variants"), ({"variants": ["ort", "ort"]}, "variants"),
+    ({"seeds": 0}, "seeds"), ({"steps": "10"}, "steps"), ({"quick": 1}, "quick"), ({"heads": 5}, "heads"),
+    ({"tokenizer": "perl"}, "tokenizer"), ({"colour": 1}, "colour"), ({"images": 5}, "images"),
+])
+def test_bad_settings_name_the_setting(changes, named):
+    with pytest.raises(ValueError, match=named):
+        tiny(**changes)
+
+
+def test_settings_file_missing_a_field_is_refused(tmp_path):
+    data = tiny().to_dict()
+    del data["steps"]
+    path = tmp_path / SETTINGS_FILE
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"{SETTINGS_FILE}.*steps"):
+        StudySettings.load(path)
+
+
+# ---------------------------------------------------------------------------- the runner
+
+
+def test_study_end_to_end(study):
+    out, recorder, log = study
+    assert len(recorder.calls) == 1
+    results = recorder.calls[0]
+    assert [(r["variant"], r["seed"]) for r in results] == [("ort", 0), ("none", 0)]
+    saved = json.loads(open(os.path.join(out, STUDY_FILE)).read())
+    assert saved["models"] == ["ort-seed0", "none-seed0"]
+    assert saved["settings"] == tiny().to_dict()
+    assert json.loads(open(os.path.join(out, SETTINGS_FILE)).read()) == tiny().to_dict()
+    assert finished_models(out, tiny()) == [("ort", 0), ("none", 0)]
+    for result in results:
+        assert set(result) == MODEL_FIELDS
+        folder = model_dir(out, result["variant"], result["seed"])
+        done = json.loads(open(os.path.join(folder, DONE_FILE)).read())
+        assert done["files"]["run/checkpoint-best.pt"] == file_sha256(os.path.join(folder, "run", "checkpoint-best.pt"))
+        for rel in ("eval/metrics_test.json", "eval/captions_test.json", "analysis/analysis.json",
+                    "dump/manifest.json"):
+            assert rel in done["files"]
+        config = json.loads(open(os.path.join(folder, "run", "train_config.json")).read())
+        assert config["geometry"] is (result["variant"] == "ort") and config["seed"] == result["seed"]
+        generated = json.loads(open(os.path.join(folder, "eval", "captions_test.json")).read())
+        assert result["captions"] == {g["image_id"]: g["caption"] for g in generated}
+        assert result["references"].keys() == result["captions"].keys() and len(result["captions"]) == 4
+        assert all(len(refs) == 5 and all(isinstance(r, str) for r in refs) for refs in result["references"].values())
+        assert result["metrics"]["n_images"] == 4 and "CIDEr" in result["metrics"]["metrics"]
+        assert result["metrics"]["beam_size"] == 2 and result["metrics"]["relation_counts"] is not None
+        assert [step for step, _ in result["val_curve"]] == [3, 6]
+        assert os.path.isfile(result["ground_truth"])
+        assert result["analysis"]["records"] > 0 and "entropy" in result["analysis"]
+        # the dump holds hypothetical captions and the objects' features, as the demo's
+        manifest = json.loads(open(os.path.join(folder, "dump", "manifest.json")).read())
+        assert manifest["metadata"]["split"] == "test"
+    assert any("2 of 2 models done" in line and "s left" in line for line in log)
+
+
+def test_model_results_fit_model_result():
+    """Runs once helper STATS's geocap.study.summary is merged: the runner's dicts are exactly
+    ModelResult's fields."""
+    summary = pytest.importorskip("geocap.study.summary")
+    from dataclasses import fields
+
+    assert {f.name for f in fields(summary.ModelResult)} == MODEL_FIELDS
+
+
+def test_rerun_skips_finished_models(study, tmp_path, trained):
+    out = copy_of(study, tmp_path)
+    before = snapshot(os.path.join(out, "models"))
+    recorder, log = Recorder(), Lines()
+    run_study(out, tiny(), aggregate=recorder, progress=False, log=log)
+    assert trained == []
+    assert snapshot(os.path.join(out, "models")) == before
+    assert len(recorder.calls) == 1 and [r["variant"] for r in recorder.calls[0]] == ["ort", "none"]
+    assert sum("finished earlier" in line for line in log) == 2
+
+
+@pytest.mark.parametrize("damage", ["done.json deleted", "checkpoint corrupt", "killed mid-way"])
+def test_unfinished_or_damaged_model_is_made_again(study, tmp_path, trained, damage):
+    out = copy_of(study, tmp_path)
+    victim = "none" if damage == "checkpoint corrupt" else "ort"
+    folder = model_dir(out, victim, 0)
+    other = "ort" if victim == "none" else "none"
+    kept_before = snapshot(model_dir(out, other, 0))
+    if damage == "done.json deleted":
+        os.remove(os.path.join(folder, DONE_FILE))
+    elif damage == "checkpoint corrupt":
+        ckpt = os.path.join(folder, "run", "checkpoint-best.pt")
+        data = bytearray(open(ckpt, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(ckpt, "wb").write(bytes(data))
+    else:  # a study killed while training: the model's folder holds a run and nothing else
+        for name in ("eval", "dump", "analysis", DONE_FILE):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    log = Lines()
+    run_study(out, tiny(), aggregate=Recorder(), progress=False, log=log)
+    assert trained == [f"{victim}-seed0"]
+    assert any(f"{victim}-seed0" in line and "making it again" in line for line in log)
+    assert snapshot(model_dir(out, other, 0)) == kept_before
+    assert finished_models(out, tiny()) == [("ort", 0), ("none", 0)]
+    # the same seed gives the same model
+    assert_same_weights(weights(out, victim, 0), weights(study[0], victim, 0))
+
+
+def test_other_settings_are_refused_and_nothing_changes(study, tmp_path, capsys):
+    out = copy_of(study, tmp_path)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"other settings: seeds \(1 there, 2 now\); steps \(6 there, 9 now\)"):
+        run_study(out, tiny(seeds=2, steps=9), aggregate=Recorder(), progress=False)
+    assert snapshot(out) == before
+    # the command line: one line, naming the setting, exit status 2
+    settings_file = tmp_path / "tiny.json"
+    settings_file.write_text(json.dumps(TINY))
+    assert cli_main(["study", "--out", out, "--settings", str(settings_file), "--seeds", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("geocap: error: ") and err.count("\n") == 1 and "seeds (1 there, 3 now)" in err
+    assert snapshot(out) == before
+
+
+def test_a_folder_that_is_not_a_study_is_refused(tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "thesis.tex").write_text("x")
+    with pytest.raises(ValueError, match="not a geocap study"):
+        run_study(out, tiny(), aggregate=Recorder(), progress=False)
+    assert os.listdir(out) == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--variants", "ort,sideways"], "sideways"), (["--seeds", "0"], "--seeds"),
+    (["--settings", "MISSING.json"], "MISSING.json"),
+])
+def test_command_line_bad_options(tmp_path, capsys, argv, named):
+    assert cli_main(["study", "--out", str(tmp_path / "s"), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("geocap: error: ") and err.count("\n") == 1 and named in err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_study_resumes_to_the_same_models(study, tmp_path, signum):
+    """SIGKILL (or SIGINT) a real ``geocap study`` once its first model is finished (during the
+    second); rerunning goes on: the first model is kept as it was, the second made again from the
+    start, and both equal the uninterrupted study's."""
+    out = str(tmp_path / "killed")
+    settings_file = tmp_path / "tiny.json"
+    settings_file.write_text(json.dumps(TINY))
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "geocap", "study", "--out", out, "--settings", str(settings_file),
+                             "--no-progress"], env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
+    first_done = os.path.join(model_dir(out, "ort", 0), DONE_FILE)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not os.path.exists(first_done):
+            assert proc.poll() is None, "the study ended before it could be killed"
+            assert time.monotonic() < deadline, "the first model took too long"
+            time.sleep(0.02)
+        proc.send_signal(signum)
+        proc.wait(TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log.seek(0)
+    output = log.read()
+    assert "none-seed0: done" not in output
+    if signum == signal.SIGINT:  # stopped through the command's clean-up
+        assert proc.returncode == 130 and "geocap: interrupted by SIGINT" in output, output
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert finished_models(out, tiny()) == [("ort", 0)]
+    first_sha = file_sha256(os.path.join(model_dir(out, "ort", 0), "run", "checkpoint-best.pt"))
+
+    lines = Lines()
+    recorder = Recorder()
+    run_study(out, tiny(), aggregate=recorder, progress=False, log=lines)
+    assert finished_models(out, tiny()) == [("ort", 0), ("none", 0)]
+    assert file_sha256(os.path.join(model_dir(out, "ort", 0), "run", "checkpoint-best.pt")) == first_sha
+    assert any("ort-seed0: finished earlier" in line for line in lines)
+    assert [r["variant"] for r in recorder.calls[0]] == ["ort", "none"]
+    for variant in ("ort", "none"):
+        assert_same_weights(weights(out, variant, 0), weights(study[0], variant, 0))
+    expected = study[1].calls[0]
+    for got, want in zip(recorder.calls[0], expected):
+        assert got["captions"] == want["captions"] and got["metrics"]["metrics"] == want["metrics"]["metrics"]
