@@ -2,8 +2,8 @@
 images, a 1-layer model, 6 steps): the layout end to end, rerun skipping finished models, a
 model whose done.json is gone or whose checkpoint is corrupt made again (and equal to the first
 one), other settings refused without touching the folder, and a SIGKILLed study resuming to the
-same models as an uninterrupted one. The aggregation is a recording stand-in (the real one,
-geocap.study.summary, is tested on its own)."""
+same models as an uninterrupted one. The aggregation there is a recording stand-in; one tiny study of
+all three variants runs the real geocap.study.summary end to end."""
 from __future__ import annotations
 
 import json
@@ -188,12 +188,40 @@ def test_study_end_to_end(study):
 
 
 def test_model_results_fit_model_result():
-    """Runs once helper STATS's geocap.study.summary is merged: the runner's dicts are exactly
-    ModelResult's fields."""
-    summary = pytest.importorskip("geocap.study.summary")
+    """The runner's dicts are exactly ModelResult's fields."""
     from dataclasses import fields
 
-    assert {f.name for f in fields(summary.ModelResult)} == MODEL_FIELDS
+    from geocap.study.summary import ModelResult
+
+    assert {f.name for f in fields(ModelResult)} == MODEL_FIELDS
+
+
+def test_a_tiny_study_of_every_variant_with_the_real_summary(tmp_path):
+    """The whole path the command takes: every variant (directional trains with the signed box
+    embedding), the real summarize and write_report, study.json with exactly the issue's keys."""
+    from geocap.data.dump_format import box_embedding, read_manifest
+    from geocap.study.findings import VERDICTS
+
+    out = str(tmp_path / "s")
+    settings = tiny(variants=["ort", "none", "directional"])
+    path = run_study(out, settings, progress=False)
+    study = json.loads(open(path).read())
+    assert set(study) == {"settings", "variants", "comparisons", "findings"}
+    assert set(study["variants"]) == {"ort", "none", "directional"}
+    for name, variant in study["variants"].items():
+        assert set(variant) >= {"seeds", "mean", "ci95"} and [s["seed"] for s in variant["seeds"]] == [0]
+    assert study["findings"] and all(f["verdict"] in VERDICTS for f in study["findings"])
+    assert all({"name", "seed_claim", "measured", "verdict", "variants"} <= set(f) for f in study["findings"])
+    assert os.path.isfile(os.path.join(out, "study.md"))
+    embeddings = {}
+    for variant in ("ort", "none", "directional"):
+        folder = model_dir(out, variant, 0)
+        config = json.loads(open(os.path.join(folder, "run", "train_config.json")).read())
+        embeddings[variant] = (config["geometry"], config.get("embedding"),
+                               box_embedding(read_manifest(os.path.join(folder, "dump"))["metadata"]))
+    assert embeddings["ort"] == (True, "ort", "ort")
+    assert embeddings["directional"] == (True, "signed", "signed")
+    assert embeddings["none"][0] is False and embeddings["none"][2] == "none"
 
 
 def test_rerun_skips_finished_models(study, tmp_path, trained):
