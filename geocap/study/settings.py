@@ -9,7 +9,7 @@ model's initialisation, dropout and the data order).
 
 Sizes, from the time per training step measured on the 2-core CPU machine the study was
 written on (torch 2.13, fp32, batches of 10 images with their 5 captions, d_model 128, 4 heads,
-d_ff 256, 256-dimensional features, one torch thread because the machine was shared; 2026-12-05):
+d_ff 256, 256-dimensional features, one torch thread because the machine was shared; 2026-12-04):
 2 layers 0.067 s/step, 6 layers 0.24 s/step (6 layers, d_model 256, d_ff 1024: 0.59 s/step).
 Two torch threads on the same, shared, cores were 7-25x slower (1.65 s/step for 2 layers):
 on a shared machine run the study with ``OMP_NUM_THREADS=1``.
