@@ -390,3 +390,17 @@ def test_one_seed_one_variant_without_ground_truth(synth, analyses, tmp_path):
     json.dumps(got, allow_nan=False)
     write_report(got, tmp_path)
     assert "One seed only" in (tmp_path / "study.md").read_text()
+
+
+def test_convergence_is_the_gain_over_the_last_fifth():
+    from geocap.study.summary import convergence
+
+    rising = [[s, 0.5 + s / 1000] for s in range(100, 1001, 100)]       # +~11 % from the 4th to the 5th fifth
+    flat = [[s, 0.8 + (0.004 if s % 200 else -0.004)] for s in range(100, 1001, 100)]
+    assert convergence(rising)["converged"] is False and convergence(rising)["gain_last_fifth"] > 0.02
+    assert convergence(flat)["converged"] is True and abs(convergence(flat)["gain_last_fifth"]) < 0.02
+    # the threshold sits at 2 %: 1.9 % converges, 2.1 % does not
+    assert convergence([[60, 1.0], [80, 1.0], [100, 1.019]])["converged"] is True
+    assert convergence([[60, 1.0], [80, 1.0], [100, 1.021]])["converged"] is False
+    assert convergence([]) == {"gain_last_fifth": None, "converged": None}
+    assert convergence([[100, 0.5]])["converged"] is None               # no earlier fifth

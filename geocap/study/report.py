@@ -104,6 +104,25 @@ def _variant_lines(variants: dict) -> list[str]:
     return lines
 
 
+def _convergence_lines(variants: dict) -> list[str]:
+    rows, verdicts = [], []
+    for v, entry in variants.items():
+        for s in entry["seeds"]:
+            c = s.get("convergence") or {}
+            gain, converged = c.get("gain_last_fifth"), c.get("converged")
+            rows.append([v, s["seed"], "-" if gain is None else f"{100 * gain:+.1f} %",
+                         "unknown" if converged is None else ("yes" if converged else "**no**")])
+            verdicts.append(converged)
+    summary = ("every model has converged by this criterion" if all(verdicts) else
+               "**not every model has converged by this criterion**: read the comparisons as those of models "
+               "trained for this budget, not of converged ones")
+    return ["## Convergence", "",
+            "Gain of validation CIDEr-D over the last fifth of training (its mean over validations after 80 % of "
+            "the steps over its mean between 60 and 80 %, minus 1); converged when under 2 % "
+            f"(the issue's criterion): {summary}.", ""] + _table(["variant", "seed", "gain, last fifth", "converged"],
+                                                                 rows) + [""]
+
+
 def _relation_lines(variants: dict) -> list[str]:
     names = list(next(iter(variants.values()))["mean"]["relations"])
     rows = []
@@ -181,6 +200,7 @@ def _markdown(study: dict) -> str:
     lines += _settings_lines(study.get("settings"))
     lines += _variant_lines(variants)
     lines += [f"![caption metrics]({FIGURES['metrics']})", "", f"![validation CIDEr-D]({FIGURES['val_curves']})", ""]
+    lines += _convergence_lines(variants)
     lines += _comparison_lines(study["comparisons"])
     lines += _relation_lines(variants)
     lines += _finding_lines(study["findings"])

@@ -11,7 +11,8 @@ adds), from one :class:`ModelResult` per trained (variant, seed).
   here from the per-image statistics (:mod:`.stats`); ``evaluate``: the same four numbers as
   ``geocap evaluate`` wrote them (metrics_test.json), for cross-checking; ``tokenizer`` (the one
   used here) and ``evaluate_tokenizer``; ``n_images``; ``val_curve`` [[step, validation CIDEr-D]];
-  ``attention``: :func:`.findings.attention_summary` of its analysis.json.
+  ``attention``: :func:`.findings.attention_summary` of its analysis.json; ``convergence``:
+  :func:`convergence` of its validation curve (the issue's 2 % criterion).
 * ``mean`` / ``ci95``: per metric of :data:`.stats.METRICS` the mean over seeds and the hierarchical
   paired bootstrap's 95% interval ([lo, hi] or None); ``relations`` {name: {``accuracy``, ``uses``
   (over all seeds)}} / {name: interval}; ``relation_groups`` (left/right, above/below) likewise;
@@ -117,6 +118,27 @@ def _none_if_nan(x) -> Optional[float]:
     return None if x != x else x
 
 
+CONVERGED_GAIN = 0.02  # the issue's criterion: under 2 % gain over the last fifth of training
+
+
+def convergence(curve: list) -> dict:
+    """Whether a validation curve ``[[step, CIDEr-D], ...]`` has flattened: ``gain_last_fifth`` =
+    the mean validation CIDEr-D over the last fifth of training (steps above 80 % of the last
+    validated step) over its mean in the fifth before (60-80 %), minus 1; ``converged`` when that
+    gain is under :data:`CONVERGED_GAIN`. Means over each fifth rather than single points, since
+    one validation on a few hundred images moves by several per cent. Both None when either fifth
+    holds no validation or the earlier mean is not positive."""
+    if not curve:
+        return {"gain_last_fifth": None, "converged": None}
+    end = curve[-1][0]
+    last = [v for step, v in curve if step > 0.8 * end]
+    before = [v for step, v in curve if 0.6 * end < step <= 0.8 * end]
+    if not last or not before or sum(before) <= 0:
+        return {"gain_last_fifth": None, "converged": None}
+    gain = (sum(last) / len(last)) / (sum(before) / len(before)) - 1.0
+    return {"gain_last_fifth": gain, "converged": bool(gain < CONVERGED_GAIN)}
+
+
 def _seed_entry(r: ModelResult, stats) -> dict:
     values = {m: _none_if_nan(v[0]) for m, v in metric_values(stats).items()}
     uses, correct = stats.relation_uses.sum(axis=0), stats.relation_correct.sum(axis=0)
@@ -131,6 +153,7 @@ def _seed_entry(r: ModelResult, stats) -> dict:
     except ValueError as err:
         raise ValueError(f"{_name(r)}: {err}") from None
     return {"seed": r.seed, **{m: values[m] for m in METRICS},
+            "convergence": convergence(curve),
             "relations": {name: {"accuracy": values[f"relation_accuracy.{name}"], "uses": int(uses[k]),
                                  "correct": int(correct[k])} for k, name in enumerate(RELATIONS)},
             "evaluate": evaluated, "tokenizer": stats.tokenizer, "evaluate_tokenizer": r.metrics.get("tokenizer"),
