@@ -17,7 +17,8 @@ stamp="$venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build here
     "$py" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-    "$py" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+    # the pin again: nothing the extras pull (transformers, ...) may replace it
+    "$py" -m pip install --quiet --disable-pip-version-check -e ".[test]" "torch==2.13.0"
     touch "$stamp"
 fi
 

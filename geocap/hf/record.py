@@ -140,14 +140,12 @@ def _reference_ids(caption, captioner, tok, image_id: int, j: int) -> list:
 
 
 def _generated_ids(sequence: list, captioner, image_id: int) -> list:
-    """``generate()``'s output without its start token, cut after the first end token."""
+    """``generate()``'s output for one image without its start token (one image is never
+    padded: the output ends at the end token, or where generation was cut)."""
     if not sequence or sequence[0] != captioner.start_id:
         raise ValueError(f"image {image_id}: {captioner.name}.generate() did not start with the start token "
                          f"{captioner.start_id}: {sequence[:5]}")
-    ids = sequence[1:]
-    if captioner.eos_id in ids:
-        ids = ids[:ids.index(captioner.eos_id) + 1]
-    return ids
+    return sequence[1:]
 
 
 def _token_strings(ids: list, eos_id: int, tok) -> list:
