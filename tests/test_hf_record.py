@@ -162,3 +162,26 @@ def test_bad_input_is_a_clear_error():
         record_captions(model, PIXELS, image_ids=[1, 2], captions=CAPTIONS, what="cross")
     with pytest.raises(ValueError, match="training mode"):
         record_captions(model.train(), PIXELS, image_ids=[1, 2], captions=CAPTIONS)
+
+
+def word_tokenizer():
+    """A word-level tokenizer over the tiny decoder's 50 ids, built here: "[BOS]" = START,
+    "[EOS]" = EOS, "a" = 3, "dog" = 4, "w5".."w49" the rest."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    words = ["[PAD]", "[BOS]", "[EOS]", "a", "dog"] + [f"w{i}" for i in range(5, 50)]
+    tokenizer = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[PAD]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    # like BERT's (BLIP's) tokenizer, it wraps text in special tokens unless told not to
+    tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]",
+                                                             special_tokens=[("[BOS]", START), ("[EOS]", EOS)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="[BOS]", eos_token="[EOS]",
+                                                pad_token="[PAD]")
+
+
+def test_text_captions_and_token_strings_come_from_the_tokenizer():
+    model, tokenizer = vision_encoder_decoder(), word_tokenizer()
+    (text, ids), = record_captions(model, PIXELS[:1], image_ids=[4], captions=[["a dog w7", [3, 4, 7]]],
+                                   tokenizer=tokenizer)
+    assert text.tokens == ids.tokens == ["a", "dog", "w7", "<eos>"]
+    assert text.extra["token_ids"] == ids.extra["token_ids"] == [3, 4, 7, EOS]
+    assert np.array_equal(text.cross, ids.cross) and np.array_equal(text.decoder_entropy, ids.decoder_entropy)
