@@ -17,7 +17,7 @@ TINY_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2
 START, EOS = 1, 2
 
 
-def vision_encoder_decoder():
+def vision_encoder_decoder(attention="eager"):
     torch.manual_seed(0)
     config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
         transformers.ViTConfig(**TINY_VIT),
@@ -25,21 +25,17 @@ def vision_encoder_decoder():
         transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, add_cross_attention=True,
                                 tie_word_embeddings=False, bos_token_id=START, eos_token_id=EOS))
     config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = START, 0, EOS
-    model = transformers.VisionEncoderDecoderModel(config=config)
-    model.config._attn_implementation = "eager"
-    return model.eval()
+    return transformers.VisionEncoderDecoderModel._from_config(config, attn_implementation=attention).eval()
 
 
-def blip():
+def blip(attention="eager"):
     torch.manual_seed(0)
     config = transformers.BlipConfig(
         vision_config=TINY_VIT,
         text_config=dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, encoder_hidden_size=32, bos_token_id=START, sep_token_id=EOS,
                          eos_token_id=EOS, pad_token_id=0))
-    model = transformers.BlipForConditionalGeneration(config)
-    model.config._attn_implementation = "eager"
-    return model.eval()
+    return transformers.BlipForConditionalGeneration._from_config(config, attn_implementation=attention).eval()
 
 
 MODELS = {"VisionEncoderDecoderModel": vision_encoder_decoder, "BlipForConditionalGeneration": blip}
@@ -148,6 +144,14 @@ def test_unsupported_model_names_its_class_and_the_supported_ones():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)).eval()
     with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel.*VisionEncoderDecoderModel, BlipForConditionalGeneration"):
         record_captions(model, PIXELS, image_ids=[1, 2], captions=CAPTIONS)
+
+
+def test_a_model_that_returns_no_maps_is_told_to_use_eager_attention():
+    # with SDPA attention, transformers returns empty tuples of maps (BLIP has no SDPA path at all)
+    model = vision_encoder_decoder(attention="sdpa")
+    with pytest.raises(ValueError, match="VisionEncoderDecoderModel returned no encoder attention maps: "
+                                         ".*attn_implementation='eager'"):
+        record_captions(model, PIXELS[:1], image_ids=[1], captions=[[[3]]])
 
 
 def test_bad_input_is_a_clear_error():

@@ -100,7 +100,7 @@ class _Captioner:
 
     @staticmethod
     def _require(maps, what: str, name: str):
-        if maps is None or any(m is None for m in maps):
+        if not maps or any(m is None for m in maps):
             raise ValueError(f"{name} returned no {what} attention maps: load it with attn_implementation='eager'")
         return maps
 
