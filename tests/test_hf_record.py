@@ -189,3 +189,12 @@ def test_text_captions_and_token_strings_come_from_the_tokenizer():
     assert text.tokens == ids.tokens == ["a", "dog", "w7", "<eos>"]
     assert text.extra["token_ids"] == ids.extra["token_ids"] == [3, 4, 7, EOS]
     assert np.array_equal(text.cross, ids.cross) and np.array_equal(text.decoder_entropy, ids.decoder_entropy)
+
+
+def test_geocap_imports_no_transformers_until_a_model_is_recorded():
+    import subprocess
+    import sys
+    code = ("import sys, geocap.cli, geocap.analysis, geocap.dump, geocap.hf; "
+            "print(sorted(m for m in ('transformers', 'kernels') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
