@@ -56,7 +56,8 @@ def own_attention(model, pixels, ids):
             out = model(pixel_values=pixels, input_ids=inputs, output_attentions=True)
             text = model.text_decoder(input_ids=inputs, encoder_hidden_states=out.last_hidden_state,
                                       output_attentions=True)
-            encoder, decoder, cross, hidden = out.attentions, text.attentions, text.cross_attentions, out.last_hidden_state
+            encoder, hidden = out.attentions, out.last_hidden_state
+            decoder, cross = text.attentions, text.cross_attentions
     stack = lambda maps: torch.stack([m[0] for m in maps])  # noqa: E731
     return {"encoder_self": stack(encoder), "decoder_self": stack(decoder), "cross": stack(cross)}, hidden[0]
 
@@ -142,7 +143,8 @@ def test_records_carry_the_class_token_flag_and_pass_the_analyses(name):
 
 def test_unsupported_model_names_its_class_and_the_supported_ones():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)).eval()
-    with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel.*VisionEncoderDecoderModel, BlipForConditionalGeneration"):
+    supported = "VisionEncoderDecoderModel, BlipForConditionalGeneration"
+    with pytest.raises(UnsupportedModel, match=f"GPT2LMHeadModel is not supported.*supported: {supported}"):
         record_captions(model, PIXELS, image_ids=[1, 2], captions=CAPTIONS)
 
 
