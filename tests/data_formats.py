@@ -211,3 +211,23 @@ def sizes_of(images: Iterable[PixelImage]) -> dict:
     """{image_id: (width, height)} of PixelImages."""
     return {image.image_id: (image.width, image.height) for image in images}
 
+
+def corrupt_signature(path, signature: bytes, at: int = 0):
+    """Overwrite the ``at``-th occurrence of an HDF5 structure's signature (b"HEAP" a local heap,
+    b"SNOD" a group's symbol table node, b"TREE" a B-tree node) with junk."""
+    data = bytearray(path.read_bytes())
+    pos = -1
+    for _ in range(at + 1):
+        pos = data.index(signature, pos + 1)
+    data[pos:pos + len(signature)] = b"\xa5" * len(signature)
+    path.write_bytes(bytes(data))
+
+
+def corrupt_header_bytes(path, seed: int):
+    """Four random bytes of the first 4 KiB (superblock, root group, object headers) overwritten."""
+    import random
+    data = bytearray(path.read_bytes())
+    rnd = random.Random(seed)
+    for _ in range(4):
+        data[rnd.randrange(min(4096, len(data)))] = rnd.randrange(256)
+    path.write_bytes(bytes(data))

@@ -499,34 +499,13 @@ def test_prepro_from_public_formats(tmp_path, capsys):
 # ---------------------------------------------------------------------------- corrupt HDF5 metadata
 
 
-def _corrupt(path, signature: bytes, at: int = 0):
-    """Overwrite the ``at``-th occurrence of an HDF5 structure's signature (b"HEAP" a local heap,
-    b"SNOD" a group's symbol table node, b"TREE" a B-tree node) with junk."""
-    data = bytearray(path.read_bytes())
-    pos = -1
-    for _ in range(at + 1):
-        pos = data.index(signature, pos + 1)
-    data[pos:pos + len(signature)] = b"\xa5" * len(signature)
-    path.write_bytes(bytes(data))
-
-
-def _corrupted_tree(path, seed: int):
-    """Four random bytes of the first 4 KiB (superblock, root group, object headers) overwritten."""
-    import random
-    data = bytearray(path.read_bytes())
-    rnd = random.Random(seed)
-    for _ in range(4):
-        data[rnd.randrange(min(4096, len(data)))] = rnd.randrange(256)
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("source", ["store", "m2-h5"])
 @pytest.mark.parametrize("damage", ["HEAP", "SNOD", "TREE", "random"])
 def test_corrupt_hdf5_metadata_is_one_line_naming_the_file(tmp_path, capsys, source, damage):
     """Damaged HDF5 metadata in a feature store or an M2 file: `geocap prepro features` exits 2 with
     one line `geocap: error: ...` naming the file (h5py raises RuntimeError, KeyError or OSError
     there, depending on the structure hit)."""
-    from data_formats import random_images, sizes_of, write_json, write_m2_h5
+    from data_formats import corrupt_header_bytes, corrupt_signature, random_images, sizes_of, write_json, write_m2_h5
 
     from geocap.cli import main
     bad = tmp_path / "bad.h5"
@@ -544,9 +523,9 @@ def test_corrupt_hdf5_metadata_is_one_line_naming_the_file(tmp_path, capsys, sou
     for seed in seeds:
         bad.write_bytes(pristine)
         if seed is None:
-            _corrupt(bad, damage.encode())
+            corrupt_signature(bad, damage.encode())
         else:
-            _corrupted_tree(bad, seed)
+            corrupt_header_bytes(bad, seed)
         out = tmp_path / "out.h5"
         code = main(["prepro", "features", "--from", source, str(bad), "--out", str(out), "--no-progress", *extra])
         err = capsys.readouterr().err

@@ -280,3 +280,43 @@ def test_vocab_file_without_ids_and_padding_with_the_pad_id(tmp_path):
     assert got.vocab == vocab and got.vocab.pad_id == 1
     assert got.tokens[6].tolist() == [0, 1, 1, 1, 1]  # "zebra": <unk>, then padding
     assert vocab.decode(got.tokens[0]) == "a cat <unk> <unk> a"
+
+
+@pytest.mark.parametrize("damage", ["HEAP", "SNOD", "TREE", "random"])
+def test_corrupt_hdf5_captions_and_cocotalk_labels_name_the_file(caps_dir, tmp_path, capsys, damage):
+    """Damaged HDF5 metadata in a captions file (load_captions) or a cocotalk label file (prepro
+    captions --cocotalk) is a DataError naming the file, and on the command line one line
+    `geocap: error: ...` (h5py raises RuntimeError, KeyError, ValueError or OSError depending on
+    the structure hit)."""
+    from data_formats import corrupt_header_bytes, corrupt_signature, random_captions, write_cocotalk
+
+    from geocap.cli import main as cli_main
+    splits = {21: "restval", 20: "val", 22: "test", 23: "train"}
+    captions = random_captions(np.random.default_rng(0), list(splits), per_image=5, max_words=12)
+    write_cocotalk(tmp_path / "cocotalk.json", tmp_path / "cocotalk_label.h5", captions, splits)
+    targets = {"captions": caps_dir / "captions.h5", "cocotalk": tmp_path / "cocotalk_label.h5"}
+    pristine = {name: path.read_bytes() for name, path in targets.items()}
+    failures = {name: 0 for name in targets}
+    for seed in (range(20) if damage == "random" else [None]):
+        for name, path in targets.items():
+            path.write_bytes(pristine[name])
+            if seed is None:
+                corrupt_signature(path, damage.encode())
+            else:
+                corrupt_header_bytes(path, seed)
+        try:
+            load_captions(caps_dir)
+        except DataError as err:
+            failures["captions"] += 1
+            assert str(targets["captions"]) in str(err), str(err)
+        out = tmp_path / f"caps-{seed}"
+        code = cli_main(["prepro", "captions", "--cocotalk", str(tmp_path / "cocotalk.json"),
+                         str(targets["cocotalk"]), "--out", str(out), "--min-count", "1", "--no-progress"])
+        err = capsys.readouterr().err
+        if code != 0:
+            failures["cocotalk"] += 1
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("geocap: error: "), err
+            assert str(targets["cocotalk"]) in lines[0], err
+            assert not out.exists()
+    assert failures["captions"] and failures["cocotalk"], failures

@@ -41,6 +41,7 @@ import h5py
 import numpy as np
 
 from geocap.data.atomic import atomic_output, write_text_atomic
+from geocap.data.hdf5_errors import named_hdf5_errors
 from geocap.data.json_file import read_json
 from geocap.data.items import Caption, CaptionSet, DataError
 from geocap.progress import progress_bar
@@ -302,7 +303,7 @@ def load_captions(directory) -> EncodedCaptions:
         h5 = h5py.File(path, "r", locking=False)
     except OSError as err:
         raise DataError(f"{path}: not a readable HDF5 file ({err})") from None
-    with h5:
+    with h5, named_hdf5_errors(path, "captions file"):
         attrs = dict(h5.attrs)
         if attrs.get("format") != CAPTIONS_FORMAT:
             raise DataError(f"{path}: not a geocap captions file (format {attrs.get('format')!r})")
@@ -316,10 +317,7 @@ def load_captions(directory) -> EncodedCaptions:
         missing = [n for n in names if n not in h5]
         if missing:
             raise DataError(f"{path}: incomplete captions file, missing {', '.join(missing)}")
-        try:
-            data = {n: h5[n][()] for n in names}
-        except OSError as err:
-            raise DataError(f"{path}: unreadable captions file ({err})") from None
+        data = {n: h5[n][()] for n in names}
     split_names = json.loads(attrs["split_names"])
     max_len = int(attrs["max_len"])
     m = len(data["image_id"])

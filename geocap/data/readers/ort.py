@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Optional
 import h5py
 import numpy as np
 
+from ..hdf5_errors import named_hdf5_errors
 from ..items import Caption, CaptionSet, DataError, ImageFeatures
 from ._common import (FeatureStream, ReadStats, check_on_error, handle, int_field, load_json,
                       make_image, requested_ids, size_of)
@@ -145,12 +146,16 @@ def read_cocotalk(json_path, label_path) -> CocotalkCaptions:
     if not isinstance(images, list):
         raise DataError(f"{json_path}: no 'images' list")
     try:
-        with h5py.File(label_path, "r") as f:
-            labels = f["labels"][()]
-            starts = f["label_start_ix"][()]
-            ends = f["label_end_ix"][()]
-    except (OSError, KeyError) as err:
+        f = h5py.File(label_path, "r")
+    except OSError as err:
         raise DataError(f"{label_path}: not a cocotalk label file ({err})") from None
+    with f, named_hdf5_errors(label_path, "cocotalk label file"):
+        missing = [n for n in ("labels", "label_start_ix", "label_end_ix") if n not in f]
+        if missing:
+            raise DataError(f"{label_path}: not a cocotalk label file (missing {', '.join(missing)})")
+        labels = f["labels"][()]
+        starts = f["label_start_ix"][()]
+        ends = f["label_end_ix"][()]
     if labels.ndim != 2 or labels.dtype.kind not in "iu":
         raise DataError(f"{label_path}: labels have shape {labels.shape} and dtype {labels.dtype}, "
                         f"expected int [M, L]")
