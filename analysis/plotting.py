@@ -19,7 +19,7 @@ DPI = 110
 ATTENTION_COLOURS = {"encoder_self": "#1f77b4", "decoder_self": "#ff7f0e", "cross": "#2ca02c"}
 
 
-def _figure(panels: int) -> tuple[Figure, list]:
+def new_figure(panels: int) -> tuple[Figure, list]:
     fig = Figure(figsize=(5.0 * panels, 3.8), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     fig.get_layout_engine().set(w_pad=0.15, wspace=0.08)
@@ -27,17 +27,17 @@ def _figure(panels: int) -> tuple[Figure, list]:
     return fig, list(axes)
 
 
-def _layer_axis(ax) -> None:
+def layer_axis(ax) -> None:
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _save(fig: Figure, path) -> None:
+def save_figure(fig: Figure, path) -> None:
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png")
 
 
-def _missing(ax, title: str, reason: str | None) -> None:
+def mark_missing(ax, title: str, reason: str | None) -> None:
     ax.set_title(title)
     ax.text(0.5, 0.5, "not computed:\n" + (reason or "no data"), ha="center", va="center", wrap=True,
             fontsize=9, transform=ax.transAxes)
@@ -54,7 +54,7 @@ def _masked(values) -> np.ndarray:
 
 def plot_entropy(result, path) -> None:
     """Mean normalised entropy per layer, one line per attention kind (heads as a shaded range)."""
-    fig, (ax,) = _figure(1)
+    fig, (ax,) = new_figure(1)
     drawn = False
     for kind in ("encoder_self", "decoder_self", "cross"):
         per_head = result.per_head.get(kind)
@@ -66,21 +66,21 @@ def plot_entropy(result, path) -> None:
         ax.fill_between(layers, per_head.min(axis=1), per_head.max(axis=1), alpha=0.15, color=colour)
         drawn = True
     if not drawn:
-        _missing(ax, "attention entropy", "; ".join(f"{k}: {v}" for k, v in result.unavailable.items()))
+        mark_missing(ax, "attention entropy", "; ".join(f"{k}: {v}" for k, v in result.unavailable.items()))
     else:
-        _layer_axis(ax)
+        layer_axis(ax)
         ax.set_ylabel("normalised entropy (1 = uniform)")
         ax.set_ylim(0, 1.05)
         ax.set_title("attention entropy per layer (band: range over heads)")
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_thematic(result, path) -> None:
     """Affinity heatmap, layer x head (1 = chance), and the within/across cluster feature cosines."""
-    fig, (heat, bars) = _figure(2)
+    fig, (heat, bars) = new_figure(2)
     if result.affinity is None:
-        _missing(heat, "within-cluster affinity", result.unavailable.get("affinity"))
+        mark_missing(heat, "within-cluster affinity", result.unavailable.get("affinity"))
     else:
         aff = _masked(result.affinity)
         top = max(2.0, float(aff.max()) if aff.count() else 2.0)
@@ -93,14 +93,14 @@ def plot_thematic(result, path) -> None:
         heat.set_yticks(range(aff.shape[0]), [str(l + 1) for l in range(aff.shape[0])])
         heat.set_title("attention within the query's cluster")
     if result.same_cluster_cosine is None or result.diff_cluster_cosine is None:
-        _missing(bars, "feature cosine", result.unavailable.get("same_cluster_cosine")
+        mark_missing(bars, "feature cosine", result.unavailable.get("same_cluster_cosine")
                  or result.unavailable.get("diff_cluster_cosine"))
     else:
         bars.bar(["same cluster", "different clusters"], [result.same_cluster_cosine, result.diff_cluster_cosine],
                  color=["tab:red", "tab:blue"])
         bars.set_ylabel("mean cosine similarity")
         bars.set_title("object features (seed: 0.50 vs 0.31)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_proximity(result, path) -> None:
@@ -108,12 +108,12 @@ def plot_proximity(result, path) -> None:
     pairs behind each bin (grey bars, right axis); bins under ``MIN_BIN_PAIRS`` pairs are left out."""
     from .proximity import MIN_BIN_PAIRS
 
-    fig, axes = _figure(2)
+    fig, axes = new_figure(2)
     for ax, measure, label in zip(axes, ("distance", "similarity"),
                                   ("normalised box-centre distance", "feature cosine similarity")):
         curve = result.shown_curve(measure)
         if curve is None:
-            _missing(ax, f"attention vs {measure}", result.unavailable.get(f"spearman_{measure}"))
+            mark_missing(ax, f"attention vs {measure}", result.unavailable.get(f"spearman_{measure}"))
             continue
         edges = result.edges(measure)
         centres = (edges[:-1] + edges[1:]) / 2
@@ -133,7 +133,7 @@ def plot_proximity(result, path) -> None:
         ax.set_ylabel("mean attention weight (head mean)")
         ax.set_title(f"attention vs {measure} ({result.images} images)")
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def rate_limits(*series, floor: float = 0.05) -> tuple[float, float]:
@@ -166,9 +166,9 @@ def plot_grounding(result, path) -> None:
     """Grounding accuracy per layer vs chance (head-mean map and the layer's best head), and the
     hypothetical follow rate against its same-step baseline and the stay rate; error bars: one
     standard error over images; the y range is zoomed onto the values."""
-    fig, (acc, follow) = _figure(2)
+    fig, (acc, follow) = new_figure(2)
     if result.accuracy is None:
-        _missing(acc, "grounding accuracy", result.unavailable.get("accuracy"))
+        mark_missing(acc, "grounding accuracy", result.unavailable.get("accuracy"))
     else:
         best_head = np.max(result.accuracy_per_head, axis=1)
         _rate(acc, result.accuracy, result.uncertainty.get("accuracy"), marker="o", label="head-mean map")
@@ -176,12 +176,12 @@ def plot_grounding(result, path) -> None:
         acc.axhline(result.chance, color="gray", linestyle="--", label="chance")
         acc.set_ylim(*rate_limits(*_spread(result.accuracy, result.uncertainty.get("accuracy")), best_head,
                                   [result.chance]))
-        _layer_axis(acc)
+        layer_axis(acc)
         acc.set_ylabel("referent is most attended")
         acc.set_title(f"noun grounding in cross-attention ({result.tokens} nouns)")
         acc.legend(fontsize=8)
     if result.follow_rate is None:
-        _missing(follow, "hypothetical captions", result.unavailable.get("hypothetical_follow_rate"))
+        mark_missing(follow, "hypothetical captions", result.unavailable.get("hypothetical_follow_rate"))
     else:
         u = result.uncertainty
         _rate(follow, result.follow_rate, u.get("hypothetical_follow_rate"), marker="o",
@@ -195,8 +195,8 @@ def plot_grounding(result, path) -> None:
                  "hypothetical_follow_rate_same_step": result.follow_rate_same_step}
         spread = [part for key, values in rates.items() for part in _spread(values, u.get(key))]
         follow.set_ylim(*rate_limits(*spread, [result.hypothetical_chance]))
-        _layer_axis(follow)
+        layer_axis(follow)
         follow.set_ylabel("share of swapped nouns")
         follow.set_title(f"hypothetical captions ({result.hypothetical_tokens} swaps)")
         follow.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

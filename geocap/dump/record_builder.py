@@ -22,7 +22,7 @@ from geocap.data.attention_record import Record
 
 WHAT = {"encoder": "encoder_self", "decoder": "decoder_self", "cross": "cross"}
 
-__all__ = ["CaptionRow", "WHAT", "generate_rows", "record_batch"]
+__all__ = ["CaptionRow", "WHAT", "generate_rows", "record_batch", "stack_layers"]
 
 
 @dataclass
@@ -38,7 +38,7 @@ class CaptionRow:
     source_referents: Optional[np.ndarray] = None
 
 
-def _stack(layers, dtype) -> Optional[np.ndarray]:
+def stack_layers(layers, dtype) -> Optional[np.ndarray]:
     """``[B, L, H, ...]`` numpy from a model ``AttentionMaps``'s per-layer list (``[B, H, ...]`` each)."""
     if not layers or layers[0] is None:
         return None
@@ -51,7 +51,7 @@ def encode_batch(model, features: torch.Tensor, boxes: torch.Tensor, mask: torch
     if not record_encoder:
         return model.encode(features, boxes, mask), None, None
     memory, rec = model.encode(features, boxes, mask, return_attention=True)
-    return memory, _stack(rec.encoder_probs, torch.float16), _stack(rec.encoder_entropy, torch.float32)
+    return memory, stack_layers(rec.encoder_probs, torch.float16), stack_layers(rec.encoder_entropy, torch.float32)
 
 
 def generate_rows(model, memory, *, beam_size: int, max_len: int) -> list:
@@ -96,10 +96,10 @@ def record_batch(model, features: torch.Tensor, boxes: torch.Tensor, mask: torch
             index = torch.tensor([r.image for r in rows], dtype=torch.long, device=memory.states.device)
             _, rec = model.teacher_force(memory.index_select(index), inputs.to(index.device), return_attention=True)
             if "decoder_self" in names:
-                dec["decoder_self"] = (_stack(rec.decoder_probs, torch.float16),
-                                       _stack(rec.decoder_entropy, torch.float32))
+                dec["decoder_self"] = (stack_layers(rec.decoder_probs, torch.float16),
+                                       stack_layers(rec.decoder_entropy, torch.float32))
             if "cross" in names:
-                dec["cross"] = (_stack(rec.cross_probs, torch.float16), _stack(rec.cross_entropy, torch.float32))
+                dec["cross"] = (stack_layers(rec.cross_probs, torch.float16), stack_layers(rec.cross_entropy, torch.float32))
     counts = mask.sum(1).tolist()
     box_np = boxes.float().cpu().numpy()
     out = [[] for _ in range(len(image_ids))]

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from geocap.data.attention_record import ENTROPY_NAMES, Record
-from geocap.dump.record_builder import WHAT, _stack
+from geocap.dump.record_builder import WHAT, stack_layers
 from geocap.kernels import attention_entropy
 
 from .models import SUPPORTED, UnsupportedModel, captioner_for, import_transformers
@@ -102,7 +101,7 @@ def _maps_and_entropy(name: str, layers) -> dict:
     """``{name: [L, H, R, K] float16, entropy name: [L, H, R] float32}`` from the model's
     per-layer ``[1, H, R, K]`` maps; entropies by the streaming kernel on the uncast maps."""
     maps = torch.stack([m[0] for m in layers]).float()
-    return {name: _stack(layers, torch.float16)[0], ENTROPY_NAMES[name]: attention_entropy(maps).cpu().numpy()}
+    return {name: stack_layers(layers, torch.float16)[0], ENTROPY_NAMES[name]: attention_entropy(maps).cpu().numpy()}
 
 
 def _check_what(what) -> set:

@@ -165,7 +165,7 @@ def attention_findings(variant: str, summaries: Sequence[Mapping]) -> list[dict]
         out.append(_finding(
             f"entropy_{kind}", f"Attention entropy falls with depth ({kind.replace('_', ' ')} attention): deeper "
             f"layers concentrate on fewer objects or words ({SEED}).", v,
-            [_effect(f"normalised entropy, last layer - layer 1", -1, [_change(c) for c in curves],
+            [_effect("normalised entropy, last layer - layer 1", -1, [_change(c) for c in curves],
                      [_change_se(c) for c in curves])],
             [by_layer("normalised entropy", curves)]))
     curves = [s["proximity_distance"] for s in summaries]

@@ -213,9 +213,9 @@ def _markdown(study: dict) -> str:
 # -- figures -----------------------------------------------------------------------------------------
 
 def _plot_val_curves(variants: dict, path) -> None:
-    from geocap.analysis.plotting import _figure, _missing, _save
+    from geocap.analysis.plotting import mark_missing, new_figure, save_figure
 
-    fig, (ax,) = _figure(1)
+    fig, (ax,) = new_figure(1)
     drawn = False
     for v, entry in variants.items():
         for k, s in enumerate(entry["seeds"]):
@@ -225,13 +225,13 @@ def _plot_val_curves(variants: dict, path) -> None:
                         label=v if k == 0 else None, linestyle=("-", "--", ":", "-.")[k % 4])
                 drawn = True
     if not drawn:
-        _missing(ax, "validation CIDEr-D", "no validation curve recorded")
+        mark_missing(ax, "validation CIDEr-D", "no validation curve recorded")
     else:
         ax.set_xlabel("training step")
         ax.set_ylabel("validation CIDEr-D")
         ax.set_title("validation CIDEr-D per model (line style: seed)")
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _band(ax, rows, **style) -> bool:
@@ -247,9 +247,9 @@ def _band(ax, rows, **style) -> bool:
 
 
 def _plot_attention(variants: dict, path) -> None:
-    from geocap.analysis.plotting import ATTENTION_COLOURS, _figure, _layer_axis, _missing, _save
+    from geocap.analysis.plotting import ATTENTION_COLOURS, layer_axis, mark_missing, new_figure, save_figure
 
-    fig, axes = _figure(4)
+    fig, axes = new_figure(4)
     panels = [("normalised entropy", [f"entropy_{k}" for k in ENTROPY_KINDS]),
               ("Spearman(attention, distance)", ["proximity_distance"]),
               ("thematic affinity (1 = chance)", ["affinity"]),
@@ -269,22 +269,22 @@ def _plot_attention(variants: dict, path) -> None:
                     style = {"color": VARIANT_COLOURS[v], "label": v}
                 drawn |= _band(ax, rows, **style)
         if not drawn:
-            _missing(ax, title, "no model has these values")
+            mark_missing(ax, title, "no model has these values")
             continue
         if keys == ["affinity"]:
             ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
         if keys == ["proximity_distance"]:
             ax.axhline(0.0, color="gray", linestyle="--", linewidth=0.8)
-        _layer_axis(ax)
+        layer_axis(ax)
         ax.set_title(f"{title}, 95% across seeds", fontsize=9)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_metrics(variants: dict, path) -> None:
-    from geocap.analysis.plotting import _figure, _save
+    from geocap.analysis.plotting import new_figure, save_figure
 
-    fig, axes = _figure(len(METRICS))
+    fig, axes = new_figure(len(METRICS))
     for ax, m in zip(axes, METRICS):
         names = list(variants)
         means = [variants[v]["mean"][m] for v in names]
@@ -296,7 +296,7 @@ def _plot_metrics(variants: dict, path) -> None:
         ax.bar(x, heights, yerr=[low, high], capsize=4, color=[VARIANT_COLOURS[v] for v in names])
         ax.set_xticks(x, names)
         ax.set_title(f"{METRIC_LABELS[m]} (95% bootstrap)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(study: dict, out_dir) -> None:
