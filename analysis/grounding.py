@@ -12,6 +12,12 @@ head-mean map of each layer, ``accuracy_per_head [L, H]`` each head's map; both 
 tokens pooled over all records. ``chance`` = the mean over grounded tokens of ``1 / N`` (the hit
 rate of a uniformly random pick).
 
+Patch-based records (:mod:`geocap.data.attention_record`): special objects (a class token) are
+never the most-attended object (the argmax runs over the regular objects only, N counts only
+them); a referent may be a region of several objects (``extra["referent_objects"]``, e.g. the
+patches an object's box covers): a row hits when its most-attended object is one of the region's,
+and the chance of a random pick is the region's size over N.
+
 **Follow-up** (records of kind ``"hypothetical"`` with ``cross``, ``referents`` and
 ``source_referents``): each swapped token ``t`` (``referents[t] >= 0``, ``source_referents[t] >= 0``,
 different) now names ``referents[t]`` instead of ``source_referents[t]``. Under teacher forcing the
@@ -34,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from geocap.data.attention_record import Record
+from geocap.data.attention_record import Record, referent_objects, regular_objects
 
 from .accumulator import Accumulator, SumTable, as_map, describe, fold, ratio, to_list
 from .uncertainty import ImageUnits, layer_uncertainty, trend_phrase, uncertainty_json
@@ -144,12 +150,12 @@ class GroundingAccumulator(Accumulator):
             return
         where = describe(record)
         referents = np.asarray(record.referents, dtype=np.int64)
-        n = record.num_objects
+        regular = regular_objects(record)
         if not hypothetical:
             rows = np.flatnonzero(referents >= 0)
             target = referents[rows]
             self._hits("ground", record, cross, rows, target, where)
-            self.sums.add("ground.chance", len(rows) / max(n, 1))
+            self.sums.add("ground.chance", self._chance(record, target, regular))
             return
         source = np.asarray(record.source_referents, dtype=np.int64)
         t = np.flatnonzero((referents >= 0) & (source >= 0) & (referents != source))
@@ -157,18 +163,35 @@ class GroundingAccumulator(Accumulator):
         self._hits("follow", record, cross, t + 1, referents[t], where)
         self._hits("source", record, cross, t + 1, source[t], where, per_head=False)
         self._hits("same_step", record, cross, t, referents[t], where, per_head=False)
-        self.sums.add("follow.chance", len(t) / max(n, 1))
+        self.sums.add("follow.chance", self._chance(record, referents[t], regular))
+
+    @staticmethod
+    def _members(record: Record, target: np.ndarray, regular: np.ndarray) -> np.ndarray:
+        """``[K, N]`` bool: the regular objects each target referent names."""
+        member = np.zeros((len(target), record.num_objects), dtype=bool)
+        for k, referent in enumerate(target.tolist()):
+            member[k, referent_objects(record, referent)] = True
+        return member & regular
+
+    def _chance(self, record: Record, target: np.ndarray, regular: np.ndarray) -> float:
+        """Sum over the targets of the hit rate of a uniformly random regular object."""
+        count = int(regular.sum())
+        return float(self._members(record, target, regular).sum()) / count if count else 0.0
 
     def _hits(self, name: str, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray, where: str,
               per_head: bool = True) -> None:
-        """Count rows whose most-attended object is ``target``: head-mean ``[L]`` and per head ``[L, H]``."""
+        """Count rows whose most-attended regular object is (one of the objects) ``target`` names:
+        head-mean ``[L]`` and per head ``[L, H]``."""
         layers, heads = cross.shape[:2]
-        if len(rows) == 0:              # nothing to count (also when the image has no objects)
+        regular = regular_objects(record)
+        if len(rows) == 0 or not regular.any():      # nothing to count (also when the image has no objects)
             layer_hits, head_hits = np.zeros(layers), np.zeros((layers, heads))
         else:
-            picked = cross[:, :, rows, :]                                    # [L, H, K, N]
-            layer_hits = (picked.mean(axis=1).argmax(-1) == target).sum(-1)
-            head_hits = (picked.argmax(-1) == target).sum(-1)
+            picked = np.where(regular, cross[:, :, rows, :], -np.inf)       # [L, H, K, N], special keys out
+            member = self._members(record, target, regular)                  # [K, N]
+            k = np.arange(len(rows))
+            layer_hits = member[k, picked.mean(axis=1).argmax(-1)].sum(-1)
+            head_hits = member[k, picked.argmax(-1)].sum(-1)
         self.sums.add(f"{name}.layer", layer_hits, where)
         if per_head:
             self.sums.add(f"{name}.head", head_hits, where)

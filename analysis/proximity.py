@@ -23,7 +23,8 @@ only the first record of an image is used (the others are counted under
 ``records_repeating_an_image``), so ``pairs`` is the number of ordered pairs of distinct objects
 over ``images`` images. A bin with fewer than :data:`MIN_BIN_PAIRS` pairs is too thin for its mean
 to mean much: the figure and the report leave it out (``analysis.json`` keeps its mean and count
-under ``*_curve`` / ``*_bin_pairs``). Records of kind ``"hypothetical"`` are skipped. Memory:
+under ``*_curve`` / ``*_bin_pairs``). Records of kind ``"hypothetical"`` are skipped. Special objects (``extra["special_objects"]``, e.g. a ViT's
+class token; :mod:`geocap.data.attention_record`) stand for no region and are in no pair. Memory:
 ``[L, bins]`` sums, the two samples and one id per image.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from geocap.data.attention_record import Record
+from geocap.data.attention_record import Record, regular_objects
 
 from .accumulator import (Accumulator, SeenImages, SumTable, as_map, config_state, describe, feature_cosines, fold,
                           ratio, read_config, to_list)
@@ -181,8 +182,8 @@ class ProximityAccumulator(Accumulator):
         if attn is None:
             self.sums.add("records_without_encoder_self", 1)
             return
-        n = record.num_objects
-        i, j = np.nonzero(~np.eye(n, dtype=bool))
+        regular = regular_objects(record)            # special objects (a class token) are no region
+        i, j = np.nonzero(~np.eye(record.num_objects, dtype=bool) & regular[:, None] & regular[None, :])
         weights = attn.mean(axis=1)[:, i, j]                                   # [L, P]
         boxes = np.asarray(record.boxes, dtype=np.float64)
         centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)

@@ -584,3 +584,35 @@ def test_analyze_cli_on_a_stats_only_dump(tmp_path, monkeypatch):
     bad = parser.parse_args(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
     with pytest.raises(ValueError, match="does not exist"):
         bad.func(bad)
+
+
+def patch_record(cross_row, *, regions, referent, special=(0,)):
+    """One record over 1 special token + a 2x2 patch grid, a 2-token caption whose first token
+    names ``regions[referent]``; ``cross_row`` [5] is its cross-attention row (1 layer, 1 head)."""
+    cross = np.full((1, 1, 2, 5), 0.2)
+    cross[0, 0, 0] = cross_row
+    boxes = np.array([[0, 0, 1, 1], [0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, .5, 1], [.5, .5, 1, 1]], np.float32)
+    return Record(image_id=1, boxes=boxes, tokens=["dog", "<eos>"], cross=cross,
+                  referents=np.array([referent, -1]),
+                  extra={"special_objects": list(special), "patch_grid": [2, 2], "referent_objects": regions})
+
+
+@pytest.mark.parametrize("row, hit", [
+    ([0.5, 0.05, 0.3, 0.1, 0.05], 1),      # the class token is the max: left out, patch 2 (in the region) wins
+    ([0.5, 0.3, 0.05, 0.1, 0.05], 0),      # the best patch (1) is outside the region
+    ([0.1, 0.1, 0.1, 0.6, 0.1], 1),        # the region's second patch
+])
+def test_grounding_over_patch_regions_leaves_special_tokens_out(row, hit):
+    result = grounding([patch_record(np.array(row), regions=[[2, 3], [1]], referent=0)])
+    assert result.tokens == 1
+    assert result.accuracy.tolist() == [hit]
+    assert result.chance == pytest.approx(2 / 4)           # a 2-patch region among 4 patches
+
+
+def test_records_check_their_patch_extras():
+    with pytest.raises(ValueError, match="referents must be -1 or an index into extra\\['referent_objects'\\] < 2"):
+        patch_record(np.full(5, .2), regions=[[2, 3], [1]], referent=2).validate()
+    with pytest.raises(ValueError, match="referent_objects'\\]\\[0\\] must be distinct object indices"):
+        patch_record(np.full(5, .2), regions=[[2, 9]], referent=0).validate()
+    with pytest.raises(ValueError, match="patch_grid"):
+        patch_record(np.full(5, .2), regions=[[1]], referent=0, special=()).validate()

@@ -24,6 +24,20 @@ Conventions (L layers, H heads, N objects, T caption positions):
   caption, teacher-forced after decoding) or ``"hypothetical"`` (a reference caption whose nouns
   were swapped to name other objects of the image: ``referents`` are the objects the new words
   name, ``source_referents`` those the original words named; -1 where the token was not swapped).
+
+Objects that stand for no region, and referents that cover several objects (patch-based models,
+e.g. ``geocap.hf``; :func:`regular_objects`, :func:`referent_objects`):
+
+- ``extra["special_objects"]``: indices of objects that are not image regions (a ViT's class or
+  register tokens). They keep their place in the maps (rows still sum to 1 over all N objects,
+  as the model computed them); analyses that compare regions (distance, grounding) leave them out.
+- ``extra["patch_grid"]``: ``[rows, cols]`` when the regular objects are a patch grid in row-major
+  order (their boxes are its cells).
+- ``extra["referent_objects"]``: a list of regions, each a list of object indices. When present,
+  ``referents[t] = r`` means token t names region r (the objects ``referent_objects[r]``, e.g. the
+  patches an object's box covers) instead of object r; ``referents`` are then indices into this list.
+- ``extra["file_name"]``: the image's file (relative to the images folder); ``extra["width"]`` /
+  ``extra["height"]``: its size in pixels.
 """
 from __future__ import annotations
 
@@ -88,8 +102,24 @@ class Record:
                 continue
             if tuple(value.shape) != (t,):
                 raise ValueError(f"{where}: {name} must be [T] = [{t}], got {tuple(value.shape)}")
-            if value.size and (value.min() < -1 or value.max() >= n):
-                raise ValueError(f"{where}: {name} must be -1 or an object index < {n}")
+            limit, what = n, "an object index"
+            if "referent_objects" in (self.extra or {}):
+                limit, what = len(self.extra["referent_objects"]), "an index into extra['referent_objects']"
+            if value.size and (value.min() < -1 or value.max() >= limit):
+                raise ValueError(f"{where}: {name} must be -1 or {what} < {limit}")
+        extra = self.extra or {}
+        for key in ("special_objects",):
+            if key in extra:
+                _check_indices(extra[key], n, f"{where}: extra[{key!r}]")
+        for r, region in enumerate(extra.get("referent_objects", ())):
+            _check_indices(region, n, f"{where}: extra['referent_objects'][{r}]", empty=False)
+        if "patch_grid" in extra:
+            grid = extra["patch_grid"]
+            special = len(extra.get("special_objects", ()))
+            if (len(grid) != 2 or any(int(g) < 1 for g in grid)
+                    or int(grid[0]) * int(grid[1]) + special != n):
+                raise ValueError(f"{where}: extra['patch_grid'] must be [rows, cols] with rows * cols + "
+                                 f"{special} special objects = N = {n}, got {list(grid)}")
         expected = {"encoder_self": (n, n), "decoder_self": (t, t), "cross": (t, n)}
         for name, tail in expected.items():
             layers_heads = None          # a map and its entropies agree; encoder and decoder may differ
@@ -106,3 +136,30 @@ class Record:
                     raise ValueError(f"{where}: {field_name} has [L, H] = {tuple(value.shape[:2])}, "
                                      f"{name} has {layers_heads}")
         return self
+
+
+def _check_indices(values, n: int, where: str, *, empty: bool = True) -> None:
+    index = np.asarray(values)
+    if index.ndim != 1 or (index.size and (not np.issubdtype(index.dtype, np.integer) or index.min() < 0
+                                             or index.max() >= n or len(np.unique(index)) != index.size)):
+        raise ValueError(f"{where} must be distinct object indices in [0, {n}), got {list(np.ravel(values))[:8]}")
+    if not empty and index.size == 0:
+        raise ValueError(f"{where} is empty: a region covers at least one object")
+
+
+def regular_objects(record: Record) -> np.ndarray:
+    """``[N]`` bool: the objects that are image regions (all but ``extra["special_objects"]``)."""
+    mask = np.ones(record.num_objects, dtype=bool)
+    special = (record.extra or {}).get("special_objects")
+    if special is not None and len(special):
+        mask[np.asarray(special, dtype=np.int64)] = False
+    return mask
+
+
+def referent_objects(record: Record, referent: int) -> np.ndarray:
+    """The object indices that ``referents[t] = referent`` names: ``extra["referent_objects"][referent]``
+    when the record has regions, else the object ``referent`` itself (int64 array)."""
+    regions = (record.extra or {}).get("referent_objects")
+    if regions is None:
+        return np.array([referent], dtype=np.int64)
+    return np.asarray(regions[referent], dtype=np.int64)

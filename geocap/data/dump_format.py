@@ -80,7 +80,17 @@ skip and writes again any that differ; readers hash them with ``open_dump(path, 
 (a whole read of every file, ~1 GB/s; off by default since the data are checked on read).
 
 Records: a record's ``extra`` holds ``"width"`` and ``"height"`` (ints, pixels) when both are
-known for its image, and is empty otherwise.
+known for its image, and the image's optional fields (:mod:`geocap.data.attention_record`:
+``special_objects``, ``patch_grid``, ``file_name``, ``referent_objects``) when it has them, from::
+
+    objects/special          [sum N]        bool, the special (non-region) objects
+    images/patch_grid        [M, 2]         int32 [rows, cols]; [0, 0] when the objects are no grid
+    images/file_name         [M]            UTF-8, "" when unknown
+    images/n_regions         [M]            int32 referent regions per image (0: referents are objects)
+    regions/n_objects        [sum K]        int32 objects per region
+    regions/objects          [sum sizes]    int32 the regions' object indices
+
+Dumps written before these fields have none of these datasets; their records read without them.
 
 Older dumps: version-1 dumps written before image sizes and label names were stored have no
 ``images/width`` / ``images/height`` and no ``label_names``; they read as before, every size
@@ -247,6 +257,7 @@ class _Shard:
             key = f"images/{name}"
             self.sizes[name] = (h[key][()].astype(np.int64) if key in h
                                 else np.full(len(self.n_objects), -1, np.int64))
+        self.extra_fields = self._image_extras(h, len(self.n_objects))
         self.rec_image = h["records/image"][()].astype(np.int64)
         self.caption_id = h["records/caption_id"][()]
         self.kind = h["records/kind"][()]
@@ -288,6 +299,41 @@ class _Shard:
             if tuple(h[name].shape) != shape:
                 raise DumpError(f"{path}: dataset {name} has shape {tuple(h[name].shape)}, its records need {shape}")
         self.n_records = n_records
+
+    def _image_extras(self, h, n_images: int) -> list:
+        """Per image the optional ``extra`` of its records (special objects, patch grid, file name,
+        referent regions; attention_record's conventions), from the datasets that hold them (absent
+        in older shards: empty dicts)."""
+        extras = [{} for _ in range(n_images)]
+        if "images/n_regions" not in h:
+            return extras
+        special = h["objects/special"][()]
+        grid = h["images/patch_grid"][()]
+        names = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in h["images/file_name"][()]]
+        n_regions = h["images/n_regions"][()].astype(np.int64)
+        region_sizes = h["regions/n_objects"][()].astype(np.int64)
+        members = h["regions/objects"][()].astype(np.int64)
+        lengths = {"objects/special": int(self.n_objects.sum()), "images/patch_grid": n_images,
+                   "images/file_name": n_images, "images/n_regions": n_images,
+                   "regions/n_objects": int(n_regions.sum()), "regions/objects": int(region_sizes.sum())}
+        for name, length in lengths.items():
+            if len(h[name]) != length:
+                raise DumpError(f"{self.path}: dataset {name} has {len(h[name])} entries, its images need {length}")
+        obj_off = np.concatenate([[0], np.cumsum(self.n_objects)])
+        region_off = np.concatenate([[0], np.cumsum(n_regions)])
+        member_off = np.concatenate([[0], np.cumsum(region_sizes)])
+        for m, extra in enumerate(extras):
+            flagged = np.flatnonzero(special[obj_off[m]:obj_off[m + 1]])
+            if flagged.size:
+                extra["special_objects"] = flagged.tolist()
+            if grid[m, 0] > 0:
+                extra["patch_grid"] = [int(grid[m, 0]), int(grid[m, 1])]
+            if names[m]:
+                extra["file_name"] = names[m]
+            if n_regions[m]:
+                extra["referent_objects"] = [members[member_off[r]:member_off[r + 1]].tolist()
+                                             for r in range(region_off[m], region_off[m + 1])]
+        return extras
 
     def close(self):
         try:
@@ -332,6 +378,7 @@ class _Shard:
             ta, tb = int(self.tok_off[j]) - t0, int(self.tok_off[j + 1]) - t0
             width, height = int(self.sizes["width"][m]), int(self.sizes["height"][m])
             fields = {"extra": {"width": width, "height": height} if width > 0 and height > 0 else {}}
+            fields["extra"].update(self.extra_fields[m])
             for name in ("labels", "clusters"):
                 if name in obj:
                     fields[name] = obj[name][oa:ob].astype(np.int64)

@@ -58,6 +58,11 @@ MIN_CHUNK, MAX_CHUNK = 1 << 12, 1 << 18      # elements per map / entropy chunk
 
 __all__ = ["COMPRESSIONS", "ShardWriter", "fletcher32"]
 
+
+def _regions(rec: Record) -> list:
+    """``rec.extra["referent_objects"]`` as a list of lists of ints ([] when absent)."""
+    return [[int(i) for i in region] for region in (rec.extra or {}).get("referent_objects", [])]
+
 _FLETCHER_BLOCK = 360            # 16-bit words HDF5 sums between two reductions
 _FLETCHER_WEIGHTS = np.arange(_FLETCHER_BLOCK, 0, -1, dtype=np.uint64)
 
@@ -175,6 +180,7 @@ class ShardWriter:
         self._put("images/width", np.array([width], np.int32))
         self._put("images/height", np.array([height], np.int32))
         self._put("objects/boxes", np.asarray(first.boxes, np.float32).reshape(n, 4))
+        self._put_image_extra(first, n)
         for flag, name, dtype in (("has_labels", "labels", np.int32), ("has_clusters", "clusters", np.int32),
                                   ("has_features", "features", np.float16)):
             if self.flags[flag]:
@@ -190,6 +196,9 @@ class ShardWriter:
             rec.validate()
             if rec.image_id != first.image_id or rec.num_objects != n:
                 raise ValueError(f"{where}: add_image got a record of image {rec.image_id} ({rec.num_objects} objects)")
+            if _regions(rec) != _regions(first):
+                raise ValueError(f"{where}: its records carry different extra['referent_objects'] (the regions are "
+                                 f"the image's, shared by all its records)")
             t = rec.num_tokens
             try:
                 ids = np.array([self.word_id[w] for w in rec.tokens], np.int32)
@@ -215,6 +224,26 @@ class ShardWriter:
         if self._buf_bytes >= self.flush_bytes:
             self._flush()
         self.seconds += time.perf_counter() - t0
+
+    def _put_image_extra(self, first: Record, n: int) -> None:
+        """The image's optional ``extra`` (attention_record's conventions): its special objects
+        (``objects/special``), patch grid (``images/patch_grid``, [0, 0] for none), file name
+        (``images/file_name``, "" for none) and referent regions (``images/n_regions``,
+        ``regions/n_objects``, ``regions/objects``)."""
+        extra = first.extra or {}
+        special = np.zeros(n, np.bool_)
+        special[np.asarray(extra.get("special_objects", []), np.int64)] = True
+        self._put("objects/special", special)
+        grid = extra.get("patch_grid")
+        self._put("images/patch_grid", np.array([[0, 0] if grid is None else [int(g) for g in grid]], np.int32))
+        name = extra.get("file_name")
+        if name is not None and not (isinstance(name, str) and name):
+            raise ValueError(f"image {first.image_id}: extra['file_name'] must be a non-empty str, got {name!r}")
+        self._put("images/file_name", np.array([name or ""], dtype=object))
+        regions = _regions(first)
+        self._put("images/n_regions", np.array([len(regions)], np.int32))
+        self._put("regions/n_objects", np.array([len(r) for r in regions], np.int32))
+        self._put("regions/objects", np.array([i for r in regions for i in r], np.int32))
 
     @staticmethod
     def _size(rec: Record, name: str) -> int:
@@ -248,7 +277,10 @@ class ShardWriter:
             parts = self._buf.pop(name)
             data = np.concatenate(parts) if len(parts) > 1 else parts[0]
             if not self._streamed(name):
-                h5.create_dataset(name, data=data, fletcher32=True)
+                if data.dtype == object:         # strings: variable-length UTF-8 takes no HDF5 filter
+                    h5.create_dataset(name, data=data, dtype=h5py.string_dtype("utf-8"))
+                else:
+                    h5.create_dataset(name, data=data, fletcher32=True)
                 continue
             if name not in h5:
                 per_item = max(1, data[:1].nbytes if data.ndim > 1 else data.shape[0] // max(1, len(parts)))
@@ -323,7 +355,10 @@ class ShardWriter:
                   "records/caption_id": ((0,), np.int64), "records/kind": ((0,), np.uint8),
                   "records/n_tokens": ((0,), np.int32), "records/has_referents": ((0,), np.bool_),
                   "records/has_source_referents": ((0,), np.bool_), "tokens/ids": ((0,), np.int32),
-                  "tokens/referents": ((0,), np.int32), "tokens/source_referents": ((0,), np.int32)}
+                  "tokens/referents": ((0,), np.int32), "tokens/source_referents": ((0,), np.int32),
+                  "objects/special": ((0,), np.bool_), "images/patch_grid": ((0, 2), np.int32),
+                  "images/n_regions": ((0,), np.int32), "regions/n_objects": ((0,), np.int32),
+                  "regions/objects": ((0,), np.int32)}
         for name in self.maps:
             shapes[f"maps/{name}"] = ((0,), np.float16)
         for name in self.entropies:
@@ -331,6 +366,8 @@ class ShardWriter:
         for name, (shape, dtype) in shapes.items():
             if name not in self.h5:
                 self.h5.create_dataset(name, shape=shape, dtype=dtype, fletcher32=True)
+        if "images/file_name" not in self.h5:
+            self.h5.create_dataset("images/file_name", shape=(0,), dtype=h5py.string_dtype("utf-8"))
 
     # -- finishing
     def close(self, stats_state: Optional[dict] = None) -> int:
