@@ -6,6 +6,11 @@ Usage::
         [--mode teacher-forced|generated] [--what encoder,decoder,cross] [--stats-only] \\
         [--no-hypothetical] [--features] [--compression lzf|gzip|none] [--writer process|inline] \\
         [--shard-images 256] [--batch-size 16] [--beam-size 3] [--max-len 20] [--limit N] [--clusters 8]
+    geocap dump --hf MODEL_DIR --images DIR [--captions COCO_JSON] [--instances COCO_JSON] --out DUMP [...]
+
+The second form records a Hugging Face captioner saved with ``save_pretrained`` (geocap.hf.dump):
+its reference captions (with ``--captions``) or its own (``--mode generated``, the default without
+captions), over a folder of JPEG/PNG images; ``--instances`` gives the nouns their referents.
 
 Run the same command again after an interruption to resume. Under ``torchrun`` every rank
 dumps its share of the shards (shard k: rank k % WORLD_SIZE) into one dump; each rank uses
@@ -26,18 +31,28 @@ def run_dump(args: argparse.Namespace) -> int:
     from geocap import distributed
     from geocap.dump.job import DumpOptions, dump, summarize
 
-    options = DumpOptions(mode=args.mode, what=args.what, stats_only=args.stats_only,
-                          hypothetical=False if args.no_hypothetical else None, features=args.features,
+    hf = args.hf is not None
+    _check_sources(args, hf)
+    mode = args.mode or ("generated" if hf and args.captions is None else "teacher-forced")
+    options = DumpOptions(mode=mode, what=args.what, stats_only=args.stats_only,
+                          hypothetical=False if args.no_hypothetical or hf else None, features=args.features,
                           compression=args.compression, shard_images=args.shard_images, batch_size=args.batch_size,
                           beam_size=args.beam_size, max_len=args.max_len, limit=args.limit, clusters=args.clusters,
-                          features_file=args.features_file, captions=args.captions, writer=args.writer)
+                          features_file=args.features_file, captions=args.captions or "caps", writer=args.writer)
     collector = None
     if args.stats_only:
         from geocap.analysis import StatsCollector as collector
     info = distributed.setup(distributed.resolve_device(args.device).type)
     try:
-        result = dump(args.checkpoint, args.data, args.split, args.out, options, device=args.device,
-                      rank=info.rank, world_size=info.world_size, progress=args.progress, stats_collector=collector)
+        if hf:
+            from geocap.hf.dump import dump_hf
+            result = dump_hf(args.hf, args.images, args.out, options, captions=args.captions, instances=args.instances,
+                             device=args.device, rank=info.rank, world_size=info.world_size, progress=args.progress,
+                             stats_collector=collector)
+        else:
+            result = dump(args.checkpoint, args.data, args.split, args.out, options, device=args.device,
+                          rank=info.rank, world_size=info.world_size, progress=args.progress,
+                          stats_collector=collector)
         distributed.barrier(info)
         if info.enabled:
             result = summarize(result)
@@ -49,6 +64,23 @@ def run_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sources(args, hf: bool) -> None:
+    """A geocap checkpoint's dump needs --checkpoint, --data and --split; a Hugging Face model's
+    --hf and --images; never a mix."""
+    if hf:
+        extra = [f"--{n}" for n in ("checkpoint", "data", "split") if getattr(args, n) is not None]
+        if extra or args.images is None:
+            raise ValueError("geocap dump --hf MODEL_DIR needs --images DIR" + (f" and takes no {', '.join(extra)}"
+                                                                                 if extra else ""))
+        return
+    missing = [f"--{n}" for n in ("checkpoint", "data", "split") if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"geocap dump needs {', '.join(missing)} (or --hf MODEL_DIR --images DIR for a Hugging Face "
+                         f"captioner)")
+    if args.images is not None or args.instances is not None:
+        raise ValueError("--images and --instances are options of geocap dump --hf")
+
+
 def add_dump_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap dump`` on an argparse subparsers object; returns its parser. The handler
     (``args.func(args)``) returns 0 or raises ValueError for bad options or data."""
@@ -58,15 +90,23 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
         description="Teacher-force the reference captions (or the model's own captions) of every image of a split "
                     "through a checkpoint and store every layer's attention maps and entropies in HDF5 shards. "
                     "Rerun the same command to resume; run under torchrun to share the shards among ranks.")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a geocap checkpoint (loaded safely)")
-    parser.add_argument("--data", required=True, metavar="DIR",
+    parser.add_argument("--checkpoint", metavar="CKPT", help="a geocap checkpoint (loaded safely)")
+    parser.add_argument("--data", metavar="DIR",
                         help="folder holding the feature store, the captions directory and (synthetic data) "
                              "ground_truth.json")
-    parser.add_argument("--split", required=True, help="split of the captions directory")
+    parser.add_argument("--split", help="split of the captions directory")
+    parser.add_argument("--hf", metavar="MODEL_DIR",
+                        help="instead of a checkpoint: a Hugging Face captioner saved with save_pretrained "
+                             "(VisionEncoderDecoderModel, BlipForConditionalGeneration; safetensors weights)")
+    parser.add_argument("--images", metavar="DIR", help="--hf: the folder of JPEG/PNG images")
+    parser.add_argument("--instances", metavar="COCO_JSON",
+                        help="--hf: COCO instance annotations (instances_*.json): nouns naming a category get the "
+                             "patches its boxes cover as referents")
     parser.add_argument("--out", required=True, metavar="DUMP",
                         help="the dump directory (created; must be empty, absent or this dump, to resume it)")
-    parser.add_argument("--mode", choices=("teacher-forced", "generated"), default="teacher-forced",
-                        help="teacher-force the reference captions (default) or the model's own (beam search)")
+    parser.add_argument("--mode", choices=("teacher-forced", "generated"), default=None,
+                        help="teacher-force the reference captions (default; --hf without --captions: generated) "
+                             "or the model's own (beam search)")
     parser.add_argument("--what", default="encoder,decoder,cross",
                         help="map kinds to record, comma-separated subset of encoder,decoder,cross (default all)")
     parser.add_argument("--stats-only", action="store_true",
@@ -88,7 +128,8 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--clusters", type=int, default=8,
                         help="k-means clusters of the features when the data has no ground truth (0: none)")
     parser.add_argument("--features-file", default="features.h5", help="feature store file inside --data")
-    parser.add_argument("--captions", default="caps", help="captions directory inside --data")
+    parser.add_argument("--captions", default=None,
+                        help="captions directory inside --data (default caps); with --hf: a COCO captions file")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available), cpu, cuda, ...")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(func=run_dump)

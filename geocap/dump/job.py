@@ -50,7 +50,29 @@ from typing import Optional, Union
 from geocap.dump.plan import MODES, WHAT_NAMES, WRITERS, DumpOptions, plan_dump
 from geocap.dump.result import DumpResult, summarize
 
-__all__ = ["DumpOptions", "DumpResult", "MODES", "WHAT_NAMES", "WRITERS", "dump", "summarize"]
+__all__ = ["DumpOptions", "DumpResult", "MODES", "WHAT_NAMES", "WRITERS", "dump", "ort_recorder", "summarize"]
+
+
+def ort_recorder(plan, model, source, device):
+    """``record_images(positions)`` of a geocap checkpoint's dump: the plan's images at those
+    positions collated into one batch, run through ``model`` on ``device`` with the caption rows
+    of ``plan.options.mode`` (the references and hypothetical captions of ``source``, or the
+    model's own beam-search captions); per image its list of Records."""
+    from geocap.dump.record_builder import generate_rows, record_batch
+
+    o, dataset = plan.options, plan.dataset
+
+    def record_images(positions):
+        batch = dataset.collate([dataset[i] for i in positions])
+        if o.mode == "generated":
+            rows = lambda memory: generate_rows(model, memory, beam_size=o.beam_size, max_len=plan.max_len)  # noqa: E731
+        else:
+            rows = lambda memory: source.reference_rows(positions, batch)  # noqa: E731
+        return record_batch(model, batch.features.to(device), batch.boxes.to(device), batch.box_mask.to(device),
+                            rows, image_ids=[int(plan.image_ids[i]) for i in positions], words=plan.words,
+                            what=o.what, objects=source.objects(positions, batch))
+
+    return record_images
 
 
 def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], split: str,
@@ -98,7 +120,7 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
     source = SplitSource(plan.dataset, truth=plan.truth, centroids=plan.centroids, words=plan.words,
                          eos_id=plan.config.eos_id, max_len=plan.config.max_len, hypothetical=plan.hypothetical,
                          has_labels=plan.has_labels, features=plan.options.features)
-    run_shards(plan, model, source, dev, result, collector_class=stats_collector if options.stats_only else None,
-               progress=progress)
+    run_shards(plan, ort_recorder(plan, model, source, dev), result,
+               collector_class=stats_collector if options.stats_only else None, progress=progress)
     result.seconds = time.perf_counter() - t_start
     return summarize(result)

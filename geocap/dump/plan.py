@@ -23,7 +23,8 @@ MODES = ("teacher-forced", "generated")
 WRITERS = ("process", "inline")     # the shard writer in a child process (default) or in this one
 WHAT_NAMES = ("encoder", "decoder", "cross")
 
-__all__ = ["DumpOptions", "DumpPlan", "MODES", "WHAT_NAMES", "WRITERS", "plan_dump"]
+__all__ = ["DumpOptions", "DumpPlan", "MODES", "ShardShares", "WHAT_NAMES", "WRITERS", "assign_shards", "check_rank",
+           "plan_dump"]
 
 
 def _check_int(name, value, low):
@@ -132,7 +133,8 @@ class DumpPlan:
                     has_features=o.features, stats_only=o.stats_only, compression=o.compression)
 
 
-def _rank_world(rank, world_size):
+def check_rank(rank, world_size) -> tuple:
+    """``(rank, world_size)``, None taken from RANK / WORLD_SIZE (else 0 / 1); ValueError when invalid."""
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if rank is None:
@@ -156,7 +158,7 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     from geocap.dump.source import kmeans_centroids
 
     o = options.checked()
-    rank, world_size = _rank_world(rank, world_size)
+    rank, world_size = check_rank(rank, world_size)
     checkpoint = os.path.abspath(os.fspath(checkpoint))
     if not os.path.isfile(checkpoint):
         raise ValueError(f"checkpoint: {checkpoint}: no such file")
@@ -218,21 +220,40 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
         "n_clusters": o.clusters if cluster_source == "kmeans" else None,
         "cluster_centroids": None if centroids is None else centroids.tolist(),
     }
-    os.makedirs(out, exist_ok=True)
-    manifest = open_manifest(out, metadata, n_images, o.shard_images)
-    metadata = manifest["metadata"]
+    shares = assign_shards(out, metadata, n_images, o.shard_images, rank, world_size)
+    metadata = shares.manifest["metadata"]
     if metadata.get("cluster_centroids") is not None:
         centroids = np.asarray(metadata["cluster_centroids"], np.float32)
+    manifest, todo, skipped, redone = shares.manifest, shares.todo, shares.skipped, shares.redone
+    return DumpPlan(out=out, split=split, rank=rank, world_size=world_size, options=o, ckpt=ckpt, config=config,
+                    words=vocab.words,
+                    checkpoint_sha256=sha256, dataset=dataset, truth=truth, image_ids=image_ids, n_images=n_images,
+                    max_len=max_len, hypothetical=bool(hypothetical), has_labels=bool(has_labels),
+                    cluster_source=cluster_source, centroids=centroids, maps=maps, metadata=metadata,
+                    metadata_sha256=manifest["metadata_sha256"], todo=todo, skipped=skipped, redone=redone)
+
+
+@dataclass
+class ShardShares:
+    """This rank's share of a dump: the ``manifest`` (created or checked), the shards ``todo``,
+    those ``skipped`` (listed and intact) and ``redone`` (listed but damaged: unlisted, in todo)."""
+    manifest: dict
+    todo: list
+    skipped: list
+    redone: list
+
+
+def assign_shards(out: str, metadata: dict, n_images: int, shard_images: int, rank: int,
+                  world_size: int) -> ShardShares:
+    """Create ``out`` and its manifest, or check a rerun's ``metadata`` against it (DumpError naming
+    the differing keys), and assign this rank its shards (shard k: rank ``k % world_size``),
+    removing its stale temporary files and unlisting its damaged shards."""
+    os.makedirs(out, exist_ok=True)
+    manifest = open_manifest(out, metadata, n_images, shard_images)
     mine = [k for k in range(manifest["n_shards"]) if k % world_size == rank]
     redone = drop_lost_shards(out, [e for e in manifest["shards"] if e["index"] in mine])
     done = {e["index"] for e in manifest["shards"]} - set(redone)
     todo = [k for k in mine if k not in done]
     for k in todo:
         remove_stale(out, k)
-    return DumpPlan(out=out, split=split, rank=rank, world_size=world_size, options=o, ckpt=ckpt, config=config,
-                    words=vocab.words,
-                    checkpoint_sha256=sha256, dataset=dataset, truth=truth, image_ids=image_ids, n_images=n_images,
-                    max_len=max_len, hypothetical=bool(hypothetical), has_labels=bool(has_labels),
-                    cluster_source=cluster_source, centroids=centroids, maps=maps, metadata=metadata,
-                    metadata_sha256=manifest["metadata_sha256"], todo=todo,
-                    skipped=[k for k in mine if k in done], redone=redone)
+    return ShardShares(manifest=manifest, todo=todo, skipped=[k for k in mine if k in done], redone=redone)

@@ -1,6 +1,6 @@
-"""The shard runner of a dump job: the model's attention over each shard of a
-:class:`~geocap.dump.plan.DumpPlan`'s ``todo``, batch by batch, into the shard writer (in a
-child process or inline), each finished shard listed in the manifest as soon as it is renamed.
+"""The shard runner of a dump job: the records of each shard of a plan's ``todo`` (a
+:class:`~geocap.dump.plan.DumpPlan`'s, or ``geocap.hf``'s), batch by batch, into the shard writer
+(in a child process or inline), each finished shard listed in the manifest as soon as it is renamed.
 With ``stats_only``, a fresh ``collector_class()`` sees every record of a shard (maps included)
 and its ``state()`` is stored in the shard instead of the maps."""
 from __future__ import annotations
@@ -10,29 +10,22 @@ import time
 
 from geocap.data.dump_format import shard_name
 from geocap.dump.manifest import add_shard
-from geocap.dump.plan import DumpPlan
 from geocap.dump.result import DumpResult
 
 __all__ = ["run_shards"]
 
 
-def run_shards(plan: DumpPlan, model, source, device, result: DumpResult, *, collector_class=None,
-               progress: bool = True) -> None:
-    """Write every shard of ``plan.todo`` with ``model`` (on ``device``, in eval mode) and the
-    records' inputs from ``source`` (a :class:`~geocap.dump.source.SplitSource`), counting into
-    ``result``. On any error the open shard is aborted (its temporary file removed) and the
-    shards already renamed stay listed."""
-    from geocap.dump.record_builder import generate_rows, record_batch
+def run_shards(plan, record_images, result: DumpResult, *, collector_class=None, progress: bool = True) -> None:
+    """Write every shard of ``plan.todo`` with the records ``record_images(positions)`` gives (per
+    position in the plan's image order, that image's list of Records), counting into ``result``.
+    ``plan``: a :class:`~geocap.dump.plan.DumpPlan` or any plan with its ``out``, ``split``,
+    ``rank``, ``world_size``, ``options`` (``batch_size``, ``writer``), ``todo``, ``shard_range(k)``
+    and ``shard_args(k)``. On any error the open shard is aborted (its temporary file removed)
+    and the shards already renamed stay listed."""
     from geocap.dump.writer import ShardWriter
     from geocap.progress import progress_bar
 
-    o, dataset, out = plan.options, plan.dataset, plan.out
-    words = plan.words
-
-    def rows_of(positions, batch):
-        if o.mode == "generated":
-            return lambda memory: generate_rows(model, memory, beam_size=o.beam_size, max_len=plan.max_len)
-        return lambda memory: source.reference_rows(positions, batch)
+    o, out = plan.options, plan.out
 
     todo_images = sum(hi - lo for lo, hi in map(plan.shard_range, plan.todo))
     bar = progress_bar(enabled=progress, total=todo_images, unit="img",
@@ -79,13 +72,7 @@ def run_shards(plan: DumpPlan, model, source, device, result: DumpResult, *, col
             try:
                 for b0 in range(lo, hi, o.batch_size):
                     positions = list(range(b0, min(hi, b0 + o.batch_size)))
-                    batch = dataset.collate([dataset[i] for i in positions])
-                    objects = source.objects(positions, batch)
-                    per_image = record_batch(
-                        model, batch.features.to(device), batch.boxes.to(device), batch.box_mask.to(device),
-                        rows_of(positions, batch), image_ids=[int(plan.image_ids[i]) for i in positions],
-                        words=words, what=o.what, objects=objects)
-                    for recs in per_image:
+                    for recs in record_images(positions):
                         if collector is not None:
                             for r in recs:
                                 collector.update(r)

@@ -1,0 +1,280 @@
+"""``geocap dump --hf MODEL``: a Hugging Face captioner's attention over a folder of images, into
+the same sharded, resumable HDF5 dumps as a geocap checkpoint's (:mod:`geocap.dump.job`: the
+same manifest, shard writer, settings check on resume, torchrun sharding and progress).
+
+What is recorded per image (:func:`geocap.hf.record_captions`): its reference captions
+(``mode="teacher-forced"``, from the COCO captions file) or the model's own caption
+(``mode="generated"``: ``generate()`` with ``num_beams=beam_size`` and ``max_new_tokens=max_len``),
+teacher-forced. Objects are the encoder's image tokens (class/register tokens flagged in
+``extra["special_objects"]``, then the patch grid, ``extra["patch_grid"]``); ``extra`` also holds
+the image's ``file_name`` and its size in pixels (the file's, not the processor's: the boxes are
+normalised, and the processors geocap supports resize the whole image without cropping).
+With an instances file, captions' nouns get referents: regions of patches
+(:mod:`geocap.hf.referents`, ``extra["referent_objects"]``). No labels, no clusters (patches have
+no category; the thematic analysis reports them missing), no hypothetical captions.
+
+Tokens are the tokenizer's token strings (the end token written ``"<eos>"``); each shard's
+vocabulary is the tokenizer's whole vocabulary in id order, so ``tokens/ids`` are the model's
+token ids. The model folder is loaded with ``from_pretrained(..., use_safetensors=True)`` (weights
+only, never pickled code) and identified in the manifest by the SHA-256 of its files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from geocap.data.dump_format import MANIFEST
+from geocap.dump.plan import DumpOptions, assign_shards, check_rank
+from geocap.dump.record_builder import WHAT
+from geocap.dump.result import DumpResult, summarize
+from geocap.out_dir import check_out_dir
+
+from .images import ImageSet, load_image_set, read_image
+from .models import SUPPORTED, UnsupportedModel, captioner_for, import_transformers
+from .patches import PatchGrid
+from .record import record_captions
+from .referents import CategoryWords, caption_referents, category_regions
+
+__all__ = ["HFDumpPlan", "dump_hf", "load_captioner", "model_digest"]
+
+
+def model_digest(folder: str) -> str:
+    """SHA-256 over the model folder's files (names and contents, in name order; subfolders too)."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, folder).encode("utf-8") + b"\0")
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_class(folder: str) -> str:
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"--hf: {folder}: no config.json (a folder written by save_pretrained)")
+    try:
+        with open(config, encoding="utf-8") as fh:
+            architectures = json.load(fh).get("architectures") or []
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--hf: {config}: unreadable ({err})") from None
+    known = [a for a in architectures if a in SUPPORTED]
+    if not known:
+        raise UnsupportedModel(f"--hf: {folder}: model class {', '.join(architectures) or '(none in config.json)'} "
+                               f"is not supported by geocap.hf; supported: {', '.join(SUPPORTED)}")
+    return known[0]
+
+
+def load_captioner(folder, device="cpu") -> tuple:
+    """``(model, image processor, tokenizer, class name)`` of a saved captioner folder: the model in
+    eval mode with eager attention (so it returns its maps), safetensors weights only."""
+    transformers = import_transformers()
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--hf: {folder}: no such directory")
+    name = _model_class(folder)
+    try:
+        model = getattr(transformers, name).from_pretrained(folder, attn_implementation="eager",
+                                                            use_safetensors=True)
+        image_processor = transformers.AutoImageProcessor.from_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--hf: {folder}: cannot load the model, its image processor and tokenizer ({err})") from None
+    return model.to(device).eval(), image_processor, tokenizer, name
+
+
+def _vocabulary(tokenizer, size: int, eos_id: int) -> list:
+    """The token string of every id below ``size`` (``"<eos>"`` for the end token), as records
+    write them; ValueError when two ids share a string (the shard stores strings)."""
+    words = [w if w is not None else f"<id {i}>" for i, w in
+             enumerate(tokenizer.convert_ids_to_tokens(list(range(min(size, len(tokenizer))))))]
+    words += [f"<id {i}>" for i in range(len(words), size)]
+    words[eos_id] = "<eos>"
+    if len(set(words)) != len(words):
+        seen, twice = set(), None
+        for w in words:
+            if w in seen:
+                twice = w
+                break
+            seen.add(w)
+        raise ValueError(f"the tokenizer gives two ids the token string {twice!r}: a dump stores tokens as strings")
+    return words
+
+
+@dataclass
+class HFDumpPlan:
+    """A Hugging Face captioner's dump job: what :func:`geocap.dump.runner.run_shards` needs
+    (``out``, ``split``, ``rank``, ``world_size``, ``options``, ``todo``, ``shard_range``,
+    ``shard_args``) and the images, the model's vocabulary and its map sizes."""
+    out: str
+    split: str
+    rank: int
+    world_size: int
+    options: DumpOptions
+    images: ImageSet
+    words: list
+    model_sha256: str
+    encoder_lh: tuple
+    decoder_lh: tuple
+    metadata: dict
+    metadata_sha256: str
+    todo: list
+    skipped: list
+    redone: list
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images.image_ids)
+
+    def shard_range(self, k: int) -> tuple:
+        size = self.options.shard_images
+        return k * size, min(self.n_images, (k + 1) * size)
+
+    def shard_args(self, k: int) -> dict:
+        o = self.options
+        return dict(index=k, metadata_sha256=self.metadata_sha256, checkpoint_sha256=self.model_sha256,
+                    vocab=self.words, maps=() if o.stats_only else tuple(WHAT[w] for w in o.what),
+                    entropies=tuple(WHAT[w] for w in o.what), encoder_lh=self.encoder_lh, decoder_lh=self.decoder_lh,
+                    has_labels=False, has_clusters=False, has_features=o.features, stats_only=o.stats_only,
+                    compression=o.compression)
+
+
+def _layers_heads(model, name: str) -> tuple:
+    config = model.config
+    if name == "VisionEncoderDecoderModel":
+        encoder, decoder = config.encoder, config.decoder
+    else:
+        encoder, decoder = config.vision_config, config.text_config
+
+    def lh(c):
+        layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
+        heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None)
+        return int(layers), int(heads)
+    return lh(encoder), lh(decoder)
+
+
+def _mode(options: DumpOptions, images: ImageSet) -> str:
+    if images.captions is None and options.mode == "teacher-forced":
+        raise ValueError("mode teacher-forced needs reference captions (--captions COCO_JSON); without them use "
+                         "--mode generated")
+    return options.mode
+
+
+def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, out, options: DumpOptions, *,
+                 rank: Optional[int] = None, world_size: Optional[int] = None) -> HFDumpPlan:
+    """Fix the dump's metadata, create or check ``out``'s manifest and assign this rank's shards."""
+    from geocap import __version__
+
+    o = options.checked()
+    if o.hypothetical:
+        raise ValueError("hypothetical captions are not made for Hugging Face captioners' dumps")
+    _mode(o, images)
+    rank, world_size = check_rank(rank, world_size)
+    captioner = captioner_for(model)
+    words = _vocabulary(tokenizer, captioner.vocab_size, captioner.eos_id)
+    encoder_lh, decoder_lh = _layers_heads(model, name)
+    sha256 = model_digest(model_dir)
+    generated = o.mode == "generated"
+    metadata = {
+        "geocap_version": __version__, "source": "hf", "model_class": name, "checkpoint": model_dir,
+        "checkpoint_sha256": sha256, "model_config": {"geometry": False, "hf_class": name,
+                                                      "encoder_lh": list(encoder_lh), "decoder_lh": list(decoder_lh)},
+        "data": images.folder, "split": "images", "captions_sha256": images.digests.get("captions"),
+        "instances_sha256": images.digests.get("instances"), "mode": o.mode, "what": list(o.what),
+        "maps": [] if o.stats_only else [WHAT[w] for w in o.what], "stats_only": bool(o.stats_only),
+        "hypothetical": False, "features": bool(o.features), "compression": o.compression,
+        "shard_images": o.shard_images, "limit": o.limit, "beam_size": o.beam_size if generated else None,
+        "max_len": o.max_len if generated else None, "n_images": len(images.image_ids),
+        "image_ids_sha256": images.ids_sha256, "referents": bool(images.categories), "labels": False,
+        "label_names": None, "clusters": "none", "n_clusters": None, "cluster_centroids": None,
+        "categories": {str(k): v for k, v in sorted(images.categories.items())} or None,
+    }
+    shares = assign_shards(out, metadata, len(images.image_ids), o.shard_images, rank, world_size)
+    return HFDumpPlan(out=out, split="images", rank=rank, world_size=world_size, options=o, images=images,
+                      words=words, model_sha256=sha256, encoder_lh=encoder_lh, decoder_lh=decoder_lh,
+                      metadata=shares.manifest["metadata"], metadata_sha256=shares.manifest["metadata_sha256"],
+                      todo=shares.todo, skipped=shares.skipped, redone=shares.redone)
+
+
+def hf_recorder(plan: HFDumpPlan, model, image_processor, tokenizer, device):
+    """``record_images(positions)``: the plan's images at those positions through the model, per
+    image its list of Records (references or its own caption, referents from the instances)."""
+    o, images = plan.options, plan.images
+    category_words = CategoryWords(images.categories) if images.categories else None
+
+    def record_images(positions):
+        pictures = [read_image(images.path(i), int(images.image_ids[i])) for i in positions]
+        pixels = image_processor(images=pictures, return_tensors="pt")["pixel_values"].to(device)
+        ids = [int(images.image_ids[i]) for i in positions]
+        if o.mode == "generated":
+            per_image = record_captions(model, pixels, image_ids=ids, generate=True, tokenizer=tokenizer, what=o.what,
+                                        generate_kwargs={"num_beams": o.beam_size, "max_new_tokens": o.max_len})
+        else:
+            per_image = record_captions(model, pixels, image_ids=ids, tokenizer=tokenizer, what=o.what,
+                                        captions=[images.captions[i] for i in positions])
+        for position, picture, records in zip(positions, pictures, per_image):
+            image_id = int(images.image_ids[position])
+            regions = None
+            if category_words is not None:
+                grid = PatchGrid(*records[0].extra["patch_grid"], prefix=len(records[0].extra["special_objects"]))
+                regions = category_regions(grid, images.instances.get(image_id, []))
+            for record in records:
+                record.extra.update(file_name=images.files[position], width=picture.width, height=picture.height)
+                token_ids = record.extra.pop("token_ids")   # the shard's vocabulary is in id order: ids are kept
+                if not o.features:
+                    record.features = None
+                if regions is not None:
+                    order = list(regions)
+                    record.extra["referent_objects"] = [regions[c] for c in order]
+                    record.referents = caption_referents(token_ids, tokenizer, category_words,
+                                                         {c: r for r, c in enumerate(order)})
+                record.validate()
+        return per_image
+
+    return record_images
+
+
+def dump_hf(model_dir, images_dir, out, options: Optional[DumpOptions] = None, *, captions=None, instances=None,
+            device=None, rank: Optional[int] = None, world_size: Optional[int] = None, progress: bool = True,
+            stats_collector=None, **option_values) -> DumpResult:
+    """Dump the attention of the Hugging Face captioner saved in ``model_dir`` over the images of
+    ``images_dir`` (with the COCO ``captions`` / ``instances`` files when given) into ``out``;
+    the options are :func:`geocap.dump.job.dump`'s (``mode`` defaults to teacher-forced with
+    captions, generated without). Returns a :class:`~geocap.dump.result.DumpResult`."""
+    from geocap import distributed
+    from geocap.dump.runner import run_shards
+
+    t_start = time.perf_counter()
+    if options is None:
+        if "mode" not in option_values:
+            option_values["mode"] = "teacher-forced" if captions is not None else "generated"
+        option_values.setdefault("hypothetical", False)
+        options = DumpOptions(**option_values)
+    elif option_values:
+        raise ValueError(f"dump_hf: pass the options either as DumpOptions or as keywords, not both "
+                         f"({', '.join(sorted(option_values))})")
+    if options.stats_only and stats_collector is None:
+        raise ValueError("stats_only needs stats_collector, the analysis collector class "
+                         "(e.g. geocap.analysis.StatsCollector)")
+    out = os.path.abspath(os.fspath(out))
+    check_out_dir(out, marker=MANIFEST, kind="geocap dump")
+    images = load_image_set(images_dir, captions=captions, instances=instances, limit=options.limit)
+    dev = distributed.resolve_device(device)
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    model, image_processor, tokenizer, name = load_captioner(model_dir, dev)
+    plan = plan_hf_dump(model, tokenizer, name, model_dir, images, out, options, rank=rank, world_size=world_size)
+    result = DumpResult(path=plan.out, rank=plan.rank, world_size=plan.world_size, shards_skipped=plan.skipped,
+                        shards_redone=plan.redone)
+    run_shards(plan, hf_recorder(plan, model, image_processor, tokenizer, dev), result,
+               collector_class=stats_collector if options.stats_only else None, progress=progress)
+    result.seconds = time.perf_counter() - t_start
+    return summarize(result)

@@ -1,0 +1,163 @@
+"""The images a Hugging Face captioner's dump reads: a folder of JPEG/PNG files, optionally with
+COCO caption annotations (``captions_*.json``) and COCO instance annotations (``instances_*.json``).
+
+Image ids: with a captions file, its ``images`` list (``id``, ``file_name``) in ascending id, every
+file required in the folder; without one, every ``.jpg``/``.jpeg``/``.png`` file of the folder (not
+its subfolders) in name order, the id being the number its name ends with (COCO's names:
+``COCO_val2014_000000000042.jpg`` -> 42) when every file has a distinct one, else the file's
+position in name order (0, 1, ...). Instances: per image its objects' category id and box, the
+COCO ``bbox`` ``[x, y, w, h]`` in pixels normalised by the image's size in the instances file
+to ``(x1, y1, x2, y2)`` in [0, 1]; crowd annotations (``iscrowd``) are left out.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from geocap.data.file_digest import file_sha256
+from geocap.data.json_file import read_json
+
+__all__ = ["ImageSet", "load_image_set", "read_image"]
+
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+@dataclass
+class ImageSet:
+    """``image_ids [M]`` int64 ascending, ``files`` their names in ``folder``, ``captions`` per
+    image its caption texts (None without a captions file), ``instances`` per image id its
+    ``[(category id, (x1, y1, x2, y2))]`` and ``categories`` ``{id: name}`` (empty without an
+    instances file); ``digests``: SHA-256 of the annotation files read (name -> hex)."""
+
+    folder: str
+    image_ids: np.ndarray
+    files: list
+    captions: Optional[list] = None
+    instances: dict = field(default_factory=dict)
+    categories: dict = field(default_factory=dict)
+    digests: dict = field(default_factory=dict)
+
+    @property
+    def ids_sha256(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.image_ids, np.int64).tobytes()).hexdigest()
+
+    def path(self, position: int) -> str:
+        return os.path.join(self.folder, self.files[position])
+
+
+def _folder_files(folder: str) -> list:
+    files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(EXTENSIONS))
+    if not files:
+        raise ValueError(f"--images: {folder} holds no .jpg/.jpeg/.png file")
+    return files
+
+
+def _ids_from_names(files: list) -> np.ndarray:
+    numbers = [_TRAILING_NUMBER.search(os.path.splitext(f)[0]) for f in files]
+    if all(numbers) and len({int(m.group(1)) for m in numbers}) == len(files):
+        ids = np.array([int(m.group(1)) for m in numbers], np.int64)
+    else:
+        ids = np.arange(len(files), dtype=np.int64)
+    return ids
+
+
+def _read_captions(path: str, folder: str) -> tuple:
+    data = read_json(path, "COCO captions file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"--captions: {path}: not COCO caption annotations (needs 'images' and 'annotations' lists)")
+    files = {}
+    for entry in data["images"]:
+        try:
+            files[int(entry["id"])] = str(entry["file_name"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"--captions: {path}: an image entry lacks an int 'id' or a 'file_name': {entry!r}"[:300]) \
+                from None
+    captions: dict = {i: [] for i in files}
+    for ann in sorted(data["annotations"], key=lambda a: (a.get("image_id", -1), a.get("id", -1))):
+        image_id = ann.get("image_id")
+        if image_id not in captions or not isinstance(ann.get("caption"), str):
+            raise ValueError(f"--captions: {path}: annotation {ann.get('id')!r} names image {image_id!r}, which is "
+                             f"not in its images list, or has no caption text")
+        captions[image_id].append(ann["caption"])
+    ids = sorted(files)
+    for image_id in ids:
+        if not os.path.isfile(os.path.join(folder, files[image_id])):
+            raise ValueError(f"image {image_id}: file {os.path.join(folder, files[image_id])} (from --captions "
+                             f"{path}) is missing")
+    return np.array(ids, np.int64), [files[i] for i in ids], [captions[i] for i in ids]
+
+
+def _read_instances(path: str) -> tuple:
+    data = read_json(path, "COCO instances file")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
+                                                                                      "categories")):
+        raise ValueError(f"--instances: {path}: not COCO instance annotations (needs 'images', 'annotations' and "
+                         f"'categories' lists)")
+    categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    sizes = {int(e["id"]): (float(e["width"]), float(e["height"])) for e in data["images"]}
+    instances: dict = {}
+    for ann in data["annotations"]:
+        image_id, cid = ann.get("image_id"), ann.get("category_id")
+        if image_id not in sizes or cid not in categories:
+            raise ValueError(f"--instances: {path}: annotation {ann.get('id')!r} names an unknown image {image_id!r} "
+                             f"or category {cid!r}")
+        if ann.get("iscrowd"):
+            continue
+        width, height = sizes[image_id]
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        if not (width > 0 and height > 0 and w >= 0 and h >= 0):
+            raise ValueError(f"--instances: {path}: annotation {ann.get('id')!r} of image {image_id}: bad bbox "
+                             f"{ann['bbox']} or image size {width}x{height}")
+        box = (max(0.0, x / width), max(0.0, y / height), min(1.0, (x + w) / width), min(1.0, (y + h) / height))
+        instances.setdefault(int(image_id), []).append((int(cid), box))
+    return instances, categories
+
+
+def load_image_set(folder, *, captions=None, instances=None, limit: int = 0) -> ImageSet:
+    """The images of ``folder`` (see the module doc), the first ``limit`` only when > 0;
+    ValueError naming the argument, the file or the image id."""
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--images: {folder}: no such directory")
+    digests, texts = {}, None
+    if captions is not None:
+        captions = os.path.abspath(os.fspath(captions))
+        if not os.path.isfile(captions):
+            raise ValueError(f"--captions: {captions}: no such file")
+        image_ids, files, texts = _read_captions(captions, folder)
+        digests["captions"] = file_sha256(captions)
+    else:
+        files = _folder_files(folder)
+        image_ids = _ids_from_names(files)
+        order = np.argsort(image_ids, kind="stable")
+        image_ids, files = image_ids[order], [files[i] for i in order]
+    if limit:
+        image_ids, files = image_ids[:limit], files[:limit]
+        texts = texts[:limit] if texts is not None else None
+    boxes, names = {}, {}
+    if instances is not None:
+        instances = os.path.abspath(os.fspath(instances))
+        if not os.path.isfile(instances):
+            raise ValueError(f"--instances: {instances}: no such file")
+        boxes, names = _read_instances(instances)
+        digests["instances"] = file_sha256(instances)
+    return ImageSet(folder=folder, image_ids=image_ids, files=files, captions=texts, instances=boxes,
+                    categories=names, digests=digests)
+
+
+def read_image(path: str, image_id: int):
+    """The image file as an RGB ``PIL.Image``; ValueError naming the image id and the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"image {image_id}: cannot read {path} ({err})") from None

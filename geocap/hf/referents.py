@@ -1,0 +1,113 @@
+"""Which image tokens a caption's words name, for patch-based captioners: COCO instance boxes
+turned into regions of patches, and caption words matched to categories.
+
+Words to categories: a word (lower-cased, stripped of punctuation) names a category when it is the
+category's name or its plural (name + "s" or "es"; the embedded synthetic scenes' names, or COCO's
+80 category names as ``instances_*.json`` lists them); a category whose name has several words
+("traffic light") is named by the whole phrase, its last word (the head noun) carrying the
+referent. No synonym list: "man" does not name COCO's "person", so grounding on COCO counts only
+the nouns that are category names (the analysis reports how many tokens it grounded).
+
+Regions: a category present in the image is the region of every patch whose grid cell's centre
+lies inside one of the category's instance boxes (at least the patch holding each box's centre,
+so a small object still has one); the special tokens are never in a region. A word names the
+region of its category in the image, or nothing when the image has no instance of it (such
+words are not grounded: their referent is unknown, -1). A plural noun names all the category's
+instances, as a singular one does (COCO does not say which instance a caption meant).
+
+Tokens to words: a captioner's tokens are sub-words; the word a token starts is read off the
+tokenizer's own decoding of the caption's prefixes (a token starts a word when the text it adds
+begins with white space, or is the caption's first), so any tokenizer works (BPE, WordPiece,
+word-level). The referent goes on the token that starts the word: row t of a decoder map is the
+step that predicts ``tokens[t]``, and the step that predicts a word's first piece is where the
+model commits to the word.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .patches import PatchGrid
+
+__all__ = ["CategoryWords", "category_regions", "caption_referents", "word_starts"]
+
+_STRIP = re.compile(r"^\W+|\W+$")
+
+
+def _clean(word: str) -> str:
+    return _STRIP.sub("", word.lower())
+
+
+class CategoryWords:
+    """Matches caption words to category ids. ``categories``: ``{category id: name}``."""
+
+    def __init__(self, categories: Mapping[int, str]):
+        self.phrases: dict = {}                 # tuple of words -> category id
+        for cid, name in categories.items():
+            words = tuple(_clean(w) for w in str(name).split() if _clean(w))
+            if not words:
+                continue
+            for last in {words[-1], words[-1] + "s", words[-1] + "es"}:
+                self.phrases.setdefault(words[:-1] + (last,), int(cid))
+        self.longest = max((len(p) for p in self.phrases), default=0)
+
+    def match(self, words: Sequence[str]) -> list:
+        """``[(index of the head word, category id)]`` for each category named in ``words``, the
+        longest phrase first where they overlap."""
+        cleaned = [_clean(w) for w in words]
+        found, i = [], 0
+        while i < len(cleaned):
+            for size in range(min(self.longest, len(cleaned) - i), 0, -1):
+                cid = self.phrases.get(tuple(cleaned[i:i + size]))
+                if cid is not None:
+                    found.append((i + size - 1, cid))
+                    i += size
+                    break
+            else:
+                i += 1
+        return found
+
+
+def word_starts(ids: Sequence[int], tokenizer) -> tuple:
+    """``(words, starts)``: the words of the decoded caption ``ids`` (split on white space) and per
+    token the index of the word it starts, -1 for a token inside a word or one that adds no text
+    (special tokens)."""
+    starts, text, count = [], "", 0
+    for k in range(len(ids)):
+        new_text = tokenizer.decode(list(ids[:k + 1]), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        added = new_text[len(text):] if new_text.startswith(text) else new_text
+        begins = bool(added.strip()) and (not text.strip() or added[:1].isspace() or not new_text.startswith(text))
+        starts.append(count if begins else -1)
+        count += int(begins)
+        text = new_text
+    return text.split(), starts
+
+
+def category_regions(grid: PatchGrid, instances: Sequence[tuple]) -> dict:
+    """``{category id: sorted object indices}`` of the patches the category's boxes cover (see the
+    module doc). ``instances``: ``(category id, (x1, y1, x2, y2) normalised)`` per object."""
+    boxes = grid.boxes()[grid.prefix:].astype(np.float64)
+    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    regions: dict = {}
+    for cid, (x1, y1, x2, y2) in instances:
+        inside = ((centres[:, 0] >= x1) & (centres[:, 0] <= x2) & (centres[:, 1] >= y1) & (centres[:, 1] <= y2))
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        col = min(grid.cols - 1, max(0, int(cx * grid.cols)))
+        row = min(grid.rows - 1, max(0, int(cy * grid.rows)))
+        inside[row * grid.cols + col] = True
+        regions.setdefault(int(cid), set()).update((np.flatnonzero(inside) + grid.prefix).tolist())
+    return {cid: sorted(members) for cid, members in sorted(regions.items())}
+
+
+def caption_referents(ids: Sequence[int], tokenizer, words: CategoryWords, region_of: Mapping[int, int]) -> np.ndarray:
+    """``[T]`` int64: per token of ``ids`` the index of the region it names (``region_of``:
+    category id -> index of its region in the record's ``referent_objects``), -1 for none."""
+    caption_words, starts = word_starts(ids, tokenizer)
+    token_of_word = {w: t for t, w in enumerate(starts) if w >= 0}
+    out = np.full(len(ids), -1, np.int64)
+    for head, cid in words.match(caption_words):
+        if cid in region_of and head in token_of_word:
+            out[token_of_word[head]] = region_of[cid]
+    return out
