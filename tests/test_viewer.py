@@ -798,7 +798,7 @@ def test_patch_fields_are_carried_and_checked(patch_site):
     assert not {"special_objects", "patch_grid"} & set(encode_record(plain, {}))     # ORT records: as before
     for extra, said in (({"special_objects": [0, 1], "patch_grid": [4, 4]}, r"patch_grid'\] = \[4, 4\] does not fit"),
                         ({"patch_grid": [ROWS, COLS]}, "does not fit the record's 14 patches"),
-                        ({"special_objects": [0, 14]}, r"special_objects'\] must be distinct object indices in \[0, 14\)"),
+                        ({"special_objects": [0, 14]}, r"objects'\] must be distinct object indices in \[0, 14"),
                         ({"special_objects": [0, 0]}, "must be distinct"),
                         ({"special_objects": [0, 1], "patch_grid": [3.0, 4]}, "whole numbers"),
                         ({"special_objects": 0}, "must be a list"),
@@ -836,8 +836,10 @@ def test_patch_grid_and_heat_map(browser, patch_site):
     # the grid's lines (borders included), not labelled boxes; no box for the special tokens
     lines = browser.execute_script("return Array.from(document.querySelectorAll('#patch-grid line.grid-line'), "
                                    "l => [l.dataset.axis, l.y1.baseVal.value, l.x1.baseVal.value]);")
-    assert sorted(y for axis, y, _ in lines if axis == "row") == pytest.approx([r * 180 / ROWS for r in range(ROWS + 1)])
-    assert sorted(x for axis, _, x in lines if axis == "col") == pytest.approx([c * 240 / COLS for c in range(COLS + 1)])
+    across = sorted(y for axis, y, _ in lines if axis == "row")
+    down = sorted(x for axis, _, x in lines if axis == "col")
+    assert across == pytest.approx([r * 180 / ROWS for r in range(ROWS + 1)])
+    assert down == pytest.approx([c * 240 / COLS for c in range(COLS + 1)])
     cells = browser.execute_script("return Array.from(document.querySelectorAll('#canvas rect.box'), "
                                    "b => [Number(b.dataset.index), b.x.baseVal.value, b.y.baseVal.value, "
                                    "b.width.baseVal.value, getComputedStyle(b).stroke]);")
@@ -853,13 +855,15 @@ def test_patch_grid_and_heat_map(browser, patch_site):
         expected = _expected(rec.cross, 1, head, PATCH_STEP)
         shown = _values(browser, "rect.box", "data-index")
         np.testing.assert_allclose([shown[i] for i in range(PREFIX, len(expected))], expected[PREFIX:], rtol=1e-3)
-        specials = {int(b.get_attribute("data-index")): b for b in browser.find_elements(By.CSS_SELECTOR, ".special-weight")}
+        specials = {int(b.get_attribute("data-index")): b
+                    for b in browser.find_elements(By.CSS_SELECTOR, ".special-weight")}
         assert sorted(specials) == [0, 1]
         assert specials[0].text == f"[CLS]: {expected[0]:.4f}" and specials[1].text == f"[special 1]: {expected[1]:.4f}"
         assert float(specials[0].get_attribute("data-attention")) == pytest.approx(CLS_WEIGHT, rel=1e-3)
         # the shades are fractions of the largest patch weight, not of [CLS]'s larger one
-        paint = browser.execute_script("return Object.fromEntries(Array.from(document.querySelectorAll('#fills rect.fill'), "
-                                       "f => [f.dataset.index, Number(getComputedStyle(f).fillOpacity)]));")
+        paint = browser.execute_script(
+            "return Object.fromEntries(Array.from(document.querySelectorAll('#fills rect.fill'), "
+            "f => [f.dataset.index, Number(getComputedStyle(f).fillOpacity)]));")
         opacity = np.array([paint[str(i)] for i in range(PREFIX, len(expected))])
         assert opacity.argmax() == PATCH_TOP and opacity.max() == pytest.approx(0.7)
         np.testing.assert_allclose(opacity, 0.7 * expected[PREFIX:] / expected[PREFIX:].max(), atol=2e-3)
@@ -886,6 +890,8 @@ def test_patch_grid_and_heat_map(browser, patch_site):
         assert _number(browser.find_element(By.CSS_SELECTOR, '.special-weight[data-index="0"]').text) == \
             pytest.approx(expected[0], rel=1e-3, abs=6e-5)
     assert browser.execute_script("return location.hash;") == f"#id={PATCH_ID}&r=0&l=1&h=mean&o=0"
+    info = browser.find_element(By.ID, "shading-info").text
+    assert info.startswith("Patches: encoder self-attention from object 0 ([CLS])"), info
     assert browser.find_elements(By.CSS_SELECTOR, '.special-weight.selected[data-index="0"]')
     labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#objects .object")]
     assert labels[:3] == ["0: [CLS]", "1: [special 1]", "2: patch (0, 0)"] and labels[-1] == "13: patch (2, 3)"

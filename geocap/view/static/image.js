@@ -297,7 +297,8 @@
     if (!specials.length) { ui.specials.replaceChildren(); return; }
     ui.specials.replaceChildren.apply(ui.specials, [G.el("span", { class: "special-intro",
       text: "Not drawn (no region of the image): " })].concat(specials.map(function (i) {
-      const button = G.el("button", { type: "button", class: "special-weight", "data-index": i, "data-label": labelOf(i),
+      const button = G.el("button", { type: "button", class: "special-weight", "data-index": i,
+        "data-label": labelOf(i),
         onclick: function () { select({ kind: "object", index: i }); },
         onmouseenter: function () { state.hover = i; shade(); },
         onmouseleave: function () { state.hover = null; shade(); hideTooltip(); },
@@ -311,7 +312,8 @@
   function renderHeatScale(kind, top) {
     const steps = [0, 0.25, 0.5, 0.75, 1];
     const w = 64, h = 16;
-    const svg = G.el("svg", { viewBox: "0 0 " + (w * steps.length) + " " + (h + 14), width: w * steps.length, height: h + 14 });
+    const svg = G.el("svg", { viewBox: "0 0 " + (w * steps.length) + " " + (h + 14), width: w * steps.length,
+                              height: h + 14 });
     steps.forEach(function (f, k) {
       svg.append(G.el("rect", Object.assign({ class: "scale-swatch", "data-fraction": f, "data-attention": f * top,
                                               x: k * w, y: 0, width: w, height: h }, cellPaint(kind, f))),
@@ -459,7 +461,10 @@
   }
 
   function clearShading() {
-    ui.stage.querySelectorAll("rect.fill").forEach(function (f) { f.setAttribute("fill", "none"); f.removeAttribute("fill-opacity"); });
+    ui.stage.querySelectorAll("rect.fill").forEach(function (f) {
+      f.setAttribute("fill", "none");
+      f.removeAttribute("fill-opacity");
+    });
     ui.specials.querySelectorAll(".special-weight").forEach(function (b) {
       b.removeAttribute("data-attention");
       b.classList.remove("selected");
@@ -514,8 +519,12 @@
 
   /** What the shaded elements of the stage are called in the text under it. */
   function drawnNoun() {
-    const layout = layoutOf(record());
-    return (layout.grid ? "patches" : "boxes") + (layout.special.size ? " (the special tokens beside the image)" : "");
+    return layoutOf(record()).grid ? "patches" : "boxes";
+  }
+
+  /** Said after the largest weight when the record has special tokens. */
+  function specialsNote() {
+    return layoutOf(record()).special.size ? "; the special tokens' weights are written beside the image" : "";
   }
 
   /** Shade the selected object or word; with nothing selected, the hovered object. */
@@ -527,7 +536,9 @@
     const m = maps();
     if (state.sel && state.sel.kind === "object") {
       ui.stage.querySelectorAll('rect.box[data-index="' + state.sel.index + '"]').forEach(function (b) { b.classList.add("selected"); });
-      ui.specials.querySelectorAll('.special-weight[data-index="' + state.sel.index + '"]').forEach(function (b) { b.classList.add("selected"); });
+      ui.specials.querySelectorAll('.special-weight[data-index="' + state.sel.index + '"]').forEach(function (b) {
+        b.classList.add("selected");
+      });
       ui.objects.querySelectorAll('.object[data-index="' + state.sel.index + '"]').forEach(function (b) { b.classList.add("selected"); });
     } else if (state.sel && state.sel.kind === "token") {
       ui.tokens.querySelectorAll('.token[data-step="' + state.sel.step + '"]').forEach(function (c) { c.classList.add("selected"); });
@@ -550,7 +561,8 @@
       ui.stage.setAttribute("data-shading", "encoder_self");
       const noun = drawnNoun();
       ui.info.textContent = noun.charAt(0).toUpperCase() + noun.slice(1) + ": encoder self-attention from object " +
-        active.index + " (" + labelOf(active.index) + ") to every object, " + where + "; darkest = " + G.fmt(top) + ".";
+        active.index + " (" + labelOf(active.index) + ") to every object, " + where + "; darkest = " + G.fmt(top) +
+        specialsNote() + ".";
       return;
     }
     const t = active.step;
@@ -561,7 +573,7 @@
       const top = paintBoxes("cross", cross);
       state.shown.boxes = "cross";
       ui.stage.setAttribute("data-shading", "cross");
-      parts.push(drawnNoun() + ": cross-attention (darkest " + G.fmt(top) + ")");
+      parts.push(drawnNoun() + ": cross-attention (darkest " + G.fmt(top) + specialsNote() + ")");
     } else {
       parts.push(m.cross ? "no cross-attention at " + where : "no cross-attention in this record");
     }
@@ -609,7 +621,7 @@
 
   function showTooltip(event, node) {
     let text;
-    if (node.classList.contains("box") || node.classList.contains("object") || node.classList.contains("special-weight")) {
+    if (["box", "object", "special-weight"].some(function (c) { return node.classList.contains(c); })) {
       const i = Number(node.getAttribute("data-index"));
       text = "object " + i + ": " + labelOf(i);
       const box = ui.stage.querySelector('rect.box[data-index="' + i + '"]') ||
