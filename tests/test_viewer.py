@@ -733,3 +733,181 @@ def test_report_link_is_the_rendered_report(tmp_path, browser, crafted_site, cap
     browser.find_element(By.ID, "report-link").click()
     assert browser.find_element(By.TAG_NAME, "h1").text == "Attention analysis"
     assert browser.execute_script("return document.getElementById('figure').naturalWidth;") == 30
+
+
+# ---------------------------------------------------------------- issue 15: a patch encoder's image tokens
+
+PATCH_ID, BOXES_ID = 77, 78
+ROWS, COLS, PREFIX = 3, 4, 2                 # not square: rows and columns swapped would show
+PATCH_STEP, PATCH_TOP, CLS_WEIGHT = 2, 6, 0.5   # step 2 attends most to patch 6 = cell (1, 2); [CLS] more
+GREY = 128
+
+
+def _patch_grid():
+    from geocap.hf.patches import PatchGrid
+
+    return PatchGrid(rows=ROWS, cols=COLS, prefix=PREFIX)
+
+
+def _patch_records():
+    """Image 77: two records of a 3 x 4 patch grid after two special tokens; step 2's
+    cross-attention gives [CLS] 0.5 (more than any patch), patch 6 (object 8) about 0.3 and the
+    other patches a little each, differently per head. Image 78: an ORT-like record (boxes, labels)."""
+    grid = _patch_grid()
+    recs = list(synthetic_records([PATCH_ID], tokens=5, layers=2, heads=3, captions=2, seed=5, patches=grid))
+    rng = np.random.default_rng(6)
+    cross = recs[0].cross.astype(np.float32)
+    patches = rng.random((2, 3, ROWS * COLS)) * 0.02
+    patches[..., PATCH_TOP] = 0.3
+    cross[:, :, PATCH_STEP, 0] = CLS_WEIGHT
+    cross[:, :, PATCH_STEP, 1] = 0.01
+    cross[:, :, PATCH_STEP, PREFIX:] = patches / patches.sum(axis=-1, keepdims=True) * (1 - CLS_WEIGHT - 0.01)
+    recs[0].cross = cross
+    boxes = next(synthetic_records([BOXES_ID], objects=N, tokens=T, layers=L, heads=H, captions=1, labels=4, seed=7))
+    return recs + [boxes]
+
+
+@pytest.fixture(scope="module")
+def patch_site(tmp_path_factory):
+    """The patch records' site, with a uniform grey 240 x 180 image file for image 77."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("patches")
+    (root / "images").mkdir()
+    Image.fromarray(np.full((180, 240, 3), GREY, dtype=np.uint8)).save(root / "images" / f"{PATCH_ID:012d}.png")
+    out = root / "view"
+    build_site(_patch_records(), out, images_dir=root / "images", progress=False,
+               metadata={"label_names": LABEL_NAMES})
+    return out
+
+
+def _cell(index):
+    """The grid cell (row, col) of object ``index`` (a patch: the objects after the special tokens)."""
+    return divmod(index - PREFIX, COLS)
+
+
+def test_patch_fields_are_carried_and_checked(patch_site):
+    grid = _patch_grid()
+    rec = next(synthetic_records([PATCH_ID], tokens=4, layers=1, heads=1, captions=1, patches=grid))
+    encoded = encode_record(rec, {})
+    assert encoded["special_objects"] == [0, 1] and encoded["patch_grid"] == [ROWS, COLS]
+    assert encoded["labels"] is None and encoded["referents"] is None
+    rec.extra = {"special_objects": np.array([1, 0]), "patch_grid": np.array([ROWS, COLS])}   # as read from HDF5
+    assert (encode_record(rec, {})["special_objects"], encode_record(rec, {})["patch_grid"]) == ([0, 1], [ROWS, COLS])
+    plain = next(synthetic_records([BOXES_ID], objects=N, tokens=T, layers=1, heads=1, captions=1))
+    assert not {"special_objects", "patch_grid"} & set(encode_record(plain, {}))     # ORT records: as before
+    for extra, said in (({"special_objects": [0, 1], "patch_grid": [4, 4]}, r"patch_grid'\] = \[4, 4\] does not fit"),
+                        ({"patch_grid": [ROWS, COLS]}, "does not fit the record's 14 patches"),
+                        ({"special_objects": [0, 14]}, r"objects'\] must be distinct object indices in \[0, 14"),
+                        ({"special_objects": [0, 0]}, "must be distinct"),
+                        ({"special_objects": [0, 1], "patch_grid": [3.0, 4]}, "whole numbers"),
+                        ({"special_objects": 0}, "must be a list"),
+                        ({"special_objects": [0, 1], "patch_grid": [12]}, r"must be \[rows, cols\]")):
+        rec.extra = extra
+        with pytest.raises(ValueError, match=f"image {PATCH_ID} .*{said}"):
+            encode_record(rec, {})
+    text = (patch_site / "data" / image_data_key(PATCH_ID)).read_text()
+    value = json.loads(text[text.index(",") + 1:text.rindex(");")])
+    assert [(r["special_objects"], r["patch_grid"]) for r in value["records"]] == [([0, 1], [ROWS, COLS])] * 2
+    text = (patch_site / "data" / image_data_key(BOXES_ID)).read_text()
+    assert "special_objects" not in text and "patch_grid" not in text
+
+
+def _svg_to_screen(driver, points):
+    """Screenshot pixel (x, y) of each canvas point {name: (x, y)} given in the SVG's units."""
+    ratio = driver.execute_script("return window.devicePixelRatio;")
+    where = driver.execute_script(
+        "const svg = document.getElementById('canvas'), m = svg.getScreenCTM(), out = {};"
+        "for (const [k, [x, y]] of Object.entries(arguments[0])) {"
+        "  const p = svg.createSVGPoint(); p.x = x; p.y = y; const q = p.matrixTransform(m);"
+        "  out[k] = [q.x, q.y]; } return out;", points)
+    return {k: (int(x * ratio), int(y * ratio)) for k, (x, y) in where.items()}
+
+
+def test_patch_grid_and_heat_map(browser, patch_site):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    rec = _patch_records()[0]
+    url = (patch_site / "image.html").as_uri()                 # from disk: file:// works as from a server
+    _open(browser, url + f"#id={PATCH_ID}&l=1&w={PATCH_STEP}", "image")
+    canvas = browser.find_element(By.ID, "canvas")
+    assert canvas.get_attribute("data-background") == "image" and canvas.get_dom_attribute("viewBox") == "0 0 240 180"
+    # the grid's lines (borders included), not labelled boxes; no box for the special tokens
+    lines = browser.execute_script("return Array.from(document.querySelectorAll('#patch-grid line.grid-line'), "
+                                   "l => [l.dataset.axis, l.y1.baseVal.value, l.x1.baseVal.value]);")
+    across = sorted(y for axis, y, _ in lines if axis == "row")
+    down = sorted(x for axis, _, x in lines if axis == "col")
+    assert across == pytest.approx([r * 180 / ROWS for r in range(ROWS + 1)])
+    assert down == pytest.approx([c * 240 / COLS for c in range(COLS + 1)])
+    cells = browser.execute_script("return Array.from(document.querySelectorAll('#canvas rect.box'), "
+                                   "b => [Number(b.dataset.index), b.x.baseVal.value, b.y.baseVal.value, "
+                                   "b.width.baseVal.value, getComputedStyle(b).stroke]);")
+    assert sorted(i for i, *_ in cells) == list(range(PREFIX, PREFIX + ROWS * COLS))
+    for i, x, y, width, stroke in cells:
+        # boxes are stored to 4 decimals: within 0.05 px of the cell (r, c) on a 240 x 180 canvas
+        assert (round(y / 60), round(x / 60)) == _cell(i) and abs(y - 60 * _cell(i)[0]) < 0.05, (i, x, y)
+        assert width == pytest.approx(60, abs=0.05) and stroke == "none", (i, width, stroke)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#canvas .box-label")
+    # the selected word's cross-attention over the patches: the dump's values, the layer and row asked for
+    for head in ("mean", 1):
+        _select(browser, "head", head)
+        expected = _expected(rec.cross, 1, head, PATCH_STEP)
+        shown = _values(browser, "rect.box", "data-index")
+        np.testing.assert_allclose([shown[i] for i in range(PREFIX, len(expected))], expected[PREFIX:], rtol=1e-3)
+        specials = {int(b.get_attribute("data-index")): b
+                    for b in browser.find_elements(By.CSS_SELECTOR, ".special-weight")}
+        assert sorted(specials) == [0, 1]
+        assert specials[0].text == f"[CLS]: {expected[0]:.4f}" and specials[1].text == f"[special 1]: {expected[1]:.4f}"
+        assert float(specials[0].get_attribute("data-attention")) == pytest.approx(CLS_WEIGHT, rel=1e-3)
+        # the shades are fractions of the largest patch weight, not of [CLS]'s larger one
+        paint = browser.execute_script(
+            "return Object.fromEntries(Array.from(document.querySelectorAll('#fills rect.fill'), "
+            "f => [f.dataset.index, Number(getComputedStyle(f).fillOpacity)]));")
+        opacity = np.array([paint[str(i)] for i in range(PREFIX, len(expected))])
+        assert opacity.argmax() == PATCH_TOP and opacity.max() == pytest.approx(0.7)
+        np.testing.assert_allclose(opacity, 0.7 * expected[PREFIX:] / expected[PREFIX:].max(), atol=2e-3)
+        swatches = browser.find_elements(By.CSS_SELECTOR, "#heat-scale .scale-swatch")
+        assert float(swatches[-1].get_attribute("data-attention")) == pytest.approx(expected[PREFIX:].max(), rel=1e-3)
+        assert browser.find_element(By.ID, "heat-scale").is_displayed()
+    # on screen: over a uniform grey image, the strongest patch's cell is the most tinted
+    centres = {i: ((c + 0.5) * 60, (r + 0.5) * 60) for i in range(PREFIX, PREFIX + ROWS * COLS) for r, c in [_cell(i)]}
+    where = _svg_to_screen(browser, {str(i): p for i, p in centres.items()})
+    image = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB"), dtype=np.float64)
+    tint = {int(i): np.abs(image[y, x] - GREY).sum() for i, (x, y) in where.items()}
+    assert max(tint, key=tint.get) == PREFIX + PATCH_TOP and _cell(PREFIX + PATCH_TOP) == (1, 2), tint
+    assert tint[PREFIX + PATCH_TOP] > 100 and sorted(tint.values())[-2] < 40, tint
+    # a patch selected: its encoder self-attention, over the patches and beside the image
+    _select(browser, "head", "mean")
+    browser.find_element(By.CSS_SELECTOR, 'rect.box[data-index="5"]').click()
+    assert browser.find_element(By.ID, "stage").get_attribute("data-shading") == "encoder_self"
+    for index in (5, 0):
+        if index == 0:                                          # then [CLS] selected: its own row
+            browser.find_element(By.CSS_SELECTOR, '.special-weight[data-index="0"]').click()
+        expected = _expected(rec.encoder_self, 1, "mean", index)
+        shown = _values(browser, "rect.box", "data-index")
+        np.testing.assert_allclose([shown[i] for i in range(PREFIX, len(expected))], expected[PREFIX:], rtol=1e-3)
+        assert _number(browser.find_element(By.CSS_SELECTOR, '.special-weight[data-index="0"]').text) == \
+            pytest.approx(expected[0], rel=1e-3, abs=6e-5)
+    assert browser.execute_script("return location.hash;") == f"#id={PATCH_ID}&r=0&l=1&h=mean&o=0"
+    info = browser.find_element(By.ID, "shading-info").text
+    assert info.startswith("Patches: encoder self-attention from object 0 ([CLS])"), info
+    assert browser.find_elements(By.CSS_SELECTOR, '.special-weight.selected[data-index="0"]')
+    labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#objects .object")]
+    assert labels[:3] == ["0: [CLS]", "1: [special 1]", "2: patch (0, 0)"] and labels[-1] == "13: patch (2, 3)"
+
+
+def test_records_without_patches_unchanged(browser, patch_site):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, (patch_site / "image.html").as_uri() + f"#id={BOXES_ID}&w=1", "image")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#patch-grid, .grid-line, .special-weight")
+    assert not browser.find_element(By.ID, "special-weights").is_displayed()
+    assert not browser.find_element(By.ID, "heat-scale").is_displayed()
+    boxes = browser.find_elements(By.CSS_SELECTOR, "#canvas rect.box")
+    assert len(boxes) == N and len(browser.find_elements(By.CSS_SELECTOR, "#canvas .box-label")) == N
+    assert browser.find_element(By.ID, "fills").get_attribute("opacity") == "0.7"
+    widths = {float(b.value_of_css_property("stroke-width").rstrip("px")) for b in boxes}
+    assert max(widths) == pytest.approx(4.0) and len(widths) > 1                 # outlines grow with the weight
+    assert browser.find_element(By.ID, "shading-info").text.startswith("Step 1 ") and \
+        "boxes: cross-attention" in browser.find_element(By.ID, "shading-info").text

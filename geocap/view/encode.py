@@ -14,6 +14,12 @@ Encoding (read by ``static/common.js``; the two must agree):
   qualifies or the record has neither the map nor its entropies.
 - Labels: per box its name from the dump's ``label_names``, else ``"#<id>"``; null for a
   negative (unknown) id, and no list at all when every id is unknown.
+- Image tokens of a patch encoder (geocap.hf.patches), from ``record.extra``, each key only when
+  the record has it: ``"special_objects"``: sorted indices of the special (class / register)
+  tokens, objects that stand for no region (never drawn as a box; their weights are shown as
+  numbers); ``"patch_grid"``: ``[rows, cols]``, the other objects being the patches in row-major
+  order (row 0 at the top), so rows * cols + len(special_objects) = N. Both are checked against N
+  (``ValueError`` naming the image).
 - Search words: lower-cased runs of letters, digits and ``_`` (``\\w+``); the bucket of a word is
   the 32-bit FNV-1a hash of its UTF-16 code units modulo the bucket count.
 """
@@ -133,6 +139,45 @@ def encode_record(record: Record, label_names: dict, cache: dict | None = None) 
         out["maps"][name] = None if value is None else _encode_cached(value, cache)
         out["entropy"][name] = _mean_normalised_entropy(record, name)
     out["num_objects"] = n
+    out.update(patch_fields(record))
+    return out
+
+
+def _whole_number(value, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{what} must hold whole numbers, got {value!r}")
+    return int(value)
+
+
+def patch_fields(record: Record) -> dict:
+    """``{"special_objects": [...], "patch_grid": [rows, cols]}`` from ``record.extra`` (each key
+    only when the record has it; lists or numpy arrays alike), checked against the record's N
+    objects: special indices unique and in [0, N); rows, cols >= 1 with rows * cols = N minus the
+    special tokens. ``ValueError`` naming the image and the key otherwise."""
+    extra = record.extra or {}
+    n, out = record.num_objects, {}
+    special = extra.get("special_objects")
+    if special is not None:
+        what = f"record of {_where(record)}: extra['special_objects']"
+        values = np.asarray(special, dtype=object).reshape(-1).tolist() if np.ndim(special) else None
+        if values is None:
+            raise ValueError(f"{what} must be a list of object indices, got {special!r}")
+        indices = [_whole_number(v, what) for v in values]
+        if len(set(indices)) != len(indices) or any(not 0 <= i < n for i in indices):
+            raise ValueError(f"{what} must be distinct object indices in [0, {n}), got {indices}")
+        out["special_objects"] = sorted(indices)
+    grid = extra.get("patch_grid")
+    if grid is not None:
+        what = f"record of {_where(record)}: extra['patch_grid']"
+        values = np.asarray(grid, dtype=object).reshape(-1).tolist() if np.ndim(grid) else []
+        if len(values) != 2:
+            raise ValueError(f"{what} must be [rows, cols], got {grid!r}")
+        rows, cols = (_whole_number(v, what) for v in values)
+        patches = n - len(out.get("special_objects", []))
+        if rows < 1 or cols < 1 or rows * cols != patches:
+            raise ValueError(f"{what} = [{rows}, {cols}] does not fit the record's {patches} patches "
+                             f"({n} objects, {n - patches} special)")
+        out["patch_grid"] = [rows, cols]
     return out
 
 

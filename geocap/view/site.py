@@ -11,7 +11,10 @@ from the network):
   id, object count, captions and whether an image file is known;
 - ``data/words/bNNNN.js``: one bucket of the word index, ``{word: delta-encoded sorted image ids}``;
 - ``data/img/<id % 1000 as 3 digits>/<id>.js``: everything the image page shows for one image
-  (all its records; an encoder map shared by several records is stored once);
+  (all its records as ``geocap.view.encode.encode_record`` encodes them, with a patch encoder's
+  ``patch_grid`` and ``special_objects`` from each record's extra; an encoder map shared by
+  several records is stored once); the page draws a record with a ``patch_grid`` as grid lines
+  and a heat map over the patch cells, its special tokens' weights as numbers beside the image;
 - ``images/<id>.<ext>``: the image files found in ``images_dir`` (hard links when possible,
   else copies).
 
@@ -45,7 +48,7 @@ from geocap.view.encode import caption_text, encode_record, kind_order, label_na
 STATIC_DIR = Path(__file__).with_name("static")
 HTML_PAGES = ("index.html", "image.html")
 MARKER = "geocap-view.json"
-FORMAT_VERSION = 2        # 2: entropies normalised (1 = uniform), colours in the manifest
+FORMAT_VERSION = 3        # 2: entropies normalised (1 = uniform), colours in the manifest; 3: patch grids
 DEFAULT_PAGE_SIZE = 100
 _IMAGE_FILE = re.compile(r"(\d+)\.(jpe?g|png|gif|webp|bmp)$", re.IGNORECASE)
 _CALL = "geocapData("

@@ -9,7 +9,15 @@
  * The fills are opaque inside one group whose opacity lets the image through, drawn weakest
  * first, so where boxes overlap the strongest of them shows: fills never add up. The outline
  * width grows with the weight too (for a box under a stronger one). Shaded elements carry the
- * exact value in data-attention (float16 values, or their mean over heads). */
+ * exact value in data-attention (float16 values, or their mean over heads).
+ * Patch records (a patch_grid: the objects are a ViT-like encoder's image tokens, see
+ * geocap/view/encode.py): the grid's lines are drawn instead of outlined, labelled boxes, and a
+ * row of weights is a heat map over the patch cells: each cell's fill is the same ramp as a box's
+ * with opacity FILL_OPACITY times its fraction of the largest patch weight, so the strongest
+ * patch looks as the strongest box would and weak ones let the image through; a scale
+ * (#heat-scale) gives the values. Special tokens (special_objects: class / register tokens, in
+ * any record) are never drawn: their weights are numbers beside the image (#special-weights) and
+ * do not count for the largest weight the shades are fractions of. */
 "use strict";
 
 (function () {
@@ -39,8 +47,36 @@
     return state.decoded[state.record];
   }
 
+  /** The record's special tokens and patches: {special: Set of indices, cell: index -> [row, col]
+   * of a patch (the non-special objects in row-major order), grid: [rows, cols] or null}. */
+  const layouts = new WeakMap();
+  function layoutOf(rec) {
+    if (!layouts.has(rec)) {
+      const special = new Set(rec.special_objects || []);
+      const cell = new Map();
+      if (rec.patch_grid) {
+        const cols = rec.patch_grid[1];
+        let k = 0;
+        for (let i = 0; i < rec.boxes.length; i++) {
+          if (!special.has(i)) { cell.set(i, [Math.floor(k / cols), k % cols]); k++; }
+        }
+      }
+      layouts.set(rec, { special: special, cell: cell, grid: rec.patch_grid || null });
+    }
+    return layouts.get(rec);
+  }
+
+  /** The name of a special token: the first is the class token. */
+  function specialName(rec, i) {
+    return (rec.special_objects || []).indexOf(i) === 0 ? "[CLS]" : "[special " + i + "]";
+  }
+
   function labelOf(i) {
-    const labels = record().labels;
+    const rec = record();
+    const layout = layoutOf(rec);
+    if (layout.special.has(i)) return specialName(rec, i);
+    if (layout.cell.has(i)) return "patch (" + layout.cell.get(i).join(", ") + ")";
+    const labels = rec.labels;
     return labels && labels[i] !== null ? labels[i] : "object " + i;
   }
 
@@ -193,25 +229,28 @@
       const [x1, y1, x2, y2] = rec.boxes[i];
       return { x: x1 * W, y: y1 * H, width: Math.max((x2 - x1) * W, 0.5), height: Math.max((y2 - y1) * H, 0.5) };
     };
-    const fills = G.el("g", { id: "fills", opacity: FILL_OPACITY });
-    for (let i = 0; i < rec.boxes.length; i++) {
+    const layout = layoutOf(rec);
+    const drawn = rec.boxes.map(function (b, i) { return i; }).filter(function (i) { return !layout.special.has(i); });
+    // boxes: opaque fills in a translucent group; patches: a translucent fill per cell
+    const fills = G.el("g", { id: "fills", opacity: layout.grid ? null : FILL_OPACITY });
+    for (const i of drawn) {
       fills.append(G.el("rect", Object.assign({ class: "fill", "data-index": i, fill: "none" }, geometry(i))));
     }
     // outlines and event targets: small boxes on top, so each stays reachable
-    const order = rec.boxes.map(function (b, i) { return i; });
+    const order = drawn.slice();
     const area = function (b) { return (b[2] - b[0]) * (b[3] - b[1]); };
     order.sort(function (a, b) { return area(rec.boxes[b]) - area(rec.boxes[a]); });
     const group = G.el("g", { id: "boxes" });
     for (const i of order) {
-      const box = G.el("rect", Object.assign({ class: "box", "data-index": i, "data-label": labelOf(i),
-        "vector-effect": "non-scaling-stroke" }, geometry(i)));
+      const box = G.el("rect", Object.assign({ class: layout.grid ? "box patch" : "box", "data-index": i,
+        "data-label": labelOf(i), "vector-effect": "non-scaling-stroke" }, geometry(i)));
       box.addEventListener("mouseenter", function () { state.hover = i; shade(); });
       box.addEventListener("mouseleave", function () { state.hover = null; shade(); hideTooltip(); });
       box.addEventListener("mousemove", function (event) { showTooltip(event, box); });
       box.addEventListener("click", function () { select({ kind: "object", index: i }); });
       group.append(box);
     }
-    if (rec.labels) {
+    if (rec.labels && !layout.grid) {
       for (const i of order) {
         const [x1, y1] = rec.boxes[i];
         if (rec.labels[i] === null) continue;
@@ -219,8 +258,11 @@
           "font-size": Math.max(9, H / 40), text: rec.labels[i] }));
       }
     }
-    svg.append(fills, group);
+    svg.append(fills);
+    if (layout.grid) svg.append(gridLines(layout.grid, W, H));
+    svg.append(group);
     ui.stage.replaceChildren(svg);
+    renderSpecials(rec, layout);
     ui.objects.replaceChildren.apply(ui.objects, rec.boxes.map(function (b, i) {
       const button = G.el("button", { type: "button", class: "object", "data-index": i,
           onclick: function () { select({ kind: "object", index: i }); },
@@ -230,6 +272,60 @@
       button.addEventListener("mousemove", function (event) { showTooltip(event, button); });
       return G.el("li", {}, button, G.el("span", { class: "object-value" }));
     }));
+  }
+
+  /** The patch grid's lines, borders included: rows + 1 across (data-axis "row"), cols + 1 down. */
+  function gridLines(grid, W, H) {
+    const [rows, cols] = grid;
+    const g = G.el("g", { id: "patch-grid", "data-rows": rows, "data-cols": cols });
+    for (let r = 0; r <= rows; r++) {
+      g.append(G.el("line", { class: "grid-line", "data-axis": "row", "data-at": r, x1: 0, x2: W, y1: r / rows * H,
+                              y2: r / rows * H, "vector-effect": "non-scaling-stroke" }));
+    }
+    for (let c = 0; c <= cols; c++) {
+      g.append(G.el("line", { class: "grid-line", "data-axis": "col", "data-at": c, y1: 0, y2: H, x1: c / cols * W,
+                              x2: c / cols * W, "vector-effect": "non-scaling-stroke" }));
+    }
+    return g;
+  }
+
+  /** The special tokens beside the image: one button each, its weight written in it when shaded. */
+  function renderSpecials(rec, layout) {
+    const specials = Array.from(layout.special).sort(function (a, b) { return a - b; });
+    ui.specials.hidden = !specials.length;
+    ui.heatScale.hidden = true;
+    if (!specials.length) { ui.specials.replaceChildren(); return; }
+    ui.specials.replaceChildren.apply(ui.specials, [G.el("span", { class: "special-intro",
+      text: "Not drawn (no region of the image): " })].concat(specials.map(function (i) {
+      const button = G.el("button", { type: "button", class: "special-weight", "data-index": i,
+        "data-label": labelOf(i),
+        onclick: function () { select({ kind: "object", index: i }); },
+        onmouseenter: function () { state.hover = i; shade(); },
+        onmouseleave: function () { state.hover = null; shade(); hideTooltip(); },
+        text: labelOf(i) });
+      button.addEventListener("mousemove", function (event) { showTooltip(event, button); });
+      return button;
+    })));
+  }
+
+  /** The heat map's scale: swatches drawn as the cells are, for fractions 0 to 1 of the largest patch weight. */
+  function renderHeatScale(kind, top) {
+    const steps = [0, 0.25, 0.5, 0.75, 1];
+    const w = 64, h = 16;
+    const svg = G.el("svg", { viewBox: "0 0 " + (w * steps.length) + " " + (h + 14), width: w * steps.length,
+                              height: h + 14 });
+    steps.forEach(function (f, k) {
+      svg.append(G.el("rect", Object.assign({ class: "scale-swatch", "data-fraction": f, "data-attention": f * top,
+                                              x: k * w, y: 0, width: w, height: h }, cellPaint(kind, f))),
+        G.el("text", { class: "scale-value", x: k * w + 2, y: h + 11, text: G.fmt(f * top) }));
+    });
+    ui.heatScale.replaceChildren(G.el("span", { class: "scale-title", text: G.MAP_TITLES[kind] + ": " }), svg);
+    ui.heatScale.hidden = false;
+  }
+
+  /** Fill and fill-opacity of a patch cell of weight fraction f (0 to 1) of the largest. */
+  function cellPaint(kind, f) {
+    return f > 0 ? { fill: G.ramp(kind, f), "fill-opacity": (FILL_OPACITY * f).toFixed(4) } : { fill: "none" };
   }
 
   function renderTokens() {
@@ -365,7 +461,16 @@
   }
 
   function clearShading() {
-    ui.stage.querySelectorAll("rect.fill").forEach(function (f) { f.setAttribute("fill", "none"); });
+    ui.stage.querySelectorAll("rect.fill").forEach(function (f) {
+      f.setAttribute("fill", "none");
+      f.removeAttribute("fill-opacity");
+    });
+    ui.specials.querySelectorAll(".special-weight").forEach(function (b) {
+      b.removeAttribute("data-attention");
+      b.classList.remove("selected");
+      b.textContent = b.getAttribute("data-label");
+    });
+    ui.heatScale.hidden = true;
     ui.stage.querySelectorAll("rect.box").forEach(function (b) {
       b.removeAttribute("data-attention");
       b.style.removeProperty("stroke-width");
@@ -380,23 +485,46 @@
     ui.objects.querySelectorAll(".object-value").forEach(function (o) { o.textContent = ""; });
   }
 
-  /** Shade the boxes by a row of weights over the objects (see the file's comment); returns the largest. */
+  /** Shade the boxes (or the patch cells) by a row of weights over the objects (see the file's
+   * comment), the special tokens' weights written beside; returns the largest drawn weight. */
   function paintBoxes(kind, row) {
-    const top = Math.max.apply(null, row.concat([0]));
+    const layout = layoutOf(record());
+    const drawn = row.map(function (v, i) { return i; }).filter(function (i) { return !layout.special.has(i); });
+    const top = Math.max.apply(null, drawn.map(function (i) { return row[i]; }).concat([0]));
     const fills = ui.stage.querySelector("#fills");
-    const order = row.map(function (v, i) { return i; }).sort(function (a, b) { return row[a] - row[b]; });
+    const order = drawn.sort(function (a, b) { return row[a] - row[b]; });
     for (const i of order) {
       const fill = fills.querySelector('rect.fill[data-index="' + i + '"]');
-      fill.setAttribute("fill", row[i] > 0 && top > 0 ? G.ramp(kind, row[i] / top) : "none");
+      if (layout.grid) {
+        for (const [k, v] of Object.entries(cellPaint(kind, top > 0 ? row[i] / top : 0))) fill.setAttribute(k, v);
+      } else {
+        fill.setAttribute("fill", row[i] > 0 && top > 0 ? G.ramp(kind, row[i] / top) : "none");
+      }
       fills.append(fill);                          // weakest first: the strongest ends on top
     }
     ui.stage.querySelectorAll("rect.box").forEach(function (box) {
       const v = row[Number(box.getAttribute("data-index"))];
       box.setAttribute("data-attention", String(v));
-      box.style.setProperty("stroke-width", (1 + 3 * (top > 0 ? v / top : 0)).toFixed(2) + "px");
+      if (!layout.grid) box.style.setProperty("stroke-width", (1 + 3 * (top > 0 ? v / top : 0)).toFixed(2) + "px");
     });
+    ui.specials.querySelectorAll(".special-weight").forEach(function (b) {
+      const v = row[Number(b.getAttribute("data-index"))];
+      b.setAttribute("data-attention", String(v));
+      b.textContent = b.getAttribute("data-label") + ": " + G.fmt(v);
+    });
+    if (layout.grid) renderHeatScale(kind, top);
     ui.objects.querySelectorAll(".object-value").forEach(function (o, i) { o.textContent = " " + G.fmt(row[i]); });
     return top;
+  }
+
+  /** What the shaded elements of the stage are called in the text under it. */
+  function drawnNoun() {
+    return layoutOf(record()).grid ? "patches" : "boxes";
+  }
+
+  /** Said after the largest weight when the record has special tokens. */
+  function specialsNote() {
+    return layoutOf(record()).special.size ? "; the special tokens' weights are written beside the image" : "";
   }
 
   /** Shade the selected object or word; with nothing selected, the hovered object. */
@@ -408,6 +536,9 @@
     const m = maps();
     if (state.sel && state.sel.kind === "object") {
       ui.stage.querySelectorAll('rect.box[data-index="' + state.sel.index + '"]').forEach(function (b) { b.classList.add("selected"); });
+      ui.specials.querySelectorAll('.special-weight[data-index="' + state.sel.index + '"]').forEach(function (b) {
+        b.classList.add("selected");
+      });
       ui.objects.querySelectorAll('.object[data-index="' + state.sel.index + '"]').forEach(function (b) { b.classList.add("selected"); });
     } else if (state.sel && state.sel.kind === "token") {
       ui.tokens.querySelectorAll('.token[data-step="' + state.sel.step + '"]').forEach(function (c) { c.classList.add("selected"); });
@@ -428,8 +559,10 @@
       const top = paintBoxes("encoder_self", row);
       state.shown = { boxes: "encoder_self", object: active.index };
       ui.stage.setAttribute("data-shading", "encoder_self");
-      ui.info.textContent = "Boxes: encoder self-attention from object " + active.index + " (" + labelOf(active.index) +
-        ") to every object, " + where + "; darkest = " + G.fmt(top) + ".";
+      const noun = drawnNoun();
+      ui.info.textContent = noun.charAt(0).toUpperCase() + noun.slice(1) + ": encoder self-attention from object " +
+        active.index + " (" + labelOf(active.index) + ") to every object, " + where + "; darkest = " + G.fmt(top) +
+        specialsNote() + ".";
       return;
     }
     const t = active.step;
@@ -440,7 +573,7 @@
       const top = paintBoxes("cross", cross);
       state.shown.boxes = "cross";
       ui.stage.setAttribute("data-shading", "cross");
-      parts.push("boxes: cross-attention (darkest " + G.fmt(top) + ")");
+      parts.push(drawnNoun() + ": cross-attention (darkest " + G.fmt(top) + specialsNote() + ")");
     } else {
       parts.push(m.cross ? "no cross-attention at " + where : "no cross-attention in this record");
     }
@@ -488,10 +621,11 @@
 
   function showTooltip(event, node) {
     let text;
-    if (node.classList.contains("box") || node.classList.contains("object")) {
+    if (["box", "object", "special-weight"].some(function (c) { return node.classList.contains(c); })) {
       const i = Number(node.getAttribute("data-index"));
       text = "object " + i + ": " + labelOf(i);
-      const box = ui.stage.querySelector('rect.box[data-index="' + i + '"]');
+      const box = ui.stage.querySelector('rect.box[data-index="' + i + '"]') ||
+        ui.specials.querySelector('.special-weight[data-index="' + i + '"]');
       text += box ? describeValue(box) : "";
     } else {
       text = node.textContent;
@@ -611,6 +745,8 @@
       ui[id] = $(id);
     }
     ui.info = $("shading-info");
+    ui.specials = $("special-weights");
+    ui.heatScale = $("heat-scale");
     const changed = function () { state.problems = []; renderRecord(); };
     ui.record.addEventListener("change", function () {
       state.record = Number(ui.record.value);
