@@ -796,13 +796,14 @@ def test_patch_fields_are_carried_and_checked(patch_site):
     assert (encode_record(rec, {})["special_objects"], encode_record(rec, {})["patch_grid"]) == ([0, 1], [ROWS, COLS])
     plain = next(synthetic_records([BOXES_ID], objects=N, tokens=T, layers=1, heads=1, captions=1))
     assert not {"special_objects", "patch_grid"} & set(encode_record(plain, {}))     # ORT records: as before
-    for extra, said in (({"special_objects": [0, 1], "patch_grid": [4, 4]}, r"patch_grid'\] = \[4, 4\] does not fit"),
-                        ({"patch_grid": [ROWS, COLS]}, "does not fit the record's 14 patches"),
+    grid_rule = r"patch_grid'\] must be \[rows, cols\], ints with rows \* cols"
+    for extra, said in (({"special_objects": [0, 1], "patch_grid": [4, 4]}, grid_rule),
+                        ({"patch_grid": [ROWS, COLS]}, grid_rule + r" \+ 0 special objects = N = 14"),
                         ({"special_objects": [0, 14]}, r"objects'\] must be distinct object indices in \[0, 14"),
                         ({"special_objects": [0, 0]}, "must be distinct"),
-                        ({"special_objects": [0, 1], "patch_grid": [3.0, 4]}, "whole numbers"),
-                        ({"special_objects": 0}, "must be a list"),
-                        ({"special_objects": [0, 1], "patch_grid": [12]}, r"must be \[rows, cols\]")):
+                        ({"special_objects": [0, 1], "patch_grid": [3.0, 4]}, grid_rule),
+                        ({"special_objects": 0}, "must be distinct object indices"),
+                        ({"special_objects": [0, 1], "patch_grid": [12]}, grid_rule)):
         rec.extra = extra
         with pytest.raises(ValueError, match=f"image {PATCH_ID} .*{said}"):
             encode_record(rec, {})

@@ -114,12 +114,12 @@ class Record:
         for r, region in enumerate(extra.get("referent_objects", ())):
             _check_indices(region, n, f"{where}: extra['referent_objects'][{r}]", empty=False)
         if "patch_grid" in extra:
-            grid = extra["patch_grid"]
+            grid = np.asarray(extra["patch_grid"])
             special = len(extra.get("special_objects", ()))
-            if (len(grid) != 2 or any(int(g) < 1 for g in grid)
+            if (grid.shape != (2,) or not np.issubdtype(grid.dtype, np.integer) or grid.min() < 1
                     or int(grid[0]) * int(grid[1]) + special != n):
-                raise ValueError(f"{where}: extra['patch_grid'] must be [rows, cols] with rows * cols + "
-                                 f"{special} special objects = N = {n}, got {list(grid)}")
+                raise ValueError(f"{where}: extra['patch_grid'] must be [rows, cols], ints with rows * cols + "
+                                 f"{special} special objects = N = {n}, got {extra['patch_grid']!r}")
         expected = {"encoder_self": (n, n), "decoder_self": (t, t), "cross": (t, n)}
         for name, tail in expected.items():
             layers_heads = None          # a map and its entropies agree; encoder and decoder may differ

@@ -15,12 +15,13 @@ Two torch threads on the same, shared, cores were 7-25x slower (1.65 s/step for 
 on a shared machine run the study with ``OMP_NUM_THREADS=1``.
 
 * full (the defaults, ``full()``): 9 models (3 variants x 3 seeds) in at most 90 min = 600 s
-  per model. 6 layers (ORT's depth), d_model 128; 2000 steps x 0.24 s = 480 s of training,
-  plus ~30 s per model measured for the rest (a 6-layer model on these data: evaluation of the
-  600 test images with beam 3 3.5 s, the dump 10 s, the analyses 4 s, each validation on 200
-  val images ~1 s): ~510 s per model, ~77 min in all, ~85 MB of disk per model. 6000 images
-  (4800 train): 2000 steps of 10 images are ~4 epochs. Whether ``ort`` has converged by then
-  (its validation CIDEr-D gains under 2 % over the last fifth of training) is to be measured.
+  per model. 6 layers (ORT's depth), d_model 128, 6000 images (4800 train), 4000 steps of 10
+  images (~8 epochs). The first full study (2026-12-04) trained 2000 steps: it took 2666 s for
+  the 9 models (296 s per model, ~0.12 s per training step plus ~30 s for evaluation, dump and
+  analyses), and 6 of the 9 models had not converged (validation CIDEr-D still gaining 8-22 %
+  over the last fifth of training). 4000 steps is the longest run that fits the 90 minutes
+  (~0.12 s x 4000 + 30 s = ~510 s per model, ~77 min); the lr schedule is constant after
+  warm-up, so its first 2000 steps are the first study's.
 * quick (``for_quick()``): 6 models (3 variants x 2 seeds) in at most 10 minutes: 2 layers,
   1000 steps on 3000 images (the demo's data size). Measured with ort and none, 2 seeds each:
   4 models in 214 s (50-56 s per model, 47 s of it training), so ~5.5 min for the six.
@@ -80,7 +81,7 @@ class StudySettings:
     heads: int = 4
     d_ff: int = 256
     dropout: float = 0.1
-    steps: int = 2000
+    steps: int = 4000
     batch_size: int = 10
     lr: float = 1e-3
     warmup: int = 100

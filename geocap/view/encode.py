@@ -143,41 +143,16 @@ def encode_record(record: Record, label_names: dict, cache: dict | None = None) 
     return out
 
 
-def _whole_number(value, what: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{what} must hold whole numbers, got {value!r}")
-    return int(value)
-
-
 def patch_fields(record: Record) -> dict:
-    """``{"special_objects": [...], "patch_grid": [rows, cols]}`` from ``record.extra`` (each key
-    only when the record has it; lists or numpy arrays alike), checked against the record's N
-    objects: special indices unique and in [0, N); rows, cols >= 1 with rows * cols = N minus the
-    special tokens. ``ValueError`` naming the image and the key otherwise."""
+    """``{"special_objects": [...] sorted, "patch_grid": [rows, cols]}`` from ``record.extra`` (each
+    key only when the record has it; lists or numpy arrays alike), as plain ints. The values are
+    checked by ``Record.validate`` (the record contract), which ``encode_record`` runs first."""
     extra = record.extra or {}
-    n, out = record.num_objects, {}
-    special = extra.get("special_objects")
-    if special is not None:
-        what = f"record of {_where(record)}: extra['special_objects']"
-        values = np.asarray(special, dtype=object).reshape(-1).tolist() if np.ndim(special) else None
-        if values is None:
-            raise ValueError(f"{what} must be a list of object indices, got {special!r}")
-        indices = [_whole_number(v, what) for v in values]
-        if len(set(indices)) != len(indices) or any(not 0 <= i < n for i in indices):
-            raise ValueError(f"{what} must be distinct object indices in [0, {n}), got {indices}")
-        out["special_objects"] = sorted(indices)
-    grid = extra.get("patch_grid")
-    if grid is not None:
-        what = f"record of {_where(record)}: extra['patch_grid']"
-        values = np.asarray(grid, dtype=object).reshape(-1).tolist() if np.ndim(grid) else []
-        if len(values) != 2:
-            raise ValueError(f"{what} must be [rows, cols], got {grid!r}")
-        rows, cols = (_whole_number(v, what) for v in values)
-        patches = n - len(out.get("special_objects", []))
-        if rows < 1 or cols < 1 or rows * cols != patches:
-            raise ValueError(f"{what} = [{rows}, {cols}] does not fit the record's {patches} patches "
-                             f"({n} objects, {n - patches} special)")
-        out["patch_grid"] = [rows, cols]
+    out = {}
+    if extra.get("special_objects") is not None:
+        out["special_objects"] = sorted(int(i) for i in np.asarray(extra["special_objects"]).reshape(-1))
+    if extra.get("patch_grid") is not None:
+        out["patch_grid"] = [int(g) for g in np.asarray(extra["patch_grid"]).reshape(-1)]
     return out
 
 
