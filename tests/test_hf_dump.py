@@ -253,3 +253,28 @@ def test_cli_dump_hf_then_analyze_and_view(hf_data, tmp_path, capsys):
     assert "needs --images" in capsys.readouterr().err
     assert main(["dump", "--data", str(root), "--out", str(tmp_path / "x")]) == 2
     assert "needs --checkpoint, --split" in capsys.readouterr().err
+
+
+def test_readme_your_own_model_commands_run_as_written(hf_data, tmp_path):
+    """The README's three commands for a saved Hugging Face model, with its placeholders filled in
+    (the optional captions and instances files given)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from geocap.cli import main
+    root, captions, instances = hf_data
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "--hf MODEL_DIR" in b]
+    assert len(blocks) == 1
+    lines = [line for line in blocks[0].strip().splitlines()]
+    assert [line.split()[:2] for line in lines] == [["geocap", "dump"], ["geocap", "analyze"], ["geocap", "view"]]
+    values = {"MODEL_DIR": root / "model", "IMAGES": root / "images", "DUMP": tmp_path / "dump",
+              "REPORT": tmp_path / "report", "VIEW": tmp_path / "view", "captions.json": captions,
+              "instances.json": instances}
+    for line in lines:
+        words = shlex.split(line.replace("[", "").replace("]", ""))
+        args = [str(values.get(w, w)) for w in words[1:]]
+        assert main(args + ["--no-progress"]) == 0, line
+    assert json.loads((tmp_path / "report" / "analysis.json").read_text())["grounding"]["tokens"] == 5
+    assert (tmp_path / "view" / "index.html").is_file()
