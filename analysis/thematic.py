@@ -26,7 +26,8 @@ Statistics:
   Objects with an all-zero feature vector have no cosine and are skipped.
 
 Records of kind ``"hypothetical"`` are skipped (their encoder attention repeats the reference
-record's). Memory: ``[L, H]`` sums, and at most ``kmeans_buffer`` records before the fit.
+record's). Special objects (``extra["special_objects"]``, a ViT's class token) are neither queries
+nor "other objects" nor in a cosine pair: "the other objects" of a query are the other regular ones. Memory: ``[L, H]`` sums, and at most ``kmeans_buffer`` records before the fit.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from geocap.data.attention_record import Record
+from geocap.data.attention_record import Record, regular_objects
 
 from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, feature_cosines, fold, ratio,
                           read_config, to_list, unit_features)
@@ -187,14 +188,16 @@ class ThematicAccumulator(Accumulator):
         where = describe(record)
         self.sums.add(f"source.{source}", 1)
         n = record.num_objects
-        same = clusters[:, None] == clusters[None, :]
+        regular = regular_objects(record)                          # special objects (class tokens) are in no pair
+        pairs = regular[:, None] & regular[None, :]
+        same = (clusters[:, None] == clusters[None, :]) & pairs
         cosines = feature_cosines(record)
         if cosines is None:
             self.sums.add("records_without_features", 1)
         else:
             cosine, nonzero = cosines
             i, j = np.triu_indices(n, k=1)
-            keep = nonzero[i] & nonzero[j]
+            keep = nonzero[i] & nonzero[j] & regular[i] & regular[j]
             i, j = i[keep], j[keep]
             pair_cosine = cosine[i, j]
             pair_same = same[i, j]
@@ -206,15 +209,16 @@ class ThematicAccumulator(Accumulator):
         if attn is None:
             self.sums.add("records_without_encoder_self", 1)
             return
-        others = ~np.eye(n, dtype=bool)
+        others = ~np.eye(n, dtype=bool) & pairs
         same_others = same & others
         n_same = same_others.sum(axis=1)                           # [N]
-        eligible = (n_same >= 1) & (n_same <= n - 2)               # a same- and an other-cluster object
+        n_others = others.sum(axis=1)
+        eligible = regular & (n_same >= 1) & (n_same <= n_others - 1)   # a same- and an other-cluster object
         mass_same = np.einsum("lhij,ij->lhi", attn, same_others)   # [L, H, N]
-        mass_others = attn.sum(axis=-1) - np.einsum("lhii->lhi", attn)
+        mass_others = np.einsum("lhij,ij->lhi", attn, others)
         ok = eligible & (mass_others > 0)
         share = np.divide(mass_same, mass_others, out=np.zeros_like(mass_same), where=ok)
-        chance = np.where(ok, n_same / max(n - 1, 1), 0.0)
+        chance = np.where(ok, n_same / np.maximum(n_others, 1), 0.0)
         self.sums.add("affinity.share", share.sum(axis=-1), where)
         self.sums.add("affinity.chance", chance.sum(axis=-1), where)
         self.sums.add("affinity.queries", ok.sum(axis=-1), where)

@@ -616,3 +616,35 @@ def test_records_check_their_patch_extras():
         patch_record(np.full(5, .2), regions=[[2, 9]], referent=0).validate()
     with pytest.raises(ValueError, match="patch_grid"):
         patch_record(np.full(5, .2), regions=[[1]], referent=0, special=()).validate()
+
+
+def test_thematic_and_proximity_leave_special_objects_out():
+    """A record with a class token (index 0, heavily attended) analyses as the same record
+    without it: its attention to the others, its clusters, pairs and cosines are the regular ones."""
+    rng = np.random.default_rng(3)
+    base = [make_record(rng, i, n=7, layers=2, heads=2) for i in range(6)]
+    with_cls = []
+    for r in base:
+        n = r.num_objects
+        enc = np.zeros((2, 2, n + 1, n + 1))
+        enc[:, :, 1:, 1:] = r.encoder_self.astype(np.float64) * 0.4
+        enc[:, :, 1:, 0] = 0.6                          # the class token takes most of every row
+        enc[:, :, 0, :] = 1.0 / (n + 1)
+        boxes = np.concatenate([[[0, 0, 1, 1]], r.boxes]).astype(np.float32)
+        features = np.concatenate([rng.normal(size=(1, r.features.shape[1])), r.features]).astype(np.float32)
+        with_cls.append(Record(image_id=r.image_id, boxes=boxes, tokens=r.tokens, encoder_self=enc,
+                               clusters=np.concatenate([[r.clusters[0]], r.clusters]), features=features,
+                               extra={"special_objects": [0]}))
+    plain = [Record(image_id=r.image_id, boxes=r.boxes, tokens=r.tokens, encoder_self=r.encoder_self,
+                    clusters=r.clusters, features=r.features) for r in base]
+    a, b = thematic(with_cls), thematic(plain)
+    np.testing.assert_allclose(a.affinity, b.affinity)
+    assert (a.same_cluster_cosine, a.diff_cluster_cosine) == pytest.approx((b.same_cluster_cosine,
+                                                                            b.diff_cluster_cosine))
+    p, q = proximity(with_cls), proximity(plain)
+    assert p.pairs == q.pairs
+    assert p.spearman_distance == pytest.approx(q.spearman_distance)
+    for r in with_cls:
+        r.extra = {}                                    # counted as an object, the class token changes both
+    assert not np.allclose(thematic(with_cls).affinity, b.affinity)
+    assert proximity(with_cls).pairs != q.pairs
