@@ -278,3 +278,19 @@ def test_readme_your_own_model_commands_run_as_written(hf_data, tmp_path):
         assert main(args + ["--no-progress"]) == 0, line
     assert json.loads((tmp_path / "report" / "analysis.json").read_text())["grounding"]["tokens"] == 5
     assert (tmp_path / "view" / "index.html").is_file()
+
+
+def test_hf_dump_shares_shards_among_ranks(hf_data, tmp_path):
+    """Two ranks (as under torchrun) write alternate shards of one dump; together they equal one rank's."""
+    root, captions, instances = hf_data
+    kw = dict(captions=captions, instances=instances, shard_images=1, writer="inline", progress=False)
+    rank0 = dump_hf(root / "model", root / "images", tmp_path / "two", rank=0, world_size=2, **kw)
+    assert rank0.shards_written == [0, 2] and not rank0.complete
+    rank1 = dump_hf(root / "model", root / "images", tmp_path / "two", rank=1, world_size=2, **kw)
+    assert rank1.shards_written == [1] and rank1.complete
+    dump_hf(root / "model", root / "images", tmp_path / "one", **kw)
+    two, one = list(open_dump(tmp_path / "two", progress=False)), list(open_dump(tmp_path / "one", progress=False))
+    assert [(r.image_id, r.tokens) for r in two] == [(r.image_id, r.tokens) for r in one]
+    for a, b in zip(two, one):
+        np.testing.assert_array_equal(a.cross, b.cross)
+        assert a.extra == b.extra
