@@ -68,3 +68,40 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
                         help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
     parser.set_defaults(func=run_analyze)
     return parser
+
+
+def run_compare(args) -> int:
+    """Handler of ``geocap compare``: the models' analyses side by side in one markdown table."""
+    from geocap.analysis.compare import comparison_table
+    from geocap.data.atomic import write_text_atomic
+    from geocap.data.json_file import read_json
+
+    analyses = {}
+    for item in args.reports:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"compare: expected NAME=REPORT_DIR, got {item!r}")
+        if name in analyses:
+            raise ValueError(f"compare: model name {name!r} given twice")
+        file = os.path.join(path, "analysis.json") if os.path.isdir(path) else path
+        analyses[name] = read_json(file, "analysis file (geocap analyze's analysis.json)")
+    table = comparison_table(analyses)
+    if args.out:
+        write_text_atomic(args.out, table)
+        print(f"compared {', '.join(analyses)} -> {args.out}")
+    else:
+        print(table, end="")
+    return 0
+
+
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``geocap compare`` on an argparse subparsers object; returns its parser."""
+    parser = subparsers.add_parser(
+        "compare", help="several models' analyses (geocap analyze) side by side in one markdown table",
+        description="Entropy, proximity and grounding by layer for each model, with standard errors and the "
+                    "first-to-last-layer change, one table (geocap.analysis.compare).")
+    parser.add_argument("reports", nargs="+", metavar="NAME=REPORT_DIR",
+                        help="a model's name and its geocap analyze folder (or its analysis.json)")
+    parser.add_argument("--out", default=None, metavar="FILE.md", help="write the table here (default: print it)")
+    parser.set_defaults(func=run_compare)
+    return parser

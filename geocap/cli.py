@@ -1,5 +1,5 @@
 """The ``geocap`` command line (also ``python -m geocap``): demo, synth, prepro, train, evaluate,
-import-ort, dump, analyze, view, study. Each subcommand's parser lives with the code it runs.
+import-ort, dump, analyze, compare, view, study. Each subcommand's parser lives with the code it runs.
 
 Exit status: 0 done; 2 bad input or options (one line ``geocap: error: ...``); 130 stopped by
 SIGINT, 143 by SIGTERM. Both signals raise :class:`Interrupted` (a KeyboardInterrupt) in the
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="without a GPU, skip the Triton kernels instead of running them under the interpreter")
     demo.set_defaults(func=_demo)
 
-    from geocap.analyze import add_analyze_parser
+    from geocap.analyze import add_analyze_parser, add_compare_parser
     from geocap.data.prepro import add_prepro_parser
     from geocap.data.synth import add_synth_parser
     from geocap.dump.cli import add_dump_parser
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_import_ort_parser(sub)
     add_dump_parser(sub)
     add_analyze_parser(sub)
+    add_compare_parser(sub)
     add_view_parser(sub)
     add_study_parser(sub)
     return parser

@@ -249,6 +249,13 @@ def test_cli_dump_hf_then_analyze_and_view(hf_data, tmp_path, capsys):
     assert analysis["grounding"]["tokens"] == 5
     assert main(["view", str(dump_dir), "--out", str(site), "--images", str(root / "images"), "--no-progress"]) == 0
     assert (site / "index.html").is_file()
+    assert main(["compare", f"tiny={report}", f"again={report / 'analysis.json'}", "--out",
+                 str(tmp_path / "compare.md")]) == 0
+    table = (tmp_path / "compare.md").read_text()
+    accuracy = analysis["grounding"]["accuracy"]
+    assert f"| grounding accuracy | again | {accuracy[0]:.1%}" in table and "tiny: chance" in table
+    assert main(["compare", str(report)]) == 2
+    assert "expected NAME=REPORT_DIR" in capsys.readouterr().err
     assert main(["dump", "--hf", str(root / "model"), "--out", str(tmp_path / "x")]) == 2       # no --images
     assert "needs --images" in capsys.readouterr().err
     assert main(["dump", "--data", str(root), "--out", str(tmp_path / "x")]) == 2

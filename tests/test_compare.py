@@ -1,0 +1,45 @@
+"""analysis.compare: several models' analysis.json side by side in one table."""
+import pytest
+
+from geocap.analysis.compare import comparison_table
+
+
+def analysis(entropy, accuracy, spearman, *, se=0.01, trend="falls"):
+    layers = len(entropy)
+    change = entropy[-1] - entropy[0] if None not in entropy else None
+    unc = {"se": [se] * layers, "units": 10, "trend": trend, "change": change, "change_se": se}
+    return {"entropy": {"per_layer": {"encoder_self": entropy, "decoder_self": None, "cross": entropy},
+                        "per_layer_uncertainty": {"encoder_self": unc, "cross": unc},
+                        "unavailable": {"decoder_self": "no decoder_self maps"}},
+            "proximity": {"spearman_distance": spearman},
+            "grounding": {"accuracy": accuracy, "chance": 0.125, "tokens": 40,
+                          "uncertainty": {"accuracy": dict(unc, change=accuracy[-1] - accuracy[0], trend="rises")}}}
+
+
+def test_models_of_different_depths_share_one_table():
+    table = comparison_table({"ort": analysis([0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [-0.3, -0.2, -0.1]),
+                              "vit": analysis([0.5, 0.6], [0.05, 0.04], [-0.5, -0.4], trend="rises")})
+    lines = table.splitlines()
+    assert lines[0] == "| measure | model | layer 1 | layer 2 | layer 3 | first -> last layer |"
+    row = next(line for line in lines if line.startswith("| entropy, encoder self | vit |"))
+    assert row == "| entropy, encoder self | vit | 0.500 ± 0.010 | 0.600 ± 0.010 |  | +0.100 ± 0.010: rises |"
+    row = next(line for line in lines if line.startswith("| grounding accuracy | ort |"))
+    assert "10.0% ± 1.0%" in row and "30.0% ± 1.0%" in row and "+20.0% ± 1.0%: rises" in row
+    row = next(line for line in lines if line.startswith("| proximity: Spearman(attention, distance) | ort |"))
+    assert row.endswith("| +0.200 (no standard error) |")
+    row = next(line for line in lines if line.startswith("| entropy, decoder self | ort |"))
+    assert "not measured: no decoder_self maps" in row
+    assert "ort: chance 12.5% over 40 grounded tokens" in table
+
+
+def test_a_wrong_layer_order_shows():
+    table = comparison_table({"m": analysis([0.9, 0.1], [0.1, 0.2], [0.0, 0.1])})
+    row = next(line for line in table.splitlines() if line.startswith("| entropy, cross | m |"))
+    assert row.index("0.900") < row.index("0.100")
+    assert "-0.800" in row
+
+
+@pytest.mark.parametrize("bad", [float("nan"), None])
+def test_missing_values_read_n_a(bad):
+    table = comparison_table({"m": analysis([0.9, bad], [0.1, 0.2], [0.0, 0.1])})
+    assert "n/a" in next(line for line in table.splitlines() if line.startswith("| entropy, cross | m |"))
