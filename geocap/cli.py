@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     from geocap.data.synth import add_synth_images_parser, add_synth_parser
     from geocap.dump.cli import add_dump_parser
     from geocap.evaluate import add_evaluate_parser
+    from geocap.hf.tiny import add_hf_train_tiny_parser
     from geocap.ort_import import add_import_ort_parser
     from geocap.study.cli import add_study_parser
     from geocap.train import add_train_parser
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_synth_images_parser(sub)
     add_prepro_parser(sub)
     add_train_parser(sub)
+    add_hf_train_tiny_parser(sub)
     add_evaluate_parser(sub)
     add_import_ort_parser(sub)
     add_dump_parser(sub)
