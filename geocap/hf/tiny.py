@@ -238,7 +238,7 @@ def _lr_factor(step: int, steps: int) -> float:
 
 
 def train_tiny_captioner(images_dir, captions_json, out_dir, *, steps: int = 1000, batch_size: int = 16,
-                         lr: float = 1e-3, seed: int = 0, progress: bool = True, **sizes) -> dict:
+                         lr: float = 2e-3, seed: int = 0, progress: bool = True, **sizes) -> dict:
     """Train :func:`build_tiny_captioner` (``sizes``: any of its keyword sizes, defaults
     :data:`DEFAULT_SIZES`) from random init on ``captions_json`` and its images in ``images_dir``
     for ``steps`` steps of ``batch_size`` images (each with all its captions) at peak learning
@@ -375,7 +375,7 @@ def add_hf_train_tiny_parser(subparsers):
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="output folder (replaced if it holds a model)")
     p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step, each with all its captions (16)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW (default 2e-3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--image-size", type=int, default=d["image_size"], help=f"input side (default {d['image_size']})")
     p.add_argument("--patch-size", type=int, default=d["patch_size"], help=f"patch side (default {d['patch_size']})")
