@@ -1,5 +1,6 @@
-"""The ``geocap`` command line (also ``python -m geocap``): demo, synth, prepro, train, evaluate,
-import-ort, dump, analyze, compare, view, study. Each subcommand's parser lives with the code it runs.
+"""The ``geocap`` command line (also ``python -m geocap``): demo, synth, synth-images, prepro,
+train, hf-train-tiny, evaluate, import-ort, dump, analyze, compare, view, study. Each subcommand's parser
+lives with the code it runs.
 
 Exit status: 0 done; 2 bad input or options (one line ``geocap: error: ...``); 130 stopped by
 SIGINT, 143 by SIGTERM. Both signals raise :class:`Interrupted` (a KeyboardInterrupt) in the
@@ -72,17 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from geocap.analyze import add_analyze_parser, add_compare_parser
     from geocap.data.prepro import add_prepro_parser
-    from geocap.data.synth import add_synth_parser
+    from geocap.data.synth import add_synth_images_parser, add_synth_parser
     from geocap.dump.cli import add_dump_parser
     from geocap.evaluate import add_evaluate_parser
+    from geocap.hf.tiny import add_hf_train_tiny_parser
     from geocap.ort_import import add_import_ort_parser
     from geocap.study.cli import add_study_parser
     from geocap.train import add_train_parser
     from geocap.view.cli import add_view_parser
 
     add_synth_parser(sub)
+    add_synth_images_parser(sub)
     add_prepro_parser(sub)
     add_train_parser(sub)
+    add_hf_train_tiny_parser(sub)
     add_evaluate_parser(sub)
     add_import_ort_parser(sub)
     add_dump_parser(sub)

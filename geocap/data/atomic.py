@@ -1,6 +1,7 @@
 """Files appear complete or not at all: write to a temporary name beside the target, rename
 when done, remove the temporary file on any failure (an interrupted run leaves the old output
-or none, never a half-written file).
+or none, never a half-written file). Folders likewise: :func:`replace_folder` swaps a folder
+written under a temporary name into place.
 
 The temporary name of ``path`` is ``<path>.tmp-<pid>``. A process killed outright (SIGKILL, a
 power cut) cannot remove its own, so each write first removes the *stale* temporaries of its
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 
 
 def temporary_name(path, pid: int | None = None) -> str:
@@ -76,3 +78,23 @@ def write_text_atomic(path, text: str) -> None:
     """``text`` (UTF-8) at ``path``, atomically."""
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def replace_folder(tmp, out) -> None:
+    """Put the complete folder ``tmp`` at ``out``, replacing any folder there: the old one is
+    renamed to ``.<name>.old-<pid>`` beside it, ``tmp`` renamed to ``out``, then the old one
+    removed; if the second rename fails the old folder is put back. ``tmp`` and ``out`` must be
+    on one filesystem (write ``tmp`` beside ``out``)."""
+    tmp, out = os.fspath(tmp), os.fspath(out)
+    folder, name = os.path.split(os.path.abspath(out))
+    old = os.path.join(folder, f".{name}.old-{os.getpid()}")
+    if os.path.exists(out):
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if os.path.exists(old):
+            os.rename(old, out)
+        raise
+    if os.path.exists(old):
+        shutil.rmtree(old)

@@ -6,7 +6,10 @@ analyses and the viewer read them unchanged. Supported: ``VisionEncoderDecoderMo
 ViT-like encoder: patch tokens plus leading class/register tokens) and
 ``BlipForConditionalGeneration``; any other model is an :class:`UnsupportedModel` error.
 
-transformers is imported only when a model is recorded, so ``import geocap`` never needs it.
+``geocap.hf.tiny`` builds and trains a tiny ``VisionEncoderDecoderModel`` from random init on
+the synthetic scenes drawn as images (``geocap hf-train-tiny``), to record without a download.
+
+transformers is imported only when a model is recorded or built, so ``import geocap`` never needs it.
 """
 from .patches import PatchGrid
 from .record import SUPPORTED, UnsupportedModel, record_captions

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from geocap.data.atomic import write_text_atomic
+from geocap.data.atomic import replace_folder, write_text_atomic
 from geocap.data.dump_format import box_embedding
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
@@ -222,20 +222,6 @@ class _Builder:
         _write_js(self.root / "data" / "manifest.js", "manifest.js", manifest)
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old.exists():
-            os.rename(old, out)
-        raise
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, report_href=None,
                progress=True, page_size: int = DEFAULT_PAGE_SIZE, title=None, grouped: bool = False) -> SiteSummary:
     """Write the viewer for ``records`` (any iterable of :class:`~geocap.data.attention_record.Record`,
@@ -313,7 +299,7 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
             for name in names:
                 files += 1
                 size += os.stat(os.path.join(dirpath, name)).st_size
-        _swap_into_place(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,7 +29,9 @@ Conventions: image ids 1..images; caption ids ``5 (image_id - 1) + k`` for k = 1
 store's order (shuffled, so parts do not follow their wholes); object indices are positions in
 that order. The modules: ``world`` (categories, clusters, parts), ``scenes`` (placement),
 ``captions`` (grammar and grounding; the relations are :mod:`geocap.data.relations`), ``features``
-(the calibrated feature model), ``generate`` (the files and the command).
+(the calibrated feature model), ``generate`` (the files and the command), ``render`` (the scenes
+drawn as PNG images with COCO captions and instances files, for pixel captioners; ``geocap
+synth-images``).
 
 Default ``feature_dim`` 2048, the bottom-up detectors' size, is kept because it costs little here:
 10,000 images take ~6 s and 330 MB (308 MB of float16 features) on two cores, 6000 images ~4 s
@@ -47,17 +49,19 @@ from .features import (DEFAULT_FEATURE_DIM, MIN_FEATURE_DIM, SIMILARITY, Feature
 from .generate import (DEFAULT_IMAGES, FILES, SynthImage, SynthSummary, add_synth_parser, caption_set, coco_json,
                        generate_scenes, generate_synthetic, ground_truth_json, karpathy_json, split_of)
 from ..relations import RELATIONS, group_relations, relation_matrix
+from .render import CategoryStyle, add_synth_images_parser, category_style, render_images
 from .scenes import Draws, Scene, sample_scene
 from .world import (CATEGORIES, CATEGORY_IDS, CLUSTER_IDS, CLUSTER_OF, CLUSTERS, IMAGE_SIZES, MAX_OBJECTS,
                     MIN_OBJECTS, MIN_SIZE, PARTS, Category, Cluster, category_names)
 
 __all__ = [
     "CAPTIONS_PER_IMAGE", "CATEGORIES", "CATEGORY_IDS", "CLUSTERS", "CLUSTER_IDS", "CLUSTER_OF", "Category",
-    "Cluster", "DEFAULT_FEATURE_DIM", "DEFAULT_IMAGES", "Draws", "FILES", "FeatureModel", "IMAGE_SIZES",
-    "MAX_OBJECTS", "MIN_FEATURE_DIM", "MIN_OBJECTS", "MIN_SIZE", "Mention", "NUMBERS", "PARTS", "RELATIONS",
-    "RELATION_PHRASES", "RelationUse", "SIMILARITY", "Scene", "SynthCaption", "SynthImage", "SynthSummary",
-    "add_synth_parser", "caption_set", "category_means", "category_names", "coco_json", "feature_model",
-    "generate_scenes", "generate_synthetic", "ground_truth_json", "group_relations", "iter_features",
-    "karpathy_json", "object_features", "prototypes", "relation_matrix", "relu_cosine", "sample_captions",
-    "sample_scene", "similarity_by_pair_type", "split_of",
+    "CategoryStyle", "Cluster", "DEFAULT_FEATURE_DIM", "DEFAULT_IMAGES", "Draws", "FILES", "FeatureModel",
+    "IMAGE_SIZES", "MAX_OBJECTS", "MIN_FEATURE_DIM", "MIN_OBJECTS", "MIN_SIZE", "Mention", "NUMBERS", "PARTS",
+    "RELATIONS", "RELATION_PHRASES", "RelationUse", "SIMILARITY", "Scene", "SynthCaption", "SynthImage",
+    "SynthSummary", "add_synth_images_parser", "add_synth_parser", "caption_set", "category_means",
+    "category_names", "category_style", "coco_json", "feature_model", "generate_scenes", "generate_synthetic",
+    "ground_truth_json", "group_relations", "iter_features", "karpathy_json", "object_features", "prototypes",
+    "relation_matrix", "relu_cosine", "render_images", "sample_captions", "sample_scene", "similarity_by_pair_type",
+    "split_of",
 ]
