@@ -10,13 +10,14 @@ of encoder self-, decoder self- and cross-attention; Spearman's rho of encoder a
 distance (no standard error: one correlation over a pair sample); grounding accuracy of cross-
 attention (with its chance rate). Numbers are not comparable across models in absolute terms
 (different numbers of objects: 197 patches vs a handful of objects); the depth trends are.
+:func:`comparison_figure` draws the same measures, one panel each, one line per model.
 """
 from __future__ import annotations
 
 import math
 from typing import Mapping
 
-__all__ = ["MEASURES", "comparison_table"]
+__all__ = ["MEASURES", "comparison_figure", "comparison_table"]
 
 # (label, path into analysis.json to the per-layer list, path to its uncertainty dict or None, format)
 MEASURES = (
@@ -85,3 +86,40 @@ def comparison_table(analyses: Mapping[str, Mapping]) -> str:
         else:
             notes.append(f"{name}: no grounded tokens")
     return "\n".join(lines) + "\n\nGrounding chance (a uniformly random pick): " + "; ".join(notes) + ".\n"
+
+
+def comparison_figure(analyses: Mapping[str, Mapping], path) -> None:
+    """One panel per measure of :data:`MEASURES`, each model a line over its layers with one
+    standard error as error bars (grounding: each model's chance dashed in its colour); PNG at ``path``."""
+    import numpy as np
+
+    from .plotting import layer_axis, mark_missing, new_figure, save_figure
+
+    fig, axes = new_figure(len(MEASURES))
+    for ax, (label, path_, se_path, fmt) in zip(axes, MEASURES):
+        drawn = False
+        for k, (name, analysis) in enumerate(analyses.items()):
+            values = _get(analysis, path_)
+            if not values:
+                continue
+            values = np.array([v if _finite(v) else np.nan for v in values], dtype=float)
+            summary = _get(analysis, se_path) if se_path else None
+            se = None
+            if summary and summary.get("se") is not None:
+                se = np.ma.masked_invalid(np.array([v if _finite(v) else np.nan for v in summary["se"]], float))
+            colour = f"C{k}"
+            ax.errorbar(np.arange(1, len(values) + 1), values, yerr=se, capsize=3, marker="o", color=colour,
+                        label=name)
+            chance = _get(analysis, ("grounding", "chance")) if path_[0] == "grounding" else None
+            if _finite(chance):
+                ax.axhline(chance, color=colour, linestyle="--", linewidth=1, label=f"{name}: chance")
+            drawn = True
+        if not drawn:
+            mark_missing(ax, label, "no model has it")
+            continue
+        ax.set_title(label, fontsize=10)
+        layer_axis(ax)
+        if fmt.endswith("%"):
+            ax.yaxis.set_major_formatter(lambda v, _pos: f"{v:.0%}")
+        ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -72,7 +72,7 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_compare(args) -> int:
     """Handler of ``geocap compare``: the models' analyses side by side in one markdown table."""
-    from geocap.analysis.compare import comparison_table
+    from geocap.analysis.compare import comparison_figure, comparison_table
     from geocap.data.atomic import write_text_atomic
     from geocap.data.json_file import read_json
 
@@ -87,8 +87,10 @@ def run_compare(args) -> int:
         analyses[name] = read_json(file, "analysis file (geocap analyze's analysis.json)")
     table = comparison_table(analyses)
     if args.out:
+        figure = os.path.splitext(args.out)[0] + ".png"
+        comparison_figure(analyses, figure)
         write_text_atomic(args.out, table)
-        print(f"compared {', '.join(analyses)} -> {args.out}")
+        print(f"compared {', '.join(analyses)} -> {args.out}, {figure}")
     else:
         print(table, end="")
     return 0
@@ -102,6 +104,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                     "first-to-last-layer change, one table (geocap.analysis.compare).")
     parser.add_argument("reports", nargs="+", metavar="NAME=REPORT_DIR",
                         help="a model's name and its geocap analyze folder (or its analysis.json)")
-    parser.add_argument("--out", default=None, metavar="FILE.md", help="write the table here (default: print it)")
+    parser.add_argument("--out", default=None, metavar="FILE.md",
+                        help="write the table here and its figure beside it (FILE.png); default: print the table")
     parser.set_defaults(func=run_compare)
     return parser

@@ -1,4 +1,5 @@
 """analysis.compare: several models' analysis.json side by side in one table."""
+import numpy as np
 import pytest
 
 from geocap.analysis.compare import comparison_table
@@ -43,3 +44,18 @@ def test_a_wrong_layer_order_shows():
 def test_missing_values_read_n_a(bad):
     table = comparison_table({"m": analysis([0.9, bad], [0.1, 0.2], [0.0, 0.1])})
     assert "n/a" in next(line for line in table.splitlines() if line.startswith("| entropy, cross | m |"))
+
+
+def test_figure_draws_every_model(tmp_path):
+    from matplotlib.image import imread
+
+    from geocap.analysis.compare import comparison_figure
+    path = tmp_path / "compare.png"
+    comparison_figure({"ort": analysis([0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [-0.3, -0.2, -0.1]),
+                       "vit": analysis([0.5, 0.6], [0.05, 0.04], [-0.5, -0.4])}, path)
+    pixels = imread(path)
+    assert pixels.shape[1] > 4 * pixels.shape[0] / 2          # one panel per measure, side by side
+    blue, orange = np.array([0.12, 0.47, 0.71]), np.array([1.0, 0.5, 0.05])   # C0, C1
+    rgb = pixels[..., :3].reshape(-1, 3)
+    for colour in (blue, orange):
+        assert (np.abs(rgb - colour).max(axis=1) < 0.05).sum() > 200, colour

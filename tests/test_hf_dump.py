@@ -252,6 +252,7 @@ def test_cli_dump_hf_then_analyze_and_view(hf_data, tmp_path, capsys):
     assert main(["compare", f"tiny={report}", f"again={report / 'analysis.json'}", "--out",
                  str(tmp_path / "compare.md")]) == 0
     table = (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 10000
     accuracy = analysis["grounding"]["accuracy"]
     assert f"| grounding accuracy | again | {accuracy[0]:.1%}" in table and "tiny: chance" in table
     assert main(["compare", str(report)]) == 2
