@@ -302,3 +302,40 @@ def test_hf_dump_shares_shards_among_ranks(hf_data, tmp_path):
     for a, b in zip(two, one):
         np.testing.assert_array_equal(a.cross, b.cross)
         assert a.extra == b.extra
+
+
+def save_tiny_blip(folder):
+    """A tiny random BlipForConditionalGeneration with a BERT word-piece tokenizer and BLIP's image
+    processor, saved as a user's folder would be."""
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + WORDS
+    if int(transformers.__version__.split(".")[0]) >= 5:        # transformers 5 takes the vocabulary itself
+        tok = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, bos_token="[DEC]")
+    else:
+        (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+        tok = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), bos_token="[DEC]")
+    torch.manual_seed(0)
+    config = transformers.BlipConfig(
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64),
+        text_config=dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, encoder_hidden_size=32, bos_token_id=5, sep_token_id=3,
+                         eos_token_id=3, pad_token_id=0))
+    model = transformers.BlipForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    transformers.BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+def test_hf_dump_of_a_blip_model(hf_data, tmp_path):
+    root, captions, instances = hf_data
+    save_tiny_blip(tmp_path / "blip")
+    result = dump_hf(tmp_path / "blip", root / "images", tmp_path / "dump", captions=captions, instances=instances,
+                     writer="inline", progress=False)
+    assert result.complete
+    dump = open_dump(tmp_path / "dump", progress=False)
+    assert dump.metadata["model_class"] == "BlipForConditionalGeneration"
+    first = dump[0]
+    assert first.tokens == ["a", "dog", "on", "the", "left", "of", "a", "cat", "<eos>"]
+    assert first.referents.tolist() == [-1, 0, -1, -1, -1, -1, -1, 1, -1]
+    assert first.extra["special_objects"] == [0] and first.cross.shape == (2, 2, 9, 17)
