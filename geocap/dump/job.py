@@ -47,7 +47,7 @@ import os
 import time
 from typing import Optional, Union
 
-from geocap.dump.plan import MODES, WHAT_NAMES, WRITERS, DumpOptions, plan_dump
+from geocap.dump.plan import MODES, WHAT_NAMES, WRITERS, DumpOptions, plan_dump, resolve_options
 from geocap.dump.result import DumpResult, summarize
 
 __all__ = ["DumpOptions", "DumpResult", "MODES", "WHAT_NAMES", "WRITERS", "dump", "ort_recorder", "summarize"]
@@ -104,14 +104,7 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
     from geocap.dump.source import SplitSource
 
     t_start = time.perf_counter()
-    if options is None:
-        options = DumpOptions(**option_values)
-    elif option_values:
-        raise ValueError(f"dump: pass the options either as DumpOptions or as keywords, not both "
-                         f"({', '.join(sorted(option_values))})")
-    if options.stats_only and stats_collector is None:
-        raise ValueError("stats_only needs stats_collector, the analysis collector class "
-                         "(e.g. geocap.analysis.StatsCollector)")
+    options = resolve_options(options, option_values, stats_collector, "dump")
     plan = plan_dump(checkpoint, data, split, out, options, rank=rank, world_size=world_size)
     result = DumpResult(path=plan.out, rank=plan.rank, world_size=plan.world_size, shards_skipped=plan.skipped,
                         shards_redone=plan.redone)

@@ -24,7 +24,7 @@ WRITERS = ("process", "inline")     # the shard writer in a child process (defau
 WHAT_NAMES = ("encoder", "decoder", "cross")
 
 __all__ = ["DumpOptions", "DumpPlan", "MODES", "ShardShares", "WHAT_NAMES", "WRITERS", "assign_shards", "check_rank",
-           "plan_dump"]
+           "plan_dump", "resolve_options"]
 
 
 def _check_int(name, value, low):
@@ -131,6 +131,20 @@ class DumpPlan:
                     encoder_lh=(config.layers, config.heads), decoder_lh=(config.layers, config.heads),
                     has_labels=self.has_labels, has_clusters=self.cluster_source != "none",
                     has_features=o.features, stats_only=o.stats_only, compression=o.compression)
+
+
+def resolve_options(options: Optional[DumpOptions], option_values: dict, stats_collector, caller: str) -> DumpOptions:
+    """The options of a dump call: ``options`` or its fields as keywords (not both); ValueError
+    naming ``caller`` otherwise, or when ``stats_only`` comes without the collector class."""
+    if options is None:
+        options = DumpOptions(**option_values)
+    elif option_values:
+        raise ValueError(f"{caller}: pass the options either as DumpOptions or as keywords, not both "
+                         f"({', '.join(sorted(option_values))})")
+    if options.stats_only and stats_collector is None:
+        raise ValueError("stats_only needs stats_collector, the analysis collector class "
+                         "(e.g. geocap.analysis.StatsCollector)")
+    return options
 
 
 def check_rank(rank, world_size) -> tuple:

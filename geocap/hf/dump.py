@@ -24,13 +24,14 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from geocap.data.dump_format import MANIFEST
-from geocap.dump.plan import DumpOptions, assign_shards, check_rank
+from geocap.dump.plan import DumpOptions, assign_shards, check_rank, resolve_options
 from geocap.dump.record_builder import WHAT
 from geocap.dump.result import DumpResult, summarize
 from geocap.out_dir import check_out_dir
@@ -100,12 +101,7 @@ def _vocabulary(tokenizer, size: int, eos_id: int) -> list:
     words += [f"<id {i}>" for i in range(len(words), size)]
     words[eos_id] = "<eos>"
     if len(set(words)) != len(words):
-        seen, twice = set(), None
-        for w in words:
-            if w in seen:
-                twice = w
-                break
-            seen.add(w)
+        twice = next(w for w, count in Counter(words).items() if count > 1)
         raise ValueError(f"the tokenizer gives two ids the token string {twice!r}: a dump stores tokens as strings")
     return words
 
@@ -255,16 +251,9 @@ def dump_hf(model_dir, images_dir, out, options: Optional[DumpOptions] = None, *
 
     t_start = time.perf_counter()
     if options is None:
-        if "mode" not in option_values:
-            option_values["mode"] = "teacher-forced" if captions is not None else "generated"
+        option_values.setdefault("mode", "teacher-forced" if captions is not None else "generated")
         option_values.setdefault("hypothetical", False)
-        options = DumpOptions(**option_values)
-    elif option_values:
-        raise ValueError(f"dump_hf: pass the options either as DumpOptions or as keywords, not both "
-                         f"({', '.join(sorted(option_values))})")
-    if options.stats_only and stats_collector is None:
-        raise ValueError("stats_only needs stats_collector, the analysis collector class "
-                         "(e.g. geocap.analysis.StatsCollector)")
+    options = resolve_options(options, option_values, stats_collector, "dump_hf")
     out = os.path.abspath(os.fspath(out))
     check_out_dir(out, marker=MANIFEST, kind="geocap dump")
     images = load_image_set(images_dir, captions=captions, instances=instances, limit=options.limit)
