@@ -50,8 +50,10 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """Under ``--benchmark-skip`` (the correctness checks only, as gpu_check.sh's sanity stage
     runs them) deselect the benchmarks instead of skipping them: a skip comes after the
-    benchmark's module-scoped fixtures (trained models, baseline decodes) were already built."""
-    if not config.getoption("benchmark_skip", default=False):
+    benchmark's module-scoped fixtures (trained models, baseline decodes) were already built.
+    Under ``--benchmark-disable`` too: each benchmark reports its timings (medians, ratios,
+    rates in ``extra_info``), which a disabled benchmark never measures."""
+    if not (config.getoption("benchmark_skip", default=False) or config.getoption("benchmark_disable", default=False)):
         return
     timed = [item for item in items if "benchmark" in getattr(item, "fixturenames", ())]
     if timed:
