@@ -16,12 +16,12 @@ on a shared machine run the study with ``OMP_NUM_THREADS=1``.
 
 * full (the defaults, ``full()``): 9 models (3 variants x 3 seeds) in at most 90 min = 600 s
   per model. 6 layers (ORT's depth), d_model 128, 6000 images (4800 train), 4000 steps of 10
-  images (~8 epochs). The first full study (2026-12-04) trained 2000 steps: it took 2666 s for
-  the 9 models (296 s per model, ~0.12 s per training step plus ~30 s for evaluation, dump and
-  analyses), and 6 of the 9 models had not converged (validation CIDEr-D still gaining 8-22 %
-  over the last fifth of training). 4000 steps is the longest run that fits the 90 minutes
-  (~0.12 s x 4000 + 30 s = ~510 s per model, ~77 min); the lr schedule is constant after
-  warm-up, so its first 2000 steps are the first study's.
+  images (~8 epochs). The first full study (2026-12-04) trained 2000 steps: 2666 s for the 9
+  models, and 6 of the 9 had not converged (validation CIDEr-D still gaining 8-22 % over the last
+  fifth of training). At 4000 steps (2026-12-06, one torch thread, the other core busy) a model
+  took 544-597 s (mean 572 s: ~0.13 s per training step, ~40 s for evaluation, dump and
+  analyses), ~86 min for the 9, the longest run that fits the 90 minutes; 8 of the 9 had still
+  not converged (gains of 7-17 %).
 * quick (``for_quick()``): 6 models (3 variants x 2 seeds) in at most 10 minutes: 2 layers,
   1000 steps on 3000 images (the demo's data size). Measured with ort and none, 2 seeds each:
   4 models in 214 s (50-56 s per model, 47 s of it training), so ~5.5 min for the six.
