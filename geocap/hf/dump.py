@@ -158,11 +158,10 @@ def _layers_heads(model, name: str) -> tuple:
     return lh(encoder), lh(decoder)
 
 
-def _mode(options: DumpOptions, images: ImageSet) -> str:
+def _check_mode(options: DumpOptions, images: ImageSet) -> None:
     if images.captions is None and options.mode == "teacher-forced":
         raise ValueError("mode teacher-forced needs reference captions (--captions COCO_JSON); without them use "
                          "--mode generated")
-    return options.mode
 
 
 def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, out, options: DumpOptions, *,
@@ -173,7 +172,7 @@ def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, 
     o = options.checked()
     if o.hypothetical:
         raise ValueError("hypothetical captions are not made for Hugging Face captioners' dumps")
-    _mode(o, images)
+    _check_mode(o, images)
     rank, world_size = check_rank(rank, world_size)
     captioner = captioner_for(model)
     words = _vocabulary(tokenizer, captioner.vocab_size, captioner.eos_id)
