@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from geocap.data.file_digest import file_sha256
+from geocap.data.image_files import image_id_from_name
 from geocap.data.json_file import read_json
 
 __all__ = ["ImageSet", "load_image_set", "read_image"]
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
-_TRAILING_NUMBER = re.compile(r"(\d+)$")
 
 
 @dataclass
@@ -59,12 +58,10 @@ def _folder_files(folder: str) -> list:
 
 
 def _ids_from_names(files: list) -> np.ndarray:
-    numbers = [_TRAILING_NUMBER.search(os.path.splitext(f)[0]) for f in files]
-    if all(numbers) and len({int(m.group(1)) for m in numbers}) == len(files):
-        ids = np.array([int(m.group(1)) for m in numbers], np.int64)
-    else:
-        ids = np.arange(len(files), dtype=np.int64)
-    return ids
+    numbers = [image_id_from_name(f) for f in files]
+    if None not in numbers and len(set(numbers)) == len(files):
+        return np.array(numbers, np.int64)
+    return np.arange(len(files), dtype=np.int64)
 
 
 def _read_captions(path: str, folder: str) -> tuple:

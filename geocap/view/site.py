@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from pathlib import Path
 
 from geocap.data.atomic import replace_folder, write_text_atomic
 from geocap.data.dump_format import box_embedding
+from geocap.data.image_files import image_id_from_name
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
 from geocap.analysis.plotting import ATTENTION_COLOURS
@@ -50,7 +50,7 @@ HTML_PAGES = ("index.html", "image.html")
 MARKER = "geocap-view.json"
 FORMAT_VERSION = 3        # 2: entropies normalised (1 = uniform), colours in the manifest; 3: patch grids
 DEFAULT_PAGE_SIZE = 100
-_IMAGE_FILE = re.compile(r"(\d+)\.(jpe?g|png|gif|webp|bmp)$", re.IGNORECASE)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 _CALL = "geocapData("
 
 
@@ -81,9 +81,9 @@ def find_images(images_dir) -> dict:
         raise ValueError(f"--images: {images_dir} is not a folder")
     found = {}
     for entry in sorted(os.scandir(images_dir), key=lambda e: e.name):
-        match = _IMAGE_FILE.search(entry.name)
-        if match and entry.is_file():
-            found.setdefault(int(match.group(1)), Path(entry.path))
+        image_id = image_id_from_name(entry.name) if entry.name.lower().endswith(IMAGE_EXTENSIONS) else None
+        if image_id is not None and entry.is_file():
+            found.setdefault(image_id, Path(entry.path))
     return found
 
 
