@@ -484,3 +484,69 @@ def test_torchrun_ranks_die_with_a_killed_launcher(data_dir, tmp_path):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+def test_decaying_schedules_fall_to_zero_at_the_end():
+    from geocap.train import decayed_lr
+
+    kw = dict(lr=1.0, warmup=10, total=110)
+    for decay in ("none", "cosine", "linear"):
+        assert decayed_lr(5, decay=decay, **kw) == pytest.approx(0.5)          # the warm-up is shared
+        assert decayed_lr(10, decay=decay, **kw) == pytest.approx(1.0)
+    assert decayed_lr(60, decay="cosine", **kw) == pytest.approx(0.5)           # half-way: (1 + cos(pi/2)) / 2
+    assert decayed_lr(35, decay="cosine", **kw) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert decayed_lr(35, decay="linear", **kw) == pytest.approx(0.75)
+    for decay in ("cosine", "linear"):
+        assert decayed_lr(110, decay=decay, **kw) == pytest.approx(0.0, abs=1e-12)
+        assert decayed_lr(500, decay=decay, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert decayed_lr(500, decay="none", **kw) == 1.0
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    sched = LRSchedule(opt, "warmup", warmup=10, lr=1.0, decay="cosine", total=110)
+    for _ in range(59):
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    other = LRSchedule(opt, "warmup", warmup=10, lr=1.0, decay="cosine", total=110)
+    other.load_state_dict(sched.state_dict())
+    assert other.last_step == 59
+    constant = LRSchedule(opt, "warmup", warmup=10, lr=1.0)
+    constant.load_state_dict({"kind": "warmup", "last_step": 3})        # a state saved before decays existed
+    with pytest.raises(ValueError, match="decays 'none', this run 'cosine'"):
+        other.load_state_dict({"kind": "warmup", "last_step": 3})
+    with pytest.raises(ValueError, match="noam"):
+        LRSchedule(opt, "noam", warmup=10, decay="cosine", total=100)
+    with pytest.raises(ValueError, match="decay"):
+        TrainConfig(optimizer="noam", decay="cosine")
+    with pytest.raises(ValueError, match="decay"):
+        TrainConfig(optimizer="adamw", decay="cosine", steps=10, warmup=10)
+    with pytest.raises(ValueError, match="decay"):
+        TrainConfig(optimizer="adamw", decay="exponential")
+
+
+def test_cosine_run_logs_its_rates_and_the_teacher_forced_validation_loss(data_dir, tmp_path):
+    from geocap.data.dataset import CaptionDataset
+    from geocap.train import CrossEntropyObjective, decayed_lr, validation_loss
+    from geocap.train.scst import PolicyModule
+
+    out = tmp_path / "run"
+    result = train(_config(data_dir, out, steps=12, warmup=2, decay="cosine", val_every=6, val_cider=False,
+                           val_loss_images=4, dropout=0.1))
+    entries = _metrics(out)
+    rates = {e["step"]: e["lr"] for e in entries if e["kind"] == "train"}
+    assert rates == {k: pytest.approx(decayed_lr(k, lr=3e-3, warmup=2, total=12, decay="cosine"), abs=1e-15)
+                     for k in range(1, 13)}
+    assert rates[12] == pytest.approx(0.0, abs=1e-15)
+    vals = [e for e in entries if e["kind"] == "val"]
+    assert [v["step"] for v in vals] == [6, 12]
+    assert all("cider_d" not in v and v["loss_images"] == 4 and v["loss_se"] > 0 for v in vals)
+    assert not os.path.exists(out / BEST) and result.best_cider is None
+    # the logged loss is the objective's mean over the 4 val images' tokens, without dropout
+    ds = CaptionDataset(os.path.join(data_dir, "features.h5"), os.path.join(data_dir, "caps"), "val",
+                        per_image=True)
+    batch = ds.collate([ds[i] for i in range(4)])
+    result.model.eval()
+    with torch.no_grad():
+        expected, tokens = CrossEntropyObjective.for_vocab(ds.vocab)(PolicyModule(result.model), batch)
+    got = validation_loss(result.model.train(), ds, images=4, batch_size=3)
+    assert got["loss"] == pytest.approx(float(expected), rel=1e-5) and got["tokens"] == tokens
+    assert vals[-1]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert result.model.training                                              # its mode is left as it was

@@ -22,18 +22,18 @@ import os
 from dataclasses import fields
 
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, TrainConfig
-from .loop import TrainResult, epoch_batches, train, validate
-from .schedule import LRSchedule, noam_lr, warmup_lr
+from .loop import TrainResult, epoch_batches, train, validate, validation_loss
+from .schedule import DECAYS, LRSchedule, decayed_lr, noam_lr, warmup_lr
 from .scst import PolicyModule, SCSTObjective, SCSTStats, mean_baseline, reward_scorer, scst_loss
 from .step import (CaptionRows, CrossEntropyObjective, caption_rows, make_optimizer, optimizer_update, target_mask,
                    token_loss)
 
-__all__ = ["BEST", "CONFIG_FILE", "LATEST", "METRICS", "CaptionRows", "CrossEntropyObjective", "LRSchedule",
+__all__ = ["BEST", "CONFIG_FILE", "DECAYS", "decayed_lr", "LATEST", "METRICS", "CaptionRows", "CrossEntropyObjective", "LRSchedule",
            "PolicyModule", "SCSTObjective", "SCSTStats", "TrainConfig", "TrainResult", "add_train_parser",
            "caption_rows", "config_from_args", "epoch_batches", "make_optimizer", "mean_baseline", "noam_lr",
            "optimizer_update",
            "reward_scorer", "run_train", "scst_loss", "target_mask", "token_loss", "train",
-           "validate", "warmup_lr"]
+           "validate", "validation_loss", "warmup_lr"]
 
 _HELP = {
     "data": "folder holding the feature store and the captions directory",
@@ -49,10 +49,13 @@ _HELP = {
     "lr_factor": "noam: the schedule's factor",
     "lr": "adamw: the peak learning rate",
     "warmup": "warm-up steps",
+    "decay": "adamw: after the warm-up, none (constant --lr), cosine or linear (to 0 at --steps)",
     "grad_clip": "max gradient L2 norm (0: no clipping)",
     "precision": "auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (autocast; fp16 with a GradScaler)",
     "val_every": "validate (greedy decoding, CIDEr-D) every N steps (0: never)",
     "val_images": "validate on the first N val images (0: all)",
+    "val_cider": "validate by greedy decoding and CIDEr-D (false: no decoding and no best checkpoint)",
+    "val_loss_images": "at each validation, the teacher-forced loss of the first N val images (0: none)",
     "checkpoint_every": "write checkpoint-latest.pt every N steps (0: only at the end)",
     "captions_per_image": "the captions of each image in a cross-entropy batch: all, one-random, or an int k "
                           "(the first k)",

@@ -29,6 +29,7 @@ from geocap.data.json_file import read_json
 from geocap.kernels.geometry import EMBEDDINGS
 from geocap.model import ORTConfig
 
+from .schedule import DECAYS
 from .scst import BASELINES
 
 CONFIG_FILE = "train_config.json"
@@ -56,7 +57,10 @@ class TrainConfig:
 
     Optimiser: ``"noam"`` = Adam(betas (0.9, 0.98), eps 1e-9) with ORT's schedule
     ``lr = lr_factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)``; ``"adamw"`` = AdamW
-    (``weight_decay``) whose lr rises linearly to ``lr`` over ``warmup`` steps, then stays.
+    (``weight_decay``) whose lr rises linearly to ``lr`` over ``warmup`` steps, then follows
+    ``decay``: ``"none"`` (stays at ``lr``: the default, the behaviour of every run made before
+    decays existed), ``"cosine"`` or ``"linear"`` (falls to 0 at ``steps``, so the run has an end;
+    :func:`geocap.train.schedule.decayed_lr`).
     ``grad_clip``: max L2 norm of all gradients (0 = no clipping; the norm is logged either way).
     ``label_smoothing`` ε: loss = (1-ε)·NLL + ε·mean over the words other than <pad> of -log p
     (all words when the vocabulary's <pad> is its <eos>, as ORT's).
@@ -67,7 +71,10 @@ class TrainConfig:
 
     Validation every ``val_every`` steps (0 = never; also at the end): greedy decoding of the
     ``val_split`` images (the first ``val_images``; 0 = all) up to ``max_decode_len`` words,
-    CIDEr-D against their references. ``checkpoint_every`` (0 = only at the end).
+    CIDEr-D against their references (``val_cider``; false: no decoding, and no best checkpoint); and,
+    when ``val_loss_images`` > 0, the teacher-forced loss of the first ``val_loss_images`` val images
+    with its standard error over images (:func:`geocap.train.loop.validation_loss`: no decoding, so
+    cheap; the convergence criterion's measure). ``checkpoint_every`` (0 = only at the end).
 
     Self-critical training (:mod:`geocap.train.scst`): the steps numbered from
     ``scst_from_step`` on (``step >= scst_from_step`` completed updates; -1 = never, the
@@ -105,6 +112,7 @@ class TrainConfig:
     lr_factor: float = 1.0
     lr: float = 5e-4
     warmup: int = 20000
+    decay: str = "none"
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     label_smoothing: float = 0.0
@@ -118,6 +126,8 @@ class TrainConfig:
     # evaluation, checkpoints, logging
     val_every: int = 1000
     val_images: int = 0
+    val_cider: bool = True
+    val_loss_images: int = 0
     val_batch_size: int = 50
     max_decode_len: int = 16
     checkpoint_every: int = 1000
@@ -155,7 +165,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"train option {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "val_every", "val_images", "checkpoint_every", "num_workers", "seed"):
+        for name in ("warmup", "val_every", "val_images", "val_loss_images", "checkpoint_every", "num_workers",
+                     "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train option {name} must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.heads:
@@ -172,6 +183,12 @@ class TrainConfig:
                 raise ValueError(f"train option {name} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in ("noam", "adamw"):
             raise ValueError(f"train option optimizer must be 'noam' or 'adamw', got {self.optimizer!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"train option decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+        if self.decay != "none" and self.optimizer != "adamw":
+            raise ValueError(f"train option decay {self.decay!r} needs optimizer 'adamw' (noam has its own decay)")
+        if self.decay != "none" and self.steps <= self.warmup:
+            raise ValueError(f"train option decay {self.decay!r} needs steps ({self.steps}) > warmup ({self.warmup})")
         if self.optimizer == "noam" and self.warmup < 1:
             raise ValueError("train option warmup must be at least 1 with the noam schedule")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
