@@ -449,3 +449,32 @@ def test_ended_rows_do_not_affect_other_rows_in_cached_decoding():
             step, cache = model.decode_step(memory, torch.stack(order), cache)
             alone, alone_cache = model.decode_step(alone_memory, live[t:t + 1], alone_cache)
             torch.testing.assert_close(step[1 if t < 3 else 0], alone[0], atol=1e-5, rtol=0)
+
+
+def test_box_features_append_each_box_and_area_to_its_features():
+    from geocap.model.transformer import box_features
+
+    model = make_model(geometry=False, box_features=True).eval()
+    assert model.config.input_dim == TINY["feature_dim"] + 5
+    assert model.feature_embed[0].weight.shape == (32, TINY["feature_dim"] + 5)
+    features, boxes, box_mask, tokens = make_inputs()
+    extra = box_features(boxes, box_mask, torch.float32)
+    assert extra.shape == (3, 6, 5)
+    b = boxes[1, 2]
+    torch.testing.assert_close(extra[1, 2], torch.cat([b, ((b[2] - b[0]) * (b[3] - b[1]))[None]]))
+    assert (extra[~box_mask] == 0).all()
+    # the embedding of the widened input is what the encoder sees: same output as a plain model fed them
+    plain = make_model(geometry=False, feature_dim=TINY["feature_dim"] + 5).eval()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(features, boxes, box_mask, tokens),
+                               plain(torch.cat([features, extra], -1), boxes, box_mask, tokens))
+    # so the boxes now matter (they do not without geometry or box features), and padded slots still do not
+    moved = model(features, random_boxes(3, 6), box_mask, tokens)
+    assert (moved - model(features, boxes, box_mask, tokens)).abs().max() > 1e-4
+    nan_pad = boxes.masked_fill(~box_mask[..., None], float("nan"))
+    torch.testing.assert_close(model(features, nan_pad, box_mask, tokens), model(features, boxes, box_mask, tokens))
+    with pytest.raises(ValueError, match="box_features"):
+        model.encode(features, None, box_mask)
+    assert ORTConfig.from_dict({"vocab_size": 9}).box_features is False     # a config saved before it existed
+    with pytest.raises(ValueError, match="box_features"):
+        ORTConfig(**TINY, box_features=1)

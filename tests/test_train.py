@@ -550,3 +550,19 @@ def test_cosine_run_logs_its_rates_and_the_teacher_forced_validation_loss(data_d
     assert got["loss"] == pytest.approx(float(expected), rel=1e-5) and got["tokens"] == tokens
     assert vals[-1]["loss"] == pytest.approx(float(expected), rel=1e-5)
     assert result.model.training                                              # its mode is left as it was
+
+
+def test_initial_checkpoint_holds_the_weights_training_starts_from(data_dir, tmp_path):
+    from geocap.train import initial_checkpoint
+
+    config = _config(data_dir, tmp_path / "run", steps=1, lr=1e-12, warmup=0, weight_decay=0.0, seed=3)
+    initial_checkpoint(config, tmp_path / "init.pt")
+    state = torch.get_rng_state()
+    initial_checkpoint(dataclasses.replace(config, seed=4), tmp_path / "other.pt")
+    assert torch.equal(torch.get_rng_state(), state)                         # the global generator is untouched
+    init, other = load_checkpoint(tmp_path / "init.pt"), load_checkpoint(tmp_path / "other.pt")
+    assert init.step == 0 and init.extra["untrained"] is True
+    trained = train(config).model.state_dict()                               # one update at lr 1e-12
+    for name, p in init.model_state.items():
+        assert torch.allclose(p, trained[name], atol=1e-9), name
+    assert max((p - other.model_state[n]).abs().max() for n, p in init.model_state.items()) > 1e-2

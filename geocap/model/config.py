@@ -7,6 +7,8 @@ from typing import Any
 
 from geocap.kernels.geometry import EMBEDDINGS
 
+BOX_FEATURES = 5  # x1, y1, x2, y2, area: what box_features appends to each object's features
+
 
 @dataclass(frozen=True)
 class ORTConfig:
@@ -25,6 +27,12 @@ class ORTConfig:
     mirror images differ; ``geocap.kernels.geometry``); it has no weights of its own, and a config
     saved before it existed reads as ``"ort"``. ``max_len`` is the number of sinusoidal
     positions precomputed (captions are at most that long; ORT uses 5000).
+
+    ``box_features=True`` appends each object's normalised box and area ``(x1, y1, x2, y2, (x2 -
+    x1)(y2 - y1))`` to its ``feature_dim`` features before the feature embedding (whose input is
+    then ``feature_dim + 5`` wide, :attr:`input_dim`): the usual way captioners are given absolute
+    positions (the study's ``absolute`` variant, with ``geometry=False``). A config saved before it
+    existed reads as False.
     """
 
     vocab_size: int
@@ -37,6 +45,7 @@ class ORTConfig:
     geometry: bool = True
     legacy_extra_skip: bool = False
     embedding: str = "ort"
+    box_features: bool = False
     max_len: int = 5000
     pad_id: int = 0
     bos_id: int = 1
@@ -51,7 +60,7 @@ class ORTConfig:
             raise ValueError(f"ORTConfig.d_model ({self.d_model}) must be divisible by heads ({self.heads})")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ORTConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
-        for name in ("geometry", "legacy_extra_skip"):
+        for name in ("geometry", "legacy_extra_skip", "box_features"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ORTConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.embedding not in EMBEDDINGS:
@@ -61,6 +70,11 @@ class ORTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 raise ValueError(f"ORTConfig.{name} must be an id in [0, vocab_size={self.vocab_size}), got {value!r}")
+
+    @property
+    def input_dim(self) -> int:
+        """Width of the feature embedding's input: ``feature_dim``, + 5 with ``box_features``."""
+        return self.feature_dim + (BOX_FEATURES if self.box_features else 0)
 
     @property
     def head_dim(self) -> int:

@@ -109,6 +109,14 @@ class AttentionMaps:
     cross_entropy: list[torch.Tensor] = field(default_factory=list)
 
 
+def box_features(boxes: torch.Tensor, box_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, N, 5]``: each object's normalised ``(x1, y1, x2, y2, area)`` from ``boxes [B, N, 4]``,
+    0 in the padded slots of ``box_mask [B, N]`` (whatever they held), in ``dtype``."""
+    b = boxes.to(dtype)
+    area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return torch.cat([b, area[..., None]], dim=-1).masked_fill(~box_mask[..., None], 0.0)
+
+
 class ObjectRelationTransformer(nn.Module):
     """ORT captioner. ``backend`` (``"auto"``, ``"triton"``, ``"torch"``) is the default backend of
     every attention call; each method also takes ``backend=`` to override it for one call."""
@@ -118,7 +126,7 @@ class ObjectRelationTransformer(nn.Module):
         self.config = config
         self.backend = backend
         d = config.d_model
-        self.feature_embed = nn.Sequential(nn.Linear(config.feature_dim, d), nn.ReLU(), nn.Dropout(config.dropout))
+        self.feature_embed = nn.Sequential(nn.Linear(config.input_dim, d), nn.ReLU(), nn.Dropout(config.dropout))
         self.encoder = Encoder(config)
         self.word_embed = nn.Embedding(config.vocab_size, d)
         self.register_buffer("positions", sinusoidal_positions(config.max_len, d), persistent=False)
@@ -170,6 +178,9 @@ class ObjectRelationTransformer(nn.Module):
             if self.config.geometry:
                 raise ValueError("boxes must be a tensor [B, N, 4]: this model's encoder uses geometry "
                                  "(config.geometry=True)")
+            if self.config.box_features:
+                raise ValueError("boxes must be a tensor [B, N, 4]: this model reads each object's box as features "
+                                 "(config.box_features=True)")
             return box_mask
         # shape, dtype and the values of the real slots: finite, x2 >= x1, y2 >= y1, within [0, 1]
         check_boxes(boxes, b, n, box_mask)
@@ -226,6 +237,8 @@ class ObjectRelationTransformer(nn.Module):
         box_mask = self._check_images(features, boxes, box_mask)
         # padded slots may hold anything (even NaN); zero them so nothing can leak through 0 * NaN
         features = features.to(self.feature_embed[0].weight.dtype).masked_fill(~box_mask[..., None], 0.0)
+        if self.config.box_features:
+            features = torch.cat([features, box_features(boxes, box_mask, features.dtype)], dim=-1)
         x = self.feature_embed(features)
         with value_checks(False):  # the box values were checked above, once
             states, stats = self.encoder(x, boxes, box_mask, backend=backend, return_attention=return_attention)

@@ -22,13 +22,13 @@ import os
 from dataclasses import fields
 
 from .config import BEST, CONFIG_FILE, LATEST, METRICS, TrainConfig
-from .loop import TrainResult, epoch_batches, train, validate, validation_loss
+from .loop import TrainResult, epoch_batches, initial_checkpoint, train, validate, validation_loss
 from .schedule import DECAYS, LRSchedule, decayed_lr, noam_lr, warmup_lr
 from .scst import PolicyModule, SCSTObjective, SCSTStats, mean_baseline, reward_scorer, scst_loss
 from .step import (CaptionRows, CrossEntropyObjective, caption_rows, make_optimizer, optimizer_update, target_mask,
                    token_loss)
 
-__all__ = ["BEST", "CONFIG_FILE", "DECAYS", "decayed_lr", "LATEST", "METRICS", "CaptionRows", "CrossEntropyObjective", "LRSchedule",
+__all__ = ["BEST", "CONFIG_FILE", "DECAYS", "decayed_lr", "initial_checkpoint", "LATEST", "METRICS", "CaptionRows", "CrossEntropyObjective", "LRSchedule",
            "PolicyModule", "SCSTObjective", "SCSTStats", "TrainConfig", "TrainResult", "add_train_parser",
            "caption_rows", "config_from_args", "epoch_batches", "make_optimizer", "mean_baseline", "noam_lr",
            "optimizer_update",
@@ -42,6 +42,7 @@ _HELP = {
     "captions": "captions directory inside --data (default caps)",
     "embedding": "the box embedding of the encoder's geometry: ort (ORT's, |offset| between centres) or signed "
                  "(signed offsets: tells a layout from its mirror image)",
+    "box_features": "append each object's normalised box and area (x1, y1, x2, y2, area) to its features",
     "steps": "total optimiser steps",
     "batch_size": "images per batch and process, each with its captions (--captions-per-image); "
                   "it counted captions before batches were per image",

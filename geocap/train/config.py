@@ -37,8 +37,8 @@ LATEST, BEST, METRICS = "checkpoint-latest.pt", "checkpoint-best.pt", "metrics.j
 
 # fields that shape the model or the data order: a resumed run must keep them
 _ORT_DEFAULTS = {f.name: f.default for f in fields(ORTConfig) if f.default is not dataclasses.MISSING}
-RESUME_FIXED = ("layers", "d_model", "heads", "d_ff", "dropout", "geometry", "embedding", "features", "captions",
-                "train_split", "batch_size", "seed", "captions_per_image", "pool_batches", "optimizer")
+RESUME_FIXED = ("layers", "d_model", "heads", "d_ff", "dropout", "geometry", "embedding", "box_features", "features",
+                "captions", "train_split", "batch_size", "seed", "captions_per_image", "pool_batches", "optimizer")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainConfig:
     """Training options: cross-entropy, then optionally self-critical (the module doc has the layouts).
 
     Model: ``layers``, ``d_model``, ``heads``, ``d_ff``, ``dropout``, ``geometry``, ``embedding`` (the
-    box embedding, "ort" or "signed") as in ORTConfig (vocab_size and feature_dim come from the data). Steps count optimiser updates; ``steps`` is
+    box embedding, "ort" or "signed"), ``box_features`` (each object's box appended to its features) as in ORTConfig (vocab_size and feature_dim come from the data). Steps count optimiser updates; ``steps`` is
     the total (a resumed run continues up to it). ``batch_size`` counts *images* per batch and
     process (DDP multiplies it), each with its captions: ``captions_per_image`` "all" (default;
     5 per image in COCO), an int k (the first k of each image, fewer when it has fewer) or
@@ -104,6 +104,7 @@ class TrainConfig:
     dropout: float = _ORT_DEFAULTS["dropout"]
     geometry: bool = _ORT_DEFAULTS["geometry"]
     embedding: str = _ORT_DEFAULTS["embedding"]
+    box_features: bool = _ORT_DEFAULTS["box_features"]
     backend: str = "auto"
     # optimisation
     steps: int = 30000

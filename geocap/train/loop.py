@@ -270,6 +270,36 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         D.teardown(info)
 
 
+def _model_config(config: TrainConfig, train_ds: CaptionDataset) -> ORTConfig:
+    """The model ``config`` trains on the data of ``train_ds`` (its vocabulary and feature width)."""
+    vocab = train_ds.vocab
+    return ORTConfig(vocab_size=len(vocab), feature_dim=train_ds.store.feature_dim, layers=config.layers,
+                     d_model=config.d_model, heads=config.heads, d_ff=config.d_ff, dropout=config.dropout,
+                     geometry=config.geometry, embedding=config.embedding, box_features=config.box_features,
+                     pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id)
+
+
+def _initial_model(config: TrainConfig, model_config: ORTConfig, device: torch.device) -> ObjectRelationTransformer:
+    """The model before its first update: initialised from ``torch.manual_seed(config.seed)``."""
+    torch.manual_seed(config.seed)
+    return ObjectRelationTransformer(model_config, backend=config.backend).to(device)
+
+
+def initial_checkpoint(config: TrainConfig, path) -> None:
+    """Write to ``path`` (atomically) the checkpoint of the model :func:`train` would start from with
+    ``config`` (its random initialisation, step 0, the data's vocabulary): an *untrained* control
+    with the very weights the trained model began from. The global torch generator is left as it
+    was. ValueError for bad options or missing data."""
+    config.validate()
+    config.require_paths()
+    train_ds = CaptionDataset(config.features_path, config.captions_path, config.train_split, per_image=True)
+    model_config = _model_config(config, train_ds)
+    with torch.random.fork_rng(devices=[]):
+        model = _initial_model(config, model_config, torch.device("cpu"))
+    save_checkpoint(path, model=model, config=model_config, vocab=train_ds.vocab, step=0, rng=False,
+                    extra={"untrained": True, "train_config": config.to_dict()})
+
+
 def _check_resume_phase(config: TrainConfig, ckpt, saved: dict, latest_path: str) -> str:
     """The phase of ``ckpt``'s data position; ValueError when ``config`` cannot continue it."""
     phase = ckpt.extra.get("data_phase", "xe")
@@ -321,18 +351,14 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
     if config.val_every > 0 and config.val_loss_images > 0:
         val_loss_ds = CaptionDataset(config.features_path, config.captions_path, config.val_split, per_image=True,
                                      captions_per_image="all")
-    model_config = ORTConfig(vocab_size=len(vocab), feature_dim=train_ds.store.feature_dim, layers=config.layers,
-                             d_model=config.d_model, heads=config.heads, d_ff=config.d_ff, dropout=config.dropout,
-                             geometry=config.geometry, embedding=config.embedding, pad_id=vocab.pad_id,
-                             bos_id=vocab.bos_id, eos_id=vocab.eos_id)
+    model_config = _model_config(config, train_ds)
     if ckpt is not None and ckpt.config != model_config:
         raise ValueError(f"{latest_path}: its model config does not fit the data and options "
                          f"({ckpt.config.to_dict()} vs {model_config.to_dict()})")
     if ckpt is not None and ckpt.vocab != vocab:
         raise ValueError(f"{latest_path}: trained with another vocabulary than {config.captions_path}")
 
-    torch.manual_seed(config.seed)
-    model = ObjectRelationTransformer(model_config, backend=config.backend).to(device)
+    model = _initial_model(config, model_config, device)
     params = list(model.parameters())
     optimizer = make_optimizer(params, config.optimizer, lr=0.0 if config.optimizer == "noam" else config.lr,
                                weight_decay=config.weight_decay)
