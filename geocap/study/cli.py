@@ -2,16 +2,20 @@
 
 Usage::
 
-    geocap study --out DIR [--quick] [--seeds K] [--variants ort,none,directional] [--settings FILE]
+    geocap study --out DIR [--quick] [--seeds K] [--variants ort,none,directional,absolute] [--settings FILE]
+                 [--jobs J]
 
 Settings: the full study's (``StudySettings.full()``) or, with ``--quick``, the quick one's
 (``StudySettings.for_quick()``), then the fields of ``--settings FILE`` (a JSON object with a
 subset of them), then ``--seeds`` and ``--variants``. Rerun the same command after an
 interruption to go on; a DIR holding a study with other settings is refused, naming them.
+``--jobs J`` makes J models at once, each in its own process with one torch thread (default: 2
+where there are at least 2 CPUs, else 1); it is not a setting: the results do not depend on it.
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 __all__ = ["add_study_parser", "run_study_command", "settings_from_args"]
 
@@ -48,7 +52,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     from geocap.study.run import run_study
 
     settings = settings_from_args(args)
-    path = run_study(args.out, settings, progress=args.progress)
+    path = run_study(args.out, settings, progress=args.progress, jobs=args.jobs)
     print(f"study: {path}")
     return 0
 
@@ -57,16 +61,20 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap study`` on an argparse subparsers object; returns its parser."""
     parser = subparsers.add_parser(
         "study", help="train, evaluate, dump and analyse every (variant, seed); study.json and study.md (resumable)",
-        description="Train every geometry variant (ort, none, directional) with several seeds on one synthetic "
-                    "dataset, evaluate, dump and analyse each model, and write DIR/study.json, DIR/study.md and "
-                    "its figures. Rerun the same command after an interruption to go on.")
+        description="Train every geometry variant (ort, none, directional, absolute) with several seeds on one "
+                    "synthetic dataset, evaluate, dump and analyse each model and its untrained control, and write "
+                    "DIR/study.json, DIR/study.md and its figures. Rerun the same command after an interruption to "
+                    "go on.")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="the study folder (created; must be absent, empty or a study of the same settings)")
     parser.add_argument("--quick", action="store_true",
                         help="the quick study: 2 seeds, a 2-layer model, fewer images and steps (same code path)")
     parser.add_argument("--seeds", type=int, default=None, metavar="K", help="models per variant (seeds 0..K-1)")
     parser.add_argument("--variants", default=None, metavar="LIST",
-                        help="comma-separated subset of ort,none,directional (default all three)")
+                        help="comma-separated subset of ort,none,directional,absolute (default all four)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), metavar="J",
+                        help="models made at once, each in its own process with one torch thread (default: "
+                             "%(default)s; the results do not depend on it)")
     parser.add_argument("--settings", default=None, metavar="FILE",
                         help="JSON object of study settings (a subset of the fields of "
                              "geocap.study.settings.StudySettings) over the full or quick defaults")

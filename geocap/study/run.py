@@ -12,14 +12,21 @@ Layout of a study folder ``DIR``::
     DIR/data/                     one synthetic dataset: features.h5, ground_truth.json, caps/, ...
     DIR/data/done.json            SHA-256 of each data file (written last)
     DIR/models/<variant>-seed<k>/
-        run/                      geocap train output (checkpoint-best.pt, metrics.jsonl, ...)
-        eval/                     geocap evaluate on the test split (metrics_test.json, captions_test.json)
+        run/                      geocap train output (checkpoint-latest.pt: the final model, evaluated;
+                                  metrics.jsonl with the validation loss curve, ...)
+        eval/                     geocap evaluate of the final model on the test split (metrics_test.json,
+                                  captions_test.json)
         dump/                     geocap dump of the test split (teacher-forced reference and hypothetical
                                   captions, with the objects' features)
         analysis/                 geocap analyze output (analysis.json, figures, report.md)
+        untrained/                the control: checkpoint.pt (the same architecture at its random
+                                  initialisation, the weights run/ started from), its dump/ and analysis/
         done.json                 written LAST: the SHA-256 of every file above and of data/done.json
     DIR/study.json                the aggregate (the aggregation's dict plus "settings"), written last
     DIR/study.md, DIR/*.png       the report (the aggregation writes them)
+
+Models are made one at a time (``jobs=1``) or ``jobs`` at once, each in a process of its own (spawned,
+one torch thread each, dying with the study's process); the results do not depend on ``jobs``.
 
 Resume: a model counts as finished only when its ``done.json`` is readable and every file it
 lists exists with its recorded SHA-256 and the data is the data it was made from; any other
@@ -58,7 +65,8 @@ LOCK_FILE = "study.lock"
 STUDY_FILE = "study.json"
 DATA_DIR, MODELS_DIR = "data", "models"
 TEST_SPLIT = "test"
-CHECKPOINT = os.path.join("run", "checkpoint-best.pt")
+CHECKPOINT = os.path.join("run", "checkpoint-latest.pt")   # the final model: training has an end
+UNTRAINED = "untrained"
 DONE_FORMAT = "geocap-study-done"
 
 
@@ -187,13 +195,19 @@ def _ensure_data(out: str, settings: StudySettings, log: Callable[[str], None], 
 
 def _make_model(folder: str, data: str, settings: StudySettings, variant: str, seed: int, progress: bool,
                 log: Callable[[str], None]) -> None:
-    """Train, evaluate, dump and analyse model (``variant``, ``seed``) into the empty ``folder``
-    (done.json is the caller's)."""
+    """Train, evaluate, dump and analyse model (``variant``, ``seed``) into the empty ``folder``, and
+    dump and analyse its untrained control (done.json is the caller's)."""
     from geocap.analysis import run_analyses
     from geocap.data.dump_format import open_dump
     from geocap.dump.job import DumpOptions, dump
     from geocap.evaluate import evaluate
-    from geocap.train import TrainConfig, train
+    from geocap.train import TrainConfig, initial_checkpoint, train
+
+    def dump_and_analyse(checkpoint: str, where: str) -> None:
+        dump(checkpoint, data, TEST_SPLIT, os.path.join(where, "dump"), DumpOptions(features=True),
+             progress=progress)
+        run_analyses(open_dump(os.path.join(where, "dump"), progress=progress), os.path.join(where, "analysis"),
+                     progress=progress)
 
     name = model_name(variant, seed)
     run = os.path.join(folder, "run")
@@ -201,16 +215,35 @@ def _make_model(folder: str, data: str, settings: StudySettings, variant: str, s
     config = TrainConfig.from_dict({"data": data, "out": run, "progress": progress,
                                     **settings.train_options(variant, seed)})
     train(config)
-    log(f"study: {name}: evaluate on the {TEST_SPLIT} split")
+    log(f"study: {name}: evaluate the final model on the {TEST_SPLIT} split")
     evaluate(os.path.join(folder, CHECKPOINT), data, TEST_SPLIT, beam_size=settings.beam_size,
              max_len=settings.max_decode_len, out_dir=os.path.join(folder, "eval"), meteor=False, spice=False,
              tokenizer=settings.tokenizer, progress=progress)
-    log(f"study: {name}: dump the {TEST_SPLIT} split's attention")
-    dump(os.path.join(folder, CHECKPOINT), data, TEST_SPLIT, os.path.join(folder, "dump"),
-         DumpOptions(features=True), progress=progress)
-    log(f"study: {name}: analyse")
-    run_analyses(open_dump(os.path.join(folder, "dump"), progress=progress), os.path.join(folder, "analysis"),
-                 progress=progress)
+    log(f"study: {name}: dump and analyse the {TEST_SPLIT} split's attention")
+    dump_and_analyse(os.path.join(folder, CHECKPOINT), folder)
+    log(f"study: {name}: the untrained control (its initialisation): dump and analyse")
+    untrained = os.path.join(folder, UNTRAINED)
+    os.makedirs(untrained)
+    initial_checkpoint(config, os.path.join(untrained, "checkpoint.pt"))
+    dump_and_analyse(os.path.join(untrained, "checkpoint.pt"), untrained)
+
+
+def _make_and_finish(folder: str, data: str, settings_dict: dict, variant: str, seed: int, data_sha256: str,
+                     progress: bool, threads: Optional[int], log: Optional[Callable[[str], None]] = None) -> float:
+    """One model, start to done.json (in this process, or a worker's with ``threads`` torch threads,
+    dying with its parent); ``log`` None: stderr. Returns its seconds."""
+    if threads is not None:
+        import torch
+
+        from geocap.parent_death import die_with_parent
+
+        die_with_parent()
+        torch.set_num_threads(threads)
+    settings = StudySettings.from_dict(settings_dict)
+    started = time.perf_counter()
+    _make_model(folder, data, settings, variant, seed, progress, _stderr if log is None else log)
+    _write_done(folder, _model_record(settings, variant, seed, data_sha256))
+    return time.perf_counter() - started
 
 
 def _model_record(settings: StudySettings, variant: str, seed: int, data_sha256: str) -> dict:
@@ -235,15 +268,9 @@ def finished_models(out, settings: StudySettings) -> list:
 # ---------------------------------------------------------------------------- aggregation
 
 
-def _val_curve(metrics_jsonl: str) -> list:
-    """[(step, validation CIDEr-D), ...] of a run's metrics.jsonl, in file order."""
-    curve = []
+def _metrics_entries(metrics_jsonl: str) -> list:
     with open(metrics_jsonl, encoding="utf-8") as fh:
-        for line in fh:
-            entry = json.loads(line)
-            if entry.get("kind") == "val":
-                curve.append((int(entry["step"]), float(entry["cider_d"])))
-    return curve
+        return [json.loads(line) for line in fh if line.strip()]
 
 
 def model_result_fields(out, variant: str, seed: int, references: dict) -> dict:
@@ -254,13 +281,19 @@ def model_result_fields(out, variant: str, seed: int, references: dict) -> dict:
     results = read_json(os.path.join(folder, "eval", f"captions_{TEST_SPLIT}.json"), "captions file")
     captions = {int(item["image_id"]): str(item["caption"]) for item in results}
     truth = os.path.join(data, "ground_truth.json")
+    from .convergence import loss_curve
+
+    config = read_json(os.path.join(folder, "run", "train_config.json"), "train config file")
+    untrained = os.path.join(folder, UNTRAINED, "analysis", "analysis.json")
     return {"variant": variant, "seed": seed,
             "references": {i: list(references[i]) for i in captions},
             "captions": captions,
             "ground_truth": truth if os.path.isfile(truth) else None,
             "analysis": read_json(os.path.join(folder, "analysis", "analysis.json"), "analysis file"),
             "metrics": read_json(os.path.join(folder, "eval", f"metrics_{TEST_SPLIT}.json"), "metrics file"),
-            "val_curve": _val_curve(os.path.join(folder, "run", "metrics.jsonl"))}
+            "val_curve": loss_curve(_metrics_entries(os.path.join(folder, "run", "metrics.jsonl"))),
+            "steps": int(config["steps"]),
+            "untrained_analysis": read_json(untrained, "analysis file") if os.path.isfile(untrained) else None}
 
 
 def _test_references(data: str) -> dict:
@@ -272,13 +305,37 @@ def _test_references(data: str) -> dict:
     return {i: list(captions.references(i)) for i in ids}
 
 
+def blind_captions(data: str) -> dict:
+    """The blind captioners' captions (:mod:`geocap.study.blind`) of the study data in ``data``: rule
+    name -> test image id -> caption, for ``"all"`` (every relation) and each group of
+    :data:`geocap.study.stats.RELATION_GROUPS` (that group's relations only); counts from the
+    training split's references, the categories from ground_truth.json."""
+    from geocap.data.vocab import load_captions
+    from geocap.metrics import load_relation_truth
+
+    from .blind import BlindCaptioner
+    from .stats import RELATION_GROUPS
+
+    captions = load_captions(os.path.join(data, "caps"))
+    train_ids = sorted({int(i) for i in captions.image_id[captions.rows("train")]})
+    truth = load_relation_truth(os.path.join(data, "ground_truth.json"))
+    blind = BlindCaptioner.fit([c for i in train_ids for c in captions.references(i)], truth)
+    rules = {"all": blind, **{g: blind.restrict(names) for g, names in RELATION_GROUPS.items()}}
+    test = _test_references(data)
+    return {name: {i: rule.caption(truth.images[i].categories) for i in test} for name, rule in rules.items()}
+
+
 def summarize_and_report(results: list, out_dir: str, settings: dict) -> dict:
     """The default aggregation: :func:`geocap.study.summary.summarize` over the models'
-    ModelResults, with ``settings`` added, then its report (study.md, figures) in ``out_dir``.
-    ``results``: one dict of ModelResult fields per model. Returns study.json's content."""
+    ModelResults (and the blind captioner's captions of the study's data, when ``out_dir`` holds it),
+    with ``settings`` added, then its report (study.md, figures) in ``out_dir``. ``results``: one
+    dict of ModelResult fields per model. Returns study.json's content."""
     from geocap.study.summary import ModelResult, summarize, write_report
 
-    study = summarize([ModelResult(**fields) for fields in results])
+    data = os.path.join(os.fspath(out_dir), DATA_DIR)
+    blind = blind_captions(data) if os.path.isfile(os.path.join(data, "ground_truth.json")) else None
+    study = summarize([ModelResult(**fields) for fields in results], blind=blind,
+                      tolerance=float(settings.get("converge_tolerance", 0.01)))
     study["settings"] = settings
     write_report(study, out_dir)
     return study
@@ -350,8 +407,29 @@ def _remove_stale(out: str, log: Callable[[str], None]) -> None:
                 _remove(os.path.join(folder, entry))
 
 
+def _run_parallel(out: str, data: str, settings: StudySettings, todo: list, data_sha256: str, jobs: int,
+                  finished: Callable) -> None:
+    """Make the models of ``todo`` ``jobs`` at a time, each in a spawned process with one torch
+    thread that dies with this one; the first failure is raised once the running ones have ended."""
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_make_and_finish, model_dir(out, v, s), data, settings.to_dict(), v, s, data_sha256,
+                               False, 1): (v, s) for v, s in todo}
+        try:
+            for k, future in enumerate(concurrent.futures.as_completed(futures)):
+                variant, seed = futures[future]
+                finished(k, variant, seed, future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def run_study(out, settings: StudySettings, *, aggregate: Optional[Callable] = None, progress: bool = True,
-              log: Optional[Callable[[str], None]] = None) -> str:
+              log: Optional[Callable[[str], None]] = None, jobs: int = 1) -> str:
     """Run (or continue) the study ``settings`` in the folder ``out`` (layout and resume: the
     module doc) and return the path of ``out/study.json``.
 
@@ -361,7 +439,8 @@ def run_study(out, settings: StudySettings, *, aggregate: Optional[Callable] = N
     report (study.md, figures) and returns study.json's content, which is written atomically
     (default: :func:`summarize_and_report`). ``progress``: the trainer's and the other steps'
     bars, and the study's overall one (models done of all, elapsed, the time left estimated from
-    the models made in this run). ``log``: one line per event (default: stderr).
+    the models made in this run). ``log``: one line per event (default: stderr; a worker process's
+    lines go to stderr). ``jobs``: models made at once (module doc).
 
     ValueError (nothing written) when ``out`` is a non-empty folder that is not a study, a study
     with other settings, or one in which another study is running.
@@ -369,6 +448,8 @@ def run_study(out, settings: StudySettings, *, aggregate: Optional[Callable] = N
     out = os.fspath(out)
     log = _stderr if log is None else log
     aggregate = summarize_and_report if aggregate is None else aggregate
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be a positive int, got {jobs!r}")
     settings.validate()
     _check_train_options(settings)
     if not _check_settings(out, settings):
@@ -396,20 +477,24 @@ def run_study(out, settings: StudySettings, *, aggregate: Optional[Callable] = N
         bar = progress_bar(enabled=progress, total=len(models), initial=len(models) - len(todo), unit="model",
                            desc="study")
         run_started = time.perf_counter()
+
+        def finished(k: int, variant: str, seed: int, seconds: float) -> None:
+            bar.update(1)
+            elapsed = time.perf_counter() - run_started
+            left = len(todo) - k - 1
+            log(f"study: {model_name(variant, seed)}: done in {seconds:.0f} s; "
+                f"{len(models) - left} of {len(models)} models done, {elapsed:.0f} s elapsed, "
+                f"about {elapsed / (k + 1) * left:.0f} s left")
+
         try:
-            for k, (variant, seed) in enumerate(todo):
-                folder = model_dir(out, variant, seed)
-                bar.set_postfix_str(f"now {model_name(variant, seed)}", refresh=True)
-                started = time.perf_counter()
-                _make_model(folder, data, settings, variant, seed, progress, log)
-                _write_done(folder, _model_record(settings, variant, seed, data_sha256))
-                bar.update(1)
-                seconds = time.perf_counter() - started
-                elapsed = time.perf_counter() - run_started
-                left = len(todo) - k - 1
-                log(f"study: {model_name(variant, seed)}: done in {seconds:.0f} s; "
-                    f"{len(models) - left} of {len(models)} models done, {elapsed:.0f} s elapsed, "
-                    f"about {elapsed / (k + 1) * left:.0f} s left")
+            if jobs == 1 or len(todo) <= 1:
+                for k, (variant, seed) in enumerate(todo):
+                    bar.set_postfix_str(f"now {model_name(variant, seed)}", refresh=True)
+                    seconds = _make_and_finish(model_dir(out, variant, seed), data, settings.to_dict(), variant,
+                                               seed, data_sha256, progress, None, log)
+                    finished(k, variant, seed, seconds)
+            else:
+                _run_parallel(out, data, settings, todo, data_sha256, jobs, finished)
         finally:
             bar.close()
         references = _test_references(data)

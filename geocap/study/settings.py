@@ -1,30 +1,40 @@
 """The settings that define a study (``geocap study``): one flat dataclass, JSON-able, compared
 field by field, so that a study folder is only ever continued with the settings it was begun with.
 
-Variants (``VARIANTS``) are ORT's geometry exactly (``ort``), no geometry (``none``, ORT's
-ablation) and a direction-aware geometry embedding (``directional``); they differ only in the
-train options of ``VARIANTS[variant]``, everything else (data, sizes, steps, seeds) is shared.
-The seeds of a study are ``0 .. seeds - 1``; seed k trains with ``TrainConfig.seed = k`` (the
-model's initialisation, dropout and the data order).
+Variants (``VARIANTS``, the one definition) are ORT's geometry exactly (``ort``), no geometry
+(``none``, ORT's ablation: the synthetic features carry no position at all), a direction-aware
+geometry embedding (``directional``) and ``absolute``: ``none`` plus each object's normalised box
+and area appended to its input features (how captioners are usually given positions, so that
+``ort - absolute`` asks whether ORT's *relative* geometry beats simply giving the model its
+boxes). They differ only in the train options of ``VARIANTS[variant]``; everything else (data,
+sizes, steps, seeds) is shared. The seeds of a study are ``0 .. seeds - 1``; seed k trains with
+``TrainConfig.seed = k`` (the model's initialisation, dropout and the data order), and its
+untrained control is that very initialisation.
 
-Sizes, from the time per training step measured on the 2-core CPU machine the study was
-written on (torch 2.13, fp32, batches of 10 images with their 5 captions, d_model 128, 4 heads,
-d_ff 256, 256-dimensional features, one torch thread because the machine was shared; 2026-12-04):
-2 layers 0.067 s/step, 6 layers 0.24 s/step (6 layers, d_model 256, d_ff 1024: 0.59 s/step).
-Two torch threads on the same, shared, cores were 7-25x slower (1.65 s/step for 2 layers):
-on a shared machine run the study with ``OMP_NUM_THREADS=1``.
+Training has an end: AdamW, ``warmup`` linear steps to ``lr``, then ``decay`` (cosine) to 0 at
+``steps``; the model evaluated is the final one. Validation every ``val_every`` steps is the
+teacher-forced loss of the first ``val_loss_images`` val images (cheap: no decoding), from which
+:mod:`geocap.study.convergence` judges convergence; greedy CIDEr-D validation on
+``val_cider_images`` images is optional (0: none).
 
-* full (the defaults, ``full()``): 9 models (3 variants x 3 seeds) in at most 90 min = 600 s
-  per model. 6 layers (ORT's depth), d_model 128, 6000 images (4800 train), 4000 steps of 10
-  images (~8 epochs). The first full study (2026-12-04) trained 2000 steps: 2666 s for the 9
-  models, and 6 of the 9 had not converged (validation CIDEr-D still gaining 8-22 % over the last
-  fifth of training). At 4000 steps (2026-12-06, one torch thread, the other core busy) a model
-  took 544-597 s (mean 572 s: ~0.13 s per training step, ~40 s for evaluation, dump and
-  analyses), ~86 min for the 9, the longest run that fits the 90 minutes; 8 of the 9 had still
-  not converged (gains of 7-17 %).
-* quick (``for_quick()``): 6 models (3 variants x 2 seeds) in at most 10 minutes: 2 layers,
-  1000 steps on 3000 images (the demo's data size). Measured with ort and none, 2 seeds each:
-  4 models in 214 s (50-56 s per model, 47 s of it training), so ~5.5 min for the six.
+Sizes. Measured before (committed ``docs/study``, 2026-12-06, 2-core AMD EPYC VM, torch 2.13 CPU,
+fp32, one torch thread, the other core busy): 6 layers, d_model 128, 4 heads, d_ff 256, batches of
+10 images with 5 captions: ~0.133 s per training step (4000 steps + ~40 s of evaluation, dump and
+analyses of 600 test images: 544-597 s per model); 2 layers ~0.067 s/step (2026-12-04, another VM).
+
+* full (the defaults, ``full()``): 4 variants x 5 seeds = 20 models, 4 layers (the least depth that
+  still shows depth trends), d_model 128, 10000 images (1000 val for the validation loss, 1000
+  test), 5000 steps of 10 images (~6 epochs). **Estimate, not a measurement** (from the numbers
+  above, scaling the step time with depth: 0.133 x 4/6 ~ 0.09 s/step): per model ~450 s of
+  training, ~60 s of validation-loss passes (40 x 1000 images forward only, ~1/3 of a step's cost
+  per 10 images), ~100 s of evaluation, dump and analyses of 1000 test images plus the untrained
+  control's dump and analyses: ~610 s, so 20 models ~12200 process-seconds, ~102 min with two models
+  training at once on the two cores (``geocap study --jobs 2``), plus data (~2 min) and aggregation:
+  about the 120 minutes allowed. Whether 5000 steps converge by the criterion is what the run
+  will show (the curves and ``convergence`` of each model in study.json).
+* quick (``for_quick()``): 4 variants x 2 seeds = 8 models: 2 layers, 1000 steps on 3000 images
+  (the demo's data size), the validation loss on all 300 val images. The old quick study (3
+  variants, 2 layers, 1000 steps) took 50-56 s per model, one at a time.
 """
 from __future__ import annotations
 
@@ -35,6 +45,7 @@ from typing import Any, Optional
 
 from geocap.data.atomic import write_text_atomic
 from geocap.data.json_file import read_json
+from geocap.train.schedule import DECAYS
 
 __all__ = ["SETTINGS_FILE", "StudySettings", "VARIANTS"]
 
@@ -45,6 +56,7 @@ VARIANTS = {
     "ort": {"geometry": True},
     "none": {"geometry": False},
     "directional": {"geometry": True, "embedding": "signed"},
+    "absolute": {"geometry": False, "box_features": True},
 }
 TOKENIZERS = ("auto", "java", "python")
 
@@ -60,33 +72,38 @@ class StudySettings:
     ``min_count`` and ``max_caption_len`` of the vocabulary and the encoded captions.
     Model and training (TrainConfig's meanings): ``layers``, ``d_model``, ``heads``, ``d_ff``,
     ``dropout``, ``steps``, ``batch_size`` (images, each with its captions), ``lr`` (AdamW's peak,
-    after ``warmup`` linear steps), ``val_every`` steps validation on the first ``val_images``
-    val images (greedy, CIDEr-D; the best one is the checkpoint evaluated).
+    after ``warmup`` linear steps, then ``decay`` to 0 at ``steps``: "cosine", "linear" or "none");
+    every ``val_every`` steps the teacher-forced loss of the first ``val_loss_images`` val images
+    (the convergence criterion's curve; ``converge_tolerance``: :mod:`geocap.study.convergence`) and,
+    when ``val_cider_images`` > 0, greedy CIDEr-D on that many. The final model is the one evaluated.
     Evaluation on the test split: ``beam_size``, ``max_decode_len`` words, ``tokenizer`` of the
     caption metrics (auto: Java's PTB tokenizer when Java is there).
     """
 
-    variants: tuple = ("ort", "none", "directional")
-    seeds: int = 3
+    variants: tuple = ("ort", "none", "directional", "absolute")
+    seeds: int = 5
     quick: bool = False
     # data
-    images: int = 6000
+    images: int = 10000
     feature_dim: int = 256
     data_seed: int = 0
     min_count: int = 5
     max_caption_len: int = 16
     # model and training
-    layers: int = 6
+    layers: int = 4
     d_model: int = 128
     heads: int = 4
     d_ff: int = 256
     dropout: float = 0.1
-    steps: int = 4000
+    steps: int = 5000
     batch_size: int = 10
     lr: float = 1e-3
-    warmup: int = 100
-    val_every: int = 200
-    val_images: int = 200
+    warmup: int = 200
+    decay: str = "cosine"
+    val_every: int = 125
+    val_loss_images: int = 1000
+    val_cider_images: int = 0
+    converge_tolerance: float = 0.01
     # evaluation
     beam_size: int = 3
     max_decode_len: int = 20
@@ -105,8 +122,8 @@ class StudySettings:
     def for_quick(cls, **changes) -> "StudySettings":
         """The quick study: the same code path, 2 seeds, a 2-layer model, fewer images and steps;
         with ``changes``."""
-        quick = dict(seeds=2, quick=True, images=3000, layers=2, steps=1000, warmup=50, val_every=200,
-                     val_images=100)
+        quick = dict(seeds=2, quick=True, images=3000, layers=2, steps=1000, warmup=50, val_every=50,
+                     val_loss_images=300)
         quick.update(changes)
         return cls(**quick)
 
@@ -142,10 +159,10 @@ class StudySettings:
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"study setting variants names a variant twice: {', '.join(self.variants)}")
         for name in ("seeds", "images", "layers", "d_model", "heads", "d_ff", "steps", "batch_size", "val_every",
-                     "beam_size", "max_decode_len", "min_count", "max_caption_len"):
+                     "val_loss_images", "beam_size", "max_decode_len", "min_count", "max_caption_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"study setting {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("data_seed", "warmup", "val_images"):
+        for name in ("data_seed", "warmup", "val_cider_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"study setting {name} must be >= 0, got {getattr(self, name)}")
         if self.images < 10:
@@ -157,6 +174,12 @@ class StudySettings:
             raise ValueError(f"study setting dropout must be in [0, 1), got {self.dropout}")
         if not self.lr > 0:
             raise ValueError(f"study setting lr must be > 0, got {self.lr}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"study setting decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+        if self.decay != "none" and self.steps <= self.warmup:
+            raise ValueError(f"study setting steps ({self.steps}) must exceed warmup ({self.warmup}) with a decay")
+        if not self.converge_tolerance > 0:
+            raise ValueError(f"study setting converge_tolerance must be > 0, got {self.converge_tolerance}")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"study setting tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
 
@@ -166,8 +189,10 @@ class StudySettings:
             raise ValueError(f"variant {variant!r} is not one of this study's ({', '.join(self.variants)})")
         return {"layers": self.layers, "d_model": self.d_model, "heads": self.heads, "d_ff": self.d_ff,
                 "dropout": self.dropout, "steps": self.steps, "batch_size": self.batch_size, "optimizer": "adamw",
-                "lr": self.lr, "warmup": self.warmup, "val_every": self.val_every, "val_images": self.val_images,
-                "checkpoint_every": self.steps, "seed": seed, **VARIANTS[variant]}
+                "lr": self.lr, "warmup": self.warmup, "decay": self.decay, "val_every": self.val_every,
+                "val_loss_images": self.val_loss_images, "val_cider": self.val_cider_images > 0,
+                "val_images": self.val_cider_images, "checkpoint_every": self.steps, "seed": seed,
+                **VARIANTS[variant]}
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
