@@ -1,5 +1,5 @@
-"""Per-image caption statistics of a study's models, the hierarchical paired bootstrap over them,
-and the combination of per-seed estimates across seeds.
+"""Per-image caption statistics of a study's models, their intervals across seeds (paired t), and
+the combination of per-seed estimates across seeds.
 
 **Per-image statistics** (:func:`image_statistics`), for one model's captions of the test images,
 rows in ascending image id. References and captions are tokenised exactly as ``geocap evaluate``
@@ -23,19 +23,21 @@ the backend that ran for them), with the tokenizer the model's ``metrics_test.js
   per image); relation accuracy of a set = correct / uses, undefined (NaN inside arrays, None in
   JSON) without uses. Zero arrays when the data has no ground truth.
 
-**Hierarchical paired bootstrap** (:func:`bootstrap`): each of ``n_boot`` replicates draws the K
-seeds with replacement (one draw of seed positions, shared by every variant: seed k of one variant
-is paired with seed k of another, the same training seed) and the n test images with replacement
-(one draw shared by every seed and every variant, so differences between variants are paired);
-each drawn seed's metric is computed on the drawn images from the per-image statistics (no
-re-scoring), and the replicate's value is the mean over the drawn seeds (seeds whose metric is
-undefined on the drawn images, e.g. no relation uses, are left out of that mean). ``mean`` is the
-mean over seeds of each seed's metric on all images; ``ci95`` the 2.5th and 97.5th percentiles of
-the replicates. Paired differences ``a - b`` use the same replicates: an interval that excludes 0
-is a difference beyond seed and image sampling. With one seed the seed draw has no spread and the
-intervals cover image sampling only. A replicate where a metric is undefined is left out of its
-percentiles; when more than 5% are, the interval is None (too few uses). Deterministic: numpy's
-``default_rng(seed)``.
+**Caption metrics across seeds** (:func:`seed_intervals`): each model's metric is computed on all
+test images; a variant's ``mean`` is the mean over its K seeds, a paired difference ``a - b`` the
+mean over seeds k of ``metric(a, seed k) - metric(b, seed k)`` (seed k of both variants shares its
+initialisation seed and data order), and each interval is Student's t with K - 1 degrees of
+freedom on the seeds' values (:func:`combine_seeds` without a within-seed floor): the per-seed
+values already carry the image noise of each model's errors, and image difficulty shared by every
+model cancels in a paired difference. The intervals are over training seeds *on this test set*.
+Their calibration is tested: in simulated null studies with seed and image variance like the
+study's, the nominal 95 % interval excludes 0 in about 5 % of them (tests/test_study_stats.py).
+Seeds whose metric is undefined (no relation uses) are left out. With one seed there is no seed
+spread: the interval is +- 1.96 times the standard error over test images from ``n_boot`` image
+resamples (paired for a difference), image sampling only. A *control* (the blind captioner: one
+model, no seeds) is compared with every variant the same way: per seed ``metric(a, seed k) -
+metric(control)``; the control's own interval is the percentile interval of its image resamples.
+Deterministic: numpy's ``default_rng(seed)``.
 
 **Across seeds** (:func:`combine_seeds`), for quantities with one estimate per seed and optionally
 a within-seed standard error over images (the attention analyses): the estimate is the mean over
@@ -55,8 +57,8 @@ import numpy as np
 
 from geocap.data.relations import RELATIONS
 
-__all__ = ["METRICS", "RELATION_GROUPS", "ZERO_TOLERANCE", "ImageStats", "bleu4", "bootstrap", "combine_seeds",
-           "excludes_zero", "image_statistics", "metric_names", "metric_values", "tokenizer_for"]
+__all__ = ["METRICS", "RELATION_GROUPS", "ZERO_TOLERANCE", "ImageStats", "bleu4", "combine_seeds", "excludes_zero",
+           "image_statistics", "metric_names", "metric_values", "seed_intervals", "tokenizer_for"]
 
 METRICS = ("cider_d", "bleu_4", "rouge_l", "relation_accuracy")
 #: relations whose directions ORT's |dx|, |dy| embedding cannot tell apart, pooled
@@ -190,15 +192,6 @@ def metric_values(stats: ImageStats, weights: Optional[np.ndarray] = None) -> di
     return out
 
 
-def _seed_mean(values: np.ndarray, seed_counts: np.ndarray) -> np.ndarray:
-    """Mean over drawn seeds: ``values`` ``[K, B]`` (NaN: undefined), ``seed_counts`` ``[B, K]``."""
-    defined = np.isfinite(values)
-    num = (seed_counts.T * np.where(defined, values, 0.0)).sum(axis=0)
-    den = (seed_counts.T * defined).sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
-
-
 def _interval(replicates: np.ndarray) -> tuple[Optional[list], int]:
     finite = replicates[np.isfinite(replicates)]
     undefined = int(len(replicates) - len(finite))
@@ -224,59 +217,114 @@ def _finite_or_none(x) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def bootstrap(per_variant: Mapping[str, Sequence[ImageStats]], *, n_boot: int = 2000, seed: int = 0,
-              pairs: Sequence[tuple[str, str]] = ()) -> dict:
-    """The hierarchical paired bootstrap of the module doc over ``per_variant`` (variant -> one
-    :class:`ImageStats` per seed, the same number of seeds in the same seed order for every variant,
-    every one over the same image ids). Returns ``{"variants": {variant: {"mean": {metric: value},
-    "ci95": {metric: [lo, hi] or None}, "undefined": {metric: replicates}}}, "comparisons": [{"a",
-    "b", "metric", "difference", "ci95", "excludes_zero", "undefined_replicates"} for each (a, b) of
-    ``pairs`` and each metric]}``; undefined values are None."""
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
+def _per_seed(stats: Sequence[ImageStats], names: Sequence[str]) -> dict:
+    """metric -> [K] values on all images (NaN: undefined)."""
+    values = [metric_values(x) for x in stats]
+    return {m: np.array([v[m][0] for v in values], np.float64) for m in names}
+
+
+def _image_se(draws: Sequence[np.ndarray]) -> Optional[float]:
+    """Standard deviation of the finite image-resample replicates (None when more than
+    :data:`MAX_UNDEFINED` of them are undefined)."""
+    x = np.asarray(draws, np.float64)
+    finite = x[np.isfinite(x)]
+    if len(finite) < 2 or len(x) - len(finite) > MAX_UNDEFINED * len(x):
+        return None
+    return float(finite.std(ddof=1))
+
+
+def _seed_interval(values: np.ndarray, one_seed_se: Optional[float]) -> dict:
+    combined = combine_seeds([None if not math.isfinite(v) else v for v in values],
+                             [one_seed_se] * len(values) if len(values) == 1 else None, floor=False)
+    return {"estimate": combined["estimate"], "ci95": combined["ci95"], "seeds": combined["seeds"],
+            "interval": combined["method"]}
+
+
+def seed_intervals(per_variant: Mapping[str, Sequence[ImageStats]], *, pairs: Sequence[tuple[str, str]] = (),
+                   controls: Optional[Mapping[str, ImageStats]] = None,
+                   control_pairs: Sequence[tuple[str, str, Sequence[str]]] = (), n_boot: int = 1000,
+                   seed: int = 0) -> dict:
+    """The intervals of the module doc over ``per_variant`` (variant -> one :class:`ImageStats` per
+    seed, the same number of seeds in the same seed order for every variant, all over the same image
+    ids) and ``controls`` (name -> one ImageStats over the same images). Returns ``{"variants":
+    {variant: {"mean": {metric}, "ci95": {metric}, "per_seed": {metric: [K]}}}, "controls": {name:
+    {"mean", "ci95"}}, "comparisons": [{"a", "b", "metric", "difference", "ci95", "excludes_zero",
+    "per_seed", "seeds", "interval"}]}`` with a comparison per metric of :func:`metric_names` for each
+    (a, b) of ``pairs``, and per (variant, control, metrics) of ``control_pairs`` for those metrics
+    (``b`` is then the control's name); undefined values are None."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
+        raise ValueError(f"n_boot must be an int >= 2, got {n_boot!r}")
     if not per_variant:
-        raise ValueError("bootstrap: no variants")
+        raise ValueError("seed_intervals: no variants")
+    controls = dict(controls or {})
     first = next(iter(per_variant.values()))
-    k_seeds, ids = len(first), first[0].image_ids
+    k_seeds, ids = len(first), first[0].image_ids if first else None
     for variant, stats in per_variant.items():
         if len(stats) != k_seeds or not stats:
             raise ValueError(f"variant {variant!r}: {len(stats)} seeds, the others {k_seeds}")
-        for s in stats:
-            if not np.array_equal(s.image_ids, ids):
+        for x in stats:
+            if not np.array_equal(x.image_ids, ids):
                 raise ValueError(f"variant {variant!r}: its test images differ from the other models'")
-    rng = np.random.default_rng(seed)
-    image_w = _counts(rng, n_boot, len(ids))                  # [B, n]
-    seed_w = _counts(rng, n_boot, k_seeds)                    # [B, K]
+    for name, x in controls.items():
+        if not np.array_equal(x.image_ids, ids):
+            raise ValueError(f"control {name!r}: its test images differ from the models'")
     names = metric_names()
-    point, reps = {}, {}
-    for variant, stats in per_variant.items():
-        full = [metric_values(s) for s in stats]
-        drawn = [metric_values(s, image_w) for s in stats]
-        point[variant] = {m: _seed_mean(np.stack([f[m] for f in full]), np.ones((1, k_seeds)))[0] for m in names}
-        reps[variant] = {m: _seed_mean(np.stack([d[m] for d in drawn]), seed_w) for m in names}
+    values = {v: _per_seed(stats, names) for v, stats in per_variant.items()}
+    control_values = {c: _per_seed([x], names) for c, x in controls.items()}
+    draws = {}
+    if k_seeds == 1 or controls:
+        weights = _counts(np.random.default_rng(seed), n_boot, len(ids))          # [B, n], shared: paired
+        for v, stats in per_variant.items():
+            if k_seeds == 1:
+                draws[v] = metric_values(stats[0], weights)
+        for c, x in controls.items():
+            draws[c] = metric_values(x, weights)
+
+    def one_seed_se(a: str, b: Optional[str], m: str) -> Optional[float]:
+        if k_seeds != 1:
+            return None
+        return _image_se(draws[a][m] - (draws[b][m] if b is not None else 0.0))
+
     variants = {}
-    for variant in per_variant:
-        mean, ci, undefined = {}, {}, {}
+    for v in per_variant:
+        mean, ci, per_seed = {}, {}, {}
         for m in names:
-            mean[m] = _finite_or_none(point[variant][m])
-            ci[m], undefined[m] = _interval(reps[variant][m]) if mean[m] is not None else (None, n_boot)
-        variants[variant] = {"mean": mean, "ci95": ci, "undefined": undefined}
+            got = _seed_interval(values[v][m], one_seed_se(v, None, m))
+            mean[m], ci[m] = got["estimate"], got["ci95"]
+            per_seed[m] = [_finite_or_none(x) for x in values[v][m]]
+        variants[v] = {"mean": mean, "ci95": ci, "per_seed": per_seed}
+    control_out = {}
+    for c in controls:
+        mean, ci = {}, {}
+        for m in names:
+            mean[m] = _finite_or_none(control_values[c][m][0])
+            ci[m] = _interval(draws[c][m])[0] if mean[m] is not None else None
+        control_out[c] = {"mean": mean, "ci95": ci, "interval": f"percentiles of {n_boot} image resamples"}
     comparisons = []
+
+    def compare(a: str, b: str, m: str, other: np.ndarray) -> None:
+        diff = values[a][m] - other
+        got = _seed_interval(diff, one_seed_se(a, b, m))
+        comparisons.append({"a": a, "b": b, "metric": m, "difference": got["estimate"], "ci95": got["ci95"],
+                            "excludes_zero": excludes_zero(got["ci95"]),
+                            "per_seed": [_finite_or_none(x) for x in diff], "seeds": got["seeds"],
+                            "interval": got["interval"]})
+
     for a, b in pairs:
         for m in names:
-            diff = _finite_or_none(point[a][m] - point[b][m])
-            ci, undefined = _interval(reps[a][m] - reps[b][m]) if diff is not None else (None, n_boot)
-            comparisons.append({"a": a, "b": b, "metric": m, "difference": diff, "ci95": ci,
-                                "excludes_zero": excludes_zero(ci),
-                                "undefined_replicates": undefined})
-    return {"variants": variants, "comparisons": comparisons}
+            compare(a, b, m, values[b][m])
+    for a, c, metrics in control_pairs:
+        for m in metrics:
+            compare(a, c, m, np.full(k_seeds, control_values[c][m][0]))
+    return {"variants": variants, "controls": control_out, "comparisons": comparisons}
 
 
-def combine_seeds(estimates: Sequence, ses: Optional[Sequence] = None) -> dict:
+def combine_seeds(estimates: Sequence, ses: Optional[Sequence] = None, *, floor: bool = True) -> dict:
     """Per-seed ``estimates`` (None or NaN: not computable for that seed, left out) and their
     within-seed standard errors ``ses`` (None: unknown) combined across seeds by the rule of the
     module doc: ``{"estimate", "ci95" ([lo, hi] or None), "seeds" (how many were combined),
-    "method"}``."""
+    "method"}``. ``floor=False``: with two seeds or more, Student's t on the between-seed variance
+    alone (the within-seed errors are then used for one seed only)."""
     est = np.array([np.nan if e is None else float(e) for e in estimates], dtype=np.float64)
     se = np.full(len(est), np.nan) if ses is None else \
         np.array([np.nan if s is None else float(s) for s in ses], dtype=np.float64)
@@ -293,13 +341,14 @@ def combine_seeds(estimates: Sequence, ses: Optional[Sequence] = None) -> dict:
         from scipy.stats import t as student_t
 
         between = float(np.var(x, ddof=1))
-        var = max(between, within or 0.0) / k
+        var = (max(between, within or 0.0) if floor else between) / k
         half = float(student_t.ppf(0.975, k - 1)) * math.sqrt(var)
-        method = (f"mean of {k} seeds +- t(0.975, {k - 1}) x sqrt(max(between-seed variance, "
+        method = (f"mean of {k} seeds +- t(0.975, {k - 1}) x sqrt(between-seed variance / {k})" if not floor else
+                  f"mean of {k} seeds +- t(0.975, {k - 1}) x sqrt(max(between-seed variance, "
                   f"{'mean within-seed se^2' if within is not None else 'within-seed se^2 unknown'}) / {k})")
     elif within is not None:
         half = _Z95 * math.sqrt(within)
-        method = "one seed: +- 1.96 within-seed se (image sampling only)"
+        method = "one seed: +- 1.96 se over test images (image sampling only)"
     else:
         return {"estimate": mean, "ci95": None, "seeds": 1,
                 "method": "one seed without a within-seed standard error: no interval"}

@@ -1,28 +1,32 @@
 """A study's models summarised: the content of ``study.json`` (without ``settings``, which the runner
 adds), from one :class:`ModelResult` per trained (variant, seed).
 
-``summarize(results)`` returns::
+``summarize(results, blind=...)`` returns::
 
     {"variants": {variant: {"seeds": [per seed, ascending], "mean": {...}, "ci95": {...}}},
-     "comparisons": [paired differences], "findings": [findings with verdicts]}
+     "comparisons": [paired differences], "controls": {blind captioners}, "findings": [findings with
+     verdicts], "data_checks": [the feature cosine], "verdicts": {how many were tested, and how}}
 
 * per seed: ``seed``, ``cider_d``, ``bleu_4``, ``rouge_l``, ``relation_accuracy`` (None without
   relation uses), ``relations`` {relation name: {``accuracy``, ``uses``, ``correct``}}, recomputed
   here from the per-image statistics (:mod:`.stats`); ``evaluate``: the same four numbers as
   ``geocap evaluate`` wrote them (metrics_test.json), for cross-checking; ``tokenizer`` (the one
-  used here) and ``evaluate_tokenizer``; ``n_images``; ``val_curve`` [[step, validation CIDEr-D]];
-  ``attention``: :func:`.findings.attention_summary` of its analysis.json; ``convergence``:
-  :func:`convergence` of its validation curve (the issue's 2 % criterion).
-* ``mean`` / ``ci95``: per metric of :data:`.stats.METRICS` the mean over seeds and the hierarchical
-  paired bootstrap's 95% interval ([lo, hi] or None); ``relations`` {name: {``accuracy``, ``uses``
-  (over all seeds)}} / {name: interval}; ``relation_groups`` (left/right, above/below) likewise;
-  ``ci95`` also holds ``n_boot`` and the bootstrap ``seed``.
-* ``comparisons``: for every pair of variants present among (ort, none), (directional, ort),
-  (directional, none) and every metric of :func:`.stats.metric_names`: ``a``, ``b``, ``metric``,
-  ``difference`` (a - b), ``ci95``, ``excludes_zero``, ``undefined_replicates``.
-* ``findings``: :mod:`.findings`.
-
-The bootstrap and the verdict rule are defined in :mod:`.stats` and :mod:`.findings`.
+  used here) and ``evaluate_tokenizer``; ``n_images``; ``val_curve`` [[step, validation loss, its
+  se]]; ``attention``: :func:`.findings.attention_summary` of its analysis.json (and
+  ``untrained_attention``, its untrained control's, or None); ``convergence``:
+  :func:`.convergence.convergence` of its validation curve (``converged`` true, false or None).
+* ``mean`` / ``ci95``: per metric of :data:`.stats.METRICS` the mean over seeds and its 95%
+  interval (t over seeds, :func:`.stats.seed_intervals`; [lo, hi] or None); ``relations``
+  {name: {``accuracy``, ``uses`` (over all seeds)}} / {name: interval}; ``relation_groups``
+  (left/right, above/below) likewise; ``ci95["interval"]`` says how the intervals were made.
+* ``comparisons``: for every pair of variants present among :data:`PAIRS` and every metric of
+  :func:`.stats.metric_names`, and for every variant against each blind captioner on its relation
+  metrics: ``a``, ``b``, ``metric``, ``difference`` (a - b), ``ci95``, ``excludes_zero``,
+  ``per_seed``, ``seeds``, ``interval``.
+* ``controls``: the blind captioners (``"blind"``, ``"blind left/right"``, ``"blind above/below"``):
+  ``mean`` and ``ci95`` per metric and a few ``examples``; absent without ``blind``.
+* ``findings``: :mod:`.findings`; ``data_checks``: :func:`.findings.feature_cosine_check`;
+  ``verdicts``: ``{"tested", "effects", "holds", "does not hold", "inconclusive", "note"}``.
 """
 from __future__ import annotations
 
@@ -31,28 +35,33 @@ from typing import Optional
 
 from geocap.data.relations import RELATIONS
 
-from .findings import attention_findings, attention_summary, feature_cosine_finding, geometry_findings
+from .convergence import convergence
+from .findings import VERDICTS, attention_findings, attention_summary, feature_cosine_check, geometry_findings
 from .report import write_report
-from .stats import METRICS, RELATION_GROUPS, bootstrap, image_statistics, metric_values, tokenizer_for
+from .settings import VARIANTS
+from .stats import METRICS, RELATION_GROUPS, image_statistics, metric_values, seed_intervals, tokenizer_for
 
-__all__ = ["ModelResult", "PAIRS", "VARIANTS", "summarize", "write_report"]
+__all__ = ["ModelResult", "PAIRS", "summarize", "write_report"]
 
-VARIANTS = ("ort", "none", "directional")
-PAIRS = (("ort", "none"), ("directional", "ort"), ("directional", "none"))
+PAIRS = (("ort", "none"), ("directional", "ort"), ("directional", "none"), ("ort", "absolute"),
+         ("absolute", "none"), ("directional", "absolute"))
+BLIND = "blind"      # the blind captioner over every relation; f"{BLIND} {group}" for a relation group
 _EVALUATE_KEYS = {"cider_d": "CIDEr", "bleu_4": "Bleu_4", "rouge_l": "ROUGE_L"}
 
 
 @dataclass
 class ModelResult:
     """One trained (variant, seed) of a study, as the aggregation reads it."""
-    variant: str                          # "ort" | "none" | "directional"
+    variant: str                          # a name of geocap.study.settings.VARIANTS
     seed: int
     references: dict                      # test image id (int) -> list of reference caption strings (raw, untokenised)
     captions: dict                        # test image id (int) -> the model's generated caption (str)
     ground_truth: Optional[str]           # path of the data's ground_truth.json (relation truth), None when absent
     analysis: dict                        # the model's analysis.json as geocap.analysis.run_analyses wrote it
     metrics: dict                         # the model's metrics_test.json as geocap evaluate wrote it
-    val_curve: list                       # [(step, validation CIDEr-D), ...] from the run's metrics.jsonl
+    val_curve: list                       # [[step, validation loss, its se], ...] from the run's metrics.jsonl
+    steps: Optional[int] = None           # the run's steps (the convergence criterion's horizon)
+    untrained_analysis: Optional[dict] = None  # analysis.json of its untrained control (same initialisation)
 
 
 def _name(r: ModelResult) -> str:
@@ -118,65 +127,90 @@ def _none_if_nan(x) -> Optional[float]:
     return None if x != x else x
 
 
-CONVERGED_GAIN = 0.02  # the issue's criterion: under 2 % gain over the last fifth of training
-
-
-def convergence(curve: list) -> dict:
-    """Whether a validation curve ``[[step, CIDEr-D], ...]`` has flattened: ``gain_last_fifth`` =
-    the mean validation CIDEr-D over the last fifth of training (steps above 80 % of the last
-    validated step) over its mean in the fifth before (60-80 %), minus 1; ``converged`` when that
-    gain is under :data:`CONVERGED_GAIN`. Means over each fifth rather than single points, since
-    one validation on a few hundred images moves by several per cent. Both None when either fifth
-    holds no validation or the earlier mean is not positive."""
-    if not curve:
-        return {"gain_last_fifth": None, "converged": None}
-    end = curve[-1][0]
-    last = [v for step, v in curve if step > 0.8 * end]
-    before = [v for step, v in curve if 0.6 * end < step <= 0.8 * end]
-    if not last or not before or sum(before) <= 0:
-        return {"gain_last_fifth": None, "converged": None}
-    gain = (sum(last) / len(last)) / (sum(before) / len(before)) - 1.0
-    return {"gain_last_fifth": gain, "converged": bool(gain < CONVERGED_GAIN)}
-
-
-def _seed_entry(r: ModelResult, stats) -> dict:
+def _seed_entry(r: ModelResult, stats, tolerance: float) -> dict:
     values = {m: _none_if_nan(v[0]) for m, v in metric_values(stats).items()}
     uses, correct = stats.relation_uses.sum(axis=0), stats.relation_correct.sum(axis=0)
     evaluated = {k: r.metrics["metrics"].get(name) for k, name in _EVALUATE_KEYS.items()}
     evaluated["relation_accuracy"] = r.metrics.get("relation_accuracy")
     try:
-        curve = [[int(step), float(value)] for step, value in r.val_curve]
-    except (TypeError, ValueError):
-        raise ValueError(f"{_name(r)}: val_curve must hold (step, validation CIDEr-D) pairs") from None
+        curve = [[int(p[0]), float(p[1]), None if len(p) < 3 or p[2] is None else float(p[2])] for p in r.val_curve]
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"{_name(r)}: val_curve must hold [step, validation loss, its se] entries") from None
     try:
         attention = attention_summary(r.analysis)
+        untrained = None if r.untrained_analysis is None else attention_summary(r.untrained_analysis)
     except ValueError as err:
         raise ValueError(f"{_name(r)}: {err}") from None
+    converged = convergence(curve, r.steps, tolerance=tolerance) if r.steps else \
+        {"converged": None, "reason": "the run's steps are unknown", "criterion": "loss"}
     return {"seed": r.seed, **{m: values[m] for m in METRICS},
-            "convergence": convergence(curve),
+            "convergence": converged,
             "relations": {name: {"accuracy": values[f"relation_accuracy.{name}"], "uses": int(uses[k]),
                                  "correct": int(correct[k])} for k, name in enumerate(RELATIONS)},
             "evaluate": evaluated, "tokenizer": stats.tokenizer, "evaluate_tokenizer": r.metrics.get("tokenizer"),
-            "n_images": len(stats.image_ids), "val_curve": curve, "attention": attention}
+            "n_images": len(stats.image_ids), "val_curve": curve, "attention": attention,
+            "untrained_attention": untrained}
 
 
-def summarize(results: list, *, n_boot: int = 2000, seed: int = 0) -> dict:
+def _blind_stats(blind: Optional[dict], first: ModelResult, truth) -> dict:
+    """Control name -> ImageStats of the blind captioners' captions (rule name -> image id -> caption)."""
+    if not blind:
+        return {}
+    if truth is None:
+        raise ValueError("summarize: blind captions need the data's ground truth (no model has one)")
+    out = {}
+    for rule, captions in blind.items():
+        if rule != "all" and rule not in RELATION_GROUPS:
+            raise ValueError(f"summarize: blind rule {rule!r} is neither 'all' nor a relation group "
+                             f"({', '.join(RELATION_GROUPS)})")
+        name = BLIND if rule == "all" else f"{BLIND} {rule}"
+        try:
+            out[name] = image_statistics(first.references, captions, tokenizer="python", ground_truth=truth)
+        except ValueError as err:
+            raise ValueError(f"summarize: blind captions ({rule}): {err}") from None
+    return out
+
+
+def _verdict_count(findings: list) -> dict:
+    counts = {v: sum(f["verdict"] == v for f in findings) for v in VERDICTS}
+    effects = sum(1 for f in findings for m in f["measured"] if m.get("tests"))
+    n = len(findings)
+    return {"tested": n, "effects": effects, **counts,
+            "note": f"{n} verdicts on {effects} tested effects, each at 95 %: with no true effect at all, about "
+                    f"{0.05 * effects:.1f} effects would exclude 0 by chance; the verdicts are not corrected for "
+                    f"multiplicity"}
+
+
+def summarize(results: list, *, blind: Optional[dict] = None, tolerance: float = 0.01, n_boot: int = 1000,
+              seed: int = 0) -> dict:
     """study.json's content (without ``settings``) for ``results``, one :class:`ModelResult` per
-    (variant, seed); see the module doc. ValueError naming the variant and seed for an unknown
-    variant, a (variant, seed) given twice, captions that miss a test image (or caption another
-    image), test image sets that differ between models, seed sets that differ between variants,
-    or a malformed metrics/analysis dict."""
+    (variant, seed); ``blind``: the blind captioners' captions (rule "all" or a relation group ->
+    test image id -> caption, :func:`geocap.study.run.blind_captions`) or None; ``tolerance``: the
+    convergence criterion's. See the module doc. ValueError naming the variant and seed for an
+    unknown variant, a (variant, seed) given twice, captions that miss a test image (or caption
+    another image), test image sets that differ between models, seed sets that differ between
+    variants, or a malformed metrics/analysis dict."""
     groups = _group(list(results))
     cache: dict = {}
     stats = {v: [image_statistics(r.references, r.captions, tokenizer=tokenizer_for(r.metrics),
                                   ground_truth=_relation_truth(r.ground_truth, cache, r)) for r in group]
              for v, group in groups.items()}
+    first = next(iter(groups.values()))[0]
+    controls = _blind_stats(blind, first, _relation_truth(first.ground_truth, cache, first))
     pairs = [(a, b) for a, b in PAIRS if a in groups and b in groups]
-    boot = bootstrap(stats, n_boot=n_boot, seed=seed, pairs=pairs)
+    relation_metrics = ["relation_accuracy"] + [f"relation_accuracy.{r}" for r in RELATIONS]
+    control_pairs = []
+    for name in controls:
+        group = name[len(BLIND) + 1:]
+        metrics = relation_metrics if name == BLIND else \
+            [f"relation_accuracy.{group}"] + [f"relation_accuracy.{r}" for r in RELATION_GROUPS[group]]
+        control_pairs += [(v, name, metrics) for v in groups]
+    got_all = seed_intervals(stats, pairs=pairs, controls=controls, control_pairs=control_pairs, n_boot=n_boot,
+                             seed=seed)
     variants = {}
     for v, group in groups.items():
-        entries = [_seed_entry(r, s) for r, s in zip(group, stats[v])]
-        got = boot["variants"][v]
+        entries = [_seed_entry(r, x, tolerance) for r, x in zip(group, stats[v])]
+        got = got_all["variants"][v]
         mean = {m: got["mean"][m] for m in METRICS}
         ci = {m: got["ci95"][m] for m in METRICS}
         mean["relations"] = {name: {"accuracy": got["mean"][f"relation_accuracy.{name}"],
@@ -186,13 +220,23 @@ def summarize(results: list, *, n_boot: int = 2000, seed: int = 0) -> dict:
                                        "uses": sum(e["relations"][name]["uses"] for e in entries for name in names)}
                                    for g, names in RELATION_GROUPS.items()}
         ci["relation_groups"] = {g: got["ci95"][f"relation_accuracy.{g}"] for g in RELATION_GROUPS}
+        ci["interval"] = (f"t over {len(group)} seeds" if len(group) > 1 else
+                          f"one seed: +- 1.96 se over {n_boot} test-image resamples")
         ci["n_boot"], ci["seed"] = n_boot, seed
         variants[v] = {"seeds": entries, "mean": mean, "ci95": ci}
     findings = []
     for v in groups:
-        findings += attention_findings(v, [e["attention"] for e in variants[v]["seeds"]])
-    findings.append(feature_cosine_finding(list(groups), [e["attention"] for v in groups
-                                                          for e in variants[v]["seeds"]]))
+        seeds = variants[v]["seeds"]
+        untrained = [e["untrained_attention"] for e in seeds]
+        findings += attention_findings(v, [e["attention"] for e in seeds],
+                                       untrained if all(u is not None for u in untrained) else None)
     uses = {v: {name: variants[v]["mean"]["relations"][name]["uses"] for name in RELATIONS} for v in groups}
-    findings += geometry_findings(boot["comparisons"], uses)
-    return {"variants": variants, "comparisons": boot["comparisons"], "findings": findings}
+    findings += geometry_findings(got_all["comparisons"], uses, got_all["controls"], list(groups))
+    checks = [feature_cosine_check(list(groups), [e["attention"] for v in groups for e in variants[v]["seeds"]])]
+    study = {"variants": variants, "comparisons": got_all["comparisons"], "findings": findings,
+             "data_checks": checks, "verdicts": _verdict_count(findings)}
+    if controls:
+        study["controls"] = {name: {**got_all["controls"][name],
+                                    "examples": [[int(i), blind[rule][i]] for i in sorted(blind[rule])[:3]]}
+                             for name, rule in zip(controls, blind)}
+    return study
