@@ -1,6 +1,8 @@
 """geocap.study's aggregation: per-image statistics that reproduce evaluate's corpus metrics, the
-hierarchical paired bootstrap, the findings' verdicts on planted analyses, study.json's keys and the
-report. Fast: no training (analysis dicts come from geocap.analysis run on records built in memory)."""
+paired t intervals over seeds (and their calibration on simulated null studies), the findings'
+verdicts on planted analyses (the controlled measures of hand-made analysis.json dicts, the untrained
+control), the blind captioner, the convergence criterion, study.json's keys and the report. Fast: no
+training (analysis dicts come from geocap.analysis run on records built in memory)."""
 import copy
 import json
 import random
@@ -12,9 +14,9 @@ from geocap.analysis import StatsCollector
 from geocap.data.relations import RELATIONS
 from geocap.metrics import caption_metrics, load_relation_truth, relation_accuracy
 from geocap.study import ModelResult, summarize, write_report
-from geocap.study.findings import attention_findings, attention_summary, feature_cosine_finding, verdict
+from geocap.study.findings import attention_findings, attention_summary, feature_cosine_check, verdict
 from geocap.study.report import FIGURES, format_interval, format_number
-from geocap.study.stats import bootstrap, combine_seeds, image_statistics, metric_values
+from geocap.study.stats import ImageStats, combine_seeds, image_statistics, metric_values, seed_intervals
 from test_analysis import hypothetical, make_record
 
 WORDS = "a the cup table on left of right dog cat kitchen two three under next to is there photo".split()
@@ -93,42 +95,98 @@ def planted_stats(n=60, seeds=2, seed=0, good=True, caption_seed=None):
     return out
 
 
-def test_bootstrap_is_deterministic_and_pairs_variants():
-    good, bad = planted_stats(good=True), planted_stats(good=False)
+def test_seed_intervals_are_paired_t_over_seeds():
+    from scipy.stats import t as student_t
+
+    good, bad = planted_stats(seeds=3, good=True), planted_stats(seeds=3, good=False)
     pairs = [("ort", "none"), ("directional", "ort")]
-    a = bootstrap({"ort": good, "none": bad, "directional": good}, n_boot=300, seed=3, pairs=pairs)
-    b = bootstrap({"ort": good, "none": bad, "directional": good}, n_boot=300, seed=3, pairs=pairs)
-    c = bootstrap({"ort": good, "none": bad, "directional": good}, n_boot=300, seed=4, pairs=pairs)
-    assert a == b and a != c
+    a = seed_intervals({"ort": good, "none": bad, "directional": good}, pairs=pairs)
+    assert a == seed_intervals({"ort": good, "none": bad, "directional": good}, pairs=pairs)
     cider = {(x["a"], x["b"]): x for x in a["comparisons"] if x["metric"] == "cider_d"}
-    assert cider["ort", "none"]["excludes_zero"] and cider["ort", "none"]["ci95"][0] > 0
-    same = cider["directional", "ort"]                      # identical models: exactly 0, every replicate
+    d = np.array([metric_values(g)["cider_d"][0] - metric_values(b)["cider_d"][0] for g, b in zip(good, bad)])
+    half = student_t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    got = cider["ort", "none"]
+    assert got["difference"] == pytest.approx(d.mean()) and got["per_seed"] == pytest.approx(list(d))
+    assert got["ci95"] == pytest.approx([d.mean() - half, d.mean() + half]) and got["excludes_zero"]
+    same = cider["directional", "ort"]                      # identical models: exactly 0 on every seed
     assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0] and not same["excludes_zero"]
-    mean = a["variants"]["ort"]["mean"]["cider_d"]
-    assert mean == pytest.approx(np.mean([metric_values(s)["cider_d"][0] for s in good]))
-    lo, hi = a["variants"]["ort"]["ci95"]["cider_d"]
-    assert lo < mean < hi
+    values = [metric_values(s)["cider_d"][0] for s in good]
+    mean, (lo, hi) = a["variants"]["ort"]["mean"]["cider_d"], a["variants"]["ort"]["ci95"]["cider_d"]
+    spread = student_t.ppf(0.975, 2) * np.std(values, ddof=1) / np.sqrt(3)
+    assert mean == pytest.approx(np.mean(values)) and [lo, hi] == pytest.approx([mean - spread, mean + spread])
 
 
 def test_models_both_perfect_do_not_differ():
     """Two variants each captioning with one of the references: BLEU-4, ROUGE-L and relation accuracy
-    are 1 for both (up to BLEU's float guards), so no difference excludes 0."""
+    are 1 for both (up to BLEU's float guards), so no difference excludes 0 (one seed: image resamples)."""
     rng = random.Random(0)
     refs = {i: [random_caption(rng) for _ in range(5)] for i in range(1, 61)}
     shortest = image_statistics(refs, {i: min(r, key=len) for i, r in refs.items()})
     longest = image_statistics(refs, {i: max(r, key=len) for i, r in refs.items()})
-    got = bootstrap({"ort": [shortest], "none": [longest]}, n_boot=200, seed=0, pairs=[("ort", "none")])
+    got = seed_intervals({"ort": [shortest], "none": [longest]}, n_boot=200, seed=0, pairs=[("ort", "none")])
     bleu = next(c for c in got["comparisons"] if c["metric"] == "bleu_4")
     assert abs(bleu["difference"]) < 1e-8 and not bleu["excludes_zero"], bleu
+    cider = next(c for c in got["comparisons"] if c["metric"] == "cider_d")
+    assert cider["ci95"] is not None and "one seed" in cider["interval"]
 
 
-def test_intervals_shrink_with_more_images():
+def test_one_seed_intervals_shrink_with_more_images():
     def width(n):
-        got = bootstrap({"ort": planted_stats(n=n, seeds=1, good=False)}, n_boot=400, seed=0)
+        got = seed_intervals({"ort": planted_stats(n=n, seeds=1, good=False)}, n_boot=400, seed=0)
         lo, hi = got["variants"]["ort"]["ci95"]["cider_d"]
         return hi - lo
 
     assert width(200) < 0.75 * width(25)
+
+
+def null_study_stats(rng, seeds, images, seed_sd, image_sd, noise_sd):
+    """Two variants of the same quality: per-image CIDEr-D = image difficulty (shared by every model)
+    + a seed effect per model + per-model image noise."""
+    difficulty = rng.normal(0.8, image_sd, images)
+
+    def model():
+        cider = difficulty + rng.normal(0, seed_sd) + rng.normal(0, noise_sd, images)
+        zeros = np.zeros((images, 4), np.int64)
+        rel = np.zeros((images, len(RELATIONS)), np.int64)
+        return ImageStats(image_ids=np.arange(images), cider=cider, bleu_correct=zeros, bleu_guess=zeros + 1,
+                          bleu_testlen=np.ones(images, np.int64), bleu_reflen=np.ones(images, np.int64),
+                          rouge=np.zeros(images), relation_uses=rel, relation_correct=rel, tokenizer="python")
+
+    return {"a": [model() for _ in range(seeds)], "b": [model() for _ in range(seeds)]}
+
+
+@pytest.mark.parametrize("seeds", [3, 5])
+def test_null_studies_exclude_zero_at_most_7_percent_of_the_time(seeds):
+    """Calibration: 500 simulated null studies with seed variance (0.05, the size of the study's seed
+    spread in CIDEr-D) and image variance (difficulty 0.3 shared, 0.4 per model, 300 test images).
+    The nominal 95 % interval of a - b excludes 0 in at most 7 % of them; an interval with 1.96 in place
+    of t's quantile (what the test must catch) excludes it far more often."""
+    rng = np.random.default_rng(seeds)
+    excluded = naive = 0
+    trials = 500
+    for _ in range(trials):
+        got = seed_intervals(null_study_stats(rng, seeds, 300, 0.05, 0.3, 0.4), pairs=[("a", "b")],
+                             metrics=["cider_d"])
+        c = next(x for x in got["comparisons"] if x["metric"] == "cider_d")
+        excluded += c["excludes_zero"]
+        d = np.array(c["per_seed"])
+        naive += abs(d.mean()) > 1.959964 * d.std(ddof=1) / np.sqrt(seeds)
+    assert excluded / trials <= 0.07, excluded
+    assert excluded / trials >= 0.02, excluded                     # not calibrated by never excluding 0
+    assert naive / trials > 0.08, naive
+
+
+def test_controls_are_compared_with_every_seed():
+    good, bad = planted_stats(seeds=3, good=True), planted_stats(seeds=1, good=False, caption_seed=9)[0]
+    got = seed_intervals({"ort": good}, controls={"blind": bad}, control_pairs=[("ort", "blind", ["cider_d"])],
+                         n_boot=300)
+    c = got["comparisons"]
+    assert [(x["a"], x["b"], x["metric"]) for x in c] == [("ort", "blind", "cider_d")]
+    blind = metric_values(bad)["cider_d"][0]
+    assert c[0]["per_seed"] == pytest.approx([metric_values(g)["cider_d"][0] - blind for g in good])
+    assert got["controls"]["blind"]["mean"]["cider_d"] == pytest.approx(blind)
+    lo, hi = got["controls"]["blind"]["ci95"]["cider_d"]
+    assert lo < blind < hi and c[0]["excludes_zero"]
 
 
 def test_combine_seeds_rule():
@@ -180,7 +238,8 @@ def test_entropy_verdicts_on_planted_records(analyses, trend, expected):
     for kind in ("encoder_self", "decoder_self", "cross"):
         f = got[f"entropy_{kind}"]
         assert f["verdict"] == expected, f["measured"]
-        assert f["variants"] == ["ort"] and set(f) == {"name", "seed_claim", "measured", "verdict", "variants"}
+        assert f["variants"] == ["ort"] and set(f) == {"name", "seed_claim", "measured", "verdict", "variants",
+                                                       "measure"}
 
 
 def planted_curve(section: dict, values_key, unc_key, values, se):
@@ -241,14 +300,14 @@ def test_one_seed_without_standard_errors_is_inconclusive(analyses):
     assert f["proximity"]["verdict"] == "inconclusive"
 
 
-def test_feature_cosine_finding(analyses):
+def test_feature_cosine_check(analyses):
     summaries = [attention_summary(a) for a in analyses["flat"]]
-    f = feature_cosine_finding(["ort"], summaries)
-    assert f["verdict"] == "holds"          # make_record's features: same-cluster centres plus noise
+    f = feature_cosine_check(["ort"], summaries)
+    assert f["result"] == "holds" and "verdict" not in f    # a data check: make_record's cluster centres
     flipped = copy.deepcopy(summaries)
     for s in flipped:
         s["feature_cosine"] = {"same": s["feature_cosine"]["diff"], "diff": s["feature_cosine"]["same"]}
-    assert feature_cosine_finding(["ort"], flipped)["verdict"] == "does not hold"
+    assert feature_cosine_check(["ort"], flipped)["result"] == "does not hold"
 
 
 def test_verdict_rule():
@@ -268,11 +327,12 @@ def metrics_json(refs, caps, truth):
             "relation_accuracy": relation_accuracy(caps, load_relation_truth(truth)).accuracy}
 
 
-def study_results(synth, analyses, *, seeds=(0, 1), good=("ort", "directional")):
+def study_results(synth, analyses, *, seeds=(0, 1), good=("ort", "directional"),
+                  variants=("ort", "none", "directional", "absolute")):
     truth, refs = synth
     ids = sorted(refs)
     results = []
-    for variant in ("ort", "none", "directional"):
+    for variant in variants:
         for k, seed in enumerate(seeds):
             rng = random.Random(f"{variant}{seed}")
             if variant in good:     # a reference of the image (relations true), else of another image
@@ -281,18 +341,31 @@ def study_results(synth, analyses, *, seeds=(0, 1), good=("ort", "directional"))
                 caps = {i: refs[ids[(n + 7) % len(ids)]][rng.randrange(5)] for n, i in enumerate(ids)}
             results.append(ModelResult(variant=variant, seed=seed, references=refs, captions=caps, ground_truth=truth,
                                        analysis=analyses["falling"][k], metrics=metrics_json(refs, caps, truth),
-                                       val_curve=[(100, 0.2 + seed), (200, 0.5 + seed)]))
+                                       val_curve=[[s, 3.0 - s / 1000, 0.01] for s in range(100, 1001, 50)],
+                                       steps=1000, untrained_analysis=analyses["flat"][k]))
     return results
+
+
+def blind_of(synth):
+    """The blind captioners' captions of the synth fixture's images, fitted on its own references."""
+    from geocap.study.blind import BlindCaptioner
+
+    truth_path, refs = synth
+    truth = load_relation_truth(truth_path)
+    blind = BlindCaptioner.fit([c for r in refs.values() for c in r], truth)
+    rules = {"all": blind, "left/right": blind.restrict(["left of", "right of"]),
+             "above/below": blind.restrict(["above", "below"])}
+    return {name: {i: rule.caption(truth.images[i].categories) for i in refs} for name, rule in rules.items()}
 
 
 @pytest.fixture(scope="module")
 def study(synth, analyses):
-    return summarize(study_results(synth, analyses), n_boot=300, seed=0)
+    return summarize(study_results(synth, analyses), blind=blind_of(synth), n_boot=300, seed=0)
 
 
 def test_summarize_keys_values_and_cross_check(study):
-    assert set(study) == {"variants", "comparisons", "findings"}
-    assert set(study["variants"]) == {"ort", "none", "directional"}
+    assert set(study) == {"variants", "comparisons", "findings", "data_checks", "verdicts", "controls"}
+    assert set(study["variants"]) == {"ort", "none", "directional", "absolute"}
     for v, entry in study["variants"].items():
         assert set(entry) == {"seeds", "mean", "ci95"}
         assert [s["seed"] for s in entry["seeds"]] == [0, 1]
@@ -309,19 +382,38 @@ def test_summarize_keys_values_and_cross_check(study):
             assert len(entry["ci95"][m]) == 2
     assert study["variants"]["ort"]["mean"]["relation_accuracy"] == 1.0
     pairs = {(c["a"], c["b"]) for c in study["comparisons"]}
-    assert pairs == {("ort", "none"), ("directional", "ort"), ("directional", "none")}
+    variants = ("ort", "none", "directional", "absolute")
+    assert pairs == {("ort", "none"), ("directional", "ort"), ("directional", "none"), ("ort", "absolute"),
+                     ("absolute", "none"), ("directional", "absolute")} | \
+        {(v, b) for v in variants for b in ("blind", "blind left/right", "blind above/below")}
     for f in study["findings"]:
-        assert set(f) == {"name", "seed_claim", "measured", "verdict", "variants"}
+        assert {"name", "seed_claim", "measured", "verdict", "variants", "control"} <= set(f), f["name"]
         assert f["verdict"] in ("holds", "does not hold", "inconclusive")
+        assert all(c["kind"] in ("untrained", "blind") and "ci95" in c and "estimate" in c for c in f["control"])
+    assert [c["name"] for c in study["data_checks"]] == ["feature_cosine"]
+    assert "feature_cosine" not in {f["name"] for f in study["findings"]}
+    assert study["verdicts"]["tested"] == len(study["findings"]) == 4 * 7 + 6
     got = by_name([f for f in study["findings"] if f["variants"] == ["ort", "none"]])
     assert got["geometry_captions"]["verdict"] == "holds" and got["geometry_relations"]["verdict"] == "holds"
+    # ort (right captions) beats the blind captioner on relations, none (another image's) does not
+    blind = {c["a"]: c for c in study["comparisons"] if c["b"] == "blind" and c["metric"] == "relation_accuracy"}
+    assert blind["ort"]["ci95"][0] > 0 and blind["none"]["difference"] < blind["ort"]["difference"]
+    relations = got["geometry_relations"]
+    assert relations["control"][0]["kind"] == "blind"
+    assert relations["control"][0]["estimate"] == study["controls"]["blind"]["mean"]["relation_accuracy"]
+    assert {m["quantity"] for m in relations["measured"] if "- blind" in m["quantity"]} == \
+        {f"relation accuracy, {v} - blind" for v in variants}
+    # the converged curves: falling 1e-3 per step, 19 points: not converged; the criterion's numbers are there
+    conv = study["variants"]["ort"]["seeds"][0]["convergence"]
+    assert conv["converged"] is False and conv["slope"] == pytest.approx(-1e-3)
     json.dumps(study, allow_nan=False)
 
 
 def test_geometry_findings_follow_the_captions(synth, analyses):
     """ort with wrong captions, none with right ones: ORT's geometry 'does not hold'; directional as
     good as ort on left/right: inconclusive."""
-    got = summarize(study_results(synth, analyses, good=("none",)), n_boot=200, seed=1)
+    got = summarize(study_results(synth, analyses, good=("none",), variants=("ort", "none", "directional")),
+                    n_boot=200, seed=1)
     findings = {f["name"]: f for f in got["findings"] if "entropy" not in f["name"]}
     assert findings["geometry_captions"]["verdict"] == "does not hold"
     assert findings["geometry_relations"]["verdict"] == "does not hold"
@@ -337,6 +429,8 @@ def test_summarize_refuses_bad_input(synth, analyses):
     bad[2].variant = "signed"
     with pytest.raises(ValueError, match=r"variant 'signed' seed 0: unknown variant"):
         summarize(bad, n_boot=10)
+    with pytest.raises(ValueError, match="blind rule 'sideways'"):
+        summarize(results, blind={"sideways": {}}, n_boot=10)
     bad = copy.deepcopy(results)
     for r in bad[2:4]:                   # both seeds of 'none' on one image fewer
         first = sorted(r.references)[0]
@@ -349,13 +443,15 @@ def test_summarize_refuses_bad_input(synth, analyses):
 
 
 def test_report_holds_every_number_of_the_tables(study, tmp_path):
-    study = dict(study, settings={"variants": ["ort", "none", "directional"], "seeds": 2, "quick": True})
+    study = dict(study, settings={"variants": ["ort", "none", "directional", "absolute"], "seeds": 2, "quick": True})
     write_report(study, tmp_path)
     text = (tmp_path / "study.md").read_text()
     for name in FIGURES.values():
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<table>" in (tmp_path / "study.html").read_text()
-    assert "`true`" in text and "hierarchical paired bootstrap" in text and "Verdict rule" in text
+    assert "`true`" in text and "paired t over seeds" in text and "Verdict rule" in text
+    assert f"Verdicts tested: {study['verdicts']['tested']}" in text and "## Data checks" in text
+    assert "blind captioner" in text and "untrained" in text
     for v, entry in study["variants"].items():
         for m in ("cider_d", "bleu_4", "rouge_l", "relation_accuracy"):
             assert f"{format_number(entry['mean'][m])} {format_interval(entry['ci95'][m])}" in text
@@ -372,6 +468,11 @@ def test_report_holds_every_number_of_the_tables(study, tmp_path):
         for m in f["measured"]:
             if "estimate" in m:
                 assert f"{format_number(m['estimate'])} {format_interval(m['ci95'])}" in text
+            if m.get("control"):
+                c = m["control"]
+                assert f"{format_number(c['difference'])} {format_interval(c['difference_ci95'])}" in text
+    for s in (s for e in study["variants"].values() for s in e["seeds"]):
+        assert format_number(s["convergence"]["final_loss"]) in text
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
@@ -385,22 +486,37 @@ def test_one_seed_one_variant_without_ground_truth(synth, analyses, tmp_path):
     assert entry["mean"]["relation_accuracy"] is None and entry["ci95"]["relation_accuracy"] is None
     assert entry["seeds"][0]["relations"]["left of"] == {"accuracy": None, "uses": 0, "correct": 0}
     assert got["comparisons"] == []
-    geometry = [f for f in got["findings"] if f["name"].startswith(("geometry", "directional"))]
-    assert len(geometry) == 4 and all(f["verdict"] == "inconclusive" for f in geometry)
+    assert not [f for f in got["findings"] if f["name"].startswith(("geometry", "directional", "relative"))]
+    assert got["verdicts"]["tested"] == 7                     # the attention findings only
     json.dumps(got, allow_nan=False)
     write_report(got, tmp_path)
     assert "One seed only" in (tmp_path / "study.md").read_text()
 
 
-def test_convergence_is_the_gain_over_the_last_fifth():
-    from geocap.study.summary import convergence
+def test_convergence_criterion_against_the_curve_s_noise():
+    from geocap.study.convergence import convergence
 
-    rising = [[s, 0.5 + s / 1000] for s in range(100, 1001, 100)]       # +~11 % from the 4th to the 5th fifth
-    flat = [[s, 0.8 + (0.004 if s % 200 else -0.004)] for s in range(100, 1001, 100)]
-    assert convergence(rising)["converged"] is False and convergence(rising)["gain_last_fifth"] > 0.02
-    assert convergence(flat)["converged"] is True and abs(convergence(flat)["gain_last_fifth"]) < 0.02
-    # the threshold sits at 2 %: 1.9 % converges, 2.1 % does not
-    assert convergence([[60, 1.0], [80, 1.0], [100, 1.019]])["converged"] is True
-    assert convergence([[60, 1.0], [80, 1.0], [100, 1.021]])["converged"] is False
-    assert convergence([]) == {"gain_last_fifth": None, "converged": None}
-    assert convergence([[100, 0.5]])["converged"] is None               # no earlier fifth
+    steps = 1000
+    rng = np.random.default_rng(0)
+    points = range(25, 1001, 25)                                         # 8 validations in the last fifth
+    flat = [[s, 2.0 + rng.normal(0, 0.01), 0.01] for s in points]
+    falling = [[s, 3.0 - s / 1000 + rng.normal(0, 0.01), 0.01] for s in points]    # -0.2 per fifth: 10 %
+    rising = [[s, 2.0 + s / 1e4, 0.01] for s in points]                  # over-fitting: no gain left
+    assert convergence(flat, steps)["converged"] is True
+    got = convergence(falling, steps)
+    assert got["converged"] is False and got["slope_ci95"][0] < -1e-3 < got["slope_ci95"][1]
+    assert got["relative_gain"] == pytest.approx(0.2 * 1000 * -got["slope_ci95"][0] / got["final_loss"])
+    assert got["residual_sd"] == pytest.approx(0.01, rel=0.6) and got["validation_se"] == 0.01
+    assert convergence(rising, steps)["converged"] is True
+    # the same small fall converges or not by the noise: a gain of 0.5 % per fifth with scatter 0.02
+    # cannot be told from 2 % (undecided towards "not converged"); without scatter it is under 1 %
+    small = [[s, 2.0 - s * 5e-5 / 1000 * 1000 / 1000, 0.0] for s in points]
+    assert convergence(small, steps)["converged"] is True
+    noisy = [[s, 2.0 - s * 5e-6 + rng.normal(0, 0.05), 0.05] for s in points]
+    assert convergence(noisy, steps)["converged"] is False
+    assert convergence([], steps)["converged"] is None
+    assert convergence(flat[-3:], steps)["converged"] is None             # 3 points in the last fifth
+    with pytest.raises(ValueError, match="steps"):
+        convergence(flat, 0)
+    with pytest.raises(ValueError, match="curve"):
+        convergence([[1]], steps)

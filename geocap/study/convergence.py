@@ -65,7 +65,7 @@ def convergence(curve: Sequence, steps: int, *, tolerance: float = 0.01) -> dict
     y = np.array([p[1] for p in last], np.float64)
     if not np.isfinite(y).all():
         return _undecided("a validation loss is not finite", points=len(last), tolerance=tolerance)
-    from scipy.stats import t as student_t
+    from .stats import t975
 
     n = len(x)
     xc = x - x.mean()
@@ -73,7 +73,7 @@ def convergence(curve: Sequence, steps: int, *, tolerance: float = 0.01) -> dict
     fitted = y.mean() + slope * xc
     residual_sd = float(math.sqrt(((y - fitted) ** 2).sum() / (n - 2)))
     slope_se = residual_sd / math.sqrt(float((xc ** 2).sum()))
-    half = float(student_t.ppf(0.975, n - 2)) * slope_se
+    half = t975(n - 2) * slope_se
     lo, hi = slope - half, slope + half
     horizon = LAST_FRACTION * steps
     gain = max(0.0, -lo) * horizon

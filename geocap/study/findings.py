@@ -427,17 +427,21 @@ def geometry_findings(comparisons: Sequence[Mapping], uses: Mapping[str, Mapping
             items.append(item)
         return items
 
+    cider_context, cider_value = _blind_control(controls, comparisons, variants, "blind", "cider_d", "CIDEr-D")
     out = [
         _finding("geometry_captions", "ORT's box geometry improves captions over the same transformer without it "
                  "(Herdade et al. 2019, CIDEr-D on COCO).", ["ort", "none"],
                  [_comparison_effect(comparisons, "ort", "none", "cider_d", "CIDEr-D")],
                  [_comparison_effect(comparisons, "ort", "none", m, label, tests=False)
-                  for m, label in (("bleu_4", "BLEU-4"), ("rouge_l", "ROUGE-L"))]),
+                  for m, label in (("bleu_4", "BLEU-4"), ("rouge_l", "ROUGE-L"))] + cider_context),
         _finding("relative_vs_absolute_captions", "ORT's relative geometry improves captions over giving the "
                  "model each object's box as features (the study's hypothesis: 'relative beats absolute').",
                  ["ort", "absolute"], [_comparison_effect(comparisons, "ort", "absolute", "cider_d", "CIDEr-D")],
                  [_comparison_effect(comparisons, "absolute", "none", "cider_d", "CIDEr-D", tests=False)]),
     ]
+    if cider_value:
+        for finding in out:
+            finding["control"] = cider_value
     blind_context, blind_value = _blind_control(controls, comparisons, variants, "blind", "relation_accuracy",
                                                 "relation accuracy")
     for name, claim, a, b in (

@@ -49,6 +49,7 @@ one seed the interval is +- 1.96 se_1 (image sampling only), and None without a 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
@@ -243,7 +244,7 @@ def _seed_interval(values: np.ndarray, one_seed_se: Optional[float]) -> dict:
 def seed_intervals(per_variant: Mapping[str, Sequence[ImageStats]], *, pairs: Sequence[tuple[str, str]] = (),
                    controls: Optional[Mapping[str, ImageStats]] = None,
                    control_pairs: Sequence[tuple[str, str, Sequence[str]]] = (), n_boot: int = 1000,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, metrics: Optional[Sequence[str]] = None) -> dict:
     """The intervals of the module doc over ``per_variant`` (variant -> one :class:`ImageStats` per
     seed, the same number of seeds in the same seed order for every variant, all over the same image
     ids) and ``controls`` (name -> one ImageStats over the same images). Returns ``{"variants":
@@ -251,7 +252,8 @@ def seed_intervals(per_variant: Mapping[str, Sequence[ImageStats]], *, pairs: Se
     {"mean", "ci95"}}, "comparisons": [{"a", "b", "metric", "difference", "ci95", "excludes_zero",
     "per_seed", "seeds", "interval"}]}`` with a comparison per metric of :func:`metric_names` for each
     (a, b) of ``pairs``, and per (variant, control, metrics) of ``control_pairs`` for those metrics
-    (``b`` is then the control's name); undefined values are None."""
+    (``b`` is then the control's name); undefined values are None. ``metrics``: only these of
+    :func:`metric_names` (default all)."""
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2:
         raise ValueError(f"n_boot must be an int >= 2, got {n_boot!r}")
     if not per_variant:
@@ -269,6 +271,11 @@ def seed_intervals(per_variant: Mapping[str, Sequence[ImageStats]], *, pairs: Se
         if not np.array_equal(x.image_ids, ids):
             raise ValueError(f"control {name!r}: its test images differ from the models'")
     names = metric_names()
+    if metrics is not None:
+        unknown = sorted(set(metrics) - set(names))
+        if unknown:
+            raise ValueError(f"seed_intervals: unknown metrics {unknown} (known: {', '.join(names)})")
+        names = [m for m in names if m in set(metrics)]
     values = {v: _per_seed(stats, names) for v, stats in per_variant.items()}
     control_values = {c: _per_seed([x], names) for c, x in controls.items()}
     draws = {}
@@ -319,6 +326,14 @@ def seed_intervals(per_variant: Mapping[str, Sequence[ImageStats]], *, pairs: Se
     return {"variants": variants, "controls": control_out, "comparisons": comparisons}
 
 
+@functools.lru_cache(maxsize=64)
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom."""
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(0.975, df))
+
+
 def combine_seeds(estimates: Sequence, ses: Optional[Sequence] = None, *, floor: bool = True) -> dict:
     """Per-seed ``estimates`` (None or NaN: not computable for that seed, left out) and their
     within-seed standard errors ``ses`` (None: unknown) combined across seeds by the rule of the
@@ -338,11 +353,9 @@ def combine_seeds(estimates: Sequence, ses: Optional[Sequence] = None, *, floor:
     mean = float(x.mean())
     within = float(np.mean(s ** 2)) if np.isfinite(s).all() else None
     if k >= 2:
-        from scipy.stats import t as student_t
-
         between = float(np.var(x, ddof=1))
         var = (max(between, within or 0.0) if floor else between) / k
-        half = float(student_t.ppf(0.975, k - 1)) * math.sqrt(var)
+        half = t975(k - 1) * math.sqrt(var)
         method = (f"mean of {k} seeds +- t(0.975, {k - 1}) x sqrt(between-seed variance / {k})" if not floor else
                   f"mean of {k} seeds +- t(0.975, {k - 1}) x sqrt(max(between-seed variance, "
                   f"{'mean within-seed se^2' if within is not None else 'within-seed se^2 unknown'}) / {k})")

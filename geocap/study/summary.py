@@ -202,7 +202,7 @@ def summarize(results: list, *, blind: Optional[dict] = None, tolerance: float =
     control_pairs = []
     for name in controls:
         group = name[len(BLIND) + 1:]
-        metrics = relation_metrics if name == BLIND else \
+        metrics = ["cider_d"] + relation_metrics if name == BLIND else \
             [f"relation_accuracy.{group}"] + [f"relation_accuracy.{r}" for r in RELATION_GROUPS[group]]
         control_pairs += [(v, name, metrics) for v in groups]
     got_all = seed_intervals(stats, pairs=pairs, controls=controls, control_pairs=control_pairs, n_boot=n_boot,
@@ -231,7 +231,9 @@ def summarize(results: list, *, blind: Optional[dict] = None, tolerance: float =
         findings += attention_findings(v, [e["attention"] for e in seeds],
                                        untrained if all(u is not None for u in untrained) else None)
     uses = {v: {name: variants[v]["mean"]["relations"][name]["uses"] for name in RELATIONS} for v in groups}
-    findings += geometry_findings(got_all["comparisons"], uses, got_all["controls"], list(groups))
+    # a finding whose variants are not all in this study is not tested (nor counted)
+    findings += [f for f in geometry_findings(got_all["comparisons"], uses, got_all["controls"], list(groups))
+                 if all(v in groups for v in f["variants"])]
     checks = [feature_cosine_check(list(groups), [e["attention"] for v in groups for e in variants[v]["seeds"]])]
     study = {"variants": variants, "comparisons": got_all["comparisons"], "findings": findings,
              "data_checks": checks, "verdicts": _verdict_count(findings)}
