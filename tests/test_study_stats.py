@@ -520,3 +520,137 @@ def test_convergence_criterion_against_the_curve_s_noise():
         convergence(flat, 0)
     with pytest.raises(ValueError, match="curve"):
         convergence([[1]], steps)
+
+
+# -- the controlled measures of the analyses (hand-made analysis.json dicts in their shape) -------------
+
+def rows(means, half=0.02, images=30):
+    """A controlled measure as the analyses write it: per layer {"mean", "ci95", "images"}."""
+    return [{"mean": m, "ci95": [m - half, m + half], "images": images} for m in means]
+
+
+def with_controlled(base, seed, *, distance=None, given_similarity=None, referent=None, thematic=None,
+                    noise=0.01):
+    a = copy.deepcopy(base)
+    jitter = np.random.default_rng(seed).normal(0, noise, size=L)
+    if distance is not None or given_similarity is not None:
+        a["proximity"]["per_image"] = {
+            "distance": None if distance is None else rows(np.add(distance, jitter)),
+            "distance_given_similarity": None if given_similarity is None else rows(np.add(given_similarity, jitter))}
+    if referent is not None:
+        a["grounding"]["referent_effect"] = rows(np.add(referent, jitter))
+    if thematic is not None:
+        a["thematic"]["per_image"] = rows(np.add(thematic, jitter))
+    return a
+
+
+def test_findings_read_the_controlled_measures_when_present(analyses):
+    base = analyses["flat"][0]
+    # the pooled Spearman says 'holds'; the controlled measures say otherwise, and they decide
+    naive = dict(spearman=[-0.5, -0.3, -0.1], affinity=[1.6, 1.3, 1.05], grounding=[0.16, 0.22, 0.29])
+    trained = [attention_summary(with_controlled(with_curves(base, s, **naive), s, distance=[-0.4, -0.2, -0.1],
+                                                 given_similarity=[0.0, 0.0, 0.0], referent=[0.0, 0.0, 0.0],
+                                                 thematic=[0.0, 0.0, 0.0])) for s in range(3)]
+    got = by_name(attention_findings("ort", trained))
+    for name in ("proximity", "thematic_affinity", "grounding"):
+        assert got[name]["verdict"] == "inconclusive", got[name]["measured"]
+    assert "distance_given_similarity" in got["proximity"]["measure"]
+    assert got["proximity"]["measured"][0]["quantity"].startswith("controlled rank correlation")
+    assert "referent effect" in got["grounding"]["measure"]
+    # and where they show the effect, it holds
+    planted = [attention_summary(with_controlled(base, s, given_similarity=[-0.3, -0.2, -0.05],
+                                                 referent=[0.05, 0.15, 0.3], thematic=[0.2, 0.1, 0.0]))
+               for s in range(3)]
+    got = by_name(attention_findings("ort", planted))
+    for name in ("proximity", "thematic_affinity", "grounding"):
+        assert got[name]["verdict"] == "holds", got[name]["measured"]
+    effect = got["grounding"]["measured"][0]
+    assert effect["quantity"] == "referent effect, last layer"
+    assert effect["estimate"] == pytest.approx(np.mean([s["referent_effect"]["values"][-1] for s in planted]))
+    # without features the partial measure is None: the per-image distance is used, and said so
+    only = [attention_summary(with_controlled(base, s, distance=[-0.3, -0.2, -0.05])) for s in range(3)]
+    got = by_name(attention_findings("ort", only))
+    assert got["proximity"]["verdict"] == "holds" and "per_image.distance" in got["proximity"]["measure"]
+
+
+def test_findings_fall_back_clearly_without_the_controlled_measures(analyses):
+    summaries = [attention_summary(with_curves(analyses["flat"][0], s, spearman=[-0.5, -0.3, -0.1]))
+                 for s in range(3)]
+    assert summaries[0]["proximity_controlled"] is None and summaries[0]["referent_effect"] is None
+    got = by_name(attention_findings("ort", summaries))
+    assert got["proximity"]["verdict"] == "holds" and "absent" in got["proximity"]["measure"]
+    assert "absent" in got["grounding"]["measure"] and "absent" in got["thematic_affinity"]["measure"]
+
+
+def test_controlled_measure_rows_are_checked():
+    from geocap.study.findings import controlled_curve
+
+    curve = controlled_curve(rows([0.1, 0.3], half=1.959963984540054 * 0.05))
+    assert curve["values"] == pytest.approx([0.1, 0.3]) and curve["se"] == pytest.approx([0.05, 0.05])
+    assert curve["change"] == pytest.approx(0.2) and curve["change_se"] == pytest.approx(0.05 * np.sqrt(2))
+    assert controlled_curve(None) is None
+    with pytest.raises(ValueError, match="layer 2"):
+        controlled_curve(rows([0.1]) + [{"mean": 0.2}])
+
+
+def test_untrained_control_says_whether_an_effect_is_learned(analyses):
+    falling = [attention_summary(a) for a in analyses["falling"]]
+    flat = [attention_summary(a) for a in analyses["flat"]]
+    learned = by_name(attention_findings("ort", falling, flat))["entropy_cross"]
+    control = learned["control"][0]
+    assert control["kind"] == "untrained" and control["learned"] == "holds"
+    assert control["estimate"] == pytest.approx(np.mean([s["entropy_cross"]["change"] for s in flat]))
+    assert control["difference"] == pytest.approx(learned["measured"][0]["estimate"] - control["estimate"])
+    assert control["difference_ci95"][1] < 0
+    same = by_name(attention_findings("ort", falling, falling))["entropy_cross"]
+    assert same["verdict"] == "holds" and same["control"][0]["learned"] == "inconclusive"   # not learned
+    assert same["control"][0]["difference"] == 0.0
+    with pytest.raises(ValueError, match="untrained"):
+        attention_findings("ort", falling, flat[:2])
+
+
+# -- the blind captioner ----------------------------------------------------------------------------------
+
+def test_blind_captioner_states_the_most_frequent_relation_of_the_categories_present(synth):
+    from geocap.metrics.relations import find_relations
+    from geocap.study.blind import BlindCaptioner
+
+    truth = load_relation_truth(synth[0])
+    lexicon = truth.lexicon
+    noun = {c: " ".join(t) for t, c in sorted(lexicon.nouns.items(), key=lambda x: -len(x[0]))}
+    a, b, c = sorted(noun)[:3]
+    train = [f"a {noun[a]} left of a {noun[b]}"] * 3 + [f"a {noun[a]} right of a {noun[b]}"] * 2 + \
+        [f"a {noun[b]} above a {noun[c]}"] * 5 + [f"a {noun[a]} left of a {noun[a]}"] * 9   # same category: not counted
+    blind = BlindCaptioner.fit(train, truth)
+    assert blind.choose([a, b]) == (a, "left of", b)                  # 3 uses beat 2
+    assert blind.choose([a, b, c]) == (b, "above", c)                 # 5 beat 3
+    assert blind.choose([a, c]) is None and blind.choose([a, a]) is None
+    caption = blind.caption([b, a, a])
+    assert [(u.subject, u.relation, u.object) for u in find_relations(caption, lexicon)] == [(a, "left of", b)]
+    assert find_relations(blind.caption([a, c]), lexicon) == []       # no counted pair present: no relation
+    assert blind.restrict(["above", "below"]).choose([a, b, c]) == (b, "above", c)
+    assert blind.restrict(["above", "below"]).choose([a, b]) is None
+    with pytest.raises(ValueError, match="none of"):
+        blind.restrict(["inside"])
+    with pytest.raises(ValueError, match="no relation"):
+        BlindCaptioner.fit(["a cat"], truth)
+    with pytest.raises(ValueError, match="without objects"):
+        blind.caption([])
+
+
+def test_blind_captions_of_real_references_are_read_back_and_scored(synth):
+    """On the synthetic references the blind captions state one relation each, which the judge parses
+    back as the rule chose it; its accuracy lies between 0 and 1 (it knows categories, not boxes)."""
+    from geocap.metrics.relations import find_relations
+    from geocap.study.blind import BlindCaptioner
+
+    truth_path, refs = synth
+    truth = load_relation_truth(truth_path)
+    blind = BlindCaptioner.fit([c for r in refs.values() for c in r], truth)
+    captions = {i: blind.caption(truth.images[i].categories) for i in refs}
+    for i, caption in captions.items():
+        chosen = blind.choose(truth.images[i].categories)
+        uses = [(u.subject, u.relation, u.object) for u in find_relations(caption, truth.lexicon)]
+        assert uses == ([] if chosen is None else [chosen])
+    score = relation_accuracy(captions, truth)
+    assert score.uses > len(refs) // 2 and 0 < score.accuracy < 1
