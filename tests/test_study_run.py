@@ -26,8 +26,10 @@ from geocap.study.run import DONE_FILE, STUDY_FILE, finished_models, model_dir, 
 from geocap.study.settings import SETTINGS_FILE, VARIANTS, StudySettings
 
 TINY = dict(variants=["ort", "none"], seeds=1, images=40, feature_dim=16, min_count=1, layers=1, d_model=32, heads=2,
-            d_ff=64, steps=6, batch_size=4, warmup=2, val_every=3, val_images=4, beam_size=2, tokenizer="python")
-MODEL_FIELDS = {"variant", "seed", "references", "captions", "ground_truth", "analysis", "metrics", "val_curve"}
+            d_ff=64, steps=6, batch_size=4, warmup=2, val_every=3, val_loss_images=4, beam_size=2, tokenizer="python")
+MODEL_FIELDS = {"variant", "seed", "references", "captions", "ground_truth", "analysis", "metrics", "val_curve",
+                "steps", "untrained_analysis"}
+FINAL = os.path.join("run", "checkpoint-latest.pt")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 TIMEOUT = 120
 
@@ -82,7 +84,7 @@ def copy_of(study, tmp_path) -> str:
 
 
 def weights(out, variant, seed) -> dict:
-    return load_checkpoint(os.path.join(model_dir(out, variant, seed), "run", "checkpoint-best.pt")).model_state
+    return load_checkpoint(os.path.join(model_dir(out, variant, seed), FINAL)).model_state
 
 
 def assert_same_weights(a: dict, b: dict):
@@ -116,15 +118,19 @@ def test_settings_round_trip_differences_and_variants(tmp_path):
     assert other.differences(settings) == ["seeds (1 there, 2 now)", "lr (0.001 there, 0.003 now)"]
 
     quick = StudySettings.for_quick()
-    assert quick.quick and quick.seeds == 2 and quick.variants == ("ort", "none", "directional")
-    assert quick.layers <= 2 and StudySettings.full().layers == 6 and StudySettings.full().seeds >= 3
-    assert quick.models()[:3] == [("ort", 0), ("none", 0), ("directional", 0)]
+    assert quick.quick and quick.seeds == 2 and quick.variants == ("ort", "none", "directional", "absolute")
+    full = StudySettings.full()
+    assert quick.layers <= 2 and full.layers >= 4 and full.seeds >= 5 and full.val_loss_images >= 1000
+    assert full.images // 10 >= full.val_loss_images                 # the val split holds them
+    assert quick.models()[:4] == [("ort", 0), ("none", 0), ("directional", 0), ("absolute", 0)]
     # the variants differ in their geometry options only
-    options = {v: StudySettings.full().train_options(v, 1) for v in VARIANTS}
+    options = {v: full.train_options(v, 1) for v in VARIANTS}
     assert options["ort"]["geometry"] is True and "embedding" not in options["ort"]
-    assert options["none"]["geometry"] is False
+    assert options["none"]["geometry"] is False and "box_features" not in options["none"]
     assert options["directional"]["geometry"] is True and options["directional"]["embedding"] == "signed"
-    shared = {k: v for k, v in options["ort"].items() if k != "geometry"}
+    assert options["absolute"]["geometry"] is False and options["absolute"]["box_features"] is True
+    assert options["ort"]["decay"] == "cosine" and options["ort"]["val_cider"] is False
+    shared = {k: v for k, v in options["ort"].items() if k not in ("geometry", "embedding", "box_features")}
     for variant in VARIANTS:
         assert {k: v for k, v in options[variant].items() if k in shared} == shared
         assert options[variant]["seed"] == 1
@@ -166,10 +172,19 @@ def test_study_end_to_end(study):
         assert set(result) == MODEL_FIELDS
         folder = model_dir(out, result["variant"], result["seed"])
         done = json.loads(open(os.path.join(folder, DONE_FILE)).read())
-        assert done["files"]["run/checkpoint-best.pt"] == file_sha256(os.path.join(folder, "run", "checkpoint-best.pt"))
+        assert done["files"]["run/checkpoint-latest.pt"] == file_sha256(os.path.join(folder, FINAL))
         for rel in ("eval/metrics_test.json", "eval/captions_test.json", "analysis/analysis.json",
-                    "dump/manifest.json"):
+                    "dump/manifest.json", "untrained/checkpoint.pt", "untrained/dump/manifest.json",
+                    "untrained/analysis/analysis.json"):
             assert rel in done["files"]
+        assert not os.path.exists(os.path.join(folder, "run", "checkpoint-best.pt"))   # no CIDEr validation
+        # the evaluated model is the final one; the untrained control is its initialisation
+        assert load_checkpoint(os.path.join(folder, FINAL)).step == 6
+        metrics = json.loads(open(os.path.join(folder, "eval", "metrics_test.json")).read())
+        assert metrics["checkpoint_step"] == 6 and metrics["checkpoint"].endswith(FINAL)
+        assert load_checkpoint(os.path.join(folder, "untrained", "checkpoint.pt")).step == 0
+        assert result["untrained_analysis"]["records"] == result["analysis"]["records"]
+        assert result["untrained_analysis"] != result["analysis"] and result["steps"] == 6
         config = json.loads(open(os.path.join(folder, "run", "train_config.json")).read())
         assert config["geometry"] is (result["variant"] == "ort") and config["seed"] == result["seed"]
         generated = json.loads(open(os.path.join(folder, "eval", "captions_test.json")).read())
@@ -178,7 +193,8 @@ def test_study_end_to_end(study):
         assert all(len(refs) == 5 and all(isinstance(r, str) for r in refs) for refs in result["references"].values())
         assert result["metrics"]["n_images"] == 4 and "CIDEr" in result["metrics"]["metrics"]
         assert result["metrics"]["beam_size"] == 2 and result["metrics"]["relation_counts"] is not None
-        assert [step for step, _ in result["val_curve"]] == [3, 6]
+        assert [step for step, _, _ in result["val_curve"]] == [3, 6]
+        assert all(loss > 0 and se > 0 for _, loss, se in result["val_curve"])
         assert os.path.isfile(result["ground_truth"])
         assert result["analysis"]["records"] > 0 and "entropy" in result["analysis"]
         # the dump holds hypothetical captions and the objects' features, as the demo's
@@ -196,23 +212,39 @@ def test_model_results_fit_model_result():
     assert {f.name for f in fields(ModelResult)} == MODEL_FIELDS
 
 
-def test_a_tiny_study_of_every_variant_with_the_real_summary(tmp_path):
+def test_a_tiny_study_of_every_variant_with_the_real_summary(study, tmp_path):
     """The whole path the command takes: every variant (directional trains with the signed box
-    embedding), the real summarize and write_report, study.json with exactly the issue's keys."""
+    embedding, absolute with box features), the real summarize and write_report, study.json with
+    exactly the issue's keys; made two models at a time (--jobs 2, each in a spawned process), its
+    ort and none models equal those of the one-at-a-time study of the same settings."""
     from geocap.data.dump_format import box_embedding, read_manifest
     from geocap.study.findings import VERDICTS
 
     out = str(tmp_path / "s")
-    settings = tiny(variants=["ort", "none", "directional"])
-    path = run_study(out, settings, progress=False)
+    variants = ["ort", "none", "directional", "absolute"]
+    settings = tiny(variants=variants)
+    log = Lines()
+    path = run_study(out, settings, progress=False, jobs=2, log=log)
+    for variant in ("ort", "none"):
+        assert_same_weights(weights(out, variant, 0), weights(study[0], variant, 0))
+    assert any("4 of 4 models done" in line for line in log)
+    with pytest.raises(ValueError, match="--jobs"):
+        run_study(out, settings, progress=False, jobs=0)
     study = json.loads(open(path).read())
-    assert set(study) == {"settings", "variants", "comparisons", "findings"}
-    assert set(study["variants"]) == {"ort", "none", "directional"}
+    assert set(study) == {"settings", "variants", "comparisons", "findings", "data_checks", "verdicts", "controls"}
+    assert set(study["variants"]) == set(variants)
     for name, variant in study["variants"].items():
         assert set(variant) >= {"seeds", "mean", "ci95"} and [s["seed"] for s in variant["seeds"]] == [0]
+        assert variant["seeds"][0]["convergence"]["converged"] is None     # 2 validations: undecided
     assert study["findings"] and all(f["verdict"] in VERDICTS for f in study["findings"])
-    assert all({"name", "seed_claim", "measured", "verdict", "variants"} <= set(f) for f in study["findings"])
+    assert all({"name", "seed_claim", "measured", "verdict", "variants", "control"} <= set(f)
+               for f in study["findings"])
+    assert study["verdicts"]["tested"] == len(study["findings"])
+    assert set(study["controls"]) == {"blind", "blind left/right", "blind above/below"}
     assert os.path.isfile(os.path.join(out, "study.md"))
+    absolute = json.loads(open(os.path.join(model_dir(out, "absolute", 0), "run", "train_config.json")).read())
+    assert absolute["box_features"] is True and absolute["geometry"] is False
+    assert load_checkpoint(os.path.join(model_dir(out, "absolute", 0), FINAL)).config.box_features is True
     embeddings = {}
     for variant in ("ort", "none", "directional"):
         folder = model_dir(out, variant, 0)
@@ -245,12 +277,12 @@ def test_unfinished_or_damaged_model_is_made_again(study, tmp_path, trained, dam
     if damage == "done.json deleted":
         os.remove(os.path.join(folder, DONE_FILE))
     elif damage == "checkpoint corrupt":
-        ckpt = os.path.join(folder, "run", "checkpoint-best.pt")
+        ckpt = os.path.join(folder, FINAL)
         data = bytearray(open(ckpt, "rb").read())
         data[len(data) // 2] ^= 0xFF
         open(ckpt, "wb").write(bytes(data))
     else:  # a study killed while training: the model's folder holds a run and nothing else
-        for name in ("eval", "dump", "analysis", DONE_FILE):
+        for name in ("eval", "dump", "analysis", "untrained", DONE_FILE):
             path = os.path.join(folder, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     log = Lines()
@@ -289,7 +321,7 @@ def test_a_folder_that_is_not_a_study_is_refused(tmp_path):
 
 @pytest.mark.parametrize("argv, named", [
     (["--variants", "ort,sideways"], "sideways"), (["--seeds", "0"], "--seeds"),
-    (["--settings", "MISSING.json"], "MISSING.json"),
+    (["--settings", "MISSING.json"], "MISSING.json"), (["--jobs", "0"], "--jobs"),
 ])
 def test_command_line_bad_options(tmp_path, capsys, argv, named):
     assert cli_main(["study", "--out", str(tmp_path / "s"), "--no-progress", *argv]) == 2
@@ -308,7 +340,7 @@ def test_killed_study_resumes_to_the_same_models(study, tmp_path, signum):
     settings_file.write_text(json.dumps(TINY))
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "geocap", "study", "--out", out, "--settings", str(settings_file),
-                             "--no-progress"], env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
+                             "--no-progress", "--jobs", "1"], env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
     first_done = os.path.join(model_dir(out, "ort", 0), DONE_FILE)
     deadline = time.monotonic() + TIMEOUT
     try:
@@ -329,13 +361,13 @@ def test_killed_study_resumes_to_the_same_models(study, tmp_path, signum):
     else:
         assert proc.returncode == -signal.SIGKILL
     assert finished_models(out, tiny()) == [("ort", 0)]
-    first_sha = file_sha256(os.path.join(model_dir(out, "ort", 0), "run", "checkpoint-best.pt"))
+    first_sha = file_sha256(os.path.join(model_dir(out, "ort", 0), FINAL))
 
     lines = Lines()
     recorder = Recorder()
     run_study(out, tiny(), aggregate=recorder, progress=False, log=lines)
     assert finished_models(out, tiny()) == [("ort", 0), ("none", 0)]
-    assert file_sha256(os.path.join(model_dir(out, "ort", 0), "run", "checkpoint-best.pt")) == first_sha
+    assert file_sha256(os.path.join(model_dir(out, "ort", 0), FINAL)) == first_sha
     assert any("ort-seed0: finished earlier" in line for line in lines)
     assert [r["variant"] for r in recorder.calls[0]] == ["ort", "none"]
     for variant in ("ort", "none"):
@@ -343,3 +375,4 @@ def test_killed_study_resumes_to_the_same_models(study, tmp_path, signum):
     expected = study[1].calls[0]
     for got, want in zip(recorder.calls[0], expected):
         assert got["captions"] == want["captions"] and got["metrics"]["metrics"] == want["metrics"]["metrics"]
+

@@ -415,17 +415,22 @@ def _run_parallel(out: str, data: str, settings: StudySettings, todo: list, data
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context)
+    try:
         futures = {pool.submit(_make_and_finish, model_dir(out, v, s), data, settings.to_dict(), v, s, data_sha256,
                                False, 1): (v, s) for v, s in todo}
-        try:
-            for k, future in enumerate(concurrent.futures.as_completed(futures)):
-                variant, seed = futures[future]
-                finished(k, variant, seed, future.result())
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        for k, future in enumerate(concurrent.futures.as_completed(futures)):
+            variant, seed = futures[future]
+            finished(k, variant, seed, future.result())
+    except BaseException:
+        # stop now (a model being made is left without done.json, so a rerun makes it again): the pool's
+        # processes are not public, hence getattr; they would also die with this process
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        raise
+    pool.shutdown(wait=True)
 
 
 def run_study(out, settings: StudySettings, *, aggregate: Optional[Callable] = None, progress: bool = True,
