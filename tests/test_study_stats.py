@@ -654,3 +654,20 @@ def test_blind_captions_of_real_references_are_read_back_and_scored(synth):
         assert uses == ([] if chosen is None else [chosen])
     score = relation_accuracy(captions, truth)
     assert score.uses > len(refs) // 2 and 0 < score.accuracy < 1
+
+
+def test_figure_bands_stay_in_the_measure_s_range_and_two_seeds_get_a_note(study, tmp_path):
+    from geocap.study.report import clipped_band, few_seeds_note
+
+    rows = [{"layer": 1, "estimate": 0.5, "ci95": [-1.3, 2.0]}, {"layer": 2, "estimate": 0.9, "ci95": [0.8, 1.1]},
+            {"layer": 3, "estimate": None, "ci95": None}]
+    lo, hi = clipped_band(rows, (0.0, 1.0))
+    assert list(lo[:2]) == [0.0, 0.8] and list(hi[:2]) == [1.0, 1.0] and np.isnan(lo[2]) and np.isnan(hi[2])
+    lo, hi = clipped_band(rows, (None, None))
+    assert list(lo[:2]) == [-1.3, 0.8] and list(hi[:2]) == [2.0, 1.1]
+    note = few_seeds_note(study["variants"])                   # the fixture's study has two seeds
+    assert note.startswith("2 seeds per variant give no useful interval")
+    write_report(study, tmp_path)
+    assert note in (tmp_path / "study.md").read_text()
+    three = {v: dict(e, seeds=e["seeds"] * 3) for v, e in study["variants"].items()}
+    assert few_seeds_note(three) is None

@@ -24,7 +24,7 @@ from .convergence import LAST_FRACTION
 from .findings import by_layer
 from .stats import METRICS, RELATION_GROUPS
 
-__all__ = ["FIGURES", "format_number", "format_interval", "write_report"]
+__all__ = ["FIGURES", "clipped_band", "few_seeds_note", "format_number", "format_interval", "write_report"]
 
 FIGURES = {"val_curves": "val_curves.png", "attention": "attention_layers.png", "metrics": "metrics.png"}
 VARIANT_COLOURS = {"ort": "#1f77b4", "none": "#7f7f7f", "directional": "#d62728", "absolute": "#9467bd"}
@@ -284,6 +284,8 @@ def _markdown(study: dict) -> str:
     lines += _relation_lines(variants, study.get("controls") or {})
     lines += _finding_lines(study["findings"], study.get("verdicts"))
     lines += [f"![attention by layer]({FIGURES['attention']})", ""]
+    if few_seeds_note(variants):
+        lines += [f"**Note:** {few_seeds_note(variants)}.", ""]
     lines += _data_check_lines(study.get("data_checks") or [])
     lines += ["## Methods", "", INTERVAL_TEXT.format(n_boot=ci.get("n_boot")), "", COMBINE_TEXT, "",
               CONVERGENCE_TEXT, "", VERDICT_TEXT, "", DATA_TEXT, ""]
@@ -321,6 +323,18 @@ def _plot_val_curves(variants: dict, path) -> None:
     save_figure(fig, path)
 
 
+def clipped_band(rows: list, limits: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) ``[L]`` of the 95% intervals of :func:`~geocap.study.findings.by_layer` ``rows``
+    (NaN where there is none), clipped to the measure's range ``limits`` (lo, hi; None: unbounded)."""
+    lo = np.array([np.nan if r["ci95"] is None else r["ci95"][0] for r in rows], np.float64)
+    hi = np.array([np.nan if r["ci95"] is None else r["ci95"][1] for r in rows], np.float64)
+    if limits[0] is not None:
+        lo, hi = np.maximum(lo, limits[0]), np.maximum(hi, limits[0])
+    if limits[1] is not None:
+        lo, hi = np.minimum(lo, limits[1]), np.minimum(hi, limits[1])
+    return lo, hi
+
+
 def _band(ax, rows, limits, bands: bool, **style) -> bool:
     est = np.array([np.nan if r["estimate"] is None else r["estimate"] for r in rows])
     if not np.isfinite(est).any():
@@ -328,13 +342,20 @@ def _band(ax, rows, limits, bands: bool, **style) -> bool:
     layers = np.arange(1, len(rows) + 1)
     ax.plot(layers, est, marker="o", markersize=3, **style)
     if bands:
-        lo = np.array([np.nan if r["ci95"] is None else r["ci95"][0] for r in rows])
-        hi = np.array([np.nan if r["ci95"] is None else r["ci95"][1] for r in rows])
-        lo_lim, hi_lim = limits
-        lo = np.maximum(lo, lo_lim) if lo_lim is not None else lo
-        hi = np.minimum(hi, hi_lim) if hi_lim is not None else hi
+        lo, hi = clipped_band(rows, limits)
         ax.fill_between(layers, lo, hi, color=style.get("color"), alpha=0.12, linewidth=0)
     return True
+
+
+def few_seeds_note(variants: dict) -> Optional[str]:
+    """The note shown instead of bands when the fewest seeds of a variant is under
+    :data:`MIN_SEEDS_FOR_BANDS`; None otherwise."""
+    seeds = min(len(e["seeds"]) for e in variants.values())
+    if seeds >= MIN_SEEDS_FOR_BANDS:
+        return None
+    return (f"{seeds} seed{'s' if seeds != 1 else ''} per variant give no useful interval across seeds (t with "
+            f"{max(seeds - 1, 0)} degree{'s' if seeds != 2 else ''} of freedom): the attention figure draws no "
+            f"bands; read the per-seed values in study.json")
 
 
 def _panel_key(keys: tuple, variants: dict) -> Optional[str]:
@@ -352,8 +373,8 @@ def _plot_attention(variants: dict, path) -> None:
 
     from geocap.analysis.plotting import DPI, layer_axis, mark_missing, save_figure
 
-    seeds = min(len(e["seeds"]) for e in variants.values())
-    bands = seeds >= MIN_SEEDS_FOR_BANDS
+    few = few_seeds_note(variants)
+    bands = few is None
     cols = 3
     rows_n = -(-len(ATTENTION_PANELS) // cols)
     fig = Figure(figsize=(4.2 * cols + 1.8, 3.2 * rows_n + 0.5), dpi=DPI, layout="constrained")
@@ -377,7 +398,7 @@ def _plot_attention(variants: dict, path) -> None:
         if not drawn:
             mark_missing(ax, title, "no model has these values")
             continue
-        if limits[0] is not None and limits[1] is not None:
+        if key.startswith("entropy_"):          # a bounded measure shown whole; the others zoom on the data
             ax.set_ylim(limits[0] - 0.02 * (limits[1] - limits[0]), limits[1] + 0.02 * (limits[1] - limits[0]))
         if key in ("proximity_controlled", "proximity_distance", "referent_effect", "thematic_controlled"):
             ax.axhline(0.0, color="gray", linestyle=":", linewidth=0.8)
@@ -389,9 +410,9 @@ def _plot_attention(variants: dict, path) -> None:
         ax.set_axis_off()
     handles = [Line2D([], [], color=VARIANT_COLOURS.get(v), label=v) for v in variants]
     handles.append(Line2D([], [], color="black", linestyle="--", label="untrained control"))
-    note = ("bands: 95% across seeds, clipped to the measure's range" if bands else
-            f"{seeds} seed(s): no band drawn, so few seeds give no useful interval")
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, title=note if len(note) < 40 else None)
+    note = "bands: 95% across seeds, clipped to the measure's range" if bands else \
+        "no bands: " + few.split(":")[0]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     fig.suptitle(f"attention by layer, mean over seeds; {note}", fontsize=9)
     save_figure(fig, path)
 
