@@ -299,7 +299,8 @@ def attention_findings(variant: str, summaries: Sequence[Mapping],
         label = f"controlled rank correlation ({measure})"
         key = "proximity_controlled"
     else:
-        measure = "pooled Spearman (the controlled proximity.per_image is absent from analysis.json: intervals "                   "from the seeds alone, and the pooled measure is confounded by feature similarity)"
+        measure = "pooled Spearman (the controlled proximity.per_image is absent from analysis.json: intervals " \
+                  "from the seeds alone, and the pooled measure is confounded by feature similarity)"
         label, key = "Spearman(attention, distance)", "proximity_distance"
     out.append(_finding(
         "proximity", claim, v,
@@ -314,7 +315,8 @@ def attention_findings(variant: str, summaries: Sequence[Mapping],
         label, key = f"controlled thematic measure ({summaries[0]['measures']['thematic']})", "thematic_controlled"
     else:
         null = 1.0
-        measure = "affinity, 1 = chance (the controlled thematic.per_image is absent from analysis.json; "                   "attention that follows feature similarity alone also scores above 1)"
+        measure = "affinity, 1 = chance (the controlled thematic.per_image is absent from analysis.json; " \
+                  "attention that follows feature similarity alone also scores above 1)"
         label, key = "affinity", "affinity"
     out.append(_finding(
         "thematic_affinity", claim, v,

@@ -28,7 +28,8 @@ from .scst import PolicyModule, SCSTObjective, SCSTStats, mean_baseline, reward_
 from .step import (CaptionRows, CrossEntropyObjective, caption_rows, make_optimizer, optimizer_update, target_mask,
                    token_loss)
 
-__all__ = ["BEST", "CONFIG_FILE", "DECAYS", "decayed_lr", "initial_checkpoint", "LATEST", "METRICS", "CaptionRows", "CrossEntropyObjective", "LRSchedule",
+__all__ = ["BEST", "CONFIG_FILE", "DECAYS", "decayed_lr", "initial_checkpoint", "LATEST", "METRICS", "CaptionRows",
+           "CrossEntropyObjective", "LRSchedule",
            "PolicyModule", "SCSTObjective", "SCSTStats", "TrainConfig", "TrainResult", "add_train_parser",
            "caption_rows", "config_from_args", "epoch_batches", "make_optimizer", "mean_baseline", "noam_lr",
            "optimizer_update",
