@@ -26,12 +26,13 @@ analyses of 600 test images: 544-597 s per model); 2 layers ~0.067 s/step (2026-
   still shows depth trends), d_model 128, 10000 images (1000 val for the validation loss, 1000
   test), 5000 steps of 10 images (~6 epochs). **Estimate, not a measurement** (from the numbers
   above, scaling the step time with depth: 0.133 x 4/6 ~ 0.09 s/step): per model ~450 s of
-  training, ~60 s of validation-loss passes (40 x 1000 images forward only, ~1/3 of a step's cost
-  per 10 images), ~100 s of evaluation, dump and analyses of 1000 test images plus the untrained
-  control's dump and analyses: ~610 s, so 20 models ~12200 process-seconds, ~102 min with two models
-  training at once on the two cores (``geocap study --jobs 2``), plus data (~2 min) and aggregation:
-  about the 120 minutes allowed. Whether 5000 steps converge by the criterion is what the run
-  will show (the curves and ``convergence`` of each model in study.json).
+  training; ~65 s of validation-loss passes (25 x 1000 images, forward only: 0.29 of a training
+  step's time per 10 images, a ratio measured at these sizes on the same VM, 2026-12-07, while it
+  was loaded); ~100 s of evaluation, dump and analyses of 1000 test images plus the untrained
+  control's dump and analyses: ~615 s, so 20 models ~12300 process-seconds, ~103 min with two
+  models at once on the two cores (``geocap study --jobs 2``), plus data (~2 min) and aggregation:
+  inside the 120 minutes allowed if the estimate holds. Whether 5000 steps converge by the
+  criterion is what the run will show (the curves and each model's ``convergence`` in study.json).
 * quick (``for_quick()``): 4 variants x 2 seeds = 8 models: 2 layers, 1000 steps on 3000 images
   (the demo's data size), the validation loss on all 300 val images. The old quick study (3
   variants, 2 layers, 1000 steps) took 50-56 s per model, one at a time.
@@ -100,7 +101,7 @@ class StudySettings:
     lr: float = 1e-3
     warmup: int = 200
     decay: str = "cosine"
-    val_every: int = 125
+    val_every: int = 200
     val_loss_images: int = 1000
     val_cider_images: int = 0
     converge_tolerance: float = 0.01
