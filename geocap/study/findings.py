@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Mapping, Optional, Sequence
 
-from .stats import _Z95, RELATION_GROUPS, combine_seeds, excludes_zero
+from .stats import Z95, RELATION_GROUPS, combine_seeds, excludes_zero
 
 __all__ = ["ENTROPY_KINDS", "VERDICTS", "attention_findings", "attention_summary", "by_layer", "controlled_curve",
            "feature_cosine_check", "geometry_findings", "verdict"]
@@ -102,7 +102,7 @@ def controlled_curve(rows) -> Optional[dict]:
         try:
             mean, ci = row["mean"], row["ci95"]
             values.append(None if mean is None else float(mean))
-            ses.append(None if ci is None else (float(ci[1]) - float(ci[0])) / (2 * _Z95))
+            ses.append(None if ci is None else (float(ci[1]) - float(ci[0])) / (2 * Z95))
         except (KeyError, TypeError, ValueError, IndexError):
             raise ValueError(f"controlled measure, layer {layer}: expected {{'mean', 'ci95': [lo, hi], 'images'}}, "
                              f"got {row!r}") from None

@@ -58,7 +58,7 @@ import numpy as np
 
 from geocap.data.relations import RELATIONS
 
-__all__ = ["METRICS", "RELATION_GROUPS", "ZERO_TOLERANCE", "ImageStats", "bleu4", "combine_seeds", "excludes_zero",
+__all__ = ["METRICS", "RELATION_GROUPS", "Z95", "ZERO_TOLERANCE", "ImageStats", "bleu4", "combine_seeds", "excludes_zero",
            "image_statistics", "metric_names", "metric_values", "seed_intervals", "tokenizer_for"]
 
 METRICS = ("cider_d", "bleu_4", "rouge_l", "relation_accuracy")
@@ -68,7 +68,7 @@ MAX_UNDEFINED = 0.05      # share of undefined replicates beyond which no interv
 #: an interval bound within this of 0 does not exclude 0: two models whose captions all equal a reference differ
 #: through BLEU's guards only (tiny = 1e-15, small = 1e-9 bias it by up to ~1e-9), never really
 ZERO_TOLERANCE = 1e-8
-_Z95 = 1.959963984540054
+Z95 = 1.959963984540054   # the 97.5 % quantile of the standard normal
 
 
 @dataclass
@@ -360,7 +360,7 @@ def combine_seeds(estimates: Sequence, ses: Optional[Sequence] = None, *, floor:
                   f"mean of {k} seeds +- t(0.975, {k - 1}) x sqrt(max(between-seed variance, "
                   f"{'mean within-seed se^2' if within is not None else 'within-seed se^2 unknown'}) / {k})")
     elif within is not None:
-        half = _Z95 * math.sqrt(within)
+        half = Z95 * math.sqrt(within)
         method = "one seed: +- 1.96 se over test images (image sampling only)"
     else:
         return {"estimate": mean, "ci95": None, "seeds": 1,
