@@ -244,7 +244,7 @@ def _finding_lines(findings: list, counts: Optional[dict]) -> list[str]:
     lines = ["## Findings", "", VERDICT_TEXT, ""]
     if counts:
         lines += [f"**Verdicts tested: {counts['tested']}** ({counts['holds']} hold, {counts['does not hold']} do not "
-                  f"hold, {counts['inconclusive']} inconclusive) on {counts['effects']} tested effects. "
+                  f"hold, {counts['inconclusive']} inconclusive) on {counts['effects']} tested effects; "
                   f"{counts['note']}.", ""]
     lines += _table(["finding", "variants", "verdict", "tested effects", "control (untrained or blind)"], rows)
     for f in findings:

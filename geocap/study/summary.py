@@ -174,11 +174,9 @@ def _blind_stats(blind: Optional[dict], first: ModelResult, truth) -> dict:
 def _verdict_count(findings: list) -> dict:
     counts = {v: sum(f["verdict"] == v for f in findings) for v in VERDICTS}
     effects = sum(1 for f in findings for m in f["measured"] if m.get("tests"))
-    n = len(findings)
-    return {"tested": n, "effects": effects, **counts,
-            "note": f"{n} verdicts on {effects} tested effects, each at 95 %: with no true effect at all, about "
-                    f"{0.05 * effects:.1f} effects would exclude 0 by chance; the verdicts are not corrected for "
-                    f"multiplicity"}
+    return {"tested": len(findings), "effects": effects, **counts,
+            "note": f"each effect is tested at 95 %: with no true effect at all, about {0.05 * effects:.1f} of the "
+                    f"{effects} would exclude 0 by chance; the verdicts are not corrected for multiplicity"}
 
 
 def summarize(results: list, *, blind: Optional[dict] = None, tolerance: float = 0.01, n_boot: int = 1000,
