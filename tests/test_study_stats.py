@@ -539,8 +539,9 @@ def with_controlled(base, seed, *, distance=None, given_similarity=None, referen
             "distance_given_similarity": None if given_similarity is None else rows(np.add(given_similarity, jitter))}
     if referent is not None:
         a["grounding"]["referent_effect"] = rows(np.add(referent, jitter))
-    if thematic is not None:
-        a["thematic"]["per_image"] = rows(np.add(thematic, jitter))
+    if thematic is not None:   # as the analyses write it: the naive per-image affinity first
+        a["thematic"]["per_image"] = {"affinity": rows([1.5, 1.4, 1.3]), "cluster": rows(np.add(thematic, jitter)),
+                                      "cluster_given_similarity": None}
     return a
 
 
@@ -557,6 +558,7 @@ def test_findings_read_the_controlled_measures_when_present(analyses):
     assert "distance_given_similarity" in got["proximity"]["measure"]
     assert got["proximity"]["measured"][0]["quantity"].startswith("controlled rank correlation")
     assert "referent effect" in got["grounding"]["measure"]
+    assert "per_image.cluster" in got["thematic_affinity"]["measure"]
     # and where they show the effect, it holds
     planted = [attention_summary(with_controlled(base, s, given_similarity=[-0.3, -0.2, -0.05],
                                                  referent=[0.05, 0.15, 0.3], thematic=[0.2, 0.1, 0.0]))

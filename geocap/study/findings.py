@@ -31,9 +31,11 @@ Effects, pre-specified (first = layer 1, last = the deepest layer; never chosen 
   in quadrature (conservative: their covariance is positive). Without it (an analysis.json from
   before the controlled measures) the pooled Spearman, whose intervals rest on the seeds alone,
   and the finding says so (``measure``).
-* thematic: the controlled measure when present (``thematic.per_image``, null value
-  ``thematic.per_image_null`` or 0): layer 1 > null and last - first < 0; else the affinity
-  (layer-1 affinity - 1 > 0 and last - first < 0), said so.
+* thematic: the controlled measure when present (``thematic.per_image``:
+  ``cluster_given_similarity``, the within-row correlation of attention with "same cluster"
+  partial on feature similarity, else ``cluster``; 0 for attention that follows feature similarity
+  alone): layer 1 > 0 and last - first < 0; else the affinity (layer-1 affinity - 1 > 0 and
+  last - first < 0), said so.
 * grounding: the controlled *referent effect* when present (``grounding.referent_effect``: the
   hit rate of the noun's own referent minus that of a wrong one, 0 for "looks at some object"):
   last layer > 0 and last - first > 0; else the accuracy (last - first > 0), said so.
@@ -111,17 +113,17 @@ def controlled_curve(rows) -> Optional[dict]:
     return {"values": values, "se": ses, "change": change, "change_se": change_se}
 
 
-def _controlled(section: Mapping, key: str, preferred: Sequence[str] = ()) -> tuple[Optional[dict], Optional[str]]:
-    """(curve, the measure's name) of ``section[key]`` when it is a controlled measure: a list over
-    layers, or a dict of them (the first of ``preferred`` present, else the first list)."""
+def _controlled(section: Mapping, key: str, names: Sequence[str] = ()) -> tuple[Optional[dict], Optional[str]]:
+    """(curve, the measure's name) of the controlled measure ``section[key]``: a list over layers, or a
+    dict of them from which the first of ``names`` that is present is taken (the analyses' own order:
+    the measure partial on feature similarity first); (None, None) when absent."""
     got = section.get(key)
     if isinstance(got, list):
         return controlled_curve(got), key
     if isinstance(got, dict):
-        names = [n for n in preferred if isinstance(got.get(n), list)] + \
-                [n for n, v in got.items() if isinstance(v, list)]
-        if names:
-            return controlled_curve(got[names[0]]), f"{key}.{names[0]}"
+        for name in names:
+            if isinstance(got.get(name), list) and any(row is not None for row in got[name]):
+                return controlled_curve(got[name]), f"{key}.{name}"
     return None, None
 
 
@@ -130,9 +132,12 @@ def attention_summary(analysis: Mapping) -> dict:
     ``entropy_<kind>`` (normalised entropy), ``proximity_distance`` (pooled Spearman with box
     distance), ``affinity`` (thematic, 1 = chance), ``grounding`` (accuracy), ``follow`` and
     ``same_step`` (hypothetical follow rate and its baseline), each a curve dict or None; the
-    controlled measures when the analyses wrote them (else None): ``proximity_controlled``,
-    ``thematic_controlled``, ``referent_effect``, with ``measures`` naming the key each came from
-    and ``thematic_null``; ``feature_cosine`` ``{"same", "diff"}``, ``grounding_chance``.
+    controlled measures when the analyses wrote them (else None): ``proximity_controlled``
+    (``proximity.per_image``: ``distance_given_similarity``, else ``distance``),
+    ``thematic_controlled`` (``thematic.per_image``: ``cluster_given_similarity``, else ``cluster``;
+    0 = attention that follows feature similarity alone) and ``referent_effect``
+    (``grounding.referent_effect``), with ``measures`` naming the key each came from;
+    ``feature_cosine`` ``{"same", "diff"}``, ``grounding_chance``.
     ValueError when a section is missing."""
     try:
         ent, prox, them, gr = (analysis[k] for k in ("entropy", "proximity", "thematic", "grounding"))
@@ -154,11 +159,10 @@ def attention_summary(analysis: Mapping) -> dict:
     measures = {}
     out["proximity_controlled"], measures["proximity"] = _controlled(
         prox, "per_image", ("distance_given_similarity", "distance"))
-    out["thematic_controlled"], measures["thematic"] = _controlled(them, "per_image")
+    out["thematic_controlled"], measures["thematic"] = _controlled(
+        them, "per_image", ("cluster_given_similarity", "cluster"))
     out["referent_effect"], measures["grounding"] = _controlled(gr, "referent_effect")
     out["measures"] = measures
-    null = them.get("per_image_null", 0.0)
-    out["thematic_null"] = float(null) if isinstance(null, (int, float)) and not isinstance(null, bool) else 0.0
     return out
 
 
@@ -296,7 +300,7 @@ def attention_findings(variant: str, summaries: Sequence[Mapping],
              "with box-centre distance: negative in layer 1, closer to 0 deeper).")
     if all(s.get("proximity_controlled") is not None for s in summaries):
         measure = summaries[0]["measures"]["proximity"]
-        label = f"controlled rank correlation ({measure})"
+        label = f"controlled correlation ({measure})"
         key = "proximity_controlled"
     else:
         measure = "pooled Spearman (the controlled proximity.per_image is absent from analysis.json: intervals " \
@@ -310,9 +314,10 @@ def attention_findings(variant: str, summaries: Sequence[Mapping],
 
     claim = "Early layers attend within thematic clusters more than chance, deeper layers less so."
     if all(s.get("thematic_controlled") is not None for s in summaries):
-        null = summaries[0]["thematic_null"]
-        measure = f"controlled ({summaries[0]['measures']['thematic']}; {null:g} = similarity-only attention)"
-        label, key = f"controlled thematic measure ({summaries[0]['measures']['thematic']})", "thematic_controlled"
+        null = 0.0
+        measure = f"controlled ({summaries[0]['measures']['thematic']}: correlation of attention with 'same " \
+                  f"cluster' within each query's row; 0 = attention that follows feature similarity alone)"
+        label, key = f"controlled correlation ({summaries[0]['measures']['thematic']})", "thematic_controlled"
     else:
         null = 1.0
         measure = "affinity, 1 = chance (the controlled thematic.per_image is absent from analysis.json; " \
@@ -320,7 +325,7 @@ def attention_findings(variant: str, summaries: Sequence[Mapping],
         label, key = "affinity", "affinity"
     out.append(_finding(
         "thematic_affinity", claim, v,
-        [effect(f"{label} - {null:g} in layer 1", +1,
+        [effect(f"{label} in layer 1" if null == 0 else f"{label} - {null:g} in layer 1", +1,
                 lambda s: (_minus(_at(s[key], 0)[0], null), _at(s[key], 0)[1])),
          effect(f"{label}, last layer - layer 1", -1, lambda s: _change_of(s[key]))],
         [by_layer(label, [s[key] for s in summaries])], measure=measure))

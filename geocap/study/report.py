@@ -29,16 +29,20 @@ __all__ = ["FIGURES", "clipped_band", "few_seeds_note", "format_number", "format
 FIGURES = {"val_curves": "val_curves.png", "attention": "attention_layers.png", "metrics": "metrics.png"}
 VARIANT_COLOURS = {"ort": "#1f77b4", "none": "#7f7f7f", "directional": "#d62728", "absolute": "#9467bd"}
 MIN_SEEDS_FOR_BANDS = 3   # t with 1 degree of freedom (2 seeds) gives intervals too wide to read
-# each attention panel: (title, summary key(s), the measure's range for clipping intervals)
+# each attention panel: (title, summary keys in order of preference: a controlled measure before its fallback)
 ATTENTION_PANELS = (
-    ("encoder self: normalised entropy", ("entropy_encoder_self",), (0.0, 1.0)),
-    ("decoder self: normalised entropy", ("entropy_decoder_self",), (0.0, 1.0)),
-    ("cross: normalised entropy", ("entropy_cross",), (0.0, 1.0)),
-    ("proximity (controlled if measured, else pooled Spearman)", ("proximity_controlled", "proximity_distance"),
-     (-1.0, 1.0)),
-    ("thematic (controlled if measured, else affinity)", ("thematic_controlled", "affinity"), (None, None)),
-    ("grounding (referent effect if measured, else accuracy)", ("referent_effect", "grounding"), (-1.0, 1.0)),
+    ("encoder self: normalised entropy", ("entropy_encoder_self",)),
+    ("decoder self: normalised entropy", ("entropy_decoder_self",)),
+    ("cross: normalised entropy", ("entropy_cross",)),
+    ("proximity (controlled if measured, else pooled Spearman)", ("proximity_controlled", "proximity_distance")),
+    ("thematic (controlled if measured, else affinity)", ("thematic_controlled", "affinity")),
+    ("grounding (referent effect if measured, else accuracy)", ("referent_effect", "grounding")),
 )
+# each measure's range (None: unbounded), to which its intervals are clipped
+MEASURE_RANGES = {"entropy_encoder_self": (0.0, 1.0), "entropy_decoder_self": (0.0, 1.0), "entropy_cross": (0.0, 1.0),
+                  "proximity_controlled": (-1.0, 1.0), "proximity_distance": (-1.0, 1.0),
+                  "thematic_controlled": (-1.0, 1.0), "affinity": (0.0, None), "referent_effect": (-1.0, 1.0),
+                  "grounding": (0.0, 1.0)}
 METRIC_LABELS = {"cider_d": "CIDEr-D", "bleu_4": "BLEU-4", "rouge_l": "ROUGE-L", "relation_accuracy": "relation acc."}
 
 INTERVAL_TEXT = (
@@ -380,8 +384,9 @@ def _plot_attention(variants: dict, path) -> None:
     fig = Figure(figsize=(4.2 * cols + 1.8, 3.2 * rows_n + 0.5), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows_n, cols, squeeze=False).ravel()
-    for ax, (title, keys, limits) in zip(axes, ATTENTION_PANELS):
+    for ax, (title, keys) in zip(axes, ATTENTION_PANELS):
         key = _panel_key(keys, variants)
+        limits = MEASURE_RANGES.get(key, (None, None))
         drawn = False
         for v, entry in variants.items():
             if key is None:
