@@ -556,7 +556,7 @@ def test_findings_read_the_controlled_measures_when_present(analyses):
     for name in ("proximity", "thematic_affinity", "grounding"):
         assert got[name]["verdict"] == "inconclusive", got[name]["measured"]
     assert "distance_given_similarity" in got["proximity"]["measure"]
-    assert got["proximity"]["measured"][0]["quantity"].startswith("controlled rank correlation")
+    assert got["proximity"]["measured"][0]["quantity"].startswith("controlled correlation")
     assert "referent effect" in got["grounding"]["measure"]
     assert "per_image.cluster" in got["thematic_affinity"]["measure"]
     # and where they show the effect, it holds
