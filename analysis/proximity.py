@@ -38,10 +38,15 @@ from geocap.data.attention_record import Record, regular_objects
 from .accumulator import (Accumulator, SeenImages, SumTable, as_map, config_state, describe, feature_cosines, fold,
                           ratio, read_config, to_list)
 from .reservoir import PairReservoir, pair_keys
+from .rows import MIN_ROW_KEYS, mean_over_rows, other_keys, partial_rank_correlation, rank_correlation
+from .uncertainty import ImageMeans, image_means, interval_text, layer_verdicts
 
 MEASURES = ("distance", "similarity")
 RANGES = {"distance": (0.0, 1.0), "similarity": (-1.0, 1.0)}
 MIN_BIN_PAIRS = 30   # bins with fewer object pairs are left out of the figure and the report's table
+# the controlled, per-image measures (see the module docstring): name -> what it correlates
+PER_IMAGE = {"distance": "attention with box-centre distance",
+             "distance_given_similarity": "attention with box-centre distance, feature similarity partialled out"}
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float | None, str | None]:
@@ -67,6 +72,7 @@ class ProximityResult:
     counts: dict = field(default_factory=dict)                # measure -> [bins] pairs per bin
     sampled: dict = field(default_factory=dict)               # measure -> pairs in the Spearman sample
     pairs: dict = field(default_factory=dict)                 # measure -> pairs seen (each image once)
+    per_image: dict = field(default_factory=dict)             # PER_IMAGE name -> [L] of {mean, ci95, images}|None
     images: int = 0
     records: int = 0
     records_repeating_an_image: int = 0
@@ -88,6 +94,8 @@ class ProximityResult:
 
     def to_json(self) -> dict:
         return {
+            "per_image": {name: self.per_image.get(name) for name in PER_IMAGE},
+            "min_row_keys": MIN_ROW_KEYS,
             "spearman_distance": list(self.spearman_distance) if self.spearman_distance else None,
             "spearman_similarity": list(self.spearman_similarity) if self.spearman_similarity else None,
             "distance_bin_edges": to_list(self.edges("distance")),
@@ -108,8 +116,41 @@ class ProximityResult:
             "unavailable": dict(self.unavailable),
         }
 
+    def controlled(self) -> tuple[str | None, list | None]:
+        """The measure the verdict rests on: ``distance_given_similarity`` where records have features,
+        else ``distance`` (position alone, similarity not controlled); ``(name, entries)``."""
+        for name in ("distance_given_similarity", "distance"):
+            if self.per_image.get(name):
+                return name, self.per_image[name]
+        return None, None
+
+    def controlled_reading(self) -> str:
+        name, entries = self.controlled()
+        if name is None:
+            reason = self.unavailable.get("per_image.distance", "no image with enough objects")
+            return f"Attention against distance, controlled: not computed ({reason})."
+        shown = "; ".join(f"layer {l + 1}: {interval_text(e)}" for l, e in enumerate(entries))
+        verdict = layer_verdicts(entries, {"negative": "attention falls with distance",
+                                           "positive": "attention rises with distance"})
+        text = (f"Attention against distance, controlled ({PER_IMAGE[name]}; Spearman within each query's row over "
+                f"the other regular objects, averaged over the image's rows, then over images with a 95 % "
+                f"interval; 0 = no relation): {shown}. Verdict: {verdict}.")
+        if name == "distance":
+            why = self.unavailable.get("per_image.distance_given_similarity", "no features")
+            text += (" Similarity is not controlled, so attention that merely follows feature similarity (linked to "
+                     f"position in most scenes) is not ruled out ({why}).")
+        else:
+            plain = self.per_image.get("distance") or []
+            text += (" Without the similarity control: " + layer_verdicts(plain) + ".")
+        if self.spearman_distance and self.spearman_distance[0] is not None:
+            naive = [v for v in self.spearman_distance if v is not None]
+            text += (f" The naive measure (Spearman over the pooled pairs of all images) would have said "
+                     f"{naive[0]:+.3f} in layer 1 and {naive[-1]:+.3f} in layer {len(naive)}: it pools images of "
+                     f"different object counts and does not separate distance from similarity.")
+        return text
+
     def reading(self) -> str:
-        parts = []
+        parts = [self.controlled_reading()]
         for measure, values in (("distance", self.spearman_distance), ("similarity", self.spearman_similarity)):
             key = f"spearman_{measure}"
             shown = [f"layer {i + 1}: {v:+.2f}" for i, v in enumerate(values or []) if v is not None]
@@ -153,6 +194,7 @@ class ProximityAccumulator(Accumulator):
         self.sums = SumTable()
         self.samples = {m: PairReservoir(self.capacity) for m in MEASURES}
         self.images = SeenImages()
+        self.units = ImageMeans()
 
     def _bin(self, measure: str, values: np.ndarray) -> np.ndarray:
         low, high = RANGES[measure]
@@ -184,19 +226,52 @@ class ProximityAccumulator(Accumulator):
             return
         regular = regular_objects(record)            # special objects (a class token) are no region
         i, j = np.nonzero(~np.eye(record.num_objects, dtype=bool) & regular[:, None] & regular[None, :])
-        weights = attn.mean(axis=1)[:, i, j]                                   # [L, P]
+        head_mean = attn.mean(axis=1)                                          # [L, N, N]
+        weights = head_mean[:, i, j]                                           # [L, P]
         boxes = np.asarray(record.boxes, dtype=np.float64)
         centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
-        distance = np.linalg.norm(centres[i] - centres[j], axis=1) / np.sqrt(2.0)
-        self._add("distance", record, distance, weights, i, j)
+        distances = np.linalg.norm(centres[:, None] - centres[None, :], axis=-1) / np.sqrt(2.0)   # [N, N]
+        self._add("distance", record, distances[i, j], weights, i, j)
         cosines = feature_cosines(record)
+        queries = np.flatnonzero(regular)
+        self._rows("distance", record, head_mean, distances, queries)
         if cosines is None:
             self.sums.add("records_without_features", 1)
+            self.units.flush(self.sums)
             return
         cosine, nonzero = cosines
+        self._rows("distance_given_similarity", record, head_mean, distances, queries[nonzero[queries]], cosine)
+        self.units.flush(self.sums)
         keep = nonzero[i] & nonzero[j]
         i, j = i[keep], j[keep]
         self._add("similarity", record, cosine[i, j], weights[:, keep], i, j)
+
+    def _rows(self, name: str, record: Record, head_mean: np.ndarray, distances: np.ndarray, queries: np.ndarray,
+              cosine: np.ndarray | None = None) -> None:
+        """Add the image's mean over its rows of the within-row (partial) rank correlation of
+        attention with distance: each query of ``queries`` against the other ones."""
+        keys = other_keys(queries)
+        if keys.shape[1] < MIN_ROW_KEYS:
+            self.sums.add(f"rows.{name}.too_few_objects", 1)
+            return
+        q = queries[:, None]
+        weights = head_mean[:, q, keys]                                        # [L, M, M - 1]
+        if cosine is None:
+            r, defined = rank_correlation(weights, distances[q, keys][None])
+        else:
+            r, defined = partial_rank_correlation(weights, distances[q, keys][None], cosine[q, keys][None])
+        total, rows = mean_over_rows(r, defined)
+        if not rows.any():
+            self.sums.add(f"rows.{name}.no_ranked_row", 1)
+        self.units.add(self.sums, f"per_image.{name}", record.image_id, total, rows, describe(record))
+
+    def _per_image_reason(self, name: str, images: int) -> str:
+        few = int(self.sums.scalar(f"rows.{name}.too_few_objects"))
+        flat = int(self.sums.scalar(f"rows.{name}.no_ranked_row"))
+        what = "regular objects" + (" with nonzero features" if name != "distance" else "")
+        return (f"no image had a query row of {MIN_ROW_KEYS} or more other {what} whose attention and distance "
+                f"vary ({images} images with encoder maps: {few} have fewer than {MIN_ROW_KEYS + 1} such objects, "
+                f"{flat} only rows of equal ranks, e.g. equal weights)")
 
     def _merge(self, other: "ProximityAccumulator") -> None:
         if (other.bins, other.capacity, other.seed) != (self.bins, self.capacity, self.seed):
@@ -262,6 +337,18 @@ class ProximityAccumulator(Accumulator):
                 if why:
                     res.unavailable[f"{key}_layer{layer + 1}"] = why
             setattr(res, key, values)
+        with_maps = res.images - res.records_without_encoder_self
+        for name in PER_IMAGE:
+            if name != "distance" and with_maps and res.records_without_features == with_maps:
+                reason = f"none of the {with_maps} images with encoder maps has object features"
+            elif not with_maps:
+                reason = (f"none of the {res.records} records ({res.images} images) has encoder_self maps"
+                          if res.records else "no reference or generated records")
+            else:
+                reason = self._per_image_reason(name, with_maps)
+            entries, missing = image_means(s, f"per_image.{name}", reason)
+            res.per_image[name] = entries
+            res.unavailable.update({f"per_image.{name}" + (f"_{k}" if k else ""): why for k, why in missing.items()})
         return res
 
 

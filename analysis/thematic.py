@@ -39,9 +39,15 @@ from geocap.data.attention_record import Record, regular_objects
 
 from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, feature_cosines, fold, ratio,
                           read_config, to_list, unit_features)
-from .uncertainty import ImageUnits, layer_uncertainty, trend_phrase, uncertainty_json
+from .rows import MIN_ROW_KEYS, mean_over_rows, other_keys, partial_rank_correlation, rank_correlation
+from .uncertainty import (ImageMeans, ImageUnits, image_means, interval_text, layer_uncertainty, layer_verdicts,
+                          trend_phrase, uncertainty_json)
 
 CLUSTER_SOURCES = ("clusters", "labels", "kmeans")
+# the per-image measures (see the module docstring): name -> what it is
+PER_IMAGE = {"affinity": "within-cluster affinity of each image (1 = chance)",
+             "cluster": "attention with same cluster (within-row Spearman)",
+             "cluster_given_similarity": "attention with same cluster, feature similarity partialled out"}
 
 
 @dataclass
@@ -53,6 +59,7 @@ class ThematicResult:
     affinity_per_layer: np.ndarray | None = None    # [L], pooled over heads
     queries: np.ndarray | None = None               # [L, H] queries behind each affinity
     affinity_uncertainty: dict | None = None        # standard errors of affinity_per_layer, its trend
+    per_image: dict = field(default_factory=dict)   # PER_IMAGE name -> [L] of {mean, ci95, images} or None
     same_cluster_cosine: float | None = None
     diff_cluster_cosine: float | None = None
     pairs: dict = field(default_factory=dict)       # same / diff -> pairs behind each cosine
@@ -66,6 +73,8 @@ class ThematicResult:
 
     def to_json(self) -> dict:
         return {
+            "per_image": {name: self.per_image.get(name) for name in PER_IMAGE},
+            "min_row_keys": MIN_ROW_KEYS,
             "same_cluster_cosine": self.same_cluster_cosine,
             "diff_cluster_cosine": self.diff_cluster_cosine,
             "affinity": to_list(self.affinity),
@@ -82,8 +91,38 @@ class ThematicResult:
             "unavailable": dict(self.unavailable),
         }
 
+    def controlled(self) -> tuple[str | None, list | None]:
+        """The measure the verdict rests on: ``cluster_given_similarity`` where records have features,
+        else ``cluster``; ``(name, entries)``."""
+        for name in ("cluster_given_similarity", "cluster"):
+            if self.per_image.get(name):
+                return name, self.per_image[name]
+        return None, None
+
+    def controlled_reading(self) -> str:
+        name, entries = self.controlled()
+        if name is None:
+            return f"Thematic attention, controlled: not computed ({self.unavailable.get('per_image.cluster')})."
+        shown = "; ".join(f"layer {l + 1}: {interval_text(e)}" for l, e in enumerate(entries))
+        verdict = layer_verdicts(entries, {"positive": "attention stays within clusters",
+                                           "negative": "attention avoids the query's cluster"})
+        text = (f"Thematic attention, controlled ({PER_IMAGE[name]}; Spearman within each query's row over the "
+                f"other regular objects, averaged over the image's rows, then over images with a 95 % interval; "
+                f"0 = no preference for the query's cluster{' beyond what feature similarity explains' if name != 'cluster' else ''}"
+                f"): {shown}. Verdict: {verdict}.")
+        if name == "cluster":
+            why = self.unavailable.get("per_image.cluster_given_similarity", "no features")
+            text += (" Similarity is not controlled: attention that merely follows feature similarity would also stay "
+                     f"within clusters ({why}).")
+        affinity = self.per_image.get("affinity")
+        if affinity and affinity[0] is not None:
+            text += (f" The naive measure (affinity, 1 = chance) would have said {affinity[0]['mean']:.2f} in layer 1 "
+                     f"and {affinity[-1]['mean']:.2f} in layer {len(affinity)} (means over images); attention that "
+                     f"follows feature similarity alone also scores above 1 on it.")
+        return text
+
     def reading(self) -> str:
-        parts = []
+        parts = [self.controlled_reading()]
         if self.affinity_per_layer is not None and np.isfinite(self.affinity_per_layer).any():
             layers = self.affinity_per_layer
             best = int(np.nanargmax(layers))
@@ -131,6 +170,8 @@ class ThematicAccumulator(Accumulator):
         self.k, self.kmeans_buffer, self.seed = int(k), int(kmeans_buffer), int(seed)
         self.sums = SumTable()
         self.units = ImageUnits()
+        self.means = ImageMeans()
+        self._last_image = None        # the per-image measures read an image's first record of a run
         self.centroids: np.ndarray | None = None
         self._pending: list[Record] = []
 
@@ -224,12 +265,46 @@ class ThematicAccumulator(Accumulator):
         self.sums.add("affinity.queries", ok.sum(axis=-1), where)
         self.units.add(self.sums, "units.affinity", record.image_id, share.sum(axis=(1, 2)), chance.sum(axis=(1, 2)),
                        where)
+        if record.image_id == self._last_image:     # the image's other captions: same encoder maps and objects
+            return
+        self._last_image = record.image_id
+        self.means.add(self.sums, "per_image.affinity", record.image_id, share.sum(axis=(1, 2)),
+                       chance.sum(axis=(1, 2)), where)
+        head_mean = attn.mean(axis=1)                              # [L, N, N]
+        queries = np.flatnonzero(regular)
+        self._rows("cluster", record, head_mean, same, queries)
+        if cosines is not None:
+            cosine, nonzero = cosines
+            self._rows("cluster_given_similarity", record, head_mean, same, queries[nonzero[queries]], cosine)
+
+    def _rows(self, name: str, record: Record, head_mean: np.ndarray, same: np.ndarray, queries: np.ndarray,
+              cosine: np.ndarray | None = None) -> None:
+        """Add the image's mean over its rows of the within-row (partial) rank correlation of
+        attention with "same cluster as the query" (rows where the key clusters do not vary are undefined)."""
+        keys = other_keys(queries)
+        if keys.shape[1] < MIN_ROW_KEYS:
+            self.sums.add(f"rows.{name}.too_few_objects", 1)
+            return
+        q = queries[:, None]
+        weights, member = head_mean[:, q, keys], same[q, keys].astype(np.float64)[None]
+        if cosine is None:
+            r, defined = rank_correlation(weights, member)
+        else:
+            r, defined = partial_rank_correlation(weights, member, cosine[q, keys][None])
+        total, rows = mean_over_rows(r, defined)
+        if not rows.any():
+            self.sums.add(f"rows.{name}.no_ranked_row", 1)
+        self.means.add(self.sums, f"per_image.{name}", record.image_id, total, rows, describe(record))
+
+    def _flush(self) -> None:
+        self._fit()
+        self.units.flush(self.sums)
+        self.means.flush(self.sums)
+        self._last_image = None
 
     def _merge(self, other: "ThematicAccumulator") -> None:
-        self._fit()
-        other._fit()
-        self.units.flush(self.sums)
-        other.units.flush(other.sums)
+        self._flush()
+        other._flush()
         self.sums.merge(other.sums)
         if self.centroids is None:
             self.centroids = other.centroids
@@ -237,8 +312,7 @@ class ThematicAccumulator(Accumulator):
     # state ------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, np.ndarray]:
-        self._fit()
-        self.units.flush(self.sums)
+        self._flush()
         state = self.sums.state()
         state.update(config_state(k=self.k, kmeans_buffer=self.kmeans_buffer, seed=self.seed))
         if self.centroids is not None:
@@ -256,8 +330,7 @@ class ThematicAccumulator(Accumulator):
         return acc
 
     def result(self) -> ThematicResult:
-        self._fit()
-        self.units.flush(self.sums)
+        self._flush()
         s = self.sums
         res = ThematicResult(
             records=int(s.scalar("records")), records_without_clusters=int(s.scalar("records_without_clusters")),
@@ -283,6 +356,23 @@ class ThematicAccumulator(Accumulator):
             if not np.isfinite(res.affinity).all():
                 res.unavailable["affinity"] = ("no query object had both another object of its cluster and one of "
                                                "another cluster (null entries)")
+        for name in PER_IMAGE:
+            if no_clusters or share is None:
+                reason = res.unavailable["affinity"]
+            elif name == "cluster_given_similarity" and s.get("rows.cluster_given_similarity.too_few_objects") is None \
+                    and s.get("per_image.cluster_given_similarity.sum") is None:
+                reason = "no clustered record with encoder maps has object features"
+            elif name == "affinity":
+                reason = "no query object had both another object of its cluster and one of another cluster"
+            else:
+                few = int(s.scalar(f"rows.{name}.too_few_objects"))
+                flat = int(s.scalar(f"rows.{name}.no_ranked_row"))
+                reason = (f"no image had a query row of {MIN_ROW_KEYS} or more other objects mixing its cluster and "
+                          f"others, with varying attention ({few} images have fewer than {MIN_ROW_KEYS + 1} objects, "
+                          f"{flat} only rows of equal ranks, e.g. equal weights or one cluster)")
+            entries, missing = image_means(s, f"per_image.{name}", reason)
+            res.per_image[name] = entries
+            res.unavailable.update({f"per_image.{name}" + (f"_{k}" if k else ""): why for k, why in missing.items()})
         for key, part in (("same_cluster_cosine", "cos_same"), ("diff_cluster_cosine", "cos_diff")):
             pairs = s.scalar(f"{part}.pairs")
             if no_clusters:

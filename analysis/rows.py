@@ -1,0 +1,88 @@
+"""Rank correlations *within attention rows*: the controlled measures' building block.
+
+A query's attention row is compared with a property of its keys (distance, same cluster) using
+the ranks inside that row only, so that what differs between rows and images (their number of
+keys, hence the level 1/N of their weights) never mixes into the correlation, as it does when
+pairs of all images are pooled. The partial version removes, from both the attention's and the
+property's ranks, what the within-row ranks of a third variable (feature similarity) explain
+linearly, so attention that follows similarity alone correlates 0 with distance even where
+distance and similarity are linked.
+
+Arrays hold rows along the last axis: ``[..., K]`` (K keys); ties get average ranks.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MIN_ROW_KEYS = 3          # a row needs at least this many keys for its rank correlation
+DEGENERATE = 1e-9         # a residual with less than this share of its variable's variance is 0
+
+
+def row_ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (1..K, ties averaged) of ``values [..., K]`` along the last axis, float64."""
+    from scipy.stats import rankdata
+
+    return rankdata(np.asarray(values, dtype=np.float64), axis=-1)
+
+
+def _centred(x: np.ndarray) -> np.ndarray:
+    return x - x.mean(axis=-1, keepdims=True)
+
+
+def residualise(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``y`` minus its least-squares line on ``x`` (with intercept), per row of the last axis;
+    where ``x`` is constant in a row, ``y`` centred. Shapes broadcast: ``y [..., K]``, ``x [..., K]``."""
+    yc, xc = _centred(y), _centred(x)
+    xx = (xc * xc).sum(axis=-1, keepdims=True)
+    slope = np.divide((yc * xc).sum(axis=-1, keepdims=True), xx, out=np.zeros(np.broadcast_shapes(
+        yc.shape[:-1], xc.shape[:-1]) + (1,)), where=xx > 0)
+    return yc - slope * xc
+
+
+def row_correlation(x: np.ndarray, y: np.ndarray, scale_x=None, scale_y=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(r [...], defined [...] bool)``: Pearson's correlation of ``x`` and ``y`` along the last axis
+    (broadcast), 0 where undefined. A row is undefined when either variable has no variance, or
+    (residuals) less than :data:`DEGENERATE` of the variance ``scale_x`` / ``scale_y`` [...] that its
+    variable had before the residualisation."""
+    xc, yc = _centred(x), _centred(y)
+    xx, yy = (xc * xc).sum(axis=-1), (yc * yc).sum(axis=-1)
+    xy = (xc * yc).sum(axis=-1)
+    xx, yy, xy = np.broadcast_arrays(xx, yy, xy)
+    defined = (xx > DEGENERATE * (1.0 if scale_x is None else scale_x)) & \
+              (yy > DEGENERATE * (1.0 if scale_y is None else scale_y))
+    r = np.divide(xy, np.sqrt(xx * yy), out=np.zeros(xy.shape), where=defined)
+    return np.clip(r, -1.0, 1.0), defined
+
+
+def _variance(x: np.ndarray) -> np.ndarray:
+    xc = _centred(x)
+    return (xc * xc).sum(axis=-1)
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Spearman's rho of ``a [..., K]`` and ``b [..., K]`` within each row (broadcast): ``(r, defined)``."""
+    return row_correlation(row_ranks(a), row_ranks(b))
+
+
+def partial_rank_correlation(a: np.ndarray, b: np.ndarray, given: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Spearman's partial correlation of ``a`` and ``b`` given ``given`` within each row: the
+    correlation of the ranks of ``a`` and of ``b``, each with the ranks of ``given`` regressed out
+    (least squares with intercept). ``(r, defined)``: undefined where ``a``'s or ``b``'s ranks are
+    constant, or (almost) fully explained by ``given``'s (nothing left to correlate)."""
+    ra, rb, rg = row_ranks(a), row_ranks(b), row_ranks(given)
+    return row_correlation(residualise(ra, rg), residualise(rb, rg), _variance(ra), _variance(rb))
+
+
+def other_keys(queries: np.ndarray) -> np.ndarray:
+    """``[M, M - 1]``: for each of the M object indices ``queries``, the other M - 1 (in order)."""
+    m = len(queries)
+    if m < 2:
+        return np.zeros((m, 0), dtype=np.int64)
+    keep = ~np.eye(m, dtype=bool)
+    return np.broadcast_to(queries, (m, m))[keep].reshape(m, m - 1)
+
+
+def mean_over_rows(r: np.ndarray, defined: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(sum of the defined rows' r [L], number of defined rows [L])`` of ``r, defined [L, M]``:
+    what :class:`~.uncertainty.ImageMeans` takes for an image's mean over its rows."""
+    return np.where(defined, r, 0.0).sum(axis=-1), defined.sum(axis=-1).astype(np.float64)
