@@ -38,7 +38,7 @@ from geocap.data.attention_record import Record, regular_objects
 from .accumulator import (Accumulator, SeenImages, SumTable, as_map, config_state, describe, feature_cosines, fold,
                           ratio, read_config, to_list)
 from .reservoir import PairReservoir, pair_keys
-from .rows import MIN_ROW_KEYS, mean_over_rows, other_keys, partial_rank_correlation, rank_correlation
+from .rows import MIN_ROW_KEYS, mean_over_rows, other_keys, partial_attention_correlation, rank_correlation
 from .uncertainty import ImageMeans, image_means, interval_text, layer_verdicts
 
 MEASURES = ("distance", "similarity")
@@ -259,7 +259,7 @@ class ProximityAccumulator(Accumulator):
         if cosine is None:
             r, defined = rank_correlation(weights, distances[q, keys][None])
         else:
-            r, defined = partial_rank_correlation(weights, distances[q, keys][None], cosine[q, keys][None])
+            r, defined = partial_attention_correlation(weights, distances[q, keys][None], cosine[q, keys][None])
         total, rows = mean_over_rows(r, defined)
         if not rows.any():
             self.sums.add(f"rows.{name}.no_ranked_row", 1)

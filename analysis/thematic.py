@@ -39,7 +39,7 @@ from geocap.data.attention_record import Record, regular_objects
 
 from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, feature_cosines, fold, ratio,
                           read_config, to_list, unit_features)
-from .rows import MIN_ROW_KEYS, mean_over_rows, other_keys, partial_rank_correlation, rank_correlation
+from .rows import MIN_ROW_KEYS, mean_over_rows, other_keys, partial_attention_correlation, rank_correlation
 from .uncertainty import (ImageMeans, ImageUnits, image_means, interval_text, layer_uncertainty, layer_verdicts,
                           trend_phrase, uncertainty_json)
 
@@ -290,7 +290,7 @@ class ThematicAccumulator(Accumulator):
         if cosine is None:
             r, defined = rank_correlation(weights, member)
         else:
-            r, defined = partial_rank_correlation(weights, member, cosine[q, keys][None])
+            r, defined = partial_attention_correlation(weights, member, cosine[q, keys][None])
         total, rows = mean_over_rows(r, defined)
         if not rows.any():
             self.sums.add(f"rows.{name}.no_ranked_row", 1)
