@@ -112,7 +112,7 @@ class GroundingResult:
                 f"in the noun's referent, minus the mean of the same for each wrong referent, i.e. the other "
                 f"categories present in the image; averaged over an image's tokens, then over images with a 95 % "
                 f"interval; 0 = looks at objects regardless of which one the noun names): {shown}, over "
-                f"{self.effect_tokens} tokens. Verdict: {verdict}.")
+                f"{self.effect_tokens} tokens. **Verdict: {verdict}.**")
         if self.accuracy is not None:
             best = int(np.argmax(self.accuracy))
             text += (f" The naive measure (accuracy against chance) would have said {self.accuracy[best]:.1%} against "

@@ -45,8 +45,10 @@ MEASURES = ("distance", "similarity")
 RANGES = {"distance": (0.0, 1.0), "similarity": (-1.0, 1.0)}
 MIN_BIN_PAIRS = 30   # bins with fewer object pairs are left out of the figure and the report's table
 # the controlled, per-image measures (see the module docstring): name -> what it correlates
-PER_IMAGE = {"distance": "attention with box-centre distance",
-             "distance_given_similarity": "attention with box-centre distance, feature similarity partialled out"}
+PER_IMAGE = {"distance": "Spearman's rho of attention and box-centre distance within each query's row",
+             "distance_given_similarity": "partial correlation within each query's row of the log attention weights "
+                                          "(the logits up to a constant) and the ranks of box-centre distance, "
+                                          "feature cosine regressed out of both"}
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float | None, str | None]:
@@ -132,9 +134,9 @@ class ProximityResult:
         shown = "; ".join(f"layer {l + 1}: {interval_text(e)}" for l, e in enumerate(entries))
         verdict = layer_verdicts(entries, {"negative": "attention falls with distance",
                                            "positive": "attention rises with distance"})
-        text = (f"Attention against distance, controlled ({PER_IMAGE[name]}; Spearman within each query's row over "
-                f"the other regular objects, averaged over the image's rows, then over images with a 95 % "
-                f"interval; 0 = no relation): {shown}. Verdict: {verdict}.")
+        text = (f"Attention against distance, controlled ({PER_IMAGE[name]}, over the query's other regular objects; "
+                f"averaged over the image's rows, then over images with a 95 % interval; 0 = no relation): {shown}. "
+                f"**Verdict: {verdict}.**")
         if name == "distance":
             why = self.unavailable.get("per_image.distance_given_similarity", "no features")
             text += (" Similarity is not controlled, so attention that merely follows feature similarity (linked to "

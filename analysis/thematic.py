@@ -46,8 +46,10 @@ from .uncertainty import (ImageMeans, ImageUnits, image_means, interval_text, la
 CLUSTER_SOURCES = ("clusters", "labels", "kmeans")
 # the per-image measures (see the module docstring): name -> what it is
 PER_IMAGE = {"affinity": "within-cluster affinity of each image (1 = chance)",
-             "cluster": "attention with same cluster (within-row Spearman)",
-             "cluster_given_similarity": "attention with same cluster, feature similarity partialled out"}
+             "cluster": "Spearman's rho of attention and 'same cluster as the query' within each query's row",
+             "cluster_given_similarity": "partial correlation within each query's row of the log attention weights "
+                                         "(the logits up to a constant) and 'same cluster as the query', feature "
+                                         "cosine regressed out of both"}
 
 
 @dataclass
@@ -106,10 +108,10 @@ class ThematicResult:
         shown = "; ".join(f"layer {l + 1}: {interval_text(e)}" for l, e in enumerate(entries))
         verdict = layer_verdicts(entries, {"positive": "attention stays within clusters",
                                            "negative": "attention avoids the query's cluster"})
-        text = (f"Thematic attention, controlled ({PER_IMAGE[name]}; Spearman within each query's row over the "
-                f"other regular objects, averaged over the image's rows, then over images with a 95 % interval; "
-                f"0 = no preference for the query's cluster{' beyond what feature similarity explains' if name != 'cluster' else ''}"
-                f"): {shown}. Verdict: {verdict}.")
+        beyond = " beyond what feature similarity explains" if name != "cluster" else ""
+        text = (f"Thematic attention, controlled ({PER_IMAGE[name]}, over the query's other regular objects; averaged "
+                f"over the image's rows, then over images with a 95 % interval; 0 = no preference for the query's "
+                f"cluster{beyond}): {shown}. **Verdict: {verdict}.**")
         if name == "cluster":
             why = self.unavailable.get("per_image.cluster_given_similarity", "no features")
             text += (" Similarity is not controlled: attention that merely follows feature similarity would also stay "
