@@ -229,24 +229,35 @@ class GroundingAccumulator(Accumulator):
                     share[k] = wrong / wrong.sum()
         return share, share.any(axis=1)
 
+    @classmethod
+    def referent_hits(cls, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray,
+                      regular: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(own [L], wrong [L], tokens)``: over the ``rows`` (tokens naming ``target``) that have a
+        wrong referent, the sums of ``hit(own referent)`` and of the mean ``hit(wrong referent)`` of the
+        layer's head-mean map, and how many such tokens there are."""
+        layers = cross.shape[0]
+        if len(rows) == 0 or not regular.any():
+            return np.zeros(layers), np.zeros(layers), 0
+        share, has = cls._wrong_shares(record, target, regular)
+        own = cls._members(record, target, regular)
+        picked = np.where(regular, cross[:, :, rows, :], -np.inf).mean(axis=1).argmax(-1)    # [L, K]
+        k = np.arange(len(rows))
+        own_hit = np.where(has, own[k, picked], False)                          # [L, K]
+        return own_hit.sum(axis=-1).astype(np.float64), share[k, picked].sum(axis=-1), int(has.sum())
+
     def _referent_effect(self, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray,
                          regular: np.ndarray, where: str) -> None:
         """Add the image's per-token ``hit(own referent) - mean hit(wrong referents)`` per layer."""
         if len(rows) == 0 or not regular.any():
             return
-        share, has = self._wrong_shares(record, target, regular)
-        self.sums.add("effect.tokens", int(has.sum()))
-        if not has.any():
+        own, wrong, tokens = self.referent_hits(record, cross, rows, target, regular)
+        self.sums.add("effect.tokens", tokens)
+        if not tokens:
             self.sums.add("effect.no_wrong_referent", 1)
             return
-        own = self._members(record, target, regular)
-        picked = np.where(regular, cross[:, :, rows, :], -np.inf).mean(axis=1).argmax(-1)    # [L, K]
-        k = np.arange(len(rows))
-        own_hit = np.where(has, own[k, picked], 0.0)                            # [L, K]
-        wrong_hit = share[k, picked]
-        count = np.full(cross.shape[0], float(has.sum()))
-        for name, value in (("effect", own_hit - wrong_hit), ("effect_own", own_hit), ("effect_wrong", wrong_hit)):
-            self.means.add(self.sums, f"per_image.{name}", record.image_id, value.sum(axis=-1), count, where)
+        count = np.full(cross.shape[0], float(tokens))
+        for name, value in (("effect", own - wrong), ("effect_own", own), ("effect_wrong", wrong)):
+            self.means.add(self.sums, f"per_image.{name}", record.image_id, value, count, where)
 
     def _chance(self, record: Record, target: np.ndarray, regular: np.ndarray) -> float:
         """Sum over the targets of the hit rate of a uniformly random regular object."""
@@ -341,6 +352,20 @@ class GroundingAccumulator(Accumulator):
         if tokens_key == "follow.tokens":
             return f"the {what} have no swapped token before the last position"
         return f"the {what} have no token with a referent"
+
+
+def record_referent_effect(record: Record) -> list | None:
+    """This record's referent effect per layer (the mean over its grounded tokens that have a wrong
+    referent of ``hit(own) - mean hit(wrong)``; what its tokens add to its image's value), or None
+    when it has no such token, no cross maps or no referents (hypothetical records: None)."""
+    cross = as_map(record, "cross")
+    if cross is None or record.referents is None or record.kind == "hypothetical":
+        return None
+    referents = np.asarray(record.referents, dtype=np.int64)
+    rows = np.flatnonzero(referents >= 0)
+    own, wrong, tokens = GroundingAccumulator.referent_hits(record, cross, rows, referents[rows],
+                                                            regular_objects(record))
+    return [float(v) for v in (own - wrong) / tokens] if tokens else None
 
 
 def grounding(records) -> GroundingResult:

@@ -178,6 +178,55 @@ class ProximityResult:
         plot_proximity(self, path)
 
 
+def row_sums(head_mean: np.ndarray, distances: np.ndarray, queries: np.ndarray, cosine: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(sum of the rows' correlations [L], defined rows [L])`` of one image: each query of
+    ``queries`` against the other ones; Spearman of attention (``head_mean [L, N, N]``) with
+    ``distances [N, N]``, or with ``cosine [N, N]`` given, the partial correlation given
+    similarity (:func:`.rows.partial_attention_correlation`). None with fewer than
+    :data:`MIN_ROW_KEYS` keys per row."""
+    keys = other_keys(queries)
+    if keys.shape[1] < MIN_ROW_KEYS:
+        return None
+    q = queries[:, None]
+    weights = head_mean[:, q, keys]                                            # [L, M, M - 1]
+    if cosine is None:
+        r, defined = rank_correlation(weights, distances[q, keys][None])
+    else:
+        r, defined = partial_attention_correlation(weights, distances[q, keys][None], cosine[q, keys][None])
+    return mean_over_rows(r, defined)
+
+
+def centre_distances(record: Record) -> np.ndarray:
+    """``[N, N]`` normalised distances of the box centres (1 = opposite corners of the image)."""
+    boxes = np.asarray(record.boxes, dtype=np.float64)
+    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    return np.linalg.norm(centres[:, None] - centres[None, :], axis=-1) / np.sqrt(2.0)
+
+
+def image_values(record: Record) -> dict:
+    """This image's values of the :data:`PER_IMAGE` measures (what each image adds to the means over
+    images): ``{name: [L] floats, None for a layer without a defined row}`` or ``{name: None}`` when
+    the record lacks encoder maps (or features, for the similarity control) or has too few objects."""
+    attn = as_map(record, "encoder_self")
+    out = dict.fromkeys(PER_IMAGE)
+    if attn is None:
+        return out
+    head_mean, distances = attn.mean(axis=1), centre_distances(record)
+    queries = np.flatnonzero(regular_objects(record))
+    cosines = feature_cosines(record)
+    for name in PER_IMAGE:
+        if name == "distance":
+            got = row_sums(head_mean, distances, queries)
+        elif cosines is not None:
+            got = row_sums(head_mean, distances, queries[cosines[1][queries]], cosines[0])
+        else:
+            got = None
+        if got is not None:
+            out[name] = [float(t / n) if n else None for t, n in zip(*got)]
+    return out
+
+
 class ProximityAccumulator(Accumulator):
     """Streaming sums and pair samples behind :class:`ProximityResult`; see the module docstring.
 
@@ -230,9 +279,7 @@ class ProximityAccumulator(Accumulator):
         i, j = np.nonzero(~np.eye(record.num_objects, dtype=bool) & regular[:, None] & regular[None, :])
         head_mean = attn.mean(axis=1)                                          # [L, N, N]
         weights = head_mean[:, i, j]                                           # [L, P]
-        boxes = np.asarray(record.boxes, dtype=np.float64)
-        centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
-        distances = np.linalg.norm(centres[:, None] - centres[None, :], axis=-1) / np.sqrt(2.0)   # [N, N]
+        distances = centre_distances(record)
         self._add("distance", record, distances[i, j], weights, i, j)
         cosines = feature_cosines(record)
         queries = np.flatnonzero(regular)
@@ -250,19 +297,13 @@ class ProximityAccumulator(Accumulator):
 
     def _rows(self, name: str, record: Record, head_mean: np.ndarray, distances: np.ndarray, queries: np.ndarray,
               cosine: np.ndarray | None = None) -> None:
-        """Add the image's mean over its rows of the within-row (partial) rank correlation of
-        attention with distance: each query of ``queries`` against the other ones."""
-        keys = other_keys(queries)
-        if keys.shape[1] < MIN_ROW_KEYS:
+        """Add the image's mean over its rows of the within-row (partial) correlation of attention with
+        distance: each query of ``queries`` against the other ones."""
+        got = row_sums(head_mean, distances, queries, cosine)
+        if got is None:
             self.sums.add(f"rows.{name}.too_few_objects", 1)
             return
-        q = queries[:, None]
-        weights = head_mean[:, q, keys]                                        # [L, M, M - 1]
-        if cosine is None:
-            r, defined = rank_correlation(weights, distances[q, keys][None])
-        else:
-            r, defined = partial_attention_correlation(weights, distances[q, keys][None], cosine[q, keys][None])
-        total, rows = mean_over_rows(r, defined)
+        total, rows = got
         if not rows.any():
             self.sums.add(f"rows.{name}.no_ranked_row", 1)
         self.units.add(self.sums, f"per_image.{name}", record.image_id, total, rows, describe(record))
