@@ -173,7 +173,7 @@ class ThematicAccumulator(Accumulator):
         self.sums = SumTable()
         self.units = ImageUnits()
         self.means = ImageMeans()
-        self._last_image = None        # the per-image measures read an image's first record of a run
+        self._cache = None             # (inputs, sums) of the last record: its image's next records reuse them
         self.centroids: np.ndarray | None = None
         self._pending: list[Record] = []
 
@@ -228,15 +228,43 @@ class ThematicAccumulator(Accumulator):
                 self._fit()
 
     def _process(self, record: Record, clusters: np.ndarray, source: str) -> None:
+        """Add the record's sums. An image's records share its objects and encoder maps, so the sums
+        computed for the image's previous record are reused when its inputs are equal (each record
+        still counts, as the pooled affinity always has), and the per-image measures read its first."""
         where = describe(record)
         self.sums.add(f"source.{source}", 1)
+        inputs = (record.image_id, record.encoder_self, clusters, record.features, record.boxes)
+        cached = self._cache
+        repeat = cached is not None and _same_inputs(cached[0], inputs)
+        adds = cached[1] if repeat else self._image_sums(record, clusters)
+        self._cache = (inputs, adds)
+        for name, value in adds.items():
+            if not name.startswith("_"):
+                self.sums.add(name, value, where)
+        if "_unit" in adds:
+            self.units.add(self.sums, "units.affinity", record.image_id, *adds["_unit"], where)
+        if repeat or "_unit" not in adds:
+            return
+        self.means.add(self.sums, "per_image.affinity", record.image_id, *adds["_unit"], where)
+        head_mean, same, regular, cosines = adds["_rows"]
+        queries = np.flatnonzero(regular)
+        self._rows("cluster", record, head_mean, same, queries)
+        if cosines is not None:
+            cosine, nonzero = cosines
+            self._rows("cluster_given_similarity", record, head_mean, same, queries[nonzero[queries]], cosine)
+
+    @staticmethod
+    def _image_sums(record: Record, clusters: np.ndarray) -> dict:
+        """The sums one record of this image adds (names of :attr:`sums`), plus ``"_unit"``: its
+        affinity's share and chance sums ``[L]`` and ``"_rows"``: what the per-image measures need."""
+        adds = {}
         n = record.num_objects
         regular = regular_objects(record)                          # special objects (class tokens) are in no pair
         pairs = regular[:, None] & regular[None, :]
         same = (clusters[:, None] == clusters[None, :]) & pairs
         cosines = feature_cosines(record)
         if cosines is None:
-            self.sums.add("records_without_features", 1)
+            adds["records_without_features"] = 1
         else:
             cosine, nonzero = cosines
             i, j = np.triu_indices(n, k=1)
@@ -244,14 +272,12 @@ class ThematicAccumulator(Accumulator):
             i, j = i[keep], j[keep]
             pair_cosine = cosine[i, j]
             pair_same = same[i, j]
-            self.sums.add("cos_same.sum", pair_cosine[pair_same].sum())
-            self.sums.add("cos_same.pairs", pair_same.sum())
-            self.sums.add("cos_diff.sum", pair_cosine[~pair_same].sum())
-            self.sums.add("cos_diff.pairs", (~pair_same).sum())
+            adds.update({"cos_same.sum": pair_cosine[pair_same].sum(), "cos_same.pairs": pair_same.sum(),
+                         "cos_diff.sum": pair_cosine[~pair_same].sum(), "cos_diff.pairs": (~pair_same).sum()})
         attn = as_map(record, "encoder_self")
         if attn is None:
-            self.sums.add("records_without_encoder_self", 1)
-            return
+            adds["records_without_encoder_self"] = 1
+            return adds
         others = ~np.eye(n, dtype=bool) & pairs
         same_others = same & others
         n_same = same_others.sum(axis=1)                           # [N]
@@ -262,22 +288,10 @@ class ThematicAccumulator(Accumulator):
         ok = eligible & (mass_others > 0)
         share = np.divide(mass_same, mass_others, out=np.zeros_like(mass_same), where=ok)
         chance = np.where(ok, n_same / np.maximum(n_others, 1), 0.0)
-        self.sums.add("affinity.share", share.sum(axis=-1), where)
-        self.sums.add("affinity.chance", chance.sum(axis=-1), where)
-        self.sums.add("affinity.queries", ok.sum(axis=-1), where)
-        self.units.add(self.sums, "units.affinity", record.image_id, share.sum(axis=(1, 2)), chance.sum(axis=(1, 2)),
-                       where)
-        if record.image_id == self._last_image:     # the image's other captions: same encoder maps and objects
-            return
-        self._last_image = record.image_id
-        self.means.add(self.sums, "per_image.affinity", record.image_id, share.sum(axis=(1, 2)),
-                       chance.sum(axis=(1, 2)), where)
-        head_mean = attn.mean(axis=1)                              # [L, N, N]
-        queries = np.flatnonzero(regular)
-        self._rows("cluster", record, head_mean, same, queries)
-        if cosines is not None:
-            cosine, nonzero = cosines
-            self._rows("cluster_given_similarity", record, head_mean, same, queries[nonzero[queries]], cosine)
+        adds.update({"affinity.share": share.sum(axis=-1), "affinity.chance": chance.sum(axis=-1),
+                     "affinity.queries": ok.sum(axis=-1), "_unit": (share.sum(axis=(1, 2)), chance.sum(axis=(1, 2))),
+                     "_rows": (attn.mean(axis=1), same, regular, cosines)})
+        return adds
 
     def _rows(self, name: str, record: Record, head_mean: np.ndarray, same: np.ndarray, queries: np.ndarray,
               cosine: np.ndarray | None = None) -> None:
@@ -302,7 +316,7 @@ class ThematicAccumulator(Accumulator):
         self._fit()
         self.units.flush(self.sums)
         self.means.flush(self.sums)
-        self._last_image = None
+        self._cache = None
 
     def _merge(self, other: "ThematicAccumulator") -> None:
         self._flush()
@@ -387,6 +401,18 @@ class ThematicAccumulator(Accumulator):
             else:
                 setattr(res, key, s.scalar(f"{part}.sum") / pairs)
         return res
+
+
+def _same_inputs(a: tuple, b: tuple) -> bool:
+    """Whether two records' (image id, encoder map, clusters, features, boxes) are equal."""
+    if a[0] != b[0]:
+        return False
+    for x, y in zip(a[1:], b[1:]):
+        if x is y:
+            continue
+        if x is None or y is None or np.shape(x) != np.shape(y) or not np.array_equal(x, y):
+            return False
+    return True
 
 
 def thematic(records, **options) -> ThematicResult:

@@ -92,6 +92,14 @@ def test_within_row_correlations_match_scipy_and_partial_removes_the_shared_part
     np.testing.assert_array_equal(other_keys(np.array([2, 5, 7])), [[5, 7], [2, 7], [2, 5]])
 
 
+@pytest.mark.parametrize("keys", [9, 70])          # pairwise counting, and scipy's sort for long rows
+def test_row_ranks_average_ties_as_scipy(keys):
+    from scipy.stats import rankdata
+
+    values = np.random.default_rng(2).integers(0, 5, size=(3, 4, keys)).astype(np.float16)   # many ties
+    np.testing.assert_array_equal(row_ranks(values), rankdata(values.astype(np.float64), axis=-1))
+
+
 def test_image_means_give_a_t_interval_over_images_and_merge_exactly():
     from scipy.stats import t
 
