@@ -12,6 +12,17 @@ head-mean map of each layer, ``accuracy_per_head [L, H]`` each head's map; both 
 tokens pooled over all records. ``chance`` = the mean over grounded tokens of ``1 / N`` (the hit
 rate of a uniformly random pick).
 
+**Referent effect (the verdict)**, per layer: for each grounded token with at least one *wrong
+referent*, ``hit(own referent) - mean over its wrong referents of hit(wrong referent)`` on the
+layer's head-mean map (a hit: the most-attended regular object is in the referent). Wrong
+referents: with regions (``extra["referent_objects"]``, one per category present), every other
+region less the token's own objects; with single objects, every other regular object of another
+category (``labels``; without labels, every other regular object). Averaged over an image's
+tokens, then over images with a 95 % t interval (``referent_effect``; ``referent_effect_parts``
+holds the two hit rates). Null: attention that lands on *some* object, picked whatever the noun
+names, scores 0, where accuracy scores far above chance. A model drawn to large regions scores
+above 0 when nouns name larger regions than the other categories' (hits are per region).
+
 Patch-based records (:mod:`geocap.data.attention_record`): special objects (a class token) are
 never the most-attended object (the argmax runs over the regular objects only, N counts only
 them); a referent may be a region of several objects (``extra["referent_objects"]``, e.g. the

@@ -1,6 +1,21 @@
 """Analysis II of the seed study: encoder self-attention against visual proximity and semantic
 similarity of the two objects.
 
+**Controlled measures (the verdict)**, per layer, on the head-mean map of each image's first
+record: for each query object i (a regular object, with at least :data:`~.rows.MIN_ROW_KEYS` other
+regular objects), a correlation within its row over the other regular objects j, averaged over
+the image's rows with a defined value; then the mean over images with a 95 % t interval
+(:class:`~.uncertainty.ImageMeans`). ``per_image["distance"]``: Spearman's rho of ``w(i, j)`` with
+``d(i, j)``. ``per_image["distance_given_similarity"]`` (records with features; objects with an
+all-zero feature vector left out): the partial correlation of ``log w(i, j)`` with the ranks of
+``d(i, j)``, the feature cosine ``s(i, j)`` regressed out of both
+(:func:`~.rows.partial_attention_correlation`). Null: attention that follows feature similarity
+alone scores 0 on it, whatever links similarity to position in the scenes; a row of equal
+weights has no value. Within rows, the number of objects of an image (the level 1/N of its
+weights) never mixes into the correlation, as it does in the pooled Spearman below.
+
+**Description** (the seed's measures):
+
 For every ordered pair of distinct objects ``(i, j)`` of a record (query i, key j), per layer ``l``:
 
 - the attention weight ``w_l(i, j)``: the encoder self-attention of i to j, averaged over heads

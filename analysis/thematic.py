@@ -13,6 +13,15 @@ exact; the cluster ids of the two parts need not match, which the statistics nev
 
 Statistics:
 
+- **controlled (the verdict)**, per layer, on the head-mean map of each image's first record
+  (:data:`PER_IMAGE`): within each query's row over the other regular objects, the correlation of
+  attention with "same cluster as the query": ``per_image["cluster"]`` Spearman's rho,
+  ``per_image["cluster_given_similarity"]`` the partial correlation of the log weights given the
+  feature cosine (:func:`~.rows.partial_attention_correlation`); averaged over the image's rows,
+  then over images with a 95 % t interval. ``per_image["affinity"]``: each image's affinity
+  (below), averaged over images. Null: attention that follows feature similarity alone scores 0
+  on the controlled measure and above 1 on the affinity. With k-means clusters (fitted on the
+  features) the control removes most of what the clusters mean: report such results as such.
 - **affinity** ``[L, H]`` (encoder self-attention ``A``, self-attention ``A[i, i]`` excluded): for a
   query object ``i`` with at least one other object of its cluster and one of another cluster,
   ``share_i = sum_{j != i, c_j = c_i} A[i, j] / sum_{j != i} A[i, j]`` and
