@@ -2,8 +2,7 @@
 :class:`~geocap.dump.plan.DumpPlan`'s, or ``geocap.hf``'s), batch by batch, into the shard writer
 (in a child process or inline), each finished shard listed in the manifest as soon as it is renamed.
 With ``stats_only``, a fresh ``collector_class()`` sees every record of a shard (maps included)
-and its ``state()`` is stored in the shard instead of the maps; with the writer process it runs
-there (:class:`~geocap.dump.writer.CollectingWriter`), on another core than the model."""
+and its ``state()`` is stored in the shard instead of the maps."""
 from __future__ import annotations
 
 import os
@@ -23,7 +22,7 @@ def run_shards(plan, record_images, result: DumpResult, *, collector_class=None,
     ``rank``, ``world_size``, ``options`` (``batch_size``, ``writer``), ``todo``, ``shard_range(k)``
     and ``shard_args(k)``. On any error the open shard is aborted (its temporary file removed)
     and the shards already renamed stay listed."""
-    from geocap.dump.writer import ShardWriter, collect_statistics
+    from geocap.dump.writer import ShardWriter
     from geocap.progress import progress_bar
 
     o, out = plan.options, plan.out
@@ -66,21 +65,18 @@ def run_shards(plan, record_images, result: DumpResult, *, collector_class=None,
             t_shard = time.perf_counter()
             lo, hi = plan.shard_range(k)
             path = os.path.join(out, shard_name(k))
-            # the statistics are gathered in the writer process when it can import the collector's
-            # class (not one defined in __main__), else here
-            remote = child is not None and collector_class is not None and collector_class.__module__ != "__main__"
+            shard = child if child is not None else ShardWriter(path, **plan.shard_args(k))
             if child is not None:
-                shard = child
-                child.open(path, collector_class=collector_class if remote else None, **plan.shard_args(k))
-            else:
-                shard = ShardWriter(path, **plan.shard_args(k))
-            collector = collector_class() if collector_class is not None and not remote else None
+                child.open(path, **plan.shard_args(k))
+            collector = collector_class() if collector_class is not None else None
             try:
                 for b0 in range(lo, hi, o.batch_size):
                     positions = list(range(b0, min(hi, b0 + o.batch_size)))
                     for recs in record_images(positions):
                         if collector is not None:
-                            collect_statistics(collector, recs)
+                            for r in recs:
+                                collector.update(r)
+                                r.encoder_self = r.decoder_self = r.cross = None
                         shard.add_image(recs)
                     result.images += len(positions)
                     bar.update(len(positions))

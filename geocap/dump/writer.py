@@ -411,39 +411,3 @@ class ShardWriter:
             self.h5.close()
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.tmp)
-
-
-def collect_statistics(collector, records: Sequence[Record]) -> None:
-    """Feed ``records`` to ``collector.update``, then drop their maps (a stats-only shard keeps none)."""
-    for record in records:
-        collector.update(record)
-        record.encoder_self = record.decoder_self = record.cross = None
-
-
-class CollectingWriter:
-    """A :class:`ShardWriter` whose records first feed an analysis collector (stats-only dumps):
-    ``collector`` is any object with ``update(record)`` and ``state()`` (``geocap.analysis``'s
-    ``StatsCollector``, passed in: the dump never imports the analyses). Each record's maps are
-    dropped once the collector has read them; :meth:`close` stores the collector's state. Run in
-    the writer process, the statistics are gathered on another core while the model goes on, as
-    the maps' compression is for a full dump. The rest of ShardWriter's interface passes through."""
-
-    def __init__(self, writer: ShardWriter, collector):
-        self.writer, self.collector = writer, collector
-
-    def add_image(self, records: Sequence[Record]) -> None:
-        collect_statistics(self.collector, records)
-        self.writer.add_image(records)
-
-    def close(self, stats_state: Optional[dict] = None) -> int:
-        """Close the shard with the collector's state (``stats_state`` must be None: the state is the
-        collector's)."""
-        if stats_state is not None:
-            raise ValueError("CollectingWriter.close: the statistics are the collector's; pass no stats_state")
-        return self.writer.close(self.collector.state())
-
-    def abort(self) -> None:
-        self.writer.abort()
-
-    def __getattr__(self, name):
-        return getattr(self.writer, name)

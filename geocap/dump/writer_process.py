@@ -5,9 +5,7 @@ write call, holding the GIL) does not stop the model's process.
 Protocol (one child per dump job and rank; shards one after another), pickled messages over two
 pipes (``multiprocessing.connection``):
 
-- the parent sends ``("open", seq, path, kwargs, collector_class)`` (``collector_class`` None, or
-  for a stats-only dump the analysis collector's class: the child then feeds every record to a
-  fresh one, :class:`~geocap.dump.writer.CollectingWriter`, and stores its state), then ``("image", seq, records)`` per image
+- the parent sends ``("open", seq, path, kwargs)``, then ``("image", seq, records)`` per image
   (a list of :class:`~geocap.data.attention_record.Record`), then ``("close", seq, stats_state)``
   or ``("abort", seq)``; ``("stop",)`` ends the child;
 - the child answers ``("closed", seq, bytes, n_records, seconds, sha256)`` after the rename, or
@@ -24,8 +22,7 @@ The child is a fresh interpreter (``python -m geocap.dump.writer_process``), not
 ``multiprocessing`` fork or spawn: fork is unsafe once torch runs threads, and spawn re-runs the
 parent's ``__main__`` in the child (a user script without a ``__main__`` guard would dump again;
 one with a guard still imports torch there). The child imports only numpy, h5py and
-:mod:`geocap.dump.writer` (~0.3 s), and for a stats-only dump the collector's module (the
-analyses, with torch: a few seconds once per job). It dies with its parent: ``PR_SET_PDEATHSIG`` = SIGKILL on
+:mod:`geocap.dump.writer` (~0.3 s). It dies with its parent: ``PR_SET_PDEATHSIG`` = SIGKILL on
 Linux (sent when the thread that started it exits: start it from the thread that runs the job),
 plus a check of ``os.getppid()`` every poll; so a SIGKILLed dump's rerun never races an orphan
 writer. SIGINT is ignored in the child: the parent aborts it.
@@ -54,7 +51,7 @@ __all__ = ["QUEUE_IMAGES", "WriterProcess"]
 
 def _serve(commands: Connection, replies: Connection, parent_pid: int) -> None:
     """The child's loop (see the module doc)."""
-    from geocap.dump.writer import CollectingWriter, ShardWriter
+    from geocap.dump.writer import ShardWriter
 
     writer, seq, failed = None, None, False
     while True:
@@ -78,8 +75,6 @@ def _serve(commands: Connection, replies: Connection, parent_pid: int) -> None:
                 writer, failed = None, False
                 seq = msg[1]
                 writer = ShardWriter(msg[2], **msg[3])
-                if msg[4] is not None:
-                    writer = CollectingWriter(writer, msg[4]())
             elif msg[1] != seq or failed:
                 continue                                 # a failed or finished shard's leftovers
             elif op == "image":
@@ -119,9 +114,7 @@ class WriterProcess:
         cmd_r, cmd_w = os.pipe()
         rep_r, rep_w = os.pipe()
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        # the parent's import path too: a stats-only dump's collector class is unpickled in the child
-        path = [root] + [p for p in sys.path if isinstance(p, str) and p] + [os.environ.get("PYTHONPATH")]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "geocap.dump.writer_process", str(cmd_r), str(rep_w), str(os.getpid())],
@@ -241,9 +234,8 @@ class WriterProcess:
             self._take(reply)
 
     # -- the ShardWriter's calls
-    def open(self, path, collector_class=None, **kwargs) -> int:
-        """Start shard ``path`` (``kwargs``: :class:`~geocap.dump.writer.ShardWriter`'s; with
-        ``collector_class`` (picklable), the child gathers a stats-only shard's statistics); its
+    def open(self, path, **kwargs) -> int:
+        """Start shard ``path`` (``kwargs``: :class:`~geocap.dump.writer.ShardWriter`'s); its
         sequence number (what :meth:`collect` reports it by). ``seconds`` restarts at 0."""
         t0 = time.perf_counter()
         if self._open:
@@ -252,7 +244,7 @@ class WriterProcess:
         self.seconds = 0.0
         self._paths[self._seq] = os.fspath(path)
         self._folder = os.path.dirname(os.fspath(path))
-        self._put(("open", self._seq, os.fspath(path), kwargs, collector_class))
+        self._put(("open", self._seq, os.fspath(path), kwargs))
         self._open = True
         self.seconds += time.perf_counter() - t0
         return self._seq
