@@ -50,10 +50,10 @@ import numpy as np
 
 from geocap.data.attention_record import Record, regular_objects
 
-from .accumulator import (Accumulator, SeenImages, SumTable, as_map, config_state, describe, feature_cosines, fold,
-                          ratio, read_config, to_list)
+from .accumulator import (Accumulator, SeenImages, SumTable, as_map, config_state, describe, encoder_head_mean,
+                          encoder_rows, feature_cosines, fold, ratio, read_config, to_list)
 from .reservoir import PairReservoir, pair_keys
-from .rows import MIN_ROW_KEYS, mean_over_rows, other_keys, partial_attention_correlation, rank_correlation
+from .rows import MIN_ROW_KEYS, mean_over_rows
 from .uncertainty import ImageMeans, image_means, interval_text, layer_verdicts
 
 MEASURES = ("distance", "similarity")
@@ -193,23 +193,14 @@ class ProximityResult:
         plot_proximity(self, path)
 
 
-def row_sums(head_mean: np.ndarray, distances: np.ndarray, queries: np.ndarray, cosine: np.ndarray | None = None
-             ) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(sum of the rows' correlations [L], defined rows [L])`` of one image: each query of
-    ``queries`` against the other ones; Spearman of attention (``head_mean [L, N, N]``) with
-    ``distances [N, N]``, or with ``cosine [N, N]`` given, the partial correlation given
-    similarity (:func:`.rows.partial_attention_correlation`). None with fewer than
-    :data:`MIN_ROW_KEYS` keys per row."""
-    keys = other_keys(queries)
-    if keys.shape[1] < MIN_ROW_KEYS:
+def row_sums(rows, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(sum of the rows' correlations [L], defined rows [L])`` of one image's prepared encoder rows
+    (:func:`~.accumulator.encoder_rows`) with the distances ``[N, N]`` (Spearman, or the partial
+    correlation given similarity when the rows were prepared for it); None when the rows are
+    missing or have fewer than :data:`MIN_ROW_KEYS` keys."""
+    if rows is None or not rows.usable:
         return None
-    q = queries[:, None]
-    weights = head_mean[:, q, keys]                                            # [L, M, M - 1]
-    if cosine is None:
-        r, defined = rank_correlation(weights, distances[q, keys][None])
-    else:
-        r, defined = partial_attention_correlation(weights, distances[q, keys][None], cosine[q, keys][None])
-    return mean_over_rows(r, defined)
+    return mean_over_rows(*rows.correlation(distances))
 
 
 def centre_distances(record: Record) -> np.ndarray:
@@ -223,20 +214,10 @@ def image_values(record: Record) -> dict:
     """This image's values of the :data:`PER_IMAGE` measures (what each image adds to the means over
     images): ``{name: [L] floats, None for a layer without a defined row}`` or ``{name: None}`` when
     the record lacks encoder maps (or features, for the similarity control) or has too few objects."""
-    attn = as_map(record, "encoder_self")
     out = dict.fromkeys(PER_IMAGE)
-    if attn is None:
-        return out
-    head_mean, distances = attn.mean(axis=1), centre_distances(record)
-    queries = np.flatnonzero(regular_objects(record))
-    cosines = feature_cosines(record)
+    distances = centre_distances(record)
     for name in PER_IMAGE:
-        if name == "distance":
-            got = row_sums(head_mean, distances, queries)
-        elif cosines is not None:
-            got = row_sums(head_mean, distances, queries[cosines[1][queries]], cosines[0])
-        else:
-            got = None
+        got = row_sums(encoder_rows(record, name != "distance"), distances)
         if got is not None:
             out[name] = [float(t / n) if n else None for t, n in zip(*got)]
     return out
@@ -286,35 +267,32 @@ class ProximityAccumulator(Accumulator):
         if not self.images.first(record.image_id):
             self.sums.add("records_repeating_an_image", 1)
             return
-        attn = as_map(record, "encoder_self")
-        if attn is None:
+        head_mean = encoder_head_mean(record)                                  # [L, N, N]
+        if head_mean is None:
             self.sums.add("records_without_encoder_self", 1)
             return
         regular = regular_objects(record)            # special objects (a class token) are no region
         i, j = np.nonzero(~np.eye(record.num_objects, dtype=bool) & regular[:, None] & regular[None, :])
-        head_mean = attn.mean(axis=1)                                          # [L, N, N]
         weights = head_mean[:, i, j]                                           # [L, P]
         distances = centre_distances(record)
         self._add("distance", record, distances[i, j], weights, i, j)
         cosines = feature_cosines(record)
-        queries = np.flatnonzero(regular)
-        self._rows("distance", record, head_mean, distances, queries)
+        self._rows("distance", record, distances)
         if cosines is None:
             self.sums.add("records_without_features", 1)
             self.units.flush(self.sums)
             return
         cosine, nonzero = cosines
-        self._rows("distance_given_similarity", record, head_mean, distances, queries[nonzero[queries]], cosine)
+        self._rows("distance_given_similarity", record, distances)
         self.units.flush(self.sums)
         keep = nonzero[i] & nonzero[j]
         i, j = i[keep], j[keep]
         self._add("similarity", record, cosine[i, j], weights[:, keep], i, j)
 
-    def _rows(self, name: str, record: Record, head_mean: np.ndarray, distances: np.ndarray, queries: np.ndarray,
-              cosine: np.ndarray | None = None) -> None:
+    def _rows(self, name: str, record: Record, distances: np.ndarray) -> None:
         """Add the image's mean over its rows of the within-row (partial) correlation of attention with
-        distance: each query of ``queries`` against the other ones."""
-        got = row_sums(head_mean, distances, queries, cosine)
+        distance."""
+        got = row_sums(encoder_rows(record, name != "distance"), distances)
         if got is None:
             self.sums.add(f"rows.{name}.too_few_objects", 1)
             return

@@ -99,10 +99,48 @@ def partial_attention_correlation(weights: np.ndarray, b: np.ndarray, given: np.
     correlation, the log-scale control +0.004 and -0.005 (8 seeds x 160 scenes; tests/
     test_analysis_controls.py). ``(r, defined)``: undefined where the weights or ``b`` are
     constant, or (almost) fully explained by ``given`` (nothing left to correlate)."""
-    la, rb = log_weights(weights), row_ranks(b)
-    shape = np.broadcast_shapes(la.shape, rb.shape, np.shape(given))
-    la, rb, given = (np.broadcast_to(x, shape) for x in (la, rb, np.asarray(given, dtype=np.float64)))
-    return row_correlation(residualise(la, given), residualise(rb, given), _variance(la), _variance(rb))
+    la = log_weights(weights)
+    shape = np.broadcast_shapes(la.shape, np.shape(b), np.shape(given))
+    given = np.broadcast_to(np.asarray(given, dtype=np.float64), shape)
+    return _partial(residualise(la, given), _variance(la), b, given)
+
+
+def _partial(log_residual: np.ndarray, log_variance: np.ndarray, b: np.ndarray, given: np.ndarray):
+    """:func:`partial_attention_correlation` from the log weights' residual and variance."""
+    rb = row_ranks(b)
+    return row_correlation(log_residual, residualise(rb, given), log_variance, _variance(rb))
+
+
+class AttentionRows:
+    """One image's attention rows prepared once for every correlation the analyses take of them:
+    each query of ``queries [M]`` over the other M - 1 (``keys [M, M - 1]``), in the head-mean map
+    ``head_mean [L, N, N]``; with ``given [N, N]`` (feature cosine) for partial correlations
+    (:func:`partial_attention_correlation`), else for Spearman's rho (:func:`rank_correlation`).
+    ``usable``: whether the rows have at least :data:`MIN_ROW_KEYS` keys."""
+
+    def __init__(self, head_mean: np.ndarray, queries: np.ndarray, given: np.ndarray | None = None):
+        self.queries, self.keys = queries, other_keys(queries)
+        self.usable = self.keys.shape[1] >= MIN_ROW_KEYS
+        if not self.usable:
+            return
+        weights = head_mean[:, queries[:, None], self.keys]                   # [L, M, K]
+        if given is None:
+            self.given, self.ranks = None, row_ranks(weights)
+        else:
+            self.given = self.pick(given)[None]
+            la = log_weights(weights)
+            self.log_residual, self.log_variance = residualise(la, self.given), _variance(la)
+
+    def pick(self, values: np.ndarray) -> np.ndarray:
+        """``[M, K]``: a pair measure ``values [N, N]`` at each row's query and keys."""
+        return values[self.queries[:, None], self.keys]
+
+    def correlation(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(r [L, M], defined [L, M])`` of attention with the pair measure ``values [N, N]``."""
+        b = self.pick(values)[None]
+        if self.given is None:
+            return row_correlation(self.ranks, row_ranks(b))
+        return _partial(self.log_residual, self.log_variance, b, self.given)
 
 
 def other_keys(queries: np.ndarray) -> np.ndarray:

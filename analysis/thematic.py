@@ -46,9 +46,9 @@ import numpy as np
 
 from geocap.data.attention_record import Record, regular_objects
 
-from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, feature_cosines, fold, ratio,
-                          read_config, to_list, unit_features)
-from .rows import MIN_ROW_KEYS, mean_over_rows, other_keys, partial_attention_correlation, rank_correlation
+from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, encoder_rows, feature_cosines, fold,
+                          ratio, read_config, to_list, unit_features)
+from .rows import MIN_ROW_KEYS, mean_over_rows
 from .uncertainty import (ImageMeans, ImageUnits, image_means, interval_text, layer_uncertainty, layer_verdicts,
                           trend_phrase, uncertainty_json)
 
@@ -255,12 +255,10 @@ class ThematicAccumulator(Accumulator):
         if repeat or "_unit" not in adds:
             return
         self.means.add(self.sums, "per_image.affinity", record.image_id, *adds["_unit"], where)
-        head_mean, same, regular, cosines = adds["_rows"]
-        queries = np.flatnonzero(regular)
-        self._rows("cluster", record, head_mean, same, queries)
-        if cosines is not None:
-            cosine, nonzero = cosines
-            self._rows("cluster_given_similarity", record, head_mean, same, queries[nonzero[queries]], cosine)
+        same = adds["_same"]
+        self._rows("cluster", record, same)
+        if record.features is not None:
+            self._rows("cluster_given_similarity", record, same)
 
     @staticmethod
     def _image_sums(record: Record, clusters: np.ndarray) -> dict:
@@ -299,27 +297,20 @@ class ThematicAccumulator(Accumulator):
         chance = np.where(ok, n_same / np.maximum(n_others, 1), 0.0)
         adds.update({"affinity.share": share.sum(axis=-1), "affinity.chance": chance.sum(axis=-1),
                      "affinity.queries": ok.sum(axis=-1), "_unit": (share.sum(axis=(1, 2)), chance.sum(axis=(1, 2))),
-                     "_rows": (attn.mean(axis=1), same, regular, cosines)})
+                     "_same": same.astype(np.float64)})
         return adds
 
-    def _rows(self, name: str, record: Record, head_mean: np.ndarray, same: np.ndarray, queries: np.ndarray,
-              cosine: np.ndarray | None = None) -> None:
-        """Add the image's mean over its rows of the within-row (partial) rank correlation of
-        attention with "same cluster as the query" (rows where the key clusters do not vary are undefined)."""
-        keys = other_keys(queries)
-        if keys.shape[1] < MIN_ROW_KEYS:
+    def _rows(self, name: str, record: Record, same: np.ndarray) -> None:
+        """Add the image's mean over its rows of the within-row (partial) correlation of attention with
+        "same cluster as the query" ``same [N, N]`` (rows where the key clusters do not vary are undefined)."""
+        rows = encoder_rows(record, name != "cluster")
+        if rows is None or not rows.usable:
             self.sums.add(f"rows.{name}.too_few_objects", 1)
             return
-        q = queries[:, None]
-        weights, member = head_mean[:, q, keys], same[q, keys].astype(np.float64)[None]
-        if cosine is None:
-            r, defined = rank_correlation(weights, member)
-        else:
-            r, defined = partial_attention_correlation(weights, member, cosine[q, keys][None])
-        total, rows = mean_over_rows(r, defined)
-        if not rows.any():
+        total, count = mean_over_rows(*rows.correlation(same))
+        if not count.any():
             self.sums.add(f"rows.{name}.no_ranked_row", 1)
-        self.means.add(self.sums, f"per_image.{name}", record.image_id, total, rows, describe(record))
+        self.means.add(self.sums, f"per_image.{name}", record.image_id, total, count, describe(record))
 
     def _flush(self) -> None:
         self._fit()
