@@ -1,13 +1,12 @@
-"""Rank correlations *within attention rows*: the controlled measures' building block.
+"""Correlations *within attention rows*: the controlled measures' building block.
 
-A query's attention row is compared with a property of its keys (distance, same cluster) using
-the ranks inside that row only, so that what differs between rows and images (their number of
-keys, hence the level 1/N of their weights) never mixes into the correlation, as it does when
-pairs of all images are pooled. The partial version removes, from both the attention's and the
-property's ranks, what the within-row ranks of a third variable (feature similarity) explain
-linearly (on the scale of the attention logits: see :func:`partial_attention_correlation`), so
-attention that follows similarity alone correlates 0 with distance even where distance and
-similarity are linked.
+A query's attention row is compared with a property of its keys (distance, same cluster) inside
+that row only, so that what differs between rows and images (their number of keys, hence the
+level 1/N of their weights) never mixes into the correlation, as it does when pairs of all images
+are pooled. Plain: Spearman's rho (:func:`rank_correlation`). Partial: the log weights (the
+logits up to a constant) and the ranks of the property, each with a third variable (feature
+similarity) regressed out linearly (:func:`partial_attention_correlation`), so attention that
+follows similarity alone correlates 0 with distance even where distance and similarity are linked.
 
 Arrays hold rows along the last axis: ``[..., K]`` (K keys); ties get average ranks.
 """
