@@ -251,8 +251,11 @@ def planted_curve(section: dict, values_key, unc_key, values, se):
 
 def with_curves(base, seed, *, entropy=None, spearman=None, affinity=None, grounding=None, follow=None,
                 same_step=None, noise=0.0, se=0.005):
-    """``base`` (a real analysis.json dict) with planted by-layer values (plus per-seed noise)."""
+    """``base`` (a real analysis.json dict) with planted by-layer values (plus per-seed noise), without
+    the controlled measures (an analysis.json written before them: the findings' fallback path)."""
     a = copy.deepcopy(base)
+    a["proximity"].pop("per_image", None), a["thematic"].pop("per_image", None)
+    a["grounding"].pop("referent_effect", None)
     jitter = np.random.default_rng(seed).normal(0, noise, size=L) if noise else np.zeros(L)
     if spearman is not None:
         a["proximity"]["spearman_distance"] = list(np.add(spearman, jitter))
@@ -547,6 +550,10 @@ def with_controlled(base, seed, *, distance=None, given_similarity=None, referen
 
 def test_findings_read_the_controlled_measures_when_present(analyses):
     base = analyses["flat"][0]
+    # geocap.analysis writes them: the summary of a real analysis.json reads each one
+    assert attention_summary(base)["measures"] == {"proximity": "per_image.distance_given_similarity",
+                                                   "thematic": "per_image.cluster_given_similarity",
+                                                   "grounding": "referent_effect"}
     # the pooled Spearman says 'holds'; the controlled measures say otherwise, and they decide
     naive = dict(spearman=[-0.5, -0.3, -0.1], affinity=[1.6, 1.3, 1.05], grounding=[0.16, 0.22, 0.29])
     trained = [attention_summary(with_controlled(with_curves(base, s, **naive), s, distance=[-0.4, -0.2, -0.1],
