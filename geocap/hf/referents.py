@@ -16,11 +16,12 @@ words are not grounded: their referent is unknown, -1). A plural noun names all 
 instances, as a singular one does (COCO does not say which instance a caption meant).
 
 Tokens to words: a captioner's tokens are sub-words; the word a token starts is read off the
-tokenizer's own decoding of the caption's prefixes (a token starts a word when the text it adds
-begins with white space, or is the caption's first), so any tokenizer works (BPE, WordPiece,
-word-level). The referent goes on the token that starts the word: row t of a decoder map is the
-step that predicts ``tokens[t]``, and the step that predicts a word's first piece is where the
-model commits to the word.
+tokenizer's own decoding of the caption's prefixes (a token starts a word when the decoded prefix
+ending with it holds one more word than the one before it), so any tokenizer works (byte-level BPE,
+SentencePiece, WordPiece, word-level), a bare space token included. The referent goes on the token
+that starts the word (its first token with letters, not a lone space token): row t of a decoder
+map is the step that predicts ``tokens[t]``, and the step that predicts a word's first letters is
+where the model commits to the word.
 """
 from __future__ import annotations
 
@@ -72,17 +73,21 @@ class CategoryWords:
 
 def word_starts(ids: Sequence[int], tokenizer) -> tuple:
     """``(words, starts)``: the words of the decoded caption ``ids`` (split on white space) and per
-    token the index of the word it starts, -1 for a token inside a word or one that adds no text
-    (special tokens)."""
-    starts, text, count = [], "", 0
+    token the index of the word it starts, -1 for a token inside a word or one that adds no text.
+
+    A token starts a word when the tokenizer's decoding of the caption up to it holds more words
+    than the decoding up to the token before: so a token that adds only white space (byte-level
+    BPE's lone ``'Ġ'``, SentencePiece's lone ``'▁'``) starts none, and the word's first token
+    with letters starts it; special tokens (skipped in decoding) and sub-word pieces start none.
+    A token that adds several words starts the first of them."""
+    starts, count = [], 0
     for k in range(len(ids)):
-        new_text = tokenizer.decode(list(ids[:k + 1]), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        added = new_text[len(text):] if new_text.startswith(text) else new_text
-        begins = bool(added.strip()) and (not text.strip() or added[:1].isspace() or not new_text.startswith(text))
-        starts.append(count if begins else -1)
-        count += int(begins)
-        text = new_text
-    return text.split(), starts
+        text = tokenizer.decode(list(ids[:k + 1]), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        now = len(text.split())
+        starts.append(count if now > count else -1)
+        count = max(count, now)
+    words = tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False).split()
+    return words, starts
 
 
 def category_regions(grid: PatchGrid, instances: Sequence[tuple]) -> dict:
