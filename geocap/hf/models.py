@@ -10,11 +10,6 @@ from the same submodule calls its ``forward`` makes.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 from .patches import PatchGrid
@@ -27,29 +22,13 @@ class UnsupportedModel(ValueError):
 
 
 def import_transformers():
-    """``transformers``, importable from anywhere.
-
-    transformers imports the ``kernels`` distribution (Hugging Face's hub kernels) when it is
-    installed; run from the repository root (``python -m pytest``, ``python -c``), the current
-    folder comes first on ``sys.path`` and its ``kernels/`` (geocap's own, installed as
-    ``geocap.kernels``) would be taken for it. So the installed ``kernels`` is imported first,
-    with this repository's root out of the way.
-    """
+    """``transformers``, or an ImportError saying how to install it. (Run from the repository
+    root, ``import kernels`` inside transformers 5 gets Hugging Face's ``kernels``, not geocap's
+    ``kernels/`` folder: that folder's ``__init__`` hands the name over, see ``geocap.kernels``.)"""
     try:
         import transformers
     except ImportError as e:
         raise ImportError("geocap.hf needs transformers: pip install 'geocap[hf]'") from e
-    if "kernels" not in sys.modules:
-        repo_root = Path(__file__).resolve().parents[2]
-        spec = importlib.util.find_spec("kernels")
-        if spec is not None and spec.origin and Path(spec.origin).resolve().parent == repo_root / "kernels":
-            saved = list(sys.path)
-            sys.path[:] = [p for p in saved if Path(p or ".").resolve() != repo_root]
-            try:
-                if importlib.util.find_spec("kernels") is not None:
-                    importlib.import_module("kernels")
-            finally:
-                sys.path[:] = saved
     return transformers
 
 
