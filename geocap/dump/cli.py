@@ -122,8 +122,11 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
                              "or inline in the model's process; the shards are identical")
     parser.add_argument("--shard-images", type=int, default=256, help="images per shard (default 256)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    parser.add_argument("--beam-size", type=int, default=3, help="generated mode: beams (1 = greedy; default 3)")
-    parser.add_argument("--max-len", type=int, default=20, help="generated mode: at most this many tokens")
+    parser.add_argument("--beam-size", type=int, default=None,
+                        help="generated mode: beams (1 = greedy; default 3, --hf: the model's generation_config)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="generated mode: at most this many tokens (default 20, --hf: the model's "
+                             "generation_config)")
     parser.add_argument("--limit", type=int, default=0, metavar="N", help="the first N images only (0: all)")
     parser.add_argument("--clusters", type=int, default=8,
                         help="k-means clusters of the features when the data has no ground truth (0: none)")

@@ -20,6 +20,7 @@ from geocap.dump.writer import COMPRESSIONS
 from geocap.out_dir import check_out_dir
 
 MODES = ("teacher-forced", "generated")
+DEFAULT_BEAM_SIZE, DEFAULT_MAX_LEN = 3, 20     # a geocap checkpoint's decoding when not given
 WRITERS = ("process", "inline")     # the shard writer in a child process (default) or in this one
 WHAT_NAMES = ("encoder", "decoder", "cross")
 
@@ -54,8 +55,8 @@ class DumpOptions:
     compression: str = "lzf"
     shard_images: int = 256
     batch_size: int = 16
-    beam_size: int = 3
-    max_len: int = 20
+    beam_size: Optional[int] = None       # None: the model's own (a geocap checkpoint: DEFAULT_BEAM_SIZE; a
+    max_len: Optional[int] = None         # Hugging Face captioner: its generation_config)
     limit: int = 0
     clusters: int = 8
     cluster_sample: int = 20000
@@ -72,7 +73,8 @@ class DumpOptions:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
         for name, low in (("shard_images", 1), ("batch_size", 1), ("beam_size", 1), ("max_len", 1), ("limit", 0),
                           ("clusters", 0), ("cluster_sample", 1)):
-            _check_int(name, getattr(self, name), low)
+            if getattr(self, name) is not None or name not in ("beam_size", "max_len"):
+                _check_int(name, getattr(self, name), low)
         if self.writer not in WRITERS:
             raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {self.writer!r}")
         return dataclasses.replace(self, what=what)
@@ -172,6 +174,8 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     from geocap.dump.source import kmeans_centroids
 
     o = options.checked()
+    o = dataclasses.replace(o, beam_size=DEFAULT_BEAM_SIZE if o.beam_size is None else o.beam_size,
+                            max_len=DEFAULT_MAX_LEN if o.max_len is None else o.max_len)
     rank, world_size = check_rank(rank, world_size)
     checkpoint = os.path.abspath(os.fspath(checkpoint))
     if not os.path.isfile(checkpoint):

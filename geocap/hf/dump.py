@@ -4,7 +4,8 @@ same manifest, shard writer, settings check on resume, torchrun sharding and pro
 
 What is recorded per image (:func:`geocap.hf.record_captions`): its reference captions
 (``mode="teacher-forced"``, from the COCO captions file) or the model's own caption
-(``mode="generated"``: ``generate()`` with ``num_beams=beam_size`` and ``max_new_tokens=max_len``),
+(``mode="generated"``: the model's own ``generate()``, following its saved ``generation_config``
+unless ``beam_size`` (``num_beams``) or ``max_len`` (``max_new_tokens``) are given),
 teacher-forced. Objects are the encoder's image tokens (class/register tokens flagged in
 ``extra["special_objects"]``, then the patch grid, ``extra["patch_grid"]``); ``extra`` also holds
 the image's ``file_name`` and its size in pixels (the file's, not the processor's: the boxes are
@@ -200,6 +201,18 @@ def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, 
                       todo=shares.todo, skipped=shares.skipped, redone=shares.redone)
 
 
+def generate_kwargs(options: DumpOptions) -> dict:
+    """The arguments of ``generate()`` beyond the model's own ``generation_config``: ``num_beams``
+    when ``beam_size`` is given, ``max_new_tokens`` when ``max_len`` is (with ``max_length=None``, so
+    a ``max_length`` in the model's config neither competes nor warns at every image)."""
+    kwargs = {}
+    if options.beam_size is not None:
+        kwargs["num_beams"] = options.beam_size
+    if options.max_len is not None:
+        kwargs.update(max_new_tokens=options.max_len, max_length=None)
+    return kwargs
+
+
 def hf_recorder(plan: HFDumpPlan, model, image_processor, tokenizer, device):
     """``record_images(positions)``: the plan's images at those positions through the model, per
     image its list of Records (references or its own caption, referents from the instances)."""
@@ -212,7 +225,7 @@ def hf_recorder(plan: HFDumpPlan, model, image_processor, tokenizer, device):
         ids = [int(images.image_ids[i]) for i in positions]
         if o.mode == "generated":
             per_image = record_captions(model, pixels, image_ids=ids, generate=True, tokenizer=tokenizer, what=o.what,
-                                        generate_kwargs={"num_beams": o.beam_size, "max_new_tokens": o.max_len})
+                                        generate_kwargs=generate_kwargs(o))
         else:
             per_image = record_captions(model, pixels, image_ids=ids, tokenizer=tokenizer, what=o.what,
                                         captions=[images.captions[i] for i in positions])
