@@ -8,8 +8,11 @@ What is recorded per image (:func:`geocap.hf.record_captions`): its reference ca
 unless ``beam_size`` (``num_beams``) or ``max_len`` (``max_new_tokens``) are given),
 teacher-forced. Objects are the encoder's image tokens (class/register tokens flagged in
 ``extra["special_objects"]``, then the patch grid, ``extra["patch_grid"]``); ``extra`` also holds
-the image's ``file_name`` and its size in pixels (the file's, not the processor's: the boxes are
-normalised, and the processors geocap supports resize the whole image without cropping).
+the image's ``file_name`` and its size in pixels (the file's, upright by its EXIF orientation,
+not the processor's). The patches' boxes are in the original image's normalised coordinates:
+over the whole image, or, for a processor that centre-crops (DeiT, CLIP), over the window it
+kept (:mod:`geocap.hf.crop`; the patch boxes' bounding box), and referents are computed there; a
+processor whose geometry geocap cannot map (padding, ``longest_edge``) is refused.
 With an instances file, captions' nouns get referents: regions of patches
 (:mod:`geocap.hf.referents`, ``extra["referent_objects"]``). No labels, no clusters (patches have
 no category; the thematic analysis reports them missing), no hypothetical captions.
@@ -37,6 +40,7 @@ from geocap.dump.record_builder import WHAT
 from geocap.dump.result import DumpResult, summarize
 from geocap.out_dir import check_out_dir
 
+from .crop import processor_window
 from .images import ImageSet, load_image_set, read_image
 from .models import SUPPORTED, UnsupportedModel, captioner_for, import_transformers
 from .patches import PatchGrid
@@ -218,6 +222,7 @@ def hf_recorder(plan: HFDumpPlan, model, image_processor, tokenizer, device):
     image its list of Records (references or its own caption, referents from the instances)."""
     o, images = plan.options, plan.images
     category_words = CategoryWords(images.categories) if images.categories else None
+    patch = captioner_for(model).patch
 
     def record_images(positions):
         pictures = [read_image(images.path(i), int(images.image_ids[i])) for i in positions]
@@ -231,11 +236,13 @@ def hf_recorder(plan: HFDumpPlan, model, image_processor, tokenizer, device):
                                         captions=[images.captions[i] for i in positions])
         for position, picture, records in zip(positions, pictures, per_image):
             image_id = int(images.image_ids[position])
+            grid = _image_grid(image_processor, picture, records[0], patch, image_id)
+            boxes = grid.boxes()
             regions = None
             if category_words is not None:
-                grid = PatchGrid(*records[0].extra["patch_grid"], prefix=len(records[0].extra["special_objects"]))
                 regions = category_regions(grid, images.instances.get(image_id, []))
             for record in records:
+                record.boxes = boxes
                 record.extra.update(file_name=images.files[position], width=picture.width, height=picture.height)
                 token_ids = record.extra.pop("token_ids")   # the shard's vocabulary is in id order: ids are kept
                 if not o.features:
@@ -249,6 +256,20 @@ def hf_recorder(plan: HFDumpPlan, model, image_processor, tokenizer, device):
         return per_image
 
     return record_images
+
+
+def _image_grid(image_processor, picture, record, patch: tuple, image_id: int) -> PatchGrid:
+    """The patch grid of a record's image in the original image's coordinates: over the window its
+    processor kept (:mod:`geocap.hf.crop`), cut to the whole patches the encoder saw."""
+    (x1, y1, x2, y2), (height, width) = processor_window(image_processor, picture.width, picture.height)
+    got = (record.extra["height"], record.extra["width"])
+    if got != (height, width):
+        raise ValueError(f"image {image_id}: the image processor {type(image_processor).__name__} gave "
+                         f"{got[0]}x{got[1]} pixels where its settings give {height}x{width}: geocap.hf cannot tell "
+                         f"which part of the image the model saw")
+    rows, cols = record.extra["patch_grid"]
+    window = (x1, y1, x1 + (x2 - x1) * cols * patch[1] / width, y1 + (y2 - y1) * rows * patch[0] / height)
+    return PatchGrid(rows, cols, prefix=len(record.extra["special_objects"]), window=window)
 
 
 def dump_hf(model_dir, images_dir, out, options: Optional[DumpOptions] = None, *, captions=None, instances=None,
@@ -272,6 +293,7 @@ def dump_hf(model_dir, images_dir, out, options: Optional[DumpOptions] = None, *
     dev = distributed.resolve_device(device)
     model_dir = os.path.abspath(os.fspath(model_dir))
     model, image_processor, tokenizer, name = load_captioner(model_dir, dev)
+    processor_window(image_processor, 640, 480)         # an image processor geocap cannot map: refused now
     plan = plan_hf_dump(model, tokenizer, name, model_dir, images, out, options, rank=rank, world_size=world_size)
     result = DumpResult(path=plan.out, rank=plan.rank, world_size=plan.world_size, shards_skipped=plan.skipped,
                         shards_redone=plan.redone)

@@ -150,11 +150,19 @@ def load_image_set(folder, *, captions=None, instances=None, limit: int = 0) -> 
 
 
 def read_image(path: str, image_id: int):
-    """The image file as an RGB ``PIL.Image``; ValueError naming the image id and the file."""
-    from PIL import Image, UnidentifiedImageError
+    """The image file as an RGB ``PIL.Image``, as a browser shows it: turned upright by its EXIF
+    orientation (``ImageOps.exif_transpose``), and 16-bit grey levels scaled to 8 bits (``/ 257``,
+    rounded; PIL's own RGB conversion clips them to white). ValueError naming the image id and the file."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                grey = np.asarray(image, dtype=np.float64)
+                if grey.size and (grey.min() < 0 or grey.max() > 65535):
+                    raise ValueError(f"image {image_id}: {path}: grey levels outside 16 bits ({image.mode})")
+                image = Image.fromarray(np.round(grey / 257.0).astype(np.uint8), mode="L")
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as err:
         raise ValueError(f"image {image_id}: cannot read {path} ({err})") from None

@@ -9,8 +9,9 @@ referent. No synonym list: "man" does not name COCO's "person", so grounding on 
 the nouns that are category names (the analysis reports how many tokens it grounded).
 
 Regions: a category present in the image is the region of every patch whose grid cell's centre
-lies inside one of the category's instance boxes (at least the patch holding each box's centre,
-so a small object still has one); the special tokens are never in a region. A word names the
+lies inside one of the category's instance boxes (at least the patch holding the centre of each
+box's part in the grid's window, so a small object still has one); the special tokens are never
+in a region. A box wholly outside the window (cropped away by the processor) gives no patch. A word names the
 region of its category in the image, or nothing when the image has no instance of it (such
 words are not grounded: their referent is unknown, -1). A plural noun names all the category's
 instances, as a singular one does (COCO does not say which instance a caption meant).
@@ -95,12 +96,16 @@ def category_regions(grid: PatchGrid, instances: Sequence[tuple]) -> dict:
     module doc). ``instances``: ``(category id, (x1, y1, x2, y2) normalised)`` per object."""
     boxes = grid.boxes()[grid.prefix:].astype(np.float64)
     centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    wx1, wy1, wx2, wy2 = (float(v) for v in grid.window)
     regions: dict = {}
     for cid, (x1, y1, x2, y2) in instances:
+        if x2 <= wx1 or x1 >= wx2 or y2 <= wy1 or y1 >= wy2:
+            continue                            # outside what the model saw (a cropped-away object)
         inside = ((centres[:, 0] >= x1) & (centres[:, 0] <= x2) & (centres[:, 1] >= y1) & (centres[:, 1] <= y2))
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        col = min(grid.cols - 1, max(0, int(cx * grid.cols)))
-        row = min(grid.rows - 1, max(0, int(cy * grid.rows)))
+        cx = (min(max(x1, wx1), wx2) + min(max(x2, wx1), wx2)) / 2 - wx1     # the centre of its visible part,
+        cy = (min(max(y1, wy1), wy2) + min(max(y2, wy1), wy2)) / 2 - wy1     # in the window's coordinates
+        col = min(grid.cols - 1, max(0, int(cx / (wx2 - wx1) * grid.cols)))
+        row = min(grid.rows - 1, max(0, int(cy / (wy2 - wy1) * grid.rows)))
         inside[row * grid.cols + col] = True
         regions.setdefault(int(cid), set()).update((np.flatnonzero(inside) + grid.prefix).tolist())
     return {cid: sorted(members) for cid, members in sorted(regions.items())}
