@@ -38,7 +38,8 @@ def run_dump(args: argparse.Namespace) -> int:
                           hypothetical=False if args.no_hypothetical or hf else None, features=args.features,
                           compression=args.compression, shard_images=args.shard_images, batch_size=args.batch_size,
                           beam_size=args.beam_size, max_len=args.max_len, limit=args.limit, clusters=args.clusters,
-                          features_file=args.features_file, captions=args.captions or "caps", writer=args.writer)
+                          features_file=args.features_file, captions=args.captions or "caps", writer=args.writer,
+                          on_error=args.on_error)
     collector = None
     if args.stats_only:
         from geocap.analysis import StatsCollector as collector
@@ -127,6 +128,9 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-len", type=int, default=None,
                         help="generated mode: at most this many tokens (default 20, --hf: the model's "
                              "generation_config)")
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="--hf: a bad image stops the dump naming it (raise, default), or is left out, listed with "
+                             "its reason in manifest.json and counted in the summary (skip)")
     parser.add_argument("--limit", type=int, default=0, metavar="N", help="the first N images only (0: all)")
     parser.add_argument("--clusters", type=int, default=8,
                         help="k-means clusters of the features when the data has no ground truth (0: none)")

@@ -21,7 +21,8 @@ from geocap.out_dir import check_out_dir
 
 MODES = ("teacher-forced", "generated")
 DEFAULT_BEAM_SIZE, DEFAULT_MAX_LEN = 3, 20     # a geocap checkpoint's decoding when not given
-WRITERS = ("process", "inline")     # the shard writer in a child process (default) or in this one
+WRITERS = ("process", "inline")
+ON_ERROR = ("raise", "skip")     # the shard writer in a child process (default) or in this one
 WHAT_NAMES = ("encoder", "decoder", "cross")
 
 __all__ = ["DumpOptions", "DumpPlan", "MODES", "ShardShares", "WHAT_NAMES", "WRITERS", "assign_shards", "check_rank",
@@ -63,6 +64,7 @@ class DumpOptions:
     features_file: str = "features.h5"
     captions: str = "caps"
     writer: str = "process"
+    on_error: str = "raise"           # a bad image (--hf dumps): "raise" stops naming it, "skip" leaves it out
 
     def checked(self) -> "DumpOptions":
         """These options with ``what`` as a tuple in canonical order; ValueError naming a bad one."""
@@ -75,6 +77,8 @@ class DumpOptions:
                           ("clusters", 0), ("cluster_sample", 1)):
             if getattr(self, name) is not None or name not in ("beam_size", "max_len"):
                 _check_int(name, getattr(self, name), low)
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
         if self.writer not in WRITERS:
             raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {self.writer!r}")
         return dataclasses.replace(self, what=what)
@@ -174,6 +178,9 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     from geocap.dump.source import kmeans_centroids
 
     o = options.checked()
+    if o.on_error != "raise":
+        raise ValueError("on_error skip (--on-error skip) is for Hugging Face captioners' dumps (--hf); a geocap "
+                         "checkpoint's dump reads a feature store (geocap prepro --on-error skips bad images)")
     o = dataclasses.replace(o, beam_size=DEFAULT_BEAM_SIZE if o.beam_size is None else o.beam_size,
                             max_len=DEFAULT_MAX_LEN if o.max_len is None else o.max_len)
     rank, world_size = check_rank(rank, world_size)

@@ -33,8 +33,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 
 from geocap.data.dump_format import MANIFEST
+from geocap.dump.manifest import add_skipped
 from geocap.dump.plan import DumpOptions, assign_shards, check_rank, resolve_options
 from geocap.dump.record_builder import WHAT
 from geocap.dump.result import DumpResult, summarize
@@ -80,6 +82,21 @@ def _model_class(folder: str) -> str:
     return known[0]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def _check_parts(folder: str) -> None:
+    """ValueError naming the folder when its tokenizer or image processor was not saved in it
+    (transformers would otherwise guess at conversions and ask for unrelated packages)."""
+    for what, names, call in (("tokenizer", TOKENIZER_FILES, "tokenizer.save_pretrained(MODEL_DIR)"),
+                              ("image processor", PROCESSOR_FILES, "image_processor.save_pretrained(MODEL_DIR)")):
+        if not any(os.path.isfile(os.path.join(folder, n)) for n in names):
+            raise ValueError(f"--hf: {folder}: no {what} saved there (none of {', '.join(names)}); save it beside "
+                             f"the model with {call}")
+
+
 def load_captioner(folder, device="cpu") -> tuple:
     """``(model, image processor, tokenizer, class name)`` of a saved captioner folder: the model in
     eval mode with eager attention (so it returns its maps), safetensors weights only."""
@@ -88,6 +105,7 @@ def load_captioner(folder, device="cpu") -> tuple:
     if not os.path.isdir(folder):
         raise ValueError(f"--hf: {folder}: no such directory")
     name = _model_class(folder)
+    _check_parts(folder)
     try:
         model = getattr(transformers, name).from_pretrained(folder, attn_implementation="eager",
                                                             use_safetensors=True)
@@ -164,9 +182,17 @@ def _layers_heads(model, name: str) -> tuple:
 
 
 def _check_mode(options: DumpOptions, images: ImageSet) -> None:
-    if images.captions is None and options.mode == "teacher-forced":
+    if options.mode != "teacher-forced":
+        return
+    if images.captions is None:
         raise ValueError("mode teacher-forced needs reference captions (--captions COCO_JSON); without them use "
                          "--mode generated")
+    bare = [k for k, texts in enumerate(images.captions) if not texts]
+    if bare:
+        k = bare[0]
+        raise ValueError(f"--captions: {images.captions_file}: image {int(images.image_ids[k])} ({images.files[k]}) "
+                         f"has no caption ({len(bare)} such images): teacher-forced mode records reference captions; "
+                         f"give it captions, leave it out of the images list, or use --mode generated")
 
 
 def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, out, options: DumpOptions, *,
@@ -217,16 +243,46 @@ def generate_kwargs(options: DumpOptions) -> dict:
     return kwargs
 
 
+def _read_and_process(plan: HFDumpPlan, positions: list, image_processor) -> tuple:
+    """``(positions kept, pictures, pixel_values [B, 3, H, W] or None)``: each image read and
+    processed alone; a bad one raises (ValueError naming it), or with ``on_error="skip"`` is left
+    out and listed in the manifest's ``skipped_images`` with its reason."""
+    images, kept, pictures, pixels, skipped = plan.images, [], [], [], {}
+    for position in positions:
+        image_id = int(images.image_ids[position])
+        try:
+            picture = read_image(images.path(position), image_id)
+            try:
+                pixels.append(image_processor(images=[picture], return_tensors="pt")["pixel_values"])
+            except (ValueError, TypeError, OSError) as err:
+                raise ValueError(f"image {image_id}: {images.path(position)}: the image processor refused it "
+                                 f"({err})") from None
+        except ValueError as err:
+            if plan.options.on_error != "skip":
+                raise
+            skipped[str(image_id)] = {"file": images.files[position], "reason": str(err),
+                                      "shard": position // plan.options.shard_images}
+            continue
+        kept.append(position)
+        pictures.append(picture)
+    if skipped:
+        add_skipped(plan.out, skipped)
+    return kept, pictures, torch.cat(pixels) if pixels else None
+
+
 def hf_recorder(plan: HFDumpPlan, model, image_processor, tokenizer, device):
     """``record_images(positions)``: the plan's images at those positions through the model, per
-    image its list of Records (references or its own caption, referents from the instances)."""
+    image its list of Records (references or its own caption, referents from the instances); an
+    image left out by ``on_error="skip"`` has no entry."""
     o, images = plan.options, plan.images
     category_words = CategoryWords(images.categories) if images.categories else None
     patch = captioner_for(model).patch
 
     def record_images(positions):
-        pictures = [read_image(images.path(i), int(images.image_ids[i])) for i in positions]
-        pixels = image_processor(images=pictures, return_tensors="pt")["pixel_values"].to(device)
+        positions, pictures, pixels = _read_and_process(plan, positions, image_processor)
+        if not positions:
+            return []
+        pixels = pixels.to(device)
         ids = [int(images.image_ids[i]) for i in positions]
         if o.mode == "generated":
             per_image = record_captions(model, pixels, image_ids=ids, generate=True, tokenizer=tokenizer, what=o.what,
@@ -297,6 +353,9 @@ def dump_hf(model_dir, images_dir, out, options: Optional[DumpOptions] = None, *
     plan = plan_hf_dump(model, tokenizer, name, model_dir, images, out, options, rank=rank, world_size=world_size)
     result = DumpResult(path=plan.out, rank=plan.rank, world_size=plan.world_size, shards_skipped=plan.skipped,
                         shards_redone=plan.redone)
+    if images.unlisted:
+        result.notes.append(f"{len(images.unlisted)} image files of {images.folder} are not in the captions file's "
+                            f"images (first: {images.unlisted[0]}): left out")
     run_shards(plan, hf_recorder(plan, model, image_processor, tokenizer, dev), result,
                collector_class=stats_collector if options.stats_only else None, progress=progress)
     result.seconds = time.perf_counter() - t_start

@@ -44,10 +44,21 @@ def captioner_for(model):
 
 
 def _patch_size(config) -> tuple:
+    """The patch size of a ViT-like image encoder: one grid of patch tokens through every layer,
+    an int number of layers and of heads; :class:`UnsupportedModel` naming the encoder otherwise
+    (Swin's stages merge patches and have per-stage heads)."""
     size = getattr(config, "patch_size", None)
+    name = f"{type(config).__name__} ({getattr(config, 'model_type', '?')})"
     if size is None:
-        raise UnsupportedModel(f"image encoder {type(config).__name__} has no patch_size: geocap.hf records "
-                               f"patch encoders (ViT-like); supported: {', '.join(SUPPORTED)}")
+        raise UnsupportedModel(f"image encoder {name} has no patch_size: geocap.hf records patch encoders "
+                               f"(ViT-like: ViT, DeiT, BEiT, BLIP's); supported: {', '.join(SUPPORTED)}")
+    for key in ("num_hidden_layers", "num_attention_heads"):
+        value = getattr(config, key, None)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UnsupportedModel(f"image encoder {name} is not supported by geocap.hf: its {key} is {value!r}, "
+                                   f"not one number (hierarchical encoders such as Swin merge patches between "
+                                   f"stages, so there is no single patch grid); supported: ViT-like encoders "
+                                   f"(ViT, DeiT, BEiT, BLIP's)")
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
