@@ -19,7 +19,12 @@ Encoding (read by ``static/common.js``; the two must agree):
   tokens, objects that stand for no region (never drawn as a box; their weights are shown as
   numbers); ``"patch_grid"``: ``[rows, cols]``, the other objects being the patches in row-major
   order (row 0 at the top), so rows * cols + len(special_objects) = N. Both are checked against N
-  (``ValueError`` naming the image).
+  (``ValueError`` naming the image). ``"referent_objects"``: the regions (lists of object indices)
+  that ``referents`` index when the record has them (a referent is then a region, not an object).
+- Sub-word tokens (:mod:`geocap.view.words`): ``"pieces"`` (per token the text it shows) and
+  ``"word_of"`` (per token its word's index, -1 for a bare space token) and ``"words"`` (the
+  words, decoded), only when they differ from the tokens themselves; captions in the index and
+  the search words are the joined words.
 - Search words: lower-cased runs of letters, digits and ``_`` (``\\w+``); the bucket of a word is
   the 32-bit FNV-1a hash of its UTF-16 code units modulo the bucket count.
 """
@@ -32,6 +37,7 @@ import numpy as np
 
 from geocap.analysis.entropy import normalised_entropy
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
+from geocap.view.words import caption_words, token_words
 
 MAP_TITLES = {"encoder_self": "encoder self-attention", "decoder_self": "decoder self-attention",
               "cross": "cross-attention"}
@@ -52,11 +58,12 @@ def decode_f16(encoded: dict) -> np.ndarray:
 
 
 def caption_text(tokens) -> str:
-    """The caption as words: the tokens without the final ``"<eos>"``."""
-    words = list(tokens)
-    if words and words[-1] == "<eos>":
+    """The caption as words (sub-word pieces joined, :mod:`geocap.view.words`), without the final
+    ``"<eos>"``."""
+    words = caption_words(list(tokens))
+    if words and words[-1] == "<eos>" and str(list(tokens)[-1]) == "<eos>":
         words = words[:-1]
-    return " ".join(str(w) for w in words)
+    return " ".join(words)
 
 
 def words_of(text: str) -> list:
@@ -140,15 +147,22 @@ def encode_record(record: Record, label_names: dict, cache: dict | None = None) 
         out["entropy"][name] = _mean_normalised_entropy(record, name)
     out["num_objects"] = n
     out.update(patch_fields(record))
+    pieces, word_of = token_words(out["tokens"])
+    if pieces != out["tokens"] or word_of != list(range(len(word_of))):
+        out["pieces"], out["word_of"], out["words"] = pieces, word_of, caption_words(out["tokens"])
     return out
 
 
 def patch_fields(record: Record) -> dict:
-    """``{"special_objects": [...] sorted, "patch_grid": [rows, cols]}`` from ``record.extra`` (each
-    key only when the record has it; lists or numpy arrays alike), as plain ints. The values are
+    """``{"special_objects": [...] sorted, "patch_grid": [rows, cols], "referent_objects": [[...]]}``
+    from ``record.extra`` (each key only when the record has it; lists or numpy arrays alike), as
+    plain ints (``referent_objects``: the regions ``referents`` index, in patch records). The values are
     checked by ``Record.validate`` (the record contract), which ``encode_record`` runs first."""
     extra = record.extra or {}
     out = {}
+    if extra.get("referent_objects") is not None:
+        out["referent_objects"] = [[int(i) for i in np.asarray(region).reshape(-1)]
+                                   for region in extra["referent_objects"]]
     if extra.get("special_objects") is not None:
         out["special_objects"] = sorted(int(i) for i in np.asarray(extra["special_objects"]).reshape(-1))
     if extra.get("patch_grid") is not None:

@@ -8,7 +8,8 @@ from the network):
 - ``data/manifest.js``: totals, the index pages' id ranges, the word-bucket count, label and
   report information, the colour of each attention kind (``geocap.analysis.plotting.ATTENTION_COLOURS``, as the report draws them);
 - ``data/index/pNNNNN.js``: one index page (``page_size`` images, sorted by id): per image its
-  id, object count, captions and whether an image file is known;
+  id, object count (and, for a patch encoder, ``patches``: [patches, special tokens]), captions
+  (sub-word pieces joined into words) and whether an image file is known;
 - ``data/words/bNNNN.js``: one bucket of the word index, ``{word: delta-encoded sorted image ids}``;
 - ``data/img/<id % 1000 as 3 digits>/<id>.js``: everything the image page shows for one image
   (all its records as ``geocap.view.encode.encode_record`` encodes them, with a patch encoder's
@@ -184,8 +185,12 @@ class _Builder:
         value = _pack_image(image_id, encoded, size, href)
         _write_js(path, key, value)
         captions = [[rec["kind"], caption_text(rec["tokens"])] for rec in value["records"]]
-        self.summaries[image_id] = {"id": image_id, "n": value["records"][0]["num_objects"],
-                                    "caps": captions, "img": href is not None}
+        first = value["records"][0]
+        self.summaries[image_id] = {"id": image_id, "n": first["num_objects"], "caps": captions,
+                                    "img": href is not None}
+        if first.get("patch_grid"):             # a patch encoder's tokens: patches and special tokens
+            self.summaries[image_id]["patches"] = [first["patch_grid"][0] * first["patch_grid"][1],
+                                                   len(first.get("special_objects", []))]
         for _, text in captions:
             for word in words_of(text):
                 self.words.setdefault(word, set()).add(image_id)
@@ -289,8 +294,10 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
             builder.flush(current, encoded, extras)
         if not builder.summaries:
             raise ValueError("no records to view (an empty dump, or --limit 0)")
-        builder.finish(page_size, title or metadata.get("title") or "attention dump", report_href,
-                       box_embedding(metadata))
+        embedding = box_embedding(metadata)
+        if metadata.get("source") == "hf":          # a Hugging Face captioner: image tokens are patches
+            embedding = "patches:" + str(metadata.get("model_class") or "Hugging Face captioner")
+        builder.finish(page_size, title or metadata.get("title") or "attention dump", report_href, embedding)
         write_text_atomic(tmp / MARKER, json.dumps({"format": "geocap-view", "version": FORMAT_VERSION,
                                                     "images": len(builder.summaries),
                                                     "records": builder.records}) + "\n")

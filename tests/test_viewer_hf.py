@@ -1,0 +1,136 @@
+"""The viewer on a Hugging Face captioner's dump (a tiny ViT + GPT-2 saved here with a byte-level BPE
+tokenizer, 2 encoder and 3 decoder layers), driven in headless Chromium: words rather than BPE
+pieces (shown grouped, searchable), the referent's region of patches outlined, "patches" wording,
+encoder and decoder layer pickers apart, an absolute shading scale, patches listed by weight."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="geocap.hf needs transformers (pip install 'geocap[hf]')")
+
+from hf_tokenizers import byte_level_bpe  # noqa: E402
+from test_viewer import _expected, _open, _select, _values, browser  # noqa: E402,F401  (its fixture)
+
+from geocap.data.dump_format import open_dump  # noqa: E402
+from geocap.hf.dump import dump_hf  # noqa: E402
+from geocap.hf.models import import_transformers  # noqa: E402
+from geocap.view import build_site  # noqa: E402
+
+transformers = import_transformers()
+IMAGE = 5
+CAPTIONS = ["two refrigerators and a bowl", "a cup on the table"]
+CATEGORIES = [{"id": 1, "name": "refrigerator"}, {"id": 2, "name": "bowl"}, {"id": 3, "name": "cup"}]
+BOXES = [(1, [0, 0, 24, 32]), (2, [30, 20, 10, 10]), (3, [40, 0, 8, 8])]      # pixels of a 48 x 32 image
+
+
+@pytest.fixture(scope="module")
+def hf_site(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp("hfview")
+    tok = byte_level_bpe(transformers)
+    torch.manual_seed(0)
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64),
+        transformers.GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=len(tok), add_cross_attention=True,
+                                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 1, 0, 2
+    model = transformers.VisionEncoderDecoderModel._from_config(config, attn_implementation="eager").eval()
+    model.generation_config.decoder_start_token_id, model.generation_config.eos_token_id = 1, 2
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "model")
+    (root / "images").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "images" / f"img_{IMAGE:04d}.png")
+    images = [{"id": IMAGE, "file_name": f"img_{IMAGE:04d}.png", "width": 48, "height": 32}]
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": [
+        {"id": k, "image_id": IMAGE, "caption": c} for k, c in enumerate(CAPTIONS)]}))
+    (root / "instances.json").write_text(json.dumps({"images": images, "categories": CATEGORIES, "annotations": [
+        {"id": k, "image_id": IMAGE, "category_id": c, "bbox": b, "iscrowd": 0} for k, (c, b) in enumerate(BOXES)]}))
+    dump_hf(root / "model", root / "images", root / "dump", captions=root / "captions.json",
+            instances=root / "instances.json", writer="inline", progress=False)
+    dump = open_dump(root / "dump", progress=False)
+    build_site(dump, root / "site", images_dir=root / "images", progress=False)
+    return root / "site", list(dump)
+
+
+def test_pieces_are_grouped_into_words_and_searched_as_words(browser, hf_site):
+    from selenium.webdriver.common.by import By
+    site, records = hf_site
+    assert records[0].tokens[:3] == ["two", "\u0120", "refrigerators"] and records[1].tokens[0] == "a"
+    _open(browser, (site / "index.html").as_uri() + "#q=refrigerators", "index")
+    assert browser.find_element(By.ID, "status").text == '1 image matches "refrigerators"'
+    meta = browser.find_element(By.CSS_SELECTOR, "#results .entry .meta").text
+    assert "16 patches + 1 special token" in meta and "objects" not in meta
+    captions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .caption")]
+    assert captions[0].endswith("two refrigerators and a bowl"), captions
+    header = browser.find_element(By.ID, "box-embedding").text
+    assert header == "image tokens: the patches of VisionEncoderDecoderModel (a patch encoder: no box geometry)"
+    _open(browser, (site / "image.html").as_uri() + f"#id={IMAGE}", "image")
+    option = browser.find_element(By.CSS_SELECTOR, "#record option").text
+    assert option == "reference #0: two refrigerators and a bowl"
+    words = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#tokens .word'), "
+        "w => Array.from(w.querySelectorAll('.token'), c => c.textContent));")
+    assert words == [["two"], ["\u2423"], ["refrigerators"], ["and"], ["a"], ["bowl"], ["<eos>"]]
+    assert browser.find_element(By.ID, "objects-title").text == "Patches"
+    assert "17 image tokens" in browser.find_element(By.ID, "status").text
+
+
+def test_the_referent_region_is_outlined(browser, hf_site):
+    from selenium.webdriver.common.by import By
+    site, records = hf_site
+    rec = records[0]
+    step = rec.tokens.index("refrigerators")
+    assert rec.referents[step] >= 0 and rec.referents[step - 1] == -1        # on the word, not on the space
+    region = rec.extra["referent_objects"][int(rec.referents[step])]
+    assert len(region) > 1
+    _open(browser, (site / "image.html").as_uri() + f"#id={IMAGE}&w={step}", "image")
+    outlined = browser.execute_script("return Array.from(document.querySelectorAll('#canvas rect.box.referent'), "
+                                      "b => Number(b.dataset.index)).sort((a, b) => a - b);")
+    assert outlined == sorted(region)
+    info = browser.find_element(By.ID, "shading-info").text
+    assert f"the word names a region of {len(region)} patches (outlined)" in info
+    assert 'predicting \u201crefrigerators\u201d, input \u201c\u2423\u201d' in info
+
+
+def test_encoder_and_decoder_layers_apart_and_the_absolute_scale(browser, hf_site):
+    from selenium.webdriver.common.by import By
+    site, records = hf_site
+    rec = records[0]
+    step = rec.tokens.index("bowl") if "bowl" in rec.tokens else 5
+    _open(browser, (site / "image.html").as_uri() + f"#id={IMAGE}&w={step}&dl=2", "image")
+    assert browser.find_element(By.ID, "dlayer-label").is_displayed()
+    assert browser.find_element(By.ID, "layer-name").text == "encoder layer"
+    assert [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#layer option")] == ["0", "1"]
+    assert [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#dlayer option")] == \
+        ["0", "1", "2"]
+    expected = _expected(rec.cross, 2, "mean", step)            # decoder layer 3: the one the hash asked for
+    shown = _values(browser, "rect.box", "data-index")
+    np.testing.assert_allclose([shown[i] for i in range(1, 17)], expected[1:], rtol=1e-3)
+    assert "decoder layer 3, mean over heads" in browser.find_element(By.ID, "shading-info").text
+    _select(browser, "layer", 1)                                # the encoder layer leaves the cross map alone
+    assert browser.execute_script("return location.hash;") == f"#id={IMAGE}&r=0&l=1&h=mean&dl=2&w={step}"
+    shown = _values(browser, "rect.box", "data-index")
+    np.testing.assert_allclose([shown[i] for i in range(1, 17)], expected[1:], rtol=1e-3)
+
+    def opacities():
+        return browser.execute_script(
+            "return Object.fromEntries(Array.from(document.querySelectorAll('#fills rect.fill'), "
+            "f => [f.dataset.index, Number(getComputedStyle(f).fillOpacity)]));")
+    relative = opacities()
+    assert max(relative.values()) == pytest.approx(0.7)
+    browser.find_element(By.ID, "absolute").click()
+    assert "s=abs" in browser.execute_script("return location.hash;")
+    absolute = opacities()
+    np.testing.assert_allclose([absolute[str(i)] for i in range(1, 17)], 0.7 * expected[1:], atol=2e-3)
+    assert max(absolute.values()) < 0.7 * expected[1:].max() + 2e-3 < 0.7
+    # the encoder picker drives a patch's encoder self-attention
+    browser.find_element(By.CSS_SELECTOR, 'rect.box[data-index="6"]').click()
+    shown = _values(browser, "rect.box", "data-index")
+    np.testing.assert_allclose([shown[i] for i in range(1, 17)], _expected(rec.encoder_self, 1, "mean", 6)[1:],
+                               rtol=1e-3)
+    assert "encoder layer 2, mean over heads" in browser.find_element(By.ID, "shading-info").text
