@@ -923,7 +923,7 @@ def test_records_without_patches_unchanged(browser, patch_site):
 
 def test_sub_word_pieces_are_shown_and_searched_as_words():
     from geocap.view.encode import caption_text
-    from geocap.view.words import caption_words, token_words
+    from geocap.data.token_words import caption_words, token_words
 
     byte_level = ["two", "\u0120", "refrigerators", "\u0120c", "up", "\u0120caf\u00c3", "\u00a9", "<eos>"]
     assert token_words(byte_level) == (["two", "\u2423", "refrigerators", "c", "up", "caf\ufffd", "\ufffd", "<eos>"],

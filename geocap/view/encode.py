@@ -21,7 +21,7 @@ Encoding (read by ``static/common.js``; the two must agree):
   order (row 0 at the top), so rows * cols + len(special_objects) = N. Both are checked against N
   (``ValueError`` naming the image). ``"referent_objects"``: the regions (lists of object indices)
   that ``referents`` index when the record has them (a referent is then a region, not an object).
-- Sub-word tokens (:mod:`geocap.view.words`): ``"pieces"`` (per token the text it shows) and
+- Sub-word tokens (:mod:`geocap.data.token_words`): ``"pieces"`` (per token the text it shows) and
   ``"word_of"`` (per token its word's index, -1 for a bare space token) and ``"words"`` (the
   words, decoded), only when they differ from the tokens themselves; captions in the index and
   the search words are the joined words.
@@ -37,7 +37,7 @@ import numpy as np
 
 from geocap.analysis.entropy import normalised_entropy
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
-from geocap.view.words import caption_words, token_words
+from geocap.data.token_words import caption_words, token_words
 
 MAP_TITLES = {"encoder_self": "encoder self-attention", "decoder_self": "decoder self-attention",
               "cross": "cross-attention"}
@@ -58,7 +58,7 @@ def decode_f16(encoded: dict) -> np.ndarray:
 
 
 def caption_text(tokens) -> str:
-    """The caption as words (sub-word pieces joined, :mod:`geocap.view.words`), without the final
+    """The caption as words (sub-word pieces joined, :mod:`geocap.data.token_words`), without the final
     ``"<eos>"``."""
     words = caption_words(list(tokens))
     if words and words[-1] == "<eos>" and str(list(tokens)[-1]) == "<eos>":
