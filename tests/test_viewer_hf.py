@@ -17,6 +17,7 @@ from geocap.data.dump_format import open_dump  # noqa: E402
 from geocap.hf.dump import dump_hf  # noqa: E402
 from geocap.hf.models import import_transformers  # noqa: E402
 from geocap.view import build_site  # noqa: E402
+from geocap.view.site import image_data_key  # noqa: E402
 
 transformers = import_transformers()
 IMAGE = 5
@@ -54,6 +55,8 @@ def hf_site(tmp_path_factory):
             instances=root / "instances.json", writer="inline", progress=False)
     dump = open_dump(root / "dump", progress=False)
     build_site(dump, root / "site", images_dir=root / "images", progress=False)
+    build_site(open_dump(root / "dump", progress=False), root / "top3", images_dir=root / "images", progress=False,
+               encoder_top_k=3)
     return root / "site", list(dump)
 
 
@@ -134,3 +137,37 @@ def test_encoder_and_decoder_layers_apart_and_the_absolute_scale(browser, hf_sit
     np.testing.assert_allclose([shown[i] for i in range(1, 17)], _expected(rec.encoder_self, 1, "mean", 6)[1:],
                                rtol=1e-3)
     assert "encoder layer 2, mean over heads" in browser.find_element(By.ID, "shading-info").text
+
+
+def test_encoder_maps_kept_as_top_k_with_the_error_stated(browser, hf_site):
+    from selenium.webdriver.common.by import By
+
+    from geocap.view.encode import encode_top_k
+    site, records = hf_site
+    top3 = site.parent / "top3"
+    def encoder(folder):
+        text = (folder / "data" / image_data_key(IMAGE)).read_text()
+        return json.loads(text[text.index(",") + 1:text.rindex(");")])["encoders"][0]
+    full, kept = encoder(site), encoder(top3)
+    assert "k" not in full and kept["k"] == 3
+    # 3 of 17 weights per row, 2 bytes each and 2 for its column: 12 / 34 of the bytes
+    assert len(kept["f16"]) + len(kept["idx"]) < 0.4 * len(full["f16"])
+    enc = records[0].encoder_self
+    stated = encode_top_k(enc, 3)
+    kept = np.sort(enc.astype(np.float32), axis=-1)[..., ::-1]
+    assert stated["max_missing"] == pytest.approx(float((1 - kept[..., :3].astype(np.float64).sum(-1)).max()),
+                                                  rel=1e-3)
+    assert stated["max_dropped"] == pytest.approx(float(kept[..., 3].max()), rel=1e-3)
+    _open(browser, (top3 / "image.html").as_uri() + f"#id={IMAGE}&l=1&o=6", "image")
+    notice = browser.find_element(By.ID, "top-k-notice").text
+    assert notice.startswith("Encoder self-attention kept as the 3 largest weights of each row")
+    assert f"misses at most {stated['max_missing']:.4f}" in notice
+    shown = _values(browser, "rect.box", "data-index")
+    row = enc[1, :, 6].astype(np.float64)                 # [H, N]: per head, its top 3 kept, the rest 0
+    top = np.argsort(-enc[1, :, 6].astype(np.float32), axis=-1, kind="stable")[:, :3]
+    expected = np.zeros_like(row)
+    np.put_along_axis(expected, top, np.take_along_axis(row, top, axis=-1), axis=-1)
+    np.testing.assert_allclose([shown[i] for i in range(1, 17)], expected.mean(axis=0)[1:], rtol=1e-3, atol=1e-7)
+    assert sum(v == 0 for v in shown.values()) > 0
+    _open(browser, (site / "image.html").as_uri() + f"#id={IMAGE}&l=1&o=6", "image")
+    assert not browser.find_elements(By.ID, "top-k-notice")

@@ -228,7 +228,8 @@ class _Builder:
 
 
 def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, report_href=None,
-               progress=True, page_size: int = DEFAULT_PAGE_SIZE, title=None, grouped: bool = False) -> SiteSummary:
+               progress=True, page_size: int = DEFAULT_PAGE_SIZE, title=None, grouped: bool = False,
+               encoder_top_k=None) -> SiteSummary:
     """Write the viewer for ``records`` (any iterable of :class:`~geocap.data.attention_record.Record`,
     e.g. ``geocap.data.dump_format.open_dump(path)``) to ``out_dir``, atomically; returns a
     :class:`SiteSummary`.
@@ -247,6 +248,9 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
     - ``report_href``: link to the analysis report, relative to ``out_dir`` (None: no link).
     - ``title``: the name the pages show (default ``metadata["title"]``, else "attention dump").
     - ``page_size``: images per index page.
+    - ``encoder_top_k``: keep only the k largest weights of each encoder self-attention row (a
+      patch encoder's N x N maps dominate the site's size); the pages state the error
+      (:func:`geocap.view.encode.encode_top_k`). None: whole maps.
     - Image sizes come from ``record.extra["width"]`` / ``["height"]``, else from the image file;
       without either the page draws a 4:3 canvas and says so.
 
@@ -259,6 +263,9 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+    if encoder_top_k is not None and (isinstance(encoder_top_k, bool) or not isinstance(encoder_top_k, int)
+                                      or encoder_top_k < 1):
+        raise ValueError(f"encoder_top_k must be a positive integer or None, got {encoder_top_k!r}")
     check_out_dir(out, marker=MARKER, kind="geocap view site", verb="replace")
     if metadata is None:
         metadata = getattr(records, "metadata", None) or {}
@@ -286,7 +293,7 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
                         break
                     continue
                 current = image_id
-            enc = encode_record(record, builder.label_names, cache)
+            enc = encode_record(record, builder.label_names, cache, encoder_top_k=encoder_top_k)
             builder.count(enc)
             encoded.append(enc)
             extras.append(record.extra or {})

@@ -277,6 +277,13 @@
         text: "In the address: " + state.problems.join(" ") }));
     }
     for (const note of state.canvas.notes) notices.push(G.el("p", { class: "notice canvas-note", text: note }));
+    const enc = maps().encoder_self;
+    if (enc && enc.k) {
+      notices.push(G.el("p", { id: "top-k-notice", class: "notice top-k", "data-k": enc.k,
+        text: "Encoder self-attention kept as the " + enc.k + " largest weights of each row (geocap view " +
+          "--encoder-top-k): a row misses at most " + G.fmt(enc.max_missing) + " of its weight, and no dropped " +
+          "weight is above " + G.fmt(enc.max_dropped) + "; dropped weights show as 0." }));
+    }
     const consequence = {
       encoder_self: "hovering or selecting an object cannot shade the boxes.",
       decoder_self: "selecting a word cannot shade the words.",
