@@ -171,3 +171,48 @@ def test_encoder_maps_kept_as_top_k_with_the_error_stated(browser, hf_site):
     assert sum(v == 0 for v in shown.values()) > 0
     _open(browser, (site / "image.html").as_uri() + f"#id={IMAGE}&l=1&o=6", "image")
     assert not browser.find_elements(By.ID, "top-k-notice")
+
+
+def test_crop_window_and_exif_orientation_in_the_page(browser, hf_site, tmp_path):
+    """A DeiT-style processor (resize 40, crop 32) on an EXIF-rotated JPEG: the page draws the image
+    upright as the model read it, the grid over the window the crop kept, the rest dimmed."""
+    import io
+    import shutil
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    site, _ = hf_site
+    root = site.parent
+    shutil.copytree(root / "model", tmp_path / "model")
+    transformers.DeiTImageProcessor(size={"height": 40, "width": 40},
+                                    crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "model")
+    (tmp_path / "images").mkdir()
+    raw = np.zeros((40, 80, 3), np.uint8)
+    raw[:, :40] = (255, 0, 0)                   # stored 80 wide: red left, blue right
+    raw[:, 40:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6                            # shown turned clockwise: 40 wide, 80 high, red on top
+    Image.fromarray(raw).save(tmp_path / "images" / "img_0008.jpg", exif=exif, quality=95)
+    dump_hf(tmp_path / "model", tmp_path / "images", tmp_path / "dump", writer="inline", progress=False, max_len=2)
+    build_site(open_dump(tmp_path / "dump", progress=False), tmp_path / "site", images_dir=tmp_path / "images",
+               progress=False)
+    _open(browser, (tmp_path / "site" / "image.html").as_uri() + "#id=8", "image")
+    canvas = browser.find_element(By.ID, "canvas")
+    assert canvas.get_dom_attribute("viewBox") == "0 0 40 80"
+    grid = browser.find_element(By.ID, "patch-grid")
+    assert [float(v) for v in grid.get_attribute("data-window").split()] == pytest.approx([0.1, 0.1, 0.9, 0.9],
+                                                                                         abs=1e-4)
+    lines = browser.execute_script("return Array.from(document.querySelectorAll('#patch-grid line.grid-line'), "
+                                   "l => [l.dataset.axis, l.x1.baseVal.value, l.y1.baseVal.value]);")
+    assert sorted(y for a, _, y in lines if a == "row") == pytest.approx([8 + 16 * r for r in range(5)], abs=0.01)
+    assert sorted(x for a, x, _ in lines if a == "col") == pytest.approx([4 + 8 * c for c in range(5)], abs=0.01)
+    assert browser.find_elements(By.ID, "outside-window")
+    # on screen, the image is upright: red at the top, blue at the bottom (as the model read it)
+    ratio = browser.execute_script("return window.devicePixelRatio;")
+    where = browser.execute_script(
+        "const svg = document.getElementById('canvas'), m = svg.getScreenCTM(), out = [];"
+        "for (const [x, y] of [[20, 20], [20, 60]]) { const p = svg.createSVGPoint(); p.x = x; p.y = y;"
+        "  const q = p.matrixTransform(m); out.push([q.x, q.y]); } return out;")
+    shot = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB"), dtype=np.int64)
+    top, bottom = (shot[int(y * ratio), int(x * ratio)] for x, y in where)
+    assert top[0] > top[2] + 60 and bottom[2] > bottom[0] + 60, (top, bottom)

@@ -170,7 +170,7 @@ const Geocap = (function () {
 
   /** el("div", {class: "x", onclick: f}, child, "text", ...) */
   function el(tag, attrs) {
-    const svg = ["svg", "rect", "text", "image", "g", "line", "polyline", "circle", "title"].includes(tag);
+    const svg = ["svg", "rect", "text", "image", "g", "line", "polyline", "circle", "title", "path"].includes(tag);
     const node = svg ? document.createElementNS("http://www.w3.org/2000/svg", tag) : document.createElement(tag);
     for (const [k, v] of Object.entries(attrs || {})) {
       if (v === null || v === undefined || v === false) continue;

@@ -343,7 +343,7 @@
       }
     }
     svg.append(fills);
-    if (layout.grid) svg.append(gridLines(layout.grid, W, H));
+    if (layout.grid) svg.append(gridLines(layout.grid, W, H, patchWindow(rec, layout)));
     svg.append(group);
     ui.stage.replaceChildren(svg);
     renderSpecials(rec, layout);
@@ -358,17 +358,40 @@
     }));
   }
 
-  /** The patch grid's lines, borders included: rows + 1 across (data-axis "row"), cols + 1 down. */
-  function gridLines(grid, W, H) {
+  /** The window the patches cover, normalised [x1, y1, x2, y2]: their boxes' bounding box (the whole
+   * image, or the part a centre-cropping processor kept, geocap/hf/crop.py). */
+  function patchWindow(rec, layout) {
+    const w = [1, 1, 0, 0];
+    rec.boxes.forEach(function (b, i) {
+      if (layout.special.has(i)) return;
+      w[0] = Math.min(w[0], b[0]);
+      w[1] = Math.min(w[1], b[1]);
+      w[2] = Math.max(w[2], b[2]);
+      w[3] = Math.max(w[3], b[3]);
+    });
+    return w;
+  }
+
+  /** The patch grid's lines over its window, borders included: rows + 1 across (data-axis "row"),
+   * cols + 1 down; the image outside the window (never seen by the model) dimmed (#outside-window). */
+  function gridLines(grid, W, H, win) {
     const [rows, cols] = grid;
-    const g = G.el("g", { id: "patch-grid", "data-rows": rows, "data-cols": cols });
+    const [x1, y1, x2, y2] = [win[0] * W, win[1] * H, win[2] * W, win[3] * H];
+    const g = G.el("g", { id: "patch-grid", "data-rows": rows, "data-cols": cols, "data-window": win.join(" ") });
+    if (win[0] > 0 || win[1] > 0 || win[2] < 1 || win[3] < 1) {
+      g.append(G.el("path", { id: "outside-window", "fill-rule": "evenodd",
+        d: "M0 0H" + W + "V" + H + "H0Z M" + x1 + " " + y1 + "H" + x2 + "V" + y2 + "H" + x1 + "Z" },
+        G.el("title", { text: "outside the part of the image the model saw (its processor cropped it away)" })));
+    }
     for (let r = 0; r <= rows; r++) {
-      g.append(G.el("line", { class: "grid-line", "data-axis": "row", "data-at": r, x1: 0, x2: W, y1: r / rows * H,
-                              y2: r / rows * H, "vector-effect": "non-scaling-stroke" }));
+      const y = y1 + r / rows * (y2 - y1);
+      g.append(G.el("line", { class: "grid-line", "data-axis": "row", "data-at": r, x1: x1, x2: x2, y1: y, y2: y,
+                              "vector-effect": "non-scaling-stroke" }));
     }
     for (let c = 0; c <= cols; c++) {
-      g.append(G.el("line", { class: "grid-line", "data-axis": "col", "data-at": c, y1: 0, y2: H, x1: c / cols * W,
-                              x2: c / cols * W, "vector-effect": "non-scaling-stroke" }));
+      const x = x1 + c / cols * (x2 - x1);
+      g.append(G.el("line", { class: "grid-line", "data-axis": "col", "data-at": c, y1: y1, y2: y2, x1: x, x2: x,
+                              "vector-effect": "non-scaling-stroke" }));
     }
     return g;
   }
