@@ -1,6 +1,7 @@
 """geocap.dump.export: a dump's records as CSV tables / pandas DataFrames for notebooks; every
 value checked against the records it came from."""
 import csv
+import json
 import subprocess
 import sys
 
@@ -77,8 +78,11 @@ def test_command_line_on_a_dump(tmp_path):
     captions, instances = write_coco(tmp_path)
     dump_hf(tmp_path / "model", tmp_path / "images", tmp_path / "dump", captions=captions, instances=instances,
             writer="inline", progress=False)
+    from geocap.cli import main
+    assert main(["analyze", str(tmp_path / "dump"), "--out", str(tmp_path / "report"), "--no-progress"]) == 0
     out = subprocess.run([sys.executable, "-m", "geocap.dump.export", str(tmp_path / "dump"), "--csv",
-                          str(tmp_path / "csv")], capture_output=True, text=True)
+                          str(tmp_path / "csv"), "--analysis", str(tmp_path / "report")],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     with open(tmp_path / "csv" / "tokens.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -86,3 +90,9 @@ def test_command_line_on_a_dump(tmp_path):
     assert len(rows) == sum(r.num_tokens for r in records)
     assert [int(r["referent"]) for r in rows[:9]] == records[0].referents.tolist()
     assert {"cross_top_l3", "decoder_entropy_l3"} <= set(rows[0])            # the decoder's 3 layers
+    with open(tmp_path / "csv" / "analysis.csv", newline="") as fh:
+        analysis = {(r["key"], r["index"]): float(r["value"]) for r in csv.DictReader(fh)}
+    report = json.loads((tmp_path / "report" / "analysis.json").read_text())
+    assert analysis[("grounding.tokens", "")] == report["grounding"]["tokens"] == 5
+    for layer, value in enumerate(report["grounding"]["accuracy"]):
+        assert analysis[("grounding.accuracy", str(layer))] == pytest.approx(value)

@@ -18,7 +18,14 @@ Three tables (one row each per ...), every column a plain number or string:
 
 :func:`write_csv` writes ``records.csv``, ``tokens.csv`` and ``objects.csv`` into a folder
 (each to a temporary name, then renamed); :func:`to_pandas` gives the same tables as
-DataFrames (pandas is imported only there). ``python -m geocap.dump.export DUMP --csv DIR``.
+DataFrames (pandas is imported only there). ``python -m geocap.dump.export DUMP --csv DIR
+[--analysis REPORT]``.
+
+The analysis results (``geocap analyze``'s ``analysis.json``) as one long table,
+:func:`analysis_rows`: per number in the file a row ``key`` (its path of keys, joined by ``.``),
+``index`` (its position in nested lists, e.g. ``"2,5"`` for layer 3, head 6 of a per-layer,
+per-head list; ``""`` for a lone number) and ``value``; strings, nulls and booleans are left
+out. Written as ``analysis.csv``, or a DataFrame with :func:`to_pandas` (``analysis=``).
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ from geocap.data.atomic import write_text_atomic
 from geocap.data.attention_record import regular_objects
 from geocap.data.token_words import caption_words, token_words
 
-__all__ = ["TABLES", "tables", "to_pandas", "write_csv"]
+__all__ = ["TABLES", "analysis_rows", "tables", "to_pandas", "write_csv"]
 
 TABLES = ("records", "tokens", "objects")
 
@@ -100,12 +107,42 @@ def tables(records: Iterable) -> dict:
     return out
 
 
-def write_csv(records: Iterable, folder) -> dict:
-    """Write the tables as ``folder/<table>.csv`` (the folder is created); ``{table: path}``."""
+def analysis_rows(analysis) -> list:
+    """``[{"key", "index", "value"}]``: every number of an analysis report (the parsed
+    ``analysis.json``, or its path, or the report folder holding it), see the module doc."""
+    if not isinstance(analysis, dict):
+        path = os.fspath(analysis)
+        if os.path.isdir(path):
+            path = os.path.join(path, "analysis.json")
+        from geocap.data.json_file import read_json
+        analysis = read_json(path, "analysis report")
+    rows = []
+
+    def walk(value, key, index):
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return
+        if isinstance(value, (int, float)):
+            rows.append({"key": key, "index": ",".join(map(str, index)), "value": value})
+        elif isinstance(value, dict):
+            for k in value:
+                walk(value[k], f"{key}.{k}" if key else str(k), index)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, key, index + [i])
+    walk(analysis, "", [])
+    return rows
+
+
+def write_csv(records: Iterable, folder, *, analysis=None) -> dict:
+    """Write the tables as ``folder/<table>.csv`` (the folder is created), with ``analysis``
+    (see :func:`analysis_rows`) also ``analysis.csv``; ``{table: path}``."""
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     paths = {}
-    for name, rows in tables(records).items():
+    named = tables(records)
+    if analysis is not None:
+        named["analysis"] = analysis_rows(analysis)
+    for name, rows in named.items():
         text = io.StringIO()
         if rows:
             writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
@@ -116,13 +153,17 @@ def write_csv(records: Iterable, folder) -> dict:
     return paths
 
 
-def to_pandas(records: Iterable) -> dict:
-    """The tables as pandas DataFrames ``{table: DataFrame}`` (needs pandas)."""
+def to_pandas(records: Iterable = (), *, analysis=None) -> dict:
+    """The tables as pandas DataFrames ``{table: DataFrame}`` (needs pandas); with ``analysis``
+    also ``"analysis"`` (:func:`analysis_rows`)."""
     try:
         import pandas
     except ImportError as err:
         raise ImportError("to_pandas needs pandas (pip install pandas); write_csv needs nothing more") from err
-    return {name: pandas.DataFrame(rows) for name, rows in tables(records).items()}
+    named = tables(records)
+    if analysis is not None:
+        named["analysis"] = analysis_rows(analysis)
+    return {name: pandas.DataFrame(rows) for name, rows in named.items()}
 
 
 def main(argv=None) -> int:
@@ -134,10 +175,12 @@ def main(argv=None) -> int:
     parser.add_argument("dump", metavar="DUMP")
     parser.add_argument("--csv", required=True, metavar="DIR", help="folder of the CSV files")
     parser.add_argument("--limit", type=int, default=0, metavar="N", help="the first N records only (0: all)")
+    parser.add_argument("--analysis", metavar="REPORT", help="also analysis.csv from REPORT/analysis.json "
+                                                             "(geocap analyze's folder, or the file)")
     args = parser.parse_args(argv)
     dump = open_dump(args.dump, progress=False)
     records = iter(dump) if args.limit <= 0 else (r for _, r in zip(range(args.limit), dump))
-    for name, path in write_csv(records, args.csv).items():
+    for name, path in write_csv(records, args.csv, analysis=args.analysis).items():
         print(f"{name}: {path}")
     return 0
 
