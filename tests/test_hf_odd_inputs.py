@@ -134,6 +134,7 @@ def test_on_error_skip_lists_and_counts_the_bad_image(hf_data, tmp_path, capsys)
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "1 images skipped (unreadable or refused" in out and "dump complete" in out and ": 3 images" in out
+    assert "wrote 2 shards (3 images" in out
     skipped = read_manifest(str(tmp_path / "dump"))["skipped_images"]
     assert list(skipped) == ["3"] and skipped["3"]["file"] == "img_0003.png" and skipped["3"]["shard"] == 0
     assert "image 3: cannot read" in skipped["3"]["reason"]
