@@ -367,3 +367,24 @@ def test_generated_mode_follows_the_models_generation_config(hf_data, tmp_path, 
         assert [r.tokens for r in records] == [["<eos>" if i == 2 else tok.convert_ids_to_tokens(i) for i in ids]
                                                for ids in own]
         assert "max_new_tokens" not in capfd.readouterr().err          # no transformers warning per image
+
+
+def test_encoder_entropies_without_its_maps(hf_data, tmp_path):
+    """--maps decoder,cross: the encoder's entropies are kept, its N x N maps are not (the bulk of a
+    patch captioner's dump); everything else as in the full dump."""
+    root, captions, instances = hf_data
+    kw = dict(captions=captions, instances=instances, writer="inline", progress=False)
+    full = dump_hf(root / "model", root / "images", tmp_path / "full", **kw)
+    lean = dump_hf(root / "model", root / "images", tmp_path / "lean", maps="decoder,cross", **kw)
+    dump = open_dump(tmp_path / "lean", progress=False)
+    assert dump.metadata["maps"] == ["decoder_self", "cross"] and dump.metadata["what"] == ["encoder", "decoder",
+                                                                                             "cross"]
+    for a, b in zip(dump, open_dump(tmp_path / "full", progress=False)):
+        assert a.encoder_self is None and b.encoder_self is not None
+        np.testing.assert_array_equal(a.encoder_entropy, b.encoder_entropy)
+        np.testing.assert_array_equal(a.cross, b.cross)
+    assert lean.dump_bytes < full.dump_bytes
+    results = collect(dump, progress=False).results()
+    assert results["grounding"].tokens == 5
+    with pytest.raises(ValueError, match=r"maps \(encoder\) must be among what \(decoder,cross\)"):
+        dump_hf(root / "model", root / "images", tmp_path / "bad", what="decoder,cross", maps="encoder", **kw)

@@ -39,7 +39,7 @@ def run_dump(args: argparse.Namespace) -> int:
                           compression=args.compression, shard_images=args.shard_images, batch_size=args.batch_size,
                           beam_size=args.beam_size, max_len=args.max_len, limit=args.limit, clusters=args.clusters,
                           features_file=args.features_file, captions=args.captions or "caps", writer=args.writer,
-                          on_error=args.on_error)
+                          on_error=args.on_error, maps=args.maps)
     collector = None
     if args.stats_only:
         from geocap.analysis import StatsCollector as collector
@@ -128,6 +128,10 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-len", type=int, default=None,
                         help="generated mode: at most this many tokens (default 20, --hf: the model's "
                              "generation_config)")
+    parser.add_argument("--maps", default=None, metavar="KINDS",
+                        help="of the --what kinds, those whose maps are stored (default: all); the others keep only "
+                             "their entropies (e.g. --maps decoder,cross: a patch encoder's N x N maps dropped, its "
+                             "entropies kept)")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="--hf: a bad image stops the dump naming it (raise, default), or is left out, listed with "
                              "its reason in manifest.json and counted in the summary (skip)")

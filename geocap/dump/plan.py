@@ -50,6 +50,8 @@ class DumpOptions:
     """What a dump records and how (:func:`geocap.dump.job.dump` documents each option)."""
     mode: str = "teacher-forced"
     what: Union[str, Sequence[str]] = WHAT_NAMES
+    maps: Union[None, str, Sequence[str]] = None      # kinds of `what` whose maps are kept (None: all); the
+                                                      # others keep only their entropies
     stats_only: bool = False
     hypothetical: Optional[bool] = None
     features: bool = False
@@ -71,6 +73,10 @@ class DumpOptions:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         what = _parse_what(self.what)
+        maps = what if self.maps is None else _parse_what(self.maps)
+        if not set(maps) <= set(what):
+            raise ValueError(f"maps ({','.join(maps)}) must be among what ({','.join(what)}): a kind's maps come "
+                             f"with its entropies")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
         for name, low in (("shard_images", 1), ("batch_size", 1), ("beam_size", 1), ("max_len", 1), ("limit", 0),
@@ -81,7 +87,13 @@ class DumpOptions:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
         if self.writer not in WRITERS:
             raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {self.writer!r}")
-        return dataclasses.replace(self, what=what)
+        return dataclasses.replace(self, what=what, maps=maps)
+
+    @property
+    def stored_maps(self) -> tuple:
+        """The record fields whose maps the shards store (none with ``stats_only``); call on
+        :meth:`checked` options."""
+        return () if self.stats_only else tuple(WHAT[w] for w in self.maps)
 
 
 @dataclass
@@ -226,7 +238,7 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     if cluster_source == "kmeans":
         centroids = kmeans_centroids(dataset, n_images, o.clusters, o.cluster_sample)
 
-    maps = () if o.stats_only else tuple(WHAT[w] for w in o.what)
+    maps = o.stored_maps
     label_names = store.label_names
     if label_names is None and truth is not None:
         label_names = truth.label_names()

@@ -35,6 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from geocap.data.attention_record import MAP_NAMES
 from geocap.data.dump_format import MANIFEST
 from geocap.dump.manifest import add_skipped
 from geocap.dump.plan import DumpOptions, assign_shards, check_rank, resolve_options
@@ -161,7 +162,7 @@ class HFDumpPlan:
     def shard_args(self, k: int) -> dict:
         o = self.options
         return dict(index=k, metadata_sha256=self.metadata_sha256, checkpoint_sha256=self.model_sha256,
-                    vocab=self.words, maps=() if o.stats_only else tuple(WHAT[w] for w in o.what),
+                    vocab=self.words, maps=o.stored_maps,
                     entropies=tuple(WHAT[w] for w in o.what), encoder_lh=self.encoder_lh, decoder_lh=self.decoder_lh,
                     has_labels=False, has_clusters=False, has_features=o.features, stats_only=o.stats_only,
                     compression=o.compression)
@@ -216,7 +217,7 @@ def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, 
                                                       "encoder_lh": list(encoder_lh), "decoder_lh": list(decoder_lh)},
         "data": images.folder, "split": "images", "captions_sha256": images.digests.get("captions"),
         "instances_sha256": images.digests.get("instances"), "mode": o.mode, "what": list(o.what),
-        "maps": [] if o.stats_only else [WHAT[w] for w in o.what], "stats_only": bool(o.stats_only),
+        "maps": list(o.stored_maps), "stats_only": bool(o.stats_only),
         "hypothetical": False, "features": bool(o.features), "compression": o.compression,
         "shard_images": o.shard_images, "limit": o.limit, "beam_size": o.beam_size if generated else None,
         "max_len": o.max_len if generated else None, "n_images": len(images.image_ids),
@@ -303,6 +304,9 @@ def hf_recorder(plan: HFDumpPlan, model, image_processor, tokenizer, device):
                 token_ids = record.extra.pop("token_ids")   # the shard's vocabulary is in id order: ids are kept
                 if not o.features:
                     record.features = None
+                for name in MAP_NAMES:             # kinds kept as entropies only (options.maps)
+                    if not o.stats_only and name not in o.stored_maps:
+                        setattr(record, name, None)
                 if regions is not None:
                     order = list(regions)
                     record.extra["referent_objects"] = [regions[c] for c in order]
