@@ -216,3 +216,15 @@ def test_crop_window_and_exif_orientation_in_the_page(browser, hf_site, tmp_path
     shot = np.asarray(Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB"), dtype=np.int64)
     top, bottom = (shot[int(y * ratio), int(x * ratio)] for x, y in where)
     assert top[0] > top[2] + 60 and bottom[2] > bottom[0] + 60, (top, bottom)
+
+
+def test_view_command_takes_encoder_top_k(hf_site, tmp_path, capsys):
+    from geocap.cli import main
+    site, _ = hf_site
+    assert main(["view", str(site.parent / "dump"), "--out", str(tmp_path / "v"), "--encoder-top-k", "4",
+                 "--no-progress"]) == 0
+    text = (tmp_path / "v" / "data" / image_data_key(IMAGE)).read_text()
+    assert json.loads(text[text.index(",") + 1:text.rindex(");")])["encoders"][0]["k"] == 4
+    with pytest.raises(SystemExit):
+        main(["view", str(site.parent / "dump"), "--out", str(tmp_path / "w"), "--encoder-top-k", "0"])
+    assert "expected a positive integer" in capsys.readouterr().err
