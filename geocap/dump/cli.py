@@ -6,11 +6,15 @@ Usage::
         [--mode teacher-forced|generated] [--what encoder,decoder,cross] [--stats-only] \\
         [--no-hypothetical] [--features] [--compression lzf|gzip|none] [--writer process|inline] \\
         [--shard-images 256] [--batch-size 16] [--beam-size 3] [--max-len 20] [--limit N] [--clusters 8]
-    geocap dump --hf MODEL_DIR --images DIR [--captions COCO_JSON] [--instances COCO_JSON] --out DUMP [...]
+    geocap dump --hf MODEL_DIR --images DIR [--captions COCO_JSON] [--instances COCO_JSON] --out DUMP \
+        [--on-error raise|skip] [--maps KINDS] [...]
 
 The second form records a Hugging Face captioner saved with ``save_pretrained`` (geocap.hf.dump):
 its reference captions (with ``--captions``) or its own (``--mode generated``, the default without
 captions), over a folder of JPEG/PNG images; ``--instances`` gives the nouns their referents.
+Without ``--beam-size`` / ``--max-len`` its own caption follows the model's ``generation_config``;
+``--on-error skip`` leaves a bad image out (listed in the manifest, counted in the summary);
+``--maps`` (either form) keeps the maps of some kinds only, the others' entropies still stored.
 
 Run the same command again after an interruption to resume. Under ``torchrun`` every rank
 dumps its share of the shards (shard k: rank k % WORLD_SIZE) into one dump; each rank uses
