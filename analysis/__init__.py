@@ -2,6 +2,10 @@
 clusters, proximity, grounding). Built on geocap.kernels and the record format
 (geocap.data.attention_record) only, so they apply to any model's records.
 
+Each analysis' verdict rests on a controlled measure with a 95 % interval over images (within-row
+partial correlations given feature similarity for proximity and thematic clusters, the referent
+effect for grounding; :mod:`.rows`, :mod:`.uncertainty`), the naive measure kept beside it.
+
 Each analysis is a function over any iterable of Records returning a result with ``to_json()``,
 ``plot(path)`` and ``reading()``, built on a streaming, mergeable accumulator (``update``, ``merge``,
 ``state``, ``from_state``, ``result``); :class:`StatsCollector` bundles the four (what

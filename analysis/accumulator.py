@@ -19,7 +19,9 @@ import contextlib
 import numpy as np
 import torch
 
-from geocap.data.attention_record import Record
+from geocap.data.attention_record import Record, regular_objects
+
+from .rows import AttentionRows
 
 STATE_SEPARATOR = "."
 
@@ -30,16 +32,21 @@ def describe(record: Record) -> str:
 
 
 def as_map(record: Record, name: str) -> np.ndarray | None:
-    """The record's attention map ``name`` as float64 (stored maps are float16), or None.
+    """The record's attention map ``name`` as float64 (stored maps are float16), or None; converted
+    once per record inside :func:`shared_per_record` (never modify it).
 
     Raises ValueError naming the record when the map holds NaN, infinite or negative weights."""
-    value = getattr(record, name)
-    if value is None:
+    if getattr(record, name) is None:
         return None
-    value = np.asarray(value, dtype=np.float64)
-    if value.size and not (np.isfinite(value).all() and value.min() >= 0):
-        raise ValueError(f"record of {describe(record)}: {name} holds NaN, infinite or negative attention weights")
-    return value
+
+    def compute():
+        value = np.asarray(getattr(record, name), dtype=np.float64)
+        if value.size and not (np.isfinite(value).all() and value.min() >= 0):
+            raise ValueError(f"record of {describe(record)}: {name} holds NaN, infinite or negative attention "
+                             f"weights")
+        return value
+
+    return shared(record, f"map.{name}", compute)
 
 
 def unit_features(record: Record) -> np.ndarray | None:
@@ -90,6 +97,17 @@ def shared_per_record():
         _SHARED = outer
 
 
+def shared(record: Record, name: str, compute):
+    """``compute()``, computed once per record and ``name`` inside :func:`shared_per_record` (what
+    several analyses derive from the same record), every time outside it."""
+    if _SHARED is None:
+        return compute()
+    key = (name, id(record))
+    if key not in _SHARED:
+        _SHARED[key] = compute()
+    return _SHARED[key]
+
+
 def feature_cosines(record: Record) -> tuple[np.ndarray, np.ndarray] | None:
     """``(cosine [N, N] float64, nonzero [N] bool)`` of the record's object features, or None
     without features. ``nonzero`` is False for objects with an all-zero feature vector, which have
@@ -100,17 +118,46 @@ def feature_cosines(record: Record) -> tuple[np.ndarray, np.ndarray] | None:
     inside :func:`shared_per_record`."""
     if record.features is None:
         return None
-    key = ("cosines", id(record))
-    if _SHARED is not None and key in _SHARED:
-        return _SHARED[key]
-    unit = unit_features(record)
-    with one_thread():
-        unit_t = torch.from_numpy(unit)
-        gram = (unit_t @ unit_t.T).numpy()
-    result = np.clip(gram, -1.0, 1.0), (unit != 0).any(axis=1)
-    if _SHARED is not None:
-        _SHARED[key] = result
-    return result
+
+    def compute():
+        unit = unit_features(record)
+        with one_thread():
+            unit_t = torch.from_numpy(unit)
+            gram = (unit_t @ unit_t.T).numpy()
+        return np.clip(gram, -1.0, 1.0), (unit != 0).any(axis=1)
+
+    return shared(record, "cosines", compute)
+
+
+def encoder_head_mean(record: Record) -> np.ndarray | None:
+    """``[L, N, N]`` float64: the record's encoder self-attention averaged over heads, or None
+    (shared between analyses like :func:`feature_cosines`)."""
+    def compute():
+        attn = as_map(record, "encoder_self")
+        return None if attn is None else attn.mean(axis=1)
+
+    return shared(record, "encoder_head_mean", compute)
+
+
+def encoder_rows(record: Record, given_similarity: bool):
+    """The record's encoder rows prepared for within-row correlations (:class:`.rows.AttentionRows`):
+    each regular object's row over the other regular ones; with ``given_similarity``, over the
+    regular objects with nonzero features, for partial correlations given their feature cosine.
+    None without encoder maps (or without features, when ``given_similarity``)."""
+    def compute():
+        head_mean = encoder_head_mean(record)
+        queries = np.flatnonzero(regular_objects(record))
+        if head_mean is None:
+            return None
+        if not given_similarity:
+            return AttentionRows(head_mean, queries)
+        cosines = feature_cosines(record)
+        if cosines is None:
+            return None
+        cosine, nonzero = cosines
+        return AttentionRows(head_mean, queries[nonzero[queries]], cosine)
+
+    return shared(record, f"encoder_rows.{given_similarity}", compute)
 
 
 class SumTable:

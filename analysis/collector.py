@@ -20,7 +20,9 @@ from .grounding import GroundingAccumulator
 from .proximity import ProximityAccumulator
 from .thematic import ThematicAccumulator
 
-STATE_VERSION = 2   # 2: proximity counts each image once (its state holds the image ids)
+# 2: proximity counts each image once (its state holds the image ids); 3: the controlled per-image
+# measures (within-row correlations, referent effect) with their per-image sums
+STATE_VERSION = 3
 ANALYSES = ("entropy", "thematic", "proximity", "grounding")
 
 
@@ -77,7 +79,8 @@ class StatsCollector:
         version = int(np.asarray(state["collector.version"]))
         if version != STATE_VERSION:
             raise ValueError(f"StatsCollector state version {version} is not supported (this geocap reads "
-                             f"version {STATE_VERSION})")
+                             f"version {STATE_VERSION}; statistics of an older stats-only dump lack the controlled "
+                             f"measures: dump again, or dump the maps and run geocap analyze on them)")
         collector = cls()
         for name, part in collector.parts.items():
             head = f"{name}{STATE_SEPARATOR}"

@@ -12,6 +12,17 @@ head-mean map of each layer, ``accuracy_per_head [L, H]`` each head's map; both 
 tokens pooled over all records. ``chance`` = the mean over grounded tokens of ``1 / N`` (the hit
 rate of a uniformly random pick).
 
+**Referent effect (the verdict)**, per layer: for each grounded token with at least one *wrong
+referent*, ``hit(own referent) - mean over its wrong referents of hit(wrong referent)`` on the
+layer's head-mean map (a hit: the most-attended regular object is in the referent). Wrong
+referents: with regions (``extra["referent_objects"]``, one per category present), every other
+region less the token's own objects; with single objects, every other regular object of another
+category (``labels``; without labels, every other regular object). Averaged over an image's
+tokens, then over images with a 95 % t interval (``referent_effect``; ``referent_effect_parts``
+holds the two hit rates). Null: attention that lands on *some* object, picked whatever the noun
+names, scores 0, where accuracy scores far above chance. A model drawn to large regions scores
+above 0 when nouns name larger regions than the other categories' (hits are per region).
+
 Patch-based records (:mod:`geocap.data.attention_record`): special objects (a class token) are
 never the most-attended object (the argmax runs over the regular objects only, N counts only
 them); a referent may be a region of several objects (``extra["referent_objects"]``, e.g. the
@@ -43,7 +54,8 @@ import numpy as np
 from geocap.data.attention_record import Record, referent_objects, regular_objects
 
 from .accumulator import Accumulator, SumTable, as_map, describe, fold, ratio, to_list
-from .uncertainty import ImageUnits, layer_uncertainty, trend_phrase, uncertainty_json
+from .uncertainty import (ImageMeans, ImageUnits, image_means, interval_text, layer_uncertainty, layer_verdicts,
+                          trend_phrase, uncertainty_json)
 
 RATES = {"accuracy": "ground", "hypothetical_follow_rate": "follow", "hypothetical_source_rate": "source",
          "hypothetical_follow_rate_same_step": "same_step"}   # JSON name -> the sums' name
@@ -69,6 +81,9 @@ class GroundingResult:
     records_without_cross: int = 0
     records_without_referents: int = 0
     uncertainty: dict = field(default_factory=dict)  # RATES key -> per-layer standard errors and trend
+    referent_effect: list | None = None              # [L] of {mean, ci95, images} or None: own - wrong referent
+    referent_parts: dict = field(default_factory=dict)   # "own" / "wrong" -> [L] of the same, per image
+    effect_tokens: int = 0                           # grounded tokens with at least one wrong referent
     unavailable: dict = field(default_factory=dict)
 
     def best_head_below_head_mean(self) -> bool:
@@ -77,6 +92,9 @@ class GroundingResult:
 
     def to_json(self) -> dict:
         return {
+            "referent_effect": self.referent_effect,
+            "referent_effect_parts": {key: self.referent_parts.get(key) for key in ("own", "wrong")},
+            "referent_effect_tokens": self.effect_tokens,
             "uncertainty": {key: uncertainty_json(self.uncertainty.get(key)) for key in RATES},
             "accuracy": to_list(self.accuracy),
             "accuracy_per_head": to_list(self.accuracy_per_head),
@@ -95,8 +113,25 @@ class GroundingResult:
             "unavailable": dict(self.unavailable),
         }
 
+    def controlled_reading(self) -> str:
+        if self.referent_effect is None:
+            return (f"Referent effect not computed ({self.unavailable.get('referent_effect')}).")
+        shown = "; ".join(f"layer {l + 1}: {interval_text(e, '+.1%')}" for l, e in enumerate(self.referent_effect))
+        verdict = layer_verdicts(self.referent_effect, {"positive": "attends to the noun's own referent",
+                                                        "negative": "attends away from the noun's referent"})
+        text = (f"Referent effect (per grounded token, 1 if the most-attended object of the layer's head-mean map is "
+                f"in the noun's referent, minus the mean of the same for each wrong referent, i.e. the other "
+                f"categories present in the image; averaged over an image's tokens, then over images with a 95 % "
+                f"interval; 0 = looks at objects regardless of which one the noun names): {shown}, over "
+                f"{self.effect_tokens} tokens. **Verdict: {verdict}.**")
+        if self.accuracy is not None:
+            best = int(np.argmax(self.accuracy))
+            text += (f" The naive measure (accuracy against chance) would have said {self.accuracy[best]:.1%} against "
+                     f"{self.chance:.1%} in layer {best + 1}, which also counts attention to any object as grounding.")
+        return text
+
     def reading(self) -> str:
-        parts = []
+        parts = [self.controlled_reading()]
         if self.accuracy is not None:
             best_layer = int(np.argmax(self.accuracy))
             l, h = np.unravel_index(int(np.argmax(self.accuracy_per_head)), self.accuracy_per_head.shape)
@@ -137,6 +172,7 @@ class GroundingAccumulator(Accumulator):
     def __init__(self):
         self.sums = SumTable()
         self.units = ImageUnits()
+        self.means = ImageMeans()
 
     def _update(self, record: Record) -> None:
         hypothetical = record.kind == "hypothetical"
@@ -156,6 +192,7 @@ class GroundingAccumulator(Accumulator):
             target = referents[rows]
             self._hits("ground", record, cross, rows, target, where)
             self.sums.add("ground.chance", self._chance(record, target, regular))
+            self._referent_effect(record, cross, rows, target, regular, where)
             return
         source = np.asarray(record.source_referents, dtype=np.int64)
         t = np.flatnonzero((referents >= 0) & (source >= 0) & (referents != source))
@@ -172,6 +209,66 @@ class GroundingAccumulator(Accumulator):
         for k, referent in enumerate(target.tolist()):
             member[k, referent_objects(record, referent)] = True
         return member & regular
+
+    @classmethod
+    def _wrong_shares(cls, record: Record, target: np.ndarray, regular: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(share [K, N], has_wrong [K])``: for each target referent, the share of its *wrong* referents
+        that contain each object. Wrong referents: with regions (``extra["referent_objects"]``, one per
+        category present), every other region less the target's own objects; with single objects, every
+        other regular object of another category (``labels``; any other object without labels)."""
+        own = cls._members(record, target, regular)                            # [K, N]
+        share = np.zeros(own.shape)
+        regions = (record.extra or {}).get("referent_objects")
+        if regions is not None:
+            masks = np.zeros((len(regions), record.num_objects), dtype=bool)
+            for r, region in enumerate(regions):
+                masks[r, np.asarray(region, dtype=np.int64)] = True
+            masks &= regular
+        labels = None if record.labels is None else np.asarray(record.labels)
+        for k, referent in enumerate(target.tolist()):
+            if regions is not None:
+                wrong = masks & ~own[k]
+                wrong[referent] = False
+                wrong = wrong[wrong.any(axis=1)]
+                if len(wrong):
+                    share[k] = wrong.mean(axis=0)
+            else:
+                wrong = regular & ~own[k]
+                if labels is not None:
+                    wrong &= labels != labels[referent]
+                if wrong.any():
+                    share[k] = wrong / wrong.sum()
+        return share, share.any(axis=1)
+
+    @classmethod
+    def referent_hits(cls, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray,
+                      regular: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(own [L], wrong [L], tokens)``: over the ``rows`` (tokens naming ``target``) that have a
+        wrong referent, the sums of ``hit(own referent)`` and of the mean ``hit(wrong referent)`` of the
+        layer's head-mean map, and how many such tokens there are."""
+        layers = cross.shape[0]
+        if len(rows) == 0 or not regular.any():
+            return np.zeros(layers), np.zeros(layers), 0
+        share, has = cls._wrong_shares(record, target, regular)
+        own = cls._members(record, target, regular)
+        picked = np.where(regular, cross[:, :, rows, :], -np.inf).mean(axis=1).argmax(-1)    # [L, K]
+        k = np.arange(len(rows))
+        own_hit = np.where(has, own[k, picked], False)                          # [L, K]
+        return own_hit.sum(axis=-1).astype(np.float64), share[k, picked].sum(axis=-1), int(has.sum())
+
+    def _referent_effect(self, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray,
+                         regular: np.ndarray, where: str) -> None:
+        """Add the image's per-token ``hit(own referent) - mean hit(wrong referents)`` per layer."""
+        if len(rows) == 0 or not regular.any():
+            return
+        own, wrong, tokens = self.referent_hits(record, cross, rows, target, regular)
+        self.sums.add("effect.tokens", tokens)
+        if not tokens:
+            self.sums.add("effect.no_wrong_referent", 1)
+            return
+        count = np.full(cross.shape[0], float(tokens))
+        for name, value in (("effect", own - wrong), ("effect_own", own), ("effect_wrong", wrong)):
+            self.means.add(self.sums, f"per_image.{name}", record.image_id, value, count, where)
 
     def _chance(self, record: Record, target: np.ndarray, regular: np.ndarray) -> float:
         """Sum over the targets of the hit rate of a uniformly random regular object."""
@@ -198,13 +295,17 @@ class GroundingAccumulator(Accumulator):
         self.sums.add(f"{name}.tokens", len(rows))
         self.units.add(self.sums, f"units.{name}", record.image_id, layer_hits, len(rows), where)
 
-    def _merge(self, other: "GroundingAccumulator") -> None:
+    def _flush(self) -> None:
         self.units.flush(self.sums)
-        other.units.flush(other.sums)
+        self.means.flush(self.sums)
+
+    def _merge(self, other: "GroundingAccumulator") -> None:
+        self._flush()
+        other._flush()
         self.sums.merge(other.sums)
 
     def state(self) -> dict[str, np.ndarray]:
-        self.units.flush(self.sums)
+        self._flush()
         return self.sums.state()
 
     @classmethod
@@ -214,7 +315,7 @@ class GroundingAccumulator(Accumulator):
         return acc
 
     def result(self) -> GroundingResult:
-        self.units.flush(self.sums)
+        self._flush()
         s = self.sums
         res = GroundingResult(records=int(s.scalar("records")),
                               hypothetical_records=int(s.scalar("hypothetical_records")),
@@ -238,6 +339,17 @@ class GroundingAccumulator(Accumulator):
         for key, name in RATES.items():
             if res.tokens if name == "ground" else res.hypothetical_tokens:
                 res.uncertainty[key] = layer_uncertainty(s, f"units.{name}")
+        res.effect_tokens = int(s.scalar("effect.tokens"))
+        if not res.tokens:
+            reason = res.unavailable["accuracy"]
+        else:
+            reason = (f"none of the {res.tokens} grounded tokens has a wrong referent (another category's object or "
+                      f"region present in its image): {int(s.scalar('effect.no_wrong_referent'))} records name "
+                      f"objects of images holding one category only")
+        res.referent_effect, missing = image_means(s, "per_image.effect", reason)
+        res.unavailable.update({"referent_effect" + (f"_{k}" if k else ""): why for k, why in missing.items()})
+        for part in ("own", "wrong"):
+            res.referent_parts[part] = image_means(s, f"per_image.effect_{part}", reason)[0]
         if not res.hypothetical_tokens:
             res.unavailable["hypothetical_follow_rate"] = self._reason(
                 res.hypothetical_records, "follow.tokens", "hypothetical records", "referents and source_referents")
@@ -251,6 +363,20 @@ class GroundingAccumulator(Accumulator):
         if tokens_key == "follow.tokens":
             return f"the {what} have no swapped token before the last position"
         return f"the {what} have no token with a referent"
+
+
+def record_referent_effect(record: Record) -> list | None:
+    """This record's referent effect per layer (the mean over its grounded tokens that have a wrong
+    referent of ``hit(own) - mean hit(wrong)``; what its tokens add to its image's value), or None
+    when it has no such token, no cross maps or no referents (hypothetical records: None)."""
+    cross = as_map(record, "cross")
+    if cross is None or record.referents is None or record.kind == "hypothetical":
+        return None
+    referents = np.asarray(record.referents, dtype=np.int64)
+    rows = np.flatnonzero(referents >= 0)
+    own, wrong, tokens = GroundingAccumulator.referent_hits(record, cross, rows, referents[rows],
+                                                            regular_objects(record))
+    return [float(v) for v in (own - wrong) / tokens] if tokens else None
 
 
 def grounding(records) -> GroundingResult:

@@ -52,6 +52,45 @@ def _masked(values) -> np.ndarray:
     return np.ma.masked_invalid(np.asarray(values, dtype=float))
 
 
+def interval_series(entries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, low, high)`` ``[L]`` of a per-image measure's entries (``{mean, ci95, images}`` or
+    None per layer; NaN where None)."""
+    rows = [(e["mean"], *e["ci95"]) if e else (np.nan,) * 3 for e in entries]
+    mean, low, high = (np.asarray(col, dtype=float) for col in zip(*rows))
+    return mean, low, high
+
+
+def plot_intervals(ax, series: dict, *, title: str, ylabel: str, naive: dict | None = None,
+                   limits: tuple[float, float] = (-1.0, 1.0), fmt: str = "+.2f") -> None:
+    """Per-layer controlled measures with their 95 % intervals over images (shaded, clipped to the
+    measure's ``limits``), ``series``: ``{label: entries}`` (the first solid, the rest dashed), and the
+    naive measures beside them (``naive``: ``{label: [L] values}``, dotted, no interval); 0 drawn."""
+    drawn = []
+    for k, (label, entries) in enumerate(series.items()):
+        if not entries:
+            continue
+        mean, low, high = interval_series(entries)
+        layers = _layers(mean)
+        line, = ax.plot(layers, _masked(mean), marker="o", linestyle="-" if k == 0 else "--", label=label)
+        ax.fill_between(layers, np.clip(low, *limits), np.clip(high, *limits), color=line.get_color(), alpha=0.2,
+                        linewidth=0)
+        drawn.append(mean)
+    for label, values in (naive or {}).items():
+        if values is None:
+            continue
+        values = np.array([np.nan if v is None else v for v in values], dtype=float)
+        ax.plot(_layers(values), _masked(values), marker="x", linestyle=":", color="0.35", label=label)
+        drawn.append(values)
+    if not drawn:
+        mark_missing(ax, title, "no image had a defined value")
+        return
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    layer_axis(ax)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+
+
 def plot_entropy(result, path) -> None:
     """Mean normalised entropy per layer, one line per attention kind (heads as a shaded range)."""
     fig, (ax,) = new_figure(1)
@@ -78,7 +117,10 @@ def plot_entropy(result, path) -> None:
 
 def plot_thematic(result, path) -> None:
     """Affinity heatmap, layer x head (1 = chance), and the within/across cluster feature cosines."""
-    fig, (heat, bars) = new_figure(2)
+    fig, (controlled, heat, bars) = new_figure(3)
+    plot_intervals(controlled, {"same cluster, given feature similarity": result.per_image.get(
+        "cluster_given_similarity"), "same cluster (no control)": result.per_image.get("cluster")},
+        title="controlled: attention within the query's cluster", ylabel="within-row correlation (95 % CI)")
     if result.affinity is None:
         mark_missing(heat, "within-cluster affinity", result.unavailable.get("affinity"))
     else:
@@ -91,7 +133,7 @@ def plot_thematic(result, path) -> None:
         heat.set_ylabel("layer")
         heat.set_xticks(range(aff.shape[1]), [str(h + 1) for h in range(aff.shape[1])])
         heat.set_yticks(range(aff.shape[0]), [str(l + 1) for l in range(aff.shape[0])])
-        heat.set_title("attention within the query's cluster")
+        heat.set_title("naive: affinity, layer x head")
     if result.same_cluster_cosine is None or result.diff_cluster_cosine is None:
         mark_missing(bars, "feature cosine", result.unavailable.get("same_cluster_cosine")
                  or result.unavailable.get("diff_cluster_cosine"))
@@ -108,7 +150,11 @@ def plot_proximity(result, path) -> None:
     pairs behind each bin (grey bars, right axis); bins under ``MIN_BIN_PAIRS`` pairs are left out."""
     from .proximity import MIN_BIN_PAIRS
 
-    fig, axes = new_figure(2)
+    fig, (controlled, *axes) = new_figure(3)
+    plot_intervals(controlled, {"distance, given feature similarity": result.per_image.get(
+        "distance_given_similarity"), "distance (no control)": result.per_image.get("distance")},
+        naive={"naive: Spearman over pooled pairs": result.spearman_distance},
+        title="controlled: attention vs distance", ylabel="within-row correlation (95 % CI)")
     for ax, measure, label in zip(axes, ("distance", "similarity"),
                                   ("normalised box-centre distance", "feature cosine similarity")):
         curve = result.shown_curve(measure)
@@ -166,7 +212,12 @@ def plot_grounding(result, path) -> None:
     """Grounding accuracy per layer vs chance (head-mean map and the layer's best head), and the
     hypothetical follow rate against its same-step baseline and the stay rate; error bars: one
     standard error over images; the y range is zoomed onto the values."""
-    fig, (acc, follow) = new_figure(2)
+    fig, (effect, acc, follow) = new_figure(3)
+    plot_intervals(effect, {"referent effect: own - wrong referent": result.referent_effect},
+                   naive={"naive: accuracy - chance": None if result.accuracy is None
+                          else list(np.asarray(result.accuracy) - result.chance)},
+                   title=f"controlled: the noun's own object ({result.effect_tokens} nouns)",
+                   ylabel="difference in hit rate (95 % CI)")
     if result.accuracy is None:
         mark_missing(acc, "grounding accuracy", result.unavailable.get("accuracy"))
     else:

@@ -1,6 +1,21 @@
 """Analysis II of the seed study: encoder self-attention against visual proximity and semantic
 similarity of the two objects.
 
+**Controlled measures (the verdict)**, per layer, on the head-mean map of each image's first
+record: for each query object i (a regular object, with at least :data:`~.rows.MIN_ROW_KEYS` other
+regular objects), a correlation within its row over the other regular objects j, averaged over
+the image's rows with a defined value; then the mean over images with a 95 % t interval
+(:class:`~.uncertainty.ImageMeans`). ``per_image["distance"]``: Spearman's rho of ``w(i, j)`` with
+``d(i, j)``. ``per_image["distance_given_similarity"]`` (records with features; objects with an
+all-zero feature vector left out): the partial correlation of ``log w(i, j)`` with the ranks of
+``d(i, j)``, the feature cosine ``s(i, j)`` regressed out of both
+(:func:`~.rows.partial_attention_correlation`). Null: attention that follows feature similarity
+alone scores 0 on it, whatever links similarity to position in the scenes; a row of equal
+weights has no value. Within rows, the number of objects of an image (the level 1/N of its
+weights) never mixes into the correlation, as it does in the pooled Spearman below.
+
+**Description** (the seed's measures):
+
 For every ordered pair of distinct objects ``(i, j)`` of a record (query i, key j), per layer ``l``:
 
 - the attention weight ``w_l(i, j)``: the encoder self-attention of i to j, averaged over heads
@@ -35,13 +50,20 @@ import numpy as np
 
 from geocap.data.attention_record import Record, regular_objects
 
-from .accumulator import (Accumulator, SeenImages, SumTable, as_map, config_state, describe, feature_cosines, fold,
-                          ratio, read_config, to_list)
+from .accumulator import (Accumulator, SeenImages, SumTable, as_map, config_state, describe, encoder_head_mean,
+                          encoder_rows, feature_cosines, fold, ratio, read_config, to_list)
 from .reservoir import PairReservoir, pair_keys
+from .rows import MIN_ROW_KEYS, mean_over_rows
+from .uncertainty import ImageMeans, image_means, interval_text, layer_verdicts
 
 MEASURES = ("distance", "similarity")
 RANGES = {"distance": (0.0, 1.0), "similarity": (-1.0, 1.0)}
 MIN_BIN_PAIRS = 30   # bins with fewer object pairs are left out of the figure and the report's table
+# the controlled, per-image measures (see the module docstring): name -> what it correlates
+PER_IMAGE = {"distance": "Spearman's rho of attention and box-centre distance within each query's row",
+             "distance_given_similarity": "partial correlation within each query's row of the log attention weights "
+                                          "(the logits up to a constant) and the ranks of box-centre distance, "
+                                          "feature cosine regressed out of both"}
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float | None, str | None]:
@@ -67,6 +89,7 @@ class ProximityResult:
     counts: dict = field(default_factory=dict)                # measure -> [bins] pairs per bin
     sampled: dict = field(default_factory=dict)               # measure -> pairs in the Spearman sample
     pairs: dict = field(default_factory=dict)                 # measure -> pairs seen (each image once)
+    per_image: dict = field(default_factory=dict)             # PER_IMAGE name -> [L] of {mean, ci95, images}|None
     images: int = 0
     records: int = 0
     records_repeating_an_image: int = 0
@@ -88,6 +111,8 @@ class ProximityResult:
 
     def to_json(self) -> dict:
         return {
+            "per_image": {name: self.per_image.get(name) for name in PER_IMAGE},
+            "min_row_keys": MIN_ROW_KEYS,
             "spearman_distance": list(self.spearman_distance) if self.spearman_distance else None,
             "spearman_similarity": list(self.spearman_similarity) if self.spearman_similarity else None,
             "distance_bin_edges": to_list(self.edges("distance")),
@@ -108,8 +133,41 @@ class ProximityResult:
             "unavailable": dict(self.unavailable),
         }
 
+    def controlled(self) -> tuple[str | None, list | None]:
+        """The measure the verdict rests on: ``distance_given_similarity`` where records have features,
+        else ``distance`` (position alone, similarity not controlled); ``(name, entries)``."""
+        for name in ("distance_given_similarity", "distance"):
+            if self.per_image.get(name):
+                return name, self.per_image[name]
+        return None, None
+
+    def controlled_reading(self) -> str:
+        name, entries = self.controlled()
+        if name is None:
+            reason = self.unavailable.get("per_image.distance", "no image with enough objects")
+            return f"Attention against distance, controlled: not computed ({reason})."
+        shown = "; ".join(f"layer {l + 1}: {interval_text(e)}" for l, e in enumerate(entries))
+        verdict = layer_verdicts(entries, {"negative": "attention falls with distance",
+                                           "positive": "attention rises with distance"})
+        text = (f"Attention against distance, controlled ({PER_IMAGE[name]}, over the query's other regular objects; "
+                f"averaged over the image's rows, then over images with a 95 % interval; 0 = no relation): {shown}. "
+                f"**Verdict: {verdict}.**")
+        if name == "distance":
+            why = self.unavailable.get("per_image.distance_given_similarity", "no features")
+            text += (" Similarity is not controlled, so attention that merely follows feature similarity (linked to "
+                     f"position in most scenes) is not ruled out ({why}).")
+        else:
+            plain = self.per_image.get("distance") or []
+            text += (" Without the similarity control: " + layer_verdicts(plain) + ".")
+        if self.spearman_distance and self.spearman_distance[0] is not None:
+            naive = [v for v in self.spearman_distance if v is not None]
+            text += (f" The naive measure (Spearman over the pooled pairs of all images) would have said "
+                     f"{naive[0]:+.3f} in layer 1 and {naive[-1]:+.3f} in layer {len(naive)}: it pools images of "
+                     f"different object counts and does not separate distance from similarity.")
+        return text
+
     def reading(self) -> str:
-        parts = []
+        parts = [self.controlled_reading()]
         for measure, values in (("distance", self.spearman_distance), ("similarity", self.spearman_similarity)):
             key = f"spearman_{measure}"
             shown = [f"layer {i + 1}: {v:+.2f}" for i, v in enumerate(values or []) if v is not None]
@@ -135,6 +193,36 @@ class ProximityResult:
         plot_proximity(self, path)
 
 
+def row_sums(rows, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(sum of the rows' correlations [L], defined rows [L])`` of one image's prepared encoder rows
+    (:func:`~.accumulator.encoder_rows`) with the distances ``[N, N]`` (Spearman, or the partial
+    correlation given similarity when the rows were prepared for it); None when the rows are
+    missing or have fewer than :data:`MIN_ROW_KEYS` keys."""
+    if rows is None or not rows.usable:
+        return None
+    return mean_over_rows(*rows.correlation(distances))
+
+
+def centre_distances(record: Record) -> np.ndarray:
+    """``[N, N]`` normalised distances of the box centres (1 = opposite corners of the image)."""
+    boxes = np.asarray(record.boxes, dtype=np.float64)
+    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    return np.linalg.norm(centres[:, None] - centres[None, :], axis=-1) / np.sqrt(2.0)
+
+
+def image_values(record: Record) -> dict:
+    """This image's values of the :data:`PER_IMAGE` measures (what each image adds to the means over
+    images): ``{name: [L] floats, None for a layer without a defined row}`` or ``{name: None}`` when
+    the record lacks encoder maps (or features, for the similarity control) or has too few objects."""
+    out = dict.fromkeys(PER_IMAGE)
+    distances = centre_distances(record)
+    for name in PER_IMAGE:
+        got = row_sums(encoder_rows(record, name != "distance"), distances)
+        if got is not None:
+            out[name] = [float(t / n) if n else None for t, n in zip(*got)]
+    return out
+
+
 class ProximityAccumulator(Accumulator):
     """Streaming sums and pair samples behind :class:`ProximityResult`; see the module docstring.
 
@@ -153,6 +241,7 @@ class ProximityAccumulator(Accumulator):
         self.sums = SumTable()
         self.samples = {m: PairReservoir(self.capacity) for m in MEASURES}
         self.images = SeenImages()
+        self.units = ImageMeans()
 
     def _bin(self, measure: str, values: np.ndarray) -> np.ndarray:
         low, high = RANGES[measure]
@@ -178,25 +267,47 @@ class ProximityAccumulator(Accumulator):
         if not self.images.first(record.image_id):
             self.sums.add("records_repeating_an_image", 1)
             return
-        attn = as_map(record, "encoder_self")
-        if attn is None:
+        head_mean = encoder_head_mean(record)                                  # [L, N, N]
+        if head_mean is None:
             self.sums.add("records_without_encoder_self", 1)
             return
         regular = regular_objects(record)            # special objects (a class token) are no region
         i, j = np.nonzero(~np.eye(record.num_objects, dtype=bool) & regular[:, None] & regular[None, :])
-        weights = attn.mean(axis=1)[:, i, j]                                   # [L, P]
-        boxes = np.asarray(record.boxes, dtype=np.float64)
-        centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
-        distance = np.linalg.norm(centres[i] - centres[j], axis=1) / np.sqrt(2.0)
-        self._add("distance", record, distance, weights, i, j)
+        weights = head_mean[:, i, j]                                           # [L, P]
+        distances = centre_distances(record)
+        self._add("distance", record, distances[i, j], weights, i, j)
         cosines = feature_cosines(record)
+        self._rows("distance", record, distances)
         if cosines is None:
             self.sums.add("records_without_features", 1)
+            self.units.flush(self.sums)
             return
         cosine, nonzero = cosines
+        self._rows("distance_given_similarity", record, distances)
+        self.units.flush(self.sums)
         keep = nonzero[i] & nonzero[j]
         i, j = i[keep], j[keep]
         self._add("similarity", record, cosine[i, j], weights[:, keep], i, j)
+
+    def _rows(self, name: str, record: Record, distances: np.ndarray) -> None:
+        """Add the image's mean over its rows of the within-row (partial) correlation of attention with
+        distance."""
+        got = row_sums(encoder_rows(record, name != "distance"), distances)
+        if got is None:
+            self.sums.add(f"rows.{name}.too_few_objects", 1)
+            return
+        total, rows = got
+        if not rows.any():
+            self.sums.add(f"rows.{name}.no_ranked_row", 1)
+        self.units.add(self.sums, f"per_image.{name}", record.image_id, total, rows, describe(record))
+
+    def _per_image_reason(self, name: str, images: int) -> str:
+        few = int(self.sums.scalar(f"rows.{name}.too_few_objects"))
+        flat = int(self.sums.scalar(f"rows.{name}.no_ranked_row"))
+        what = "regular objects" + (" with nonzero features" if name != "distance" else "")
+        return (f"no image had a query row of {MIN_ROW_KEYS} or more other {what} whose attention and distance "
+                f"vary ({images} images with encoder maps: {few} have fewer than {MIN_ROW_KEYS + 1} such objects, "
+                f"{flat} only rows of equal ranks, e.g. equal weights)")
 
     def _merge(self, other: "ProximityAccumulator") -> None:
         if (other.bins, other.capacity, other.seed) != (self.bins, self.capacity, self.seed):
@@ -262,6 +373,18 @@ class ProximityAccumulator(Accumulator):
                 if why:
                     res.unavailable[f"{key}_layer{layer + 1}"] = why
             setattr(res, key, values)
+        with_maps = res.images - res.records_without_encoder_self
+        for name in PER_IMAGE:
+            if name != "distance" and with_maps and res.records_without_features == with_maps:
+                reason = f"none of the {with_maps} images with encoder maps has object features"
+            elif not with_maps:
+                reason = (f"none of the {res.records} records ({res.images} images) has encoder_self maps"
+                          if res.records else "no reference or generated records")
+            else:
+                reason = self._per_image_reason(name, with_maps)
+            entries, missing = image_means(s, f"per_image.{name}", reason)
+            res.per_image[name] = entries
+            res.unavailable.update({f"per_image.{name}" + (f"_{k}" if k else ""): why for k, why in missing.items()})
         return res
 
 

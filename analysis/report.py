@@ -29,16 +29,32 @@ TITLES = {
     "proximity": "Visual proximity and semantic similarity (seed analysis II)",
     "grounding": "Visual grounding and hypothetical captions (seed analysis IV)",
 }
+# what a model that knows nothing would score on each analysis' controlled measure (its null)
+NULLS = {
+    "thematic": "Null: attention that follows feature similarity alone scores 0 on the controlled measure (it scores "
+                "above 1 on the affinity).",
+    "proximity": "Null: attention that follows feature similarity alone, or 1/N, scores 0 on the controlled measure "
+                 "(the pooled Spearman calls both 'proximity' where position and category are linked).",
+    "grounding": "Null: attention that lands on some object, whichever the noun names, scores 0 on the referent "
+                 "effect (it scores far above chance on accuracy).",
+}
 DEFINITIONS = {
     "entropy": "Mean entropy of each attention row divided by the log of its valid keys (1 = uniform), per layer "
                "and head, for encoder self-, decoder self- and cross-attention.",
-    "thematic": "Affinity: attention a query object gives to other objects of its cluster over its attention to all "
-                "other objects, divided by the share chance would give (1.0 = chance), layer x head.",
-    "proximity": "Encoder self-attention (head mean) against the normalised distance of the box centres and the "
-                 "cosine similarity of the object features: binned means per layer and Spearman correlations.",
-    "grounding": "Share of grounded nouns whose referent is the most-attended object in cross-attention, per layer, "
-                 "against chance (1/N); for hypothetical captions with swapped nouns, how often attention at the "
-                 "step after the new word moves to the object it now names.",
+    "thematic": "Controlled: does a query's attention favour objects of its cluster beyond what feature similarity "
+                "explains (a partial correlation within each row, averaged per image; 95 % interval over images). "
+                "Described: the affinity, attention a query object gives to other objects of its cluster over its "
+                "attention to all other objects, divided by the share chance would give (1.0 = chance), layer x head.",
+    "proximity": "Controlled: does a query's attention fall with box-centre distance beyond what feature similarity "
+                 "explains (a partial correlation within each row, averaged per image; 95 % interval over images). "
+                 "Described: encoder self-attention (head mean) against the normalised distance of the box centres "
+                 "and the cosine similarity of the object features, binned means per layer and Spearman correlations "
+                 "over the pooled pairs.",
+    "grounding": "Controlled: the referent effect, how much more often a noun's most-attended object is in its own "
+                 "referent than in a wrong one (another category present), per image, 95 % interval over images. "
+                 "Described: share of grounded nouns whose referent is the most-attended object in cross-attention, "
+                 "per layer, against chance (1/N); for hypothetical captions with swapped nouns, how often attention "
+                 "at the step after the new word moves to the object it now names.",
 }
 
 
@@ -117,14 +133,17 @@ def _proximity_tables(result) -> list[str]:
 def _report_markdown(results: dict, records: int, size: dict, viewer_href: str | None) -> str:
     lines = ["# Attention analyses", "",
              f"{records} records. {_size_sentence(size)} Numbers: `analysis.json`. Definitions: the docstrings "
-             "of `geocap.analysis`. Standard errors are over images; a change across layers is called a rise or "
-             "a fall only beyond two standard errors.", ""]
+             "of `geocap.analysis`. Verdicts rest on controlled measures, each against the score of attention that "
+             "knows nothing of what is asked (its null, stated per analysis), with 95 % intervals over images: a "
+             "verdict is 'inconclusive' where the interval holds 0. The naive measures are kept as description. "
+             "Standard errors are over images; a change across layers is called a rise or a fall only beyond two "
+             "standard errors.", ""]
     if viewer_href:
         lines += [f"Browse the attention maps themselves in the [attention viewer]({viewer_href}).", ""]
     for name in ANALYSES:
         result = results[name]
-        lines += [f"## {TITLES[name]}", "", DEFINITIONS[name], "", f"![{name}]({FIGURES[name]})", "",
-                  result.reading(), ""]
+        lines += [f"## {TITLES[name]}", "", DEFINITIONS[name]] + ([NULLS[name]] if name in NULLS else []) + \
+                 ["", f"![{name}]({FIGURES[name]})", "", result.reading(), ""]
         if name == "proximity":
             lines += _proximity_tables(result)
         if result.unavailable:

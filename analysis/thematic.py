@@ -13,6 +13,15 @@ exact; the cluster ids of the two parts need not match, which the statistics nev
 
 Statistics:
 
+- **controlled (the verdict)**, per layer, on the head-mean map of each image's first record
+  (:data:`PER_IMAGE`): within each query's row over the other regular objects, the correlation of
+  attention with "same cluster as the query": ``per_image["cluster"]`` Spearman's rho,
+  ``per_image["cluster_given_similarity"]`` the partial correlation of the log weights given the
+  feature cosine (:func:`~.rows.partial_attention_correlation`); averaged over the image's rows,
+  then over images with a 95 % t interval. ``per_image["affinity"]``: each image's affinity
+  (below), averaged over images. Null: attention that follows feature similarity alone scores 0
+  on the controlled measure and above 1 on the affinity. With k-means clusters (fitted on the
+  features) the control removes most of what the clusters mean: report such results as such.
 - **affinity** ``[L, H]`` (encoder self-attention ``A``, self-attention ``A[i, i]`` excluded): for a
   query object ``i`` with at least one other object of its cluster and one of another cluster,
   ``share_i = sum_{j != i, c_j = c_i} A[i, j] / sum_{j != i} A[i, j]`` and
@@ -37,11 +46,19 @@ import numpy as np
 
 from geocap.data.attention_record import Record, regular_objects
 
-from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, feature_cosines, fold, ratio,
-                          read_config, to_list, unit_features)
-from .uncertainty import ImageUnits, layer_uncertainty, trend_phrase, uncertainty_json
+from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, encoder_rows, feature_cosines, fold,
+                          ratio, read_config, to_list, unit_features)
+from .rows import MIN_ROW_KEYS, mean_over_rows
+from .uncertainty import (ImageMeans, ImageUnits, image_means, interval_text, layer_uncertainty, layer_verdicts,
+                          trend_phrase, uncertainty_json)
 
 CLUSTER_SOURCES = ("clusters", "labels", "kmeans")
+# the per-image measures (see the module docstring): name -> what it is
+PER_IMAGE = {"affinity": "within-cluster affinity of each image (1 = chance)",
+             "cluster": "Spearman's rho of attention and 'same cluster as the query' within each query's row",
+             "cluster_given_similarity": "partial correlation within each query's row of the log attention weights "
+                                         "(the logits up to a constant) and 'same cluster as the query', feature "
+                                         "cosine regressed out of both"}
 
 
 @dataclass
@@ -53,6 +70,7 @@ class ThematicResult:
     affinity_per_layer: np.ndarray | None = None    # [L], pooled over heads
     queries: np.ndarray | None = None               # [L, H] queries behind each affinity
     affinity_uncertainty: dict | None = None        # standard errors of affinity_per_layer, its trend
+    per_image: dict = field(default_factory=dict)   # PER_IMAGE name -> [L] of {mean, ci95, images} or None
     same_cluster_cosine: float | None = None
     diff_cluster_cosine: float | None = None
     pairs: dict = field(default_factory=dict)       # same / diff -> pairs behind each cosine
@@ -66,6 +84,8 @@ class ThematicResult:
 
     def to_json(self) -> dict:
         return {
+            "per_image": {name: self.per_image.get(name) for name in PER_IMAGE},
+            "min_row_keys": MIN_ROW_KEYS,
             "same_cluster_cosine": self.same_cluster_cosine,
             "diff_cluster_cosine": self.diff_cluster_cosine,
             "affinity": to_list(self.affinity),
@@ -82,8 +102,38 @@ class ThematicResult:
             "unavailable": dict(self.unavailable),
         }
 
+    def controlled(self) -> tuple[str | None, list | None]:
+        """The measure the verdict rests on: ``cluster_given_similarity`` where records have features,
+        else ``cluster``; ``(name, entries)``."""
+        for name in ("cluster_given_similarity", "cluster"):
+            if self.per_image.get(name):
+                return name, self.per_image[name]
+        return None, None
+
+    def controlled_reading(self) -> str:
+        name, entries = self.controlled()
+        if name is None:
+            return f"Thematic attention, controlled: not computed ({self.unavailable.get('per_image.cluster')})."
+        shown = "; ".join(f"layer {l + 1}: {interval_text(e)}" for l, e in enumerate(entries))
+        verdict = layer_verdicts(entries, {"positive": "attention stays within clusters",
+                                           "negative": "attention avoids the query's cluster"})
+        beyond = " beyond what feature similarity explains" if name != "cluster" else ""
+        text = (f"Thematic attention, controlled ({PER_IMAGE[name]}, over the query's other regular objects; averaged "
+                f"over the image's rows, then over images with a 95 % interval; 0 = no preference for the query's "
+                f"cluster{beyond}): {shown}. **Verdict: {verdict}.**")
+        if name == "cluster":
+            why = self.unavailable.get("per_image.cluster_given_similarity", "no features")
+            text += (" Similarity is not controlled: attention that merely follows feature similarity would also stay "
+                     f"within clusters ({why}).")
+        affinity = self.per_image.get("affinity")
+        if affinity and affinity[0] is not None:
+            text += (f" The naive measure (affinity, 1 = chance) would have said {affinity[0]['mean']:.2f} in layer 1 "
+                     f"and {affinity[-1]['mean']:.2f} in layer {len(affinity)} (means over images); attention that "
+                     f"follows feature similarity alone also scores above 1 on it.")
+        return text
+
     def reading(self) -> str:
-        parts = []
+        parts = [self.controlled_reading()]
         if self.affinity_per_layer is not None and np.isfinite(self.affinity_per_layer).any():
             layers = self.affinity_per_layer
             best = int(np.nanargmax(layers))
@@ -131,6 +181,8 @@ class ThematicAccumulator(Accumulator):
         self.k, self.kmeans_buffer, self.seed = int(k), int(kmeans_buffer), int(seed)
         self.sums = SumTable()
         self.units = ImageUnits()
+        self.means = ImageMeans()
+        self._cache = None             # (inputs, sums) of the last record: its image's next records reuse them
         self.centroids: np.ndarray | None = None
         self._pending: list[Record] = []
 
@@ -185,15 +237,41 @@ class ThematicAccumulator(Accumulator):
                 self._fit()
 
     def _process(self, record: Record, clusters: np.ndarray, source: str) -> None:
+        """Add the record's sums. An image's records share its objects and encoder maps, so the sums
+        computed for the image's previous record are reused when its inputs are equal (each record
+        still counts, as the pooled affinity always has), and the per-image measures read its first."""
         where = describe(record)
         self.sums.add(f"source.{source}", 1)
+        inputs = (record.image_id, record.encoder_self, clusters, record.features, record.boxes)
+        cached = self._cache
+        repeat = cached is not None and _same_inputs(cached[0], inputs)
+        adds = cached[1] if repeat else self._image_sums(record, clusters)
+        self._cache = (inputs, adds)
+        for name, value in adds.items():
+            if not name.startswith("_"):
+                self.sums.add(name, value, where)
+        if "_unit" in adds:
+            self.units.add(self.sums, "units.affinity", record.image_id, *adds["_unit"], where)
+        if repeat or "_unit" not in adds:
+            return
+        self.means.add(self.sums, "per_image.affinity", record.image_id, *adds["_unit"], where)
+        same = adds["_same"]
+        self._rows("cluster", record, same)
+        if record.features is not None:
+            self._rows("cluster_given_similarity", record, same)
+
+    @staticmethod
+    def _image_sums(record: Record, clusters: np.ndarray) -> dict:
+        """The sums one record of this image adds (names of :attr:`sums`), plus ``"_unit"``: its
+        affinity's share and chance sums ``[L]`` and ``"_rows"``: what the per-image measures need."""
+        adds = {}
         n = record.num_objects
         regular = regular_objects(record)                          # special objects (class tokens) are in no pair
         pairs = regular[:, None] & regular[None, :]
         same = (clusters[:, None] == clusters[None, :]) & pairs
         cosines = feature_cosines(record)
         if cosines is None:
-            self.sums.add("records_without_features", 1)
+            adds["records_without_features"] = 1
         else:
             cosine, nonzero = cosines
             i, j = np.triu_indices(n, k=1)
@@ -201,14 +279,12 @@ class ThematicAccumulator(Accumulator):
             i, j = i[keep], j[keep]
             pair_cosine = cosine[i, j]
             pair_same = same[i, j]
-            self.sums.add("cos_same.sum", pair_cosine[pair_same].sum())
-            self.sums.add("cos_same.pairs", pair_same.sum())
-            self.sums.add("cos_diff.sum", pair_cosine[~pair_same].sum())
-            self.sums.add("cos_diff.pairs", (~pair_same).sum())
+            adds.update({"cos_same.sum": pair_cosine[pair_same].sum(), "cos_same.pairs": pair_same.sum(),
+                         "cos_diff.sum": pair_cosine[~pair_same].sum(), "cos_diff.pairs": (~pair_same).sum()})
         attn = as_map(record, "encoder_self")
         if attn is None:
-            self.sums.add("records_without_encoder_self", 1)
-            return
+            adds["records_without_encoder_self"] = 1
+            return adds
         others = ~np.eye(n, dtype=bool) & pairs
         same_others = same & others
         n_same = same_others.sum(axis=1)                           # [N]
@@ -219,17 +295,32 @@ class ThematicAccumulator(Accumulator):
         ok = eligible & (mass_others > 0)
         share = np.divide(mass_same, mass_others, out=np.zeros_like(mass_same), where=ok)
         chance = np.where(ok, n_same / np.maximum(n_others, 1), 0.0)
-        self.sums.add("affinity.share", share.sum(axis=-1), where)
-        self.sums.add("affinity.chance", chance.sum(axis=-1), where)
-        self.sums.add("affinity.queries", ok.sum(axis=-1), where)
-        self.units.add(self.sums, "units.affinity", record.image_id, share.sum(axis=(1, 2)), chance.sum(axis=(1, 2)),
-                       where)
+        adds.update({"affinity.share": share.sum(axis=-1), "affinity.chance": chance.sum(axis=-1),
+                     "affinity.queries": ok.sum(axis=-1), "_unit": (share.sum(axis=(1, 2)), chance.sum(axis=(1, 2))),
+                     "_same": same.astype(np.float64)})
+        return adds
+
+    def _rows(self, name: str, record: Record, same: np.ndarray) -> None:
+        """Add the image's mean over its rows of the within-row (partial) correlation of attention with
+        "same cluster as the query" ``same [N, N]`` (rows where the key clusters do not vary are undefined)."""
+        rows = encoder_rows(record, name != "cluster")
+        if rows is None or not rows.usable:
+            self.sums.add(f"rows.{name}.too_few_objects", 1)
+            return
+        total, count = mean_over_rows(*rows.correlation(same))
+        if not count.any():
+            self.sums.add(f"rows.{name}.no_ranked_row", 1)
+        self.means.add(self.sums, f"per_image.{name}", record.image_id, total, count, describe(record))
+
+    def _flush(self) -> None:
+        self._fit()
+        self.units.flush(self.sums)
+        self.means.flush(self.sums)
+        self._cache = None
 
     def _merge(self, other: "ThematicAccumulator") -> None:
-        self._fit()
-        other._fit()
-        self.units.flush(self.sums)
-        other.units.flush(other.sums)
+        self._flush()
+        other._flush()
         self.sums.merge(other.sums)
         if self.centroids is None:
             self.centroids = other.centroids
@@ -237,8 +328,7 @@ class ThematicAccumulator(Accumulator):
     # state ------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, np.ndarray]:
-        self._fit()
-        self.units.flush(self.sums)
+        self._flush()
         state = self.sums.state()
         state.update(config_state(k=self.k, kmeans_buffer=self.kmeans_buffer, seed=self.seed))
         if self.centroids is not None:
@@ -256,8 +346,7 @@ class ThematicAccumulator(Accumulator):
         return acc
 
     def result(self) -> ThematicResult:
-        self._fit()
-        self.units.flush(self.sums)
+        self._flush()
         s = self.sums
         res = ThematicResult(
             records=int(s.scalar("records")), records_without_clusters=int(s.scalar("records_without_clusters")),
@@ -283,6 +372,23 @@ class ThematicAccumulator(Accumulator):
             if not np.isfinite(res.affinity).all():
                 res.unavailable["affinity"] = ("no query object had both another object of its cluster and one of "
                                                "another cluster (null entries)")
+        for name in PER_IMAGE:
+            if no_clusters or share is None:
+                reason = res.unavailable["affinity"]
+            elif name == "cluster_given_similarity" and s.get("rows.cluster_given_similarity.too_few_objects") is None \
+                    and s.get("per_image.cluster_given_similarity.sum") is None:
+                reason = "no clustered record with encoder maps has object features"
+            elif name == "affinity":
+                reason = "no query object had both another object of its cluster and one of another cluster"
+            else:
+                few = int(s.scalar(f"rows.{name}.too_few_objects"))
+                flat = int(s.scalar(f"rows.{name}.no_ranked_row"))
+                reason = (f"no image had a query row of {MIN_ROW_KEYS} or more other objects mixing its cluster and "
+                          f"others, with varying attention ({few} images have fewer than {MIN_ROW_KEYS + 1} objects, "
+                          f"{flat} only rows of equal ranks, e.g. equal weights or one cluster)")
+            entries, missing = image_means(s, f"per_image.{name}", reason)
+            res.per_image[name] = entries
+            res.unavailable.update({f"per_image.{name}" + (f"_{k}" if k else ""): why for k, why in missing.items()})
         for key, part in (("same_cluster_cosine", "cos_same"), ("diff_cluster_cosine", "cos_diff")):
             pairs = s.scalar(f"{part}.pairs")
             if no_clusters:
@@ -295,6 +401,18 @@ class ThematicAccumulator(Accumulator):
             else:
                 setattr(res, key, s.scalar(f"{part}.sum") / pairs)
         return res
+
+
+def _same_inputs(a: tuple, b: tuple) -> bool:
+    """Whether two records' (image id, encoder map, clusters, features, boxes) are equal."""
+    if a[0] != b[0]:
+        return False
+    for x, y in zip(a[1:], b[1:]):
+        if x is y:
+            continue
+        if x is None or y is None or np.shape(x) != np.shape(y) or not np.array_equal(x, y):
+            return False
+    return True
 
 
 def thematic(records, **options) -> ThematicResult:

@@ -140,3 +140,92 @@ def trend_phrase(values, summary: dict | None, fmt: str = ".3f") -> str:
         text += (f" (change {summary['change']:+{fmt}} ± {summary['change_se']:{fmt}}; standard errors over "
                  f"{summary['units']} images)")
     return text
+
+
+CI_LEVEL = 0.95   # the per-image measures' intervals: two-sided t intervals over images
+
+
+class ImageMeans(ImageUnits):
+    """Per-layer means over *images* of a per-image value, with a 95 % t interval: the unit is the
+    image, each weighing the same, whatever its number of rows, tokens or captions.
+
+    ``add(table, name, image_id, num [L], den [L])`` adds to the current image (a run of consecutive
+    records of one image, as in :class:`ImageUnits`); the image's value in layer l is
+    ``sum num[l] / sum den[l]`` (e.g. the mean of its rows' correlations: num = their sum, den =
+    their count), and a layer whose ``den`` is 0 has no value for that image. Closing an image
+    adds, per layer with a value ``v``, ``v``, ``v**2`` and 1 to ``<name>.sum``, ``.sumsq`` and
+    ``.images`` of ``table``: exact to merge, and memory does not grow with the images."""
+
+    def flush(self, table: SumTable) -> None:
+        for name, (num, den) in self.pending.items():
+            has = den > 0
+            value = np.divide(num, den, out=np.zeros_like(num), where=has)
+            table.add(f"{name}.sum", value)
+            table.add(f"{name}.sumsq", value * value)
+            table.add(f"{name}.images", has.astype(np.float64))
+        self.pending = {}
+        self.image = None
+
+
+def image_means(table: SumTable, name: str, reason: str) -> tuple[list | None, dict]:
+    """The per-layer summaries of what :class:`ImageMeans` accumulated under ``name``: a list over
+    layers of ``{"mean", "ci95": [lo, hi], "images"}`` or None for a layer with fewer than two images
+    (an interval needs two), and ``{layer key: why}`` for those layers. ``(None, {"": reason})``
+    when no image had a value in any layer (``reason`` says why)."""
+    from scipy.stats import t as student_t
+
+    total = table.get(f"{name}.sum")
+    if total is None or not table.get(f"{name}.images").any():
+        return None, {"": reason}
+    sumsq, count = table.get(f"{name}.sumsq"), table.get(f"{name}.images")
+    out, missing = [], {}
+    for layer, (s, ss, n) in enumerate(zip(total, sumsq, count)):
+        n = int(n)
+        if n < 2:
+            out.append(None)
+            missing[f"layer{layer + 1}"] = reason if n == 0 else "only 1 image with a value (an interval needs 2)"
+            continue
+        mean = s / n
+        var = max((ss - n * mean * mean) / (n - 1), 0.0)
+        half = float(student_t.ppf(0.5 + CI_LEVEL / 2, n - 1)) * np.sqrt(var / n)
+        out.append({"mean": float(mean), "ci95": [float(mean - half), float(mean + half)], "images": n})
+    return out, missing
+
+
+def interval_verdict(entry: dict | None) -> str:
+    """``"positive"`` / ``"negative"`` when the 95 % interval excludes 0 on that side,
+    ``"inconclusive"`` when it holds 0, ``"not computed"`` without an entry."""
+    if entry is None:
+        return "not computed"
+    lo, hi = entry["ci95"]
+    if lo > 0:
+        return "positive"
+    if hi < 0:
+        return "negative"
+    return "inconclusive"
+
+
+def interval_text(entry: dict | None, fmt: str = "+.3f") -> str:
+    """``+0.123 [+0.100, +0.146] (300 images)``, or ``n/a``."""
+    if entry is None:
+        return "n/a"
+    lo, hi = entry["ci95"]
+    return f"{entry['mean']:{fmt}} [{lo:{fmt}}, {hi:{fmt}}] ({entry['images']} images)"
+
+
+def layer_verdicts(entries: list | None, words: dict | None = None) -> str:
+    """The per-layer verdicts of :func:`interval_verdict` grouped in words: ``negative in layers 1, 2;
+    inconclusive in layer 3``. ``words`` renames verdicts (e.g. ``{"negative": "falls with distance"}``)."""
+    if not entries:
+        return "not computed"
+    words = words or {}
+    groups: dict[str, list[int]] = {}
+    for layer, entry in enumerate(entries):
+        groups.setdefault(interval_verdict(entry), []).append(layer + 1)
+    order = ("positive", "negative", "inconclusive", "not computed")
+    parts = []
+    for verdict in sorted(groups, key=order.index):
+        layers = groups[verdict]
+        parts.append(f"{words.get(verdict, verdict)} in layer{'s' if len(layers) > 1 else ''} "
+                     + ", ".join(map(str, layers)))
+    return "; ".join(parts)

@@ -1,7 +1,7 @@
 """Attention dumps: write throughput with and without maps, bytes per image by compression, and
 read throughput of ``open_dump`` against reading the shards with h5py directly.
 
-Data (two sets, both 64 images, features D = 64, ORT's attention shape L = 6 layers, H = 8 heads):
+Data (two sets, both 64 images (``GEOCAP_BENCH_DUMP_IMAGES`` sets another number), features D = 64, ORT's attention shape L = 6 layers, H = 8 heads):
 
 - ``coco36``: COCO-shaped, 36 boxes per image, 5 random captions of 8-16 words, no ground truth
   (so k-means clusters, no hypothetical captions); a randomly initialised model (xavier, ORT's
@@ -44,7 +44,8 @@ from geocap.data.vocab import build_vocab, encode_captions, write_captions
 from geocap.dump.job import dump
 from geocap.model import ObjectRelationTransformer, ORTConfig
 
-N_IMAGES, D, LAYERS, HEADS = 64, 64, 6, 8
+# GEOCAP_BENCH_DUMP_IMAGES: more images per dump, so that a job's fixed costs weigh less (384 in RESULTS.md)
+N_IMAGES, D, LAYERS, HEADS = int(os.environ.get("GEOCAP_BENCH_DUMP_IMAGES", 64)), 64, 6, 8
 WORDS = "a man dog riding on the red bus with two cats street near of table big small under tree".split()
 SETTINGS = dict(batch_size=16, shard_images=32, progress=False)
 WRITE_VARIANTS = ("maps_lzf", "maps_gzip", "maps_none", "stats_only")

@@ -21,7 +21,7 @@ def test_models_of_different_depths_share_one_table():
     table = comparison_table({"ort": analysis([0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [-0.3, -0.2, -0.1]),
                               "vit": analysis([0.5, 0.6], [0.05, 0.04], [-0.5, -0.4], trend="rises")})
     lines = table.splitlines()
-    assert lines[0] == "| measure | model | layer 1 | layer 2 | layer 3 | first -> last layer |"
+    assert lines[0] == "| measure | model | layer 1 | layer 2 | layer 3 | first -> last layer / verdict |"
     row = next(line for line in lines if line.startswith("| entropy, encoder self | vit |"))
     assert row == "| entropy, encoder self | vit | 0.500 ± 0.010 | 0.600 ± 0.010 |  | +0.100 ± 0.010: rises |"
     row = next(line for line in lines if line.startswith("| grounding accuracy | ort |"))
@@ -59,3 +59,22 @@ def test_figure_draws_every_model(tmp_path):
     rgb = pixels[..., :3].reshape(-1, 3)
     for colour in (blue, orange):
         assert (np.abs(rgb - colour).max(axis=1) < 0.05).sum() > 200, colour
+
+
+def test_controlled_measures_come_first_with_intervals_and_verdicts():
+    def entry(mean, half):
+        return {"mean": mean, "ci95": [mean - half, mean + half], "images": 50}
+
+    ort = analysis([0.9, 0.8], [0.1, 0.2], [-0.3, -0.2])
+    ort["proximity"]["per_image"] = {"distance_given_similarity": [entry(-0.2, 0.05), entry(-0.01, 0.05)]}
+    ort["grounding"]["referent_effect"] = [entry(0.02, 0.05), entry(0.3, 0.1)]
+    old = analysis([0.9, 0.8], [0.1, 0.2], [-0.3, -0.2])             # an analysis.json from before the controls
+    old["proximity"]["unavailable"] = {}
+    lines = comparison_table({"ort": ort, "old": old}).splitlines()
+    rows = [line for line in lines if "controlled" in line]
+    assert lines.index(rows[0]) == 2                                  # before every naive measure
+    prox = next(line for line in rows if line.startswith("| proximity, controlled") and "| ort |" in line)
+    assert "-0.200 [-0.250, -0.150]" in prox and prox.endswith("| negative in layer 1; inconclusive in layer 2 |")
+    ground = next(line for line in rows if line.startswith("| grounding, controlled") and "| ort |" in line)
+    assert "+30.0% [+20.0%, +40.0%]" in ground and "positive in layer 2" in ground
+    assert all("not measured" in line for line in rows if "| old |" in line)

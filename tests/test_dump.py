@@ -366,6 +366,22 @@ def test_stats_only_with_the_analysis_collector(base, ckpt, data_dir, tmp_path):
     assert isinstance(stats, StatsCollector) and stats.records == sequential.records == len(full)
     assert set(stats.state()) == set(sequential.state())
     np.testing.assert_allclose(stats.state()["collector.records"], sequential.state()["collector.records"])
+    # the controlled measures, gathered shard by shard while dumping, equal one pass over the stored records
+    got, want = stats.to_json(), sequential.to_json()
+    assert want["proximity"]["per_image"]["distance"] is not None
+    for section, key in (("proximity", "per_image"), ("thematic", "per_image"), ("grounding", "referent_effect")):
+        assert json.dumps(got[section][key]) == json.dumps(want[section][key]) or \
+            np.allclose(_numbers(got[section][key]), _numbers(want[section][key]), rtol=1e-9, atol=1e-12,
+                        equal_nan=True), section
+
+
+def _numbers(tree):
+    """The numbers of a JSON-like tree, in order (None as NaN)."""
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in _numbers(tree[k])]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _numbers(v)]
+    return [np.nan if tree is None else float(tree)]
 
 
 def _cli_command(ckpt, data_dir, out):

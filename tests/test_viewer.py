@@ -358,6 +358,18 @@ def test_shading_equals_dump_values(browser, server, records):
     points = browser.find_elements(By.CSS_SELECTOR, '#entropy-plot circle[data-map="cross"]')
     np.testing.assert_allclose([float(p.get_attribute("data-entropy")) for p in points],
                                _normalised_entropy(recs[2].cross_entropy, "cross", N)[:, 0], rtol=1e-3)
+    # the controlled measures of the record: the analyses' own values for its image and caption
+    from geocap.analysis.grounding import record_referent_effect
+    from geocap.analysis.proximity import image_values
+    want = dict(image_values(recs[2]), referent_effect=record_referent_effect(recs[2]))
+    assert want["distance"] is not None
+    for name, layers in want.items():
+        cells = browser.find_elements(By.CSS_SELECTOR, f'#controlled-table tr[data-measure="{name}"] td[data-layer]')
+        if layers is None:
+            assert not cells, name
+            continue
+        got = [float(c.get_attribute("data-value")) if c.get_attribute("data-value") else np.nan for c in cells]
+        np.testing.assert_allclose(got, [np.nan if v is None else v for v in layers], rtol=1e-3, atol=1e-4)
     # the word bucket and the word rules of the page are those of the builder
     words = ["a", "giraffe", "café", "naïve", "日本", "x_1"]
     assert browser.execute_script("return arguments[0].map(w => Geocap.wordBucket(w, 97));", words) == \

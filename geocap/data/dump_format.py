@@ -559,10 +559,11 @@ class Dump(Sequence):
         """The merged analysis statistics of a stats-only dump: a ``collector_class`` (e.g.
         ``geocap.analysis.StatsCollector``: passed in, since the data layer never imports the
         analyses) built ``from_state`` of each shard and merged in shard order."""
-        states = self.shard_states()
+        if not self.metadata.get("stats_only"):
+            raise DumpError(f"{self.path}: not a stats-only dump (written without --stats-only): no statistics stored")
         total = None
-        for state in states:
-            part = collector_class.from_state(state)
+        for k in range(len(self._entries)):      # one shard's state in memory at a time
+            part = collector_class.from_state(self._shard(k).stats_state())
             if total is None:
                 total = part
             else:

@@ -29,6 +29,9 @@ Encoding (read by ``static/common.js``; the two must agree):
   ``"word_of"`` (per token its word's index, -1 for a bare space token) and ``"words"`` (the
   words, decoded), only when they differ from the tokens themselves; captions in the index and
   the search words are the joined words.
+- Controlled measures (``"controlled"``): the record's own values of the analyses' controlled measures
+  per layer (:func:`controlled_values`), shown beside the entropies; the analysis report gives their
+  means over images with intervals.
 - Search words: lower-cased runs of letters, digits and ``_`` (``\\w+``); the bucket of a word is
   the 32-bit FNV-1a hash of its UTF-16 code units modulo the bucket count.
 """
@@ -40,6 +43,8 @@ import re
 import numpy as np
 
 from geocap.analysis.entropy import normalised_entropy
+from geocap.analysis.grounding import record_referent_effect
+from geocap.analysis.proximity import image_values
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
 from geocap.data.token_words import caption_words, token_words
 
@@ -184,11 +189,31 @@ def encode_record(record: Record, label_names: dict, cache: dict | None = None, 
         out["maps"][name] = None if value is None else _encode_cached(value, cache, top_k)
         out["entropy"][name] = _mean_normalised_entropy(record, name)
     out["num_objects"] = n
+    out["controlled"] = controlled_values(record, cache)
     out.update(patch_fields(record))
     pieces, word_of = token_words(out["tokens"])
     if pieces != out["tokens"] or word_of != list(range(len(word_of))):
         out["pieces"], out["word_of"], out["words"] = pieces, word_of, caption_words(out["tokens"])
     return out
+
+
+def controlled_values(record: Record, cache: dict | None = None) -> dict:
+    """This record's values of the analyses' controlled measures, per layer (4 significant digits,
+    null where undefined): ``"distance"`` and ``"distance_given_similarity"`` (its image's mean over
+    query rows of the within-row correlation of encoder attention with distance;
+    :func:`geocap.analysis.proximity.image_values`; computed once per image when ``cache`` is given)
+    and ``"referent_effect"`` (its caption's tokens; :func:`geocap.analysis.grounding.record_referent_effect`).
+    A measure the record cannot have is null."""
+    key = ("controlled", int(record.image_id))
+    if cache is not None and key in cache:
+        values = cache[key]
+    else:
+        values = image_values(record)
+        if cache is not None:
+            cache[key] = values
+    out = dict(values, referent_effect=record_referent_effect(record))
+    return {name: None if layers is None else [None if v is None else float(f"{v:.4g}") for v in layers]
+            for name, layers in out.items()}
 
 
 def patch_fields(record: Record) -> dict:

@@ -601,6 +601,38 @@
     ui.entropy.replaceChildren(entropyPlot(series), grids);
   }
 
+  const CONTROLLED = {
+    distance_given_similarity: "attention vs distance, given feature similarity (this image: mean over query rows of " +
+      "the within-row partial correlation; 0 = none)",
+    distance: "attention vs distance, no control (this image: mean over query rows of the within-row Spearman)",
+    referent_effect: "referent effect of this caption (own referent hit minus wrong referent hit, mean over its nouns)"
+  };
+
+  function renderControlled() {
+    const values = record().controlled || {};
+    const names = Object.keys(CONTROLLED).filter(function (n) { return values[n]; });
+    if (!names.length) {
+      ui.controlled.replaceChildren(G.el("p", { class: "notice missing", "data-map": "controlled",
+        text: "Not computed for this record (no encoder maps, too few objects, or no grounded nouns with another " +
+          "category in the image)." }));
+      return;
+    }
+    const layers = Math.max.apply(null, names.map(function (n) { return values[n].length; }));
+    const head = G.el("tr", {}, G.el("th", { text: "measure" }));
+    for (let l = 0; l < layers; l++) head.append(G.el("th", { text: "layer " + (l + 1) }));
+    const table = G.el("table", { id: "controlled-table" }, head);
+    for (const name of names) {
+      const row = G.el("tr", { "data-measure": name }, G.el("td", { text: CONTROLLED[name] }));
+      for (let l = 0; l < layers; l++) {
+        const v = values[name][l];
+        row.append(G.el("td", { "data-layer": l, "data-value": v === null || v === undefined ? "" : v,
+          text: v === null || v === undefined ? "n/a" : (v >= 0 ? "+" : "") + v.toFixed(3) }));
+      }
+      table.append(row);
+    }
+    ui.controlled.replaceChildren(table);
+  }
+
   function select(target) {
     const same = state.sel && target && state.sel.kind === target.kind &&
       state.sel.index === target.index && state.sel.step === target.step;
@@ -852,6 +884,7 @@
     renderStage();
     renderTokens();
     renderEntropy();
+    renderControlled();
     shade();
     writeHash();
     renderNeighbours();
@@ -938,7 +971,8 @@
   }
 
   async function start() {
-    for (const id of ["record", "layer", "head", "notices", "stage", "objects", "tokens", "entropy", "tooltip", "status"]) {
+    for (const id of ["record", "layer", "head", "notices", "stage", "objects", "tokens", "entropy", "controlled",
+      "tooltip", "status"]) {
       ui[id] = $(id);
     }
     ui.info = $("shading-info");
