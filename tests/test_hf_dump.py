@@ -339,3 +339,52 @@ def test_hf_dump_of_a_blip_model(hf_data, tmp_path):
     assert first.tokens == ["a", "dog", "on", "the", "left", "of", "a", "cat", "<eos>"]
     assert first.referents.tolist() == [-1, 0, -1, -1, -1, -1, -1, 1, -1]
     assert first.extra["special_objects"] == [0] and first.cross.shape == (2, 2, 9, 17)
+
+
+def test_generated_mode_follows_the_models_generation_config(hf_data, tmp_path, capfd):
+    """Without --beam-size / --max-len the caption is the model's plain generate() under its saved
+    generation_config (here 2 beams, at most 5 tokens); with them, those override it; no warning."""
+    import shutil
+    root, _, _ = hf_data
+    model_dir = tmp_path / "model"
+    shutil.copytree(root / "model", model_dir)
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config.update(num_beams=2, max_length=5)
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    model, processor, tok, _ = load_captioner(model_dir)
+    from PIL import Image
+    pixels = processor(images=[Image.open(root / "images" / f"img_{i:04d}.png").convert("RGB") for i in (7, 9, 12)],
+                       return_tensors="pt")["pixel_values"]
+    capfd.readouterr()
+    for options, kwargs in (({}, {}), ({"beam_size": 1, "max_len": 7}, {"num_beams": 1, "max_new_tokens": 7})):
+        out = tmp_path / f"dump{len(options)}"
+        dump_hf(model_dir, root / "images", out, progress=False, writer="inline", **options)
+        records = list(open_dump(out, progress=False))
+        assert open_dump(out, progress=False).metadata["beam_size"] == options.get("beam_size")
+        with torch.no_grad():
+            own = [model.generate(pixel_values=pixels[b:b + 1], **kwargs)[0].tolist()[1:] for b in range(3)]
+        assert [len(ids) for ids in own] == ([4, 4, 4] if not options else [7, 7, 7])    # the limits applied
+        assert [r.tokens for r in records] == [["<eos>" if i == 2 else tok.convert_ids_to_tokens(i) for i in ids]
+                                               for ids in own]
+        assert "max_new_tokens" not in capfd.readouterr().err          # no transformers warning per image
+
+
+def test_encoder_entropies_without_its_maps(hf_data, tmp_path):
+    """--maps decoder,cross: the encoder's entropies are kept, its N x N maps are not (the bulk of a
+    patch captioner's dump); everything else as in the full dump."""
+    root, captions, instances = hf_data
+    kw = dict(captions=captions, instances=instances, writer="inline", progress=False)
+    full = dump_hf(root / "model", root / "images", tmp_path / "full", **kw)
+    lean = dump_hf(root / "model", root / "images", tmp_path / "lean", maps="decoder,cross", **kw)
+    dump = open_dump(tmp_path / "lean", progress=False)
+    assert dump.metadata["maps"] == ["decoder_self", "cross"] and dump.metadata["what"] == ["encoder", "decoder",
+                                                                                             "cross"]
+    for a, b in zip(dump, open_dump(tmp_path / "full", progress=False)):
+        assert a.encoder_self is None and b.encoder_self is not None
+        np.testing.assert_array_equal(a.encoder_entropy, b.encoder_entropy)
+        np.testing.assert_array_equal(a.cross, b.cross)
+    assert lean.dump_bytes < full.dump_bytes
+    results = collect(dump, progress=False).results()
+    assert results["grounding"].tokens == 5
+    with pytest.raises(ValueError, match=r"maps \(encoder\) must be among what \(decoder,cross\)"):
+        dump_hf(root / "model", root / "images", tmp_path / "bad", what="decoder,cross", maps="encoder", **kw)

@@ -904,8 +904,15 @@ def test_patch_grid_and_heat_map(browser, patch_site):
             pytest.approx(expected[0], rel=1e-3, abs=6e-5)
     assert browser.execute_script("return location.hash;") == f"#id={PATCH_ID}&r=0&l=1&h=mean&o=0"
     info = browser.find_element(By.ID, "shading-info").text
-    assert info.startswith("Patches: encoder self-attention from object 0 ([CLS])"), info
+    assert info.startswith("Patches: encoder self-attention from [CLS] (token 0) to every patch, layer 2"), info
     assert browser.find_elements(By.CSS_SELECTOR, '.special-weight.selected[data-index="0"]')
+    # the list of image tokens, by weight while shaded (the top patches first), by index when not
+    assert browser.find_element(By.ID, "objects").get_attribute("data-order") == "weight"
+    assert browser.find_element(By.ID, "objects-title").text == "Patches, by weight"
+    listed = [int(e.get_attribute("data-index")) for e in browser.find_elements(By.CSS_SELECTOR, "#objects .object")]
+    assert listed == sorted(range(len(expected)), key=lambda i: (-expected[i], i))
+    browser.find_element(By.ID, "clear-selection").click()
+    assert browser.find_element(By.ID, "objects").get_attribute("data-order") == "index"
     labels = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#objects .object")]
     assert labels[:3] == ["0: [CLS]", "1: [special 1]", "2: patch (0, 0)"] and labels[-1] == "13: patch (2, 3)"
 
@@ -924,3 +931,25 @@ def test_records_without_patches_unchanged(browser, patch_site):
     assert max(widths) == pytest.approx(4.0) and len(widths) > 1                 # outlines grow with the weight
     assert browser.find_element(By.ID, "shading-info").text.startswith("Step 1 ") and \
         "boxes: cross-attention" in browser.find_element(By.ID, "shading-info").text
+
+
+def test_sub_word_pieces_are_shown_and_searched_as_words():
+    from geocap.view.encode import caption_text
+    from geocap.data.token_words import caption_words, token_words
+
+    byte_level = ["two", "\u0120", "refrigerators", "\u0120c", "up", "\u0120caf\u00c3", "\u00a9", "<eos>"]
+    assert token_words(byte_level) == (["two", "\u2423", "refrigerators", "c", "up", "caf\ufffd", "\ufffd", "<eos>"],
+                                       [0, -1, 1, 2, 2, 3, 3, 4])       # a character split over two pieces
+    assert caption_words(byte_level) == ["two", "refrigerators", "cup", "caf\u00e9", "<eos>"]   # UTF-8 over pieces
+    assert caption_text(byte_level) == "two refrigerators cup caf\u00e9"
+    assert caption_words(["\u2581two", "\u2581", "refrigerators", "\u2581a", "<eos>"]) == \
+        ["two", "refrigerators", "a", "<eos>"]
+    assert token_words(["two", "refrigerator", "##s", "[SEP]"]) == (["two", "refrigerator", "s", "[SEP]"],
+                                                                    [0, 1, 1, 2])
+    words = ["a", "dog", "on", "the", "left", "<eos>"]                 # whole words: unchanged
+    assert token_words(words) == (words, list(range(6))) and caption_text(words) == "a dog on the left"
+    rec = next(synthetic_records([1], objects=3, tokens=4, layers=1, heads=1, captions=1))
+    assert not {"pieces", "word_of", "words"} & set(encode_record(rec, {}))
+    rec.tokens = ["\u0120c", "up", "<eos>"] + rec.tokens[3:]
+    encoded = encode_record(rec, {})
+    assert encoded["pieces"][:2] == ["c", "up"] and encoded["words"][0] == "cup" and encoded["word_of"][:2] == [0, 0]

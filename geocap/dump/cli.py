@@ -6,11 +6,15 @@ Usage::
         [--mode teacher-forced|generated] [--what encoder,decoder,cross] [--stats-only] \\
         [--no-hypothetical] [--features] [--compression lzf|gzip|none] [--writer process|inline] \\
         [--shard-images 256] [--batch-size 16] [--beam-size 3] [--max-len 20] [--limit N] [--clusters 8]
-    geocap dump --hf MODEL_DIR --images DIR [--captions COCO_JSON] [--instances COCO_JSON] --out DUMP [...]
+    geocap dump --hf MODEL_DIR --images DIR [--captions COCO_JSON] [--instances COCO_JSON] --out DUMP \
+        [--on-error raise|skip] [--maps KINDS] [...]
 
 The second form records a Hugging Face captioner saved with ``save_pretrained`` (geocap.hf.dump):
 its reference captions (with ``--captions``) or its own (``--mode generated``, the default without
 captions), over a folder of JPEG/PNG images; ``--instances`` gives the nouns their referents.
+Without ``--beam-size`` / ``--max-len`` its own caption follows the model's ``generation_config``;
+``--on-error skip`` leaves a bad image out (listed in the manifest, counted in the summary);
+``--maps`` (either form) keeps the maps of some kinds only, the others' entropies still stored.
 
 Run the same command again after an interruption to resume. Under ``torchrun`` every rank
 dumps its share of the shards (shard k: rank k % WORLD_SIZE) into one dump; each rank uses
@@ -38,7 +42,8 @@ def run_dump(args: argparse.Namespace) -> int:
                           hypothetical=False if args.no_hypothetical or hf else None, features=args.features,
                           compression=args.compression, shard_images=args.shard_images, batch_size=args.batch_size,
                           beam_size=args.beam_size, max_len=args.max_len, limit=args.limit, clusters=args.clusters,
-                          features_file=args.features_file, captions=args.captions or "caps", writer=args.writer)
+                          features_file=args.features_file, captions=args.captions or "caps", writer=args.writer,
+                          on_error=args.on_error, maps=args.maps)
     collector = None
     if args.stats_only:
         from geocap.analysis import StatsCollector as collector
@@ -122,8 +127,18 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
                              "or inline in the model's process; the shards are identical")
     parser.add_argument("--shard-images", type=int, default=256, help="images per shard (default 256)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    parser.add_argument("--beam-size", type=int, default=3, help="generated mode: beams (1 = greedy; default 3)")
-    parser.add_argument("--max-len", type=int, default=20, help="generated mode: at most this many tokens")
+    parser.add_argument("--beam-size", type=int, default=None,
+                        help="generated mode: beams (1 = greedy; default 3, --hf: the model's generation_config)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="generated mode: at most this many tokens (default 20, --hf: the model's "
+                             "generation_config)")
+    parser.add_argument("--maps", default=None, metavar="KINDS",
+                        help="of the --what kinds, those whose maps are stored (default: all); the others keep only "
+                             "their entropies (e.g. --maps decoder,cross: a patch encoder's N x N maps dropped, its "
+                             "entropies kept)")
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="--hf: a bad image stops the dump naming it (raise, default), or is left out, listed with "
+                             "its reason in manifest.json and counted in the summary (skip)")
     parser.add_argument("--limit", type=int, default=0, metavar="N", help="the first N images only (0: all)")
     parser.add_argument("--clusters", type=int, default=8,
                         help="k-means clusters of the features when the data has no ground truth (0: none)")

@@ -88,8 +88,10 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
     store its state per shard, no maps; ``hypothetical`` None = on when referents are known
     (teacher-forced only); ``features``: store each object's features (float16); ``compression``
     lzf | gzip | none; ``shard_images``, ``batch_size``; ``beam_size``, ``max_len`` (generated
-    mode); ``limit`` the first images only (0: all); ``clusters``: k-means clusters when the data
-    has no ground truth (0: none), fitted on up to ``cluster_sample`` objects; ``features_file``,
+    mode; None: 3 and 20 for a geocap checkpoint, a Hugging Face model's own
+    ``generation_config``); ``limit`` the first images only (0: all); ``clusters``: k-means
+    clusters when the data has no ground truth (0: none), fitted on up to ``cluster_sample``
+    objects; ``on_error`` "raise" (only Hugging Face dumps take "skip"); ``features_file``,
     ``captions``: the store and captions folder inside ``data``; ``writer``: "process" (default:
     the shard writer runs in a child process of this rank, :mod:`geocap.dump.writer_process`) or
     "inline" (in this process); both write identical shards.

@@ -18,7 +18,8 @@ from geocap.data.dump_format import (FORMAT, FORMAT_VERSION, LOCK, MANIFEST, Dum
 
 UNCHECKED = ("checkpoint", "data")          # metadata keys a rerun may change (paths)
 
-__all__ = ["UNCHECKED", "add_shard", "drop_lost_shards", "manifest_lock", "open_manifest", "remove_stale"]
+__all__ = ["UNCHECKED", "add_shard", "add_skipped", "drop_lost_shards", "manifest_lock", "open_manifest",
+           "remove_stale"]
 
 
 @contextlib.contextmanager
@@ -40,9 +41,16 @@ def _write_manifest(path: str, manifest: dict) -> None:
 def open_manifest(out: str, metadata: dict, n_images: int, shard_images: int) -> dict:
     """Create the manifest, or check a rerun's ``metadata`` against it; the manifest (under the
     lock). DumpError naming the differing keys when the dump was written with other settings
-    (only the ``UNCHECKED`` paths may differ; k-means centroids are the first run's)."""
+    (only the ``UNCHECKED`` paths may differ; k-means centroids are the first run's). The settings
+    are fixed by the first finished shard: a manifest that lists none (a first run stopped before
+    finishing one, e.g. by a bad image) holds nothing, and a rerun with other settings (the bad
+    image removed) starts the dump afresh, with a warning."""
     with manifest_lock(out):
         manifest = read_manifest(out)
+        if manifest is not None and not manifest["shards"] and _differing(manifest["metadata"], metadata)[1]:
+            warnings.warn(f"{os.path.join(out, MANIFEST)}: no shard of the earlier run finished; starting afresh "
+                          f"with this run's settings", stacklevel=3)
+            manifest = None
         if manifest is None:
             manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": metadata,
                         "metadata_sha256": metadata_digest(metadata), "n_images": n_images,
@@ -50,16 +58,22 @@ def open_manifest(out: str, metadata: dict, n_images: int, shard_images: int) ->
             _write_manifest(out, manifest)
             return manifest
         old = manifest["metadata"]
-        adopted = dict(metadata, **{k: old[k] for k in UNCHECKED if k in old})
-        if "cluster_centroids" in old and metadata.get("clusters") == "kmeans":
-            adopted["cluster_centroids"] = old["cluster_centroids"]      # the first run's fit
-        differ = sorted(k for k in set(old) | set(adopted) if old.get(k) != adopted.get(k))
+        adopted, differ = _differing(old, metadata)
         if differ:
             shown = "; ".join(f"{k}: {_short(old.get(k))} in the dump, {_short(adopted.get(k))} now"
                               for k in differ[:4])
             raise DumpError(f"{os.path.join(out, MANIFEST)}: the existing dump was written with other settings "
                             f"({shown}); use another --out or the same settings to resume")
         return manifest
+
+
+def _differing(old: dict, metadata: dict) -> tuple:
+    """``(metadata as a rerun adopts it, sorted keys that differ from ``old``)``: the ``UNCHECKED``
+    paths and the k-means centroids are the first run's."""
+    adopted = dict(metadata, **{k: old[k] for k in UNCHECKED if k in old})
+    if "cluster_centroids" in old and metadata.get("clusters") == "kmeans":
+        adopted["cluster_centroids"] = old["cluster_centroids"]      # the first run's fit
+    return adopted, sorted(k for k in set(old) | set(adopted) if old.get(k) != adopted.get(k))
 
 
 def _short(value) -> str:
@@ -73,6 +87,16 @@ def add_shard(out: str, entry: dict) -> dict:
         manifest = read_manifest(out)
         shards = [e for e in manifest["shards"] if e["index"] != entry["index"]] + [entry]
         manifest["shards"] = sorted(shards, key=lambda e: e["index"])
+        _write_manifest(out, manifest)
+        return manifest
+
+
+def add_skipped(out: str, skipped: dict) -> dict:
+    """Record images left out (``--on-error skip``): ``skipped`` maps an image id (str) to
+    ``{"file", "reason", "shard"}``, kept in the manifest's ``skipped_images``; the manifest now."""
+    with manifest_lock(out):
+        manifest = read_manifest(out)
+        manifest.setdefault("skipped_images", {}).update(skipped)
         _write_manifest(out, manifest)
         return manifest
 

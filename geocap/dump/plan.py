@@ -20,7 +20,9 @@ from geocap.dump.writer import COMPRESSIONS
 from geocap.out_dir import check_out_dir
 
 MODES = ("teacher-forced", "generated")
-WRITERS = ("process", "inline")     # the shard writer in a child process (default) or in this one
+DEFAULT_BEAM_SIZE, DEFAULT_MAX_LEN = 3, 20     # a geocap checkpoint's decoding when not given
+WRITERS = ("process", "inline")
+ON_ERROR = ("raise", "skip")     # the shard writer in a child process (default) or in this one
 WHAT_NAMES = ("encoder", "decoder", "cross")
 
 __all__ = ["DumpOptions", "DumpPlan", "MODES", "ShardShares", "WHAT_NAMES", "WRITERS", "assign_shards", "check_rank",
@@ -48,34 +50,50 @@ class DumpOptions:
     """What a dump records and how (:func:`geocap.dump.job.dump` documents each option)."""
     mode: str = "teacher-forced"
     what: Union[str, Sequence[str]] = WHAT_NAMES
+    maps: Union[None, str, Sequence[str]] = None      # kinds of `what` whose maps are kept (None: all); the
+                                                      # others keep only their entropies
     stats_only: bool = False
     hypothetical: Optional[bool] = None
     features: bool = False
     compression: str = "lzf"
     shard_images: int = 256
     batch_size: int = 16
-    beam_size: int = 3
-    max_len: int = 20
+    beam_size: Optional[int] = None       # None: the model's own (a geocap checkpoint: DEFAULT_BEAM_SIZE; a
+    max_len: Optional[int] = None         # Hugging Face captioner: its generation_config)
     limit: int = 0
     clusters: int = 8
     cluster_sample: int = 20000
     features_file: str = "features.h5"
     captions: str = "caps"
     writer: str = "process"
+    on_error: str = "raise"           # a bad image (--hf dumps): "raise" stops naming it, "skip" leaves it out
 
     def checked(self) -> "DumpOptions":
         """These options with ``what`` as a tuple in canonical order; ValueError naming a bad one."""
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         what = _parse_what(self.what)
+        maps = what if self.maps is None else _parse_what(self.maps)
+        if not set(maps) <= set(what):
+            raise ValueError(f"maps ({','.join(maps)}) must be among what ({','.join(what)}): a kind's maps come "
+                             f"with its entropies")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
         for name, low in (("shard_images", 1), ("batch_size", 1), ("beam_size", 1), ("max_len", 1), ("limit", 0),
                           ("clusters", 0), ("cluster_sample", 1)):
-            _check_int(name, getattr(self, name), low)
+            if getattr(self, name) is not None or name not in ("beam_size", "max_len"):
+                _check_int(name, getattr(self, name), low)
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
         if self.writer not in WRITERS:
             raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {self.writer!r}")
-        return dataclasses.replace(self, what=what)
+        return dataclasses.replace(self, what=what, maps=maps)
+
+    @property
+    def stored_maps(self) -> tuple:
+        """The record fields whose maps the shards store (none with ``stats_only``); call on
+        :meth:`checked` options."""
+        return () if self.stats_only else tuple(WHAT[w] for w in self.maps)
 
 
 @dataclass
@@ -172,6 +190,11 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     from geocap.dump.source import kmeans_centroids
 
     o = options.checked()
+    if o.on_error != "raise":
+        raise ValueError("on_error skip (--on-error skip) is for Hugging Face captioners' dumps (--hf); a geocap "
+                         "checkpoint's dump reads a feature store (geocap prepro --on-error skips bad images)")
+    o = dataclasses.replace(o, beam_size=DEFAULT_BEAM_SIZE if o.beam_size is None else o.beam_size,
+                            max_len=DEFAULT_MAX_LEN if o.max_len is None else o.max_len)
     rank, world_size = check_rank(rank, world_size)
     checkpoint = os.path.abspath(os.fspath(checkpoint))
     if not os.path.isfile(checkpoint):
@@ -215,7 +238,7 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     if cluster_source == "kmeans":
         centroids = kmeans_centroids(dataset, n_images, o.clusters, o.cluster_sample)
 
-    maps = () if o.stats_only else tuple(WHAT[w] for w in o.what)
+    maps = o.stored_maps
     label_names = store.label_names
     if label_names is None and truth is not None:
         label_names = truth.label_names()

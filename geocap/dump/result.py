@@ -32,6 +32,8 @@ class DumpResult:
     complete: bool = False
     dump_bytes: int = 0
     dump_images: int = 0
+    images_skipped: int = 0          # the whole dump's images left out by --on-error skip (manifest)
+    notes: list = field(default_factory=list)        # more lines for the summary (e.g. files left out)
 
     @property
     def images_per_s(self) -> float:
@@ -51,6 +53,10 @@ class DumpResult:
                f"{len(self.shards_skipped)} shards already done"
                + (f"; redid {len(self.shards_redone)} listed shards whose files were missing or damaged"
                   if self.shards_redone else "")]
+        out.extend(self.notes)
+        if self.images_skipped:
+            out.append(f"{self.images_skipped} images skipped (unreadable or refused; each with its reason in "
+                       f"{self.path}/manifest.json, skipped_images)")
         if self.complete:
             out.append(f"dump complete: {self.path}: {self.dump_images} images, "
                        f"{self.dump_bytes / 2**20:.1f} MiB, {self.bytes_per_image / 1024:.1f} KiB per image")
@@ -66,5 +72,9 @@ def summarize(result: DumpResult) -> DumpResult:
     manifest = read_manifest(result.path)
     result.complete = len(manifest["shards"]) == manifest["n_shards"]
     result.dump_bytes = sum(e["bytes"] for e in manifest["shards"])
-    result.dump_images = sum(e["images"] for e in manifest["shards"])
+    skipped = manifest.get("skipped_images", {})
+    listed = {e["index"] for e in manifest["shards"]}
+    result.images_skipped = len(skipped)
+    result.dump_images = (sum(e["images"] for e in manifest["shards"])
+                          - sum(1 for s in skipped.values() if s.get("shard") in listed))
     return result

@@ -78,7 +78,7 @@ def run_shards(plan, record_images, result: DumpResult, *, collector_class=None,
                                 collector.update(r)
                                 r.encoder_self = r.decoder_self = r.cross = None
                         shard.add_image(recs)
-                    result.images += len(positions)
+                        result.images += 1          # an image left out (geocap.hf's on_error skip) is not
                     bar.update(len(positions))
                     if closing:
                         collect(block=False)        # list the shards the writer process finished meanwhile

@@ -4,11 +4,15 @@ same manifest, shard writer, settings check on resume, torchrun sharding and pro
 
 What is recorded per image (:func:`geocap.hf.record_captions`): its reference captions
 (``mode="teacher-forced"``, from the COCO captions file) or the model's own caption
-(``mode="generated"``: ``generate()`` with ``num_beams=beam_size`` and ``max_new_tokens=max_len``),
+(``mode="generated"``: the model's own ``generate()``, following its saved ``generation_config``
+unless ``beam_size`` (``num_beams``) or ``max_len`` (``max_new_tokens``) are given),
 teacher-forced. Objects are the encoder's image tokens (class/register tokens flagged in
 ``extra["special_objects"]``, then the patch grid, ``extra["patch_grid"]``); ``extra`` also holds
-the image's ``file_name`` and its size in pixels (the file's, not the processor's: the boxes are
-normalised, and the processors geocap supports resize the whole image without cropping).
+the image's ``file_name`` and its size in pixels (the file's, upright by its EXIF orientation,
+not the processor's). The patches' boxes are in the original image's normalised coordinates:
+over the whole image, or, for a processor that centre-crops (DeiT, CLIP), over the window it
+kept (:mod:`geocap.hf.crop`; the patch boxes' bounding box), and referents are computed there; a
+processor whose geometry geocap cannot map (padding, ``longest_edge``) is refused.
 With an instances file, captions' nouns get referents: regions of patches
 (:mod:`geocap.hf.referents`, ``extra["referent_objects"]``). No labels, no clusters (patches have
 no category; the thematic analysis reports them missing), no hypothetical captions.
@@ -29,13 +33,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 
+from geocap.data.attention_record import MAP_NAMES
 from geocap.data.dump_format import MANIFEST
+from geocap.dump.manifest import add_skipped
 from geocap.dump.plan import DumpOptions, assign_shards, check_rank, resolve_options
 from geocap.dump.record_builder import WHAT
 from geocap.dump.result import DumpResult, summarize
 from geocap.out_dir import check_out_dir
 
+from .crop import processor_window
 from .images import ImageSet, load_image_set, read_image
 from .models import SUPPORTED, UnsupportedModel, captioner_for, import_transformers
 from .patches import PatchGrid
@@ -75,6 +83,21 @@ def _model_class(folder: str) -> str:
     return known[0]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def _check_parts(folder: str) -> None:
+    """ValueError naming the folder when its tokenizer or image processor was not saved in it
+    (transformers would otherwise guess at conversions and ask for unrelated packages)."""
+    for what, names, call in (("tokenizer", TOKENIZER_FILES, "tokenizer.save_pretrained(MODEL_DIR)"),
+                              ("image processor", PROCESSOR_FILES, "image_processor.save_pretrained(MODEL_DIR)")):
+        if not any(os.path.isfile(os.path.join(folder, n)) for n in names):
+            raise ValueError(f"--hf: {folder}: no {what} saved there (none of {', '.join(names)}); save it beside "
+                             f"the model with {call}")
+
+
 def load_captioner(folder, device="cpu") -> tuple:
     """``(model, image processor, tokenizer, class name)`` of a saved captioner folder: the model in
     eval mode with eager attention (so it returns its maps), safetensors weights only."""
@@ -83,6 +106,7 @@ def load_captioner(folder, device="cpu") -> tuple:
     if not os.path.isdir(folder):
         raise ValueError(f"--hf: {folder}: no such directory")
     name = _model_class(folder)
+    _check_parts(folder)
     try:
         model = getattr(transformers, name).from_pretrained(folder, attn_implementation="eager",
                                                             use_safetensors=True)
@@ -138,7 +162,7 @@ class HFDumpPlan:
     def shard_args(self, k: int) -> dict:
         o = self.options
         return dict(index=k, metadata_sha256=self.metadata_sha256, checkpoint_sha256=self.model_sha256,
-                    vocab=self.words, maps=() if o.stats_only else tuple(WHAT[w] for w in o.what),
+                    vocab=self.words, maps=o.stored_maps,
                     entropies=tuple(WHAT[w] for w in o.what), encoder_lh=self.encoder_lh, decoder_lh=self.decoder_lh,
                     has_labels=False, has_clusters=False, has_features=o.features, stats_only=o.stats_only,
                     compression=o.compression)
@@ -159,9 +183,17 @@ def _layers_heads(model, name: str) -> tuple:
 
 
 def _check_mode(options: DumpOptions, images: ImageSet) -> None:
-    if images.captions is None and options.mode == "teacher-forced":
+    if options.mode != "teacher-forced":
+        return
+    if images.captions is None:
         raise ValueError("mode teacher-forced needs reference captions (--captions COCO_JSON); without them use "
                          "--mode generated")
+    bare = [k for k, texts in enumerate(images.captions) if not texts]
+    if bare:
+        k = bare[0]
+        raise ValueError(f"--captions: {images.captions_file}: image {int(images.image_ids[k])} ({images.files[k]}) "
+                         f"has no caption ({len(bare)} such images): teacher-forced mode records reference captions; "
+                         f"give it captions, leave it out of the images list, or use --mode generated")
 
 
 def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, out, options: DumpOptions, *,
@@ -185,7 +217,7 @@ def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, 
                                                       "encoder_lh": list(encoder_lh), "decoder_lh": list(decoder_lh)},
         "data": images.folder, "split": "images", "captions_sha256": images.digests.get("captions"),
         "instances_sha256": images.digests.get("instances"), "mode": o.mode, "what": list(o.what),
-        "maps": [] if o.stats_only else [WHAT[w] for w in o.what], "stats_only": bool(o.stats_only),
+        "maps": list(o.stored_maps), "stats_only": bool(o.stats_only),
         "hypothetical": False, "features": bool(o.features), "compression": o.compression,
         "shard_images": o.shard_images, "limit": o.limit, "beam_size": o.beam_size if generated else None,
         "max_len": o.max_len if generated else None, "n_images": len(images.image_ids),
@@ -200,33 +232,81 @@ def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, 
                       todo=shares.todo, skipped=shares.skipped, redone=shares.redone)
 
 
+def generate_kwargs(options: DumpOptions) -> dict:
+    """The arguments of ``generate()`` beyond the model's own ``generation_config``: ``num_beams``
+    when ``beam_size`` is given, ``max_new_tokens`` when ``max_len`` is (with ``max_length=None``, so
+    a ``max_length`` in the model's config neither competes nor warns at every image)."""
+    kwargs = {}
+    if options.beam_size is not None:
+        kwargs["num_beams"] = options.beam_size
+    if options.max_len is not None:
+        kwargs.update(max_new_tokens=options.max_len, max_length=None)
+    return kwargs
+
+
+def _read_and_process(plan: HFDumpPlan, positions: list, image_processor) -> tuple:
+    """``(positions kept, pictures, pixel_values [B, 3, H, W] or None)``: each image read and
+    processed alone; a bad one raises (ValueError naming it), or with ``on_error="skip"`` is left
+    out and listed in the manifest's ``skipped_images`` with its reason."""
+    images, kept, pictures, pixels, skipped = plan.images, [], [], [], {}
+    for position in positions:
+        image_id = int(images.image_ids[position])
+        try:
+            picture = read_image(images.path(position), image_id)
+            try:
+                pixels.append(image_processor(images=[picture], return_tensors="pt")["pixel_values"])
+            except (ValueError, TypeError, OSError) as err:
+                raise ValueError(f"image {image_id}: {images.path(position)}: the image processor refused it "
+                                 f"({err})") from None
+        except ValueError as err:
+            if plan.options.on_error != "skip":
+                raise
+            skipped[str(image_id)] = {"file": images.files[position], "reason": str(err),
+                                      "shard": position // plan.options.shard_images}
+            continue
+        kept.append(position)
+        pictures.append(picture)
+    if skipped:
+        add_skipped(plan.out, skipped)
+    return kept, pictures, torch.cat(pixels) if pixels else None
+
+
 def hf_recorder(plan: HFDumpPlan, model, image_processor, tokenizer, device):
     """``record_images(positions)``: the plan's images at those positions through the model, per
-    image its list of Records (references or its own caption, referents from the instances)."""
+    image its list of Records (references or its own caption, referents from the instances); an
+    image left out by ``on_error="skip"`` has no entry."""
     o, images = plan.options, plan.images
     category_words = CategoryWords(images.categories) if images.categories else None
+    patch = captioner_for(model).patch
 
     def record_images(positions):
-        pictures = [read_image(images.path(i), int(images.image_ids[i])) for i in positions]
-        pixels = image_processor(images=pictures, return_tensors="pt")["pixel_values"].to(device)
+        positions, pictures, pixels = _read_and_process(plan, positions, image_processor)
+        if not positions:
+            return []
+        pixels = pixels.to(device)
         ids = [int(images.image_ids[i]) for i in positions]
         if o.mode == "generated":
             per_image = record_captions(model, pixels, image_ids=ids, generate=True, tokenizer=tokenizer, what=o.what,
-                                        generate_kwargs={"num_beams": o.beam_size, "max_new_tokens": o.max_len})
+                                        generate_kwargs=generate_kwargs(o))
         else:
             per_image = record_captions(model, pixels, image_ids=ids, tokenizer=tokenizer, what=o.what,
                                         captions=[images.captions[i] for i in positions])
         for position, picture, records in zip(positions, pictures, per_image):
             image_id = int(images.image_ids[position])
+            grid = _image_grid(image_processor, picture, records[0], patch, image_id)
+            boxes = grid.boxes()
             regions = None
             if category_words is not None:
-                grid = PatchGrid(*records[0].extra["patch_grid"], prefix=len(records[0].extra["special_objects"]))
                 regions = category_regions(grid, images.instances.get(image_id, []))
             for record in records:
+                record.boxes = boxes
                 record.extra.update(file_name=images.files[position], width=picture.width, height=picture.height)
                 token_ids = record.extra.pop("token_ids")   # the shard's vocabulary is in id order: ids are kept
                 if not o.features:
                     record.features = None
+                for name in MAP_NAMES:             # kinds kept as entropies only (options.maps)
+                    if not o.stats_only and name not in o.stored_maps:
+                        setattr(record, name, None)
                 if regions is not None:
                     order = list(regions)
                     record.extra["referent_objects"] = [regions[c] for c in order]
@@ -236,6 +316,20 @@ def hf_recorder(plan: HFDumpPlan, model, image_processor, tokenizer, device):
         return per_image
 
     return record_images
+
+
+def _image_grid(image_processor, picture, record, patch: tuple, image_id: int) -> PatchGrid:
+    """The patch grid of a record's image in the original image's coordinates: over the window its
+    processor kept (:mod:`geocap.hf.crop`), cut to the whole patches the encoder saw."""
+    (x1, y1, x2, y2), (height, width) = processor_window(image_processor, picture.width, picture.height)
+    got = (record.extra["height"], record.extra["width"])
+    if got != (height, width):
+        raise ValueError(f"image {image_id}: the image processor {type(image_processor).__name__} gave "
+                         f"{got[0]}x{got[1]} pixels where its settings give {height}x{width}: geocap.hf cannot tell "
+                         f"which part of the image the model saw")
+    rows, cols = record.extra["patch_grid"]
+    window = (x1, y1, x1 + (x2 - x1) * cols * patch[1] / width, y1 + (y2 - y1) * rows * patch[0] / height)
+    return PatchGrid(rows, cols, prefix=len(record.extra["special_objects"]), window=window)
 
 
 def dump_hf(model_dir, images_dir, out, options: Optional[DumpOptions] = None, *, captions=None, instances=None,
@@ -259,9 +353,13 @@ def dump_hf(model_dir, images_dir, out, options: Optional[DumpOptions] = None, *
     dev = distributed.resolve_device(device)
     model_dir = os.path.abspath(os.fspath(model_dir))
     model, image_processor, tokenizer, name = load_captioner(model_dir, dev)
+    processor_window(image_processor, 640, 480)         # an image processor geocap cannot map: refused now
     plan = plan_hf_dump(model, tokenizer, name, model_dir, images, out, options, rank=rank, world_size=world_size)
     result = DumpResult(path=plan.out, rank=plan.rank, world_size=plan.world_size, shards_skipped=plan.skipped,
                         shards_redone=plan.redone)
+    if images.unlisted:
+        result.notes.append(f"{len(images.unlisted)} image files of {images.folder} are not in the captions file's "
+                            f"images (first: {images.unlisted[0]}): left out")
     run_shards(plan, hf_recorder(plan, model, image_processor, tokenizer, dev), result,
                collector_class=stats_collector if options.stats_only else None, progress=progress)
     result.seconds = time.perf_counter() - t_start

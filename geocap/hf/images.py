@@ -32,7 +32,9 @@ class ImageSet:
     """``image_ids [M]`` int64 ascending, ``files`` their names in ``folder``, ``captions`` per
     image its caption texts (None without a captions file), ``instances`` per image id its
     ``[(category id, (x1, y1, x2, y2))]`` and ``categories`` ``{id: name}`` (empty without an
-    instances file); ``digests``: SHA-256 of the annotation files read (name -> hex)."""
+    instances file); ``digests``: SHA-256 of the annotation files read (name -> hex);
+    ``captions_file`` the captions file's path; ``unlisted``: the image files of ``folder`` its
+    images list does not name (left out of the dump, counted in its summary)."""
 
     folder: str
     image_ids: np.ndarray
@@ -41,6 +43,8 @@ class ImageSet:
     instances: dict = field(default_factory=dict)
     categories: dict = field(default_factory=dict)
     digests: dict = field(default_factory=dict)
+    captions_file: Optional[str] = None
+    unlisted: list = field(default_factory=list)
 
     @property
     def ids_sha256(self) -> str:
@@ -50,9 +54,9 @@ class ImageSet:
         return os.path.join(self.folder, self.files[position])
 
 
-def _folder_files(folder: str) -> list:
+def _folder_files(folder: str, required: bool = True) -> list:
     files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(EXTENSIONS))
-    if not files:
+    if not files and required:
         raise ValueError(f"--images: {folder} holds no .jpg/.jpeg/.png file")
     return files
 
@@ -74,14 +78,17 @@ def _read_captions(path: str, folder: str) -> tuple:
         try:
             files[int(entry["id"])] = str(entry["file_name"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"--captions: {path}: an image entry lacks an int 'id' or a 'file_name': {entry!r}"[:300]) \
-                from None
+            raise ValueError(f"--captions: {path}: an image entry lacks an int 'id' or a 'file_name': "
+                             f"{entry!r}"[:300]) from None
     captions: dict = {i: [] for i in files}
     for ann in sorted(data["annotations"], key=lambda a: (a.get("image_id", -1), a.get("id", -1))):
         image_id = ann.get("image_id")
         if image_id not in captions or not isinstance(ann.get("caption"), str):
             raise ValueError(f"--captions: {path}: annotation {ann.get('id')!r} names image {image_id!r}, which is "
                              f"not in its images list, or has no caption text")
+        if not ann["caption"].strip():
+            raise ValueError(f"--captions: {path}: annotation {ann.get('id')!r} of image {image_id} "
+                             f"({files[image_id]}) has no caption text")
         captions[image_id].append(ann["caption"])
     ids = sorted(files)
     for image_id in ids:
@@ -123,13 +130,15 @@ def load_image_set(folder, *, captions=None, instances=None, limit: int = 0) -> 
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise ValueError(f"--images: {folder}: no such directory")
-    digests, texts = {}, None
+    digests, texts, unlisted = {}, None, []
     if captions is not None:
         captions = os.path.abspath(os.fspath(captions))
         if not os.path.isfile(captions):
             raise ValueError(f"--captions: {captions}: no such file")
         image_ids, files, texts = _read_captions(captions, folder)
         digests["captions"] = file_sha256(captions)
+        named = set(files)
+        unlisted = [f for f in _folder_files(folder, required=False) if f not in named]
     else:
         files = _folder_files(folder)
         image_ids = _ids_from_names(files)
@@ -146,15 +155,23 @@ def load_image_set(folder, *, captions=None, instances=None, limit: int = 0) -> 
         boxes, names = _read_instances(instances)
         digests["instances"] = file_sha256(instances)
     return ImageSet(folder=folder, image_ids=image_ids, files=files, captions=texts, instances=boxes,
-                    categories=names, digests=digests)
+                    categories=names, digests=digests, captions_file=captions, unlisted=unlisted)
 
 
 def read_image(path: str, image_id: int):
-    """The image file as an RGB ``PIL.Image``; ValueError naming the image id and the file."""
-    from PIL import Image, UnidentifiedImageError
+    """The image file as an RGB ``PIL.Image``, as a browser shows it: turned upright by its EXIF
+    orientation (``ImageOps.exif_transpose``), and 16-bit grey levels scaled to 8 bits (``/ 257``,
+    rounded; PIL's own RGB conversion clips them to white). ValueError naming the image id and the file."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                grey = np.asarray(image, dtype=np.float64)
+                if grey.size and (grey.min() < 0 or grey.max() > 65535):
+                    raise ValueError(f"image {image_id}: {path}: grey levels outside 16 bits ({image.mode})")
+                image = Image.fromarray(np.round(grey / 257.0).astype(np.uint8), mode="L")
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as err:
         raise ValueError(f"image {image_id}: cannot read {path} ({err})") from None

@@ -10,11 +10,6 @@ from the same submodule calls its ``forward`` makes.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 from .patches import PatchGrid
@@ -27,29 +22,13 @@ class UnsupportedModel(ValueError):
 
 
 def import_transformers():
-    """``transformers``, importable from anywhere.
-
-    transformers imports the ``kernels`` distribution (Hugging Face's hub kernels) when it is
-    installed; run from the repository root (``python -m pytest``, ``python -c``), the current
-    folder comes first on ``sys.path`` and its ``kernels/`` (geocap's own, installed as
-    ``geocap.kernels``) would be taken for it. So the installed ``kernels`` is imported first,
-    with this repository's root out of the way.
-    """
+    """``transformers``, or an ImportError saying how to install it. (Run from the repository
+    root, ``import kernels`` inside transformers 5 gets Hugging Face's ``kernels``, not geocap's
+    ``kernels/`` folder: that folder's ``__init__`` hands the name over, see ``geocap.kernels``.)"""
     try:
         import transformers
     except ImportError as e:
         raise ImportError("geocap.hf needs transformers: pip install 'geocap[hf]'") from e
-    if "kernels" not in sys.modules:
-        repo_root = Path(__file__).resolve().parents[2]
-        spec = importlib.util.find_spec("kernels")
-        if spec is not None and spec.origin and Path(spec.origin).resolve().parent == repo_root / "kernels":
-            saved = list(sys.path)
-            sys.path[:] = [p for p in saved if Path(p or ".").resolve() != repo_root]
-            try:
-                if importlib.util.find_spec("kernels") is not None:
-                    importlib.import_module("kernels")
-            finally:
-                sys.path[:] = saved
     return transformers
 
 
@@ -65,10 +44,21 @@ def captioner_for(model):
 
 
 def _patch_size(config) -> tuple:
+    """The patch size of a ViT-like image encoder: one grid of patch tokens through every layer,
+    an int number of layers and of heads; :class:`UnsupportedModel` naming the encoder otherwise
+    (Swin's stages merge patches and have per-stage heads)."""
     size = getattr(config, "patch_size", None)
+    name = f"{type(config).__name__} ({getattr(config, 'model_type', '?')})"
     if size is None:
-        raise UnsupportedModel(f"image encoder {type(config).__name__} has no patch_size: geocap.hf records "
-                               f"patch encoders (ViT-like); supported: {', '.join(SUPPORTED)}")
+        raise UnsupportedModel(f"image encoder {name} has no patch_size: geocap.hf records patch encoders "
+                               f"(ViT-like: ViT, DeiT, BEiT, BLIP's); supported: {', '.join(SUPPORTED)}")
+    for key in ("num_hidden_layers", "num_attention_heads"):
+        value = getattr(config, key, None)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UnsupportedModel(f"image encoder {name} is not supported by geocap.hf: its {key} is {value!r}, "
+                                   f"not one number (hierarchical encoders such as Swin merge patches between "
+                                   f"stages, so there is no single patch grid); supported: ViT-like encoders "
+                                   f"(ViT, DeiT, BEiT, BLIP's)")
     return (size, size) if isinstance(size, int) else tuple(size)
 
 

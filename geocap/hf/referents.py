@@ -9,18 +9,20 @@ referent. No synonym list: "man" does not name COCO's "person", so grounding on 
 the nouns that are category names (the analysis reports how many tokens it grounded).
 
 Regions: a category present in the image is the region of every patch whose grid cell's centre
-lies inside one of the category's instance boxes (at least the patch holding each box's centre,
-so a small object still has one); the special tokens are never in a region. A word names the
+lies inside one of the category's instance boxes (at least the patch holding the centre of each
+box's part in the grid's window, so a small object still has one); the special tokens are never
+in a region. A box wholly outside the window (cropped away by the processor) gives no patch. A word names the
 region of its category in the image, or nothing when the image has no instance of it (such
 words are not grounded: their referent is unknown, -1). A plural noun names all the category's
 instances, as a singular one does (COCO does not say which instance a caption meant).
 
 Tokens to words: a captioner's tokens are sub-words; the word a token starts is read off the
-tokenizer's own decoding of the caption's prefixes (a token starts a word when the text it adds
-begins with white space, or is the caption's first), so any tokenizer works (BPE, WordPiece,
-word-level). The referent goes on the token that starts the word: row t of a decoder map is the
-step that predicts ``tokens[t]``, and the step that predicts a word's first piece is where the
-model commits to the word.
+tokenizer's own decoding of the caption's prefixes (a token starts a word when the decoded prefix
+ending with it holds one more word than the one before it), so any tokenizer works (byte-level BPE,
+SentencePiece, WordPiece, word-level), a bare space token included. The referent goes on the token
+that starts the word (its first token with letters, not a lone space token): row t of a decoder
+map is the step that predicts ``tokens[t]``, and the step that predicts a word's first letters is
+where the model commits to the word.
 """
 from __future__ import annotations
 
@@ -72,17 +74,21 @@ class CategoryWords:
 
 def word_starts(ids: Sequence[int], tokenizer) -> tuple:
     """``(words, starts)``: the words of the decoded caption ``ids`` (split on white space) and per
-    token the index of the word it starts, -1 for a token inside a word or one that adds no text
-    (special tokens)."""
-    starts, text, count = [], "", 0
+    token the index of the word it starts, -1 for a token inside a word or one that adds no text.
+
+    A token starts a word when the tokenizer's decoding of the caption up to it holds more words
+    than the decoding up to the token before: so a token that adds only white space (byte-level
+    BPE's lone ``'Ġ'``, SentencePiece's lone ``'▁'``) starts none, and the word's first token
+    with letters starts it; special tokens (skipped in decoding) and sub-word pieces start none.
+    A token that adds several words starts the first of them."""
+    starts, count = [], 0
     for k in range(len(ids)):
-        new_text = tokenizer.decode(list(ids[:k + 1]), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        added = new_text[len(text):] if new_text.startswith(text) else new_text
-        begins = bool(added.strip()) and (not text.strip() or added[:1].isspace() or not new_text.startswith(text))
-        starts.append(count if begins else -1)
-        count += int(begins)
-        text = new_text
-    return text.split(), starts
+        text = tokenizer.decode(list(ids[:k + 1]), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        now = len(text.split())
+        starts.append(count if now > count else -1)
+        count = max(count, now)
+    words = tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False).split()
+    return words, starts
 
 
 def category_regions(grid: PatchGrid, instances: Sequence[tuple]) -> dict:
@@ -90,12 +96,16 @@ def category_regions(grid: PatchGrid, instances: Sequence[tuple]) -> dict:
     module doc). ``instances``: ``(category id, (x1, y1, x2, y2) normalised)`` per object."""
     boxes = grid.boxes()[grid.prefix:].astype(np.float64)
     centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    wx1, wy1, wx2, wy2 = (float(v) for v in grid.window)
     regions: dict = {}
     for cid, (x1, y1, x2, y2) in instances:
+        if x2 <= wx1 or x1 >= wx2 or y2 <= wy1 or y1 >= wy2:
+            continue                            # outside what the model saw (a cropped-away object)
         inside = ((centres[:, 0] >= x1) & (centres[:, 0] <= x2) & (centres[:, 1] >= y1) & (centres[:, 1] <= y2))
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        col = min(grid.cols - 1, max(0, int(cx * grid.cols)))
-        row = min(grid.rows - 1, max(0, int(cy * grid.rows)))
+        cx = (min(max(x1, wx1), wx2) + min(max(x2, wx1), wx2)) / 2 - wx1     # the centre of its visible part,
+        cy = (min(max(y1, wy1), wy2) + min(max(y2, wy1), wy2)) / 2 - wy1     # in the window's coordinates
+        col = min(grid.cols - 1, max(0, int(cx / (wx2 - wx1) * grid.cols)))
+        row = min(grid.rows - 1, max(0, int(cy / (wy2 - wy1) * grid.rows)))
         inside[row * grid.cols + col] = True
         regions.setdefault(int(cid), set()).update((np.flatnonzero(inside) + grid.prefix).tolist())
     return {cid: sorted(members) for cid, members in sorted(regions.items())}

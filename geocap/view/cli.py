@@ -55,7 +55,8 @@ def run_view(args) -> int:
     summary = build_site(dump, args.out, images_dir=args.images, limit=args.limit or None,
                          report_href=href, progress=args.progress,
                          page_size=args.page_size, title=os.path.basename(os.path.normpath(args.dump)),
-                         grouped=True)          # a dump stores its records image by image
+                         grouped=True,          # a dump stores its records image by image
+                         encoder_top_k=args.encoder_top_k)
     missing = ", ".join(f"{name} in {count}" for name, count in summary.missing.items() if count)
     print(f"viewer: {summary.images} images, {summary.records} records "
           f"({summary.images_with_file} with image files), {summary.files} files, "
@@ -88,6 +89,10 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
                              "folder; the pages link to report.html there (relative to DIR)")
     parser.add_argument("--page-size", type=_positive, default=100, metavar="K",
                         help="images per index page and per data file of the index (default 100)")
+    parser.add_argument("--encoder-top-k", type=_positive, default=None, metavar="K",
+                        help="keep only the K largest weights of each encoder self-attention row (the pages say how "
+                             "much weight a row lost); a patch encoder's N x N maps are most of a site's size. "
+                             "Default: whole maps")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
     parser.set_defaults(func=run_view)

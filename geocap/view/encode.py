@@ -3,6 +3,10 @@
 Encoding (read by ``static/common.js``; the two must agree):
 
 - Attention maps: float16, little-endian, C order, base64 — ``{"shape": [L, H, R, C], "f16": "..."}``.
+  With ``geocap view --encoder-top-k K`` the encoder's maps keep the K largest weights of each
+  row: ``"k"``, values in ``"f16"`` ``[L, H, R, K]`` and their columns in ``"idx"`` (uint16, the
+  same layout), ``"max_missing"`` / ``"max_dropped"`` the error (:func:`encode_top_k`); the
+  page reads the dropped weights as 0 and says so.
   float16 keeps ~3.3 significant digits (relative error <= 2**-11 for values >= 6.1e-5, absolute
   error <= 3e-8 below), plenty for shading; the values shown and put in ``data-attention`` are
   exactly the float16 values, and "mean over heads" is the mean of those.
@@ -19,7 +23,12 @@ Encoding (read by ``static/common.js``; the two must agree):
   tokens, objects that stand for no region (never drawn as a box; their weights are shown as
   numbers); ``"patch_grid"``: ``[rows, cols]``, the other objects being the patches in row-major
   order (row 0 at the top), so rows * cols + len(special_objects) = N. Both are checked against N
-  (``ValueError`` naming the image).
+  (``ValueError`` naming the image). ``"referent_objects"``: the regions (lists of object indices)
+  that ``referents`` index when the record has them (a referent is then a region, not an object).
+- Sub-word tokens (:mod:`geocap.data.token_words`): ``"pieces"`` (per token the text it shows) and
+  ``"word_of"`` (per token its word's index, -1 for a bare space token) and ``"words"`` (the
+  words, decoded), only when they differ from the tokens themselves; captions in the index and
+  the search words are the joined words.
 - Controlled measures (``"controlled"``): the record's own values of the analyses' controlled measures
   per layer (:func:`controlled_values`), shown beside the entropies; the analysis report gives their
   means over images with intervals.
@@ -37,6 +46,7 @@ from geocap.analysis.entropy import normalised_entropy
 from geocap.analysis.grounding import record_referent_effect
 from geocap.analysis.proximity import image_values
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
+from geocap.data.token_words import caption_words, token_words
 
 MAP_TITLES = {"encoder_self": "encoder self-attention", "decoder_self": "decoder self-attention",
               "cross": "cross-attention"}
@@ -51,17 +61,49 @@ def encode_f16(array: np.ndarray) -> dict:
 
 
 def decode_f16(encoded: dict) -> np.ndarray:
-    """Inverse of :func:`encode_f16` (float16 array of the stored shape)."""
+    """Inverse of :func:`encode_f16` (float16 array of the stored shape); a top-k map
+    (:func:`encode_top_k`) comes back dense, its dropped weights 0."""
     raw = base64.b64decode(encoded["f16"])
-    return np.frombuffer(raw, dtype="<f2").reshape(encoded["shape"])
+    if "k" not in encoded:
+        return np.frombuffer(raw, dtype="<f2").reshape(encoded["shape"])
+    shape, k = encoded["shape"], encoded["k"]
+    values = np.frombuffer(raw, dtype="<f2").reshape(shape[:-1] + [k])
+    index = np.frombuffer(base64.b64decode(encoded["idx"]), dtype="<u2").reshape(shape[:-1] + [k])
+    dense = np.zeros(shape, dtype=np.float16)
+    np.put_along_axis(dense, index.astype(np.int64), values, axis=-1)
+    return dense
+
+
+def encode_top_k(array: np.ndarray, k: int) -> dict:
+    """A map ``[..., C]`` kept as the ``k`` largest weights of each row (float16 values, uint16
+    column indices, little-endian base64): ``{"shape", "k", "f16", "idx", "max_missing",
+    "max_dropped"}``; ``max_missing``: the most weight a row loses (1 - the sum of its kept weights,
+    over the float16 values), ``max_dropped``: the largest weight dropped. Rows of ``k`` or fewer
+    columns are kept whole (the dense :func:`encode_f16` form is returned)."""
+    data = np.asarray(array, dtype=np.float16)
+    if k >= data.shape[-1]:
+        return encode_f16(data)
+    if data.shape[-1] > 65535:
+        raise ValueError(f"a top-k map has at most 65535 columns, got {data.shape[-1]}")
+    order = np.argsort(-data.astype(np.float32), axis=-1, kind="stable")
+    index = np.sort(order[..., :k], axis=-1)
+    kept = np.take_along_axis(data, index, axis=-1)
+    dropped = np.take_along_axis(data, order[..., k:k + 1], axis=-1)
+    missing = 1.0 - kept.astype(np.float64).sum(axis=-1)
+    return {"shape": list(data.shape), "k": int(k),
+            "f16": base64.b64encode(np.ascontiguousarray(kept, dtype="<f2").tobytes()).decode("ascii"),
+            "idx": base64.b64encode(np.ascontiguousarray(index, dtype="<u2").tobytes()).decode("ascii"),
+            "max_missing": float(f"{max(0.0, float(missing.max())):.4g}"),
+            "max_dropped": float(f"{float(dropped.max()):.4g}")}
 
 
 def caption_text(tokens) -> str:
-    """The caption as words: the tokens without the final ``"<eos>"``."""
-    words = list(tokens)
-    if words and words[-1] == "<eos>":
+    """The caption as words (sub-word pieces joined, :mod:`geocap.data.token_words`), without the final
+    ``"<eos>"``."""
+    words = caption_words(list(tokens))
+    if words and words[-1] == "<eos>" and str(list(tokens)[-1]) == "<eos>":
         words = words[:-1]
-    return " ".join(str(w) for w in words)
+    return " ".join(words)
 
 
 def words_of(text: str) -> list:
@@ -109,11 +151,13 @@ def _check_values(record: Record) -> None:
             raise ValueError(f"record of {_where(record)}: {name} holds NaN or inf")
 
 
-def encode_record(record: Record, label_names: dict, cache: dict | None = None) -> dict:
+def encode_record(record: Record, label_names: dict, cache: dict | None = None, *,
+                  encoder_top_k: int | None = None) -> dict:
     """One record as the viewer's JSON-able dict (see the module docstring); validates it first
     (``ValueError`` naming the image, caption and field). ``cache``: a dict kept across the
     records of one image; a map whose memory (address, shape, strides) was encoded already is
-    not encoded again (the records of an image share their encoder map)."""
+    not encoded again (the records of an image share their encoder map). ``encoder_top_k``: keep
+    only the k largest weights of each encoder self-attention row (:func:`encode_top_k`)."""
     if not isinstance(record, Record):
         raise ValueError(f"expected a geocap.data.attention_record.Record, got {type(record).__name__}")
     record.validate()
@@ -141,11 +185,15 @@ def encode_record(record: Record, label_names: dict, cache: dict | None = None) 
         out[name] = None if value is None else np.asarray(value).astype(int).tolist()
     for name in MAP_NAMES:
         value = getattr(record, name)
-        out["maps"][name] = None if value is None else _encode_cached(value, cache)
+        top_k = encoder_top_k if name == "encoder_self" else None
+        out["maps"][name] = None if value is None else _encode_cached(value, cache, top_k)
         out["entropy"][name] = _mean_normalised_entropy(record, name)
     out["num_objects"] = n
     out["controlled"] = controlled_values(record, cache)
     out.update(patch_fields(record))
+    pieces, word_of = token_words(out["tokens"])
+    if pieces != out["tokens"] or word_of != list(range(len(word_of))):
+        out["pieces"], out["word_of"], out["words"] = pieces, word_of, caption_words(out["tokens"])
     return out
 
 
@@ -169,11 +217,15 @@ def controlled_values(record: Record, cache: dict | None = None) -> dict:
 
 
 def patch_fields(record: Record) -> dict:
-    """``{"special_objects": [...] sorted, "patch_grid": [rows, cols]}`` from ``record.extra`` (each
-    key only when the record has it; lists or numpy arrays alike), as plain ints. The values are
+    """``{"special_objects": [...] sorted, "patch_grid": [rows, cols], "referent_objects": [[...]]}``
+    from ``record.extra`` (each key only when the record has it; lists or numpy arrays alike), as
+    plain ints (``referent_objects``: the regions ``referents`` index, in patch records). The values are
     checked by ``Record.validate`` (the record contract), which ``encode_record`` runs first."""
     extra = record.extra or {}
     out = {}
+    if extra.get("referent_objects") is not None:
+        out["referent_objects"] = [[int(i) for i in np.asarray(region).reshape(-1)]
+                                   for region in extra["referent_objects"]]
     if extra.get("special_objects") is not None:
         out["special_objects"] = sorted(int(i) for i in np.asarray(extra["special_objects"]).reshape(-1))
     if extra.get("patch_grid") is not None:
@@ -191,12 +243,13 @@ def _mean_normalised_entropy(record: Record, name: str):
     return [[float(f"{v:.4g}") for v in row] for row in means.tolist()]
 
 
-def _encode_cached(value, cache):
+def _encode_cached(value, cache, top_k=None):
+    encode = encode_f16 if top_k is None else (lambda a: encode_top_k(a, top_k))
     if cache is None or not isinstance(value, np.ndarray):
-        return encode_f16(value)
-    key = (value.__array_interface__["data"][0], value.shape, value.strides, value.dtype.str)
+        return encode(value)
+    key = (value.__array_interface__["data"][0], value.shape, value.strides, value.dtype.str, top_k)
     if key not in cache:                 # the array is kept too, so its address cannot be reused
-        cache[key] = (value, encode_f16(value))
+        cache[key] = (value, encode(value))
     return cache[key][1]
 
 

@@ -8,7 +8,8 @@ from the network):
 - ``data/manifest.js``: totals, the index pages' id ranges, the word-bucket count, label and
   report information, the colour of each attention kind (``geocap.analysis.plotting.ATTENTION_COLOURS``, as the report draws them);
 - ``data/index/pNNNNN.js``: one index page (``page_size`` images, sorted by id): per image its
-  id, object count, captions and whether an image file is known;
+  id, object count (and, for a patch encoder, ``patches``: [patches, special tokens]), captions
+  (sub-word pieces joined into words) and whether an image file is known;
 - ``data/words/bNNNN.js``: one bucket of the word index, ``{word: delta-encoded sorted image ids}``;
 - ``data/img/<id % 1000 as 3 digits>/<id>.js``: everything the image page shows for one image
   (all its records as ``geocap.view.encode.encode_record`` encodes them, with a patch encoder's
@@ -184,8 +185,12 @@ class _Builder:
         value = _pack_image(image_id, encoded, size, href)
         _write_js(path, key, value)
         captions = [[rec["kind"], caption_text(rec["tokens"])] for rec in value["records"]]
-        self.summaries[image_id] = {"id": image_id, "n": value["records"][0]["num_objects"],
-                                    "caps": captions, "img": href is not None}
+        first = value["records"][0]
+        self.summaries[image_id] = {"id": image_id, "n": first["num_objects"], "caps": captions,
+                                    "img": href is not None}
+        if first.get("patch_grid"):             # a patch encoder's tokens: patches and special tokens
+            self.summaries[image_id]["patches"] = [first["patch_grid"][0] * first["patch_grid"][1],
+                                                   len(first.get("special_objects", []))]
         for _, text in captions:
             for word in words_of(text):
                 self.words.setdefault(word, set()).add(image_id)
@@ -223,7 +228,8 @@ class _Builder:
 
 
 def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, report_href=None,
-               progress=True, page_size: int = DEFAULT_PAGE_SIZE, title=None, grouped: bool = False) -> SiteSummary:
+               progress=True, page_size: int = DEFAULT_PAGE_SIZE, title=None, grouped: bool = False,
+               encoder_top_k=None) -> SiteSummary:
     """Write the viewer for ``records`` (any iterable of :class:`~geocap.data.attention_record.Record`,
     e.g. ``geocap.data.dump_format.open_dump(path)``) to ``out_dir``, atomically; returns a
     :class:`SiteSummary`.
@@ -242,6 +248,9 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
     - ``report_href``: link to the analysis report, relative to ``out_dir`` (None: no link).
     - ``title``: the name the pages show (default ``metadata["title"]``, else "attention dump").
     - ``page_size``: images per index page.
+    - ``encoder_top_k``: keep only the k largest weights of each encoder self-attention row (a
+      patch encoder's N x N maps dominate the site's size); the pages state the error
+      (:func:`geocap.view.encode.encode_top_k`). None: whole maps.
     - Image sizes come from ``record.extra["width"]`` / ``["height"]``, else from the image file;
       without either the page draws a 4:3 canvas and says so.
 
@@ -254,6 +263,9 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+    if encoder_top_k is not None and (isinstance(encoder_top_k, bool) or not isinstance(encoder_top_k, int)
+                                      or encoder_top_k < 1):
+        raise ValueError(f"encoder_top_k must be a positive integer or None, got {encoder_top_k!r}")
     check_out_dir(out, marker=MARKER, kind="geocap view site", verb="replace")
     if metadata is None:
         metadata = getattr(records, "metadata", None) or {}
@@ -281,7 +293,7 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
                         break
                     continue
                 current = image_id
-            enc = encode_record(record, builder.label_names, cache)
+            enc = encode_record(record, builder.label_names, cache, encoder_top_k=encoder_top_k)
             builder.count(enc)
             encoded.append(enc)
             extras.append(record.extra or {})
@@ -289,8 +301,10 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
             builder.flush(current, encoded, extras)
         if not builder.summaries:
             raise ValueError("no records to view (an empty dump, or --limit 0)")
-        builder.finish(page_size, title or metadata.get("title") or "attention dump", report_href,
-                       box_embedding(metadata))
+        embedding = box_embedding(metadata)
+        if metadata.get("source") == "hf":          # a Hugging Face captioner: image tokens are patches
+            embedding = "patches:" + str(metadata.get("model_class") or "Hugging Face captioner")
+        builder.finish(page_size, title or metadata.get("title") or "attention dump", report_href, embedding)
         write_text_atomic(tmp / MARKER, json.dumps({"format": "geocap-view", "version": FORMAT_VERSION,
                                                     "images": len(builder.summaries),
                                                     "records": builder.records}) + "\n")

@@ -100,15 +100,26 @@ const Geocap = (function () {
     return sign * (1 + frac / 1024) * Math.pow(2, exp - 15);
   }
 
-  /** {shape, f16: base64 little-endian float16} -> {shape, data: Float64Array}. */
+  /** {shape, f16: base64 little-endian float16} -> {shape, data: Float64Array}. A top-k map
+   * ({k, f16: kept values, idx: their uint16 columns}, encode.encode_top_k) comes back dense, its
+   * dropped weights 0, with its k, max_missing and max_dropped. */
   function decodeMap(encoded) {
     const bin = atob(encoded.f16);
     const n = bin.length >> 1;
-    const data = new Float64Array(n);
+    const values = new Float64Array(n);
     for (let i = 0; i < n; i++) {
-      data[i] = halfToNumber(bin.charCodeAt(2 * i) | (bin.charCodeAt(2 * i + 1) << 8));
+      values[i] = halfToNumber(bin.charCodeAt(2 * i) | (bin.charCodeAt(2 * i + 1) << 8));
     }
-    return { shape: encoded.shape, data: data };
+    if (!encoded.k) return { shape: encoded.shape, data: values };
+    const idx = atob(encoded.idx);
+    const C = encoded.shape[encoded.shape.length - 1];
+    const data = new Float64Array(n / encoded.k * C);
+    for (let i = 0; i < n; i++) {
+      const row = Math.floor(i / encoded.k);
+      data[row * C + (idx.charCodeAt(2 * i) | (idx.charCodeAt(2 * i + 1) << 8))] = values[i];
+    }
+    return { shape: encoded.shape, data: data, k: encoded.k, max_missing: encoded.max_missing,
+             max_dropped: encoded.max_dropped };
   }
 
   /** Row r of layer l of a decoded [L, H, R, C] map, for head h or the mean over heads ("mean").
@@ -159,7 +170,7 @@ const Geocap = (function () {
 
   /** el("div", {class: "x", onclick: f}, child, "text", ...) */
   function el(tag, attrs) {
-    const svg = ["svg", "rect", "text", "image", "g", "line", "polyline", "circle", "title"].includes(tag);
+    const svg = ["svg", "rect", "text", "image", "g", "line", "polyline", "circle", "title", "path"].includes(tag);
     const node = svg ? document.createElementNS("http://www.w3.org/2000/svg", tag) : document.createElement(tag);
     for (const [k, v] of Object.entries(attrs || {})) {
       if (v === null || v === undefined || v === false) continue;

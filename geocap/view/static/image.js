@@ -17,7 +17,14 @@
  * patch looks as the strongest box would and weak ones let the image through; a scale
  * (#heat-scale) gives the values. Special tokens (special_objects: class / register tokens, in
  * any record) are never drawn: their weights are numbers beside the image (#special-weights) and
- * do not count for the largest weight the shades are fractions of. */
+ * do not count for the largest weight the shades are fractions of. With "absolute scale" (&s=abs)
+ * a shade is the weight itself (full colour = 1), so near-uniform attention stays pale.
+ * Encoder and decoder layers: when the encoder's maps have another number of layers than the
+ * decoder's (a Hugging Face captioner), there are two pickers: l = the encoder layer (encoder
+ * self-attention), dl = the decoder layer (cross and decoder self-attention); else one, l.
+ * Patch records also list their patches by weight when shaded, and a word's referent, a region
+ * of patches (referent_objects), is outlined cell by cell. Sub-word tokens are shown as the text
+ * they add (pieces), grouped by word (word_of). */
 "use strict";
 
 (function () {
@@ -25,8 +32,8 @@
   const BLANK_ASPECT = [400, 300];
   const FILL_OPACITY = 0.7;
   const ui = {};
-  const state = { data: null, record: 0, layer: 0, head: "mean", sel: null, hover: null, shown: null,
-                  canvas: null, decoded: {}, manifest: null, problems: [] };
+  const state = { data: null, record: 0, layer: 0, dlayer: 0, head: "mean", sel: null, hover: null, shown: null,
+                  canvas: null, decoded: {}, manifest: null, problems: [], absolute: false };
 
   function $(id) { return document.getElementById(id); }
 
@@ -80,8 +87,30 @@
     return labels && labels[i] !== null ? labels[i] : "object " + i;
   }
 
+  /** An object as the texts call it: "object 3 (dog)", or in a patch record "patch (1, 2) (token 8)". */
+  function thing(i) {
+    return layoutOf(record()).grid ? labelOf(i) + " (token " + i + ")" : "object " + i + " (" + labelOf(i) + ")";
+  }
+
+  /** What one object is called: "patch" in a patch record (its special tokens too: "token"), else "object". */
+  function objectNoun() {
+    return layoutOf(record()).grid ? "patch" : "object";
+  }
+
+  /** The text token t shows: its piece (a sub-word without its marker), else the token. */
+  function pieceOf(t) {
+    const rec = record();
+    return rec.pieces ? rec.pieces[t] : rec.tokens[t];
+  }
+
+  /** The objects a referent names: its region of patches (referent_objects) or the object itself. */
+  function regionOf(ref) {
+    const rec = record();
+    return rec.referent_objects ? rec.referent_objects[ref] || [] : [ref];
+  }
+
   function inputWord(s) {
-    return s === 0 ? "<bos>" : record().tokens[s - 1];
+    return s === 0 ? "<bos>" : pieceOf(s - 1);
   }
 
   function quote(word) { return "\u201c" + word + "\u201d"; }
@@ -116,18 +145,43 @@
     select.value = String(value);
   }
 
-  /** [layers, heads] of the current record (over its maps and entropies). */
-  function shapes() {
+  /** Layers of the current record's encoder maps and of its decoder maps (decoder self and cross),
+   * over maps and entropies, and heads: {enc, dec, H}. */
+  function layerCounts() {
     const rec = record();
-    let L = 0, H = 0;
+    const L = { encoder_self: 0, decoder_self: 0, cross: 0 };
+    let H = 0;
     for (const name of Object.keys(G.MAP_TITLES)) {
       const m = rec.maps[name];
       const enc = name === "encoder_self" && typeof m === "number" ? state.data.encoders[m] : m;
-      if (enc) { L = Math.max(L, enc.shape[0]); H = Math.max(H, enc.shape[1]); }
+      if (enc) { L[name] = Math.max(L[name], enc.shape[0]); H = Math.max(H, enc.shape[1]); }
       const ent = rec.entropy[name];
-      if (ent) { L = Math.max(L, ent.length); H = Math.max(H, ent.length ? ent[0].length : 0); }
+      if (ent) { L[name] = Math.max(L[name], ent.length); H = Math.max(H, ent.length ? ent[0].length : 0); }
     }
-    return [L, H];
+    return { enc: L.encoder_self, dec: Math.max(L.decoder_self, L.cross), H: H };
+  }
+
+  /** [layers, heads] of the current record (over its maps and entropies). */
+  function shapes() {
+    const c = layerCounts();
+    return [Math.max(c.enc, c.dec), c.H];
+  }
+
+  /** Whether the encoder and the decoder have layer pickers of their own (their layer counts differ). */
+  function splitLayers() {
+    const c = layerCounts();
+    return c.enc > 0 && c.dec > 0 && c.enc !== c.dec;
+  }
+
+  /** The layer shown for a map kind. */
+  function layerOf(name) {
+    return name === "encoder_self" || !splitLayers() ? state.layer : state.dlayer;
+  }
+
+  /** "layer 2, head 1", or with two pickers "encoder layer 2, ..." / "decoder layer 1, ...". */
+  function whereText(name) {
+    const which = !splitLayers() ? "layer " : name === "encoder_self" ? "encoder layer " : "decoder layer ";
+    return which + (layerOf(name) + 1) + ", " + headText();
   }
 
   /** The index n when text is a whole number below count, else null. */
@@ -147,14 +201,25 @@
         " captions (r=0 to " + (recs.length - 1) + "): showing the first.");
       else state.record = r;
     }
-    const [L, H] = shapes();
+    const [Lmax, H] = shapes();
+    const split = splitLayers();
+    const L = split ? layerCounts().enc : Lmax;
     state.layer = 0;
     if (hash.l !== undefined) {
       const l = indexIn(hash.l, L);
-      if (l === null) problems.push("layer l=" + hash.l + " is not a layer of this record (l=0 to " + (L - 1) +
-        ", counted from 0): showing layer 1.");
+      if (l === null) problems.push((split ? "encoder " : "") + "layer l=" + hash.l + " is not a layer of this " +
+        "record (l=0 to " + (L - 1) + ", counted from 0): showing layer 1.");
       else state.layer = l;
     }
+    state.dlayer = 0;
+    if (split && hash.dl !== undefined) {
+      const D = layerCounts().dec;
+      const l = indexIn(hash.dl, D);
+      if (l === null) problems.push("decoder layer dl=" + hash.dl + " is not a decoder layer of this record (dl=0 " +
+        "to " + (D - 1) + ", counted from 0): showing decoder layer 1.");
+      else state.dlayer = l;
+    }
+    state.absolute = hash.s === "abs";
     state.head = "mean";
     if (hash.h !== undefined && hash.h !== "mean") {
       const h = indexIn(hash.h, H);
@@ -181,13 +246,25 @@
 
   function renderControls() {
     fillSelect(ui.record, state.data.records.map(function (rec, k) {
-      const text = rec.tokens[rec.tokens.length - 1] === "<eos>" ? rec.tokens.slice(0, -1) : rec.tokens;
+      const words = rec.words || rec.tokens;
+      const text = words[words.length - 1] === "<eos>" ? words.slice(0, -1) : words;
       return [k, rec.kind + (rec.caption_id >= 0 ? " #" + rec.caption_id : "") + ": " + text.join(" ")];
     }), state.record);
-    const [L, H] = shapes();
+    const [Lmax, H] = shapes();
+    const split = splitLayers();
+    const L = split ? layerCounts().enc : Lmax;
     state.layer = Math.min(state.layer, Math.max(0, L - 1));
     if (state.head !== "mean" && Number(state.head) >= H) state.head = "mean";
     fillSelect(ui.layer, Array.from({ length: Math.max(L, 1) }, (_, l) => [l, L ? String(l + 1) : "none"]), state.layer);
+    ui.layerName.textContent = split ? "encoder layer" : "layer";
+    ui.dlayerLabel.hidden = !split;
+    if (split) {
+      const D = layerCounts().dec;
+      state.dlayer = Math.min(state.dlayer, D - 1);
+      fillSelect(ui.dlayer, Array.from({ length: D }, (_, l) => [l, String(l + 1)]), state.dlayer);
+    }
+    ui.absolute.checked = state.absolute;
+    ui.objectsTitle.textContent = layoutOf(record()).grid ? "Patches" : "Objects";
     fillSelect(ui.head, [["mean", "mean over heads"]].concat(Array.from({ length: H }, (_, h) => [h, "head " + (h + 1)])),
       state.head);
   }
@@ -200,6 +277,13 @@
         text: "In the address: " + state.problems.join(" ") }));
     }
     for (const note of state.canvas.notes) notices.push(G.el("p", { class: "notice canvas-note", text: note }));
+    const enc = maps().encoder_self;
+    if (enc && enc.k) {
+      notices.push(G.el("p", { id: "top-k-notice", class: "notice top-k", "data-k": enc.k,
+        text: "Encoder self-attention kept as the " + enc.k + " largest weights of each row (geocap view " +
+          "--encoder-top-k): a row misses at most " + G.fmt(enc.max_missing) + " of its weight, and no dropped " +
+          "weight is above " + G.fmt(enc.max_dropped) + "; dropped weights show as 0." }));
+    }
     const consequence = {
       encoder_self: "hovering or selecting an object cannot shade the boxes.",
       decoder_self: "selecting a word cannot shade the words.",
@@ -259,7 +343,7 @@
       }
     }
     svg.append(fills);
-    if (layout.grid) svg.append(gridLines(layout.grid, W, H));
+    if (layout.grid) svg.append(gridLines(layout.grid, W, H, patchWindow(rec, layout)));
     svg.append(group);
     ui.stage.replaceChildren(svg);
     renderSpecials(rec, layout);
@@ -270,21 +354,44 @@
           onmouseleave: function () { state.hover = null; shade(); hideTooltip(); } },
         i + ": " + labelOf(i));
       button.addEventListener("mousemove", function (event) { showTooltip(event, button); });
-      return G.el("li", {}, button, G.el("span", { class: "object-value" }));
+      return G.el("li", { "data-index": i }, button, G.el("span", { class: "object-value", "data-index": i }));
     }));
   }
 
-  /** The patch grid's lines, borders included: rows + 1 across (data-axis "row"), cols + 1 down. */
-  function gridLines(grid, W, H) {
+  /** The window the patches cover, normalised [x1, y1, x2, y2]: their boxes' bounding box (the whole
+   * image, or the part a centre-cropping processor kept, geocap/hf/crop.py). */
+  function patchWindow(rec, layout) {
+    const w = [1, 1, 0, 0];
+    rec.boxes.forEach(function (b, i) {
+      if (layout.special.has(i)) return;
+      w[0] = Math.min(w[0], b[0]);
+      w[1] = Math.min(w[1], b[1]);
+      w[2] = Math.max(w[2], b[2]);
+      w[3] = Math.max(w[3], b[3]);
+    });
+    return w;
+  }
+
+  /** The patch grid's lines over its window, borders included: rows + 1 across (data-axis "row"),
+   * cols + 1 down; the image outside the window (never seen by the model) dimmed (#outside-window). */
+  function gridLines(grid, W, H, win) {
     const [rows, cols] = grid;
-    const g = G.el("g", { id: "patch-grid", "data-rows": rows, "data-cols": cols });
+    const [x1, y1, x2, y2] = [win[0] * W, win[1] * H, win[2] * W, win[3] * H];
+    const g = G.el("g", { id: "patch-grid", "data-rows": rows, "data-cols": cols, "data-window": win.join(" ") });
+    if (win[0] > 0 || win[1] > 0 || win[2] < 1 || win[3] < 1) {
+      g.append(G.el("path", { id: "outside-window", "fill-rule": "evenodd",
+        d: "M0 0H" + W + "V" + H + "H0Z M" + x1 + " " + y1 + "H" + x2 + "V" + y2 + "H" + x1 + "Z" },
+        G.el("title", { text: "outside the part of the image the model saw (its processor cropped it away)" })));
+    }
     for (let r = 0; r <= rows; r++) {
-      g.append(G.el("line", { class: "grid-line", "data-axis": "row", "data-at": r, x1: 0, x2: W, y1: r / rows * H,
-                              y2: r / rows * H, "vector-effect": "non-scaling-stroke" }));
+      const y = y1 + r / rows * (y2 - y1);
+      g.append(G.el("line", { class: "grid-line", "data-axis": "row", "data-at": r, x1: x1, x2: x2, y1: y, y2: y,
+                              "vector-effect": "non-scaling-stroke" }));
     }
     for (let c = 0; c <= cols; c++) {
-      g.append(G.el("line", { class: "grid-line", "data-axis": "col", "data-at": c, y1: 0, y2: H, x1: c / cols * W,
-                              x2: c / cols * W, "vector-effect": "non-scaling-stroke" }));
+      const x = x1 + c / cols * (x2 - x1);
+      g.append(G.el("line", { class: "grid-line", "data-axis": "col", "data-at": c, y1: y1, y2: y2, x1: x, x2: x,
+                              "vector-effect": "non-scaling-stroke" }));
     }
     return g;
   }
@@ -308,7 +415,8 @@
     })));
   }
 
-  /** The heat map's scale: swatches drawn as the cells are, for fractions 0 to 1 of the largest patch weight. */
+  /** The heat map's scale: swatches drawn as the cells are, for fractions 0 to 1 of the largest patch weight
+   * (of 1 on the absolute scale). */
   function renderHeatScale(kind, top) {
     const steps = [0, 0.25, 0.5, 0.75, 1];
     const w = 64, h = 16;
@@ -319,7 +427,8 @@
                                               x: k * w, y: 0, width: w, height: h }, cellPaint(kind, f))),
         G.el("text", { class: "scale-value", x: k * w + 2, y: h + 11, text: G.fmt(f * top) }));
     });
-    ui.heatScale.replaceChildren(G.el("span", { class: "scale-title", text: G.MAP_TITLES[kind] + ": " }), svg);
+    ui.heatScale.replaceChildren(G.el("span", { class: "scale-title", text: G.MAP_TITLES[kind] +
+      (state.absolute ? " (absolute scale)" : "") + ": " }), svg);
     ui.heatScale.hidden = false;
   }
 
@@ -328,14 +437,40 @@
     return f > 0 ? { fill: G.ramp(kind, f), "fill-opacity": (FILL_OPACITY * f).toFixed(4) } : { fill: "none" };
   }
 
+  /** Outline the objects (or the region of patches) a referent names; null: none. */
+  function markReferent(ref) {
+    ui.stage.querySelectorAll("rect.box.referent").forEach(function (b) { b.classList.remove("referent"); });
+    if (ref === null || ref < 0) return;
+    for (const i of regionOf(ref)) {
+      ui.stage.querySelectorAll('rect.box[data-index="' + i + '"]').forEach(function (b) {
+        b.classList.add("referent");
+      });
+    }
+  }
+
+  /** The referent of the selected word, when it has one, else null. */
+  function selectedReferent() {
+    const rec = record();
+    if (!state.sel || state.sel.kind !== "token" || !rec.referents) return null;
+    const ref = rec.referents[state.sel.step];
+    return ref >= 0 ? ref : null;
+  }
+
+  /** The caption's chips: <bos>, then one per token showing the text it adds (sub-word pieces of a
+   * word grouped in one span.word, so a word reads as one), each still a step of its own. */
   function renderTokens() {
     const rec = record();
     const T = rec.tokens.length;
     const chips = [];
     for (let j = 0; j <= T; j++) {
-      const word = j === 0 ? "<bos>" : rec.tokens[j - 1];
+      const word = j === 0 ? "<bos>" : pieceOf(j - 1);
       const attrs = { type: "button", class: "token" + (j === 0 ? " bos" : "") + (j === T ? " not-input" : ""),
                       "data-position": j, text: word };
+      if (j >= 1 && rec.pieces) {
+        attrs["data-token"] = rec.tokens[j - 1];
+        attrs["data-word"] = rec.word_of[j - 1];
+        if (rec.word_of[j - 1] < 0) attrs.class += " space";
+      }
       if (j >= 1) attrs["data-step"] = j - 1;
       if (j <= T - 1) attrs["data-input"] = j;
       const chip = G.el("button", attrs);
@@ -346,18 +481,31 @@
         if (ref >= 0) chip.setAttribute("data-referent", ref);
         const source = rec.source_referents ? rec.source_referents[t] : -1;
         if (source >= 0) chip.setAttribute("data-source-referent", source);
-        chip.addEventListener("mouseenter", function () {
-          if (ref >= 0) ui.stage.querySelectorAll('rect.box[data-index="' + ref + '"]').forEach(function (b) { b.classList.add("referent"); });
-        });
+        chip.addEventListener("mouseenter", function () { if (ref >= 0) markReferent(ref); });
       }
       chip.addEventListener("mouseleave", function () {
-        ui.stage.querySelectorAll("rect.box.referent").forEach(function (b) { b.classList.remove("referent"); });
+        markReferent(selectedReferent());
         hideTooltip();
       });
       chip.addEventListener("mousemove", function (event) { showTooltip(event, chip); });
       chips.push(chip);
     }
-    ui.tokens.replaceChildren.apply(ui.tokens, chips);
+    if (!rec.pieces) {
+      ui.tokens.replaceChildren.apply(ui.tokens, chips);
+      return;
+    }
+    const groups = [chips[0]];          // <bos>, then a span per word (a bare space token alone)
+    let current = null, currentWord = null;
+    for (let j = 1; j <= T; j++) {
+      const w = rec.word_of[j - 1];
+      if (w < 0 || w !== currentWord) {
+        current = G.el("span", { class: "word", "data-word": w });
+        groups.push(current);
+        currentWord = w < 0 ? null : w;
+      }
+      current.append(chips[j]);
+    }
+    ui.tokens.replaceChildren.apply(ui.tokens, groups);
   }
 
   /** The record's entropies of the current head (or the mean over heads) per layer, by kind. */
@@ -395,8 +543,9 @@
       svg.append(G.el("polyline", { class: "series series-" + s.name, points: points.join(" ") }));
       s.values.forEach(function (v, l) {
         if (v === null) return;
-        svg.append(G.el("circle", { class: "point series-" + s.name + (l === state.layer ? " current" : ""),
-          cx: x(l), cy: y(v), r: l === state.layer ? 4 : 3, "data-map": s.name, "data-layer": l, "data-entropy": v },
+        const current = l === layerOf(s.name);
+        svg.append(G.el("circle", { class: "point series-" + s.name + (current ? " current" : ""),
+          cx: x(l), cy: y(v), r: current ? 4 : 3, "data-map": s.name, "data-layer": l, "data-entropy": v },
         G.el("title", { text: G.MAP_TITLES[s.name] + ", layer " + (l + 1) + ", " + headText() + ": normalised entropy " +
           v.toFixed(3) + " (1 = uniform)" })));
       });
@@ -416,16 +565,22 @@
     const table = G.el("table", { class: "entropy-grid", "data-map": name },
       G.el("caption", { class: "series-" + name, text: G.MAP_TITLES[name] }), head);
     perHead.forEach(function (heads, l) {
-      const row = G.el("tr", { class: l === state.layer ? "current" : null }, G.el("th", { text: "L" + (l + 1) }));
+      const row = G.el("tr", { class: l === layerOf(name) ? "current" : null }, G.el("th", { text: "L" + (l + 1) }));
       const mean = heads.reduce(function (a, b) { return a + b; }, 0) / heads.length;
       heads.concat([mean]).forEach(function (v, h) {
         const headValue = h < H ? String(h) : "mean";
-        const current = l === state.layer && headValue === state.head;
+        const current = l === layerOf(name) && headValue === state.head;
         row.append(G.el("td", { class: "cell" + (current ? " current" : ""), "data-layer": l, "data-head": headValue,
           "data-entropy": v, style: "background-color: " + G.ramp(name, v),
           title: G.MAP_TITLES[name] + ", layer " + (l + 1) + ", " + (h < H ? "head " + (h + 1) : "mean over heads") +
             ": normalised entropy " + v.toFixed(3) + " (1 = uniform)",
-          onclick: function () { state.layer = l; state.head = headValue; state.problems = []; renderRecord(); },
+          onclick: function () {
+            if (name === "encoder_self" || !splitLayers()) state.layer = l;
+            else state.dlayer = l;
+            state.head = headValue;
+            state.problems = [];
+            renderRecord();
+          },
           text: v.toFixed(2) }));
       });
       table.append(row);
@@ -515,6 +670,7 @@
     });
     ui.objects.querySelectorAll(".object").forEach(function (o) { o.classList.remove("selected"); });
     ui.objects.querySelectorAll(".object-value").forEach(function (o) { o.textContent = ""; });
+    if (layoutOf(record()).grid) orderObjects(null);
   }
 
   /** Shade the boxes (or the patch cells) by a row of weights over the objects (see the file's
@@ -523,30 +679,45 @@
     const layout = layoutOf(record());
     const drawn = row.map(function (v, i) { return i; }).filter(function (i) { return !layout.special.has(i); });
     const top = Math.max.apply(null, drawn.map(function (i) { return row[i]; }).concat([0]));
+    const scale = state.absolute ? 1 : top;             // a shade is the weight's fraction of this
     const fills = ui.stage.querySelector("#fills");
     const order = drawn.sort(function (a, b) { return row[a] - row[b]; });
     for (const i of order) {
       const fill = fills.querySelector('rect.fill[data-index="' + i + '"]');
       if (layout.grid) {
-        for (const [k, v] of Object.entries(cellPaint(kind, top > 0 ? row[i] / top : 0))) fill.setAttribute(k, v);
+        for (const [k, v] of Object.entries(cellPaint(kind, scale > 0 ? row[i] / scale : 0))) fill.setAttribute(k, v);
       } else {
-        fill.setAttribute("fill", row[i] > 0 && top > 0 ? G.ramp(kind, row[i] / top) : "none");
+        fill.setAttribute("fill", row[i] > 0 && scale > 0 ? G.ramp(kind, row[i] / scale) : "none");
       }
       fills.append(fill);                          // weakest first: the strongest ends on top
     }
     ui.stage.querySelectorAll("rect.box").forEach(function (box) {
       const v = row[Number(box.getAttribute("data-index"))];
       box.setAttribute("data-attention", String(v));
-      if (!layout.grid) box.style.setProperty("stroke-width", (1 + 3 * (top > 0 ? v / top : 0)).toFixed(2) + "px");
+      if (!layout.grid) box.style.setProperty("stroke-width", (1 + 3 * (scale > 0 ? v / scale : 0)).toFixed(2) + "px");
     });
     ui.specials.querySelectorAll(".special-weight").forEach(function (b) {
       const v = row[Number(b.getAttribute("data-index"))];
       b.setAttribute("data-attention", String(v));
       b.textContent = b.getAttribute("data-label") + ": " + G.fmt(v);
     });
-    if (layout.grid) renderHeatScale(kind, top);
-    ui.objects.querySelectorAll(".object-value").forEach(function (o, i) { o.textContent = " " + G.fmt(row[i]); });
+    if (layout.grid) renderHeatScale(kind, scale);
+    ui.objects.querySelectorAll(".object-value").forEach(function (o) {
+      o.textContent = " " + G.fmt(row[Number(o.getAttribute("data-index"))]);
+    });
+    if (layout.grid) orderObjects(row);
     return top;
+  }
+
+  /** A patch record's list of image tokens by weight, largest first (else, row null, by index). */
+  function orderObjects(row) {
+    const items = Array.from(ui.objects.children);
+    const index = function (li) { return Number(li.getAttribute("data-index")); };
+    items.sort(row ? function (a, b) { return row[index(b)] - row[index(a)] || index(a) - index(b); }
+      : function (a, b) { return index(a) - index(b); });
+    ui.objects.replaceChildren.apply(ui.objects, items);
+    ui.objects.setAttribute("data-order", row ? "weight" : "index");
+    ui.objectsTitle.textContent = layoutOf(record()).grid ? (row ? "Patches, by weight" : "Patches") : "Objects";
   }
 
   /** What the shaded elements of the stage are called in the text under it. */
@@ -576,56 +747,68 @@
       ui.tokens.querySelectorAll('.token[data-step="' + state.sel.step + '"]').forEach(function (c) { c.classList.add("selected"); });
     }
     ui.stage.setAttribute("data-shading", "none");
+    markReferent(selectedReferent());
     if (!active) {
-      ui.info.textContent = "Select an object or a word (or hover an object).";
+      ui.info.textContent = "Select " + (layoutOf(rec).grid ? "a patch" : "an object") + " or a word (or hover " +
+        (layoutOf(rec).grid ? "a patch" : "an object") + ").";
       return;
     }
-    const where = "layer " + (state.layer + 1) + ", " + headText();
+    const darkest = function (top) {
+      return state.absolute ? "absolute scale: full colour = 1; largest " + G.fmt(top) : "darkest " + G.fmt(top);
+    };
     if (active.kind === "object") {
-      const row = m.encoder_self ? G.mapRow(m.encoder_self, state.layer, state.head, active.index) : null;
+      const where = whereText("encoder_self");
+      const row = m.encoder_self ? G.mapRow(m.encoder_self, layerOf("encoder_self"), state.head, active.index) : null;
       if (!row) {
         ui.info.textContent = m.encoder_self ? "The encoder self-attention has no " + where + "."
-          : "No encoder self-attention in this record: nothing to shade for object " + active.index + ".";
+          : "No encoder self-attention in this record: nothing to shade for " + thing(active.index) + ".";
         return;
       }
       const top = paintBoxes("encoder_self", row);
       state.shown = { boxes: "encoder_self", object: active.index };
       ui.stage.setAttribute("data-shading", "encoder_self");
       const noun = drawnNoun();
-      ui.info.textContent = noun.charAt(0).toUpperCase() + noun.slice(1) + ": encoder self-attention from object " +
-        active.index + " (" + labelOf(active.index) + ") to every object, " + where + "; darkest = " + G.fmt(top) +
-        specialsNote() + ".";
+      ui.info.textContent = noun.charAt(0).toUpperCase() + noun.slice(1) + ": encoder self-attention from " +
+        thing(active.index) + " to every " + objectNoun() + ", " + where + "; " + darkest(top) + specialsNote() + ".";
       return;
     }
     const t = active.step;
+    const where = whereText("cross");
     state.shown = { step: t };
     const parts = [];
-    const cross = m.cross ? G.mapRow(m.cross, state.layer, state.head, t) : null;
+    const cross = m.cross ? G.mapRow(m.cross, layerOf("cross"), state.head, t) : null;
     if (cross) {
       const top = paintBoxes("cross", cross);
       state.shown.boxes = "cross";
       ui.stage.setAttribute("data-shading", "cross");
-      parts.push(drawnNoun() + ": cross-attention (darkest " + G.fmt(top) + specialsNote() + ")");
+      parts.push(drawnNoun() + ": cross-attention (" + darkest(top) + specialsNote() + ")");
     } else {
       parts.push(m.cross ? "no cross-attention at " + where : "no cross-attention in this record");
     }
-    const dec = m.decoder_self ? G.mapRow(m.decoder_self, state.layer, state.head, t) : null;
+    const dec = m.decoder_self ? G.mapRow(m.decoder_self, layerOf("decoder_self"), state.head, t) : null;
     if (dec) {
       const top = Math.max.apply(null, dec.concat([0]));
+      const scale = state.absolute ? 1 : top;
       for (let s = 0; s < rec.tokens.length; s++) {
         const chip = ui.tokens.querySelector('.token[data-input="' + s + '"]');
         chip.setAttribute("data-attention", String(dec[s]));
         if (s > t + 1) chip.classList.add("masked");        // t + 1: the selected word itself
-        else if (s <= t) chip.style.setProperty("background-color", G.ramp("decoder_self", top > 0 ? dec[s] / top : 0));
+        else if (s <= t) {
+          chip.style.setProperty("background-color", G.ramp("decoder_self", scale > 0 ? dec[s] / scale : 0));
+        }
       }
       state.shown.words = true;
       parts.push("words: decoder self-attention over the inputs <bos> \u2026 " + quote(inputWord(t)) +
-        " (darkest " + G.fmt(top) + "; the later words are not inputs of this step)");
+        " (" + darkest(top) + "; the later words are not inputs of this step)");
     } else {
       parts.push(m.decoder_self ? "no decoder self-attention at " + where : "no decoder self-attention in this record");
     }
-    ui.info.textContent = "Step " + t + " (predicting " + quote(rec.tokens[t]) + ", input " + quote(inputWord(t)) +
-      "), " + where + ": " + parts.join("; ") + ".";
+    const ref = selectedReferent();
+    const names = ref === null ? "" : rec.referent_objects
+      ? "; the word names a region of " + regionOf(ref).length + " patches (outlined)"
+      : "; the word names " + thing(ref) + " (outlined)";
+    ui.info.textContent = "Step " + t + " (predicting " + quote(pieceOf(t)) + ", input " + quote(inputWord(t)) +
+      "), " + where + ": " + parts.join("; ") + names + ".";
   }
 
   /** What a shaded element's number is, in words. */
@@ -634,35 +817,45 @@
     const shown = state.shown;
     if (value === null || !shown) return "";
     const rec = record();
-    const where = " in layer " + (state.layer + 1) + ", " + headText() + ": ";
+    const where = " in " + whereText(shown.boxes || "cross") + ": ";
     if (node.classList.contains("token")) {
       const s = Number(node.getAttribute("data-input"));
       const t = shown.step;
       if (s === t + 1) return " \u2014 the word step " + t + " predicts: not one of that step's inputs";
-      if (s > t) return " \u2014 comes after step " + t + " (predicting " + quote(rec.tokens[t]) + "): not one of its inputs";
-      return " \u2014 decoder self-attention weight of step " + t + " (predicting " + quote(rec.tokens[t]) +
+      if (s > t) {
+        return " \u2014 comes after step " + t + " (predicting " + quote(pieceOf(t)) + "): not one of its inputs";
+      }
+      return " \u2014 decoder self-attention weight of step " + t + " (predicting " + quote(pieceOf(t)) +
         ") on this input" + where + G.fmt(Number(value));
     }
     if (shown.boxes === "cross") {
-      return " \u2014 cross-attention weight of step " + shown.step + " (predicting " + quote(rec.tokens[shown.step]) +
-        ") on this object" + where + G.fmt(Number(value));
+      return " \u2014 cross-attention weight of step " + shown.step + " (predicting " + quote(pieceOf(shown.step)) +
+        ") on this " + objectNoun() + where + G.fmt(Number(value));
     }
-    return " \u2014 encoder self-attention weight from object " + shown.object + " (" + labelOf(shown.object) +
-      ") to this object" + where + G.fmt(Number(value));
+    return " \u2014 encoder self-attention weight from " + thing(shown.object) + " to this " + objectNoun() + where +
+      G.fmt(Number(value));
   }
 
   function showTooltip(event, node) {
     let text;
     if (["box", "object", "special-weight"].some(function (c) { return node.classList.contains(c); })) {
       const i = Number(node.getAttribute("data-index"));
-      text = "object " + i + ": " + labelOf(i);
+      text = layoutOf(record()).grid ? "token " + i + ": " + labelOf(i) : "object " + i + ": " + labelOf(i);
       const box = ui.stage.querySelector('rect.box[data-index="' + i + '"]') ||
         ui.specials.querySelector('.special-weight[data-index="' + i + '"]');
       text += box ? describeValue(box) : "";
     } else {
       text = node.textContent;
+      const token = node.getAttribute("data-token");
+      if (token !== null && token !== text) text += " (token " + JSON.stringify(token) + ")";
       const ref = node.getAttribute("data-referent");
-      if (ref !== null) text += " (names object " + ref + ": " + labelOf(Number(ref)) + ")";
+      if (ref !== null) {
+        const region = regionOf(Number(ref));
+        text += record().referent_objects
+          ? " (names a region of " + region.length + " patches: " + region.slice(0, 4).map(labelOf).join(", ") +
+            (region.length > 4 ? ", \u2026" : "") + ")"
+          : " (names object " + ref + ": " + labelOf(Number(ref)) + ")";
+      }
       const source = node.getAttribute("data-source-referent");
       if (source !== null) text += " (swapped in; the original word named object " + source + ": " + labelOf(Number(source)) + ")";
       text += describeValue(node);
@@ -677,6 +870,8 @@
 
   function writeHash() {
     const view = { id: state.data.id, r: state.record, l: state.layer, h: state.head };
+    if (splitLayers()) view.dl = state.dlayer;
+    if (state.absolute) view.s = "abs";
     if (state.sel && state.sel.kind === "token") view.w = state.sel.step;
     if (state.sel && state.sel.kind === "object") view.o = state.sel.index;
     const target = G.hashOf(view);
@@ -716,7 +911,8 @@
     const link = function (id, targetId, label) {
       const old = $(id);
       const node = targetId === null ? G.el("span", { id: id, class: "disabled", text: label })
-        : G.el("a", { id: id, href: "image.html" + G.hashOf({ id: targetId, l: state.layer, h: state.head }), text: label });
+        : G.el("a", { id: id, href: "image.html" + G.hashOf({ id: targetId, l: state.layer, h: state.head,
+          dl: splitLayers() ? state.dlayer : null, s: state.absolute ? "abs" : null }), text: label });
       old.replaceWith(node);
     };
     link("prev-image", near.prev, "\u2039 previous image");
@@ -743,7 +939,8 @@
     applyAddress(G.hashState());
     $("title").textContent = "Image " + id;
     document.title = "geocap view: image " + id;
-    ui.status.textContent = data.records.length + " records, " + record().boxes.length + " objects" +
+    ui.status.textContent = data.records.length + " records, " + record().boxes.length +
+      (layoutOf(record()).grid ? " image tokens" : " objects") +
       (state.canvas.kind === "image" ? "" : ", no image shown");
     renderRecord();
     document.body.setAttribute("data-ready", "image");
@@ -779,6 +976,11 @@
       ui[id] = $(id);
     }
     ui.info = $("shading-info");
+    ui.dlayer = $("dlayer");
+    ui.dlayerLabel = $("dlayer-label");
+    ui.layerName = $("layer-name");
+    ui.absolute = $("absolute");
+    ui.objectsTitle = $("objects-title");
     ui.specials = $("special-weights");
     ui.heatScale = $("heat-scale");
     const changed = function () { state.problems = []; renderRecord(); };
@@ -790,6 +992,8 @@
     });
     ui.layer.addEventListener("change", function () { state.layer = Number(ui.layer.value); changed(); });
     ui.head.addEventListener("change", function () { state.head = ui.head.value; changed(); });
+    ui.dlayer.addEventListener("change", function () { state.dlayer = Number(ui.dlayer.value); changed(); });
+    ui.absolute.addEventListener("change", function () { state.absolute = ui.absolute.checked; changed(); });
     $("clear-selection").addEventListener("click", function () { state.hover = null; select(null); });
     window.addEventListener("hashchange", onAddressChange);
     try {

@@ -57,7 +57,10 @@
     }
     return G.el("li", { class: "entry", "data-id": entry.id },
       G.el("a", { class: "image-link", href: "image.html#id=" + entry.id, text: "image " + entry.id }),
-      G.el("span", { class: "meta" }, " · " + entry.n + " objects · " + entry.caps.length + " captions" +
+      G.el("span", { class: "meta" }, " · " + (entry.patches
+        ? entry.patches[0] + " patches" + (entry.patches[1] ? " + " + entry.patches[1] + " special token" +
+          (entry.patches[1] > 1 ? "s" : "") : "")
+        : entry.n + " objects") + " · " + entry.caps.length + " captions" +
         (entry.img ? "" : " · no image file")),
       caps);
   }
@@ -118,7 +121,11 @@
     document.title = "geocap view: " + manifest.title;
     const links = document.getElementById("links");
     if (manifest.report_href) links.append(G.el("a", { id: "report-link", href: manifest.report_href, text: "analysis report" }));
-    if (manifest.box_embedding) {
+    if (manifest.box_embedding && manifest.box_embedding.startsWith("patches:")) {
+      links.append(G.el("span", { id: "box-embedding", "data-embedding": "patches",
+        text: "image tokens: the patches of " + manifest.box_embedding.slice(8) +
+          " (a patch encoder: no box geometry)" }));
+    } else if (manifest.box_embedding) {
       const what = { ort: "ORT's (|offset| between box centres: mirror images look alike)",
                      signed: "signed (offsets between box centres with their sign)",
                      none: "none (a model without geometry)" }[manifest.box_embedding] || manifest.box_embedding;
