@@ -42,6 +42,7 @@ import torch
 from geocap.data.atomic import atomic_output
 from geocap.data.file_digest import file_sha256  # noqa: F401  (re-exported)
 from geocap.data.vocab import Vocabulary
+from geocap.errors import CheckpointError
 from geocap.model import ObjectRelationTransformer, ORTConfig
 
 CHECKPOINT_FORMAT = "geocap-checkpoint"
@@ -50,8 +51,6 @@ _REQUIRED = ("format", "format_version", "geocap_version", "config", "vocab", "m
              "scheduler", "step", "rng", "extra")
 
 
-class CheckpointError(ValueError):
-    """A file that is not a readable geocap checkpoint; the message names the file and the problem."""
 
 
 @dataclass

@@ -123,6 +123,7 @@ import numpy as np
 
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
 from geocap.data.file_digest import file_sha256
+from geocap.errors import DumpError
 
 FORMAT, SHARD_FORMAT, FORMAT_VERSION = "geocap-dump", "geocap-dump-shard", 1
 MANIFEST, LOCK = "manifest.json", "manifest.lock"
@@ -133,8 +134,6 @@ __all__ = ["CACHE_BYTES", "Dump", "DumpError", "FORMAT", "FORMAT_VERSION", "LOCK
            "box_embedding", "metadata_digest", "open_dump", "read_manifest", "shard_name", "shard_problem"]
 
 
-class DumpError(ValueError):
-    """A dump (or one of its files) that cannot be read as it claims; the message names the file."""
 
 
 def shard_name(index: int) -> str:

@@ -40,6 +40,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
+from geocap import stop
 from geocap.data.atomic import atomic_output
 from geocap.data.hdf5_errors import HDF5_ERRORS, named_hdf5_errors
 from geocap.data.items import DataError, ImageFeatures
@@ -243,6 +244,7 @@ def write_store(path, records: Iterable[ImageFeatures], *, feature_dtype: str = 
     try:
         with atomic_output(path) as tmp, h5py.File(tmp, "w", locking=False) as h5:
             for record in records:
+                stop.check()
                 bar.update(1)
                 image_id = None
                 try:

@@ -46,6 +46,7 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
+from geocap import stop
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, Record
 from geocap.data.dump_format import FORMAT_VERSION, SHARD_FORMAT
 from geocap.data.file_digest import file_sha256
@@ -390,6 +391,7 @@ class ShardWriter:
             with open(self.tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             self.sha256 = file_sha256(self.tmp)
+            stop.check()            # a stop request lost as an exception replaces nothing
             os.replace(self.tmp, self.path)
         except BaseException:
             self.abort()

@@ -43,6 +43,7 @@ from typing import Iterable
 
 import torch
 
+from geocap import stop
 from geocap.data.atomic import replace_folder, write_text_atomic
 from geocap.data.json_file import read_json
 from geocap.out_dir import check_out_dir
@@ -274,6 +275,7 @@ def train_tiny_captioner(images_dir, captions_json, out_dir, *, steps: int = 100
         torch.manual_seed(seed)                  # dropout draws
         try:
             for step in range(steps):
+                stop.check()
                 chosen = []
                 while len(chosen) < min(batch_size, len(image_ids)):
                     if position == len(order):

@@ -56,6 +56,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from geocap import distributed as D
+from geocap import stop
 from geocap.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from geocap.data.atomic import remove_stale_temporaries, write_text_atomic
 from geocap.data.dataset import BucketBatchSampler, CaptionDataset
@@ -389,6 +390,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                                 generator=torch.Generator().manual_seed(config.seed * 1000003 + epoch))
             switched = False
             for batch in loader:
+                stop.check()
                 batch = batch.to(device, non_blocking=True)
                 stats = None
                 if objective is None:

@@ -37,7 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from geocap.data.atomic import replace_folder, write_text_atomic
+from geocap import stop
+from geocap.data.atomic import remove_stale_temporary_folders, replace_folder, temporary_folder, write_text_atomic
 from geocap.data.dump_format import box_embedding
 from geocap.data.image_files import image_id_from_name
 from geocap.out_dir import check_out_dir
@@ -260,7 +261,8 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
     if images_dir is not None and not Path(images_dir).is_dir():
         raise ValueError(f"--images: {images_dir} is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remove_stale_temporary_folders(out)         # what killed runs left
+    tmp = Path(temporary_folder(out))
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -271,6 +273,7 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
         builder = _Builder(tmp, images_dir, label_names_from(metadata))
         current, encoded, extras, cache = None, [], [], {}
         for record in progress_bar(records, enabled=progress, unit="record", desc="geocap view"):
+            stop.check()
             image_id = int(getattr(record, "image_id", -1))
             if image_id != current:
                 if current is not None:
