@@ -172,3 +172,80 @@ def test_a_sigint_while_a_tsv_input_is_written_keeps_the_old_store(tmp_path):
     assert "wrote" not in stdout
     assert out.read_bytes() == b"the old store"
     assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
+
+
+# -- `geocap --help` imports no subcommand module; the help table matches the parsers -----------
+
+
+def test_top_level_help_imports_no_subcommand_module():
+    code = ("import sys\nfrom geocap.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'matplotlib', 'h5py', 'geocap.train', 'geocap.analyze') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    for name in ("train", "dump", "analyze", "compare", "view", "study", "hf-train-tiny"):
+        assert name in done.stdout
+
+
+def test_the_help_table_says_what_each_subcommand_parser_says():
+    import argparse
+
+    from geocap.cli import COMMANDS, build_parser
+
+    def helps(parser):
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {choice.dest: choice.help for choice in action._choices_actions}
+    full, bare = helps(build_parser()), helps(build_parser(set()))
+    assert full == bare and set(COMMANDS) < set(full)
+
+
+# -- errors: geocap's own types are one line; anything else keeps its traceback -----------------
+
+
+def test_geocap_errors_are_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
+    import json
+
+    import geocap.demo
+    from geocap.errors import CheckpointError, DataError, DumpError, GeocapError, UsageError
+
+    for kind in (UsageError, DataError, DumpError, CheckpointError):
+        assert issubclass(kind, GeocapError) and issubclass(kind, ValueError)
+
+        def raise_it(kind=kind, **options):
+            raise kind("features.h5: image 40: something wrong")
+        monkeypatch.setattr(geocap.demo, "run_demo", raise_it)
+        assert main(["demo"]) == 2
+        assert capsys.readouterr().err == "geocap: error: features.h5: image 40: something wrong\n"
+
+    def library_value_error(**options):          # a bug: a ValueError from inside a library
+        json.loads("{not json")
+    monkeypatch.setattr(geocap.demo, "run_demo", library_value_error)
+    with pytest.raises(json.JSONDecodeError):
+        main(["demo"])
+
+    def key_error(**options):
+        return {}["missing"]
+    monkeypatch.setattr(geocap.demo, "run_demo", key_error)
+    with pytest.raises(KeyError):
+        main(["demo"])
+
+
+def test_hdf5_errors_renamed_only_when_h5py_raised_them(tmp_path):
+    import h5py
+    import numpy as np
+
+    from geocap.data.hdf5_errors import named_hdf5_errors
+    from geocap.errors import DataError
+
+    path = tmp_path / "a.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(3)
+    with h5py.File(path, "r") as f:
+        with pytest.raises(DataError, match=r"a\.h5: unreadable HDF5 file \(corrupt or truncated\?\)") as caught:
+            with named_hdf5_errors(str(path)):
+                f["missing"]
+        assert isinstance(caught.value.__cause__, KeyError)       # the origin stays in the traceback
+        for bug in (KeyError("a key of geocap's own dict"), ValueError("geocap's own bug")):
+            with pytest.raises(type(bug), match="geocap's own"):
+                with named_hdf5_errors(str(path)):
+                    raise bug
