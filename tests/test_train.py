@@ -484,3 +484,27 @@ def test_torchrun_ranks_die_with_a_killed_launcher(data_dir, tmp_path):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+def test_resume_refuses_other_data_of_the_same_shape_and_fewer_steps(data_dir, tmp_path, capsys):
+    """The checkpoint records the SHA-256 of the data: features of another synthetic seed copied
+    over the run's (same images, shapes and vocabulary) are refused, naming the file; so is
+    --steps below the step reached. Neither writes anything in RUN."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    run = tmp_path / "run"
+    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--val-every", "0", "--no-progress"]
+    assert cli_main(["train", "--data", str(data), "--out", str(run), "--steps", "4", *tiny]) == 0
+    before = {name: (run / name).read_bytes() for name in os.listdir(run)}
+    err = _error(capsys, ["--out", str(run), "--resume", "--steps", "2"])
+    assert "--steps 2 is below the step" in err and "(4)" in err
+    other = synth_data_dir(tmp_path / "other", seed=1)
+    shutil.copyfile(os.path.join(other, "features.h5"), data / "features.h5")
+    err = _error(capsys, ["--out", str(run), "--resume", "--steps", "6"])
+    assert "the data are not those the run started with" in err and str(data / "features.h5") in err
+    assert {n: (run / n).read_bytes() for n in os.listdir(run)} == before
+    shutil.copyfile(os.path.join(data_dir, "features.h5"), data / "features.h5")   # the same bytes again
+    assert cli_main(["train", "--out", str(run), "--resume", "--steps", "6"]) == 0
+    assert load_checkpoint(run / LATEST).step == 6
