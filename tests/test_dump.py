@@ -707,12 +707,16 @@ def test_checksums_catch_same_size_damage(ckpt, data_dir, tmp_path, compression)
             pass
     with pytest.raises(DumpError, match="shard-00002.h5"):
         open_dump(damaged, progress=False)
-    # the vocabulary (variable-length strings, no HDF5 filter): only the file's digest sees it
+    d.close()                                      # HDF5 would serve shard 0 from the open file
+    # the vocabulary (variable-length strings, no HDF5 filter): its CRC-32 attribute, checked on
+    # every normal read, and the file's digest see it
     path = damaged / "shard-00000.h5"
     raw = path.read_bytes()
     words = [w for w in sorted(open_dump(clean, progress=False)[0].tokens, key=len, reverse=True)
              if raw.count(w.encode()) == 1]
     _flip_bit(path, raw.index(words[0].encode()))
+    with pytest.raises(DumpError, match=r"shard-00000.h5: dataset vocab is damaged"):
+        open_dump(damaged, progress=False, check=False)[0]
     with pytest.raises(DumpError, match=r"shard-00000.h5: shard file's SHA-256 differs"):
         open_dump(damaged, progress=False, verify=True)
     # a rerun hashes the listed shards, writes the damaged ones again, and the dump is whole
@@ -720,6 +724,24 @@ def test_checksums_catch_same_size_damage(ckpt, data_dir, tmp_path, compression)
     assert redo.shards_redone == [0, 1, 2] == redo.shards_written and redo.complete
     open_dump(damaged, progress=False, verify=True)
     _same_dumps(clean, damaged)
+
+
+def test_string_datasets_carry_a_crc_checked_on_read(tmp_path):
+    """File names and words (variable-length strings, which take no Fletcher-32): one flipped
+    byte is an error naming the file and the dataset, never a misspelt name."""
+    from geocap.data.dump_format import read_strings
+    from geocap.dump.writer import _create_strings
+
+    path = tmp_path / "s.h5"
+    names = ["img_0001.png", "umbrella", "", "café"]
+    with h5py.File(path, "w") as h5:
+        _create_strings(h5, "images/file_name", names)
+    with h5py.File(path, "r") as h5:
+        assert read_strings(h5, "images/file_name", str(path)) == names
+    _flip_bit(path, path.read_bytes().index(b"umbrella") + 7)
+    with h5py.File(path, "r") as h5:
+        with pytest.raises(DumpError, match=r"s\.h5: dataset images/file_name is damaged"):
+            read_strings(h5, "images/file_name", str(path))
 
 
 def test_dump_without_checksums_reads_with_a_warning(base, tmp_path):
