@@ -841,3 +841,23 @@ def test_device_resolution_is_shared_and_names_the_device():
     import geocap.dump.job
     import geocap.train.loop
     assert not hasattr(geocap.dump.job, "_resolve_device") and not hasattr(geocap.train.loop, "_resolve_device")
+
+
+def test_content_digest_compares_records_not_files(base, ckpt, data_dir, tmp_path):
+    """The same records under another compression: other shard files (other SHA-256s), the same
+    content digest; one number changed in one record: another content digest."""
+    from geocap.data.dump_format import content_sha256
+
+    other = tmp_path / "gzip"
+    dump(ckpt, data_dir, "train", other, **dict(SETTINGS, compression="gzip"))
+    def files(path):
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as fh:
+            return [e["sha256"] for e in json.load(fh)["shards"]]
+    assert files(other) != files(base)
+    assert content_sha256(open_dump(other, progress=False)) == content_sha256(open_dump(base, progress=False))
+    changed = tmp_path / "changed"
+    shutil.copytree(base, changed)
+    with h5py.File(changed / "shard-00001.h5", "r+") as h5:
+        h5["records/caption_id"][0] += 1
+    assert content_sha256(open_dump(changed, progress=False, check=False)) != content_sha256(
+        open_dump(base, progress=False))

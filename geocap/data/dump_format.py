@@ -82,6 +82,12 @@ records the SHA-256 of the whole shard file, which also covers what Fletcher-32 
 skip and writes again any that differ; readers hash them with ``open_dump(path, verify=True)``
 (a whole read of every file, ~1 GB/s; off by default since the data are checked on read).
 
+Sameness: shard files are not byte-reproducible. The same records written twice (a dump killed
+and resumed, or run again) may give shard files of other SHA-256s (lzf's output depends on the
+chunk boundaries HDF5 flushes at; 6 of 40 shards differed in one kill-and-resume check), so the
+file digests of the manifest check a shard against *itself*, never two dumps against each other.
+To compare two dumps, compare their records: :func:`content_sha256`.
+
 Records: a record's ``extra`` holds ``"width"`` and ``"height"`` (ints, pixels) when both are
 known for its image, and the image's optional fields (:mod:`geocap.data.attention_record`:
 ``special_objects``, ``patch_grid``, ``file_name``, ``referent_objects``) when it has them, from::
@@ -134,10 +140,30 @@ MANIFEST, LOCK = "manifest.json", "manifest.lock"
 CACHE_BYTES = 16 << 20          # HDF5 chunk cache per open shard (a few records' chunks)
 OPEN_SHARDS = 8                 # shards a Dump keeps open at once (least recently used closed first)
 
-__all__ = ["CACHE_BYTES", "Dump", "DumpError", "FORMAT", "FORMAT_VERSION", "LOCK", "MANIFEST", "SHARD_FORMAT",
+__all__ = ["CACHE_BYTES", "Dump", "DumpError", "content_sha256", "FORMAT", "FORMAT_VERSION", "LOCK", "MANIFEST", "SHARD_FORMAT",
            "box_embedding", "metadata_digest", "open_dump", "read_manifest", "read_strings", "shard_name", "shard_problem", "strings_crc32"]
 
 
+
+
+def content_sha256(dump: "Dump") -> str:
+    """SHA-256 of a dump's *records* (ids, kind, tokens, every array with its dtype and shape, and
+    ``extra``, in record order): equal for two dumps of the same content however their shards
+    were compressed and flushed (which file digests are not: see "Sameness" above)."""
+    from dataclasses import fields
+
+    digest = hashlib.sha256()
+    for chunk in dump.iter_chunks(256, progress=False):
+        for record in chunk:
+            for f in fields(record):
+                value = getattr(record, f.name)
+                digest.update(f.name.encode())
+                if isinstance(value, np.ndarray):
+                    digest.update(f"{value.dtype.str}{value.shape}".encode())
+                    digest.update(np.ascontiguousarray(value).tobytes())
+                else:
+                    digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def strings_crc32(values) -> int:
