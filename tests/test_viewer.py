@@ -422,6 +422,7 @@ def test_index_search_and_paging(browser, server, site):
     wait_for(IDS[6:])
     assert browser.find_element(By.ID, "report-link").get_attribute("href").endswith("/report/index.html")
     assert browser.find_element(By.ID, "box-embedding").text.startswith("box embedding: signed")
+    assert browser.find_element(By.ID, "links").text.startswith("analysis report · box embedding: signed")
     notice = browser.find_element(By.CSS_SELECTOR, '#notices .missing[data-map="cross"]')
     assert "1 of 21 records" in notice.text
     for query, ids in (("zebra", [40]), ("giraffe", [40, 41]), ("Giraffe  OKAPI", [41]), ("1001", [1001]),
