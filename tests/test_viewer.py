@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 
@@ -282,16 +283,24 @@ def test_cli_builds_site_from_dump(tmp_path, records, monkeypatch, capsys):
         metadata = {"label_names": LABEL_NAMES}
 
     opened = []
-    monkeypatch.setattr(dump_format, "open_dump", lambda path: opened.append(path) or FakeDump(records))
+    monkeypatch.setattr(dump_format, "open_dump",
+                        lambda path, progress=True: opened.append((path, progress)) or FakeDump(records))
     parser = argparse.ArgumentParser()
     add_view_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "view"
+    # what killed runs left (a dead pid's temporary folder) goes; a live writer's stays
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".view.tmp-{dead.pid}" / "data").mkdir(parents=True)
+    (tmp_path / f".view.tmp-{os.getppid()}").mkdir()
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "report.html").write_text("<h1>report</h1>")
     args = parser.parse_args(["view", str(tmp_path / "dump"), "--out", str(out), "--limit", "2",
                               "--report", str(tmp_path / "report" / "report.md"), "--no-progress"])
     assert args.func(args) == 0
-    assert opened == [str(tmp_path / "dump")] and "2 images" in capsys.readouterr().out
+    assert opened == [(str(tmp_path / "dump"), False)]         # --no-progress: no "reading DUMP" bar either
+    assert "2 images" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".view.tmp-{os.getppid()}", "report", "view"]
     manifest = (out / "data" / "manifest.js").read_text()
     assert '"report_href":"../report/report.html"' in manifest and '"label_names_known":true' in manifest
     assert '"box_embedding":null' in manifest                  # metadata without a model config: not shown
