@@ -151,9 +151,11 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     from geocap.data.dataset import collate
     from geocap.progress import progress_bar
     from geocap.data.atomic import write_text_atomic
-    from geocap.metrics import caption_metrics, load_relation_truth, relation_accuracy, write_results
+    from geocap.metrics import (caption_metrics, load_relation_truth, relation_accuracy, require_pycocoevalcap,
+                                write_results)
 
     # -- arguments ---------------------------------------------------------------------------
+    require_pycocoevalcap("geocap evaluate's metrics")     # before minutes of captioning
     _positive_int("beam_size", beam_size)
     _positive_int("max_len", max_len)
     _positive_int("batch_size", batch_size)

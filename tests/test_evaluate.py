@@ -284,3 +284,20 @@ def test_non_finite_features_name_the_image_id_in_evaluate_and_train(data, tmp_p
                      "--val-every", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+def test_without_pycocoevalcap_evaluate_and_study_say_how_to_install_it(data, tmp_path, capsys, monkeypatch):
+    """pycocoevalcap is the extra geocap[eval]: without it, evaluate and study stop at once with
+    one line naming the install command (not a ModuleNotFoundError after minutes of work)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pycocoevalcap" else find_spec(name, *a))
+    root, ckpt, _ = data
+    err = _error(capsys, ["--checkpoint", ckpt, "--data", root, "--out", str(tmp_path / "o"), "--no-progress"])
+    assert err.count("\n") == 1 and "pip install 'geocap[eval]'" in err
+    assert cli_main(["study", "--out", str(tmp_path / "s"), "--quick", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "geocap study's evaluations need pycocoevalcap" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()

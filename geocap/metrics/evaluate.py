@@ -28,12 +28,23 @@ from pathlib import Path
 
 from .tokenize import java_available, tokenize_captions
 
-__all__ = ["caption_metrics", "spice_models_present", "write_results", "METRIC_NAMES"]
+__all__ = ["caption_metrics", "require_pycocoevalcap", "spice_models_present", "write_results", "METRIC_NAMES"]
 
 #: All metric names :func:`caption_metrics` may report (computed or skipped).
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 _SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+def require_pycocoevalcap(what: str = "the caption metrics") -> None:
+    """UsageError saying how to install pycocoevalcap when it is missing (it is the optional
+    extra ``geocap[eval]``: commands that score captions call this before any work)."""
+    import importlib.util
+
+    from geocap.errors import UsageError
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        raise UsageError(f"{what} need pycocoevalcap, which is not installed: pip install 'geocap[eval]' "
+                         f"(or pip install pycocoevalcap)")
 
 
 def spice_models_present() -> bool:
@@ -112,6 +123,7 @@ def caption_metrics(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable
         holds the key ``"tokenizer"`` with that note (scores may then differ slightly from
         coco-caption's).
     """
+    require_pycocoevalcap()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
