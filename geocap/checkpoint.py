@@ -99,12 +99,35 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
+class _SkipInPlace(torch.overrides.TorchFunctionMode):
+    """Within the block, in-place tensor methods and functions (``normal_``, ``uniform_``,
+    ``kaiming_uniform_``: what weight initialisation does) return their tensor untouched: a
+    model built inside has the right names, shapes and dtypes, uninitialised. (The meta device
+    would cost no memory, but its factories and initialisers run through torch._refs, whose first
+    use imports torch._dynamo: ~3 s of a process's first checkpoint load.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args else kwargs.get("tensor")      # torch.nn.init passes it by name
+        if name.endswith("_") and not name.endswith("__") and isinstance(target, torch.Tensor):
+            return target
+        return func(*args, **kwargs)
+
+
 def _expected_state(config: ORTConfig) -> dict:
-    """``{name: (shape, dtype)}`` of the state_dict of a model built from ``config`` (built on the
-    meta device: no memory, no initialisation cost)."""
-    with torch.device("meta"):
-        model = ObjectRelationTransformer(config)
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    """``{name: (shape, dtype)}`` of the state_dict of a model built from ``config`` (on the CPU,
+    its initialisation skipped: :class:`_SkipInPlace`; cached per config)."""
+    key = json.dumps(config.to_dict(), sort_keys=True)
+    if key not in _EXPECTED:
+        with torch.no_grad(), _SkipInPlace():
+            model = ObjectRelationTransformer(config)
+        _EXPECTED[key] = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        del model
+    return _EXPECTED[key]
+
+
+_EXPECTED: dict = {}             # config JSON -> expected state (a few configs per process)
 
 
 def _state_mismatch(state: Any, config: ORTConfig) -> Optional[str]:
