@@ -249,3 +249,25 @@ def test_hdf5_errors_renamed_only_when_h5py_raised_them(tmp_path):
             with pytest.raises(type(bug), match="geocap's own"):
                 with named_hdf5_errors(str(path)):
                     raise bug
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """write_text_atomic (and so write_results of the metrics, which now uses it) fsyncs the
+    temporary file, then renames it: a power cut leaves the old file or the new one."""
+    import os
+
+    from geocap.data.atomic import write_text_atomic
+    from geocap.metrics import write_results
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or replace(a, b))
+    target = tmp_path / "a.txt"
+    write_text_atomic(target, "text")
+    tmp = f"{target}.tmp-{os.getpid()}"
+    assert events == [("fsync", tmp), ("replace", tmp, str(target))] and target.read_text() == "text"
+    events.clear()
+    write_results(tmp_path / "r.json", {1: "a cat"})
+    assert [e[0] for e in events] == ["fsync", "replace"]

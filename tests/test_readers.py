@@ -513,7 +513,7 @@ def test_coco_bad_input(edit, image_id, message, tmp_path, rng):
 def test_coco_not_json(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"images": [')
-    with pytest.raises(DataError, match="not valid JSON") as err:
+    with pytest.raises(DataError, match="not a readable JSON file") as err:
         read_coco_captions(path)
     assert str(path) in str(err.value)
 

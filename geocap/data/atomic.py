@@ -84,19 +84,33 @@ def _remove_stale(folder: str, pattern) -> list:
 def atomic_output(path):
     """Yield ``<path>.tmp-<pid>`` to write; on success it replaces ``path``, on failure (any
     exception, KeyboardInterrupt included) it is removed, and so it is when a stop was requested
-    (:func:`geocap.stop.check`, just before the rename). Stale temporaries of ``path`` left by
-    dead processes are removed first."""
+    (:func:`geocap.stop.check`, just before the rename). The file is flushed to disk (fsync)
+    before the rename, so a power cut leaves the old file or the new one, never an empty one.
+    Stale temporaries of ``path`` left by dead processes are removed first."""
     path = os.fspath(path)
     remove_stale_temporaries(path)
     tmp = temporary_name(path)
     try:
         yield tmp
         stop.check()                # a stop request lost as an exception replaces nothing
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def fsync_file(path) -> None:
+    """Flush the file ``path`` to disk (``os.fsync``); nothing when it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path, text: str) -> None:

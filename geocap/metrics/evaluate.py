@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -189,9 +188,9 @@ def write_results(path: str | os.PathLike, res: Mapping[Hashable, str | Sequence
     """Write COCO-format caption results ``[{"image_id": id, "caption": str}, ...]`` atomically.
 
     ``res`` maps image id -> caption (a one-element list is accepted).  Image ids that are
-    numpy integers are converted to ``int``.  The JSON is written to a temporary file in the
-    target directory and moved into place with ``os.replace``, so readers never see a
-    partial file.  Returns the path.
+    numpy integers are converted to ``int``.  Written atomically
+    (:func:`geocap.data.atomic.write_text_atomic`: temporary file, fsync, rename), so readers
+    never see a partial file.  Returns the path.
     """
     path = Path(path)
     records = []
@@ -203,16 +202,8 @@ def write_results(path: str | os.PathLike, res: Mapping[Hashable, str | Sequence
         if hasattr(image_id, "item"):  # numpy scalar
             image_id = image_id.item()
         records.append({"image_id": image_id, "caption": str(cap)})
+    from geocap.data.atomic import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(records, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, json.dumps(records))
     return path
