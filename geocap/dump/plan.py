@@ -17,6 +17,7 @@ from geocap.data.file_digest import file_sha256
 from geocap.dump.manifest import drop_lost_shards, open_manifest, remove_stale
 from geocap.dump.record_builder import WHAT
 from geocap.dump.writer import COMPRESSIONS
+from geocap.options import check_int
 from geocap.out_dir import check_out_dir
 
 MODES = ("teacher-forced", "generated")
@@ -26,11 +27,6 @@ WHAT_NAMES = ("encoder", "decoder", "cross")
 __all__ = ["DumpOptions", "DumpPlan", "MODES", "ShardShares", "WHAT_NAMES", "WRITERS", "assign_shards", "check_rank",
            "plan_dump", "resolve_options"]
 
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _parse_what(what) -> tuple:
@@ -72,7 +68,7 @@ class DumpOptions:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
         for name, low in (("shard_images", 1), ("batch_size", 1), ("beam_size", 1), ("max_len", 1), ("limit", 0),
                           ("clusters", 0), ("cluster_sample", 1)):
-            _check_int(name, getattr(self, name), low)
+            check_int(name, getattr(self, name), low)
         if self.writer not in WRITERS:
             raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {self.writer!r}")
         return dataclasses.replace(self, what=what)
@@ -153,7 +149,7 @@ def check_rank(rank, world_size) -> tuple:
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if rank is None:
         rank = int(os.environ.get("RANK", "0") or 0)
-    _check_int("world_size", world_size, 1)
+    check_int("world_size", world_size, 1)
     if not (isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
     return rank, world_size

@@ -40,7 +40,7 @@ from pathlib import Path
 from geocap import stop
 from geocap.data.atomic import remove_stale_temporary_folders, replace_folder, temporary_folder, write_text_atomic
 from geocap.data.dump_format import box_embedding
-from geocap.data.image_files import image_id_from_name
+from geocap.data.image_files import IMAGE_EXTENSIONS, image_id_from_name
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
 from geocap.analysis.plotting import ATTENTION_COLOURS
@@ -51,7 +51,6 @@ HTML_PAGES = ("index.html", "image.html")
 MARKER = "geocap-view.json"
 FORMAT_VERSION = 3        # 2: entropies normalised (1 = uniform), colours in the manifest; 3: patch grids
 DEFAULT_PAGE_SIZE = 100
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 _CALL = "geocapData("
 
 
