@@ -47,10 +47,11 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap analyze`` on an argparse subparsers object; returns its parser."""
     parser = subparsers.add_parser(
         "analyze", help="run the four attention analyses over a dump (analysis.json, figures, report.md and .html)",
-        description="Run the seed study's four attention analyses (entropy, thematic relatedness, proximity, "
+        description="Run the four attention analyses of 'On the Interplay between Language and Vision in "
+                    "Transformers' (Ilinykh 2022) (entropy, thematic relatedness, proximity, "
                     "grounding) over an attention dump and write DIR/analysis.json, one PNG per analysis and "
-                    "DIR/report.md, rendered as DIR/report.html. A stats-only dump is analysed from its stored statistics (the options below "
-                    "were fixed when it was written and are ignored).")
+                    "DIR/report.md, rendered as DIR/report.html. A stats-only dump is analysed from its stored "
+                    "statistics (the options below were fixed when it was written and are ignored).")
     parser.add_argument("dump", metavar="DUMP", help="an attention dump (geocap dump)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder (created if missing; must be empty, absent or an earlier report)")

@@ -119,7 +119,7 @@ def _convergence_lines(variants: dict) -> list[str]:
     return ["## Convergence", "",
             "Gain of validation CIDEr-D over the last fifth of training (its mean over validations after 80 % of "
             "the steps over its mean between 60 and 80 %, minus 1); converged when under 2 % "
-            f"(the issue's criterion): {summary}.", ""] + _table(["variant", "seed", "gain, last fifth", "converged"],
+            f"(the study's convergence criterion): {summary}.", ""] + _table(["variant", "seed", "gain, last fifth", "converged"],
                                                                  rows) + [""]
 
 
