@@ -271,3 +271,19 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     events.clear()
     write_results(tmp_path / "r.json", {1: "a cat"})
     assert [e[0] for e in events] == ["fsync", "replace"]
+
+
+def test_packaging_version_licence_and_types_are_declared_once():
+    import tomllib
+    from pathlib import Path
+
+    import geocap
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "geocap.__version__"}
+    assert project["project"]["license"] == "Apache-2.0" and "Apache License" in (root / "LICENSE").read_text()
+    assert (root / "geocap" / "py.typed").exists() and "py.typed" in project["tool"]["setuptools"]["package-data"][
+        "geocap"]
+    assert geocap.__version__.count(".") == 2
