@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 
 from geocap.errors import GeocapError
 from geocap.stop import Interrupted, requested, stop_signals  # noqa: F401 -- Interrupted: re-exported

@@ -68,7 +68,8 @@ def _recorded(model, vocab, store, image_id, words):
     feats, boxes = store.read(store.index_of(image_id))
     inputs = torch.tensor([[BOS] + [vocab_ids[w] for w in words[:-1]]])
     with torch.no_grad():
-        _, rec = model(torch.from_numpy(feats)[None], torch.from_numpy(boxes)[None], None, inputs, return_attention=True)
+        _, rec = model(torch.from_numpy(feats)[None], torch.from_numpy(boxes)[None], None, inputs,
+                       return_attention=True)
     stack = lambda xs: torch.stack(xs, 1)[0].numpy()  # noqa: E731
     return boxes, {"encoder_self": stack(rec.encoder_probs), "encoder_entropy": stack(rec.encoder_entropy),
                    "decoder_self": stack(rec.decoder_probs), "decoder_entropy": stack(rec.decoder_entropy),

@@ -128,8 +128,9 @@ def test_references_are_the_untruncated_strings(data, tmp_path, monkeypatch):
 def test_cli(data, tmp_path, capsys):
     root, ckpt, test_ids = data
     out = tmp_path / "cli"
-    assert cli_main(["evaluate", "--checkpoint", ckpt, "--data", root, "--split", "test", "--beam-size", "1", "--out", str(out),
-                 "--no-meteor", "--tokenizer", "python", "--no-progress", "--device", "cpu"]) == 0
+    assert cli_main(["evaluate", "--checkpoint", ckpt, "--data", root, "--split", "test", "--beam-size", "1",
+                     "--out", str(out), "--no-meteor", "--tokenizer", "python", "--no-progress",
+                     "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "CIDEr" in text and "Bleu_4" in text and "skipped METEOR: disabled by the caller" in text
     assert len(_read(out / "captions_test.json")) == len(test_ids)

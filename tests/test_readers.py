@@ -405,7 +405,8 @@ def test_m2_reader_refuses_an_hdf5_file_of_another_kind(tmp_path):
         for name in ("features", "boxes", "offsets", "ids", "sizes", "labels"):
             f.create_dataset(name, data=[0])
     with pytest.raises(DataError, match=r"no '<image id>_features' dataset: not a meshed-memory features file "
-                                        r"\(top-level keys: boxes, features, ids, labels, offsets, \.\.\. \(6 in all\)\)"):
+                                        r"\(top-level keys: boxes, features, ids, labels, offsets, "
+                                        r"\.\.\. \(6 in all\)\)"):
         list(read_m2_hdf5(path, sizes={}))
     with h5py.File(tmp_path / "empty.h5", "w"):
         pass

@@ -140,8 +140,9 @@ MANIFEST, LOCK = "manifest.json", "manifest.lock"
 CACHE_BYTES = 16 << 20          # HDF5 chunk cache per open shard (a few records' chunks)
 OPEN_SHARDS = 8                 # shards a Dump keeps open at once (least recently used closed first)
 
-__all__ = ["CACHE_BYTES", "Dump", "DumpError", "content_sha256", "FORMAT", "FORMAT_VERSION", "LOCK", "MANIFEST", "SHARD_FORMAT",
-           "box_embedding", "metadata_digest", "open_dump", "read_manifest", "read_strings", "shard_name", "shard_problem", "strings_crc32"]
+__all__ = ["CACHE_BYTES", "Dump", "DumpError", "FORMAT", "FORMAT_VERSION", "LOCK", "MANIFEST", "SHARD_FORMAT",
+           "box_embedding", "content_sha256", "metadata_digest", "open_dump", "read_manifest", "read_strings",
+           "shard_name", "shard_problem", "strings_crc32"]
 
 
 

@@ -119,8 +119,8 @@ def _convergence_lines(variants: dict) -> list[str]:
     return ["## Convergence", "",
             "Gain of validation CIDEr-D over the last fifth of training (its mean over validations after 80 % of "
             "the steps over its mean between 60 and 80 %, minus 1); converged when under 2 % "
-            f"(the study's convergence criterion): {summary}.", ""] + _table(["variant", "seed", "gain, last fifth", "converged"],
-                                                                 rows) + [""]
+            f"(the study's convergence criterion): {summary}.", ""] + _table(
+                ["variant", "seed", "gain, last fifth", "converged"], rows) + [""]
 
 
 def _relation_lines(variants: dict) -> list[str]:

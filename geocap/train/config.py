@@ -45,10 +45,11 @@ class TrainConfig:
     """Training options: cross-entropy, then optionally self-critical (the module doc has the layouts).
 
     Model: ``layers``, ``d_model``, ``heads``, ``d_ff``, ``dropout``, ``geometry``, ``embedding`` (the
-    box embedding, "ort" or "signed") as in ORTConfig (vocab_size and feature_dim come from the data). Steps count optimiser updates; ``steps`` is
-    the total (a resumed run continues up to it). ``batch_size`` counts *images* per batch and
-    process (DDP multiplies it), each with its captions: ``captions_per_image`` "all" (default;
-    5 per image in COCO), an int k (the first k of each image, fewer when it has fewer) or
+    box embedding, "ort" or "signed") as in ORTConfig (vocab_size and feature_dim come from the data).
+    Steps count optimiser updates; ``steps`` is the total (a resumed run continues up to it).
+    ``batch_size`` counts *images* per batch and process (DDP multiplies it), each with its
+    captions: ``captions_per_image`` "all" (default; 5 per image in COCO), an int k (the first k
+    of each image, fewer when it has fewer) or
     "one-random" (one, drawn afresh each epoch); each image is encoded once per batch and its
     encoder dropout draw is shared by its captions. (Until per-image batches, ``batch_size``
     counted captions: ``batch_size=50`` then is ``batch_size=10`` with 5 captions per image now,

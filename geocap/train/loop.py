@@ -297,8 +297,6 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                              f"means other batches; continue it with SCST (--scst-from-step {ckpt.step}) or start "
                              f"a new run")
     digest = D.broadcast_object(info, data_digest(config) if info.is_main else None)
-    if ckpt is not None:
-        _check_resume_data(ckpt.extra.get("data_digest"), digest, config, latest_path)
     cpi = config.captions_per_image
     train_ds = CaptionDataset(config.features_path, config.captions_path, config.train_split, per_image=True,
                               captions_per_image="one-random" if cpi == "one-random" else "all")
@@ -318,6 +316,8 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                          f"({ckpt.config.to_dict()} vs {model_config.to_dict()})")
     if ckpt is not None and ckpt.vocab != vocab:
         raise ValueError(f"{latest_path}: trained with another vocabulary than {config.captions_path}")
+    if ckpt is not None:            # after the checks that say more: same shapes and vocabulary, other bytes
+        _check_resume_data(ckpt.extra.get("data_digest"), digest, config, latest_path)
 
     torch.manual_seed(config.seed)
     model = ObjectRelationTransformer(model_config, backend=config.backend).to(device)

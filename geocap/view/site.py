@@ -6,7 +6,8 @@ from the network):
 - ``index.html``, ``image.html`` and ``static/`` (the scripts and styles, copied from
   ``geocap/view/static``);
 - ``data/manifest.js``: totals, the index pages' id ranges, the word-bucket count, label and
-  report information, the colour of each attention kind (``geocap.analysis.plotting.ATTENTION_COLOURS``, as the report draws them);
+  report information, the colour of each attention kind
+  (``geocap.analysis.plotting.ATTENTION_COLOURS``, as the report draws them);
 - ``data/index/pNNNNN.js``: one index page (``page_size`` images, sorted by id): per image its
   id, object count, captions and whether an image file is known;
 - ``data/words/bNNNN.js``: one bucket of the word index, ``{word: delta-encoded sorted image ids}``;
