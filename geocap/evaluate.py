@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from geocap import stop
 from geocap.distributed import resolve_device
 
 if TYPE_CHECKING:
@@ -211,6 +212,7 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     try:
         with torch.no_grad():
             for batch in loader:
+                stop.check()
                 texts = captioner.caption(batch.features, batch.boxes, batch.box_mask,
                                           beam_size=beam_size, max_len=max_len)
                 for image_id, text in zip(batch.image_ids.tolist(), texts):

@@ -401,6 +401,7 @@ def run_study(out, settings: StudySettings, *, aggregate: Optional[Callable] = N
         run_started = time.perf_counter()
         try:
             for k, (variant, seed) in enumerate(todo):
+                stop.check()
                 folder = model_dir(out, variant, seed)
                 bar.set_postfix_str(f"now {model_name(variant, seed)}", refresh=True)
                 started = time.perf_counter()
