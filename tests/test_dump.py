@@ -862,3 +862,24 @@ def test_content_digest_compares_records_not_files(base, ckpt, data_dir, tmp_pat
         h5["records/caption_id"][0] += 1
     assert content_sha256(open_dump(changed, progress=False, check=False)) != content_sha256(
         open_dump(base, progress=False))
+
+
+def test_a_stop_request_lost_as_an_exception_stops_the_dump_at_the_next_batch(ckpt, data_dir, tmp_path, monkeypatch):
+    """The stop flag (geocap.stop) set while the first shard is written, its exception lost: the
+    dump stops at the next batch, with no shard renamed, no temporary left, and resumes whole."""
+    from geocap import stop
+    from geocap.dump.writer import ShardWriter
+
+    add_image = ShardWriter.add_image
+
+    def add_and_request(self, recs):
+        add_image(self, recs)
+        stop.request_stop()
+    monkeypatch.setattr(ShardWriter, "add_image", add_and_request)
+    out = tmp_path / "stopped"
+    with stop.stop_signals():
+        with pytest.raises(stop.Interrupted):
+            dump(ckpt, data_dir, "train", out, **dict(SETTINGS, writer="inline"))
+    assert sorted(os.listdir(out)) == ["manifest.json", "manifest.lock"]
+    monkeypatch.undo()
+    assert dump(ckpt, data_dir, "train", out, **dict(SETTINGS, writer="inline")).complete

@@ -508,3 +508,23 @@ def test_resume_refuses_other_data_of_the_same_shape_and_fewer_steps(data_dir, t
     shutil.copyfile(os.path.join(data_dir, "features.h5"), data / "features.h5")   # the same bytes again
     assert cli_main(["train", "--out", str(run), "--resume", "--steps", "6"]) == 0
     assert load_checkpoint(run / LATEST).step == 6
+
+
+def test_a_stop_request_lost_as_an_exception_stops_training_before_its_checkpoint(data_dir, tmp_path, monkeypatch):
+    """The stop flag set during step 1 with its exception lost: training stops before step 2
+    and writes no checkpoint (it would have written one at its last step)."""
+    from geocap import stop
+    from geocap.train import loop
+
+    update = loop.optimizer_update
+
+    def update_and_request(*args, **kwargs):
+        stop.request_stop()
+        return update(*args, **kwargs)
+    monkeypatch.setattr(loop, "optimizer_update", update_and_request)
+    out = tmp_path / "run"
+    with stop.stop_signals():
+        with pytest.raises(stop.Interrupted):
+            train(_config(data_dir, out, steps=3))
+    assert not (out / LATEST).exists()
+    assert _metrics(out) == [] or [e["step"] for e in _metrics(out)] == [1]

@@ -922,3 +922,25 @@ def test_records_without_patches_unchanged(browser, patch_site):
     assert max(widths) == pytest.approx(4.0) and len(widths) > 1                 # outlines grow with the weight
     assert browser.find_element(By.ID, "shading-info").text.startswith("Step 1 ") and \
         "boxes: cross-attention" in browser.find_element(By.ID, "shading-info").text
+
+
+def test_a_stop_request_lost_as_an_exception_stops_the_site_at_the_next_record(tmp_path, records):
+    """The stop flag set while the first record is read, its exception lost: the site stops at
+    the next record; no site, no temporary folder."""
+    from geocap import stop
+
+    def requesting(records):
+        for k, record in enumerate(records):
+            if k == 1:
+                stop.request_stop()
+            yield record
+    seen = []
+
+    def counted(records):
+        for record in records:
+            seen.append(record)
+            yield record
+    with stop.stop_signals():
+        with pytest.raises(stop.Interrupted):
+            build_site(counted(requesting(records)), tmp_path / "site", progress=False)
+    assert len(seen) == 2 and list(tmp_path.iterdir()) == []
