@@ -4,7 +4,9 @@ lives with the code it runs and is imported only when that subcommand runs (``ge
 imports neither torch nor matplotlib).
 
 Exit status: 0 done; 2 bad input or options (one line ``geocap: error: ...``); 130 stopped by
-SIGINT, 143 by SIGTERM. Both signals request a stop (:mod:`geocap.stop`): a flag that every
+SIGINT, 143 by SIGTERM; 1 a bug (with its traceback).
+
+SIGINT and SIGTERM request a stop (:mod:`geocap.stop`): a flag that every
 long loop and every final rename checks, and an :class:`Interrupted` (a KeyboardInterrupt)
 raised at once in the main thread, also when the process inherited SIGINT ignored (a job
 started with ``&`` from a script), so every command stops through its normal clean-up: files
@@ -78,7 +80,8 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     modules imported); the others get a bare parser with their help only. Default: all."""
     from geocap import __version__
 
-    parser = argparse.ArgumentParser(prog="geocap", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="geocap", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"geocap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(sub)
