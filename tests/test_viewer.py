@@ -944,3 +944,29 @@ def test_a_stop_request_lost_as_an_exception_stops_the_site_at_the_next_record(t
         with pytest.raises(stop.Interrupted):
             build_site(counted(requesting(records)), tmp_path / "site", progress=False)
     assert len(seen) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_word_index_and_pages_are_the_same_however_few_pairs_fit_in_memory(tmp_path, records, monkeypatch):
+    """The index pages and word buckets come from spool files on disk; grouping the word pairs a
+    few buckets at a time (here at most 3 pairs held) writes the same files as all at once, and
+    every word lists exactly the images whose captions hold it."""
+    import geocap.view.site as site
+    from geocap.view.encode import caption_text, words_of
+
+    def data_files(path):
+        return {p.relative_to(path).as_posix(): p.read_text() for p in sorted((path / "data").rglob("*.js"))
+                if not p.relative_to(path / "data").as_posix().startswith("img/")}
+    build_site(records, tmp_path / "all", progress=False, page_size=4)
+    monkeypatch.setattr(site, "WORD_PAIRS_IN_MEMORY", 3)
+    build_site(records, tmp_path / "few", progress=False, page_size=4)
+    assert data_files(tmp_path / "all") == data_files(tmp_path / "few")
+    expected = {}
+    for record in records:
+        for word in words_of(caption_text(record.tokens)):
+            expected.setdefault(word, set()).add(int(record.image_id))
+    found = {}
+    for name, text in data_files(tmp_path / "few").items():
+        if name.startswith("data/words/"):
+            for word, deltas in json.loads(text[text.index(",") + 1:text.rindex(");")]).items():
+                found[word] = set(np.cumsum(deltas).tolist())
+    assert found == expected and sorted(p.name for p in tmp_path.iterdir()) == ["all", "few"]
