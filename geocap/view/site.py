@@ -30,6 +30,7 @@ an existing ``out_dir`` is replaced only when it is empty or an earlier viewer s
 """
 from __future__ import annotations
 
+import array
 import json
 import math
 import os
@@ -38,6 +39,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from geocap import stop
 from geocap.data.atomic import remove_stale_temporary_folders, replace_folder, temporary_folder, write_text_atomic
@@ -90,7 +93,11 @@ def find_images(images_dir) -> dict:
 
 
 def _write_js(path: Path, key: str, value) -> int:
-    text = f"{_CALL}{json.dumps(key)},{json.dumps(value, separators=(',', ':'), allow_nan=False)});\n"
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return _write_text(path, f"{_CALL}{json.dumps(key)},{text});\n")
+
+
+def _write_text(path: Path, text: str) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return len(text)
@@ -142,16 +149,16 @@ def _size_from(extra: dict):
     return (width, height) if width > 0 and height > 0 and math.isfinite(width * height) else None
 
 
-WORD_PAIRS_IN_MEMORY = 1 << 20   # (word, image) pairs grouped at once when the word index is written
+WORD_PAIRS_IN_MEMORY = 1 << 19   # (word, image) pairs grouped at once (~35 MB) when the word index is written
 
 
 class _Builder:
     """Writes each image's data file as its records come, and keeps what the index pages and the
     word index need at the end on disk, not in memory: the per-image index entries in a spool
-    file (``_entries``: image id -> (offset, length), ~100 bytes per image) and the (word, image)
-    pairs in another, grouped bucket by bucket at the end (at most
-    :data:`WORD_PAIRS_IN_MEMORY` pairs at once). Memory then hardly grows with the number of
-    images (the words seen are bounded by the vocabulary)."""
+    file (``_entries``: image id -> (offset, length), ~120 bytes per image) and the (word, image)
+    pairs in another, grouped a few buckets at a time at the end (at most
+    :data:`WORD_PAIRS_IN_MEMORY` pairs, or one bucket's when it holds more: a word found in every
+    image's captions has a pair per image, and its bucket file lists them all)."""
 
     def __init__(self, root: Path, images_dir, label_names: dict):
         self.root, self.label_names = root, label_names
@@ -222,8 +229,9 @@ class _Builder:
         return json.loads(self._entry_file.read(length))
 
     def _word_index(self, buckets: int):
-        """(bucket, {word: sorted image ids}) for every bucket in order, from the spooled pairs,
-        reading them once per group of buckets holding at most WORD_PAIRS_IN_MEMORY pairs."""
+        """(bucket, {word: sorted unique image ids, int64}) for every bucket in order, from the
+        spooled pairs, reading them once per group of buckets holding at most
+        WORD_PAIRS_IN_MEMORY pairs (8 bytes each while grouped)."""
         bucket_of = {word: word_bucket(word, buckets) for word in self._word_pairs}
         per_bucket = [0] * buckets
         for word, count in self._word_pairs.items():
@@ -240,9 +248,14 @@ class _Builder:
                 word, image_id = line.rstrip("\n").split("\t")
                 b = bucket_of[word]
                 if start <= b < stop:
-                    groups[b - start].setdefault(word, set()).add(int(image_id))
+                    group = groups[b - start]
+                    ids = group.get(word)
+                    if ids is None:
+                        ids = group[word] = array.array("q")
+                    ids.append(int(image_id))
             for k, group in enumerate(groups):
-                yield start + k, {word: sorted(ids) for word, ids in group.items()}
+                yield start + k, {word: np.unique(np.frombuffer(ids, np.int64)) for word, ids in group.items()}
+                groups[k] = None
             start = stop
 
     def close(self) -> None:
@@ -266,8 +279,10 @@ class _Builder:
         buckets = max(1, min(4096, math.ceil(len(self._word_pairs) / 64)))
         for k, group in self._word_index(buckets):
             key = f"words/b{k:04d}.js"
-            _write_js(self.root / "data" / key, key, {
-                word: [ordered[0]] + [b - a for a, b in zip(ordered, ordered[1:])] for word, ordered in group.items()})
+            # the text json.dumps gives for {word: delta-encoded ids}, one word's list at a time
+            entries = ",".join(f"{json.dumps(word)}:[{','.join(map(str, np.diff(ids, prepend=0).tolist()))}]"
+                               for word, ids in group.items())
+            _write_text(self.root / "data" / key, f"{_CALL}{json.dumps(key)},{{{entries}}});\n")
         manifest = {
             "version": FORMAT_VERSION, "title": str(title), "images": len(ids), "records": self.records,
             "page_size": page_size, "pages": pages, "word_buckets": buckets,
