@@ -42,6 +42,7 @@ import torch
 from geocap.data.atomic import atomic_output
 from geocap.data.file_digest import file_sha256  # noqa: F401  (re-exported)
 from geocap.data.vocab import Vocabulary
+from geocap.errors import CheckpointError
 from geocap.model import ObjectRelationTransformer, ORTConfig
 
 CHECKPOINT_FORMAT = "geocap-checkpoint"
@@ -50,8 +51,6 @@ _REQUIRED = ("format", "format_version", "geocap_version", "config", "vocab", "m
              "scheduler", "step", "rng", "extra")
 
 
-class CheckpointError(ValueError):
-    """A file that is not a readable geocap checkpoint; the message names the file and the problem."""
 
 
 @dataclass
@@ -100,12 +99,35 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
+class _SkipInPlace(torch.overrides.TorchFunctionMode):
+    """Within the block, in-place tensor methods and functions (``normal_``, ``uniform_``,
+    ``kaiming_uniform_``: what weight initialisation does) return their tensor untouched: a
+    model built inside has the right names, shapes and dtypes, uninitialised. (The meta device
+    would cost no memory, but its factories and initialisers run through torch._refs, whose first
+    use imports torch._dynamo: ~3 s of a process's first checkpoint load.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args else kwargs.get("tensor")      # torch.nn.init passes it by name
+        if name.endswith("_") and not name.endswith("__") and isinstance(target, torch.Tensor):
+            return target
+        return func(*args, **kwargs)
+
+
 def _expected_state(config: ORTConfig) -> dict:
-    """``{name: (shape, dtype)}`` of the state_dict of a model built from ``config`` (built on the
-    meta device: no memory, no initialisation cost)."""
-    with torch.device("meta"):
-        model = ObjectRelationTransformer(config)
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    """``{name: (shape, dtype)}`` of the state_dict of a model built from ``config`` (on the CPU,
+    its initialisation skipped: :class:`_SkipInPlace`; cached per config)."""
+    key = json.dumps(config.to_dict(), sort_keys=True)
+    if key not in _EXPECTED:
+        with torch.no_grad(), _SkipInPlace():
+            model = ObjectRelationTransformer(config)
+        _EXPECTED[key] = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        del model
+    return _EXPECTED[key]
+
+
+_EXPECTED: dict = {}             # config JSON -> expected state (a few configs per process)
 
 
 def _state_mismatch(state: Any, config: ORTConfig) -> Optional[str]:

@@ -1,49 +1,57 @@
 """The ``geocap`` command line (also ``python -m geocap``): demo, synth, synth-images, prepro,
 train, hf-train-tiny, evaluate, import-ort, dump, analyze, compare, view, study. Each subcommand's parser
-lives with the code it runs.
+lives with the code it runs and is imported only when that subcommand runs (``geocap --help``
+imports neither torch nor matplotlib).
 
 Exit status: 0 done; 2 bad input or options (one line ``geocap: error: ...``); 130 stopped by
-SIGINT, 143 by SIGTERM. Both signals raise :class:`Interrupted` (a KeyboardInterrupt) in the
-main thread, also when the process inherited SIGINT ignored (a job started with ``&`` from a
-script), so every command stops at once through its normal clean-up: files being written are
-removed and earlier outputs stay as they were."""
+SIGINT, 143 by SIGTERM; 1 a bug (with its traceback).
+
+SIGINT and SIGTERM request a stop (:mod:`geocap.stop`): a flag that every
+long loop and every final rename checks, and an :class:`Interrupted` (a KeyboardInterrupt)
+raised at once in the main thread, also when the process inherited SIGINT ignored (a job
+started with ``&`` from a script), so every command stops through its normal clean-up: files
+being written are removed and earlier outputs stay as they were.
+
+Errors: geocap's own error types (:mod:`geocap.errors`) are printed as one line. Any other
+exception is a bug and keeps its traceback, with one exception while the modules move to those
+types: a plain ``ValueError`` raised by a ``raise`` statement in geocap's own code (an option
+checked there) is also one line; a ValueError from inside a library (numpy, h5py, json, torch)
+shows its traceback."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from geocap.errors import GeocapError
+from geocap.stop import Interrupted, requested, stop_signals  # noqa: F401 -- Interrupted: re-exported
 
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived (``signum``)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _stop_signals_raise():
-    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread (the
-    previous handlers come back after it; elsewhere than the main thread, nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+# subcommand -> (module, function adding its parser, one-line help). The help is repeated here so
+# that `geocap --help` imports no subcommand module; tests/test_cli.py checks it against the parsers.
+COMMANDS = {
+    "synth": ("geocap.data.synth", "add_synth_parser",
+              "write the embedded synthetic dataset (captions, splits, features, ground truth)"),
+    "synth-images": ("geocap.data.synth", "add_synth_images_parser",
+                     "draw the synthetic scenes as PNG images with COCO captions and instances files"),
+    "prepro": ("geocap.data.prepro", "add_prepro_parser", "build the feature store and the captions directory"),
+    "train": ("geocap.train", "add_train_parser",
+              "cross-entropy and self-critical training of the captioner (torchrun for several processes)"),
+    "hf-train-tiny": ("geocap.hf.tiny", "add_hf_train_tiny_parser",
+                      "train a tiny Hugging Face VisionEncoderDecoderModel from scratch on rendered images"),
+    "evaluate": ("geocap.evaluate", "add_evaluate_parser",
+                 "caption a split with a checkpoint and score it (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE)"),
+    "import-ort": ("geocap.ort_import", "add_import_ort_parser",
+                   "convert an original ORT checkpoint (model.pth + infos.pkl) into a geocap checkpoint"),
+    "dump": ("geocap.dump.cli", "add_dump_parser",
+             "record a checkpoint's attention over a split into HDF5 shards (resumable)"),
+    "analyze": ("geocap.analyze", "add_analyze_parser",
+                "run the four attention analyses over a dump (analysis.json, figures, report.md and .html)"),
+    "compare": ("geocap.analyze", "add_compare_parser",
+                "several models' analyses (geocap analyze) side by side in one markdown table"),
+    "view": ("geocap.view.cli", "add_view_parser", "write a static attention viewer (HTML, no network) for a dump"),
+    "study": ("geocap.study.cli", "add_study_parser",
+              "train, evaluate, dump and analyse every (variant, seed); study.json and study.md (resumable)"),
+}
 
 
 def _demo(args) -> int:
@@ -55,12 +63,7 @@ def _demo(args) -> int:
     return run_demo(batch=args.batch, heads=args.heads, n=args.n, head_dim=args.head_dim, repeats=args.repeats)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from geocap import __version__
-
-    parser = argparse.ArgumentParser(prog="geocap", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"geocap {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="check every kernel backend against the float64 reference and time them")
     demo.add_argument("--batch", type=int, default=4)
     demo.add_argument("--heads", type=int, default=8)
@@ -71,41 +74,71 @@ def build_parser() -> argparse.ArgumentParser:
                       help="without a GPU, skip the Triton kernels instead of running them under the interpreter")
     demo.set_defaults(func=_demo)
 
-    from geocap.analyze import add_analyze_parser, add_compare_parser
-    from geocap.data.prepro import add_prepro_parser
-    from geocap.data.synth import add_synth_images_parser, add_synth_parser
-    from geocap.dump.cli import add_dump_parser
-    from geocap.evaluate import add_evaluate_parser
-    from geocap.hf.tiny import add_hf_train_tiny_parser
-    from geocap.ort_import import add_import_ort_parser
-    from geocap.study.cli import add_study_parser
-    from geocap.train import add_train_parser
-    from geocap.view.cli import add_view_parser
 
-    add_synth_parser(sub)
-    add_synth_images_parser(sub)
-    add_prepro_parser(sub)
-    add_train_parser(sub)
-    add_hf_train_tiny_parser(sub)
-    add_evaluate_parser(sub)
-    add_import_ort_parser(sub)
-    add_dump_parser(sub)
-    add_analyze_parser(sub)
-    add_compare_parser(sub)
-    add_view_parser(sub)
-    add_study_parser(sub)
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The ``geocap`` parser. ``commands``: the subcommands whose full parsers are built (their
+    modules imported); the others get a bare parser with their help only. Default: all."""
+    from geocap import __version__
+
+    parser = argparse.ArgumentParser(prog="geocap", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"geocap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo_parser(sub)
+    for name, (module, function, help_text) in COMMANDS.items():
+        if commands is None or name in commands:
+            import importlib
+            getattr(importlib.import_module(module), function)(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
+def _command(argv) -> set:
+    """The subcommand named in ``argv`` (the first argument that is not an option), as a set."""
+    return {next((a for a in argv if not a.startswith("-")), None)}
+
+
+def _raised_by_geocap(err: BaseException) -> bool:
+    """Whether ``err`` was raised by a ``raise`` statement in geocap's own source (its innermost
+    frame is in the geocap package), not from inside a library geocap called."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    here = os.path.dirname(os.path.abspath(__file__))
+    roots = {here, os.path.join(os.path.dirname(here), "analysis"), os.path.join(os.path.dirname(here), "kernels")}
+    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return any(filename.startswith(root + os.sep) for root in roots)
+
+
+def _interrupted(signum: int) -> int:
+    import signal
+    print(f"geocap: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+    return 128 + signum
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     try:
-        with _stop_signals_raise():
-            return args.func(args)
+        with stop_signals():
+            try:
+                status = args.func(args)
+            finally:
+                stopped = requested()
+        if stopped is not None:          # the command returned although a stop was requested
+            return _interrupted(stopped)
+        return status
+    except GeocapError as err:
+        print(f"geocap: error: {err}", file=sys.stderr)
+        return 2
     except ValueError as err:
+        if not _raised_by_geocap(err):
+            raise
         print(f"geocap: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        signum = getattr(err, "signum", signal.SIGINT)
-        print(f"geocap: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-        return 128 + signum
+        import signal
+        return _interrupted(getattr(err, "signum", signal.SIGINT))

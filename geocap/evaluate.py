@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from geocap import stop
 from geocap.distributed import resolve_device
 
 if TYPE_CHECKING:
@@ -151,9 +152,11 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     from geocap.data.dataset import collate
     from geocap.progress import progress_bar
     from geocap.data.atomic import write_text_atomic
-    from geocap.metrics import caption_metrics, load_relation_truth, relation_accuracy, write_results
+    from geocap.metrics import (caption_metrics, load_relation_truth, relation_accuracy, require_pycocoevalcap,
+                                write_results)
 
     # -- arguments ---------------------------------------------------------------------------
+    require_pycocoevalcap("geocap evaluate's metrics")     # before minutes of captioning
     _positive_int("beam_size", beam_size)
     _positive_int("max_len", max_len)
     _positive_int("batch_size", batch_size)
@@ -209,6 +212,7 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     try:
         with torch.no_grad():
             for batch in loader:
+                stop.check()
                 texts = captioner.caption(batch.features, batch.boxes, batch.box_mask,
                                           beam_size=beam_size, max_len=max_len)
                 for image_id, text in zip(batch.image_ids.tolist(), texts):

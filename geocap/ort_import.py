@@ -56,6 +56,7 @@ from geocap.checkpoint import file_sha256, load_error_detail, save_checkpoint
 from geocap.data.readers.ort import _vocabulary as ort_word_list
 from geocap.data.items import DataError
 from geocap.data.vocab import Vocabulary
+from geocap.errors import CheckpointError
 from geocap.model import ObjectRelationTransformer, ORTConfig
 
 __all__ = ["OrtImportError", "RefusedGlobal", "RestrictedUnpickler", "OrtInfos", "read_ort_infos",
@@ -69,7 +70,7 @@ BATCH_NORM_EPS = 1e-5       # torch.nn.BatchNorm1d's default, which ORT keeps
 DIM_G = 64                  # ORT's trigonometric box embedding
 
 
-class OrtImportError(ValueError):
+class OrtImportError(CheckpointError):
     """An ORT checkpoint that cannot be imported; the message names the file and the problem."""
 
 

@@ -323,3 +323,27 @@ def test_box_embedding_round_trips_and_old_files_read_as_ort(tmp_path):
     old = tmp_path / "old.pt"
     _resave(path, old, lambda d: d["config"].pop("embedding"))
     assert load_checkpoint(old).config.embedding == "ort"
+
+
+def test_loading_a_checkpoint_does_not_import_torch_dynamo(saved):
+    """Checking the weights against the config builds the model on the CPU with its
+    initialisation skipped, not on the meta device (whose initialisers import torch._dynamo:
+    seconds of start-up for every command that loads a checkpoint)."""
+    import subprocess
+    import sys
+
+    path, _ = saved
+    code = ("import sys\nfrom geocap.checkpoint import load_checkpoint\n"
+            f"ckpt = load_checkpoint({str(path)!r})\nckpt.build_model()\n"
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_skipped_initialisation_gives_the_real_model_names_shapes_and_dtypes():
+    from geocap.checkpoint import _expected_state
+
+    for config in (ORTConfig(vocab_size=len(make_vocab()), **TINY),
+                   ORTConfig(vocab_size=len(make_vocab()), **{**TINY, "geometry": False})):
+        real = ObjectRelationTransformer(config).state_dict()
+        assert _expected_state(config) == {k: (tuple(v.shape), v.dtype) for k, v in real.items()}

@@ -26,23 +26,32 @@ def test_bad_arguments_are_reported(capsys):
 
 # -- SIGINT / SIGTERM stop a long command: old output untouched, no temporary file, 130 / 143 ------
 # The command is `geocap prepro features` through geocap.cli.main, with the store writer slowed
-# down (a run of ~10 s) and a marker file written once the temporary store is being filled.
+# down (a run of ~10 s) and a marker file written once the temporary store is being filled. In
+# the "finaliser" mode the wait happens inside an object's __del__, as it does inside h5py's
+# weakref callbacks: an exception raised there by the signal handler is printed as "Exception
+# ignored" and lost, so only the stop flag (geocap.stop) can end the run.
 SLOW_WRITER = """
 import os, sys, time
 import geocap.data.store as store
-_append, _marker = store._Writer.append, sys.argv.pop(1)
+_append, _marker, _mode = store._Writer.append, sys.argv.pop(1), sys.argv.pop(1)
+class _Finalised:
+    def __del__(self):
+        time.sleep(0.05)
 def _slow_append(self, *args):
     _append(self, *args)
     if not os.path.exists(_marker):
         open(_marker, "w").close()
-    time.sleep(0.05)
+    if _mode == "finaliser":
+        _Finalised()            # freed at once: the wait runs in its finaliser
+    else:
+        time.sleep(0.05)
 store._Writer.append = _slow_append
 from geocap.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def _interrupt_prepro(tmp_path, sig, *, inherit_ignored_sigint=False):
+def _interrupt_prepro(tmp_path, sig, *, inherit_ignored_sigint=False, mode="plain"):
     import os
     import signal
     import time
@@ -61,7 +70,7 @@ def _interrupt_prepro(tmp_path, sig, *, inherit_ignored_sigint=False):
     write_store(out, images[:5], progress=False)
     before = out.read_bytes()
     preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherit_ignored_sigint else None
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(marker), "prepro", "features", "--from",
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(marker), mode, "prepro", "features", "--from",
                              "store", str(source), "--out", str(out), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
     deadline = time.monotonic() + 60
@@ -92,3 +101,189 @@ def test_a_signal_stops_a_long_command_and_keeps_the_old_output(tmp_path, sig, i
     assert stderr.strip().splitlines() == [f"geocap: interrupted by {sig}"]
     assert "wrote" not in stdout
     assert unchanged and temporaries == []
+
+
+def test_a_signal_lost_inside_a_finaliser_still_stops_the_command(tmp_path):
+    """The signal lands while Python runs a finaliser: the Interrupted raised there is lost
+    ("Exception ignored in ..."), yet the stop flag ends the run at the next image: exit 130,
+    the old store byte-identical, no temporary file (before the flag: exit 0, store replaced)."""
+    import signal
+    rc, seconds, stdout, stderr, unchanged, temporaries = _interrupt_prepro(tmp_path, signal.SIGINT,
+                                                                            mode="finaliser")
+    assert rc == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "geocap: interrupted by SIGINT"
+    assert "wrote" not in stdout
+    assert unchanged and temporaries == []
+
+
+def test_a_stop_request_blocks_the_final_rename_and_the_exit_status(tmp_path, capsys, monkeypatch):
+    """A stop requested (the flag) without the exception reaching the command: the atomic write
+    replaces nothing, and the command line exits 130 even when the command returns 0."""
+    from geocap import stop
+    from geocap.data.atomic import write_text_atomic
+
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with stop.stop_signals():
+        stop.request_stop()
+        with pytest.raises(stop.Interrupted):
+            write_text_atomic(target, "new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    assert stop.requested() is None                          # cleared when the block ends
+
+    import geocap.demo
+
+    def returns_after_a_lost_interrupt(**options):
+        stop.request_stop()
+        return 0
+    monkeypatch.setattr(geocap.demo, "run_demo", returns_after_a_lost_interrupt)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err == "geocap: interrupted by SIGINT\n"
+
+
+def test_a_sigint_while_a_tsv_input_is_written_keeps_the_old_store(tmp_path):
+    """The outside check of the issue: `geocap prepro features --from tsv --dtype float32` on a
+    TSV input that takes a while, SIGINT once the temporary store holds data: exit 130, the old
+    store unchanged, no temporary file."""
+    import os
+    import signal
+    import time
+
+    import numpy as np
+
+    from data_formats import random_images, write_tsv
+
+    rng = np.random.default_rng(0)
+    source, out = tmp_path / "in.tsv", tmp_path / "out.h5"
+    write_tsv(source, random_images(rng, 400, 512))
+    out.write_bytes(b"the old store")
+    proc = subprocess.Popen([sys.executable, "-m", "geocap", "prepro", "features", "--from", "tsv", str(source),
+                             "--out", str(out), "--dtype", "float32", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tmp = tmp_path / f"out.h5.tmp-{proc.pid}"
+    deadline = time.monotonic() + 60
+    while not (tmp.exists() and tmp.stat().st_size > 0):
+        assert proc.poll() is None, ("finished before it could be interrupted", proc.communicate())
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "wrote" not in stdout
+    assert out.read_bytes() == b"the old store"
+    assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
+
+
+# -- `geocap --help` imports no subcommand module; the help table matches the parsers -----------
+
+
+def test_top_level_help_imports_no_subcommand_module():
+    code = ("import sys\nfrom geocap.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'matplotlib', 'h5py', 'geocap.train', 'geocap.analyze') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    for name in ("train", "dump", "analyze", "compare", "view", "study", "hf-train-tiny"):
+        assert name in done.stdout
+
+
+def test_the_help_table_says_what_each_subcommand_parser_says():
+    import argparse
+
+    from geocap.cli import COMMANDS, build_parser
+
+    def helps(parser):
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {choice.dest: choice.help for choice in action._choices_actions}
+    full, bare = helps(build_parser()), helps(build_parser(set()))
+    assert full == bare and set(COMMANDS) < set(full)
+
+
+# -- errors: geocap's own types are one line; anything else keeps its traceback -----------------
+
+
+def test_geocap_errors_are_one_line_and_other_errors_keep_their_traceback(monkeypatch, capsys):
+    import json
+
+    import geocap.demo
+    from geocap.errors import CheckpointError, DataError, DumpError, GeocapError, UsageError
+
+    for kind in (UsageError, DataError, DumpError, CheckpointError):
+        assert issubclass(kind, GeocapError) and issubclass(kind, ValueError)
+
+        def raise_it(kind=kind, **options):
+            raise kind("features.h5: image 40: something wrong")
+        monkeypatch.setattr(geocap.demo, "run_demo", raise_it)
+        assert main(["demo"]) == 2
+        assert capsys.readouterr().err == "geocap: error: features.h5: image 40: something wrong\n"
+
+    def library_value_error(**options):          # a bug: a ValueError from inside a library
+        json.loads("{not json")
+    monkeypatch.setattr(geocap.demo, "run_demo", library_value_error)
+    with pytest.raises(json.JSONDecodeError):
+        main(["demo"])
+
+    def key_error(**options):
+        return {}["missing"]
+    monkeypatch.setattr(geocap.demo, "run_demo", key_error)
+    with pytest.raises(KeyError):
+        main(["demo"])
+
+
+def test_hdf5_errors_renamed_only_when_h5py_raised_them(tmp_path):
+    import h5py
+    import numpy as np
+
+    from geocap.data.hdf5_errors import named_hdf5_errors
+    from geocap.errors import DataError
+
+    path = tmp_path / "a.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(3)
+    with h5py.File(path, "r") as f:
+        with pytest.raises(DataError, match=r"a\.h5: unreadable HDF5 file \(corrupt or truncated\?\)") as caught:
+            with named_hdf5_errors(str(path)):
+                f["missing"]
+        assert isinstance(caught.value.__cause__, KeyError)       # the origin stays in the traceback
+        for bug in (KeyError("a key of geocap's own dict"), ValueError("geocap's own bug")):
+            with pytest.raises(type(bug), match="geocap's own"):
+                with named_hdf5_errors(str(path)):
+                    raise bug
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """write_text_atomic (and so write_results of the metrics, which now uses it) fsyncs the
+    temporary file, then renames it: a power cut leaves the old file or the new one."""
+    import os
+
+    from geocap.data.atomic import write_text_atomic
+    from geocap.metrics import write_results
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or replace(a, b))
+    target = tmp_path / "a.txt"
+    write_text_atomic(target, "text")
+    tmp = f"{target}.tmp-{os.getpid()}"
+    assert events == [("fsync", tmp), ("replace", tmp, str(target))] and target.read_text() == "text"
+    events.clear()
+    write_results(tmp_path / "r.json", {1: "a cat"})
+    assert [e[0] for e in events] == ["fsync", "replace"]
+
+
+def test_packaging_version_licence_and_types_are_declared_once():
+    import tomllib
+    from pathlib import Path
+
+    import geocap
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "geocap.__version__"}
+    assert project["project"]["license"] == "Apache-2.0" and "Apache License" in (root / "LICENSE").read_text()
+    assert (root / "geocap" / "py.typed").exists() and "py.typed" in project["tool"]["setuptools"]["package-data"][
+        "geocap"]
+    assert geocap.__version__.count(".") == 2

@@ -78,3 +78,72 @@ def test_controlled_measures_come_first_with_intervals_and_verdicts():
     ground = next(line for line in rows if line.startswith("| grounding, controlled") and "| ort |" in line)
     assert "+30.0% [+20.0%, +40.0%]" in ground and "positive in layer 2" in ground
     assert all("not measured" in line for line in rows if "| old |" in line)
+
+
+# -- geocap compare: its inputs must be analyses, and --out never overwrites one -----------------
+
+
+def _report(folder, data):
+    import json
+    folder.mkdir()
+    (folder / "analysis.json").write_text(json.dumps(data))
+    (folder / "report.md").write_text("the report")
+    return folder
+
+
+@pytest.fixture
+def two_reports(tmp_path):
+    a = _report(tmp_path / "a", analysis([0.9, 0.8], [0.1, 0.2], [-0.3, -0.2]))
+    b = _report(tmp_path / "b", analysis([0.5, 0.6], [0.05, 0.04], [-0.5, -0.4]))
+    return a, b
+
+
+def _snapshot(*folders):
+    return {p: p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target, message", [
+    ("a/analysis.json", "would overwrite"), ("a/report.md", "would overwrite"), ("b/table.md", "would overwrite"),
+    ("fig.png", "both the table and its figure"), ("a", "is a folder"), ("missing/dir/t.md", "does not exist"),
+])
+def test_compare_out_never_overwrites_an_input(tmp_path, two_reports, capsys, target, message):
+    from geocap.cli import main
+
+    before = _snapshot(*two_reports)
+    assert main(["compare", f"a={two_reports[0]}", f"b={two_reports[1] / 'analysis.json'}",
+                 "--out", str(tmp_path / target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("geocap: error: --out: ") and err.count("\n") == 1 and message in err
+    assert _snapshot(*two_reports) == before
+    assert not (tmp_path / "fig.png").exists() and not (tmp_path / "missing").exists()
+
+
+def test_compare_out_writes_table_and_figure_beside_each_other(tmp_path, two_reports):
+    from geocap.cli import main
+
+    assert main(["compare", f"a={two_reports[0]}", f"b={two_reports[1]}", "--out", str(tmp_path / "t.md")]) == 0
+    assert (tmp_path / "t.md").read_text().startswith("| measure | model |")
+    assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("content, message", [
+    ([1, 2, 3], "holds a JSON list"), ("hello", "holds a JSON str"),
+    ({"format": "geocap-dump", "shards": []}, "has none of the sections"),
+    ({"entropy": {"per_layer": {"cross": "0.5"}}}, "'entropy.per_layer.cross' is not a list of numbers"),
+    ({"entropy": {"per_layer": {"cross": [0.5, "x"]}}}, "'entropy.per_layer.cross' is not a list of numbers"),
+    ({"entropy": {"per_layer": {"cross": [0.5]}, "per_layer_uncertainty": {"cross": {"se": "big"}}}},
+     "'entropy.per_layer_uncertainty.cross.se' is not a list of numbers"),
+    ({"grounding": {"accuracy": [0.1], "chance": "1/8"}}, "'grounding.chance' or 'grounding.tokens'"),
+    ({"grounding": [0.1]}, "'grounding' is not an object"),
+])
+def test_compare_refuses_what_is_not_an_analysis_naming_the_file(tmp_path, capsys, content, message):
+    import json
+
+    from geocap.cli import main
+
+    good = _report(tmp_path / "good", analysis([0.9, 0.8], [0.1, 0.2], [-0.3, -0.2]))
+    bad = tmp_path / "odd.json"
+    bad.write_text(json.dumps(content))
+    assert main(["compare", f"good={good}", f"odd={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}: not a geocap analysis" in err and message in err, err

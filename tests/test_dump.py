@@ -68,7 +68,8 @@ def _recorded(model, vocab, store, image_id, words):
     feats, boxes = store.read(store.index_of(image_id))
     inputs = torch.tensor([[BOS] + [vocab_ids[w] for w in words[:-1]]])
     with torch.no_grad():
-        _, rec = model(torch.from_numpy(feats)[None], torch.from_numpy(boxes)[None], None, inputs, return_attention=True)
+        _, rec = model(torch.from_numpy(feats)[None], torch.from_numpy(boxes)[None], None, inputs,
+                       return_attention=True)
     stack = lambda xs: torch.stack(xs, 1)[0].numpy()  # noqa: E731
     return boxes, {"encoder_self": stack(rec.encoder_probs), "encoder_entropy": stack(rec.encoder_entropy),
                    "decoder_self": stack(rec.decoder_probs), "decoder_entropy": stack(rec.decoder_entropy),
@@ -723,12 +724,16 @@ def test_checksums_catch_same_size_damage(ckpt, data_dir, tmp_path, compression)
             pass
     with pytest.raises(DumpError, match="shard-00002.h5"):
         open_dump(damaged, progress=False)
-    # the vocabulary (variable-length strings, no HDF5 filter): only the file's digest sees it
+    d.close()                                      # HDF5 would serve shard 0 from the open file
+    # the vocabulary (variable-length strings, no HDF5 filter): its CRC-32 attribute, checked on
+    # every normal read, and the file's digest see it
     path = damaged / "shard-00000.h5"
     raw = path.read_bytes()
     words = [w for w in sorted(open_dump(clean, progress=False)[0].tokens, key=len, reverse=True)
              if raw.count(w.encode()) == 1]
     _flip_bit(path, raw.index(words[0].encode()))
+    with pytest.raises(DumpError, match=r"shard-00000.h5: dataset vocab is damaged"):
+        open_dump(damaged, progress=False, check=False)[0]
     with pytest.raises(DumpError, match=r"shard-00000.h5: shard file's SHA-256 differs"):
         open_dump(damaged, progress=False, verify=True)
     # a rerun hashes the listed shards, writes the damaged ones again, and the dump is whole
@@ -736,6 +741,24 @@ def test_checksums_catch_same_size_damage(ckpt, data_dir, tmp_path, compression)
     assert redo.shards_redone == [0, 1, 2] == redo.shards_written and redo.complete
     open_dump(damaged, progress=False, verify=True)
     _same_dumps(clean, damaged)
+
+
+def test_string_datasets_carry_a_crc_checked_on_read(tmp_path):
+    """File names and words (variable-length strings, which take no Fletcher-32): one flipped
+    byte is an error naming the file and the dataset, never a misspelt name."""
+    from geocap.data.dump_format import read_strings
+    from geocap.dump.writer import _create_strings
+
+    path = tmp_path / "s.h5"
+    names = ["img_0001.png", "umbrella", "", "café"]
+    with h5py.File(path, "w") as h5:
+        _create_strings(h5, "images/file_name", names)
+    with h5py.File(path, "r") as h5:
+        assert read_strings(h5, "images/file_name", str(path)) == names
+    _flip_bit(path, path.read_bytes().index(b"umbrella") + 7)
+    with h5py.File(path, "r") as h5:
+        with pytest.raises(DumpError, match=r"s\.h5: dataset images/file_name is damaged"):
+            read_strings(h5, "images/file_name", str(path))
 
 
 def test_dump_without_checksums_reads_with_a_warning(base, tmp_path):
@@ -835,3 +858,44 @@ def test_device_resolution_is_shared_and_names_the_device():
     import geocap.dump.job
     import geocap.train.loop
     assert not hasattr(geocap.dump.job, "_resolve_device") and not hasattr(geocap.train.loop, "_resolve_device")
+
+
+def test_content_digest_compares_records_not_files(base, ckpt, data_dir, tmp_path):
+    """The same records under another compression: other shard files (other SHA-256s), the same
+    content digest; one number changed in one record: another content digest."""
+    from geocap.data.dump_format import content_sha256
+
+    other = tmp_path / "gzip"
+    dump(ckpt, data_dir, "train", other, **dict(SETTINGS, compression="gzip"))
+    def files(path):
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as fh:
+            return [e["sha256"] for e in json.load(fh)["shards"]]
+    assert files(other) != files(base)
+    assert content_sha256(open_dump(other, progress=False)) == content_sha256(open_dump(base, progress=False))
+    changed = tmp_path / "changed"
+    shutil.copytree(base, changed)
+    with h5py.File(changed / "shard-00001.h5", "r+") as h5:
+        h5["records/caption_id"][0] += 1
+    assert content_sha256(open_dump(changed, progress=False, check=False)) != content_sha256(
+        open_dump(base, progress=False))
+
+
+def test_a_stop_request_lost_as_an_exception_stops_the_dump_at_the_next_batch(ckpt, data_dir, tmp_path, monkeypatch):
+    """The stop flag (geocap.stop) set while the first shard is written, its exception lost: the
+    dump stops at the next batch, with no shard renamed, no temporary left, and resumes whole."""
+    from geocap import stop
+    from geocap.dump.writer import ShardWriter
+
+    add_image = ShardWriter.add_image
+
+    def add_and_request(self, recs):
+        add_image(self, recs)
+        stop.request_stop()
+    monkeypatch.setattr(ShardWriter, "add_image", add_and_request)
+    out = tmp_path / "stopped"
+    with stop.stop_signals():
+        with pytest.raises(stop.Interrupted):
+            dump(ckpt, data_dir, "train", out, **dict(SETTINGS, writer="inline"))
+    assert sorted(os.listdir(out)) == ["manifest.json", "manifest.lock"]
+    monkeypatch.undo()
+    assert dump(ckpt, data_dir, "train", out, **dict(SETTINGS, writer="inline")).complete

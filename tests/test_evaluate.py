@@ -128,8 +128,9 @@ def test_references_are_the_untruncated_strings(data, tmp_path, monkeypatch):
 def test_cli(data, tmp_path, capsys):
     root, ckpt, test_ids = data
     out = tmp_path / "cli"
-    assert cli_main(["evaluate", "--checkpoint", ckpt, "--data", root, "--split", "test", "--beam-size", "1", "--out", str(out),
-                 "--no-meteor", "--tokenizer", "python", "--no-progress", "--device", "cpu"]) == 0
+    assert cli_main(["evaluate", "--checkpoint", ckpt, "--data", root, "--split", "test", "--beam-size", "1",
+                     "--out", str(out), "--no-meteor", "--tokenizer", "python", "--no-progress",
+                     "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "CIDEr" in text and "Bleu_4" in text and "skipped METEOR: disabled by the caller" in text
     assert len(_read(out / "captions_test.json")) == len(test_ids)
@@ -252,3 +253,52 @@ def test_demo_table_side_by_side(data, tmp_path, capsys):
     c = evaluate(ckpt, root, "test", out_dir=tmp_path / "c", limit=1, **kw)
     assert table_main([f"a={a.metrics_path}", f"c={c.metrics_path}"]) == 2
     assert "other images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_features_name_the_image_id_in_evaluate_and_train(data, tmp_path, capsys, value):
+    """A store holding NaN or inf (written by something else than write_store, or damaged):
+    evaluate and train stop with one line naming the store, the image *id* (not its position in
+    a batch) and the box."""
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    root, ckpt, test_ids = data
+    copy = tmp_path / "data"
+    shutil.copytree(root, copy)
+    with h5py.File(copy / "features.h5", "r+") as h5:
+        ids = h5["image_ids"][()].tolist()
+        image = test_ids[-1]                                    # not the first of its batch
+        position = ids.index(image)
+        start = int(h5["offsets"][position])
+        h5["features"][start + 1, 3] = value
+    kind = "NaN" if np.isnan(value) else "inf"
+    expected = f"{copy / 'features.h5'}: image {image}: features hold {kind} values (box 1"
+    err = _error(capsys, ["--checkpoint", ckpt, "--data", str(copy), "--split", "test", "--no-meteor",
+                          "--tokenizer", "python", "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu"])
+    assert err.count("\n") == 1 and expected in err, err
+    # the same image in training (the test split trained on, so that the image is read)
+    assert cli_main(["train", "--data", str(copy), "--out", str(tmp_path / "run"), "--train-split", "test",
+                     "--steps", "2", "--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64",
+                     "--val-every", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+def test_without_pycocoevalcap_evaluate_and_study_say_how_to_install_it(data, tmp_path, capsys, monkeypatch):
+    """pycocoevalcap is the extra geocap[eval]: without it, evaluate and study stop at once with
+    one line naming the install command (not a ModuleNotFoundError after minutes of work)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pycocoevalcap" else find_spec(name, *a))
+    root, ckpt, _ = data
+    err = _error(capsys, ["--checkpoint", ckpt, "--data", root, "--out", str(tmp_path / "o"), "--no-progress"])
+    assert err.count("\n") == 1 and "pip install 'geocap[eval]'" in err
+    assert cli_main(["study", "--out", str(tmp_path / "s"), "--quick", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "geocap study's evaluations need pycocoevalcap" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()

@@ -405,7 +405,8 @@ def test_m2_reader_refuses_an_hdf5_file_of_another_kind(tmp_path):
         for name in ("features", "boxes", "offsets", "ids", "sizes", "labels"):
             f.create_dataset(name, data=[0])
     with pytest.raises(DataError, match=r"no '<image id>_features' dataset: not a meshed-memory features file "
-                                        r"\(top-level keys: boxes, features, ids, labels, offsets, \.\.\. \(6 in all\)\)"):
+                                        r"\(top-level keys: boxes, features, ids, labels, offsets, "
+                                        r"\.\.\. \(6 in all\)\)"):
         list(read_m2_hdf5(path, sizes={}))
     with h5py.File(tmp_path / "empty.h5", "w"):
         pass
@@ -513,7 +514,7 @@ def test_coco_bad_input(edit, image_id, message, tmp_path, rng):
 def test_coco_not_json(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"images": [')
-    with pytest.raises(DataError, match="not valid JSON") as err:
+    with pytest.raises(DataError, match="not a readable JSON file") as err:
         read_coco_captions(path)
     assert str(path) in str(err.value)
 

@@ -436,3 +436,48 @@ def test_cli_handler(tmp_path, capsys):
     bad = parser.parse_args(["synth", str(tmp_path / "bad"), "--images", "0"])
     with pytest.raises(ValueError, match="images must be at least 1"):
         bad.func(bad)
+
+
+# -- ground_truth.json read one image at a time (geocap.data.synth.truth_file) ------------------
+
+
+def test_truth_file_reads_each_image_as_json_load_does(tmp_path, monkeypatch):
+    """Every image (and the header) equals what json.load gives, also with blocks so small that
+    image ids are cut between two reads, and with the file indented instead of compact."""
+    import json
+
+    import geocap.data.synth.truth_file as truth_file
+    from geocap.data.synth import generate_synthetic
+
+    generate_synthetic(tmp_path, images=12, seed=2, feature_dim=8, progress=False)
+    path = tmp_path / "ground_truth.json"
+    whole = json.loads(path.read_text())
+    indented = tmp_path / "indented.json"
+    indented.write_text(json.dumps(whole, indent=2))
+    for block in (truth_file.BLOCK, 7, 100):
+        monkeypatch.setattr(truth_file, "BLOCK", block)
+        for file in (path, indented):
+            truth = truth_file.TruthFile(file)
+            assert truth.image_ids.tolist() == [im["image_id"] for im in whole["images"]]
+            assert truth.header == dict(whole, images=[])
+            for im in reversed(whole["images"]):
+                assert truth.image(im["image_id"]) == im
+            assert 13 not in truth and 12 in truth
+            with pytest.raises(ValueError, match=r"ground_truth.json: no ground truth for image 13|"
+                                                 r"indented.json: no ground truth for image 13"):
+                truth.image(13)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"format": "other", "images": []}', "not a geocap synthetic ground-truth file"),
+    ('[1, 2]', "not a geocap synthetic ground-truth file"),
+    ('{"format": "geocap-synth-ground-truth", "images": [{"image_id": 1, "objects": [', "unreadable ground truth"),
+    ('{"format": "geocap-synth-ground-truth", "images": [{"image_id": 1}, {"image_id": 1}]}', "image 1 appears twice"),
+])
+def test_truth_file_refuses_bad_files_naming_them(tmp_path, text, message):
+    from geocap.data.synth.truth_file import TruthFile
+
+    path = tmp_path / "gt.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="gt.json: " + message):
+        TruthFile(path)

@@ -566,3 +566,47 @@ def test_initial_checkpoint_holds_the_weights_training_starts_from(data_dir, tmp
     for name, p in init.model_state.items():
         assert torch.allclose(p, trained[name], atol=1e-9), name
     assert max((p - other.model_state[n]).abs().max() for n, p in init.model_state.items()) > 1e-2
+
+
+def test_resume_refuses_other_data_of_the_same_shape_and_fewer_steps(data_dir, tmp_path, capsys):
+    """The checkpoint records the SHA-256 of the data: features of another synthetic seed copied
+    over the run's (same images, shapes and vocabulary) are refused, naming the file; so is
+    --steps below the step reached. Neither writes anything in RUN."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    run = tmp_path / "run"
+    tiny = ["--layers", "1", "--d-model", "32", "--heads", "2", "--d-ff", "64", "--val-every", "0", "--no-progress"]
+    assert cli_main(["train", "--data", str(data), "--out", str(run), "--steps", "4", *tiny]) == 0
+    before = {name: (run / name).read_bytes() for name in os.listdir(run)}
+    err = _error(capsys, ["--out", str(run), "--resume", "--steps", "2"])
+    assert "--steps 2 is below the step" in err and "(4)" in err
+    other = synth_data_dir(tmp_path / "other", seed=1)
+    shutil.copyfile(os.path.join(other, "features.h5"), data / "features.h5")
+    err = _error(capsys, ["--out", str(run), "--resume", "--steps", "6"])
+    assert "the data are not those the run started with" in err and str(data / "features.h5") in err
+    assert {n: (run / n).read_bytes() for n in os.listdir(run)} == before
+    shutil.copyfile(os.path.join(data_dir, "features.h5"), data / "features.h5")   # the same bytes again
+    assert cli_main(["train", "--out", str(run), "--resume", "--steps", "6"]) == 0
+    assert load_checkpoint(run / LATEST).step == 6
+
+
+def test_a_stop_request_lost_as_an_exception_stops_training_before_its_checkpoint(data_dir, tmp_path, monkeypatch):
+    """The stop flag set during step 1 with its exception lost: training stops before step 2
+    and writes no checkpoint (it would have written one at its last step)."""
+    from geocap import stop
+    from geocap.train import loop
+
+    update = loop.optimizer_update
+
+    def update_and_request(*args, **kwargs):
+        stop.request_stop()
+        return update(*args, **kwargs)
+    monkeypatch.setattr(loop, "optimizer_update", update_and_request)
+    out = tmp_path / "run"
+    with stop.stop_signals():
+        with pytest.raises(stop.Interrupted):
+            train(_config(data_dir, out, steps=3))
+    assert not (out / LATEST).exists()
+    assert _metrics(out) == [] or [e["step"] for e in _metrics(out)] == [1]

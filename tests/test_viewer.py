@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 
@@ -282,16 +283,24 @@ def test_cli_builds_site_from_dump(tmp_path, records, monkeypatch, capsys):
         metadata = {"label_names": LABEL_NAMES}
 
     opened = []
-    monkeypatch.setattr(dump_format, "open_dump", lambda path: opened.append(path) or FakeDump(records))
+    monkeypatch.setattr(dump_format, "open_dump",
+                        lambda path, progress=True: opened.append((path, progress)) or FakeDump(records))
     parser = argparse.ArgumentParser()
     add_view_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "view"
+    # what killed runs left (a dead pid's temporary folder) goes; a live writer's stays
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".view.tmp-{dead.pid}" / "data").mkdir(parents=True)
+    (tmp_path / f".view.tmp-{os.getppid()}").mkdir()
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "report.html").write_text("<h1>report</h1>")
     args = parser.parse_args(["view", str(tmp_path / "dump"), "--out", str(out), "--limit", "2",
                               "--report", str(tmp_path / "report" / "report.md"), "--no-progress"])
     assert args.func(args) == 0
-    assert opened == [str(tmp_path / "dump")] and "2 images" in capsys.readouterr().out
+    assert opened == [(str(tmp_path / "dump"), False)]         # --no-progress: no "reading DUMP" bar either
+    assert "2 images" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".view.tmp-{os.getppid()}", "report", "view"]
     manifest = (out / "data" / "manifest.js").read_text()
     assert '"report_href":"../report/report.html"' in manifest and '"label_names_known":true' in manifest
     assert '"box_embedding":null' in manifest                  # metadata without a model config: not shown
@@ -434,6 +443,7 @@ def test_index_search_and_paging(browser, server, site):
     wait_for(IDS[6:])
     assert browser.find_element(By.ID, "report-link").get_attribute("href").endswith("/report/index.html")
     assert browser.find_element(By.ID, "box-embedding").text.startswith("box embedding: signed")
+    assert browser.find_element(By.ID, "links").text.startswith("analysis report · box embedding: signed")
     notice = browser.find_element(By.CSS_SELECTOR, '#notices .missing[data-map="cross"]')
     assert "1 of 21 records" in notice.text
     for query, ids in (("zebra", [40]), ("giraffe", [40, 41]), ("Giraffe  OKAPI", [41]), ("1001", [1001]),
@@ -953,3 +963,51 @@ def test_sub_word_pieces_are_shown_and_searched_as_words():
     rec.tokens = ["\u0120c", "up", "<eos>"] + rec.tokens[3:]
     encoded = encode_record(rec, {})
     assert encoded["pieces"][:2] == ["c", "up"] and encoded["words"][0] == "cup" and encoded["word_of"][:2] == [0, 0]
+
+
+def test_a_stop_request_lost_as_an_exception_stops_the_site_at_the_next_record(tmp_path, records):
+    """The stop flag set while the first record is read, its exception lost: the site stops at
+    the next record; no site, no temporary folder."""
+    from geocap import stop
+
+    def requesting(records):
+        for k, record in enumerate(records):
+            if k == 1:
+                stop.request_stop()
+            yield record
+    seen = []
+
+    def counted(records):
+        for record in records:
+            seen.append(record)
+            yield record
+    with stop.stop_signals():
+        with pytest.raises(stop.Interrupted):
+            build_site(counted(requesting(records)), tmp_path / "site", progress=False)
+    assert len(seen) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_word_index_and_pages_are_the_same_however_few_pairs_fit_in_memory(tmp_path, records, monkeypatch):
+    """The index pages and word buckets come from spool files on disk; grouping the word pairs a
+    few buckets at a time (here at most 3 pairs held) writes the same files as all at once, and
+    every word lists exactly the images whose captions hold it."""
+    import geocap.view.site as site
+    from geocap.view.encode import caption_text, words_of
+
+    def data_files(path):
+        return {p.relative_to(path).as_posix(): p.read_text() for p in sorted((path / "data").rglob("*.js"))
+                if not p.relative_to(path / "data").as_posix().startswith("img/")}
+    build_site(records, tmp_path / "all", progress=False, page_size=4)
+    monkeypatch.setattr(site, "WORD_PAIRS_IN_MEMORY", 3)
+    build_site(records, tmp_path / "few", progress=False, page_size=4)
+    assert data_files(tmp_path / "all") == data_files(tmp_path / "few")
+    expected = {}
+    for record in records:
+        for word in words_of(caption_text(record.tokens)):
+            expected.setdefault(word, set()).add(int(record.image_id))
+    found = {}
+    for name, text in data_files(tmp_path / "few").items():
+        if name.startswith("data/words/"):
+            for word, deltas in json.loads(text[text.index(",") + 1:text.rindex(");")]).items():
+                found[word] = set(np.cumsum(deltas).tolist())
+    assert found == expected and sorted(p.name for p in tmp_path.iterdir()) == ["all", "few"]

@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 
+from geocap import stop
+
 
 def temporary_name(path, pid: int | None = None) -> str:
     """``<path>.tmp-<pid>`` (default: this process's pid)."""
@@ -32,13 +34,30 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def temporary_folder(out, pid: int | None = None) -> str:
+    """``<parent>/.<name>.tmp-<pid>``: where a folder ``out`` is written before
+    :func:`replace_folder` puts it in place (hidden, beside ``out``: on the same filesystem)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(out)))
+    return os.path.join(folder, f".{name}.tmp-{os.getpid() if pid is None else pid}")
+
+
+def remove_stale_temporary_folders(out) -> list:
+    """Delete the folders ``.<name>.tmp-<pid>`` beside ``out`` (:func:`temporary_folder`) whose
+    pid is no longer alive (what a killed writer of ``out`` left); returns the names removed."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(out)))
+    return _remove_stale(folder, re.compile(r"\." + re.escape(name) + r"\.tmp-(\d+)"))
+
+
 def remove_stale_temporaries(path) -> list:
     """Delete the temporaries ``<path>.tmp-<pid>`` of ``path`` whose pid is no longer alive
     (what a killed writer of ``path`` left); returns the names removed, sorted. Other files of
     the folder, this process's own temporary and those of live processes are left alone."""
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(re.escape(name) + r"\.tmp-(\d+)")
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return _remove_stale(folder, re.compile(re.escape(name) + r"\.tmp-(\d+)"))
+
+
+def _remove_stale(folder: str, pattern) -> list:
+    """Remove the entries of ``folder`` matching ``pattern`` (group 1: a pid) whose pid is dead."""
     try:
         entries = os.listdir(folder)
     except FileNotFoundError:
@@ -51,8 +70,12 @@ def remove_stale_temporaries(path) -> list:
         pid = int(match.group(1))
         if pid == os.getpid() or pid_alive(pid):
             continue
+        entry_path = os.path.join(folder, entry)
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, entry))
+            if os.path.isdir(entry_path) and not os.path.islink(entry_path):
+                shutil.rmtree(entry_path)
+            else:
+                os.remove(entry_path)
             removed.append(entry)
     return removed
 
@@ -60,18 +83,34 @@ def remove_stale_temporaries(path) -> list:
 @contextlib.contextmanager
 def atomic_output(path):
     """Yield ``<path>.tmp-<pid>`` to write; on success it replaces ``path``, on failure (any
-    exception, KeyboardInterrupt included) it is removed. Stale temporaries of ``path`` left by
-    dead processes are removed first."""
+    exception, KeyboardInterrupt included) it is removed, and so it is when a stop was requested
+    (:func:`geocap.stop.check`, just before the rename). The file is flushed to disk (fsync)
+    before the rename, so a power cut leaves the old file or the new one, never an empty one.
+    Stale temporaries of ``path`` left by dead processes are removed first."""
     path = os.fspath(path)
     remove_stale_temporaries(path)
     tmp = temporary_name(path)
     try:
         yield tmp
+        stop.check()                # a stop request lost as an exception replaces nothing
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def fsync_file(path) -> None:
+    """Flush the file ``path`` to disk (``os.fsync``); nothing when it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -88,6 +127,7 @@ def replace_folder(tmp, out) -> None:
     tmp, out = os.fspath(tmp), os.fspath(out)
     folder, name = os.path.split(os.path.abspath(out))
     old = os.path.join(folder, f".{name}.old-{os.getpid()}")
+    stop.check()                    # a stop request lost as an exception replaces nothing
     if os.path.exists(out):
         os.rename(out, old)
     try:

@@ -70,14 +70,23 @@ size (the read pattern: one record at a time) and compressed (HDF5 filters, so a
 decodes them: lzf by default, gzip (level 1) with the shuffle filter, or none; the shard attribute
 ``compression`` names it).
 
-Checksums: two layers. (1) Every dataset of a shard except ``vocab`` (variable-length strings
-take no HDF5 filter) and 0-d ``stats/`` entries carries HDF5's Fletcher-32 filter, applied after
-compression, so HDF5 checks each chunk's stored bytes on every read by any reader, at little cost;
-a damaged chunk is a :class:`DumpError` naming the shard when read. (2) Each manifest entry
+Checksums: two layers. (1) Every dataset of a shard except the string datasets and 0-d
+``stats/`` entries carries HDF5's Fletcher-32 filter, applied after compression, so HDF5 checks
+each chunk's stored bytes on every read by any reader, at little cost; a damaged chunk is a
+:class:`DumpError` naming the shard when read. The string datasets (``vocab``,
+``images/file_name``: variable-length UTF-8 takes no HDF5 filter) carry the attribute ``crc32``
+instead, the CRC-32 of their strings (:func:`strings_crc32`), which geocap checks whenever it
+reads them (older shards without it: not checked). (2) Each manifest entry
 records the SHA-256 of the whole shard file, which also covers what Fletcher-32 does not
 (attributes, the vocabulary, HDF5's own metadata). A resumed dump hashes every shard it would
 skip and writes again any that differ; readers hash them with ``open_dump(path, verify=True)``
 (a whole read of every file, ~1 GB/s; off by default since the data are checked on read).
+
+Sameness: shard files are not byte-reproducible. The same records written twice (a dump killed
+and resumed, or run again) may give shard files of other SHA-256s (lzf's output depends on the
+chunk boundaries HDF5 flushes at; 6 of 40 shards differed in one kill-and-resume check), so the
+file digests of the manifest check a shard against *itself*, never two dumps against each other.
+To compare two dumps, compare their records: :func:`content_sha256`.
 
 Records: a record's ``extra`` holds ``"width"`` and ``"height"`` (ints, pixels) when both are
 known for its image, and the image's optional fields (:mod:`geocap.data.attention_record`:
@@ -115,6 +124,7 @@ import hashlib
 import json
 import os
 import warnings
+import zlib
 from collections import OrderedDict
 from typing import Iterator, Optional, Sequence
 
@@ -123,6 +133,7 @@ import numpy as np
 
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
 from geocap.data.file_digest import file_sha256
+from geocap.errors import DumpError
 
 FORMAT, SHARD_FORMAT, FORMAT_VERSION = "geocap-dump", "geocap-dump-shard", 1
 MANIFEST, LOCK = "manifest.json", "manifest.lock"
@@ -130,11 +141,47 @@ CACHE_BYTES = 16 << 20          # HDF5 chunk cache per open shard (a few records
 OPEN_SHARDS = 8                 # shards a Dump keeps open at once (least recently used closed first)
 
 __all__ = ["CACHE_BYTES", "Dump", "DumpError", "FORMAT", "FORMAT_VERSION", "LOCK", "MANIFEST", "SHARD_FORMAT",
-           "box_embedding", "metadata_digest", "open_dump", "read_manifest", "shard_name", "shard_problem"]
+           "box_embedding", "content_sha256", "metadata_digest", "open_dump", "read_manifest", "read_strings",
+           "shard_name", "shard_problem", "strings_crc32"]
 
 
-class DumpError(ValueError):
-    """A dump (or one of its files) that cannot be read as it claims; the message names the file."""
+
+
+def content_sha256(dump: "Dump") -> str:
+    """SHA-256 of a dump's *records* (ids, kind, tokens, every array with its dtype and shape, and
+    ``extra``, in record order): equal for two dumps of the same content however their shards
+    were compressed and flushed (which file digests are not: see "Sameness" above)."""
+    from dataclasses import fields
+
+    digest = hashlib.sha256()
+    for chunk in dump.iter_chunks(256, progress=False):
+        for record in chunk:
+            for f in fields(record):
+                value = getattr(record, f.name)
+                digest.update(f.name.encode())
+                if isinstance(value, np.ndarray):
+                    digest.update(f"{value.dtype.str}{value.shape}".encode())
+                    digest.update(np.ascontiguousarray(value).tobytes())
+                else:
+                    digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def strings_crc32(values) -> int:
+    """CRC-32 (zlib's) of a string dataset's values: of the UTF-8 JSON list of the strings, so
+    that the checksum also covers their boundaries. Stored as the dataset's ``crc32`` attribute."""
+    return zlib.crc32(json.dumps([str(v) for v in values], ensure_ascii=False).encode("utf-8"))
+
+
+def read_strings(h5, name: str, where: str) -> list:
+    """The strings of dataset ``name`` of the open shard ``h5``; DumpError naming ``where`` and
+    the dataset when its ``crc32`` attribute (when there is one) does not match them."""
+    dataset = h5[name]
+    values = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in dataset[()]]
+    stored = dataset.attrs.get("crc32")
+    if stored is not None and int(stored) != strings_crc32(values):
+        raise DumpError(f"{where}: dataset {name} is damaged (its CRC-32 does not match its strings)")
+    return values
 
 
 def shard_name(index: int) -> str:
@@ -249,7 +296,7 @@ class _Shard:
                    "cross": tuple(int(x) for x in a["decoder_lh"])}
         self.flags = {k: bool(a[k]) for k in ("has_labels", "has_clusters", "has_features")}
         h = self.h5
-        self.vocab = [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in h["vocab"][()]]
+        self.vocab = read_strings(h, "vocab", self.path)
         self.image_id = h["images/image_id"][()]
         self.n_objects = h["images/n_objects"][()].astype(np.int64)
         self.sizes = {}          # "width" / "height" -> [M] int64, -1 unknown (absent in older shards)
@@ -309,7 +356,7 @@ class _Shard:
             return extras
         special = h["objects/special"][()]
         grid = h["images/patch_grid"][()]
-        names = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in h["images/file_name"][()]]
+        names = read_strings(h, "images/file_name", self.path)
         n_regions = h["images/n_regions"][()].astype(np.int64)
         region_sizes = h["regions/n_objects"][()].astype(np.int64)
         members = h["regions/objects"][()].astype(np.int64)

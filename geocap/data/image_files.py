@@ -6,7 +6,10 @@ import os
 import re
 from typing import Optional
 
-__all__ = ["image_id_from_name"]
+__all__ = ["IMAGE_EXTENSIONS", "image_id_from_name"]
+
+#: Extensions (lower case) of the image files geocap reads (the viewer shows them; PIL reads them).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 

@@ -6,9 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and, where there is one, the image id."""
+from geocap.errors import DataError  # noqa: F401 -- re-exported: readers and writers raise it from here
 
 
 @dataclass

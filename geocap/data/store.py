@@ -40,6 +40,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
+from geocap import stop
 from geocap.data.atomic import atomic_output
 from geocap.data.hdf5_errors import HDF5_ERRORS, named_hdf5_errors
 from geocap.data.items import DataError, ImageFeatures
@@ -243,6 +244,7 @@ def write_store(path, records: Iterable[ImageFeatures], *, feature_dtype: str = 
     try:
         with atomic_output(path) as tmp, h5py.File(tmp, "w", locking=False) as h5:
             for record in records:
+                stop.check()
                 bar.update(1)
                 image_id = None
                 try:
@@ -456,11 +458,20 @@ class FeatureStore:
     def read(self, i: int, *, float32: bool = True) -> tuple:
         """Position ``i``'s (features ``[N, D]``, boxes float32 ``[N, 4]``), ``0 <= i < len``
         (unchecked); features float32, or in the stored dtype when ``float32`` is false. The
-        fast path for data loaders."""
+        fast path for data loaders. NaN or inf values (which write_store never stores: a file
+        damaged or written by something else) raise DataError naming the file, the image id and
+        the box."""
         s = self._open
         a, b = int(s.offsets[i]), int(s.offsets[i + 1])
-        with named_hdf5_errors(f"{self.path}: image {int(s.image_ids[i])}", "feature store"):
+        where = f"{self.path}: image {int(s.image_ids[i])}"
+        with named_hdf5_errors(where, "feature store"):
             feats, boxes = s.features[a:b], s.boxes[a:b]
+        for name, values in (("features", feats), ("boxes", boxes)):
+            bad = ~np.isfinite(values).all(axis=1)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                kind = "NaN" if np.isnan(values[row]).any() else "inf"
+                raise DataError(f"{where}: {name} hold {kind} values (box {row}; {int(bad.sum())} boxes affected)")
         return (feats.astype(np.float32) if float32 else feats), boxes
 
     def __getitem__(self, i: int) -> ImageFeatures:

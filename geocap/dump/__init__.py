@@ -1,4 +1,4 @@
-"""Attention dumps: record a model's attention over a dataset split into HDF5 shards (issue 5).
+"""Attention dumps: record a model's attention over a dataset split into HDF5 shards.
 
 ``open_dump(DUMP)`` reads a dump (numpy/h5py only: :mod:`geocap.data.dump_format`, which also
 documents the layout); ``dump(...)`` (:mod:`geocap.dump.job`) writes one and

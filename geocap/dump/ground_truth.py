@@ -9,7 +9,6 @@ at its group's first object); the ``<eos>`` position gets -1.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -17,6 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from geocap.data.vocab import UNK
+from geocap.errors import DataError
 
 GROUND_TRUTH = "ground_truth.json"
 KMEANS_SEED = 0
@@ -36,29 +36,26 @@ class Hypothetical:
 
 
 class GroundTruth:
-    """The synthetic ground truth of the images ``image_ids`` (others are dropped on loading).
+    """The synthetic ground truth of the images ``image_ids``, read from the file one image at a
+    time (:class:`~geocap.data.synth.truth_file.TruthFile`: memory does not grow with the file or
+    the number of images).
 
     ``objects(image_id)`` -> list of object dicts (``category_id``, ``cluster_id``);
     ``caption(image_id, caption_id)`` -> the caption dict (``tokens``, ``refs``, ``mentions``);
-    ``categories[id]`` -> ``{"name", "plural", ...}``. ValueError naming the file on bad input.
+    ``categories[id]`` -> ``{"name", "plural", ...}``. DataError (a ValueError) naming the file on
+    bad input, and on an image of ``image_ids`` the file does not hold.
     """
 
     def __init__(self, path, image_ids: Sequence[int]):
+        from geocap.data.synth.truth_file import TruthFile
+
         self.path = os.fspath(path)
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{self.path}: unreadable ground truth ({err})") from None
-        if not isinstance(data, dict) or data.get("format") != "geocap-synth-ground-truth":
-            raise ValueError(f"{self.path}: not a geocap synthetic ground-truth file")
-        wanted = {int(i) for i in image_ids}
-        self.categories = {int(c["id"]): c for c in data["categories"]}
-        self.images = {int(im["image_id"]): im for im in data["images"] if int(im["image_id"]) in wanted}
-        missing = sorted(wanted - set(self.images))
-        if missing:
-            raise ValueError(f"{self.path}: no ground truth for {len(missing)} images (image {missing[0]}, ...)")
-        self._captions = {(i, int(c["caption_id"])): c for i, im in self.images.items() for c in im["captions"]}
+        self._file = TruthFile(self.path)
+        self.categories = {int(c["id"]): c for c in self._file.header["categories"]}
+        wanted = np.unique(np.asarray(list(image_ids), np.int64))
+        missing = wanted[~np.isin(wanted, self._file.image_ids)]
+        if len(missing):
+            raise DataError(f"{self.path}: no ground truth for {len(missing)} images (image {int(missing[0])}, ...)")
 
     def label_names(self):
         """The category names indexed by category id: a list when the ids are 0..K-1, else a dict
@@ -69,12 +66,12 @@ class GroundTruth:
         return {str(i): str(self.categories[i]["name"]) for i in ids}
 
     def objects(self, image_id: int) -> list:
-        return self.images[int(image_id)]["objects"]
+        return self._file.image(image_id)["objects"]
 
     def check_objects(self, image_id: int, n: int) -> None:
         if len(self.objects(image_id)) != n:
-            raise ValueError(f"{self.path}: image {image_id} has {len(self.objects(image_id))} objects in the ground "
-                             f"truth but {n} boxes in the feature store")
+            raise DataError(f"{self.path}: image {image_id} has {len(self.objects(image_id))} objects in the ground "
+                            f"truth but {n} boxes in the feature store")
 
     def clusters(self, image_id: int) -> np.ndarray:
         return np.array([int(o["cluster_id"]) for o in self.objects(image_id)], np.int64)
@@ -83,10 +80,10 @@ class GroundTruth:
         return np.array([int(o["category_id"]) for o in self.objects(image_id)], np.int64)
 
     def caption(self, image_id: int, caption_id: int) -> dict:
-        try:
-            return self._captions[(int(image_id), int(caption_id))]
-        except KeyError:
-            raise ValueError(f"{self.path}: image {image_id} has no caption {caption_id}") from None
+        for caption in self._file.image(image_id)["captions"]:
+            if int(caption["caption_id"]) == int(caption_id):
+                return caption
+        raise DataError(f"{self.path}: image {image_id} has no caption {caption_id}")
 
 
 def reference_referents(caption: dict, words: Sequence[str], *, image_id: int, path: str) -> np.ndarray:

@@ -17,6 +17,7 @@ from geocap.data.file_digest import file_sha256
 from geocap.dump.manifest import drop_lost_shards, open_manifest, remove_stale
 from geocap.dump.record_builder import WHAT
 from geocap.dump.writer import COMPRESSIONS
+from geocap.options import check_int
 from geocap.out_dir import check_out_dir
 
 MODES = ("teacher-forced", "generated")
@@ -28,11 +29,6 @@ WHAT_NAMES = ("encoder", "decoder", "cross")
 __all__ = ["DumpOptions", "DumpPlan", "MODES", "ShardShares", "WHAT_NAMES", "WRITERS", "assign_shards", "check_rank",
            "plan_dump", "resolve_options"]
 
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _parse_what(what) -> tuple:
@@ -82,7 +78,7 @@ class DumpOptions:
         for name, low in (("shard_images", 1), ("batch_size", 1), ("beam_size", 1), ("max_len", 1), ("limit", 0),
                           ("clusters", 0), ("cluster_sample", 1)):
             if getattr(self, name) is not None or name not in ("beam_size", "max_len"):
-                _check_int(name, getattr(self, name), low)
+                check_int(name, getattr(self, name), low)
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
         if self.writer not in WRITERS:
@@ -171,7 +167,7 @@ def check_rank(rank, world_size) -> tuple:
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if rank is None:
         rank = int(os.environ.get("RANK", "0") or 0)
-    _check_int("world_size", world_size, 1)
+    check_int("world_size", world_size, 1)
     if not (isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
     return rank, world_size

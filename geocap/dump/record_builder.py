@@ -99,7 +99,8 @@ def record_batch(model, features: torch.Tensor, boxes: torch.Tensor, mask: torch
                 dec["decoder_self"] = (stack_layers(rec.decoder_probs, torch.float16),
                                        stack_layers(rec.decoder_entropy, torch.float32))
             if "cross" in names:
-                dec["cross"] = (stack_layers(rec.cross_probs, torch.float16), stack_layers(rec.cross_entropy, torch.float32))
+                dec["cross"] = (stack_layers(rec.cross_probs, torch.float16),
+                                stack_layers(rec.cross_entropy, torch.float32))
     counts = mask.sum(1).tolist()
     box_np = boxes.float().cpu().numpy()
     out = [[] for _ in range(len(image_ids))]

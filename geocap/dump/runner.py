@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 
+from geocap import stop
 from geocap.data.dump_format import shard_name
 from geocap.dump.manifest import add_shard
 from geocap.dump.result import DumpResult
@@ -71,6 +72,7 @@ def run_shards(plan, record_images, result: DumpResult, *, collector_class=None,
             collector = collector_class() if collector_class is not None else None
             try:
                 for b0 in range(lo, hi, o.batch_size):
+                    stop.check()
                     positions = list(range(b0, min(hi, b0 + o.batch_size)))
                     for recs in record_images(positions):
                         if collector is not None:

@@ -25,7 +25,8 @@ A dump runs this writer in a child process by default (:mod:`geocap.dump.writer_
 The small per-record arrays (ids, counts, image sizes, tokens, referents, boxes, labels) are kept in memory
 and written uncompressed when the shard is closed.
 
-Checksums: every dataset but the vocabulary (variable-length strings take no HDF5 filter) and
+Checksums: every dataset but the string ones (variable-length strings take no HDF5 filter: they
+carry a ``crc32`` attribute instead, :func:`~geocap.data.dump_format.strings_crc32`) and
 0-d statistics carries HDF5's Fletcher-32 filter (after compression: it checks the stored bytes),
 so every read of a damaged chunk fails in HDF5 itself, whatever reads the shard. The gzip path
 appends the checksum to the chunks it compresses (:func:`fletcher32`, HDF5's algorithm). At
@@ -46,8 +47,9 @@ from typing import Optional, Sequence
 import h5py
 import numpy as np
 
+from geocap import stop
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, Record
-from geocap.data.dump_format import FORMAT_VERSION, SHARD_FORMAT
+from geocap.data.dump_format import FORMAT_VERSION, SHARD_FORMAT, strings_crc32
 from geocap.data.file_digest import file_sha256
 
 COMPRESSIONS = ("lzf", "gzip", "none")
@@ -65,6 +67,14 @@ def _regions(rec: Record) -> list:
 
 _FLETCHER_BLOCK = 360            # 16-bit words HDF5 sums between two reductions
 _FLETCHER_WEIGHTS = np.arange(_FLETCHER_BLOCK, 0, -1, dtype=np.uint64)
+
+
+def _create_strings(h5, name: str, values: list) -> None:
+    """A variable-length UTF-8 dataset ``name`` of ``values`` with its ``crc32`` attribute (such
+    datasets take no HDF5 filter, so no Fletcher-32; the reader checks the CRC instead)."""
+    ds = h5.create_dataset(name, data=np.array(values, dtype=object).reshape(len(values)),
+                           dtype=h5py.string_dtype("utf-8"))
+    ds.attrs["crc32"] = np.uint32(strings_crc32(values))
 
 
 def fletcher32(data: bytes) -> int:
@@ -133,7 +143,7 @@ class ShardWriter:
         self.word_id = {w: i for i, w in enumerate(vocab)}
         self.flush_bytes = flush_bytes
         self.h5 = h5py.File(self.tmp, "w", locking=False)
-        self.h5.create_dataset("vocab", data=np.array(list(vocab), dtype=object), dtype=h5py.string_dtype("utf-8"))
+        _create_strings(self.h5, "vocab", list(vocab))
         self.h5.attrs.update({
             "format": SHARD_FORMAT, "format_version": FORMAT_VERSION, "index": int(index),
             "metadata_sha256": metadata_sha256, "checkpoint_sha256": checkpoint_sha256,
@@ -278,7 +288,7 @@ class ShardWriter:
             data = np.concatenate(parts) if len(parts) > 1 else parts[0]
             if not self._streamed(name):
                 if data.dtype == object:         # strings: variable-length UTF-8 takes no HDF5 filter
-                    h5.create_dataset(name, data=data, dtype=h5py.string_dtype("utf-8"))
+                    _create_strings(h5, name, data.tolist())
                 else:
                     h5.create_dataset(name, data=data, fletcher32=True)
                 continue
@@ -367,7 +377,7 @@ class ShardWriter:
             if name not in self.h5:
                 self.h5.create_dataset(name, shape=shape, dtype=dtype, fletcher32=True)
         if "images/file_name" not in self.h5:
-            self.h5.create_dataset("images/file_name", shape=(0,), dtype=h5py.string_dtype("utf-8"))
+            _create_strings(self.h5, "images/file_name", [])
 
     # -- finishing
     def close(self, stats_state: Optional[dict] = None) -> int:
@@ -390,6 +400,7 @@ class ShardWriter:
             with open(self.tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             self.sha256 = file_sha256(self.tmp)
+            stop.check()            # a stop request lost as an exception replaces nothing
             os.replace(self.tmp, self.path)
         except BaseException:
             self.abort()

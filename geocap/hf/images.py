@@ -19,12 +19,12 @@ from typing import Optional
 import numpy as np
 
 from geocap.data.file_digest import file_sha256
-from geocap.data.image_files import image_id_from_name
+from geocap.data.image_files import IMAGE_EXTENSIONS, image_id_from_name
 from geocap.data.json_file import read_json
 
 __all__ = ["ImageSet", "load_image_set", "read_image"]
 
-EXTENSIONS = (".jpg", ".jpeg", ".png")
+EXTENSIONS = IMAGE_EXTENSIONS
 
 
 @dataclass

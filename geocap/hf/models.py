@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from geocap.errors import UsageError
+
 from .patches import PatchGrid
 
 SUPPORTED = ("VisionEncoderDecoderModel", "BlipForConditionalGeneration")
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(UsageError):
     """A model class geocap.hf cannot record; the message names it and the supported ones."""
 
 

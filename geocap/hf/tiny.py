@@ -43,8 +43,10 @@ from typing import Iterable
 
 import torch
 
+from geocap import stop
 from geocap.data.atomic import replace_folder, write_text_atomic
 from geocap.data.json_file import read_json
+from geocap.options import check_int
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
 
@@ -98,11 +100,6 @@ def build_image_processor(image_size: int):
                do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
 
 def check_sizes(**sizes) -> dict:
     """``sizes`` (keywords of :data:`DEFAULT_SIZES`) completed with the defaults; ValueError
@@ -113,7 +110,7 @@ def check_sizes(**sizes) -> dict:
     sizes = {**DEFAULT_SIZES, **sizes}
     for name, low in (("image_size", 8), ("patch_size", 1), ("d_model", 8), ("layers", 1), ("heads", 1),
                       ("max_length", 2)):
-        _check_int(name, sizes[name], low)
+        check_int(name, sizes[name], low)
     if sizes["image_size"] % sizes["patch_size"]:
         raise ValueError(f"image_size ({sizes['image_size']}) must be a multiple of patch_size ({sizes['patch_size']})")
     if sizes["d_model"] % sizes["heads"]:
@@ -135,7 +132,7 @@ def build_tiny_captioner(words, *, image_size: int = 64, patch_size: int = 8, d_
     ValueError naming the argument for bad sizes."""
     check_sizes(image_size=image_size, patch_size=patch_size, d_model=d_model, layers=layers, heads=heads,
                 max_length=max_length, dropout=dropout)
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     transformers = import_transformers()
     tokenizer = build_tokenizer(words)
     encoder = transformers.ViTConfig(image_size=image_size, patch_size=patch_size, hidden_size=d_model,
@@ -247,9 +244,9 @@ def train_tiny_captioner(images_dir, captions_json, out_dir, *, steps: int = 100
     ``out_dir/train_log.json`` (which adds the per-step losses): options, sizes, counts,
     ``first_loss``, ``final_loss`` (mean of the last 10 % of steps), ``seconds``,
     ``seconds_per_step``. ValueError naming the argument or file for bad input, before training."""
-    _check_int("steps", steps, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, 0)
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"lr must be a number > 0, got {lr!r}")
     sizes = check_sizes(**sizes)
@@ -274,6 +271,7 @@ def train_tiny_captioner(images_dir, captions_json, out_dir, *, steps: int = 100
         torch.manual_seed(seed)                  # dropout draws
         try:
             for step in range(steps):
+                stop.check()
                 chosen = []
                 while len(chosen) < min(batch_size, len(image_ids)):
                     if position == len(order):

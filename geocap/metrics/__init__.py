@@ -7,11 +7,11 @@ without it.
 """
 
 from .cider import CiderD, cider_d
-from .evaluate import METRIC_NAMES, caption_metrics, spice_models_present, write_results
+from .evaluate import METRIC_NAMES, caption_metrics, require_pycocoevalcap, spice_models_present, write_results
 from .relations import (RelationAccuracy, RelationTruth, find_relations, load_relation_truth,
                         relation_accuracy)
 from .tokenize import java_available, python_ptb_tokenize, tokenize_captions
 
-__all__ = ["CiderD", "cider_d", "METRIC_NAMES", "caption_metrics", "spice_models_present",
+__all__ = ["CiderD", "cider_d", "METRIC_NAMES", "caption_metrics", "require_pycocoevalcap", "spice_models_present",
            "write_results", "java_available", "python_ptb_tokenize", "tokenize_captions",
            "RelationAccuracy", "RelationTruth", "find_relations", "load_relation_truth", "relation_accuracy"]

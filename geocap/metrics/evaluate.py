@@ -21,19 +21,29 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 from .tokenize import java_available, tokenize_captions
 
-__all__ = ["caption_metrics", "spice_models_present", "write_results", "METRIC_NAMES"]
+__all__ = ["caption_metrics", "require_pycocoevalcap", "spice_models_present", "write_results", "METRIC_NAMES"]
 
 #: All metric names :func:`caption_metrics` may report (computed or skipped).
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 _SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+
+
+def require_pycocoevalcap(what: str = "the caption metrics") -> None:
+    """UsageError saying how to install pycocoevalcap when it is missing (it is the optional
+    extra ``geocap[eval]``: commands that score captions call this before any work)."""
+    import importlib.util
+
+    from geocap.errors import UsageError
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        raise UsageError(f"{what} need pycocoevalcap, which is not installed: pip install 'geocap[eval]' "
+                         f"(or pip install pycocoevalcap)")
 
 
 def spice_models_present() -> bool:
@@ -112,6 +122,7 @@ def caption_metrics(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable
         holds the key ``"tokenizer"`` with that note (scores may then differ slightly from
         coco-caption's).
     """
+    require_pycocoevalcap()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -177,9 +188,9 @@ def write_results(path: str | os.PathLike, res: Mapping[Hashable, str | Sequence
     """Write COCO-format caption results ``[{"image_id": id, "caption": str}, ...]`` atomically.
 
     ``res`` maps image id -> caption (a one-element list is accepted).  Image ids that are
-    numpy integers are converted to ``int``.  The JSON is written to a temporary file in the
-    target directory and moved into place with ``os.replace``, so readers never see a
-    partial file.  Returns the path.
+    numpy integers are converted to ``int``.  Written atomically
+    (:func:`geocap.data.atomic.write_text_atomic`: temporary file, fsync, rename), so readers
+    never see a partial file.  Returns the path.
     """
     path = Path(path)
     records = []
@@ -191,16 +202,8 @@ def write_results(path: str | os.PathLike, res: Mapping[Hashable, str | Sequence
         if hasattr(image_id, "item"):  # numpy scalar
             image_id = image_id.item()
         records.append({"image_id": image_id, "caption": str(cap)})
+    from geocap.data.atomic import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(records, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, json.dumps(records))
     return path

@@ -58,7 +58,8 @@ class ORTConfig:
                 raise ValueError(f"ORTConfig.{name} must be a positive int, got {value!r}")
         if self.d_model % self.heads:
             raise ValueError(f"ORTConfig.d_model ({self.d_model}) must be divisible by heads ({self.heads})")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= self.dropout < 1.0):
             raise ValueError(f"ORTConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
         for name in ("geometry", "legacy_extra_skip", "box_features"):
             if not isinstance(getattr(self, name), bool):

@@ -139,7 +139,8 @@ class Decoder(nn.Module):
         return tuple(k for k, _ in kv), tuple(v for _, v in kv)
 
     def forward(self, x: torch.Tensor, memory, cache: Optional[DecoderCache], *, backend: str = "auto",
-                return_attention: bool = False) -> tuple[torch.Tensor, DecoderCache, list[AttentionResult], list[AttentionResult]]:
+                return_attention: bool = False
+                ) -> tuple[torch.Tensor, DecoderCache, list[AttentionResult], list[AttentionResult]]:
         """``x [B, t, d_model]`` embedded new tokens, ``memory`` a :class:`~geocap.model.Memory`.
         Returns ``(states [B, t, d_model], new cache, [self AttentionResult], [cross AttentionResult])``."""
         keys, values, self_stats, cross_stats = [], [], [], []

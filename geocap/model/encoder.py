@@ -33,7 +33,8 @@ class EncoderLayer(nn.Module):
                 backend: str = "auto", return_attention: bool = False) -> tuple[torch.Tensor, AttentionResult]:
         """``x [B, N, d_model]``, ``boxes [B, N, 4]``, ``box_mask [B, N]`` (True = real) ->
         ``(x [B, N, d_model], AttentionResult of the self-attention)``."""
-        a, stats = self.self_attn(self.attn_norm(x), boxes, box_mask, backend=backend, return_attention=return_attention)
+        a, stats = self.self_attn(self.attn_norm(x), boxes, box_mask, backend=backend,
+                                  return_attention=return_attention)
         x = x + self.dropout(a)
         x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
         return x, stats

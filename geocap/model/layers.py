@@ -156,8 +156,8 @@ class MultiHeadAttention(nn.Module):
         k, v = self.keys_values(x)
         if self.geometry:
             r = geo_attention(q, k, v, boxes, self.wg_weight, self.wg_bias, key_padding_mask,
-                              dropout_p=self._dropout_p(), return_entropy=return_attention, return_probs=return_attention,
-                              backend=backend, embedding=self.embedding)
+                              dropout_p=self._dropout_p(), return_entropy=return_attention,
+                              return_probs=return_attention, backend=backend, embedding=self.embedding)
         else:
             r = attention(q, k, v, key_padding_mask, dropout_p=self._dropout_p(), return_entropy=return_attention,
                           return_probs=return_attention, backend=backend)

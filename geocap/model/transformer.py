@@ -293,7 +293,8 @@ class ObjectRelationTransformer(nn.Module):
             states = self.decoder.forward_packed(packing.pack(x), packing, memory, backend=backend)
             states = states[positions[kept]]                            # [M, d]
             return torch.log_softmax(self.generator(states), dim=-1), None, [], []
-        states, cache, self_stats, cross_stats = self.decoder(x, memory, cache, backend=backend, return_attention=return_attention)
+        states, cache, self_stats, cross_stats = self.decoder(x, memory, cache, backend=backend,
+                                                              return_attention=return_attention)
         if positions is not None:
             states = states[positions]                                  # [M, d]: skip the others' output layer
         return torch.log_softmax(self.generator(states), dim=-1), cache, self_stats, cross_stats
@@ -363,8 +364,8 @@ class ObjectRelationTransformer(nn.Module):
             raise ValueError(f"positions must be a bool tensor shaped like tokens {tuple(tokens.shape)} on "
                              f"{tokens.device}, got {getattr(positions, 'dtype', type(positions).__name__)} "
                              f"{tuple(getattr(positions, 'shape', ()))}")
-        log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, self._backend(backend), return_attention,
-                                                             positions)
+        log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, self._backend(backend),
+                                                             return_attention, positions)
         if not return_attention:
             return log_probs
         return log_probs, AttentionMaps(

@@ -49,8 +49,10 @@ def settings_from_args(args: argparse.Namespace):
 def run_study_command(args: argparse.Namespace) -> int:
     """Handler of ``geocap study``: runs the study, prints where study.json is, returns 0
     (ValueError for bad options, a refused --out or bad data)."""
+    from geocap.metrics.evaluate import require_pycocoevalcap
     from geocap.study.run import run_study
 
+    require_pycocoevalcap("geocap study's evaluations")    # before the first model trains
     settings = settings_from_args(args)
     path = run_study(args.out, settings, progress=args.progress, jobs=args.jobs)
     print(f"study: {path}")

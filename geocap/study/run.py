@@ -49,9 +49,11 @@ import sys
 import time
 from typing import Callable, Optional
 
+from geocap import stop
 from geocap.data.atomic import pid_alive, write_text_atomic
 from geocap.data.file_digest import file_sha256
 from geocap.data.json_file import read_json
+from geocap.errors import UsageError
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
 
@@ -70,7 +72,7 @@ UNTRAINED = "untrained"
 DONE_FORMAT = "geocap-study-done"
 
 
-class StudyLocked(ValueError):
+class StudyLocked(UsageError):
     """Another process runs a study in the same folder."""
 
 
@@ -183,6 +185,7 @@ def _ensure_data(out: str, settings: StudySettings, log: Callable[[str], None], 
                                    feature_dim=settings.feature_dim, progress=progress)
             _prepro_captions(os.path.join(tmp, "dataset_coco.json"), os.path.join(tmp, "caps"), settings)
             _write_done(tmp, expected)
+            stop.check()            # a stop request lost as an exception replaces nothing
             os.replace(tmp, data)
         except BaseException:
             _remove(tmp)
@@ -494,6 +497,7 @@ def run_study(out, settings: StudySettings, *, aggregate: Optional[Callable] = N
         try:
             if jobs == 1 or len(todo) <= 1:
                 for k, (variant, seed) in enumerate(todo):
+                    stop.check()
                     bar.set_postfix_str(f"now {model_name(variant, seed)}", refresh=True)
                     seconds = _make_and_finish(model_dir(out, variant, seed), data, settings.to_dict(), variant,
                                                seed, data_sha256, progress, None, log)

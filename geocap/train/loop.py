@@ -37,6 +37,9 @@ Conventions:
   ``checkpoint-latest.pt`` and training on gives the same parameters as training straight through
   (same number of processes; with ``num_workers > 0`` and ``captions_per_image="one-random"`` the
   workers' caption draws are reproducible per epoch but not across a mid-epoch resume).
+- Resume checks: the checkpoint records the SHA-256 of the data files (:func:`data_digest`);
+  ``--resume`` refuses other bytes (even of the same shapes and vocabulary) and a ``steps`` below
+  the step already reached.
 - Only rank 0 writes files; checkpoints are written atomically (temporary file + rename). At the
   start rank 0 deletes what killed runs left in RUN: the temporaries ``<name>.tmp-<pid>`` of the
   run's own files (config, checkpoints, metrics) whose pid is no longer alive
@@ -56,9 +59,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from geocap import distributed as D
+from geocap import stop
 from geocap.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from geocap.data.atomic import remove_stale_temporaries, write_text_atomic
 from geocap.data.dataset import BucketBatchSampler, CaptionDataset
+from geocap.data.file_digest import file_sha256
+from geocap.errors import DataError, UsageError
 from geocap.decoding import greedy_decode
 from geocap.metrics import cider_d
 from geocap.model import ObjectRelationTransformer, ORTConfig
@@ -300,6 +306,31 @@ def initial_checkpoint(config: TrainConfig, path) -> None:
                     extra={"untrained": True, "train_config": config.to_dict()})
 
 
+def data_digest(config: TrainConfig) -> dict:
+    """SHA-256 of the data a run trains on: ``{"features": hex, "captions/<file>": hex, ...}`` for
+    the feature store and every file of the captions folder (temporaries left out). Recorded in
+    every checkpoint (``extra["data_digest"]``) and compared when the run is resumed."""
+    digest = {"features": file_sha256(config.features_path)}
+    for name in sorted(os.listdir(config.captions_path)):
+        path = os.path.join(config.captions_path, name)
+        if os.path.isfile(path) and ".tmp-" not in name:
+            digest[f"captions/{name}"] = file_sha256(path)
+    return digest
+
+
+def _check_resume_data(saved: Optional[dict], now: dict, config: TrainConfig, latest_path: str) -> None:
+    """DataError unless the data now are the bytes the run started with (``saved``: the
+    checkpoint's digest; a checkpoint written before digests were recorded is not checked)."""
+    if not saved:
+        return
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        where = {"features": config.features_path}
+        names = [where.get(k, os.path.join(config.data, config.captions, k.split("/", 1)[-1])) for k in changed]
+        raise DataError(f"cannot resume {latest_path}: the data are not those the run started with "
+                        f"({', '.join(names)} differ from what its checkpoint recorded, by SHA-256)")
+
+
 def _check_resume_phase(config: TrainConfig, ckpt, saved: dict, latest_path: str) -> str:
     """The phase of ``ckpt``'s data position; ValueError when ``config`` cannot continue it."""
     phase = ckpt.extra.get("data_phase", "xe")
@@ -331,6 +362,9 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
         if ckpt.extra.get("world_size", 1) != info.world_size:
             raise ValueError(f"{latest_path} was written by {ckpt.extra.get('world_size', 1)} processes; resume "
                              f"with as many (now {info.world_size})")
+        if config.steps < ckpt.step:
+            raise UsageError(f"--steps {config.steps} is below the step {latest_path} has reached ({ckpt.step}); "
+                             f"give --steps {ckpt.step} or more to continue the run")
         ckpt_phase = _check_resume_phase(config, ckpt, saved, latest_path)
         if (ckpt_phase == "xe" and config.phase_at(ckpt.step) == "xe"
                 and ckpt.extra.get("xe_batches") != XE_BATCHES):
@@ -338,6 +372,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                              f"--batch-size captions (now images, each with its captions), so its data position "
                              f"means other batches; continue it with SCST (--scst-from-step {ckpt.step}) or start "
                              f"a new run")
+    digest = D.broadcast_object(info, data_digest(config) if info.is_main else None)
     cpi = config.captions_per_image
     train_ds = CaptionDataset(config.features_path, config.captions_path, config.train_split, per_image=True,
                               captions_per_image="one-random" if cpi == "one-random" else "all")
@@ -357,6 +392,8 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                          f"({ckpt.config.to_dict()} vs {model_config.to_dict()})")
     if ckpt is not None and ckpt.vocab != vocab:
         raise ValueError(f"{latest_path}: trained with another vocabulary than {config.captions_path}")
+    if ckpt is not None:            # after the checks that say more: same shapes and vocabulary, other bytes
+        _check_resume_data(ckpt.extra.get("data_digest"), digest, config, latest_path)
 
     model = _initial_model(config, model_config, device)
     params = list(model.parameters())
@@ -445,7 +482,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                  "best": {"cider_d": best_cider, "step": best_step},
                  "train_config": config.to_dict(), "world_size": info.world_size,
                  "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "rank_rng": ranks, "xe_batches": XE_BATCHES}
+                 "rank_rng": ranks, "xe_batches": XE_BATCHES, "data_digest": digest}
         save_checkpoint(path, model=model, config=model_config, vocab=vocab, optimizer=optimizer,
                         scheduler=schedule, step=step, rng=True, extra=extra)
 
@@ -465,6 +502,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                                 generator=torch.Generator().manual_seed(config.seed * 1000003 + epoch))
             switched = False
             for batch in loader:
+                stop.check()
                 batch = batch.to(device, non_blocking=True)
                 stats = None
                 if objective is None:

@@ -51,7 +51,7 @@ def run_view(args) -> int:
     from geocap.view.site import build_site
 
     href = report_href(args.report, args.out)          # checked before the dump is read
-    dump = open_dump(args.dump)
+    dump = open_dump(args.dump, progress=args.progress)
     summary = build_site(dump, args.out, images_dir=args.images, limit=args.limit or None,
                          report_href=href, progress=args.progress,
                          page_size=args.page_size, title=os.path.basename(os.path.normpath(args.dump)),

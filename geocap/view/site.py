@@ -6,7 +6,8 @@ from the network):
 - ``index.html``, ``image.html`` and ``static/`` (the scripts and styles, copied from
   ``geocap/view/static``);
 - ``data/manifest.js``: totals, the index pages' id ranges, the word-bucket count, label and
-  report information, the colour of each attention kind (``geocap.analysis.plotting.ATTENTION_COLOURS``, as the report draws them);
+  report information, the colour of each attention kind
+  (``geocap.analysis.plotting.ATTENTION_COLOURS``, as the report draws them);
 - ``data/index/pNNNNN.js``: one index page (``page_size`` images, sorted by id): per image its
   id, object count (and, for a patch encoder, ``patches``: [patches, special tokens]), captions
   (sub-word pieces joined into words) and whether an image file is known;
@@ -30,17 +31,22 @@ an existing ``out_dir`` is replaced only when it is empty or an earlier viewer s
 """
 from __future__ import annotations
 
+import array
 import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from geocap.data.atomic import replace_folder, write_text_atomic
+import numpy as np
+
+from geocap import stop
+from geocap.data.atomic import remove_stale_temporary_folders, replace_folder, temporary_folder, write_text_atomic
 from geocap.data.dump_format import box_embedding
-from geocap.data.image_files import image_id_from_name
+from geocap.data.image_files import IMAGE_EXTENSIONS, image_id_from_name
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
 from geocap.analysis.plotting import ATTENTION_COLOURS
@@ -51,7 +57,6 @@ HTML_PAGES = ("index.html", "image.html")
 MARKER = "geocap-view.json"
 FORMAT_VERSION = 3        # 2: entropies normalised (1 = uniform), colours in the manifest; 3: patch grids
 DEFAULT_PAGE_SIZE = 100
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 _CALL = "geocapData("
 
 
@@ -89,7 +94,11 @@ def find_images(images_dir) -> dict:
 
 
 def _write_js(path: Path, key: str, value) -> int:
-    text = f"{_CALL}{json.dumps(key)},{json.dumps(value, separators=(',', ':'), allow_nan=False)});\n"
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return _write_text(path, f"{_CALL}{json.dumps(key)},{text});\n")
+
+
+def _write_text(path: Path, text: str) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return len(text)
@@ -141,13 +150,26 @@ def _size_from(extra: dict):
     return (width, height) if width > 0 and height > 0 and math.isfinite(width * height) else None
 
 
+WORD_PAIRS_IN_MEMORY = 1 << 19   # (word, image) pairs grouped at once (~35 MB) when the word index is written
+
+
 class _Builder:
+    """Writes each image's data file as its records come, and keeps what the index pages and the
+    word index need at the end on disk, not in memory: the per-image index entries in a spool
+    file (``_entries``: image id -> (offset, length), ~120 bytes per image) and the (word, image)
+    pairs in another, grouped a few buckets at a time at the end (at most
+    :data:`WORD_PAIRS_IN_MEMORY` pairs, or one bucket's when it holds more: a word found in every
+    image's captions has a pair per image, and its bucket file lists them all)."""
+
     def __init__(self, root: Path, images_dir, label_names: dict):
         self.root, self.label_names = root, label_names
         self.images_dir = Path(images_dir) if images_dir is not None else None
         self.images = find_images(images_dir) if images_dir is not None else {}
-        self.summaries = {}          # image id -> index entry
-        self.words = {}              # word -> set of image ids
+        spool = root.parent               # beside the site: the same disk as the output
+        self._entry_file = tempfile.TemporaryFile(dir=spool)
+        self._entries = {}               # image id -> (offset, length) of its index entry in _entry_file
+        self._pair_file = tempfile.TemporaryFile("w+", encoding="utf-8", dir=spool)
+        self._word_pairs = {}            # word -> number of (word, image) pairs spooled
         self.records = 0
         self.missing = {"encoder_self": 0, "decoder_self": 0, "cross": 0}
         self.with_file = 0
@@ -176,7 +198,7 @@ class _Builder:
         key = image_data_key(image_id)
         path = self.root / "data" / key
         size = next((s for s in map(_size_from, extras) if s), None)
-        if image_id in self.summaries:           # records of this image arrived apart: merge
+        if image_id in self._entries:            # records of this image arrived apart: merge
             old = _read_js(path)
             encoded = _unpack_records(old) + encoded
             if size is None and old["width"]:
@@ -186,14 +208,64 @@ class _Builder:
         _write_js(path, key, value)
         captions = [[rec["kind"], caption_text(rec["tokens"])] for rec in value["records"]]
         first = value["records"][0]
-        self.summaries[image_id] = {"id": image_id, "n": first["num_objects"], "caps": captions,
-                                    "img": href is not None}
+        summary = {"id": image_id, "n": first["num_objects"], "caps": captions, "img": href is not None}
         if first.get("patch_grid"):             # a patch encoder's tokens: patches and special tokens
-            self.summaries[image_id]["patches"] = [first["patch_grid"][0] * first["patch_grid"][1],
-                                                   len(first.get("special_objects", []))]
-        for _, text in captions:
-            for word in words_of(text):
-                self.words.setdefault(word, set()).add(image_id)
+            summary["patches"] = [first["patch_grid"][0] * first["patch_grid"][1],
+                                  len(first.get("special_objects", []))]
+        entry = json.dumps(summary, separators=(",", ":")).encode("utf-8")
+        self._entry_file.seek(0, os.SEEK_END)
+        self._entries[image_id] = (self._entry_file.tell(), len(entry))
+        self._entry_file.write(entry)
+        words = {word for _, text in captions for word in words_of(text)}
+        self._pair_file.writelines(f"{word}\t{image_id}\n" for word in sorted(words))
+        for word in words:
+            self._word_pairs[word] = self._word_pairs.get(word, 0) + 1
+
+    def __contains__(self, image_id: int) -> bool:
+        return image_id in self._entries
+
+    def __len__(self) -> int:
+        """Images written so far."""
+        return len(self._entries)
+
+    def _entry(self, image_id: int) -> dict:
+        offset, length = self._entries[image_id]
+        self._entry_file.seek(offset)
+        return json.loads(self._entry_file.read(length))
+
+    def _word_index(self, buckets: int):
+        """(bucket, {word: sorted unique image ids, int64}) for every bucket in order, from the
+        spooled pairs, reading them once per group of buckets holding at most
+        WORD_PAIRS_IN_MEMORY pairs (8 bytes each while grouped)."""
+        bucket_of = {word: word_bucket(word, buckets) for word in self._word_pairs}
+        per_bucket = [0] * buckets
+        for word, count in self._word_pairs.items():
+            per_bucket[bucket_of[word]] += count
+        start = 0
+        while start < buckets:
+            stop, held = start + 1, per_bucket[start]
+            while stop < buckets and held + per_bucket[stop] <= WORD_PAIRS_IN_MEMORY:
+                held += per_bucket[stop]
+                stop += 1
+            groups = [{} for _ in range(start, stop)]
+            self._pair_file.seek(0)
+            for line in self._pair_file:
+                word, image_id = line.rstrip("\n").split("\t")
+                b = bucket_of[word]
+                if start <= b < stop:
+                    group = groups[b - start]
+                    ids = group.get(word)
+                    if ids is None:
+                        ids = group[word] = array.array("q")
+                    ids.append(int(image_id))
+            for k, group in enumerate(groups):
+                yield start + k, {word: np.unique(np.frombuffer(ids, np.int64)) for word, ids in group.items()}
+                groups[k] = None
+            start = stop
+
+    def close(self) -> None:
+        self._entry_file.close()
+        self._pair_file.close()
 
     def count(self, enc: dict) -> None:
         self.records += 1
@@ -202,21 +274,20 @@ class _Builder:
                 self.missing[name] += 1
 
     def finish(self, page_size: int, title: str, report_href, embedding) -> None:
-        ids = sorted(self.summaries)
+        ids = sorted(self._entries)
         pages = []
         for start in range(0, len(ids), page_size):
             chunk = ids[start:start + page_size]
             key = f"index/p{len(pages):05d}.js"
-            _write_js(self.root / "data" / key, key, [self.summaries[i] for i in chunk])
+            _write_js(self.root / "data" / key, key, [self._entry(i) for i in chunk])
             pages.append([chunk[0], chunk[-1], len(chunk)])
-        buckets = max(1, min(4096, math.ceil(len(self.words) / 64)))
-        grouped = [{} for _ in range(buckets)]
-        for word, image_ids in self.words.items():
-            ordered = sorted(image_ids)
-            grouped[word_bucket(word, buckets)][word] = [ordered[0]] + [b - a for a, b in zip(ordered, ordered[1:])]
-        for k, group in enumerate(grouped):
+        buckets = max(1, min(4096, math.ceil(len(self._word_pairs) / 64)))
+        for k, group in self._word_index(buckets):
             key = f"words/b{k:04d}.js"
-            _write_js(self.root / "data" / key, key, group)
+            # the text json.dumps gives for {word: delta-encoded ids}, one word's list at a time
+            entries = ",".join(f"{json.dumps(word)}:[{','.join(map(str, np.diff(ids, prepend=0).tolist()))}]"
+                               for word, ids in group.items())
+            _write_text(self.root / "data" / key, f"{_CALL}{json.dumps(key)},{{{entries}}});\n")
         manifest = {
             "version": FORMAT_VERSION, "title": str(title), "images": len(ids), "records": self.records,
             "page_size": page_size, "pages": pages, "word_buckets": buckets,
@@ -272,10 +343,12 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
     if images_dir is not None and not Path(images_dir).is_dir():
         raise ValueError(f"--images: {images_dir} is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remove_stale_temporary_folders(out)         # what killed runs left
+    tmp = Path(temporary_folder(out))
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    builder = None
     try:
         shutil.copytree(STATIC_DIR, tmp / "static", ignore=shutil.ignore_patterns(".keep", *HTML_PAGES))
         for page in HTML_PAGES:
@@ -283,12 +356,13 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
         builder = _Builder(tmp, images_dir, label_names_from(metadata))
         current, encoded, extras, cache = None, [], [], {}
         for record in progress_bar(records, enabled=progress, unit="record", desc="geocap view"):
+            stop.check()
             image_id = int(getattr(record, "image_id", -1))
             if image_id != current:
                 if current is not None:
                     builder.flush(current, encoded, extras)
                 current, encoded, extras, cache = None, [], [], {}
-                if limit is not None and image_id not in builder.summaries and len(builder.summaries) >= limit:
+                if limit is not None and image_id not in builder and len(builder) >= limit:
                     if grouped:
                         break
                     continue
@@ -299,24 +373,28 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
             extras.append(record.extra or {})
         if current is not None:
             builder.flush(current, encoded, extras)
-        if not builder.summaries:
+        if not len(builder):
             raise ValueError("no records to view (an empty dump, or --limit 0)")
         embedding = box_embedding(metadata)
         if metadata.get("source") == "hf":          # a Hugging Face captioner: image tokens are patches
             embedding = "patches:" + str(metadata.get("model_class") or "Hugging Face captioner")
         builder.finish(page_size, title or metadata.get("title") or "attention dump", report_href, embedding)
         write_text_atomic(tmp / MARKER, json.dumps({"format": "geocap-view", "version": FORMAT_VERSION,
-                                                    "images": len(builder.summaries),
+                                                    "images": len(builder),
                                                     "records": builder.records}) + "\n")
         files, size = 0, 0
         for dirpath, _, names in os.walk(tmp):
             for name in names:
                 files += 1
                 size += os.stat(os.path.join(dirpath, name)).st_size
+        images = len(builder)
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SiteSummary(out_dir=out, images=len(builder.summaries), records=builder.records,
+    finally:
+        if builder is not None:
+            builder.close()
+    return SiteSummary(out_dir=out, images=images, records=builder.records,
                        images_with_file=builder.with_file, bytes=size, files=files,
                        seconds=time.perf_counter() - started, missing=dict(builder.missing))

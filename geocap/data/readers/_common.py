@@ -7,7 +7,6 @@ the source file. The readers never re-sort boxes (some loaders sort them by area
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Optional
@@ -15,6 +14,7 @@ from typing import Iterable, Iterator, Mapping, Optional
 import numpy as np
 
 from ..items import DataError, ImageFeatures
+from ..json_file import read_json
 
 ON_ERROR = ("raise", "skip")
 
@@ -177,12 +177,9 @@ def make_image(where: str, image_id: int, features, boxes, *, units: str,
 
 
 def load_json(path) -> dict:
-    """A JSON object from ``path`` (UTF-8); DataError naming the file when it is not one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
+    """A JSON object from ``path`` (UTF-8; :func:`geocap.data.json_file.read_json`); DataError
+    naming the file when it is missing, unreadable or not an object."""
+    data = read_json(path, "JSON file", DataError)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object at the top, found {type(data).__name__}")
     return data

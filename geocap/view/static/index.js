@@ -129,6 +129,7 @@
       const what = { ort: "ORT's (|offset| between box centres: mirror images look alike)",
                      signed: "signed (offsets between box centres with their sign)",
                      none: "none (a model without geometry)" }[manifest.box_embedding] || manifest.box_embedding;
+      if (links.childNodes.length) links.append(" · ");      // not "analysis reportbox embedding"
       links.append(G.el("span", { id: "box-embedding", "data-embedding": manifest.box_embedding,
                                   text: "box embedding: " + what }));
     }
