@@ -50,7 +50,7 @@ import numpy as np
 
 from geocap.data.attention_record import Record, regular_objects
 
-from .accumulator import (Accumulator, SeenImages, SumTable, as_map, config_state, describe, encoder_head_mean,
+from .accumulator import (Accumulator, SeenImages, SumTable, config_state, describe, encoder_head_mean,
                           encoder_rows, feature_cosines, fold, ratio, read_config, to_list)
 from .reservoir import PairReservoir, pair_keys
 from .rows import MIN_ROW_KEYS, mean_over_rows
