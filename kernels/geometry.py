@@ -70,15 +70,33 @@ def box_centers_sizes(boxes: torch.Tensor):
     return (x1 + x2) * 0.5, (y1 + y2) * 0.5, x2 - x1 + 1.0, y2 - y1 + 1.0
 
 
+def _offset_feature(u: torch.Tensor, embedding: str) -> torch.Tensor:
+    """dx (or dy) from the relative offset ``u = (c_i - c_j) / s_i``: ORT's ``log(max(|u|, 1e-3))``
+    or the signed ``asinh(u / 2e-3)``."""
+    if embedding == "signed":
+        return torch.asinh(u / SIGNED_OFFSET_SCALE)
+    return torch.log(torch.clamp(torch.abs(u), min=DX_CLAMP))
+
+
 def center_offset(query_centers: torch.Tensor, query_sizes: torch.Tensor, key_centers: torch.Tensor,
                   embedding: str = "ort") -> torch.Tensor:
     """``[B, Nq, Nk]`` dx (or dy) for query centres and sizes ``[B, Nq]`` and key centres ``[B, Nk]``:
     ORT's ``log(max(|c_i - c_j| / s_i, 1e-3))`` or the signed ``asinh((c_i - c_j) / s_i / 2e-3)``
-    (the module docstring gives both), in ORT's op order."""
+    (the module docstring gives both), in ORT's op order (the reference's formula)."""
     u = (query_centers[:, :, None] - key_centers[:, None, :]) / query_sizes[:, :, None]
-    if embedding == "signed":
-        return torch.asinh(u / SIGNED_OFFSET_SCALE)
-    return torch.log(torch.clamp(torch.abs(u), min=DX_CLAMP))
+    return _offset_feature(u, embedding)
+
+
+def coordinate_offset(query_lo: torch.Tensor, query_hi: torch.Tensor, query_sizes: torch.Tensor,
+                      key_lo: torch.Tensor, key_hi: torch.Tensor, embedding: str = "ort") -> torch.Tensor:
+    """:func:`center_offset` from the box edges (x1, x2 or y1, y2; each ``[B, Nq]`` / ``[B, Nk]``):
+    ``c_i - c_j = ((lo_i - lo_j) + (hi_i - hi_j)) / 2``. Equal in exact arithmetic, and more
+    accurate in float32: ``c_i - c_j`` from rounded centres cancels when centres nearly coincide,
+    and the sinusoids of ``100 f dx`` magnify that error (geometry-logit errors up to 5e-3);
+    the differences of edges are exact for nearby boxes (Sterbenz). The fast paths use this."""
+    u = ((query_lo[:, :, None] - key_lo[:, None, :]) + (query_hi[:, :, None] - key_hi[:, None, :])) \
+        * 0.5 / query_sizes[:, :, None]
+    return _offset_feature(u, embedding)
 
 
 def box_displacement(boxes: torch.Tensor, embedding: str = "ort") -> torch.Tensor:
@@ -125,7 +143,8 @@ class BoxFactors:
     """Per-box quantities the fast geometry path needs, computed once per call.
 
     Attributes (``B`` batch, ``N`` boxes, float32 or float64):
-    ``cx, cy, w, h`` ``[B, N]``; ``sin_far, cos_far`` ``[B, N, 16]`` = sin/cos of
+    ``x1, y1, x2, y2`` (the edges: centre offsets are taken from them, :func:`coordinate_offset`)
+    and ``w, h`` ``[B, N]``; ``sin_far, cos_far`` ``[B, N, 16]`` = sin/cos of
     100 f_k log w (k = 0..7) then of 100 f_k log h, the separable dw/dh factors;
     ``embedding`` the dx/dy form (``EMBEDDINGS``).
     """
@@ -133,7 +152,8 @@ class BoxFactors:
     def __init__(self, boxes: torch.Tensor, dtype: torch.dtype, embedding: str = "ort"):
         self.embedding = embedding
         b = boxes.to(dtype)
-        self.cx, self.cy, self.w, self.h = box_centers_sizes(b)
+        self.x1, self.y1, self.x2, self.y2 = b.unbind(-1)
+        self.w, self.h = box_centers_sizes(b)[2:]
         freq = geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=b.device)
         log_sizes = torch.stack([self.w.log(), self.h.log()], dim=-1)          # [B, N, 2]
         far_args = (SCALE * log_sizes[..., None] * freq).flatten(-2)           # [B, N, 16]
@@ -143,7 +163,7 @@ class BoxFactors:
     def rows(self, start: int, stop: int) -> "BoxFactors":
         """The same factors restricted to boxes ``start:stop`` (a query block)."""
         sub = object.__new__(BoxFactors)
-        for name in ("cx", "cy", "w", "h", "sin_far", "cos_far"):
+        for name in ("x1", "y1", "x2", "y2", "w", "h", "sin_far", "cos_far"):
             setattr(sub, name, getattr(self, name)[:, start:stop])
         sub.freq, sub.embedding = self.freq, self.embedding
         return sub
@@ -160,8 +180,8 @@ def _near_features(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
     """``[B, 32, Nq, Nk]`` pairwise channels, channel-first: sin of 100 f_k dx (k = 0..7), sin of
     100 f_k dy, then cos of the same, so that the per-head logits are one ``[H, 32] @ [32, Nq Nk]``
     product per image (no permute of a pair-sized tensor)."""
-    dx = center_offset(qf.cx, qf.w, kf.cx, qf.embedding)
-    dy = center_offset(qf.cy, qf.h, kf.cy, qf.embedding)
+    dx = coordinate_offset(qf.x1, qf.x2, qf.w, kf.x1, kf.x2, qf.embedding)
+    dy = coordinate_offset(qf.y1, qf.y2, qf.h, kf.y1, kf.y2, qf.embedding)
     freq = qf.freq[None, :, None, None]                                                  # [1, 8, 1, 1]
     n_freq = freq.shape[1]
     # (100 d) f, rounded in the reference's order: the sinusoid of a large argument magnifies it
@@ -206,7 +226,7 @@ class _BlockLogBias(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wg_weight, wg_bias, qf, kf):
         # the geometry term is ill-conditioned: always in the factors' dtype, never autocast's
-        with torch.autocast(qf.cx.device.type, enabled=False):
+        with torch.autocast(qf.w.device.type, enabled=False):
             feats = _near_features(qf, kf)
             x = _logits_from_features(feats, qf, kf, wg_weight, wg_bias)
         clamped = torch.clamp_(x, min=BIAS_CLAMP)
@@ -264,12 +284,12 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
     check_geometry_weights(wg_weight, wg_bias)
     check_embedding(embedding)
     f = BoxFactors(boxes, compute_dtype(boxes.dtype), embedding)
-    ct = f.cx.dtype
+    ct = f.w.dtype
     return block_log_bias(f, f, wg_weight.to(ct), wg_bias.to(ct))
 
 
 __all__ = [
     "DIM_G", "EMBEDDINGS", "WAVE_LEN", "BoxFactors", "block_log_bias", "box_centers_sizes", "box_displacement",
-    "box_relation_embedding", "center_offset", "compute_dtype", "geometry_frequencies", "geometry_log_bias",
+    "box_relation_embedding", "center_offset", "compute_dtype", "coordinate_offset", "geometry_frequencies", "geometry_log_bias",
     "log_geometry_bias_from_logits", "split_geometry_weights", "zero_padded_boxes",
 ]

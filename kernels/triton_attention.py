@@ -44,14 +44,16 @@ def _load_tile(ptrs, mask, F32: tl.constexpr):
 
 @triton.jit
 def _load_boxes(Boxes, b, offs, N):
-    """``(cx, cy, w, h)`` of boxes ``offs`` of image ``b`` (ORT: w = x2 - x1 + 1); boxes are fp32 [B, N, 4]."""
+    """``(xs, ys, w, h)`` of boxes ``offs`` of image ``b``: ``xs`` ``[n, 2]`` = (x1, x2) and ``ys`` = (y1, y2)
+    (centre offsets are taken from the edges, kernels/geometry.py ``coordinate_offset``); ORT's sizes
+    w = x2 - x1 + 1, h likewise. Boxes are fp32 [B, N, 4]."""
     inside = offs < N
     base = Boxes + (b * N + offs) * 4
     x1 = tl.load(base + 0, mask=inside, other=0.0)
     y1 = tl.load(base + 1, mask=inside, other=0.0)
     x2 = tl.load(base + 2, mask=inside, other=0.0)
     y2 = tl.load(base + 3, mask=inside, other=0.0)
-    return (x1 + x2) * 0.5, (y1 + y2) * 0.5, x2 - x1 + 1.0, y2 - y1 + 1.0
+    return tl.join(x1, x2), tl.join(y1, y2), x2 - x1 + 1.0, y2 - y1 + 1.0
 
 
 @triton.jit
@@ -65,38 +67,43 @@ def _far_factors(w, h, Freq):
 
 @triton.jit
 def _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO: tl.constexpr):
-    """Per-query-block, per-head geometry: ``(cx, cy, w, h, sin_far, cos_far, A, Bq, bias)`` where
+    """Per-query-block, per-head geometry: ``(xs, ys, w, h, sin_far, cos_far, A, Bq, bias)`` where
     ``x_far[i, j] = A_i . cos_far_j + Bq_i . sin_far_j`` (A, Bq, sin_far, cos_far ``[BM, 16]``).
     Scalars 0 stand in for every value when ``HAS_GEO`` is off."""
     if HAS_GEO:
-        cx, cy, w, hh = _load_boxes(Boxes, b, offs_m, NQ)
+        xs, ys, w, hh = _load_boxes(Boxes, b, offs_m, NQ)
         s, c = _far_factors(w, hh, Freq)
         cols = tl.arange(0, 16)
         w_sin = tl.load(WgW + h * 64 + 16 + cols)[None, :]
         w_cos = tl.load(WgW + h * 64 + 48 + cols)[None, :]
-        return cx, cy, w, hh, s, c, w_sin * s + w_cos * c, w_cos * s - w_sin * c, tl.load(WgB + h)
+        return xs, ys, w, hh, s, c, w_sin * s + w_cos * c, w_cos * s - w_sin * c, tl.load(WgB + h)
     else:
         return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
 
 
 @triton.jit
 def _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO: tl.constexpr):
-    """``(cx, cy, sin_far, cos_far)`` of a key block (scalars 0 when ``HAS_GEO`` is off)."""
+    """``(xs, ys, sin_far, cos_far)`` of a key block (edges as in ``_load_boxes``) (scalars 0 when ``HAS_GEO`` is off)."""
     if HAS_GEO:
-        cx, cy, w, hh = _load_boxes(Boxes, b, offs_n, NK)
+        xs, ys, w, hh = _load_boxes(Boxes, b, offs_n, NK)
         s, c = _far_factors(w, hh, Freq)
-        return cx, cy, s, c
+        return xs, ys, s, c
     else:
         return 0.0, 0.0, 0.0, 0.0
 
 
 @triton.jit
-def _near_arg(qc, qsize, kc, SIGNED: tl.constexpr):
-    """``100 * dx`` ``[BM, BN]`` for centres ``qc``/``kc`` and query sizes ``qsize``; the same for dy
-    with the y centres and heights. ORT: log of the clamped |dc| / size of the query box; ``SIGNED``:
-    ``asinh(dc / size / 2e-3)`` (kernels/geometry.py, ``SIGNED_OFFSET_SCALE``)."""
+def _near_arg(q_edges, qsize, k_edges, SIGNED: tl.constexpr):
+    """``100 * dx`` ``[BM, BN]`` for the query and key x edges ``[n, 2]`` (x1, x2) and query widths
+    ``qsize``; the same for dy with the y edges and heights. The centre offset is
+    ``((x1_i - x1_j) + (x2_i - x2_j)) / 2``, exact for nearby boxes where a difference of rounded centres
+    cancels. ORT: log of the clamped |offset| / size of the query box; ``SIGNED``:
+    ``asinh(offset / size / 2e-3)`` (kernels/geometry.py, ``SIGNED_OFFSET_SCALE``)."""
+    q_lo, q_hi = tl.split(q_edges)
+    k_lo, k_hi = tl.split(k_edges)
+    u = ((q_lo[:, None] - k_lo[None, :]) + (q_hi[:, None] - k_hi[None, :])) * 0.5 / qsize[:, None]
     if SIGNED:
-        z = (qc[:, None] - kc[None, :]) / qsize[:, None] / 2e-3
+        z = u / 2e-3
         # asinh|z| = log1p(y), y = |z| + z^2 / (1 + sqrt(z^2 + 1)) (|z| <= ~510: z^2 cannot overflow);
         # log1p(y) = log(1 + y) y / ((1 + y) - 1) corrects the rounding of 1 + y (Goldberg), which
         # log(|z| + sqrt(z^2 + 1)) leaves in (with it, fp32 db_g missed float64 by up to 3x more)
@@ -107,7 +114,7 @@ def _near_arg(qc, qsize, kc, SIGNED: tl.constexpr):
         d = tl.where(rounded_y == 0.0, y, tl.log(one_plus_y) * (y / tl.where(rounded_y == 0.0, 1.0, rounded_y)))
         return tl.where(z < 0.0, -d, d) * 100.0
     else:
-        return tl.log(tl.maximum(tl.abs(qc[:, None] - kc[None, :]) / qsize[:, None], 1e-3)) * 100.0
+        return tl.log(tl.maximum(tl.abs(u), 1e-3)) * 100.0
 
 
 @triton.jit
@@ -121,12 +128,12 @@ def _near_logit(x, arg, wrow, Freq):
 
 
 @triton.jit
-def _geometry_logit(qcx, qcy, qw, qh, qa, qb, kcx, kcy, k_sin, k_cos, WgW, bias, h, Freq, SIGNED: tl.constexpr):
+def _geometry_logit(qxs, qys, qw, qh, qa, qb, kxs, kys, k_sin, k_cos, WgW, bias, h, Freq, SIGNED: tl.constexpr):
     """Head ``h``'s geometry logit ``x`` ``[BM, BN]`` before relu / clamp / log."""
     x = tl.dot(qa, tl.trans(k_cos), input_precision="ieee") + tl.dot(qb, tl.trans(k_sin), input_precision="ieee")
     x += bias
-    x = _near_logit(x, _near_arg(qcx, qw, kcx, SIGNED), WgW + h * 64, Freq)
-    x = _near_logit(x, _near_arg(qcy, qh, kcy, SIGNED), WgW + h * 64 + 8, Freq)
+    x = _near_logit(x, _near_arg(qxs, qw, kxs, SIGNED), WgW + h * 64, Freq)
+    x = _near_logit(x, _near_arg(qys, qh, kys, SIGNED), WgW + h * 64 + 8, Freq)
     return x
 
 
@@ -138,14 +145,14 @@ def _dropout_keep(seed, bh, offs_m, offs_n, NK, dropout_p):
 
 
 @triton.jit
-def _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
+def _logits(q, k, sm_scale, qxs, qys, qw, qh, qa, qb, bias, kxs, kys, k_sin, k_cos, WgW, h, Freq,
             HAS_GEO: tl.constexpr, DOT_PRECISION: tl.constexpr, SIGNED: tl.constexpr):
     """``(s, x)``: the attention logits ``[BM, BN]`` (scaled scores plus log-geometry) and the
     geometry logit ``x`` they include (``s`` itself when ``HAS_GEO`` is off)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
     x = s
     if HAS_GEO:
-        x = _geometry_logit(qcx, qcy, qw, qh, qa, qb, kcx, kcy, k_sin, k_cos, WgW, bias, h, Freq, SIGNED)
+        x = _geometry_logit(qxs, qys, qw, qh, qa, qb, kxs, kys, k_sin, k_cos, WgW, bias, h, Freq, SIGNED)
         s += tl.log(tl.maximum(x, 1e-6))
     return s, x
 
@@ -188,7 +195,7 @@ def _fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     q = _load_tile(Q_bh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                    row_ok[:, None] & d_ok[None, :], F32)
-    qcx, qcy, qw, qh, _qs, _qc, qa, qb, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
+    qxs, qys, qw, qh, _qs, _qc, qa, qb, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
 
     m_i = tl.zeros([BM], dtype=tl.float32) + NEG_INIT
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -201,8 +208,8 @@ def _fwd_kernel(
         offs_n = start_n + tl.arange(0, BN)
         kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
         k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
-        kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
-        s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
+        kxs, kys, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
+        s, _x = _logits(q, k, sm_scale, qxs, qys, qw, qh, qa, qb, bias, kxs, kys, k_sin, k_cos, WgW, h, Freq,
                         HAS_GEO, DOT_PRECISION, SIGNED)
         valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
         m_i, alpha, p, l_i, t_i = online_softmax_step(m_i, l_i, t_i, s, valid, RETURN_ENT)
@@ -226,8 +233,8 @@ def _fwd_kernel(
             n_ok = offs_n < NK
             k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                            n_ok[:, None] & d_ok[None, :], F32)
-            kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
-            s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
+            kxs, kys, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
+            s, _x = _logits(q, k, sm_scale, qxs, qys, qw, qh, qa, qb, bias, kxs, kys, k_sin, k_cos, WgW, h, Freq,
                             HAS_GEO, DOT_PRECISION, SIGNED)
             valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
@@ -251,15 +258,15 @@ def _near_weight_grads(dx, arg, Freq, g_near, first: tl.constexpr):
 
 
 @triton.jit
-def _geometry_weight_grads(dx, qcx, qcy, qw, qh, q_sin, q_cos, kcx, kcy, k_sin, k_cos, Freq,
+def _geometry_weight_grads(dx, qxs, qys, qw, qh, q_sin, q_cos, kxs, kys, k_sin, k_cos, Freq,
                            g_near, g_far_sin, g_far_cos, SIGNED: tl.constexpr):
     """Add one tile's contribution to dL/dW_g given ``dx = dL/dx`` ``[BM, BN]``.
 
     ``g_near`` ``[64]`` collects the pairwise channels (dx, dy: 0..15 and 32..47); the separable
     dw/dh channels come from the per-box factors: ``sum_ij dx_ij sin(a_i - a_j) = sum_i (s_i (dx c)_i - c_i (dx s)_i)``.
     """
-    g_near = _near_weight_grads(dx, _near_arg(qcx, qw, kcx, SIGNED), Freq, g_near, 0)
-    g_near = _near_weight_grads(dx, _near_arg(qcy, qh, kcy, SIGNED), Freq, g_near, 8)
+    g_near = _near_weight_grads(dx, _near_arg(qxs, qw, kxs, SIGNED), Freq, g_near, 0)
+    g_near = _near_weight_grads(dx, _near_arg(qys, qh, kys, SIGNED), Freq, g_near, 8)
     dx_cos = tl.dot(dx, k_cos, input_precision="ieee")      # [BM, 16]
     dx_sin = tl.dot(dx, k_sin, input_precision="ieee")
     g_far_sin += tl.sum(q_sin * dx_cos - q_cos * dx_sin, 0)
@@ -293,7 +300,7 @@ def _bwd_kv_kernel(
     kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
     k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
     v = _load_tile(V_bh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
-    kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
+    kxs, kys, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
     dk = tl.zeros([BN, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BN, BLOCK_D], dtype=tl.float32)
     g_near = tl.zeros([64], dtype=tl.float32)
@@ -311,9 +318,9 @@ def _bwd_kv_kernel(
         do = _load_tile(DO_bh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, q_ok, F32)
         lse = tl.load(Lse + bh * NQ + offs_m, mask=row_ok, other=-NEG_INIT)
         delta = tl.load(Delta + bh * NQ + offs_m, mask=row_ok, other=0.0)
-        qcx, qcy, qw, qh, q_sin, q_cos, qa, qb, bias = _query_block_geometry(
+        qxs, qys, qw, qh, q_sin, q_cos, qa, qb, bias = _query_block_geometry(
             Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
-        s, x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
+        s, x = _logits(q, k, sm_scale, qxs, qys, qw, qh, qa, qb, bias, kxs, kys, k_sin, k_cos, WgW, h, Freq,
                        HAS_GEO, DOT_PRECISION, SIGNED)
         valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
@@ -329,7 +336,7 @@ def _bwd_kv_kernel(
         if HAS_GEO:
             dx = tl.where(x >= 1e-6, ds / tl.maximum(x, 1e-6), 0.0)
             g_near, g_far_sin, g_far_cos = _geometry_weight_grads(
-                dx, qcx, qcy, qw, qh, q_sin, q_cos, kcx, kcy, k_sin, k_cos, Freq, g_near, g_far_sin, g_far_cos, SIGNED)
+                dx, qxs, qys, qw, qh, q_sin, q_cos, kxs, kys, k_sin, k_cos, Freq, g_near, g_far_sin, g_far_cos, SIGNED)
             g_bias += tl.sum(dx, 1)
     # dK and dV are written contiguous [B, H, NK, d]
     out_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
@@ -374,7 +381,7 @@ def _bwd_q_kernel(
     do = _load_tile(DO_bh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, q_ok, F32)
     lse = tl.load(Lse + bh * NQ + offs_m, mask=row_ok, other=-NEG_INIT)
     delta = tl.load(Delta + bh * NQ + offs_m, mask=row_ok, other=0.0)
-    qcx, qcy, qw, qh, _qs, _qc, qa, qb, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
+    qxs, qys, qw, qh, _qs, _qc, qa, qb, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, HAS_GEO)
     dq = tl.zeros([BM, BLOCK_D], dtype=tl.float32)
     hi = NK
     if CAUSAL:
@@ -384,8 +391,8 @@ def _bwd_q_kernel(
         kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
         k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
         v = _load_tile(V_bh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
-        kcx, kcy, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
-        s, _x = _logits(q, k, sm_scale, qcx, qcy, qw, qh, qa, qb, bias, kcx, kcy, k_sin, k_cos, WgW, h, Freq,
+        kxs, kys, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, HAS_GEO)
+        s, _x = _logits(q, k, sm_scale, qxs, qys, qw, qh, qa, qb, bias, kxs, kys, k_sin, k_cos, WgW, h, Freq,
                         HAS_GEO, DOT_PRECISION, SIGNED)
         valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
