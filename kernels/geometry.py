@@ -28,9 +28,12 @@ cos(dx f), cos(dy f), cos(dw f), cos(dh f)]`` (dim_g channels). Head h's geometr
 ``x = emb . wg_weight[h] + wg_bias[h]`` and its attention bias is ``log(clamp(relu(x), 1e-6))``.
 
 The dw/dh channels are separable: with a_i = 100 f log w_i, dw f = a_i - a_j, so
-``sin(a_i - a_j) = sin a_i cos a_j - cos a_i sin a_j`` (and cos likewise). Their part of x is a
-rank-2*dim_g/4 product of per-box factors, which :func:`block_log_bias` uses so only the
-dx/dy half of the channels needs sin/cos per (query, key) pair.
+``sin(a_i - a_j) = sin a_i cos a_j - cos a_i sin a_j`` (and cos likewise). The Triton kernels use
+that (only the dx/dy half needs sin/cos per pair). The PyTorch path (:func:`block_log_bias`)
+computes all four per pair as ORT does, channel-first, so that the per-head logits are one
+matmul and plain autograd differentiates them cheaply (boxes take no gradient, so only
+``dW_g = G @ feats^T`` and ``db_g = sum G`` are formed): few operators per call, nothing
+torch.compile or torch.func cannot trace.
 """
 from __future__ import annotations
 
@@ -131,7 +134,7 @@ def box_relation_embedding(boxes: torch.Tensor, dim_g: int = DIM_G, wave_len: fl
 def zero_padded_boxes(boxes: torch.Tensor, key_padding_mask) -> torch.Tensor:
     """Boxes of padded objects (mask False) replaced by zeros: padding may hold anything, and
     the rows of padded queries should not depend on it."""
-    return boxes if key_padding_mask is None else boxes.masked_fill(~key_padding_mask[..., None], 0.0)
+    return boxes if key_padding_mask is None else torch.where(key_padding_mask[..., None], boxes, 0.0)
 
 
 def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:
@@ -140,129 +143,77 @@ def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:
 
 
 class BoxFactors:
-    """Per-box quantities the fast geometry path needs, computed once per call.
+    """Per-box quantities of the PyTorch fast path, computed once per call.
 
-    Attributes (``B`` batch, ``N`` boxes, float32 or float64):
-    ``x1, y1, x2, y2`` (the edges: centre offsets are taken from them, :func:`coordinate_offset`)
-    and ``w, h`` ``[B, N]``; ``sin_far, cos_far`` ``[B, N, 16]`` = sin/cos of
-    100 f_k log w (k = 0..7) then of 100 f_k log h, the separable dw/dh factors;
-    ``embedding`` the dx/dy form (``EMBEDDINGS``).
+    Attributes (``B`` batch, ``N`` boxes, float32 or float64), channel-first: ``lo`` ``[B, 2, N]``
+    = (x1, y1), ``hi`` = (x2, y2) (centre offsets are taken from them, :func:`coordinate_offset`),
+    ``size`` = ORT's (w, h), ``two_size`` = 2 (w, h); ``embedding`` the dx/dy form (``EMBEDDINGS``).
     """
 
     def __init__(self, boxes: torch.Tensor, dtype: torch.dtype, embedding: str = "ort"):
         self.embedding = embedding
-        b = boxes.to(dtype)
-        self.x1, self.y1, self.x2, self.y2 = b.unbind(-1)
-        self.w, self.h = box_centers_sizes(b)[2:]
-        freq = geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=b.device)
-        log_sizes = torch.stack([self.w.log(), self.h.log()], dim=-1)          # [B, N, 2]
-        far_args = (SCALE * log_sizes[..., None] * freq).flatten(-2)           # [B, N, 16]
-        self.sin_far, self.cos_far = torch.sin(far_args), torch.cos(far_args)
-        self.freq = freq
+        b = boxes.to(dtype).transpose(1, 2)                                     # [B, 4, N]
+        self.lo, self.hi = b[:, :2], b[:, 2:]
+        self.size = self.hi - self.lo + 1.0
+        self.two_size = self.size * 2.0
+        self.freq = scaled_frequencies(dtype, b.device)
 
     def rows(self, start: int, stop: int) -> "BoxFactors":
         """The same factors restricted to boxes ``start:stop`` (a query block)."""
         sub = object.__new__(BoxFactors)
-        for name in ("x1", "y1", "x2", "y2", "w", "h", "sin_far", "cos_far"):
-            setattr(sub, name, getattr(self, name)[:, start:stop])
+        for name in ("lo", "hi", "size", "two_size"):
+            setattr(sub, name, getattr(self, name)[..., start:stop])
         sub.freq, sub.embedding = self.freq, self.embedding
         return sub
 
 
-def split_geometry_weights(wg_weight: torch.Tensor):
-    """Split ``[H, 64]`` into the pairwise (dx, dy) weights ``[H, 32]`` (order: sin dx, sin dy,
-    cos dx, cos dy) and the separable (dw, dh) sin / cos weights, each ``[H, 16]``."""
-    near = torch.cat([wg_weight[:, 0:16], wg_weight[:, 32:48]], dim=1)
-    return near, wg_weight[:, 16:32], wg_weight[:, 48:64]
+def scaled_frequencies(dtype: torch.dtype, device) -> torch.Tensor:
+    """``[dim_g // 8]`` = 100 f_k, rounded once from float64 (cached; do not modify)."""
+    return _scaled_frequencies(dtype, torch.device(device))
 
 
-def _near_features(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
-    """``[B, 32, Nq, Nk]`` pairwise channels, channel-first: sin of 100 f_k dx (k = 0..7), sin of
-    100 f_k dy, then cos of the same, so that the per-head logits are one ``[H, 32] @ [32, Nq Nk]``
-    product per image (no permute of a pair-sized tensor)."""
-    dx = coordinate_offset(qf.x1, qf.x2, qf.w, kf.x1, kf.x2, qf.embedding)
-    dy = coordinate_offset(qf.y1, qf.y2, qf.h, kf.y1, kf.y2, qf.embedding)
-    freq = qf.freq[None, :, None, None]                                                  # [1, 8, 1, 1]
-    n_freq = freq.shape[1]
-    # (100 d) f, rounded in the reference's order: the sinusoid of a large argument magnifies it
-    args = torch.cat([(SCALE * dx)[:, None] * freq, (SCALE * dy)[:, None] * freq], dim=1)  # [B, 16, Nq, Nk]
-    feats = args.new_empty((args.shape[0], 4 * n_freq) + args.shape[2:])
-    torch.sin(args, out=feats[:, :2 * n_freq])
-    torch.cos(args, out=feats[:, 2 * n_freq:])
-    return feats
+@functools.lru_cache(maxsize=64)
+def _scaled_frequencies(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return (SCALE * geometry_frequencies(DIM_G, WAVE_LEN, dtype=torch.float64)).to(dtype=dtype, device=device)
 
 
-def _far_sides(qf: BoxFactors, kf: BoxFactors, wg_weight):
-    """The separable dw/dh part of the logits as ``query_side [B, H, Nq, 32] @ key_side [B, 1, 32, Nk]``:
-    sin(a_i - a_j) w_s + cos(a_i - a_j) w_c = c_j (w_s s_i + w_c c_i) + s_j (w_c s_i - w_s c_i)."""
-    _, w_sin_far, w_cos_far = split_geometry_weights(wg_weight)
-    s_i, c_i = qf.sin_far[:, None], qf.cos_far[:, None]                                   # [B, 1, Nq, 16]
-    ws, wc = w_sin_far[None, :, None], w_cos_far[None, :, None]                           # [1, H, 1, 16]
-    query_side = torch.cat([ws * s_i + wc * c_i, wc * s_i - ws * c_i], dim=-1)            # [B, H, Nq, 32]
-    key_side = torch.cat([kf.cos_far, kf.sin_far], dim=-1).transpose(-1, -2)[:, None]     # [B, 1, 32, Nk]
-    return query_side, key_side
+def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
+    """``[B, 32, Nq, Nk]`` the embedding's arguments ``100 f_k d`` for d = dx, dy, dw, dh (8
+    frequencies each, in the embedding's channel order): the sin and the cos of this tensor are
+    the embedding's two halves. dx/dy from the edges (:func:`coordinate_offset`'s formula),
+    dw/dh = log(w_i / w_j) as ORT computes them."""
+    def pairwise(q, k):                                                            # [B, 2, Nq, Nk]
+        return q[..., :, None] - k[..., None, :]
+
+    u = (pairwise(qf.lo, kf.lo) + pairwise(qf.hi, kf.hi)) / qf.two_size[..., None]
+    near = _offset_feature(u, qf.embedding)                                        # dx, dy
+    far = torch.log(qf.size[..., :, None] / kf.size[..., None, :])                 # dw, dh
+    disp = torch.cat([near, far], dim=1)                                           # [B, 4, Nq, Nk]
+    args = disp[:, :, None] * qf.freq[:, None, None]                               # [B, 4, 8, Nq, Nk]
+    return args.flatten(1, 2)
 
 
-def _logits_from_features(feats, qf: BoxFactors, kf: BoxFactors, wg_weight, wg_bias):
-    """``[B, H, Nq, Nk]`` geometry logits from the pairwise channels ``feats [B, 32, Nq, Nk]``."""
-    wg_weight = wg_weight.to(feats.dtype)
-    w_near = split_geometry_weights(wg_weight)[0]                                         # [H, 32]
-    batch, _, n_q, n_k = feats.shape
-    heads = w_near.shape[0]
-    query_side, key_side = _far_sides(qf, kf, wg_weight)
-    x = query_side @ key_side                                                              # [B, H, Nq, Nk]
-    x.view(batch, heads, n_q * n_k).baddbmm_(w_near.expand(batch, heads, w_near.shape[1]),
-                                            feats.view(batch, feats.shape[1], n_q * n_k))
-    return x.add_(wg_bias.to(x.dtype)[None, :, None, None])
-
-
-class _BlockLogBias(torch.autograd.Function):
-    """``log(clamp(x, 1e-6))`` of the per-head geometry logits ``x`` (equal to
-    ``box_relation_embedding(boxes) @ wg_weight.T + wg_bias`` without building the embedding)
-    with a hand-written backward: the
-    gradients of W_g and b_g come from one pass over ``dL/dx`` (the boxes take none), instead
-    of autograd's chain through every intermediate."""
-
-    @staticmethod
-    def forward(ctx, wg_weight, wg_bias, qf, kf):
-        # the geometry term is ill-conditioned: always in the factors' dtype, never autocast's
-        with torch.autocast(qf.w.device.type, enabled=False):
-            feats = _near_features(qf, kf)
-            x = _logits_from_features(feats, qf, kf, wg_weight, wg_bias)
-        clamped = torch.clamp_(x, min=BIAS_CLAMP)
-        ctx.save_for_backward(clamped, feats)
-        ctx.factors = (qf, kf)
-        return torch.log(clamped)
-
-    @staticmethod
-    def backward(ctx, d_bias):
-        with torch.autocast(d_bias.device.type, enabled=False):
-            return _BlockLogBias._backward(ctx, d_bias)
-
-    @staticmethod
-    def _backward(ctx, d_bias):
-        clamped, feats = ctx.saved_tensors
-        qf, kf = ctx.factors
-        # d log(max(x, c)) / dx = 1/x where x > c, else 0; sign(max(x, c) - c) is that 0/1 step
-        # (a float op: a bool mask and masked_fill cost ~8x more on CPU)
-        dx = (d_bias.to(clamped.dtype) / clamped).mul_(torch.sign(clamped - BIAS_CLAMP))  # [B, H, Nq, Nk]
-        batch, heads, n_q, n_k = dx.shape
-        n_half = feats.shape[1] // 2
-        g_near = (dx.reshape(batch, heads, n_q * n_k)
-                  @ feats.view(batch, feats.shape[1], n_q * n_k).transpose(1, 2)).sum(0)  # [H, 32]
-        dx_cos = dx @ kf.cos_far[:, None]                                                  # [B, H, Nq, 16]
-        dx_sin = dx @ kf.sin_far[:, None]
-        s_i, c_i = qf.sin_far[:, None], qf.cos_far[:, None]
-        g_far_sin = (s_i * dx_cos - c_i * dx_sin).sum(dim=(0, 2))                         # [H, 16]
-        g_far_cos = (c_i * dx_cos + s_i * dx_sin).sum(dim=(0, 2))
-        d_weight = torch.cat([g_near[:, :n_half], g_far_sin, g_near[:, n_half:], g_far_cos], dim=1)  # channel order
-        return d_weight, dx.sum(dim=(0, 2, 3)), None, None
+def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight, wg_bias) -> torch.Tensor:
+    """``[B, H, Nq, Nk]`` the per-head geometry logits ``x = emb . W_g[h] + b_g[h]`` without
+    building the embedding pair-last: two ``[H, 32] @ [32, Nq Nk]`` products per image (the sin
+    and the cos halves). Differentiable in wg_weight and wg_bias (the factors' dtype)."""
+    args = pair_arguments(qf, kf)
+    batch, channels, n_q, n_k = args.shape
+    heads = wg_weight.shape[0]
+    flat = args.view(batch, channels, n_q * n_k)
+    w_sin = wg_weight[:, :channels].expand(batch, heads, channels)
+    w_cos = wg_weight[:, channels:].expand(batch, heads, channels)
+    x = torch.baddbmm(wg_bias[None, :, None], w_sin, torch.sin(flat))
+    x = torch.baddbmm(x, w_cos, torch.cos(flat))
+    return x.view(batch, heads, n_q, n_k)
 
 
 def block_log_bias(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_bias: torch.Tensor) -> torch.Tensor:
-    """``[B, H, Nq, Nk]`` log-geometry bias for a block of query boxes; differentiable in
-    wg_weight and wg_bias (same dtype as the factors)."""
-    return _BlockLogBias.apply(wg_weight, wg_bias, qf, kf)
+    """``[B, H, Nq, Nk]`` log-geometry bias ``log(max(x, 1e-6))`` (= ORT's ``log(clamp(relu(x), 1e-6))``)
+    for a block of query boxes; differentiable in wg_weight and wg_bias (same dtype as the
+    factors). The geometry term is ill-conditioned: always in the factors' dtype, never autocast's."""
+    with torch.autocast(qf.lo.device.type, enabled=False):
+        return torch.log(torch.clamp(geometry_logits(qf, kf, wg_weight, wg_bias), min=BIAS_CLAMP))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -275,8 +226,8 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
     """``[B, H, N, N]`` = ``log(clamp(relu(box_relation_embedding(boxes, embedding=embedding) @ wg_weight.T
     + wg_bias), 1e-6))``.
 
-    Computed in float32 (float64 for float64 boxes) with the separable dw/dh channels, so the
-    ``[B, N, N, 64]`` embedding is never built.
+    Computed in float32 (float64 for float64 boxes) by :func:`block_log_bias`: the embedding is
+    built channel-first, never as a ``[B, N, N, 64]`` tensor.
     """
     from .validation import check_boxes, check_embedding, check_geometry_weights
 
@@ -284,12 +235,13 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
     check_geometry_weights(wg_weight, wg_bias)
     check_embedding(embedding)
     f = BoxFactors(boxes, compute_dtype(boxes.dtype), embedding)
-    ct = f.w.dtype
+    ct = f.lo.dtype
     return block_log_bias(f, f, wg_weight.to(ct), wg_bias.to(ct))
 
 
 __all__ = [
     "DIM_G", "EMBEDDINGS", "WAVE_LEN", "BoxFactors", "block_log_bias", "box_centers_sizes", "box_displacement",
-    "box_relation_embedding", "center_offset", "compute_dtype", "coordinate_offset", "geometry_frequencies", "geometry_log_bias",
-    "log_geometry_bias_from_logits", "split_geometry_weights", "zero_padded_boxes",
+    "box_relation_embedding", "center_offset", "compute_dtype", "coordinate_offset", "geometry_frequencies",
+    "geometry_log_bias", "geometry_logits", "log_geometry_bias_from_logits", "pair_arguments", "scaled_frequencies",
+    "zero_padded_boxes",
 ]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import BoxFactors, block_log_bias, compute_dtype
-from .reference import causal_keep
+from .reference import MASKED_SCORE, causal_keep
 
 # Temporaries per query block stay below about this many bytes.
 BLOCK_BUDGET_BYTES = 64 * 2**20
@@ -50,15 +50,10 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
         keep = keep_causal[None, None] if keep is None else keep & keep_causal
     has_key = None
     if keep is not None:
+        # masked keys get the reference's finite -1e9, so a row without any valid key gets finite
+        # (uniform) weights, zeroed below by one multiply: no test of the mask on the host
         has_key = keep.any(-1, keepdim=True)
-        # an additive 0 / -inf mask without the head axis (cheaper than masked_fill on the
-        # [B, H, m, Nk] bias); rows without any valid key get a harmless finite row here and
-        # are zeroed below
-        key_bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(
-            ~keep & has_key, float("-inf"))
-        bias = key_bias if bias is None else bias + key_bias
-        if q.device.type == "cpu" and bool(has_key.all()):  # (no host sync on GPUs)
-            has_key = None
+        bias = torch.where(keep, 0.0, MASKED_SCORE).to(q.dtype) if bias is None else torch.where(keep, bias, MASKED_SCORE)
     differentiating = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad))
     if differentiating and q.device.type == "cpu":
@@ -70,14 +65,14 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     if has_key is not None:
-        out = out.masked_fill(~has_key, 0.0)
+        out = out * has_key
     probs = entropy = None
     if want_probs or want_entropy:
         with torch.no_grad():
             logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
             probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)
             if has_key is not None:
-                probs = probs.masked_fill(~has_key, 0.0)
+                probs = probs * has_key
             entropy = torch.special.entr(probs).sum(-1) if want_entropy else None
     return out, (probs if want_probs else None), entropy
 
