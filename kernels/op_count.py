@@ -10,6 +10,11 @@ what a Triton kernel does (a launch is not an aten call). Each call is classed a
   device) and copies from a CUDA tensor to the CPU;
 - ``kernels``: everything else (each launches, or on CPU runs, one aten kernel).
 
+Registered geocap ops (``geocap::*``) are counted in ``custom_ops`` and looked into (their aten
+calls count as above); Triton launches made inside :func:`triton_launch` count in
+``triton_launches``, and the aten calls the Triton CPU interpreter makes to run them (host
+copies that a GPU launch does not make) are not counted.
+
 Used by the tests (tests/test_op_counts.py) and the per-call benchmark (bench/test_bench_overhead.py).
 """
 from __future__ import annotations
@@ -50,6 +55,8 @@ class OpCounts:
     views: int = 0
     allocations: int = 0
     syncs: int = 0
+    custom_ops: int = 0
+    triton_launches: int = 0
     kernel_names: Counter = field(default_factory=Counter)
     sync_names: list = field(default_factory=list)
 
@@ -59,8 +66,19 @@ class OpCounts:
 
     def summary(self) -> str:
         top = ", ".join(f"{n} x{c}" for n, c in self.kernel_names.most_common())
-        return (f"{self.kernels} kernels, {self.views} views, {self.allocations} allocations, "
+        return (f"{self.kernels} kernels, {self.triton_launches} Triton launches, {self.custom_ops} geocap ops, "
+                f"{self.views} views, {self.allocations} allocations, "
                 f"{self.syncs} syncs ({', '.join(self.sync_names) or 'none'}); kernels: {top or 'none'}")
+
+
+def _custom_op_implementation(func):
+    """The Python function behind a ``torch.library.custom_op`` (None if it cannot be found)."""
+    try:
+        from torch._library.custom_ops import OPDEFS
+    except ImportError:  # pragma: no cover - private API moved
+        return None
+    opdef = OPDEFS.get(func._schema.name)
+    return getattr(opdef, "_init_fn", None)
 
 
 class _Counter(TorchDispatchMode):
@@ -70,8 +88,16 @@ class _Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _launch_depth:
+            return func(*args, **kwargs)
         name = func.overloadpacket.__name__
         c = self.counts
+        if func.namespace == "geocap":
+            c.custom_ops += 1
+            impl = _custom_op_implementation(func)
+            if impl is not None:
+                with self:                       # look inside: its aten calls count too
+                    return impl(*args, **kwargs)
         if name in SYNCS or _device_to_host(func, args, kwargs):
             c.syncs += 1
             c.sync_names.append(name)
@@ -85,9 +111,31 @@ class _Counter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+_launch_depth = 0
+_active: list = []
+
+
 @contextlib.contextmanager
 def count_ops():
     """``with count_ops() as counts:`` fills an :class:`OpCounts` with the block's aten calls."""
     counts = OpCounts()
-    with _Counter(counts):
-        yield counts
+    _active.append(counts)
+    try:
+        with _Counter(counts):
+            yield counts
+    finally:
+        _active.remove(counts)
+
+
+@contextlib.contextmanager
+def triton_launch():
+    """Wrap one Triton kernel launch: counted as one launch by an active :func:`count_ops`,
+    which ignores the aten calls made inside (the interpreter's)."""
+    global _launch_depth
+    for counts in _active:
+        counts.triton_launches += 1
+    _launch_depth += 1
+    try:
+        yield
+    finally:
+        _launch_depth -= 1

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .geometry import BoxFactors, block_log_bias, compute_dtype
+from .geometry import BoxFactors, block_log_bias, compute_dtype, zero_padded_boxes
 from .reference import MASKED_SCORE, causal_keep
 
 # Temporaries per query block stay below about this many bytes.
@@ -79,7 +79,7 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
 
 def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None,
                     causal=False, dropout_p=0.0, return_entropy=False, return_probs=False, embedding="ort"):
-    """Inputs validated by the caller; ``embedding`` is the box embedding's dx/dy form ("ort" or
+    """Inputs validated by the caller; padded boxes (mask False) count as zeros; ``embedding`` is the box embedding's dx/dy form ("ort" or
     "signed", kernels/geometry.py). Returns ``(out, entropy, probs)``: out in q's dtype,
     entropy ``[B, H, Nq]`` and probs ``[B, H, Nq, Nk]`` in the compute dtype (or None)."""
     ct = compute_dtype(q.dtype)
@@ -87,7 +87,7 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_pa
     batch, heads, n_queries, _ = q.shape
     n_keys = k.shape[-2]
     geo = boxes is not None
-    factors = BoxFactors(boxes, ct, embedding) if geo else None
+    factors = BoxFactors(zero_padded_boxes(boxes, key_padding_mask), ct, embedding) if geo else None
     wgw = wg_weight.to(ct) if geo else None
     wgb = wg_bias.to(ct) if geo else None
     keep_keys = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
