@@ -558,18 +558,20 @@ def attention_bwd(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                   wg_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                   seed: Optional[torch.Tensor], causal: bool, dropout_p: float,
                   signed: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward kernels: ``(dq, dk, dv, dW_g [H, 64] or [0], db_g [H] or [0])``; dq/dk/dv in q's
+    """Backward kernels: ``(dq, dk, dv, dW_g [H, 64] or [0], db_g [H] or [0])`` for ``d_out`` in
+    the dtype ``out`` was stored in; dq/dk/dv in q's
     dtype (float32 under the interpreter's bf16), the geometry gradients float32. ``out`` is
     the forward's output as stored (float32 when geometry gradients are wanted)."""
     batch, heads, nq, d = q.shape
     nk = k.shape[2]
     has_geo = boxes is not None
     f32 = _upcast_in_kernel(q.dtype)
-    d_out = d_out.contiguous()
     # dW_g and db_g sum ds / x over every (query, key) pair, where each row of ds sums to 0 up
     # to delta's error; delta from the output rounded to fp16/bf16 made their error ~6x the
     # eager one (fp16, tests/test_attention_equivalence.py), so the forward stores it in float32
+    # (and dO arrives in the stored dtype); the kernels take dO in q's dtype
     delta = (d_out.float() * out.float()).sum(-1)                                           # [B, H, NQ]
+    d_out = d_out.to(q.dtype).contiguous()
     store_dtype = torch.float32 if f32 else q.dtype
     dq = torch.empty((batch, heads, nq, d), dtype=store_dtype, device=q.device)
     dk = torch.empty((batch, heads, nk, d), dtype=store_dtype, device=k.device)
@@ -626,15 +628,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(named["q"], named["k"], named["v"], out, lse, named["boxes"], named["wg_weight"],
                           named["wg_bias"], named["key_padding_mask"], named["seed"])
     ctx.flags = (named["causal"], named["dropout_p"], named["signed"])
+    ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)             # entropy, probs and lse take no gradient: no zeros for them
 
 
 def _backward(ctx, d_out, _d_lse, _d_ent, _d_probs):
     q, k, v, out, lse, boxes, wg_weight, wg_bias, mask, seed = ctx.saved_tensors
     causal, dropout_p, signed = ctx.flags
-    # the op's output may be stored in float32 (fp32_out); the kernels take dO in q's dtype
-    dq, dk, dv, d_weight, d_bias = attention_bwd(d_out.to(q.dtype), q, k, v, out, lse, boxes, wg_weight, wg_bias, mask, seed,
-                                                 causal, dropout_p, signed)
+    with torch.no_grad():                       # first-order only: no autograd through the backward op
+        dq, dk, dv, d_weight, d_bias = attention_bwd(d_out, q, k, v, out, lse, boxes, wg_weight, wg_bias, mask,
+                                                     seed, causal, dropout_p, signed)
     if boxes is not None:
         d_weight, d_bias = d_weight.to(wg_weight.dtype), d_bias.to(wg_bias.dtype)
     else:
@@ -642,7 +645,20 @@ def _backward(ctx, d_out, _d_lse, _d_ent, _d_probs):
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, d_weight, d_bias) + (None,) * 8
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+class _TritonAttention(torch.autograd.Function):
+    """Autograd of the two registered ops, in ``setup_context`` style (torch.func.grad needs it).
+
+    Not ``attention_fwd.register_autograd``: the Function that torch.library generates from it is
+    legacy-style (``forward(ctx, ...)``), which torch.func.grad rejects ("must override
+    setup_context", torch 2.13). torch.compile traces this Function and sees the ops as opaque
+    nodes with fake implementations."""
+
+    @staticmethod
+    def forward(*inputs):
+        return attention_fwd(*inputs)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def draw_dropout_seed(device="cpu") -> torch.Tensor:
@@ -666,7 +682,7 @@ def triton_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_p
     has_geo = boxes is not None
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
     fp32_out = has_geo and torch.is_grad_enabled() and (wg_weight.requires_grad or wg_bias.requires_grad)
-    out, _lse, ent, probs = attention_fwd(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, seed, causal,
+    out, _lse, ent, probs = _TritonAttention.apply(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, seed, causal,
                                           float(dropout_p), return_entropy, return_probs,
                                           has_geo and embedding == "signed", fp32_out)
     return (out.to(q.dtype), ent.detach() if return_entropy else None, probs.detach() if return_probs else None)

@@ -43,13 +43,22 @@ def value_checks(enabled: bool):
         _value_checks = previous
 
 
-def value_checks_active() -> bool:
+def value_checks_active(t: torch.Tensor | None = None) -> bool:
     """True when box values are to be checked now: switched on (:func:`value_checks`), not
-    inside torch.compile's tracing, not during CUDA-graph capture (a host read is impossible
-    or would break the graph there)."""
+    inside torch.compile's tracing, not during CUDA-graph capture, and ``t`` (the tensor to
+    check) is not a fake or meta tensor (a trace without data): a host read is impossible or
+    would break the graph there."""
     if not _value_checks or torch.compiler.is_compiling():
         return False
+    if t is not None and (t.device.type == "meta" or _is_fake(t)):
+        return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
 
 
 def require_tensor(name: str, t) -> torch.Tensor:
@@ -135,7 +144,7 @@ def check_finite(name: str, t: torch.Tensor, valid=None) -> None:
     """ValueError naming ``name`` and the first ``[b, i]`` whose values hold NaN or inf, for
     ``t`` ``[B, N, ...]``; rows where ``valid`` ``[B, N]`` is False are not checked. A value
     check (skipped unless :func:`value_checks_active`): one reduction and one host synchronisation."""
-    if t.numel() == 0 or not value_checks_active():
+    if t.numel() == 0 or not value_checks_active(t):
         return
     bad = ~torch.isfinite(t.detach()).flatten(2).all(-1)
     if valid is not None:
@@ -161,7 +170,7 @@ def check_boxes(boxes, batch: int | None = None, n: int | None = None, key_paddi
         raise ValueError(f"boxes must have shape [B, N, 4] as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
     if batch is not None and (boxes.shape[0] != batch or boxes.shape[1] != n):
         raise ValueError(f"boxes must have shape [B, N, 4] = {(batch, n, 4)}, got {tuple(boxes.shape)}")
-    if boxes.numel() == 0 or not value_checks_active():
+    if boxes.numel() == 0 or not value_checks_active(boxes):
         return
     b = boxes.detach()
     if _boxes_pass(b, key_padding_mask):
