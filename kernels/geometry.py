@@ -147,13 +147,14 @@ class BoxFactors:
 
     Attributes (``B`` batch, ``N`` boxes, float32 or float64), channel-first: ``lo`` ``[B, 2, N]``
     = (x1, y1), ``hi`` = (x2, y2) (centre offsets are taken from them, :func:`coordinate_offset`),
-    ``size`` = ORT's (w, h), ``two_size`` = 2 (w, h); ``embedding`` the dx/dy form (``EMBEDDINGS``).
+    ``size`` = ORT's (w, h), ``two_size`` = 2 (w, h), ``edges`` ``[B, 2, 2, N]`` = (lo, hi); ``embedding`` the dx/dy form (``EMBEDDINGS``).
     """
 
     def __init__(self, boxes: torch.Tensor, dtype: torch.dtype, embedding: str = "ort"):
         self.embedding = embedding
-        b = boxes.to(dtype).transpose(1, 2)                                     # [B, 4, N]
-        self.lo, self.hi = b[:, :2], b[:, 2:]
+        b = boxes if boxes.dtype == dtype else boxes.to(dtype)
+        self.edges = b.transpose(1, 2).unflatten(1, (2, 2))                    # [B, 2 (lo, hi), 2 (x, y), N]
+        self.lo, self.hi = self.edges[:, 0], self.edges[:, 1]
         self.size = self.hi - self.lo + 1.0
         self.two_size = self.size * 2.0
         self.freq = scaled_frequencies(dtype, b.device)
@@ -161,20 +162,22 @@ class BoxFactors:
     def rows(self, start: int, stop: int) -> "BoxFactors":
         """The same factors restricted to boxes ``start:stop`` (a query block)."""
         sub = object.__new__(BoxFactors)
-        for name in ("lo", "hi", "size", "two_size"):
+        for name in ("edges", "lo", "hi", "size", "two_size"):
             setattr(sub, name, getattr(self, name)[..., start:stop])
         sub.freq, sub.embedding = self.freq, self.embedding
         return sub
 
 
 def scaled_frequencies(dtype: torch.dtype, device) -> torch.Tensor:
-    """``[dim_g // 8]`` = 100 f_k, rounded once from float64 (cached; do not modify)."""
+    """``[dim_g // 8, 1, 1]`` = 100 f_k, rounded once from float64, shaped to scale ``[..., Nq, Nk]``
+    pair tensors (cached; do not modify)."""
     return _scaled_frequencies(dtype, torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)
 def _scaled_frequencies(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return (SCALE * geometry_frequencies(DIM_G, WAVE_LEN, dtype=torch.float64)).to(dtype=dtype, device=device)
+    freq = SCALE * geometry_frequencies(DIM_G, WAVE_LEN, dtype=torch.float64)
+    return freq.to(dtype=dtype, device=device).view(-1, 1, 1)
 
 
 def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
@@ -182,29 +185,23 @@ def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
     frequencies each, in the embedding's channel order): the sin and the cos of this tensor are
     the embedding's two halves. dx/dy from the edges (:func:`coordinate_offset`'s formula),
     dw/dh = log(w_i / w_j) as ORT computes them."""
-    def pairwise(q, k):                                                            # [B, 2, Nq, Nk]
-        return q[..., :, None] - k[..., None, :]
-
-    u = (pairwise(qf.lo, kf.lo) + pairwise(qf.hi, kf.hi)) / qf.two_size[..., None]
+    edge_offsets = qf.edges[..., :, None] - kf.edges[..., None, :]                   # [B, 2, 2, Nq, Nk]
+    u = edge_offsets.sum(1) / qf.two_size[..., None]                               # (lo_i - lo_j) + (hi_i - hi_j)
     near = _offset_feature(u, qf.embedding)                                        # dx, dy
     far = torch.log(qf.size[..., :, None] / kf.size[..., None, :])                 # dw, dh
     disp = torch.cat([near, far], dim=1)                                           # [B, 4, Nq, Nk]
-    args = disp[:, :, None] * qf.freq[:, None, None]                               # [B, 4, 8, Nq, Nk]
+    args = disp.unsqueeze(2) * qf.freq                                             # [B, 4, 8, Nq, Nk]
     return args.flatten(1, 2)
 
 
 def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight, wg_bias) -> torch.Tensor:
     """``[B, H, Nq, Nk]`` the per-head geometry logits ``x = emb . W_g[h] + b_g[h]`` without
-    building the embedding pair-last: two ``[H, 32] @ [32, Nq Nk]`` products per image (the sin
-    and the cos halves). Differentiable in wg_weight and wg_bias (the factors' dtype)."""
+    building the embedding pair-last: one ``[H, 64] @ [64, Nq Nk]`` product per image. Differentiable in wg_weight and wg_bias (the factors' dtype)."""
     args = pair_arguments(qf, kf)
     batch, channels, n_q, n_k = args.shape
     heads = wg_weight.shape[0]
-    flat = args.view(batch, channels, n_q * n_k)
-    w_sin = wg_weight[:, :channels].expand(batch, heads, channels)
-    w_cos = wg_weight[:, channels:].expand(batch, heads, channels)
-    x = torch.baddbmm(wg_bias[None, :, None], w_sin, torch.sin(flat))
-    x = torch.baddbmm(x, w_cos, torch.cos(flat))
+    feats = torch.cat([torch.sin(args), torch.cos(args)], dim=1).view(batch, 2 * channels, n_q * n_k)
+    x = torch.baddbmm(wg_bias.view(1, heads, 1), wg_weight.expand(batch, heads, 2 * channels), feats)
     return x.view(batch, heads, n_q, n_k)
 
 
@@ -212,8 +209,11 @@ def block_log_bias(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_b
     """``[B, H, Nq, Nk]`` log-geometry bias ``log(max(x, 1e-6))`` (= ORT's ``log(clamp(relu(x), 1e-6))``)
     for a block of query boxes; differentiable in wg_weight and wg_bias (same dtype as the
     factors). The geometry term is ill-conditioned: always in the factors' dtype, never autocast's."""
-    with torch.autocast(qf.lo.device.type, enabled=False):
-        return torch.log(torch.clamp(geometry_logits(qf, kf, wg_weight, wg_bias), min=BIAS_CLAMP))
+    device_type = qf.lo.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return block_log_bias(qf, kf, wg_weight, wg_bias)
+    return torch.log(torch.clamp(geometry_logits(qf, kf, wg_weight, wg_bias), min=BIAS_CLAMP))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -77,19 +77,28 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
     return out, (probs if want_probs else None), entropy
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipped when it is already (per-call overhead: this path serves tiny calls too)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _joined(parts, dim):
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None,
                     causal=False, dropout_p=0.0, return_entropy=False, return_probs=False, embedding="ort"):
-    """Inputs validated by the caller; padded boxes (mask False) count as zeros; ``embedding`` is the box embedding's dx/dy form ("ort" or
-    "signed", kernels/geometry.py). Returns ``(out, entropy, probs)``: out in q's dtype,
+    """Inputs validated by the caller; padded boxes (mask False) count as zeros; ``embedding`` is
+    the box embedding's dx/dy form ("ort" or "signed", kernels/geometry.py). Returns ``(out, entropy, probs)``: out in q's dtype,
     entropy ``[B, H, Nq]`` and probs ``[B, H, Nq, Nk]`` in the compute dtype (or None)."""
     ct = compute_dtype(q.dtype)
-    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    qc, kc, vc = _as(q, ct), _as(k, ct), _as(v, ct)
     batch, heads, n_queries, _ = q.shape
     n_keys = k.shape[-2]
     geo = boxes is not None
     factors = BoxFactors(zero_padded_boxes(boxes, key_padding_mask), ct, embedding) if geo else None
-    wgw = wg_weight.to(ct) if geo else None
-    wgb = wg_bias.to(ct) if geo else None
+    wgw = _as(wg_weight, ct) if geo else None
+    wgb = _as(wg_bias, ct) if geo else None
     keep_keys = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
     step = _query_block_size(batch, heads, n_keys, torch.finfo(ct).bits // 8)
     needs_grad = torch.is_grad_enabled() and any(
@@ -99,7 +108,9 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_pa
     outs, probs, entropies = [], [], []
     for start in range(0, n_queries, step):
         stop = min(start + step, n_queries)
-        args = (qc[:, :, start:stop], kc, vc, keep_keys, factors.rows(start, stop) if geo else None,
+        whole = start == 0 and stop == n_queries
+        args = (qc if whole else qc[:, :, start:stop], kc, vc, keep_keys,
+                (factors if whole else factors.rows(start, stop)) if geo else None,
                 factors, wgw, wgb, start, n_queries, causal, dropout_p, return_probs, return_entropy)
         if recompute:
             o, p, h = checkpoint(_block, *args, use_reentrant=False)
@@ -114,7 +125,7 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_pa
         out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
         return out, (q.new_zeros(q.shape[:-1], dtype=ct) if return_entropy else None), (
             q.new_zeros((batch, heads, 0, n_keys), dtype=ct) if return_probs else None)
-    out = torch.cat(outs, dim=-2).to(q.dtype)
-    entropy = torch.cat(entropies, dim=-1).detach() if return_entropy else None
-    prob = torch.cat(probs, dim=-2).detach() if return_probs else None
+    out = _as(outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2), q.dtype)
+    entropy = _joined(entropies, -1).detach() if return_entropy else None
+    prob = _joined(probs, -2).detach() if return_probs else None
     return out, entropy, prob
