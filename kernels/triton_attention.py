@@ -3,9 +3,11 @@ and the torch.autograd.Function that ties them together.
 
 Forward (one program per (query block, batch*head)): for each key tile, the geometry logit
 ``x = emb(boxes_i, boxes_j) . W_g[h] + b_g[h]`` is computed in registers from the BM query and
-BN key boxes it loads (never an N x N or N x N x 64 tensor in memory): the dx/dy channels need
-sin/cos per pair, the dw/dh channels are separable (kernels/geometry.py explains why) and become
-a ``[BM, 32] x [32, BN]`` product of per-box factors. ``log(max(x, 1e-6))`` joins the scaled
+BN key boxes it loads (never an N x N or N x N x 64 tensor in memory): all four channel groups
+(dx, dy from the box edges, dw, dh as ORT's log(w_i / w_j)) take sin/cos per pair. (The dw/dh
+channels are separable into per-box factors, which saves half the sin/cos, but that form's
+rounding does not cancel for equal sizes and missed eager near the log floor on degenerate and
+identical boxes.) ``log(max(x, 1e-6))`` joins the scaled
 scores, then the online softmax (kernels/triton_online.py) with its entropy accumulator, the
 optional dropout, and ``P @ V``. The log-sum-exp is stored for the backward.
 
@@ -62,38 +64,22 @@ def _load_boxes(Boxes, b, offs, N, Mask, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _far_factors(w, h, Freq):
-    """``sin, cos`` ``[n, 16]`` of ``100 f_k log w`` (columns 0..7) and ``100 f_k log h`` (8..15)."""
-    cols = tl.arange(0, 16)
-    f = tl.load(Freq + (cols % 8))
-    size = tl.where(cols[None, :] < 8, tl.log(w)[:, None], tl.log(h)[:, None])
-    return sincos(size * 100.0 * f[None, :])
-
-
-@triton.jit
 def _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, Mask, HAS_GEO: tl.constexpr,
                           HAS_MASK: tl.constexpr):
-    """Per-query-block, per-head geometry: ``(xs, ys, w, h, sin_far, cos_far, A, Bq, bias)`` where
-    ``x_far[i, j] = A_i . cos_far_j + Bq_i . sin_far_j`` (A, Bq, sin_far, cos_far ``[BM, 16]``).
-    Scalars 0 stand in for every value when ``HAS_GEO`` is off."""
+    """Per-query-block, per-head geometry: ``(xs, ys, w, h, bias)`` (edges and sizes as in
+    ``_load_boxes``, ``bias`` = b_g[h]). Scalars 0 stand in for every value when ``HAS_GEO`` is off."""
     if HAS_GEO:
         xs, ys, w, hh = _load_boxes(Boxes, b, offs_m, NQ, Mask, HAS_MASK)
-        s, c = _far_factors(w, hh, Freq)
-        cols = tl.arange(0, 16)
-        w_sin = tl.load(WgW + h * 64 + 16 + cols)[None, :]
-        w_cos = tl.load(WgW + h * 64 + 48 + cols)[None, :]
-        return xs, ys, w, hh, s, c, w_sin * s + w_cos * c, w_cos * s - w_sin * c, tl.load(WgB + h)
+        return xs, ys, w, hh, tl.load(WgB + h)
     else:
-        return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, 0.0, 0.0
 
 
 @triton.jit
 def _key_block_geometry(Boxes, b, offs_n, NK, Freq, Mask, HAS_GEO: tl.constexpr, HAS_MASK: tl.constexpr):
-    """``(xs, ys, sin_far, cos_far)`` of a key block (edges as in ``_load_boxes``) (scalars 0 when ``HAS_GEO`` is off)."""
+    """``(xs, ys, w, h)`` of a key block (as in ``_load_boxes``; scalars 0 when ``HAS_GEO`` is off)."""
     if HAS_GEO:
-        xs, ys, w, hh = _load_boxes(Boxes, b, offs_n, NK, Mask, HAS_MASK)
-        s, c = _far_factors(w, hh, Freq)
-        return xs, ys, s, c
+        return _load_boxes(Boxes, b, offs_n, NK, Mask, HAS_MASK)
     else:
         return 0.0, 0.0, 0.0, 0.0
 
@@ -124,6 +110,15 @@ def _near_arg(q_edges, qsize, k_edges, SIGNED: tl.constexpr):
 
 
 @triton.jit
+def _size_arg(qsize, ksize):
+    """``100 * dw`` ``[BM, BN]`` = 100 log(w_i / w_j) as ORT computes it (likewise dh with heights):
+    per pair, not from separable per-box factors, whose rounding (eps x |100 f log w| per factor)
+    does not cancel for equal sizes, where ORT's sin(0) and cos(0) are exact; near the log floor of
+    the geometry logit that difference showed (degenerate and identical boxes)."""
+    return tl.log(qsize[:, None] / ksize[None, :]) * 100.0
+
+
+@triton.jit
 def _near_logit(x, arg, wrow, Freq):
     """Add one pairwise channel group (dx or dy: its 8 sin and 8 cos weights at ``wrow`` and
     ``wrow + 32``) to the geometry logit ``x``."""
@@ -134,12 +129,15 @@ def _near_logit(x, arg, wrow, Freq):
 
 
 @triton.jit
-def _geometry_logit(qxs, qys, qw, qh, qa, qb, kxs, kys, k_sin, k_cos, WgW, bias, h, Freq, SIGNED: tl.constexpr):
-    """Head ``h``'s geometry logit ``x`` ``[BM, BN]`` before relu / clamp / log."""
-    x = tl.dot(qa, tl.trans(k_cos), input_precision="ieee") + tl.dot(qb, tl.trans(k_sin), input_precision="ieee")
-    x += bias
-    x = _near_logit(x, _near_arg(qxs, qw, kxs, SIGNED), WgW + h * 64, Freq)
-    x = _near_logit(x, _near_arg(qys, qh, kys, SIGNED), WgW + h * 64 + 8, Freq)
+def _geometry_logit(qxs, qys, qw, qh, kxs, kys, kw, kh, WgW, bias, h, Freq, SIGNED: tl.constexpr):
+    """Head ``h``'s geometry logit ``x`` ``[BM, BN]`` before relu / clamp / log: the four channel
+    groups (dx, dy, dw, dh; weights at columns 0, 8, 16, 24 and +32 for the cosines) per pair."""
+    x = tl.zeros(qw.shape, tl.float32)[:, None] + tl.zeros(kw.shape, tl.float32)[None, :] + bias
+    row = WgW + h * 64
+    x = _near_logit(x, _near_arg(qxs, qw, kxs, SIGNED), row, Freq)
+    x = _near_logit(x, _near_arg(qys, qh, kys, SIGNED), row + 8, Freq)
+    x = _near_logit(x, _size_arg(qw, kw), row + 16, Freq)
+    x = _near_logit(x, _size_arg(qh, kh), row + 24, Freq)
     return x
 
 
@@ -153,14 +151,14 @@ def _dropout_keep(Seed, bh, offs_m, offs_n, NK, dropout_p):
 
 
 @triton.jit
-def _logits(q, k, sm_scale, qxs, qys, qw, qh, qa, qb, bias, kxs, kys, k_sin, k_cos, WgW, h, Freq,
+def _logits(q, k, sm_scale, qxs, qys, qw, qh, bias, kxs, kys, kw, kh, WgW, h, Freq,
             HAS_GEO: tl.constexpr, DOT_PRECISION: tl.constexpr, SIGNED: tl.constexpr):
     """``(s, x)``: the attention logits ``[BM, BN]`` (scaled scores plus log-geometry) and the
     geometry logit ``x`` they include (``s`` itself when ``HAS_GEO`` is off)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
     x = s
     if HAS_GEO:
-        x = _geometry_logit(qxs, qys, qw, qh, qa, qb, kxs, kys, k_sin, k_cos, WgW, bias, h, Freq, SIGNED)
+        x = _geometry_logit(qxs, qys, qw, qh, kxs, kys, kw, kh, WgW, bias, h, Freq, SIGNED)
         s += tl.log(tl.maximum(x, 1e-6))
     return s, x
 
@@ -203,7 +201,7 @@ def _fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     q = _load_tile(Q_bh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
                    row_ok[:, None] & d_ok[None, :], F32)
-    qxs, qys, qw, qh, _qs, _qc, qa, qb, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, Mask, HAS_GEO,
+    qxs, qys, qw, qh, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, Mask, HAS_GEO,
                                                                       HAS_MASK)
 
     m_i = tl.zeros([BM], dtype=tl.float32) + NEG_INIT
@@ -217,8 +215,8 @@ def _fwd_kernel(
         offs_n = start_n + tl.arange(0, BN)
         kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
         k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
-        kxs, kys, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, Mask, HAS_GEO, HAS_MASK)
-        s, _x = _logits(q, k, sm_scale, qxs, qys, qw, qh, qa, qb, bias, kxs, kys, k_sin, k_cos, WgW, h, Freq,
+        kxs, kys, kw, kh = _key_block_geometry(Boxes, b, offs_n, NK, Freq, Mask, HAS_GEO, HAS_MASK)
+        s, _x = _logits(q, k, sm_scale, qxs, qys, qw, qh, bias, kxs, kys, kw, kh, WgW, h, Freq,
                         HAS_GEO, DOT_PRECISION, SIGNED)
         valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
         m_i, alpha, p, l_i, t_i = online_softmax_step(m_i, l_i, t_i, s, valid, RETURN_ENT)
@@ -242,8 +240,8 @@ def _fwd_kernel(
             n_ok = offs_n < NK
             k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                            n_ok[:, None] & d_ok[None, :], F32)
-            kxs, kys, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, Mask, HAS_GEO, HAS_MASK)
-            s, _x = _logits(q, k, sm_scale, qxs, qys, qw, qh, qa, qb, bias, kxs, kys, k_sin, k_cos, WgW, h, Freq,
+            kxs, kys, kw, kh = _key_block_geometry(Boxes, b, offs_n, NK, Freq, Mask, HAS_GEO, HAS_MASK)
+            s, _x = _logits(q, k, sm_scale, qxs, qys, qw, qh, bias, kxs, kys, kw, kh, WgW, h, Freq,
                             HAS_GEO, DOT_PRECISION, SIGNED)
             valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
@@ -257,7 +255,7 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _near_weight_grads(dx, arg, Freq, g_near, first: tl.constexpr):
-    """Add ``sum_ij dx_ij sin/cos(f_k arg_ij)`` to channels ``first + k`` / ``32 + first + k`` of ``g_near``."""
+    """Add ``sum_ij dx_ij sin/cos(f_k arg_ij)`` to channels ``first + k`` / ``32 + first + k`` of ``g_near`` [64]."""
     cols = tl.arange(0, 64)
     for kk in range(8):
         sin_a, cos_a = sincos(arg * tl.load(Freq + kk))
@@ -267,20 +265,14 @@ def _near_weight_grads(dx, arg, Freq, g_near, first: tl.constexpr):
 
 
 @triton.jit
-def _geometry_weight_grads(dx, qxs, qys, qw, qh, q_sin, q_cos, kxs, kys, k_sin, k_cos, Freq,
-                           g_near, g_far_sin, g_far_cos, SIGNED: tl.constexpr):
-    """Add one tile's contribution to dL/dW_g given ``dx = dL/dx`` ``[BM, BN]``.
-
-    ``g_near`` ``[64]`` collects the pairwise channels (dx, dy: 0..15 and 32..47); the separable
-    dw/dh channels come from the per-box factors: ``sum_ij dx_ij sin(a_i - a_j) = sum_i (s_i (dx c)_i - c_i (dx s)_i)``.
-    """
-    g_near = _near_weight_grads(dx, _near_arg(qxs, qw, kxs, SIGNED), Freq, g_near, 0)
-    g_near = _near_weight_grads(dx, _near_arg(qys, qh, kys, SIGNED), Freq, g_near, 8)
-    dx_cos = tl.dot(dx, k_cos, input_precision="ieee")      # [BM, 16]
-    dx_sin = tl.dot(dx, k_sin, input_precision="ieee")
-    g_far_sin += tl.sum(q_sin * dx_cos - q_cos * dx_sin, 0)
-    g_far_cos += tl.sum(q_cos * dx_cos + q_sin * dx_sin, 0)
-    return g_near, g_far_sin, g_far_cos
+def _geometry_weight_grads(dx, qxs, qys, qw, qh, kxs, kys, kw, kh, Freq, g_w, SIGNED: tl.constexpr):
+    """Add one tile's contribution to dL/dW_g ``[64]`` given ``dx = dL/dx`` ``[BM, BN]``: every channel
+    from its per-pair argument, as the forward computes it."""
+    g_w = _near_weight_grads(dx, _near_arg(qxs, qw, kxs, SIGNED), Freq, g_w, 0)
+    g_w = _near_weight_grads(dx, _near_arg(qys, qh, kys, SIGNED), Freq, g_w, 8)
+    g_w = _near_weight_grads(dx, _size_arg(qw, kw), Freq, g_w, 16)
+    g_w = _near_weight_grads(dx, _size_arg(qh, kh), Freq, g_w, 24)
+    return g_w
 
 
 @triton.jit
@@ -309,12 +301,10 @@ def _bwd_kv_kernel(
     kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
     k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
     v = _load_tile(V_bh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
-    kxs, kys, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, Mask, HAS_GEO, HAS_MASK)
+    kxs, kys, kw, kh = _key_block_geometry(Boxes, b, offs_n, NK, Freq, Mask, HAS_GEO, HAS_MASK)
     dk = tl.zeros([BN, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BN, BLOCK_D], dtype=tl.float32)
-    g_near = tl.zeros([64], dtype=tl.float32)
-    g_far_sin = tl.zeros([16], dtype=tl.float32)
-    g_far_cos = tl.zeros([16], dtype=tl.float32)
+    g_w = tl.zeros([64], dtype=tl.float32)
     g_bias = tl.zeros([BM], dtype=tl.float32)
     lo = 0
     if CAUSAL:
@@ -327,9 +317,9 @@ def _bwd_kv_kernel(
         do = _load_tile(DO_bh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, q_ok, F32)
         lse = tl.load(Lse + bh * NQ + offs_m, mask=row_ok, other=-NEG_INIT)
         delta = tl.load(Delta + bh * NQ + offs_m, mask=row_ok, other=0.0)
-        qxs, qys, qw, qh, q_sin, q_cos, qa, qb, bias = _query_block_geometry(
+        qxs, qys, qw, qh, bias = _query_block_geometry(
             Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, Mask, HAS_GEO, HAS_MASK)
-        s, x = _logits(q, k, sm_scale, qxs, qys, qw, qh, qa, qb, bias, kxs, kys, k_sin, k_cos, WgW, h, Freq,
+        s, x = _logits(q, k, sm_scale, qxs, qys, qw, qh, bias, kxs, kys, kw, kh, WgW, h, Freq,
                        HAS_GEO, DOT_PRECISION, SIGNED)
         valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
@@ -344,8 +334,7 @@ def _bwd_kv_kernel(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
         if HAS_GEO:
             dx = tl.where(x >= 1e-6, ds / tl.maximum(x, 1e-6), 0.0)
-            g_near, g_far_sin, g_far_cos = _geometry_weight_grads(
-                dx, qxs, qys, qw, qh, q_sin, q_cos, kxs, kys, k_sin, k_cos, Freq, g_near, g_far_sin, g_far_cos, SIGNED)
+            g_w = _geometry_weight_grads(dx, qxs, qys, qw, qh, kxs, kys, kw, kh, Freq, g_w, SIGNED)
             g_bias += tl.sum(dx, 1)
     # dK and dV are written contiguous [B, H, NK, d]
     out_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
@@ -354,11 +343,7 @@ def _bwd_kv_kernel(
     tl.store(DV + bh_offset + out_offs, dv.to(DV.dtype.element_ty), mask=kv_ok)
     if HAS_GEO:
         part = bh * N_KBLOCKS + pid_n
-        cols = tl.arange(0, 64)
-        tl.store(DW + part * 64 + cols, g_near, mask=(cols % 32) < 16)
-        cols16 = tl.arange(0, 16)
-        tl.store(DW + part * 64 + 16 + cols16, g_far_sin)
-        tl.store(DW + part * 64 + 48 + cols16, g_far_cos)
+        tl.store(DW + part * 64 + tl.arange(0, 64), g_w)
         tl.store(DB + part, tl.sum(g_bias, 0))
 
 
@@ -390,7 +375,7 @@ def _bwd_q_kernel(
     do = _load_tile(DO_bh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, q_ok, F32)
     lse = tl.load(Lse + bh * NQ + offs_m, mask=row_ok, other=-NEG_INIT)
     delta = tl.load(Delta + bh * NQ + offs_m, mask=row_ok, other=0.0)
-    qxs, qys, qw, qh, _qs, _qc, qa, qb, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, Mask, HAS_GEO,
+    qxs, qys, qw, qh, bias = _query_block_geometry(Boxes, WgW, WgB, b, h, offs_m, NQ, Freq, Mask, HAS_GEO,
                                                                       HAS_MASK)
     dq = tl.zeros([BM, BLOCK_D], dtype=tl.float32)
     hi = NK
@@ -401,8 +386,8 @@ def _bwd_q_kernel(
         kv_ok = (offs_n < NK)[:, None] & d_ok[None, :]
         k = _load_tile(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, kv_ok, F32)
         v = _load_tile(V_bh + offs_n[:, None] * svn + offs_d[None, :] * svd, kv_ok, F32)
-        kxs, kys, k_sin, k_cos = _key_block_geometry(Boxes, b, offs_n, NK, Freq, Mask, HAS_GEO, HAS_MASK)
-        s, _x = _logits(q, k, sm_scale, qxs, qys, qw, qh, qa, qb, bias, kxs, kys, k_sin, k_cos, WgW, h, Freq,
+        kxs, kys, kw, kh = _key_block_geometry(Boxes, b, offs_n, NK, Freq, Mask, HAS_GEO, HAS_MASK)
+        s, _x = _logits(q, k, sm_scale, qxs, qys, qw, qh, bias, kxs, kys, kw, kh, WgW, h, Freq,
                         HAS_GEO, DOT_PRECISION, SIGNED)
         valid = _valid(offs_m, offs_n, b, NQ, NK, Mask, HAS_MASK, CAUSAL)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
