@@ -157,7 +157,7 @@ class BoxFactors:
         self.lo, self.hi = self.edges[:, 0], self.edges[:, 1]
         self.size = self.hi - self.lo + 1.0
         self.two_size = self.size * 2.0
-        self.freq = scaled_frequencies(dtype, b.device)
+        self.freq = pair_frequencies(dtype, b.device)
 
     def rows(self, start: int, stop: int) -> "BoxFactors":
         """The same factors restricted to boxes ``start:stop`` (a query block)."""
@@ -168,16 +168,15 @@ class BoxFactors:
         return sub
 
 
-def scaled_frequencies(dtype: torch.dtype, device) -> torch.Tensor:
-    """``[dim_g // 8, 1, 1]`` = 100 f_k, rounded once from float64, shaped to scale ``[..., Nq, Nk]``
-    pair tensors (cached; do not modify)."""
-    return _scaled_frequencies(dtype, torch.device(device))
+def pair_frequencies(dtype: torch.dtype, device) -> torch.Tensor:
+    """``[dim_g // 8, 1, 1]`` the frequencies f_k shaped to scale ``[..., Nq, Nk]`` pair tensors
+    (cached; do not modify)."""
+    return _pair_frequencies(dtype, torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)
-def _scaled_frequencies(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    freq = SCALE * geometry_frequencies(DIM_G, WAVE_LEN, dtype=torch.float64)
-    return freq.to(dtype=dtype, device=device).view(-1, 1, 1)
+def _pair_frequencies(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=device).view(-1, 1, 1)
 
 
 def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
@@ -190,7 +189,10 @@ def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
     near = _offset_feature(u, qf.embedding)                                        # dx, dy
     far = torch.log(qf.size[..., :, None] / kf.size[..., None, :])                 # dw, dh
     disp = torch.cat([near, far], dim=1)                                           # [B, 4, Nq, Nk]
-    args = disp.unsqueeze(2) * qf.freq                                             # [B, 4, 8, Nq, Nk]
+    # (100 d) f, rounded in the reference's order (not d (100 f)): near the log floor of the
+    # geometry logit the sinusoids of these ~700 rad arguments magnify a different rounding into
+    # errors up to 14x eager's (tests/test_attention_precision.py)
+    args = (disp * SCALE).unsqueeze(2) * qf.freq                                   # [B, 4, 8, Nq, Nk]
     return args.flatten(1, 2)
 
 
@@ -242,6 +244,6 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
 __all__ = [
     "DIM_G", "EMBEDDINGS", "WAVE_LEN", "BoxFactors", "block_log_bias", "box_centers_sizes", "box_displacement",
     "box_relation_embedding", "center_offset", "compute_dtype", "coordinate_offset", "geometry_frequencies",
-    "geometry_log_bias", "geometry_logits", "log_geometry_bias_from_logits", "pair_arguments", "scaled_frequencies",
+    "geometry_log_bias", "geometry_logits", "log_geometry_bias_from_logits", "pair_arguments", "pair_frequencies",
     "zero_padded_boxes",
 ]
