@@ -32,8 +32,8 @@
 # GPU_CHECK_ATTENTION_S (rest of the deadline less GPU_CHECK_FLEX_S), GPU_CHECK_FLEX_S (60);
 # GPU_CHECK_TIMING_S (240, the first stage); GPU_CHECK_DRY_RUN=1 runs the timing stage on the CPU
 # with tiny shapes (--dry-run, Triton interpreted), skips the test suite and restricts the attention
-# sweep to N=36 (for trying the script on a CPU machine); GEOCAP_BENCH_N / GEOCAP_BENCH_DTYPES / GEOCAP_BENCH_VARIANTS (default here
-# eager,sdpa_bias,geocap) / GEOCAP_BENCH_PASSES pass through to bench/test_bench_attention.py.
+# sweep to N=36 (for trying the script on a CPU machine); GEOCAP_BENCH_N / GEOCAP_BENCH_DTYPES /
+# GEOCAP_BENCH_VARIANTS (default here eager,sdpa_bias,geocap) / GEOCAP_BENCH_PASSES pass through to bench/test_bench_attention.py.
 set -u -o pipefail
 
 OUT_ARG=${1:-}

@@ -147,7 +147,8 @@ class BoxFactors:
 
     Attributes (``B`` batch, ``N`` boxes, float32 or float64), channel-first: ``lo`` ``[B, 2, N]``
     = (x1, y1), ``hi`` = (x2, y2) (centre offsets are taken from them, :func:`coordinate_offset`),
-    ``size`` = ORT's (w, h), ``two_size`` = 2 (w, h), ``edges`` ``[B, 2, 2, N]`` = (lo, hi); ``embedding`` the dx/dy form (``EMBEDDINGS``).
+    ``size`` = ORT's (w, h), ``two_size`` = 2 (w, h), ``edges`` ``[B, 2, 2, N]`` = (lo, hi);
+    ``embedding`` the dx/dy form (``EMBEDDINGS``).
     """
 
     def __init__(self, boxes: torch.Tensor, dtype: torch.dtype, embedding: str = "ort"):
@@ -198,7 +199,8 @@ def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
 
 def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight, wg_bias) -> torch.Tensor:
     """``[B, H, Nq, Nk]`` the per-head geometry logits ``x = emb . W_g[h] + b_g[h]`` without
-    building the embedding pair-last: one ``[H, 64] @ [64, Nq Nk]`` product per image. Differentiable in wg_weight and wg_bias (the factors' dtype)."""
+    building the embedding pair-last: one ``[H, 64] @ [64, Nq Nk]`` product per image.
+    Differentiable in wg_weight and wg_bias (the factors' dtype)."""
     args = pair_arguments(qf, kf)
     batch, channels, n_q, n_k = args.shape
     heads = wg_weight.shape[0]

@@ -45,7 +45,8 @@ def _device_to_host(func, args, kwargs) -> bool:
     if name == "copy_":
         return len(tensors) >= 2 and tensors[1].device.type != "cpu" and tensors[0].device.type == "cpu"
     target = kwargs.get("device")
-    return bool(tensors) and tensors[0].device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
+    return (bool(tensors) and tensors[0].device.type != "cpu" and target is not None
+            and torch.device(target).type == "cpu")
 
 
 @dataclass

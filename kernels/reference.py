@@ -65,7 +65,8 @@ def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, key_p
     scores = scores.masked_fill(~keep, max(MASKED_SCORE, torch.finfo(scores.dtype).min))
     if boxes is not None:
         if log_bias is None:
-            log_bias = eager_geometry_log_bias(zero_padded_boxes(boxes, key_padding_mask), wg_weight, wg_bias, embedding)
+            boxes = zero_padded_boxes(boxes, key_padding_mask)
+            log_bias = eager_geometry_log_bias(boxes, wg_weight, wg_bias, embedding)
         scores = scores + log_bias.to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)

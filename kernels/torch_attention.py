@@ -53,7 +53,10 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
         # masked keys get the reference's finite -1e9, so a row without any valid key gets finite
         # (uniform) weights, zeroed below by one multiply: no test of the mask on the host
         has_key = keep.any(-1, keepdim=True)
-        bias = torch.where(keep, 0.0, MASKED_SCORE).to(q.dtype) if bias is None else torch.where(keep, bias, MASKED_SCORE)
+        if bias is None:
+            bias = torch.where(keep, 0.0, MASKED_SCORE).to(q.dtype)
+        else:
+            bias = torch.where(keep, bias, MASKED_SCORE)
     differentiating = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad))
     if differentiating and q.device.type == "cpu":
@@ -89,7 +92,8 @@ def _joined(parts, dim):
 def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None,
                     causal=False, dropout_p=0.0, return_entropy=False, return_probs=False, embedding="ort"):
     """Inputs validated by the caller; padded boxes (mask False) count as zeros; ``embedding`` is
-    the box embedding's dx/dy form ("ort" or "signed", kernels/geometry.py). Returns ``(out, entropy, probs)``: out in q's dtype,
+    the box embedding's dx/dy form ("ort" or "signed", kernels/geometry.py). Returns
+    ``(out, entropy, probs)``: out in q's dtype,
     entropy ``[B, H, Nq]`` and probs ``[B, H, Nq, Nk]`` in the compute dtype (or None)."""
     ct = compute_dtype(q.dtype)
     qc, kc, vc = _as(q, ct), _as(k, ct), _as(v, ct)

@@ -5,8 +5,8 @@ import torch
 
 from geocap.kernels import geo_attention
 from geocap.kernels.triton_attention import draw_dropout_seed, dropout_keep_mask
-from helpers import (GRAD_NAMES, assert_within_eager_rule, differentiable, geometry_gradient_terms, grads_of, random_inputs,
-                     run_reference, upcast)
+from helpers import (GRAD_NAMES, assert_within_eager_rule, differentiable, geometry_gradient_terms, grads_of,
+                     random_inputs, run_reference, upcast)
 
 P = 0.3
 
