@@ -42,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 
 def _attention_bench():
     """bench/test_bench_attention.py as a module (its runners and input maker)."""
+    if str(HERE) not in sys.path:               # its sibling imports (bench/memory.py), also under PYTHONSAFEPATH
+        sys.path.insert(0, str(HERE))
     spec = importlib.util.spec_from_file_location("geocap_bench_attention", HERE / "test_bench_attention.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
