@@ -78,7 +78,7 @@ import torch.nn.functional as F
 
 from geocap.kernels import box_relation_embedding, geo_attention, geometry_log_bias, value_checks
 from geocap.kernels.geometry import DIM_G, SCALE, WAVE_LEN, BIAS_CLAMP, DX_CLAMP
-from geocap.kernels.reference import reference_attention
+from geocap.kernels.reference import eager_geometry_log_bias, reference_attention
 
 try:  # the bench directory is on sys.path under pytest's default (prepend) import mode
     from memory import peak_memory_info
@@ -419,17 +419,19 @@ def _index_grids(batch, heads, n, device):
 
 
 def test_flex_score_mod_matches_geometry_log_bias():
-    """The score_mod evaluated on broadcast index grids equals geometry_log_bias (+ padding)."""
+    """The score_mod evaluated on broadcast index grids equals ORT's log-geometry bias (+ padding),
+    computed the ORT way in float32 (``eager_geometry_log_bias``: the same formula, centre offsets
+    from rounded centres as the score_mod takes them; geocap's ``geometry_log_bias`` takes them
+    from the box edges, which rounds differently near the log floor)."""
     inp = make_inputs(2, 37, torch.float32, DEVICE, seed=3)
     score_mod = box_geometry_score_mod(inp["boxes"], inp["wg_weight"], inp["wg_bias"], inp["key_padding_mask"])
     zeros = torch.zeros(2, H, 37, 37, device=DEVICE)
     got = score_mod(zeros, *_index_grids(2, H, 37, DEVICE))
-    want = geometry_log_bias(inp["boxes"], inp["wg_weight"], inp["wg_bias"])
+    want = eager_geometry_log_bias(inp["boxes"], inp["wg_weight"], inp["wg_bias"])
     want = want.masked_fill(~inp["key_padding_mask"][:, None, None, :], float("-inf"))
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
-    # the score_mod evaluates sin(100 f dw) directly, geometry_log_bias via the separable identity;
-    # near the 1e-6 clamp log(x) amplifies that float32 rounding, so compare the logits' scale
+    # near the 1e-6 clamp log(x) amplifies float32 rounding, so compare the logits' scale
     torch.testing.assert_close(got[finite].exp(), want[finite].exp(), rtol=1e-4, atol=1e-5)
     assert (got[finite] - want[finite]).abs().max() < 1e-2
 
