@@ -8,8 +8,11 @@
 # Every stage runs under `timeout` (SIGINT first, so pytest still writes its JSON / junit files,
 # then SIGKILL) and the whole script stays inside GPU_CHECK_DEADLINE_S (default 420 s, well inside 8 min).
 #
-# Files left in $OUT (flat, at most 6, within the device tool's 8):
+# Files left in $OUT (flat, at most 7, within the device tool's 8):
 #   gpu_check.log                     everything printed below
+#   timing.json                       bench/gpu_timing.py, the first stage (on an idle host): kernel
+#                                     time (do_bench), host time (200 calls, checks on/off) and kernels
+#                                     per call (torch.profiler) per case; entropy kernel sweep; D2D copy
 #   bench_entropy_summary.json        bench/conftest.py comparison (written after every benchmark)
 #   bench_captioner_summary.json      likewise, bench/test_bench_captioner.py
 #   bench_attention_summary.json      likewise, bench/test_bench_attention.py (eager, sdpa_bias, geocap)
@@ -27,9 +30,10 @@
 # GPU_CHECK_SANITY_S (45), GPU_CHECK_ENTROPY_S (45), GPU_CHECK_CAPTIONER_S (60),
 # GPU_CHECK_ATTENTION_RESERVE_S (120, kept for the attention sweep while earlier stages run),
 # GPU_CHECK_ATTENTION_S (rest of the deadline less GPU_CHECK_FLEX_S), GPU_CHECK_FLEX_S (60);
-# GPU_CHECK_DRY_RUN=1 skips the test suite and restricts the attention sweep to N=36 (for trying the
-# script on a CPU machine); GEOCAP_BENCH_N / GEOCAP_BENCH_DTYPES / GEOCAP_BENCH_VARIANTS (default here
-# eager,sdpa_bias,geocap) / GEOCAP_BENCH_PASSES pass through to bench/test_bench_attention.py.
+# GPU_CHECK_TIMING_S (240, the first stage); GPU_CHECK_DRY_RUN=1 runs the timing stage on the CPU
+# with tiny shapes (--dry-run, Triton interpreted), skips the test suite and restricts the attention
+# sweep to N=36 (for trying the script on a CPU machine); GEOCAP_BENCH_N / GEOCAP_BENCH_DTYPES /
+# GEOCAP_BENCH_VARIANTS (default here eager,sdpa_bias,geocap) / GEOCAP_BENCH_PASSES pass through to bench/test_bench_attention.py.
 set -u -o pipefail
 
 OUT_ARG=${1:-}
@@ -140,6 +144,13 @@ EOF
         || echo "WARNING: pytest / pytest_benchmark / hypothesis not all importable (see above); stages needing them will fail"
 
     cd "$REPO" || return 1
+
+    # --- timing first, on an idle host (bench/gpu_timing.py: kernel time, host time, kernels per
+    # call; JSON rewritten after every measurement); the test suite only after it, never beside it
+    local timing_s=${GPU_CHECK_TIMING_S:-240} dry=()
+    [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]] && dry=(--dry-run)
+    run_stage timing "$(stage_limit "$timing_s" 60)" \
+        "$PY" bench/gpu_timing.py "$OUT/timing.json" "${dry[@]}" --deadline-s $(( timing_s - 30 ))
 
     # --- the test suite, compiled Triton ---------------------------------------------------
     local attention_reserve=${GPU_CHECK_ATTENTION_RESERVE_S:-120} entropy_s=${GPU_CHECK_ENTROPY_S:-45} sanity_s=${GPU_CHECK_SANITY_S:-45} captioner_s=${GPU_CHECK_CAPTIONER_S:-60}

@@ -10,7 +10,11 @@ between calls):
 ``sdpa_bias``  ``geometry_log_bias(boxes, W_g, b_g)`` (``[B, H, N, N]`` float32, no embedding
                tensor), padded keys set to -inf, cast to q's dtype, then
                ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias)``; the bias is inside
-               the timed function.
+               the timed function. geocap's own bias: what geocap offers a user of SDPA.
+``sdpa_ort_bias``  the bias built the ORT way, as a user without geocap writes it: ORT's
+               ``[B, N, N, 64]`` box embedding (``box_relation_embedding``), the per-head
+               ``Linear(64 -> 1)`` (``F.linear`` with W_g, b_g), relu / clamp / log, padded keys
+               -inf, then ``F.scaled_dot_product_attention(attn_mask=bias)`` (issue 21).
 ``flex``       ``torch.nn.attention.flex_attention`` compiled (``torch.compile(flex_attention)``)
                with a ``score_mod`` that evaluates ORT's 64-channel geometry (dx, dy, dw, dh; 8
                frequencies; sin and cos) per (query, key, head) from per-box centres and sizes
@@ -72,9 +76,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geocap.kernels import geo_attention, geometry_log_bias
+from geocap.kernels import box_relation_embedding, geo_attention, geometry_log_bias, value_checks
 from geocap.kernels.geometry import DIM_G, SCALE, WAVE_LEN, BIAS_CLAMP, DX_CLAMP
-from geocap.kernels.reference import reference_attention
+from geocap.kernels.reference import eager_geometry_log_bias, reference_attention
 
 try:  # the bench directory is on sys.path under pytest's default (prepend) import mode
     from memory import peak_memory_info
@@ -84,7 +88,7 @@ except ImportError:  # pragma: no cover - imported as a package
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 H, D = 8, 64
-VARIANTS = ("eager", "sdpa_bias", "flex", "geocap", "geocap_signed")
+VARIANTS = ("eager", "sdpa_bias", "sdpa_ort_bias", "flex", "geocap", "geocap_signed")
 PASSES = ("fwd", "fwd+bwd")
 SIZES = (36, 100, 512, 2048)
 BATCH = {36: 64, 100: 32, 512: 4, 2048: 4} if CUDA else {36: 8, 100: 2, 512: 1, 2048: 1}
@@ -158,6 +162,15 @@ def run_eager(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
 
 def run_sdpa_bias(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
     bias = geometry_log_bias(boxes, wg_weight, wg_bias)                       # [B, H, N, N] float32
+    bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf")).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def run_sdpa_ort_bias(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
+    with value_checks(False):                                                 # a user's code checks nothing
+        emb = box_relation_embedding(boxes.float())                           # [B, N, N, 64]
+    x = F.linear(emb, wg_weight.float(), wg_bias.float()).permute(0, 3, 1, 2)  # [B, H, N, N]
+    bias = torch.log(torch.clamp(F.relu(x), min=1e-6))
     bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf")).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
@@ -250,7 +263,8 @@ def run_flex(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
                                    attention=compiled_flex_attention())
 
 
-RUNNERS = {"eager": run_eager, "sdpa_bias": run_sdpa_bias, "flex": run_flex, "geocap": run_geocap,
+RUNNERS = {"eager": run_eager, "sdpa_bias": run_sdpa_bias, "sdpa_ort_bias": run_sdpa_ort_bias, "flex": run_flex,
+           "geocap": run_geocap,
            "geocap_signed": run_geocap_signed}
 
 
@@ -405,17 +419,19 @@ def _index_grids(batch, heads, n, device):
 
 
 def test_flex_score_mod_matches_geometry_log_bias():
-    """The score_mod evaluated on broadcast index grids equals geometry_log_bias (+ padding)."""
+    """The score_mod evaluated on broadcast index grids equals ORT's log-geometry bias (+ padding),
+    computed the ORT way in float32 (``eager_geometry_log_bias``: the same formula, centre offsets
+    from rounded centres as the score_mod takes them; geocap's ``geometry_log_bias`` takes them
+    from the box edges, which rounds differently near the log floor)."""
     inp = make_inputs(2, 37, torch.float32, DEVICE, seed=3)
     score_mod = box_geometry_score_mod(inp["boxes"], inp["wg_weight"], inp["wg_bias"], inp["key_padding_mask"])
     zeros = torch.zeros(2, H, 37, 37, device=DEVICE)
     got = score_mod(zeros, *_index_grids(2, H, 37, DEVICE))
-    want = geometry_log_bias(inp["boxes"], inp["wg_weight"], inp["wg_bias"])
+    want = eager_geometry_log_bias(inp["boxes"], inp["wg_weight"], inp["wg_bias"])
     want = want.masked_fill(~inp["key_padding_mask"][:, None, None, :], float("-inf"))
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
-    # the score_mod evaluates sin(100 f dw) directly, geometry_log_bias via the separable identity;
-    # near the 1e-6 clamp log(x) amplifies that float32 rounding, so compare the logits' scale
+    # near the 1e-6 clamp log(x) amplifies float32 rounding, so compare the logits' scale
     torch.testing.assert_close(got[finite].exp(), want[finite].exp(), rtol=1e-4, atol=1e-5)
     assert (got[finite] - want[finite]).abs().max() < 1e-2
 
@@ -430,7 +446,8 @@ def test_variants_agree(n):
     names = ("q", "k", "v", "boxes", "wg_weight", "wg_bias")
     with torch.no_grad():
         ref = reference_attention(*(inp[k].double() for k in names), inp["key_padding_mask"])[0]
-        outs = {"eager": run_eager(**inp), "sdpa_bias": run_sdpa_bias(**inp), "geocap": run_geocap(**inp),
+        outs = {"eager": run_eager(**inp), "sdpa_bias": run_sdpa_bias(**inp), "sdpa_ort_bias": run_sdpa_ort_bias(**inp),
+                "geocap": run_geocap(**inp),
                 "flex_uncompiled": flex_geometry_attention(**inp)}
         if CUDA or shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++"):
             outs["flex"] = run_flex(**inp)

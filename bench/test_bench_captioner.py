@@ -221,12 +221,8 @@ def same_captions(ours, theirs, atol: float = 1e-3) -> int:
     return flips
 
 
-@pytest.fixture(scope="module")
-def train_case():
-    model = make_model()
-    images = make_images(TRAIN_IMAGES, seed=2)
-    captions, lengths = make_captions(TRAIN_IMAGES, CAPTIONS_PER_IMAGE, seed=3)
-    model.eval()  # no dropout: the variants must agree exactly
+def _grads_of_step(model, images, captions, lengths) -> dict:
+    """``{variant: (loss, [grad per parameter])}`` of one training step's loss, model in eval mode."""
     params = [p for p in model.parameters()]
     results = {}
     for name, (loss_fn, _) in train_steps(model, images, captions, lengths, None, params).items():
@@ -235,12 +231,40 @@ def train_case():
         loss.backward()
         results[name] = (loss.detach(), [p.grad.detach().clone() for p in params])
     model.zero_grad(set_to_none=True)
+    return results
+
+
+@pytest.fixture(scope="module")
+def train_case():
+    """Equal work: both variants' losses and gradients agree. The geometry term is ill-conditioned
+    (its float32 rounding differs between ORT's op order and geocap's, which takes centre offsets
+    from the box edges), so a gradient may differ from the ORT-style one by more than a fixed
+    1e-3 x its largest value + 1e-6; it must then be within 2x the ORT-style float32 gradient's
+    own error against a float64 run of the same ORT-style step (the tests' eager rule)."""
+    import copy
+
+    model = make_model()
+    images = make_images(TRAIN_IMAGES, seed=2)
+    captions, lengths = make_captions(TRAIN_IMAGES, CAPTIONS_PER_IMAGE, seed=3)
+    model.eval()  # no dropout: the variants must agree exactly
+    results = _grads_of_step(model, images, captions, lengths)
     ref_loss, ref_grads = results["ort_style"]
+    exact = None
     for name, (loss, grads) in results.items():
         torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=0, msg=lambda m, name=name: f"{name} loss: {m}")
-        for (pname, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        for i, ((pname, _), g, r) in enumerate(zip(model.named_parameters(), grads, ref_grads)):
             err = (g - r).abs().max().item()
-            assert err <= 1e-3 * r.abs().max().item() + 1e-6, f"{name}: gradient of {pname} differs by {err:.3g}"
+            if err <= 1e-3 * r.abs().max().item() + 1e-6:
+                continue
+            if exact is None:
+                model64 = copy.deepcopy(model).double()
+                images64 = tuple(t.double() if t.is_floating_point() else t for t in images)
+                exact = _grads_of_step(model64, images64, captions, lengths)["ort_style"][1]
+            err64 = (g.double() - exact[i]).abs().max().item()
+            ort_err64 = (r.double() - exact[i]).abs().max().item()
+            assert err64 <= 2 * ort_err64 + 1e-6, (
+                f"{name}: gradient of {pname} differs by {err:.3g} from the ORT-style one and by {err64:.3g} "
+                f"from float64 (the ORT-style float32 one by {ort_err64:.3g})")
     return model, images, captions, lengths
 
 

@@ -18,7 +18,6 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._backend import resolve_backend
-from .geometry import zero_padded_boxes
 from .validation import (KERNEL_DTYPES, check_boxes, check_embedding, check_geometry_weights, check_key_padding_mask,
                          check_qkv, require_dtype, require_same_device)
 
@@ -74,7 +73,6 @@ def geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask=None, *, 
     device = _same_device(q=q, k=k, v=v, boxes=boxes, wg_weight=wg_weight, wg_bias=wg_bias,
                           key_padding_mask=key_padding_mask)
     check_boxes(boxes, batch, n, key_padding_mask)
-    boxes = zero_padded_boxes(boxes, key_padding_mask)
     return _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, False, _check_dropout(dropout_p),
                 return_entropy, return_probs, embedding)
 

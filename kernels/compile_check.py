@@ -67,6 +67,7 @@ def compile_variant(kind: str, dtype: str, head_dim: int, geo: bool, mask: bool,
         fp32_ptrs = ("Lse", "Delta", "Boxes", "WgW", "WgB", "Freq")
     pointers.update({p: "*fp32" for p in fp32_ptrs})
     pointers["Mask"] = "*i8"
+    pointers["Seed"] = "*i64"                   # the dropout seed is read from device memory
     sig = _signature(fn, pointers, floats, const)
     compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps})

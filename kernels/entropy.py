@@ -44,6 +44,7 @@ def attention_entropy(
     from_logits: bool = False,
     normalized: bool = False,
     backend: str = "auto",
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Entropy (nats) of each row of ``x`` ``[..., L]`` along the last axis; returns ``[...]``.
 
@@ -56,6 +57,10 @@ def attention_entropy(
         normalized: divide by ``log(valid entries)``, so a uniform row gives 1; rows with at most
             one valid entry give 0.
         backend: "auto" (Triton for CUDA tensors except float64, else torch), "triton" or "torch".
+        check_finite: raise on invalid values (one reduction over the output and one host read:
+            a synchronisation on a GPU). False skips it (bad rows come back NaN or inf): for
+            timing the kernel and for code that must not synchronise; it is skipped anyway while
+            torch.compile traces.
 
     Returns:
         float32 tensor of shape ``x.shape[:-1]`` (float64 for float64 ``x``). Not differentiable.
@@ -80,7 +85,8 @@ def attention_entropy(
         out = triton_attention_entropy(x, mask, from_logits=from_logits, normalized=normalized)
     else:
         out = torch_attention_entropy(x, mask, from_logits=from_logits, normalized=normalized)
-    _raise_if_not_finite(out, x, mask, from_logits)
+    if check_finite and not torch.compiler.is_compiling():
+        _raise_if_not_finite(out, x, mask, from_logits)
     return out
 
 

@@ -28,9 +28,12 @@ cos(dx f), cos(dy f), cos(dw f), cos(dh f)]`` (dim_g channels). Head h's geometr
 ``x = emb . wg_weight[h] + wg_bias[h]`` and its attention bias is ``log(clamp(relu(x), 1e-6))``.
 
 The dw/dh channels are separable: with a_i = 100 f log w_i, dw f = a_i - a_j, so
-``sin(a_i - a_j) = sin a_i cos a_j - cos a_i sin a_j`` (and cos likewise). Their part of x is a
-rank-2*dim_g/4 product of per-box factors, which :func:`block_log_bias` uses so only the
-dx/dy half of the channels needs sin/cos per (query, key) pair.
+``sin(a_i - a_j) = sin a_i cos a_j - cos a_i sin a_j`` (and cos likewise). The Triton kernels use
+that (only the dx/dy half needs sin/cos per pair). The PyTorch path (:func:`block_log_bias`)
+computes all four per pair as ORT does, channel-first, so that the per-head logits are one
+matmul and plain autograd differentiates them cheaply (boxes take no gradient, so only
+``dW_g = G @ feats^T`` and ``db_g = sum G`` are formed): few operators per call, nothing
+torch.compile or torch.func cannot trace.
 """
 from __future__ import annotations
 
@@ -70,15 +73,33 @@ def box_centers_sizes(boxes: torch.Tensor):
     return (x1 + x2) * 0.5, (y1 + y2) * 0.5, x2 - x1 + 1.0, y2 - y1 + 1.0
 
 
+def _offset_feature(u: torch.Tensor, embedding: str) -> torch.Tensor:
+    """dx (or dy) from the relative offset ``u = (c_i - c_j) / s_i``: ORT's ``log(max(|u|, 1e-3))``
+    or the signed ``asinh(u / 2e-3)``."""
+    if embedding == "signed":
+        return torch.asinh(u / SIGNED_OFFSET_SCALE)
+    return torch.log(torch.clamp(torch.abs(u), min=DX_CLAMP))
+
+
 def center_offset(query_centers: torch.Tensor, query_sizes: torch.Tensor, key_centers: torch.Tensor,
                   embedding: str = "ort") -> torch.Tensor:
     """``[B, Nq, Nk]`` dx (or dy) for query centres and sizes ``[B, Nq]`` and key centres ``[B, Nk]``:
     ORT's ``log(max(|c_i - c_j| / s_i, 1e-3))`` or the signed ``asinh((c_i - c_j) / s_i / 2e-3)``
-    (the module docstring gives both), in ORT's op order."""
+    (the module docstring gives both), in ORT's op order (the reference's formula)."""
     u = (query_centers[:, :, None] - key_centers[:, None, :]) / query_sizes[:, :, None]
-    if embedding == "signed":
-        return torch.asinh(u / SIGNED_OFFSET_SCALE)
-    return torch.log(torch.clamp(torch.abs(u), min=DX_CLAMP))
+    return _offset_feature(u, embedding)
+
+
+def coordinate_offset(query_lo: torch.Tensor, query_hi: torch.Tensor, query_sizes: torch.Tensor,
+                      key_lo: torch.Tensor, key_hi: torch.Tensor, embedding: str = "ort") -> torch.Tensor:
+    """:func:`center_offset` from the box edges (x1, x2 or y1, y2; each ``[B, Nq]`` / ``[B, Nk]``):
+    ``c_i - c_j = ((lo_i - lo_j) + (hi_i - hi_j)) / 2``. Equal in exact arithmetic, and more
+    accurate in float32: ``c_i - c_j`` from rounded centres cancels when centres nearly coincide,
+    and the sinusoids of ``100 f dx`` magnify that error (geometry-logit errors up to 5e-3);
+    the differences of edges are exact for nearby boxes (Sterbenz). The fast paths use this."""
+    u = ((query_lo[:, :, None] - key_lo[:, None, :]) + (query_hi[:, :, None] - key_hi[:, None, :])) \
+        * 0.5 / query_sizes[:, :, None]
+    return _offset_feature(u, embedding)
 
 
 def box_displacement(boxes: torch.Tensor, embedding: str = "ort") -> torch.Tensor:
@@ -113,7 +134,7 @@ def box_relation_embedding(boxes: torch.Tensor, dim_g: int = DIM_G, wave_len: fl
 def zero_padded_boxes(boxes: torch.Tensor, key_padding_mask) -> torch.Tensor:
     """Boxes of padded objects (mask False) replaced by zeros: padding may hold anything, and
     the rows of padded queries should not depend on it."""
-    return boxes if key_padding_mask is None else boxes.masked_fill(~key_padding_mask[..., None], 0.0)
+    return boxes if key_padding_mask is None else torch.where(key_padding_mask[..., None], boxes, 0.0)
 
 
 def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:
@@ -122,127 +143,81 @@ def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:
 
 
 class BoxFactors:
-    """Per-box quantities the fast geometry path needs, computed once per call.
+    """Per-box quantities of the PyTorch fast path, computed once per call.
 
-    Attributes (``B`` batch, ``N`` boxes, float32 or float64):
-    ``cx, cy, w, h`` ``[B, N]``; ``sin_far, cos_far`` ``[B, N, 16]`` = sin/cos of
-    100 f_k log w (k = 0..7) then of 100 f_k log h, the separable dw/dh factors;
+    Attributes (``B`` batch, ``N`` boxes, float32 or float64), channel-first: ``lo`` ``[B, 2, N]``
+    = (x1, y1), ``hi`` = (x2, y2) (centre offsets are taken from them, :func:`coordinate_offset`),
+    ``size`` = ORT's (w, h), ``two_size`` = 2 (w, h), ``edges`` ``[B, 2, 2, N]`` = (lo, hi);
     ``embedding`` the dx/dy form (``EMBEDDINGS``).
     """
 
     def __init__(self, boxes: torch.Tensor, dtype: torch.dtype, embedding: str = "ort"):
         self.embedding = embedding
-        b = boxes.to(dtype)
-        self.cx, self.cy, self.w, self.h = box_centers_sizes(b)
-        freq = geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=b.device)
-        log_sizes = torch.stack([self.w.log(), self.h.log()], dim=-1)          # [B, N, 2]
-        far_args = (SCALE * log_sizes[..., None] * freq).flatten(-2)           # [B, N, 16]
-        self.sin_far, self.cos_far = torch.sin(far_args), torch.cos(far_args)
-        self.freq = freq
+        b = boxes if boxes.dtype == dtype else boxes.to(dtype)
+        self.edges = b.transpose(1, 2).unflatten(1, (2, 2))                    # [B, 2 (lo, hi), 2 (x, y), N]
+        self.lo, self.hi = self.edges[:, 0], self.edges[:, 1]
+        self.size = self.hi - self.lo + 1.0
+        self.two_size = self.size * 2.0
+        self.freq = pair_frequencies(dtype, b.device)
 
     def rows(self, start: int, stop: int) -> "BoxFactors":
         """The same factors restricted to boxes ``start:stop`` (a query block)."""
         sub = object.__new__(BoxFactors)
-        for name in ("cx", "cy", "w", "h", "sin_far", "cos_far"):
-            setattr(sub, name, getattr(self, name)[:, start:stop])
+        for name in ("edges", "lo", "hi", "size", "two_size"):
+            setattr(sub, name, getattr(self, name)[..., start:stop])
         sub.freq, sub.embedding = self.freq, self.embedding
         return sub
 
 
-def split_geometry_weights(wg_weight: torch.Tensor):
-    """Split ``[H, 64]`` into the pairwise (dx, dy) weights ``[H, 32]`` (order: sin dx, sin dy,
-    cos dx, cos dy) and the separable (dw, dh) sin / cos weights, each ``[H, 16]``."""
-    near = torch.cat([wg_weight[:, 0:16], wg_weight[:, 32:48]], dim=1)
-    return near, wg_weight[:, 16:32], wg_weight[:, 48:64]
+def pair_frequencies(dtype: torch.dtype, device) -> torch.Tensor:
+    """``[dim_g // 8, 1, 1]`` the frequencies f_k shaped to scale ``[..., Nq, Nk]`` pair tensors
+    (cached; do not modify)."""
+    return _pair_frequencies(dtype, torch.device(device))
 
 
-def _near_features(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
-    """``[B, 32, Nq, Nk]`` pairwise channels, channel-first: sin of 100 f_k dx (k = 0..7), sin of
-    100 f_k dy, then cos of the same, so that the per-head logits are one ``[H, 32] @ [32, Nq Nk]``
-    product per image (no permute of a pair-sized tensor)."""
-    dx = center_offset(qf.cx, qf.w, kf.cx, qf.embedding)
-    dy = center_offset(qf.cy, qf.h, kf.cy, qf.embedding)
-    freq = qf.freq[None, :, None, None]                                                  # [1, 8, 1, 1]
-    n_freq = freq.shape[1]
-    # (100 d) f, rounded in the reference's order: the sinusoid of a large argument magnifies it
-    args = torch.cat([(SCALE * dx)[:, None] * freq, (SCALE * dy)[:, None] * freq], dim=1)  # [B, 16, Nq, Nk]
-    feats = args.new_empty((args.shape[0], 4 * n_freq) + args.shape[2:])
-    torch.sin(args, out=feats[:, :2 * n_freq])
-    torch.cos(args, out=feats[:, 2 * n_freq:])
-    return feats
+@functools.lru_cache(maxsize=64)
+def _pair_frequencies(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=device).view(-1, 1, 1)
 
 
-def _far_sides(qf: BoxFactors, kf: BoxFactors, wg_weight):
-    """The separable dw/dh part of the logits as ``query_side [B, H, Nq, 32] @ key_side [B, 1, 32, Nk]``:
-    sin(a_i - a_j) w_s + cos(a_i - a_j) w_c = c_j (w_s s_i + w_c c_i) + s_j (w_c s_i - w_s c_i)."""
-    _, w_sin_far, w_cos_far = split_geometry_weights(wg_weight)
-    s_i, c_i = qf.sin_far[:, None], qf.cos_far[:, None]                                   # [B, 1, Nq, 16]
-    ws, wc = w_sin_far[None, :, None], w_cos_far[None, :, None]                           # [1, H, 1, 16]
-    query_side = torch.cat([ws * s_i + wc * c_i, wc * s_i - ws * c_i], dim=-1)            # [B, H, Nq, 32]
-    key_side = torch.cat([kf.cos_far, kf.sin_far], dim=-1).transpose(-1, -2)[:, None]     # [B, 1, 32, Nk]
-    return query_side, key_side
+def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
+    """``[B, 32, Nq, Nk]`` the embedding's arguments ``100 f_k d`` for d = dx, dy, dw, dh (8
+    frequencies each, in the embedding's channel order): the sin and the cos of this tensor are
+    the embedding's two halves. dx/dy from the edges (:func:`coordinate_offset`'s formula),
+    dw/dh = log(w_i / w_j) as ORT computes them."""
+    edge_offsets = qf.edges[..., :, None] - kf.edges[..., None, :]                   # [B, 2, 2, Nq, Nk]
+    u = edge_offsets.sum(1) / qf.two_size[..., None]                               # (lo_i - lo_j) + (hi_i - hi_j)
+    near = _offset_feature(u, qf.embedding)                                        # dx, dy
+    far = torch.log(qf.size[..., :, None] / kf.size[..., None, :])                 # dw, dh
+    disp = torch.cat([near, far], dim=1)                                           # [B, 4, Nq, Nk]
+    # (100 d) f, rounded in the reference's order (not d (100 f)): near the log floor of the
+    # geometry logit the sinusoids of these ~700 rad arguments magnify a different rounding into
+    # errors up to 14x eager's (tests/test_attention_precision.py)
+    args = (disp * SCALE).unsqueeze(2) * qf.freq                                   # [B, 4, 8, Nq, Nk]
+    return args.flatten(1, 2)
 
 
-def _logits_from_features(feats, qf: BoxFactors, kf: BoxFactors, wg_weight, wg_bias):
-    """``[B, H, Nq, Nk]`` geometry logits from the pairwise channels ``feats [B, 32, Nq, Nk]``."""
-    wg_weight = wg_weight.to(feats.dtype)
-    w_near = split_geometry_weights(wg_weight)[0]                                         # [H, 32]
-    batch, _, n_q, n_k = feats.shape
-    heads = w_near.shape[0]
-    query_side, key_side = _far_sides(qf, kf, wg_weight)
-    x = query_side @ key_side                                                              # [B, H, Nq, Nk]
-    x.view(batch, heads, n_q * n_k).baddbmm_(w_near.expand(batch, heads, w_near.shape[1]),
-                                            feats.view(batch, feats.shape[1], n_q * n_k))
-    return x.add_(wg_bias.to(x.dtype)[None, :, None, None])
-
-
-class _BlockLogBias(torch.autograd.Function):
-    """``log(clamp(x, 1e-6))`` of the per-head geometry logits ``x`` (equal to
-    ``box_relation_embedding(boxes) @ wg_weight.T + wg_bias`` without building the embedding)
-    with a hand-written backward: the
-    gradients of W_g and b_g come from one pass over ``dL/dx`` (the boxes take none), instead
-    of autograd's chain through every intermediate."""
-
-    @staticmethod
-    def forward(ctx, wg_weight, wg_bias, qf, kf):
-        # the geometry term is ill-conditioned: always in the factors' dtype, never autocast's
-        with torch.autocast(qf.cx.device.type, enabled=False):
-            feats = _near_features(qf, kf)
-            x = _logits_from_features(feats, qf, kf, wg_weight, wg_bias)
-        clamped = torch.clamp_(x, min=BIAS_CLAMP)
-        ctx.save_for_backward(clamped, feats)
-        ctx.factors = (qf, kf)
-        return torch.log(clamped)
-
-    @staticmethod
-    def backward(ctx, d_bias):
-        with torch.autocast(d_bias.device.type, enabled=False):
-            return _BlockLogBias._backward(ctx, d_bias)
-
-    @staticmethod
-    def _backward(ctx, d_bias):
-        clamped, feats = ctx.saved_tensors
-        qf, kf = ctx.factors
-        # d log(max(x, c)) / dx = 1/x where x > c, else 0; sign(max(x, c) - c) is that 0/1 step
-        # (a float op: a bool mask and masked_fill cost ~8x more on CPU)
-        dx = (d_bias.to(clamped.dtype) / clamped).mul_(torch.sign(clamped - BIAS_CLAMP))  # [B, H, Nq, Nk]
-        batch, heads, n_q, n_k = dx.shape
-        n_half = feats.shape[1] // 2
-        g_near = (dx.reshape(batch, heads, n_q * n_k)
-                  @ feats.view(batch, feats.shape[1], n_q * n_k).transpose(1, 2)).sum(0)  # [H, 32]
-        dx_cos = dx @ kf.cos_far[:, None]                                                  # [B, H, Nq, 16]
-        dx_sin = dx @ kf.sin_far[:, None]
-        s_i, c_i = qf.sin_far[:, None], qf.cos_far[:, None]
-        g_far_sin = (s_i * dx_cos - c_i * dx_sin).sum(dim=(0, 2))                         # [H, 16]
-        g_far_cos = (c_i * dx_cos + s_i * dx_sin).sum(dim=(0, 2))
-        d_weight = torch.cat([g_near[:, :n_half], g_far_sin, g_near[:, n_half:], g_far_cos], dim=1)  # channel order
-        return d_weight, dx.sum(dim=(0, 2, 3)), None, None
+def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight, wg_bias) -> torch.Tensor:
+    """``[B, H, Nq, Nk]`` the per-head geometry logits ``x = emb . W_g[h] + b_g[h]`` without
+    building the embedding pair-last: one ``[H, 64] @ [64, Nq Nk]`` product per image.
+    Differentiable in wg_weight and wg_bias (the factors' dtype)."""
+    args = pair_arguments(qf, kf)
+    batch, channels, n_q, n_k = args.shape
+    heads = wg_weight.shape[0]
+    feats = torch.cat([torch.sin(args), torch.cos(args)], dim=1).view(batch, 2 * channels, n_q * n_k)
+    x = torch.baddbmm(wg_bias.view(1, heads, 1), wg_weight.expand(batch, heads, 2 * channels), feats)
+    return x.view(batch, heads, n_q, n_k)
 
 
 def block_log_bias(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_bias: torch.Tensor) -> torch.Tensor:
-    """``[B, H, Nq, Nk]`` log-geometry bias for a block of query boxes; differentiable in
-    wg_weight and wg_bias (same dtype as the factors)."""
-    return _BlockLogBias.apply(wg_weight, wg_bias, qf, kf)
+    """``[B, H, Nq, Nk]`` log-geometry bias ``log(max(x, 1e-6))`` (= ORT's ``log(clamp(relu(x), 1e-6))``)
+    for a block of query boxes; differentiable in wg_weight and wg_bias (same dtype as the
+    factors). The geometry term is ill-conditioned: always in the factors' dtype, never autocast's."""
+    device_type = qf.lo.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return block_log_bias(qf, kf, wg_weight, wg_bias)
+    return torch.log(torch.clamp(geometry_logits(qf, kf, wg_weight, wg_bias), min=BIAS_CLAMP))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -255,8 +230,8 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
     """``[B, H, N, N]`` = ``log(clamp(relu(box_relation_embedding(boxes, embedding=embedding) @ wg_weight.T
     + wg_bias), 1e-6))``.
 
-    Computed in float32 (float64 for float64 boxes) with the separable dw/dh channels, so the
-    ``[B, N, N, 64]`` embedding is never built.
+    Computed in float32 (float64 for float64 boxes) by :func:`block_log_bias`: the embedding is
+    built channel-first, never as a ``[B, N, N, 64]`` tensor.
     """
     from .validation import check_boxes, check_embedding, check_geometry_weights
 
@@ -264,12 +239,13 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
     check_geometry_weights(wg_weight, wg_bias)
     check_embedding(embedding)
     f = BoxFactors(boxes, compute_dtype(boxes.dtype), embedding)
-    ct = f.cx.dtype
+    ct = f.lo.dtype
     return block_log_bias(f, f, wg_weight.to(ct), wg_bias.to(ct))
 
 
 __all__ = [
     "DIM_G", "EMBEDDINGS", "WAVE_LEN", "BoxFactors", "block_log_bias", "box_centers_sizes", "box_displacement",
-    "box_relation_embedding", "center_offset", "compute_dtype", "geometry_frequencies", "geometry_log_bias",
-    "log_geometry_bias_from_logits", "split_geometry_weights", "zero_padded_boxes",
+    "box_relation_embedding", "center_offset", "compute_dtype", "coordinate_offset", "geometry_frequencies",
+    "geometry_log_bias", "geometry_logits", "log_geometry_bias_from_logits", "pair_arguments", "pair_frequencies",
+    "zero_padded_boxes",
 ]

@@ -46,14 +46,15 @@ def eager_geometry_log_bias(boxes, wg_weight, wg_bias, embedding="ort") -> torch
 
 
 def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None, *,
-                        causal=False, dropout_keep=None, dropout_p=0.0, embedding="ort"):
+                        causal=False, dropout_keep=None, dropout_p=0.0, embedding="ort", log_bias=None):
     """Eager attention; returns ``(out [B, H, Nq, d], probs [B, H, Nq, Nk])``.
 
     With ``boxes``, ``wg_weight`` and ``wg_bias`` it is ORT's geometry attention (Nq == Nk), its
     box embedding chosen by ``embedding`` ("ort" or "signed"); without, plain scaled-dot-product
     attention. ``dropout_keep`` (bool ``[B, H, Nq, Nk]``)
     applies a given dropout mask with keep-scaling ``1 / (1 - dropout_p)``; ``probs`` are
-    the attention weights before dropout.
+    the attention weights before dropout. ``log_bias`` ``[B, H, Nq, Nk]``, when given, replaces the
+    log-geometry term computed from the boxes (tests differentiate through it).
     """
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)[None, None]
@@ -63,8 +64,10 @@ def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, key_p
         keep = keep & key_padding_mask[:, None, None, :]
     scores = scores.masked_fill(~keep, max(MASKED_SCORE, torch.finfo(scores.dtype).min))
     if boxes is not None:
-        boxes = zero_padded_boxes(boxes, key_padding_mask)
-        scores = scores + eager_geometry_log_bias(boxes, wg_weight, wg_bias, embedding).to(scores.dtype)
+        if log_bias is None:
+            boxes = zero_padded_boxes(boxes, key_padding_mask)
+            log_bias = eager_geometry_log_bias(boxes, wg_weight, wg_bias, embedding)
+        scores = scores + log_bias.to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)
     probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)
     weights = probs

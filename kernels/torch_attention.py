@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .geometry import BoxFactors, block_log_bias, compute_dtype
-from .reference import causal_keep
+from .geometry import BoxFactors, block_log_bias, compute_dtype, zero_padded_boxes
+from .reference import MASKED_SCORE, causal_keep
 
 # Temporaries per query block stay below about this many bytes.
 BLOCK_BUDGET_BYTES = 64 * 2**20
@@ -50,15 +50,13 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
         keep = keep_causal[None, None] if keep is None else keep & keep_causal
     has_key = None
     if keep is not None:
+        # masked keys get the reference's finite -1e9, so a row without any valid key gets finite
+        # (uniform) weights, zeroed below by one multiply: no test of the mask on the host
         has_key = keep.any(-1, keepdim=True)
-        # an additive 0 / -inf mask without the head axis (cheaper than masked_fill on the
-        # [B, H, m, Nk] bias); rows without any valid key get a harmless finite row here and
-        # are zeroed below
-        key_bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(
-            ~keep & has_key, float("-inf"))
-        bias = key_bias if bias is None else bias + key_bias
-        if q.device.type == "cpu" and bool(has_key.all()):  # (no host sync on GPUs)
-            has_key = None
+        if bias is None:
+            bias = torch.where(keep, 0.0, MASKED_SCORE).to(q.dtype)
+        else:
+            bias = torch.where(keep, bias, MASKED_SCORE)
     differentiating = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad))
     if differentiating and q.device.type == "cpu":
@@ -70,31 +68,41 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     if has_key is not None:
-        out = out.masked_fill(~has_key, 0.0)
+        out = out * has_key
     probs = entropy = None
     if want_probs or want_entropy:
         with torch.no_grad():
             logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
             probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)
             if has_key is not None:
-                probs = probs.masked_fill(~has_key, 0.0)
+                probs = probs * has_key
             entropy = torch.special.entr(probs).sum(-1) if want_entropy else None
     return out, (probs if want_probs else None), entropy
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipped when it is already (per-call overhead: this path serves tiny calls too)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _joined(parts, dim):
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None,
                     causal=False, dropout_p=0.0, return_entropy=False, return_probs=False, embedding="ort"):
-    """Inputs validated by the caller; ``embedding`` is the box embedding's dx/dy form ("ort" or
-    "signed", kernels/geometry.py). Returns ``(out, entropy, probs)``: out in q's dtype,
+    """Inputs validated by the caller; padded boxes (mask False) count as zeros; ``embedding`` is
+    the box embedding's dx/dy form ("ort" or "signed", kernels/geometry.py). Returns
+    ``(out, entropy, probs)``: out in q's dtype,
     entropy ``[B, H, Nq]`` and probs ``[B, H, Nq, Nk]`` in the compute dtype (or None)."""
     ct = compute_dtype(q.dtype)
-    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    qc, kc, vc = _as(q, ct), _as(k, ct), _as(v, ct)
     batch, heads, n_queries, _ = q.shape
     n_keys = k.shape[-2]
     geo = boxes is not None
-    factors = BoxFactors(boxes, ct, embedding) if geo else None
-    wgw = wg_weight.to(ct) if geo else None
-    wgb = wg_bias.to(ct) if geo else None
+    factors = BoxFactors(zero_padded_boxes(boxes, key_padding_mask), ct, embedding) if geo else None
+    wgw = _as(wg_weight, ct) if geo else None
+    wgb = _as(wg_bias, ct) if geo else None
     keep_keys = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
     step = _query_block_size(batch, heads, n_keys, torch.finfo(ct).bits // 8)
     needs_grad = torch.is_grad_enabled() and any(
@@ -104,7 +112,9 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_pa
     outs, probs, entropies = [], [], []
     for start in range(0, n_queries, step):
         stop = min(start + step, n_queries)
-        args = (qc[:, :, start:stop], kc, vc, keep_keys, factors.rows(start, stop) if geo else None,
+        whole = start == 0 and stop == n_queries
+        args = (qc if whole else qc[:, :, start:stop], kc, vc, keep_keys,
+                (factors if whole else factors.rows(start, stop)) if geo else None,
                 factors, wgw, wgb, start, n_queries, causal, dropout_p, return_probs, return_entropy)
         if recompute:
             o, p, h = checkpoint(_block, *args, use_reentrant=False)
@@ -119,7 +129,7 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_pa
         out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
         return out, (q.new_zeros(q.shape[:-1], dtype=ct) if return_entropy else None), (
             q.new_zeros((batch, heads, 0, n_keys), dtype=ct) if return_probs else None)
-    out = torch.cat(outs, dim=-2).to(q.dtype)
-    entropy = torch.cat(entropies, dim=-1).detach() if return_entropy else None
-    prob = torch.cat(probs, dim=-2).detach() if return_probs else None
+    out = _as(outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2), q.dtype)
+    entropy = _joined(entropies, -1).detach() if return_entropy else None
+    prob = _joined(probs, -2).detach() if return_probs else None
     return out, entropy, prob

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._backend import interpreter_requested
+from .op_count import triton_launch
 from .triton_online import NEG_INIT, online_softmax_finish, online_softmax_step
 
 # Probabilities below this are treated as this inside log2 (their p log p is < 1e-28 anyway):
@@ -169,8 +170,10 @@ def triton_attention_entropy(
     ``block_r`` / ``block_l`` (powers of two) override :func:`block_sizes`, for tests.
     """
     length = x.shape[-1]
-    out = torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
-    if out.numel() == 0 or length == 0:
+    if length == 0:                                  # no valid entry: entropy 0
+        return torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
+    out = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)   # every row is stored: no memset
+    if out.numel() == 0:
         return out
     x_args = _row_layout(x)
     if mask is None:
@@ -180,7 +183,7 @@ def triton_attention_entropy(
     br, bl, warps = block_sizes(out.numel(), length)
     br, bl = block_r or br, block_l or bl
     grid = (triton.cdiv(out.numel(), br),)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext(), triton_launch():
         _entropy_kernel[grid](
             x_args[0], m_args[0], out, out.numel(), length,
             *x_args[1:], *m_args[1:],

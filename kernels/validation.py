@@ -25,9 +25,15 @@ _value_checks = True
 def value_checks(enabled: bool):
     """Turn the checks of box *values* (finite, ordered, normalised) on or off inside a block.
 
-    They are on by default; each costs one reduction and one host synchronisation per call,
-    which a training loop whose data was validated once may want to skip. Shape, dtype and
-    device checks always run. With checks off, bad boxes give undefined (possibly NaN) output.
+    They are on by default; each is one fused reduction (about 5 operators) and one read of
+    three numbers on the host: free for boxes on the CPU, one host synchronisation on a GPU.
+    Where they run on a GPU (the choice, issue 21): once per batch where boxes enter a model
+    (geocap.model's transformer checks them there and runs its attention layers with checks
+    off, so a forward and backward inside the model, training and dumps never synchronise),
+    and in the public ops when called directly. They never run while torch.compile traces or
+    a CUDA graph is captured (:func:`value_checks_active`): validate boxes before such code.
+    Shape, dtype and device checks always run. With checks off, bad boxes give undefined
+    (possibly NaN) output.
     """
     global _value_checks
     previous, _value_checks = _value_checks, bool(enabled)
@@ -35,6 +41,24 @@ def value_checks(enabled: bool):
         yield
     finally:
         _value_checks = previous
+
+
+def value_checks_active(t: torch.Tensor | None = None) -> bool:
+    """True when box values are to be checked now: switched on (:func:`value_checks`), not
+    inside torch.compile's tracing, not during CUDA-graph capture, and ``t`` (the tensor to
+    check) is not a fake or meta tensor (a trace without data): a host read is impossible or
+    would break the graph there."""
+    if not _value_checks or torch.compiler.is_compiling():
+        return False
+    if t is not None and (t.device.type == "meta" or _is_fake(t)):
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
 
 
 def require_tensor(name: str, t) -> torch.Tensor:
@@ -119,8 +143,8 @@ def check_geometry_weights(wg_weight, wg_bias, heads: int | None = None, dim_g: 
 def check_finite(name: str, t: torch.Tensor, valid=None) -> None:
     """ValueError naming ``name`` and the first ``[b, i]`` whose values hold NaN or inf, for
     ``t`` ``[B, N, ...]``; rows where ``valid`` ``[B, N]`` is False are not checked. A value
-    check (skipped under ``value_checks(False)``): one reduction and one host synchronisation."""
-    if t.numel() == 0 or not _value_checks:
+    check (skipped unless :func:`value_checks_active`): one reduction and one host synchronisation."""
+    if t.numel() == 0 or not value_checks_active(t):
         return
     bad = ~torch.isfinite(t.detach()).flatten(2).all(-1)
     if valid is not None:
@@ -136,8 +160,9 @@ def check_finite(name: str, t: torch.Tensor, valid=None) -> None:
 def check_boxes(boxes, batch: int | None = None, n: int | None = None, key_padding_mask=None) -> None:
     """boxes ``[B, N, 4]`` normalised (x1, y1, x2, y2): finite, x2 >= x1, y2 >= y1, inside [0, 1].
 
-    Padded entries (key_padding_mask False) are not checked. The value checks cost one
-    reduction over the boxes and one host synchronisation.
+    Padded entries (key_padding_mask False) are not checked. The value checks (when
+    :func:`value_checks_active`) are one fused reduction and one host read of three numbers;
+    only when they fail are the offending boxes located for the message.
     """
     require_tensor("boxes", boxes)
     require_dtype("boxes", boxes, TORCH_DTYPES)
@@ -145,16 +170,32 @@ def check_boxes(boxes, batch: int | None = None, n: int | None = None, key_paddi
         raise ValueError(f"boxes must have shape [B, N, 4] as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
     if batch is not None and (boxes.shape[0] != batch or boxes.shape[1] != n):
         raise ValueError(f"boxes must have shape [B, N, 4] = {(batch, n, 4)}, got {tuple(boxes.shape)}")
-    if boxes.numel() == 0 or not _value_checks:
+    if boxes.numel() == 0 or not value_checks_active(boxes):
         return
     b = boxes.detach()
+    if _boxes_pass(b, key_padding_mask):
+        return
+    _raise_for_boxes(b, key_padding_mask)
+
+
+def _boxes_pass(b: torch.Tensor, key_padding_mask) -> bool:
+    """One pass: min and max of the (unpadded) coordinates and the least x2 - x1 / y2 - y1; NaN
+    propagates through both reductions and fails every comparison, inf fails the range."""
+    if key_padding_mask is not None:
+        b = torch.where(key_padding_mask[..., None], b, 0.5)
+    low, high = torch.aminmax(b)
+    least_size = (b[..., 2:] - b[..., :2]).amin()
+    low, high, least_size = torch.stack([low, high, least_size]).tolist()
+    return low >= -BOX_SLACK and high <= 1 + BOX_SLACK and least_size >= 0
+
+
+def _raise_for_boxes(b: torch.Tensor, key_padding_mask) -> None:
+    """The ValueError for boxes that failed :func:`_boxes_pass`, naming the first bad box."""
     valid = torch.ones(b.shape[:2], dtype=torch.bool, device=b.device) if key_padding_mask is None else key_padding_mask
     nonfinite = (~torch.isfinite(b)).any(-1) & valid
     inverted = ((b[..., 2] < b[..., 0]) | (b[..., 3] < b[..., 1])) & valid
     outside = ((b < -BOX_SLACK) | (b > 1 + BOX_SLACK)).any(-1) & valid & ~nonfinite
     flags = torch.stack([nonfinite.any(), inverted.any(), outside.any()]).tolist()
-    if not any(flags):
-        return
 
     def first(bad: torch.Tensor) -> str:
         bi, ni = (int(x) for x in bad.nonzero()[0].tolist())
@@ -164,6 +205,8 @@ def check_boxes(boxes, batch: int | None = None, n: int | None = None, key_paddi
         raise ValueError(f"boxes hold NaN or inf values: {first(nonfinite)}")
     if flags[1]:
         raise ValueError(f"boxes must satisfy x2 >= x1 and y2 >= y1 (x1, y1, x2, y2 order): {first(inverted)}")
+    if not flags[2]:  # pragma: no cover - _boxes_pass and these masks disagree only on a bug
+        raise AssertionError("boxes failed the fused check but no box is bad")
     raise ValueError(
         f"boxes must be normalised to [0, 1] (divide pixel coordinates by the image width and height): {first(outside)}"
     )

@@ -84,6 +84,25 @@ def run_reference(inputs, grad_out, causal=False, dropout_keep=None, dropout_p=0
     return out, probs, (None if grad_out is None else grads_of(out, inputs, grad_out))
 
 
+def geometry_gradient_terms(inputs, grad_out, dropout_keep=None, dropout_p=0.0):
+    """``{"dwg_weight": [H, 64], "dwg_bias": [H]}``: the sums of |terms| of the geometry weights'
+    gradients, in float64. Both are sums over (image, query, key) of ``G = dL/dx`` (x the geometry
+    logit) times the embedding channel (``dW_g``) or 1 (``db_g``); the terms cancel, so a sum's
+    rounding error scales with ``sum |term|``, not with its value (the tolerance's conditioning term)."""
+    from geocap.kernels.geometry import box_relation_embedding, log_geometry_bias_from_logits, zero_padded_boxes
+
+    x = upcast(inputs)
+    boxes = zero_padded_boxes(x["boxes"], x["key_padding_mask"])
+    emb = box_relation_embedding(boxes, embedding=x.get("embedding", "ort"))                    # [B, N, N, 64]
+    logits = torch.nn.functional.linear(emb, x["wg_weight"].detach(), x["wg_bias"].detach())
+    logits = logits.permute(0, 3, 1, 2).detach().requires_grad_()                             # [B, H, N, N]
+    out, _ = reference_attention(x["q"].detach(), x["k"].detach(), x["v"].detach(), x["boxes"], x["wg_weight"],
+                                 x["wg_bias"], x["key_padding_mask"], log_bias=log_geometry_bias_from_logits(logits),
+                                 dropout_keep=dropout_keep, dropout_p=dropout_p)
+    g = torch.autograd.grad(out, logits, grad_out.to(out.dtype))[0].abs()
+    return {"dwg_weight": torch.einsum("bhij,bijc->hc", g, emb.abs()), "dwg_bias": g.sum(dim=(0, 2, 3))}
+
+
 def grads_of(out, inputs, grad_out):
     names = [n for n in GRAD_NAMES if n in inputs and inputs[n].requires_grad]
     grads = torch.autograd.grad(out, [inputs[n] for n in names], grad_out.to(out.dtype))
@@ -109,21 +128,45 @@ ERROR_CAP = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 ERROR_FLOOR = 1e-5
 
 
-def allowed_error(eager_err: float, ref, dtype, *, capped: bool = True) -> float:
-    """The largest max |error| the rule allows for one tensor whose float64 reference is ``ref``,
-    computed from ``dtype`` inputs, when the eager run's error is ``eager_err``; ``capped=False``
-    drops the :data:`ERROR_CAP` (measured on attention results, not for other quantities)."""
+def allowed_error(eager_err: float, ref, dtype, *, capped: bool = True, terms=None):
+    """The largest |error| the rule allows for one tensor whose float64 reference is ``ref``,
+    computed from ``dtype`` inputs, when the eager run's max error is ``eager_err``; ``capped=False``
+    drops the :data:`ERROR_CAP` (measured on attention results, not for other quantities).
+
+    ``terms`` (the shape of ``ref``): for a result that is a sum of cancelling terms (dW_g, db_g:
+    :func:`geometry_gradient_terms`), the sum of their magnitudes. Its rounding error scales with
+    that, and the summation order alone moves it 2-3x between paths, so the bound per element adds
+    ``eps(dtype) * terms`` to twice the eager error (then a tensor, not a float). Measured
+    2026-12-07 over 4 draws of the equivalence shapes, both backends, 3 dtypes: the largest need
+    was 0.13 eps * terms (bf16 db_g, a draw where the fast paths missed by 3.5x eager), and a
+    result 20 % off stays rejected (by the cap, which 0.2 |ref| always exceeds).
+    """
     scale = ref.detach().abs().max().item() if ref.numel() else 0.0
-    bound = min(2.0 * eager_err, ERROR_CAP[dtype] * scale) if capped else 2.0 * eager_err
+    bound = 2.0 * eager_err
+    if terms is not None:
+        bound = bound + torch.finfo(dtype).eps * terms.detach().double()
+        if capped:
+            bound = bound.clamp(max=ERROR_CAP[dtype] * scale)
+        return bound.clamp(min=ERROR_FLOOR)
+    bound = min(bound, ERROR_CAP[dtype] * scale) if capped else bound
     return max(bound, ERROR_FLOOR)
 
 
-def assert_within_eager_rule(name, ours, eager, ref, dtype, *, capped: bool = True):
+def assert_within_eager_rule(name, ours, eager, ref, dtype, *, capped: bool = True, terms=None):
     """``ours`` within :func:`allowed_error` of ``ref`` (the float64 reference); ``eager`` is the
-    eager run at ``dtype`` (the inputs' dtype). AssertionError naming ``name`` otherwise."""
+    eager run at ``dtype`` (the inputs' dtype); ``terms`` as there. AssertionError naming ``name`` otherwise."""
     err, eager_err = max_err(ours, ref), max_err(eager, ref)
-    allowed = allowed_error(eager_err, ref, dtype, capped=capped)
+    allowed = allowed_error(eager_err, ref, dtype, capped=capped, terms=terms)
     cap = f"capped at {ERROR_CAP[dtype]:g} x max |reference|" if capped else "no cap"
+    if terms is not None:
+        excess = (ours.detach().double() - ref.detach().double()).abs() - allowed
+        worst = int(excess.argmax()) if excess.numel() else 0
+        ok = excess.numel() == 0 or excess.flatten()[worst].item() <= 0
+        allowed_here = allowed.flatten()[worst].item() if excess.numel() else ERROR_FLOOR
+        err_here = allowed_here + (excess.flatten()[worst].item() if excess.numel() else 0.0)
+        assert ok, (f"{name}: error {err_here:.3e} > allowed {allowed_here:.3e} at element {worst} (2 x eager error "
+                    f"{eager_err:.3e} + eps x sum |terms|, {cap}, floor {ERROR_FLOOR:g})")
+        return
     assert err <= allowed, (f"{name}: error {err:.3e} > allowed {allowed:.3e} (2 x eager error {eager_err:.3e}, "
                             f"{cap}, floor {ERROR_FLOOR:g})")
 

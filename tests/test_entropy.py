@@ -370,3 +370,21 @@ def test_bad_values_raise(device, backend, normalized):
     q = p.clone()
     q[1, 66] = float("nan")
     attention_entropy(q.to(device), mask.to(device), normalized=normalized, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_entropy_without_the_finiteness_check_does_not_synchronise(backend):
+    """check_finite=False: no host read (bad rows come back NaN instead of raising); the default
+    still raises. The Triton output is allocated without a memset (torch.empty): every row is stored."""
+    from geocap.kernels.op_count import count_ops
+
+    x = torch.softmax(torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)), -1)
+    x[1, 2, 3] = float("nan")
+    with count_ops() as counts:
+        out = attention_entropy(x, backend=backend, check_finite=False)
+    assert counts.syncs == 0, counts.summary()
+    if backend == "triton":
+        assert counts.kernels == 0 and counts.triton_launches == 1, counts.summary()
+    assert torch.isnan(out[1, 2]) and torch.isfinite(out[0]).all()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        attention_entropy(x, backend=backend)
