@@ -4,6 +4,7 @@
 #                     embedded synthetic data: kernel check, synth -> prepro -> train and evaluate
 #                     ORT and its no-geometry ablation -> a table of both side by side
 #   ./run.sh test     installs likewise and runs the test suite (extra arguments go to pytest)
+#   ./run.sh lint     installs likewise and runs ruff (pyproject.toml's rules)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -65,5 +66,6 @@ case "$command" in
         echo "${SECONDS} s in all"
         ;;
     test) exec "$py" -m pytest tests "$@" ;;
-    *) echo "usage: ./run.sh [demo|test] [args...]" >&2; exit 2 ;;
+    lint) exec "$venv/bin/ruff" check . "$@" ;;
+    *) echo "usage: ./run.sh [demo|test|lint] [args...]" >&2; exit 2 ;;
 esac

@@ -121,7 +121,8 @@ def comparison_table(analyses: Mapping[str, Mapping]) -> str:
             se = (summary or {}).get("se") or [None] * len(values)
             cells = [_cell(v, s, fmt) for v, s in zip(values, se)] + [""] * (depth - len(values))
             if summary and _finite(summary.get("change")):
-                trend = f"{_cell(summary['change'], summary.get('change_se'), '+' + fmt.lstrip('+'))}: {summary['trend']}"
+                change = _cell(summary['change'], summary.get('change_se'), '+' + fmt.lstrip('+'))
+                trend = f"{change}: {summary['trend']}"
             elif len(values) > 1 and _finite(values[0]) and _finite(values[-1]):
                 trend = f"{format(values[-1] - values[0], '+' + fmt.lstrip('+'))} (no standard error)"
             else:

@@ -38,7 +38,8 @@ only the first record of an image is used (the others are counted under
 ``records_repeating_an_image``), so ``pairs`` is the number of ordered pairs of distinct objects
 over ``images`` images. A bin with fewer than :data:`MIN_BIN_PAIRS` pairs is too thin for its mean
 to mean much: the figure and the report leave it out (``analysis.json`` keeps its mean and count
-under ``*_curve`` / ``*_bin_pairs``). Records of kind ``"hypothetical"`` are skipped. Special objects (``extra["special_objects"]``, e.g. a ViT's
+under ``*_curve`` / ``*_bin_pairs``). Records of kind ``"hypothetical"`` are skipped. Special objects
+(``extra["special_objects"]``, e.g. a ViT's
 class token; :mod:`geocap.data.attention_record`) stand for no region and are in no pair. Memory:
 ``[L, bins]`` sums, the two samples and one id per image.
 """

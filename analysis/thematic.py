@@ -36,7 +36,8 @@ Statistics:
 
 Records of kind ``"hypothetical"`` are skipped (their encoder attention repeats the reference
 record's). Special objects (``extra["special_objects"]``, a ViT's class token) are neither queries
-nor "other objects" nor in a cosine pair: "the other objects" of a query are the other regular ones. Memory: ``[L, H]`` sums, and at most ``kmeans_buffer`` records before the fit.
+nor "other objects" nor in a cosine pair: "the other objects" of a query are the other regular ones.
+Memory: ``[L, H]`` sums, and at most ``kmeans_buffer`` records before the fit.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ CPU -- ``peak_rss_growth_mb``
     The call runs in a child process forked from the benchmark process (``multiprocessing``
     ``'fork'`` context), so the benchmark process's own heap history cannot hide or inflate it. In
     the child: one untimed warm-up call (a forked child faults library code pages and per-thread
-    caches back in on its first op, ~5-20 MB of RSS that is not the call's memory); ``gc.collect()``; glibc ``malloc_trim(0)`` returns heap pages the parent had freed
+    caches back in on its first op, ~5-20 MB of RSS that is not the call's memory); ``gc.collect()``;
+    glibc ``malloc_trim(0)`` returns heap pages the parent had freed
     but kept resident (otherwise the call could reuse them without any RSS growth); writing ``5``
     to ``/proc/self/clear_refs`` resets the kernel's RSS high-water mark (which a forked child
     inherits at the parent's RSS) to the current RSS; the start RSS is read from
@@ -23,7 +24,8 @@ CPU -- ``peak_rss_growth_mb``
     Inputs created before the fork are shared copy-on-write and not counted, as long as the
     call does not write to them. The child runs with ``torch.set_num_threads(1)``: the OpenMP /
     MKL thread pools of the parent do not survive ``fork`` (a parallel region in the child hangs),
-    and the thread count changes per-thread scratch, not the tensors the call allocates. If ``clear_refs`` cannot be written, the trim is skipped (the
+    and the thread count changes per-thread scratch, not the tensors the call allocates. If
+    ``clear_refs`` cannot be written, the trim is skipped (the
     inherited high-water mark then equals the start RSS) and the method string says so: the
     figure can then under-count memory the call found already resident.
 """
@@ -44,7 +46,8 @@ CPU_METHOD = ("fork a child (1 thread); {warm}gc + malloc_trim(0) + clear_refs=5
               "ru_maxrss minus RSS from /proc/self/statm, over one call")
 CPU_METHOD_NO_RESET = ("fork a child (1 thread); {warm}ru_maxrss minus RSS from /proc/self/statm, over one call "
                        "(clear_refs not writable: no trim, may under-count reused pages)")
-CUDA_METHOD = "torch.cuda.max_memory_allocated() after reset_peak_memory_stats, minus memory_allocated() before; one call"
+CUDA_METHOD = ("torch.cuda.max_memory_allocated() after reset_peak_memory_stats, minus memory_allocated() before; "
+               "one call")
 
 
 def _statm_rss_bytes() -> int:

@@ -1,7 +1,8 @@
 """Attention dumps: write throughput with and without maps, bytes per image by compression, and
 read throughput of ``open_dump`` against reading the shards with h5py directly.
 
-Data (two sets, both 64 images (``GEOCAP_BENCH_DUMP_IMAGES`` sets another number), features D = 64, ORT's attention shape L = 6 layers, H = 8 heads):
+Data (two sets, both 64 images (``GEOCAP_BENCH_DUMP_IMAGES`` sets another number), features D = 64,
+ORT's attention shape L = 6 layers, H = 8 heads):
 
 - ``coco36``: COCO-shaped, 36 boxes per image, 5 random captions of 8-16 words, no ground truth
   (so k-means clusters, no hypothetical captions); a randomly initialised model (xavier, ORT's

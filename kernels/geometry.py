@@ -58,7 +58,8 @@ def geometry_frequencies(dim_g: int = DIM_G, wave_len: float = WAVE_LEN, *, dtyp
     dtype: no host-to-device copy per call). Do not modify the returned tensor."""
     if dim_g <= 0 or dim_g % 8:
         raise ValueError(f"dim_g must be a positive multiple of 8, got {dim_g}")
-    return _frequencies(dim_g, float(wave_len), dtype, torch.device(device) if device is not None else torch.device("cpu"))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _frequencies(dim_g, float(wave_len), dtype, device)
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,7 +16,7 @@ from geocap.dump.job import DumpOptions  # noqa: E402
 from geocap.hf import PatchGrid, record_captions  # noqa: E402
 from geocap.hf.dump import dump_hf, load_captioner  # noqa: E402
 from geocap.hf.models import import_transformers  # noqa: E402
-from geocap.hf.referents import CategoryWords, caption_referents, category_regions, word_starts  # noqa: E402
+from geocap.hf.referents import CategoryWords, category_regions, word_starts  # noqa: E402
 
 transformers = import_transformers()
 

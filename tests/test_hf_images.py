@@ -1,6 +1,5 @@
 """What a Hugging Face captioner's dump reads of an image: the part its processor keeps (a centre
 crop mapped back onto the original image, or refused), the EXIF orientation, 16-bit grey levels."""
-import json
 import os
 import shutil
 

@@ -32,7 +32,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from geocap.data.attention_record import MAP_NAMES

@@ -58,7 +58,8 @@ import numpy as np
 
 from geocap.data.relations import RELATIONS
 
-__all__ = ["METRICS", "RELATION_GROUPS", "Z95", "ZERO_TOLERANCE", "ImageStats", "bleu4", "combine_seeds", "excludes_zero",
+__all__ = ["METRICS", "RELATION_GROUPS", "Z95", "ZERO_TOLERANCE", "ImageStats", "bleu4", "combine_seeds",
+           "excludes_zero",
            "image_statistics", "metric_names", "metric_values", "seed_intervals", "tokenizer_for"]
 
 METRICS = ("cider_d", "bleu_4", "rouge_l", "relation_accuracy")
