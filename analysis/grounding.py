@@ -54,7 +54,7 @@ import numpy as np
 from geocap.data.attention_record import Record, referent_objects, regular_objects
 
 from .accumulator import Accumulator, SumTable, as_map, describe, fold, ratio, to_list
-from .uncertainty import (ImageMeans, ImageUnits, image_means, interval_text, layer_uncertainty, layer_verdicts,
+from .uncertainty import (ImageMeans, ImageUnits, image_means, layer_uncertainty, layer_verdicts, layers_text,
                           trend_phrase, uncertainty_json)
 
 RATES = {"accuracy": "ground", "hypothetical_follow_rate": "follow", "hypothetical_source_rate": "source",
@@ -116,7 +116,7 @@ class GroundingResult:
     def controlled_reading(self) -> str:
         if self.referent_effect is None:
             return (f"Referent effect not computed ({self.unavailable.get('referent_effect')}).")
-        shown = "; ".join(f"layer {l + 1}: {interval_text(e, '+.1%')}" for l, e in enumerate(self.referent_effect))
+        shown = layers_text(self.referent_effect, "+.1%")
         verdict = layer_verdicts(self.referent_effect, {"positive": "attends to the noun's own referent",
                                                         "negative": "attends away from the noun's referent"})
         text = (f"Referent effect (per grounded token, 1 if the most-attended object of the layer's head-mean map is "

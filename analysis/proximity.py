@@ -55,7 +55,7 @@ from .accumulator import (Accumulator, SeenImages, SumTable, config_state, descr
                           encoder_rows, feature_cosines, fold, ratio, read_config, to_list)
 from .reservoir import PairReservoir, pair_keys
 from .rows import MIN_ROW_KEYS, mean_over_rows
-from .uncertainty import ImageMeans, image_means, interval_text, layer_verdicts
+from .uncertainty import ImageMeans, first_measured, image_means, layer_verdicts, layers_text
 
 MEASURES = ("distance", "similarity")
 RANGES = {"distance": (0.0, 1.0), "similarity": (-1.0, 1.0)}
@@ -137,17 +137,14 @@ class ProximityResult:
     def controlled(self) -> tuple[str | None, list | None]:
         """The measure the verdict rests on: ``distance_given_similarity`` where records have features,
         else ``distance`` (position alone, similarity not controlled); ``(name, entries)``."""
-        for name in ("distance_given_similarity", "distance"):
-            if self.per_image.get(name):
-                return name, self.per_image[name]
-        return None, None
+        return first_measured(self.per_image, ("distance_given_similarity", "distance"))
 
     def controlled_reading(self) -> str:
         name, entries = self.controlled()
         if name is None:
             reason = self.unavailable.get("per_image.distance", "no image with enough objects")
             return f"Attention against distance, controlled: not computed ({reason})."
-        shown = "; ".join(f"layer {l + 1}: {interval_text(e)}" for l, e in enumerate(entries))
+        shown = layers_text(entries)
         verdict = layer_verdicts(entries, {"negative": "attention falls with distance",
                                            "positive": "attention rises with distance"})
         text = (f"Attention against distance, controlled ({PER_IMAGE[name]}, over the query's other regular objects; "

@@ -50,8 +50,8 @@ from geocap.data.attention_record import Record, regular_objects
 from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, encoder_rows, feature_cosines, fold,
                           ratio, read_config, to_list, unit_features)
 from .rows import MIN_ROW_KEYS, mean_over_rows
-from .uncertainty import (ImageMeans, ImageUnits, image_means, interval_text, layer_uncertainty, layer_verdicts,
-                          trend_phrase, uncertainty_json)
+from .uncertainty import (ImageMeans, ImageUnits, first_measured, image_means, layer_uncertainty, layer_verdicts,
+                          layers_text, trend_phrase, uncertainty_json)
 
 CLUSTER_SOURCES = ("clusters", "labels", "kmeans")
 # the per-image measures (see the module docstring): name -> what it is
@@ -106,16 +106,13 @@ class ThematicResult:
     def controlled(self) -> tuple[str | None, list | None]:
         """The measure the verdict rests on: ``cluster_given_similarity`` where records have features,
         else ``cluster``; ``(name, entries)``."""
-        for name in ("cluster_given_similarity", "cluster"):
-            if self.per_image.get(name):
-                return name, self.per_image[name]
-        return None, None
+        return first_measured(self.per_image, ("cluster_given_similarity", "cluster"))
 
     def controlled_reading(self) -> str:
         name, entries = self.controlled()
         if name is None:
             return f"Thematic attention, controlled: not computed ({self.unavailable.get('per_image.cluster')})."
-        shown = "; ".join(f"layer {l + 1}: {interval_text(e)}" for l, e in enumerate(entries))
+        shown = layers_text(entries)
         verdict = layer_verdicts(entries, {"positive": "attention stays within clusters",
                                            "negative": "attention avoids the query's cluster"})
         beyond = " beyond what feature similarity explains" if name != "cluster" else ""

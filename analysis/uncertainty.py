@@ -229,3 +229,17 @@ def layer_verdicts(entries: list | None, words: dict | None = None) -> str:
         parts.append(f"{words.get(verdict, verdict)} in layer{'s' if len(layers) > 1 else ''} "
                      + ", ".join(map(str, layers)))
     return "; ".join(parts)
+
+
+def first_measured(per_image: dict, names) -> tuple[str | None, list | None]:
+    """``(name, entries)`` of the first of ``names`` that ``per_image`` holds entries for (the
+    controlled measure a verdict rests on, then its fallbacks), or ``(None, None)``."""
+    for name in names:
+        if per_image.get(name):
+            return name, per_image[name]
+    return None, None
+
+
+def layers_text(entries: list, fmt: str = "+.3f") -> str:
+    """``layer 1: +0.12 [+0.10, +0.14] (300 images); layer 2: ...`` (:func:`interval_text` per layer)."""
+    return "; ".join(f"layer {l + 1}: {interval_text(e, fmt)}" for l, e in enumerate(entries))
