@@ -122,6 +122,7 @@ def _interrupted(signum: int) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command(argv)).parse_args(argv)
+    stopped = None
     try:
         with stop_signals():
             try:
@@ -131,14 +132,15 @@ def main(argv=None) -> int:
         if stopped is not None:          # the command returned although a stop was requested
             return _interrupted(stopped)
         return status
-    except GeocapError as err:
-        print(f"geocap: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        if not _raised_by_geocap(err):
-            raise
-        print(f"geocap: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as err:
         import signal
         return _interrupted(getattr(err, "signum", signal.SIGINT))
+    except Exception as err:
+        if stopped is not None:
+            # the stop's exception was turned into another on its way out (raised inside h5py's
+            # Cython callbacks it becomes "SystemError: ... returned a result with an exception set")
+            return _interrupted(stopped)
+        if isinstance(err, GeocapError) or (isinstance(err, ValueError) and _raised_by_geocap(err)):
+            print(f"geocap: error: {err}", file=sys.stderr)
+            return 2
+        raise

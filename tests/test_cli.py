@@ -141,6 +141,27 @@ def test_a_stop_request_blocks_the_final_rename_and_the_exit_status(tmp_path, ca
     assert capsys.readouterr().err == "geocap: interrupted by SIGINT\n"
 
 
+def test_a_stop_whose_exception_became_another_still_exits_as_interrupted(capsys, monkeypatch):
+    """SIGINT inside an h5py callback (Cython) surfaces as ``SystemError: ... returned a result with
+    an exception set``, not as the Interrupted the handler raised (seen in a study killed by SIGINT):
+    with the stop requested, the command line reports the interruption (exit 130), not a bug."""
+    from geocap import stop
+    import geocap.demo
+
+    def mangled(**options):
+        stop.request_stop()
+        raise SystemError("<cyfunction FastRLock.__exit__> returned a result with an exception set")
+    monkeypatch.setattr(geocap.demo, "run_demo", mangled)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err == "geocap: interrupted by SIGINT\n"
+
+    def a_bug(**options):                       # without a stop request it stays a bug, traceback and all
+        raise SystemError("a bug")
+    monkeypatch.setattr(geocap.demo, "run_demo", a_bug)
+    with pytest.raises(SystemError, match="a bug"):
+        main(["demo"])
+
+
 def test_a_sigint_while_a_tsv_input_is_written_keeps_the_old_store(tmp_path):
     """The outside check of the issue: `geocap prepro features --from tsv --dtype float32` on a
     TSV input that takes a while, SIGINT once the temporary store holds data: exit 130, the old
