@@ -80,6 +80,12 @@ def _why(analysis: Mapping, path: tuple) -> str | None:
     return reasons.get(name) or next((v for k, v in reasons.items() if path[-1] in k or k in path), None)
 
 
+def _missing_row(label: str, name: str, analysis: Mapping, path: tuple, depth: int) -> str:
+    """The table row of a measure ``analysis`` lacks: blank layers and the analysis' reason."""
+    why = _why(analysis, path)
+    return f"| {label} | {name} | " + " | ".join([""] * depth) + f" | not measured{': ' + why if why else ''} |"
+
+
 def _controlled_rows(analyses: Mapping[str, Mapping], depth: int) -> list[str]:
     """A row per (controlled measure, model): each layer's mean [95 % interval over images] and the
     verdicts (:func:`.uncertainty.layer_verdicts`)."""
@@ -90,9 +96,7 @@ def _controlled_rows(analyses: Mapping[str, Mapping], depth: int) -> list[str]:
         for name, analysis in analyses.items():
             entries = _get(analysis, path)
             if not entries:
-                why = _why(analysis, path)
-                lines.append(f"| {label} | {name} | " + " | ".join([""] * depth)
-                             + f" | not measured{': ' + why if why else ''} |")
+                lines.append(_missing_row(label, name, analysis, path, depth))
                 continue
             cells = [_interval_cell(e, fmt) for e in entries] + [""] * (depth - len(entries))
             lines.append(f"| {label} | {name} | " + " | ".join(cells) + f" | {layer_verdicts(entries)} |")
@@ -113,9 +117,7 @@ def comparison_table(analyses: Mapping[str, Mapping]) -> str:
         for name, analysis in analyses.items():
             values = _get(analysis, path)
             if not values:
-                why = _why(analysis, path)
-                lines.append(f"| {label} | {name} | " + " | ".join([""] * depth)
-                             + f" | not measured{': ' + why if why else ''} |")
+                lines.append(_missing_row(label, name, analysis, path, depth))
                 continue
             summary = _get(analysis, se_path) if se_path else None
             se = (summary or {}).get("se") or [None] * len(values)
