@@ -40,9 +40,11 @@ def word_tokenizer():
                                                 eos_token="[EOS]", unk_token="[UNK]")
 
 
-def save_tiny_model(folder):
+def save_tiny_model(folder, tok=None):
+    """A tiny random ViT (2 layers, 32 px, 8 px patches) + GPT-2 (3 layers) captioner saved with its
+    tokenizer (``tok``, default the word-level one) and image processor."""
     torch.manual_seed(0)
-    tok = word_tokenizer()
+    tok = word_tokenizer() if tok is None else tok
     config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
         transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                intermediate_size=64),

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("transformers", reason="geocap.hf needs transformers (pip install 'geocap[hf]')")
 
 from hf_tokenizers import byte_level_bpe  # noqa: E402
+from test_hf_dump import save_tiny_model  # noqa: E402
 from test_viewer import _expected, _open, _select, _values, browser  # noqa: E402,F401  (its fixture)
 
 from geocap.data.dump_format import open_dump  # noqa: E402
@@ -30,19 +30,7 @@ BOXES = [(1, [0, 0, 24, 32]), (2, [30, 20, 10, 10]), (3, [40, 0, 8, 8])]      # 
 def hf_site(tmp_path_factory):
     from PIL import Image
     root = tmp_path_factory.mktemp("hfview")
-    tok = byte_level_bpe(transformers)
-    torch.manual_seed(0)
-    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-        transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64),
-        transformers.GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=len(tok), add_cross_attention=True,
-                                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
-    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 1, 0, 2
-    model = transformers.VisionEncoderDecoderModel._from_config(config, attn_implementation="eager").eval()
-    model.generation_config.decoder_start_token_id, model.generation_config.eos_token_id = 1, 2
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "model")
+    save_tiny_model(root / "model", byte_level_bpe(transformers))
     (root / "images").mkdir()
     pixels = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(root / "images" / f"img_{IMAGE:04d}.png")

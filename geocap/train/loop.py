@@ -147,6 +147,26 @@ def _restore_rank_rng(state: dict) -> None:
             torch.cuda.set_rng_state(torch.tensor(s, dtype=torch.uint8), i)
 
 
+@contextlib.contextmanager
+def _evaluating(model: ObjectRelationTransformer, device: torch.device):
+    """Inside the block: the model in eval mode, no gradients, every random generator forked (the
+    run's streams are left as they were); the model's mode comes back after it."""
+    was_training = model.training
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+
+def _image_batches(dataset: CaptionDataset, n: int, batch_size: int, device: torch.device):
+    """``(first image's position, batch on device)`` over the first ``n`` images of ``dataset``."""
+    for start in range(0, n, batch_size):
+        yield start, dataset.collate([dataset[i] for i in range(start, min(n, start + batch_size))]).to(device)
+
+
 def validate(model: ObjectRelationTransformer, dataset: CaptionDataset, *, images: int = 0, batch_size: int = 50,
              max_len: int = 16, device: torch.device = torch.device("cpu"),
              amp_dtype: Optional[torch.dtype] = None) -> dict:
@@ -158,21 +178,14 @@ def validate(model: ObjectRelationTransformer, dataset: CaptionDataset, *, image
     n = len(dataset) if images <= 0 else min(images, len(dataset))
     vocab = dataset.vocab
     res, gts = {}, {}
-    was_training = model.training
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        model.eval()
-        try:
-            for start in range(0, n, batch_size):
-                batch = dataset.collate([dataset[i] for i in range(start, min(n, start + batch_size))]).to(device)
-                with _autocast(device, amp_dtype):
-                    memory = model.encode(batch.features, batch.boxes, batch.box_mask)
-                    decoded = greedy_decode(model, memory, max_len=max_len)
-                for image_id, caption in zip(batch.image_ids.tolist(), captions_text(decoded, vocab)):
-                    res[image_id] = caption
-                    gts[image_id] = dataset.references(image_id)
-        finally:
-            model.train(was_training)
+    with _evaluating(model, device):
+        for _, batch in _image_batches(dataset, n, batch_size, device):
+            with _autocast(device, amp_dtype):
+                memory = model.encode(batch.features, batch.boxes, batch.box_mask)
+                decoded = greedy_decode(model, memory, max_len=max_len)
+            for image_id, caption in zip(batch.image_ids.tolist(), captions_text(decoded, vocab)):
+                res[image_id] = caption
+                gts[image_id] = dataset.references(image_id)
     score, _ = cider_d(gts, res)
     examples = [[i, res[i]] for i in list(res)[:3]]
     return {"cider_d": float(score), "images": n, "examples": examples}
@@ -197,25 +210,18 @@ def validation_loss(model: ObjectRelationTransformer, dataset: CaptionDataset, *
         raise ValueError("validation_loss: the dataset has no image")
     policy = PolicyModule(model)
     sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    was_training = model.training
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        model.eval()
-        try:
-            for start in range(0, n, batch_size):
-                batch = dataset.collate([dataset[i] for i in range(start, min(n, start + batch_size))]).to(device)
-                rows = caption_rows(batch)
-                inputs, targets = rows.captions[:, :-1], rows.captions[:, 1:]
-                mask = target_mask(rows.lengths, targets.shape[1])
-                with _autocast(device, amp_dtype):
-                    log_probs = policy(batch.features, batch.boxes, batch.box_mask, inputs,
-                                       image_index=rows.image_index, positions=mask)      # [M, V]
-                nll = -log_probs.float().gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)   # [M]
-                image = rows.image_index[:, None].expand_as(mask)[mask].cpu() + start        # [M]
-                sums.index_add_(0, image, nll.double().cpu())
-                counts.index_add_(0, image, torch.ones_like(nll, dtype=torch.float64).cpu())
-        finally:
-            model.train(was_training)
+    with _evaluating(model, device):
+        for start, batch in _image_batches(dataset, n, batch_size, device):
+            rows = caption_rows(batch)
+            inputs, targets = rows.captions[:, :-1], rows.captions[:, 1:]
+            mask = target_mask(rows.lengths, targets.shape[1])
+            with _autocast(device, amp_dtype):
+                log_probs = policy(batch.features, batch.boxes, batch.box_mask, inputs,
+                                   image_index=rows.image_index, positions=mask)      # [M, V]
+            nll = -log_probs.float().gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)   # [M]
+            image = rows.image_index[:, None].expand_as(mask)[mask].cpu() + start        # [M]
+            sums.index_add_(0, image, nll.double().cpu())
+            counts.index_add_(0, image, torch.ones_like(nll, dtype=torch.float64).cpu())
     loss = float(sums.sum() / counts.sum())
     se = None
     if n > 1:
