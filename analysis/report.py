@@ -130,14 +130,34 @@ def _proximity_tables(result) -> list[str]:
     return lines
 
 
-def _report_markdown(results: dict, records: int, size: dict, viewer_href: str | None) -> str:
+def compact_maps(source) -> dict | None:
+    """``{"encoder_top_k": k, "max_missing": w}`` when ``source`` is a dump whose encoder maps were
+    stored as each row's top k weights (``geocap dump --encoder-top-k``; ``w`` the most weight a
+    row lost), else None. The measures read from those maps are then approximate."""
+    top_k = getattr(source, "encoder_top_k", None)
+    k = top_k() if callable(top_k) else None
+    if k is None:
+        return None
+    return {"encoder_top_k": int(k), "max_missing": float(source.encoder_missing())}
+
+
+def _compact_sentence(compact: dict | None) -> list[str]:
+    if compact is None:
+        return []
+    return [f"The encoder maps were stored as each row's {compact['encoder_top_k']} largest weights (a row lost at "
+            f"most {compact['max_missing']:.3g} of its weight): measures read from encoder maps (thematic "
+            f"relatedness, proximity) are approximate; encoder entropies are those of the whole maps.", ""]
+
+
+def _report_markdown(results: dict, records: int, size: dict, viewer_href: str | None,
+                     compact: dict | None = None) -> str:
     lines = ["# Attention analyses", "",
              f"{records} records. {_size_sentence(size)} Numbers: `analysis.json`. Definitions: the docstrings "
              "of `geocap.analysis`. Verdicts rest on controlled measures, each against the score of attention that "
              "knows nothing of what is asked (its null, stated per analysis), with 95 % intervals over images: a "
              "verdict is 'inconclusive' where the interval holds 0. The naive measures are kept as description. "
              "Standard errors are over images; a change across layers is called a rise or a fall only beyond two "
-             "standard errors.", ""]
+             "standard errors.", ""] + _compact_sentence(compact)
     if viewer_href:
         lines += [f"Browse the attention maps themselves in the [attention viewer]({viewer_href}).", ""]
     for name in ANALYSES:
@@ -172,8 +192,9 @@ def run_analyses(records_or_dump, out_dir, *, viewer_href: str | None = None, pr
     """Run all four analyses over ``records_or_dump`` and write ``out_dir/analysis.json``, one PNG
     per analysis (``entropy.png``, ``thematic.png``, ``proximity.png``, ``grounding.png``),
     ``out_dir/report.md`` (the model's size, figures, a short reading of each, the proximity bins,
-    what could not be computed and why, and a link to the attention viewer when ``viewer_href`` is
-    given) and ``out_dir/report.html`` (the same, rendered). ``options`` go to
+    what could not be computed and why, a note when the encoder maps were stored compact
+    (``analysis.json["compact_maps"]``, :func:`compact_maps`), and a link to the attention viewer
+    when ``viewer_href`` is given) and ``out_dir/report.html`` (the same, rendered). ``options`` go to
     :class:`StatsCollector`. Returns the analysis.json dict."""
     collector = collect(records_or_dump, progress=progress, **options)
     results = collector.results()
@@ -181,12 +202,15 @@ def run_analyses(records_or_dump, out_dir, *, viewer_href: str | None = None, pr
     data["records"] = collector.records
     size = model_size(results)
     data["model"] = size
+    compact = None if _is_stats_only(records_or_dump) else compact_maps(records_or_dump)
+    if compact is not None:
+        data["compact_maps"] = compact
     text = json.dumps(data, indent=1, allow_nan=False)   # fails loudly rather than write a NaN
     os.makedirs(out_dir, exist_ok=True)
     for name, result in results.items():
         result.plot(os.path.join(out_dir, FIGURES[name]))
     write_text_atomic(os.path.join(out_dir, "analysis.json"), text + "\n")
-    report = _report_markdown(results, collector.records, size, viewer_href)
+    report = _report_markdown(results, collector.records, size, viewer_href, compact)
     write_text_atomic(os.path.join(out_dir, "report.md"), report)
     write_text_atomic(os.path.join(out_dir, "report.html"), _report_html(report))
     return data

@@ -110,6 +110,19 @@ optional datasets, filters and keys (older readers ignore them), so the format v
 Dumps written before models had a choice of box embedding have no ``embedding`` in their
 ``model_config``: their model used ORT's, and :func:`box_embedding` reads them as "ort".
 
+Compact encoder maps (``geocap dump --encoder-top-k K``; shard attribute ``encoder_top_k`` = K):
+instead of ``maps/encoder_self`` a shard holds each encoder map row's K largest weights
+(:mod:`geocap.data.top_k_rows`; k = min(K, N) per image)::
+
+    maps/encoder_self_topk          [sum L H N k]  float16 the kept weights
+    maps/encoder_self_topk_index    [sum L H N k]  uint16 their columns, ascending within a row
+    maps/encoder_self_topk_missing  [sum L H N]    float32 each row's lost weight (1 - its kept sum)
+
+and the attribute ``encoder_top_k_missing``, the shard's largest lost weight. Records read back
+dense, the dropped weights 0 (:meth:`Dump.encoder_missing` states the error); the encoder
+entropies are those of the whole maps. Readers older than this field refuse such shards
+("dataset maps/encoder_self missing").
+
 Stats-only dumps store every field except the three maps (entropies included), plus
 ``stats/``; their records have ``encoder_self`` = ``decoder_self`` = ``cross`` = None.
 
@@ -133,16 +146,20 @@ import numpy as np
 
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
 from geocap.data.file_digest import file_sha256
+from geocap.data.top_k_rows import expand_top_k
 from geocap.errors import DumpError
 
 FORMAT, SHARD_FORMAT, FORMAT_VERSION = "geocap-dump", "geocap-dump-shard", 1
 MANIFEST, LOCK = "manifest.json", "manifest.lock"
 CACHE_BYTES = 16 << 20          # HDF5 chunk cache per open shard (a few records' chunks)
 OPEN_SHARDS = 8                 # shards a Dump keeps open at once (least recently used closed first)
+# the datasets of encoder maps kept as each row's top k (shard attribute ``encoder_top_k``)
+TOP_K_VALUES, TOP_K_INDEX, TOP_K_MISSING = "encoder_self_topk", "encoder_self_topk_index", "encoder_self_topk_missing"
 
 __all__ = ["CACHE_BYTES", "Dump", "DumpError", "FORMAT", "FORMAT_VERSION", "LOCK", "MANIFEST", "SHARD_FORMAT",
            "box_embedding", "content_sha256", "metadata_digest", "open_dump", "read_manifest", "read_strings",
-           "shard_name", "shard_problem", "strings_crc32"]
+           "TOP_K_INDEX", "TOP_K_MISSING", "TOP_K_VALUES", "check_top_k", "shard_name", "shard_problem",
+           "strings_crc32"]
 
 
 
@@ -165,6 +182,14 @@ def content_sha256(dump: "Dump") -> str:
                 else:
                     digest.update(json.dumps(value, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def check_top_k(k) -> int:
+    """``k`` of ``encoder_top_k`` (weights kept per encoder map row) as an int; ValueError naming
+    the option unless a positive int."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"encoder_top_k must be a positive int (weights kept per encoder map row), got {k!r}")
+    return int(k)
 
 
 def strings_crc32(values) -> int:
@@ -295,6 +320,8 @@ class _Shard:
                    "decoder_self": tuple(int(x) for x in a["decoder_lh"]),
                    "cross": tuple(int(x) for x in a["decoder_lh"])}
         self.flags = {k: bool(a[k]) for k in ("has_labels", "has_clusters", "has_features")}
+        self.top_k = int(a["encoder_top_k"]) if "encoder_top_k" in a else None
+        self.top_k_missing = float(a.get("encoder_top_k_missing", 0.0))
         h = self.h5
         self.vocab = read_strings(h, "vocab", self.path)
         self.image_id = h["images/image_id"][()]
@@ -325,8 +352,9 @@ class _Shard:
         t = self.n_tokens
         le, he = self.lh["encoder_self"]
         ld, hd = self.lh["decoder_self"]
+        columns = self.n_objects if self.top_k is None else np.minimum(self.n_objects, self.top_k)
         sizes = {  # per image / per record element counts of each map kind and its entropies
-            "encoder_self": (le * he * self.n_objects ** 2, le * he * self.n_objects),
+            "encoder_self": (le * he * self.n_objects * columns, le * he * self.n_objects),
             "decoder_self": (ld * hd * t * t, ld * hd * t),
             "cross": (ld * hd * t * rec_n, ld * hd * t),
         }
@@ -337,7 +365,9 @@ class _Shard:
             if f"images/{name}" in h:
                 expected[f"images/{name}"] = (n_images,)
         for name in self.maps:
-            expected[f"maps/{name}"] = (int(self.map_off[name][-1]),)
+            for dataset in self._map_datasets(name):
+                rows = dataset == f"maps/{TOP_K_MISSING}"
+                expected[dataset] = (int((self.ent_off if rows else self.map_off)[name][-1]),)
         for name in self.entropies:
             expected[f"entropy/{name}"] = (int(self.ent_off[name][-1]),)
         for name, shape in expected.items():
@@ -346,6 +376,12 @@ class _Shard:
             if tuple(h[name].shape) != shape:
                 raise DumpError(f"{path}: dataset {name} has shape {tuple(h[name].shape)}, its records need {shape}")
         self.n_records = n_records
+
+    def _map_datasets(self, name: str) -> tuple:
+        """The datasets holding map kind ``name``: ``maps/<name>``, or the three top-k ones."""
+        if name == "encoder_self" and self.top_k is not None:
+            return tuple(f"maps/{d}" for d in (TOP_K_VALUES, TOP_K_INDEX, TOP_K_MISSING))
+        return (f"maps/{name}",)
 
     def _image_extras(self, h, n_images: int) -> list:
         """Per image the optional ``extra`` of its records (special objects, patch grid, file name,
@@ -411,7 +447,11 @@ class _Shard:
         for name in MAP_NAMES:
             per_image = name == "encoder_self"
             a, b = (i0, i1) if per_image else (lo, hi)
-            if name in self.maps:
+            if name in self.maps and name == "encoder_self" and self.top_k is not None:
+                off = self.map_off[name]
+                blocks[name] = (int(off[a]), (self._read(f"maps/{TOP_K_VALUES}", int(off[a]), int(off[b])),
+                                              self._read(f"maps/{TOP_K_INDEX}", int(off[a]), int(off[b]))))
+            elif name in self.maps:
                 off = self.map_off[name]
                 blocks[name] = (int(off[a]), self._read(f"maps/{name}", int(off[a]), int(off[b])))
             if name in self.entropies:
@@ -444,12 +484,24 @@ class _Shard:
                     if key in blocks:
                         base, data = blocks[key]
                         s, e = int(off[name][index]) - base, int(off[name][index + 1]) - base
-                        fields[key] = data[s:e].reshape(layers, heads, *tail)
+                        if isinstance(data, tuple):         # encoder map rows kept as their top k
+                            k = min(n, self.top_k)
+                            values, columns = (part[s:e].reshape(layers, heads, n, k) for part in data)
+                            fields[key] = self._expand(values, columns, n, m)
+                        else:
+                            fields[key] = data[s:e].reshape(layers, heads, *tail)
             ids = tok["ids"][ta:tb]
             out.append(Record(image_id=int(self.image_id[m]), boxes=obj["boxes"][oa:ob],
                               tokens=[self.vocab[int(k)] for k in ids], kind=KINDS[int(self.kind[j])],
                               caption_id=int(self.caption_id[j]), **fields))
         return out
+
+    def _expand(self, values, columns, n: int, image: int) -> np.ndarray:
+        try:
+            return expand_top_k(values, columns, n)
+        except ValueError as err:
+            raise DumpError(f"{self.path}: image {int(self.image_id[image])}: corrupt top-k encoder map ({err})") \
+                from None
 
     def stats_state(self) -> dict:
         if "stats" not in self.h5:
@@ -593,6 +645,16 @@ class Dump(Sequence):
         """Every record in order (read in chunks of 256; a progress bar when the dump has one)."""
         for chunk in self.iter_chunks():
             yield from chunk
+
+    def encoder_top_k(self) -> Optional[int]:
+        """k when the encoder maps were stored as each row's top k weights (``geocap dump
+        --encoder-top-k``), else None (whole maps, or none stored)."""
+        return self._shard(0).top_k if self._entries else None
+
+    def encoder_missing(self) -> float:
+        """The most weight any stored encoder map row lost to ``encoder_top_k`` (0.0 for whole maps):
+        a top-k record's encoder rows sum to at least 1 minus this."""
+        return max((self._shard(k).top_k_missing for k in range(len(self._entries))), default=0.0)
 
     # -- statistics
     def shard_states(self) -> list:

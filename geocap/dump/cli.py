@@ -7,14 +7,16 @@ Usage::
         [--no-hypothetical] [--features] [--compression lzf|gzip|none] [--writer process|inline] \\
         [--shard-images 256] [--batch-size 16] [--beam-size 3] [--max-len 20] [--limit N] [--clusters 8]
     geocap dump --hf MODEL_DIR --images DIR [--captions COCO_JSON] [--instances COCO_JSON] --out DUMP \
-        [--on-error raise|skip] [--maps KINDS] [...]
+        [--on-error raise|skip] [--maps KINDS] [--encoder-top-k K] [...]
 
 The second form records a Hugging Face captioner saved with ``save_pretrained`` (geocap.hf.dump):
 its reference captions (with ``--captions``) or its own (``--mode generated``, the default without
 captions), over a folder of JPEG/PNG images; ``--instances`` gives the nouns their referents.
 Without ``--beam-size`` / ``--max-len`` its own caption follows the model's ``generation_config``;
 ``--on-error skip`` leaves a bad image out (listed in the manifest, counted in the summary);
-``--maps`` (either form) keeps the maps of some kinds only, the others' entropies still stored.
+``--maps`` (either form) keeps the maps of some kinds only, the others' entropies still stored;
+``--encoder-top-k K`` keeps each encoder map row's K largest weights (float16, their columns, each
+row's lost weight), which the readers expand back to dense maps.
 
 Run the same command again after an interruption to resume. Under ``torchrun`` every rank
 dumps its share of the shards (shard k: rank k % WORLD_SIZE) into one dump; each rank uses
@@ -43,7 +45,7 @@ def run_dump(args: argparse.Namespace) -> int:
                           compression=args.compression, shard_images=args.shard_images, batch_size=args.batch_size,
                           beam_size=args.beam_size, max_len=args.max_len, limit=args.limit, clusters=args.clusters,
                           features_file=args.features_file, captions=args.captions or "caps", writer=args.writer,
-                          on_error=args.on_error, maps=args.maps)
+                          on_error=args.on_error, maps=args.maps, encoder_top_k=args.encoder_top_k)
     collector = None
     if args.stats_only:
         from geocap.analysis import StatsCollector as collector
@@ -136,6 +138,10 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
                         help="of the --what kinds, those whose maps are stored (default: all); the others keep only "
                              "their entropies (e.g. --maps decoder,cross: a patch encoder's N x N maps dropped, its "
                              "entropies kept)")
+    parser.add_argument("--encoder-top-k", type=int, default=None, metavar="K",
+                        help="store each encoder map row as its K largest weights (float16, uint16 columns, the "
+                             "weight each row lost), read back as dense maps with the rest 0 (default: whole maps; "
+                             "a ViT-base encoder's maps: 11 MiB per image)")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="--hf: a bad image stops the dump naming it (raise, default), or is left out, listed with "
                              "its reason in manifest.json and counted in the summary (skip)")

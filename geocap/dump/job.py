@@ -94,7 +94,9 @@ def dump(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], spl
     objects; ``on_error`` "raise" (only Hugging Face dumps take "skip"); ``features_file``,
     ``captions``: the store and captions folder inside ``data``; ``writer``: "process" (default:
     the shard writer runs in a child process of this rank, :mod:`geocap.dump.writer_process`) or
-    "inline" (in this process); both write identical shards.
+    "inline" (in this process); both write identical shards; ``encoder_top_k``: store each encoder
+    map row as its k largest weights (float16 values, uint16 columns, each row's lost weight;
+    :mod:`geocap.data.dump_format`), None: whole maps.
 
     ``stats_collector``: the collector class stats-only dumps need (``update(record)``,
     ``state()``, e.g. ``geocap.analysis.StatsCollector``); ``device``: None / "auto" (see

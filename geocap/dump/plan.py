@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from geocap.data.dump_format import MANIFEST
+from geocap.data.dump_format import MANIFEST, check_top_k
 from geocap.data.file_digest import file_sha256
 from geocap.dump.manifest import drop_lost_shards, open_manifest, remove_stale
 from geocap.dump.record_builder import WHAT
@@ -63,6 +63,7 @@ class DumpOptions:
     captions: str = "caps"
     writer: str = "process"
     on_error: str = "raise"           # a bad image (--hf dumps): "raise" stops naming it, "skip" leaves it out
+    encoder_top_k: Optional[int] = None   # keep each encoder map row's k largest weights (None: whole maps)
 
     def checked(self) -> "DumpOptions":
         """These options with ``what`` as a tuple in canonical order; ValueError naming a bad one."""
@@ -83,7 +84,17 @@ class DumpOptions:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
         if self.writer not in WRITERS:
             raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {self.writer!r}")
+        if self.encoder_top_k is not None:
+            check_top_k(self.encoder_top_k)
+            if self.stats_only or "encoder" not in maps:
+                raise ValueError("encoder_top_k compacts the stored encoder maps, but this dump stores none "
+                                 "(stats_only, or maps without encoder)")
         return dataclasses.replace(self, what=what, maps=maps)
+
+    def top_k_metadata(self) -> dict:
+        """``{"encoder_top_k": k}`` for the dump's metadata when the encoder maps are compacted; {}
+        otherwise (so the metadata, and the digest resumed dumps are checked by, stay as before)."""
+        return {} if self.encoder_top_k is None else {"encoder_top_k": int(self.encoder_top_k)}
 
     @property
     def stored_maps(self) -> tuple:
@@ -144,7 +155,8 @@ class DumpPlan:
                     vocab=self.words, maps=self.maps, entropies=tuple(WHAT[w] for w in o.what),
                     encoder_lh=(config.layers, config.heads), decoder_lh=(config.layers, config.heads),
                     has_labels=self.has_labels, has_clusters=self.cluster_source != "none",
-                    has_features=o.features, stats_only=o.stats_only, compression=o.compression)
+                    has_features=o.features, stats_only=o.stats_only, compression=o.compression,
+                    encoder_top_k=o.encoder_top_k)
 
 
 def resolve_options(options: Optional[DumpOptions], option_values: dict, stats_collector, caller: str) -> DumpOptions:
@@ -242,7 +254,7 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     metadata = {
         "geocap_version": __version__, "checkpoint": checkpoint, "checkpoint_sha256": sha256,
         "checkpoint_step": ckpt.step, "model_config": config.to_dict(), "vocab_sha1": vocab.sha1,
-        "data": data, "split": split, "mode": o.mode, "what": list(o.what), "maps": list(maps),
+        "data": data, "split": split, "mode": o.mode, "what": list(o.what), "maps": list(maps), **o.top_k_metadata(),
         "stats_only": bool(o.stats_only), "hypothetical": bool(hypothetical), "features": bool(o.features),
         "compression": o.compression, "shard_images": o.shard_images, "limit": o.limit,
         "beam_size": o.beam_size if generated else None, "max_len": max_len if generated else None,

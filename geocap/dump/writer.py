@@ -49,8 +49,10 @@ import numpy as np
 
 from geocap import stop
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, Record
-from geocap.data.dump_format import FORMAT_VERSION, SHARD_FORMAT, strings_crc32
+from geocap.data.dump_format import (FORMAT_VERSION, SHARD_FORMAT, TOP_K_INDEX, TOP_K_MISSING, TOP_K_VALUES,
+                                     check_top_k, strings_crc32)
 from geocap.data.file_digest import file_sha256
+from geocap.data.top_k_rows import keep_top_k
 
 COMPRESSIONS = ("lzf", "gzip", "none")
 GZIP_LEVEL = 1                 # measured: 2% larger than level 4 on shuffled float16 maps, ~35% less CPU
@@ -124,7 +126,10 @@ class ShardWriter:
     ``maps``: the map kinds whose maps are stored (none for stats-only dumps); ``entropies``:
     those whose entropies are stored; ``encoder_lh``/``decoder_lh``: [L, H] of the model;
     ``vocab``: the words tokens index; ``has_labels``/``has_clusters``/``has_features``: whether
-    every record carries them (ValueError naming the image when one does not).
+    every record carries them (ValueError naming the image when one does not);
+    ``encoder_top_k``: store each encoder map row as its k largest weights
+    (:mod:`geocap.data.top_k_rows`; the layout in :mod:`geocap.data.dump_format`), None: whole.
+    ``encoder_missing`` is then the most weight a stored row lost so far.
     Use :meth:`add_image` per image, then :meth:`close` (renames) or :meth:`abort` (removes).
     ``seconds`` accumulates the time spent in the writer; ``sha256`` is the closed file's digest.
     """
@@ -132,8 +137,13 @@ class ShardWriter:
     def __init__(self, path, *, index: int, metadata_sha256: str, checkpoint_sha256: str, vocab: Sequence[str],
                  maps: Sequence[str], entropies: Sequence[str], encoder_lh, decoder_lh, has_labels: bool,
                  has_clusters: bool, has_features: bool, stats_only: bool, compression: str = "lzf",
-                 flush_bytes: int = FLUSH_BYTES, threads: Optional[int] = None):
+                 flush_bytes: int = FLUSH_BYTES, threads: Optional[int] = None,
+                 encoder_top_k: Optional[int] = None):
         t0 = time.perf_counter()
+        if encoder_top_k is not None:
+            check_top_k(encoder_top_k)
+        self.encoder_top_k = encoder_top_k if "encoder_self" in maps else None
+        self.encoder_missing = 0.0
         self.filters = _filters(compression)
         self.path = os.fspath(path)
         self.tmp = f"{self.path}.tmp-{os.getpid()}"
@@ -150,6 +160,8 @@ class ShardWriter:
             "maps": json.dumps(self.maps), "entropies": json.dumps(self.entropies),
             "encoder_lh": np.asarray(encoder_lh, dtype=np.int64), "decoder_lh": np.asarray(decoder_lh, dtype=np.int64),
             "stats_only": bool(stats_only), "compression": compression, **self.flags})
+        if self.encoder_top_k is not None:
+            self.h5.attrs["encoder_top_k"] = int(self.encoder_top_k)
         self.n_images = self.n_records = 0
         self.sha256: Optional[str] = None
         self._buf: dict = {}
@@ -199,7 +211,7 @@ class ShardWriter:
                     raise ValueError(f"{where}: {name} missing but the shard stores them")
                 self._put(f"objects/{name}", np.asarray(value, dtype))
         if "encoder_self" in self.maps:
-            self._put("maps/encoder_self", self._field(first, "encoder_self", np.float16))
+            self._put_encoder_map(first)
         if "encoder_self" in self.entropies:
             self._put("entropy/encoder_self", self._field(first, "encoder_entropy", np.float32))
         for rec in records:
@@ -234,6 +246,20 @@ class ShardWriter:
         if self._buf_bytes >= self.flush_bytes:
             self._flush()
         self.seconds += time.perf_counter() - t0
+
+    def _put_encoder_map(self, first: Record) -> None:
+        """The image's encoder map: whole, or its rows' top k (values, column indices, lost weight)."""
+        value = self._field(first, "encoder_self", np.float16)
+        if self.encoder_top_k is None:
+            self._put("maps/encoder_self", value)
+            return
+        n = first.num_objects
+        kept = keep_top_k(value.reshape(-1, n), self.encoder_top_k)
+        self._put(f"maps/{TOP_K_VALUES}", kept.values.reshape(-1))
+        self._put(f"maps/{TOP_K_INDEX}", kept.index.reshape(-1))
+        self._put(f"maps/{TOP_K_MISSING}", kept.missing)
+        if kept.missing.size:
+            self.encoder_missing = max(self.encoder_missing, float(kept.missing.max()))
 
     def _put_image_extra(self, first: Record, n: int) -> None:
         """The image's optional ``extra`` (attention_record's conventions): its special objects
@@ -370,7 +396,11 @@ class ShardWriter:
                   "images/n_regions": ((0,), np.int32), "regions/n_objects": ((0,), np.int32),
                   "regions/objects": ((0,), np.int32)}
         for name in self.maps:
-            shapes[f"maps/{name}"] = ((0,), np.float16)
+            if name == "encoder_self" and self.encoder_top_k is not None:
+                shapes.update({f"maps/{TOP_K_VALUES}": ((0,), np.float16), f"maps/{TOP_K_INDEX}": ((0,), np.uint16),
+                               f"maps/{TOP_K_MISSING}": ((0,), np.float32)})
+            else:
+                shapes[f"maps/{name}"] = ((0,), np.float16)
         for name in self.entropies:
             shapes[f"entropy/{name}"] = ((0,), np.float32)
         for name, (shape, dtype) in shapes.items():
@@ -393,6 +423,8 @@ class ShardWriter:
                     value = np.asarray(value)     # 0-d arrays take no filter: the file digest covers them
                     ds = group.create_dataset(f"{i:05d}", data=value, fletcher32=value.ndim > 0)
                     ds.attrs["key"] = str(key)
+            if self.encoder_top_k is not None:
+                self.h5.attrs["encoder_top_k_missing"] = self.encoder_missing
             self.h5.attrs["n_images"] = self.n_images
             self.h5.attrs["n_records"] = self.n_records
             self.h5.close()

@@ -164,7 +164,7 @@ class HFDumpPlan:
                     vocab=self.words, maps=o.stored_maps,
                     entropies=tuple(WHAT[w] for w in o.what), encoder_lh=self.encoder_lh, decoder_lh=self.decoder_lh,
                     has_labels=False, has_clusters=False, has_features=o.features, stats_only=o.stats_only,
-                    compression=o.compression)
+                    compression=o.compression, encoder_top_k=o.encoder_top_k)
 
 
 def _layers_heads(model, name: str) -> tuple:
@@ -216,7 +216,7 @@ def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, 
                                                       "encoder_lh": list(encoder_lh), "decoder_lh": list(decoder_lh)},
         "data": images.folder, "split": "images", "captions_sha256": images.digests.get("captions"),
         "instances_sha256": images.digests.get("instances"), "mode": o.mode, "what": list(o.what),
-        "maps": list(o.stored_maps), "stats_only": bool(o.stats_only),
+        "maps": list(o.stored_maps), **o.top_k_metadata(), "stats_only": bool(o.stats_only),
         "hypothetical": False, "features": bool(o.features), "compression": o.compression,
         "shard_images": o.shard_images, "limit": o.limit, "beam_size": o.beam_size if generated else None,
         "max_len": o.max_len if generated else None, "n_images": len(images.image_ids),

@@ -47,6 +47,7 @@ from geocap.analysis.grounding import record_referent_effect
 from geocap.analysis.proximity import image_values
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
 from geocap.data.token_words import caption_words, token_words
+from geocap.data.top_k_rows import expand_top_k, keep_top_k
 
 MAP_TITLES = {"encoder_self": "encoder self-attention", "decoder_self": "decoder self-attention",
               "cross": "cross-attention"}
@@ -69,9 +70,7 @@ def decode_f16(encoded: dict) -> np.ndarray:
     shape, k = encoded["shape"], encoded["k"]
     values = np.frombuffer(raw, dtype="<f2").reshape(shape[:-1] + [k])
     index = np.frombuffer(base64.b64decode(encoded["idx"]), dtype="<u2").reshape(shape[:-1] + [k])
-    dense = np.zeros(shape, dtype=np.float16)
-    np.put_along_axis(dense, index.astype(np.int64), values, axis=-1)
-    return dense
+    return expand_top_k(values, index, shape[-1])
 
 
 def encode_top_k(array: np.ndarray, k: int) -> dict:
@@ -83,18 +82,12 @@ def encode_top_k(array: np.ndarray, k: int) -> dict:
     data = np.asarray(array, dtype=np.float16)
     if k >= data.shape[-1]:
         return encode_f16(data)
-    if data.shape[-1] > 65535:
-        raise ValueError(f"a top-k map has at most 65535 columns, got {data.shape[-1]}")
-    order = np.argsort(-data.astype(np.float32), axis=-1, kind="stable")
-    index = np.sort(order[..., :k], axis=-1)
-    kept = np.take_along_axis(data, index, axis=-1)
-    dropped = np.take_along_axis(data, order[..., k:k + 1], axis=-1)
-    missing = 1.0 - kept.astype(np.float64).sum(axis=-1)
+    kept = keep_top_k(data, k)
     return {"shape": list(data.shape), "k": int(k),
-            "f16": base64.b64encode(np.ascontiguousarray(kept, dtype="<f2").tobytes()).decode("ascii"),
-            "idx": base64.b64encode(np.ascontiguousarray(index, dtype="<u2").tobytes()).decode("ascii"),
-            "max_missing": float(f"{max(0.0, float(missing.max())):.4g}"),
-            "max_dropped": float(f"{float(dropped.max()):.4g}")}
+            "f16": base64.b64encode(np.ascontiguousarray(kept.values, dtype="<f2").tobytes()).decode("ascii"),
+            "idx": base64.b64encode(np.ascontiguousarray(kept.index, dtype="<u2").tobytes()).decode("ascii"),
+            "max_missing": float(f"{float(kept.missing.max()):.4g}"),
+            "max_dropped": float(f"{kept.max_dropped:.4g}")}
 
 
 def caption_text(tokens) -> str:
