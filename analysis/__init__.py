@@ -1,5 +1,7 @@
-"""geocap.analysis: the seed study's four attention analyses over records (entropy, thematic
-clusters, proximity, grounding). Built on geocap.kernels and the record format
+"""geocap.analysis: the four attention analyses of N. Ilinykh, "On the Interplay between Language
+and Vision in Transformers: How Much of a 'Multi-Modal Learning' Do We Observe?" (CLASP seminar,
+University of Gothenburg, 2022; "the seed study" in geocap's docstrings) over records (entropy,
+thematic clusters, proximity, grounding). Built on geocap.kernels and the record format
 (geocap.data.attention_record) only, so they apply to any model's records.
 
 Each analysis' verdict rests on a controlled measure with a 95 % interval over images (within-row

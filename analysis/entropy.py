@@ -1,4 +1,4 @@
-"""Analysis III of the seed study: attention entropy per layer and head.
+"""Analysis III of Ilinykh (2022), the seed study (:mod:`geocap.analysis`): attention entropy per layer and head.
 
 Statistic, for each attention kind (``encoder_self``, ``decoder_self``, ``cross``) and each
 layer ``l`` and head ``h``: the mean over attention rows of the *normalised entropy*

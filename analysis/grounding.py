@@ -1,5 +1,5 @@
-"""Analysis IV of the seed study: visual grounding of nouns in cross-attention, and the
-hypothetical-caption follow-up.
+"""Analysis IV of Ilinykh (2022), the seed study (:mod:`geocap.analysis`): visual grounding of nouns
+in cross-attention, and the hypothetical-caption follow-up.
 
 Row ``t`` of a decoder map is the step that predicts ``tokens[t]`` (its input is ``tokens[t - 1]``;
 see :mod:`geocap.data.attention_record`). The "most-attended object" of a row is the argmax over

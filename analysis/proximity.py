@@ -1,5 +1,5 @@
-"""Analysis II of the seed study: encoder self-attention against visual proximity and semantic
-similarity of the two objects.
+"""Analysis II of Ilinykh (2022), the seed study (:mod:`geocap.analysis`): encoder self-attention
+against visual proximity and semantic similarity of the two objects.
 
 **Controlled measures (the verdict)**, per layer, on the head-mean map of each image's first
 record: for each query object i (a regular object, with at least :data:`~.rows.MIN_ROW_KEYS` other
@@ -14,7 +14,7 @@ alone scores 0 on it, whatever links similarity to position in the scenes; a row
 weights has no value. Within rows, the number of objects of an image (the level 1/N of its
 weights) never mixes into the correlation, as it does in the pooled Spearman below.
 
-**Description** (the seed's measures):
+**Description** (the seed study's measures):
 
 For every ordered pair of distinct objects ``(i, j)`` of a record (query i, key j), per layer ``l``:
 

@@ -1,4 +1,5 @@
-"""Analysis I of the seed study: thematic relatedness of the objects encoder self-attention links.
+"""Analysis I of Ilinykh (2022), the seed study (:mod:`geocap.analysis`): thematic relatedness of the
+objects encoder self-attention links.
 
 Clusters, per record: ``record.clusters`` when present; else ``record.labels`` (each category is
 its own cluster: a stricter grouping than thematic clusters, used when the dump knows categories
@@ -31,7 +32,7 @@ Statistics:
   attention to other objects is 0 are skipped (per layer and head).
 - **same_cluster_cosine / diff_cluster_cosine**: over all unordered pairs ``i < j`` of objects of
   every record with features, the mean cosine similarity of the two feature vectors, pooled over
-  pairs, separately for same-cluster and different-cluster pairs (the seed reports 0.50 vs 0.31).
+  pairs, separately for same-cluster and different-cluster pairs (Ilinykh 2022 reports 0.50 vs 0.31).
   Objects with an all-zero feature vector have no cosine and are skipped.
 
 Records of kind ``"hypothetical"`` are skipped (their encoder attention repeats the reference
@@ -143,7 +144,7 @@ class ThematicResult:
         if self.same_cluster_cosine is not None and self.diff_cluster_cosine is not None:
             relation = "more" if self.same_cluster_cosine > self.diff_cluster_cosine else "not more"
             parts.append(f"Object features are {relation} similar within clusters ({self.same_cluster_cosine:.2f}) "
-                         f"than across ({self.diff_cluster_cosine:.2f}); the seed reports 0.50 vs 0.31.")
+                         f"than across ({self.diff_cluster_cosine:.2f}); Ilinykh (2022) reports 0.50 vs 0.31.")
         else:
             reason = self.unavailable.get("same_cluster_cosine") or self.unavailable.get("diff_cluster_cosine")
             parts.append(f"Feature cosine not computed ({reason}).")

@@ -1,4 +1,4 @@
-"""Kernel time, host time and kernels per call, one JSON record per measurement (issue 21, item 7).
+"""Kernel time, host time and kernels per call, one JSON record per measurement.
 
     python bench/gpu_timing.py OUT.json [--dry-run] [--deadline-s S]
 
@@ -22,7 +22,7 @@ float32; the Triton paths under the interpreter), so that the GPU run cannot fai
 
 The JSON (a list of records) is rewritten after every measurement (temporary name, then renamed),
 so a run cut short keeps what it measured. Records past ``--deadline-s`` are not started.
-FlexAttention and training steps are not measured here (not done in issue 21's first pass).
+FlexAttention and training steps are not measured here (not yet written).
 """
 from __future__ import annotations
 

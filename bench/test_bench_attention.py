@@ -14,7 +14,7 @@ between calls):
 ``sdpa_ort_bias``  the bias built the ORT way, as a user without geocap writes it: ORT's
                ``[B, N, N, 64]`` box embedding (``box_relation_embedding``), the per-head
                ``Linear(64 -> 1)`` (``F.linear`` with W_g, b_g), relu / clamp / log, padded keys
-               -inf, then ``F.scaled_dot_product_attention(attn_mask=bias)`` (issue 21).
+               -inf, then ``F.scaled_dot_product_attention(attn_mask=bias)``.
 ``flex``       ``torch.nn.attention.flex_attention`` compiled (``torch.compile(flex_attention)``)
                with a ``score_mod`` that evaluates ORT's 64-channel geometry (dx, dy, dw, dh; 8
                frequencies; sin and cos) per (query, key, head) from per-box centres and sizes
@@ -297,7 +297,7 @@ def _cases():
 def _skip_reason(variant, pass_, n):
     if variant == "flex" and not CUDA:
         return (f"flex is benchmarked on CUDA only: torch {torch.__version__} has no flex_attention backward "
-                "on CPU, and the issue's flex targets are for the compiled CUDA kernel (on CPU its score_mod and "
+                "on CPU, and the comparison with flex is meant for the compiled CUDA kernel (on CPU its score_mod and "
                 "compiled forward are checked by test_flex_score_mod_matches_geometry_log_bias / test_variants_agree)")
     if pass_ == "fwd+bwd" and not CUDA and n > CPU_FWD_ONLY_ABOVE:
         return (f"fwd+bwd at N={n} is not run on CPU by design (keeps the CPU sweep to a few minutes on 2 cores): "

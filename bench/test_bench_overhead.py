@@ -1,5 +1,5 @@
 """Per-call overhead of geo_attention beside SDPA at a tiny shape, where the host's work is
-everything (issue 21, item 5): B = 1, N = 4, H = 8, d = 64, float32, 1 of 4 keys padded.
+everything: B = 1, N = 4, H = 8, d = 64, float32, 1 of 4 keys padded.
 
 Variants (group per pass, ``fwd`` and ``fwd+bwd``; the baseline is ``sdpa``):
 
@@ -10,9 +10,9 @@ Variants (group per pass, ``fwd`` and ``fwd+bwd``; the baseline is ``sdpa``):
 On CPU ``backend="auto"`` is the PyTorch path (the Triton path runs only under the interpreter
 here: its per-call cost is counted in operators by tests/test_op_counts.py, not timed). fwd+bwd
 adds ``torch.autograd.grad`` to q, k, v (and W_g, b_g for geocap). Each benchmark records in
-``extra_info`` the aten kernels and host syncs of one call (geocap/kernels/op_count.py) and the
+``extra_info`` the aten kernels and host syncs of one call (kernels/op_count.py) and the
 1-minute load average. Goal on the development CPU: the PyTorch path's forward with checks off
-at most 150 us (433 us before issue 21). Nothing here asserts speed.
+at most 150 us (433 us at commit e14c9ee, before the per-call overhead was cut). Nothing here asserts speed.
 
 Timing: ``benchmark.pedantic``, 50 warm-up calls, then 7 rounds of enough calls for >= 50 ms;
 pytest-benchmark reports per-call times; compare medians, and the minimum on a loaded machine.

@@ -27,7 +27,7 @@ def value_checks(enabled: bool):
 
     They are on by default; each is one fused reduction (about 5 operators) and one read of
     three numbers on the host: free for boxes on the CPU, one host synchronisation on a GPU.
-    Where they run on a GPU (the choice, issue 21): once per batch where boxes enter a model
+    Where they run on a GPU (a choice made for the per-call overhead): once per batch where boxes enter a model
     (geocap.model's transformer checks them there and runs its attention layers with checks
     off, so a forward and backward inside the model, training and dumps never synchronise),
     and in the public ops when called directly. They never run while torch.compile traces or

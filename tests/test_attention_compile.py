@@ -1,4 +1,4 @@
-"""geo_attention composes with PyTorch's tracers (issue 21): torch.compile(fullgraph=True) of a
+"""geo_attention composes with PyTorch's tracers: torch.compile(fullgraph=True) of a
 forward and backward through the PyTorch backend equals eager; torch.func.grad works on both
 backends; the Triton path (registered ops with fake implementations) traces under FakeTensorMode
 with the right shapes and dtypes without launching a kernel; its dropout seed is a device tensor.

@@ -1,6 +1,6 @@
 """Run from the repository root (a REPL, ``python -c``, a notebook), the root is on ``sys.path``: its
 ``kernels/`` folder (geocap.kernels) must not shadow Hugging Face's ``kernels`` distribution, which
-transformers 5 imports (issue 22, item 8)."""
+transformers 5 imports."""
 import os
 import subprocess
 import sys

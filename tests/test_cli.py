@@ -163,9 +163,9 @@ def test_a_stop_whose_exception_became_another_still_exits_as_interrupted(capsys
 
 
 def test_a_sigint_while_a_tsv_input_is_written_keeps_the_old_store(tmp_path):
-    """The outside check of the issue: `geocap prepro features --from tsv --dtype float32` on a
-    TSV input that takes a while, SIGINT once the temporary store holds data: exit 130, the old
-    store unchanged, no temporary file."""
+    """The outside check that once found a Ctrl-C lost inside h5py's callbacks: `geocap prepro features
+    --from tsv --dtype float32` on a TSV input that takes a while, SIGINT once the temporary store holds
+    data: exit 130, the old store unchanged, no temporary file."""
     import os
     import signal
     import time

@@ -1,10 +1,10 @@
 """Host synchronisations and aten launches per geometry-attention call, counted with a
-TorchDispatchMode (geocap/kernels/op_count.py), on both backends (the Triton one under the
+TorchDispatchMode (kernels/op_count.py), on both backends (the Triton one under the
 interpreter: its launches are counted, the interpreter's own host copies are not).
 
 Inside the model, training and dumps geometry attention runs with value checks off (the model
 checks boxes once where they enter); there a forward and a backward never synchronise, and the
-Triton forward launches at most 4 aten kernels besides its own (issue 21).
+Triton forward launches at most 4 aten kernels besides its own.
 """
 import pytest
 import torch
@@ -54,7 +54,7 @@ def test_triton_forward_launches_few_aten_kernels(dtype):
 
 def test_torch_forward_stays_compact():
     """The PyTorch path's forward at B=1, N=4 (measured 27 aten kernels without gradients, 33 with;
-    85 before issue 21): a bound that catches a regression to per-channel or per-head loops."""
+    85 at commit e14c9ee): a bound that catches a regression to per-channel or per-head loops."""
     forward, _ = _counted_forward_backward("torch")
     assert forward.kernels <= 40, forward.summary()
 

@@ -44,11 +44,12 @@ def test_captioner_example_loads_what_training_writes(tmp_path, monkeypatch):
 
 
 def test_box_limits_the_readme_states_are_the_code_s():
+    """The box limits docs/data.md states (the README's data page) are the constants the code uses."""
     from geocap.data.readers._common import FAR_OUTSIDE
     from geocap.data.store import BOX_TOLERANCE
     from geocap.kernels.validation import BOX_SLACK
 
-    text = " ".join(README.read_text(encoding="utf-8").split())
+    text = " ".join((README.parent / "docs" / "data.md").read_text(encoding="utf-8").split())
     stated = {name: float(re.search(pattern, text).group(1)) for name, pattern in [
         ("FAR_OUTSIDE", r"a normalised coordinate up to (\S+) outside \[0, 1\]"),
         ("BOX_TOLERANCE", r"clipped within (\S+) of \[0, 1\] and refused beyond"),

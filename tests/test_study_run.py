@@ -215,7 +215,7 @@ def test_model_results_fit_model_result():
 def test_a_tiny_study_of_every_variant_with_the_real_summary(study, tmp_path):
     """The whole path the command takes: every variant (directional trains with the signed box
     embedding, absolute with box features), the real summarize and write_report, study.json with
-    exactly the issue's keys; made two models at a time (--jobs 2, each in a spawned process), its
+    exactly its seven top-level keys; made two models at a time (--jobs 2, each in a spawned process), its
     ort and none models equal those of the one-at-a-time study of the same settings."""
     from geocap.data.dump_format import box_embedding, read_manifest
     from geocap.study.findings import VERDICTS

@@ -34,7 +34,7 @@ LABEL_NAMES = ["person", "dog", "bus", "tree"]
 L, H, N, T = 2, 3, 5, 6
 PAGE_SIZE = 3
 WAIT_S = 10
-WINDOW = (1400, 1000)           # the window size the layout is made for (issue 12)
+WINDOW = (1400, 1000)           # the window size the layout is made for
 
 
 def _records():
@@ -486,7 +486,7 @@ def test_screenshot_is_not_blank(browser, server):
     assert crop.size and crop.std() > 20, crop.std()                # the image and the shaded boxes
 
 
-# ---------------------------------------------------------------- issue 12: the viewer must not mislead
+# ---------------------------------------------------------------- the viewer must not mislead
 
 OVERLAP_ID, PORTRAIT_ID = 5, 6
 
@@ -757,7 +757,7 @@ def test_report_link_is_the_rendered_report(tmp_path, browser, crafted_site, cap
     assert browser.execute_script("return document.getElementById('figure').naturalWidth;") == 30
 
 
-# ---------------------------------------------------------------- issue 15: a patch encoder's image tokens
+# ---------------------------------------------------------------- a patch encoder's image tokens
 
 PATCH_ID, BOXES_ID = 77, 78
 ROWS, COLS, PREFIX = 3, 4, 2                 # not square: rows and columns swapped would show

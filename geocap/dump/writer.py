@@ -12,13 +12,9 @@ of the buffered items, within 4K..256K elements) and compressed with ``compressi
   dataset that any HDF5 reader decodes;
 - ``"none"``.
 
-Measured (bench/test_bench_dump.py, 2 shared CPU cores; L = 6, H = 8; "random" = random-init
-model, 36 boxes; "trained" = 60 training steps, synthetic scenes of 3-12 objects): bytes per
-image vs none: lzf -10% random / -19% trained, gzip -26% / -36% (zlib level 4: ~2% fewer at
-~1.5x the CPU); writer share of the dump's wall time: none 11% / 7%, lzf 31% / 14%, gzip
-48% / 21% (its threads compete with the model for the two cores); reading back in chunks: lzf
-~4.7k records/s, gzip ~1.9k (random, 36 boxes). lzf is the default: much cheaper to read back
-(analyses read a dump many times) and to write on few cores; gzip when disk space matters.
+lzf is the default: much cheaper to read back (analyses read a dump many times) and to write on
+few cores; gzip when disk space matters (18-24 % smaller than lzf). Measured sizes, writer shares and
+read rates: see bench/RESULTS.md, "Attention dumps".
 
 A dump runs this writer in a child process by default (:mod:`geocap.dump.writer_process`).
 

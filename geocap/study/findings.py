@@ -1,4 +1,5 @@
-"""The seed study's findings, each with a verdict on a study's models.
+"""The findings of the seed study, 'On the Interplay between Language and Vision in Transformers'
+(Ilinykh 2022), each with a verdict on a study's models.
 
 Inputs: per model, :func:`attention_summary` of its ``analysis.json`` (as
 :func:`geocap.analysis.run_analyses` wrote it: per-layer values and, for the by-layer rates, their
@@ -71,7 +72,7 @@ __all__ = ["ENTROPY_KINDS", "VERDICTS", "attention_findings", "attention_summary
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
 ENTROPY_KINDS = ("encoder_self", "decoder_self", "cross")
-SEED = "the seed study, ORT on COCO"
+SEED = "Ilinykh 2022, ORT on COCO"
 
 
 # -- reading analysis.json -------------------------------------------------------------------------
@@ -330,12 +331,12 @@ def attention_findings(variant: str, summaries: Sequence[Mapping],
          effect(f"{label}, last layer - layer 1", -1, lambda s: _change_of(s[key]))],
         [by_layer(label, [s[key] for s in summaries])], measure=measure))
 
-    claim = ("Deeper cross-attention points nouns at their objects more than early layers (seed, ACL-F 2022: "
+    claim = ("Deeper cross-attention points nouns at their objects more than early layers (Ilinykh 2022: "
              "about 16% in layer 1, about 29% deeper).")
     chance = combine_seeds([s.get("grounding_chance") for s in summaries])
     context = [by_layer("grounding accuracy", [s["grounding"] for s in summaries]),
                {"quantity": "chance (1/N)", "tests": False, "estimate": chance["estimate"], "ci95": chance["ci95"]},
-               {"quantity": "seed's values", "tests": False, "layer_1": 0.16, "deeper": 0.29}]
+               {"quantity": "Ilinykh 2022's values", "tests": False, "layer_1": 0.16, "deeper": 0.29}]
     if all(s.get("referent_effect") is not None for s in summaries):
         measure = "referent effect (own referent's hit rate - a wrong referent's; 0 = looks at some object)"
         effects = [effect("referent effect, last layer", +1, lambda s: _at(s["referent_effect"], -1)),
@@ -371,14 +372,14 @@ def feature_cosine_check(variants: Sequence[str], summaries: Sequence[Mapping]) 
     same_c, diff_c = combine_seeds(same), combine_seeds(diff)
     effects = [_effect("within - across cluster cosine", +1, [_minus(a, b) for a, b in zip(same, diff)], None)]
     return {"name": "feature_cosine", "claim": "Object features are more similar within thematic clusters than "
-            "across (seed: cosine 0.50 vs 0.31).", "variants": list(variants), "result": verdict(effects),
+            "across (Ilinykh 2022: cosine 0.50 vs 0.31).", "variants": list(variants), "result": verdict(effects),
             "measured": effects + [
                 {"quantity": "within-cluster cosine", "tests": False, "estimate": same_c["estimate"],
                  "ci95": same_c["ci95"], "seed": 0.50},
                 {"quantity": "across-cluster cosine", "tests": False, "estimate": diff_c["estimate"],
                  "ci95": diff_c["ci95"], "seed": 0.31}],
-            "note": "the synthetic features are calibrated to the seed's cosines by construction (geocap.data.synth): "
-                    "this checks the data, it is not a finding about the models"}
+            "note": "the synthetic features are calibrated to Ilinykh 2022's cosines by construction "
+                    "(geocap.data.synth): this checks the data, it is not a finding about the models"}
 
 
 # -- the geometry findings ---------------------------------------------------------------------------
@@ -468,7 +469,7 @@ def geometry_findings(comparisons: Sequence[Mapping], uses: Mapping[str, Mapping
         finding = _finding(
             f"directional_{group.replace('/', '_')}",
             f"ORT's |dx|, |dy| embedding cannot tell {' from '.join(names)}; a direction-aware (signed) embedding "
-            f"should state them correctly more often (the study's hypothesis, not the seed's).",
+            f"should state them correctly more often (the study's hypothesis, not Ilinykh 2022's).",
             ["directional", "ort"],
             [_comparison_effect(comparisons, "directional", "ort", f"relation_accuracy.{group}",
                                 f"relation accuracy {group}")], context + per_relation("directional", "ort", names))

@@ -76,14 +76,14 @@ VERDICT_TEXT = (
     "every effect holds, **does not hold** when any contradicts, and is **inconclusive** otherwise (also when "
     "there are too few data for an interval). Nothing was tuned to make a finding appear.")
 DATA_TEXT = (
-    "**Why this data can differ from the seed's COCO results.** The models are trained on geocap's embedded "
+    "**Why this data can differ from Ilinykh 2022's COCO results.** The models are trained on geocap's embedded "
     "synthetic scenes (geocap.data.synth), not COCO: 25 categories in 6 fixed thematic clusters, 3 to 12 objects "
     "per image, 80% of them from the image's theme cluster, parts (wheels, windows, screens, sails) placed at "
     "fixed places inside their wholes and objects resting on supports; five captions per image from a small "
     "grammar naming whole category groups with exact counts, whose relation phrases are read off the boxes "
     "(geocap.data.relations) with 'left of' and 'right of' equally likely; object features are synthetic "
     "vectors calibrated so that their cosines are 0.60 within a category, 0.50 within a cluster and 0.31 "
-    "across clusters (the seed's figures by construction, so the feature-cosine data check checks the "
+    "across clusters (Ilinykh 2022's figures by construction, so the feature-cosine data check checks the "
     "calibration, not a learned property). Clusters are thus exact and given, nouns map one-to-one to categories, the "
     "vocabulary is tiny and every caption is short, so a model may need less depth to ground nouns, attend "
     "within clusters, or concentrate attention than on COCO's open-ended scenes and detector features; a "
@@ -274,7 +274,8 @@ def _data_check_lines(checks: list) -> list[str]:
 def _markdown(study: dict) -> str:
     variants = study["variants"]
     ci = next(iter(variants.values()))["ci95"]
-    lines = ["# Study: ORT geometry variants and the seed study's findings", "",
+    lines = ["# Study: ORT geometry variants and the findings of 'On the Interplay between Language and Vision "
+             "in Transformers' (Ilinykh 2022)", "",
              f"Variants: {', '.join(variants)}; seeds per variant: "
              + ", ".join(f"{v} {len(e['seeds'])}" for v, e in variants.items()) + ". Numbers: `study.json`.", ""]
     if any(len(e["seeds"]) == 1 for e in variants.values()):

@@ -17,25 +17,21 @@ teacher-forced loss of the first ``val_loss_images`` val images (cheap: no decod
 :mod:`geocap.study.convergence` judges convergence; greedy CIDEr-D validation on
 ``val_cider_images`` images is optional (0: none).
 
-Sizes. Measured before (committed ``docs/study``, 2026-12-06, 2-core AMD EPYC VM, torch 2.13 CPU,
-fp32, one torch thread, the other core busy): 6 layers, d_model 128, 4 heads, d_ff 256, batches of
-10 images with 5 captions: ~0.133 s per training step (4000 steps + ~40 s of evaluation, dump and
-analyses of 600 test images: 544-597 s per model); 2 layers ~0.067 s/step (2026-12-04, another VM).
+Sizes. The step times they are estimated from: see bench/RESULTS.md, "Study step times" (6 layers
+~0.133 s per training step on a 2-core CPU, 2 layers ~0.067 s).
 
 * full (the defaults, ``full()``): 4 variants x 5 seeds = 20 models, 4 layers (the least depth that
   still shows depth trends), d_model 128, 10000 images (1000 val for the validation loss, 1000
   test), 5000 steps of 10 images (~6 epochs). **Estimate, not a measurement** (from the numbers
   above, scaling the step time with depth: 0.133 x 4/6 ~ 0.09 s/step): per model ~450 s of
   training; ~65 s of validation-loss passes (25 x 1000 images, forward only: 0.29 of a training
-  step's time per 10 images, a ratio measured at these sizes on the same VM, 2026-12-07, while it
-  was loaded); ~100 s of evaluation, dump and analyses of 1000 test images plus the untrained
-  control's dump and analyses: ~615 s, so 20 models ~12300 process-seconds, ~103 min with two
-  models at once on the two cores (``geocap study --jobs 2``), plus data (~2 min) and aggregation:
-  inside the 120 minutes allowed if the estimate holds. Whether 5000 steps converge by the
+  step's time per 10 images, bench/RESULTS.md); ~100 s of evaluation, dump and analyses of 1000
+  test images plus the untrained control's dump and analyses: ~615 s, so 20 models ~12300
+  process-seconds, ~103 min with two models at once on the two cores (``geocap study --jobs 2``),
+  plus data (~2 min) and aggregation: inside 120 minutes if the estimate holds. Whether 5000 steps converge by the
   criterion is what the run will show (the curves and each model's ``convergence`` in study.json).
 * quick (``for_quick()``): 4 variants x 2 seeds = 8 models: 2 layers, 1000 steps on 3000 images
-  (the demo's data size), the validation loss on all 300 val images. The old quick study (3
-  variants, 2 layers, 1000 steps) took 50-56 s per model, one at a time.
+  (the demo's data size), the validation loss on all 300 val images.
 """
 from __future__ import annotations
 

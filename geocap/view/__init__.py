@@ -1,4 +1,4 @@
-"""A static attention viewer for dumps (issue 6): ``build_site(records, out_dir, ...)`` writes
+"""A static attention viewer for dumps: ``build_site(records, out_dir, ...)`` writes
 it, ``geocap view DUMP --out DIR`` (:mod:`geocap.view.cli`) is its command line."""
 from geocap.view.site import SiteSummary, build_site
 

@@ -13,11 +13,11 @@ mean over D dimensions is this expectation up to O(1/sqrt(D))).
 Calibration (``feature_model``): ``bias`` solves relu_cosine(0, bias) = 0.31 (closed form in
 bias, solved by bisection), then a^2 and a^2 + b^2 solve relu_cosine = 0.50 and 0.60 (a
 one-dimensional integral, by the trapezoid rule and bisection). 0.50 within a cluster and 0.31
-across clusters are the seed study's figures; 0.60 for one category is our choice, a little
-above, so that categories stay separable. Result: a = 0.584, b = 0.394, s = 0.710,
-bias = -0.029; about half the entries are zero, as in ReLU'd detector features. Measured at
-D = 2048: 0.600 / 0.500 / 0.310. At D < 32 the prototypes cannot be orthogonal and the
-calibration is approximate.
+across clusters are the figures of Ilinykh (2022) (the seed study, :mod:`geocap.analysis`); 0.60 for
+one category is our choice, a little above, so that categories stay separable. Result: a = 0.584,
+b = 0.394, s = 0.710, bias = -0.029; about half the entries are zero, as in ReLU'd detector
+features. Measured at D = 2048: 0.600 / 0.500 / 0.310. At D < 32 the prototypes cannot be
+orthogonal and the calibration is approximate.
 """
 from __future__ import annotations
 
