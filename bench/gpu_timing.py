@@ -118,10 +118,10 @@ def kernels_per_call(call, device: torch.device) -> int:
     return counts.kernels + counts.triton_launches
 
 
-def _geocap_triton(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
+def _geocap_triton(q, k, v, boxes, wg_weight, wg_bias, attention_mask):
     from geocap.kernels import geo_attention
 
-    return geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, backend="triton").out
+    return geo_attention(q, k, v, boxes, wg_weight, wg_bias, attention_mask, backend="triton").out
 
 
 def _attention_call(bench, variant: str, inputs: dict, backward: bool):

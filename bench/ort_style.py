@@ -34,7 +34,7 @@ caption early anyway). ORT's decoder also masks <pad> keys in teacher forcing (n
 decoding), which this module does as well (it changes nothing at the positions trained on).
 
 Shapes and conventions are the model's (see :mod:`geocap.model.transformer`): features
-``[B, N, D]``, boxes ``[B, N, 4]`` normalised, ``box_mask [B, N]`` True = real; tokens start
+``[B, N, D]``, boxes ``[B, N, 4]`` normalised, ``attention_mask [B, N]`` True = real; tokens start
 with <bos>; ``log_probs [R, t, V]``. Train/eval mode (dropout) follows the wrapped model's.
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ class OrtStyleCaptioner:
         return torch.rand(shape, device=mha.q_proj.weight.device) >= p, p
 
     def _attend(self, mha: MultiHeadAttention, x: torch.Tensor, source: torch.Tensor,
-                key_padding_mask: Optional[torch.Tensor], *, causal: bool = False,
+                attention_mask: Optional[torch.Tensor], *, causal: bool = False,
                 boxes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``mha`` with queries from ``x [B, Nq, d_model]`` and keys/values projected from
         ``source [B, Nk, d_model]`` (projected here, every call); ``boxes [B, N, 4]`` for the
@@ -106,7 +106,7 @@ class OrtStyleCaptioner:
         k, v = mha.keys_values(source)
         keep, p = self._dropout_keep(mha, q.shape[:3] + (k.shape[2],))
         geo = (boxes, mha.wg_weight, mha.wg_bias) if boxes is not None else (None, None, None)
-        out, _ = reference_attention(q, k, v, *geo, key_padding_mask, causal=causal, dropout_keep=keep, dropout_p=p)
+        out, _ = reference_attention(q, k, v, *geo, attention_mask, causal=causal, dropout_keep=keep, dropout_p=p)
         merged = mha.merge_heads(out)
         if mha.legacy_extra_skip:
             merged = source + merged  # ORT: `x = input_value + x`, then `linears[-1](x)`
@@ -114,28 +114,28 @@ class OrtStyleCaptioner:
 
     # -- encoder ----------------------------------------------------------------------------
     def encode(self, features: torch.Tensor, boxes: torch.Tensor,
-               box_mask: Optional[torch.Tensor] = None) -> Memory:
-        """Encode ``features [B, N, D]`` with ``boxes [B, N, 4]`` and ``box_mask [B, N]`` (None =
+               attention_mask: Optional[torch.Tensor] = None) -> Memory:
+        """Encode ``features [B, N, D]`` with ``boxes [B, N, 4]`` and ``attention_mask [B, N]`` (None =
         all real). Returns a :class:`Memory` holding ``states`` and ``mask`` only (empty
         ``keys``/``values``: ORT projects them in every decoder call)."""
         model = self.model
         if features.dim() != 3 or features.shape[-1] != self.config.feature_dim:
             raise ValueError(f"features must have shape [B, N, {self.config.feature_dim}], got {tuple(features.shape)}")
         b, n, _ = features.shape
-        if box_mask is None:
-            box_mask = torch.ones(b, n, dtype=torch.bool, device=features.device)
-        if box_mask.shape != (b, n) or box_mask.dtype != torch.bool:
-            raise ValueError(f"box_mask must be a bool tensor [B, N] = {(b, n)}, got {box_mask.dtype} "
-                             f"{tuple(box_mask.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones(b, n, dtype=torch.bool, device=features.device)
+        if attention_mask.shape != (b, n) or attention_mask.dtype != torch.bool:
+            raise ValueError(f"attention_mask must be a bool tensor [B, N] = {(b, n)}, got {attention_mask.dtype} "
+                             f"{tuple(attention_mask.shape)}")
         if boxes.shape != (b, n, 4):
             raise ValueError(f"boxes must have shape [B, N, 4] = {(b, n, 4)}, got {tuple(boxes.shape)}")
-        x = model.feature_embed(features.masked_fill(~box_mask[..., None], 0.0))
+        x = model.feature_embed(features.masked_fill(~attention_mask[..., None], 0.0))
         for layer in model.encoder.layers:
             attn = layer.self_attn
             h = layer.attn_norm(x)
-            x = x + layer.dropout(self._attend(attn, h, h, box_mask, boxes=boxes if attn.geometry else None))
+            x = x + layer.dropout(self._attend(attn, h, h, attention_mask, boxes=boxes if attn.geometry else None))
             x = x + layer.dropout(layer.feed_forward(layer.ff_norm(x)))
-        return Memory(model.encoder.norm(x), box_mask, (), ())
+        return Memory(model.encoder.norm(x), attention_mask, (), ())
 
     # -- decoder ----------------------------------------------------------------------------
     def decoder_states(self, memory: Memory, tokens: torch.Tensor, *, mask_padding: bool = True) -> torch.Tensor:
@@ -168,10 +168,10 @@ class OrtStyleCaptioner:
         """Teacher forcing over ``memory``: ``log_probs [R, t, V]`` of :meth:`decoder_states`."""
         return self.log_probs(self.decoder_states(memory, tokens))
 
-    def __call__(self, features: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor],
+    def __call__(self, features: torch.Tensor, boxes: torch.Tensor, attention_mask: Optional[torch.Tensor],
                  tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing, as ``ObjectRelationTransformer.forward``: ``log_probs [B, T, V]``."""
-        return self.decode(self.encode(features, boxes, box_mask), tokens)
+        return self.decode(self.encode(features, boxes, attention_mask), tokens)
 
     def decode_step(self, memory: Memory, tokens: torch.Tensor, cache: Optional[PrefixState] = None, *,
                     backend: Optional[str] = None) -> tuple[torch.Tensor, PrefixState]:
@@ -202,14 +202,14 @@ def concat_decoded(parts: Sequence[Decoded], pad_id: int) -> Decoded:
 
 
 def ort_beam_search(ort: OrtStyleCaptioner, features: torch.Tensor, boxes: torch.Tensor,
-                    box_mask: Optional[torch.Tensor], *, beam_size: int = 3, max_len: int = 16,
+                    attention_mask: Optional[torch.Tensor], *, beam_size: int = 3, max_len: int = 16,
                     length_penalty: float = 0.0) -> Decoded:
     """ORT's ``_sample_beam``: encode the ``B`` images at once, then for each image alone run a
     beam search of ``beam_size`` beams whose every step re-decodes the ``[beam_size, t]`` prefix
     (:meth:`OrtStyleCaptioner.decode_step`). Returns a :class:`Decoded` with ``B`` rows, as
     :func:`geocap.decoding.beam_search` (whose selection rule each image's search uses)."""
     with torch.no_grad():
-        memory = ort.encode(features, boxes, box_mask)
+        memory = ort.encode(features, boxes, attention_mask)
         device = memory.states.device
         parts = [beam_search(ort, memory.index_select(torch.tensor([i], device=device)), beam_size=beam_size,
                              max_len=max_len, length_penalty=length_penalty)
@@ -217,16 +217,16 @@ def ort_beam_search(ort: OrtStyleCaptioner, features: torch.Tensor, boxes: torch
     return concat_decoded(parts, ort.config.pad_id)
 
 
-def per_caption_batch(features: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor,
+def per_caption_batch(features: torch.Tensor, boxes: torch.Tensor, attention_mask: torch.Tensor,
                       captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ORT's ``seq_per_img`` layout: ``captions [B, K, T]`` (K per image) -> ``(features
-    [B*K, N, D], boxes [B*K, N, 4], box_mask [B*K, N], captions [B*K, T])``, image i's
+    [B*K, N, D], boxes [B*K, N, 4], attention_mask [B*K, N], captions [B*K, T])``, image i's
     features copied to rows ``i*K .. i*K + K - 1``."""
     if captions.dim() != 3 or captions.shape[0] != features.shape[0]:
         raise ValueError(f"captions must have shape [B, K, T] with B = {features.shape[0]}, got "
                          f"{tuple(captions.shape)}")
     k = captions.shape[1]
-    return (features.repeat_interleave(k, 0), boxes.repeat_interleave(k, 0), box_mask.repeat_interleave(k, 0),
+    return (features.repeat_interleave(k, 0), boxes.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0),
             captions.reshape(-1, captions.shape[-1]))
 
 

@@ -129,7 +129,7 @@ pytestmark = pytest.mark.benchmark(timer=sync_timer)
 # ---------------------------------------------------------------------------------------------
 def make_inputs(batch, n, dtype, device, *, requires_grad=False, seed=0):
     """q, k, v ``[B, H, N, d]``; boxes ``[B, N, 4]`` valid normalised; W_g ``[H, 64]``, b_g ``[H]``
-    float32; key_padding_mask ``[B, N]`` (True = real) with 10-30 % padded keys at the end."""
+    float32; attention_mask ``[B, N]`` (True = real) with 10-30 % padded keys at the end."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, H, n, D, generator=g) for _ in range(3))
     x1 = torch.rand(batch, n, generator=g) * 0.8
@@ -143,7 +143,7 @@ def make_inputs(batch, n, dtype, device, *, requires_grad=False, seed=0):
     wg_weight = torch.randn(H, DIM_G, generator=g) * 0.1
     wg_bias = torch.randn(H, generator=g) * 0.1
     out = dict(q=q.to(device, dtype), k=k.to(device, dtype), v=v.to(device, dtype), boxes=boxes.to(device),
-               wg_weight=wg_weight.to(device), wg_bias=wg_bias.to(device), key_padding_mask=mask.to(device))
+               wg_weight=wg_weight.to(device), wg_bias=wg_bias.to(device), attention_mask=mask.to(device))
     if requires_grad:
         for name in ("q", "k", "v", "wg_weight", "wg_bias"):
             out[name].requires_grad_(True)
@@ -154,40 +154,40 @@ GRAD_INPUTS = ("q", "k", "v", "wg_weight", "wg_bias")
 
 
 # ---------------------------------------------------------------------------------------------
-# The four implementations: each (q, k, v, boxes, wg_weight, wg_bias, key_padding_mask) -> out
+# The four implementations: each (q, k, v, boxes, wg_weight, wg_bias, attention_mask) -> out
 # ---------------------------------------------------------------------------------------------
-def run_eager(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
-    return reference_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask)[0]
+def run_eager(q, k, v, boxes, wg_weight, wg_bias, attention_mask):
+    return reference_attention(q, k, v, boxes, wg_weight, wg_bias, attention_mask)[0]
 
 
-def run_sdpa_bias(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
+def run_sdpa_bias(q, k, v, boxes, wg_weight, wg_bias, attention_mask):
     bias = geometry_log_bias(boxes, wg_weight, wg_bias)                       # [B, H, N, N] float32
-    bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf")).to(q.dtype)
+    bias = bias.masked_fill(~attention_mask[:, None, None, :], float("-inf")).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
-def run_sdpa_ort_bias(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
+def run_sdpa_ort_bias(q, k, v, boxes, wg_weight, wg_bias, attention_mask):
     with value_checks(False):                                                 # a user's code checks nothing
         emb = box_relation_embedding(boxes.float())                           # [B, N, N, 64]
     x = F.linear(emb, wg_weight.float(), wg_bias.float()).permute(0, 3, 1, 2)  # [B, H, N, N]
     bias = torch.log(torch.clamp(F.relu(x), min=1e-6))
-    bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf")).to(q.dtype)
+    bias = bias.masked_fill(~attention_mask[:, None, None, :], float("-inf")).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
-def run_geocap(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
-    return geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, backend="auto").out
+def run_geocap(q, k, v, boxes, wg_weight, wg_bias, attention_mask):
+    return geo_attention(q, k, v, boxes, wg_weight, wg_bias, attention_mask, backend="auto").out
 
 
-def run_geocap_signed(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
-    return geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, backend="auto",
+def run_geocap_signed(q, k, v, boxes, wg_weight, wg_bias, attention_mask):
+    return geo_attention(q, k, v, boxes, wg_weight, wg_bias, attention_mask, backend="auto",
                          embedding="signed").out
 
 
 FREQS = tuple(WAVE_LEN ** (-kk / (DIM_G // 8)) for kk in range(DIM_G // 8))
 
 
-def box_geometry_score_mod(boxes, wg_weight, wg_bias, key_padding_mask):
+def box_geometry_score_mod(boxes, wg_weight, wg_bias, attention_mask):
     """A flex_attention ``score_mod`` adding ORT's log-geometry bias and the key padding.
 
     Per box it captures cx, cy, w, h (ORT's +1 sizes), log w, log h (float32); per pair it
@@ -208,7 +208,7 @@ def box_geometry_score_mod(boxes, wg_weight, wg_bias, key_padding_mask):
     cx, cy, w, h, log_w, log_h = (t.contiguous() for t in (cx, cy, w, h, log_w, log_h))
     weight = wg_weight.to(torch.float32)
     bias_g = wg_bias.to(torch.float32)
-    key_pad = torch.zeros_like(cx).masked_fill(~key_padding_mask, float("-inf"))  # [B, N]: 0 or -inf
+    key_pad = torch.zeros_like(cx).masked_fill(~attention_mask, float("-inf"))  # [B, N]: 0 or -inf
 
     def score_mod(score, b, head, q_idx, kv_idx):
         ax = SCALE * torch.log(torch.clamp(torch.abs(cx[b, q_idx] - cx[b, kv_idx]) / w[b, q_idx], min=DX_CLAMP))
@@ -226,11 +226,11 @@ def box_geometry_score_mod(boxes, wg_weight, wg_bias, key_padding_mask):
     return score_mod
 
 
-def flex_geometry_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, *, attention=None):
+def flex_geometry_attention(q, k, v, boxes, wg_weight, wg_bias, attention_mask, *, attention=None):
     """flex_attention (``attention``, default the uncompiled op) with the geometry score_mod."""
     if attention is None:
         from torch.nn.attention.flex_attention import flex_attention as attention
-    score_mod = box_geometry_score_mod(boxes, wg_weight, wg_bias, key_padding_mask)
+    score_mod = box_geometry_score_mod(boxes, wg_weight, wg_bias, attention_mask)
     return attention(q, k, v, score_mod=score_mod)
 
 
@@ -258,8 +258,8 @@ def compiled_flex_attention():
     return _FLEX_COMPILED
 
 
-def run_flex(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
-    return flex_geometry_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask,
+def run_flex(q, k, v, boxes, wg_weight, wg_bias, attention_mask):
+    return flex_geometry_attention(q, k, v, boxes, wg_weight, wg_bias, attention_mask,
                                    attention=compiled_flex_attention())
 
 
@@ -424,11 +424,11 @@ def test_flex_score_mod_matches_geometry_log_bias():
     from rounded centres as the score_mod takes them; geocap's ``geometry_log_bias`` takes them
     from the box edges, which rounds differently near the log floor)."""
     inp = make_inputs(2, 37, torch.float32, DEVICE, seed=3)
-    score_mod = box_geometry_score_mod(inp["boxes"], inp["wg_weight"], inp["wg_bias"], inp["key_padding_mask"])
+    score_mod = box_geometry_score_mod(inp["boxes"], inp["wg_weight"], inp["wg_bias"], inp["attention_mask"])
     zeros = torch.zeros(2, H, 37, 37, device=DEVICE)
     got = score_mod(zeros, *_index_grids(2, H, 37, DEVICE))
     want = eager_geometry_log_bias(inp["boxes"], inp["wg_weight"], inp["wg_bias"])
-    want = want.masked_fill(~inp["key_padding_mask"][:, None, None, :], float("-inf"))
+    want = want.masked_fill(~inp["attention_mask"][:, None, None, :], float("-inf"))
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
     # near the 1e-6 clamp log(x) amplifies float32 rounding, so compare the logits' scale
@@ -445,13 +445,13 @@ def test_variants_agree(n):
     inp = make_inputs(2, n, dtype, DEVICE, seed=5)
     names = ("q", "k", "v", "boxes", "wg_weight", "wg_bias")
     with torch.no_grad():
-        ref = reference_attention(*(inp[k].double() for k in names), inp["key_padding_mask"])[0]
+        ref = reference_attention(*(inp[k].double() for k in names), inp["attention_mask"])[0]
         outs = {"eager": run_eager(**inp), "sdpa_bias": run_sdpa_bias(**inp), "sdpa_ort_bias": run_sdpa_ort_bias(**inp),
                 "geocap": run_geocap(**inp),
                 "flex_uncompiled": flex_geometry_attention(**inp)}
         if CUDA or shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++"):
             outs["flex"] = run_flex(**inp)
-        signed_ref = reference_attention(*(inp[k].double() for k in names), inp["key_padding_mask"],
+        signed_ref = reference_attention(*(inp[k].double() for k in names), inp["attention_mask"],
                                          embedding="signed")[0]
         signed = run_geocap_signed(**inp)
     # float32 inputs: the geometry's float32 sin/cos arguments (up to ~700 rad) limit agreement to ~1e-3

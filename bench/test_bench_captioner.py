@@ -117,7 +117,7 @@ def make_model(seed: int = 0) -> ObjectRelationTransformer:
 
 
 def make_images(batch: int, seed: int):
-    """features ``[B, 36, 2048]``, boxes ``[B, 36, 4]`` (valid, normalised), box_mask ``[B, 36]``
+    """features ``[B, 36, 2048]``, boxes ``[B, 36, 4]`` (valid, normalised), attention_mask ``[B, 36]``
     with 20-36 real boxes per image (padded slots: zero features and boxes)."""
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(batch, N_BOXES, CONFIG["feature_dim"], generator=g)
@@ -125,10 +125,10 @@ def make_images(batch: int, seed: int):
     wh = (torch.rand(batch, N_BOXES, 2, generator=g) * (1 - xy)).clamp(min=0.01)
     boxes = torch.cat([xy, (xy + wh).clamp(max=1.0)], dim=-1)
     real = torch.randint(MIN_REAL_BOXES, N_BOXES + 1, (batch,), generator=g)
-    box_mask = torch.arange(N_BOXES)[None, :] < real[:, None]
-    features = features * box_mask[..., None]
-    boxes = boxes * box_mask[..., None]
-    return features.to(DEVICE), boxes.to(DEVICE), box_mask.to(DEVICE)
+    attention_mask = torch.arange(N_BOXES)[None, :] < real[:, None]
+    features = features * attention_mask[..., None]
+    boxes = boxes * attention_mask[..., None]
+    return features.to(DEVICE), boxes.to(DEVICE), attention_mask.to(DEVICE)
 
 
 def make_captions(batch: int, per_image: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,19 +149,19 @@ def make_captions(batch: int, per_image: int, seed: int) -> tuple[torch.Tensor, 
 # ---------------------------------------------------------------------------------------------
 # The timed calls
 # ---------------------------------------------------------------------------------------------
-def geocap_decode(model, features, boxes, box_mask):
+def geocap_decode(model, features, boxes, attention_mask):
     with torch.no_grad():
-        return beam_search(model, model.encode(features, boxes, box_mask), beam_size=BEAM, max_len=MAX_LEN)
+        return beam_search(model, model.encode(features, boxes, attention_mask), beam_size=BEAM, max_len=MAX_LEN)
 
 
-def ort_decode(ort, features, boxes, box_mask):
-    return ort_beam_search(ort, features, boxes, box_mask, beam_size=BEAM, max_len=MAX_LEN)
+def ort_decode(ort, features, boxes, attention_mask):
+    return ort_beam_search(ort, features, boxes, attention_mask, beam_size=BEAM, max_len=MAX_LEN)
 
 
 def per_image_batch(images, captions, lengths) -> Batch:
     """The trainer's per-image :class:`Batch` of ``images`` and ``captions [B, K, T]``."""
-    features, boxes, box_mask = images
-    return Batch(features=features, boxes=boxes, box_mask=box_mask, captions=captions, caption_lengths=lengths,
+    features, boxes, attention_mask = images
+    return Batch(features=features, boxes=boxes, box_mask=attention_mask, captions=captions, caption_lengths=lengths,
                  image_ids=torch.arange(features.shape[0], device=features.device))
 
 
@@ -169,8 +169,8 @@ def train_steps(model, images, captions, lengths, optimizer, params) -> dict:
     """``{variant: (loss(), step())}`` on ``model``'s weights for ``images`` (B of them) and
     ``captions [B, K, T]`` (framed lengths ``[B, K]``): ``loss()`` the variant's loss (with the
     graph), ``step()`` its timed optimiser update (returns the detached loss)."""
-    features, boxes, box_mask = images
-    f, b, m, flat = per_caption_batch(features, boxes, box_mask, captions)
+    features, boxes, attention_mask = images
+    f, b, m, flat = per_caption_batch(features, boxes, attention_mask, captions)
     ort = OrtStyleCaptioner(model)
     pad_id = model.config.pad_id
     batch = per_image_batch(images, captions, lengths)

@@ -43,7 +43,7 @@ def _inputs(requires_grad: bool) -> dict:
          "v": torch.randn(B, H, N, D, generator=g), "boxes": boxes,
          "wg_weight": torch.randn(H, 64, generator=g) * 0.1, "wg_bias": torch.randn(H, generator=g) * 0.1}
     t = {k: x.to(DEVICE).requires_grad_(requires_grad and k != "boxes") for k, x in t.items()}
-    t["key_padding_mask"] = torch.tensor([[True, True, True, False]], device=DEVICE)
+    t["attention_mask"] = torch.tensor([[True, True, True, False]], device=DEVICE)
     return t
 
 
@@ -52,7 +52,7 @@ def _forward(variant: str, x: dict) -> torch.Tensor:
         return F.scaled_dot_product_attention(x["q"], x["k"], x["v"])
     with value_checks(variant == "geocap_checks_on"):
         return geo_attention(x["q"], x["k"], x["v"], x["boxes"], x["wg_weight"], x["wg_bias"],
-                             x["key_padding_mask"], backend="auto").out
+                             x["attention_mask"], backend="auto").out
 
 
 def _call_for(variant: str, backward: bool, x: dict):

@@ -1,17 +1,19 @@
 """The Python API: caption images and score captions with a trained model.
 
     captioner = Captioner.load("model.pt")              # a geocap checkpoint
-    captioner.caption(features, boxes, feature_mask)    # -> ["a man riding a horse", ...]
+    captioner.caption(features, boxes, attention_mask)  # -> ["a man riding a horse", ...]
     captioner.log_probs(features, boxes, tokens)        # -> [B, T + 1, V]
 
 Inputs, for B images with N region slots of D = ``config.feature_dim`` features:
 
-``features``     ``[B, N, D]`` floating point
-``boxes``        ``[B, N, 4]`` floating point, normalised (x1, y1, x2, y2) in [0, 1]
-``feature_mask`` ``[B, N]`` bool, True = real box (None: every slot real); each image needs at
-                 least one real box; padded slots may hold anything
-``tokens``       ``[B, T]`` integer word ids of the vocabulary, without <bos>/<eos>, padded
-                 after a row's last word with the vocabulary's ``pad_id``
+``features``       ``[B, N, D]`` floating point
+``boxes``          ``[B, N, 4]`` floating point, normalised (x1, y1, x2, y2) in [0, 1]
+``attention_mask`` ``[B, N]`` bool, True = real box, attended to; False = padding (None: every
+                   slot real); each image needs at least one real box; padded slots may hold
+                   anything. ``feature_mask``, its name before, is a deprecated alias for one
+                   release (DeprecationWarning; passing both is a TypeError)
+``tokens``         ``[B, T]`` integer word ids of the vocabulary, without <bos>/<eos>, padded
+                   after a row's last word with the vocabulary's ``pad_id``
 
 Special ids (<pad>, <bos>, <eos>) are the vocabulary's (``vocab.pad_id`` ...), which the model's
 config must share: geocap's 0, 1, 2, or e.g. an imported ORT model's single id 0 for all three.
@@ -29,6 +31,7 @@ import torch
 
 from geocap.checkpoint import load_checkpoint, save_checkpoint
 from geocap.data.vocab import Vocabulary
+from geocap.kernels.deprecation import renamed_argument
 from geocap.model import ObjectRelationTransformer, ORTConfig
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -100,7 +103,7 @@ class Captioner:
             value = value.to(device)
         return value
 
-    def _inputs(self, features, boxes, feature_mask):
+    def _inputs(self, features, boxes, attention_mask):
         """Checked ``(features [B, N, D], boxes [B, N, 4] float32, mask [B, N] bool)`` on the model's device."""
         features = self._tensor("features", features)
         boxes = self._tensor("boxes", boxes)
@@ -118,17 +121,17 @@ class Captioner:
                              f"got {tuple(boxes.shape)}")
         if not boxes.is_floating_point():
             raise ValueError(f"boxes must be floating point, got {boxes.dtype}")
-        if feature_mask is None:
+        if attention_mask is None:
             mask = torch.ones(b, n, dtype=torch.bool, device=features.device)
         else:
-            mask = self._tensor("feature_mask", feature_mask)
+            mask = self._tensor("attention_mask", attention_mask)
             if mask.dtype != torch.bool:
-                raise ValueError(f"feature_mask must be bool (True = real box), got {mask.dtype}")
+                raise ValueError(f"attention_mask must be bool (True = real box), got {mask.dtype}")
             if tuple(mask.shape) != (b, n):
-                raise ValueError(f"feature_mask must have shape [B, N] = {(b, n)}, got {tuple(mask.shape)}")
+                raise ValueError(f"attention_mask must have shape [B, N] = {(b, n)}, got {tuple(mask.shape)}")
             if b and not bool(mask.any(dim=1).all()):
                 empty = torch.nonzero(~mask.any(dim=1)).flatten().tolist()
-                raise ValueError(f"feature_mask marks no real box for image(s) {empty[:10]}")
+                raise ValueError(f"attention_mask marks no real box for image(s) {empty[:10]}")
         return features, boxes.to(torch.float32), mask
 
     def _tokens(self, tokens, batch: int) -> torch.Tensor:
@@ -155,16 +158,18 @@ class Captioner:
         return tokens
 
     # -- API ---------------------------------------------------------------------------------
-    def caption(self, features: ArrayLike, boxes: ArrayLike, feature_mask: Optional[ArrayLike] = None,
+    @renamed_argument("feature_mask", "attention_mask")
+    def caption(self, features: ArrayLike, boxes: ArrayLike, attention_mask: Optional[ArrayLike] = None,
                 beam_size: int = 3, max_len: int = 20) -> list:
         """One caption per image: ``B`` strings of vocabulary words joined by spaces (no special
         tokens; an image whose first token is <eos> gets ""). ``beam_size`` 1 is greedy decoding,
-        more is beam search with that many beams; at most ``max_len`` words per caption."""
+        more is beam search with that many beams; at most ``max_len`` words per caption.
+        ``attention_mask [B, N]``: True = real box (see the module's docstring)."""
         if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
             raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= self.config.max_len:
             raise ValueError(f"max_len must be an int in [1, config.max_len = {self.config.max_len}], got {max_len!r}")
-        features, boxes, mask = self._inputs(features, boxes, feature_mask)
+        features, boxes, mask = self._inputs(features, boxes, attention_mask)
         if features.shape[0] == 0:
             return []
         from geocap.decoding import beam_search, greedy_decode
@@ -182,8 +187,9 @@ class Captioner:
         # Decoded.tokens: no <bos>, <eos> then <pad>; Vocabulary.decode stops at either
         return [self.vocab.decode(row) for row in decoded.tokens.tolist()]
 
+    @renamed_argument("feature_mask", "attention_mask")
     def log_probs(self, features: ArrayLike, boxes: ArrayLike, tokens: ArrayLike,
-                  feature_mask: Optional[ArrayLike] = None) -> torch.Tensor:
+                  attention_mask: Optional[ArrayLike] = None) -> torch.Tensor:
         """Teacher-forced scores of ``tokens [B, T]`` (word ids, no <bos>/<eos>): returns
         ``[B, T + 1, V]`` log-probabilities on the model's device, where position ``t`` is
         ``log P(next word | <bos>, tokens[:, :t])``; position ``T`` scores what follows the last
@@ -191,9 +197,9 @@ class Captioner:
 
         Rows of different lengths may be padded with <pad> (``vocab.pad_id``) after their last
         word: row b's end is then predicted at position ``length_b`` and the positions after it
-        are meaningless.
+        are meaningless. ``attention_mask [B, N]``: True = real box (see the module's docstring).
         """
-        features, boxes, mask = self._inputs(features, boxes, feature_mask)
+        features, boxes, mask = self._inputs(features, boxes, attention_mask)
         tokens = self._tokens(tokens, features.shape[0])
         bos = torch.full((tokens.shape[0], 1), self.vocab.bos_id, dtype=torch.long, device=tokens.device)
         training = self.model.training

@@ -3,7 +3,10 @@
 
 Shapes: q ``[B, H, Nq, d]``, k and v ``[B, H, Nk, d]``; boxes ``[B, N, 4]`` normalised
 (x1, y1, x2, y2); wg_weight ``[H, 64]``, wg_bias ``[H]`` (ORT's per-head ``Linear(64 -> 1)``);
-key_padding_mask ``[B, Nk]`` bool, True = real object.
+attention_mask ``[B, Nk]`` bool, True = attend to this key (a real object), False = padding (as
+Hugging Face's ``attention_mask``; the opposite of torch's ``key_padding_mask``, where True means
+ignore). ``key_padding_mask``, this argument's name before, is still accepted for one release as
+a deprecated alias with the same values (DeprecationWarning; both at once is a TypeError).
 
 Both return :class:`AttentionResult` ``(out, entropy, probs)``: ``out`` ``[B, H, Nq, d]`` in q's
 dtype; ``entropy`` ``[B, H, Nq]`` (nats, per query row, of the attention distribution before
@@ -18,7 +21,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._backend import resolve_backend
-from .validation import (KERNEL_DTYPES, check_boxes, check_embedding, check_geometry_weights, check_key_padding_mask,
+from .deprecation import renamed_argument
+from .validation import (KERNEL_DTYPES, check_attention_mask, check_boxes, check_embedding, check_geometry_weights,
                          check_qkv, require_dtype, require_same_device)
 
 
@@ -38,7 +42,7 @@ def _same_device(**tensors) -> torch.device:
     return require_same_device(tensors)
 
 
-def _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, causal, dropout_p,
+def _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, attention_mask, causal, dropout_p,
          return_entropy, return_probs, embedding="ort") -> AttentionResult:
     chosen = resolve_backend(backend, device)
     if chosen == "triton":
@@ -49,12 +53,13 @@ def _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, 
         from .torch_attention import torch_attention
         fn = torch_attention
     out, entropy, probs = fn(q, k, v, boxes=boxes, wg_weight=wg_weight, wg_bias=wg_bias,
-                             key_padding_mask=key_padding_mask, causal=causal, dropout_p=dropout_p,
+                             attention_mask=attention_mask, causal=causal, dropout_p=dropout_p,
                              return_entropy=return_entropy, return_probs=return_probs, embedding=embedding)
     return AttentionResult(out, entropy, probs)
 
 
-def geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask=None, *, dropout_p=0.0,
+@renamed_argument("key_padding_mask", "attention_mask")
+def geo_attention(q, k, v, boxes, wg_weight, wg_bias, attention_mask=None, *, dropout_p=0.0,
                   return_entropy=False, return_probs=False, backend="auto", embedding="ort") -> AttentionResult:
     """ORT attention: ``softmax(QK^T / sqrt(d) [padded keys -1e9] + log(clamp(relu(E W_g^T + b_g), 1e-6))) V``.
 
@@ -63,26 +68,29 @@ def geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask=None, *, 
     drops attention weights (keep-scaled), as ORT does in training; pass 0 in evaluation.
     ``embedding`` picks the box embedding E: ``"ort"`` (ORT's, which sees only |offset| between
     centres) or ``"signed"`` (the signed centre offsets, so a layout and its mirror image differ);
-    kernels/geometry.py defines both.
+    kernels/geometry.py defines both. ``attention_mask [B, N]`` bool, True = real object (attended
+    to and its box checked), False = padding; None = all real.
     """
     check_embedding(embedding)
     check_qkv(q, k, v, same_length=True)
     batch, heads, n, _ = q.shape
-    check_key_padding_mask(key_padding_mask, batch, n)
+    check_attention_mask(attention_mask, batch, n)
     check_geometry_weights(wg_weight, wg_bias, heads)
     device = _same_device(q=q, k=k, v=v, boxes=boxes, wg_weight=wg_weight, wg_bias=wg_bias,
-                          key_padding_mask=key_padding_mask)
-    check_boxes(boxes, batch, n, key_padding_mask)
-    return _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, False, _check_dropout(dropout_p),
+                          attention_mask=attention_mask)
+    check_boxes(boxes, batch, n, attention_mask)
+    return _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, attention_mask, False, _check_dropout(dropout_p),
                 return_entropy, return_probs, embedding)
 
 
-def attention(q, k, v, key_padding_mask=None, *, causal=False, dropout_p=0.0, return_entropy=False,
+@renamed_argument("key_padding_mask", "attention_mask")
+def attention(q, k, v, attention_mask=None, *, causal=False, dropout_p=0.0, return_entropy=False,
               return_probs=False, backend="auto") -> AttentionResult:
     """Scaled-dot-product attention with key padding and optional causal masking (bottom-right
-    aligned: query i sees keys ``j <= i + Nk - Nq``), for decoder self- and cross-attention."""
+    aligned: query i sees keys ``j <= i + Nk - Nq``), for decoder self- and cross-attention.
+    ``attention_mask [B, Nk]`` bool, True = attend to this key, False = padding; None = all keys."""
     check_qkv(q, k, v, same_length=False)
-    check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2])
-    device = _same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask)
-    return _run(backend, device, q, k, v, None, None, None, key_padding_mask, bool(causal), _check_dropout(dropout_p),
+    check_attention_mask(attention_mask, q.shape[0], k.shape[2])
+    device = _same_device(q=q, k=k, v=v, attention_mask=attention_mask)
+    return _run(backend, device, q, k, v, None, None, None, attention_mask, bool(causal), _check_dropout(dropout_p),
                 return_entropy, return_probs)

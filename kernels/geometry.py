@@ -132,10 +132,10 @@ def box_relation_embedding(boxes: torch.Tensor, dim_g: int = DIM_G, wave_len: fl
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
-def zero_padded_boxes(boxes: torch.Tensor, key_padding_mask) -> torch.Tensor:
-    """Boxes of padded objects (mask False) replaced by zeros: padding may hold anything, and
-    the rows of padded queries should not depend on it."""
-    return boxes if key_padding_mask is None else torch.where(key_padding_mask[..., None], boxes, 0.0)
+def zero_padded_boxes(boxes: torch.Tensor, attention_mask) -> torch.Tensor:
+    """Boxes ``[B, N, 4]`` of padded objects (``attention_mask [B, N]`` False) replaced by zeros:
+    padding may hold anything, and the rows of padded queries should not depend on it."""
+    return boxes if attention_mask is None else torch.where(attention_mask[..., None], boxes, 0.0)
 
 
 def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .deprecation import renamed_argument
 from .geometry import box_relation_embedding, compute_dtype, log_geometry_bias_from_logits, zero_padded_boxes
 
 MASKED_SCORE = -1e9
@@ -45,13 +46,16 @@ def eager_geometry_log_bias(boxes, wg_weight, wg_bias, embedding="ort") -> torch
         return log_geometry_bias_from_logits(x.permute(0, 3, 1, 2))
 
 
-def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None, *,
+@renamed_argument("key_padding_mask", "attention_mask")
+def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, attention_mask=None, *,
                         causal=False, dropout_keep=None, dropout_p=0.0, embedding="ort", log_bias=None):
     """Eager attention; returns ``(out [B, H, Nq, d], probs [B, H, Nq, Nk])``.
 
     With ``boxes``, ``wg_weight`` and ``wg_bias`` it is ORT's geometry attention (Nq == Nk), its
     box embedding chosen by ``embedding`` ("ort" or "signed"); without, plain scaled-dot-product
-    attention. ``dropout_keep`` (bool ``[B, H, Nq, Nk]``)
+    attention. ``attention_mask`` (bool ``[B, Nk]``, True = attend to this key, False = padding;
+    ``key_padding_mask`` is its deprecated alias) as in :func:`geocap.kernels.attention`.
+    ``dropout_keep`` (bool ``[B, H, Nq, Nk]``)
     applies a given dropout mask with keep-scaling ``1 / (1 - dropout_p)``; ``probs`` are
     the attention weights before dropout. ``log_bias`` ``[B, H, Nq, Nk]``, when given, replaces the
     log-geometry term computed from the boxes (tests differentiate through it).
@@ -60,12 +64,12 @@ def reference_attention(q, k, v, boxes=None, wg_weight=None, wg_bias=None, key_p
     keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)[None, None]
     if causal:
         keep = keep & causal_keep(q.shape[-2], k.shape[-2], q.device)
-    if key_padding_mask is not None:
-        keep = keep & key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        keep = keep & attention_mask[:, None, None, :]
     scores = scores.masked_fill(~keep, max(MASKED_SCORE, torch.finfo(scores.dtype).min))
     if boxes is not None:
         if log_bias is None:
-            boxes = zero_padded_boxes(boxes, key_padding_mask)
+            boxes = zero_padded_boxes(boxes, attention_mask)
             log_bias = eager_geometry_log_bias(boxes, wg_weight, wg_bias, embedding)
         scores = scores + log_bias.to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)

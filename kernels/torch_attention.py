@@ -89,7 +89,7 @@ def _joined(parts, dim):
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None,
+def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, attention_mask=None,
                     causal=False, dropout_p=0.0, return_entropy=False, return_probs=False, embedding="ort"):
     """Inputs validated by the caller; padded boxes (mask False) count as zeros; ``embedding`` is
     the box embedding's dx/dy form ("ort" or "signed", kernels/geometry.py). Returns
@@ -100,10 +100,10 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_pa
     batch, heads, n_queries, _ = q.shape
     n_keys = k.shape[-2]
     geo = boxes is not None
-    factors = BoxFactors(zero_padded_boxes(boxes, key_padding_mask), ct, embedding) if geo else None
+    factors = BoxFactors(zero_padded_boxes(boxes, attention_mask), ct, embedding) if geo else None
     wgw = _as(wg_weight, ct) if geo else None
     wgb = _as(wg_bias, ct) if geo else None
-    keep_keys = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
+    keep_keys = attention_mask[:, None, None, :] if attention_mask is not None else None
     step = _query_block_size(batch, heads, n_keys, torch.finfo(ct).bits // 8)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, wg_weight, wg_bias))

@@ -473,9 +473,9 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-def _mask_bytes(key_padding_mask: torch.Tensor) -> torch.Tensor:
+def _mask_bytes(attention_mask: torch.Tensor) -> torch.Tensor:
     """The bool mask as int8 without a copy (same bytes): the kernels read 0 / 1."""
-    return key_padding_mask.contiguous().view(torch.int8)
+    return attention_mask.contiguous().view(torch.int8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def _mask_bytes(key_padding_mask: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("geocap::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boxes: Optional[torch.Tensor],
                   wg_weight: Optional[torch.Tensor], wg_bias: Optional[torch.Tensor],
-                  key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], causal: bool,
+                  attention_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], causal: bool,
                   dropout_p: float, return_entropy: bool, return_probs: bool, signed: bool,
                   fp32_out: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward kernel: ``(out [B, H, Nq, d], lse [B, H, Nq], entropy [B, H, Nq] or [0],
@@ -502,7 +502,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boxes: Opti
     probs = torch.empty((batch, heads, nq, nk) if return_probs else (0,), dtype=torch.float32, device=q.device)
     freq = geometry_frequencies(dtype=torch.float32, device=q.device)
     geo = (_f32(boxes), _f32(wg_weight), _f32(wg_bias)) if has_geo else (freq,) * 3
-    mask = _mask_bytes(key_padding_mask) if key_padding_mask is not None else freq
+    mask = _mask_bytes(attention_mask) if attention_mask is not None else freq
     bm, bn, warps = block_config(nq, nk, d, fp32=q.dtype == torch.float32)
     grid = (triton.cdiv(nq, bm), batch * heads)
     with triton_launch():
@@ -511,7 +511,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boxes: Opti
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             heads, nq, nk, 1.0 / math.sqrt(d), dropout_p, seed if dropout_p > 0 else lse,
             HEAD_DIM=d, BLOCK_D=_pow2_at_least_16(d, 256), BM=bm, BN=bn,
-            HAS_GEO=has_geo, HAS_MASK=key_padding_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
+            HAS_GEO=has_geo, HAS_MASK=attention_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
             RETURN_ENT=return_entropy, RETURN_PROBS=return_probs, DOT_PRECISION=_precision(q.dtype), F32=f32,
             SIGNED=signed, num_warps=warps,
         )
@@ -527,7 +527,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, seed, causal, dropout_p,
+def _attention_fwd_fake(q, k, v, boxes, wg_weight, wg_bias, attention_mask, seed, causal, dropout_p,
                         return_entropy, return_probs, signed, fp32_out):
     batch, heads, nq, d = q.shape
     nk = k.shape[2]
@@ -540,7 +540,7 @@ def _attention_fwd_fake(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, se
 @torch.library.custom_op("geocap::attention_bwd", mutates_args=())
 def attention_bwd(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, boxes: Optional[torch.Tensor], wg_weight: Optional[torch.Tensor],
-                  wg_bias: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                  wg_bias: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
                   seed: Optional[torch.Tensor], causal: bool, dropout_p: float,
                   signed: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward kernels: ``(dq, dk, dv, dW_g [H, 64] or [0], db_g [H] or [0])`` for ``d_out`` in
@@ -570,9 +570,9 @@ def attention_bwd(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         dw_part = db_part = lse
     freq = geometry_frequencies(dtype=torch.float32, device=q.device)
     geo = (_f32(boxes), _f32(wg_weight), _f32(wg_bias)) if has_geo else (freq,) * 3
-    mask = _mask_bytes(key_padding_mask) if key_padding_mask is not None else freq
+    mask = _mask_bytes(attention_mask) if attention_mask is not None else freq
     common = dict(HEAD_DIM=d, BLOCK_D=_pow2_at_least_16(d, 256), BM=bm, BN=bn, HAS_GEO=has_geo,
-                  HAS_MASK=key_padding_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
+                  HAS_MASK=attention_mask is not None, CAUSAL=causal, DROPOUT=dropout_p > 0,
                   DOT_PRECISION=_precision(q.dtype), F32=f32, SIGNED=signed, num_warps=warps)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(d_out))
     sm_scale = 1.0 / math.sqrt(d)
@@ -592,7 +592,7 @@ def attention_bwd(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(d_out, q, k, v, out, lse, boxes, wg_weight, wg_bias, key_padding_mask, seed, causal,
+def _attention_bwd_fake(d_out, q, k, v, out, lse, boxes, wg_weight, wg_bias, attention_mask, seed, causal,
                         dropout_p, signed):
     store_dtype = torch.float32 if _upcast_in_kernel(q.dtype) else q.dtype
     heads = q.shape[1]
@@ -603,7 +603,7 @@ def _attention_bwd_fake(d_out, q, k, v, out, lse, boxes, wg_weight, wg_bias, key
             q.new_empty((heads,) if has_geo else (0,), dtype=torch.float32))
 
 
-_FWD_INPUTS = ("q", "k", "v", "boxes", "wg_weight", "wg_bias", "key_padding_mask", "seed", "causal", "dropout_p",
+_FWD_INPUTS = ("q", "k", "v", "boxes", "wg_weight", "wg_bias", "attention_mask", "seed", "causal", "dropout_p",
                "return_entropy", "return_probs", "signed", "fp32_out")
 
 
@@ -611,7 +611,7 @@ def _setup_context(ctx, inputs, output):
     named = dict(zip(_FWD_INPUTS, inputs))
     out, lse = output[0], output[1]
     ctx.save_for_backward(named["q"], named["k"], named["v"], out, lse, named["boxes"], named["wg_weight"],
-                          named["wg_bias"], named["key_padding_mask"], named["seed"])
+                          named["wg_bias"], named["attention_mask"], named["seed"])
     ctx.flags = (named["causal"], named["dropout_p"], named["signed"])
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)             # entropy, probs and lse take no gradient: no zeros for them
@@ -653,7 +653,7 @@ def draw_dropout_seed(device="cpu") -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
-def triton_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_padding_mask=None,
+def triton_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, attention_mask=None,
                      causal=False, dropout_p=0.0, return_entropy=False, return_probs=False, embedding="ort"):
     """Inputs validated by the caller (kernels/attention.py); ``embedding`` "ort" or "signed" (the
     box embedding's dx/dy form, kernels/geometry.py); padded boxes (mask False) are ignored (read as
@@ -667,7 +667,7 @@ def triton_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, key_p
     has_geo = boxes is not None
     seed = draw_dropout_seed(q.device) if dropout_p > 0 else None
     fp32_out = has_geo and torch.is_grad_enabled() and (wg_weight.requires_grad or wg_bias.requires_grad)
-    out, _lse, ent, probs = _TritonAttention.apply(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, seed, causal,
+    out, _lse, ent, probs = _TritonAttention.apply(q, k, v, boxes, wg_weight, wg_bias, attention_mask, seed, causal,
                                           float(dropout_p), return_entropy, return_probs,
                                           has_geo and embedding == "signed", fp32_out)
     return (out.to(q.dtype), ent.detach() if return_entropy else None, probs.detach() if return_probs else None)

@@ -2,7 +2,7 @@
 
 Shape conventions (as in the public API): q ``[B, H, Nq, d]``, k and v ``[B, H, Nk, d]``,
 boxes ``[B, N, 4]`` as normalised (x1, y1, x2, y2), wg_weight ``[H, 64]``, wg_bias ``[H]``,
-key_padding_mask ``[B, Nk]`` bool with True = real object.
+attention_mask ``[B, Nk]`` bool with True = real object (attend to it), False = padding.
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def check_qkv(q, k, v, *, same_length: bool) -> None:
         raise ValueError("q has head dim d = 0")
 
 
-def check_key_padding_mask(mask, batch: int, n_keys: int, name: str = "key_padding_mask") -> None:
+def check_attention_mask(mask, batch: int, n_keys: int, name: str = "attention_mask") -> None:
+    """``mask`` None, or a bool tensor ``[batch, n_keys]`` (True = attend to this key): ValueError naming ``name``."""
     if mask is None:
         return
     require_tensor(name, mask)
@@ -157,10 +158,10 @@ def check_finite(name: str, t: torch.Tensor, valid=None) -> None:
                      f"{int(bad.sum())} boxes affected)")
 
 
-def check_boxes(boxes, batch: int | None = None, n: int | None = None, key_padding_mask=None) -> None:
+def check_boxes(boxes, batch: int | None = None, n: int | None = None, attention_mask=None) -> None:
     """boxes ``[B, N, 4]`` normalised (x1, y1, x2, y2): finite, x2 >= x1, y2 >= y1, inside [0, 1].
 
-    Padded entries (key_padding_mask False) are not checked. The value checks (when
+    Padded entries (``attention_mask [B, N]`` False) are not checked. The value checks (when
     :func:`value_checks_active`) are one fused reduction and one host read of three numbers;
     only when they fail are the offending boxes located for the message.
     """
@@ -173,25 +174,25 @@ def check_boxes(boxes, batch: int | None = None, n: int | None = None, key_paddi
     if boxes.numel() == 0 or not value_checks_active(boxes):
         return
     b = boxes.detach()
-    if _boxes_pass(b, key_padding_mask):
+    if _boxes_pass(b, attention_mask):
         return
-    _raise_for_boxes(b, key_padding_mask)
+    _raise_for_boxes(b, attention_mask)
 
 
-def _boxes_pass(b: torch.Tensor, key_padding_mask) -> bool:
+def _boxes_pass(b: torch.Tensor, attention_mask) -> bool:
     """One pass: min and max of the (unpadded) coordinates and the least x2 - x1 / y2 - y1; NaN
     propagates through both reductions and fails every comparison, inf fails the range."""
-    if key_padding_mask is not None:
-        b = torch.where(key_padding_mask[..., None], b, 0.5)
+    if attention_mask is not None:
+        b = torch.where(attention_mask[..., None], b, 0.5)
     low, high = torch.aminmax(b)
     least_size = (b[..., 2:] - b[..., :2]).amin()
     low, high, least_size = torch.stack([low, high, least_size]).tolist()
     return low >= -BOX_SLACK and high <= 1 + BOX_SLACK and least_size >= 0
 
 
-def _raise_for_boxes(b: torch.Tensor, key_padding_mask) -> None:
+def _raise_for_boxes(b: torch.Tensor, attention_mask) -> None:
     """The ValueError for boxes that failed :func:`_boxes_pass`, naming the first bad box."""
-    valid = torch.ones(b.shape[:2], dtype=torch.bool, device=b.device) if key_padding_mask is None else key_padding_mask
+    valid = torch.ones(b.shape[:2], dtype=torch.bool, device=b.device) if attention_mask is None else attention_mask
     nonfinite = (~torch.isfinite(b)).any(-1) & valid
     inverted = ((b[..., 2] < b[..., 0]) | (b[..., 3] < b[..., 1])) & valid
     outside = ((b < -BOX_SLACK) | (b > 1 + BOX_SLACK)).any(-1) & valid & ~nonfinite

@@ -40,7 +40,7 @@ def mirrored_boxes(boxes):
 def random_inputs(batch, heads, n, d, dtype, device, *, seed=0, masked=True, n_keys=None, geometry=True,
                   embedding="ort"):
     """dict of q, k, v (and boxes, wg_weight, wg_bias and the box ``embedding`` name) in ``dtype``
-    plus key_padding_mask."""
+    plus attention_mask."""
     g = torch.Generator().manual_seed(seed)
     nk = n if n_keys is None else n_keys
     t = {
@@ -58,7 +58,7 @@ def random_inputs(batch, heads, n, d, dtype, device, *, seed=0, masked=True, n_k
         mask = torch.rand(batch, nk, generator=g) > 0.3
         mask[:, 0] = True
         mask = mask.to(device)
-    out["key_padding_mask"] = mask
+    out["attention_mask"] = mask
     if geometry:
         out["embedding"] = embedding
     return out
@@ -78,7 +78,7 @@ def run_reference(inputs, grad_out, causal=False, dropout_keep=None, dropout_p=0
     """``(out, probs, grads)`` of the eager reference on ``inputs`` (grads keyed by name; None
     when ``grad_out`` is None)."""
     out, probs = reference_attention(inputs["q"], inputs["k"], inputs["v"], inputs.get("boxes"),
-                                     inputs.get("wg_weight"), inputs.get("wg_bias"), inputs["key_padding_mask"],
+                                     inputs.get("wg_weight"), inputs.get("wg_bias"), inputs["attention_mask"],
                                      causal=causal, dropout_keep=dropout_keep, dropout_p=dropout_p,
                                      embedding=inputs.get("embedding", "ort"))
     return out, probs, (None if grad_out is None else grads_of(out, inputs, grad_out))
@@ -92,12 +92,12 @@ def geometry_gradient_terms(inputs, grad_out, dropout_keep=None, dropout_p=0.0):
     from geocap.kernels.geometry import box_relation_embedding, log_geometry_bias_from_logits, zero_padded_boxes
 
     x = upcast(inputs)
-    boxes = zero_padded_boxes(x["boxes"], x["key_padding_mask"])
+    boxes = zero_padded_boxes(x["boxes"], x["attention_mask"])
     emb = box_relation_embedding(boxes, embedding=x.get("embedding", "ort"))                    # [B, N, N, 64]
     logits = torch.nn.functional.linear(emb, x["wg_weight"].detach(), x["wg_bias"].detach())
     logits = logits.permute(0, 3, 1, 2).detach().requires_grad_()                             # [B, H, N, N]
     out, _ = reference_attention(x["q"].detach(), x["k"].detach(), x["v"].detach(), x["boxes"], x["wg_weight"],
-                                 x["wg_bias"], x["key_padding_mask"], log_bias=log_geometry_bias_from_logits(logits),
+                                 x["wg_bias"], x["attention_mask"], log_bias=log_geometry_bias_from_logits(logits),
                                  dropout_keep=dropout_keep, dropout_p=dropout_p)
     g = torch.autograd.grad(out, logits, grad_out.to(out.dtype))[0].abs()
     return {"dwg_weight": torch.einsum("bhij,bijc->hc", g, emb.abs()), "dwg_bias": g.sum(dim=(0, 2, 3))}

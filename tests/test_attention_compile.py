@@ -13,7 +13,7 @@ from geocap.kernels import geo_attention
 from geocap.kernels import triton_attention as ta
 from helpers import differentiable, random_inputs
 
-ARGS = ("q", "k", "v", "boxes", "wg_weight", "wg_bias", "key_padding_mask")
+ARGS = ("q", "k", "v", "boxes", "wg_weight", "wg_bias", "attention_mask")
 GRADS = ("q", "k", "v", "wg_weight", "wg_bias")
 
 
@@ -21,8 +21,8 @@ def _inputs(seed=0):
     return differentiable(random_inputs(2, 2, 7, 16, torch.float32, "cpu", seed=seed))
 
 
-def _loss(backend, q, k, v, boxes, wg_weight, wg_bias, key_padding_mask):
-    out = geo_attention(q, k, v, boxes, wg_weight, wg_bias, key_padding_mask, backend=backend).out
+def _loss(backend, q, k, v, boxes, wg_weight, wg_bias, attention_mask):
+    out = geo_attention(q, k, v, boxes, wg_weight, wg_bias, attention_mask, backend=backend).out
     return (out * torch.linspace(-1, 1, out.shape[-1])).sum()
 
 
@@ -51,7 +51,7 @@ def test_func_grad_equals_autograd(backend):
 
     def loss_of_weights(wg_weight, wg_bias):
         return _loss(backend, x["q"].detach(), x["k"].detach(), x["v"].detach(), x["boxes"], wg_weight, wg_bias,
-                     x["key_padding_mask"])
+                     x["attention_mask"])
 
     d_weight, d_bias = torch.func.grad(loss_of_weights, argnums=(0, 1))(x["wg_weight"].detach(), x["wg_bias"].detach())
     expected = _grads(lambda *a: _loss(backend, *a), x)

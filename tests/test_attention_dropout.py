@@ -12,7 +12,7 @@ P = 0.3
 
 
 def _geo(x, backend, **kw):
-    return geo_attention(x["q"], x["k"], x["v"], x["boxes"], x["wg_weight"], x["wg_bias"], x["key_padding_mask"],
+    return geo_attention(x["q"], x["k"], x["v"], x["boxes"], x["wg_weight"], x["wg_bias"], x["attention_mask"],
                          backend=backend, **kw)
 
 

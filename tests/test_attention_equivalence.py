@@ -18,7 +18,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def _geo(inputs, backend, **kw):
     return geo_attention(inputs["q"], inputs["k"], inputs["v"], inputs["boxes"], inputs["wg_weight"],
-                         inputs["wg_bias"], inputs["key_padding_mask"], backend=backend,
+                         inputs["wg_bias"], inputs["attention_mask"], backend=backend,
                          embedding=inputs.get("embedding", "ort"), **kw)
 
 
@@ -114,7 +114,7 @@ def test_entropy_and_probs_outputs(backend, dtype, device):
     ref_entropy = torch.special.entr(ref_probs).sum(-1)
     eager_entropy = torch.special.entr(eager_probs.double()).sum(-1)
     assert_within_eager_rule("entropy", result.entropy, eager_entropy, ref_entropy, dtype)
-    assert (result.probs[..., ~inputs["key_padding_mask"][0]][0] == 0).all()
+    assert (result.probs[..., ~inputs["attention_mask"][0]][0] == 0).all()
     none = _geo(inputs, backend)
     assert none.entropy is None and none.probs is None
 
@@ -127,7 +127,7 @@ def test_attention_matches_reference(backend, dtype, causal, nq, nk, device):
     inputs = random_inputs(2, 2, nq, 32, dtype, device, seed=nq + nk, n_keys=nk, geometry=False)
 
     def call(x, be):
-        return attention(x["q"], x["k"], x["v"], x["key_padding_mask"], causal=causal, backend=be)
+        return attention(x["q"], x["k"], x["v"], x["attention_mask"], causal=causal, backend=be)
 
     _check_against_reference(inputs, backend, call, causal=causal)
 
@@ -135,7 +135,7 @@ def test_attention_matches_reference(backend, dtype, causal, nq, nk, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_padded_rows_attend_to_nothing(backend, device):
     inputs = differentiable(random_inputs(2, 2, 12, 16, torch.float32, device))
-    inputs["key_padding_mask"][1] = False
+    inputs["attention_mask"][1] = False
     result = _geo(inputs, backend, return_entropy=True, return_probs=True)
     assert torch.isfinite(result.out).all()
     assert (result.out[1] == 0).all() and (result.probs[1] == 0).all() and (result.entropy[1] == 0).all()
@@ -244,7 +244,7 @@ def test_rule_rejects_a_forward_without_the_geometry_bias(backend, dtype):
     inputs = random_inputs(*WRONG_CASE, dtype=dtype, device=DEVICE, seed=sum(WRONG_CASE))
 
     def no_geometry(x, be):
-        return attention(x["q"], x["k"], x["v"], x["key_padding_mask"], backend=be)
+        return attention(x["q"], x["k"], x["v"], x["attention_mask"], backend=be)
 
     ours = no_geometry(inputs, backend).out
     ref_out, _, _ = run_reference(upcast(inputs), None)

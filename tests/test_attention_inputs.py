@@ -11,7 +11,7 @@ def _geo(x, **kw):
     args = dict(x, backend="torch")
     args.update(kw)
     return geo_attention(args["q"], args["k"], args["v"], args["boxes"], args["wg_weight"], args["wg_bias"],
-                         args["key_padding_mask"], backend=args["backend"], embedding=args["embedding"])
+                         args["attention_mask"], backend=args["backend"], embedding=args["embedding"])
 
 
 @pytest.fixture
@@ -30,8 +30,8 @@ def inputs():
     (lambda x: {"boxes": x["boxes"][..., :3]}, r"boxes must have shape \[B, N, 4\]"),
     (lambda x: {"wg_weight": x["wg_weight"][:, :32]}, r"wg_weight must have shape \[H, 64\]"),
     (lambda x: {"wg_bias": x["wg_bias"][:1]}, r"wg_bias must have shape \[H\]"),
-    (lambda x: {"key_padding_mask": x["key_padding_mask"][:, :5]}, r"key_padding_mask must have shape \[B, N\]"),
-    (lambda x: {"key_padding_mask": x["key_padding_mask"].float()}, "key_padding_mask must be a bool tensor"),
+    (lambda x: {"attention_mask": x["attention_mask"][:, :5]}, r"attention_mask must have shape \[B, N\]"),
+    (lambda x: {"attention_mask": x["attention_mask"].float()}, "attention_mask must be a bool tensor"),
     (lambda x: {"boxes": x["boxes"].to("meta")}, "boxes is on meta but q is on cpu"),
     (lambda x: {"backend": "cuda"}, "backend must be one of"),
     (lambda x: {"embedding": "mirror"}, "embedding must be one of 'ort', 'signed', got 'mirror'"),
@@ -46,14 +46,14 @@ def test_shape_dtype_device_errors(inputs, backend, change, message):
     (0, -0.5, "normalised to"),
 ])
 def test_bad_box_values_name_the_box(inputs, coord, value, message):
-    inputs["key_padding_mask"][1, 3] = True
+    inputs["attention_mask"][1, 3] = True
     inputs["boxes"][1, 3, coord] = value
     with pytest.raises(ValueError, match=message + r".*boxes\[1, 3\]"):
         _geo(inputs)
 
 
 def test_inverted_box(inputs):
-    inputs["key_padding_mask"][0, 2] = True
+    inputs["attention_mask"][0, 2] = True
     inputs["boxes"][0, 2] = torch.tensor([0.6, 0.1, 0.2, 0.5])
     with pytest.raises(ValueError, match=r"x2 >= x1.*boxes\[0, 2\]"):
         _geo(inputs)
@@ -62,18 +62,18 @@ def test_inverted_box(inputs):
 def test_value_checks_can_be_switched_off_for_a_block(inputs):
     from geocap.kernels import value_checks
 
-    inputs["key_padding_mask"][0, 2] = True
+    inputs["attention_mask"][0, 2] = True
     inputs["boxes"][0, 2, 2] = 3.0
     with value_checks(False):
         _geo(inputs)                       # pixel-like box accepted: the caller opted out
         with pytest.raises(ValueError, match="mask must be a bool"):
-            _geo(inputs, key_padding_mask=inputs["key_padding_mask"].int())   # shape/dtype checks stay
+            _geo(inputs, attention_mask=inputs["attention_mask"].int())   # shape/dtype checks stay
     with pytest.raises(ValueError, match="normalised"):
         _geo(inputs)
 
 
 def test_padded_boxes_are_not_checked(inputs):
-    inputs["key_padding_mask"][0, 2] = False
+    inputs["attention_mask"][0, 2] = False
     inputs["boxes"][0, 2] = float("nan")
     assert torch.isfinite(_geo(inputs).out[0]).all()
 
@@ -82,8 +82,8 @@ def test_dropout_and_attention_errors(inputs):
     with pytest.raises(ValueError, match="dropout_p"):
         geo_attention(inputs["q"], inputs["k"], inputs["v"], inputs["boxes"], inputs["wg_weight"],
                       inputs["wg_bias"], dropout_p=1.0)
-    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \[B, N\] = \(2, 3\)"):
-        attention(inputs["q"], inputs["k"][:, :, :3], inputs["v"][:, :, :3], inputs["key_padding_mask"])
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[B, N\] = \(2, 3\)"):
+        attention(inputs["q"], inputs["k"][:, :, :3], inputs["v"][:, :, :3], inputs["attention_mask"])
     with pytest.raises(ValueError, match="agree in batch, heads and head dim"):
         attention(inputs["q"], inputs["k"][:1], inputs["v"][:1])
 

@@ -45,7 +45,7 @@ def problems(draw):
         "q": torch.randn(b, h, n, d, generator=g), "k": torch.randn(b, h, n, d, generator=g),
         "v": torch.randn(b, h, n, d, generator=g), "boxes": boxes,
         "wg_weight": torch.randn(h, 64, generator=g) * 0.3, "wg_bias": torch.randn(h, generator=g) * 0.3,
-        "key_padding_mask": mask,
+        "attention_mask": mask,
     }
     return {k: (v.to(DEVICE) if v is not None else None) for k, v in inputs.items()}
 
@@ -54,7 +54,7 @@ def problems(draw):
 @given(problems(), st.sampled_from(["torch", "triton"]), st.sampled_from(["ort", "signed"]))
 def test_backends_agree_with_reference_and_make_distributions(x, backend, embedding):
     x = dict(x, embedding=embedding)
-    result = geo_attention(x["q"], x["k"], x["v"], x["boxes"], x["wg_weight"], x["wg_bias"], x["key_padding_mask"],
+    result = geo_attention(x["q"], x["k"], x["v"], x["boxes"], x["wg_weight"], x["wg_bias"], x["attention_mask"],
                            backend=backend, return_entropy=True, return_probs=True, embedding=embedding)
     assert torch.isfinite(result.out).all() and torch.isfinite(result.entropy).all()
     ref_out, ref_probs, _ = run_reference(upcast(x), None)
@@ -62,7 +62,7 @@ def test_backends_agree_with_reference_and_make_distributions(x, backend, embedd
     assert_within_eager_rule("out", result.out, eager_out, ref_out, x["q"].dtype)
     assert_within_eager_rule("probs", result.probs, eager_probs, ref_probs, x["q"].dtype)
 
-    mask = x["key_padding_mask"]
+    mask = x["attention_mask"]
     n = x["q"].shape[2]
     valid = torch.full(x["boxes"].shape[:2], True, device=DEVICE) if mask is None else mask
     counts = valid.sum(-1)                                                  # [B]

@@ -35,7 +35,7 @@ def test_geo_attention_under_autocast(backend):
         with torch.autocast(DEVICE.type, dtype=dtype, enabled=autocast):
             q, k, v = (proj.to(wide)(leaves[n].to(wide)) for n in ("q", "k", "v"))
             out = geo_attention(q, k, v, t["boxes"].to(wide), leaves["wg_weight"].to(wide),
-                                leaves["wg_bias"].to(wide), t["key_padding_mask"], backend=backend).out
+                                leaves["wg_bias"].to(wide), t["attention_mask"], backend=backend).out
         grads = torch.autograd.grad(out.float().square().sum(), list(leaves.values()))
         return out.double(), [g.double() for g in grads]
 

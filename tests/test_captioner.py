@@ -26,7 +26,7 @@ def make_captioner(seed=0, dropout=0.1) -> Captioner:
 
 
 def make_inputs(batch=3, n=5, seed=1):
-    """features [B, N, 16], boxes [B, N, 4], feature_mask [B, N] (5, 3, 1 real boxes)."""
+    """features [B, N, 16], boxes [B, N, 4], attention_mask [B, N] (5, 3, 1 real boxes)."""
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(batch, n, 16, generator=g)
     boxes = random_boxes(batch, n, generator=g)
@@ -160,14 +160,14 @@ def _bad_cases():
         "features int": (dict(features=f.long()), "features"),
         "features list": (dict(features=f.tolist()), "features"),
         "features device": (dict(features=torch.empty(3, 5, 16, device="meta")), "features"),
-        "features no slots": (dict(features=f[:, :0], boxes=b[:, :0], feature_mask=m[:, :0]), "features"),
+        "features no slots": (dict(features=f[:, :0], boxes=b[:, :0], attention_mask=m[:, :0]), "features"),
         "boxes last dim": (dict(boxes=b[..., :3]), "boxes"),
         "boxes N": (dict(boxes=b[:, :4]), "boxes"),
         "boxes B": (dict(boxes=b[:2]), "boxes"),
         "boxes int": (dict(boxes=(b * 10).long()), "boxes"),
-        "mask shape": (dict(feature_mask=m[:, :4]), "feature_mask"),
-        "mask dtype": (dict(feature_mask=m.float()), "feature_mask"),
-        "mask empty row": (dict(feature_mask=torch.zeros_like(m)), "feature_mask"),
+        "mask shape": (dict(attention_mask=m[:, :4]), "attention_mask"),
+        "mask dtype": (dict(attention_mask=m.float()), "attention_mask"),
+        "mask empty row": (dict(attention_mask=torch.zeros_like(m)), "attention_mask"),
         "tokens float": (dict(tokens=t.float()), "tokens"),
         "tokens B": (dict(tokens=t[:2]), "tokens"),
         "tokens 1-D": (dict(tokens=t[0]), "tokens"),
@@ -183,7 +183,7 @@ def _bad_cases():
 def test_bad_inputs_name_the_argument(captioner, name):
     override, argument = _bad_cases()[name]
     features, boxes, mask = make_inputs()
-    args = dict(features=features, boxes=boxes, tokens=make_tokens(), feature_mask=mask)
+    args = dict(features=features, boxes=boxes, tokens=make_tokens(), attention_mask=mask)
     args.update(override)
     with pytest.raises(ValueError, match=argument):
         captioner.log_probs(**args)

@@ -23,22 +23,22 @@ def make_model(seed=0, **overrides) -> ObjectRelationTransformer:
 
 
 def make_images(batch=3, n=6, seed=1):
-    """features [B, N, 16], boxes [B, N, 4], box_mask [B, N] with 6, 4, 1 (, 3) real boxes."""
+    """features [B, N, 16], boxes [B, N, 4], attention_mask [B, N] with 6, 4, 1 (, 3) real boxes."""
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(batch, n, TINY["feature_dim"], generator=g) * 2
     boxes = random_boxes(batch, n, generator=g)
-    box_mask = torch.arange(n)[None, :] < torch.tensor([n, 4, 1, 3][:batch])[:, None]
-    return features, boxes, box_mask
+    attention_mask = torch.arange(n)[None, :] < torch.tensor([n, 4, 1, 3][:batch])[:, None]
+    return features, boxes, attention_mask
 
 
 def teacher_forced(model, images, tokens):
     """log_probs [R, T, V] of forward on <bos> + tokens[:, :-1]; images repeated to R rows."""
-    features, boxes, box_mask = images
+    features, boxes, attention_mask = images
     r = tokens.shape[0] // features.shape[0]
     inputs = torch.cat([torch.full((tokens.shape[0], 1), BOS), tokens[:, :-1]], dim=1)
     with torch.no_grad():
         return model(features.repeat_interleave(r, 0), boxes.repeat_interleave(r, 0),
-                     box_mask.repeat_interleave(r, 0), inputs)
+                     attention_mask.repeat_interleave(r, 0), inputs)
 
 
 def check_layout(out: Decoded, max_len: int):

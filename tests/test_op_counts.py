@@ -17,7 +17,7 @@ TRITON_FORWARD_ATEN_KERNELS = 4
 
 
 def _call(x, backend, **kw):
-    return geo_attention(x["q"], x["k"], x["v"], x["boxes"], x["wg_weight"], x["wg_bias"], x["key_padding_mask"],
+    return geo_attention(x["q"], x["k"], x["v"], x["boxes"], x["wg_weight"], x["wg_bias"], x["attention_mask"],
                          backend=backend, **kw)
 
 

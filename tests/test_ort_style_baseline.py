@@ -34,13 +34,13 @@ def make_model(seed=0, **overrides) -> ObjectRelationTransformer:
 
 
 def make_images(batch=4, n=7, seed=1):
-    """features [B, N, 16], boxes [B, N, 4], box_mask [B, N] with 7, 5, 1, 3 real boxes; padded
+    """features [B, N, 16], boxes [B, N, 4], attention_mask [B, N] with 7, 5, 1, 3 real boxes; padded
     slots hold garbage (both sides must ignore it)."""
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(batch, n, TINY["feature_dim"], generator=g) * 2
     boxes = random_boxes(batch, n, generator=g)
-    box_mask = torch.arange(n)[None, :] < torch.tensor([7, 5, 1, 3][:batch])[:, None]
-    return features, boxes, box_mask
+    attention_mask = torch.arange(n)[None, :] < torch.tensor([7, 5, 1, 3][:batch])[:, None]
+    return features, boxes, attention_mask
 
 
 def make_tokens(rows=4, t=9, seed=2):
@@ -70,16 +70,16 @@ def test_encode_keeps_states_only_and_ignores_padded_slots():
     # float32 their geometry logits differ by the rounding ORT's formula loses (up to ~2e-4 in the states)
     model = make_model().double()
     ort = ort_style.OrtStyleCaptioner(model)
-    features, boxes, box_mask = make_images()
+    features, boxes, attention_mask = make_images()
     features, boxes = features.double(), boxes.double()
     with torch.no_grad():
-        memory = ort.encode(features, boxes, box_mask)
-        garbage = features.masked_fill(~box_mask[..., None], float("nan"))
-        again = ort.encode(garbage, boxes.masked_fill(~box_mask[..., None], 7.0), box_mask)
-        ours = model.encode(features, boxes, box_mask)
+        memory = ort.encode(features, boxes, attention_mask)
+        garbage = features.masked_fill(~attention_mask[..., None], float("nan"))
+        again = ort.encode(garbage, boxes.masked_fill(~attention_mask[..., None], 7.0), attention_mask)
+        ours = model.encode(features, boxes, attention_mask)
     assert memory.keys == () and memory.values == ()
-    torch.testing.assert_close(memory.states[box_mask], ours.states[box_mask], rtol=1e-9, atol=1e-10)
-    assert torch.equal(again.states[box_mask], memory.states[box_mask])
+    torch.testing.assert_close(memory.states[attention_mask], ours.states[attention_mask], rtol=1e-9, atol=1e-10)
+    assert torch.equal(again.states[attention_mask], memory.states[attention_mask])
 
 
 def test_decode_step_redecodes_the_prefix():
@@ -138,14 +138,14 @@ def test_concat_decoded_pads_to_the_widest():
 
 
 def test_per_caption_batch_copies_features_per_caption():
-    features, boxes, box_mask = make_images()
+    features, boxes, attention_mask = make_images()
     captions = make_tokens(rows=12).reshape(4, 3, 9)
-    f, b, m, c = ort_style.per_caption_batch(features, boxes, box_mask, captions)
+    f, b, m, c = ort_style.per_caption_batch(features, boxes, attention_mask, captions)
     assert f.shape == (12, 7, 16) and b.shape == (12, 7, 4) and m.shape == (12, 7) and c.shape == (12, 9)
-    assert torch.equal(f[3], features[1]) and torch.equal(f[5], features[1]) and torch.equal(m[11], box_mask[3])
+    assert torch.equal(f[3], features[1]) and torch.equal(f[5], features[1]) and torch.equal(m[11], attention_mask[3])
     assert torch.equal(c[4], captions[1, 1])
     with pytest.raises(ValueError, match="captions must have shape"):
-        ort_style.per_caption_batch(features, boxes, box_mask, captions[:3])
+        ort_style.per_caption_batch(features, boxes, attention_mask, captions[:3])
 
 
 def test_training_step_gives_the_same_update():
@@ -217,15 +217,15 @@ def test_attention_dropout_is_live_in_training():
 def test_bad_input_raises():
     model = make_model()
     ort = ort_style.OrtStyleCaptioner(model)
-    features, boxes, box_mask = make_images()
+    features, boxes, attention_mask = make_images()
     with pytest.raises(ValueError, match="ObjectRelationTransformer"):
         ort_style.OrtStyleCaptioner(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="features must have shape"):
-        ort.encode(features[..., :5], boxes, box_mask)
-    with pytest.raises(ValueError, match="box_mask"):
-        ort.encode(features, boxes, box_mask[:, :3])
+        ort.encode(features[..., :5], boxes, attention_mask)
+    with pytest.raises(ValueError, match="attention_mask"):
+        ort.encode(features, boxes, attention_mask[:, :3])
     with pytest.raises(ValueError, match="boxes must have shape"):
-        ort.encode(features, boxes[:, :3], box_mask)
+        ort.encode(features, boxes[:, :3], attention_mask)
     memory = Memory(torch.zeros(2, 7, 32), torch.ones(2, 7, dtype=torch.bool), (), ())
     with pytest.raises(ValueError, match="tokens must have shape"):
         ort.decoder_states(memory, make_tokens(rows=3))

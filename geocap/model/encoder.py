@@ -29,11 +29,11 @@ class EncoderLayer(nn.Module):
         self.feed_forward = FeedForward(d, config.d_ff, config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor], *,
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor, attention_mask: Optional[torch.Tensor], *,
                 backend: str = "auto", return_attention: bool = False) -> tuple[torch.Tensor, AttentionResult]:
-        """``x [B, N, d_model]``, ``boxes [B, N, 4]``, ``box_mask [B, N]`` (True = real) ->
+        """``x [B, N, d_model]``, ``boxes [B, N, 4]``, ``attention_mask [B, N]`` (True = real box) ->
         ``(x [B, N, d_model], AttentionResult of the self-attention)``."""
-        a, stats = self.self_attn(self.attn_norm(x), boxes, box_mask, backend=backend,
+        a, stats = self.self_attn(self.attn_norm(x), boxes, attention_mask, backend=backend,
                                   return_attention=return_attention)
         x = x + self.dropout(a)
         x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
@@ -48,16 +48,16 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
         self.norm = LayerNorm(config.d_model)
 
-    def forward(self, x: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor], *,
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor, attention_mask: Optional[torch.Tensor], *,
                 backend: str = "auto", return_attention: bool = False) -> tuple[torch.Tensor, list[AttentionResult]]:
         """Returns ``(states [B, N, d_model], [AttentionResult per layer])``; the box values are
         validated by the first layer only (one host synchronisation per forward, not per layer)."""
         stats = []
         for i, layer in enumerate(self.layers):
             if i == 0:
-                x, s = layer(x, boxes, box_mask, backend=backend, return_attention=return_attention)
+                x, s = layer(x, boxes, attention_mask, backend=backend, return_attention=return_attention)
             else:
                 with value_checks(False):
-                    x, s = layer(x, boxes, box_mask, backend=backend, return_attention=return_attention)
+                    x, s = layer(x, boxes, attention_mask, backend=backend, return_attention=return_attention)
             stats.append(s)
         return self.norm(x), stats

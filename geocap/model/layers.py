@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from geocap.kernels import AttentionResult, attention, geo_attention
+from geocap.kernels.deprecation import renamed_argument
 from geocap.kernels.geometry import DIM_G
 from geocap.kernels.validation import check_embedding
 
@@ -135,31 +136,35 @@ class MultiHeadAttention(nn.Module):
     def _dropout_p(self) -> float:
         return self.dropout if self.training else 0.0
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+    @renamed_argument("key_padding_mask", "attention_mask")
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: Optional[torch.Tensor],
                *, causal: bool = False, backend: str = "auto", return_attention: bool = False) -> AttentionResult:
         """Plain attention (decoder self- and cross-attention) of projected, split queries
         ``q [B, H, Nq, d]`` over projected ``k``, ``v`` ``[B, H, Nk, d]``, without the output
         projection (the caller applies ``out_proj(merge_heads(.out))``, so a packed decoder can pack
-        in between). ``key_padding_mask [B, Nk]`` True = real key; ``causal`` is bottom-right
-        aligned (the last query sees every key). Returns the ``AttentionResult``: ``out [B, H, Nq, d]``,
+        in between). ``attention_mask [B, Nk]`` bool, True = attend to this key (a real one), False =
+        padding (``key_padding_mask`` is its deprecated alias); ``causal`` is bottom-right aligned
+        (the last query sees every key). Returns the ``AttentionResult``: ``out [B, H, Nq, d]``,
         entropy ``[B, H, Nq]`` and probs ``[B, H, Nq, Nk]`` filled when ``return_attention``."""
-        return attention(q, k, v, key_padding_mask, causal=causal, dropout_p=self._dropout_p(),
+        return attention(q, k, v, attention_mask, causal=causal, dropout_p=self._dropout_p(),
                          return_entropy=return_attention, return_probs=return_attention, backend=backend)
 
-    def forward(self, x: torch.Tensor, boxes: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+    @renamed_argument("key_padding_mask", "attention_mask")
+    def forward(self, x: torch.Tensor, boxes: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
                 *, backend: str = "auto", return_attention: bool = False) -> tuple[torch.Tensor, AttentionResult]:
         """Self-attention of ``x [B, N, d_model]`` (the encoder's): ORT's box attention with
         ``boxes [B, N, 4]`` when this module has geometry weights, else plain attention (boxes
-        ignored). ``key_padding_mask [B, N]`` True = real box. Returns ``(out [B, N, d_model],
+        ignored). ``attention_mask [B, N]`` bool, True = real box (attended to), False = padding
+        (``key_padding_mask`` is its deprecated alias). Returns ``(out [B, N, d_model],
         AttentionResult)``, its entropy and probs filled when ``return_attention``."""
         q = self.split_heads(self.q_proj(x))
         k, v = self.keys_values(x)
         if self.geometry:
-            r = geo_attention(q, k, v, boxes, self.wg_weight, self.wg_bias, key_padding_mask,
+            r = geo_attention(q, k, v, boxes, self.wg_weight, self.wg_bias, attention_mask,
                               dropout_p=self._dropout_p(), return_entropy=return_attention,
                               return_probs=return_attention, backend=backend, embedding=self.embedding)
         else:
-            r = attention(q, k, v, key_padding_mask, dropout_p=self._dropout_p(), return_entropy=return_attention,
+            r = attention(q, k, v, attention_mask, dropout_p=self._dropout_p(), return_entropy=return_attention,
                           return_probs=return_attention, backend=backend)
         merged = self.merge_heads(r.out)
         if self.legacy_extra_skip:

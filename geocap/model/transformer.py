@@ -1,6 +1,7 @@
 """The Object Relation Transformer (Herdade et al., NeurIPS 2019) on geocap.kernels.
 
-Data flow, for B images with N region slots (``box_mask`` True = real) and captions of T tokens::
+Data flow, for B images with N region slots (``attention_mask [B, N]`` bool, True = real box,
+attended to; False = padding) and captions of T tokens::
 
     features [B, N, D] --Linear+ReLU+Dropout--> [B, N, d_model] --Encoder (box attention)--> memory
     tokens [B, T] --Embedding * sqrt(d_model) + sinusoid, Dropout--> --Decoder(memory)-->
@@ -54,6 +55,7 @@ import torch
 from torch import nn
 
 from geocap.kernels import value_checks
+from geocap.kernels.deprecation import renamed_argument
 from geocap.kernels.validation import check_boxes, check_finite, require_tensor
 
 from .config import ORTConfig
@@ -65,8 +67,9 @@ from .layers import MultiHeadAttention, sinusoidal_positions
 @dataclass
 class Memory:
     """The encoded images: ``states [B, N, d_model]`` (after the encoder's final norm), ``mask
-    [B, N]`` (True = real box) and each decoder layer's cross-attention ``keys[l]``/``values[l]``
-    ``[B, H, N, d_model // H]``, projected once in :meth:`ObjectRelationTransformer.encode`."""
+    [B, N]`` (the encoder's ``attention_mask``: True = real box, attended to by cross-attention)
+    and each decoder layer's cross-attention ``keys[l]``/``values[l]`` ``[B, H, N, d_model // H]``,
+    projected once in :meth:`ObjectRelationTransformer.encode`."""
 
     states: torch.Tensor
     mask: torch.Tensor
@@ -109,12 +112,12 @@ class AttentionMaps:
     cross_entropy: list[torch.Tensor] = field(default_factory=list)
 
 
-def box_features(boxes: torch.Tensor, box_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def box_features(boxes: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[B, N, 5]``: each object's normalised ``(x1, y1, x2, y2, area)`` from ``boxes [B, N, 4]``,
-    0 in the padded slots of ``box_mask [B, N]`` (whatever they held), in ``dtype``."""
+    0 in the padded slots of ``attention_mask [B, N]`` (whatever they held), in ``dtype``."""
     b = boxes.to(dtype)
     area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return torch.cat([b, area[..., None]], dim=-1).masked_fill(~box_mask[..., None], 0.0)
+    return torch.cat([b, area[..., None]], dim=-1).masked_fill(~attention_mask[..., None], 0.0)
 
 
 class ObjectRelationTransformer(nn.Module):
@@ -153,7 +156,7 @@ class ObjectRelationTransformer(nn.Module):
     def _device(self) -> torch.device:
         return self.generator.weight.device
 
-    def _check_images(self, features, boxes, box_mask) -> torch.Tensor:
+    def _check_images(self, features, boxes, attention_mask) -> torch.Tensor:
         """Validate the encoder's inputs (see :meth:`encode`); returns the bool mask ``[B, N]``."""
         require_tensor("features", features)
         d = self.config.feature_dim
@@ -165,15 +168,16 @@ class ObjectRelationTransformer(nn.Module):
         if features.device != self._device:
             raise ValueError(f"features are on {features.device} but the model is on {self._device}")
         b, n, _ = features.shape
-        if box_mask is None:
-            box_mask = torch.ones(b, n, dtype=torch.bool, device=features.device)
-        require_tensor("box_mask", box_mask)
-        if box_mask.shape != (b, n) or box_mask.dtype != torch.bool:
-            raise ValueError(f"box_mask must be a bool tensor [B, N] = {(b, n)}, "
-                             f"got {box_mask.dtype} {tuple(box_mask.shape)}")
-        if box_mask.device != features.device:
-            raise ValueError(f"box_mask is on {box_mask.device} but features are on {features.device}")
-        check_finite("features", features, box_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones(b, n, dtype=torch.bool, device=features.device)
+        require_tensor("attention_mask", attention_mask)
+        if attention_mask.shape != (b, n) or attention_mask.dtype != torch.bool:
+            raise ValueError(f"attention_mask must be a bool tensor [B, N] = {(b, n)}, "
+                             f"got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        if attention_mask.device != features.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but features are on "
+                             f"{features.device}")
+        check_finite("features", features, attention_mask)
         if boxes is None:
             if self.config.geometry:
                 raise ValueError("boxes must be a tensor [B, N, 4]: this model's encoder uses geometry "
@@ -181,12 +185,12 @@ class ObjectRelationTransformer(nn.Module):
             if self.config.box_features:
                 raise ValueError("boxes must be a tensor [B, N, 4]: this model reads each object's box as features "
                                  "(config.box_features=True)")
-            return box_mask
+            return attention_mask
         # shape, dtype and the values of the real slots: finite, x2 >= x1, y2 >= y1, within [0, 1]
-        check_boxes(boxes, b, n, box_mask)
+        check_boxes(boxes, b, n, attention_mask)
         if boxes.device != features.device:
             raise ValueError(f"boxes are on {boxes.device} but features are on {features.device}")
-        return box_mask
+        return attention_mask
 
     def _check_tokens(self, tokens, *, batch: Optional[int] = None, right_padded: bool = False,
                       layout: str = "[B, T]") -> None:
@@ -233,23 +237,27 @@ class ObjectRelationTransformer(nn.Module):
                              f"{c.heads}): it holds {len(memory.keys)} layers of keys {shape}; encode with this model")
 
     # -- encoder -----------------------------------------------------------------------------
-    def _encode(self, features, boxes, box_mask, backend, return_attention):
-        box_mask = self._check_images(features, boxes, box_mask)
+    def _encode(self, features, boxes, attention_mask, backend, return_attention):
+        attention_mask = self._check_images(features, boxes, attention_mask)
         # padded slots may hold anything (even NaN); zero them so nothing can leak through 0 * NaN
-        features = features.to(self.feature_embed[0].weight.dtype).masked_fill(~box_mask[..., None], 0.0)
+        features = features.to(self.feature_embed[0].weight.dtype).masked_fill(~attention_mask[..., None], 0.0)
         if self.config.box_features:
-            features = torch.cat([features, box_features(boxes, box_mask, features.dtype)], dim=-1)
+            features = torch.cat([features, box_features(boxes, attention_mask, features.dtype)], dim=-1)
         x = self.feature_embed(features)
         with value_checks(False):  # the box values were checked above, once
-            states, stats = self.encoder(x, boxes, box_mask, backend=backend, return_attention=return_attention)
+            states, stats = self.encoder(x, boxes, attention_mask, backend=backend,
+                                         return_attention=return_attention)
         keys, values = self.decoder.memory_keys_values(states)
-        return Memory(states, box_mask, keys, values), stats
+        return Memory(states, attention_mask, keys, values), stats
 
-    def encode(self, features: torch.Tensor, boxes: Optional[torch.Tensor], box_mask: Optional[torch.Tensor] = None,
-               *, return_attention: bool = False, backend: Optional[str] = None
-               ) -> Union[Memory, tuple[Memory, AttentionMaps]]:
-        """Encode ``features [B, N, D]``, ``boxes [B, N, 4]``, ``box_mask [B, N]`` (True = real;
-        None = all real) into a :class:`Memory` (its cross-attention keys/values computed up front).
+    @renamed_argument("box_mask", "attention_mask")
+    def encode(self, features: torch.Tensor, boxes: Optional[torch.Tensor],
+               attention_mask: Optional[torch.Tensor] = None, *, return_attention: bool = False,
+               backend: Optional[str] = None) -> Union[Memory, tuple[Memory, AttentionMaps]]:
+        """Encode ``features [B, N, D]``, ``boxes [B, N, 4]``, ``attention_mask [B, N]`` (bool, True =
+        real box, attended to; False = padding; None = all real) into a :class:`Memory` (its
+        cross-attention keys/values computed up front). ``box_mask``, the mask's name before, is a
+        deprecated alias of ``attention_mask`` (DeprecationWarning; both at once is a TypeError).
 
         Checked (ValueError naming the argument): D = ``config.feature_dim``, floating-point
         features on the model's device, finite in the real slots (the error names the image
@@ -263,7 +271,7 @@ class ObjectRelationTransformer(nn.Module):
         ``[B, H, N, N]`` and ``encoder_entropy[l]`` ``[B, H, N]`` hold each encoder layer's
         self-attention (its decoder lists stay empty).
         """
-        memory, stats = self._encode(features, boxes, box_mask, self._backend(backend), return_attention)
+        memory, stats = self._encode(features, boxes, attention_mask, self._backend(backend), return_attention)
         if not return_attention:
             return memory
         return memory, AttentionMaps(encoder_probs=[s.probs for s in stats],
@@ -299,7 +307,8 @@ class ObjectRelationTransformer(nn.Module):
             states = states[positions]                                  # [M, d]: skip the others' output layer
         return torch.log_softmax(self.generator(states), dim=-1), cache, self_stats, cross_stats
 
-    def forward(self, features: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor],
+    @renamed_argument("box_mask", "attention_mask")
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 tokens: torch.Tensor, *, return_attention: bool = False, backend: Optional[str] = None
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, AttentionMaps]]:
         """Teacher forcing: ``tokens [B, T]`` input ids (starting with <bos>) ->
@@ -308,7 +317,8 @@ class ObjectRelationTransformer(nn.Module):
         Captions of different lengths are padded on the right with <pad> (after <eos>): by
         causality a real position never sees a later <pad>, so its log-probabilities equal those of
         the caption alone; <pad> before a real token (left padding) is refused, since <pad> keys are
-        not masked. Inputs are checked as in :meth:`encode`, and ``tokens`` must be integer ids in
+        not masked. Inputs (``attention_mask [B, N]`` True = real box, its deprecated alias
+        ``box_mask``) are checked as in :meth:`encode`, and ``tokens`` must be integer ids in
         ``[0, vocab_size)`` with B rows (ValueError naming the argument). ``B = 0`` gives
         ``[0, T, V]``; ``T = 0`` gives ``[B, 0, V]``.
 
@@ -318,7 +328,7 @@ class ObjectRelationTransformer(nn.Module):
         if isinstance(features, torch.Tensor) and features.dim() == 3:
             self._check_tokens(tokens, batch=features.shape[0], right_padded=True)
         backend = self._backend(backend)
-        memory, enc_stats = self._encode(features, boxes, box_mask, backend, return_attention)
+        memory, enc_stats = self._encode(features, boxes, attention_mask, backend, return_attention)
         log_probs, _, self_stats, cross_stats = self._decode(memory, tokens, None, backend, return_attention)
         if not return_attention:
             return log_probs
@@ -335,10 +345,10 @@ class ObjectRelationTransformer(nn.Module):
         with <bos>, right-padded as in :meth:`forward`), row r decoded against memory row r ->
         ``log_probs [R, T, V]``, row t the distribution of token t + 1.
 
-        ``teacher_force(encode(features, boxes, box_mask), tokens)`` is ``forward(features, boxes,
-        box_mask, tokens)``; encoding once and expanding the memory to several captions per image
-        (``memory.index_select(image_of_row)`` or ``memory.repeat_interleave(k)``) runs the encoder
-        once per image. In training mode that image's captions then share the encoder's dropout
+        ``teacher_force(encode(features, boxes, attention_mask), tokens)`` is ``forward(features,
+        boxes, attention_mask, tokens)``; encoding once and expanding the memory to several captions
+        per image (``memory.index_select(image_of_row)`` or ``memory.repeat_interleave(k)``) runs the
+        encoder once per image. In training mode that image's captions then share the encoder's dropout
         draw (made by :meth:`encode`); the decoder draws its own per caption. ValueError for a
         ``memory`` of another model, or ``tokens`` that are not integer ids in ``[0, vocab_size)``
         with as many rows as ``memory``, or padded on the left.

@@ -33,6 +33,7 @@ from torch import nn
 
 from geocap.data.vocab import Vocabulary
 from geocap.decoding import Decoded, greedy_decode, sample
+from geocap.kernels.deprecation import renamed_argument
 from geocap.metrics import CiderD
 from geocap.model import ObjectRelationTransformer
 
@@ -89,20 +90,22 @@ def scst_loss(token_log_probs: torch.Tensor, mask: torch.Tensor, advantages: tor
 
 class PolicyModule(nn.Module):
     """Wraps the captioner for training (the module DDP wraps): ``forward(features, boxes,
-    box_mask, tokens)`` is the model's teacher forcing (``tokens [B, T]``, one caption per image,
-    -> ``log_probs [B, T, V]``); with ``image_index [R]`` (int64, the image of each row of
+    attention_mask, tokens)`` is the model's teacher forcing (``tokens [B, T]``, one caption per
+    image, -> ``log_probs [B, T, V]``); with ``image_index [R]`` (int64, the image of each row of
     ``tokens [R, T]``) the ``B`` images are encoded once and the memory expanded to the ``R``
     captions (:meth:`~geocap.model.ObjectRelationTransformer.teacher_force`; the cross-entropy
     step), and ``positions`` (bool ``[R, T]``, optional) packs the output to those positions'
-    ``[M, V]``; ``forward(features, boxes, box_mask, samples=K, max_len=L)`` encodes the ``B`` images
-    and draws ``K`` captions each (:func:`geocap.decoding.sample`), returning the
-    :class:`Decoded` (``B * K`` rows, image-major, ``token_log_probs`` with the graph)."""
+    ``[M, V]``; ``forward(features, boxes, attention_mask, samples=K, max_len=L)`` encodes the ``B``
+    images and draws ``K`` captions each (:func:`geocap.decoding.sample`), returning the
+    :class:`Decoded` (``B * K`` rows, image-major, ``token_log_probs`` with the graph).
+    ``attention_mask [B, N]`` bool, True = real box (``box_mask`` is its deprecated alias)."""
 
     def __init__(self, model: ObjectRelationTransformer):
         super().__init__()
         self.model = model
 
-    def forward(self, features: torch.Tensor, boxes: torch.Tensor, box_mask: Optional[torch.Tensor],
+    @renamed_argument("box_mask", "attention_mask")
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 tokens: Optional[torch.Tensor] = None, *, image_index: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, samples: int = 0, max_len: int = 16):
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
@@ -111,16 +114,16 @@ class PolicyModule(nn.Module):
             if tokens is None:
                 raise ValueError("PolicyModule needs tokens (teacher forcing) or samples > 0 (sampling)")
             if image_index is None and positions is None:
-                return self.model(features, boxes, box_mask, tokens)
+                return self.model(features, boxes, attention_mask, tokens)
             if image_index is None:
                 image_index = torch.arange(features.shape[0], device=features.device)
             if not isinstance(image_index, torch.Tensor) or image_index.dim() != 1 or image_index.dtype != torch.int64:
                 raise ValueError(f"image_index must be an int64 tensor [R], got "
                                  f"{getattr(image_index, 'dtype', type(image_index).__name__)} "
                                  f"{tuple(getattr(image_index, 'shape', ()))}")
-            memory = self.model.encode(features, boxes, box_mask)
+            memory = self.model.encode(features, boxes, attention_mask)
             return self.model.teacher_force(memory.index_select(image_index), tokens, positions=positions)
-        memory = self.model.encode(features, boxes, box_mask)
+        memory = self.model.encode(features, boxes, attention_mask)
         return sample(self.model, memory, n=samples, max_len=max_len)
 
 
