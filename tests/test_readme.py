@@ -31,9 +31,9 @@ def test_captioner_example_loads_what_training_writes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "work")
     g = torch.Generator().manual_seed(0)
     features, boxes = torch.randn(2, 5, 16, generator=g), random_boxes(2, 5, generator=g)
-    feature_mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    attention_mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
     tokens = torch.randint(4, 20, (2, 3), generator=g)
-    scope = dict(features=features, boxes=boxes, feature_mask=feature_mask, tokens=tokens)
+    scope = dict(features=features, boxes=boxes, attention_mask=attention_mask, tokens=tokens)
     # the example's last two lines are expressions: keep their values
     lines = example.strip().splitlines()
     exec("\n".join(lines[:-2]), scope)
