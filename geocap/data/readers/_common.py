@@ -176,10 +176,10 @@ def make_image(where: str, image_id: int, features, boxes, *, units: str,
                          boxes=clipped.astype(np.float32), width=width, height=height)
 
 
-def load_json(path) -> dict:
-    """A JSON object from ``path`` (UTF-8; :func:`geocap.data.json_file.read_json`); DataError
-    naming the file when it is missing, unreadable or not an object."""
-    data = read_json(path, "JSON file", DataError)
+def load_json(path, what: str = "JSON file") -> dict:
+    """A JSON object from ``path`` (UTF-8; :func:`geocap.data.json_file.read_json`, the one JSON
+    loader); DataError naming the file (as ``what``) when it is missing, unreadable or not an object."""
+    data = read_json(path, what, DataError)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object at the top, found {type(data).__name__}")
     return data
