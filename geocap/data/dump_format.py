@@ -1,6 +1,10 @@
 """The on-disk format of attention dumps (``geocap dump``), and its reader :func:`open_dump`.
 
-numpy and h5py only (the data layer): analyses and viewers read dumps without the model.
+numpy and h5py only (the data layer): analyses and viewers read dumps without the model. It is
+the contract between the writer (:mod:`geocap.dump`, which sits on the model) and the readers
+(analyses, the viewer, exports), so it lives below both and each imports it downward; beside its
+writer it would make every reader depend on the model's layer (guarded by
+``tests/test_dump.py::test_dump_readers_import_nothing_of_the_model_layer``).
 
 Layout (format ``geocap-dump`` version 1). A dump is a directory::
 
