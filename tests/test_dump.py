@@ -925,3 +925,16 @@ def test_dump_readers_import_nothing_of_the_model_layer(module):
 
 def test_the_model_layer_check_sees_an_import_of_the_model_layer():
     assert "geocap.dump" in _model_layer_imported_by("geocap.hf.dump")        # the check can fail
+
+
+def test_rank_from_the_environment_names_a_bad_variable(monkeypatch):
+    """dump's rank comes from geocap.distributed's one reader of RANK / WORLD_SIZE."""
+    from geocap.dump.plan import check_rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert check_rank(None, None) == (1, 2) and check_rank(0, None) == (0, 2)
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="environment variable RANK='one' is not an int"):
+        check_rank(None, None)
+    monkeypatch.setenv("RANK", "")
+    assert check_rank(None, None) == (0, 2)

@@ -163,10 +163,13 @@ def resolve_options(options: Optional[DumpOptions], option_values: dict, stats_c
 
 def check_rank(rank, world_size) -> tuple:
     """``(rank, world_size)``, None taken from RANK / WORLD_SIZE (else 0 / 1); ValueError when invalid."""
+    from geocap.distributed import environment_rank
+
+    env_rank, env_world_size = environment_rank()
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world_size = env_world_size
     if rank is None:
-        rank = int(os.environ.get("RANK", "0") or 0)
+        rank = env_rank
     check_int("world_size", world_size, 1)
     if not (isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
