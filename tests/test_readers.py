@@ -603,4 +603,18 @@ def test_every_coco_reader_gives_one_error(edit, image_id, message, tmp_path, rn
     for name, call in _coco_callers():
         with pytest.raises(DataError, match=message) as err:
             call(path, tmp_path)
-        assert_names(err, path, image_id), name
+        assert_names(err, path, image_id)
+
+
+def test_hdf5_files_that_are_not_hdf5_name_the_file(tmp_path, rng):
+    """The HDF5 readers open their files through hdf5_errors.open_hdf5: one DataError naming the file
+    (the captions file and the feature store: test_vocab, test_store)."""
+    bad = tmp_path / "not.h5"
+    bad.write_bytes(b"plain text, not HDF5\n" * 10)
+    with pytest.raises(DataError, match=r"not\.h5: not a readable HDF5 file: "):
+        list(read_m2_hdf5(bad))
+    caps = random_captions(rng, [1, 2])
+    write_cocotalk(tmp_path / "cocotalk.json", tmp_path / "cocotalk_label.h5", caps, {1: "train", 2: "val"})
+    (tmp_path / "cocotalk_label.h5").write_bytes(bad.read_bytes())
+    with pytest.raises(DataError, match=r"cocotalk_label\.h5: not a readable cocotalk label file: "):
+        read_cocotalk(tmp_path / "cocotalk.json", tmp_path / "cocotalk_label.h5")

@@ -132,11 +132,11 @@ import zlib
 from collections import OrderedDict
 from typing import Iterator, Optional, Sequence
 
-import h5py
 import numpy as np
 
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
 from geocap.data.file_digest import file_sha256
+from geocap.data.hdf5_errors import open_hdf5
 from geocap.errors import DumpError
 
 FORMAT, SHARD_FORMAT, FORMAT_VERSION = "geocap-dump", "geocap-dump-shard", 1
@@ -262,10 +262,8 @@ class _Shard:
         problem = shard_problem(path, entry, digest=verify)
         if problem:
             raise DumpError(problem)
-        try:
-            self.h5 = h5py.File(path, "r", locking=False, rdcc_nbytes=CACHE_BYTES, rdcc_nslots=10007)
-        except OSError as err:
-            raise DumpError(f"{path}: not a readable HDF5 shard (corrupt or truncated: {err})") from None
+        self.h5 = open_hdf5(path, "HDF5 shard (corrupt or truncated?)", DumpError, locking=False,
+                            rdcc_nbytes=CACHE_BYTES, rdcc_nslots=10007)
         try:
             self._load(entry, manifest)
         except DumpError:
