@@ -94,14 +94,18 @@ def requested_ids(image_ids: Optional[Iterable[int]]) -> Optional[list]:
         return None
     ids = [int(i) for i in image_ids]
     if len(set(ids)) != len(ids):
-        seen, dup = set(), None
-        for i in ids:
-            if i in seen:
-                dup = i
-                break
-            seen.add(i)
-        raise ValueError(f"image_ids lists image {dup} more than once")
+        raise ValueError(f"image_ids lists image {first_duplicate(ids)} more than once")
     return ids
+
+
+def first_duplicate(values):
+    """The first value of ``values`` seen before (None when all differ)."""
+    seen = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
 
 
 def size_of(sizes: Optional[Mapping], image_id: int, where: str) -> tuple:

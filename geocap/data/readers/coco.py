@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from ..items import Caption, CaptionSet, DataError
-from ._common import int_field, load_json
+from ._common import first_duplicate, int_field, load_json
 
 
 @dataclass
@@ -67,11 +67,11 @@ def read_coco_file(path, what: str = "COCO captions file") -> CocoCaptionsFile:
             int_field(ann, key, f"{path}: annotations[{i}]")
     images = {image["id"]: image for image in data["images"]}
     if len(images) != len(data["images"]):
-        raise DataError(f"{path}: image {_first_duplicate(i['id'] for i in data['images'])}: "
+        raise DataError(f"{path}: image {first_duplicate(i['id'] for i in data['images'])}: "
                         f"duplicate image id")
     by_id = {ann["id"]: ann for ann in data["annotations"]}
     if len(by_id) != len(data["annotations"]):
-        dup = _first_duplicate(a["id"] for a in data["annotations"])
+        dup = first_duplicate(a["id"] for a in data["annotations"])
         raise DataError(f"{path}: image {by_id[dup]['image_id']}: duplicate annotation id {dup}")
     for ann in data["annotations"]:
         image_id = ann["image_id"]
@@ -121,12 +121,3 @@ def read_image_sizes(path) -> dict:
     if not sizes:
         raise DataError(f"{path}: no image carries 'width' and 'height'")
     return sizes
-
-
-def _first_duplicate(values):
-    seen = set()
-    for v in values:
-        if v in seen:
-            return v
-        seen.add(v)
-    return None
