@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, Subset
 from geocap import stop
 from geocap.distributed import resolve_device
 from geocap.errors import UsageError
+from geocap.metrics.tokenize import TOKENIZERS
 from geocap.options import check_int
 
 if TYPE_CHECKING:
@@ -65,7 +66,6 @@ __all__ = ["EVALUATION_FORMAT", "EvaluationOptions", "EvaluationResult", "add_ev
            "format_report", "run_evaluate"]
 
 EVALUATION_FORMAT, EVALUATION_VERSION = "geocap-evaluation", 1
-TOKENIZERS = ("auto", "java", "python")
 
 
 @dataclass
