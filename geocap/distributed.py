@@ -49,8 +49,8 @@ def setup(device_kind: str) -> DistInfo:
     """Join the process group described by the environment (``device_kind`` "cuda" -> NCCL,
     else gloo); a no-op for one process. An already initialised group is reused. A rank that
     torchrun started dies with the launcher from here on."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    rank, world = environment_rank()
+    local = _env_int("LOCAL_RANK", 0)
     if world <= 1:
         return DistInfo()
     if not 0 <= rank < world:
@@ -69,6 +69,12 @@ def setup(device_kind: str) -> DistInfo:
 def local_rank() -> int:
     """This process's LOCAL_RANK (0 when unset)."""
     return _env_int("LOCAL_RANK", 0)
+
+
+def environment_rank() -> tuple:
+    """``(RANK, WORLD_SIZE)`` from the environment (0 and 1 when unset); ValueError naming a
+    variable that is not an int. The one reader of these variables (:func:`setup` uses it too)."""
+    return _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
 
 
 def resolve_device(device=None, rank_local=None) -> torch.device:

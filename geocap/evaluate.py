@@ -43,6 +43,7 @@ Conventions:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -54,15 +55,17 @@ from torch.utils.data import DataLoader, Subset
 
 from geocap import stop
 from geocap.distributed import resolve_device
+from geocap.errors import UsageError
+from geocap.metrics.tokenize import TOKENIZERS
+from geocap.options import check_int
 
 if TYPE_CHECKING:
     from geocap.metrics.relations import RelationAccuracy
 
-__all__ = ["EVALUATION_FORMAT", "EvaluationResult", "add_evaluate_parser", "evaluate", "format_report",
-           "run_evaluate"]
+__all__ = ["EVALUATION_FORMAT", "EvaluationOptions", "EvaluationResult", "add_evaluate_parser", "evaluate",
+           "format_report", "run_evaluate"]
 
 EVALUATION_FORMAT, EVALUATION_VERSION = "geocap-evaluation", 1
-TOKENIZERS = ("auto", "java", "python")
 
 
 @dataclass
@@ -91,14 +94,6 @@ class EvaluationResult:
     record: dict = field(default_factory=dict)
     relations: Optional[RelationAccuracy] = None
     relation_note: Optional[str] = None
-
-
-def _positive_int(name: str, value, *, zero_ok: bool = False) -> int:
-    low = 0 if zero_ok else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a non-negative" if zero_ok else "a positive"
-        raise ValueError(f"{name} must be {kind} int, got {value!r}")
-    return value
 
 
 def _first_difference(a: list, b: list) -> str:
@@ -130,61 +125,110 @@ def _open_dataset(features_path: str, captions_dir: str, split: str):
         raise
 
 
-def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLike], split: str = "test", *,
-             beam_size: int = 3, max_len: int = 20, batch_size: int = 50,
-             out_dir: Union[str, os.PathLike, None] = None, limit: int = 0, meteor: bool = True,
-             spice: bool = True, tokenizer: str = "auto", features: str = "features.h5", captions: str = "caps",
-             ground_truth: str = "ground_truth.json",
-             device: Union[str, torch.device, None] = None, workers: int = 0, progress: bool = True,
-             meteor_timeout_s: float = 600.0) -> EvaluationResult:
+@dataclass
+class EvaluationOptions:
+    """How :func:`evaluate` captions and scores (every field but the checkpoint and the data folder).
+
+    ``split``: a split of the captions directory; ``beam_size`` (1: greedy), ``max_len`` (words per
+    caption, at most the model's ``config.max_len``), ``batch_size`` (images), ``limit`` (the first N
+    images; 0 = all); ``out_dir``: where the two files go (None: the checkpoint's folder);
+    ``meteor``/``spice``/``tokenizer``/``meteor_timeout_s``: see
+    :func:`geocap.metrics.caption_metrics`; ``features``, ``captions``, ``ground_truth``: names
+    inside the data folder (the relation-word accuracy is skipped when ``ground_truth`` is absent);
+    ``device`` None/"auto": CUDA when available, else CPU; ``workers``: DataLoader worker processes
+    (0: load in this process); ``progress``: a bar on stderr (a line every
+    ``GEOCAP_PROGRESS_INTERVAL`` s when stderr is not a terminal: :mod:`geocap.progress`).
+    """
+    split: str = "test"
+    beam_size: int = 3
+    max_len: int = 20
+    batch_size: int = 50
+    out_dir: Union[str, os.PathLike, None] = None
+    limit: int = 0
+    meteor: bool = True
+    spice: bool = True
+    tokenizer: str = "auto"
+    features: str = "features.h5"
+    captions: str = "caps"
+    ground_truth: str = "ground_truth.json"
+    device: Union[str, torch.device, None] = None
+    workers: int = 0
+    progress: bool = True
+    meteor_timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        """UsageError (a ValueError) naming the first bad option."""
+        check_int("beam_size", self.beam_size, 1)
+        check_int("max_len", self.max_len, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("limit", self.limit, 0)
+        check_int("workers", self.workers, 0)
+        if self.tokenizer not in TOKENIZERS:
+            raise UsageError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
+        if not isinstance(self.split, str) or not self.split:
+            raise UsageError(f"split must be a split name, got {self.split!r}")
+
+
+@dataclass
+class _Loaded:
+    """What :func:`_load` read: the checkpoint's path, SHA-256 and step, the captioner, the dataset,
+    and the relation ground truth (None when its file is absent) with its path."""
+    checkpoint: str
+    sha256: str
+    step: int
+    captioner: object
+    dataset: object
+    truth: object
+    truth_path: str
+
+
+def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLike], split: Optional[str] = None,
+             *, options: Optional[EvaluationOptions] = None, **fields) -> EvaluationResult:
     """Caption the ``split`` images of ``data_dir`` with ``checkpoint``, score them, write the
     results and metrics files (see the module doc for every convention) and return them.
 
-    ``device`` None/"auto": CUDA when available, else CPU. ``workers``: DataLoader worker
-    processes (0: load in this process). ``progress``: a bar on stderr (a line every
-    ``GEOCAP_PROGRESS_INTERVAL`` s when stderr is not a terminal: :mod:`geocap.progress`).
-    ``ground_truth``: the synthetic ground-truth file inside ``data_dir`` for the relation-word
-    accuracy (skipped when the file is absent).
+    ``options``: an :class:`EvaluationOptions` (default: its defaults); ``split`` and keyword
+    ``fields`` (any of its fields, e.g. ``beam_size=1``) replace the options' values, so
+    ``evaluate(ckpt, data, "test", beam_size=1)`` works as it always has. Steps: check the
+    options and paths, load the model and data (:func:`_load`), caption (:func:`_caption`),
+    score and write (:func:`_score_and_write`).
     """
-    from geocap import __version__
-    from geocap.captioner import Captioner
-    from geocap.checkpoint import file_sha256, load_checkpoint
-    from geocap.data.dataset import collate
-    from geocap.progress import progress_bar
-    from geocap.data.atomic import write_text_atomic
-    from geocap.metrics import (caption_metrics, load_relation_truth, relation_accuracy, require_pycocoevalcap,
-                                write_results)
+    from geocap.metrics import require_pycocoevalcap
 
-    # -- arguments ---------------------------------------------------------------------------
+    if split is not None:
+        fields["split"] = split
+    options = dataclasses.replace(options or EvaluationOptions(), **fields)
     require_pycocoevalcap("geocap evaluate's metrics")     # before minutes of captioning
-    _positive_int("beam_size", beam_size)
-    _positive_int("max_len", max_len)
-    _positive_int("batch_size", batch_size)
-    _positive_int("limit", limit, zero_ok=True)
-    _positive_int("workers", workers, zero_ok=True)
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
-    if not isinstance(split, str) or not split:
-        raise ValueError(f"split must be a split name, got {split!r}")
+    options.validate()
     checkpoint = os.path.abspath(os.fspath(checkpoint))
     if not os.path.isfile(checkpoint):
         raise ValueError(f"checkpoint: {checkpoint}: no such file")
     data_dir = os.path.abspath(os.fspath(data_dir))
     if not os.path.isdir(data_dir):
         raise ValueError(f"data: {data_dir}: no such directory")
-    out_dir = Path(os.path.dirname(checkpoint) if out_dir is None else os.fspath(out_dir))
+    out_dir = Path(os.path.dirname(checkpoint) if options.out_dir is None else os.fspath(options.out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out: {out_dir} exists and is not a directory")
-    device = resolve_device(device)
+    device = resolve_device(options.device)
+    loaded = _load(checkpoint, data_dir, options, device)
+    captions = _caption(loaded, options)
+    return _score_and_write(loaded, captions, data_dir, out_dir, options)
 
-    # -- model and data ----------------------------------------------------------------------
+
+def _load(checkpoint: str, data_dir: str, options: EvaluationOptions, device: torch.device) -> _Loaded:
+    """The checkpoint's captioner on ``device`` and the split's dataset, checked against each
+    other (vocabulary, feature dimension, ``max_len``), and the relation ground truth: all read
+    before captioning, so a bad file fails before any work is done or anything written."""
+    from geocap.captioner import Captioner
+    from geocap.checkpoint import file_sha256, load_checkpoint
+    from geocap.metrics import load_relation_truth
+
     sha256 = file_sha256(checkpoint)       # of the bytes that are then loaded
     ckpt = load_checkpoint(checkpoint, map_location="cpu")   # safe: weights_only
-    features_path = os.path.join(data_dir, features)
-    captions_dir = os.path.join(data_dir, captions)
-    dataset = _open_dataset(features_path, captions_dir, split)
-    truth_path = os.path.join(data_dir, ground_truth)
-    # read before captioning: a malformed file fails before any work is done or anything written
+    features_path = os.path.join(data_dir, options.features)
+    captions_dir = os.path.join(data_dir, options.captions)
+    dataset = _open_dataset(features_path, captions_dir, options.split)
+    truth_path = os.path.join(data_dir, options.ground_truth)
     truth = load_relation_truth(truth_path) if os.path.isfile(truth_path) else None
     data_vocab = dataset.vocab
     if ckpt.vocab.words != data_vocab.words:
@@ -195,26 +239,33 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     if ckpt.config.feature_dim != store_dim:
         raise ValueError(f"checkpoint {checkpoint} expects {ckpt.config.feature_dim}-dimensional features but "
                          f"the feature store {features_path} holds {store_dim}-dimensional ones")
-    if max_len > ckpt.config.max_len:
+    if options.max_len > ckpt.config.max_len:
         raise ValueError(f"max_len must be at most the model's config.max_len = {ckpt.config.max_len}, "
-                         f"got {max_len}")
-    step = ckpt.step
+                         f"got {options.max_len}")
     captioner = Captioner(ckpt.build_model(device).eval(), ckpt.vocab)
-    del ckpt  # the model holds its own copy of the weights
+    return _Loaded(checkpoint=checkpoint, sha256=sha256, step=ckpt.step, captioner=captioner, dataset=dataset,
+                   truth=truth, truth_path=truth_path)
 
-    n = len(dataset) if limit == 0 else min(limit, len(dataset))
+
+def _caption(loaded: _Loaded, options: EvaluationOptions) -> dict:
+    """``{image_id: caption}`` (ascending id) of the first ``limit`` (0: all) images of the split,
+    each captioned once."""
+    from geocap.data.dataset import collate
+    from geocap.progress import progress_bar
+
+    dataset = loaded.dataset
+    n = len(dataset) if options.limit == 0 else min(options.limit, len(dataset))
     items = dataset if n == len(dataset) else Subset(dataset, range(n))
-    loader = DataLoader(items, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
-
-    # -- caption -----------------------------------------------------------------------------
+    loader = DataLoader(items, batch_size=options.batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=options.workers)
     res: dict = {}
-    bar = progress_bar(enabled=progress, total=n, unit="img", desc=f"captioning {split}")
+    bar = progress_bar(enabled=options.progress, total=n, unit="img", desc=f"captioning {options.split}")
     try:
         with torch.no_grad():
             for batch in loader:
                 stop.check()
-                texts = captioner.caption(batch.features, batch.boxes, batch.box_mask,
-                                          beam_size=beam_size, max_len=max_len)
+                texts = loaded.captioner.caption(batch.features, batch.boxes, batch.box_mask,
+                                                 beam_size=options.beam_size, max_len=options.max_len)
                 for image_id, text in zip(batch.image_ids.tolist(), texts):
                     if image_id in res:  # a dataset invariant; guard the "once per image" promise
                         raise RuntimeError(f"image {image_id} captioned twice")
@@ -224,19 +275,28 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
         bar.close()
     if len(res) != n:
         raise RuntimeError(f"captioned {len(res)} images, expected {n}")
-    res = dict(sorted(res.items()))
-    gts = {image_id: list(dataset.captions.references(image_id)) for image_id in res}
+    return dict(sorted(res.items()))
 
-    # -- score and write ---------------------------------------------------------------------
-    metrics, skipped = caption_metrics(gts, res, tokenizer=tokenizer, meteor=meteor, spice=spice,
-                                       meteor_timeout_s=meteor_timeout_s)
+
+def _score_and_write(loaded: _Loaded, res: dict, data_dir: str, out_dir: Path,
+                     options: EvaluationOptions) -> EvaluationResult:
+    """Score ``res`` against the split's references (caption metrics, relation-word accuracy) and
+    write the results and metrics files (atomically) in ``out_dir``."""
+    from geocap import __version__
+    from geocap.data.atomic import write_text_atomic
+    from geocap.metrics import caption_metrics, relation_accuracy, write_results
+
+    split = options.split
+    gts = {image_id: list(loaded.dataset.captions.references(image_id)) for image_id in res}
+    metrics, skipped = caption_metrics(gts, res, tokenizer=options.tokenizer, meteor=options.meteor,
+                                       spice=options.spice, meteor_timeout_s=options.meteor_timeout_s)
     tokenizer_note = skipped.pop("tokenizer", None)
     relations, relation_note, relation_counts = None, None, None
-    if truth is None:
-        relation_note = f"no {ground_truth} in {data_dir} (relation-word accuracy needs synthetic data)"
+    if loaded.truth is None:
+        relation_note = f"no {options.ground_truth} in {data_dir} (relation-word accuracy needs synthetic data)"
     else:
-        relations = relation_accuracy(res, truth)
-        relation_counts = {**relations.as_dict(), "ground_truth": truth_path}
+        relations = relation_accuracy(res, loaded.truth)
+        relation_counts = {**relations.as_dict(), "ground_truth": loaded.truth_path}
         if relations.accuracy is None:
             relation_note = "no generated caption uses a relation phrase"
     used = "python" if tokenizer_note is not None else "java"
@@ -247,18 +307,19 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     record = {
         "format": EVALUATION_FORMAT, "format_version": EVALUATION_VERSION,
         "metrics": metrics, "skipped": skipped, "tokenizer": used, "tokenizer_note": tokenizer_note,
-        "checkpoint": checkpoint, "checkpoint_sha256": sha256,
-        "checkpoint_step": step, "data": data_dir, "split": split, "beam_size": beam_size, "max_len": max_len,
-        "limit": limit, "n_images": n, "geocap_version": __version__, "results_file": results_path.name,
+        "checkpoint": loaded.checkpoint, "checkpoint_sha256": loaded.sha256,
+        "checkpoint_step": loaded.step, "data": data_dir, "split": split, "beam_size": options.beam_size,
+        "max_len": options.max_len, "limit": options.limit, "n_images": len(res), "geocap_version": __version__,
+        "results_file": results_path.name,
         "relation_accuracy": relations.accuracy if relations is not None else None,
         "relation_counts": relation_counts, "relation_note": relation_note,
     }
     write_text_atomic(metrics_path, json.dumps(record, indent=2) + "\n")
-    return EvaluationResult(metrics=metrics, skipped=skipped, captions=res, split=split, n_images=n,
-                            beam_size=beam_size, tokenizer=used, tokenizer_note=tokenizer_note,
-                            checkpoint=checkpoint, checkpoint_sha256=sha256, results_path=results_path,
-                            metrics_path=metrics_path, record=record, relations=relations,
-                            relation_note=relation_note)
+    return EvaluationResult(metrics=metrics, skipped=skipped, captions=res, split=split, n_images=len(res),
+                            beam_size=options.beam_size, tokenizer=used, tokenizer_note=tokenizer_note,
+                            checkpoint=loaded.checkpoint, checkpoint_sha256=loaded.sha256,
+                            results_path=results_path, metrics_path=metrics_path, record=record,
+                            relations=relations, relation_note=relation_note)
 
 
 def format_report(result: EvaluationResult) -> str:

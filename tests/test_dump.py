@@ -899,3 +899,42 @@ def test_a_stop_request_lost_as_an_exception_stops_the_dump_at_the_next_batch(ck
     assert sorted(os.listdir(out)) == ["manifest.json", "manifest.lock"]
     monkeypatch.undo()
     assert dump(ckpt, data_dir, "train", out, **dict(SETTINGS, writer="inline")).complete
+
+
+# the modules that read dumps, and what they must not import: the model's layer and the dump writer
+DUMP_READERS = ("geocap.data.dump_format", "geocap.analysis", "geocap.analyze", "geocap.view.site")
+MODEL_LAYER = ("geocap.model", "geocap.dump", "geocap.checkpoint", "geocap.train", "geocap.decoding",
+               "geocap.captioner")
+
+
+def _model_layer_imported_by(module: str) -> list:
+    layer = [m.split(".") for m in MODEL_LAYER]
+    code = (f"import json, sys\nimport {module}\n"
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[:2] in {layer!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", DUMP_READERS)
+def test_dump_readers_import_nothing_of_the_model_layer(module):
+    """Analyses depend on the kernels and the record format only: the dump format (the reader of
+    what geocap.dump writes) is in the data layer so that reading a dump imports neither the model
+    nor the dump writer's package."""
+    assert _model_layer_imported_by(module) == []
+
+
+def test_the_model_layer_check_sees_an_import_of_the_model_layer():
+    assert "geocap.dump" in _model_layer_imported_by("geocap.hf.dump")        # the check can fail
+
+
+def test_rank_from_the_environment_names_a_bad_variable(monkeypatch):
+    """dump's rank comes from geocap.distributed's one reader of RANK / WORLD_SIZE."""
+    from geocap.dump.plan import check_rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert check_rank(None, None) == (1, 2) and check_rank(0, None) == (0, 2)
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="environment variable RANK='one' is not an int"):
+        check_rank(None, None)
+    monkeypatch.setenv("RANK", "")
+    assert check_rank(None, None) == (0, 2)

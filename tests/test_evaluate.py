@@ -106,6 +106,24 @@ def test_limit_and_default_out_dir(data, tmp_path):
     assert result.n_images == 2 and _read(result.metrics_path)["limit"] == 2
 
 
+def test_options_object_equals_keywords(data, tmp_path):
+    """An EvaluationOptions gives what the same keywords give; split and keywords replace its fields."""
+    from geocap.evaluate import EvaluationOptions
+    root, ckpt, _ = data
+    options = EvaluationOptions(split="val", limit=2, beam_size=1, max_len=8, meteor=False, spice=False,
+                                tokenizer="python", progress=False, device="cpu", out_dir=tmp_path / "a")
+    a = evaluate(ckpt, root, options=options)
+    b = evaluate(ckpt, root, "val", limit=2, beam_size=1, max_len=8, meteor=False, spice=False, tokenizer="python",
+                 progress=False, device="cpu", out_dir=tmp_path / "b")
+    assert a.split == "val" and a.n_images == 2 and a.captions == b.captions and a.metrics == b.metrics
+    c = evaluate(ckpt, root, "test", options=options, limit=1, out_dir=tmp_path / "c")
+    assert c.split == "test" and c.n_images == 1 and options.split == "val" and options.limit == 2
+    with pytest.raises(TypeError, match="beam"):
+        evaluate(ckpt, root, "test", options=options, beams=2)             # a misspelt field is not ignored
+    with pytest.raises(ValueError, match="beam_size must be an int >= 1"):
+        evaluate(ckpt, root, options=EvaluationOptions(beam_size=0))
+
+
 def test_references_are_the_untruncated_strings(data, tmp_path, monkeypatch):
     root, ckpt, test_ids = data
     import geocap.metrics as metrics

@@ -514,7 +514,7 @@ def test_coco_bad_input(edit, image_id, message, tmp_path, rng):
 def test_coco_not_json(tmp_path):
     path = tmp_path / "c.json"
     path.write_text('{"images": [')
-    with pytest.raises(DataError, match="not a readable JSON file") as err:
+    with pytest.raises(DataError, match="not a readable COCO captions file") as err:
         read_coco_captions(path)
     assert str(path) in str(err.value)
 
@@ -578,3 +578,43 @@ def test_cocotalk_vocabulary_and_counts(tmp_path, rng):
 def test_b64_helper_matches_bottom_up_encoding():
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert np.frombuffer(base64.b64decode(b64(a)), "<f4").tolist() == list(range(6))
+
+
+def _coco_callers():
+    """Every module that reads a COCO captions file, as ``(name, call(path, folder))``."""
+    from geocap.hf.images import load_image_set
+    from geocap.hf.tiny import load_captioned_images
+    return [("read_coco_captions", lambda path, folder: read_coco_captions(path)),
+            ("hf.images", lambda path, folder: load_image_set(folder, captions=path)),
+            ("hf.tiny", lambda path, folder: load_captioned_images(folder, path, None, progress=False))]
+
+
+@pytest.mark.parametrize("edit, image_id, message", [
+    (lambda d: d["images"].append(dict(d["images"][1])), 2, "duplicate image id"),
+    (lambda d: d["annotations"][4].update(id=d["annotations"][0]["id"]), 1, "duplicate annotation id"),
+    (lambda d: d["annotations"][3].update(image_id=42), 42, "missing from 'images'"),
+    (lambda d: d["annotations"][5].update(caption=None), 2, "has no caption"),
+])
+def test_every_coco_reader_gives_one_error(edit, image_id, message, tmp_path, rng):
+    """prepro's reader, the HF image set and the tiny HF trainer parse COCO captions through one
+    reader: the same bad file gives each the same DataError naming the file and the image id."""
+    path = write_coco_captions(tmp_path / "c.json", random_captions(rng, [1, 2, 3]))
+    _edit_json(path, edit)
+    for name, call in _coco_callers():
+        with pytest.raises(DataError, match=message) as err:
+            call(path, tmp_path)
+        assert_names(err, path, image_id)
+
+
+def test_hdf5_files_that_are_not_hdf5_name_the_file(tmp_path, rng):
+    """The HDF5 readers open their files through hdf5_errors.open_hdf5: one DataError naming the file
+    (the captions file and the feature store: test_vocab, test_store)."""
+    bad = tmp_path / "not.h5"
+    bad.write_bytes(b"plain text, not HDF5\n" * 10)
+    with pytest.raises(DataError, match=r"not\.h5: not a readable HDF5 file: "):
+        list(read_m2_hdf5(bad))
+    caps = random_captions(rng, [1, 2])
+    write_cocotalk(tmp_path / "cocotalk.json", tmp_path / "cocotalk_label.h5", caps, {1: "train", 2: "val"})
+    (tmp_path / "cocotalk_label.h5").write_bytes(bad.read_bytes())
+    with pytest.raises(DataError, match=r"cocotalk_label\.h5: not a readable cocotalk label file: "):
+        read_cocotalk(tmp_path / "cocotalk.json", tmp_path / "cocotalk_label.h5")

@@ -1,6 +1,10 @@
 """The on-disk format of attention dumps (``geocap dump``), and its reader :func:`open_dump`.
 
-numpy and h5py only (the data layer): analyses and viewers read dumps without the model.
+numpy and h5py only (the data layer): analyses and viewers read dumps without the model. It is
+the contract between the writer (:mod:`geocap.dump`, which sits on the model) and the readers
+(analyses, the viewer, exports), so it lives below both and each imports it downward; beside its
+writer it would make every reader depend on the model's layer (guarded by
+``tests/test_dump.py::test_dump_readers_import_nothing_of_the_model_layer``).
 
 Layout (format ``geocap-dump`` version 1). A dump is a directory::
 
@@ -141,11 +145,11 @@ import zlib
 from collections import OrderedDict
 from typing import Iterator, Optional, Sequence
 
-import h5py
 import numpy as np
 
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
 from geocap.data.file_digest import file_sha256
+from geocap.data.hdf5_errors import open_hdf5
 from geocap.data.top_k_rows import expand_top_k
 from geocap.errors import DumpError
 
@@ -283,10 +287,8 @@ class _Shard:
         problem = shard_problem(path, entry, digest=verify)
         if problem:
             raise DumpError(problem)
-        try:
-            self.h5 = h5py.File(path, "r", locking=False, rdcc_nbytes=CACHE_BYTES, rdcc_nslots=10007)
-        except OSError as err:
-            raise DumpError(f"{path}: not a readable HDF5 shard (corrupt or truncated: {err})") from None
+        self.h5 = open_hdf5(path, "HDF5 shard (corrupt or truncated?)", DumpError, locking=False,
+                            rdcc_nbytes=CACHE_BYTES, rdcc_nslots=10007)
         try:
             self._load(entry, manifest)
         except DumpError:

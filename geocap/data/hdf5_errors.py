@@ -3,7 +3,8 @@
 Corrupt metadata (superblock, object headers, local heaps, B-trees) does not always surface as
 ``OSError``: depending on which HDF5 call meets it, h5py raises ``RuntimeError`` (e.g. "Unable
 to synchronously check link existence"), ``KeyError`` (opening an object whose header is
-damaged) or ``ValueError``. Readers wrap their HDF5 access in :func:`named_hdf5_errors`.
+damaged) or ``ValueError``. Readers open their files with :func:`open_hdf5` and wrap their
+HDF5 access in :func:`named_hdf5_errors`.
 
 Only errors raised from inside h5py are renamed (and chained, so their origin stays visible
 with a traceback): a ``KeyError`` or ``ValueError`` raised by geocap's own code in the block is a
@@ -46,3 +47,14 @@ def raised_in_h5py(err: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def open_hdf5(path, what: str = "HDF5 file", error: type = DataError, **options):
+    """``h5py.File(path, "r", **options)``; ``error`` (DataError unless given) naming the file
+    when h5py cannot open it: ``"<path>: not a readable <what>: <h5py's message>"``."""
+    import h5py
+
+    try:
+        return h5py.File(os.fspath(path), "r", **options)
+    except OSError as err:
+        raise error(f"{path}: not a readable {what}: {err}") from None

@@ -42,7 +42,7 @@ import numpy as np
 
 from geocap import stop
 from geocap.data.atomic import atomic_output
-from geocap.data.hdf5_errors import HDF5_ERRORS, named_hdf5_errors
+from geocap.data.hdf5_errors import HDF5_ERRORS, named_hdf5_errors, open_hdf5
 from geocap.data.items import DataError, ImageFeatures
 from geocap.progress import progress_bar
 
@@ -296,9 +296,9 @@ class _Open:
         if not os.path.exists(path):
             raise DataError(f"{path}: no such feature store")
         try:
-            self.h5 = h5py.File(path, "r", locking=False, rdcc_nbytes=0)
-        except OSError as err:
-            raise DataError(f"{path}: not a readable HDF5 file (not a feature store, or truncated): {err}") from None
+            self.h5 = open_hdf5(path, "HDF5 file (not a feature store, or truncated)", locking=False, rdcc_nbytes=0)
+        except DataError:
+            raise
         except HDF5_ERRORS as err:
             raise DataError(f"{path}: unreadable feature store (corrupt or truncated?): {err}") from None
         try:

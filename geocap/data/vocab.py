@@ -41,7 +41,7 @@ import h5py
 import numpy as np
 
 from geocap.data.atomic import atomic_output, write_text_atomic
-from geocap.data.hdf5_errors import named_hdf5_errors
+from geocap.data.hdf5_errors import named_hdf5_errors, open_hdf5
 from geocap.data.json_file import read_json
 from geocap.data.items import Caption, CaptionSet, DataError
 from geocap.progress import progress_bar
@@ -299,10 +299,7 @@ def load_captions(directory) -> EncodedCaptions:
     path = os.path.join(directory, CAPTIONS_FILE)
     if not os.path.exists(path):
         raise DataError(f"{path}: captions file missing")
-    try:
-        h5 = h5py.File(path, "r", locking=False)
-    except OSError as err:
-        raise DataError(f"{path}: not a readable HDF5 file ({err})") from None
+    h5 = open_hdf5(path, "HDF5 file", locking=False)
     with h5, named_hdf5_errors(path, "captions file"):
         attrs = dict(h5.attrs)
         if attrs.get("format") != CAPTIONS_FORMAT:

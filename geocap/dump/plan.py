@@ -175,10 +175,13 @@ def resolve_options(options: Optional[DumpOptions], option_values: dict, stats_c
 
 def check_rank(rank, world_size) -> tuple:
     """``(rank, world_size)``, None taken from RANK / WORLD_SIZE (else 0 / 1); ValueError when invalid."""
+    from geocap.distributed import environment_rank
+
+    env_rank, env_world_size = environment_rank()
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world_size = env_world_size
     if rank is None:
-        rank = int(os.environ.get("RANK", "0") or 0)
+        rank = env_rank
     check_int("world_size", world_size, 1)
     if not (isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
@@ -190,20 +193,47 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     """Check the arguments, load the checkpoint and ``split`` of ``data``, fix the metadata,
     create or check ``out``'s manifest and assign this rank's shards (removing its stale
     temporary files and unlisting its damaged shards). ValueError (DumpError for a dump of other
-    settings) naming the bad argument or file."""
-    from geocap import __version__
-    from geocap.checkpoint import load_checkpoint
-    from geocap.data.dataset import CaptionDataset
-    from geocap.dump import ground_truth
-    from geocap.dump.source import kmeans_centroids
+    settings) naming the bad argument or file.
 
+    Steps: :func:`_plan_options`, :func:`check_rank`, :func:`_plan_paths`, :func:`_load_inputs`,
+    :func:`_plan_referents`, :func:`_plan_metadata`, :func:`assign_shards`."""
+    o = _plan_options(options)
+    rank, world_size = check_rank(rank, world_size)
+    checkpoint, data, out, store_path, caps_dir = _plan_paths(checkpoint, data, out, o)
+    sha256, ckpt, dataset = _load_inputs(checkpoint, store_path, caps_dir, split)
+    n_images = len(dataset.image_ids) if o.limit == 0 else min(o.limit, len(dataset.image_ids))
+    image_ids = dataset.image_ids[:n_images]
+    refs = _plan_referents(data, dataset, image_ids, o)
+    max_len = min(o.max_len, ckpt.config.max_len)
+    metadata = _plan_metadata(o, checkpoint=checkpoint, sha256=sha256, ckpt=ckpt, data=data, split=split,
+                              max_len=max_len, image_ids=image_ids, refs=refs)
+    shares = assign_shards(out, metadata, n_images, o.shard_images, rank, world_size)
+    metadata = shares.manifest["metadata"]
+    centroids = refs.centroids
+    if metadata.get("cluster_centroids") is not None:   # a resumed dump: the centroids it started with
+        centroids = np.asarray(metadata["cluster_centroids"], np.float32)
+    return DumpPlan(out=out, split=split, rank=rank, world_size=world_size, options=o, ckpt=ckpt, config=ckpt.config,
+                    words=ckpt.vocab.words, checkpoint_sha256=sha256, dataset=dataset, truth=refs.truth,
+                    image_ids=image_ids, n_images=n_images, max_len=max_len, hypothetical=refs.hypothetical,
+                    has_labels=refs.has_labels, cluster_source=refs.cluster_source, centroids=centroids,
+                    maps=o.stored_maps, metadata=metadata, metadata_sha256=shares.manifest["metadata_sha256"],
+                    todo=shares.todo, skipped=shares.skipped, redone=shares.redone)
+
+
+def _plan_options(options: DumpOptions) -> DumpOptions:
+    """``options`` checked, for a geocap checkpoint (``on_error`` "raise"), with the default beam
+    size and maximum length filled in."""
     o = options.checked()
     if o.on_error != "raise":
         raise ValueError("on_error skip (--on-error skip) is for Hugging Face captioners' dumps (--hf); a geocap "
                          "checkpoint's dump reads a feature store (geocap prepro --on-error skips bad images)")
-    o = dataclasses.replace(o, beam_size=DEFAULT_BEAM_SIZE if o.beam_size is None else o.beam_size,
-                            max_len=DEFAULT_MAX_LEN if o.max_len is None else o.max_len)
-    rank, world_size = check_rank(rank, world_size)
+    return dataclasses.replace(o, beam_size=DEFAULT_BEAM_SIZE if o.beam_size is None else o.beam_size,
+                               max_len=DEFAULT_MAX_LEN if o.max_len is None else o.max_len)
+
+
+def _plan_paths(checkpoint, data, out, o: DumpOptions) -> tuple:
+    """``(checkpoint, data, out, feature store, captions dir)`` as absolute paths, each checked
+    (``out``: a dump to resume or a folder that may become one); ValueError naming the argument."""
     checkpoint = os.path.abspath(os.fspath(checkpoint))
     if not os.path.isfile(checkpoint):
         raise ValueError(f"checkpoint: {checkpoint}: no such file")
@@ -217,6 +247,14 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
         raise ValueError(f"data: {store_path}: feature store missing")
     if not os.path.isdir(caps_dir):
         raise ValueError(f"data: {caps_dir}: captions directory missing")
+    return checkpoint, data, out, store_path, caps_dir
+
+
+def _load_inputs(checkpoint: str, store_path: str, caps_dir: str, split: str) -> tuple:
+    """``(checkpoint SHA-256, checkpoint, split dataset)``; ValueError when the checkpoint's
+    vocabulary or feature width is not the data's."""
+    from geocap.checkpoint import load_checkpoint
+    from geocap.data.dataset import CaptionDataset
 
     sha256 = file_sha256(checkpoint)
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
@@ -228,10 +266,29 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     if ckpt.config.feature_dim != dataset.store.feature_dim:
         raise ValueError(f"checkpoint {checkpoint} expects {ckpt.config.feature_dim}-dimensional features but "
                          f"{store_path} holds {dataset.store.feature_dim}-dimensional ones")
-    config = ckpt.config
-    max_len = min(o.max_len, config.max_len)
-    n_images = len(dataset.image_ids) if o.limit == 0 else min(o.limit, len(dataset.image_ids))
-    image_ids = dataset.image_ids[:n_images]
+    return sha256, ckpt, dataset
+
+
+@dataclass
+class _Referents:
+    """What the dump knows of the objects: the synthetic ground truth (None without
+    ``ground_truth.json``), whether captions are made hypothetical, whether boxes have labels
+    and their names, where clusters come from ("ground_truth", "kmeans" or "none") and the
+    k-means centroids (None unless "kmeans")."""
+    truth: object
+    hypothetical: bool
+    has_labels: bool
+    label_names: Optional[list]
+    cluster_source: str
+    centroids: Optional[np.ndarray]
+
+
+def _plan_referents(data: str, dataset, image_ids: np.ndarray, o: DumpOptions) -> _Referents:
+    """The ground truth of ``image_ids`` (when ``data`` has one), labels, and clusters; ValueError
+    for hypothetical captions without referents or outside teacher forcing."""
+    from geocap.dump import ground_truth
+    from geocap.dump.source import kmeans_centroids
+
     gt_path = os.path.join(data, ground_truth.GROUND_TRUTH)
     truth = ground_truth.GroundTruth(gt_path, image_ids.tolist()) if os.path.isfile(gt_path) else None
     hypothetical = o.hypothetical
@@ -240,42 +297,39 @@ def plan_dump(checkpoint, data, split: str, out, options: DumpOptions, *, rank: 
     if hypothetical and (truth is None or o.mode != "teacher-forced"):
         raise ValueError("hypothetical captions need referents (DIR/ground_truth.json) and mode teacher-forced")
     store = dataset.store
-    has_labels = store.has_labels or truth is not None
     cluster_source = "ground_truth" if truth is not None else ("kmeans" if o.clusters > 0 else "none")
     centroids = None
     if cluster_source == "kmeans":
-        centroids = kmeans_centroids(dataset, n_images, o.clusters, o.cluster_sample)
-
-    maps = o.stored_maps
+        centroids = kmeans_centroids(dataset, len(image_ids), o.clusters, o.cluster_sample)
     label_names = store.label_names
     if label_names is None and truth is not None:
         label_names = truth.label_names()
+    return _Referents(truth=truth, hypothetical=bool(hypothetical),
+                      has_labels=bool(store.has_labels or truth is not None), label_names=label_names,
+                      cluster_source=cluster_source, centroids=centroids)
+
+
+def _plan_metadata(o: DumpOptions, *, checkpoint: str, sha256: str, ckpt, data: str, split: str, max_len: int,
+                   image_ids: np.ndarray, refs: _Referents) -> dict:
+    """The dump's metadata (the manifest's ``metadata``: what a rerun must match to resume)."""
+    from geocap import __version__
+
     generated = o.mode == "generated"
-    metadata = {
+    return {
         "geocap_version": __version__, "checkpoint": checkpoint, "checkpoint_sha256": sha256,
-        "checkpoint_step": ckpt.step, "model_config": config.to_dict(), "vocab_sha1": vocab.sha1,
-        "data": data, "split": split, "mode": o.mode, "what": list(o.what), "maps": list(maps), **o.top_k_metadata(),
-        "stats_only": bool(o.stats_only), "hypothetical": bool(hypothetical), "features": bool(o.features),
+        "checkpoint_step": ckpt.step, "model_config": ckpt.config.to_dict(), "vocab_sha1": ckpt.vocab.sha1,
+        "data": data, "split": split, "mode": o.mode, "what": list(o.what), "maps": list(o.stored_maps),
+        **o.top_k_metadata(),
+        "stats_only": bool(o.stats_only), "hypothetical": refs.hypothetical, "features": bool(o.features),
         "compression": o.compression, "shard_images": o.shard_images, "limit": o.limit,
         "beam_size": o.beam_size if generated else None, "max_len": max_len if generated else None,
-        "n_images": n_images, "image_ids_sha256": hashlib.sha256(np.ascontiguousarray(image_ids, np.int64)
-                                                                 .tobytes()).hexdigest(),
-        "referents": truth is not None, "labels": bool(has_labels),
-        "label_names": label_names, "clusters": cluster_source,
-        "n_clusters": o.clusters if cluster_source == "kmeans" else None,
-        "cluster_centroids": None if centroids is None else centroids.tolist(),
+        "n_images": len(image_ids), "image_ids_sha256": hashlib.sha256(np.ascontiguousarray(image_ids, np.int64)
+                                                                       .tobytes()).hexdigest(),
+        "referents": refs.truth is not None, "labels": refs.has_labels,
+        "label_names": refs.label_names, "clusters": refs.cluster_source,
+        "n_clusters": o.clusters if refs.cluster_source == "kmeans" else None,
+        "cluster_centroids": None if refs.centroids is None else refs.centroids.tolist(),
     }
-    shares = assign_shards(out, metadata, n_images, o.shard_images, rank, world_size)
-    metadata = shares.manifest["metadata"]
-    if metadata.get("cluster_centroids") is not None:
-        centroids = np.asarray(metadata["cluster_centroids"], np.float32)
-    manifest, todo, skipped, redone = shares.manifest, shares.todo, shares.skipped, shares.redone
-    return DumpPlan(out=out, split=split, rank=rank, world_size=world_size, options=o, ckpt=ckpt, config=config,
-                    words=vocab.words,
-                    checkpoint_sha256=sha256, dataset=dataset, truth=truth, image_ids=image_ids, n_images=n_images,
-                    max_len=max_len, hypothetical=bool(hypothetical), has_labels=bool(has_labels),
-                    cluster_source=cluster_source, centroids=centroids, maps=maps, metadata=metadata,
-                    metadata_sha256=manifest["metadata_sha256"], todo=todo, skipped=skipped, redone=redone)
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch
 
 from geocap.data.attention_record import MAP_NAMES
 from geocap.data.dump_format import MANIFEST
+from geocap.data.file_digest import update_with_file
 from geocap.dump.manifest import add_skipped
 from geocap.dump.plan import DumpOptions, assign_shards, check_rank, resolve_options
 from geocap.dump.record_builder import WHAT
@@ -60,9 +61,7 @@ def model_digest(folder: str) -> str:
         for name in sorted(files):
             path = os.path.join(root, name)
             digest.update(os.path.relpath(path, folder).encode("utf-8") + b"\0")
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+            update_with_file(digest, path)
     return digest.hexdigest()
 
 

@@ -2,7 +2,7 @@
 COCO caption annotations (``captions_*.json``) and COCO instance annotations (``instances_*.json``).
 
 Image ids: with a captions file, its ``images`` list (``id``, ``file_name``) in ascending id, every
-file required in the folder; without one, every ``.jpg``/``.jpeg``/``.png`` file of the folder (not
+file required in the folder; without one, every image file (``IMAGE_EXTENSIONS``) of the folder (not
 its subfolders) in name order, the id being the number its name ends with (COCO's names:
 ``COCO_val2014_000000000042.jpg`` -> 42) when every file has a distinct one, else the file's
 position in name order (0, 1, ...). Instances: per image its objects' category id and box, the
@@ -21,11 +21,10 @@ import numpy as np
 from geocap.data.file_digest import file_sha256
 from geocap.data.image_files import IMAGE_EXTENSIONS, image_id_from_name
 from geocap.data.json_file import read_json
+from geocap.data.readers.coco import read_coco_file
+from geocap.errors import DataError
 
 __all__ = ["ImageSet", "load_image_set", "read_image"]
-
-EXTENSIONS = IMAGE_EXTENSIONS
-
 
 @dataclass
 class ImageSet:
@@ -55,9 +54,9 @@ class ImageSet:
 
 
 def _folder_files(folder: str, required: bool = True) -> list:
-    files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(EXTENSIONS))
+    files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
     if not files and required:
-        raise ValueError(f"--images: {folder} holds no .jpg/.jpeg/.png file")
+        raise ValueError(f"--images: {folder} holds no image file ({'/'.join(IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -69,26 +68,20 @@ def _ids_from_names(files: list) -> np.ndarray:
 
 
 def _read_captions(path: str, folder: str) -> tuple:
-    data = read_json(path, "COCO captions file")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-            or not isinstance(data.get("annotations"), list):
-        raise ValueError(f"--captions: {path}: not COCO caption annotations (needs 'images' and 'annotations' lists)")
-    files = {}
-    for entry in data["images"]:
-        try:
-            files[int(entry["id"])] = str(entry["file_name"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"--captions: {path}: an image entry lacks an int 'id' or a 'file_name': "
-                             f"{entry!r}"[:300]) from None
+    """``(image ids ascending, their file names, per image its caption texts ordered by annotation
+    id)`` from the COCO captions file ``path`` (:func:`geocap.data.readers.coco.read_coco_file`'s
+    checks, then a file name per image, caption text that is not blank and every file in ``folder``)."""
+    try:
+        coco = read_coco_file(path)
+        files = {image_id: coco.file_name(image_id) for image_id in coco.images}
+    except DataError as err:
+        raise DataError(f"--captions: {err}") from None
     captions: dict = {i: [] for i in files}
-    for ann in sorted(data["annotations"], key=lambda a: (a.get("image_id", -1), a.get("id", -1))):
-        image_id = ann.get("image_id")
-        if image_id not in captions or not isinstance(ann.get("caption"), str):
-            raise ValueError(f"--captions: {path}: annotation {ann.get('id')!r} names image {image_id!r}, which is "
-                             f"not in its images list, or has no caption text")
+    for ann in sorted(coco.annotations, key=lambda a: (a["image_id"], a["id"])):
+        image_id = ann["image_id"]
         if not ann["caption"].strip():
-            raise ValueError(f"--captions: {path}: annotation {ann.get('id')!r} of image {image_id} "
-                             f"({files[image_id]}) has no caption text")
+            raise DataError(f"--captions: {path}: annotation {ann['id']!r} of image {image_id} "
+                            f"({files[image_id]}) has no caption text")
         captions[image_id].append(ann["caption"])
     ids = sorted(files)
     for image_id in ids:

@@ -44,8 +44,8 @@ from typing import Iterable
 import torch
 
 from geocap import stop
-from geocap.data.atomic import replace_folder, write_text_atomic
-from geocap.data.json_file import read_json
+from geocap.data.atomic import remove_stale_temporary_folders, replace_folder, temporary_folder, write_text_atomic
+from geocap.data.readers.coco import read_coco_file
 from geocap.options import check_int
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
@@ -166,22 +166,11 @@ def load_captioned_images(images_dir, captions_json, image_processor, *, progres
     from PIL import Image, UnidentifiedImageError
 
     images_dir, captions_json = os.fspath(images_dir), os.fspath(captions_json)
-    coco = read_json(captions_json, "COCO captions file")
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) \
-            or not isinstance(coco.get("annotations"), list):
-        raise ValueError(f"{captions_json}: not a COCO captions file (needs 'images' and 'annotations' lists)")
+    coco = read_coco_file(captions_json)
     if not os.path.isdir(images_dir):
         raise ValueError(f"images_dir: {images_dir} is not a folder")
-    try:
-        files = {int(im["id"]): str(im["file_name"]) for im in coco["images"]}
-        captions = collections.defaultdict(list)
-        for ann in coco["annotations"]:
-            captions[int(ann["image_id"])].append(str(ann["caption"]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{captions_json}: malformed image or annotation ({err!r})") from None
-    unknown = sorted(set(captions) - set(files))
-    if unknown:
-        raise ValueError(f"{captions_json}: captions of image {unknown[0]}, which is not in its images")
+    captions = {image_id: [ann["caption"] for ann in anns] for image_id, anns in coco.captions_by_image().items()}
+    files = {image_id: coco.file_name(image_id) for image_id in coco.images}
     image_ids = [i for i in files if captions.get(i)]
     if not image_ids:
         raise ValueError(f"{captions_json}: no captioned images")
@@ -328,9 +317,9 @@ def _save(out_dir: str, model, processor, tokenizer, log: dict, *, progress: boo
 
 
 def _save_folder(out_dir: str, model, processor, tokenizer, log: dict) -> None:
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    remove_stale_temporary_folders(out_dir)         # what killed runs left
+    tmp = temporary_folder(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)

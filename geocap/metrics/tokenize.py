@@ -21,7 +21,11 @@ import shutil
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 
-__all__ = ["PUNCTUATIONS", "java_available", "python_ptb_tokenize", "tokenize_captions"]
+__all__ = ["PUNCTUATIONS", "TOKENIZERS", "java_available", "python_ptb_tokenize", "tokenize_captions"]
+
+#: The tokenizer backends: Stanford's PTBTokenizer (``java``), the Python fallback (``python``), or
+#: ``auto`` (java when present). The one list; evaluate's and the study's options check against it.
+TOKENIZERS = ("auto", "java", "python")
 
 #: Tokens dropped after PTB tokenisation (the list used by coco-caption's PTBTokenizer).
 PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
@@ -128,7 +132,7 @@ def tokenize_captions(captions: Mapping[Hashable, Sequence[str]], backend: str =
         input order, and ``"java"`` or ``"python"``.
     """
     caps = {k: [v] if isinstance(v, str) else list(v) for k, v in captions.items()}
-    if backend not in ("auto", "java", "python"):
+    if backend not in TOKENIZERS:
         raise ValueError(f"unknown backend {backend!r}")
     if backend == "java" or (backend == "auto" and java_available()):
         if sum(len(v) for v in caps.values()) == 0:

@@ -42,6 +42,7 @@ from typing import Any, Optional
 
 from geocap.data.atomic import write_text_atomic
 from geocap.data.json_file import read_json
+from geocap.metrics.tokenize import TOKENIZERS
 from geocap.train.schedule import DECAYS
 
 __all__ = ["SETTINGS_FILE", "StudySettings", "VARIANTS"]
@@ -55,7 +56,6 @@ VARIANTS = {
     "directional": {"geometry": True, "embedding": "signed"},
     "absolute": {"geometry": False, "box_features": True},
 }
-TOKENIZERS = ("auto", "java", "python")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class StudySettings:
     caption metrics (auto: Java's PTB tokenizer when Java is there).
     """
 
-    variants: tuple = ("ort", "none", "directional", "absolute")
+    variants: tuple = tuple(VARIANTS)
     seeds: int = 5
     quick: bool = False
     # data

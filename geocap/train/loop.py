@@ -277,7 +277,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
                          f"or choose another --out")
     info = D.setup(device.type)
     try:
-        return _train(config, resume, info, device, amp_dtype, latest_path, best_path)
+        return Trainer(config, resume, info, device, amp_dtype, latest_path, best_path).run()
     finally:
         D.teardown(info)
 
@@ -354,243 +354,347 @@ def _check_resume_phase(config: TrainConfig, ckpt, saved: dict, latest_path: str
     return phase
 
 
-def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> TrainResult:
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    ckpt, ckpt_phase = None, "xe"
-    if resume:
+@dataclass
+class _Interval:
+    """What the steps since the last log line summed: the loss, the number of steps and target tokens,
+    and (SCST) the reward, the baseline and the sample length."""
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    reward: float = 0.0
+    baseline: float = 0.0
+    length: float = 0.0
+
+    def add(self, loss: float, tokens: int, stats) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.tokens += tokens
+        if stats is not None:
+            self.reward += stats.reward
+            self.baseline += stats.baseline
+            self.length += stats.sample_length
+
+
+class Trainer:
+    """One run of :func:`train` on one process: built in checked steps, then :meth:`run`.
+
+    The constructor reads and checks everything (resume checkpoint, data, model, optimiser) and
+    writes nothing; :meth:`run` writes the run folder and trains. Steps, in order:
+    :meth:`_check_resume` (the checkpoint against the options), :meth:`_setup_data` (digest,
+    datasets, objective), :meth:`_check_checkpoint_fits` (the checkpoint against the data),
+    :meth:`_setup_model` (model, optimiser, schedule, scaler, the run's generators),
+    :meth:`_restore` (the checkpoint's state). While training, each update is :meth:`_step`,
+    then :meth:`_log_interval`, :meth:`_validate` and :meth:`_save`. The order of every random
+    draw is that of the one function this class replaced, so runs and resumes are unchanged.
+    """
+
+    def __init__(self, config: TrainConfig, resume: bool, info, device: torch.device,
+                 amp_dtype: Optional[torch.dtype], latest_path: str, best_path: str):
+        self.config, self.info, self.device, self.amp_dtype = config, info, device, amp_dtype
+        self.latest_path, self.best_path = latest_path, best_path
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.ckpt, self.ckpt_phase = self._check_resume() if resume else (None, "xe")
+        self._setup_data()
+        self._check_checkpoint_fits()
+        self._setup_model()
+        if self.ckpt is not None:
+            self._restore()
+        self.net = PolicyModule(self.model)
+        if info.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.xe_sampler = BucketBatchSampler(self.train_ds.box_counts, config.batch_size, shuffle=True,
+                                             pool_batches=config.pool_batches, seed=config.seed)
+        self._scst_parts = []  # [dataset, sampler, objective], built when the first SCST step comes
+        self.last_val, self.history = None, []
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_resume(self) -> tuple:
+        """``(checkpoint, its data phase)`` of RUN/checkpoint-latest.pt; ValueError (UsageError for
+        ``--steps``) when the options cannot continue it."""
+        config, latest_path, world_size = self.config, self.latest_path, self.info.world_size
         ckpt = load_checkpoint(latest_path)
         saved = ckpt.extra.get("train_config") or {}
         changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(config, k)]
         if changed:
             raise ValueError(f"cannot resume {latest_path} with other " + ", ".join(
                 f"{k} ({saved[k]!r} there, {getattr(config, k)!r} now)" for k in changed))
-        if ckpt.extra.get("world_size", 1) != info.world_size:
+        if ckpt.extra.get("world_size", 1) != world_size:
             raise ValueError(f"{latest_path} was written by {ckpt.extra.get('world_size', 1)} processes; resume "
-                             f"with as many (now {info.world_size})")
+                             f"with as many (now {world_size})")
         if config.steps < ckpt.step:
             raise UsageError(f"--steps {config.steps} is below the step {latest_path} has reached ({ckpt.step}); "
                              f"give --steps {ckpt.step} or more to continue the run")
-        ckpt_phase = _check_resume_phase(config, ckpt, saved, latest_path)
-        if (ckpt_phase == "xe" and config.phase_at(ckpt.step) == "xe"
+        phase = _check_resume_phase(config, ckpt, saved, latest_path)
+        if (phase == "xe" and config.phase_at(ckpt.step) == "xe"
                 and ckpt.extra.get("xe_batches") != XE_BATCHES):
             raise ValueError(f"cannot resume {latest_path} in cross-entropy: it was written when a batch held "
                              f"--batch-size captions (now images, each with its captions), so its data position "
                              f"means other batches; continue it with SCST (--scst-from-step {ckpt.step}) or start "
                              f"a new run")
-    digest = D.broadcast_object(info, data_digest(config) if info.is_main else None)
-    cpi = config.captions_per_image
-    train_ds = CaptionDataset(config.features_path, config.captions_path, config.train_split, per_image=True,
-                              captions_per_image="one-random" if cpi == "one-random" else "all")
-    vocab = train_ds.vocab
-    xe_objective = CrossEntropyObjective.for_vocab(vocab, smoothing=config.label_smoothing,
-                                                   captions_per_image=cpi if isinstance(cpi, int) else None)
-    val_ds, val_loss_ds = None, None
-    if config.val_every > 0 and config.val_cider:
-        val_ds = CaptionDataset(config.features_path, config.captions_path, config.val_split, per_image=True,
-                                captions_per_image=1)
-    if config.val_every > 0 and config.val_loss_images > 0:
-        val_loss_ds = CaptionDataset(config.features_path, config.captions_path, config.val_split, per_image=True,
-                                     captions_per_image="all")
-    model_config = _model_config(config, train_ds)
-    if ckpt is not None and ckpt.config != model_config:
-        raise ValueError(f"{latest_path}: its model config does not fit the data and options "
-                         f"({ckpt.config.to_dict()} vs {model_config.to_dict()})")
-    if ckpt is not None and ckpt.vocab != vocab:
-        raise ValueError(f"{latest_path}: trained with another vocabulary than {config.captions_path}")
-    if ckpt is not None:            # after the checks that say more: same shapes and vocabulary, other bytes
-        _check_resume_data(ckpt.extra.get("data_digest"), digest, config, latest_path)
+        return ckpt, phase
 
-    model = _initial_model(config, model_config, device)
-    params = list(model.parameters())
-    optimizer = make_optimizer(params, config.optimizer, lr=0.0 if config.optimizer == "noam" else config.lr,
-                               weight_decay=config.weight_decay)
-    if config.optimizer == "noam":
-        schedule = LRSchedule(optimizer, "noam", warmup=config.warmup, d_model=config.d_model,
-                              factor=config.lr_factor)
-    else:
-        schedule = LRSchedule(optimizer, "warmup", warmup=config.warmup, lr=config.lr, decay=config.decay,
-                              total=config.steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    def _setup_data(self) -> None:
+        """The data digest (rank 0's, broadcast), the training and validation datasets and the
+        cross-entropy objective."""
+        config, info = self.config, self.info
+        self.digest = D.broadcast_object(info, data_digest(config) if info.is_main else None)
+        cpi = config.captions_per_image
+        self.train_ds = CaptionDataset(config.features_path, config.captions_path, config.train_split, per_image=True,
+                                       captions_per_image="one-random" if cpi == "one-random" else "all")
+        self.vocab = self.train_ds.vocab
+        self.xe_objective = CrossEntropyObjective.for_vocab(self.vocab, smoothing=config.label_smoothing,
+                                                            captions_per_image=cpi if isinstance(cpi, int) else None)
+        self.val_ds, self.val_loss_ds = None, None
+        if config.val_every > 0 and config.val_cider:
+            self.val_ds = CaptionDataset(config.features_path, config.captions_path, config.val_split,
+                                         per_image=True, captions_per_image=1)
+        if config.val_every > 0 and config.val_loss_images > 0:
+            self.val_loss_ds = CaptionDataset(config.features_path, config.captions_path, config.val_split,
+                                              per_image=True, captions_per_image="all")
+        self.model_config = _model_config(config, self.train_ds)
 
-    step, epoch, batch_index = 0, 0, 0
-    best_cider, best_step = None, None
-    torch.manual_seed(config.seed + 1000003 * info.rank)
-    if ckpt is not None:
-        model.load_state_dict(ckpt.model_state)
-        optimizer.load_state_dict(ckpt.optimizer_state)
-        schedule.load_state_dict(ckpt.scheduler_state)
+    def _check_checkpoint_fits(self) -> None:
+        """ValueError unless the checkpoint (if any) has the model config, vocabulary and data of now."""
+        ckpt, latest_path = self.ckpt, self.latest_path
+        if ckpt is None:
+            return
+        if ckpt.config != self.model_config:
+            raise ValueError(f"{latest_path}: its model config does not fit the data and options "
+                             f"({ckpt.config.to_dict()} vs {self.model_config.to_dict()})")
+        if ckpt.vocab != self.vocab:
+            raise ValueError(f"{latest_path}: trained with another vocabulary than {self.config.captions_path}")
+        # after the checks that say more: same shapes and vocabulary, other bytes
+        _check_resume_data(ckpt.extra.get("data_digest"), self.digest, self.config, latest_path)
+
+    def _setup_model(self) -> None:
+        """The initial model, its optimiser, learning-rate schedule and GradScaler, the position at
+        step 0, and the run's generator reseeded per rank (see the module doc)."""
+        config, device = self.config, self.device
+        self.model = _initial_model(config, self.model_config, device)
+        self.params = list(self.model.parameters())
+        self.optimizer = make_optimizer(self.params, config.optimizer,
+                                        lr=0.0 if config.optimizer == "noam" else config.lr,
+                                        weight_decay=config.weight_decay)
+        if config.optimizer == "noam":
+            self.schedule = LRSchedule(self.optimizer, "noam", warmup=config.warmup, d_model=config.d_model,
+                                       factor=config.lr_factor)
+        else:
+            self.schedule = LRSchedule(self.optimizer, "warmup", warmup=config.warmup, lr=config.lr,
+                                       decay=config.decay, total=config.steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.step, self.epoch, self.batch_index = 0, 0, 0
+        self.best_cider, self.best_step = None, None
+        torch.manual_seed(config.seed + 1000003 * self.info.rank)
+
+    def _restore(self) -> None:
+        """The checkpoint's weights, optimiser, schedule, scaler, step, data position, best score and
+        random states (the data position restarts when the phase changed since it was written)."""
+        ckpt = self.ckpt
+        self.model.load_state_dict(ckpt.model_state)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.schedule.load_state_dict(ckpt.scheduler_state)
         if ckpt.extra.get("scaler"):
-            scaler.load_state_dict(ckpt.extra["scaler"])
-        step = ckpt.step
+            self.scaler.load_state_dict(ckpt.extra["scaler"])
+        self.step = ckpt.step
         pos = ckpt.data_position or {}
-        epoch, batch_index = int(pos.get("epoch", 0)), int(pos.get("batch", 0))
-        if ckpt_phase != config.phase_at(step):  # a cross-entropy run continued with SCST: its data from the start
-            epoch, batch_index = 0, 0
+        self.epoch, self.batch_index = int(pos.get("epoch", 0)), int(pos.get("batch", 0))
+        if self.ckpt_phase != self.config.phase_at(self.step):  # cross-entropy continued with SCST: data from the start
+            self.epoch, self.batch_index = 0, 0
         best = ckpt.extra.get("best") or {}
-        best_cider, best_step = best.get("cider_d"), best.get("step")
+        self.best_cider, self.best_step = best.get("cider_d"), best.get("step")
         restore_rng(ckpt)
         ranks = ckpt.extra.get("rank_rng") or []
-        if len(ranks) > info.rank:
-            _restore_rank_rng(ranks[info.rank])
-    net = PolicyModule(model)
-    if info.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+        if len(ranks) > self.info.rank:
+            _restore_rank_rng(ranks[self.info.rank])
 
-    xe_sampler = BucketBatchSampler(train_ds.box_counts, config.batch_size, shuffle=True,
-                                    pool_batches=config.pool_batches, seed=config.seed)
-    scst_parts = []  # [dataset, sampler, objective], built when the first SCST step comes
-
-    def phase_data(phase):
+    def _phase_data(self, phase: str) -> tuple:
+        """``(dataset, sampler, objective)`` of ``phase``'s data stream (objective None in cross-entropy)."""
+        config = self.config
         if phase == "xe":
-            return train_ds, xe_sampler, None
-        if not scst_parts:  # draws no random number: exact resume holds wherever it is built
+            return self.train_ds, self.xe_sampler, None
+        if not self._scst_parts:  # draws no random number: exact resume holds wherever it is built
             ds = CaptionDataset(config.features_path, config.captions_path, config.train_split, per_image=True,
                                 captions_per_image=1)
-            objective = SCSTObjective(reward_scorer(ds), vocab, samples=config.scst_samples,
+            objective = SCSTObjective(reward_scorer(ds), self.vocab, samples=config.scst_samples,
                                       baseline=config.scst_baseline, max_len=config.max_decode_len)
-            scst_parts.extend([ds, BucketBatchSampler(ds.box_counts, config.scst_images_per_batch, shuffle=True,
-                                                      pool_batches=config.pool_batches, seed=config.seed),
-                               objective])
-        return tuple(scst_parts)
+            self._scst_parts.extend([ds, BucketBatchSampler(ds.box_counts, config.scst_images_per_batch,
+                                                            shuffle=True, pool_batches=config.pool_batches,
+                                                            seed=config.seed),
+                                     objective])
+        return tuple(self._scst_parts)
 
-    def no_batch(phase):
-        dataset, _, _ = phase_data(phase)
-        size = config.scst_images_per_batch if phase == "scst" else config.batch_size
-        return (f"split {config.train_split!r} gives no {phase} batch per process "
-                f"({len(dataset)} images, {size} per batch, {info.world_size} processes)")
+    def _no_batch(self, phase: str) -> str:
+        dataset, _, _ = self._phase_data(phase)
+        size = self.config.scst_images_per_batch if phase == "scst" else self.config.batch_size
+        return (f"split {self.config.train_split!r} gives no {phase} batch per process "
+                f"({len(dataset)} images, {size} per batch, {self.info.world_size} processes)")
 
-    # everything is checked before the first write, so a refused run (or resume) leaves RUN as it was
-    if not epoch_batches(phase_data(config.phase_at(step))[1], epoch, info.rank, info.world_size):
-        raise ValueError(no_batch(config.phase_at(step)))
-    if info.is_main:
-        os.makedirs(config.out, exist_ok=True)
-        for name in RUN_FILES:
-            remove_stale_temporaries(os.path.join(config.out, name))
-        write_text_atomic(os.path.join(config.out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
+    def _epoch_batches(self, sampler) -> list:
+        return epoch_batches(sampler, self.epoch, self.info.rank, self.info.world_size)
 
-    def amp_context():
-        return _autocast(device, amp_dtype)
-    log = _MetricsLog(os.path.join(config.out, METRICS), info.is_main, step if ckpt is not None else None)
-    bar = progress_bar(enabled=config.progress and info.is_main, total=config.steps, initial=step, desc="train")
-    started = time.perf_counter()
-    last_val, history = None, []
-    interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
-    interval_reward, interval_baseline, interval_length = 0.0, 0.0, 0.0
+    def _start_run_folder(self) -> None:
+        """Check that the first step has a batch, then (rank 0) create RUN, remove what killed runs
+        left there and write its config: the first write, after every check."""
+        config = self.config
+        phase = config.phase_at(self.step)
+        if not self._epoch_batches(self._phase_data(phase)[1]):
+            raise ValueError(self._no_batch(phase))
+        if self.info.is_main:
+            os.makedirs(config.out, exist_ok=True)
+            for name in RUN_FILES:
+                remove_stale_temporaries(os.path.join(config.out, name))
+            write_text_atomic(os.path.join(config.out, CONFIG_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
 
-    def save(path, extra_metrics=None):
+    # ------------------------------------------------------------------ training
+
+    def _amp_context(self):
+        return _autocast(self.device, self.amp_dtype)
+
+    def _step(self, batch, objective) -> tuple:
+        """One optimiser update on ``batch`` (``objective`` None: cross-entropy, else SCST's):
+        ``(loss, target tokens, SCST stats or None, lr, grad_norm)``."""
+        config, optimizer = self.config, self.optimizer
+        stats = None
+        if objective is None:
+            lr = self.schedule.get_last_lr()[0]
+            loss, tokens = self.xe_objective(self.net, batch, autocast=self._amp_context)
+        else:
+            lr = config.scst_lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, stats = objective(self.net, self.model, batch, autocast=self._amp_context)
+            tokens = stats.tokens
+        if not torch.isfinite(loss) and not self.scaler.is_enabled():
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}; lower the learning rate")
+        grad_norm = optimizer_update(loss, optimizer, self.params, grad_clip=config.grad_clip, scaler=self.scaler)
+        self.schedule.step()
+        self.step += 1
+        self.batch_index += 1
+        return loss, tokens, stats, lr, grad_norm
+
+    def _log_interval(self, interval: _Interval, phase: str, lr: float, grad_norm) -> None:
+        """The train entry of the steps in ``interval`` (means over processes) to the log, the
+        history and the progress bar."""
+        info = self.info
+        mean_loss, mean_reward, mean_baseline, mean_length = D.mean_scalars(
+            info, [x / interval.steps for x in (interval.loss, interval.reward, interval.baseline, interval.length)],
+            self.device)
+        entry = {"kind": "train", "phase": phase, "step": self.step, "epoch": self.epoch, "loss": mean_loss,
+                 "lr": lr, "grad_norm": float(grad_norm), "tokens": interval.tokens * info.world_size,
+                 "time": time.perf_counter() - self.started}
+        postfix = f"loss {mean_loss:.3f} lr {lr:.2e}"
+        if phase == "scst":
+            entry.update(reward=mean_reward, baseline=mean_baseline, sample_length=mean_length)
+            postfix = f"reward {mean_reward:.3f} baseline {mean_baseline:.3f} lr {lr:.2e}"
+        self.log.write(entry)
+        self.history.append(entry)
+        self.bar.set_postfix_str(postfix, refresh=False)  # shown at the next update
+
+    def _validate(self) -> None:
+        """Validation on rank 0 (CIDEr-D and/or the teacher-forced loss) logged; the best checkpoint
+        saved when CIDEr-D improved; every rank waits for it."""
+        config, info = self.config, self.info
+        new_best = False
+        if info.is_main:
+            t0 = time.perf_counter()
+            self.last_val = last_val = {"kind": "val", "step": self.step, "epoch": self.epoch}
+            if self.val_ds is not None:
+                result = validate(self.model, self.val_ds, images=config.val_images,
+                                  batch_size=config.val_batch_size, max_len=config.max_decode_len,
+                                  device=self.device, amp_dtype=self.amp_dtype)
+                new_best = self.best_cider is None or result["cider_d"] > self.best_cider
+                if new_best:
+                    self.best_cider, self.best_step = result["cider_d"], self.step
+                last_val.update(cider_d=result["cider_d"], best=new_best, best_cider_d=self.best_cider,
+                                best_step=self.best_step, images=result["images"], examples=result["examples"])
+            if self.val_loss_ds is not None:
+                got = validation_loss(self.model, self.val_loss_ds, images=config.val_loss_images,
+                                      batch_size=config.val_batch_size, device=self.device, amp_dtype=self.amp_dtype)
+                last_val.update(loss=got["loss"], loss_se=got["loss_se"], loss_images=got["images"],
+                                loss_tokens=got["tokens"])
+            last_val.update(seconds=time.perf_counter() - t0, time=time.perf_counter() - self.started)
+            self.log.write(last_val)
+            self.history.append(last_val)
+        new_best = D.broadcast_object(info, new_best)
+        if new_best:
+            self._save(self.best_path, self.last_val)
+        D.barrier(info)
+
+    def _save(self, path: str, extra_metrics: Optional[dict] = None) -> None:
+        """The checkpoint of now at ``path`` (rank 0 writes; every rank sends its random state)."""
+        info, config = self.info, self.config
         ranks = D.gather_objects(info, _rng_as_json())
         if not info.is_main:
             return
-        extra = {"data_position": {"epoch": epoch, "batch": batch_index}, "data_phase": config.phase_at(step),
-                 "metrics": extra_metrics if extra_metrics is not None else last_val,
-                 "best": {"cider_d": best_cider, "step": best_step},
+        extra = {"data_position": {"epoch": self.epoch, "batch": self.batch_index},
+                 "data_phase": config.phase_at(self.step),
+                 "metrics": extra_metrics if extra_metrics is not None else self.last_val,
+                 "best": {"cider_d": self.best_cider, "step": self.best_step},
                  "train_config": config.to_dict(), "world_size": info.world_size,
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "rank_rng": ranks, "xe_batches": XE_BATCHES, "data_digest": digest}
-        save_checkpoint(path, model=model, config=model_config, vocab=vocab, optimizer=optimizer,
-                        scheduler=schedule, step=step, rng=True, extra=extra)
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                 "rank_rng": ranks, "xe_batches": XE_BATCHES, "data_digest": self.digest}
+        save_checkpoint(path, model=self.model, config=self.model_config, vocab=self.vocab, optimizer=self.optimizer,
+                        scheduler=self.schedule, step=self.step, rng=True, extra=extra)
 
-    model.train()
-    try:
-        while step < config.steps:
-            phase = config.phase_at(step)
-            dataset, sampler, objective = phase_data(phase)
-            batches = epoch_batches(sampler, epoch, info.rank, info.world_size)
-            if not batches:
-                raise ValueError(no_batch(phase))
-            if batch_index >= len(batches):
-                epoch, batch_index = epoch + 1, 0
-                continue
-            loader = DataLoader(dataset, batch_sampler=_Batches(batches[batch_index:]), collate_fn=dataset.collate,
-                                num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(config.seed * 1000003 + epoch))
-            switched = False
-            for batch in loader:
-                stop.check()
-                batch = batch.to(device, non_blocking=True)
-                stats = None
-                if objective is None:
-                    lr = schedule.get_last_lr()[0]
-                    loss, tokens = xe_objective(net, batch, autocast=amp_context)
-                else:
-                    lr = config.scst_lr
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    loss, stats = objective(net, model, batch, autocast=amp_context)
-                    tokens = stats.tokens
-                if not torch.isfinite(loss) and not scaler.is_enabled():
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower the learning rate")
-                grad_norm = optimizer_update(loss, optimizer, params, grad_clip=config.grad_clip, scaler=scaler)
-                schedule.step()
-                step += 1
-                batch_index += 1
-                interval_loss += float(loss.detach())
-                interval_steps += 1
-                interval_tokens += tokens
-                if stats is not None:
-                    interval_reward += stats.reward
-                    interval_baseline += stats.baseline
-                    interval_length += stats.sample_length
-                bar.update(1)
-                last = step >= config.steps
-                switched = config.phase_at(step) != phase
-                if step % config.log_every == 0 or last or switched:
-                    mean_loss, mean_reward, mean_baseline, mean_length = D.mean_scalars(
-                        info, [x / interval_steps for x in (interval_loss, interval_reward, interval_baseline,
-                                                            interval_length)], device)
-                    entry = {"kind": "train", "phase": phase, "step": step, "epoch": epoch, "loss": mean_loss,
-                             "lr": lr, "grad_norm": float(grad_norm), "tokens": interval_tokens * info.world_size,
-                             "time": time.perf_counter() - started}
-                    postfix = f"loss {mean_loss:.3f} lr {lr:.2e}"
-                    if phase == "scst":
-                        entry.update(reward=mean_reward, baseline=mean_baseline, sample_length=mean_length)
-                        postfix = f"reward {mean_reward:.3f} baseline {mean_baseline:.3f} lr {lr:.2e}"
-                    log.write(entry)
-                    history.append(entry)
-                    bar.set_postfix_str(postfix, refresh=False)  # shown at the next update
-                    interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
-                    interval_reward, interval_baseline, interval_length = 0.0, 0.0, 0.0
-                if switched:  # the next step reads the SCST data stream from its start
-                    epoch, batch_index = 0, 0
-                if config.val_every > 0 and (val_ds is not None or val_loss_ds is not None) \
-                        and (step % config.val_every == 0 or last):
-                    new_best = False
-                    if info.is_main:
-                        t0 = time.perf_counter()
-                        last_val = {"kind": "val", "step": step, "epoch": epoch}
-                        if val_ds is not None:
-                            result = validate(model, val_ds, images=config.val_images,
-                                              batch_size=config.val_batch_size, max_len=config.max_decode_len,
-                                              device=device, amp_dtype=amp_dtype)
-                            new_best = best_cider is None or result["cider_d"] > best_cider
-                            if new_best:
-                                best_cider, best_step = result["cider_d"], step
-                            last_val.update(cider_d=result["cider_d"], best=new_best, best_cider_d=best_cider,
-                                            best_step=best_step, images=result["images"],
-                                            examples=result["examples"])
-                        if val_loss_ds is not None:
-                            got = validation_loss(model, val_loss_ds, images=config.val_loss_images,
-                                                  batch_size=config.val_batch_size, device=device,
-                                                  amp_dtype=amp_dtype)
-                            last_val.update(loss=got["loss"], loss_se=got["loss_se"], loss_images=got["images"],
-                                            loss_tokens=got["tokens"])
-                        last_val.update(seconds=time.perf_counter() - t0, time=time.perf_counter() - started)
-                        log.write(last_val)
-                        history.append(last_val)
-                    new_best = D.broadcast_object(info, new_best)
-                    if new_best:
-                        save(best_path, last_val)
-                    D.barrier(info)
-                if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
-                    save(latest_path)
-                if last or switched:
-                    break
-            if step < config.steps and not switched:
-                epoch, batch_index = epoch + 1, 0
-    finally:
-        bar.close()
-    D.barrier(info)
-    return TrainResult(step=step, best_cider=best_cider, best_step=best_step, last_val=last_val, model=model,
-                       out=config.out, history=history)
+    def _train_epoch(self, phase: str, batches: list, interval: _Interval) -> tuple:
+        """Train on ``batches`` (the current epoch's of ``phase``'s data stream) from the current
+        batch on, until their end, the last step or a phase switch: ``(interval, switched)``."""
+        config, device = self.config, self.device
+        dataset, _, objective = self._phase_data(phase)
+        loader = DataLoader(dataset, batch_sampler=_Batches(batches[self.batch_index:]), collate_fn=dataset.collate,
+                            num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(config.seed * 1000003 + self.epoch))
+        switched = False
+        for batch in loader:
+            stop.check()
+            batch = batch.to(device, non_blocking=True)
+            loss, tokens, stats, lr, grad_norm = self._step(batch, objective)
+            interval.add(float(loss.detach()), tokens, stats)
+            self.bar.update(1)
+            last = self.step >= config.steps
+            switched = config.phase_at(self.step) != phase
+            if self.step % config.log_every == 0 or last or switched:
+                self._log_interval(interval, phase, lr, grad_norm)
+                interval = _Interval()
+            if switched:  # the next step reads the SCST data stream from its start
+                self.epoch, self.batch_index = 0, 0
+            if config.val_every > 0 and (self.val_ds is not None or self.val_loss_ds is not None) \
+                    and (self.step % config.val_every == 0 or last):
+                self._validate()
+            if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
+                self._save(self.latest_path)
+            if last or switched:
+                break
+        return interval, switched
+
+    def run(self) -> TrainResult:
+        """Write the run folder's start, train up to ``config.steps`` and return what was done."""
+        config, info = self.config, self.info
+        self._start_run_folder()
+        self.log = _MetricsLog(os.path.join(config.out, METRICS), info.is_main,
+                               self.step if self.ckpt is not None else None)
+        self.bar = progress_bar(enabled=config.progress and info.is_main, total=config.steps, initial=self.step,
+                                desc="train")
+        self.started = time.perf_counter()
+        interval = _Interval()
+        self.model.train()
+        try:
+            while self.step < config.steps:
+                phase = config.phase_at(self.step)
+                batches = self._epoch_batches(self._phase_data(phase)[1])
+                if not batches:
+                    raise ValueError(self._no_batch(phase))
+                if self.batch_index >= len(batches):
+                    self.epoch, self.batch_index = self.epoch + 1, 0
+                    continue
+                interval, switched = self._train_epoch(phase, batches, interval)
+                if self.step < config.steps and not switched:
+                    self.epoch, self.batch_index = self.epoch + 1, 0
+        finally:
+            self.bar.close()
+        D.barrier(info)
+        return TrainResult(step=self.step, best_cider=self.best_cider, best_step=self.best_step,
+                           last_val=self.last_val, model=self.model, out=config.out, history=self.history)

@@ -330,63 +330,22 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
     """
     started = time.perf_counter()
     out = Path(out_dir)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
-    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-        raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
-    if encoder_top_k is not None and (isinstance(encoder_top_k, bool) or not isinstance(encoder_top_k, int)
-                                      or encoder_top_k < 1):
-        raise ValueError(f"encoder_top_k must be a positive integer or None, got {encoder_top_k!r}")
+    _check_options(limit, page_size, encoder_top_k)
     check_out_dir(out, marker=MARKER, kind="geocap view site", verb="replace")
     if metadata is None:
         metadata = getattr(records, "metadata", None) or {}
     if images_dir is not None and not Path(images_dir).is_dir():
         raise ValueError(f"--images: {images_dir} is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporary_folders(out)         # what killed runs left
-    tmp = Path(temporary_folder(out))
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _fresh_temporary_folder(out)
     builder = None
     try:
-        shutil.copytree(STATIC_DIR, tmp / "static", ignore=shutil.ignore_patterns(".keep", *HTML_PAGES))
-        for page in HTML_PAGES:
-            shutil.copyfile(STATIC_DIR / page, tmp / page)
+        _copy_static(tmp)
         builder = _Builder(tmp, images_dir, label_names_from(metadata))
-        current, encoded, extras, cache = None, [], [], {}
-        for record in progress_bar(records, enabled=progress, unit="record", desc="geocap view"):
-            stop.check()
-            image_id = int(getattr(record, "image_id", -1))
-            if image_id != current:
-                if current is not None:
-                    builder.flush(current, encoded, extras)
-                current, encoded, extras, cache = None, [], [], {}
-                if limit is not None and image_id not in builder and len(builder) >= limit:
-                    if grouped:
-                        break
-                    continue
-                current = image_id
-            enc = encode_record(record, builder.label_names, cache, encoder_top_k=encoder_top_k)
-            builder.count(enc)
-            encoded.append(enc)
-            extras.append(record.extra or {})
-        if current is not None:
-            builder.flush(current, encoded, extras)
+        _add_records(builder, records, limit=limit, grouped=grouped, progress=progress, encoder_top_k=encoder_top_k)
         if not len(builder):
             raise ValueError("no records to view (an empty dump, or --limit 0)")
-        embedding = box_embedding(metadata)
-        if metadata.get("source") == "hf":          # a Hugging Face captioner: image tokens are patches
-            embedding = "patches:" + str(metadata.get("model_class") or "Hugging Face captioner")
-        builder.finish(page_size, title or metadata.get("title") or "attention dump", report_href, embedding)
-        write_text_atomic(tmp / MARKER, json.dumps({"format": "geocap-view", "version": FORMAT_VERSION,
-                                                    "images": len(builder),
-                                                    "records": builder.records}) + "\n")
-        files, size = 0, 0
-        for dirpath, _, names in os.walk(tmp):
-            for name in names:
-                files += 1
-                size += os.stat(os.path.join(dirpath, name)).st_size
+        _finish(builder, tmp, metadata, page_size=page_size, title=title, report_href=report_href)
+        files, size = _folder_size(tmp)
         images = len(builder)
         replace_folder(tmp, out)
     except BaseException:
@@ -398,3 +357,78 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
     return SiteSummary(out_dir=out, images=images, records=builder.records,
                        images_with_file=builder.with_file, bytes=size, files=files,
                        seconds=time.perf_counter() - started, missing=dict(builder.missing))
+
+
+def _check_options(limit, page_size, encoder_top_k) -> None:
+    """ValueError naming the first bad one of :func:`build_site`'s numeric options."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+    if encoder_top_k is not None and (isinstance(encoder_top_k, bool) or not isinstance(encoder_top_k, int)
+                                      or encoder_top_k < 1):
+        raise ValueError(f"encoder_top_k must be a positive integer or None, got {encoder_top_k!r}")
+
+
+def _fresh_temporary_folder(out: Path) -> Path:
+    """An empty temporary folder beside ``out`` (:func:`geocap.data.atomic.temporary_folder`), after
+    removing what killed builds left there."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporary_folders(out)         # what killed runs left
+    tmp = Path(temporary_folder(out))
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _copy_static(tmp: Path) -> None:
+    """The pages and ``static/`` (scripts, styles) into the site folder ``tmp``."""
+    shutil.copytree(STATIC_DIR, tmp / "static", ignore=shutil.ignore_patterns(".keep", *HTML_PAGES))
+    for page in HTML_PAGES:
+        shutil.copyfile(STATIC_DIR / page, tmp / page)
+
+
+def _add_records(builder: "_Builder", records, *, limit, grouped: bool, progress: bool, encoder_top_k) -> None:
+    """Encode ``records`` and hand them to ``builder`` image by image (an image's run of adjacent
+    records at a time; :meth:`_Builder.flush` merges the runs of an image that arrive apart),
+    keeping the first ``limit`` images (see :func:`build_site`)."""
+    current, encoded, extras, cache = None, [], [], {}
+    for record in progress_bar(records, enabled=progress, unit="record", desc="geocap view"):
+        stop.check()
+        image_id = int(getattr(record, "image_id", -1))
+        if image_id != current:
+            if current is not None:
+                builder.flush(current, encoded, extras)
+            current, encoded, extras, cache = None, [], [], {}
+            if limit is not None and image_id not in builder and len(builder) >= limit:
+                if grouped:
+                    break
+                continue
+            current = image_id
+        enc = encode_record(record, builder.label_names, cache, encoder_top_k=encoder_top_k)
+        builder.count(enc)
+        encoded.append(enc)
+        extras.append(record.extra or {})
+    if current is not None:
+        builder.flush(current, encoded, extras)
+
+
+def _finish(builder: "_Builder", tmp: Path, metadata: dict, *, page_size: int, title, report_href) -> None:
+    """The index pages, word buckets and manifest (:meth:`_Builder.finish`), then the site's marker file."""
+    embedding = box_embedding(metadata)
+    if metadata.get("source") == "hf":          # a Hugging Face captioner: image tokens are patches
+        embedding = "patches:" + str(metadata.get("model_class") or "Hugging Face captioner")
+    builder.finish(page_size, title or metadata.get("title") or "attention dump", report_href, embedding)
+    write_text_atomic(tmp / MARKER, json.dumps({"format": "geocap-view", "version": FORMAT_VERSION,
+                                                "images": len(builder), "records": builder.records}) + "\n")
+
+
+def _folder_size(folder: Path) -> tuple:
+    """``(files, bytes)`` under ``folder``."""
+    files, size = 0, 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            files += 1
+            size += os.stat(os.path.join(dirpath, name)).st_size
+    return files, size

@@ -2,7 +2,8 @@
 
 Captions (whole file -> :class:`~geocap.data.items.CaptionSet`):
 
-- :func:`read_coco_captions` — COCO caption annotations, through pycocotools.
+- :func:`read_coco_captions` — COCO caption annotations (parsed and checked by
+  :func:`read_coco_file`, the one COCO captions parser every module uses).
 - :func:`read_karpathy` — Karpathy's ``dataset_coco.json`` (tokens and splits; restval = train).
 - :func:`read_cocotalk` — ORT / self-critical ``cocotalk.json`` + ``cocotalk_label.h5``
   (decoded captions and the vocabulary).
@@ -20,13 +21,14 @@ and raises :class:`~geocap.data.items.DataError` naming the file and image id fo
 — or, with ``on_error="skip"``, counts it in ``ReadStats`` and goes on.
 """
 from ._common import FeatureStream, ReadStats
-from .coco import read_coco_captions, read_image_sizes
+from .coco import CocoCaptionsFile, read_coco_captions, read_coco_file, read_image_sizes
 from .karpathy import read_karpathy
 from .m2 import read_m2_hdf5
 from .ort import CocotalkCaptions, read_cocotalk, read_npz_dir
 from .tsv import read_bottom_up_tsv
 
 __all__ = [
-    "CocotalkCaptions", "FeatureStream", "ReadStats", "read_bottom_up_tsv", "read_coco_captions",
-    "read_cocotalk", "read_image_sizes", "read_karpathy", "read_m2_hdf5", "read_npz_dir",
+    "CocoCaptionsFile", "CocotalkCaptions", "FeatureStream", "ReadStats", "read_bottom_up_tsv",
+    "read_coco_captions", "read_coco_file", "read_cocotalk", "read_image_sizes", "read_karpathy", "read_m2_hdf5",
+    "read_npz_dir",
 ]

@@ -94,14 +94,18 @@ def requested_ids(image_ids: Optional[Iterable[int]]) -> Optional[list]:
         return None
     ids = [int(i) for i in image_ids]
     if len(set(ids)) != len(ids):
-        seen, dup = set(), None
-        for i in ids:
-            if i in seen:
-                dup = i
-                break
-            seen.add(i)
-        raise ValueError(f"image_ids lists image {dup} more than once")
+        raise ValueError(f"image_ids lists image {first_duplicate(ids)} more than once")
     return ids
+
+
+def first_duplicate(values):
+    """The first value of ``values`` seen before (None when all differ)."""
+    seen = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
 
 
 def size_of(sizes: Optional[Mapping], image_id: int, where: str) -> tuple:
@@ -176,10 +180,10 @@ def make_image(where: str, image_id: int, features, boxes, *, units: str,
                          boxes=clipped.astype(np.float32), width=width, height=height)
 
 
-def load_json(path) -> dict:
-    """A JSON object from ``path`` (UTF-8; :func:`geocap.data.json_file.read_json`); DataError
-    naming the file when it is missing, unreadable or not an object."""
-    data = read_json(path, "JSON file", DataError)
+def load_json(path, what: str = "JSON file") -> dict:
+    """A JSON object from ``path`` (UTF-8; :func:`geocap.data.json_file.read_json`, the one JSON
+    loader); DataError naming the file (as ``what``) when it is missing, unreadable or not an object."""
+    data = read_json(path, what, DataError)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object at the top, found {type(data).__name__}")
     return data

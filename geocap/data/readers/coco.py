@@ -1,57 +1,98 @@
-"""COCO caption annotations (``captions_train2014.json`` and the like), read through
-pycocotools: ``{"images": [{"id", "width", "height", "file_name", ...}], "annotations":
-[{"image_id", "id", "caption"}], ...}``. Also image sizes from any JSON whose ``images``
-entries carry them.
+"""COCO caption annotations (``captions_train2014.json`` and the like): ``{"images": [{"id",
+"width", "height", "file_name", ...}], "annotations": [{"image_id", "id", "caption"}], ...}``.
+Also image sizes from any JSON whose ``images`` entries carry them.
+
+:func:`read_coco_file` is the one parser of a COCO captions file: every reader of one (prepro's
+:func:`read_coco_captions`, the Hugging Face image set and tiny trainer, the synthetic renderer)
+goes through it, so they share one set of checks, in one order, with one error type
+(:class:`DataError` naming the file and, where there is one, the image id).
 """
 from __future__ import annotations
 
-import contextlib
-import io
-
-from pycocotools.coco import COCO
+import os
+from dataclasses import dataclass
 
 from ..items import Caption, CaptionSet, DataError
-from ._common import int_field, load_json
+from ._common import first_duplicate, int_field, load_json
+
+
+@dataclass
+class CocoCaptionsFile:
+    """A checked COCO captions file.
+
+    ``images``: ``{image_id: its "images" entry (dict)}`` in the file's order; ``annotations``: the
+    ``"annotations"`` entries (dicts) in the file's order, each with an integer ``image_id`` listed
+    in ``images``, an integer ``id`` unique in the file, and a string ``caption`` (unchanged: COCO's
+    captions keep their stray spaces and capitals).
+    """
+
+    path: str
+    images: dict
+    annotations: list
+
+    def file_name(self, image_id: int) -> str:
+        """The ``file_name`` of image ``image_id``; DataError naming the file and image when absent."""
+        name = self.images[image_id].get("file_name")
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{self.path}: image {image_id} has no 'file_name' (found {name!r})")
+        return name
+
+    def captions_by_image(self) -> dict:
+        """``{image_id: [annotation, ...]}`` in file order, for the images that have captions."""
+        out: dict = {}
+        for ann in self.annotations:
+            out.setdefault(ann["image_id"], []).append(ann)
+        return out
+
+
+def read_coco_file(path, what: str = "COCO captions file") -> CocoCaptionsFile:
+    """Parse and check the COCO captions file ``path`` (UTF-8). ``what`` names the file in the
+    "missing" / "not readable" messages.
+
+    Checks, in this order, each a :class:`DataError` naming ``path`` (and the image id where there
+    is one): readable JSON holding an object with ``images`` and ``annotations`` lists; an integer
+    ``id`` in every image and an integer ``image_id`` and ``id`` in every annotation; no image id
+    twice; no annotation id twice; each annotation's image listed in ``images``; each annotation a
+    string ``caption``.
+    """
+    path = os.fspath(path)
+    data = load_json(path, what)
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: not a {what} (no {key!r} list; needs 'images' and 'annotations' lists)")
+    for i, image in enumerate(data["images"]):
+        int_field(image, "id", f"{path}: images[{i}]")
+    for i, ann in enumerate(data["annotations"]):
+        for key in ("image_id", "id"):
+            int_field(ann, key, f"{path}: annotations[{i}]")
+    images = {image["id"]: image for image in data["images"]}
+    if len(images) != len(data["images"]):
+        raise DataError(f"{path}: image {first_duplicate(i['id'] for i in data['images'])}: "
+                        f"duplicate image id")
+    by_id = {ann["id"]: ann for ann in data["annotations"]}
+    if len(by_id) != len(data["annotations"]):
+        dup = first_duplicate(a["id"] for a in data["annotations"])
+        raise DataError(f"{path}: image {by_id[dup]['image_id']}: duplicate annotation id {dup}")
+    for ann in data["annotations"]:
+        image_id = ann["image_id"]
+        if image_id not in images:
+            raise DataError(f"{path}: image {image_id}: annotation {ann['id']} is for an image "
+                            f"missing from 'images'")
+        if not isinstance(ann.get("caption"), str):
+            raise DataError(f"{path}: image {image_id}: annotation {ann['id']} has no caption")
+    return CocoCaptionsFile(path=path, images=images, annotations=data["annotations"])
 
 
 def read_coco_captions(path) -> CaptionSet:
     """Read COCO caption annotations into a :class:`CaptionSet` (``splits`` empty).
 
     Captions in the file's annotation order: image_id, caption_id = the annotation ``id``,
-    text = ``caption`` unchanged (COCO's captions keep their stray spaces and capitals),
-    tokens None. The file is decoded as UTF-8 and indexed by pycocotools' ``COCO`` (its
-    progress prints are suppressed). Duplicate image or annotation ids, and captions of an
-    image the file does not list, raise :class:`DataError` naming the file and image.
+    text = ``caption`` unchanged, tokens None. Checked by :func:`read_coco_file`.
     """
-    data = load_json(path)
-    for key in ("images", "annotations"):
-        if not isinstance(data.get(key), list):
-            raise DataError(f"{path}: no {key!r} list")
-    for i, image in enumerate(data["images"]):
-        int_field(image, "id", f"{path}: images[{i}]")
-    for i, ann in enumerate(data["annotations"]):
-        for key in ("image_id", "id"):
-            int_field(ann, key, f"{path}: annotations[{i}]")
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    if len(coco.imgs) != len(data["images"]):
-        raise DataError(f"{path}: image {_first_duplicate(i['id'] for i in data['images'])}: "
-                        f"duplicate image id")
-    if len(coco.anns) != len(data["annotations"]):
-        dup = _first_duplicate(a["id"] for a in data["annotations"])
-        raise DataError(f"{path}: image {coco.anns[dup]['image_id']}: duplicate annotation "
-                        f"id {dup}")
+    coco = read_coco_file(path)
     out = CaptionSet()
-    for ann in data["annotations"]:
-        image_id = ann["image_id"]
-        if image_id not in coco.imgs:
-            raise DataError(f"{path}: image {image_id}: annotation {ann['id']} is for an image "
-                            f"missing from 'images'")
-        if not isinstance(ann.get("caption"), str):
-            raise DataError(f"{path}: image {image_id}: annotation {ann['id']} has no caption")
-        out.captions.append(Caption(image_id=image_id, caption_id=ann["id"], text=ann["caption"]))
+    for ann in coco.annotations:
+        out.captions.append(Caption(image_id=ann["image_id"], caption_id=ann["id"], text=ann["caption"]))
     return out
 
 
@@ -80,12 +121,3 @@ def read_image_sizes(path) -> dict:
     if not sizes:
         raise DataError(f"{path}: no image carries 'width' and 'height'")
     return sizes
-
-
-def _first_duplicate(values):
-    seen = set()
-    for v in values:
-        if v in seen:
-            return v
-        seen.add(v)
-    return None

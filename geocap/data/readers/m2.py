@@ -8,9 +8,8 @@ import os
 import re
 from typing import Iterable, Iterator, Mapping, Optional
 
-import h5py
 
-from ..hdf5_errors import named_hdf5_errors
+from ..hdf5_errors import named_hdf5_errors, open_hdf5
 from ..items import DataError, ImageFeatures
 from ._common import (FeatureStream, ReadStats, check_on_error, handle, make_image,
                       requested_ids, size_of)
@@ -46,10 +45,7 @@ def read_m2_hdf5(path, *, sizes: Optional[Mapping[int, tuple]] = None,
 
 
 def _records(path, sizes, wanted, on_error, stats) -> Iterator[ImageFeatures]:
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise DataError(f"{path}: not an HDF5 file ({err})") from None
+    f = open_hdf5(path)
     with f, named_hdf5_errors(str(path), "HDF5 file"):
         if wanted is not None:
             items = [(i, [str(i)]) for i in wanted]

@@ -16,10 +16,9 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, NamedTuple, Optional
 
-import h5py
 import numpy as np
 
-from ..hdf5_errors import named_hdf5_errors
+from ..hdf5_errors import named_hdf5_errors, open_hdf5
 from ..items import Caption, CaptionSet, DataError, ImageFeatures
 from ._common import (FeatureStream, ReadStats, check_on_error, handle, int_field, load_json,
                       make_image, requested_ids, size_of)
@@ -145,10 +144,7 @@ def read_cocotalk(json_path, label_path) -> CocotalkCaptions:
     images = info.get("images")
     if not isinstance(images, list):
         raise DataError(f"{json_path}: no 'images' list")
-    try:
-        f = h5py.File(label_path, "r")
-    except OSError as err:
-        raise DataError(f"{label_path}: not a cocotalk label file ({err})") from None
+    f = open_hdf5(label_path, "cocotalk label file")
     with f, named_hdf5_errors(label_path, "cocotalk label file"):
         missing = [n for n in ("labels", "label_start_ix", "label_end_ix") if n not in f]
         if missing:

@@ -57,6 +57,7 @@ import numpy as np
 
 from ..atomic import atomic_output, write_text_atomic
 from ..json_file import read_json
+from ..readers.coco import read_coco_file
 from .generate import FILES
 
 SPLITS = ("train", "val", "test")
@@ -204,21 +205,12 @@ def _read_inputs(data_dir: str):
     truth_path = os.path.join(data_dir, FILES["ground_truth"])
     coco_path = os.path.join(data_dir, FILES["captions"])
     truth = read_json(truth_path, "synthetic ground truth (geocap synth)")
-    coco = read_json(coco_path, "COCO captions file (geocap synth)")
     if not isinstance(truth, dict) or truth.get("format") != "geocap-synth-ground-truth":
         raise ValueError(f"{truth_path}: not a geocap synthetic ground truth (no format 'geocap-synth-ground-truth')")
-    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) \
-            or not isinstance(coco.get("annotations"), list):
-        raise ValueError(f"{coco_path}: not a COCO captions file (needs 'images' and 'annotations' lists)")
-    try:
-        coco_images = {int(im["id"]): im for im in coco["images"]}
-        captions = {}
-        for ann in coco["annotations"]:
-            image_id = int(ann["image_id"])
-            captions.setdefault(image_id, []).append({"id": int(ann["id"]), "image_id": image_id,
-                                                      "caption": str(ann["caption"])})
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{coco_path}: malformed image or annotation ({err!r})") from None
+    coco = read_coco_file(coco_path, "COCO captions file (geocap synth)")
+    coco_images = coco.images
+    captions = {image_id: [{"id": ann["id"], "image_id": image_id, "caption": ann["caption"]} for ann in anns]
+                for image_id, anns in coco.captions_by_image().items()}
     try:
         truth_ids = set()
         for image in truth["images"]:
