@@ -161,8 +161,8 @@ def ort_decode(ort, features, boxes, attention_mask):
 def per_image_batch(images, captions, lengths) -> Batch:
     """The trainer's per-image :class:`Batch` of ``images`` and ``captions [B, K, T]``."""
     features, boxes, attention_mask = images
-    return Batch(features=features, boxes=boxes, box_mask=attention_mask, captions=captions, caption_lengths=lengths,
-                 image_ids=torch.arange(features.shape[0], device=features.device))
+    return Batch(features=features, boxes=boxes, attention_mask=attention_mask, captions=captions,
+                 caption_lengths=lengths, image_ids=torch.arange(features.shape[0], device=features.device))
 
 
 def train_steps(model, images, captions, lengths, optimizer, params) -> dict:

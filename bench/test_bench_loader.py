@@ -115,7 +115,7 @@ def test_bench_loader(benchmark, store_for, captions_dir, variant, d):
 
     def step(batch):
         opt.zero_grad(set_to_none=True)
-        model(batch.features, batch.box_mask).backward()
+        model(batch.features, batch.attention_mask).backward()
         opt.step()
 
     loader = _loader(ds, 2 if variant.endswith("w2") else 0)

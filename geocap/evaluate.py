@@ -264,7 +264,7 @@ def _caption(loaded: _Loaded, options: EvaluationOptions) -> dict:
         with torch.no_grad():
             for batch in loader:
                 stop.check()
-                texts = loaded.captioner.caption(batch.features, batch.boxes, batch.box_mask,
+                texts = loaded.captioner.caption(batch.features, batch.boxes, batch.attention_mask,
                                                  beam_size=options.beam_size, max_len=options.max_len)
                 for image_id, text in zip(batch.image_ids.tolist(), texts):
                     if image_id in res:  # a dataset invariant; guard the "once per image" promise

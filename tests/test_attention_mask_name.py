@@ -188,3 +188,14 @@ def test_captioner_aliases(model):
     moved[1, 1] = float("nan")                  # a padded slot may hold anything
     assert torch.equal(cap.log_probs(moved, boxes, words, attention_mask=mask), new)
     assert (cap.log_probs(features, boxes, words, attention_mask=~mask) - new).abs().max() > 1e-3
+
+
+def test_batch_box_mask_is_a_deprecated_alias():
+    from geocap.data.dataset import Batch
+
+    mask = torch.tensor([[True, False]])
+    batch = Batch(features=torch.zeros(1, 2, 3), boxes=torch.zeros(1, 2, 4), attention_mask=mask,
+                  captions=torch.zeros(1, 3, dtype=torch.int64), caption_lengths=torch.ones(1, dtype=torch.int64),
+                  image_ids=torch.zeros(1, dtype=torch.int64))
+    with pytest.warns(DeprecationWarning, match="Batch.attention_mask"):
+        assert batch.box_mask is mask

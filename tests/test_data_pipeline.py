@@ -22,13 +22,13 @@ def test_synth_prepro_dataset_attention(tmp_path, capsys):
     loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=collate, shuffle=False)
     batch = next(iter(loader))
     b, n, d = batch.features.shape
-    assert d == 64 and batch.box_mask.shape == (b, n) and batch.box_mask.any(-1).all()
+    assert d == 64 and batch.attention_mask.shape == (b, n) and batch.attention_mask.any(-1).all()
     assert batch.captions.shape[0] == b and (batch.caption_lengths > 2).all()
 
     heads = 2
     x = batch.features.view(b, n, heads, d // heads).transpose(1, 2)        # [B, H, N, d/H]
     result = geo_attention(x, x, x, batch.boxes, torch.randn(heads, 64) * 0.3, torch.zeros(heads) + 0.5,
-                           batch.box_mask, return_entropy=True, backend="torch")
+                           batch.attention_mask, return_entropy=True, backend="torch")
     assert torch.isfinite(result.out).all() and torch.isfinite(result.entropy).all()
 
     truth = json.loads((out / "ground_truth.json").read_text())

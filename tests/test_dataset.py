@@ -80,12 +80,12 @@ def test_per_image_items_and_collate(data):
     kmax = max(len(captions_of(caption_set, s.image_id)) for s in samples)
     assert isinstance(batch, Batch) and len(batch) == b
     assert batch.features.shape == (b, n, D) and batch.features.dtype == torch.float32
-    assert batch.boxes.shape == (b, n, 4) and batch.box_mask.dtype == torch.bool
+    assert batch.boxes.shape == (b, n, 4) and batch.attention_mask.dtype == torch.bool
     assert batch.captions.dim() == 3 and batch.captions.shape[:2] == (b, kmax)
     assert batch.image_ids.tolist() == [s.image_id for s in samples]
     for i, s in enumerate(samples):
         rec, k = records[s.image_id], len(records[s.image_id].boxes)
-        assert batch.box_mask[i].tolist() == [True] * k + [False] * (n - k)
+        assert batch.attention_mask[i].tolist() == [True] * k + [False] * (n - k)
         np.testing.assert_array_equal(batch.features[i, :k].numpy(), rec.features)
         assert not batch.features[i, k:].any() and not batch.boxes[i, k:].any()
         caps_i = captions_of(caption_set, s.image_id)
@@ -138,7 +138,7 @@ def test_dataloader_workers_open_their_own_handles(data):
     got = []
     for batch in loader:
         for i, image_id in enumerate(batch.image_ids.tolist()):
-            k = int(batch.box_mask[i].sum())
+            k = int(batch.attention_mask[i].sum())
             np.testing.assert_array_equal(batch.features[i, :k].numpy(), records[image_id].features)
             got.append((image_id, ds.vocab.decode(batch.captions[i].tolist())))
     want = [(ds[i].image_id, ds.vocab.decode(ds[i].captions[:ds[i].lengths])) for i in range(len(ds))]
@@ -154,7 +154,7 @@ def test_spawned_workers_get_the_store_by_path(data):
     ids = []
     for batch in loader:
         for i, image_id in enumerate(batch.image_ids.tolist()):
-            k = int(batch.box_mask[i].sum())
+            k = int(batch.attention_mask[i].sum())
             np.testing.assert_array_equal(batch.boxes[i, :k].numpy(), records[image_id].boxes)
             ids.append(image_id)
     assert ids == ds.image_ids.tolist()

@@ -75,7 +75,7 @@ def test_rewards_are_cider_d_of_the_sampled_words_and_greedy_baseline(train_imag
     assert model.training  # the greedy baseline ran in eval mode; the mode is restored
     # the same draw again, decoded to words another way
     torch.manual_seed(5)
-    again = sample(model, model.encode(batch.features, batch.boxes, batch.box_mask), n=k, max_len=12)
+    again = sample(model, model.encode(batch.features, batch.boxes, batch.attention_mask), n=k, max_len=12)
     words = [" ".join(ds.vocab.words[i] for i in row) for row in again.to_lists()]
     assert stats.captions == words and len(set(words)) > 20
     assert stats.tokens == int(again.lengths.sum())
@@ -93,7 +93,7 @@ def test_rewards_are_cider_d_of_the_sampled_words_and_greedy_baseline(train_imag
     assert not torch.allclose(stats.rewards[:4, 0], torch.as_tensor(per_call))
     model.eval()
     with torch.no_grad():
-        greedy = greedy_decode(model, model.encode(batch.features, batch.boxes, batch.box_mask), max_len=12)
+        greedy = greedy_decode(model, model.encode(batch.features, batch.boxes, batch.attention_mask), max_len=12)
     greedy_words = [" ".join(ds.vocab.words[i] for i in row) for row in greedy.to_lists()]
     assert stats.greedy_captions == greedy_words
     torch.testing.assert_close(stats.baselines, _pycoco_scores(ds, ids, greedy_words)[:, None].expand(-1, k),
@@ -160,7 +160,7 @@ def _train_cider(model, train_images, samples=0):
     model.eval()
     ids = batch.image_ids.tolist()
     with torch.no_grad():
-        memory = model.encode(batch.features, batch.boxes, batch.box_mask)
+        memory = model.encode(batch.features, batch.boxes, batch.attention_mask)
         if samples:
             torch.manual_seed(123)
             decoded = sample(model, memory, n=samples, max_len=12)

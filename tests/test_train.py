@@ -218,7 +218,7 @@ def test_per_image_batches_encode_each_image_once(data_dir):
     assert rows.image_index.tolist() == sum(([i] * int(n) for i, n in enumerate(ds.n_captions[:6])), [])
     assert tokens == int((rows.lengths - 1).sum())
     idx = rows.image_index
-    copies = model(batch.features[idx], batch.boxes[idx], batch.box_mask[idx], rows.captions[:, :-1])
+    copies = model(batch.features[idx], batch.boxes[idx], batch.attention_mask[idx], rows.captions[:, :-1])
     expected = token_loss(copies, rows.captions[:, 1:])  # geocap's ids: <eos> is not <pad>
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for g, e in zip(grads, torch.autograd.grad(expected, list(model.parameters()))):
@@ -230,7 +230,7 @@ def test_per_image_batches_encode_each_image_once(data_dir):
     with pytest.raises(ValueError, match="per image"):
         caption_rows(dataclasses.replace(batch, captions=batch.captions[:, 0]))
     with pytest.raises(ValueError, match="memory has 6"):
-        model.teacher_force(model.encode(batch.features, batch.boxes, batch.box_mask), rows.captions[:, :-1])
+        model.teacher_force(model.encode(batch.features, batch.boxes, batch.attention_mask), rows.captions[:, :-1])
     with pytest.raises(ValueError, match="captions_per_image must be None"):
         CrossEntropyObjective(pad_id=0, eos_id=2, captions_per_image=0)
 
@@ -245,7 +245,7 @@ def test_packed_objective_equals_the_unpacked_loss_with_smoothing(data_dir):
     objective = CrossEntropyObjective.for_vocab(ds.vocab, smoothing=0.1)
     loss, tokens = objective(PolicyModule(model), batch)
     rows = caption_rows(batch)
-    memory = model.encode(batch.features, batch.boxes, batch.box_mask).index_select(rows.image_index)
+    memory = model.encode(batch.features, batch.boxes, batch.attention_mask).index_select(rows.image_index)
     targets = rows.captions[:, 1:]
     mask = target_mask(rows.lengths, targets.shape[1])
     assert bool((~mask).any())                          # the batch has padding to skip
@@ -319,7 +319,7 @@ def test_ort_vocabulary_keeps_the_end_token_in_the_loss(ort_data_dir, tmp_path):
     model = _tiny_model(ds).eval()
     loss, tokens = CrossEntropyObjective.for_vocab(ds.vocab)(PolicyModule(model), batch)
     with torch.no_grad():
-        memory = model.encode(batch.features, batch.boxes, batch.box_mask).index_select(rows.image_index)
+        memory = model.encode(batch.features, batch.boxes, batch.attention_mask).index_select(rows.image_index)
         log_probs = model.teacher_force(memory, rows.captions[:, :-1])
     picked = [-float(log_probs[r, j, targets[r, j]]) for r in range(len(rows.lengths))
               for j in range(int(rows.lengths[r]) - 1)]

@@ -24,6 +24,7 @@ The feature store is opened lazily in each DataLoader worker (``FeatureStore`` r
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -54,8 +55,9 @@ class Sample(NamedTuple):
 class Batch:
     """A collated batch (``collate``). B images, N = the batch's largest box count.
 
-    features ``[B, N, D]`` (the items' dtype), boxes float32 ``[B, N, 4]``, box_mask bool
-    ``[B, N]`` (True = real box; padded boxes and features are 0); captions int64 ``[B, T]``
+    features ``[B, N, D]`` (the items' dtype), boxes float32 ``[B, N, 4]``, attention_mask bool
+    ``[B, N]`` (True = real box; padded boxes and features are 0; ``box_mask``, its name before, is
+    a deprecated alias for one release); captions int64 ``[B, T]``
     (per caption) or ``[B, K, T]`` (per image), each row ``<bos> w1 .. wL <eos> <pad>..`` with T
     the batch's longest L + 2; caption_lengths int64 ``[B]`` or ``[B, K]`` = L + 2, 0 for the
     padding captions of an image with fewer than K; image_ids int64 ``[B]``.
@@ -66,10 +68,16 @@ class Batch:
     """
     features: torch.Tensor
     boxes: torch.Tensor
-    box_mask: torch.Tensor
+    attention_mask: torch.Tensor
     captions: torch.Tensor
     caption_lengths: torch.Tensor
     image_ids: torch.Tensor
+
+    @property
+    def box_mask(self) -> torch.Tensor:
+        """Deprecated alias of :attr:`attention_mask` (the mask's one name, as in the model)."""
+        warnings.warn("Batch.box_mask is deprecated; use Batch.attention_mask", DeprecationWarning, stacklevel=2)
+        return self.attention_mask
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
@@ -129,7 +137,8 @@ def collate(samples: Sequence[Sample], *, pad_id: int = PAD, bos_id: int = BOS, 
         for i, s in enumerate(samples):
             _frame(s.captions, int(s.lengths), caps[i], bos_id, eos_id)
             lens[i] = int(s.lengths) + 2
-    return Batch(features=torch.from_numpy(feats), boxes=torch.from_numpy(boxes), box_mask=torch.from_numpy(mask),
+    return Batch(features=torch.from_numpy(feats), boxes=torch.from_numpy(boxes),
+                 attention_mask=torch.from_numpy(mask),
                  captions=torch.from_numpy(caps), caption_lengths=torch.from_numpy(lens),
                  image_ids=torch.tensor([int(s.image_id) for s in samples], dtype=torch.int64))
 

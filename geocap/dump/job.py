@@ -68,7 +68,7 @@ def ort_recorder(plan, model, source, device):
             rows = lambda memory: generate_rows(model, memory, beam_size=o.beam_size, max_len=plan.max_len)  # noqa: E731
         else:
             rows = lambda memory: source.reference_rows(positions, batch)  # noqa: E731
-        return record_batch(model, batch.features.to(device), batch.boxes.to(device), batch.box_mask.to(device),
+        return record_batch(model, batch.features.to(device), batch.boxes.to(device), batch.attention_mask.to(device),
                             rows, image_ids=[int(plan.image_ids[i]) for i in positions], words=plan.words,
                             what=o.what, objects=source.objects(positions, batch))
 

@@ -59,7 +59,7 @@ class SplitSource:
         store, out = self.dataset.store, []
         sizes = store.image_sizes
         for b, i in enumerate(positions):
-            image_id, n = self.image_id(i), int(batch.box_mask[b].sum())
+            image_id, n = self.image_id(i), int(batch.attention_mask[b].sum())
             width, height = (int(v) for v in sizes[int(self.dataset.position[i])])
             obj = {"labels": None, "clusters": None, "features": None,
                    "width": width if width > 0 else None, "height": height if height > 0 else None}

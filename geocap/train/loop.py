@@ -181,7 +181,7 @@ def validate(model: ObjectRelationTransformer, dataset: CaptionDataset, *, image
     with _evaluating(model, device):
         for _, batch in _image_batches(dataset, n, batch_size, device):
             with _autocast(device, amp_dtype):
-                memory = model.encode(batch.features, batch.boxes, batch.box_mask)
+                memory = model.encode(batch.features, batch.boxes, batch.attention_mask)
                 decoded = greedy_decode(model, memory, max_len=max_len)
             for image_id, caption in zip(batch.image_ids.tolist(), captions_text(decoded, vocab)):
                 res[image_id] = caption
@@ -216,7 +216,7 @@ def validation_loss(model: ObjectRelationTransformer, dataset: CaptionDataset, *
             inputs, targets = rows.captions[:, :-1], rows.captions[:, 1:]
             mask = target_mask(rows.lengths, targets.shape[1])
             with _autocast(device, amp_dtype):
-                log_probs = policy(batch.features, batch.boxes, batch.box_mask, inputs,
+                log_probs = policy(batch.features, batch.boxes, batch.attention_mask, inputs,
                                    image_index=rows.image_index, positions=mask)      # [M, V]
             nll = -log_probs.float().gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)   # [M]
             image = rows.image_index[:, None].expand_as(mask)[mask].cpu() + start        # [M]

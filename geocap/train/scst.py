@@ -189,13 +189,13 @@ class SCSTObjective:
             model.eval()
             try:
                 with torch.no_grad(), amp():
-                    memory = model.encode(batch.features, batch.boxes, batch.box_mask)
+                    memory = model.encode(batch.features, batch.boxes, batch.attention_mask)
                     greedy = greedy_decode(model, memory, max_len=self.max_len)
             finally:
                 model.train(was_training)
             greedy_captions = captions_text(greedy, self.vocab)
         with amp():
-            decoded = policy(batch.features, batch.boxes, batch.box_mask, samples=k, max_len=self.max_len)
+            decoded = policy(batch.features, batch.boxes, batch.attention_mask, samples=k, max_len=self.max_len)
         captions = captions_text(decoded, self.vocab)
         sample_ids = [i for i in image_ids for _ in range(k)]
         if greedy_captions is not None:

@@ -135,7 +135,7 @@ class CrossEntropyObjective:
         mask = target_mask(rows.lengths, targets.shape[1])
         with (autocast or contextlib.nullcontext)():
             # [M, V]: the output layer runs only at the M targets in the loss
-            log_probs = policy(batch.features, batch.boxes, batch.box_mask, inputs, image_index=rows.image_index,
+            log_probs = policy(batch.features, batch.boxes, batch.attention_mask, inputs, image_index=rows.image_index,
                                positions=mask)
         pad = None if self.pad_id == self.eos_id else self.pad_id
         picked = targets[mask]
