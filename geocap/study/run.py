@@ -40,7 +40,6 @@ study makes (weights; the checkpoint files also hold wall-clock timings).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -147,16 +146,12 @@ def _remove(path: str) -> None:
 
 
 def _prepro_captions(karpathy: str, out: str, settings: StudySettings) -> None:
-    """``geocap prepro captions --karpathy FILE --out DIR``, through its own parser and handler."""
-    from geocap.data.prepro import add_prepro_parser
+    """``geocap prepro captions --karpathy FILE --out DIR`` (its report on stderr)."""
+    from geocap.data.prepro import prepro_captions
 
-    parser = argparse.ArgumentParser(prog="geocap")
-    add_prepro_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["prepro", "captions", "--karpathy", karpathy, "--out", out,
-                              "--min-count", str(settings.min_count), "--max-len", str(settings.max_caption_len),
-                              "--no-progress"])
-    with contextlib.redirect_stdout(sys.stderr):
-        args.func(args)
+    summary = prepro_captions(out, karpathy=karpathy, min_count=settings.min_count,
+                              max_len=settings.max_caption_len, progress=False)
+    print("\n".join(summary.lines()), file=sys.stderr)
 
 
 def _data_record(settings: StudySettings) -> dict:

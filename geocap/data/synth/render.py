@@ -362,32 +362,3 @@ def render_images(data_dir, out_dir, *, split: Optional[str] = None, size: Optio
     return {"out_dir": out_dir, "split": name, "images": len(selected), "objects": len(instance_anns),
             "captions": len(caption_anns), "images_dir": images_dir, "captions_json": captions_json,
             "instances_json": instances_json, "seconds": time.perf_counter() - started}
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _run(args) -> int:
-    summary = render_images(args.data, args.out, split=args.split, size=args.size, progress=not args.no_progress)
-    print(f"rendered {summary['images']} images ({summary['split']}, {summary['objects']} objects, "
-          f"{summary['captions']} captions) into {summary['images_dir']} in {summary['seconds']:.1f} s; "
-          f"wrote {summary['captions_json']} and {summary['instances_json']}")
-    return 0
-
-
-def add_synth_images_parser(subparsers):
-    """Register ``geocap synth-images --data DIR --out DIR [--split S] [--size N] [--no-progress]``.
-    The handler returns 0, or raises ValueError for bad input (exit status 2 via ``geocap.cli.main``)."""
-    p = subparsers.add_parser(
-        "synth-images", help="draw the synthetic scenes as PNG images with COCO captions and instances files",
-        description="Draw each image of a `geocap synth` folder (boxes filled with a colour and a pattern per "
-                    "category) into OUT/images/, and write OUT/captions_<split>.json and OUT/instances_<split>.json "
-                    "(COCO formats; split 'all' without --split).")
-    p.add_argument("--data", required=True, metavar="DIR", help="a `geocap synth` output folder")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    p.add_argument("--split", choices=SPLITS, default=None, help="only this split's images (default: every image)")
-    p.add_argument("--size", type=int, default=None,
-                   help="longer side of the written images in pixels (default: the ground truth's sizes)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
-    return p

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["add_study_parser", "run_study_command", "settings_from_args"]
+__all__ = ["add_parser", "run", "settings_from_args"]
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -46,7 +46,7 @@ def settings_from_args(args: argparse.Namespace):
     return settings
 
 
-def run_study_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Handler of ``geocap study``: runs the study, prints where study.json is, returns 0
     (ValueError for bad options, a refused --out or bad data)."""
     from geocap.metrics.evaluate import require_pycocoevalcap
@@ -59,7 +59,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_study_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap study`` on an argparse subparsers object; returns its parser."""
     parser = subparsers.add_parser(
         "study", help="train, evaluate, dump and analyse every (variant, seed); study.json and study.md (resumable)",
@@ -82,5 +82,5 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                              "geocap.study.settings.StudySettings) over the full or quick defaults")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars (log lines stay)")
-    parser.set_defaults(func=run_study_command)
+    parser.set_defaults(func=run)
     return parser

@@ -23,12 +23,11 @@ dumps its share of the shards (shard k: rank k % WORLD_SIZE) into one dump; each
 from __future__ import annotations
 
 import argparse
-import sys
 
-__all__ = ["add_dump_parser", "main", "run_dump"]
+__all__ = ["add_parser", "run"]
 
 
-def run_dump(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Handler of ``geocap dump``: runs the job (joining the torchrun process group when
     WORLD_SIZE > 1; with ``--stats-only`` feeding ``geocap.analysis.StatsCollector``), prints
     the summary, returns 0; ValueError for bad options or data."""
@@ -86,7 +85,7 @@ def _check_sources(args, hf: bool) -> None:
         raise ValueError("--images and --instances are options of geocap dump --hf")
 
 
-def add_dump_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap dump`` on an argparse subparsers object; returns its parser. The handler
     (``args.func(args)``) returns 0 or raises ValueError for bad options or data."""
     from geocap.dump.writer import COMPRESSIONS
@@ -147,22 +146,5 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
                         help="captions directory inside --data (default caps); with --hf: a COCO captions file")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available), cpu, cuda, ...")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    parser.set_defaults(func=run_dump)
+    parser.set_defaults(func=run)
     return parser
-
-
-def main(argv=None) -> int:
-    """``geocap dump`` on its own (until it is registered in geocap.cli): exit status 0, or 2
-    with the error on stderr for bad options or data."""
-    parser = argparse.ArgumentParser(prog="geocap")
-    add_dump_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["dump"] + list(sys.argv[1:] if argv is None else argv))
-    try:
-        return args.func(args)
-    except ValueError as err:
-        print(f"geocap: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

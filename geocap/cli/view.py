@@ -45,7 +45,7 @@ def report_href(report, out_dir) -> str | None:
     return Path(href).as_posix()
 
 
-def run_view(args) -> int:
+def run(args) -> int:
     """Handler of ``geocap view``: open the dump, build the site, print where it is."""
     from geocap.data.dump_format import open_dump
     from geocap.view.site import build_site
@@ -67,7 +67,7 @@ def run_view(args) -> int:
     return 0
 
 
-def add_view_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap view`` on an argparse subparsers object; returns its parser. The handler
     (``args.func(args)``) returns 0 or raises ValueError for bad options or data."""
     parser = subparsers.add_parser(
@@ -95,5 +95,5 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
                              "Default: whole maps")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
-    parser.set_defaults(func=run_view)
+    parser.set_defaults(func=run)
     return parser

@@ -1,7 +1,9 @@
-"""The ``geocap`` command line (also ``python -m geocap``): demo, synth, synth-images, prepro,
-train, hf-train-tiny, evaluate, import-ort, dump, analyze, compare, view, study. Each subcommand's parser
-lives with the code it runs and is imported only when that subcommand runs (``geocap --help``
-imports neither torch nor matplotlib).
+"""The ``geocap`` command line (also ``python -m geocap``): kernel-check, synth, synth-images,
+prepro, train, hf-train-tiny, evaluate, import-ort, dump, analyze, compare, view, export, study,
+demo-table. Each subcommand is a module of this package (``add_parser(subparsers)`` and ``run(args)``),
+imported only when that subcommand runs (``geocap --help`` imports neither torch nor matplotlib);
+the library below imports nothing from here. ``geocap demo`` is the deprecated name of
+``geocap kernel-check``.
 
 Exit status: 0 done; 2 bad input or options (one line ``geocap: error: ...``); 130 stopped by
 SIGINT, 143 by SIGTERM; 1 a bug (with its traceback).
@@ -26,53 +28,31 @@ import sys
 from geocap.errors import GeocapError
 from geocap.stop import Interrupted, requested, stop_signals  # noqa: F401 -- Interrupted: re-exported
 
-# subcommand -> (module, function adding its parser, one-line help). The help is repeated here so
-# that `geocap --help` imports no subcommand module; tests/test_cli.py checks it against the parsers.
+# subcommand -> one-line help; its module is geocap.cli.<name with "_" for "-">. The help is repeated
+# here so that `geocap --help` imports no subcommand module; tests/test_cli.py checks it against the parsers.
 COMMANDS = {
-    "synth": ("geocap.data.synth", "add_synth_parser",
-              "write the embedded synthetic dataset (captions, splits, features, ground truth)"),
-    "synth-images": ("geocap.data.synth", "add_synth_images_parser",
-                     "draw the synthetic scenes as PNG images with COCO captions and instances files"),
-    "prepro": ("geocap.data.prepro", "add_prepro_parser", "build the feature store and the captions directory"),
-    "train": ("geocap.train", "add_train_parser",
-              "cross-entropy and self-critical training of the captioner (torchrun for several processes)"),
-    "hf-train-tiny": ("geocap.hf.tiny", "add_hf_train_tiny_parser",
-                      "train a tiny Hugging Face VisionEncoderDecoderModel from scratch on rendered images"),
-    "evaluate": ("geocap.evaluate", "add_evaluate_parser",
-                 "caption a split with a checkpoint and score it (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE)"),
-    "import-ort": ("geocap.ort_import", "add_import_ort_parser",
-                   "convert an original ORT checkpoint (model.pth + infos.pkl) into a geocap checkpoint"),
-    "dump": ("geocap.dump.cli", "add_dump_parser",
-             "record a checkpoint's attention over a split into HDF5 shards (resumable)"),
-    "analyze": ("geocap.analyze", "add_analyze_parser",
-                "run the four attention analyses over a dump (analysis.json, figures, report.md and .html)"),
-    "compare": ("geocap.analyze", "add_compare_parser",
-                "several models' analyses (geocap analyze) side by side in one markdown table"),
-    "view": ("geocap.view.cli", "add_view_parser", "write a static attention viewer (HTML, no network) for a dump"),
-    "study": ("geocap.study.cli", "add_study_parser",
-              "train, evaluate, dump and analyse every (variant, seed); study.json and study.md (resumable)"),
+    "kernel-check": "check every kernel backend against the float64 reference and time them",
+    "synth": "write the embedded synthetic dataset (captions, splits, features, ground truth)",
+    "synth-images": "draw the synthetic scenes as PNG images with COCO captions and instances files",
+    "prepro": "build the feature store and the captions directory",
+    "train": "cross-entropy and self-critical training of the captioner (torchrun for several processes)",
+    "hf-train-tiny": "train a tiny Hugging Face VisionEncoderDecoderModel from scratch on rendered images",
+    "evaluate": "caption a split with a checkpoint and score it (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE)",
+    "import-ort": "convert an original ORT checkpoint (model.pth + infos.pkl) into a geocap checkpoint",
+    "dump": "record a checkpoint's attention over a split into HDF5 shards (resumable)",
+    "analyze": "run the four attention analyses over a dump (analysis.json, figures, report.md and .html)",
+    "compare": "several models' analyses (geocap analyze) side by side in one markdown table",
+    "view": "write a static attention viewer (HTML, no network) for a dump",
+    "export": "write a dump's records (and an analysis) as CSV tables for notebooks",
+    "study": "train, evaluate, dump and analyse every (variant, seed); study.json and study.md (resumable)",
+    "demo-table": "evaluated models side by side with sample captions (the closing table of ./run.sh)",
 }
+DEPRECATED = {"demo": "kernel-check"}      # old name -> new name (the old one still runs, with a note)
 
 
-def _demo(args) -> int:
-    if args.interpret and "triton" not in sys.modules:
-        # must happen before triton is imported anywhere
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from geocap.demo import run_demo
-
-    return run_demo(batch=args.batch, heads=args.heads, n=args.n, head_dim=args.head_dim, repeats=args.repeats)
-
-
-def _add_demo_parser(sub) -> None:
-    demo = sub.add_parser("demo", help="check every kernel backend against the float64 reference and time them")
-    demo.add_argument("--batch", type=int, default=4)
-    demo.add_argument("--heads", type=int, default=8)
-    demo.add_argument("--n", type=int, default=36, help="objects per image")
-    demo.add_argument("--head-dim", type=int, default=64)
-    demo.add_argument("--repeats", type=int, default=5, help="timed calls per backend")
-    demo.add_argument("--no-interpret", dest="interpret", action="store_false",
-                      help="without a GPU, skip the Triton kernels instead of running them under the interpreter")
-    demo.set_defaults(func=_demo)
+def _module(name: str):
+    import importlib
+    return importlib.import_module(f"geocap.cli.{name.replace('-', '_')}")
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
@@ -84,13 +64,16 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"geocap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_demo_parser(sub)
-    for name, (module, function, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         if commands is None or name in commands:
-            import importlib
-            getattr(importlib.import_module(module), function)(sub)
+            _module(name).add_parser(sub)
         else:
             sub.add_parser(name, help=help_text)
+    for old, new in DEPRECATED.items():
+        if commands is None or old in commands:
+            _module(new).add_deprecated_parser(sub)
+        else:
+            sub.add_parser(old, help=f"deprecated name of {new}")
     return parser
 
 
@@ -107,7 +90,7 @@ def _raised_by_geocap(err: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     roots = {here, os.path.join(os.path.dirname(here), "analysis"), os.path.join(os.path.dirname(here), "kernels")}
     filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
     return any(filename.startswith(root + os.sep) for root in roots)
