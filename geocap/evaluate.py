@@ -37,8 +37,8 @@ Conventions:
   skipped, else :meth:`geocap.metrics.RelationAccuracy.as_dict` plus ``ground_truth``, the file's
   absolute path) and ``relation_note`` (why the accuracy is null, else null).
 * Errors: bad arguments, a missing checkpoint or data file, an unknown split, a checkpoint whose
-  vocabulary (or feature dimension) differs from the data's raise ValueError naming the argument
-  or the file (``geocap.cli`` prints them and exits with status 2).
+  vocabulary (or feature dimension) differs from the data's raise UsageError or DataError (ValueErrors,
+  :mod:`geocap.errors`) naming the argument or the file (``geocap`` prints them as one line, exit status 2).
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Subset
 
 from geocap import stop
 from geocap.distributed import resolve_device
+from geocap.errors import DataError, UsageError
 
 if TYPE_CHECKING:
     from geocap.metrics.relations import RelationAccuracy
@@ -95,7 +96,7 @@ def _positive_int(name: str, value, *, zero_ok: bool = False) -> int:
     low = 0 if zero_ok else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         kind = "a non-negative" if zero_ok else "a positive"
-        raise ValueError(f"{name} must be {kind} int, got {value!r}")
+        raise UsageError(f"{name} must be {kind} int, got {value!r}")
     return value
 
 
@@ -112,18 +113,18 @@ def _open_dataset(features_path: str, captions_dir: str, split: str):
     from geocap.data.vocab import load_captions
 
     if not os.path.isfile(features_path):
-        raise ValueError(f"features: {features_path}: feature store missing")
+        raise DataError(f"features: {features_path}: feature store missing")
     if not os.path.isdir(captions_dir):
-        raise ValueError(f"captions: {captions_dir}: captions directory missing")
+        raise DataError(f"captions: {captions_dir}: captions directory missing")
     if split == "all":
-        raise ValueError("split must name one split of the captions directory, not 'all'")
+        raise UsageError("split must name one split of the captions directory, not 'all'")
     try:
         # one caption per item: only the features are used, references come from the strings
         return CaptionDataset(features_path, captions_dir, split, per_image=True, captions_per_image=1)
     except DataError:
         names = load_captions(captions_dir).split_names  # raises its own DataError for a bad dir
         if split not in names:
-            raise ValueError(f"split {split!r}: not a split of {captions_dir} "
+            raise UsageError(f"split {split!r}: not a split of {captions_dir} "
                              f"(its splits: {', '.join(names)})") from None
         raise
 
@@ -161,18 +162,18 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     _positive_int("limit", limit, zero_ok=True)
     _positive_int("workers", workers, zero_ok=True)
     if tokenizer not in TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
+        raise UsageError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
     if not isinstance(split, str) or not split:
-        raise ValueError(f"split must be a split name, got {split!r}")
+        raise UsageError(f"split must be a split name, got {split!r}")
     checkpoint = os.path.abspath(os.fspath(checkpoint))
     if not os.path.isfile(checkpoint):
-        raise ValueError(f"checkpoint: {checkpoint}: no such file")
+        raise DataError(f"checkpoint: {checkpoint}: no such file")
     data_dir = os.path.abspath(os.fspath(data_dir))
     if not os.path.isdir(data_dir):
-        raise ValueError(f"data: {data_dir}: no such directory")
+        raise DataError(f"data: {data_dir}: no such directory")
     out_dir = Path(os.path.dirname(checkpoint) if out_dir is None else os.fspath(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out: {out_dir} exists and is not a directory")
+        raise UsageError(f"out: {out_dir} exists and is not a directory")
     device = resolve_device(device)
 
     # -- model and data ----------------------------------------------------------------------
@@ -186,15 +187,15 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     truth = load_relation_truth(truth_path) if os.path.isfile(truth_path) else None
     data_vocab = dataset.vocab
     if ckpt.vocab.words != data_vocab.words:
-        raise ValueError(f"checkpoint {checkpoint} and captions dir {captions_dir} have different vocabularies "
+        raise DataError(f"checkpoint {checkpoint} and captions dir {captions_dir} have different vocabularies "
                          f"(sha1 {ckpt.vocab.sha1[:12]} vs {data_vocab.sha1[:12]}; "
                          f"{_first_difference(ckpt.vocab.words, data_vocab.words)})")
     store_dim = dataset.store.feature_dim
     if ckpt.config.feature_dim != store_dim:
-        raise ValueError(f"checkpoint {checkpoint} expects {ckpt.config.feature_dim}-dimensional features but "
+        raise DataError(f"checkpoint {checkpoint} expects {ckpt.config.feature_dim}-dimensional features but "
                          f"the feature store {features_path} holds {store_dim}-dimensional ones")
     if max_len > ckpt.config.max_len:
-        raise ValueError(f"max_len must be at most the model's config.max_len = {ckpt.config.max_len}, "
+        raise UsageError(f"max_len must be at most the model's config.max_len = {ckpt.config.max_len}, "
                          f"got {max_len}")
     step = ckpt.step
     captioner = Captioner(ckpt.build_model(device).eval(), ckpt.vocab)

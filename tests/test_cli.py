@@ -354,3 +354,56 @@ def test_the_command_line_is_one_package_on_top_of_the_library():
                 if any(n == "geocap.cli" or n.startswith("geocap.cli.") for n in names):
                     offenders.append(f"{path.relative_to(root)}: imports geocap.cli")
     assert offenders == []
+
+
+# -- user errors are one line (exit 2); a bug in geocap -- even a plain ValueError raised by geocap's own
+# code -- keeps its traceback (the command line once printed every ValueError raised in geocap as one line)
+
+
+def test_user_errors_of_study_and_analyze_are_one_line(tmp_path, capsys):
+    settings = tmp_path / "settings.json"
+    for content, says in (('{"heads": "four"}', "study setting heads must be an int"),
+                          ('{"no_such_field": 1}', "unknown study settings: no_such_field"),
+                          ('{"variants": ["ort", "ort"]}', "names a variant twice")):
+        settings.write_text(content)
+        assert main(["study", "--out", str(tmp_path / "study"), "--settings", str(settings), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"geocap: error: --settings {settings}: ") and says in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "study").exists()
+    assert main(["study", "--out", str(tmp_path / "study"), "--seeds", "0"]) == 2
+    assert capsys.readouterr().err == "geocap: error: --seeds: study setting seeds must be at least 1, got 0\n"
+    missing = tmp_path / "no-dump"
+    assert main(["analyze", str(missing), "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err == f"geocap: error: dump {str(missing)!r} does not exist\n"
+
+
+def test_a_plain_value_error_raised_by_geocap_code_is_a_bug_with_its_traceback(tmp_path, monkeypatch, capsys):
+    """A bug injected under `geocap analyze`: geocap calls its own CIDEr-D scorer wrongly, and the
+    scorer's ``raise ValueError`` (a plain one, from geocap's own source) escapes with its traceback
+    instead of being printed as a user error (exit 2)."""
+    import geocap.analysis
+    from geocap.metrics.cider import CiderD
+
+    dump = tmp_path / "dump"
+    dump.mkdir()
+
+    def buggy_run_analyses(*args, **kwargs):
+        CiderD({1: ["a cat"]}, n=0)                        # a bug: n must be >= 1
+    monkeypatch.setattr(geocap.analysis, "run_analyses", buggy_run_analyses)
+    monkeypatch.setattr("geocap.cli.analyze._open_dump", lambda path, progress: None)
+    with pytest.raises(ValueError, match="n must be >= 1") as caught:
+        main(["analyze", str(dump), "--out", str(tmp_path / "report"), "--no-progress"])
+    assert type(caught.value) is ValueError
+    assert caught.traceback[-1].path.name == "cider.py"         # raised inside geocap's own code
+    assert "geocap: error" not in capsys.readouterr().err
+    # through the real entry point: a traceback and exit status 1, not one line and 2
+    code = ("import sys, geocap.analysis, geocap.cli.analyze\nfrom geocap.metrics.cider import CiderD\n"
+            "geocap.analysis.run_analyses = lambda *a, **k: CiderD({1: ['a cat']}, n=0)\n"
+            "geocap.cli.analyze._open_dump = lambda path, progress: None\n"
+            "from geocap.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", code, "analyze", str(dump), "--out", str(tmp_path / "r2")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr and "cider.py" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "ValueError: n must be >= 1, got 0"

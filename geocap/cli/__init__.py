@@ -15,14 +15,10 @@ started with ``&`` from a script), so every command stops through its normal cle
 being written are removed and earlier outputs stay as they were.
 
 Errors: geocap's own error types (:mod:`geocap.errors`) are printed as one line. Any other
-exception is a bug and keeps its traceback, with one exception while the modules move to those
-types: a plain ``ValueError`` raised by a ``raise`` statement in geocap's own code (an option
-checked there) is also one line; a ValueError from inside a library (numpy, h5py, json, torch)
-shows its traceback."""
+exception (a plain ``ValueError`` or ``KeyError`` included) is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from geocap.errors import GeocapError
@@ -82,20 +78,6 @@ def _command(argv) -> set:
     return {next((a for a in argv if not a.startswith("-")), None)}
 
 
-def _raised_by_geocap(err: BaseException) -> bool:
-    """Whether ``err`` was raised by a ``raise`` statement in geocap's own source (its innermost
-    frame is in the geocap package), not from inside a library geocap called."""
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    roots = {here, os.path.join(os.path.dirname(here), "analysis"), os.path.join(os.path.dirname(here), "kernels")}
-    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
-    return any(filename.startswith(root + os.sep) for root in roots)
-
-
 def _interrupted(signum: int) -> int:
     import signal
     print(f"geocap: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
@@ -123,7 +105,7 @@ def main(argv=None) -> int:
             # the stop's exception was turned into another on its way out (raised inside h5py's
             # Cython callbacks it becomes "SystemError: ... returned a result with an exception set")
             return _interrupted(stopped)
-        if isinstance(err, GeocapError) or (isinstance(err, ValueError) and _raised_by_geocap(err)):
+        if isinstance(err, GeocapError):
             print(f"geocap: error: {err}", file=sys.stderr)
             return 2
         raise

@@ -10,6 +10,7 @@ import argparse
 import os
 
 from geocap.out_dir import check_out_dir
+from geocap.errors import DataError, UsageError
 
 REPORT_MARKER = "analysis.json"       # what every report folder holds (geocap.analysis.run_analyses)
 
@@ -21,19 +22,19 @@ def _open_dump(path: str, progress: bool):
 
 
 def run(args) -> int:
-    """Handler of ``geocap analyze``; returns 0, raises ValueError for bad options or data."""
+    """Handler of ``geocap analyze``; returns 0, raises UsageError / DataError for bad options or data."""
     from geocap.analysis import run_analyses
 
     if not os.path.exists(args.dump):
-        raise ValueError(f"dump {args.dump!r} does not exist")
+        raise DataError(f"dump {args.dump!r} does not exist")
     if os.path.exists(args.out) and os.path.samefile(args.out, args.dump):
-        raise ValueError(f"--out: {args.out} is the dump itself; the report needs a folder of its own")
+        raise UsageError(f"--out: {args.out} is the dump itself; the report needs a folder of its own")
     check_out_dir(args.out, marker=REPORT_MARKER, kind="geocap analysis report")
     for name in ("clusters", "kmeans_buffer", "bins"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.reservoir < 3:
-        raise ValueError(f"--reservoir must be >= 3, got {args.reservoir}")
+        raise UsageError(f"--reservoir must be >= 3, got {args.reservoir}")
     dump = _open_dump(args.dump, args.progress)
     data = run_analyses(dump, args.out, viewer_href=args.viewer_href, progress=args.progress,
                         k=args.clusters, kmeans_buffer=args.kmeans_buffer, bins=args.bins,

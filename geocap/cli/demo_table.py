@@ -37,7 +37,7 @@ class EvaluatedModel:
 
 
 def load_model(name: str, path: str) -> EvaluatedModel:
-    """Read an evaluation's metrics file and the captions file beside it; ValueError naming the
+    """Read an evaluation's metrics file and the captions file beside it; DataError naming the
     file when either is missing or not geocap's evaluation output."""
     from geocap.evaluate import EVALUATION_FORMAT  # lazy: geocap.evaluate imports torch
     path = os.path.abspath(os.fspath(path))

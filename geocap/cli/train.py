@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import fields
 from typing import TYPE_CHECKING
+from geocap.errors import UsageError
 
 if TYPE_CHECKING:
     from geocap.train.config import TrainConfig
@@ -82,10 +83,10 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":
         if not out and hasattr(args, "config"):
             out = TrainConfig.load(args.config).out
         if not out:
-            raise ValueError("--resume needs --out RUN")
+            raise UsageError("--resume needs --out RUN")
         saved = os.path.join(out, CONFIG_FILE)
         if not os.path.isfile(saved):
-            raise ValueError(f"--resume: {saved} missing (RUN holds no training run)")
+            raise UsageError(f"--resume: {saved} missing (RUN holds no training run)")
         base = TrainConfig.load(saved)
     if hasattr(args, "config"):
         base = TrainConfig.load(args.config, base)

@@ -39,6 +39,7 @@ import numpy as np
 from geocap.data.atomic import write_text_atomic
 from geocap.data.attention_record import regular_objects
 from geocap.data.token_words import caption_words, token_words
+from geocap.errors import DataError
 
 __all__ = ["TABLES", "analysis_rows", "tables", "to_pandas", "write_csv"]
 
@@ -69,7 +70,7 @@ def tables(records: Iterable) -> dict:
             enc_layers = _layers(r, "encoder_entropy")
         if (_layers(r, "cross_entropy", "decoder_entropy", "cross"), _layers(r, "encoder_entropy")) \
                 != (dec_layers, enc_layers):
-            raise ValueError(f"record of image {r.image_id} (caption {r.caption_id}, {r.kind}) has other layer counts "
+            raise DataError(f"record of image {r.image_id} (caption {r.caption_id}, {r.kind}) has other layer counts "
                              f"than the first record's ({dec_layers} decoder, {enc_layers} encoder)")
         extra = r.extra or {}
         words = caption_words(r.tokens)

@@ -21,6 +21,7 @@ import numpy as np
 from geocap.data.file_digest import file_sha256
 from geocap.data.image_files import IMAGE_EXTENSIONS, image_id_from_name
 from geocap.data.json_file import read_json
+from geocap.errors import DataError
 
 __all__ = ["ImageSet", "load_image_set", "read_image"]
 
@@ -57,7 +58,7 @@ class ImageSet:
 def _folder_files(folder: str, required: bool = True) -> list:
     files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(EXTENSIONS))
     if not files and required:
-        raise ValueError(f"--images: {folder} holds no .jpg/.jpeg/.png file")
+        raise DataError(f"--images: {folder} holds no .jpg/.jpeg/.png file")
     return files
 
 
@@ -72,28 +73,28 @@ def _read_captions(path: str, folder: str) -> tuple:
     data = read_json(path, "COCO captions file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
-        raise ValueError(f"--captions: {path}: not COCO caption annotations (needs 'images' and 'annotations' lists)")
+        raise DataError(f"--captions: {path}: not COCO caption annotations (needs 'images' and 'annotations' lists)")
     files = {}
     for entry in data["images"]:
         try:
             files[int(entry["id"])] = str(entry["file_name"])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"--captions: {path}: an image entry lacks an int 'id' or a 'file_name': "
+            raise DataError(f"--captions: {path}: an image entry lacks an int 'id' or a 'file_name': "
                              f"{entry!r}"[:300]) from None
     captions: dict = {i: [] for i in files}
     for ann in sorted(data["annotations"], key=lambda a: (a.get("image_id", -1), a.get("id", -1))):
         image_id = ann.get("image_id")
         if image_id not in captions or not isinstance(ann.get("caption"), str):
-            raise ValueError(f"--captions: {path}: annotation {ann.get('id')!r} names image {image_id!r}, which is "
+            raise DataError(f"--captions: {path}: annotation {ann.get('id')!r} names image {image_id!r}, which is "
                              f"not in its images list, or has no caption text")
         if not ann["caption"].strip():
-            raise ValueError(f"--captions: {path}: annotation {ann.get('id')!r} of image {image_id} "
+            raise DataError(f"--captions: {path}: annotation {ann.get('id')!r} of image {image_id} "
                              f"({files[image_id]}) has no caption text")
         captions[image_id].append(ann["caption"])
     ids = sorted(files)
     for image_id in ids:
         if not os.path.isfile(os.path.join(folder, files[image_id])):
-            raise ValueError(f"image {image_id}: file {os.path.join(folder, files[image_id])} (from --captions "
+            raise DataError(f"image {image_id}: file {os.path.join(folder, files[image_id])} (from --captions "
                              f"{path}) is missing")
     return np.array(ids, np.int64), [files[i] for i in ids], [captions[i] for i in ids]
 
@@ -102,7 +103,7 @@ def _read_instances(path: str) -> tuple:
     data = read_json(path, "COCO instances file")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
                                                                                       "categories")):
-        raise ValueError(f"--instances: {path}: not COCO instance annotations (needs 'images', 'annotations' and "
+        raise DataError(f"--instances: {path}: not COCO instance annotations (needs 'images', 'annotations' and "
                          f"'categories' lists)")
     categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
     sizes = {int(e["id"]): (float(e["width"]), float(e["height"])) for e in data["images"]}
@@ -110,14 +111,14 @@ def _read_instances(path: str) -> tuple:
     for ann in data["annotations"]:
         image_id, cid = ann.get("image_id"), ann.get("category_id")
         if image_id not in sizes or cid not in categories:
-            raise ValueError(f"--instances: {path}: annotation {ann.get('id')!r} names an unknown image {image_id!r} "
+            raise DataError(f"--instances: {path}: annotation {ann.get('id')!r} names an unknown image {image_id!r} "
                              f"or category {cid!r}")
         if ann.get("iscrowd"):
             continue
         width, height = sizes[image_id]
         x, y, w, h = (float(v) for v in ann["bbox"])
         if not (width > 0 and height > 0 and w >= 0 and h >= 0):
-            raise ValueError(f"--instances: {path}: annotation {ann.get('id')!r} of image {image_id}: bad bbox "
+            raise DataError(f"--instances: {path}: annotation {ann.get('id')!r} of image {image_id}: bad bbox "
                              f"{ann['bbox']} or image size {width}x{height}")
         box = (max(0.0, x / width), max(0.0, y / height), min(1.0, (x + w) / width), min(1.0, (y + h) / height))
         instances.setdefault(int(image_id), []).append((int(cid), box))
@@ -129,12 +130,12 @@ def load_image_set(folder, *, captions=None, instances=None, limit: int = 0) -> 
     ValueError naming the argument, the file or the image id."""
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
-        raise ValueError(f"--images: {folder}: no such directory")
+        raise DataError(f"--images: {folder}: no such directory")
     digests, texts, unlisted = {}, None, []
     if captions is not None:
         captions = os.path.abspath(os.fspath(captions))
         if not os.path.isfile(captions):
-            raise ValueError(f"--captions: {captions}: no such file")
+            raise DataError(f"--captions: {captions}: no such file")
         image_ids, files, texts = _read_captions(captions, folder)
         digests["captions"] = file_sha256(captions)
         named = set(files)
@@ -151,7 +152,7 @@ def load_image_set(folder, *, captions=None, instances=None, limit: int = 0) -> 
     if instances is not None:
         instances = os.path.abspath(os.fspath(instances))
         if not os.path.isfile(instances):
-            raise ValueError(f"--instances: {instances}: no such file")
+            raise DataError(f"--instances: {instances}: no such file")
         boxes, names = _read_instances(instances)
         digests["instances"] = file_sha256(instances)
     return ImageSet(folder=folder, image_ids=image_ids, files=files, captions=texts, instances=boxes,
@@ -170,8 +171,8 @@ def read_image(path: str, image_id: int):
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
                 grey = np.asarray(image, dtype=np.float64)
                 if grey.size and (grey.min() < 0 or grey.max() > 65535):
-                    raise ValueError(f"image {image_id}: {path}: grey levels outside 16 bits ({image.mode})")
+                    raise DataError(f"image {image_id}: {path}: grey levels outside 16 bits ({image.mode})")
                 image = Image.fromarray(np.round(grey / 257.0).astype(np.uint8), mode="L")
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"image {image_id}: cannot read {path} ({err})") from None
+        raise DataError(f"image {image_id}: cannot read {path} ({err})") from None

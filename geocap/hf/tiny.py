@@ -51,6 +51,7 @@ from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
 
 from .models import import_transformers
+from geocap.errors import DataError, UsageError
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD, BOS, EOS, UNK = range(4)
@@ -80,10 +81,10 @@ def build_tokenizer(words: Iterable[str]):
     vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS)}
     for word in words:
         if not isinstance(word, str) or not word.strip() or word != word.strip():
-            raise ValueError(f"words must be non-empty strings without surrounding spaces, got {word!r}")
+            raise DataError(f"words must be non-empty strings without surrounding spaces, got {word!r}")
         vocab.setdefault(word.lower(), len(vocab))
     if len(vocab) == len(SPECIAL_TOKENS):
-        raise ValueError("words is empty: the tokenizer needs at least one word besides the special tokens")
+        raise DataError("words is empty: the tokenizer needs at least one word besides the special tokens")
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = _pre_tokenizer()
@@ -106,18 +107,18 @@ def check_sizes(**sizes) -> dict:
     naming the argument for an unknown name or a bad value."""
     unknown = sorted(set(sizes) - set(DEFAULT_SIZES))
     if unknown:
-        raise ValueError(f"unknown size argument {unknown[0]!r}; known: {', '.join(DEFAULT_SIZES)}")
+        raise UsageError(f"unknown size argument {unknown[0]!r}; known: {', '.join(DEFAULT_SIZES)}")
     sizes = {**DEFAULT_SIZES, **sizes}
     for name, low in (("image_size", 8), ("patch_size", 1), ("d_model", 8), ("layers", 1), ("heads", 1),
                       ("max_length", 2)):
         check_int(name, sizes[name], low)
     if sizes["image_size"] % sizes["patch_size"]:
-        raise ValueError(f"image_size ({sizes['image_size']}) must be a multiple of patch_size ({sizes['patch_size']})")
+        raise UsageError(f"image_size ({sizes['image_size']}) must be a multiple of patch_size ({sizes['patch_size']})")
     if sizes["d_model"] % sizes["heads"]:
-        raise ValueError(f"d_model ({sizes['d_model']}) must be a multiple of heads ({sizes['heads']})")
+        raise UsageError(f"d_model ({sizes['d_model']}) must be a multiple of heads ({sizes['heads']})")
     dropout = sizes["dropout"]
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise UsageError(f"dropout must be in [0, 1), got {dropout!r}")
     return sizes
 
 
@@ -169,22 +170,22 @@ def load_captioned_images(images_dir, captions_json, image_processor, *, progres
     coco = read_json(captions_json, "COCO captions file")
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) \
             or not isinstance(coco.get("annotations"), list):
-        raise ValueError(f"{captions_json}: not a COCO captions file (needs 'images' and 'annotations' lists)")
+        raise DataError(f"{captions_json}: not a COCO captions file (needs 'images' and 'annotations' lists)")
     if not os.path.isdir(images_dir):
-        raise ValueError(f"images_dir: {images_dir} is not a folder")
+        raise DataError(f"images_dir: {images_dir} is not a folder")
     try:
         files = {int(im["id"]): str(im["file_name"]) for im in coco["images"]}
         captions = collections.defaultdict(list)
         for ann in coco["annotations"]:
             captions[int(ann["image_id"])].append(str(ann["caption"]))
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{captions_json}: malformed image or annotation ({err!r})") from None
+        raise DataError(f"{captions_json}: malformed image or annotation ({err!r})") from None
     unknown = sorted(set(captions) - set(files))
     if unknown:
-        raise ValueError(f"{captions_json}: captions of image {unknown[0]}, which is not in its images")
+        raise DataError(f"{captions_json}: captions of image {unknown[0]}, which is not in its images")
     image_ids = [i for i in files if captions.get(i)]
     if not image_ids:
-        raise ValueError(f"{captions_json}: no captioned images")
+        raise DataError(f"{captions_json}: no captioned images")
     pixels, chunk = [], 256
     bar = progress_bar(total=len(image_ids), unit="img", desc="load images", enabled=progress)
     try:
@@ -196,7 +197,7 @@ def load_captioned_images(images_dir, captions_json, image_processor, *, progres
                     with Image.open(path) as im:
                         batch.append(im.convert("RGB"))
                 except (OSError, UnidentifiedImageError) as err:
-                    raise ValueError(f"{path}: image {image_id} of {captions_json} is missing or unreadable "
+                    raise DataError(f"{path}: image {image_id} of {captions_json} is missing or unreadable "
                                      f"({err})") from None
             pixels.append(image_processor(images=batch, return_tensors="pt")["pixel_values"].float())
             bar.update(len(batch))
@@ -248,7 +249,7 @@ def train_tiny_captioner(images_dir, captions_json, out_dir, *, steps: int = 100
     check_int("batch_size", batch_size, 1)
     check_int("seed", seed, 0)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        raise UsageError(f"lr must be a number > 0, got {lr!r}")
     sizes = check_sizes(**sizes)
     out_dir = os.fspath(out_dir)
     check_out_dir(out_dir, marker=TRAIN_LOG, kind="geocap hf-train-tiny model folder", verb="replace")

@@ -375,7 +375,7 @@ def _check_settings(out: str, settings: StudySettings) -> bool:
     saved = StudySettings.load(path)
     changed = settings.differences(saved)
     if changed:
-        raise ValueError(f"--out: {out} holds a study with other settings: {'; '.join(changed)}. Studies are never "
+        raise UsageError(f"--out: {out} holds a study with other settings: {'; '.join(changed)}. Studies are never "
                          f"mixed: rerun with that study's settings to continue it, or choose another --out")
     return True
 
@@ -389,7 +389,7 @@ def _check_train_options(settings: StudySettings) -> None:
         try:
             TrainConfig.from_dict({"data": "", "out": "", **settings.train_options(variant, seed)})
         except ValueError as err:
-            raise ValueError(f"study variant {variant}: {err}") from None
+            raise UsageError(f"study variant {variant}: {err}") from None
 
 
 def _remove_stale(out: str, log: Callable[[str], None]) -> None:
@@ -452,7 +452,7 @@ def run_study(out, settings: StudySettings, *, aggregate: Optional[Callable] = N
     log = _stderr if log is None else log
     aggregate = summarize_and_report if aggregate is None else aggregate
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"--jobs must be a positive int, got {jobs!r}")
+        raise UsageError(f"--jobs must be a positive int, got {jobs!r}")
     settings.validate()
     _check_train_options(settings)
     if not _check_settings(out, settings):

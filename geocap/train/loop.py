@@ -271,9 +271,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     amp_dtype = _resolve_precision(config, device)
     latest_path, best_path = os.path.join(config.out, LATEST), os.path.join(config.out, BEST)
     if resume and not os.path.isfile(latest_path):
-        raise ValueError(f"--resume: {latest_path} missing (nothing to resume)")
+        raise UsageError(f"--resume: {latest_path} missing (nothing to resume)")
     if not resume and os.path.exists(latest_path):
-        raise ValueError(f"{config.out} already holds a training run ({LATEST}); pass --resume to continue it "
+        raise UsageError(f"{config.out} already holds a training run ({LATEST}); pass --resume to continue it "
                          f"or choose another --out")
     info = D.setup(device.type)
     try:
@@ -341,15 +341,15 @@ def _check_resume_phase(config: TrainConfig, ckpt, saved: dict, latest_path: str
     """The phase of ``ckpt``'s data position; ValueError when ``config`` cannot continue it."""
     phase = ckpt.extra.get("data_phase", "xe")
     if phase not in ("xe", "scst"):
-        raise ValueError(f"{latest_path}: unknown data_phase {phase!r} (expected 'xe' or 'scst')")
+        raise UsageError(f"{latest_path}: unknown data_phase {phase!r} (expected 'xe' or 'scst')")
     if phase == "scst":
         if config.phase_at(ckpt.step) != "scst":
-            raise ValueError(f"cannot resume {latest_path}: it trained with SCST up to step {ckpt.step} "
+            raise UsageError(f"cannot resume {latest_path}: it trained with SCST up to step {ckpt.step} "
                              f"(scst_from_step {saved.get('scst_from_step')!r}); scst_from_step must stay between "
                              f"0 and {ckpt.step}, got {config.scst_from_step}")
         before = saved.get("scst_batch_size") or saved.get("batch_size")
         if before is not None and before != config.scst_images_per_batch:
-            raise ValueError(f"cannot resume {latest_path} with other SCST images per batch ({before} there, "
+            raise UsageError(f"cannot resume {latest_path} with other SCST images per batch ({before} there, "
                              f"{config.scst_images_per_batch} now; scst_batch_size, or batch_size when it is 0)")
     return phase
 
@@ -363,10 +363,10 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
         saved = ckpt.extra.get("train_config") or {}
         changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(config, k)]
         if changed:
-            raise ValueError(f"cannot resume {latest_path} with other " + ", ".join(
+            raise UsageError(f"cannot resume {latest_path} with other " + ", ".join(
                 f"{k} ({saved[k]!r} there, {getattr(config, k)!r} now)" for k in changed))
         if ckpt.extra.get("world_size", 1) != info.world_size:
-            raise ValueError(f"{latest_path} was written by {ckpt.extra.get('world_size', 1)} processes; resume "
+            raise UsageError(f"{latest_path} was written by {ckpt.extra.get('world_size', 1)} processes; resume "
                              f"with as many (now {info.world_size})")
         if config.steps < ckpt.step:
             raise UsageError(f"--steps {config.steps} is below the step {latest_path} has reached ({ckpt.step}); "
@@ -374,7 +374,7 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
         ckpt_phase = _check_resume_phase(config, ckpt, saved, latest_path)
         if (ckpt_phase == "xe" and config.phase_at(ckpt.step) == "xe"
                 and ckpt.extra.get("xe_batches") != XE_BATCHES):
-            raise ValueError(f"cannot resume {latest_path} in cross-entropy: it was written when a batch held "
+            raise UsageError(f"cannot resume {latest_path} in cross-entropy: it was written when a batch held "
                              f"--batch-size captions (now images, each with its captions), so its data position "
                              f"means other batches; continue it with SCST (--scst-from-step {ckpt.step}) or start "
                              f"a new run")
@@ -394,10 +394,10 @@ def _train(config, resume, info, device, amp_dtype, latest_path, best_path) -> T
                                      captions_per_image="all")
     model_config = _model_config(config, train_ds)
     if ckpt is not None and ckpt.config != model_config:
-        raise ValueError(f"{latest_path}: its model config does not fit the data and options "
+        raise UsageError(f"{latest_path}: its model config does not fit the data and options "
                          f"({ckpt.config.to_dict()} vs {model_config.to_dict()})")
     if ckpt is not None and ckpt.vocab != vocab:
-        raise ValueError(f"{latest_path}: trained with another vocabulary than {config.captions_path}")
+        raise UsageError(f"{latest_path}: trained with another vocabulary than {config.captions_path}")
     if ckpt is not None:            # after the checks that say more: same shapes and vocabulary, other bytes
         _check_resume_data(ckpt.extra.get("data_digest"), digest, config, latest_path)
 

@@ -19,6 +19,7 @@ from ..relations import RELATIONS, relation_matrix, relation_thresholds
 from .scenes import Draws, Scene, sample_scene
 from .world import (CATEGORIES, CLUSTER_IDS, CLUSTER_OF, CLUSTERS, MARGIN, MAX_OBJECTS, MIN_OBJECTS, MIN_SIZE,
                     PARTS, THEME_P, category_names)
+from geocap.errors import UsageError
 
 DEFAULT_IMAGES = 6000
 FILES = {"captions": "captions_coco.json", "karpathy": "dataset_coco.json",
@@ -47,9 +48,9 @@ def split_of(index: int) -> str:
 
 def _check_count(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise UsageError(f"{name} must be an int, got {value!r}")
     if value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}")
+        raise UsageError(f"{name} must be at least {low}, got {value}")
 
 
 @contextlib.contextmanager
