@@ -37,7 +37,7 @@ case "$command" in
                        --optimizer adamw --lr 1e-3 --warmup 50 --val-every 400 --val-images 100
                        --checkpoint-every "$steps")
         echo "== 1/5 kernel check: every attention backend against the float64 reference, timings"
-        "$geocap" demo "$@"
+        "$geocap" kernel-check "$@"
         echo; echo "== 2/5 synthetic data: $images images -> $data"
         rm -rf "$work"
         "$geocap" synth "$data" --images "$images" --feature-dim 256
@@ -58,7 +58,7 @@ case "$command" in
         "$geocap" analyze "$work/dump" --out "$work/report" --viewer-href ../view/index.html
         "$geocap" view "$work/dump" --out "$work/view" --report "$work/report/report.md"
         echo; echo "== 5/5 geometry vs no-geometry (ORT's ablation) on the test split"
-        "$py" -m geocap.demo_table --captions "$data/caps" --samples 3 \
+        "$geocap" demo-table --captions "$data/caps" --samples 3 \
             geometry="$work/geometry/eval/metrics_test.json" no-geometry="$work/no-geometry/eval/metrics_test.json"
         echo "everything is under $work/ (data/, geometry/, no-geometry/, dump/, report/, view/)"
         echo "analysis report:  $PWD/$work/report/report.md"

@@ -22,6 +22,7 @@ import torch
 from geocap.data.attention_record import Record, regular_objects
 
 from .rows import AttentionRows
+from geocap.errors import DataError
 
 STATE_SEPARATOR = "."
 
@@ -42,7 +43,7 @@ def as_map(record: Record, name: str) -> np.ndarray | None:
     def compute():
         value = np.asarray(getattr(record, name), dtype=np.float64)
         if value.size and not (np.isfinite(value).all() and value.min() >= 0):
-            raise ValueError(f"record of {describe(record)}: {name} holds NaN, infinite or negative attention "
+            raise DataError(f"record of {describe(record)}: {name} holds NaN, infinite or negative attention "
                              f"weights")
         return value
 
@@ -57,7 +58,7 @@ def unit_features(record: Record) -> np.ndarray | None:
         return None
     feats = np.asarray(record.features, dtype=np.float64)
     if not np.isfinite(feats).all():
-        raise ValueError(f"record of {describe(record)}: features hold NaN or infinite values")
+        raise DataError(f"record of {describe(record)}: features hold NaN or infinite values")
     norms = np.linalg.norm(feats, axis=1, keepdims=True)
     return np.divide(feats, norms, out=np.zeros_like(feats), where=norms > 0)
 
@@ -175,7 +176,7 @@ class SumTable:
         if current is None:
             self.arrays[name] = value.copy()
         elif current.shape != value.shape:
-            raise ValueError(f"{where or 'merge'}: {name} has shape {value.shape}, earlier records gave "
+            raise DataError(f"{where or 'merge'}: {name} has shape {value.shape}, earlier records gave "
                              f"{current.shape} (records with different layer/head counts cannot be pooled)")
         else:
             current += value
@@ -226,7 +227,7 @@ class SeenImages:
     def merge(self, other: "SeenImages", owner: str) -> None:
         both = self.ids & other.ids
         if both:
-            raise ValueError(f"{owner}: cannot merge two parts that both counted image {min(both)} "
+            raise DataError(f"{owner}: cannot merge two parts that both counted image {min(both)} "
                              f"({len(both)} images in both; merge parts of disjoint images)")
         self.ids |= other.ids
 
@@ -237,7 +238,7 @@ class SeenImages:
     def from_state(cls, state: dict, prefix: str, owner: str) -> "SeenImages":
         key = f"{prefix}{STATE_SEPARATOR}image_ids"
         if key not in state:
-            raise ValueError(f"{owner} state lacks {key!r} (not a state written by this version of geocap.analysis)")
+            raise DataError(f"{owner} state lacks {key!r} (not a state written by this version of geocap.analysis)")
         seen = cls()
         seen.ids = {int(i) for i in np.asarray(state[key]).ravel()}
         return seen
@@ -272,7 +273,7 @@ def config_state(**config) -> dict[str, np.ndarray]:
 def read_config(state: dict, name: str, kind: type, owner: str):
     key = f"config{STATE_SEPARATOR}{name}"
     if key not in state:
-        raise ValueError(f"{owner} state lacks {key!r} (not a state written by this version of geocap.analysis)")
+        raise DataError(f"{owner} state lacks {key!r} (not a state written by this version of geocap.analysis)")
     return kind(np.asarray(state[key]))
 
 

@@ -19,6 +19,7 @@ from .entropy import EntropyAccumulator
 from .grounding import GroundingAccumulator
 from .proximity import ProximityAccumulator
 from .thematic import ThematicAccumulator
+from geocap.errors import DataError
 
 # 2: proximity counts each image once (its state holds the image ids); 3: the controlled per-image
 # measures (within-row correlations, referent effect) with their per-image sums
@@ -75,10 +76,10 @@ class StatsCollector:
     @classmethod
     def from_state(cls, state: dict) -> "StatsCollector":
         if "collector.version" not in state:
-            raise ValueError("not a StatsCollector state: 'collector.version' is missing")
+            raise DataError("not a StatsCollector state: 'collector.version' is missing")
         version = int(np.asarray(state["collector.version"]))
         if version != STATE_VERSION:
-            raise ValueError(f"StatsCollector state version {version} is not supported (this geocap reads "
+            raise DataError(f"StatsCollector state version {version} is not supported (this geocap reads "
                              f"version {STATE_VERSION}; statistics of an older stats-only dump lack the controlled "
                              f"measures: dump again, or dump the maps and run geocap analyze on them)")
         collector = cls()

@@ -29,6 +29,7 @@ from geocap.kernels import attention_entropy
 
 from .accumulator import Accumulator, SumTable, describe, fold, one_thread, ratio, to_list
 from .uncertainty import ImageUnits, layer_uncertainty, trend_phrase, uncertainty_json
+from geocap.errors import DataError
 
 
 def _valid_keys(kind: str, rows: int, num_objects: int) -> np.ndarray:
@@ -53,7 +54,7 @@ def normalised_entropy(record: Record, kind: str) -> tuple[np.ndarray, np.ndarra
     if stored is not None:
         nats = np.asarray(stored, dtype=np.float64)
         if not np.isfinite(nats).all():
-            raise ValueError(f"record of {describe(record)}: {ENTROPY_NAMES[kind]} holds NaN or infinite values")
+            raise DataError(f"record of {describe(record)}: {ENTROPY_NAMES[kind]} holds NaN or infinite values")
         valid = _valid_keys(kind, nats.shape[-1], record.num_objects)
         used = valid >= 2
         out = np.zeros_like(nats)
@@ -70,7 +71,7 @@ def normalised_entropy(record: Record, kind: str) -> tuple[np.ndarray, np.ndarra
         with one_thread():
             out = attention_entropy(x, mask, normalized=True, backend="torch").numpy().astype(np.float64)
     except ValueError as err:
-        raise ValueError(f"record of {describe(record)}: {kind}: {err}") from None
+        raise DataError(f"record of {describe(record)}: {kind}: {err}") from None
     return out, _valid_keys(kind, x.shape[-2], record.num_objects) >= 2
 
 

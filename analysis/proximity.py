@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from geocap.data.attention_record import Record, regular_objects
+from geocap.errors import DataError, UsageError
 
 from .accumulator import (Accumulator, SeenImages, SumTable, config_state, describe, encoder_head_mean,
                           encoder_rows, feature_cosines, fold, ratio, read_config, to_list)
@@ -234,7 +235,7 @@ class ProximityAccumulator(Accumulator):
 
     def __init__(self, *, bins: int = 10, reservoir: int = 20000, seed: int = 0):
         if bins < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
+            raise UsageError(f"bins must be >= 1, got {bins}")
         self.bins, self.capacity, self.seed = int(bins), int(reservoir), int(seed)
         self.sums = SumTable()
         self.samples = {m: PairReservoir(self.capacity) for m in MEASURES}
@@ -333,7 +334,7 @@ class ProximityAccumulator(Accumulator):
         acc.images = SeenImages.from_state(state, "seen", owner)
         for m in MEASURES:
             if f"sample_{m}.keys" not in state:
-                raise ValueError(f"proximity state lacks 'sample_{m}.keys'")
+                raise DataError(f"proximity state lacks 'sample_{m}.keys'")
             acc.samples[m] = PairReservoir.from_state(state, f"sample_{m}", acc.capacity)
         return acc
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .accumulator import STATE_SEPARATOR
+from geocap.errors import DataError, UsageError
 
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
@@ -50,7 +51,7 @@ class PairReservoir:
 
     def __init__(self, capacity: int):
         if capacity < 3:
-            raise ValueError(f"reservoir capacity must be >= 3 pairs, got {capacity}")
+            raise UsageError(f"reservoir capacity must be >= 3 pairs, got {capacity}")
         self.capacity = int(capacity)
         self.keys = np.zeros(0, dtype=np.uint64)
         self.x = np.zeros(0, dtype=np.float64)
@@ -65,7 +66,7 @@ class PairReservoir:
         self.seen += len(keys)
         layers = self.y.shape[0] if self.y is not None else (self._pending[0][2].shape[0] if self._pending else None)
         if layers is not None and y.shape[0] != layers:
-            raise ValueError(f"{where or 'merge'}: {y.shape[0]} layers, earlier records had {layers}")
+            raise DataError(f"{where or 'merge'}: {y.shape[0]} layers, earlier records had {layers}")
         if self._threshold is not None:
             keep = keys < self._threshold
             keys, x, y = keys[keep], x[keep], y[:, keep]
@@ -118,7 +119,7 @@ class PairReservoir:
         if f"{prefix}{sep}y" in state:
             res.y = np.array(state[f"{prefix}{sep}y"], dtype=np.float32)
         if len(res.keys) > capacity:
-            raise ValueError(f"{prefix}: the stored sample holds {len(res.keys)} pairs, more than its "
+            raise DataError(f"{prefix}: the stored sample holds {len(res.keys)} pairs, more than its "
                              f"capacity {capacity}")
         if len(res.keys) == capacity:
             res._threshold = res.keys[-1]

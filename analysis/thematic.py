@@ -53,6 +53,7 @@ from .accumulator import (Accumulator, SumTable, as_map, config_state, describe,
 from .rows import MIN_ROW_KEYS, mean_over_rows
 from .uncertainty import (ImageMeans, ImageUnits, first_measured, image_means, layer_uncertainty, layer_verdicts,
                           layers_text, trend_phrase, uncertainty_json)
+from geocap.errors import DataError, UsageError
 
 CLUSTER_SOURCES = ("clusters", "labels", "kmeans")
 # the per-image measures (see the module docstring): name -> what it is
@@ -174,9 +175,9 @@ class ThematicAccumulator(Accumulator):
 
     def __init__(self, *, k: int = 6, kmeans_buffer: int = 256, seed: int = 0):
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise UsageError(f"k must be >= 1, got {k}")
         if kmeans_buffer < 1:
-            raise ValueError(f"kmeans_buffer must be >= 1, got {kmeans_buffer}")
+            raise UsageError(f"kmeans_buffer must be >= 1, got {kmeans_buffer}")
         self.k, self.kmeans_buffer, self.seed = int(k), int(kmeans_buffer), int(seed)
         self.sums = SumTable()
         self.units = ImageUnits()
@@ -206,7 +207,7 @@ class ThematicAccumulator(Accumulator):
 
         unit = unit_features(record)
         if unit.shape[1] != self.centroids.shape[1]:
-            raise ValueError(f"record of {describe(record)}: features have {unit.shape[1]} dimensions, the k-means "
+            raise DataError(f"record of {describe(record)}: features have {unit.shape[1]} dimensions, the k-means "
                              f"centroids {self.centroids.shape[1]}")
         return vq(unit, self.centroids, check_finite=False)[0]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .accumulator import SumTable, ratio, to_list
+from geocap.errors import DataError
 
 TREND_Z = 2.0   # a by-layer change is called a rise or a fall when it exceeds TREND_Z standard errors
 
@@ -42,7 +43,7 @@ class ImageUnits:
         if name in self.pending:
             px, pn = self.pending[name]
             if px.shape != x.shape:
-                raise ValueError(f"{where or 'record'}: {name} has shape {x.shape}, the image's earlier records gave "
+                raise DataError(f"{where or 'record'}: {name} has shape {x.shape}, the image's earlier records gave "
                                  f"{px.shape} (records with different layer counts cannot be pooled)")
             self.pending[name] = [px + x, pn + n]
         else:

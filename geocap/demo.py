@@ -10,6 +10,7 @@ import torch
 from geocap.kernels import geo_attention, geometry_log_bias
 from geocap.kernels._backend import interpreter_requested
 from geocap.kernels.reference import reference_attention
+from geocap.errors import UsageError
 
 
 def synthetic_inputs(batch, heads, n, head_dim, dtype, device, seed=0):
@@ -48,7 +49,7 @@ def _time(fn, repeats, device) -> float:
 def run_demo(batch=4, heads=8, n=36, head_dim=64, repeats=5) -> int:
     for name, value in (("batch", batch), ("heads", heads), ("n", n), ("head_dim", head_dim), ("repeats", repeats)):
         if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise UsageError(f"{name} must be at least 1, got {value}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = ["torch"]
     if device.type == "cuda" or interpreter_requested():

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from geocap.parent_death import die_with_parent
+from geocap.errors import UsageError
 
 
 @dataclass
@@ -42,7 +43,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an int") from None
+        raise UsageError(f"environment variable {name}={value!r} is not an int") from None
 
 
 def setup(device_kind: str) -> DistInfo:
@@ -54,14 +55,14 @@ def setup(device_kind: str) -> DistInfo:
     if world <= 1:
         return DistInfo()
     if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
     if os.environ.get("TORCHELASTIC_RUN_ID"):      # started by torchrun: the parent is the launcher
         die_with_parent()
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local, False)
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
-            raise ValueError(f"WORLD_SIZE={world} but {name} is not set (launch with torchrun)")
+            raise UsageError(f"WORLD_SIZE={world} but {name} is not set (launch with torchrun)")
     dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", rank=rank, world_size=world)
     return DistInfo(rank, world, local, True)
 
@@ -90,9 +91,9 @@ def resolve_device(device=None, rank_local=None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(f"device: not a torch device ({device!r}: {err})") from None
+        raise UsageError(f"device: not a torch device ({device!r}: {err})") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available")
+        raise UsageError(f"device {device!r}: CUDA is not available")
     return resolved
 
 

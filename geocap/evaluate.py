@@ -37,12 +37,11 @@ Conventions:
   skipped, else :meth:`geocap.metrics.RelationAccuracy.as_dict` plus ``ground_truth``, the file's
   absolute path) and ``relation_note`` (why the accuracy is null, else null).
 * Errors: bad arguments, a missing checkpoint or data file, an unknown split, a checkpoint whose
-  vocabulary (or feature dimension) differs from the data's raise ValueError naming the argument
-  or the file (``geocap.cli`` prints them and exits with status 2).
+  vocabulary (or feature dimension) differs from the data's raise UsageError or DataError (ValueErrors,
+  :mod:`geocap.errors`) naming the argument or the file (``geocap`` prints them as one line, exit status 2).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -55,15 +54,14 @@ from torch.utils.data import DataLoader, Subset
 
 from geocap import stop
 from geocap.distributed import resolve_device
-from geocap.errors import UsageError
+from geocap.errors import DataError, UsageError
 from geocap.metrics.tokenize import TOKENIZERS
 from geocap.options import check_int
 
 if TYPE_CHECKING:
     from geocap.metrics.relations import RelationAccuracy
 
-__all__ = ["EVALUATION_FORMAT", "EvaluationOptions", "EvaluationResult", "add_evaluate_parser", "evaluate",
-           "format_report", "run_evaluate"]
+__all__ = ["EVALUATION_FORMAT", "EvaluationOptions", "EvaluationResult", "evaluate", "format_report"]
 
 EVALUATION_FORMAT, EVALUATION_VERSION = "geocap-evaluation", 1
 
@@ -109,18 +107,18 @@ def _open_dataset(features_path: str, captions_dir: str, split: str):
     from geocap.data.vocab import load_captions
 
     if not os.path.isfile(features_path):
-        raise ValueError(f"features: {features_path}: feature store missing")
+        raise DataError(f"features: {features_path}: feature store missing")
     if not os.path.isdir(captions_dir):
-        raise ValueError(f"captions: {captions_dir}: captions directory missing")
+        raise DataError(f"captions: {captions_dir}: captions directory missing")
     if split == "all":
-        raise ValueError("split must name one split of the captions directory, not 'all'")
+        raise UsageError("split must name one split of the captions directory, not 'all'")
     try:
         # one caption per item: only the features are used, references come from the strings
         return CaptionDataset(features_path, captions_dir, split, per_image=True, captions_per_image=1)
     except DataError:
         names = load_captions(captions_dir).split_names  # raises its own DataError for a bad dir
         if split not in names:
-            raise ValueError(f"split {split!r}: not a split of {captions_dir} "
+            raise UsageError(f"split {split!r}: not a split of {captions_dir} "
                              f"(its splits: {', '.join(names)})") from None
         raise
 
@@ -202,13 +200,13 @@ def evaluate(checkpoint: Union[str, os.PathLike], data_dir: Union[str, os.PathLi
     options.validate()
     checkpoint = os.path.abspath(os.fspath(checkpoint))
     if not os.path.isfile(checkpoint):
-        raise ValueError(f"checkpoint: {checkpoint}: no such file")
+        raise DataError(f"checkpoint: {checkpoint}: no such file")
     data_dir = os.path.abspath(os.fspath(data_dir))
     if not os.path.isdir(data_dir):
-        raise ValueError(f"data: {data_dir}: no such directory")
+        raise DataError(f"data: {data_dir}: no such directory")
     out_dir = Path(os.path.dirname(checkpoint) if options.out_dir is None else os.fspath(options.out_dir))
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out: {out_dir} exists and is not a directory")
+        raise UsageError(f"out: {out_dir} exists and is not a directory")
     device = resolve_device(options.device)
     loaded = _load(checkpoint, data_dir, options, device)
     captions = _caption(loaded, options)
@@ -232,15 +230,15 @@ def _load(checkpoint: str, data_dir: str, options: EvaluationOptions, device: to
     truth = load_relation_truth(truth_path) if os.path.isfile(truth_path) else None
     data_vocab = dataset.vocab
     if ckpt.vocab.words != data_vocab.words:
-        raise ValueError(f"checkpoint {checkpoint} and captions dir {captions_dir} have different vocabularies "
+        raise DataError(f"checkpoint {checkpoint} and captions dir {captions_dir} have different vocabularies "
                          f"(sha1 {ckpt.vocab.sha1[:12]} vs {data_vocab.sha1[:12]}; "
                          f"{_first_difference(ckpt.vocab.words, data_vocab.words)})")
     store_dim = dataset.store.feature_dim
     if ckpt.config.feature_dim != store_dim:
-        raise ValueError(f"checkpoint {checkpoint} expects {ckpt.config.feature_dim}-dimensional features but "
+        raise DataError(f"checkpoint {checkpoint} expects {ckpt.config.feature_dim}-dimensional features but "
                          f"the feature store {features_path} holds {store_dim}-dimensional ones")
     if options.max_len > ckpt.config.max_len:
-        raise ValueError(f"max_len must be at most the model's config.max_len = {ckpt.config.max_len}, "
+        raise UsageError(f"max_len must be at most the model's config.max_len = {ckpt.config.max_len}, "
                          f"got {options.max_len}")
     captioner = Captioner(ckpt.build_model(device).eval(), ckpt.vocab)
     return _Loaded(checkpoint=checkpoint, sha256=sha256, step=ckpt.step, captioner=captioner, dataset=dataset,
@@ -342,51 +340,3 @@ def format_report(result: EvaluationResult) -> str:
         lines.append(f"note: {result.tokenizer_note}")
     lines.append(f"wrote {result.results_path} and {result.metrics_path}")
     return "\n".join(lines)
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    """Handler of ``geocap evaluate``: prints the report, returns 0 (ValueError for bad options or data)."""
-    result = evaluate(args.checkpoint, args.data, args.split, beam_size=args.beam_size, max_len=args.max_len,
-                      batch_size=args.batch_size, out_dir=args.out, limit=args.limit, meteor=args.meteor,
-                      spice=args.spice, tokenizer=args.tokenizer, features=args.features, captions=args.captions,
-                      ground_truth=args.ground_truth, device=args.device, workers=args.workers, progress=args.progress)
-    print(format_report(result))
-    return 0
-
-
-def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``geocap evaluate`` on an argparse subparsers object; returns its parser. The
-    handler (``args.func(args)``) returns 0 or raises ValueError for bad options or data."""
-    parser = subparsers.add_parser(
-        "evaluate", help="caption a split with a checkpoint and score it (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE)",
-        description="Caption every image of a split with a trained checkpoint, score the captions against the "
-                    "split's reference captions, and write captions_<split>.json (COCO results) and "
-                    "metrics_<split>.json.")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a geocap checkpoint (loaded safely)")
-    parser.add_argument("--data", required=True, metavar="DIR",
-                        help="folder holding the feature store and the captions directory")
-    parser.add_argument("--split", default="test", help="split of the captions directory (default test)")
-    parser.add_argument("--beam-size", type=int, default=3, help="beams (1: greedy decoding; default 3)")
-    parser.add_argument("--max-len", type=int, default=20, help="at most this many words per caption (default 20)")
-    parser.add_argument("--batch-size", type=int, default=50, help="images per batch (default 50)")
-    parser.add_argument("--out", default=None, metavar="RESULTS_DIR",
-                        help="folder for the results and metrics files (default: the checkpoint's folder)")
-    parser.add_argument("--limit", type=int, default=0, metavar="N",
-                        help="evaluate the first N images of the split only (default 0: all)")
-    parser.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (a Java subprocess)")
-    parser.add_argument("--no-spice", dest="spice", action="store_false", help="skip SPICE")
-    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="auto",
-                        help="PTB tokenizer: java (Stanford), python (fallback), auto (java when present)")
-    parser.add_argument("--features", default="features.h5", help="feature store file inside --data")
-    parser.add_argument("--captions", default="caps", help="captions directory inside --data")
-    parser.add_argument("--ground-truth", default="ground_truth.json", metavar="FILE",
-                        help="synthetic ground truth inside --data, for the relation-word accuracy "
-                             "(default ground_truth.json; skipped when absent)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
-    parser.set_defaults(func=run_evaluate)
-    return parser
-
-

@@ -61,7 +61,7 @@ from geocap.model import ObjectRelationTransformer, ORTConfig
 
 __all__ = ["OrtImportError", "RefusedGlobal", "RestrictedUnpickler", "OrtInfos", "read_ort_infos",
            "load_ort_state", "ort_vocabulary", "ort_config", "convert_ort_state", "import_ort",
-           "add_import_ort_parser", "END_WORD"]
+           "END_WORD"]
 
 END_WORD = "<eos>"          # our name for ORT's id 0 (start, end and padding)
 ORT_HEADS = 8               # h in ORT's make_model (not an option there)
@@ -456,42 +456,3 @@ def import_ort(model_pth, infos_pkl, out=None, *, max_len: int = 5000, dropout: 
             os.makedirs(os.path.dirname(out), exist_ok=True)
         save_checkpoint(out, model=model, config=config, vocab=vocab, rng=False, extra=extra)
     return captioner
-
-
-def _run_import_ort(args) -> int:
-    skip = None if args.legacy_extra_skip == "auto" else args.legacy_extra_skip == "1"
-    captioner = import_ort(args.model_pth, args.infos_pkl, args.out, max_len=args.max_len, legacy_extra_skip=skip)
-    c = captioner.config
-    print(f"imported {args.model_pth} -> {args.out}: {c.layers} layers, d_model {c.d_model}, {c.heads} heads, "
-          f"d_ff {c.d_ff}, features {c.feature_dim}, {len(captioner.vocab)} ids (0 = start/end/padding)"
-          f"{', legacy extra skip' if c.legacy_extra_skip else ''}")
-    infos = read_ort_infos(args.infos_pkl)
-    if infos.ignored_globals:
-        print(f"ignored (never loaded, not needed): {', '.join(infos.ignored_globals)} in {args.infos_pkl}")
-    opt = infos.opt
-    if opt.get("norm_att_feat"):
-        print("note: ORT trained this model on L2-normalised region features (opt.norm_att_feat): "
-              "feed features normalised the same way")
-    return 0
-
-
-def add_import_ort_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``geocap import-ort MODEL_PTH INFOS_PKL --out CKPT`` on an argparse subparsers
-    object; returns its parser. The handler (``args.func(args)``) returns 0 or raises ValueError."""
-    parser = subparsers.add_parser(
-        "import-ort", help="convert an original ORT checkpoint (model.pth + infos.pkl) into a geocap checkpoint",
-        description="Convert a checkpoint of the original Object Relation Transformer code (its model.pth state "
-                    "dict and infos_<id>.pkl) into a geocap checkpoint with ORT's vocabulary and token ids. "
-                    "Neither file can run code: the state dict is loaded with weights_only=True, the pickle with "
-                    "an unpickler that admits argparse.Namespace and plain containers only.")
-    parser.add_argument("model_pth", metavar="MODEL_PTH", help="ORT's model.pth (a state dict)")
-    parser.add_argument("infos_pkl", metavar="INFOS_PKL", help="ORT's infos_<id>.pkl (opt and vocab)")
-    parser.add_argument("--out", required=True, metavar="CKPT", help="the geocap checkpoint to write")
-    parser.add_argument("--max-len", type=int, default=5000,
-                        help="positions of the sinusoidal table, the longest caption decodable (default 5000, ORT's)")
-    parser.add_argument("--legacy-extra-skip", choices=("auto", "0", "1"), default="auto",
-                        help="ORT's extra skip in the box attention: auto (default) takes opt.legacy_extra_skip "
-                             "(off when absent, as ORT's code); 1 for checkpoints of ORT code older than that option, "
-                             "which always applied it")
-    parser.set_defaults(func=_run_import_ort)
-    return parser

@@ -4,6 +4,7 @@ never into anything else (a dump, a dataset, a home folder)."""
 from __future__ import annotations
 
 import os
+from geocap.errors import UsageError
 
 __all__ = ["check_out_dir"]
 
@@ -16,6 +17,6 @@ def check_out_dir(out, *, marker: str, kind: str, verb: str = "write into") -> N
     if not os.path.exists(out):
         return
     if not os.path.isdir(out):
-        raise ValueError(f"--out: {out} exists and is not a folder")
+        raise UsageError(f"--out: {out} exists and is not a folder")
     if os.listdir(out) and not os.path.isfile(os.path.join(out, marker)):
-        raise ValueError(f"--out: {out} is not empty and is not a {kind}; refusing to {verb} it")
+        raise UsageError(f"--out: {out} is not empty and is not a {kind}; refusing to {verb} it")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from geocap.errors import UsageError
 
 DEFAULT_INTERVAL_S = 30.0
 
@@ -25,7 +26,7 @@ def log_interval() -> float:
     except ValueError:
         value = -1.0
     if not value >= 0:
-        raise ValueError(f"GEOCAP_PROGRESS_INTERVAL must be a number of seconds >= 0, got {raw!r}")
+        raise UsageError(f"GEOCAP_PROGRESS_INTERVAL must be a number of seconds >= 0, got {raw!r}")
     return value
 
 

@@ -566,7 +566,7 @@ class FakeDump(list):
 
 def test_analyze_cli_on_a_stats_only_dump(tmp_path, monkeypatch):
     """The CLI on a stats-only dump: its merged statistics, not its (absent) records."""
-    import geocap.analyze as cli
+    import geocap.cli.analyze as cli
 
     recs = planted_mix()
     collector = StatsCollector()
@@ -576,7 +576,7 @@ def test_analyze_cli_on_a_stats_only_dump(tmp_path, monkeypatch):
     dump_path.mkdir()
     monkeypatch.setattr(cli, "_open_dump", lambda path, progress: FakeDump(recs, collector))
     parser = argparse.ArgumentParser()
-    cli.add_analyze_parser(parser.add_subparsers(dest="command"))
+    cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["analyze", str(dump_path), "--out", str(tmp_path / "out"), "--no-progress"])
     assert args.func(args) == 0
     data, _ = check_outputs(tmp_path / "out")

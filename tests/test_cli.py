@@ -1,5 +1,6 @@
-"""The command line: `geocap demo` checks every backend and exits 0; `python -m geocap` works;
-SIGINT and SIGTERM stop a command cleanly."""
+"""The command line: `geocap kernel-check` checks every backend and exits 0 (`geocap demo`, its old
+name, too, with a note); `python -m geocap` works; SIGINT and SIGTERM stop a command cleanly; user
+errors are one line, bugs keep their traceback; the parsers live in geocap.cli only."""
 import subprocess
 import sys
 
@@ -8,17 +9,32 @@ import pytest
 from geocap.cli import main
 
 
-def test_demo_checks_every_backend(capsys):
-    assert main(["demo", "--batch", "1", "--heads", "2", "--n", "9", "--head-dim", "32", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
+def test_kernel_check_checks_every_backend(capsys):
+    assert main(["kernel-check", "--batch", "1", "--heads", "2", "--n", "9", "--head-dim", "32",
+                 "--repeats", "1"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "all backends agree with the reference" in out
     for dtype in ("float32", "float16", "bfloat16"):
         assert dtype in out
     assert "triton" in out and "SDPA + precomputed bias" in out
+    assert "deprecated" not in captured.err
+
+
+def test_demo_is_a_deprecated_name_of_kernel_check(capsys, monkeypatch):
+    import geocap.demo
+
+    calls = []
+    monkeypatch.setattr(geocap.demo, "run_demo", lambda **options: calls.append(options) or 0)
+    assert main(["demo", "--n", "9"]) == 0
+    assert capsys.readouterr().err == "geocap: 'demo' is deprecated; use 'geocap kernel-check'\n"
+    assert main(["kernel-check", "--n", "9"]) == 0
+    assert capsys.readouterr().err == ""
+    assert calls[0] == calls[1] and calls[0]["n"] == 9
 
 
 def test_bad_arguments_are_reported(capsys):
-    assert main(["demo", "--n", "0"]) == 2
+    assert main(["kernel-check", "--n", "0"]) == 2
     assert "n must be at least 1" in capsys.readouterr().err
     assert subprocess.run([sys.executable, "-m", "geocap", "--version"], capture_output=True, text=True,
                           check=True).stdout.startswith("geocap ")
@@ -137,7 +153,7 @@ def test_a_stop_request_blocks_the_final_rename_and_the_exit_status(tmp_path, ca
         stop.request_stop()
         return 0
     monkeypatch.setattr(geocap.demo, "run_demo", returns_after_a_lost_interrupt)
-    assert main(["demo"]) == 130
+    assert main(["kernel-check"]) == 130
     assert capsys.readouterr().err == "geocap: interrupted by SIGINT\n"
 
 
@@ -152,14 +168,14 @@ def test_a_stop_whose_exception_became_another_still_exits_as_interrupted(capsys
         stop.request_stop()
         raise SystemError("<cyfunction FastRLock.__exit__> returned a result with an exception set")
     monkeypatch.setattr(geocap.demo, "run_demo", mangled)
-    assert main(["demo"]) == 130
+    assert main(["kernel-check"]) == 130
     assert capsys.readouterr().err == "geocap: interrupted by SIGINT\n"
 
     def a_bug(**options):                       # without a stop request it stays a bug, traceback and all
         raise SystemError("a bug")
     monkeypatch.setattr(geocap.demo, "run_demo", a_bug)
     with pytest.raises(SystemError, match="a bug"):
-        main(["demo"])
+        main(["kernel-check"])
 
 
 def test_a_sigint_while_a_tsv_input_is_written_keeps_the_old_store(tmp_path):
@@ -200,11 +216,12 @@ def test_a_sigint_while_a_tsv_input_is_written_keeps_the_old_store(tmp_path):
 
 def test_top_level_help_imports_no_subcommand_module():
     code = ("import sys\nfrom geocap.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'matplotlib', 'h5py', 'geocap.train', 'geocap.analyze') "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'h5py', 'geocap.train', 'geocap.cli.analyze') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
-    for name in ("train", "dump", "analyze", "compare", "view", "study", "hf-train-tiny"):
+    for name in ("train", "dump", "analyze", "compare", "view", "study", "hf-train-tiny", "kernel-check",
+                 "demo-table"):
         assert name in done.stdout
 
 
@@ -217,7 +234,7 @@ def test_the_help_table_says_what_each_subcommand_parser_says():
         action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         return {choice.dest: choice.help for choice in action._choices_actions}
     full, bare = helps(build_parser()), helps(build_parser(set()))
-    assert full == bare and set(COMMANDS) < set(full)
+    assert full == bare and set(COMMANDS) | {"demo"} == set(full)
 
 
 # -- errors: geocap's own types are one line; anything else keeps its traceback -----------------
@@ -235,20 +252,20 @@ def test_geocap_errors_are_one_line_and_other_errors_keep_their_traceback(monkey
         def raise_it(kind=kind, **options):
             raise kind("features.h5: image 40: something wrong")
         monkeypatch.setattr(geocap.demo, "run_demo", raise_it)
-        assert main(["demo"]) == 2
+        assert main(["kernel-check"]) == 2
         assert capsys.readouterr().err == "geocap: error: features.h5: image 40: something wrong\n"
 
     def library_value_error(**options):          # a bug: a ValueError from inside a library
         json.loads("{not json")
     monkeypatch.setattr(geocap.demo, "run_demo", library_value_error)
     with pytest.raises(json.JSONDecodeError):
-        main(["demo"])
+        main(["kernel-check"])
 
     def key_error(**options):
         return {}["missing"]
     monkeypatch.setattr(geocap.demo, "run_demo", key_error)
     with pytest.raises(KeyError):
-        main(["demo"])
+        main(["kernel-check"])
 
 
 def test_hdf5_errors_renamed_only_when_h5py_raised_them(tmp_path):
@@ -308,3 +325,85 @@ def test_packaging_version_licence_and_types_are_declared_once():
     assert (root / "geocap" / "py.typed").exists() and "py.typed" in project["tool"]["setuptools"]["package-data"][
         "geocap"]
     assert geocap.__version__.count(".") == 2
+
+
+def test_the_command_line_is_one_package_on_top_of_the_library():
+    """Every subcommand is a module of geocap.cli with add_parser and run; no module below the
+    command line builds a parser or imports geocap.cli (the layering: the CLI on top)."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    from geocap.cli import COMMANDS, DEPRECATED
+
+    for name in COMMANDS:
+        module = importlib.import_module(f"geocap.cli.{name.replace('-', '_')}")
+        assert callable(module.add_parser) and callable(module.run), name
+    assert set(DEPRECATED.values()) <= set(COMMANDS)
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("geocap", "analysis", "kernels"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path.is_relative_to(root / "geocap" / "cli") or path == root / "geocap" / "__main__.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Attribute) and node.attr in ("ArgumentParser", "add_subparsers"):
+                    offenders.append(f"{path.relative_to(root)}: builds a parser ({node.attr})")
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                if any(n == "geocap.cli" or n.startswith("geocap.cli.") for n in names):
+                    offenders.append(f"{path.relative_to(root)}: imports geocap.cli")
+    assert offenders == []
+
+
+# -- user errors are one line (exit 2); a bug in geocap -- even a plain ValueError raised by geocap's own
+# code -- keeps its traceback (the command line once printed every ValueError raised in geocap as one line)
+
+
+def test_user_errors_of_study_and_analyze_are_one_line(tmp_path, capsys):
+    settings = tmp_path / "settings.json"
+    for content, says in (('{"heads": "four"}', "study setting heads must be an int"),
+                          ('{"no_such_field": 1}', "unknown study settings: no_such_field"),
+                          ('{"variants": ["ort", "ort"]}', "names a variant twice")):
+        settings.write_text(content)
+        assert main(["study", "--out", str(tmp_path / "study"), "--settings", str(settings), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"geocap: error: --settings {settings}: ") and says in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "study").exists()
+    assert main(["study", "--out", str(tmp_path / "study"), "--seeds", "0"]) == 2
+    assert capsys.readouterr().err == "geocap: error: --seeds: study setting seeds must be at least 1, got 0\n"
+    missing = tmp_path / "no-dump"
+    assert main(["analyze", str(missing), "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err == f"geocap: error: dump {str(missing)!r} does not exist\n"
+
+
+def test_a_plain_value_error_raised_by_geocap_code_is_a_bug_with_its_traceback(tmp_path, monkeypatch, capsys):
+    """A bug injected under `geocap analyze`: geocap calls its own CIDEr-D scorer wrongly, and the
+    scorer's ``raise ValueError`` (a plain one, from geocap's own source) escapes with its traceback
+    instead of being printed as a user error (exit 2)."""
+    import geocap.analysis
+    from geocap.metrics.cider import CiderD
+
+    dump = tmp_path / "dump"
+    dump.mkdir()
+
+    def buggy_run_analyses(*args, **kwargs):
+        CiderD({1: ["a cat"]}, n=0)                        # a bug: n must be >= 1
+    monkeypatch.setattr(geocap.analysis, "run_analyses", buggy_run_analyses)
+    monkeypatch.setattr("geocap.cli.analyze._open_dump", lambda path, progress: None)
+    with pytest.raises(ValueError, match="n must be >= 1") as caught:
+        main(["analyze", str(dump), "--out", str(tmp_path / "report"), "--no-progress"])
+    assert type(caught.value) is ValueError
+    assert caught.traceback[-1].path.name == "cider.py"         # raised inside geocap's own code
+    assert "geocap: error" not in capsys.readouterr().err
+    # through the real entry point: a traceback and exit status 1, not one line and 2
+    code = ("import sys, geocap.analysis, geocap.cli.analyze\nfrom geocap.metrics.cider import CiderD\n"
+            "geocap.analysis.run_analyses = lambda *a, **k: CiderD({1: ['a cat']}, n=0)\n"
+            "geocap.cli.analyze._open_dump = lambda path, progress: None\n"
+            "from geocap.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", code, "analyze", str(dump), "--out", str(tmp_path / "r2")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr and "cider.py" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "ValueError: n must be >= 1, got 0"

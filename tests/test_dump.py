@@ -388,7 +388,7 @@ def _numbers(tree):
 def _cli_command(ckpt, data_dir, out):
     args = ["--checkpoint", ckpt, "--data", data_dir, "--split", "train", "--out", str(out), "--shard-images", "4",
             "--batch-size", "2", "--no-progress"]
-    return [sys.executable, "-c", f"import sys; from geocap.dump.cli import main; sys.exit(main({args!r}))"]
+    return [sys.executable, "-c", f"import sys; from geocap.cli import main; sys.exit(main(['dump'] + {args!r}))"]
 
 
 def _writer_children(pid):

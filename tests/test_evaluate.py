@@ -246,7 +246,8 @@ def test_relation_accuracy_in_metrics_file(data, tmp_path, capsys):
 
 
 def test_demo_table_side_by_side(data, tmp_path, capsys):
-    from geocap.demo_table import main as table_main
+    def table_main(argv):
+        return cli_main(["demo-table", *argv])
     root, ckpt, test_ids = data
     caps = load_captions(os.path.join(root, "caps"))
     other = _checkpoint(tmp_path / "other.pt", caps.vocab, seed=1)

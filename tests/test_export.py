@@ -80,7 +80,7 @@ def test_command_line_on_a_dump(tmp_path):
             writer="inline", progress=False)
     from geocap.cli import main
     assert main(["analyze", str(tmp_path / "dump"), "--out", str(tmp_path / "report"), "--no-progress"]) == 0
-    out = subprocess.run([sys.executable, "-m", "geocap.dump.export", str(tmp_path / "dump"), "--csv",
+    out = subprocess.run([sys.executable, "-m", "geocap", "export", str(tmp_path / "dump"), "--csv",
                           str(tmp_path / "csv"), "--analysis", str(tmp_path / "report")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]

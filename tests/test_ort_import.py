@@ -17,8 +17,8 @@ import torch
 
 from geocap.captioner import Captioner
 from geocap.checkpoint import load_checkpoint
-from geocap.ort_import import (END_WORD, OrtImportError, RefusedGlobal, RestrictedUnpickler,
-                               add_import_ort_parser, import_ort)
+from geocap.cli.import_ort import add_parser as add_import_ort_parser
+from geocap.ort_import import END_WORD, OrtImportError, RefusedGlobal, RestrictedUnpickler, import_ort
 
 from helpers import random_boxes
 from ort_reference import ort_log_probs

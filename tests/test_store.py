@@ -425,7 +425,7 @@ def test_bad_files_name_the_file(tmp_path, store_path, how, message):
 def run_prepro(argv):
     import argparse
 
-    from geocap.data.prepro import add_prepro_parser
+    from geocap.cli.prepro import add_parser as add_prepro_parser
     parser = argparse.ArgumentParser(prog="geocap")
     add_prepro_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["prepro", "features", "--no-progress", *map(str, argv)])

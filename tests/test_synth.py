@@ -425,8 +425,10 @@ def test_bad_arguments_are_clear_errors(tmp_path, kwargs, message):
 
 
 def test_cli_handler(tmp_path, capsys):
+    from geocap.cli.synth import add_parser as add_synth_parser
+
     parser = argparse.ArgumentParser(prog="geocap")
-    S.add_synth_parser(parser.add_subparsers(dest="command", required=True))
+    add_synth_parser(parser.add_subparsers(dest="command", required=True))
     defaults = parser.parse_args(["synth", "x"])
     assert (defaults.images, defaults.seed, defaults.feature_dim) == (6000, 0, S.DEFAULT_FEATURE_DIM)
     args = parser.parse_args(["synth", str(tmp_path), "--images", "20", "--seed", "4", "--feature-dim", "16"])

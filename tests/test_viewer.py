@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from geocap.view import build_site
-from geocap.view.cli import add_view_parser, report_href
+from geocap.cli.view import add_parser as add_view_parser, report_href
 from geocap.view.encode import decode_f16, encode_f16, encode_record, label_names_from, word_bucket, words_of
 from geocap.view.site import MARKER, image_data_key
 from geocap.view.synthetic import synthetic_records

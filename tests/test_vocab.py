@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from geocap.data.prepro import add_prepro_parser
+from geocap.cli.prepro import add_parser as add_prepro_parser
 from geocap.data.items import Caption, CaptionSet, DataError
 from geocap.data.vocab import (BOS, EOS, PAD, SPECIALS, UNK, Vocabulary, build_vocab, caption_tokens,
                                encode_captions, load_captions, tokenize, write_captions)

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+from geocap.errors import DataError
 
 KINDS = ("reference", "generated", "hypothetical")
 MAP_NAMES = ("encoder_self", "decoder_self", "cross")
@@ -87,26 +88,26 @@ class Record:
         n, t = self.num_objects, self.num_tokens
         where = f"record of image {self.image_id} (caption {self.caption_id}, {self.kind})"
         if self.kind not in KINDS:
-            raise ValueError(f"{where}: kind must be one of {KINDS}, got {self.kind!r}")
+            raise DataError(f"{where}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.boxes.ndim != 2 or self.boxes.shape[1] != 4:
-            raise ValueError(f"{where}: boxes must be [N, 4], got {tuple(self.boxes.shape)}")
+            raise DataError(f"{where}: boxes must be [N, 4], got {tuple(self.boxes.shape)}")
         per_object = {"labels": self.labels, "clusters": self.clusters}
         for name, value in per_object.items():
             if value is not None and tuple(value.shape) != (n,):
-                raise ValueError(f"{where}: {name} must be [N] = [{n}], got {tuple(value.shape)}")
+                raise DataError(f"{where}: {name} must be [N] = [{n}], got {tuple(value.shape)}")
         if self.features is not None and (self.features.ndim != 2 or self.features.shape[0] != n):
-            raise ValueError(f"{where}: features must be [N, D] with N = {n}, got {tuple(self.features.shape)}")
+            raise DataError(f"{where}: features must be [N, D] with N = {n}, got {tuple(self.features.shape)}")
         for name in ("referents", "source_referents"):
             value = getattr(self, name)
             if value is None:
                 continue
             if tuple(value.shape) != (t,):
-                raise ValueError(f"{where}: {name} must be [T] = [{t}], got {tuple(value.shape)}")
+                raise DataError(f"{where}: {name} must be [T] = [{t}], got {tuple(value.shape)}")
             limit, what = n, "an object index"
             if "referent_objects" in (self.extra or {}):
                 limit, what = len(self.extra["referent_objects"]), "an index into extra['referent_objects']"
             if value.size and (value.min() < -1 or value.max() >= limit):
-                raise ValueError(f"{where}: {name} must be -1 or {what} < {limit}")
+                raise DataError(f"{where}: {name} must be -1 or {what} < {limit}")
         extra = self.extra or {}
         for key in ("special_objects",):
             if key in extra:
@@ -118,7 +119,7 @@ class Record:
             special = len(extra.get("special_objects", ()))
             if (grid.shape != (2,) or not np.issubdtype(grid.dtype, np.integer) or grid.min() < 1
                     or int(grid[0]) * int(grid[1]) + special != n):
-                raise ValueError(f"{where}: extra['patch_grid'] must be [rows, cols], ints with rows * cols + "
+                raise DataError(f"{where}: extra['patch_grid'] must be [rows, cols], ints with rows * cols + "
                                  f"{special} special objects = N = {n}, got {extra['patch_grid']!r}")
         expected = {"encoder_self": (n, n), "decoder_self": (t, t), "cross": (t, n)}
         for name, tail in expected.items():
@@ -128,12 +129,12 @@ class Record:
                 if value is None:
                     continue
                 if value.ndim != 2 + len(shape_tail) or tuple(value.shape[2:]) != shape_tail:
-                    raise ValueError(f"{where}: {field_name} must be [L, H, {', '.join(map(str, shape_tail))}], "
+                    raise DataError(f"{where}: {field_name} must be [L, H, {', '.join(map(str, shape_tail))}], "
                                      f"got {tuple(value.shape)}")
                 if layers_heads is None:
                     layers_heads = tuple(value.shape[:2])
                 elif tuple(value.shape[:2]) != layers_heads:
-                    raise ValueError(f"{where}: {field_name} has [L, H] = {tuple(value.shape[:2])}, "
+                    raise DataError(f"{where}: {field_name} has [L, H] = {tuple(value.shape[:2])}, "
                                      f"{name} has {layers_heads}")
         return self
 
@@ -142,9 +143,9 @@ def _check_indices(values, n: int, where: str, *, empty: bool = True) -> None:
     index = np.asarray(values)
     if index.ndim != 1 or (index.size and (not np.issubdtype(index.dtype, np.integer) or index.min() < 0
                                              or index.max() >= n or len(np.unique(index)) != index.size)):
-        raise ValueError(f"{where} must be distinct object indices in [0, {n}), got {list(np.ravel(values))[:8]}")
+        raise DataError(f"{where} must be distinct object indices in [0, {n}), got {list(np.ravel(values))[:8]}")
     if not empty and index.size == 0:
-        raise ValueError(f"{where} is empty: a region covers at least one object")
+        raise DataError(f"{where} is empty: a region covers at least one object")
 
 
 def regular_objects(record: Record) -> np.ndarray:

@@ -151,7 +151,7 @@ from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
 from geocap.data.file_digest import file_sha256
 from geocap.data.hdf5_errors import open_hdf5
 from geocap.data.top_k_rows import expand_top_k
-from geocap.errors import DumpError
+from geocap.errors import DumpError, UsageError
 
 FORMAT, SHARD_FORMAT, FORMAT_VERSION = "geocap-dump", "geocap-dump-shard", 1
 MANIFEST, LOCK = "manifest.json", "manifest.lock"
@@ -189,10 +189,10 @@ def content_sha256(dump: "Dump") -> str:
 
 
 def check_top_k(k) -> int:
-    """``k`` of ``encoder_top_k`` (weights kept per encoder map row) as an int; ValueError naming
-    the option unless a positive int."""
+    """``k`` of ``encoder_top_k`` (weights kept per encoder map row) as an int; UsageError (a
+    ValueError) naming the option unless a positive int."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"encoder_top_k must be a positive int (weights kept per encoder map row), got {k!r}")
+        raise UsageError(f"encoder_top_k must be a positive int (weights kept per encoder map row), got {k!r}")
     return int(k)
 
 

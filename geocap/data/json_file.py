@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import os
 
+from geocap.errors import DataError
 
-def read_json(path, what: str, error: type = ValueError):
-    """The parsed JSON at ``path``; ``error`` (a ValueError subclass) naming the file otherwise:
+
+def read_json(path, what: str, error: type = DataError):
+    """The parsed JSON at ``path``; ``error`` (a ValueError subclass, DataError by default) naming
+    the file otherwise:
     ``"<path>: <what> missing"`` or ``"<path>: not a readable <what> (<reason>)"``."""
     path = os.fspath(path)
     try:

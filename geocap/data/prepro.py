@@ -13,62 +13,19 @@
 annotation id) found in two of the files, naming both files and the image, instead of
 doubling captions.
 
-``add_prepro_parser(subparsers)`` registers ``prepro`` on an argparse subparsers object; each
-handler returns the exit status and raises ``DataError`` (a ValueError) for bad input.
+:func:`prepro_features` and :func:`prepro_captions` do the work and return what was written (the
+command line, :mod:`geocap.cli.prepro`, prints it); both raise ``DataError`` (a ValueError) for
+bad input.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import sys
 import time
+from dataclasses import dataclass, field
 
 from geocap.data.items import CaptionSet, DataError
 
 SOURCES = ("tsv", "npz-dir", "m2-h5", "store")
-
-
-def add_prepro_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``prepro features`` and ``prepro captions`` to ``subparsers``; returns the ``prepro`` parser."""
-    prepro = subparsers.add_parser("prepro", help="build the feature store and the captions directory",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = prepro.add_subparsers(dest="prepro_command", required=True)
-
-    feat = sub.add_parser("features", help="detector features -> one feature store (HDF5)")
-    feat.add_argument("--from", dest="source", choices=SOURCES, required=True,
-                      help="input format: bottom-up TSV file(s); ORT npz folder + box folder; "
-                           "meshed-memory HDF5; geocap feature store(s)")
-    feat.add_argument("inputs", nargs="+", metavar="INPUT")
-    feat.add_argument("--out", required=True, help="the feature store to write (replaced atomically)")
-    feat.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored feature dtype")
-    feat.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                      help="bad image: stop with an error naming it, or leave it out and count it")
-    feat.add_argument("--label-names", metavar="TXT", help="detector class names, one per line (label id = line)")
-    feat.add_argument("--sizes", nargs="+", metavar="JSON", default=None,
-                      help="JSON files whose 'images' carry width/height (COCO annotations): needed for "
-                           "pixel boxes (m2-h5, npz-dir --box-units pixel)")
-    feat.add_argument("--box-units", choices=("pixel", "relative"), help="npz-dir: units of the box folder")
-    feat.add_argument("--no-progress", dest="progress", action="store_false")
-    feat.set_defaults(func=run_features)
-
-    caps = sub.add_parser("captions", help="caption annotations -> vocab.json + captions.h5")
-    src = caps.add_mutually_exclusive_group(required=True)
-    src.add_argument("--karpathy", metavar="FILE", help="Karpathy's dataset_coco.json (tokens and splits)")
-    src.add_argument("--coco", nargs="+", metavar="FILE",
-                     help="COCO caption annotations (no splits: 'none'); each file once, each annotation in "
-                          "one file only")
-    src.add_argument("--cocotalk", nargs=2, metavar=("JSON", "LABEL_H5"),
-                     help="ORT / self-critical cocotalk.json and cocotalk_label.h5 (their words and splits; "
-                          "the vocabulary is rebuilt with --min-count)")
-    caps.add_argument("--out", required=True, metavar="DIR")
-    caps.add_argument("--min-count", type=int, default=5, help="words seen fewer times become <unk>")
-    caps.add_argument("--max-len", type=int, default=16, help="words kept per caption")
-    caps.add_argument("--vocab-split", choices=("train", "all"), default="train",
-                      help="count words over the train split only (default, when the source has splits) "
-                           "or over every caption")
-    caps.add_argument("--no-progress", dest="progress", action="store_false")
-    caps.set_defaults(func=run_captions)
-    return prepro
 
 
 # ---------------------------------------------------------------------------- features
@@ -92,70 +49,91 @@ def _sizes(paths):
     return sizes
 
 
-def _feature_source(args, stats):
+def _feature_source(source: str, inputs, *, on_error: str, sizes, box_units, stats):
     """(iterable of ImageFeatures, number of images or None, label names or None)."""
-    inputs = args.inputs
-    if args.source == "store":
+    if source == "store":
         from geocap.data.store import FeatureStore
         stores = [FeatureStore(p) for p in inputs]
         names = [s.label_names for s in stores]
         return itertools.chain.from_iterable(stores), sum(len(s) for s in stores), (
             names[0] if all(n == names[0] for n in names) else None)
     from geocap.data import readers
-    if args.source == "tsv":
-        streams = (readers.read_bottom_up_tsv(p, on_error=args.on_error, stats=stats) for p in inputs)
+    if source == "tsv":
+        streams = (readers.read_bottom_up_tsv(p, on_error=on_error, stats=stats) for p in inputs)
         return itertools.chain.from_iterable(streams), None, None
-    if args.source == "npz-dir":
-        if len(inputs) != 2 or args.box_units is None:
+    if source == "npz-dir":
+        if len(inputs) != 2 or box_units is None:
             raise DataError("--from npz-dir takes FEATURE_DIR BOX_DIR and --box-units pixel|relative")
-        stream = readers.read_npz_dir(inputs[0], inputs[1], box_units=args.box_units, sizes=_sizes(args.sizes),
-                                      on_error=args.on_error, stats=stats)
+        stream = readers.read_npz_dir(inputs[0], inputs[1], box_units=box_units, sizes=_sizes(sizes),
+                                      on_error=on_error, stats=stats)
         return stream, None, None
-    sizes = _sizes(args.sizes)
+    if source != "m2-h5":
+        raise DataError(f"--from: expected one of {', '.join(SOURCES)}, got {source!r}")
+    sizes = _sizes(sizes)
     if sizes is None:
         raise DataError("--from m2-h5 has boxes in pixels: give the image sizes with --sizes COCO_JSON...")
-    streams = (readers.read_m2_hdf5(p, sizes=sizes, on_error=args.on_error, stats=stats) for p in inputs)
+    streams = (readers.read_m2_hdf5(p, sizes=sizes, on_error=on_error, stats=stats) for p in inputs)
     return itertools.chain.from_iterable(streams), None, None
 
 
-def run_features(args) -> int:
-    """``geocap prepro features``: stream the inputs into one feature store."""
+@dataclass
+class FeaturesSummary:
+    """What :func:`prepro_features` wrote: the store's ``result`` (:class:`geocap.data.store.StoreResult`),
+    ``clipped_boxes`` (boxes clipped to their image), ``n_skipped`` images left out (``on_error="skip"``)
+    and the reasons, first ones first."""
+    result: object
+    clipped_boxes: int = 0
+    n_skipped: int = 0
+    skipped: list = field(default_factory=list)
+
+    def lines(self) -> list:
+        """The report printed on stdout."""
+        r = self.result
+        lines = [f"wrote {r.n_images} images ({r.n_boxes} boxes, D={r.feature_dim}, {r.feature_dtype}"
+                 f"{', labels' if r.has_labels else ''}) to {r.path}: {r.file_bytes / 1e6:.1f} MB "
+                 f"in {r.seconds:.1f} s"]
+        if self.clipped_boxes:
+            lines.append(f"clipped {self.clipped_boxes} boxes reaching outside their image")
+        return lines
+
+    def warnings(self, first: int = 10) -> list:
+        """The skipped images (a count, then the first reasons), for stderr; empty when none."""
+        if not self.n_skipped:
+            return []
+        return [f"skipped {self.n_skipped} images; the first reasons:"] + [f"  {m}" for m in self.skipped[:first]]
+
+
+def prepro_features(source: str, inputs, out, *, dtype: str = "float16", on_error: str = "raise",
+                    label_names=None, sizes=None, box_units=None, progress: bool = True) -> FeaturesSummary:
+    """Stream ``inputs`` (of format ``source``, one of :data:`SOURCES`) into one feature store
+    ``out``. ``label_names``: a text file of detector class names (one per line); ``sizes``: COCO
+    JSON files with the image sizes (pixel boxes); ``box_units``: npz-dir's box units."""
     from geocap.data.store import write_store
     stats = None
-    if args.source != "store":
+    if source != "store":
         from geocap.data.readers import ReadStats
         stats = ReadStats()
     try:
-        records, n_images, label_names = _feature_source(args, stats)
-        if args.label_names:
-            label_names = _read_lines(args.label_names)
-        result = write_store(args.out, records, feature_dtype=args.dtype, label_names=label_names,
-                             n_images=n_images, on_error=args.on_error, progress=args.progress)
+        records, n_images, names = _feature_source(source, inputs, on_error=on_error, sizes=sizes,
+                                                   box_units=box_units, stats=stats)
+        if label_names:
+            names = _read_lines(label_names)
+        result = write_store(out, records, feature_dtype=dtype, label_names=names,
+                             n_images=n_images, on_error=on_error, progress=progress)
     except FileNotFoundError as err:
         raise DataError(str(err)) from None
-    print(f"wrote {result.n_images} images ({result.n_boxes} boxes, D={result.feature_dim}, {result.feature_dtype}"
-          f"{', labels' if result.has_labels else ''}) to {result.path}: {result.file_bytes / 1e6:.1f} MB "
-          f"in {result.seconds:.1f} s")
     skipped = [msg for _, msg in result.skipped]
-    if stats is not None:
-        if stats.clipped_boxes:
-            print(f"clipped {stats.clipped_boxes} boxes reaching outside their image")
-        skipped = list(stats.errors) + skipped
-        n_skipped = stats.skipped_images + result.n_skipped
-    else:
-        n_skipped = result.n_skipped
-    if n_skipped:
-        print(f"skipped {n_skipped} images; the first reasons:", file=sys.stderr)
-        for msg in skipped[:10]:
-            print(f"  {msg}", file=sys.stderr)
-    return 0
+    if stats is None:
+        return FeaturesSummary(result, 0, result.n_skipped, skipped)
+    return FeaturesSummary(result, stats.clipped_boxes, stats.skipped_images + result.n_skipped,
+                           list(stats.errors) + skipped)
 
 
 # ---------------------------------------------------------------------------- captions
 
 
-def _source_name(args) -> str:
-    return args.karpathy or ", ".join(args.coco or args.cocotalk)
+def _source_name(karpathy, coco, cocotalk) -> str:
+    return karpathy or ", ".join(coco or cocotalk)
 
 
 def _read_coco_files(paths) -> CaptionSet:
@@ -186,46 +164,73 @@ def _read_coco_files(paths) -> CaptionSet:
     return merged
 
 
-def _read_captions(args) -> CaptionSet:
+def _read_captions(karpathy, coco, cocotalk) -> CaptionSet:
     from geocap.data import readers
-    if args.karpathy:
-        return readers.read_karpathy(args.karpathy)
-    if args.cocotalk:
-        return readers.read_cocotalk(*args.cocotalk).captions
-    return _read_coco_files(args.coco)
+    if karpathy:
+        return readers.read_karpathy(karpathy)
+    if cocotalk:
+        return readers.read_cocotalk(*cocotalk).captions
+    if not coco:
+        raise DataError("give one caption source: --karpathy FILE, --coco FILE... or --cocotalk JSON LABEL_H5")
+    return _read_coco_files(coco)
 
 
-def run_captions(args) -> int:
-    """``geocap prepro captions``: tokenise, build the vocabulary, encode, write DIR."""
+@dataclass
+class CaptionsSummary:
+    """What :func:`prepro_captions` wrote: ``out``, the encoded captions' counts, the vocabulary's."""
+    out: str
+    captions: int
+    images: int
+    seconds: float
+    vocab_size: int
+    min_count: int
+    counted_over: str          # "train" or "all"
+    unk_share: float           # <unk> / kept words
+    max_len: int
+    truncated_share: float     # captions longer than max_len
+    words: int
+    per_split: dict
+
+    def lines(self) -> list:
+        """The report printed on stdout."""
+        return [f"wrote {self.captions} captions of {self.images} images to {self.out} in {self.seconds:.1f} s",
+                f"vocabulary: {self.vocab_size} words (min count {self.min_count}, counted over "
+                f"{self.counted_over} captions); <unk>: {self.unk_share:.2%} of kept words; "
+                f"truncated to {self.max_len}: {self.truncated_share:.2%} of captions ({self.words} words in all)",
+                "captions per split: " + ", ".join(f"{k} {v}" for k, v in self.per_split.items())]
+
+
+def prepro_captions(out, *, karpathy=None, coco=None, cocotalk=None, min_count: int = 5, max_len: int = 16,
+                    vocab_split: str = "train", progress: bool = True) -> CaptionsSummary:
+    """Read one caption source (``karpathy``: dataset_coco.json; ``coco``: COCO caption files;
+    ``cocotalk``: (cocotalk.json, cocotalk_label.h5)), build the vocabulary (words seen at least
+    ``min_count`` times over the train split, or over every caption with ``vocab_split="all"`` or
+    when the source has no splits), encode (``max_len`` words kept) and write the captions
+    directory ``out`` (vocab.json + captions.h5)."""
     from geocap.data.vocab import UNK, build_vocab, encode_captions, write_captions
-    if args.min_count < 1 or args.max_len < 1:
+    if min_count < 1 or max_len < 1:
         raise DataError("--min-count and --max-len must be at least 1")
     started = time.perf_counter()
     try:
-        captions = _read_captions(args)
+        captions = _read_captions(karpathy, coco, cocotalk)
     except FileNotFoundError as err:
         raise DataError(str(err)) from None
     if not captions.captions:
-        raise DataError(f"{_source_name(args)}: no captions")
+        raise DataError(f"{_source_name(karpathy, coco, cocotalk)}: no captions")
     counted = captions.captions
-    if args.vocab_split == "train" and captions.splits:
+    if vocab_split == "train" and captions.splits:
         counted = [c for c in captions.captions if captions.splits.get(int(c.image_id)) == "train"]
         if not counted:
             raise DataError("no train captions to build the vocabulary from (use --vocab-split all)")
-    vocab = build_vocab(counted, min_count=args.min_count)
-    encoded = encode_captions(captions, vocab, args.max_len, progress=args.progress)
-    write_captions(args.out, encoded)
-    n_words = sum(len(r.split()) for r in encoded.reference)
+    vocab = build_vocab(counted, min_count=min_count)
+    encoded = encode_captions(captions, vocab, max_len, progress=progress)
+    write_captions(out, encoded)
     unk = int((encoded.tokens == UNK).sum())
-    truncated = sum(len(r.split()) > args.max_len for r in encoded.reference)
-    per_split = {name: int((encoded.split == k).sum()) for k, name in enumerate(encoded.split_names)}
-    print(f"wrote {len(encoded)} captions of {len(set(encoded.image_id.tolist()))} images to {args.out} "
-          f"in {time.perf_counter() - started:.1f} s")
-    print(f"vocabulary: {len(vocab)} words (min count {args.min_count}, counted over "
-          f"{'train' if counted is not captions.captions else 'all'} captions); "
-          f"<unk>: {unk / max(1, int(encoded.length.sum())):.2%} of kept words; "
-          f"truncated to {args.max_len}: {truncated / len(encoded):.2%} of captions ({n_words} words in all)")
-    print("captions per split: " + ", ".join(f"{k} {v}" for k, v in per_split.items()))
-    return 0
-
-
+    return CaptionsSummary(
+        out=str(out), captions=len(encoded), images=len(set(encoded.image_id.tolist())),
+        seconds=time.perf_counter() - started, vocab_size=len(vocab), min_count=min_count,
+        counted_over="train" if counted is not captions.captions else "all",
+        unk_share=unk / max(1, int(encoded.length.sum())), max_len=max_len,
+        truncated_share=sum(len(r.split()) > max_len for r in encoded.reference) / len(encoded),
+        words=sum(len(r.split()) for r in encoded.reference),
+        per_split={name: int((encoded.split == k).sum()) for k, name in enumerate(encoded.split_names)})

@@ -45,6 +45,7 @@ from geocap.data.hdf5_errors import named_hdf5_errors, open_hdf5
 from geocap.data.json_file import read_json
 from geocap.data.items import Caption, CaptionSet, DataError
 from geocap.progress import progress_bar
+from geocap.errors import UsageError
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -168,7 +169,7 @@ class Vocabulary:
         ids optional: absent ones take the defaults); ValueError when it is not one."""
         words = data.get("words") if isinstance(data, dict) else None
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-            raise ValueError("'words' must be a list of strings")
+            raise DataError("'words' must be a list of strings")
         defaults = {"pad_id": PAD, "bos_id": BOS, "eos_id": EOS, "unk_id": UNK}
         ids = {k: data.get(k, v) for k, v in defaults.items()}
         return cls(words, data.get("min_count"), **ids)
@@ -199,7 +200,7 @@ def build_vocab(captions, min_count: int = 5) -> Vocabulary:
     alphabetical); rarer words will encode as <unk>. (ORT's ``count_thr=5`` keeps words seen
     more than 5 times, i.e. ``min_count=6``.)"""
     if min_count < 1:
-        raise ValueError(f"min_count must be at least 1, got {min_count}")
+        raise UsageError(f"min_count must be at least 1, got {min_count}")
     items = captions.captions if isinstance(captions, CaptionSet) else captions
     counts = Counter()
     for caption in items:
@@ -244,7 +245,7 @@ def encode_captions(captions: CaptionSet, vocab: Vocabulary, max_len: int = 16, 
                     progress: bool = False) -> EncodedCaptions:
     """Tokenise and encode every caption of ``captions``, grouped by image (stable)."""
     if max_len < 1:
-        raise ValueError(f"max_len must be at least 1, got {max_len}")
+        raise UsageError(f"max_len must be at least 1, got {max_len}")
     items = list(captions.captions)
     if not items:
         raise DataError("no captions to encode")

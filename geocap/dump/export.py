@@ -18,8 +18,8 @@ Three tables (one row each per ...), every column a plain number or string:
 
 :func:`write_csv` writes ``records.csv``, ``tokens.csv`` and ``objects.csv`` into a folder
 (each to a temporary name, then renamed); :func:`to_pandas` gives the same tables as
-DataFrames (pandas is imported only there). ``python -m geocap.dump.export DUMP --csv DIR
-[--analysis REPORT]``.
+DataFrames (pandas is imported only there). Command line: ``geocap export DUMP --csv DIR
+[--analysis REPORT]`` (:mod:`geocap.cli.export`).
 
 The analysis results (``geocap analyze``'s ``analysis.json``) as one long table,
 :func:`analysis_rows`: per number in the file a row ``key`` (its path of keys, joined by ``.``),
@@ -29,7 +29,6 @@ out. Written as ``analysis.csv``, or a DataFrame with :func:`to_pandas` (``analy
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
@@ -40,6 +39,7 @@ import numpy as np
 from geocap.data.atomic import write_text_atomic
 from geocap.data.attention_record import regular_objects
 from geocap.data.token_words import caption_words, token_words
+from geocap.errors import DataError
 
 __all__ = ["TABLES", "analysis_rows", "tables", "to_pandas", "write_csv"]
 
@@ -70,7 +70,7 @@ def tables(records: Iterable) -> dict:
             enc_layers = _layers(r, "encoder_entropy")
         if (_layers(r, "cross_entropy", "decoder_entropy", "cross"), _layers(r, "encoder_entropy")) \
                 != (dec_layers, enc_layers):
-            raise ValueError(f"record of image {r.image_id} (caption {r.caption_id}, {r.kind}) has other layer counts "
+            raise DataError(f"record of image {r.image_id} (caption {r.caption_id}, {r.kind}) has other layer counts "
                              f"than the first record's ({dec_layers} decoder, {enc_layers} encoder)")
         extra = r.extra or {}
         words = caption_words(r.tokens)
@@ -164,26 +164,3 @@ def to_pandas(records: Iterable = (), *, analysis=None) -> dict:
     if analysis is not None:
         named["analysis"] = analysis_rows(analysis)
     return {name: pandas.DataFrame(rows) for name, rows in named.items()}
-
-
-def main(argv=None) -> int:
-    """``python -m geocap.dump.export DUMP --csv DIR [--limit N]``."""
-    from geocap.data.dump_format import open_dump
-
-    parser = argparse.ArgumentParser(prog="python -m geocap.dump.export",
-                                     description="Write a dump's records as CSV tables (records, tokens, objects).")
-    parser.add_argument("dump", metavar="DUMP")
-    parser.add_argument("--csv", required=True, metavar="DIR", help="folder of the CSV files")
-    parser.add_argument("--limit", type=int, default=0, metavar="N", help="the first N records only (0: all)")
-    parser.add_argument("--analysis", metavar="REPORT", help="also analysis.csv from REPORT/analysis.json "
-                                                             "(geocap analyze's folder, or the file)")
-    args = parser.parse_args(argv)
-    dump = open_dump(args.dump, progress=False)
-    records = iter(dump) if args.limit <= 0 else (r for _, r in zip(range(args.limit), dump))
-    for name, path in write_csv(records, args.csv, analysis=args.analysis).items():
-        print(f"{name}: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from geocap.data.vocab import UNK
-from geocap.errors import DataError
+from geocap.errors import DataError, UsageError
 
 GROUND_TRUTH = "ground_truth.json"
 KMEANS_SEED = 0
@@ -92,11 +92,11 @@ def reference_referents(caption: dict, words: Sequence[str], *, image_id: int, p
     image and caption when the words are not the ground truth's."""
     tokens, refs = caption["tokens"], caption["refs"]
     if len(words) > len(tokens):
-        raise ValueError(f"{path}: caption {caption['caption_id']} of image {image_id} has {len(tokens)} words in "
+        raise DataError(f"{path}: caption {caption['caption_id']} of image {image_id} has {len(tokens)} words in "
                          f"the ground truth, {len(words)} in the captions")
     for t, w in enumerate(words):
         if w != tokens[t].lower() and w != "<unk>":
-            raise ValueError(f"{path}: caption {caption['caption_id']} of image {image_id}: word {t} is {w!r} in the "
+            raise DataError(f"{path}: caption {caption['caption_id']} of image {image_id}: word {t} is {w!r} in the "
                              f"captions, {tokens[t]!r} in the ground truth")
     return np.array(list(refs[:len(words)]) + [-1], np.int64)
 
@@ -159,7 +159,7 @@ def fit_clusters(features: np.ndarray, k: int) -> np.ndarray:
     from scipy.cluster.vq import kmeans2
     x = _normalised(features)
     if len(x) < k:
-        raise ValueError(f"clusters: {k} clusters need at least {k} objects, the sample has {len(x)}")
+        raise UsageError(f"clusters: {k} clusters need at least {k} objects, the sample has {len(x)}")
     centroids, _ = kmeans2(x.astype(np.float64), k, minit="++", rng=np.random.default_rng(KMEANS_SEED))
     return centroids.astype(np.float32)
 

@@ -19,6 +19,7 @@ from geocap.dump.record_builder import WHAT
 from geocap.dump.writer import COMPRESSIONS
 from geocap.options import check_int
 from geocap.out_dir import check_out_dir
+from geocap.errors import DataError, UsageError
 
 MODES = ("teacher-forced", "generated")
 DEFAULT_BEAM_SIZE, DEFAULT_MAX_LEN = 3, 20     # a geocap checkpoint's decoding when not given
@@ -37,7 +38,7 @@ def _parse_what(what) -> tuple:
     what = tuple(what)
     bad = [w for w in what if w not in WHAT_NAMES]
     if bad or not what:
-        raise ValueError(f"what must be a non-empty subset of {','.join(WHAT_NAMES)}, got {','.join(what) or '(none)'}")
+        raise UsageError(f"what must be a non-empty subset of {','.join(WHAT_NAMES)}, got {','.join(what) or '(none)'}")
     return tuple(w for w in WHAT_NAMES if w in what)
 
 
@@ -68,26 +69,26 @@ class DumpOptions:
     def checked(self) -> "DumpOptions":
         """These options with ``what`` as a tuple in canonical order; ValueError naming a bad one."""
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         what = _parse_what(self.what)
         maps = what if self.maps is None else _parse_what(self.maps)
         if not set(maps) <= set(what):
-            raise ValueError(f"maps ({','.join(maps)}) must be among what ({','.join(what)}): a kind's maps come "
+            raise UsageError(f"maps ({','.join(maps)}) must be among what ({','.join(what)}): a kind's maps come "
                              f"with its entropies")
         if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+            raise UsageError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
         for name, low in (("shard_images", 1), ("batch_size", 1), ("beam_size", 1), ("max_len", 1), ("limit", 0),
                           ("clusters", 0), ("cluster_sample", 1)):
             if getattr(self, name) is not None or name not in ("beam_size", "max_len"):
                 check_int(name, getattr(self, name), low)
         if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
+            raise UsageError(f"on_error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
         if self.writer not in WRITERS:
-            raise ValueError(f"writer must be one of {', '.join(WRITERS)}, got {self.writer!r}")
+            raise UsageError(f"writer must be one of {', '.join(WRITERS)}, got {self.writer!r}")
         if self.encoder_top_k is not None:
             check_top_k(self.encoder_top_k)
             if self.stats_only or "encoder" not in maps:
-                raise ValueError("encoder_top_k compacts the stored encoder maps, but this dump stores none "
+                raise UsageError("encoder_top_k compacts the stored encoder maps, but this dump stores none "
                                  "(stats_only, or maps without encoder)")
         return dataclasses.replace(self, what=what, maps=maps)
 
@@ -225,7 +226,7 @@ def _plan_options(options: DumpOptions) -> DumpOptions:
     size and maximum length filled in."""
     o = options.checked()
     if o.on_error != "raise":
-        raise ValueError("on_error skip (--on-error skip) is for Hugging Face captioners' dumps (--hf); a geocap "
+        raise UsageError("on_error skip (--on-error skip) is for Hugging Face captioners' dumps (--hf); a geocap "
                          "checkpoint's dump reads a feature store (geocap prepro --on-error skips bad images)")
     return dataclasses.replace(o, beam_size=DEFAULT_BEAM_SIZE if o.beam_size is None else o.beam_size,
                                max_len=DEFAULT_MAX_LEN if o.max_len is None else o.max_len)
@@ -236,17 +237,17 @@ def _plan_paths(checkpoint, data, out, o: DumpOptions) -> tuple:
     (``out``: a dump to resume or a folder that may become one); ValueError naming the argument."""
     checkpoint = os.path.abspath(os.fspath(checkpoint))
     if not os.path.isfile(checkpoint):
-        raise ValueError(f"checkpoint: {checkpoint}: no such file")
+        raise DataError(f"checkpoint: {checkpoint}: no such file")
     data = os.path.abspath(os.fspath(data))
     if not os.path.isdir(data):
-        raise ValueError(f"data: {data}: no such directory")
+        raise DataError(f"data: {data}: no such directory")
     out = os.path.abspath(os.fspath(out))
     check_out_dir(out, marker=MANIFEST, kind="geocap dump")        # a dump (resumed) or a new folder
     store_path, caps_dir = os.path.join(data, o.features_file), os.path.join(data, o.captions)
     if not os.path.isfile(store_path):
-        raise ValueError(f"data: {store_path}: feature store missing")
+        raise DataError(f"data: {store_path}: feature store missing")
     if not os.path.isdir(caps_dir):
-        raise ValueError(f"data: {caps_dir}: captions directory missing")
+        raise DataError(f"data: {caps_dir}: captions directory missing")
     return checkpoint, data, out, store_path, caps_dir
 
 
@@ -261,10 +262,10 @@ def _load_inputs(checkpoint: str, store_path: str, caps_dir: str, split: str) ->
     dataset = CaptionDataset(store_path, caps_dir, split, per_image=True, captions_per_image="all")
     vocab = ckpt.vocab
     if vocab.words != dataset.vocab.words:
-        raise ValueError(f"checkpoint {checkpoint} and captions dir {caps_dir} have different vocabularies "
+        raise DataError(f"checkpoint {checkpoint} and captions dir {caps_dir} have different vocabularies "
                          f"(sha1 {vocab.sha1[:12]} vs {dataset.vocab.sha1[:12]})")
     if ckpt.config.feature_dim != dataset.store.feature_dim:
-        raise ValueError(f"checkpoint {checkpoint} expects {ckpt.config.feature_dim}-dimensional features but "
+        raise DataError(f"checkpoint {checkpoint} expects {ckpt.config.feature_dim}-dimensional features but "
                          f"{store_path} holds {dataset.store.feature_dim}-dimensional ones")
     return sha256, ckpt, dataset
 
@@ -295,7 +296,7 @@ def _plan_referents(data: str, dataset, image_ids: np.ndarray, o: DumpOptions) -
     if hypothetical is None:
         hypothetical = truth is not None and o.mode == "teacher-forced"
     if hypothetical and (truth is None or o.mode != "teacher-forced"):
-        raise ValueError("hypothetical captions need referents (DIR/ground_truth.json) and mode teacher-forced")
+        raise UsageError("hypothetical captions need referents (DIR/ground_truth.json) and mode teacher-forced")
     store = dataset.store
     cluster_source = "ground_truth" if truth is not None else ("kmeans" if o.clusters > 0 else "none")
     centroids = None

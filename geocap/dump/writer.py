@@ -49,6 +49,7 @@ from geocap.data.dump_format import (FORMAT_VERSION, SHARD_FORMAT, TOP_K_INDEX, 
                                      check_top_k, strings_crc32)
 from geocap.data.file_digest import file_sha256
 from geocap.data.top_k_rows import keep_top_k
+from geocap.errors import DataError, UsageError
 
 COMPRESSIONS = ("lzf", "gzip", "none")
 GZIP_LEVEL = 1                 # measured: 2% larger than level 4 on shuffled float16 maps, ~35% less CPU
@@ -113,7 +114,7 @@ def _filters(compression: str) -> dict:
         return {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True, "fletcher32": True}
     if compression == "none":
         return {"fletcher32": True}
-    raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    raise UsageError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
 
 
 class ShardWriter:
@@ -204,7 +205,7 @@ class ShardWriter:
             if self.flags[flag]:
                 value = getattr(first, name)
                 if value is None:
-                    raise ValueError(f"{where}: {name} missing but the shard stores them")
+                    raise DataError(f"{where}: {name} missing but the shard stores them")
                 self._put(f"objects/{name}", np.asarray(value, dtype))
         if "encoder_self" in self.maps:
             self._put_encoder_map(first)
@@ -213,15 +214,15 @@ class ShardWriter:
         for rec in records:
             rec.validate()
             if rec.image_id != first.image_id or rec.num_objects != n:
-                raise ValueError(f"{where}: add_image got a record of image {rec.image_id} ({rec.num_objects} objects)")
+                raise DataError(f"{where}: add_image got a record of image {rec.image_id} ({rec.num_objects} objects)")
             if _regions(rec) != _regions(first):
-                raise ValueError(f"{where}: its records carry different extra['referent_objects'] (the regions are "
+                raise DataError(f"{where}: its records carry different extra['referent_objects'] (the regions are "
                                  f"the image's, shared by all its records)")
             t = rec.num_tokens
             try:
                 ids = np.array([self.word_id[w] for w in rec.tokens], np.int32)
             except KeyError as err:
-                raise ValueError(f"{where} caption {rec.caption_id}: token {err.args[0]!r} is not in the vocabulary")\
+                raise DataError(f"{where} caption {rec.caption_id}: token {err.args[0]!r} is not in the vocabulary")\
                     from None
             self._put("records/image", np.array([image], np.int32))
             self._put("records/caption_id", np.array([rec.caption_id], np.int64))
@@ -270,7 +271,7 @@ class ShardWriter:
         self._put("images/patch_grid", np.array([[0, 0] if grid is None else [int(g) for g in grid]], np.int32))
         name = extra.get("file_name")
         if name is not None and not (isinstance(name, str) and name):
-            raise ValueError(f"image {first.image_id}: extra['file_name'] must be a non-empty str, got {name!r}")
+            raise DataError(f"image {first.image_id}: extra['file_name'] must be a non-empty str, got {name!r}")
         self._put("images/file_name", np.array([name or ""], dtype=object))
         regions = _regions(first)
         self._put("images/n_regions", np.array([len(regions)], np.int32))
@@ -284,7 +285,7 @@ class ShardWriter:
         if value is None:
             return -1
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 0 < value < 2**31:
-            raise ValueError(f"image {rec.image_id}: extra[{name!r}] must be a positive int (pixels) or None, "
+            raise DataError(f"image {rec.image_id}: extra[{name!r}] must be a positive int (pixels) or None, "
                              f"got {value!r}")
         return int(value)
 
@@ -292,7 +293,7 @@ class ShardWriter:
     def _field(rec: Record, name: str, dtype) -> np.ndarray:
         value = getattr(rec, name)
         if value is None:
-            raise ValueError(f"image {rec.image_id} caption {rec.caption_id}: {name} missing but the shard stores it")
+            raise DataError(f"image {rec.image_id} caption {rec.caption_id}: {name} missing but the shard stores it")
         return np.ascontiguousarray(value, dtype=dtype).reshape(-1)
 
     @staticmethod

@@ -193,6 +193,10 @@ class WriterProcess:
         self._paths.pop(seq, None)
         if seq == self._seq:
             self._open = False
+        from geocap import errors
+        own = getattr(errors, kind, None)                # geocap's own error types keep their type
+        if isinstance(own, type) and issubclass(own, errors.GeocapError):
+            raise own(message)
         if kind == "ValueError":
             raise ValueError(message)
         raise RuntimeError(f"shard writer process: {kind}: {message}")

@@ -49,6 +49,7 @@ from .models import SUPPORTED, UnsupportedModel, captioner_for, import_transform
 from .patches import PatchGrid
 from .record import record_captions
 from .referents import CategoryWords, caption_referents, category_regions
+from geocap.errors import DataError, UsageError
 
 __all__ = ["HFDumpPlan", "dump_hf", "load_captioner", "model_digest"]
 
@@ -68,12 +69,12 @@ def model_digest(folder: str) -> str:
 def _model_class(folder: str) -> str:
     config = os.path.join(folder, "config.json")
     if not os.path.isfile(config):
-        raise ValueError(f"--hf: {folder}: no config.json (a folder written by save_pretrained)")
+        raise DataError(f"--hf: {folder}: no config.json (a folder written by save_pretrained)")
     try:
         with open(config, encoding="utf-8") as fh:
             architectures = json.load(fh).get("architectures") or []
     except (OSError, ValueError) as err:
-        raise ValueError(f"--hf: {config}: unreadable ({err})") from None
+        raise DataError(f"--hf: {config}: unreadable ({err})") from None
     known = [a for a in architectures if a in SUPPORTED]
     if not known:
         raise UnsupportedModel(f"--hf: {folder}: model class {', '.join(architectures) or '(none in config.json)'} "
@@ -92,7 +93,7 @@ def _check_parts(folder: str) -> None:
     for what, names, call in (("tokenizer", TOKENIZER_FILES, "tokenizer.save_pretrained(MODEL_DIR)"),
                               ("image processor", PROCESSOR_FILES, "image_processor.save_pretrained(MODEL_DIR)")):
         if not any(os.path.isfile(os.path.join(folder, n)) for n in names):
-            raise ValueError(f"--hf: {folder}: no {what} saved there (none of {', '.join(names)}); save it beside "
+            raise DataError(f"--hf: {folder}: no {what} saved there (none of {', '.join(names)}); save it beside "
                              f"the model with {call}")
 
 
@@ -102,7 +103,7 @@ def load_captioner(folder, device="cpu") -> tuple:
     transformers = import_transformers()
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
-        raise ValueError(f"--hf: {folder}: no such directory")
+        raise DataError(f"--hf: {folder}: no such directory")
     name = _model_class(folder)
     _check_parts(folder)
     try:
@@ -111,7 +112,7 @@ def load_captioner(folder, device="cpu") -> tuple:
         image_processor = transformers.AutoImageProcessor.from_pretrained(folder)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
-        raise ValueError(f"--hf: {folder}: cannot load the model, its image processor and tokenizer ({err})") from None
+        raise DataError(f"--hf: {folder}: cannot load the model, its image processor and tokenizer ({err})") from None
     return model.to(device).eval(), image_processor, tokenizer, name
 
 
@@ -124,7 +125,7 @@ def _vocabulary(tokenizer, size: int, eos_id: int) -> list:
     words[eos_id] = "<eos>"
     if len(set(words)) != len(words):
         twice = next(w for w, count in Counter(words).items() if count > 1)
-        raise ValueError(f"the tokenizer gives two ids the token string {twice!r}: a dump stores tokens as strings")
+        raise DataError(f"the tokenizer gives two ids the token string {twice!r}: a dump stores tokens as strings")
     return words
 
 
@@ -184,12 +185,12 @@ def _check_mode(options: DumpOptions, images: ImageSet) -> None:
     if options.mode != "teacher-forced":
         return
     if images.captions is None:
-        raise ValueError("mode teacher-forced needs reference captions (--captions COCO_JSON); without them use "
+        raise UsageError("mode teacher-forced needs reference captions (--captions COCO_JSON); without them use "
                          "--mode generated")
     bare = [k for k, texts in enumerate(images.captions) if not texts]
     if bare:
         k = bare[0]
-        raise ValueError(f"--captions: {images.captions_file}: image {int(images.image_ids[k])} ({images.files[k]}) "
+        raise DataError(f"--captions: {images.captions_file}: image {int(images.image_ids[k])} ({images.files[k]}) "
                          f"has no caption ({len(bare)} such images): teacher-forced mode records reference captions; "
                          f"give it captions, leave it out of the images list, or use --mode generated")
 
@@ -201,7 +202,7 @@ def plan_hf_dump(model, tokenizer, name: str, model_dir: str, images: ImageSet, 
 
     o = options.checked()
     if o.hypothetical:
-        raise ValueError("hypothetical captions are not made for Hugging Face captioners' dumps")
+        raise UsageError("hypothetical captions are not made for Hugging Face captioners' dumps")
     _check_mode(o, images)
     rank, world_size = check_rank(rank, world_size)
     captioner = captioner_for(model)
@@ -254,7 +255,7 @@ def _read_and_process(plan: HFDumpPlan, positions: list, image_processor) -> tup
             try:
                 pixels.append(image_processor(images=[picture], return_tensors="pt")["pixel_values"])
             except (ValueError, TypeError, OSError) as err:
-                raise ValueError(f"image {image_id}: {images.path(position)}: the image processor refused it "
+                raise DataError(f"image {image_id}: {images.path(position)}: the image processor refused it "
                                  f"({err})") from None
         except ValueError as err:
             if plan.options.on_error != "skip":
@@ -322,7 +323,7 @@ def _image_grid(image_processor, picture, record, patch: tuple, image_id: int) -
     (x1, y1, x2, y2), (height, width) = processor_window(image_processor, picture.width, picture.height)
     got = (record.extra["height"], record.extra["width"])
     if got != (height, width):
-        raise ValueError(f"image {image_id}: the image processor {type(image_processor).__name__} gave "
+        raise DataError(f"image {image_id}: the image processor {type(image_processor).__name__} gave "
                          f"{got[0]}x{got[1]} pixels where its settings give {height}x{width}: geocap.hf cannot tell "
                          f"which part of the image the model saw")
     rows, cols = record.extra["patch_grid"]

@@ -56,7 +56,7 @@ class ImageSet:
 def _folder_files(folder: str, required: bool = True) -> list:
     files = sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
     if not files and required:
-        raise ValueError(f"--images: {folder} holds no image file ({'/'.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"--images: {folder} holds no image file ({'/'.join(IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -86,7 +86,7 @@ def _read_captions(path: str, folder: str) -> tuple:
     ids = sorted(files)
     for image_id in ids:
         if not os.path.isfile(os.path.join(folder, files[image_id])):
-            raise ValueError(f"image {image_id}: file {os.path.join(folder, files[image_id])} (from --captions "
+            raise DataError(f"image {image_id}: file {os.path.join(folder, files[image_id])} (from --captions "
                              f"{path}) is missing")
     return np.array(ids, np.int64), [files[i] for i in ids], [captions[i] for i in ids]
 
@@ -95,7 +95,7 @@ def _read_instances(path: str) -> tuple:
     data = read_json(path, "COCO instances file")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
                                                                                       "categories")):
-        raise ValueError(f"--instances: {path}: not COCO instance annotations (needs 'images', 'annotations' and "
+        raise DataError(f"--instances: {path}: not COCO instance annotations (needs 'images', 'annotations' and "
                          f"'categories' lists)")
     categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
     sizes = {int(e["id"]): (float(e["width"]), float(e["height"])) for e in data["images"]}
@@ -103,14 +103,14 @@ def _read_instances(path: str) -> tuple:
     for ann in data["annotations"]:
         image_id, cid = ann.get("image_id"), ann.get("category_id")
         if image_id not in sizes or cid not in categories:
-            raise ValueError(f"--instances: {path}: annotation {ann.get('id')!r} names an unknown image {image_id!r} "
+            raise DataError(f"--instances: {path}: annotation {ann.get('id')!r} names an unknown image {image_id!r} "
                              f"or category {cid!r}")
         if ann.get("iscrowd"):
             continue
         width, height = sizes[image_id]
         x, y, w, h = (float(v) for v in ann["bbox"])
         if not (width > 0 and height > 0 and w >= 0 and h >= 0):
-            raise ValueError(f"--instances: {path}: annotation {ann.get('id')!r} of image {image_id}: bad bbox "
+            raise DataError(f"--instances: {path}: annotation {ann.get('id')!r} of image {image_id}: bad bbox "
                              f"{ann['bbox']} or image size {width}x{height}")
         box = (max(0.0, x / width), max(0.0, y / height), min(1.0, (x + w) / width), min(1.0, (y + h) / height))
         instances.setdefault(int(image_id), []).append((int(cid), box))
@@ -122,12 +122,12 @@ def load_image_set(folder, *, captions=None, instances=None, limit: int = 0) -> 
     ValueError naming the argument, the file or the image id."""
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
-        raise ValueError(f"--images: {folder}: no such directory")
+        raise DataError(f"--images: {folder}: no such directory")
     digests, texts, unlisted = {}, None, []
     if captions is not None:
         captions = os.path.abspath(os.fspath(captions))
         if not os.path.isfile(captions):
-            raise ValueError(f"--captions: {captions}: no such file")
+            raise DataError(f"--captions: {captions}: no such file")
         image_ids, files, texts = _read_captions(captions, folder)
         digests["captions"] = file_sha256(captions)
         named = set(files)
@@ -144,7 +144,7 @@ def load_image_set(folder, *, captions=None, instances=None, limit: int = 0) -> 
     if instances is not None:
         instances = os.path.abspath(os.fspath(instances))
         if not os.path.isfile(instances):
-            raise ValueError(f"--instances: {instances}: no such file")
+            raise DataError(f"--instances: {instances}: no such file")
         boxes, names = _read_instances(instances)
         digests["instances"] = file_sha256(instances)
     return ImageSet(folder=folder, image_ids=image_ids, files=files, captions=texts, instances=boxes,
@@ -163,8 +163,8 @@ def read_image(path: str, image_id: int):
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
                 grey = np.asarray(image, dtype=np.float64)
                 if grey.size and (grey.min() < 0 or grey.max() > 65535):
-                    raise ValueError(f"image {image_id}: {path}: grey levels outside 16 bits ({image.mode})")
+                    raise DataError(f"image {image_id}: {path}: grey levels outside 16 bits ({image.mode})")
                 image = Image.fromarray(np.round(grey / 257.0).astype(np.uint8), mode="L")
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"image {image_id}: cannot read {path} ({err})") from None
+        raise DataError(f"image {image_id}: cannot read {path} ({err})") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from geocap.errors import UsageError
+from geocap.errors import DataError, UsageError
 
 from .patches import PatchGrid
 
@@ -107,7 +107,7 @@ class _VisionEncoderDecoder(_Captioner):
         self.eos_id = _first(gen.eos_token_id if gen is not None and gen.eos_token_id is not None
                              else config.decoder.eos_token_id)
         if self.start_id is None or self.eos_id is None:
-            raise ValueError(f"{self.name}: the config needs decoder_start_token_id and eos_token_id "
+            raise DataError(f"{self.name}: the config needs decoder_start_token_id and eos_token_id "
                              f"(got {self.start_id} and {self.eos_id})")
         self.vocab_size = config.decoder.vocab_size
         self.patch = _patch_size(config.encoder)

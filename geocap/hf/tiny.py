@@ -51,6 +51,7 @@ from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
 
 from .models import import_transformers
+from geocap.errors import DataError, UsageError
 
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 PAD, BOS, EOS, UNK = range(4)
@@ -80,10 +81,10 @@ def build_tokenizer(words: Iterable[str]):
     vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS)}
     for word in words:
         if not isinstance(word, str) or not word.strip() or word != word.strip():
-            raise ValueError(f"words must be non-empty strings without surrounding spaces, got {word!r}")
+            raise DataError(f"words must be non-empty strings without surrounding spaces, got {word!r}")
         vocab.setdefault(word.lower(), len(vocab))
     if len(vocab) == len(SPECIAL_TOKENS):
-        raise ValueError("words is empty: the tokenizer needs at least one word besides the special tokens")
+        raise DataError("words is empty: the tokenizer needs at least one word besides the special tokens")
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = _pre_tokenizer()
@@ -106,18 +107,18 @@ def check_sizes(**sizes) -> dict:
     naming the argument for an unknown name or a bad value."""
     unknown = sorted(set(sizes) - set(DEFAULT_SIZES))
     if unknown:
-        raise ValueError(f"unknown size argument {unknown[0]!r}; known: {', '.join(DEFAULT_SIZES)}")
+        raise UsageError(f"unknown size argument {unknown[0]!r}; known: {', '.join(DEFAULT_SIZES)}")
     sizes = {**DEFAULT_SIZES, **sizes}
     for name, low in (("image_size", 8), ("patch_size", 1), ("d_model", 8), ("layers", 1), ("heads", 1),
                       ("max_length", 2)):
         check_int(name, sizes[name], low)
     if sizes["image_size"] % sizes["patch_size"]:
-        raise ValueError(f"image_size ({sizes['image_size']}) must be a multiple of patch_size ({sizes['patch_size']})")
+        raise UsageError(f"image_size ({sizes['image_size']}) must be a multiple of patch_size ({sizes['patch_size']})")
     if sizes["d_model"] % sizes["heads"]:
-        raise ValueError(f"d_model ({sizes['d_model']}) must be a multiple of heads ({sizes['heads']})")
+        raise UsageError(f"d_model ({sizes['d_model']}) must be a multiple of heads ({sizes['heads']})")
     dropout = sizes["dropout"]
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise UsageError(f"dropout must be in [0, 1), got {dropout!r}")
     return sizes
 
 
@@ -168,12 +169,12 @@ def load_captioned_images(images_dir, captions_json, image_processor, *, progres
     images_dir, captions_json = os.fspath(images_dir), os.fspath(captions_json)
     coco = read_coco_file(captions_json)
     if not os.path.isdir(images_dir):
-        raise ValueError(f"images_dir: {images_dir} is not a folder")
+        raise DataError(f"images_dir: {images_dir} is not a folder")
     captions = {image_id: [ann["caption"] for ann in anns] for image_id, anns in coco.captions_by_image().items()}
     files = {image_id: coco.file_name(image_id) for image_id in coco.images}
     image_ids = [i for i in files if captions.get(i)]
     if not image_ids:
-        raise ValueError(f"{captions_json}: no captioned images")
+        raise DataError(f"{captions_json}: no captioned images")
     pixels, chunk = [], 256
     bar = progress_bar(total=len(image_ids), unit="img", desc="load images", enabled=progress)
     try:
@@ -185,7 +186,7 @@ def load_captioned_images(images_dir, captions_json, image_processor, *, progres
                     with Image.open(path) as im:
                         batch.append(im.convert("RGB"))
                 except (OSError, UnidentifiedImageError) as err:
-                    raise ValueError(f"{path}: image {image_id} of {captions_json} is missing or unreadable "
+                    raise DataError(f"{path}: image {image_id} of {captions_json} is missing or unreadable "
                                      f"({err})") from None
             pixels.append(image_processor(images=batch, return_tensors="pt")["pixel_values"].float())
             bar.update(len(batch))
@@ -237,7 +238,7 @@ def train_tiny_captioner(images_dir, captions_json, out_dir, *, steps: int = 100
     check_int("batch_size", batch_size, 1)
     check_int("seed", seed, 0)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        raise UsageError(f"lr must be a number > 0, got {lr!r}")
     sizes = check_sizes(**sizes)
     out_dir = os.fspath(out_dir)
     check_out_dir(out_dir, marker=TRAIN_LOG, kind="geocap hf-train-tiny model folder", verb="replace")
@@ -330,45 +331,3 @@ def _save_folder(out_dir: str, model, processor, tokenizer, log: dict) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _run(args) -> int:
-    sizes = {k: getattr(args, k) for k in ("image_size", "patch_size", "d_model", "layers", "heads")}
-    summary = train_tiny_captioner(args.images, args.captions, args.out, steps=args.steps, batch_size=args.batch_size,
-                                   lr=args.lr, seed=args.seed, progress=not args.no_progress, **sizes)
-    print(f"trained a tiny VisionEncoderDecoderModel ({summary['parameters']} parameters, vocabulary "
-          f"{summary['vocab_size']}) on {summary['images']} images / {summary['captions']} captions: "
-          f"{summary['steps']} steps, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, "
-          f"{summary['seconds_per_step']:.3f} s/step; saved to {summary['out_dir']}")
-    return 0
-
-
-def add_hf_train_tiny_parser(subparsers):
-    """Register ``geocap hf-train-tiny --images DIR --captions JSON --out MODEL_DIR [--steps N]
-    [--batch-size B] [--lr LR] [--seed S] [--image-size S] [--patch-size P] [--d-model D]
-    [--layers L] [--heads H] [--no-progress]``. The handler returns 0, or raises ValueError for
-    bad input (exit status 2 via ``geocap.cli.main``)."""
-    d = DEFAULT_SIZES
-    p = subparsers.add_parser(
-        "hf-train-tiny", help="train a tiny Hugging Face VisionEncoderDecoderModel from scratch on rendered images",
-        description="Train a tiny ViT + GPT-2 VisionEncoderDecoderModel from random init on a COCO captions file and "
-                    "its images (e.g. `geocap synth-images` output), on the CPU, and save it with its tokenizer and "
-                    "image processor (save_pretrained) for geocap.hf.record_captions. Needs geocap[hf].")
-    p.add_argument("--images", required=True, metavar="DIR", help="folder of the images (file_name in the JSON)")
-    p.add_argument("--captions", required=True, metavar="JSON", help="COCO captions file")
-    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="output folder (replaced if it holds a model)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per step, each with all its captions (16)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW (default 2e-3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--image-size", type=int, default=d["image_size"], help=f"input side (default {d['image_size']})")
-    p.add_argument("--patch-size", type=int, default=d["patch_size"], help=f"patch side (default {d['patch_size']})")
-    p.add_argument("--d-model", type=int, default=d["d_model"], help=f"width (default {d['d_model']})")
-    p.add_argument("--layers", type=int, default=d["layers"], help=f"layers per side (default {d['layers']})")
-    p.add_argument("--heads", type=int, default=d["heads"], help=f"attention heads (default {d['heads']})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
-    return p

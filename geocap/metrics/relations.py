@@ -53,6 +53,7 @@ from geocap.data.relations import RELATIONS, group_relations, relation_matrix, r
 from geocap.data.synth import FILES
 
 from .tokenize import python_ptb_tokenize
+from geocap.errors import DataError
 
 __all__ = ["GROUND_TRUTH_FILE", "ParsedRelation", "RelationAccuracy", "RelationLexicon", "RelationTruth",
            "find_relations", "load_relation_truth", "relation_accuracy"]
@@ -174,8 +175,8 @@ class RelationTruth:
         return bool(group_relations(image.relations, members)[RELATIONS.index(relation), 0, 1])
 
 
-def _bad(path: str, what: str) -> ValueError:
-    return ValueError(f"{path}: {what}")
+def _bad(path: str, what: str) -> DataError:
+    return DataError(f"{path}: {what}")
 
 
 def _token_tuple(text) -> tuple:
@@ -289,7 +290,7 @@ def relation_accuracy(captions: Mapping[int, Union[str, Sequence[str]]], truth: 
     result = RelationAccuracy()
     for image_id, texts in captions.items():
         if image_id not in truth.images:
-            raise ValueError(f"image {image_id!r}: not in the ground truth {truth.path or '(in memory)'}")
+            raise DataError(f"image {image_id!r}: not in the ground truth {truth.path or '(in memory)'}")
         for text in [texts] if isinstance(texts, str) else texts:
             if not isinstance(text, str):
                 raise ValueError(f"image {image_id}: a caption must be a string, got {type(text).__name__}")

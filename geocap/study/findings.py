@@ -66,6 +66,7 @@ import math
 from typing import Callable, Mapping, Optional, Sequence
 
 from .stats import Z95, RELATION_GROUPS, combine_seeds, excludes_zero
+from geocap.errors import DataError
 
 __all__ = ["ENTROPY_KINDS", "VERDICTS", "attention_findings", "attention_summary", "by_layer", "controlled_curve",
            "feature_cosine_check", "geometry_findings", "verdict"]
@@ -107,7 +108,7 @@ def controlled_curve(rows) -> Optional[dict]:
             values.append(None if mean is None else float(mean))
             ses.append(None if ci is None else (float(ci[1]) - float(ci[0])) / (2 * Z95))
         except (KeyError, TypeError, ValueError, IndexError):
-            raise ValueError(f"controlled measure, layer {layer}: expected {{'mean', 'ci95': [lo, hi], 'images'}}, "
+            raise DataError(f"controlled measure, layer {layer}: expected {{'mean', 'ci95': [lo, hi], 'images'}}, "
                              f"got {row!r}") from None
     change = None if values[0] is None or values[-1] is None else values[-1] - values[0]
     change_se = _quadrature(ses[0], ses[-1])
@@ -143,7 +144,7 @@ def attention_summary(analysis: Mapping) -> dict:
     try:
         ent, prox, them, gr = (analysis[k] for k in ("entropy", "proximity", "thematic", "grounding"))
     except (KeyError, TypeError) as err:
-        raise ValueError(f"analysis.json: section {err} missing") from None
+        raise DataError(f"analysis.json: section {err} missing") from None
     out = {f"entropy_{k}": _curve(ent.get("per_layer", {}).get(k), ent.get("per_layer_uncertainty", {}).get(k))
            for k in ENTROPY_KINDS}
     out["proximity_distance"] = _curve(prox.get("spearman_distance"), None)
@@ -282,7 +283,7 @@ def attention_findings(variant: str, summaries: Sequence[Mapping],
     when given, those of the seeds' untrained controls (same seed order). ValueError when the two
     differ in length."""
     if untrained is not None and len(untrained) != len(summaries):
-        raise ValueError(f"variant {variant!r}: {len(summaries)} trained models but {len(untrained)} untrained ones")
+        raise DataError(f"variant {variant!r}: {len(summaries)} trained models but {len(untrained)} untrained ones")
     v = [variant]
     out = []
 

@@ -40,7 +40,6 @@ study makes (weights; the checkpoint files also hold wall-clock timings).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -147,16 +146,12 @@ def _remove(path: str) -> None:
 
 
 def _prepro_captions(karpathy: str, out: str, settings: StudySettings) -> None:
-    """``geocap prepro captions --karpathy FILE --out DIR``, through its own parser and handler."""
-    from geocap.data.prepro import add_prepro_parser
+    """``geocap prepro captions --karpathy FILE --out DIR`` (its report on stderr)."""
+    from geocap.data.prepro import prepro_captions
 
-    parser = argparse.ArgumentParser(prog="geocap")
-    add_prepro_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["prepro", "captions", "--karpathy", karpathy, "--out", out,
-                              "--min-count", str(settings.min_count), "--max-len", str(settings.max_caption_len),
-                              "--no-progress"])
-    with contextlib.redirect_stdout(sys.stderr):
-        args.func(args)
+    summary = prepro_captions(out, karpathy=karpathy, min_count=settings.min_count,
+                              max_len=settings.max_caption_len, progress=False)
+    print("\n".join(summary.lines()), file=sys.stderr)
 
 
 def _data_record(settings: StudySettings) -> dict:
@@ -380,7 +375,7 @@ def _check_settings(out: str, settings: StudySettings) -> bool:
     saved = StudySettings.load(path)
     changed = settings.differences(saved)
     if changed:
-        raise ValueError(f"--out: {out} holds a study with other settings: {'; '.join(changed)}. Studies are never "
+        raise UsageError(f"--out: {out} holds a study with other settings: {'; '.join(changed)}. Studies are never "
                          f"mixed: rerun with that study's settings to continue it, or choose another --out")
     return True
 
@@ -394,7 +389,7 @@ def _check_train_options(settings: StudySettings) -> None:
         try:
             TrainConfig.from_dict({"data": "", "out": "", **settings.train_options(variant, seed)})
         except ValueError as err:
-            raise ValueError(f"study variant {variant}: {err}") from None
+            raise UsageError(f"study variant {variant}: {err}") from None
 
 
 def _remove_stale(out: str, log: Callable[[str], None]) -> None:
@@ -457,7 +452,7 @@ def run_study(out, settings: StudySettings, *, aggregate: Optional[Callable] = N
     log = _stderr if log is None else log
     aggregate = summarize_and_report if aggregate is None else aggregate
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"--jobs must be a positive int, got {jobs!r}")
+        raise UsageError(f"--jobs must be a positive int, got {jobs!r}")
     settings.validate()
     _check_train_options(settings)
     if not _check_settings(out, settings):

@@ -44,6 +44,7 @@ from geocap.data.atomic import write_text_atomic
 from geocap.data.json_file import read_json
 from geocap.metrics.tokenize import TOKENIZERS
 from geocap.train.schedule import DECAYS
+from geocap.errors import DataError, UsageError
 
 __all__ = ["SETTINGS_FILE", "StudySettings", "VARIANTS"]
 
@@ -139,51 +140,51 @@ class StudySettings:
             value = getattr(self, f.name)
             kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type))
             if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"study setting {f.name} must be an int, got {value!r}")
+                raise UsageError(f"study setting {f.name} must be an int, got {value!r}")
             if kind is float:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"study setting {f.name} must be a number, got {value!r}")
+                    raise UsageError(f"study setting {f.name} must be a number, got {value!r}")
                 object.__setattr__(self, f.name, float(value))
             if kind is bool and not isinstance(value, bool):
-                raise ValueError(f"study setting {f.name} must be true or false, got {value!r}")
+                raise UsageError(f"study setting {f.name} must be true or false, got {value!r}")
             if kind is str and not isinstance(value, str):
-                raise ValueError(f"study setting {f.name} must be a string, got {value!r}")
+                raise UsageError(f"study setting {f.name} must be a string, got {value!r}")
         if not self.variants:
-            raise ValueError("study setting variants must name at least one variant")
+            raise UsageError("study setting variants must name at least one variant")
         for name in self.variants:
             if name not in VARIANTS:
-                raise ValueError(f"study setting variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+                raise UsageError(f"study setting variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
         if len(set(self.variants)) != len(self.variants):
-            raise ValueError(f"study setting variants names a variant twice: {', '.join(self.variants)}")
+            raise UsageError(f"study setting variants names a variant twice: {', '.join(self.variants)}")
         for name in ("seeds", "images", "layers", "d_model", "heads", "d_ff", "steps", "batch_size", "val_every",
                      "val_loss_images", "beam_size", "max_decode_len", "min_count", "max_caption_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"study setting {name} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"study setting {name} must be at least 1, got {getattr(self, name)}")
         for name in ("data_seed", "warmup", "val_cider_images"):
             if getattr(self, name) < 0:
-                raise ValueError(f"study setting {name} must be >= 0, got {getattr(self, name)}")
+                raise UsageError(f"study setting {name} must be >= 0, got {getattr(self, name)}")
         if self.images < 10:
-            raise ValueError(f"study setting images must be at least 10 (one in ten is a test image), "
+            raise UsageError(f"study setting images must be at least 10 (one in ten is a test image), "
                              f"got {self.images}")
         if self.d_model % self.heads:
-            raise ValueError(f"study setting d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+            raise UsageError(f"study setting d_model ({self.d_model}) must be divisible by heads ({self.heads})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"study setting dropout must be in [0, 1), got {self.dropout}")
+            raise UsageError(f"study setting dropout must be in [0, 1), got {self.dropout}")
         if not self.lr > 0:
-            raise ValueError(f"study setting lr must be > 0, got {self.lr}")
+            raise UsageError(f"study setting lr must be > 0, got {self.lr}")
         if self.decay not in DECAYS:
-            raise ValueError(f"study setting decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+            raise UsageError(f"study setting decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         if self.decay != "none" and self.steps <= self.warmup:
-            raise ValueError(f"study setting steps ({self.steps}) must exceed warmup ({self.warmup}) with a decay")
+            raise UsageError(f"study setting steps ({self.steps}) must exceed warmup ({self.warmup}) with a decay")
         if not self.converge_tolerance > 0:
-            raise ValueError(f"study setting converge_tolerance must be > 0, got {self.converge_tolerance}")
+            raise UsageError(f"study setting converge_tolerance must be > 0, got {self.converge_tolerance}")
         if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"study setting tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
+            raise UsageError(f"study setting tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
 
     def train_options(self, variant: str, seed: int) -> dict:
         """The TrainConfig fields (besides ``data`` and ``out``) of model (``variant``, ``seed``)."""
         if variant not in self.variants:
-            raise ValueError(f"variant {variant!r} is not one of this study's ({', '.join(self.variants)})")
+            raise UsageError(f"variant {variant!r} is not one of this study's ({', '.join(self.variants)})")
         return {"layers": self.layers, "d_model": self.d_model, "heads": self.heads, "d_ff": self.d_ff,
                 "dropout": self.dropout, "steps": self.steps, "batch_size": self.batch_size, "optimizer": "adamw",
                 "lr": self.lr, "warmup": self.warmup, "decay": self.decay, "val_every": self.val_every,
@@ -201,17 +202,17 @@ class StudySettings:
         """``base`` (default: the full study's) with the fields of ``data`` replaced; ValueError
         naming unknown fields or bad values."""
         if not isinstance(data, dict):
-            raise ValueError(f"study settings must be a JSON object, got {type(data).__name__}")
+            raise UsageError(f"study settings must be a JSON object, got {type(data).__name__}")
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(f"unknown study settings: {', '.join(unknown)} (known: {', '.join(known)})")
+            raise UsageError(f"unknown study settings: {', '.join(unknown)} (known: {', '.join(known)})")
         merged = base.to_dict() if base is not None else {}
         merged.update(data)
         if isinstance(merged.get("variants"), str):
             merged["variants"] = [v for v in merged["variants"].split(",") if v]
         if not isinstance(merged.get("variants", ()), (list, tuple)):
-            raise ValueError(f"study setting variants must be a list of names, got {merged['variants']!r}")
+            raise UsageError(f"study setting variants must be a list of names, got {merged['variants']!r}")
         return cls(**merged)
 
     def save(self, path) -> None:
@@ -230,10 +231,10 @@ class StudySettings:
             if isinstance(data, dict):
                 missing = [f.name for f in fields(cls) if f.name not in data]
                 if missing:
-                    raise ValueError(f"settings missing: {', '.join(missing)}")
+                    raise DataError(f"settings missing: {', '.join(missing)}")
             return cls.from_dict(data)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise DataError(f"{path}: {err}") from None
 
     def differences(self, other: "StudySettings") -> list:
         """One ``"name (B there, A now)"`` per setting in which ``self`` (A, the settings asked for

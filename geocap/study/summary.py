@@ -40,6 +40,7 @@ from .findings import VERDICTS, attention_findings, attention_summary, feature_c
 from .report import write_report
 from .settings import VARIANTS
 from .stats import METRICS, RELATION_GROUPS, image_statistics, metric_values, seed_intervals, tokenizer_for
+from geocap.errors import DataError
 
 __all__ = ["ModelResult", "PAIRS", "summarize", "write_report"]
 
@@ -77,34 +78,34 @@ def _group(results: list) -> dict:
         if not isinstance(r, ModelResult):
             raise ValueError(f"summarize: expected ModelResult, got {type(r).__name__}")
         if r.variant not in VARIANTS:
-            raise ValueError(f"{_name(r)}: unknown variant (known: {', '.join(VARIANTS)})")
+            raise DataError(f"{_name(r)}: unknown variant (known: {', '.join(VARIANTS)})")
         if any(o.seed == r.seed for o in groups.get(r.variant, [])):
-            raise ValueError(f"{_name(r)}: given twice")
+            raise DataError(f"{_name(r)}: given twice")
         if not r.references:
-            raise ValueError(f"{_name(r)}: no test images in references")
+            raise DataError(f"{_name(r)}: no test images in references")
         missing = sorted(set(r.references) - set(r.captions))
         if missing:
-            raise ValueError(f"{_name(r)}: no caption for test image {missing[0]}"
+            raise DataError(f"{_name(r)}: no caption for test image {missing[0]}"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         extra = sorted(set(r.captions) - set(r.references))
         if extra:
-            raise ValueError(f"{_name(r)}: caption for image {extra[0]}, which is not a test image")
+            raise DataError(f"{_name(r)}: caption for image {extra[0]}, which is not a test image")
         for image_id, caption in r.captions.items():
             if not isinstance(caption, str):
-                raise ValueError(f"{_name(r)}: image {image_id}: caption is {type(caption).__name__}, not a string")
+                raise DataError(f"{_name(r)}: image {image_id}: caption is {type(caption).__name__}, not a string")
         if not isinstance(r.metrics, dict) or not isinstance(r.metrics.get("metrics"), dict):
-            raise ValueError(f"{_name(r)}: metrics is not a metrics_test.json of geocap evaluate (no 'metrics')")
+            raise DataError(f"{_name(r)}: metrics is not a metrics_test.json of geocap evaluate (no 'metrics')")
         groups.setdefault(r.variant, []).append(r)
     ordered = {v: sorted(groups[v], key=lambda r: r.seed) for v in VARIANTS if v in groups}
     first = next(iter(ordered.values()))[0]
     for variant, group in ordered.items():
         for r in group:
             if set(r.references) != set(first.references):
-                raise ValueError(f"{_name(r)}: its test images differ from those of {_name(first)} "
+                raise DataError(f"{_name(r)}: its test images differ from those of {_name(first)} "
                                  f"({len(r.references)} vs {len(first.references)} images)")
         seeds = [r.seed for r in group]
         if seeds != [r.seed for r in ordered[first.variant]]:
-            raise ValueError(f"variant {variant!r}: seeds {seeds} differ from variant {first.variant!r}'s "
+            raise DataError(f"variant {variant!r}: seeds {seeds} differ from variant {first.variant!r}'s "
                              f"{[r.seed for r in ordered[first.variant]]} (the bootstrap pairs seeds across variants)")
     return ordered
 
@@ -118,7 +119,7 @@ def _relation_truth(path: Optional[str], cache: dict, r: ModelResult):
         try:
             cache[path] = load_relation_truth(path)
         except (OSError, ValueError) as err:
-            raise ValueError(f"{_name(r)}: ground truth {path}: {err}") from None
+            raise DataError(f"{_name(r)}: ground truth {path}: {err}") from None
     return cache[path]
 
 
@@ -135,12 +136,12 @@ def _seed_entry(r: ModelResult, stats, tolerance: float) -> dict:
     try:
         curve = [[int(p[0]), float(p[1]), None if len(p) < 3 or p[2] is None else float(p[2])] for p in r.val_curve]
     except (TypeError, ValueError, IndexError):
-        raise ValueError(f"{_name(r)}: val_curve must hold [step, validation loss, its se] entries") from None
+        raise DataError(f"{_name(r)}: val_curve must hold [step, validation loss, its se] entries") from None
     try:
         attention = attention_summary(r.analysis)
         untrained = None if r.untrained_analysis is None else attention_summary(r.untrained_analysis)
     except ValueError as err:
-        raise ValueError(f"{_name(r)}: {err}") from None
+        raise DataError(f"{_name(r)}: {err}") from None
     converged = convergence(curve, r.steps, tolerance=tolerance) if r.steps else \
         {"converged": None, "reason": "the run's steps are unknown", "criterion": "loss"}
     return {"seed": r.seed, **{m: values[m] for m in METRICS},
@@ -157,17 +158,17 @@ def _blind_stats(blind: Optional[dict], first: ModelResult, truth) -> dict:
     if not blind:
         return {}
     if truth is None:
-        raise ValueError("summarize: blind captions need the data's ground truth (no model has one)")
+        raise DataError("summarize: blind captions need the data's ground truth (no model has one)")
     out = {}
     for rule, captions in blind.items():
         if rule != "all" and rule not in RELATION_GROUPS:
-            raise ValueError(f"summarize: blind rule {rule!r} is neither 'all' nor a relation group "
+            raise DataError(f"summarize: blind rule {rule!r} is neither 'all' nor a relation group "
                              f"({', '.join(RELATION_GROUPS)})")
         name = BLIND if rule == "all" else f"{BLIND} {rule}"
         try:
             out[name] = image_statistics(first.references, captions, tokenizer="python", ground_truth=truth)
         except ValueError as err:
-            raise ValueError(f"summarize: blind captions ({rule}): {err}") from None
+            raise DataError(f"summarize: blind captions ({rule}): {err}") from None
     return out
 
 

@@ -31,6 +31,7 @@ from geocap.model import ORTConfig
 
 from .schedule import DECAYS
 from .scst import BASELINES
+from geocap.errors import DataError, UsageError
 
 CONFIG_FILE = "train_config.json"
 LATEST, BEST, METRICS = "checkpoint-latest.pt", "checkpoint-best.pt", "metrics.jsonl"
@@ -151,87 +152,87 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.type in ("int", int):
                 if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(f"train option {f.name} must be an int, got {value!r}")
+                    raise UsageError(f"train option {f.name} must be an int, got {value!r}")
             elif f.type in ("float", float):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"train option {f.name} must be a number, got {value!r}")
+                    raise UsageError(f"train option {f.name} must be a number, got {value!r}")
                 setattr(self, f.name, float(value))
             elif f.type in ("bool", bool):
                 if not isinstance(value, bool):
-                    raise ValueError(f"train option {f.name} must be true or false, got {value!r}")
+                    raise UsageError(f"train option {f.name} must be true or false, got {value!r}")
             elif f.type in ("str", str):
                 if not isinstance(value, str):
-                    raise ValueError(f"train option {f.name} must be a string, got {value!r}")
+                    raise UsageError(f"train option {f.name} must be a string, got {value!r}")
         positive = ("layers", "d_model", "heads", "d_ff", "steps", "batch_size", "pool_batches", "val_batch_size",
                     "max_decode_len", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"train option {name} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"train option {name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup", "val_every", "val_images", "val_loss_images", "checkpoint_every", "num_workers",
                      "seed"):
             if getattr(self, name) < 0:
-                raise ValueError(f"train option {name} must be >= 0, got {getattr(self, name)}")
+                raise UsageError(f"train option {name} must be >= 0, got {getattr(self, name)}")
         if self.d_model % self.heads:
-            raise ValueError(f"train option d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+            raise UsageError(f"train option d_model ({self.d_model}) must be divisible by heads ({self.heads})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"train option dropout must be in [0, 1), got {self.dropout}")
+            raise UsageError(f"train option dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"train option label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise UsageError(f"train option label_smoothing must be in [0, 1), got {self.label_smoothing}")
         for name in ("lr_factor", "lr", "scst_lr"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"train option {name} must be > 0, got {getattr(self, name)}")
+                raise UsageError(f"train option {name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
-                raise ValueError(f"train option {name} must be >= 0, got {getattr(self, name)}")
+                raise UsageError(f"train option {name} must be >= 0, got {getattr(self, name)}")
         if self.optimizer not in ("noam", "adamw"):
-            raise ValueError(f"train option optimizer must be 'noam' or 'adamw', got {self.optimizer!r}")
+            raise UsageError(f"train option optimizer must be 'noam' or 'adamw', got {self.optimizer!r}")
         if self.decay not in DECAYS:
-            raise ValueError(f"train option decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+            raise UsageError(f"train option decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         if self.decay != "none" and self.optimizer != "adamw":
-            raise ValueError(f"train option decay {self.decay!r} needs optimizer 'adamw' (noam has its own decay)")
+            raise UsageError(f"train option decay {self.decay!r} needs optimizer 'adamw' (noam has its own decay)")
         if self.decay != "none" and self.steps <= self.warmup:
-            raise ValueError(f"train option decay {self.decay!r} needs steps ({self.steps}) > warmup ({self.warmup})")
+            raise UsageError(f"train option decay {self.decay!r} needs steps ({self.steps}) > warmup ({self.warmup})")
         if self.optimizer == "noam" and self.warmup < 1:
-            raise ValueError("train option warmup must be at least 1 with the noam schedule")
+            raise UsageError("train option warmup must be at least 1 with the noam schedule")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"train option precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise UsageError(f"train option precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.embedding not in EMBEDDINGS:
-            raise ValueError(f"train option embedding must be one of {', '.join(map(repr, EMBEDDINGS))}, "
+            raise UsageError(f"train option embedding must be one of {', '.join(map(repr, EMBEDDINGS))}, "
                              f"got {self.embedding!r}")
         if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"train option backend must be auto, torch or triton, got {self.backend!r}")
+            raise UsageError(f"train option backend must be auto, torch or triton, got {self.backend!r}")
         if self.scst_from_step < -1:
-            raise ValueError(f"train option scst_from_step must be -1 (no SCST) or a step >= 0, "
+            raise UsageError(f"train option scst_from_step must be -1 (no SCST) or a step >= 0, "
                              f"got {self.scst_from_step}")
         if self.scst_baseline not in BASELINES:
-            raise ValueError(f"train option scst_baseline must be 'greedy' or 'mean', got {self.scst_baseline!r}")
+            raise UsageError(f"train option scst_baseline must be 'greedy' or 'mean', got {self.scst_baseline!r}")
         if self.scst_samples < 1:
-            raise ValueError(f"train option scst_samples must be at least 1, got {self.scst_samples}")
+            raise UsageError(f"train option scst_samples must be at least 1, got {self.scst_samples}")
         if self.scst_baseline == "mean" and self.scst_samples < 2:
-            raise ValueError(f"train option scst_samples must be at least 2 with scst_baseline 'mean' (a sample's "
+            raise UsageError(f"train option scst_samples must be at least 2 with scst_baseline 'mean' (a sample's "
                              f"baseline is the mean reward of its image's other samples), got {self.scst_samples}")
         if self.scst_batch_size < 0:
-            raise ValueError(f"train option scst_batch_size must be >= 0 (0: batch_size), got {self.scst_batch_size}")
+            raise UsageError(f"train option scst_batch_size must be >= 0 (0: batch_size), got {self.scst_batch_size}")
         cpi = self.captions_per_image
         if isinstance(cpi, str) and cpi.isdigit():
             self.captions_per_image = cpi = int(cpi)
         if cpi not in ("all", "one-random") and (isinstance(cpi, bool) or not isinstance(cpi, int) or cpi < 1):
-            raise ValueError(f"train option captions_per_image must be 'all', 'one-random' or a positive int, "
+            raise UsageError(f"train option captions_per_image must be 'all', 'one-random' or a positive int, "
                              f"got {cpi!r}")
 
     def require_paths(self) -> None:
         """ValueError unless ``data`` and ``out`` are set and the data files exist."""
         if not self.data:
-            raise ValueError("train needs --data DIR (the folder holding features.h5 and the captions directory)")
+            raise UsageError("train needs --data DIR (the folder holding features.h5 and the captions directory)")
         if not self.out:
-            raise ValueError("train needs --out RUN (the folder for checkpoints and metrics)")
+            raise UsageError("train needs --out RUN (the folder for checkpoints and metrics)")
         if not os.path.isdir(self.data):
-            raise ValueError(f"--data {self.data}: not a directory")
+            raise DataError(f"--data {self.data}: not a directory")
         if not os.path.isfile(self.features_path):
-            raise ValueError(f"{self.features_path}: feature store missing (expected DIR/{self.features}; "
+            raise DataError(f"{self.features_path}: feature store missing (expected DIR/{self.features}; "
                              f"`geocap synth DIR` or `geocap prepro features` writes it)")
         if not os.path.isdir(self.captions_path):
-            raise ValueError(f"{self.captions_path}: captions directory missing (expected DIR/{self.captions}; "
+            raise DataError(f"{self.captions_path}: captions directory missing (expected DIR/{self.captions}; "
                              f"`geocap prepro captions ... --out DIR/{self.captions}` writes it)")
 
     def phase_at(self, step: int) -> str:
@@ -260,11 +261,11 @@ class TrainConfig:
         """``base`` (default: the defaults) with the fields of ``data`` replaced; unknown fields
         raise ValueError naming them."""
         if not isinstance(data, dict):
-            raise ValueError(f"a train config must be a JSON object, got {type(data).__name__}")
+            raise UsageError(f"a train config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown train options: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise UsageError(f"unknown train options: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         merged = base.to_dict() if base is not None else {}
         merged.update(data)
         return cls(**merged)
@@ -277,4 +278,4 @@ class TrainConfig:
         try:
             return cls.from_dict(data, base)
         except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise DataError(f"{path}: {err}") from None

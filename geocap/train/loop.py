@@ -271,9 +271,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     amp_dtype = _resolve_precision(config, device)
     latest_path, best_path = os.path.join(config.out, LATEST), os.path.join(config.out, BEST)
     if resume and not os.path.isfile(latest_path):
-        raise ValueError(f"--resume: {latest_path} missing (nothing to resume)")
+        raise UsageError(f"--resume: {latest_path} missing (nothing to resume)")
     if not resume and os.path.exists(latest_path):
-        raise ValueError(f"{config.out} already holds a training run ({LATEST}); pass --resume to continue it "
+        raise UsageError(f"{config.out} already holds a training run ({LATEST}); pass --resume to continue it "
                          f"or choose another --out")
     info = D.setup(device.type)
     try:
@@ -341,15 +341,15 @@ def _check_resume_phase(config: TrainConfig, ckpt, saved: dict, latest_path: str
     """The phase of ``ckpt``'s data position; ValueError when ``config`` cannot continue it."""
     phase = ckpt.extra.get("data_phase", "xe")
     if phase not in ("xe", "scst"):
-        raise ValueError(f"{latest_path}: unknown data_phase {phase!r} (expected 'xe' or 'scst')")
+        raise UsageError(f"{latest_path}: unknown data_phase {phase!r} (expected 'xe' or 'scst')")
     if phase == "scst":
         if config.phase_at(ckpt.step) != "scst":
-            raise ValueError(f"cannot resume {latest_path}: it trained with SCST up to step {ckpt.step} "
+            raise UsageError(f"cannot resume {latest_path}: it trained with SCST up to step {ckpt.step} "
                              f"(scst_from_step {saved.get('scst_from_step')!r}); scst_from_step must stay between "
                              f"0 and {ckpt.step}, got {config.scst_from_step}")
         before = saved.get("scst_batch_size") or saved.get("batch_size")
         if before is not None and before != config.scst_images_per_batch:
-            raise ValueError(f"cannot resume {latest_path} with other SCST images per batch ({before} there, "
+            raise UsageError(f"cannot resume {latest_path} with other SCST images per batch ({before} there, "
                              f"{config.scst_images_per_batch} now; scst_batch_size, or batch_size when it is 0)")
     return phase
 
@@ -419,10 +419,10 @@ class Trainer:
         saved = ckpt.extra.get("train_config") or {}
         changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(config, k)]
         if changed:
-            raise ValueError(f"cannot resume {latest_path} with other " + ", ".join(
+            raise UsageError(f"cannot resume {latest_path} with other " + ", ".join(
                 f"{k} ({saved[k]!r} there, {getattr(config, k)!r} now)" for k in changed))
         if ckpt.extra.get("world_size", 1) != world_size:
-            raise ValueError(f"{latest_path} was written by {ckpt.extra.get('world_size', 1)} processes; resume "
+            raise UsageError(f"{latest_path} was written by {ckpt.extra.get('world_size', 1)} processes; resume "
                              f"with as many (now {world_size})")
         if config.steps < ckpt.step:
             raise UsageError(f"--steps {config.steps} is below the step {latest_path} has reached ({ckpt.step}); "
@@ -430,7 +430,7 @@ class Trainer:
         phase = _check_resume_phase(config, ckpt, saved, latest_path)
         if (phase == "xe" and config.phase_at(ckpt.step) == "xe"
                 and ckpt.extra.get("xe_batches") != XE_BATCHES):
-            raise ValueError(f"cannot resume {latest_path} in cross-entropy: it was written when a batch held "
+            raise UsageError(f"cannot resume {latest_path} in cross-entropy: it was written when a batch held "
                              f"--batch-size captions (now images, each with its captions), so its data position "
                              f"means other batches; continue it with SCST (--scst-from-step {ckpt.step}) or start "
                              f"a new run")
@@ -462,10 +462,10 @@ class Trainer:
         if ckpt is None:
             return
         if ckpt.config != self.model_config:
-            raise ValueError(f"{latest_path}: its model config does not fit the data and options "
+            raise UsageError(f"{latest_path}: its model config does not fit the data and options "
                              f"({ckpt.config.to_dict()} vs {self.model_config.to_dict()})")
         if ckpt.vocab != self.vocab:
-            raise ValueError(f"{latest_path}: trained with another vocabulary than {self.config.captions_path}")
+            raise UsageError(f"{latest_path}: trained with another vocabulary than {self.config.captions_path}")
         # after the checks that say more: same shapes and vocabulary, other bytes
         _check_resume_data(ckpt.extra.get("data_digest"), self.digest, self.config, latest_path)
 
@@ -541,7 +541,7 @@ class Trainer:
         config = self.config
         phase = config.phase_at(self.step)
         if not self._epoch_batches(self._phase_data(phase)[1]):
-            raise ValueError(self._no_batch(phase))
+            raise DataError(self._no_batch(phase))
         if self.info.is_main:
             os.makedirs(config.out, exist_ok=True)
             for name in RUN_FILES:
@@ -686,7 +686,7 @@ class Trainer:
                 phase = config.phase_at(self.step)
                 batches = self._epoch_batches(self._phase_data(phase)[1])
                 if not batches:
-                    raise ValueError(self._no_batch(phase))
+                    raise DataError(self._no_batch(phase))
                 if self.batch_index >= len(batches):
                     self.epoch, self.batch_index = self.epoch + 1, 0
                     continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+from geocap.errors import UsageError
 
 
 def noam_lr(step: int, *, d_model: int, warmup: int, factor: float = 1.0) -> float:
@@ -94,8 +95,8 @@ class LRSchedule:
         """Continue the saved schedule: same kind and decay (ValueError naming both otherwise); the
         ``total`` is this run's (a resume that raises the steps stretches the decay from here on)."""
         if state.get("kind") != self.kind:
-            raise ValueError(f"the saved schedule is {state.get('kind')!r}, this run uses {self.kind!r}")
+            raise UsageError(f"the saved schedule is {state.get('kind')!r}, this run uses {self.kind!r}")
         if state.get("decay", "none") != self.decay:
-            raise ValueError(f"the saved schedule decays {state.get('decay', 'none')!r}, this run {self.decay!r}")
+            raise UsageError(f"the saved schedule decays {state.get('decay', 'none')!r}, this run {self.decay!r}")
         self.last_step = int(state["last_step"])
         self._apply()

@@ -36,6 +36,7 @@ from geocap.decoding import Decoded, greedy_decode, sample
 from geocap.kernels.deprecation import renamed_argument
 from geocap.metrics import CiderD
 from geocap.model import ObjectRelationTransformer
+from geocap.errors import DataError
 
 __all__ = ["BASELINES", "PolicyModule", "SCSTObjective", "SCSTStats", "captions_text", "mean_baseline",
            "reward_scorer", "scst_loss"]
@@ -57,7 +58,7 @@ def reward_scorer(dataset) -> CiderD:
     for image_id in dataset.image_ids.tolist():
         captions = list(dataset.references(int(image_id)))
         if not captions:
-            raise ValueError(f"image {image_id} of split {dataset.split!r} has no reference caption")
+            raise DataError(f"image {image_id} of split {dataset.split!r} has no reference caption")
         refs[int(image_id)] = captions
     return CiderD(refs)
 

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from geocap.data.vocab import PAD
+from geocap.errors import DataError
 
 __all__ = ["CaptionRows", "CrossEntropyObjective", "caption_rows", "make_optimizer", "optimizer_update",
            "target_mask", "token_loss"]
@@ -93,7 +94,7 @@ def caption_rows(batch, captions_per_image: Optional[int] = None) -> CaptionRows
     keep = keep.reshape(-1)
     lengths = batch.caption_lengths.reshape(-1)[keep]
     if lengths.numel() == 0:
-        raise ValueError(f"the batch of images {batch.image_ids.tolist()} holds no caption")
+        raise DataError(f"the batch of images {batch.image_ids.tolist()} holds no caption")
     width = int(lengths.max())
     return CaptionRows(image_index=torch.arange(b, device=device).repeat_interleave(k)[keep],
                        captions=batch.captions.reshape(b * k, t)[keep, :width], lengths=lengths)

@@ -48,6 +48,7 @@ from geocap.analysis.proximity import image_values
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, MAP_NAMES, Record
 from geocap.data.token_words import caption_words, token_words
 from geocap.data.top_k_rows import expand_top_k, keep_top_k
+from geocap.errors import DataError
 
 MAP_TITLES = {"encoder_self": "encoder self-attention", "decoder_self": "decoder self-attention",
               "cross": "cross-attention"}
@@ -132,16 +133,16 @@ def _where(record: Record) -> str:
 def _check_values(record: Record) -> None:
     boxes = np.asarray(record.boxes, dtype=np.float64)
     if boxes.size and not np.isfinite(boxes).all():
-        raise ValueError(f"record of {_where(record)}: boxes hold NaN or inf")
+        raise DataError(f"record of {_where(record)}: boxes hold NaN or inf")
     if boxes.size and (boxes.min() < -_BOX_TOLERANCE or boxes.max() > 1 + _BOX_TOLERANCE):
-        raise ValueError(f"record of {_where(record)}: boxes must be normalised to [0, 1] "
+        raise DataError(f"record of {_where(record)}: boxes must be normalised to [0, 1] "
                          f"(got values in [{boxes.min():.4g}, {boxes.max():.4g}]; pixels?)")
     if boxes.size and ((boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any()):
-        raise ValueError(f"record of {_where(record)}: a box has x2 < x1 or y2 < y1")
+        raise DataError(f"record of {_where(record)}: a box has x2 < x1 or y2 < y1")
     for name in MAP_NAMES + tuple(ENTROPY_NAMES.values()):
         value = getattr(record, name)
         if value is not None and not np.isfinite(value).all():
-            raise ValueError(f"record of {_where(record)}: {name} holds NaN or inf")
+            raise DataError(f"record of {_where(record)}: {name} holds NaN or inf")
 
 
 def encode_record(record: Record, label_names: dict, cache: dict | None = None, *,
@@ -156,7 +157,7 @@ def encode_record(record: Record, label_names: dict, cache: dict | None = None, 
     record.validate()
     _check_values(record)
     if int(record.image_id) < 0:
-        raise ValueError(f"record of {_where(record)}: image_id must be >= 0")
+        raise DataError(f"record of {_where(record)}: image_id must be >= 0")
     n = record.num_objects
     labels = None
     if record.labels is not None:            # a negative id is an unknown label

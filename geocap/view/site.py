@@ -51,6 +51,7 @@ from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
 from geocap.analysis.plotting import ATTENTION_COLOURS
 from geocap.view.encode import caption_text, encode_record, kind_order, label_names_from, word_bucket, words_of
+from geocap.errors import DataError, UsageError
 
 STATIC_DIR = Path(__file__).with_name("static")
 HTML_PAGES = ("index.html", "image.html")
@@ -84,7 +85,7 @@ def find_images(images_dir) -> dict:
     (COCO's ``COCO_val2014_000000391895.jpg`` and ``000000391895.jpg`` alike)."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
-        raise ValueError(f"--images: {images_dir} is not a folder")
+        raise UsageError(f"--images: {images_dir} is not a folder")
     found = {}
     for entry in sorted(os.scandir(images_dir), key=lambda e: e.name):
         image_id = image_id_from_name(entry.name) if entry.name.lower().endswith(IMAGE_EXTENSIONS) else None
@@ -335,7 +336,7 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
     if metadata is None:
         metadata = getattr(records, "metadata", None) or {}
     if images_dir is not None and not Path(images_dir).is_dir():
-        raise ValueError(f"--images: {images_dir} is not a folder")
+        raise UsageError(f"--images: {images_dir} is not a folder")
     tmp = _fresh_temporary_folder(out)
     builder = None
     try:
@@ -343,7 +344,7 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
         builder = _Builder(tmp, images_dir, label_names_from(metadata))
         _add_records(builder, records, limit=limit, grouped=grouped, progress=progress, encoder_top_k=encoder_top_k)
         if not len(builder):
-            raise ValueError("no records to view (an empty dump, or --limit 0)")
+            raise DataError("no records to view (an empty dump, or --limit 0)")
         _finish(builder, tmp, metadata, page_size=page_size, title=title, report_href=report_href)
         files, size = _folder_size(tmp)
         images = len(builder)
@@ -362,12 +363,12 @@ def build_site(records, out_dir, *, images_dir=None, limit=None, metadata=None, 
 def _check_options(limit, page_size, encoder_top_k) -> None:
     """ValueError naming the first bad one of :func:`build_site`'s numeric options."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+        raise UsageError(f"limit must be a non-negative integer or None, got {limit!r}")
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-        raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+        raise UsageError(f"page_size must be a positive integer, got {page_size!r}")
     if encoder_top_k is not None and (isinstance(encoder_top_k, bool) or not isinstance(encoder_top_k, int)
                                       or encoder_top_k < 1):
-        raise ValueError(f"encoder_top_k must be a positive integer or None, got {encoder_top_k!r}")
+        raise UsageError(f"encoder_top_k must be a positive integer or None, got {encoder_top_k!r}")
 
 
 def _fresh_temporary_folder(out: Path) -> Path:

@@ -46,10 +46,10 @@ from .captions import (CAPTIONS_PER_IMAGE, NUMBERS, RELATION_PHRASES, Mention, R
                        sample_captions)
 from .features import (DEFAULT_FEATURE_DIM, MIN_FEATURE_DIM, SIMILARITY, FeatureModel, category_means, feature_model,
                        iter_features, object_features, prototypes, relu_cosine, similarity_by_pair_type)
-from .generate import (DEFAULT_IMAGES, FILES, SynthImage, SynthSummary, add_synth_parser, caption_set, coco_json,
+from .generate import (DEFAULT_IMAGES, FILES, SynthImage, SynthSummary, caption_set, coco_json,
                        generate_scenes, generate_synthetic, ground_truth_json, karpathy_json, split_of)
 from ..relations import RELATIONS, group_relations, relation_matrix
-from .render import CategoryStyle, add_synth_images_parser, category_style, render_images
+from .render import CategoryStyle, category_style, render_images
 from .scenes import Draws, Scene, sample_scene
 from .world import (CATEGORIES, CATEGORY_IDS, CLUSTER_IDS, CLUSTER_OF, CLUSTERS, IMAGE_SIZES, MAX_OBJECTS,
                     MIN_OBJECTS, MIN_SIZE, PARTS, Category, Cluster, category_names)
@@ -59,7 +59,7 @@ __all__ = [
     "CategoryStyle", "Cluster", "DEFAULT_FEATURE_DIM", "DEFAULT_IMAGES", "Draws", "FILES", "FeatureModel",
     "IMAGE_SIZES", "MAX_OBJECTS", "MIN_FEATURE_DIM", "MIN_OBJECTS", "MIN_SIZE", "Mention", "NUMBERS", "PARTS",
     "RELATIONS", "RELATION_PHRASES", "RelationUse", "SIMILARITY", "Scene", "SynthCaption", "SynthImage",
-    "SynthSummary", "add_synth_images_parser", "add_synth_parser", "caption_set", "category_means",
+    "SynthSummary", "caption_set", "category_means",
     "category_names", "category_style", "coco_json", "feature_model", "generate_scenes", "generate_synthetic",
     "ground_truth_json", "group_relations", "iter_features", "karpathy_json", "object_features", "prototypes",
     "relation_matrix", "relu_cosine", "render_images", "sample_captions", "sample_scene", "similarity_by_pair_type",

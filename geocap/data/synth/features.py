@@ -30,6 +30,7 @@ import numpy as np
 
 from ..items import ImageFeatures
 from .world import CATEGORIES, CLUSTER_OF, CLUSTERS
+from geocap.errors import UsageError
 
 SIMILARITY = {"same category": 0.60, "same cluster": 0.50, "different clusters": 0.31}
 DEFAULT_FEATURE_DIM = 2048         # the bottom-up detectors' size (see the package docstring)
@@ -103,9 +104,9 @@ def feature_model() -> FeatureModel:
 
 def check_feature_dim(feature_dim) -> None:
     if isinstance(feature_dim, bool) or not isinstance(feature_dim, (int, np.integer)):
-        raise ValueError(f"feature_dim must be an int, got {feature_dim!r}")
+        raise UsageError(f"feature_dim must be an int, got {feature_dim!r}")
     if feature_dim < MIN_FEATURE_DIM:
-        raise ValueError(f"feature_dim must be at least {MIN_FEATURE_DIM}, got {feature_dim}")
+        raise UsageError(f"feature_dim must be at least {MIN_FEATURE_DIM}, got {feature_dim}")
 
 
 def prototypes(feature_dim: int, seed: int = 0) -> tuple:

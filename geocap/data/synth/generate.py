@@ -19,6 +19,7 @@ from ..relations import RELATIONS, relation_matrix, relation_thresholds
 from .scenes import Draws, Scene, sample_scene
 from .world import (CATEGORIES, CLUSTER_IDS, CLUSTER_OF, CLUSTERS, MARGIN, MAX_OBJECTS, MIN_OBJECTS, MIN_SIZE,
                     PARTS, THEME_P, category_names)
+from geocap.errors import UsageError
 
 DEFAULT_IMAGES = 6000
 FILES = {"captions": "captions_coco.json", "karpathy": "dataset_coco.json",
@@ -47,9 +48,9 @@ def split_of(index: int) -> str:
 
 def _check_count(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise UsageError(f"{name} must be an int, got {value!r}")
     if value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}")
+        raise UsageError(f"{name} must be at least {low}, got {value}")
 
 
 @contextlib.contextmanager
@@ -246,29 +247,3 @@ def generate_synthetic(out_dir, *, images: int = DEFAULT_IMAGES, seed: int = 0,
                         captions=sum(len(im.captions) for im in data), feature_dim=feature_dim, seed=seed,
                         files=paths, bytes=sum(os.path.getsize(p) for p in paths.values()),
                         seconds=time.perf_counter() - started, similarity=similarity)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _run(args) -> int:
-    summary = generate_synthetic(args.out, images=args.images, seed=args.seed, feature_dim=args.feature_dim)
-    print("\n".join(summary.lines()))
-    return 0
-
-
-def add_synth_parser(subparsers):
-    """Register ``geocap synth OUT [--images N] [--seed S] [--feature-dim D]`` on an argparse
-    subparsers object. The handler (``args.func(args)``) returns 0, or raises ValueError for
-    bad arguments (which ``geocap.cli.main`` reports with exit status 2)."""
-    p = subparsers.add_parser(
-        "synth", help="write the embedded synthetic dataset (captions, splits, features, ground truth)",
-        description="Write synthetic scenes into OUT: captions_coco.json (COCO captions), dataset_coco.json "
-                    "(Karpathy splits), features.h5 (the feature store) and ground_truth.json.")
-    p.add_argument("out", metavar="OUT", help="output folder (created if missing)")
-    p.add_argument("--images", type=int, default=DEFAULT_IMAGES, help=f"images to generate (default {DEFAULT_IMAGES})")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--feature-dim", type=int, default=DEFAULT_FEATURE_DIM,
-                   help=f"feature dimension D (default {DEFAULT_FEATURE_DIM})")
-    p.set_defaults(func=_run)
-    return p

@@ -59,6 +59,7 @@ from ..atomic import atomic_output, write_text_atomic
 from ..json_file import read_json
 from ..readers.coco import read_coco_file
 from .generate import FILES
+from geocap.errors import DataError, UsageError
 
 SPLITS = ("train", "val", "test")
 BACKGROUND = (236, 236, 230)
@@ -206,7 +207,7 @@ def _read_inputs(data_dir: str):
     coco_path = os.path.join(data_dir, FILES["captions"])
     truth = read_json(truth_path, "synthetic ground truth (geocap synth)")
     if not isinstance(truth, dict) or truth.get("format") != "geocap-synth-ground-truth":
-        raise ValueError(f"{truth_path}: not a geocap synthetic ground truth (no format 'geocap-synth-ground-truth')")
+        raise DataError(f"{truth_path}: not a geocap synthetic ground truth (no format 'geocap-synth-ground-truth')")
     coco = read_coco_file(coco_path, "COCO captions file (geocap synth)")
     coco_images = coco.images
     captions = {image_id: [{"id": ann["id"], "image_id": image_id, "caption": ann["caption"]} for ann in anns]
@@ -218,15 +219,15 @@ def _read_inputs(data_dir: str):
             truth_ids.add(image_id)
             coco_image = coco_images.get(image_id)
             if coco_image is None:
-                raise ValueError(f"{coco_path}: image {image_id} of {truth_path} is missing")
+                raise DataError(f"{coco_path}: image {image_id} of {truth_path} is missing")
             if (coco_image.get("width"), coco_image.get("height")) != (image["width"], image["height"]):
-                raise ValueError(f"{coco_path}: image {image_id} is {coco_image.get('width')}x"
+                raise DataError(f"{coco_path}: image {image_id} is {coco_image.get('width')}x"
                                  f"{coco_image.get('height')}, {truth_path} says {image['width']}x{image['height']}")
     except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{truth_path}: malformed ground truth ({err!r})") from None
+        raise DataError(f"{truth_path}: malformed ground truth ({err!r})") from None
     unknown = sorted(set(captions) - truth_ids)
     if unknown:
-        raise ValueError(f"{coco_path}: captions of image {unknown[0]}, which {truth_path} does not hold")
+        raise DataError(f"{coco_path}: captions of image {unknown[0]}, which {truth_path} does not hold")
     return truth, coco_images, captions
 
 
@@ -234,7 +235,7 @@ def _check_size(size) -> None:
     if size is None:
         return
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < MIN_LONGER_SIDE:
-        raise ValueError(f"size must be None or an int >= {MIN_LONGER_SIDE} (the longer side in pixels), got {size!r}")
+        raise UsageError(f"size must be None or an int >= {MIN_LONGER_SIDE} (the longer side in pixels), got {size!r}")
 
 
 def _check_split(split) -> str:
@@ -242,7 +243,7 @@ def _check_split(split) -> str:
     if split is None:
         return "all"
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)} or None (every image), got {split!r}")
+        raise UsageError(f"split must be one of {', '.join(SPLITS)} or None (every image), got {split!r}")
     return split
 
 
@@ -252,12 +253,12 @@ def _read_marker(out_dir: str, size) -> dict:
     path = os.path.join(out_dir, MARKER)
     if not os.path.exists(path):
         if os.path.isdir(out_dir) and os.listdir(out_dir):
-            raise ValueError(f"out_dir: {out_dir} is not empty and holds no {MARKER} (not a geocap synth-images "
+            raise UsageError(f"out_dir: {out_dir} is not empty and holds no {MARKER} (not a geocap synth-images "
                              f"folder); refusing to write into it")
         return {"format": "geocap-synth-images", "format_version": 1, "size": size, "splits": {}}
     marker = read_json(path, "geocap synth-images record")
     if marker.get("size") != size:
-        raise ValueError(f"size: {out_dir} was rendered with size {marker.get('size')}, not {size}; "
+        raise UsageError(f"size: {out_dir} was rendered with size {marker.get('size')}, not {size}; "
                          f"render into another folder")
     return marker
 
@@ -284,7 +285,7 @@ def _select(truth: dict, truth_path: str, coco_images: dict, captions: dict, spl
             image_id = image["image_id"]
             for j, o in enumerate(image["objects"]):
                 if o["category_id"] not in known:
-                    raise ValueError(f"{truth_path}: image {image_id}, object {j}: category {o['category_id']} is not "
+                    raise DataError(f"{truth_path}: image {image_id}, object {j}: category {o['category_id']} is not "
                                      f"in its categories table")
             width, height = image_size(image["width"], image["height"], size)
             file_name = _png_name(coco_images[image_id]["file_name"])
@@ -300,9 +301,9 @@ def _select(truth: dict, truth_path: str, coco_images: dict, captions: dict, spl
             try:
                 drawing_order([o["box"] for o in image["objects"]], [o["part_of"] for o in image["objects"]])
             except ValueError as err:
-                raise ValueError(f"{truth_path}: image {image['image_id']}: {err}") from None
+                raise DataError(f"{truth_path}: image {image['image_id']}: {err}") from None
     except (KeyError, TypeError, IndexError) as err:
-        raise ValueError(f"{truth_path}: malformed ground truth ({err!r})") from None
+        raise DataError(f"{truth_path}: malformed ground truth ({err!r})") from None
     return selected, json_images, caption_anns, instance_anns, categories
 
 
@@ -328,7 +329,7 @@ def render_images(data_dir, out_dir, *, split: Optional[str] = None, size: Optio
     selected, json_images, caption_anns, instance_anns, categories = _select(truth, truth_path, coco_images,
                                                                              captions, split, size)
     if not selected:
-        raise ValueError(f"split {split!r}: {truth_path} holds no image of that split")
+        raise UsageError(f"split {split!r}: {truth_path} holds no image of that split")
     marker = _read_marker(out_dir, size)
     images_dir = os.path.join(out_dir, "images")
     os.makedirs(images_dir, exist_ok=True)
@@ -354,32 +355,3 @@ def render_images(data_dir, out_dir, *, split: Optional[str] = None, size: Optio
     return {"out_dir": out_dir, "split": name, "images": len(selected), "objects": len(instance_anns),
             "captions": len(caption_anns), "images_dir": images_dir, "captions_json": captions_json,
             "instances_json": instances_json, "seconds": time.perf_counter() - started}
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _run(args) -> int:
-    summary = render_images(args.data, args.out, split=args.split, size=args.size, progress=not args.no_progress)
-    print(f"rendered {summary['images']} images ({summary['split']}, {summary['objects']} objects, "
-          f"{summary['captions']} captions) into {summary['images_dir']} in {summary['seconds']:.1f} s; "
-          f"wrote {summary['captions_json']} and {summary['instances_json']}")
-    return 0
-
-
-def add_synth_images_parser(subparsers):
-    """Register ``geocap synth-images --data DIR --out DIR [--split S] [--size N] [--no-progress]``.
-    The handler returns 0, or raises ValueError for bad input (exit status 2 via ``geocap.cli.main``)."""
-    p = subparsers.add_parser(
-        "synth-images", help="draw the synthetic scenes as PNG images with COCO captions and instances files",
-        description="Draw each image of a `geocap synth` folder (boxes filled with a colour and a pattern per "
-                    "category) into OUT/images/, and write OUT/captions_<split>.json and OUT/instances_<split>.json "
-                    "(COCO formats; split 'all' without --split).")
-    p.add_argument("--data", required=True, metavar="DIR", help="a `geocap synth` output folder")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    p.add_argument("--split", choices=SPLITS, default=None, help="only this split's images (default: every image)")
-    p.add_argument("--size", type=int, default=None,
-                   help="longer side of the written images in pixels (default: the ground truth's sizes)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
-    return p

@@ -25,15 +25,15 @@ dumps its share of the shards (shard k: rank k % WORLD_SIZE) into one dump; each
 from __future__ import annotations
 
 import argparse
-import sys
+from geocap.errors import UsageError
 
-__all__ = ["add_dump_parser", "main", "run_dump"]
+__all__ = ["add_parser", "run"]
 
 
-def run_dump(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Handler of ``geocap dump``: runs the job (joining the torchrun process group when
     WORLD_SIZE > 1; with ``--stats-only`` feeding ``geocap.analysis.StatsCollector``), prints
-    the summary, returns 0; ValueError for bad options or data."""
+    the summary, returns 0; geocap's errors for bad options or data."""
     from geocap import distributed
     from geocap.dump.job import DumpOptions, dump, summarize
 
@@ -77,20 +77,20 @@ def _check_sources(args, hf: bool) -> None:
     if hf:
         extra = [f"--{n}" for n in ("checkpoint", "data", "split") if getattr(args, n) is not None]
         if extra or args.images is None:
-            raise ValueError("geocap dump --hf MODEL_DIR needs --images DIR" + (f" and takes no {', '.join(extra)}"
+            raise UsageError("geocap dump --hf MODEL_DIR needs --images DIR" + (f" and takes no {', '.join(extra)}"
                                                                                  if extra else ""))
         return
     missing = [f"--{n}" for n in ("checkpoint", "data", "split") if getattr(args, n) is None]
     if missing:
-        raise ValueError(f"geocap dump needs {', '.join(missing)} (or --hf MODEL_DIR --images DIR for a Hugging Face "
+        raise UsageError(f"geocap dump needs {', '.join(missing)} (or --hf MODEL_DIR --images DIR for a Hugging Face "
                          f"captioner)")
     if args.images is not None or args.instances is not None:
-        raise ValueError("--images and --instances are options of geocap dump --hf")
+        raise UsageError("--images and --instances are options of geocap dump --hf")
 
 
-def add_dump_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap dump`` on an argparse subparsers object; returns its parser. The handler
-    (``args.func(args)``) returns 0 or raises ValueError for bad options or data."""
+    (``args.func(args)``) returns 0 or raises geocap's errors for bad options or data."""
     from geocap.dump.writer import COMPRESSIONS
     parser = subparsers.add_parser(
         "dump", help="record a checkpoint's attention over a split into HDF5 shards (resumable)",
@@ -153,22 +153,5 @@ def add_dump_parser(subparsers) -> argparse.ArgumentParser:
                         help="captions directory inside --data (default caps); with --hf: a COCO captions file")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available), cpu, cuda, ...")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    parser.set_defaults(func=run_dump)
+    parser.set_defaults(func=run)
     return parser
-
-
-def main(argv=None) -> int:
-    """``geocap dump`` on its own (until it is registered in geocap.cli): exit status 0, or 2
-    with the error on stderr for bad options or data."""
-    parser = argparse.ArgumentParser(prog="geocap")
-    add_dump_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["dump"] + list(sys.argv[1:] if argv is None else argv))
-    try:
-        return args.func(args)
-    except ValueError as err:
-        print(f"geocap: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from geocap.errors import UsageError
 
 
 def _non_negative(text: str) -> int:
@@ -26,7 +27,7 @@ def _positive(text: str) -> int:
 def report_href(report, out_dir) -> str | None:
     """The link from the site's pages to the rendered analysis report: ``report.html`` beside the
     given report (``report`` is its ``.md`` or ``.html`` path, or its folder), relative to
-    ``out_dir``; None for None. Raises ValueError when no HTML report is there (``geocap analyze``
+    ``out_dir``; None for None. Raises UsageError when no HTML report is there (``geocap analyze``
     writes it beside ``report.md``): a link to markdown would show the raw text without figures."""
     if report is None:
         return None
@@ -36,16 +37,16 @@ def report_href(report, out_dir) -> str | None:
     elif path.suffix.lower() in (".md", ".html"):
         html = path.with_suffix(".html") if path.suffix.lower() == ".md" else path
     else:
-        raise ValueError(f"--report: expected the analysis report (report.md or report.html) or its folder, "
+        raise UsageError(f"--report: expected the analysis report (report.md or report.html) or its folder, "
                          f"got {report}")
     if not html.is_file():
-        raise ValueError(f"--report: no HTML report at {html} (geocap analyze writes report.html beside "
+        raise UsageError(f"--report: no HTML report at {html} (geocap analyze writes report.html beside "
                          f"report.md; rerun it)")
     href = os.path.relpath(os.path.abspath(html), os.path.abspath(out_dir))
     return Path(href).as_posix()
 
 
-def run_view(args) -> int:
+def run(args) -> int:
     """Handler of ``geocap view``: open the dump, build the site, print where it is."""
     from geocap.data.dump_format import open_dump
     from geocap.view.site import build_site
@@ -67,9 +68,9 @@ def run_view(args) -> int:
     return 0
 
 
-def add_view_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap view`` on an argparse subparsers object; returns its parser. The handler
-    (``args.func(args)``) returns 0 or raises ValueError for bad options or data."""
+    (``args.func(args)``) returns 0 or raises geocap's errors for bad options or data."""
     parser = subparsers.add_parser(
         "view", help="write a static attention viewer (HTML, no network) for a dump",
         description="Write a static site for browsing a dump's attention: an index of its images "
@@ -95,5 +96,5 @@ def add_view_parser(subparsers) -> argparse.ArgumentParser:
                              "Default: whole maps")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
-    parser.set_defaults(func=run_view)
+    parser.set_defaults(func=run)
     return parser

@@ -1,75 +1,13 @@
-"""``geocap analyze DUMP --out DIR``: the four attention analyses of a dump, as analysis.json,
-one figure per analysis, report.md and report.html (see :mod:`geocap.analysis.report`).
+"""``geocap compare NAME=REPORT ... [--out FILE.md]``: several models' analyses (``geocap analyze``)
+side by side in one markdown table (:mod:`geocap.analysis.compare`), with its figure beside ``--out``.
 
-A stats-only dump (``geocap dump --stats-only``) holds no maps but the analyses' merged statistics,
-which are used as they are; a full dump is read record by record, in chunks, never whole.
+The inputs are checked to be analysis.json files of ``geocap analyze`` (``check_analysis``) and
+``--out`` never lands on an input or its report folder (``compare_outputs``).
 """
 from __future__ import annotations
 
 import argparse
 import os
-
-from geocap.out_dir import check_out_dir
-
-REPORT_MARKER = "analysis.json"       # what every report folder holds (geocap.analysis.run_analyses)
-
-
-def _open_dump(path: str, progress: bool):
-    from geocap.data.dump_format import open_dump  # lazy: h5py and the reader only when analysing
-
-    return open_dump(path, progress=progress)
-
-
-def run_analyze(args) -> int:
-    """Handler of ``geocap analyze``; returns 0, raises ValueError for bad options or data."""
-    from geocap.analysis import run_analyses
-
-    if not os.path.exists(args.dump):
-        raise ValueError(f"dump {args.dump!r} does not exist")
-    if os.path.exists(args.out) and os.path.samefile(args.out, args.dump):
-        raise ValueError(f"--out: {args.out} is the dump itself; the report needs a folder of its own")
-    check_out_dir(args.out, marker=REPORT_MARKER, kind="geocap analysis report")
-    for name in ("clusters", "kmeans_buffer", "bins"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.reservoir < 3:
-        raise ValueError(f"--reservoir must be >= 3, got {args.reservoir}")
-    dump = _open_dump(args.dump, args.progress)
-    data = run_analyses(dump, args.out, viewer_href=args.viewer_href, progress=args.progress,
-                        k=args.clusters, kmeans_buffer=args.kmeans_buffer, bins=args.bins,
-                        reservoir=args.reservoir, seed=args.seed)
-    print(f"analysed {data['records']} records -> {os.path.join(args.out, 'analysis.json')}, "
-          f"{os.path.join(args.out, 'report.md')}, {os.path.join(args.out, 'report.html')}")
-    return 0
-
-
-def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``geocap analyze`` on an argparse subparsers object; returns its parser."""
-    parser = subparsers.add_parser(
-        "analyze", help="run the four attention analyses over a dump (analysis.json, figures, report.md and .html)",
-        description="Run the four attention analyses of 'On the Interplay between Language and Vision in "
-                    "Transformers' (Ilinykh 2022) (entropy, thematic relatedness, proximity, "
-                    "grounding) over an attention dump and write DIR/analysis.json, one PNG per analysis and "
-                    "DIR/report.md, rendered as DIR/report.html. A stats-only dump is analysed from its stored "
-                    "statistics (the options below were fixed when it was written and are ignored).")
-    parser.add_argument("dump", metavar="DUMP", help="an attention dump (geocap dump)")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output folder (created if missing; must be empty, absent or an earlier report)")
-    parser.add_argument("--viewer-href", default=None, metavar="URL",
-                        help="link report.md to the attention viewer (geocap view) at this address")
-    parser.add_argument("--clusters", type=int, default=6, metavar="K",
-                        help="k-means clusters when records carry neither clusters nor labels (default 6)")
-    parser.add_argument("--kmeans-buffer", type=int, default=256, metavar="N",
-                        help="records whose features fit the k-means fallback (default 256)")
-    parser.add_argument("--bins", type=int, default=10, help="bins of the proximity curves (default 10)")
-    parser.add_argument("--reservoir", type=int, default=20000, metavar="PAIRS",
-                        help="object pairs sampled for each Spearman correlation (default 20000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the k-means fallback and the pair sample")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
-    parser.set_defaults(func=run_analyze)
-    return parser
-
 
 ANALYSIS_SECTIONS = ("entropy", "thematic", "proximity", "grounding")   # the analyses of analysis.json
 
@@ -158,7 +96,7 @@ def compare_outputs(out: str, inputs) -> tuple:
     return out, figure
 
 
-def run_compare(args) -> int:
+def run(args) -> int:
     """Handler of ``geocap compare``: the models' analyses side by side in one markdown table."""
     from geocap.analysis.compare import comparison_figure, comparison_table
     from geocap.data.atomic import write_text_atomic
@@ -188,7 +126,7 @@ def run_compare(args) -> int:
     return 0
 
 
-def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap compare`` on an argparse subparsers object; returns its parser."""
     parser = subparsers.add_parser(
         "compare", help="several models' analyses (geocap analyze) side by side in one markdown table",
@@ -198,5 +136,5 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                         help="a model's name and its geocap analyze folder (or its analysis.json)")
     parser.add_argument("--out", default=None, metavar="FILE.md",
                         help="write the table here and its figure beside it (FILE.png); default: print the table")
-    parser.set_defaults(func=run_compare)
+    parser.set_defaults(func=run)
     return parser

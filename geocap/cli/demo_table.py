@@ -3,7 +3,7 @@ captions, and where every result is.
 
 Usage::
 
-    python -m geocap.demo_table [--captions DIR/caps] [--samples 3] NAME=RESULTS_DIR/metrics_test.json ...
+    geocap demo-table [--captions DIR/caps] [--samples 3] NAME=RESULTS_DIR/metrics_test.json ...
 
 Each ``NAME=FILE`` is one model (a table row, in the order given): ``FILE`` is the
 ``metrics_<split>.json`` that ``geocap evaluate`` wrote, and the captions it names
@@ -12,19 +12,18 @@ CIDEr-D on its x10 scale) and the relation-word accuracy (``relation_accuracy``:
 uses / uses, with the counts; "n/a" and the file's reason when it is undefined). With
 ``--captions``, the first ``--samples`` images of the split are listed with each model's caption
 and the image's first reference caption. Every model must have been evaluated on the same split
-and images (else ValueError naming the file).
+and images (else DataError naming the file).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from geocap.data.json_file import read_json
-from geocap.evaluate import EVALUATION_FORMAT
+from geocap.errors import DataError, UsageError
 
 
 @dataclass
@@ -38,27 +37,28 @@ class EvaluatedModel:
 
 
 def load_model(name: str, path: str) -> EvaluatedModel:
-    """Read an evaluation's metrics file and the captions file beside it; ValueError naming the
+    """Read an evaluation's metrics file and the captions file beside it; DataError naming the
     file when either is missing or not geocap's evaluation output."""
+    from geocap.evaluate import EVALUATION_FORMAT  # lazy: geocap.evaluate imports torch
     path = os.path.abspath(os.fspath(path))
     try:
         record = read_json(path, "metrics file")
     except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
+        raise DataError(f"{name}: {err}") from None
     if not isinstance(record, dict) or record.get("format") != EVALUATION_FORMAT:
-        raise ValueError(f"{name}: {path}: not a {EVALUATION_FORMAT} metrics file")
+        raise DataError(f"{name}: {path}: not a {EVALUATION_FORMAT} metrics file")
     for key in ("metrics", "results_file", "split", "n_images"):
         if key not in record:
-            raise ValueError(f"{name}: {path}: field {key!r} missing")
+            raise DataError(f"{name}: {path}: field {key!r} missing")
     results = os.path.join(os.path.dirname(path), record["results_file"])
     try:
         with open(results, encoding="utf-8") as fh:
             rows = json.load(fh)
         captions = {int(r["image_id"]): str(r["caption"]) for r in rows}
     except FileNotFoundError:
-        raise ValueError(f"{name}: {results}: captions file missing") from None
+        raise DataError(f"{name}: {results}: captions file missing") from None
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{name}: {results}: not a COCO results file ({err!r})") from None
+        raise DataError(f"{name}: {results}: not a COCO results file ({err!r})") from None
     return EvaluatedModel(name=name, path=path, record=record, captions=dict(sorted(captions.items())))
 
 
@@ -103,11 +103,11 @@ def format_samples(models: Sequence[EvaluatedModel], references: Optional[dict],
 def summary(models: Sequence[EvaluatedModel], references: Optional[dict] = None, samples: int = 3) -> str:
     """Table, sample captions and the files, as ``./run.sh`` prints them."""
     if not models:
-        raise ValueError("give at least one NAME=metrics file")
+        raise UsageError("give at least one NAME=metrics file")
     first = models[0]
     for m in models[1:]:
         if (m.record["split"], list(m.captions)) != (first.record["split"], list(first.captions)):
-            raise ValueError(f"{m.name}: {m.path}: evaluated on other images than {first.name} ({first.path})")
+            raise DataError(f"{m.name}: {m.path}: evaluated on other images than {first.name} ({first.path})")
     split, n = first.record["split"], first.record["n_images"]
     parts = [f"{split} split, {n} images, beam size {first.record.get('beam_size', '?')}:", format_table(models)]
     if samples > 0:
@@ -129,27 +129,27 @@ def _named(text: str) -> tuple:
     return name, path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m geocap.demo_table", description=__doc__.split("\n\n")[0])
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``geocap demo-table`` on an argparse subparsers object; returns its parser."""
+    parser = subparsers.add_parser(
+        "demo-table", help="evaluated models side by side with sample captions (the closing table of ./run.sh)",
+        description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", type=_named, metavar="NAME=METRICS_FILE")
     parser.add_argument("--captions", metavar="DIR", help="captions directory, for a reference per sample image")
     parser.add_argument("--samples", type=int, default=3, help="sample images to list (default 3; 0: none)")
-    args = parser.parse_args(argv)
-    try:
-        if args.samples < 0:
-            raise ValueError(f"--samples must be >= 0, got {args.samples}")
-        models = [load_model(name, path) for name, path in args.models]
-        references = None
-        if args.captions:
-            from geocap.data.vocab import load_captions
-            caps = load_captions(args.captions)
-            references = {i: caps.references(i) for i in list(models[0].captions)[:args.samples]}
-        print(summary(models, references, args.samples))
-    except ValueError as err:
-        print(f"geocap.demo_table: error: {err}", file=sys.stderr)
-        return 2
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args) -> int:
+    """Handler of ``geocap demo-table``: prints the table; UsageError / DataError for bad input."""
+    if args.samples < 0:
+        raise UsageError(f"--samples must be >= 0, got {args.samples}")
+    models = [load_model(name, path) for name, path in args.models]
+    references = None
+    if args.captions:
+        from geocap.data.vocab import load_captions
+        caps = load_captions(args.captions)
+        references = {i: caps.references(i) for i in list(models[0].captions)[:args.samples]}
+    print(summary(models, references, args.samples))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

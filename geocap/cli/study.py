@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from geocap.errors import UsageError
 
-__all__ = ["add_study_parser", "run_study_command", "settings_from_args"]
+__all__ = ["add_parser", "run", "settings_from_args"]
 
 
 def settings_from_args(args: argparse.Namespace):
-    """The StudySettings of parsed ``geocap study`` options (ValueError naming a bad one)."""
+    """The StudySettings of parsed ``geocap study`` options (UsageError naming a bad one)."""
     from geocap.data.json_file import read_json
     from geocap.study.settings import StudySettings
 
@@ -31,7 +32,7 @@ def settings_from_args(args: argparse.Namespace):
             settings = StudySettings.from_dict(read_json(args.settings, "study settings file"), settings)
         except ValueError as err:
             message = str(err)
-            raise ValueError(message if message.startswith(args.settings) else f"--settings {args.settings}: "
+            raise UsageError(message if message.startswith(args.settings) else f"--settings {args.settings}: "
                              f"{message}") from None
     changes = {}
     if args.seeds is not None:
@@ -42,13 +43,13 @@ def settings_from_args(args: argparse.Namespace):
         try:
             settings = StudySettings.from_dict(changes, settings)
         except ValueError as err:
-            raise ValueError(f"--{next(iter(changes))}: {err}" if len(changes) == 1 else str(err)) from None
+            raise UsageError(f"--{next(iter(changes))}: {err}" if len(changes) == 1 else str(err)) from None
     return settings
 
 
-def run_study_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Handler of ``geocap study``: runs the study, prints where study.json is, returns 0
-    (ValueError for bad options, a refused --out or bad data)."""
+    (geocap's errors for bad options, a refused --out or bad data)."""
     from geocap.metrics.evaluate import require_pycocoevalcap
     from geocap.study.run import run_study
 
@@ -59,7 +60,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_study_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``geocap study`` on an argparse subparsers object; returns its parser."""
     parser = subparsers.add_parser(
         "study", help="train, evaluate, dump and analyse every (variant, seed); study.json and study.md (resumable)",
@@ -82,5 +83,5 @@ def add_study_parser(subparsers) -> argparse.ArgumentParser:
                              "geocap.study.settings.StudySettings) over the full or quick defaults")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bars (log lines stay)")
-    parser.set_defaults(func=run_study_command)
+    parser.set_defaults(func=run)
     return parser
