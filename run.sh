@@ -2,7 +2,7 @@
 # geocap set-up and entry point. On a fresh machine:
 #   ./run.sh          installs everything into .venv (first run only) and runs the main job on the
 #                     embedded synthetic data: kernel check, synth -> prepro -> train and evaluate
-#                     ORT and its no-geometry ablation -> a table of both side by side
+#                     ORT and its no-geometry ablation (variants ort and none) -> a table of both
 #   ./run.sh test     installs likewise and runs the test suite (extra arguments go to pytest)
 #   ./run.sh lint     installs likewise and runs ruff (pyproject.toml's rules)
 set -euo pipefail
@@ -28,7 +28,8 @@ command="${1:-demo}"
 geocap="$venv/bin/geocap"
 case "$command" in
     demo)
-        # the captioner part: one synthetic dataset, ORT and its no-geometry ablation trained alike
+        # the captioner part: one synthetic dataset, ORT (variant ort) and its no-geometry ablation
+        # (variant none, as geocap study names them) trained alike
         # (same seed, data order and sizes; batches of 10 images with their 5 captions each, as ORT),
         # both evaluated on the test split (sizes chosen to keep the whole demo near 5 minutes on
         # 2 cores; see the README)
@@ -42,25 +43,23 @@ case "$command" in
         rm -rf "$work"
         "$geocap" synth "$data" --images "$images" --feature-dim 256
         "$geocap" prepro captions --karpathy "$data/dataset_coco.json" --out "$data/caps"
-        for model in geometry no-geometry; do
-            geometry=true
-            [ "$model" = no-geometry ] && geometry=false
-            echo; echo "== 3/5 $model model (--geometry $geometry): train $steps steps -> $work/$model, evaluate"
-            "$geocap" train --data "$data" --out "$work/$model" --geometry "$geometry" "${train_options[@]}"
+        for model in ort none; do
+            echo; echo "== 3/5 variant $model: train $steps steps -> $work/$model, evaluate"
+            "$geocap" train --data "$data" --out "$work/$model" --variant "$model" "${train_options[@]}"
             "$geocap" evaluate --checkpoint "$work/$model/checkpoint-best.pt" --data "$data" --split test \
                 --out "$work/$model/eval" --no-meteor
         done
-        # the geometry model's attention over the test split (reference captions teacher-forced, plus
+        # ORT's attention over the test split (reference captions teacher-forced, plus
         # hypothetical ones with swapped nouns), the seed's four analyses, and the viewer
         echo; echo "== 4/5 attention: dump -> $work/dump, analyses -> $work/report, viewer -> $work/view"
-        "$geocap" dump --checkpoint "$work/geometry/checkpoint-best.pt" --data "$data" --split test \
+        "$geocap" dump --checkpoint "$work/ort/checkpoint-best.pt" --data "$data" --split test \
             --out "$work/dump" --features
         "$geocap" analyze "$work/dump" --out "$work/report" --viewer-href ../view/index.html
         "$geocap" view "$work/dump" --out "$work/view" --report "$work/report/report.md"
-        echo; echo "== 5/5 geometry vs no-geometry (ORT's ablation) on the test split"
+        echo; echo "== 5/5 ort vs none (ORT's no-geometry ablation) on the test split"
         "$geocap" demo-table --captions "$data/caps" --samples 3 \
-            geometry="$work/geometry/eval/metrics_test.json" no-geometry="$work/no-geometry/eval/metrics_test.json"
-        echo "everything is under $work/ (data/, geometry/, no-geometry/, dump/, report/, view/)"
+            ort="$work/ort/eval/metrics_test.json" none="$work/none/eval/metrics_test.json"
+        echo "everything is under $work/ (data/, ort/, none/, dump/, report/, view/)"
         echo "analysis report:  $PWD/$work/report/report.md"
         echo "attention viewer: file://$PWD/$work/view/index.html"
         echo "${SECONDS} s in all"

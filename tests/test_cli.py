@@ -407,3 +407,26 @@ def test_a_plain_value_error_raised_by_geocap_code_is_a_bug_with_its_traceback(t
     assert done.returncode == 1
     assert "Traceback (most recent call last)" in done.stderr and "cider.py" in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "ValueError: n must be >= 1, got 0"
+
+
+def test_train_variant_names_the_study_variants_options():
+    """``geocap train --variant NAME`` sets the options of the study's variant of that name, and
+    refuses a contradicting option beside it."""
+    from geocap.cli import build_parser
+    from geocap.cli.train import config_from_args
+    from geocap.errors import UsageError
+    from geocap.train.variants import VARIANTS
+
+    parser = build_parser()
+    for name, options in VARIANTS.items():
+        config = config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o", "--variant", name]))
+        assert {key: getattr(config, key) for key in options} == options, name
+    plain = config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o"]))
+    directional = config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o", "--variant",
+                                                      "directional"]))
+    assert (plain.embedding, directional.embedding) == ("ort", "signed")
+    with pytest.raises(UsageError, match="--variant none sets geometry = False"):
+        config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o", "--variant", "none",
+                                            "--geometry", "true"]))
+    with pytest.raises(UsageError, match="variant must be one of ort, none, directional, absolute"):
+        config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o", "--variant", "no-geometry"]))

@@ -59,6 +59,10 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="JSON file of options (command-line options override it)")
+    parser.add_argument("--variant", default=argparse.SUPPRESS, metavar="NAME",
+                        help="a geometry variant by its name (as in geocap study): ort, none (no geometry), "
+                             "directional (--embedding signed) or absolute (none + --box-features true); sets "
+                             "those options")
     parser.add_argument("--resume", action="store_true", default=False,
                         help="continue RUN/checkpoint-latest.pt with RUN/train_config.json's options")
     for f in fields(TrainConfig):
@@ -73,10 +77,15 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> "TrainConfig":
     """The TrainConfig of parsed ``geocap train`` options: defaults (or, with --resume, the run's
-    train_config.json), then --config, then the options given."""
+    train_config.json), then --config, then the options given (``--variant`` standing for the
+    options of :data:`geocap.train.variants.VARIANTS` it names)."""
     from geocap.train.config import CONFIG_FILE, TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if hasattr(args, "variant"):
+        from geocap.train.variants import variant_options
+
+        given.update(variant_options(args.variant, given))
     base = None
     if getattr(args, "resume", False):
         out = given.get("out")

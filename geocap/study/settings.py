@@ -44,19 +44,13 @@ from geocap.data.atomic import write_text_atomic
 from geocap.data.json_file import read_json
 from geocap.metrics.tokenize import TOKENIZERS
 from geocap.train.schedule import DECAYS
+from geocap.train.variants import VARIANTS
 from geocap.errors import DataError, UsageError
 
 __all__ = ["SETTINGS_FILE", "StudySettings", "VARIANTS"]
 
 SETTINGS_FILE = "settings.json"
 
-# variant -> the train options (TrainConfig fields) that make it; all other options are shared
-VARIANTS = {
-    "ort": {"geometry": True},
-    "none": {"geometry": False},
-    "directional": {"geometry": True, "embedding": "signed"},
-    "absolute": {"geometry": False, "box_features": True},
-}
 
 
 @dataclass(frozen=True)
