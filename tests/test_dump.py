@@ -902,7 +902,7 @@ def test_a_stop_request_lost_as_an_exception_stops_the_dump_at_the_next_batch(ck
 
 
 # the modules that read dumps, and what they must not import: the model's layer and the dump writer
-DUMP_READERS = ("geocap.data.dump_format", "geocap.analysis", "geocap.analyze", "geocap.view.site")
+DUMP_READERS = ("geocap.data.dump_format", "geocap.analysis", "geocap.cli.analyze", "geocap.view.site")
 MODEL_LAYER = ("geocap.model", "geocap.dump", "geocap.checkpoint", "geocap.train", "geocap.decoding",
                "geocap.captioner")
 
