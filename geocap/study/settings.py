@@ -22,14 +22,10 @@ Sizes. The step times they are estimated from: see bench/RESULTS.md, "Study step
 
 * full (the defaults, ``full()``): 4 variants x 5 seeds = 20 models, 4 layers (the least depth that
   still shows depth trends), d_model 128, 10000 images (1000 val for the validation loss, 1000
-  test), 5000 steps of 10 images (~6 epochs). **Estimate, not a measurement** (from the numbers
-  above, scaling the step time with depth: 0.133 x 4/6 ~ 0.09 s/step): per model ~450 s of
-  training; ~65 s of validation-loss passes (25 x 1000 images, forward only: 0.29 of a training
-  step's time per 10 images, bench/RESULTS.md); ~100 s of evaluation, dump and analyses of 1000
-  test images plus the untrained control's dump and analyses: ~615 s, so 20 models ~12300
-  process-seconds, ~103 min with two models at once on the two cores (``geocap study --jobs 2``),
-  plus data (~2 min) and aggregation: inside 120 minutes if the estimate holds. Whether 5000 steps converge by the
-  criterion is what the run will show (the curves and each model's ``convergence`` in study.json).
+  test), 5000 steps of 10 images (~6 epochs). Measured (bench/RESULTS.md, "Study step times"):
+  565-589 s per model with two at once on an idle 2-core CPU, 12 120 process-seconds for the 20
+  models: about 100 min idle (126 min measured on shared cores); 19 of 20 models converged by
+  the criterion (docs/study/).
 * quick (``for_quick()``): 4 variants x 2 seeds = 8 models: 2 layers, 1000 steps on 3000 images
   (the demo's data size), the validation loss on all 300 val images.
 """
