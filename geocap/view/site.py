@@ -45,7 +45,7 @@ import numpy as np
 
 from geocap import stop
 from geocap.data.atomic import remove_stale_temporary_folders, replace_folder, temporary_folder, write_text_atomic
-from geocap.data.dump_format import box_embedding
+from geocap.data.dump_format import box_embedding, check_top_k
 from geocap.data.image_files import IMAGE_EXTENSIONS, image_id_from_name
 from geocap.out_dir import check_out_dir
 from geocap.progress import progress_bar
@@ -366,9 +366,8 @@ def _check_options(limit, page_size, encoder_top_k) -> None:
         raise UsageError(f"limit must be a non-negative integer or None, got {limit!r}")
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
         raise UsageError(f"page_size must be a positive integer, got {page_size!r}")
-    if encoder_top_k is not None and (isinstance(encoder_top_k, bool) or not isinstance(encoder_top_k, int)
-                                      or encoder_top_k < 1):
-        raise UsageError(f"encoder_top_k must be a positive integer or None, got {encoder_top_k!r}")
+    if encoder_top_k is not None:
+        check_top_k(encoder_top_k)
 
 
 def _fresh_temporary_folder(out: Path) -> Path:
