@@ -28,10 +28,14 @@ from geocap.study.settings import SETTINGS_FILE, VARIANTS, StudySettings
 TINY = dict(variants=["ort", "none"], seeds=1, images=40, feature_dim=16, min_count=1, layers=1, d_model=32, heads=2,
             d_ff=64, steps=6, batch_size=4, warmup=2, val_every=3, val_loss_images=4, beam_size=2, tokenizer="python")
 MODEL_FIELDS = {"variant", "seed", "references", "captions", "ground_truth", "analysis", "metrics", "val_curve",
-                "steps", "untrained_analysis"}
+                "steps", "untrained_analysis", "schedule_check"}
 FINAL = os.path.join("run", "checkpoint-latest.pt")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 TIMEOUT = 120
+
+
+def config_of(folder: str) -> dict:
+    return json.loads(open(os.path.join(folder, "run", "train_config.json")).read())
 
 
 def tiny(**changes) -> StudySettings:
@@ -56,11 +60,14 @@ class Lines(list):
 
 @pytest.fixture
 def trained(monkeypatch):
-    """Records the models geocap.train.train is called for (their run folder's parent's name)."""
+    """Records the models geocap.train.train is called for (their run folder's parent's name;
+    ``<model>/short`` for a schedule check's short run)."""
     names, real = [], geocap.train.train
 
     def counting(config, **kwargs):
-        names.append(os.path.basename(os.path.dirname(config.out)))
+        parent = os.path.dirname(config.out)
+        name = os.path.basename(parent)
+        names.append(f"{os.path.basename(os.path.dirname(parent))}/{name}" if name == "short" else name)
         return real(config, **kwargs)
 
     monkeypatch.setattr(geocap.train, "train", counting)
@@ -178,6 +185,18 @@ def test_study_end_to_end(study):
                     "untrained/analysis/analysis.json"):
             assert rel in done["files"]
         assert not os.path.exists(os.path.join(folder, "run", "checkpoint-best.pt"))   # no CIDEr validation
+        # the schedule check (seed 0): a half-length run of the same options, scored on the same images
+        assert "short/schedule_check.json" in done["files"] and "short/run/checkpoint-latest.pt" in done["files"]
+        assert load_checkpoint(os.path.join(folder, "short", FINAL)).step == 3
+        short_config = json.loads(open(os.path.join(folder, "short", "run", "train_config.json")).read())
+        assert short_config == {**config_of(folder), "steps": 3, "checkpoint_every": 3, "out": short_config["out"]}
+        check = result["schedule_check"]
+        assert check["short_steps"] == 3 and check["steps"] == 6 and check["images"] == 4
+        assert len(check["sums"]) == len(check["short_sums"]) == len(check["tokens"]) == 4
+        assert check["sums"] != check["short_sums"]
+        assert [p[0] for p in check["short_curve"]] == [3]
+        # its full-model sums are the run's own last validation loss, recomputed
+        assert sum(check["sums"]) / sum(check["tokens"]) == pytest.approx(result["val_curve"][-1][1], rel=1e-6)
         # the evaluated model is the final one; the untrained control is its initialisation
         assert load_checkpoint(os.path.join(folder, FINAL)).step == 6
         metrics = json.loads(open(os.path.join(folder, "eval", "metrics_test.json")).read())
@@ -236,12 +255,18 @@ def test_a_tiny_study_of_every_variant_with_the_real_summary(study, tmp_path):
     for name, variant in study["variants"].items():
         assert set(variant) >= {"seeds", "mean", "ci95"} and [s["seed"] for s in variant["seeds"]] == [0]
         assert variant["seeds"][0]["convergence"]["converged"] is None     # 2 validations: undecided
+        check = variant["seeds"][0]["schedule_convergence"]
+        assert check["criterion"] == "schedule" and (check["short_steps"], check["steps"], check["images"]) == (3, 6, 4)
+        assert check["loss"] == pytest.approx(variant["seeds"][0]["val_curve"][-1][1], rel=1e-6)
+        assert check["gain_ci95"][0] <= check["gain"] <= check["gain_ci95"][1]
+        assert [p[0] for p in check["short_curve"]] == [3]
     assert study["findings"] and all(f["verdict"] in VERDICTS for f in study["findings"])
     assert all({"name", "seed_claim", "measured", "verdict", "variants", "control"} <= set(f)
                for f in study["findings"])
     assert study["verdicts"]["tested"] == len(study["findings"])
     assert set(study["controls"]) == {"blind", "blind left/right", "blind above/below"}
-    assert os.path.isfile(os.path.join(out, "study.md"))
+    report = open(os.path.join(out, "study.md")).read()
+    assert "**Schedule check**" in report and "3 -> 6" in report
     absolute = json.loads(open(os.path.join(model_dir(out, "absolute", 0), "run", "train_config.json")).read())
     assert absolute["box_features"] is True and absolute["geometry"] is False
     assert load_checkpoint(os.path.join(model_dir(out, "absolute", 0), FINAL)).config.box_features is True
@@ -287,7 +312,7 @@ def test_unfinished_or_damaged_model_is_made_again(study, tmp_path, trained, dam
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     log = Lines()
     run_study(out, tiny(), aggregate=Recorder(), progress=False, log=log)
-    assert trained == [f"{victim}-seed0"]
+    assert trained == [f"{victim}-seed0", f"{victim}-seed0/short"]
     assert any(f"{victim}-seed0" in line and "making it again" in line for line in log)
     assert snapshot(model_dir(out, other, 0)) == kept_before
     assert finished_models(out, tiny()) == [("ort", 0), ("none", 0)]

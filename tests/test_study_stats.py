@@ -370,8 +370,11 @@ def test_summarize_keys_values_and_cross_check(study):
     assert set(study) == {"variants", "comparisons", "findings", "data_checks", "verdicts", "controls"}
     assert set(study["variants"]) == {"ort", "none", "directional", "absolute"}
     for v, entry in study["variants"].items():
-        assert set(entry) == {"seeds", "mean", "ci95"}
+        assert set(entry) == {"seeds", "mean", "ci95", "final_val_loss_sd"}
         assert [s["seed"] for s in entry["seeds"]] == [0, 1]
+        finals = [s["val_curve"][-1][1] for s in entry["seeds"]]
+        assert entry["final_val_loss_sd"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5, rel=1e-9)
+        assert all(s["schedule_convergence"] is None for s in entry["seeds"])     # these results have no check
         for s in entry["seeds"]:
             assert {"seed", "cider_d", "bleu_4", "rouge_l", "relation_accuracy", "relations", "evaluate"} <= set(s)
             assert set(s["relations"]) == set(RELATIONS)

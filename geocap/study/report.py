@@ -3,7 +3,8 @@ returned (plus ``settings`` when the runner added them).
 
 Figures (matplotlib's Agg canvas, no pyplot; the helpers of :mod:`geocap.analysis.plotting`):
 ``val_curves.png`` (teacher-forced validation loss against step, one panel per variant, a line per
-seed, the last fifth's fitted line of the convergence criterion), ``attention_layers.png`` (small
+seed, the last fifth's fitted line of the convergence criterion, dashed: the schedule check's
+half-length runs), ``attention_layers.png`` (small
 multiples: one panel per attention measure, a line per variant, its untrained control dashed, 95%
 intervals across seeds clipped to the measure's range; with fewer than 3 seeds no bands but a note
 that so few seeds give no useful interval), ``metrics.png`` (each metric's mean per variant with
@@ -68,7 +69,15 @@ CONVERGENCE_TEXT = (
     "about the line: the curve's own noise, measured); the steepest fall that interval allows, projected over "
     "one more fifth of the steps, relative to the final loss. Converged when that is under the tolerance. "
     "Caveat: the learning rate decays to 0, so a flat last fifth means the run ended where its schedule meant "
-    "it to; it does not say that a longer schedule would gain nothing.")
+    "it to; it does not say that a longer schedule would gain nothing: the schedule check above answers that.")
+SCHEDULE_TEXT = (
+    "**Schedule check** (geocap.study.schedule): the first seed(s) of each variant are also trained with half the "
+    "steps (the same options, warm-up, data and initialisation; the learning rate decayed to 0 at its own end). "
+    "Both final models' teacher-forced validation losses are compared on the same validation images: the gain "
+    "of the full schedule is (short - full) / full, with a 95% interval over images (paired). Converged when the "
+    "interval's upper end is under the tolerance; not converged when its lower end is at or above it. The "
+    "interval carries the images' noise, not the training run's: the seed spread of the final loss beside it "
+    "shows the size of that.")
 VERDICT_TEXT = (
     "**Verdict rule**: each claim is one or more pre-specified effects with a claimed sign (layer 1 vs the last "
     "layer; never chosen after looking). An effect holds when its 95% interval excludes 0 in the claimed "
@@ -133,6 +142,37 @@ def _variant_lines(variants: dict) -> list[str]:
     return lines
 
 
+def _schedule_lines(variants: dict) -> list[str]:
+    """The schedule check's table (models that have one) and its one-line summary."""
+    rows, verdicts = [], []
+    for v, entry in variants.items():
+        for s in entry["seeds"]:
+            c = s.get("schedule_convergence")
+            if not c:
+                continue
+            converged = c.get("converged")
+            gain = "-" if c.get("gain") is None else \
+                f"{100 * c['gain']:+.2f} % [{100 * c['gain_ci95'][0]:+.2f}, {100 * c['gain_ci95'][1]:+.2f}]"
+            rows.append([v, s["seed"], f"{c.get('short_steps', '-')} -> {c.get('steps', '-')}",
+                         format_number(c.get("short_loss")), format_number(c.get("loss")), gain,
+                         format_number(entry.get("final_val_loss_sd")),
+                         "undecided" if converged is None else ("yes" if converged else "**no**")])
+            verdicts.append(converged)
+    if not rows:
+        return ["No model has a schedule check (schedule_check_seeds = 0): nothing says whether a longer schedule "
+                "would change these models.", ""]
+    done = sum(1 for x in verdicts if x)
+    tolerance = next(s["schedule_convergence"]["tolerance"] for e in variants.values() for s in e["seeds"]
+                     if s.get("schedule_convergence"))
+    summary = (f"all {len(verdicts)} checked models have converged by the schedule check (doubling the schedule "
+               f"gains under {100 * tolerance:g} %)" if done == len(verdicts) else
+               f"**{done} of {len(verdicts)} checked models have converged by the schedule check**: a longer "
+               f"schedule would still lower the validation loss, and the findings may change with it")
+    return [SCHEDULE_TEXT, "", f"{summary}.", ""] + _table(
+        ["variant", "seed", "steps (short -> full)", "short run's loss", "full run's loss",
+         "gain of the full schedule [95%, over images]", "seed spread of the final loss (sd)", "converged"], rows)
+
+
 def _convergence_lines(variants: dict) -> list[str]:
     rows, verdicts = [], []
     for v, entry in variants.items():
@@ -152,7 +192,7 @@ def _convergence_lines(variants: dict) -> list[str]:
     summary = (f"all {len(verdicts)} models have converged by this criterion" if done == len(verdicts) else
                f"**{done} of {len(verdicts)} models have converged by this criterion**: read the comparisons as "
                f"those of models trained for this budget")
-    return ["## Convergence", "", CONVERGENCE_TEXT, "", f"{summary}.", ""] + _table(
+    return ["## Convergence", ""] + _schedule_lines(variants) + ["", CONVERGENCE_TEXT, "", f"{summary}.", ""] + _table(
         ["variant", "seed", "final loss", "slope per step, last fifth [95%]",
          "scatter about the line (validation se)", "projected gain", "converged", "why"], rows)
 
@@ -311,6 +351,10 @@ def _plot_val_curves(variants: dict, path) -> None:
             steps = np.array([p[0] for p in s["val_curve"]], np.float64)
             loss = np.array([p[1] for p in s["val_curve"]], np.float64)
             line, = ax.plot(steps, loss, marker=".", markersize=3, linewidth=1, label=f"seed {s['seed']}")
+            short = (s.get("schedule_convergence") or {}).get("short_curve")
+            if short:
+                ax.plot([p[0] for p in short], [p[1] for p in short], color=line.get_color(), linestyle="--",
+                        linewidth=1, label=f"seed {s['seed']}, half schedule")
             c = s.get("convergence") or {}
             if c.get("slope") is not None:
                 end = steps[-1]
@@ -323,7 +367,7 @@ def _plot_val_curves(variants: dict, path) -> None:
             continue
         ax.set_xlabel("training step")
         ax.set_ylabel("teacher-forced validation loss")
-        ax.set_title(f"{v} (thick: last fifth's fitted line)", fontsize=9)
+        ax.set_title(f"{v} (thick: last fifth's fitted line; dashed: half schedule)", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     save_figure(fig, path)
 

@@ -21,6 +21,9 @@ Layout of a study folder ``DIR``::
         analysis/                 geocap analyze output (analysis.json, figures, report.md)
         untrained/                the control: checkpoint.pt (the same architecture at its random
                                   initialisation, the weights run/ started from), its dump/ and analysis/
+        short/                    seeds below schedule_check_seeds only: the schedule check's half-length
+                                  run (geocap train output) and schedule_check.json (both final models'
+                                  per-image validation losses, :mod:`geocap.study.schedule`)
         done.json                 written LAST: the SHA-256 of every file above and of data/done.json
     DIR/study.json                the aggregate (the aggregation's dict plus "settings"), written last
     DIR/study.md, DIR/*.png       the report (the aggregation writes them)
@@ -68,6 +71,7 @@ DATA_DIR, MODELS_DIR = "data", "models"
 TEST_SPLIT = "test"
 CHECKPOINT = os.path.join("run", "checkpoint-latest.pt")   # the final model: training has an end
 UNTRAINED = "untrained"
+SHORT = "short"
 DONE_FORMAT = "geocap-study-done"
 
 
@@ -224,6 +228,28 @@ def _make_model(folder: str, data: str, settings: StudySettings, variant: str, s
     os.makedirs(untrained)
     initial_checkpoint(config, os.path.join(untrained, "checkpoint.pt"))
     dump_and_analyse(os.path.join(untrained, "checkpoint.pt"), untrained)
+    if settings.schedule_checked(seed):
+        _schedule_check(folder, data, settings, variant, seed, progress, log)
+
+
+def _schedule_check(folder: str, data: str, settings: StudySettings, variant: str, seed: int, progress: bool,
+                    log: Callable[[str], None]) -> None:
+    """The schedule check of model (``variant``, ``seed``): its half-length run in ``folder/short/run``
+    and both final models' per-image validation losses in ``folder/short/schedule_check.json``."""
+    from geocap.train import TrainConfig, train
+
+    from .convergence import loss_curve
+    from .schedule import CHECK_FILE, measure
+
+    options = settings.short_train_options(variant, seed)
+    log(f"study: {model_name(variant, seed)}: schedule check: train {options['steps']} steps")
+    short = os.path.join(folder, SHORT)
+    train(TrainConfig.from_dict({"data": data, "out": os.path.join(short, "run"), "progress": progress, **options}))
+    record = measure(os.path.join(short, CHECKPOINT), os.path.join(folder, CHECKPOINT), data,
+                     images=settings.val_loss_images)
+    record.update(short_steps=options["steps"], steps=settings.steps,
+                  short_curve=loss_curve(_metrics_entries(os.path.join(short, "run", "metrics.jsonl"))))
+    write_text_atomic(os.path.join(short, CHECK_FILE), json.dumps(record) + "\n")
 
 
 def _make_and_finish(folder: str, data: str, settings_dict: dict, variant: str, seed: int, data_sha256: str,
@@ -248,6 +274,7 @@ def _model_record(settings: StudySettings, variant: str, seed: int, data_sha256:
     """What a model's done.json must hold besides its files' digests."""
     return {"variant": variant, "seed": seed, "data_sha256": data_sha256,
             "train_options": settings.train_options(variant, seed),
+            "schedule_check": settings.short_train_options(variant, seed) if settings.schedule_checked(seed) else None,
             "evaluation": {"split": TEST_SPLIT, "beam_size": settings.beam_size,
                            "max_len": settings.max_decode_len, "tokenizer": settings.tokenizer}}
 
@@ -283,6 +310,9 @@ def model_result_fields(out, variant: str, seed: int, references: dict) -> dict:
 
     config = read_json(os.path.join(folder, "run", "train_config.json"), "train config file")
     untrained = os.path.join(folder, UNTRAINED, "analysis", "analysis.json")
+    from .schedule import CHECK_FILE
+
+    check = os.path.join(folder, SHORT, CHECK_FILE)
     return {"variant": variant, "seed": seed,
             "references": {i: list(references[i]) for i in captions},
             "captions": captions,
@@ -291,7 +321,8 @@ def model_result_fields(out, variant: str, seed: int, references: dict) -> dict:
             "metrics": read_json(os.path.join(folder, "eval", f"metrics_{TEST_SPLIT}.json"), "metrics file"),
             "val_curve": loss_curve(_metrics_entries(os.path.join(folder, "run", "metrics.jsonl"))),
             "steps": int(config["steps"]),
-            "untrained_analysis": read_json(untrained, "analysis file") if os.path.isfile(untrained) else None}
+            "untrained_analysis": read_json(untrained, "analysis file") if os.path.isfile(untrained) else None,
+            "schedule_check": read_json(check, "schedule check file") if os.path.isfile(check) else None}
 
 
 def _test_references(data: str) -> dict:
@@ -330,10 +361,13 @@ def summarize_and_report(results: list, out_dir: str, settings: dict) -> dict:
     dict of ModelResult fields per model. Returns study.json's content."""
     from geocap.study.summary import ModelResult, summarize, write_report
 
+    from .schedule import DEFAULT_TOLERANCE
+
     data = os.path.join(os.fspath(out_dir), DATA_DIR)
     blind = blind_captions(data) if os.path.isfile(os.path.join(data, "ground_truth.json")) else None
     study = summarize([ModelResult(**fields) for fields in results], blind=blind,
-                      tolerance=float(settings.get("converge_tolerance", 0.01)))
+                      tolerance=float(settings.get("converge_tolerance", 0.01)),
+                      schedule_tolerance=float(settings.get("schedule_tolerance", DEFAULT_TOLERANCE)))
     study["settings"] = settings
     write_report(study, out_dir)
     return study

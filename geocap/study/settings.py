@@ -41,6 +41,8 @@ from geocap.data.json_file import read_json
 from geocap.metrics.tokenize import TOKENIZERS
 from geocap.train.schedule import DECAYS
 from geocap.train.variants import VARIANTS
+
+from .schedule import short_steps
 from geocap.errors import DataError, UsageError
 
 __all__ = ["SETTINGS_FILE", "StudySettings", "VARIANTS"]
@@ -64,6 +66,9 @@ class StudySettings:
     every ``val_every`` steps the teacher-forced loss of the first ``val_loss_images`` val images
     (the convergence criterion's curve; ``converge_tolerance``: :mod:`geocap.study.convergence`) and,
     when ``val_cider_images`` > 0, greedy CIDEr-D on that many. The final model is the one evaluated.
+    The schedule check (:mod:`geocap.study.schedule`): seeds 0 .. ``schedule_check_seeds``-1 of each
+    variant are also trained with half the steps, and converged when doubling the schedule lowers
+    their validation loss by less than ``schedule_tolerance`` (relative).
     Evaluation on the test split: ``beam_size``, ``max_decode_len`` words, ``tokenizer`` of the
     caption metrics (auto: Java's PTB tokenizer when Java is there).
     """
@@ -92,6 +97,8 @@ class StudySettings:
     val_loss_images: int = 1000
     val_cider_images: int = 0
     converge_tolerance: float = 0.01
+    schedule_check_seeds: int = 1
+    schedule_tolerance: float = 0.02
     # evaluation
     beam_size: int = 3
     max_decode_len: int = 20
@@ -150,7 +157,7 @@ class StudySettings:
                      "val_loss_images", "beam_size", "max_decode_len", "min_count", "max_caption_len"):
             if getattr(self, name) < 1:
                 raise UsageError(f"study setting {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("data_seed", "warmup", "val_cider_images"):
+        for name in ("data_seed", "warmup", "val_cider_images", "schedule_check_seeds"):
             if getattr(self, name) < 0:
                 raise UsageError(f"study setting {name} must be >= 0, got {getattr(self, name)}")
         if self.images < 10:
@@ -166,6 +173,14 @@ class StudySettings:
             raise UsageError(f"study setting decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         if self.decay != "none" and self.steps <= self.warmup:
             raise UsageError(f"study setting steps ({self.steps}) must exceed warmup ({self.warmup}) with a decay")
+        if self.schedule_check_seeds > self.seeds:
+            raise UsageError(f"study setting schedule_check_seeds ({self.schedule_check_seeds}) must not exceed seeds "
+                             f"({self.seeds})")
+        if self.schedule_check_seeds and self.decay != "none" and short_steps(self.steps) <= self.warmup:
+            raise UsageError(f"study setting steps ({self.steps}): the schedule check's short run "
+                             f"({short_steps(self.steps)} steps) must exceed warmup ({self.warmup})")
+        if not self.schedule_tolerance > 0:
+            raise UsageError(f"study setting schedule_tolerance must be > 0, got {self.schedule_tolerance}")
         if not self.converge_tolerance > 0:
             raise UsageError(f"study setting converge_tolerance must be > 0, got {self.converge_tolerance}")
         if self.tokenizer not in TOKENIZERS:
@@ -181,6 +196,16 @@ class StudySettings:
                 "val_loss_images": self.val_loss_images, "val_cider": self.val_cider_images > 0,
                 "val_images": self.val_cider_images, "checkpoint_every": self.steps, "seed": seed,
                 **VARIANTS[variant]}
+
+    def schedule_checked(self, seed: int) -> bool:
+        """Whether model ``seed`` of each variant has a schedule check (a half-length run)."""
+        return seed < self.schedule_check_seeds
+
+    def short_train_options(self, variant: str, seed: int) -> dict:
+        """The schedule check's short run of (``variant``, ``seed``): its train options with half the
+        steps (:func:`geocap.study.schedule.short_steps`), everything else the same."""
+        short = short_steps(self.steps)
+        return {**self.train_options(variant, seed), "steps": short, "checkpoint_every": short}
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

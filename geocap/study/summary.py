@@ -14,7 +14,10 @@ adds), from one :class:`ModelResult` per trained (variant, seed).
   used here) and ``evaluate_tokenizer``; ``n_images``; ``val_curve`` [[step, validation loss, its
   se]]; ``attention``: :func:`.findings.attention_summary` of its analysis.json (and
   ``untrained_attention``, its untrained control's, or None); ``convergence``:
-  :func:`.convergence.convergence` of its validation curve (``converged`` true, false or None).
+  :func:`.convergence.convergence` of its validation curve (``converged`` true, false or None);
+  ``schedule_convergence``: :func:`.schedule.schedule_gain` of its schedule check (with the short
+  run's ``short_curve``), None for a model without one.
+  Per variant also ``final_val_loss_sd``: the spread over seeds of the final validation loss.
 * ``mean`` / ``ci95``: per metric of :data:`.stats.METRICS` the mean over seeds and its 95%
   interval (t over seeds, :func:`.stats.seed_intervals`; [lo, hi] or None); ``relations``
   {name: {``accuracy``, ``uses`` (over all seeds)}} / {name: interval}; ``relation_groups``
@@ -36,6 +39,7 @@ from typing import Optional
 from geocap.data.relations import RELATIONS
 
 from .convergence import convergence
+from .schedule import DEFAULT_TOLERANCE, schedule_gain, seed_spread
 from .findings import VERDICTS, attention_findings, attention_summary, feature_cosine_check, geometry_findings
 from .report import write_report
 from .settings import VARIANTS
@@ -63,6 +67,7 @@ class ModelResult:
     val_curve: list                       # [[step, validation loss, its se], ...] from the run's metrics.jsonl
     steps: Optional[int] = None           # the run's steps (the convergence criterion's horizon)
     untrained_analysis: Optional[dict] = None  # analysis.json of its untrained control (same initialisation)
+    schedule_check: Optional[dict] = None  # its schedule_check.json (geocap.study.schedule), None when not checked
 
 
 def _name(r: ModelResult) -> str:
@@ -128,7 +133,7 @@ def _none_if_nan(x) -> Optional[float]:
     return None if x != x else x
 
 
-def _seed_entry(r: ModelResult, stats, tolerance: float) -> dict:
+def _seed_entry(r: ModelResult, stats, tolerance: float, schedule_tolerance: float) -> dict:
     values = {m: _none_if_nan(v[0]) for m, v in metric_values(stats).items()}
     uses, correct = stats.relation_uses.sum(axis=0), stats.relation_correct.sum(axis=0)
     evaluated = {k: r.metrics["metrics"].get(name) for k, name in _EVALUATE_KEYS.items()}
@@ -144,8 +149,15 @@ def _seed_entry(r: ModelResult, stats, tolerance: float) -> dict:
         raise DataError(f"{_name(r)}: {err}") from None
     converged = convergence(curve, r.steps, tolerance=tolerance) if r.steps else \
         {"converged": None, "reason": "the run's steps are unknown", "criterion": "loss"}
+    schedule = None
+    if r.schedule_check is not None:
+        try:
+            schedule = schedule_gain(r.schedule_check, tolerance=schedule_tolerance)
+            schedule["short_curve"] = [[int(p[0]), float(p[1])] for p in r.schedule_check.get("short_curve") or []]
+        except (ValueError, TypeError, IndexError) as err:
+            raise DataError(f"{_name(r)}: schedule check: {err}") from None
     return {"seed": r.seed, **{m: values[m] for m in METRICS},
-            "convergence": converged,
+            "convergence": converged, "schedule_convergence": schedule,
             "relations": {name: {"accuracy": values[f"relation_accuracy.{name}"], "uses": int(uses[k]),
                                  "correct": int(correct[k])} for k, name in enumerate(RELATIONS)},
             "evaluate": evaluated, "tokenizer": stats.tokenizer, "evaluate_tokenizer": r.metrics.get("tokenizer"),
@@ -180,12 +192,13 @@ def _verdict_count(findings: list) -> dict:
                     f"{effects} would exclude 0 by chance; the verdicts are not corrected for multiplicity"}
 
 
-def summarize(results: list, *, blind: Optional[dict] = None, tolerance: float = 0.01, n_boot: int = 1000,
-              seed: int = 0) -> dict:
+def summarize(results: list, *, blind: Optional[dict] = None, tolerance: float = 0.01,
+              schedule_tolerance: float = DEFAULT_TOLERANCE, n_boot: int = 1000, seed: int = 0) -> dict:
     """study.json's content (without ``settings``) for ``results``, one :class:`ModelResult` per
     (variant, seed); ``blind``: the blind captioners' captions (rule "all" or a relation group ->
     test image id -> caption, :func:`geocap.study.run.blind_captions`) or None; ``tolerance``: the
-    convergence criterion's. See the module doc. ValueError naming the variant and seed for an
+    last-fifth convergence criterion's, ``schedule_tolerance`` the schedule check's. See the module
+    doc. ValueError naming the variant and seed for an
     unknown variant, a (variant, seed) given twice, captions that miss a test image (or caption
     another image), test image sets that differ between models, seed sets that differ between
     variants, or a malformed metrics/analysis dict."""
@@ -208,7 +221,7 @@ def summarize(results: list, *, blind: Optional[dict] = None, tolerance: float =
                              seed=seed)
     variants = {}
     for v, group in groups.items():
-        entries = [_seed_entry(r, x, tolerance) for r, x in zip(group, stats[v])]
+        entries = [_seed_entry(r, x, tolerance, schedule_tolerance) for r, x in zip(group, stats[v])]
         got = got_all["variants"][v]
         mean = {m: got["mean"][m] for m in METRICS}
         ci = {m: got["ci95"][m] for m in METRICS}
@@ -222,7 +235,8 @@ def summarize(results: list, *, blind: Optional[dict] = None, tolerance: float =
         ci["interval"] = (f"t over {len(group)} seeds" if len(group) > 1 else
                           f"one seed: +- 1.96 se over {n_boot} test-image resamples")
         ci["n_boot"], ci["seed"] = n_boot, seed
-        variants[v] = {"seeds": entries, "mean": mean, "ci95": ci}
+        finals = [e["val_curve"][-1][1] if e["val_curve"] else None for e in entries]
+        variants[v] = {"seeds": entries, "mean": mean, "ci95": ci, "final_val_loss_sd": seed_spread(finals)}
     findings = []
     for v in groups:
         seeds = variants[v]["seeds"]

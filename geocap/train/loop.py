@@ -193,7 +193,7 @@ def validate(model: ObjectRelationTransformer, dataset: CaptionDataset, *, image
 
 def validation_loss(model: ObjectRelationTransformer, dataset: CaptionDataset, *, images: int = 0,
                     batch_size: int = 50, device: torch.device = torch.device("cpu"),
-                    amp_dtype: Optional[torch.dtype] = None) -> dict:
+                    amp_dtype: Optional[torch.dtype] = None, per_image: bool = False) -> dict:
     """Teacher-forced cross-entropy (no label smoothing, no dropout) of the first ``images`` (0 =
     all) images of ``dataset`` (a per-image CaptionDataset with every caption of each image), each
     caption's words and <eos> (:mod:`geocap.train.step`): no decoding, so it is cheap enough for a
@@ -201,7 +201,9 @@ def validation_loss(model: ObjectRelationTransformer, dataset: CaptionDataset, *
     ``loss`` = summed token losses / tokens; ``loss_se`` its standard error over images (the
     ratio estimator's: with per-image sums ``s_i`` and token counts ``t_i``, ``sqrt(sum (s_i -
     loss t_i)^2 / (n (n - 1))) / mean t``; None for one image), the noise a convergence criterion
-    must beat. The model's mode and every random generator are left as they were."""
+    must beat. ``per_image``: also ``"image_sums"`` and ``"image_tokens"`` (float64 tensors [n]: each
+    image's summed token losses and its tokens), for a comparison of two models paired over images.
+    The model's mode and every random generator are left as they were."""
     from .scst import PolicyModule
     from .step import caption_rows, target_mask
 
@@ -227,7 +229,10 @@ def validation_loss(model: ObjectRelationTransformer, dataset: CaptionDataset, *
     if n > 1:
         resid = sums - loss * counts
         se = float(torch.sqrt((resid ** 2).sum() / (n * (n - 1))) / counts.mean())
-    return {"loss": loss, "loss_se": se, "images": n, "tokens": int(counts.sum())}
+    got = {"loss": loss, "loss_se": se, "images": n, "tokens": int(counts.sum())}
+    if per_image:
+        got.update(image_sums=sums, image_tokens=counts)
+    return got
 
 
 class _MetricsLog:
