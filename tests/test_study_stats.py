@@ -16,7 +16,7 @@ from geocap.metrics import caption_metrics, load_relation_truth, relation_accura
 from geocap.study import ModelResult, summarize, write_report
 from geocap.study.findings import attention_findings, attention_summary, feature_cosine_check, verdict
 from geocap.study.report import FIGURES, format_interval, format_number
-from geocap.study.stats import ImageStats, combine_seeds, image_statistics, metric_values, seed_intervals
+from geocap.study.stats import ImageStats, combine_seeds, excludes_zero, image_statistics, metric_values, seed_intervals
 from test_analysis import hypothetical, make_record
 
 WORDS = "a the cup table on left of right dog cat kitchen two three under next to is there photo".split()
@@ -109,7 +109,7 @@ def test_seed_intervals_are_paired_t_over_seeds():
     assert got["difference"] == pytest.approx(d.mean()) and got["per_seed"] == pytest.approx(list(d))
     assert got["ci95"] == pytest.approx([d.mean() - half, d.mean() + half]) and got["excludes_zero"]
     same = cider["directional", "ort"]                      # identical models: exactly 0 on every seed
-    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0] and not same["excludes_zero"]
+    assert same["difference"] == 0.0 and same["ci95"] is None and not same["excludes_zero"]   # no spread: no interval
     values = [metric_values(s)["cider_d"][0] for s in good]
     mean, (lo, hi) = a["variants"]["ort"]["mean"]["cider_d"], a["variants"]["ort"]["ci95"]["cider_d"]
     spread = student_t.ppf(0.975, 2) * np.std(values, ddof=1) / np.sqrt(3)
@@ -201,6 +201,18 @@ def test_combine_seeds_rule():
     assert combine_seeds([None, 1.0, 2.0])["seeds"] == 2
 
 
+def test_identical_seeds_give_no_interval_not_a_zero_width_one():
+    """A variant never right in any seed (every per-seed difference against a fixed control the
+    same): no spread is known, so no interval, and the difference does not 'exclude 0'."""
+    same = combine_seeds([-0.1687] * 5, floor=False)
+    assert same["ci95"] is None and same["estimate"] == pytest.approx(-0.1687) and "no interval" in same["method"]
+    assert combine_seeds([0.2] * 3, [0.0] * 3)["ci95"] is None          # the floor is 0 too
+    assert combine_seeds([0.2] * 3, [0.05] * 3)["ci95"] is not None     # an image se keeps the interval
+    assert combine_seeds([0.2], [0.0])["ci95"] is None
+    assert not excludes_zero(same["ci95"])
+    assert excludes_zero(combine_seeds([-0.17, -0.16, -0.18], floor=False)["ci95"])
+
+
 # -- findings on planted analyses ----------------------------------------------------------------------
 
 L = 3
@@ -275,7 +287,9 @@ def with_curves(base, seed, *, entropy=None, spearman=None, affinity=None, groun
 
 
 PLANTS = {
-    "proximity": {"holds": dict(spearman=[-0.5, -0.3, -0.1]), "does not hold": dict(spearman=[-0.1, -0.3, -0.5]),
+    # proximity has no standard error in these records: the seeds' own spread (noise) makes its interval
+    "proximity": {"holds": dict(spearman=[-0.5, -0.3, -0.1], noise=0.01),
+                  "does not hold": dict(spearman=[-0.1, -0.3, -0.5], noise=0.01),
                   "inconclusive": dict(spearman=[-0.2, -0.2, -0.2], noise=0.05)},
     "thematic_affinity": {"holds": dict(affinity=[1.6, 1.3, 1.05]), "does not hold": dict(affinity=[0.8, 1.0, 1.2]),
                           "inconclusive": dict(affinity=[1.2, 1.2, 1.2], noise=0.05)},
@@ -385,8 +399,13 @@ def test_summarize_keys_values_and_cross_check(study):
             assert s["relation_accuracy"] == pytest.approx(s["evaluate"]["relation_accuracy"])
         for m in ("cider_d", "bleu_4", "rouge_l", "relation_accuracy"):
             assert entry["mean"][m] == pytest.approx(np.mean([s[m] for s in entry["seeds"]]))
-            assert len(entry["ci95"][m]) == 2
+            values = [s[m] for s in entry["seeds"]]
+            if max(values) - min(values) > 1e-12:
+                assert len(entry["ci95"][m]) == 2
+            else:                                       # identical seeds: no spread, so no interval
+                assert entry["ci95"][m] is None
     assert study["variants"]["ort"]["mean"]["relation_accuracy"] == 1.0
+    assert study["variants"]["ort"]["ci95"]["relation_accuracy"] is None     # right every time in both seeds
     pairs = {(c["a"], c["b"]) for c in study["comparisons"]}
     variants = ("ort", "none", "directional", "absolute")
     assert pairs == {("ort", "none"), ("directional", "ort"), ("directional", "none"), ("ort", "absolute"),
@@ -403,7 +422,9 @@ def test_summarize_keys_values_and_cross_check(study):
     assert got["geometry_captions"]["verdict"] == "holds" and got["geometry_relations"]["verdict"] == "holds"
     # ort (right captions) beats the blind captioner on relations, none (another image's) does not
     blind = {c["a"]: c for c in study["comparisons"] if c["b"] == "blind" and c["metric"] == "relation_accuracy"}
-    assert blind["ort"]["ci95"][0] > 0 and blind["none"]["difference"] < blind["ort"]["difference"]
+    assert blind["ort"]["difference"] > 0 and blind["none"]["difference"] < blind["ort"]["difference"]
+    # ort is right every time in both seeds: the same difference per seed, no spread, so no interval
+    assert blind["ort"]["ci95"] is None and not blind["ort"]["excludes_zero"]
     relations = got["geometry_relations"]
     assert relations["control"][0]["kind"] == "blind"
     assert relations["control"][0]["estimate"] == study["controls"]["blind"]["mean"]["relation_accuracy"]
@@ -586,7 +607,7 @@ def test_findings_read_the_controlled_measures_when_present(analyses):
 
 
 def test_findings_fall_back_clearly_without_the_controlled_measures(analyses):
-    summaries = [attention_summary(with_curves(analyses["flat"][0], s, spearman=[-0.5, -0.3, -0.1]))
+    summaries = [attention_summary(with_curves(analyses["flat"][0], s, spearman=[-0.5, -0.3, -0.1], noise=0.01))
                  for s in range(3)]
     assert summaries[0]["proximity_controlled"] is None and summaries[0]["referent_effect"] is None
     got = by_name(attention_findings("ort", summaries))

@@ -340,7 +340,8 @@ def combine_seeds(estimates: Sequence, ses: Optional[Sequence] = None, *, floor:
     within-seed standard errors ``ses`` (None: unknown) combined across seeds by the rule of the
     module doc: ``{"estimate", "ci95" ([lo, hi] or None), "seeds" (how many were combined),
     "method"}``. ``floor=False``: with two seeds or more, Student's t on the between-seed variance
-    alone (the within-seed errors are then used for one seed only)."""
+    alone (the within-seed errors are then used for one seed only). A spread of 0 (every seed the
+    same value up to rounding, no within-seed error) gives no interval rather than a zero-width one."""
     est = np.array([np.nan if e is None else float(e) for e in estimates], dtype=np.float64)
     se = np.full(len(est), np.nan) if ses is None else \
         np.array([np.nan if s is None else float(s) for s in ses], dtype=np.float64)
@@ -356,14 +357,19 @@ def combine_seeds(estimates: Sequence, ses: Optional[Sequence] = None, *, floor:
     if k >= 2:
         between = float(np.var(x, ddof=1))
         var = (max(between, within or 0.0) if floor else between) / k
+        if math.sqrt(var) <= 1e-12 * max(1.0, abs(mean)):
+            # every seed gave the same value (e.g. no correct use in any seed) and no image noise is known:
+            # a zero-width interval would claim certainty the seeds do not give
+            return {"estimate": mean, "ci95": None, "seeds": k,
+                    "method": f"all {k} seeds give the same value and no within-seed error is known: no interval"}
         half = t975(k - 1) * math.sqrt(var)
         method = (f"mean of {k} seeds +- t(0.975, {k - 1}) x sqrt(between-seed variance / {k})" if not floor else
                   f"mean of {k} seeds +- t(0.975, {k - 1}) x sqrt(max(between-seed variance, "
                   f"{'mean within-seed se^2' if within is not None else 'within-seed se^2 unknown'}) / {k})")
-    elif within is not None:
+    elif within is not None and math.sqrt(within) > 1e-12 * max(1.0, abs(mean)):
         half = Z95 * math.sqrt(within)
         method = "one seed: +- 1.96 se over test images (image sampling only)"
     else:
         return {"estimate": mean, "ci95": None, "seeds": 1,
-                "method": "one seed without a within-seed standard error: no interval"}
+                "method": "one seed without a (non-zero) within-seed standard error: no interval"}
     return {"estimate": mean, "ci95": [mean - half, mean + half], "seeds": k, "method": method}
