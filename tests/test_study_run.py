@@ -401,3 +401,32 @@ def test_killed_study_resumes_to_the_same_models(study, tmp_path, signum):
     for got, want in zip(recorder.calls[0], expected):
         assert got["captions"] == want["captions"] and got["metrics"]["metrics"] == want["metrics"]["metrics"]
 
+
+
+def test_schedule_ladder_scores_runs_as_the_study_does(study, tmp_path):
+    """bench/schedule_ladder.py on the tiny study's short and full runs of ort seed 0 gives the
+    study's own schedule check; runs out of step order or trained on other data are refused."""
+    import importlib.util
+
+    from geocap.study.schedule import schedule_gain
+
+    spec = importlib.util.spec_from_file_location("schedule_ladder", os.path.join(
+        os.path.dirname(__file__), os.pardir, "bench", "schedule_ladder.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, _, _ = study
+    folder, data = model_dir(out, "ort", 0), os.path.join(out, "data")
+    runs = [os.path.join(folder, "short", "run"), os.path.join(folder, "run")]
+    got = module.ladder(data, runs, images=4)
+    check = json.loads(open(os.path.join(folder, "short", "schedule_check.json")).read())
+    assert got["checks"] == [schedule_gain(check)]
+    assert [r["steps"] for r in got["runs"]] == [3, 6]
+    assert got["runs"][1]["final_val_loss"] == pytest.approx(got["checks"][0]["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="more steps"):
+        module.ladder(data, runs[::-1], images=4)
+    other = str(tmp_path / "data")
+    shutil.copytree(data, other)
+    with open(os.path.join(other, "caps", "vocab.json"), "a", encoding="utf-8") as fh:
+        fh.write("\n")
+    with pytest.raises(ValueError, match="other data"):
+        module.ladder(other, runs, images=4)
