@@ -55,11 +55,22 @@ EMBEDDINGS = ("ort", "signed")
 
 def geometry_frequencies(dim_g: int = DIM_G, wave_len: float = WAVE_LEN, *, dtype=torch.float32, device=None):
     """``[dim_g // 8]`` frequencies ``wave_len ** (-k / (dim_g / 8))`` (cached per device and
-    dtype: no host-to-device copy per call). Do not modify the returned tensor."""
+    dtype: no host-to-device copy per call; not cached under a FakeTensorMode). Do not modify the
+    returned tensor."""
     if dim_g <= 0 or dim_g % 8:
         raise ValueError(f"dim_g must be a positive multiple of 8, got {dim_g}")
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if _fake_mode_active():   # never cache a FakeTensor: later real calls would get it back
+        return _frequencies.__wrapped__(dim_g, float(wave_len), dtype, device)
     return _frequencies(dim_g, float(wave_len), dtype, device)
+
+
+def _fake_mode_active() -> bool:
+    """Whether a FakeTensorMode is active (tensors made now are fakes without data). False while
+    torch.compile traces: it handles the cached constants itself (and cannot trace the query)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 @functools.lru_cache(maxsize=64)
@@ -172,7 +183,9 @@ class BoxFactors:
 
 def pair_frequencies(dtype: torch.dtype, device) -> torch.Tensor:
     """``[dim_g // 8, 1, 1]`` the frequencies f_k shaped to scale ``[..., Nq, Nk]`` pair tensors
-    (cached; do not modify)."""
+    (cached, except under a FakeTensorMode; do not modify)."""
+    if _fake_mode_active():
+        return _pair_frequencies.__wrapped__(dtype, torch.device(device))
     return _pair_frequencies(dtype, torch.device(device))
 
 

@@ -99,3 +99,26 @@ def test_dropout_seed_is_a_device_tensor_read_by_the_kernels():
     other = ta.dropout_keep_mask(1, 1, 16, 16, 0.5, seed + 1, "cpu")
     assert torch.equal(keep, ta.dropout_keep_mask(1, 1, 16, 16, 0.5, int(seed), "cpu"))
     assert not torch.equal(keep, other)
+
+
+def test_a_fake_tensor_trace_never_leaves_fake_constants_for_real_calls():
+    """The frequencies are cached per (dtype, device); a first call under FakeTensorMode must not
+    cache a FakeTensor (a later real call would get it back, with no data). float64 on the
+    torch path, whose cache the other tests of this process may not have filled yet: cleared first."""
+    from geocap.kernels import geometry
+
+    geometry._frequencies.cache_clear()
+    geometry._pair_frequencies.cache_clear()
+    real = random_inputs(1, 2, 5, 8, torch.float64, "cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        x = {n: (mode.from_tensor(t) if torch.is_tensor(t) else t) for n, t in real.items()}
+        traced = geo_attention(*[x[n] for n in ARGS], backend="torch").out
+        assert isinstance(traced, FakeTensor) and traced.shape == (1, 2, 5, 8)
+    got = geo_attention(*[real[n] for n in ARGS], backend="torch").out
+    assert not isinstance(got, FakeTensor)
+    assert not isinstance(geometry.pair_frequencies(torch.float64, "cpu"), FakeTensor)
+    assert not isinstance(geometry.geometry_frequencies(dtype=torch.float64), FakeTensor)
+    geometry._frequencies.cache_clear()
+    geometry._pair_frequencies.cache_clear()
+    expected = geo_attention(*[real[n] for n in ARGS], backend="torch").out
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
