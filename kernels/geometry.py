@@ -143,10 +143,27 @@ def box_relation_embedding(boxes: torch.Tensor, dim_g: int = DIM_G, wave_len: fl
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
+def scalar_constant(value: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """0-dim tensor holding ``value`` (cached per value, dtype and device, except under a
+    FakeTensorMode; do not modify): ``torch.where``'s other branch without a ``scalar_tensor``
+    launch per call (the tiny calls of the PyTorch path are op-overhead bound)."""
+    device = torch.device(device)
+    if _fake_mode_active():
+        return _scalar_constant.__wrapped__(float(value), dtype, device)
+    return _scalar_constant(float(value), dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar_constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
 def zero_padded_boxes(boxes: torch.Tensor, attention_mask) -> torch.Tensor:
     """Boxes ``[B, N, 4]`` of padded objects (``attention_mask [B, N]`` False) replaced by zeros:
     padding may hold anything, and the rows of padded queries should not depend on it."""
-    return boxes if attention_mask is None else torch.where(attention_mask[..., None], boxes, 0.0)
+    if attention_mask is None:
+        return boxes
+    return torch.where(attention_mask[..., None], boxes, scalar_constant(0.0, boxes.dtype, boxes.device))
 
 
 def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:
@@ -261,5 +278,5 @@ __all__ = [
     "DIM_G", "EMBEDDINGS", "WAVE_LEN", "BoxFactors", "block_log_bias", "box_centers_sizes", "box_displacement",
     "box_relation_embedding", "center_offset", "compute_dtype", "coordinate_offset", "geometry_frequencies",
     "geometry_log_bias", "geometry_logits", "log_geometry_bias_from_logits", "pair_arguments", "pair_frequencies",
-    "zero_padded_boxes",
+    "scalar_constant", "zero_padded_boxes",
 ]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .geometry import BoxFactors, block_log_bias, compute_dtype, zero_padded_boxes
+from .geometry import BoxFactors, block_log_bias, compute_dtype, scalar_constant, zero_padded_boxes
 from .reference import MASKED_SCORE, causal_keep
 
 # Temporaries per query block stay below about this many bytes.
@@ -53,10 +53,8 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
         # masked keys get the reference's finite -1e9, so a row without any valid key gets finite
         # (uniform) weights, zeroed below by one multiply: no test of the mask on the host
         has_key = keep.any(-1, keepdim=True)
-        if bias is None:
-            bias = torch.where(keep, 0.0, MASKED_SCORE).to(q.dtype)
-        else:
-            bias = torch.where(keep, bias, MASKED_SCORE)
+        masked = scalar_constant(MASKED_SCORE, q.dtype, q.device)
+        bias = torch.where(keep, scalar_constant(0.0, q.dtype, q.device) if bias is None else bias, masked)
     differentiating = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad))
     if differentiating and q.device.type == "cpu":
