@@ -22,7 +22,10 @@ float32; the Triton paths under the interpreter), so that the GPU run cannot fai
 
 The JSON (a list of records) is rewritten after every measurement (temporary name, then renamed),
 so a run cut short keeps what it measured. Records past ``--deadline-s`` are not started.
-FlexAttention and training steps are not measured here (not yet written).
+Then training steps at ORT's size (:func:`training_records`: 6 layers, d_model 512; geocap's trainer
+step beside the ORT-style step on the same weights; float32 with TF32 off and on, bf16 autocast;
+the equal-work gradient agreement recorded, not asserted). FlexAttention is timed by gpu_check.sh's
+last stage (compiled in a background process from the start).
 """
 from __future__ import annotations
 
@@ -209,6 +212,119 @@ def entropy_records(rec: Recorder, device: torch.device, dry_run: bool) -> None:
                      GB_per_s=2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9))
 
 
+def _captioner_bench():
+    """bench/test_bench_captioner.py as a module (its input makers, ORT-style model and steps)."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    spec = importlib.util.spec_from_file_location("geocap_bench_captioner", HERE / "test_bench_captioner.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ORT's size (Herdade et al.: 6 layers, d_model 512, 8 heads, d_ff 2048, 2048-d detector features)
+ORT_SIZE = dict(vocab_size=10000, feature_dim=2048, layers=6, d_model=512, heads=8, d_ff=2048, dropout=0.1,
+                max_len=64)
+DRY_SIZE = dict(ORT_SIZE, layers=2, d_model=64, heads=4, d_ff=128)
+
+
+def _gradient_agreement(cap, model, images, captions, lengths) -> dict:
+    """Equal work, recorded (not asserted): geocap's and the ORT-style step's loss and gradients on
+    the same weights (eval mode: no dropout), the largest gradient difference relative to the
+    ORT-style gradient's largest value (floored at 1e-4 of the largest gradient of all), over all
+    parameters."""
+    results = cap._grads_of_step(model, images, captions, lengths)
+    (ref_loss, ref_grads), (loss, grads) = results["ort_style"], results["geocap"]
+    # floor: 1e-4 of the largest gradient anywhere (some gradients are 0 in exact arithmetic, e.g. the
+    # key projections' bias, which softmax ignores: both sides are rounding noise there)
+    floor = 1e-4 * max(r.abs().max().item() for r in ref_grads)
+    worst, where = 0.0, None
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        rel = (g - r).abs().max().item() / max(r.abs().max().item(), floor, 1e-30)
+        if rel > worst:
+            worst, where = rel, name
+    return {"loss_geocap": float(loss), "loss_ort_style": float(ref_loss),
+            "max_relative_grad_difference": worst, "at_parameter": where}
+
+
+def training_records(rec: Recorder, device: torch.device, dry_run: bool) -> None:
+    """Training steps at ORT's size: geocap's trainer step and the ORT-style step (bench/ort_style.py)
+    on the same weights, 10 images x 5 captions (N = 36, 20-36 real boxes), AdamW, in float32 with
+    TF32 off, float32 with TF32 on, and bf16 autocast; step time (median of timed steps, synchronised),
+    peak memory, and the equal-work gradient agreement recorded (float32, TF32 off), not asserted."""
+    from geocap.model import ObjectRelationTransformer, ORTConfig
+    from geocap.train import make_optimizer
+
+    cap = _captioner_bench()
+    size = DRY_SIZE if dry_run else ORT_SIZE
+    images_n, steps = (2, 2) if dry_run else (cap.TRAIN_IMAGES, 10)
+    torch.manual_seed(0)
+    model = ObjectRelationTransformer(ORTConfig(**size)).to(device)
+    images = cap.make_images(images_n, seed=2)
+    images = tuple(t.to(device) for t in images)
+    captions, lengths = (t.to(device) for t in cap.make_captions(images_n, cap.CAPTIONS_PER_IMAGE, seed=3))
+    base = dict(kind="training", images=images_n, captions_per_image=cap.CAPTIONS_PER_IMAGE, device=device.type,
+                **{k: size[k] for k in ("layers", "d_model", "heads", "d_ff")})
+    if rec.time_left():
+        model.eval()
+        try:
+            with _tf32(device, False):
+                rec.add(dict(base, what="equal-work gradient check (float32, TF32 off)",
+                             **_gradient_agreement(cap, model, images, captions, lengths)))
+        except Exception as exc:                                       # recorded, not fatal
+            rec.add(dict(base, what="equal-work gradient check", error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+        model.train()
+    for precision in ("float32, TF32 off", "float32, TF32 on", "bf16 autocast"):
+        if precision == "float32, TF32 on" and device.type != "cuda":
+            continue                                                   # TF32 is a GPU matter
+        for variant in ("geocap", "ort_style"):
+            if not rec.time_left():
+                return
+            record = dict(base, variant=variant, precision=precision)
+            try:
+                params = [p for p in model.parameters() if p.requires_grad]
+                optimizer = make_optimizer(params, "adamw", lr=1e-4)
+                _, step = cap.train_steps(model, images, captions, lengths, optimizer, params)[variant]
+                autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16 autocast")
+                with _tf32(device, precision == "float32, TF32 on"), autocast:
+                    for _ in range(2):
+                        step()
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    times = []
+                    for _ in range(steps):
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        step()
+                        _sync(device)
+                        times.append((time.perf_counter() - t0) * 1e3)
+                record["step_ms"] = statistics.median(times)
+                record["step_ms_min"] = min(times)
+                if device.type == "cuda":
+                    record["peak_memory_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+            except Exception as exc:                                   # recorded, not fatal
+                record["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            rec.add(record)
+
+
+class _tf32:
+    """Sets the TF32 flags of matmul and cuDNN for a block (stated, never inherited); restores them."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.cuda, self.enabled = device.type == "cuda", enabled
+
+    def __enter__(self):
+        if self.cuda:
+            self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+        return False
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="JSON file (rewritten after every measurement)")
@@ -231,6 +347,7 @@ def main(argv=None) -> int:
                  loadavg_1m=os.getloadavg()[0], dry_run=args.dry_run))
     attention_records(rec, device, args.dry_run)
     entropy_records(rec, device, args.dry_run)
+    training_records(rec, device, args.dry_run)
     errors = [r for r in rec.records if "error" in r]
     print(f"{len(rec.records)} records, {len(errors)} with errors -> {args.out}", flush=True)
     return 1 if errors else 0
