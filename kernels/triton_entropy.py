@@ -154,10 +154,10 @@ INTERPRETER_PROGRAMS = 2
 MAX_BLOCK_L = 2048                      # on a GPU; rows longer than this loop over tiles
 # Autotuned on a GPU: (elements per tile, num_warps). A tile's elements per thread are
 # tile / (32 * num_warps): 2048 / 128 = 16, 4096 / 128 = 32, 4096 / 256 = 16, 8192 / 256 = 32;
-# times the element size that is 32-64 bytes per thread of fp16/bf16 and 64-128 of fp32, so
-# every thread issues at least two 16-byte loads per tile (a thread's elements lie along the
-# row, contiguous), several in flight; the tile's shape follows the row length
-# (:func:`fit_tile`) and does not change these counts.
+# times the element size that is 32-64 bytes per thread of fp16/bf16 and 64-128 of fp32, i.e.
+# 2-8 16-byte loads per thread and tile, issued together (the compiled PTX has 128-bit loads for
+# these shapes: tests/test_entropy.py::test_kernel_compiles_for_sm90). The tile's shape follows
+# the row length (:func:`fit_tile`) and does not change these counts.
 TUNED_TILES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8))
 
 
@@ -181,8 +181,8 @@ def row_bucket(row_len: int) -> int:
 def block_sizes(n_rows: int, row_len: int, interpret: bool | None = None) -> tuple[int, int, int]:
     """The fixed ``(BLOCK_R, BLOCK_L, num_warps)`` for ``n_rows`` rows of ``row_len`` entries.
 
-    Used under the interpreter (where autotuning would time every configuration, slowly) and as
-    the GPU's default before autotuning took over. On a GPU: tiles of up to 4096 elements with
+    Used under the interpreter (where autotuning would time every configuration, slowly) and on
+    a GPU when the caller fixes ``block_r`` / ``block_l``. On a GPU: tiles of up to 4096 elements with
     4 warps (32 elements = 64 bytes of fp16 per thread, several 16-byte loads in flight), rows
     up to 2048 long in one tile, shorter rows stacked ``BLOCK_R`` high. Under the interpreter
     tiles stay small (at most 64 columns, 512 elements) so that the tests walk several tiles
@@ -221,15 +221,24 @@ def _tune_tiles(configs, named_args, **kwargs):
 
 # EVEN_L (no column masks) follows from the chosen BLOCK_L, on both paths
 _entropy_launch = triton.heuristics({"EVEN_L": lambda a: a["row_len"] % a["BLOCK_L"] == 0})(_entropy_kernel)
-# GPU: tuned once per (row-length bucket, mode, dtypes of x and mask); the tile's shape depends
-# on the row length only through the bucket, so one cached choice serves the whole bucket.
-# ``.best_config`` is the configuration of the last call (the benchmark records it).
+# GPU: tuned once per (row-length bucket, mode, dtypes of x and mask: triton adds the dtypes of
+# tensor arguments to the key); the tile's shape depends on the row length only through the
+# bucket, so one cached choice serves the whole bucket. Tuning times each candidate with
+# do_bench (about 0.1 s each, synchronising: not inside CUDA-graph capture); ``.best_config``
+# is the configuration of the last call (:func:`tuned_config`, which the benchmark records).
 _entropy_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_R": tile // MAX_BLOCK_L, "BLOCK_L": MAX_BLOCK_L}, num_warps=w)
              for tile, w in TUNED_TILES],
     key=["row_bucket", "FROM_LOGITS", "HAS_MASK", "NORMALIZED"],
     prune_configs_by={"early_config_prune": _tune_tiles},
 )(_entropy_launch)
+
+
+def tuned_config() -> dict | None:
+    """``{"BLOCK_R", "BLOCK_L", "num_warps"}`` that the autotuner chose for the last tuned launch;
+    None before one (and under the interpreter, which never tunes)."""
+    best = getattr(_entropy_tuned, "best_config", None)
+    return None if best is None else dict(best.kwargs, num_warps=best.num_warps)
 
 
 def _row_layout(t: torch.Tensor):
