@@ -241,6 +241,11 @@ def tuned_config() -> dict | None:
     return None if best is None else dict(best.kwargs, num_warps=best.num_warps)
 
 
+def _autotuned(x: torch.Tensor, block_r: int | None, block_l: int | None) -> bool:
+    """Take the autotuned kernel: compiled on a GPU, tile not fixed by the caller."""
+    return x.is_cuda and not interpreter_requested() and block_r is None and block_l is None
+
+
 def _row_layout(t: torch.Tensor):
     """``(t, inner, stride_outer, stride_inner, stride_col)`` addressing the rows of ``t`` ``[..., L]``.
 
@@ -283,6 +288,8 @@ def triton_attention_entropy(
     new ``torch.empty``.
     """
     length = x.shape[-1]
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs must be >= 1 (the persistent grid's size), got {programs}")
     if out is None:
         out = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)   # every row is stored: no memset
     elif (out.shape != x.shape[:-1] or out.dtype != torch.float32 or not out.is_contiguous()
@@ -305,7 +312,7 @@ def triton_attention_entropy(
     flags = dict(FROM_LOGITS=from_logits, HAS_MASK=mask is not None, NORMALIZED=normalized,
                  FAST_LOG2=_fast_log2(x.device))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext(), triton_launch():
-        if x.is_cuda and not interpreter_requested() and block_r is None and block_l is None:
+        if _autotuned(x, block_r, block_l):
             _entropy_tuned[grid](*args, **flags)
         else:
             br, bl, warps = block_sizes(n_rows, length)

@@ -324,8 +324,10 @@ def test_persistent_grid_check_fails_on_a_wrong_stride(tmp_path, wrong, caught):
                         from_logits=False, normalized=False)
 
 
-def test_out_argument_is_checked(device):
+def test_launch_arguments_are_checked(device):
     x = torch.rand(3, 5, device=device)
+    with pytest.raises(ValueError, match="^programs must be >= 1"):
+        triton_attention_entropy(x, programs=0)
     with pytest.raises(ValueError, match=r"^out must be a contiguous float32 tensor of shape \(3,\)"):
         triton_attention_entropy(x, out=torch.empty(3, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match="^out must be"):
@@ -375,6 +377,37 @@ def test_tuned_configs_keep_16_byte_loads_and_follow_the_bucket():
     assert "row_bucket" in key and "FROM_LOGITS" in key  # (dtypes of x and mask: added by triton)
 
 
+def test_autotuned_path_runs_every_candidate_correctly(device, monkeypatch):
+    # The tuned path on any device: its benchmarker replaced by one that checks each candidate's
+    # result (EVEN_L from the candidate's BLOCK_L, the grid from its BLOCK_R) and makes the last
+    # candidate win, which the next call with the same key then reuses without tuning.
+    tuner = triton_entropy_mod._entropy_tuned
+    monkeypatch.setattr(triton_entropy_mod, "_autotuned", lambda x, block_r, block_l: block_r is None)
+    monkeypatch.setattr(tuner, "cache", {})
+    x, mask = make((5, 40), device, from_logits=True, masked=True, seed=4)
+    want = reference(x, mask, True, True)
+    timed = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        out = tuner.nargs["out_ptr"]
+        assert_close(out, want)
+        out.fill_(float("nan"))              # the next candidate must write every row again
+        timed.append(len(timed))
+        return [10.0 - len(timed)] * 3
+
+    monkeypatch.setitem(vars(tuner), "do_bench", bench)      # (a cached_property: not read first)
+    got = triton_attention_entropy(x, mask, from_logits=True, normalized=True)
+    assert_close(got, want)
+    assert len(timed) == len(triton_entropy_mod.TUNED_TILES)
+    last = triton_entropy_mod._tune_tiles(tuner.configs, {"row_len": 40})[-1]
+    assert triton_entropy_mod.tuned_config() == dict(last.kwargs, num_warps=last.num_warps) == \
+        {"BLOCK_R": 128, "BLOCK_L": 64, "num_warps": 8}
+    got = triton_attention_entropy(x[:3, :33], mask[:3, :33], from_logits=True, normalized=True)  # same bucket
+    assert len(timed) == len(triton_entropy_mod.TUNED_TILES)  # no second tuning
+    assert_close(got, reference(x[:3, :33], mask[:3, :33], True, True))
+
+
 # Compiles the kernel for sm_90 without a GPU (TRITON_INTERPRET off, in a subprocess), which
 # catches what the interpreter lets through (non-constexpr globals, inline asm), and reports
 # features of the PTX: 128-bit loads and MUFU lg2/ex2.
@@ -384,33 +417,37 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from geocap.kernels.triton_entropy import _entropy_kernel as fn
-from_logits, block_r, block_l, warps = json.loads(sys.argv[1])
-const = dict(FROM_LOGITS=from_logits, HAS_MASK=True, NORMALIZED=True, BLOCK_R=block_r, BLOCK_L=block_l, EVEN_L=True,
-             FAST_LOG2=True, x_inner=1, x_stride_col=1, m_inner=1, m_stride_col=1)
-ptrs = {"x_ptr": "*fp16", "mask_ptr": "*u8", "out_ptr": "*fp32"}
-sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in fn.arg_names}
-aligned = ("x_ptr", "mask_ptr", "out_ptr", "row_len", "x_stride_outer", "m_stride_outer")
-attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-target = GPUTarget("cuda", 90, 32)
-kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=target, options={"num_warps": warps})
-print(json.dumps({k: kernel.asm["ptx"].count(k) for k in ("ld.global.v4", "lg2.approx", "ex2.approx")}))
+from_logits, tiles = json.loads(sys.argv[1])
+for block_r, block_l, warps in tiles:
+    const = dict(FROM_LOGITS=from_logits, HAS_MASK=True, NORMALIZED=True, BLOCK_R=block_r, BLOCK_L=block_l,
+                 EVEN_L=True, FAST_LOG2=True, x_inner=1, x_stride_col=1, m_inner=1, m_stride_col=1)
+    ptrs = {"x_ptr": "*fp16", "mask_ptr": "*u8", "out_ptr": "*fp32"}
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in fn.arg_names}
+    aligned = ("x_ptr", "mask_ptr", "out_ptr", "row_len", "x_stride_outer", "m_stride_outer")
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    target = GPUTarget("cuda", 90, 32)
+    kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=target, options={"num_warps": warps})
+    print(json.dumps({k: kernel.asm["ptx"].count(k) for k in ("ld.global.v4", "lg2.approx", "ex2.approx")}))
 """
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile the kernel for real")
-@pytest.mark.parametrize("from_logits,block_r,block_l,warps", [
-    (False, 2, 2048, 4), (True, 2, 2048, 4),  # the fixed GPU tile
-    (False, 4, 2048, 8), (False, 256, 16, 4),  # autotuned: the largest tile; short rows stacked 256 high
+@pytest.mark.parametrize("from_logits,tiles", [
+    # the fixed GPU tile; autotuned: the largest tile, and short rows stacked 256 high
+    (False, [(2, 2048, 4), (4, 2048, 8), (256, 16, 4)]),
+    (True, [(2, 2048, 4)]),
 ])
-def test_kernel_compiles_for_sm90(from_logits, block_r, block_l, warps):
+def test_kernel_compiles_for_sm90(from_logits, tiles):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-c", _COMPILE_SM90, json.dumps([from_logits, block_r, block_l, warps])]
+    cmd = [sys.executable, "-c", _COMPILE_SM90, json.dumps([from_logits, tiles])]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    ptx = json.loads(run.stdout.strip().splitlines()[-1])
-    # 16-byte loads per thread and tile: elements per thread x 2 bytes of fp16 x, x 1 byte of mask,
-    # over 16 (32 elements in all four tiles: 4 of x and 2 of the mask, several in flight)
-    per_thread = block_r * block_l // (32 * warps)
-    assert ptx["ld.global.v4"] >= per_thread * 2 // 16 + per_thread // 16
-    assert ptx["ex2.approx" if from_logits else "lg2.approx"]  # MUFU, not libdevice's polynomials
+    lines = run.stdout.strip().splitlines()[-len(tiles):]
+    for (block_r, block_l, warps), line in zip(tiles, lines, strict=True):
+        ptx = json.loads(line)
+        # 16-byte loads per thread and tile: elements per thread x 2 bytes of fp16 x, x 1 byte of
+        # mask, over 16 (32 elements in these tiles: 4 loads of x and 2 of the mask, in flight together)
+        per_thread = block_r * block_l // (32 * warps)
+        assert ptx["ld.global.v4"] >= per_thread * 2 // 16 + per_thread // 16, (block_r, block_l, warps, ptx)
+        assert ptx["ex2.approx" if from_logits else "lg2.approx"]  # MUFU, not libdevice's polynomials
 
 
 # ---- properties ---------------------------------------------------------------------------
