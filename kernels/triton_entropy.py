@@ -144,9 +144,9 @@ def _fast_log2(device: torch.device) -> bool:
     return device.type == "cuda" and torch.version.hip is None and not interpreter_requested()
 
 
-# Persistent grid: at most this many programs per SM on a GPU (4 programs of 4 warps = 16 warps,
-# a quarter of an H100 SM's 64, each thread with >= 4 16-byte loads of one tile in flight; not
-# measured against other counts, the GPU benchmark records the value it ran with), and this many
+# Persistent grid: at most this many programs per SM on a GPU (4 programs of 4 or 8 warps = 16-32
+# warps, a quarter to half of an H100 SM's 64, each thread with 2-8 16-byte loads of one tile in
+# flight; not measured against other counts: the GPU benchmark sweeps 1-8), and this many
 # programs under the interpreter, where programs run one after another and the count only
 # decides how many row blocks each one walks.
 PROGRAMS_PER_SM = 4
@@ -157,7 +157,10 @@ MAX_BLOCK_L = 2048                      # on a GPU; rows longer than this loop o
 # times the element size that is 32-64 bytes per thread of fp16/bf16 and 64-128 of fp32, i.e.
 # 2-8 16-byte loads per thread and tile, issued together (the compiled PTX has 128-bit loads for
 # these shapes: tests/test_entropy.py::test_kernel_compiles_for_sm90). The tile's shape follows
-# the row length (:func:`fit_tile`) and does not change these counts.
+# the row length (:func:`fit_tile`) and does not change these counts. The 16-element tiles
+# spread each tile's row reductions over half as many elements as the fixed tile (whose ~10.5
+# instructions per element, module docstring, were counted at 32): the tuner measures whether
+# that costs bandwidth.
 TUNED_TILES = ((2048, 4), (4096, 4), (4096, 8), (8192, 8))
 
 
@@ -182,11 +185,13 @@ def block_sizes(n_rows: int, row_len: int, interpret: bool | None = None) -> tup
     """The fixed ``(BLOCK_R, BLOCK_L, num_warps)`` for ``n_rows`` rows of ``row_len`` entries.
 
     Used under the interpreter (where autotuning would time every configuration, slowly) and on
-    a GPU when the caller fixes ``block_r`` / ``block_l``. On a GPU: tiles of up to 4096 elements with
-    4 warps (32 elements = 64 bytes of fp16 per thread, several 16-byte loads in flight), rows
-    up to 2048 long in one tile, shorter rows stacked ``BLOCK_R`` high. Under the interpreter
-    tiles stay small (at most 64 columns, 512 elements) so that the tests walk several tiles
-    per row cheaply. ``BLOCK_R`` never exceeds the row count rounded up to a power of two.
+    a GPU when the caller fixes ``block_r`` / ``block_l``. On a GPU: tiles of up to 4096
+    elements with 4 warps, rows up to 2048 long in one tile, shorter rows stacked ``BLOCK_R``
+    high. 32 elements per thread amortise the per-tile row reductions (SASS for sm_90: ~10.5
+    instructions per element on fp16 probabilities, under the ~14 that HBM bandwidth allows) and
+    keep 64 bytes of fp16 per thread in flight (four 16-byte loads). Under the interpreter tiles
+    stay small (at most 64 columns, 512 elements) so that the tests walk several tiles per row
+    cheaply. ``BLOCK_R`` never exceeds the row count rounded up to a power of two.
     """
     if interpret is None:
         interpret = interpreter_requested()
