@@ -15,10 +15,12 @@ measured three ways:
 
 Cases: attention (geocap, eager, ``sdpa_bias``, ``sdpa_ort_bias``: bench/test_bench_attention.py's
 runners) at N = 36 (B = 64 and 1024), 100 (32), 512 (4), 2048 (4), fp16 and bf16, forward and
-forward+backward; then the entropy kernel alone on [65536, 2048] probabilities (fp16, fp32) with a
-small (block_r, block_l) sweep, and a device-to-device copy of the same bytes as the bandwidth
-reference. ``--dry-run`` runs every code path on the CPU with tiny shapes (N = 4, 8; B = 2;
-float32; the Triton paths under the interpreter), so that the GPU run cannot fail on a script bug.
+forward+backward; then the entropy kernel alone on [65536, 2048] probabilities (fp16, fp32): the
+public call, the kernel with its autotuned configuration (``tuned_config``; null on the dry run), a
+small (block_r, block_l) sweep of fixed tiles, a sweep of the persistent grid's programs per SM,
+and a device-to-device copy of the same bytes as the bandwidth reference. ``--dry-run`` runs every
+code path on the CPU with tiny shapes (N = 4, 8; B = 2; float32; the Triton paths under the
+interpreter), so that the GPU run cannot fail on a script bug.
 
 The JSON (a list of records) is rewritten after every measurement (temporary name, then renamed),
 so a run cut short keeps what it measured. Records past ``--deadline-s`` are not started.
@@ -181,30 +183,39 @@ def attention_records(rec: Recorder, device: torch.device, dry_run: bool) -> Non
 
 def entropy_records(rec: Recorder, device: torch.device, dry_run: bool) -> None:
     from geocap.kernels import attention_entropy
-    from geocap.kernels.triton_entropy import block_sizes, triton_attention_entropy
+    from geocap.kernels import triton_entropy as te
 
     rows, length = (64, 32) if dry_run else (65536, 2048)
-    sweep = [(None, None), (1, 16), (2, 16)] if dry_run else [(None, None), (1, 1024), (1, 2048), (2, 1024),
-                                                              (4, 512), (8, 256)]
+    # (block_r, block_l, programs per SM); None: the default (autotuned tile, PROGRAMS_PER_SM)
+    sweep = [(None, None, None), (1, 16, None), (2, 16, None), (None, None, 1)] if dry_run else [
+        (None, None, None), (1, 1024, None), (1, 2048, None), (2, 1024, None), (4, 512, None), (8, 256, None),
+        (None, None, 1), (None, None, 2), (None, None, 8)]
+    cap = te.max_programs(device)
+    sms = cap // te.PROGRAMS_PER_SM if device.type == "cuda" else None          # None: interpreter
     for dtype in ([torch.float32] if dry_run else [torch.float16, torch.float32]):
         if not rec.time_left():
             return
         x = torch.softmax(torch.randn(rows, length, device=device, dtype=torch.float32), -1).to(dtype)
         nbytes = x.numel() * x.element_size() + rows * 4
         base = dict(kind="entropy", rows=rows, L=length, dtype=str(dtype).replace("torch.", ""), device=device.type,
-                    bytes=nbytes, default_blocks=list(block_sizes(rows, length)))
+                    bytes=nbytes, fixed_blocks=list(te.block_sizes(rows, length)), sm_count=sms,
+                    default_programs=cap)
         public = lambda: attention_entropy(x, check_finite=False)          # noqa: E731
         checked = lambda: attention_entropy(x)                             # noqa: E731
         record = dict(base, what="public call", kernel_ms=kernel_ms(public, device, dry_run),
-                      checked_call_ms=kernel_ms(checked, device, dry_run))
+                      checked_call_ms=kernel_ms(checked, device, dry_run), tuned_config=te.tuned_config())
         record["GB_per_s"] = nbytes / (record["kernel_ms"] * 1e-3) / 1e9
         rec.add(record)
-        for block_r, block_l in sweep:
+        for block_r, block_l, programs_per_sm in sweep:
             if not rec.time_left():
                 return
-            alone = lambda: triton_attention_entropy(x, block_r=block_r, block_l=block_l)  # noqa: E731
+            programs = None if programs_per_sm is None else programs_per_sm * (sms or 1)
+            alone = lambda: te.triton_attention_entropy(x, block_r=block_r, block_l=block_l,   # noqa: E731
+                                                        programs=programs)
             ms = kernel_ms(alone, device, dry_run)
-            rec.add(dict(base, what="kernel alone", block_r=block_r, block_l=block_l, kernel_ms=ms,
+            tuned = te.tuned_config() if block_r is None and block_l is None else None
+            rec.add(dict(base, what="kernel alone", block_r=block_r, block_l=block_l,
+                         programs=programs or cap, tuned_config=tuned, kernel_ms=ms,
                          GB_per_s=nbytes / (ms * 1e-3) / 1e9))
         y = torch.empty_like(x)
         ms = kernel_ms(lambda: y.copy_(x), device, dry_run)

@@ -59,8 +59,9 @@ def attention_entropy(
         backend: "auto" (Triton for CUDA tensors except float64, else torch), "triton" or "torch".
         check_finite: raise on invalid values (one reduction over the output and one host read:
             a synchronisation on a GPU). False skips it (bad rows come back NaN or inf): for
-            timing the kernel and for code that must not synchronise; it is skipped anyway while
-            torch.compile traces.
+            timing the kernel and for code that must not synchronise (on a GPU the Triton kernel's
+            first call per row-length bucket, mode and dtype autotunes it, which synchronises
+            once); it is skipped anyway while torch.compile traces.
 
     Returns:
         float32 tensor of shape ``x.shape[:-1]`` (float64 for float64 ``x``). Not differentiable.

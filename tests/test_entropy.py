@@ -7,21 +7,26 @@ arithmetic: a few roundings per term (u = 6e-8; ~2^-22 for a GPU's approximate l
 sizes (observed on CPU: < 1e-6). RTOL = ATOL = 1e-5 keeps a 10x margin and still catches real
 bugs (a lost term or a wrong mask moves H by far more); float64 gets 1e-12.
 """
+import contextlib
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.special import entr
 
 import geocap.kernels.entropy as entropy_mod
 from geocap.kernels.entropy import attention_entropy
+import geocap.kernels.triton_entropy as triton_entropy_mod
 from geocap.kernels.triton_entropy import block_sizes, triton_attention_entropy
 
 BACKENDS = ("torch", "triton")
@@ -215,6 +220,194 @@ def test_block_sizes():
     assert bl <= 64 and br * bl <= 512
 
 
+# ---- persistent grid ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def count_stores(out):
+    """Under the interpreter: yields a per-element count of the kernel's stores into ``out`` (CPU
+    tensors reach the kernel in their own storage). Compiled on a GPU: yields None (values only)."""
+    if out.is_cuda or not triton_entropy_mod.interpreter_requested():
+        yield None
+        return
+    from triton.runtime.interpreter import interpreter_builder
+
+    counts = np.zeros(out.numel(), np.int64)
+    base, end = out.data_ptr(), out.data_ptr() + 4 * out.numel()
+    store = interpreter_builder.create_masked_store
+
+    def counted_store(ptrs, value, mask, cache_policy):
+        addr = ptrs.data[mask.data.astype(bool)].astype(np.int64)
+        hit = addr[(addr >= base) & (addr < end)]
+        np.add.at(counts, (hit - base) // 4, 1)
+        return store(ptrs, value, mask, cache_policy)
+
+    assert "create_masked_store" not in vars(interpreter_builder)  # a method of its class, shadowed here
+    interpreter_builder.create_masked_store = counted_store
+    try:
+        yield counts
+    finally:
+        del interpreter_builder.create_masked_store
+
+
+def check_each_row_once(launch, x, mask, *, block_r, programs, from_logits, normalized):
+    """``launch`` (``triton_attention_entropy`` or a mutant) into a NaN-filled ``out``: every row
+    must match the reference (a skipped row stays NaN) and be stored exactly once (a block
+    walked twice stores its rows twice)."""
+    out = torch.full(x.shape[:-1], float("nan"), device=x.device)
+    with count_stores(out) as stores:
+        got = launch(x, mask, from_logits=from_logits, normalized=normalized, block_r=block_r, block_l=16,
+                     programs=programs, out=out)
+    assert got is out
+    assert_close(got, reference(x, mask, from_logits, normalized))
+    if stores is not None:
+        assert stores.tolist() == [1] * out.numel(), f"stores per row: {stores.tolist()}"
+
+
+# (rows, BLOCK_R, programs): blocks per program uneven and the last block partial (7 rows, 4
+# blocks, 3 programs: 2, 1, 1), more programs allowed than blocks, one row, one-row blocks over
+# 4 programs (3, 3, 3, 2), no rows
+GRIDS = [(7, 2, 3), (5, 2, 8), (1, 2, 2), (11, 1, 4), (0, 2, 2)]
+
+
+@pytest.mark.parametrize("rows,block_r,programs", GRIDS)
+def test_persistent_grid_stores_every_row_once(device, rows, block_r, programs):
+    # L = 20: a whole and a partial 16-wide tile per row
+    x, mask = make((rows, 20), device, from_logits=True, masked=True, seed=rows)
+    for from_logits, m, normalized in ((False, None, False), (True, mask, True)):
+        xx = x if from_logits else x.softmax(-1)
+        check_each_row_once(triton_attention_entropy, xx, m, block_r=block_r, programs=programs,
+                            from_logits=from_logits, normalized=normalized)
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_persistent_grid_strided_rows_and_broadcast_mask(device, from_logits):
+    base, _ = make((3, 4, 24), device, from_logits=from_logits, seed=5)
+    x = base.permute(1, 0, 2)[..., 2:22]                # [4, 3, 20]: two row levels, row stride 24
+    assert x.stride() == (24, 96, 1)
+    mask = (torch.rand(4, 1, 20, generator=torch.Generator().manual_seed(2)) > 0.3).to(device)  # broadcast
+    for m in (None, mask):
+        # 12 rows in 6 blocks over 4 programs (2, 2, 1, 1)
+        check_each_row_once(triton_attention_entropy, x, m, block_r=2, programs=4,
+                            from_logits=from_logits, normalized=m is not None)
+
+
+def _mutant(tmp_path, old: str, new: str):
+    """kernels/triton_entropy.py with ``old`` replaced by ``new`` (exactly once), imported as a
+    module of geocap.kernels (its relative imports resolve); returns its triton_attention_entropy."""
+    src = Path(triton_entropy_mod.__file__).read_text()
+    assert src.count(old) == 1, f"{old!r} must occur once in the kernel"
+    name = f"_entropy_mutant_{abs(hash(new))}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(src.replace(old, new))
+    spec = importlib.util.spec_from_file_location(f"geocap.kernels.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.triton_attention_entropy
+
+
+# the stride of the persistent loop, one too long (program p misses block p + P: rows stay NaN)
+# and one too short (P - 1 programs' strides still cover every block, and some blocks twice: the
+# values are right, the store count is not)
+@pytest.mark.skipif(not triton_entropy_mod.interpreter_requested(), reason="store counts need the interpreter")
+@pytest.mark.parametrize("wrong,caught", [("tl.num_programs(0) + 1", "not close"),  # row 6 left NaN
+                                          ("tl.num_programs(0) - 1", "stores per row")])  # rows 4, 5 twice
+def test_persistent_grid_check_fails_on_a_wrong_stride(tmp_path, wrong, caught):
+    stride = "tl.cdiv(n_rows, BLOCK_R), tl.num_programs(0))"
+    launch = _mutant(tmp_path, stride, stride.replace("tl.num_programs(0)", wrong))
+    x, _ = make((7, 20), "cpu", from_logits=False)
+    with pytest.raises(AssertionError, match=caught):
+        check_each_row_once(launch, x, None, block_r=2, programs=3, from_logits=False,
+                            normalized=False)
+    # the unmutated module passes the same check
+    check_each_row_once(_mutant(tmp_path, stride, stride), x, None, block_r=2, programs=3,
+                        from_logits=False, normalized=False)
+
+
+def test_launch_arguments_are_checked(device):
+    x = torch.rand(3, 5, device=device)
+    with pytest.raises(ValueError, match="^programs must be >= 1"):
+        triton_attention_entropy(x, programs=0)
+    with pytest.raises(ValueError, match=r"^out must be a contiguous float32 tensor of shape \(3,\)"):
+        triton_attention_entropy(x, out=torch.empty(3, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="^out must be"):
+        triton_attention_entropy(x, out=torch.empty(3, 2, device=device)[:, 0])
+
+
+def test_program_count():
+    if triton_entropy_mod.interpreter_requested():
+        assert triton_entropy_mod.max_programs(torch.device("cpu")) == triton_entropy_mod.INTERPRETER_PROGRAMS
+        triton_attention_entropy(torch.rand(3, 5))
+        assert triton_entropy_mod.tuned_config() is None  # the interpreter runs the fixed tile, never tunes
+    if torch.cuda.is_available() and not triton_entropy_mod.interpreter_requested():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert triton_entropy_mod.max_programs(torch.device("cuda", 0)) == triton_entropy_mod.PROGRAMS_PER_SM * sms
+
+
+# ---- autotuned configurations --------------------------------------------------------------
+
+
+def loads_16_bytes(block_r: int, block_l: int, num_warps: int, element_size: int) -> bool:
+    """At least one full 16-byte vector per thread of a tile: elements per thread x bytes >= 16."""
+    return block_r * block_l // (32 * num_warps) * element_size >= 16
+
+
+def tuned(row_len: int):
+    """The autotuner's candidate configurations for rows of ``row_len``, as tuples."""
+    configs = triton_entropy_mod._tune_tiles(triton_entropy_mod._entropy_tuned.configs, {"row_len": row_len})
+    return [(c.kwargs["BLOCK_R"], c.kwargs["BLOCK_L"], c.num_warps) for c in configs]
+
+
+def test_tuned_configs_keep_16_byte_loads_and_follow_the_bucket():
+    assert not loads_16_bytes(1, 1024, 8, 2)  # the rule catches a too small tile: 4 fp16 = 8 bytes per thread
+    tiles = [(br * bl, w) for br, bl, w in tuned(2048)]
+    assert tiles == list(triton_entropy_mod.TUNED_TILES) and 2 <= len(tiles) <= 6
+    for length in (1, 16, 49, 100, 777, 2048, 2049, 100_000):
+        configs = tuned(length)
+        assert [(br * bl, w) for br, bl, w in configs] == tiles      # the tile's size and warps do not move
+        for br, bl, w in configs:
+            assert loads_16_bytes(br, bl, w, 2) and bl <= triton_entropy_mod.MAX_BLOCK_L
+            assert bl == max(16, min(triton.next_power_of_2(length), triton_entropy_mod.MAX_BLOCK_L, br * bl))
+    # one cached choice per bucket: the shapes depend on the row length only through it
+    bucket = triton_entropy_mod.row_bucket
+    for lengths in ((1025, 1500, 2048), (2049, 5000, 100_000), (1, 9, 16)):
+        assert len({bucket(n) for n in lengths}) == 1 and len({tuple(tuned(n)) for n in lengths}) == 1
+    assert bucket(1024) != bucket(1025)
+    key = triton_entropy_mod._entropy_tuned.keys
+    assert "row_bucket" in key and "FROM_LOGITS" in key  # (dtypes of x and mask: added by triton)
+
+
+def test_autotuned_path_runs_every_candidate_correctly(device, monkeypatch):
+    # The tuned path on any device: its benchmarker replaced by one that checks each candidate's
+    # result (EVEN_L from the candidate's BLOCK_L, the grid from its BLOCK_R) and makes the last
+    # candidate win, which the next call with the same key then reuses without tuning.
+    tuner = triton_entropy_mod._entropy_tuned
+    monkeypatch.setattr(triton_entropy_mod, "_autotuned", lambda x, block_r, block_l: block_r is None)
+    monkeypatch.setattr(tuner, "cache", {})
+    x, mask = make((5, 40), device, from_logits=True, masked=True, seed=4)
+    want = reference(x, mask, True, True)
+    timed = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        out = tuner.nargs["out_ptr"]
+        assert_close(out, want)
+        out.fill_(float("nan"))              # the next candidate must write every row again
+        timed.append(len(timed))
+        return [10.0 - len(timed)] * 3
+
+    monkeypatch.setitem(vars(tuner), "do_bench", bench)      # (a cached_property: not read first)
+    got = triton_attention_entropy(x, mask, from_logits=True, normalized=True)
+    assert_close(got, want)
+    assert len(timed) == len(triton_entropy_mod.TUNED_TILES)
+    last = triton_entropy_mod._tune_tiles(tuner.configs, {"row_len": 40})[-1]
+    assert triton_entropy_mod.tuned_config() == dict(last.kwargs, num_warps=last.num_warps) == \
+        {"BLOCK_R": 128, "BLOCK_L": 64, "num_warps": 8}
+    got = triton_attention_entropy(x[:3, :33], mask[:3, :33], from_logits=True, normalized=True)  # same bucket
+    assert len(timed) == len(triton_entropy_mod.TUNED_TILES)  # no second tuning
+    assert_close(got, reference(x[:3, :33], mask[:3, :33], True, True))
+
+
 # Compiles the kernel for sm_90 without a GPU (TRITON_INTERPRET off, in a subprocess), which
 # catches what the interpreter lets through (non-constexpr globals, inline asm), and reports
 # features of the PTX: 128-bit loads and MUFU lg2/ex2.
@@ -224,26 +417,37 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from geocap.kernels.triton_entropy import _entropy_kernel as fn
-from_logits = json.loads(sys.argv[1])
-const = dict(FROM_LOGITS=from_logits, HAS_MASK=True, NORMALIZED=True, BLOCK_R=2, BLOCK_L=2048, EVEN_L=True,
-             FAST_LOG2=True, x_inner=1, x_stride_col=1, m_inner=1, m_stride_col=1)
-ptrs = {"x_ptr": "*fp16", "mask_ptr": "*u8", "out_ptr": "*fp32"}
-sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in fn.arg_names}
-aligned = ("x_ptr", "mask_ptr", "out_ptr", "row_len", "x_stride_outer", "m_stride_outer")
-attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-print(json.dumps({k: k in kernel.asm["ptx"] for k in ("ld.global.v4", "lg2.approx", "ex2.approx")}))
+from_logits, tiles = json.loads(sys.argv[1])
+for block_r, block_l, warps in tiles:
+    const = dict(FROM_LOGITS=from_logits, HAS_MASK=True, NORMALIZED=True, BLOCK_R=block_r, BLOCK_L=block_l,
+                 EVEN_L=True, FAST_LOG2=True, x_inner=1, x_stride_col=1, m_inner=1, m_stride_col=1)
+    ptrs = {"x_ptr": "*fp16", "mask_ptr": "*u8", "out_ptr": "*fp32"}
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in fn.arg_names}
+    aligned = ("x_ptr", "mask_ptr", "out_ptr", "row_len", "x_stride_outer", "m_stride_outer")
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    target = GPUTarget("cuda", 90, 32)
+    kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=target, options={"num_warps": warps})
+    print(json.dumps({k: kernel.asm["ptx"].count(k) for k in ("ld.global.v4", "lg2.approx", "ex2.approx")}))
 """
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile the kernel for real")
-@pytest.mark.parametrize("from_logits", [False, True])
-def test_kernel_compiles_for_sm90(from_logits):
+@pytest.mark.parametrize("from_logits,tiles", [
+    # the fixed GPU tile; autotuned: the largest tile, and short rows stacked 256 high
+    (False, [(2, 2048, 4), (4, 2048, 8), (256, 16, 4)]),
+    (True, [(2, 2048, 4)]),
+])
+def test_kernel_compiles_for_sm90(from_logits, tiles):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-c", _COMPILE_SM90, json.dumps(from_logits)]
+    cmd = [sys.executable, "-c", _COMPILE_SM90, json.dumps([from_logits, tiles])]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    ptx = json.loads(run.stdout.strip().splitlines()[-1])
-    assert ptx["ld.global.v4"]  # vectorised loads of x and of the mask
-    assert ptx["ex2.approx" if from_logits else "lg2.approx"]  # MUFU, not libdevice's polynomials
+    lines = run.stdout.strip().splitlines()[-len(tiles):]
+    for (block_r, block_l, warps), line in zip(tiles, lines, strict=True):
+        ptx = json.loads(line)
+        # 16-byte loads per thread and tile: elements per thread x 2 bytes of fp16 x, x 1 byte of
+        # mask, over 16 (32 elements in these tiles: 4 loads of x and 2 of the mask, in flight together)
+        per_thread = block_r * block_l // (32 * warps)
+        assert ptx["ld.global.v4"] >= per_thread * 2 // 16 + per_thread // 16, (block_r, block_l, warps, ptx)
+        assert ptx["ex2.approx" if from_logits else "lg2.approx"]  # MUFU, not libdevice's polynomials
 
 
 # ---- properties ---------------------------------------------------------------------------
