@@ -171,8 +171,11 @@ class SumTable:
         self.arrays: dict[str, np.ndarray] = {}
 
     def add(self, name: str, value, where: str = "") -> None:
-        value = np.asarray(value, dtype=np.float64)
         current = self.arrays.get(name)
+        if current is not None and current.ndim == 0 and type(value) in (int, float):
+            current += value                         # a count: the collector adds dozens per record
+            return
+        value = np.asarray(value, dtype=np.float64)
         if current is None:
             self.arrays[name] = value.copy()
         elif current.shape != value.shape:
