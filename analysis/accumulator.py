@@ -42,7 +42,8 @@ def as_map(record: Record, name: str) -> np.ndarray | None:
 
     def compute():
         value = np.asarray(getattr(record, name), dtype=np.float64)
-        if value.size and not (np.isfinite(value).all() and value.min() >= 0):
+        # NaN makes both comparisons false, inf the second: two reductions, no temporary array
+        if value.size and not (value.min() >= 0 and value.max() < np.inf):
             raise DataError(f"record of {describe(record)}: {name} holds NaN, infinite or negative attention "
                              f"weights")
         return value

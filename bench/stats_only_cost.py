@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,6 +114,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="dumps of each variant (the minimum is reported)")
     parser.add_argument("--train-steps", type=int, default=60, help="training steps of the checkpoint (0: untrained)")
     parser.add_argument("--work", help="folder for the data and checkpoint (kept; default: a temporary one)")
+    parser.add_argument("--baseline", help="also time the dumps of another geocap source tree (e.g. an earlier "
+                        "commit's `git archive`, with its analysis/ and kernels/ copied into geocap/), put first on "
+                        "PYTHONPATH, interleaved with this one's")
     parser.add_argument("--one", nargs=4, metavar=("VARIANT", "DATA", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -122,11 +126,19 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     data, ckpt = prepare(work, args.images, args.train_steps)
     runs: dict = {"full": [], "stats": []}
+    if args.baseline:
+        runs.update({"baseline full": [], "baseline stats": []})
     for rep in range(args.reps):
         for variant in runs:
-            out = os.path.join(work, f"dump-{variant}-{rep}")
-            done = subprocess.run([sys.executable, __file__, "--one", variant, data, ckpt, out], check=True,
-                                  capture_output=True, text=True)
+            out = os.path.join(work, f"dump-{variant.replace(' ', '-')}-{rep}")
+            shutil.rmtree(out, ignore_errors=True)          # a dump left there would be resumed (nothing to do)
+            env = dict(os.environ)
+            if variant.startswith("baseline"):
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.baseline, env.get("PYTHONPATH")]))
+            # cwd: not a source tree (``python -m`` puts the cwd first on sys.path, before PYTHONPATH, in the
+            # dump's writer process too)
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", variant.split()[-1], data,
+                                   ckpt, out], check=True, capture_output=True, text=True, env=env, cwd=work)
             runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(variant, rep, runs[variant][-1], flush=True)
     print(f"load average at the end: {os.getloadavg()}")
@@ -136,17 +148,18 @@ def main() -> None:
         print(f"{variant}: CPU s min {best['cpu_s']:.2f} (all: {every}), "
               f"wall s min {min(r['wall_s'] for r in got):.2f}, {best['images']} images, {best['records']} records, "
               f"{best['bytes'] / best['images']:.0f} bytes per image")
-    sizes = shard_bytes(os.path.join(work, "dump-stats-0"))
-    images = runs["stats"][0]["images"]
-    groups: Counter = Counter()
-    for key, size in sizes.items():
-        groups[key.split(".")[0] if key.startswith("stats:") else key.split("/")[0]] += size
-    print("stats-only dump, stored bytes per image by group:")
-    for key, size in groups.most_common():
-        print(f"  {key:32s} {size / images:10.1f}")
-    print("largest datasets, bytes per image:")
-    for key, size in sizes.most_common(15):
-        print(f"  {key:50s} {size / images:10.1f}")
+    for variant in [v for v in runs if v.endswith("stats")]:
+        sizes = shard_bytes(os.path.join(work, f"dump-{variant.replace(' ', '-')}-0"))
+        images = runs[variant][0]["images"]
+        groups: Counter = Counter()
+        for key, size in sizes.items():
+            groups[key.split(".")[0] if key.startswith("stats:") else key.split("/")[0]] += size
+        print(f"{variant}-only dump, stored bytes per image by group:")
+        for key, size in groups.most_common():
+            print(f"  {key:32s} {size / images:10.1f}")
+        print("largest datasets, bytes per image:")
+        for key, size in sizes.most_common(8):
+            print(f"  {key:50s} {size / images:10.1f}")
 
 
 if __name__ == "__main__":

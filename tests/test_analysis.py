@@ -530,6 +530,17 @@ def test_bad_input_raises_naming_the_record():
     rec.encoder_self[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="image 0"):
         StatsCollector().update(rec)
+    from geocap.analysis.accumulator import as_map
+    for name in ("encoder_self", "cross"):         # each bad weight, wherever it is, names the map
+        for bad in (np.nan, np.inf, -1e-3):
+            rec = records(count=1)[0]
+            setattr(rec, name, getattr(rec, name).astype(np.float32))
+            np.testing.assert_array_equal(as_map(rec, name), getattr(rec, name))
+            getattr(rec, name)[-1, -1, -1, -1] = bad
+            with pytest.raises(DataError, match=f"image 0 .*{name} holds NaN, infinite or negative"):
+                as_map(rec, name)
+            with pytest.raises(DataError, match=f"image 0 .*{name}.* (NaN|infinite|negative)"):
+                StatsCollector().update(rec)
     a, b = records(count=1)[0], records(count=1, layers=2)[0]
     acc = EntropyAccumulator().update(a)
     with pytest.raises(ValueError, match="cannot be pooled"):
