@@ -42,7 +42,8 @@ def as_map(record: Record, name: str) -> np.ndarray | None:
 
     def compute():
         value = np.asarray(getattr(record, name), dtype=np.float64)
-        if value.size and not (np.isfinite(value).all() and value.min() >= 0):
+        # NaN makes both comparisons false, inf the second: two reductions, no temporary array
+        if value.size and not (value.min() >= 0 and value.max() < np.inf):
             raise DataError(f"record of {describe(record)}: {name} holds NaN, infinite or negative attention "
                              f"weights")
         return value
@@ -171,8 +172,11 @@ class SumTable:
         self.arrays: dict[str, np.ndarray] = {}
 
     def add(self, name: str, value, where: str = "") -> None:
-        value = np.asarray(value, dtype=np.float64)
         current = self.arrays.get(name)
+        if current is not None and current.ndim == 0 and type(value) in (int, float):
+            current += value                         # a count: the collector adds dozens per record
+            return
+        value = np.asarray(value, dtype=np.float64)
         if current is None:
             self.arrays[name] = value.copy()
         elif current.shape != value.shape:

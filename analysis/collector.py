@@ -22,8 +22,9 @@ from .thematic import ThematicAccumulator
 from geocap.errors import DataError
 
 # 2: proximity counts each image once (its state holds the image ids); 3: the controlled per-image
-# measures (within-row correlations, referent effect) with their per-image sums
-STATE_VERSION = 3
+# measures (within-row correlations, referent effect) with their per-image sums; 4: the proximity
+# samples carry their bound, and a dump shard stores its sample cut to its share (shard_share)
+STATE_VERSION = 4
 ANALYSES = ("entropy", "thematic", "proximity", "grounding")
 
 
@@ -57,6 +58,12 @@ class StatsCollector:
         self.records += 1
         return self
 
+    def shard_share(self, images: int, total: int) -> None:
+        """Told by a dump that this collector sees one shard of ``images`` of its ``total`` images, so
+        that :meth:`state` stores no more than the merged statistics can need (the proximity pair
+        samples: :meth:`.proximity.ProximityAccumulator.shard_share`); merging stays exact."""
+        self.parts["proximity"].shard_share(images, total)
+
     def merge(self, other: "StatsCollector") -> "StatsCollector":
         """Add every record ``other`` has seen; returns self."""
         if not isinstance(other, StatsCollector):
@@ -81,7 +88,8 @@ class StatsCollector:
         if version != STATE_VERSION:
             raise DataError(f"StatsCollector state version {version} is not supported (this geocap reads "
                              f"version {STATE_VERSION}; statistics of an older stats-only dump lack the controlled "
-                             f"measures: dump again, or dump the maps and run geocap analyze on them)")
+                             f"measures or the proximity samples' bounds: dump again, or dump the maps and run "
+                             f"geocap analyze on them)")
         collector = cls()
         for name, part in collector.parts.items():
             head = f"{name}{STATE_SEPARATOR}"

@@ -46,6 +46,15 @@ def _causal_mask(t: int) -> torch.Tensor:
     return torch.from_numpy(np.tril(np.ones((t, t), dtype=bool)))
 
 
+@functools.lru_cache(maxsize=256)
+def _row_scale(kind: str, rows: int, num_objects: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(used [rows] bool, log(valid keys) of the used rows, every row used)`` (cached per shape: a
+    collector asks for it three times per record; never modify the arrays)."""
+    valid = _valid_keys(kind, rows, num_objects)
+    used = valid >= 2
+    return used, np.log(valid[used]), bool(used.all())
+
+
 def normalised_entropy(record: Record, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
     """``(entropy [L, H, R] / log(valid keys), used [R] bool)`` for one attention kind of one
     record (``used``: rows with at least two valid keys), or None when the record has neither the
@@ -55,10 +64,11 @@ def normalised_entropy(record: Record, kind: str) -> tuple[np.ndarray, np.ndarra
         nats = np.asarray(stored, dtype=np.float64)
         if not np.isfinite(nats).all():
             raise DataError(f"record of {describe(record)}: {ENTROPY_NAMES[kind]} holds NaN or infinite values")
-        valid = _valid_keys(kind, nats.shape[-1], record.num_objects)
-        used = valid >= 2
+        used, log_valid, every_row = _row_scale(kind, nats.shape[-1], record.num_objects)
+        if every_row:
+            return nats / log_valid, used
         out = np.zeros_like(nats)
-        out[..., used] = nats[..., used] / np.log(valid[used])
+        out[..., used] = nats[..., used] / log_valid
         return out, used
     weights = getattr(record, kind)
     if weights is None:
@@ -144,11 +154,12 @@ class EntropyAccumulator(Accumulator):
                 self.sums.add(f"{kind}.missing", 1)
                 continue
             values, used = got
-            sums = values[..., used].sum(axis=-1)
-            self.sums.add(f"{kind}.sum", sums, describe(record))
-            self.sums.add(f"{kind}.rows", used.sum())
-            self.units.add(self.sums, f"units.{kind}", record.image_id, sums.mean(axis=1), used.sum(),
-                           describe(record))
+            rows = int(used.sum())
+            sums = values[..., used].sum(axis=-1)     # (the boolean index's layout fixes the summation order)
+            where = describe(record)
+            self.sums.add(f"{kind}.sum", sums, where)
+            self.sums.add(f"{kind}.rows", rows)
+            self.units.add(self.sums, f"units.{kind}", record.image_id, sums.mean(axis=1), rows, where)
 
     def _merge(self, other: "EntropyAccumulator") -> None:
         self.units.flush(self.sums)

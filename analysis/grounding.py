@@ -190,25 +190,40 @@ class GroundingAccumulator(Accumulator):
         if not hypothetical:
             rows = np.flatnonzero(referents >= 0)
             target = referents[rows]
-            self._hits("ground", record, cross, rows, target, where)
-            self.sums.add("ground.chance", self._chance(record, target, regular))
-            self._referent_effect(record, cross, rows, target, regular, where)
+            member = self._members(record, target, regular)
+            picked = self._hits("ground", record, cross, rows, member, regular, where)
+            self.sums.add("ground.chance", self._chance(member, regular))
+            self._referent_effect(record, cross, rows, target, regular, where, member, picked)
             return
         source = np.asarray(record.source_referents, dtype=np.int64)
         t = np.flatnonzero((referents >= 0) & (source >= 0) & (referents != source))
         t = t[t + 1 < record.num_tokens]
-        self._hits("follow", record, cross, t + 1, referents[t], where)
-        self._hits("source", record, cross, t + 1, source[t], where, per_head=False)
-        self._hits("same_step", record, cross, t, referents[t], where, per_head=False)
-        self.sums.add("follow.chance", self._chance(record, referents[t], regular))
+        member = self._members(record, referents[t], regular)
+        picked = self._hits("follow", record, cross, t + 1, member, regular, where)
+        self._hits("source", record, cross, t + 1, self._members(record, source[t], regular), regular, where,
+                   per_head=False, picked=picked)
+        self._hits("same_step", record, cross, t, member, regular, where, per_head=False)
+        self.sums.add("follow.chance", self._chance(member, regular))
 
     @staticmethod
     def _members(record: Record, target: np.ndarray, regular: np.ndarray) -> np.ndarray:
         """``[K, N]`` bool: the regular objects each target referent names."""
         member = np.zeros((len(target), record.num_objects), dtype=bool)
-        for k, referent in enumerate(target.tolist()):
-            member[k, referent_objects(record, referent)] = True
+        if (record.extra or {}).get("referent_objects") is None:      # a referent is one object
+            member[np.arange(len(target)), target] = True
+        else:
+            for k, referent in enumerate(target.tolist()):
+                member[k, referent_objects(record, referent)] = True
         return member & regular
+
+    @staticmethod
+    def _head_mean_pick(cross: np.ndarray, rows: np.ndarray, regular: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(head-mean pick [L, K], per-head pick [L, H, K])``: the most-attended regular object of
+        each of the ``rows`` (the first on ties; special objects never)."""
+        picked = cross[:, :, rows, :]
+        if not regular.all():
+            picked = np.where(regular, picked, -np.inf)                       # [L, H, K, N], special keys out
+        return picked.mean(axis=1).argmax(-1), picked.argmax(-1)
 
     @classmethod
     def _wrong_shares(cls, record: Record, target: np.ndarray, regular: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -225,43 +240,46 @@ class GroundingAccumulator(Accumulator):
                 masks[r, np.asarray(region, dtype=np.int64)] = True
             masks &= regular
         labels = None if record.labels is None else np.asarray(record.labels)
+        if regions is None:                          # every target at once: [K, N]
+            wrong = regular & ~own
+            if labels is not None:
+                wrong &= labels[None, :] != labels[target][:, None]
+            count = wrong.sum(axis=1, keepdims=True)
+            np.divide(wrong, count, out=share, where=count > 0)
+            return share, share.any(axis=1)
         for k, referent in enumerate(target.tolist()):
-            if regions is not None:
-                wrong = masks & ~own[k]
-                wrong[referent] = False
-                wrong = wrong[wrong.any(axis=1)]
-                if len(wrong):
-                    share[k] = wrong.mean(axis=0)
-            else:
-                wrong = regular & ~own[k]
-                if labels is not None:
-                    wrong &= labels != labels[referent]
-                if wrong.any():
-                    share[k] = wrong / wrong.sum()
+            wrong = masks & ~own[k]
+            wrong[referent] = False
+            wrong = wrong[wrong.any(axis=1)]
+            if len(wrong):
+                share[k] = wrong.mean(axis=0)
         return share, share.any(axis=1)
 
     @classmethod
     def referent_hits(cls, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray,
-                      regular: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+                      regular: np.ndarray, own: np.ndarray | None = None, picked: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
         """``(own [L], wrong [L], tokens)``: over the ``rows`` (tokens naming ``target``) that have a
         wrong referent, the sums of ``hit(own referent)`` and of the mean ``hit(wrong referent)`` of the
-        layer's head-mean map, and how many such tokens there are."""
+        layer's head-mean map, and how many such tokens there are. ``own`` (:meth:`_members` of
+        ``target``) and ``picked`` (the rows' head-mean picks ``[L, K]``): when the caller has them."""
         layers = cross.shape[0]
         if len(rows) == 0 or not regular.any():
             return np.zeros(layers), np.zeros(layers), 0
         share, has = cls._wrong_shares(record, target, regular)
-        own = cls._members(record, target, regular)
-        picked = np.where(regular, cross[:, :, rows, :], -np.inf).mean(axis=1).argmax(-1)    # [L, K]
+        own = cls._members(record, target, regular) if own is None else own
+        picked = cls._head_mean_pick(cross, rows, regular)[0] if picked is None else picked    # [L, K]
         k = np.arange(len(rows))
         own_hit = np.where(has, own[k, picked], False)                          # [L, K]
         return own_hit.sum(axis=-1).astype(np.float64), share[k, picked].sum(axis=-1), int(has.sum())
 
     def _referent_effect(self, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray,
-                         regular: np.ndarray, where: str) -> None:
-        """Add the image's per-token ``hit(own referent) - mean hit(wrong referents)`` per layer."""
+                         regular: np.ndarray, where: str, member: np.ndarray, picked: np.ndarray | None) -> None:
+        """Add the image's per-token ``hit(own referent) - mean hit(wrong referents)`` per layer
+        (``member``, ``picked``: the rows' :meth:`_members` and head-mean picks)."""
         if len(rows) == 0 or not regular.any():
             return
-        own, wrong, tokens = self.referent_hits(record, cross, rows, target, regular)
+        own, wrong, tokens = self.referent_hits(record, cross, rows, target, regular, member, picked)
         self.sums.add("effect.tokens", tokens)
         if not tokens:
             self.sums.add("effect.no_wrong_referent", 1)
@@ -270,30 +288,37 @@ class GroundingAccumulator(Accumulator):
         for name, value in (("effect", own - wrong), ("effect_own", own), ("effect_wrong", wrong)):
             self.means.add(self.sums, f"per_image.{name}", record.image_id, value, count, where)
 
-    def _chance(self, record: Record, target: np.ndarray, regular: np.ndarray) -> float:
-        """Sum over the targets of the hit rate of a uniformly random regular object."""
+    @staticmethod
+    def _chance(member: np.ndarray, regular: np.ndarray) -> float:
+        """Sum over the targets (``member``: :meth:`_members`) of the hit rate of a uniformly random
+        regular object."""
         count = int(regular.sum())
-        return float(self._members(record, target, regular).sum()) / count if count else 0.0
+        return float(member.sum()) / count if count else 0.0
 
-    def _hits(self, name: str, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray, where: str,
-              per_head: bool = True) -> None:
-        """Count rows whose most-attended regular object is (one of the objects) ``target`` names:
-        head-mean ``[L]`` and per head ``[L, H]``."""
+    def _hits(self, name: str, record: Record, cross: np.ndarray, rows: np.ndarray, member: np.ndarray,
+              regular: np.ndarray, where: str, per_head: bool = True, picked: np.ndarray | None = None
+              ) -> np.ndarray | None:
+        """Count rows whose most-attended regular object is one of its target's objects (``member
+        [K, N]``: :meth:`_members`): head-mean ``[L]`` and per head ``[L, H]``. Returns the rows'
+        head-mean picks ``[L, K]`` (None when nothing was counted); ``picked``: the head-mean picks of
+        the same rows when the caller has them (used without ``per_head``)."""
         layers, heads = cross.shape[:2]
-        regular = regular_objects(record)
         if len(rows) == 0 or not regular.any():      # nothing to count (also when the image has no objects)
             layer_hits, head_hits = np.zeros(layers), np.zeros((layers, heads))
+            picked = None
         else:
-            picked = np.where(regular, cross[:, :, rows, :], -np.inf)       # [L, H, K, N], special keys out
-            member = self._members(record, target, regular)                  # [K, N]
+            if picked is None or per_head:
+                picked, head_picked = self._head_mean_pick(cross, rows, regular)
             k = np.arange(len(rows))
-            layer_hits = member[k, picked.mean(axis=1).argmax(-1)].sum(-1)
-            head_hits = member[k, picked.argmax(-1)].sum(-1)
+            layer_hits = member[k, picked].sum(-1)
+            if per_head:
+                head_hits = member[k, head_picked].sum(-1)
         self.sums.add(f"{name}.layer", layer_hits, where)
         if per_head:
             self.sums.add(f"{name}.head", head_hits, where)
         self.sums.add(f"{name}.tokens", len(rows))
         self.units.add(self.sums, f"units.{name}", record.image_id, layer_hits, len(rows), where)
+        return picked
 
     def _flush(self) -> None:
         self.units.flush(self.sums)

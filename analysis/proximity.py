@@ -30,7 +30,12 @@ Results, per layer: **binned curves** (exact means of ``w`` over all pairs, in `
 with ``s``. Spearman over all pairs of a 100k-image dump cannot be held in memory, so it is computed
 on a uniform random sample of at most ``reservoir`` pairs (bottom-k by a seeded hash of the pair,
 see :mod:`.reservoir`: the same pairs for every layer, and merging shards gives exactly the
-single-pass sample; with fewer pairs than ``reservoir`` it is every pair, and exact).
+single-pass sample; with fewer pairs than ``reservoir`` it is every pair, and exact). A dump shard
+stores its samples cut to about twice its share of the merged sample
+(:meth:`ProximityAccumulator.shard_share`), so a dump's samples stay near ``2 * reservoir`` pairs in
+all however many shards it has; the merge is still the single pass's sample unless a shard held
+more than that of it (then it is the smaller uniform sample of every pair below the lowest cut, and
+``spearman_sample_pairs`` gives its size).
 
 What is counted: each *image's* pairs, once. Encoder attention, boxes and features depend on the
 image alone, and a dump holds one record per caption of an image, all with the same encoder maps;
@@ -61,6 +66,7 @@ from .uncertainty import ImageMeans, first_measured, image_means, layer_verdicts
 MEASURES = ("distance", "similarity")
 RANGES = {"distance": (0.0, 1.0), "similarity": (-1.0, 1.0)}
 MIN_BIN_PAIRS = 30   # bins with fewer object pairs are left out of the figure and the report's table
+SHARD_SLACK = 500    # pairs a dump shard's stored sample keeps beyond twice its share (see shard_share)
 # the controlled, per-image measures (see the module docstring): name -> what it correlates
 PER_IMAGE = {"distance": "Spearman's rho of attention and box-centre distance within each query's row",
              "distance_given_similarity": "partial correlation within each query's row of the log attention weights "
@@ -237,10 +243,22 @@ class ProximityAccumulator(Accumulator):
         if bins < 1:
             raise UsageError(f"bins must be >= 1, got {bins}")
         self.bins, self.capacity, self.seed = int(bins), int(reservoir), int(seed)
+        self.stored: int | None = None        # pairs each sample keeps in state() (None: all it holds)
         self.sums = SumTable()
         self.samples = {m: PairReservoir(self.capacity) for m in MEASURES}
         self.images = SeenImages()
         self.units = ImageMeans()
+
+    def shard_share(self, images: int, total: int) -> None:
+        """This accumulator sees one shard of ``images`` of a dump's ``total`` images: its
+        :meth:`state` keeps only what the merged sample can need, ``stored`` =
+        ``min(reservoir, 2 * reservoir * images / total + SHARD_SLACK)`` pairs per sample (about twice
+        the shard's expected share of the merged sample; see :class:`~.reservoir.PairReservoir` for
+        why a cut part still merges exactly). What a dump stores then stays near
+        ``2 * reservoir + SHARD_SLACK * shards`` pairs, however many pairs each shard had."""
+        if total < 1 or not 0 <= images <= total:
+            raise UsageError(f"shard_share: images must be in [0, total] and total >= 1, got {images} of {total}")
+        self.stored = min(self.capacity, int(np.ceil(2 * self.capacity * images / total)) + SHARD_SLACK)
 
     def _bin(self, measure: str, values: np.ndarray) -> np.ndarray:
         low, high = RANGES[measure]
@@ -322,7 +340,7 @@ class ProximityAccumulator(Accumulator):
         state.update(config_state(bins=self.bins, reservoir=self.capacity, seed=self.seed))
         state.update(self.images.state("seen"))
         for m in MEASURES:
-            state.update(self.samples[m].state(f"sample_{m}"))
+            state.update(self.samples[m].state(f"sample_{m}", self.stored))
         return state
 
     @classmethod

@@ -46,8 +46,17 @@ def pair_keys(seed: int, image_id: int, i: np.ndarray, j: np.ndarray) -> np.ndar
 
 
 class PairReservoir:
-    """The ``capacity`` distinct pairs with the smallest keys, sorted by key; x ``[M]`` float64,
-    y ``[L, M]`` float32; ``seen``: pairs offered (an image's pairs once per record)."""
+    """Every offered distinct pair whose key is at most ``bound``, at most ``capacity`` of them (the
+    smallest keys), sorted by key; x ``[M]`` float64, y ``[L, M]`` float32; ``seen``: pairs offered
+    (an image's pairs once per record).
+
+    ``bound`` (None: no bound, every pair offered is held) makes the sample exactly mergeable even
+    when a part was stored cut down to fewer pairs (:meth:`state` with ``stored``): a part holds
+    *every* pair it saw with a key up to its bound, so the union of parts holds every pair up to the
+    smallest of their bounds, and :meth:`merge` keeps exactly those (then the ``capacity``
+    smallest). The result is the single pass's sample whenever no part's cut reached below the
+    single pass's own bound (its ``capacity``-th key); otherwise it is still a uniform sample of the
+    distinct pairs (all of those below a key), only smaller, and ``len`` says how large."""
 
     def __init__(self, capacity: int):
         if capacity < 3:
@@ -58,7 +67,7 @@ class PairReservoir:
         self.y: np.ndarray | None = None
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_size = 0
-        self._threshold: np.uint64 | None = None   # largest kept key once full: larger keys never enter
+        self.bound: np.uint64 | None = None         # largest key held once cut: larger keys never enter
         self.seen = 0                               # pairs offered, for the report
 
     def add(self, keys: np.ndarray, x: np.ndarray, y: np.ndarray, where: str = "") -> None:
@@ -67,8 +76,8 @@ class PairReservoir:
         layers = self.y.shape[0] if self.y is not None else (self._pending[0][2].shape[0] if self._pending else None)
         if layers is not None and y.shape[0] != layers:
             raise DataError(f"{where or 'merge'}: {y.shape[0]} layers, earlier records had {layers}")
-        if self._threshold is not None:
-            keep = keys < self._threshold
+        if self.bound is not None:
+            keep = keys <= self.bound
             keys, x, y = keys[keep], x[keep], y[:, keep]
         if len(keys) == 0:
             return
@@ -78,7 +87,8 @@ class PairReservoir:
             self.compact()
 
     def compact(self) -> None:
-        """Fold the pending pairs in, keep the smallest ``capacity`` distinct keys, sorted by key."""
+        """Fold the pending pairs in, keep the distinct keys up to ``bound``, at most the smallest
+        ``capacity``, sorted by key."""
         if not self._pending:
             return
         parts_y = ([self.y] if self.y is not None else []) + [p[2] for p in self._pending]
@@ -87,31 +97,54 @@ class PairReservoir:
         y = np.concatenate(parts_y, axis=1)
         self._pending, self._pending_size = [], 0
         keys, first = np.unique(keys, return_index=True)       # sorted, distinct, first occurrence
+        if self.bound is not None:
+            first = first[keys <= self.bound]
         first = first[: self.capacity]
-        self.keys, self.x, self.y = keys[: self.capacity], x[first], y[:, first]
+        self.keys, self.x, self.y = keys[: len(first)], x[first], y[:, first]
         if len(self.keys) == self.capacity:
-            self._threshold = self.keys[-1]
+            self._cut(self.keys[-1])
+
+    def _cut(self, key: np.uint64) -> None:
+        self.bound = key if self.bound is None else min(self.bound, key)
 
     def merge(self, other: "PairReservoir") -> None:
         other.compact()
+        self.compact()
         seen = self.seen + other.seen
+        if other.bound is not None:                 # the union is complete up to the smaller bound only
+            self._cut(other.bound)
+            keep = self.keys <= self.bound
+            self.keys, self.x = self.keys[keep], self.x[keep]
+            if self.y is not None:
+                self.y = self.y[:, keep]
         if other.y is not None:
             self.add(other.keys, other.x, other.y)
         self.compact()
         self.seen = seen
 
-    def state(self, prefix: str) -> dict[str, np.ndarray]:
+    def state(self, prefix: str, stored: int | None = None) -> dict[str, np.ndarray]:
+        """The sample as arrays; with ``stored``, cut to its ``stored`` smallest keys (``bound``
+        lowered to match), so a part stores less and still merges exactly (see the class doc)."""
         self.compact()
+        keys, x, y, bound = self.keys, self.x, self.y, self.bound
+        if stored is not None and len(keys) > stored:
+            if stored < 3:
+                raise UsageError(f"a stored sample must keep >= 3 pairs, got {stored}")
+            keys, x, y = keys[:stored], x[:stored], y[:, :stored]
+            bound = keys[-1] if bound is None else min(bound, keys[-1])
         sep = STATE_SEPARATOR
-        out = {f"{prefix}{sep}keys": self.keys.copy(), f"{prefix}{sep}x": self.x.copy(),
-               f"{prefix}{sep}seen": np.asarray(self.seen, dtype=np.int64)}
-        if self.y is not None:
-            out[f"{prefix}{sep}y"] = self.y.copy()
+        out = {f"{prefix}{sep}keys": keys.copy(), f"{prefix}{sep}x": x.copy(),
+               f"{prefix}{sep}seen": np.asarray(self.seen, dtype=np.int64),
+               f"{prefix}{sep}bound": np.asarray([] if bound is None else [bound], dtype=np.uint64)}
+        if y is not None:
+            out[f"{prefix}{sep}y"] = y.copy()
         return out
 
     @classmethod
     def from_state(cls, state: dict, prefix: str, capacity: int) -> "PairReservoir":
         sep = STATE_SEPARATOR
+        if f"{prefix}{sep}bound" not in state:
+            raise DataError(f"{prefix}: the stored sample has no bound (written by an older geocap)")
         res = cls(capacity)
         res.keys = np.array(state[f"{prefix}{sep}keys"], dtype=np.uint64)
         res.x = np.array(state[f"{prefix}{sep}x"], dtype=np.float64)
@@ -121,8 +154,10 @@ class PairReservoir:
         if len(res.keys) > capacity:
             raise DataError(f"{prefix}: the stored sample holds {len(res.keys)} pairs, more than its "
                              f"capacity {capacity}")
+        bound = np.asarray(state[f"{prefix}{sep}bound"], dtype=np.uint64).ravel()
+        res.bound = bound[0] if len(bound) else None
         if len(res.keys) == capacity:
-            res._threshold = res.keys[-1]
+            res._cut(res.keys[-1])
         return res
 
     def __len__(self) -> int:

@@ -39,15 +39,17 @@ class ImageUnits:
             self.flush(table)
             self.image = image_id
         x = np.asarray(x, dtype=np.float64)
-        n = np.broadcast_to(np.asarray(n, dtype=np.float64), x.shape)
         if name in self.pending:
             px, pn = self.pending[name]
             if px.shape != x.shape:
                 raise DataError(f"{where or 'record'}: {name} has shape {x.shape}, the image's earlier records gave "
                                  f"{px.shape} (records with different layer counts cannot be pooled)")
-            self.pending[name] = [px + x, pn + n]
+            px += x                                  # in place: the pending sums are this object's own copies
+            pn += n                                  # (n broadcast to x's shape)
         else:
-            self.pending[name] = [x.copy(), n.copy()]
+            pn = np.empty_like(x)
+            pn[...] = n
+            self.pending[name] = [x.copy(), pn]
 
     def flush(self, table: SumTable) -> None:
         for name, (x, n) in self.pending.items():

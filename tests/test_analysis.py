@@ -12,6 +12,7 @@ from geocap.analysis import (EntropyAccumulator, StatsCollector, ThematicAccumul
                              run_analyses, thematic)
 from geocap.analysis.reservoir import PairReservoir, pair_keys
 from geocap.data.attention_record import MAP_NAMES, Record
+from geocap.errors import DataError
 
 L, H, N, T = 3, 4, 8, 6
 CLUSTERS = 3
@@ -231,6 +232,47 @@ def test_pair_reservoir_keeps_the_smallest_keys_in_any_order():
     assert len(np.unique(grid)) == len(grid)
 
 
+def test_pair_reservoir_parts_stored_cut_merge_exactly():
+    """Parts stored cut to a few pairs (what a dump shard stores) merge to the single pass's sample
+    while each cut keeps the part's share of it, and otherwise to a smaller uniform sample: every
+    pair below the smallest cut (a prefix of the single pass's sample), never a pair above it while
+    one below is missing (a merge that ignored the parts' bounds would give that)."""
+    rng = np.random.default_rng(2)
+    n = 600
+    keys = pair_keys(5, 3, np.arange(n) // 30, np.arange(n) % 30)
+    x, y = rng.normal(size=n), rng.normal(size=(2, n))
+    one = PairReservoir(40)
+    one.add(keys, x, y)
+    parts = [PairReservoir(40) for _ in range(4)]
+    for k, part in enumerate(parts):
+        part.add(keys[k::4], x[k::4], y[:, k::4])
+
+    def merged(stored):
+        out = PairReservoir.from_state(parts[0].state("s", stored), "s", 40)
+        for part in parts[1:]:
+            state = part.state("s", stored)
+            assert len(state["s.keys"]) == min(stored, 40) and state["s.y"].shape == (2, min(stored, 40))
+            out.merge(PairReservoir.from_state(state, "s", 40))
+        return out
+
+    shares = [np.isin(one.keys, keys[k::4]).sum() for k in range(4)]
+    assert max(shares) <= 20 and min(shares) >= 5
+    generous = merged(20)
+    assert generous.seen == n and len(generous) == 40
+    for name in ("keys", "x", "y"):
+        np.testing.assert_array_equal(getattr(generous, name), getattr(one, name))
+    stingy = merged(min(shares) - 1)                 # every part cut below its share
+    assert 3 <= len(stingy) < 40 and stingy.seen == n
+    np.testing.assert_array_equal(stingy.keys, one.keys[:len(stingy)])
+    np.testing.assert_array_equal(stingy.y, one.y[:, :len(stingy)])
+    assert stingy.bound == stingy.keys[-1]
+    # merging on keeps to the bound: the other pairs of a part come in and only those below it stay
+    stingy.merge(parts[0])
+    np.testing.assert_array_equal(stingy.keys, one.keys[:len(stingy)])
+    with pytest.raises(DataError, match="no bound"):
+        PairReservoir.from_state({k: v for k, v in one.state("s").items() if k != "s.bound"}, "s", 40)
+
+
 # --- grounding -----------------------------------------------------------------------------
 
 
@@ -427,6 +469,41 @@ def test_merge_equals_one_pass_and_state_round_trips_through_hdf5(tmp_path):
     assert StatsCollector.from_state(state).state().keys() == one.state().keys()
 
 
+def test_shard_states_store_their_share_of_the_pair_sample_and_merge_exactly(monkeypatch):
+    """A collector told its shard's share (as a dump does) stores its pair samples cut to about twice
+    that share of the merged sample, and the merged shards still give the single pass's statistics;
+    a state of the previous version is refused, naming both versions."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("geocap.analysis.proximity"), "SHARD_SLACK", 10)
+    recs = planted_mix()
+    one = StatsCollector(reservoir=100)
+    for r in recs:
+        one.update(r)
+    images = sorted({r.image_id for r in recs})
+    shards = [images[k::4] for k in range(4)]
+    states = []
+    for shard in shards:
+        part = StatsCollector(reservoir=100)
+        part.shard_share(len(shard), len(images))
+        for r in recs:
+            if r.image_id in shard:
+                part.update(r)
+        held = len(part.parts["proximity"].samples["distance"])
+        states.append(part.state())
+        stored = len(states[-1]["proximity.sample_distance.keys"])
+        assert stored == 2 * 100 * len(shard) // len(images) + 10 < held, (held, stored)      # cut
+    merged = StatsCollector.from_state(states[0])
+    for state in states[1:]:
+        merged.merge(StatsCollector.from_state(state))
+    expected = one.to_json()
+    assert expected["proximity"]["spearman_sample_pairs"]["distance"] == 100
+    assert_json_close(expected, merged.to_json())
+    old = dict(states[0], **{"collector.version": np.asarray(3)})
+    with pytest.raises(DataError, match="version 3 is not supported.*reads version 4"):
+        StatsCollector.from_state(old)
+
+
 def test_missing_fields_are_reported_never_nan():
     bare = records(count=4, maps=(), with_clusters=False, with_features=False, with_referents=False)
     data = StatsCollector().update(bare[0]).update(bare[1]).to_json()
@@ -453,6 +530,17 @@ def test_bad_input_raises_naming_the_record():
     rec.encoder_self[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="image 0"):
         StatsCollector().update(rec)
+    from geocap.analysis.accumulator import as_map
+    for name in ("encoder_self", "cross"):         # each bad weight, wherever it is, names the map
+        for bad in (np.nan, np.inf, -1e-3):
+            rec = records(count=1)[0]
+            setattr(rec, name, getattr(rec, name).astype(np.float32))
+            np.testing.assert_array_equal(as_map(rec, name), getattr(rec, name))
+            getattr(rec, name)[-1, -1, -1, -1] = bad
+            with pytest.raises(DataError, match=f"image 0 .*{name} holds NaN, infinite or negative"):
+                as_map(rec, name)
+            with pytest.raises(DataError, match=f"image 0 .*{name}.* (NaN|infinite|negative)"):
+                StatsCollector().update(rec)
     a, b = records(count=1)[0], records(count=1, layers=2)[0]
     acc = EntropyAccumulator().update(a)
     with pytest.raises(ValueError, match="cannot be pooled"):

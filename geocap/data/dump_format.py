@@ -61,9 +61,10 @@ the map kinds stored), ``entropies`` (JSON list of the map kinds whose entropies
                                             the caption: every record of an image shares it)
     maps/decoder_self        [sum L H T T]  float16, one per record
     maps/cross               [sum L H T N]  float16, one per record
-    entropy/encoder_self     [sum L H N]    float32, per image
-    entropy/decoder_self     [sum L H T]    float32, per record
-    entropy/cross            [sum L H T]    float32, per record
+    entropy/encoder_self     [sum L H N]    float32, per image (float16 in stats-only shards, read back
+                                            as float32: :data:`ENTROPY_DTYPE_STATS_ONLY`)
+    entropy/decoder_self     [sum L H T]    float32, per record (float16 in stats-only shards)
+    entropy/cross            [sum L H T]    float32, per record (float16 in stats-only shards)
     stats/00000 ...          the shard's analysis-collector state (stats-only dumps): one dataset per
                              state entry, numbered in key order, its key in the attribute ``key``
 
@@ -159,8 +160,13 @@ CACHE_BYTES = 16 << 20          # HDF5 chunk cache per open shard (a few records
 OPEN_SHARDS = 8                 # shards a Dump keeps open at once (least recently used closed first)
 # the datasets of encoder maps kept as each row's top k (shard attribute ``encoder_top_k``)
 TOP_K_VALUES, TOP_K_INDEX, TOP_K_MISSING = "encoder_self_topk", "encoder_self_topk_index", "encoder_self_topk_missing"
+# row entropies of stats-only shards: float16 (the analyses take their statistics from the shard's stats/, summed
+# from the float32 values while dumping; the stored rows only feed record readers such as geocap view, for which
+# float16's relative error of at most 2**-11 is far below what they show). Full dumps store float32.
+ENTROPY_DTYPE_STATS_ONLY = np.float16
 
-__all__ = ["CACHE_BYTES", "Dump", "DumpError", "FORMAT", "FORMAT_VERSION", "LOCK", "MANIFEST", "SHARD_FORMAT",
+__all__ = ["CACHE_BYTES", "Dump", "DumpError", "ENTROPY_DTYPE_STATS_ONLY", "FORMAT", "FORMAT_VERSION", "LOCK",
+           "MANIFEST", "SHARD_FORMAT",
            "box_embedding", "content_sha256", "metadata_digest", "open_dump", "read_manifest", "read_strings",
            "TOP_K_INDEX", "TOP_K_MISSING", "TOP_K_VALUES", "check_top_k", "shard_name", "shard_problem",
            "strings_crc32"]
@@ -458,7 +464,8 @@ class _Shard:
                 blocks[name] = (int(off[a]), self._read(f"maps/{name}", int(off[a]), int(off[b])))
             if name in self.entropies:
                 off = self.ent_off[name]
-                blocks[ENTROPY_NAMES[name]] = (int(off[a]), self._read(f"entropy/{name}", int(off[a]), int(off[b])))
+                rows = self._read(f"entropy/{name}", int(off[a]), int(off[b]))   # float16 in stats-only shards
+                blocks[ENTROPY_NAMES[name]] = (int(off[a]), rows.astype(np.float32, copy=False))
         out = []
         for j in range(lo, hi):
             m = int(self.rec_image[j])

@@ -2,7 +2,9 @@
 :class:`~geocap.dump.plan.DumpPlan`'s, or ``geocap.hf``'s), batch by batch, into the shard writer
 (in a child process or inline), each finished shard listed in the manifest as soon as it is renamed.
 With ``stats_only``, a fresh ``collector_class()`` sees every record of a shard (maps included)
-and its ``state()`` is stored in the shard instead of the maps."""
+and its ``state()`` is stored in the shard instead of the maps; a collector with a
+``shard_share(images, total)`` method is first told the shard's share of the plan's images (so it
+can size what it stores)."""
 from __future__ import annotations
 
 import os
@@ -20,7 +22,7 @@ def run_shards(plan, record_images, result: DumpResult, *, collector_class=None,
     """Write every shard of ``plan.todo`` with the records ``record_images(positions)`` gives (per
     position in the plan's image order, that image's list of Records), counting into ``result``.
     ``plan``: a :class:`~geocap.dump.plan.DumpPlan` or any plan with its ``out``, ``split``,
-    ``rank``, ``world_size``, ``options`` (``batch_size``, ``writer``), ``todo``, ``shard_range(k)``
+    ``rank``, ``world_size``, ``options`` (``batch_size``, ``writer``), ``todo``, ``n_images``, ``shard_range(k)``
     and ``shard_args(k)``. On any error the open shard is aborted (its temporary file removed)
     and the shards already renamed stay listed."""
     from geocap.dump.writer import ShardWriter
@@ -70,6 +72,8 @@ def run_shards(plan, record_images, result: DumpResult, *, collector_class=None,
             if child is not None:
                 child.open(path, **plan.shard_args(k))
             collector = collector_class() if collector_class is not None else None
+            if collector is not None and hasattr(collector, "shard_share"):
+                collector.shard_share(hi - lo, plan.n_images)     # so it stores only what merging can need
             try:
                 for b0 in range(lo, hi, o.batch_size):
                     stop.check()

@@ -45,8 +45,8 @@ import numpy as np
 
 from geocap import stop
 from geocap.data.attention_record import ENTROPY_NAMES, KINDS, Record
-from geocap.data.dump_format import (FORMAT_VERSION, SHARD_FORMAT, TOP_K_INDEX, TOP_K_MISSING, TOP_K_VALUES,
-                                     check_top_k, strings_crc32)
+from geocap.data.dump_format import (ENTROPY_DTYPE_STATS_ONLY, FORMAT_VERSION, SHARD_FORMAT, TOP_K_INDEX,
+                                     TOP_K_MISSING, TOP_K_VALUES, check_top_k, strings_crc32)
 from geocap.data.file_digest import file_sha256
 from geocap.data.top_k_rows import keep_top_k
 from geocap.errors import DataError, UsageError
@@ -145,6 +145,7 @@ class ShardWriter:
         self.path = os.fspath(path)
         self.tmp = f"{self.path}.tmp-{os.getpid()}"
         self.maps, self.entropies = tuple(maps), tuple(entropies)
+        self.entropy_dtype = ENTROPY_DTYPE_STATS_ONLY if stats_only else np.float32
         self.flags = {"has_labels": bool(has_labels), "has_clusters": bool(has_clusters),
                       "has_features": bool(has_features)}
         self.word_id = {w: i for i, w in enumerate(vocab)}
@@ -210,7 +211,7 @@ class ShardWriter:
         if "encoder_self" in self.maps:
             self._put_encoder_map(first)
         if "encoder_self" in self.entropies:
-            self._put("entropy/encoder_self", self._field(first, "encoder_entropy", np.float32))
+            self._put("entropy/encoder_self", self._field(first, "encoder_entropy", self.entropy_dtype))
         for rec in records:
             rec.validate()
             if rec.image_id != first.image_id or rec.num_objects != n:
@@ -237,7 +238,7 @@ class ShardWriter:
                 if name in self.maps:
                     self._put(f"maps/{name}", self._field(rec, name, np.float16))
                 if name in self.entropies:
-                    self._put(f"entropy/{name}", self._field(rec, ENTROPY_NAMES[name], np.float32))
+                    self._put(f"entropy/{name}", self._field(rec, ENTROPY_NAMES[name], self.entropy_dtype))
             self.n_records += 1
         self.n_images += 1
         if self._buf_bytes >= self.flush_bytes:
@@ -399,7 +400,7 @@ class ShardWriter:
             else:
                 shapes[f"maps/{name}"] = ((0,), np.float16)
         for name in self.entropies:
-            shapes[f"entropy/{name}"] = ((0,), np.float32)
+            shapes[f"entropy/{name}"] = ((0,), self.entropy_dtype)
         for name, (shape, dtype) in shapes.items():
             if name not in self.h5:
                 self.h5.create_dataset(name, shape=shape, dtype=dtype, fletcher32=True)
