@@ -73,9 +73,9 @@ def plot(result: dict, path: str) -> None:
 
     fig, (curves, gains) = new_figure(2)
     for s in result["runs"]:
-        curves.plot([p[0] for p in s["curve"]], [p[1] for p in s["curve"]], marker=".", markersize=3, linewidth=1,
+        curves.plot([p[0] / 1000 for p in s["curve"]], [p[1] for p in s["curve"]], marker=".", markersize=3, linewidth=1,
                     label=f"{s['steps']}-step schedule")
-    curves.set_xlabel("training step")
+    curves.set_xlabel("training step (thousands)")
     curves.set_ylabel("teacher-forced validation loss")
     curves.set_title("validation loss, one schedule per line", fontsize=9)
     curves.legend(fontsize=7)
@@ -89,6 +89,7 @@ def plot(result: dict, path: str) -> None:
         gains.axhline(100 * tolerance, linestyle="--", linewidth=1, color="grey", label="tolerance")
     gains.axhline(0, linewidth=0.5, color="black")
     gains.set_xticks(range(len(mid)), labels)
+    gains.set_xlim(-0.5, len(mid) - 0.5)
     gains.set_xlabel("doubling (steps)")
     gains.set_ylabel("validation loss gain, % [95 %]")
     gains.set_title("what doubling the schedule buys", fontsize=9)
