@@ -57,6 +57,15 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
         bias = torch.where(keep, scalar_constant(0.0, q.dtype, q.device) if bias is None else bias, masked)
     differentiating = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad))
+    if (want_probs or want_entropy) and not differentiating and dropout_p == 0:
+        # the weights are wanted anyway (dumps, recorded decoding): one softmax serves the output
+        # too, instead of SDPA's own plus a second for the weights
+        logits = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+        probs = torch.softmax(logits if bias is None else logits + bias, dim=-1)
+        if has_key is not None:
+            probs = probs * has_key
+        entropy = torch.special.entr(probs).sum(-1) if want_entropy else None
+        return probs @ v, (probs if want_probs else None), entropy
     if differentiating and q.device.type == "cpu":
         # SDPA's differentiable CPU path is its "math" fallback, which adds its own passes for
         # fully masked rows (handled above); the plain ops are cheaper to differentiate
