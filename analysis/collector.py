@@ -37,6 +37,12 @@ class StatsCollector:
         seed: seed of the k-means fallback and of the pair sample.
     """
 
+    # the maps the analyses read when a record carries row entropies (decoder self-attention only
+    # feeds the entropy analysis, which then reads its rows); a stats-only dump drops the others
+    maps_read = ("encoder_self", "cross")
+    # importable by name: a stats-only dump's writer process runs it (geocap.dump.runner)
+    in_writer_process = True
+
     def __init__(self, *, k: int = 6, kmeans_buffer: int = 256, bins: int = 10, reservoir: int = 20000,
                  seed: int = 0):
         self.parts = {

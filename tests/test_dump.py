@@ -384,6 +384,36 @@ def test_stats_only_with_the_analysis_collector(base, ckpt, data_dir, tmp_path):
                         equal_nan=True), section
 
 
+def test_stats_collector_runs_in_the_writer_process_with_the_same_result(ckpt, data_dir, tmp_path):
+    """StatsCollector (in_writer_process) is updated in the writer process, not the model's: the
+    states stored are identical to an inline dump's, and the records reach it with the maps it
+    reads (a collector of the test module, not importable there, runs in the model's process)."""
+    from geocap.analysis import StatsCollector
+    assert StatsCollector.in_writer_process and not getattr(CountingCollector, "in_writer_process", False)
+    states = {}
+    for writer in ("inline", "process"):
+        out = tmp_path / writer
+        dump(ckpt, data_dir, "train", out, stats_only=True, stats_collector=StatsCollector, limit=8,
+             **dict(SETTINGS, writer=writer))
+        states[writer] = open_dump(out, progress=False).shard_states()
+    assert len(states["inline"]) == len(states["process"]) == 2
+    for inline, process in zip(states["inline"], states["process"]):
+        assert set(inline) == set(process)
+        for key in inline:
+            np.testing.assert_array_equal(inline[key], process[key], err_msg=key)
+
+
+def test_collector_runs_in_the_writer_process(monkeypatch, ckpt, data_dir, tmp_path):
+    """The model's process never calls StatsCollector.update when the writer process runs it."""
+    from geocap.analysis import StatsCollector
+
+    def refuse(self, record):
+        raise AssertionError("updated in the model's process")
+    monkeypatch.setattr(StatsCollector, "update", refuse)
+    assert dump(ckpt, data_dir, "train", tmp_path / "d", stats_only=True, stats_collector=StatsCollector, limit=4,
+                **dict(SETTINGS, writer="process")).complete
+
+
 def _numbers(tree):
     """The numbers of a JSON-like tree, in order (None as NaN)."""
     if isinstance(tree, dict):

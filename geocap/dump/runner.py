@@ -4,7 +4,12 @@
 With ``stats_only``, a fresh ``collector_class()`` sees every record of a shard (maps included)
 and its ``state()`` is stored in the shard instead of the maps; a collector with a
 ``shard_share(images, total)`` method is first told the shard's share of the plan's images (so it
-can size what it stores)."""
+can size what it stores). A collector class with ``in_writer_process = True`` (importable by
+name in a fresh interpreter, as ``geocap.analysis.StatsCollector``) runs in the writer process,
+when there is one (on the writer's core, beside the model's: the records go there anyway); any
+other runs in the model's process. Maps the collector class does not read (its ``maps_read``,
+when it has one) are dropped before the records travel, when the records carry those maps' row
+entropies."""
 from __future__ import annotations
 
 import os
@@ -14,8 +19,18 @@ from geocap import stop
 from geocap.data.dump_format import shard_name
 from geocap.dump.manifest import add_shard
 from geocap.dump.result import DumpResult
+from geocap.dump.writer_process import collect_records, new_collector
+from geocap.data.attention_record import ENTROPY_NAMES, MAP_NAMES
 
 __all__ = ["run_shards"]
+
+
+def _drop_unread_maps(records, unread) -> None:
+    """Drop the maps named in ``unread`` from records that carry their row entropies."""
+    for r in records:
+        for name in unread:
+            if getattr(r, ENTROPY_NAMES[name]) is not None:
+                setattr(r, name, None)
 
 
 def run_shards(plan, record_images, result: DumpResult, *, collector_class=None, progress: bool = True) -> None:
@@ -29,6 +44,10 @@ def run_shards(plan, record_images, result: DumpResult, *, collector_class=None,
     from geocap.progress import progress_bar
 
     o, out = plan.options, plan.out
+    in_child = (bool(plan.todo and o.writer == "process") and collector_class is not None
+                and getattr(collector_class, "in_writer_process", False))
+    read = getattr(collector_class, "maps_read", None)
+    unread = tuple(m for m in MAP_NAMES if read is not None and m not in read)
 
     todo_images = sum(hi - lo for lo, hi in map(plan.shard_range, plan.todo))
     bar = progress_bar(enabled=progress, total=todo_images, unit="img",
@@ -69,20 +88,21 @@ def run_shards(plan, record_images, result: DumpResult, *, collector_class=None,
             lo, hi = plan.shard_range(k)
             path = os.path.join(out, shard_name(k))
             shard = child if child is not None else ShardWriter(path, **plan.shard_args(k))
+            collector = None
             if child is not None:
-                child.open(path, **plan.shard_args(k))
-            collector = collector_class() if collector_class is not None else None
-            if collector is not None and hasattr(collector, "shard_share"):
-                collector.shard_share(hi - lo, plan.n_images)     # so it stores only what merging can need
+                spec = (collector_class, hi - lo, plan.n_images) if in_child else None
+                child.open(path, collector=spec, **plan.shard_args(k))
+            if collector_class is not None and not in_child:
+                collector = new_collector(collector_class, hi - lo, plan.n_images)
             try:
                 for b0 in range(lo, hi, o.batch_size):
                     stop.check()
                     positions = list(range(b0, min(hi, b0 + o.batch_size)))
                     for recs in record_images(positions):
                         if collector is not None:
-                            for r in recs:
-                                collector.update(r)
-                                r.encoder_self = r.decoder_self = r.cross = None
+                            collect_records(collector, recs)
+                        elif in_child:
+                            _drop_unread_maps(recs, unread)
                         shard.add_image(recs)
                         result.images += 1          # an image left out (geocap.hf's on_error skip) is not
                     bar.update(len(positions))

@@ -5,9 +5,14 @@ write call, holding the GIL) does not stop the model's process.
 Protocol (one child per dump job and rank; shards one after another), pickled messages over two
 pipes (``multiprocessing.connection``):
 
-- the parent sends ``("open", seq, path, kwargs)``, then ``("image", seq, records)`` per image
-  (a list of :class:`~geocap.data.attention_record.Record`), then ``("close", seq, stats_state)``
-  or ``("abort", seq)``; ``("stop",)`` ends the child;
+- the parent sends ``("open", seq, path, kwargs, collector)``, then ``("image", seq, records)`` per
+  image (a list of :class:`~geocap.data.attention_record.Record`), then ``("close", seq,
+  stats_state)`` or ``("abort", seq)``; ``("stop",)`` ends the child;
+- ``collector`` (a stats-only dump's) is None or ``(collector_class, shard_images, total_images)``:
+  the child then makes ``collector_class()``, tells it its share (``shard_share``, when it has one),
+  updates it with each record before writing it (the records' maps dropped, as the parent does
+  inline) and stores its ``state()`` at the close, so the statistics cost the writer's core, not
+  the model's;
 - the child answers ``("closed", seq, bytes, n_records, seconds, sha256)`` after the rename, or
   ``("error", seq, type_name, message)`` on the first error of shard ``seq`` (it then removes
   the temporary file and drops that shard's remaining messages).
@@ -22,7 +27,8 @@ The child is a fresh interpreter (``python -m geocap.dump.writer_process``), not
 ``multiprocessing`` fork or spawn: fork is unsafe once torch runs threads, and spawn re-runs the
 parent's ``__main__`` in the child (a user script without a ``__main__`` guard would dump again;
 one with a guard still imports torch there). The child imports only numpy, h5py and
-:mod:`geocap.dump.writer` (~0.3 s). It dies with its parent: ``PR_SET_PDEATHSIG`` = SIGKILL on
+:mod:`geocap.dump.writer` (~0.3 s), and for a stats-only dump its collector's module (the
+analyses import torch: ~1 s, while the model loads). It dies with its parent: ``PR_SET_PDEATHSIG`` = SIGKILL on
 Linux (sent when the thread that started it exits: start it from the thread that runs the job),
 plus a check of ``os.getppid()`` every poll; so a SIGKILLed dump's rerun never races an orphan
 writer. SIGINT is ignored in the child: the parent aborts it.
@@ -49,11 +55,32 @@ POLL_S = 0.5              # how often a waiting side checks that the other is al
 __all__ = ["QUEUE_IMAGES", "WriterProcess"]
 
 
+def new_collector(collector_class, shard_images: int, total_images: int):
+    """A fresh ``collector_class()`` for a shard of ``shard_images`` of ``total_images`` images (told
+    its share when it has ``shard_share``, so it stores only what merging can need)."""
+    collector = collector_class()
+    if hasattr(collector, "shard_share"):
+        collector.shard_share(shard_images, total_images)
+    return collector
+
+
+def collect_records(collector, records) -> None:
+    """Update ``collector`` with one image's records, then drop their maps (a stats-only shard
+    stores none)."""
+    for r in records:
+        collector.update(r)
+        r.encoder_self = r.decoder_self = r.cross = None
+
+
+def _collector(spec):
+    return None if spec is None else new_collector(*spec)
+
+
 def _serve(commands: Connection, replies: Connection, parent_pid: int) -> None:
     """The child's loop (see the module doc)."""
     from geocap.dump.writer import ShardWriter
 
-    writer, seq, failed = None, None, False
+    writer, collector, seq, failed = None, None, None, False
     while True:
         if not commands.poll(POLL_S):
             if os.getppid() != parent_pid:
@@ -72,15 +99,18 @@ def _serve(commands: Connection, replies: Connection, parent_pid: int) -> None:
             if op == "open":
                 if writer is not None:
                     writer.abort()
-                writer, failed = None, False
+                writer, collector, failed = None, None, False
                 seq = msg[1]
                 writer = ShardWriter(msg[2], **msg[3])
+                collector = _collector(msg[4])
             elif msg[1] != seq or failed:
                 continue                                 # a failed or finished shard's leftovers
             elif op == "image":
+                if collector is not None:
+                    collect_records(collector, msg[2])
                 writer.add_image(msg[2])
             elif op == "close":
-                size = writer.close(msg[2])
+                size = writer.close(msg[2] if collector is None else collector.state())
                 replies.send(("closed", seq, size, writer.n_records, writer.seconds, writer.sha256))
                 writer = None
             elif op == "abort":
@@ -238,9 +268,13 @@ class WriterProcess:
             self._take(reply)
 
     # -- the ShardWriter's calls
-    def open(self, path, **kwargs) -> int:
+    def open(self, path, *, collector=None, **kwargs) -> int:
         """Start shard ``path`` (``kwargs``: :class:`~geocap.dump.writer.ShardWriter`'s); its
-        sequence number (what :meth:`collect` reports it by). ``seconds`` restarts at 0."""
+        sequence number (what :meth:`collect` reports it by). ``seconds`` restarts at 0.
+        ``collector``: None, or ``(collector_class, shard_images, total_images)`` to have the child
+        update a stats-only collector with every record and store its state at the close (the
+        ``stats_state`` given to :meth:`close` is then ignored; the class must be importable by
+        name)."""
         t0 = time.perf_counter()
         if self._open:
             raise ValueError("open: the previous shard is still open (close or abort it first)")
@@ -248,7 +282,7 @@ class WriterProcess:
         self.seconds = 0.0
         self._paths[self._seq] = os.fspath(path)
         self._folder = os.path.dirname(os.fspath(path))
-        self._put(("open", self._seq, os.fspath(path), kwargs))
+        self._put(("open", self._seq, os.fspath(path), kwargs, collector))
         self._open = True
         self.seconds += time.perf_counter() - t0
         return self._seq
