@@ -90,7 +90,12 @@ def _offset_feature(u: torch.Tensor, embedding: str) -> torch.Tensor:
     or the signed ``asinh(u / 2e-3)``."""
     if embedding == "signed":
         return torch.asinh(u / SIGNED_OFFSET_SCALE)
-    return torch.log(torch.clamp(torch.abs(u), min=DX_CLAMP))
+    return torch.log(_clamped_ratio(u))
+
+
+def _clamped_ratio(u: torch.Tensor) -> torch.Tensor:
+    """``max(|u|, 1e-3)``: what ORT's dx (or dy) takes the log of."""
+    return torch.clamp(torch.abs(u), min=DX_CLAMP)
 
 
 def center_offset(query_centers: torch.Tensor, query_sizes: torch.Tensor, key_centers: torch.Tensor,
@@ -218,9 +223,11 @@ def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
     dw/dh = log(w_i / w_j) as ORT computes them."""
     edge_offsets = qf.edges[..., :, None] - kf.edges[..., None, :]                   # [B, 2, 2, Nq, Nk]
     u = edge_offsets.sum(1) / qf.two_size[..., None]                               # (lo_i - lo_j) + (hi_i - hi_j)
-    near = _offset_feature(u, qf.embedding)                                        # dx, dy
-    far = torch.log(qf.size[..., :, None] / kf.size[..., None, :])                 # dw, dh
-    disp = torch.cat([near, far], dim=1)                                           # [B, 4, Nq, Nk]
+    size_ratio = qf.size[..., :, None] / kf.size[..., None, :]                     # dw, dh = log of it
+    if qf.embedding == "ort":                                                      # one log for all four
+        disp = torch.log(torch.cat([_clamped_ratio(u), size_ratio], dim=1))        # [B, 4, Nq, Nk]
+    else:
+        disp = torch.cat([_offset_feature(u, qf.embedding), torch.log(size_ratio)], dim=1)
     # (100 d) f, rounded in the reference's order (not d (100 f)): near the log floor of the
     # geometry logit the sinusoids of these ~700 rad arguments magnify a different rounding into
     # errors up to 14x eager's (tests/test_attention_precision.py)

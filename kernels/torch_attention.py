@@ -51,8 +51,11 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
     has_key = None
     if keep is not None:
         # masked keys get the reference's finite -1e9, so a row without any valid key gets finite
-        # (uniform) weights, zeroed below by one multiply: no test of the mask on the host
-        has_key = keep.any(-1, keepdim=True)
+        # (uniform) weights, zeroed below by one multiply: no test of the mask on the host. Without
+        # a causal mask the caller zeroed the padded keys' values instead (such a row then averages
+        # zeros), so only the weights, when wanted, need the multiply
+        if causal or want_probs or want_entropy:
+            has_key = keep.any(-1, keepdim=True)
         masked = scalar_constant(MASKED_SCORE, q.dtype, q.device)
         bias = torch.where(keep, scalar_constant(0.0, q.dtype, q.device) if bias is None else bias, masked)
     differentiating = torch.is_grad_enabled() and (
@@ -111,6 +114,11 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, attent
     wgw = _as(wg_weight, ct) if geo else None
     wgb = _as(wg_bias, ct) if geo else None
     keep_keys = attention_mask[:, None, None, :] if attention_mask is not None else None
+    if attention_mask is not None and not causal:
+        # padded keys' values zeroed (one multiply): their weights are exactly 0 in any row with a
+        # valid key, and a row without one (uniform weights) then gives 0, as the reference's
+        # zeroed output; also keeps non-finite padding out of every output
+        vc = vc * attention_mask[:, None, :, None]
     step = _query_block_size(batch, heads, n_keys, torch.finfo(ct).bits // 8)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, wg_weight, wg_bias))
