@@ -18,7 +18,8 @@ Also printed: bytes per image of each dump, and what a stats-only shard holds, b
 group (``stats/`` split by analysis and state entry), as HDF5 stores them (after compression).
 
 Run: ``OMP_NUM_THREADS=1 python bench/stats_only_cost.py --images 128 --reps 3`` (``--work DIR`` keeps
-the data and checkpoint between runs).
+the data and checkpoint between runs). bench/scale_dump.sh's setting (a 2-layer, 4-head model, reference
+captions only, shards of 256): ``--layers 2 --heads 4 --no-hypothetical --shard-images 256``.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def prepare(work: str, images: int, steps: int) -> tuple[str, str]:
+def prepare(work: str, images: int, steps: int, layers: int = LAYERS, heads: int = HEADS) -> tuple[str, str]:
     """The synthetic data and a checkpoint under ``work`` (reused when there)."""
     data, ckpt = os.path.join(work, "data"), os.path.join(work, "model.pt")
     if os.path.exists(ckpt):
@@ -62,27 +63,27 @@ def prepare(work: str, images: int, steps: int) -> tuple[str, str]:
     assert cli_main(["prepro", "captions", "--karpathy", os.path.join(data, "dataset_coco.json"), "--out",
                      os.path.join(data, "caps"), "--min-count", "1"]) == 0
     if steps:
-        result = train(TrainConfig(data=data, out=os.path.join(work, "run"), layers=LAYERS, d_model=64, heads=HEADS,
+        result = train(TrainConfig(data=data, out=os.path.join(work, "run"), layers=layers, d_model=64, heads=heads,
                                    d_ff=128, batch_size=3, steps=steps, optimizer="adamw", lr=3e-3, warmup=5,
                                    val_every=0, checkpoint_every=0, progress=False, log_every=1000))
         os.replace(os.path.join(result.out, "checkpoint-latest.pt"), ckpt)
     else:
         vocab = Vocabulary.load(os.path.join(data, "caps", "vocab.json"))
         torch.manual_seed(0)
-        config = ORTConfig(vocab_size=len(vocab), feature_dim=D, layers=LAYERS, d_model=64, heads=HEADS, d_ff=128,
+        config = ORTConfig(vocab_size=len(vocab), feature_dim=D, layers=layers, d_model=64, heads=heads, d_ff=128,
                            max_len=40)
         save_checkpoint(ckpt, model=ObjectRelationTransformer(config), config=config, vocab=vocab, rng=False)
     return data, ckpt
 
 
-def one(variant: str, data: str, ckpt: str, out: str) -> dict:
+def one(variant: str, data: str, ckpt: str, out: str, settings: str = "{}") -> dict:
     """One dump in this process: ``{"cpu_s", "wall_s", "images", "records", "bytes"}``."""
     import torch
 
     from geocap.dump.job import dump
 
     torch.set_num_threads(1)
-    kw = dict(SETTINGS)
+    kw = dict(SETTINGS, **json.loads(settings))
     if variant == "stats":
         from geocap.analysis import StatsCollector
         kw.update(stats_only=True, stats_collector=StatsCollector)
@@ -117,14 +118,23 @@ def main() -> None:
     parser.add_argument("--baseline", help="also time the dumps of another geocap source tree (e.g. an earlier "
                         "commit's `git archive`, with its analysis/ and kernels/ copied into geocap/), put first on "
                         "PYTHONPATH, interleaved with this one's")
-    parser.add_argument("--one", nargs=4, metavar=("VARIANT", "DATA", "CKPT", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=LAYERS, help="the checkpoint's layers (the work folder's "
+                        "checkpoint is reused whatever its size: use a new --work per size)")
+    parser.add_argument("--heads", type=int, default=HEADS, help="the checkpoint's heads")
+    parser.add_argument("--no-hypothetical", action="store_true", help="dump the reference captions only "
+                        "(5 records per image), as bench/scale_dump.sh")
+    parser.add_argument("--shard-images", type=int, default=SETTINGS["shard_images"], help="images per shard")
+    parser.add_argument("--one", nargs=5, metavar=("VARIANT", "DATA", "CKPT", "OUT", "SETTINGS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(*args.one)))
         return
     work = args.work or tempfile.mkdtemp(prefix="stats-cost-")
     os.makedirs(work, exist_ok=True)
-    data, ckpt = prepare(work, args.images, args.train_steps)
+    data, ckpt = prepare(work, args.images, args.train_steps, args.layers, args.heads)
+    settings = json.dumps({"shard_images": args.shard_images,
+                           **({"hypothetical": False} if args.no_hypothetical else {})})
     runs: dict = {"full": [], "stats": []}
     if args.baseline:
         runs.update({"baseline full": [], "baseline stats": []})
@@ -138,7 +148,7 @@ def main() -> None:
             # cwd: not a source tree (``python -m`` puts the cwd first on sys.path, before PYTHONPATH, in the
             # dump's writer process too)
             done = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", variant.split()[-1], data,
-                                   ckpt, out], check=True, capture_output=True, text=True, env=env, cwd=work)
+                                   ckpt, out, settings], check=True, capture_output=True, text=True, env=env, cwd=work)
             runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(variant, rep, runs[variant][-1], flush=True)
     print(f"load average at the end: {os.getloadavg()}")
