@@ -104,21 +104,27 @@ def record_batch(model, features: torch.Tensor, boxes: torch.Tensor, mask: torch
     counts = mask.sum(1).tolist()
     box_np = boxes.float().cpu().numpy()
     out = [[] for _ in range(len(image_ids))]
+    per_image: dict = {}        # an image's records share one object per per-image array (pickled once)
     for i, r in enumerate(rows):
         b, n, t = r.image, int(counts[r.image]), len(r.ids)
         fields = {name: objects[b].get(name) for name in ("labels", "clusters", "features")}
         width, height = objects[b].get("width"), objects[b].get("height")
         fields["extra"] = {"width": int(width), "height": int(height)} if width and height else {}
+        if b not in per_image:
+            per_image[b] = {"boxes": box_np[b, :n]}
+            if enc_maps is not None:
+                per_image[b].update(encoder_self=enc_maps[b, :, :, :n, :n], encoder_entropy=enc_ent[b, :, :, :n])
+        shared = per_image[b]
         if enc_maps is not None:
-            fields["encoder_self"] = enc_maps[b, :, :, :n, :n]
-            fields["encoder_entropy"] = enc_ent[b, :, :, :n]
+            fields["encoder_self"] = shared["encoder_self"]
+            fields["encoder_entropy"] = shared["encoder_entropy"]
         if "decoder_self" in dec:
             maps, ent = dec["decoder_self"]
             fields["decoder_self"], fields["decoder_entropy"] = maps[i, :, :, :t, :t], ent[i, :, :, :t]
         if "cross" in dec:
             maps, ent = dec["cross"]
             fields["cross"], fields["cross_entropy"] = maps[i, :, :, :t, :n], ent[i, :, :, :t]
-        out[b].append(Record(image_id=int(image_ids[b]), boxes=box_np[b, :n], tokens=[words[k] for k in r.ids],
+        out[b].append(Record(image_id=int(image_ids[b]), boxes=shared["boxes"], tokens=[words[k] for k in r.ids],
                              kind=r.kind, caption_id=r.caption_id, referents=r.referents,
                              source_referents=r.source_referents, **fields))
     return out
