@@ -166,19 +166,36 @@ class SumTable:
     """Named float64 arrays that only grow by addition; each name's shape is fixed by its first add.
 
     ``add(name, value)`` raises ValueError when a later value has another shape (records from two
-    models with different layer/head counts cannot be pooled), naming the record when given."""
+    models with different layer/head counts cannot be pooled), naming the record when given.
+    Scalars (the collector adds dozens of counts per record) are kept as Python floats, which add
+    as float64 does (the same sums, bit for bit) at a fraction of a 0-d array's cost."""
 
     def __init__(self):
         self.arrays: dict[str, np.ndarray] = {}
+        self.scalars: dict[str, float] = {}
 
     def add(self, name: str, value, where: str = "") -> None:
-        current = self.arrays.get(name)
-        if current is not None and current.ndim == 0 and type(value) in (int, float):
-            current += value                         # a count: the collector adds dozens per record
-            return
+        if type(value) in _SCALAR_TYPES:
+            total = self.scalars.get(name)
+            if total is not None:
+                self.scalars[name] = total + float(value)
+                return
+            if name not in self.arrays:
+                self.scalars[name] = float(value)
+                return
         value = np.asarray(value, dtype=np.float64)
+        if name in self.scalars:
+            if value.shape != ():
+                raise DataError(f"{where or 'merge'}: {name} has shape {value.shape}, earlier records gave () "
+                                 f"(records with different layer/head counts cannot be pooled)")
+            self.scalars[name] += float(value)
+            return
+        current = self.arrays.get(name)
         if current is None:
-            self.arrays[name] = value.copy()
+            if value.shape == ():
+                self.scalars[name] = float(value)
+            else:
+                self.arrays[name] = value.copy()
         elif current.shape != value.shape:
             raise DataError(f"{where or 'merge'}: {name} has shape {value.shape}, earlier records gave "
                              f"{current.shape} (records with different layer/head counts cannot be pooled)")
@@ -186,19 +203,29 @@ class SumTable:
             current += value
 
     def get(self, name: str) -> np.ndarray | None:
+        """The sum of ``name`` (a 0-d array for a scalar), or None when nothing was added."""
+        if name in self.scalars:
+            return np.array(self.scalars[name])
         return self.arrays.get(name)
 
     def scalar(self, name: str) -> float:
         """A scalar sum (0 when nothing was added)."""
+        if name in self.scalars:
+            return self.scalars[name]
         value = self.arrays.get(name)
         return 0.0 if value is None else float(value)
 
     def merge(self, other: "SumTable") -> None:
         for name, value in other.arrays.items():
             self.add(name, value)
+        for name, value in other.scalars.items():
+            self.add(name, value)
 
     def state(self, prefix: str = "sum") -> dict[str, np.ndarray]:
-        return {f"{prefix}{STATE_SEPARATOR}{name}": value.copy() for name, value in self.arrays.items()}
+        head = f"{prefix}{STATE_SEPARATOR}"
+        out = {f"{head}{name}": value.copy() for name, value in self.arrays.items()}
+        out.update({f"{head}{name}": np.array(value) for name, value in self.scalars.items()})
+        return out
 
     @classmethod
     def from_state(cls, state: dict, prefix: str = "sum") -> "SumTable":
@@ -206,8 +233,16 @@ class SumTable:
         head = f"{prefix}{STATE_SEPARATOR}"
         for key, value in state.items():
             if key.startswith(head):
-                table.arrays[key[len(head):]] = np.array(value, dtype=np.float64)
+                value = np.array(value, dtype=np.float64)
+                if value.shape == ():
+                    table.scalars[key[len(head):]] = float(value)
+                else:
+                    table.arrays[key[len(head):]] = value
         return table
+
+
+# what SumTable.add keeps as a Python float (np.float64 is a float; counts come as np.int64 from numpy sums)
+_SCALAR_TYPES = frozenset({int, float, bool, np.float64, np.int64, np.int32, np.bool_, np.float32})
 
 
 class SeenImages:

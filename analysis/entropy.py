@@ -148,6 +148,7 @@ class EntropyAccumulator(Accumulator):
             self.sums.add("skipped_hypothetical", 1)
             return
         self.sums.add("records", 1)
+        where = None
         for kind in MAP_NAMES:
             got = normalised_entropy(record, kind)
             if got is None:
@@ -155,11 +156,14 @@ class EntropyAccumulator(Accumulator):
                 continue
             values, used = got
             rows = int(used.sum())
-            sums = values[..., used].sum(axis=-1)     # (the boolean index's layout fixes the summation order)
-            where = describe(record)
+            # every row used: the boolean index would copy values unchanged (same layout, same sums)
+            sums = values[..., used].sum(axis=-1)
+            where = describe(record) if where is None else where
             self.sums.add(f"{kind}.sum", sums, where)
             self.sums.add(f"{kind}.rows", rows)
-            self.units.add(self.sums, f"units.{kind}", record.image_id, sums.mean(axis=1), rows, where)
+            # the head mean as sum / H: what ndarray.mean computes for float64, without its Python wrapper
+            self.units.add(self.sums, f"units.{kind}", record.image_id, sums.sum(axis=1) / sums.shape[1], rows,
+                           where)
 
     def _merge(self, other: "EntropyAccumulator") -> None:
         self.units.flush(self.sums)

@@ -736,3 +736,27 @@ def test_thematic_and_proximity_leave_special_objects_out():
         r.extra = {}                                    # counted as an object, the class token changes both
     assert not np.allclose(thematic(with_cls).affinity, b.affinity)
     assert proximity(with_cls).pairs != q.pairs
+
+
+def test_sum_table_scalars_add_as_float64_and_keep_their_shape():
+    """Counts are kept as Python floats: the same sums as float64 arrays, bit for bit, through state
+    round trips and merges; a scalar name given an array later (or an array name a scalar) is refused."""
+    from geocap.analysis.accumulator import SumTable
+    from geocap.errors import DataError
+
+    rng = np.random.default_rng(0)
+    values = [*rng.random(50), *rng.integers(0, 9, 20), np.float32(0.1), True, np.int64(3)]
+    table, reference = SumTable(), np.zeros((), np.float64)
+    for v in values:
+        table.add("x", v)
+        reference += np.float64(v)
+    assert table.scalar("x") == float(reference) and table.get("x").shape == ()
+    table.add("a", np.arange(3.0))
+    back = SumTable.from_state(table.state())
+    back.merge(table)
+    assert back.scalar("x") == float(reference + reference)
+    np.testing.assert_array_equal(back.get("a"), 2 * np.arange(3.0))
+    with pytest.raises(DataError, match="x has shape"):
+        table.add("x", np.ones(2))
+    with pytest.raises(DataError, match="a has shape"):
+        table.add("a", 1.0)
