@@ -73,8 +73,8 @@ def plot(result: dict, path: str) -> None:
 
     fig, (curves, gains) = new_figure(2)
     for s in result["runs"]:
-        curves.plot([p[0] / 1000 for p in s["curve"]], [p[1] for p in s["curve"]], marker=".", markersize=3, linewidth=1,
-                    label=f"{s['steps']}-step schedule")
+        curves.plot([p[0] / 1000 for p in s["curve"]], [p[1] for p in s["curve"]], marker=".", markersize=3,
+                    linewidth=1, label=f"{s['steps']}-step schedule")
     curves.set_xlabel("training step (thousands)")
     curves.set_ylabel("teacher-forced validation loss")
     curves.set_title("validation loss, one schedule per line", fontsize=9)
