@@ -63,7 +63,9 @@ the variants compute the same attention.
 
 Environment knobs (all optional): ``GEOCAP_BENCH_N`` (e.g. ``36,100``), ``GEOCAP_BENCH_DTYPES``
 (e.g. ``float16``), ``GEOCAP_BENCH_VARIANTS`` (e.g. ``eager,geocap``), ``GEOCAP_BENCH_PASSES``
-(``fwd``, ``fwd+bwd``), ``GEOCAP_BENCH_ROUND_BUDGET_S`` (CUDA time per benchmark, default 0.5).
+(``fwd``, ``fwd+bwd``), ``GEOCAP_BENCH_ROUND_BUDGET_S`` (CUDA time per benchmark, default 0.5),
+``GEOCAP_BENCH_COMPILED_FLEX=0`` (``test_variants_agree`` leaves compiled flex out: a cold compile
+of one shape took minutes on the H200; gpu_check.sh compiles it in the background instead).
 """
 from __future__ import annotations
 
@@ -449,7 +451,8 @@ def test_variants_agree(n):
         outs = {"eager": run_eager(**inp), "sdpa_bias": run_sdpa_bias(**inp), "sdpa_ort_bias": run_sdpa_ort_bias(**inp),
                 "geocap": run_geocap(**inp),
                 "flex_uncompiled": flex_geometry_attention(**inp)}
-        if CUDA or shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++"):
+        compiled_flex = os.environ.get("GEOCAP_BENCH_COMPILED_FLEX", "1") != "0"
+        if compiled_flex and (CUDA or shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")):
             outs["flex"] = run_flex(**inp)
         signed_ref = reference_attention(*(inp[k].double() for k in names), inp["attention_mask"],
                                          embedding="signed")[0]
