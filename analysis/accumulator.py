@@ -175,30 +175,22 @@ class SumTable:
         self.scalars: dict[str, float] = {}
 
     def add(self, name: str, value, where: str = "") -> None:
-        if type(value) in _SCALAR_TYPES:
+        scalar = type(value) in _SCALAR_TYPES
+        if not scalar:
+            value = np.asarray(value, dtype=np.float64)
+            scalar = value.shape == ()
+        if scalar and name not in self.arrays:
             total = self.scalars.get(name)
-            if total is not None:
-                self.scalars[name] = total + float(value)
-                return
-            if name not in self.arrays:
-                self.scalars[name] = float(value)
-                return
-        value = np.asarray(value, dtype=np.float64)
-        if name in self.scalars:
-            if value.shape != ():
-                raise DataError(f"{where or 'merge'}: {name} has shape {value.shape}, earlier records gave () "
-                                 f"(records with different layer/head counts cannot be pooled)")
-            self.scalars[name] += float(value)
+            self.scalars[name] = float(value) if total is None else total + float(value)
             return
         current = self.arrays.get(name)
-        if current is None:
-            if value.shape == ():
-                self.scalars[name] = float(value)
-            else:
-                self.arrays[name] = value.copy()
-        elif current.shape != value.shape:
-            raise DataError(f"{where or 'merge'}: {name} has shape {value.shape}, earlier records gave "
-                             f"{current.shape} (records with different layer/head counts cannot be pooled)")
+        shape = np.shape(value)
+        if current is None and name not in self.scalars:
+            self.arrays[name] = value.copy()
+        elif current is None or current.shape != shape:
+            earlier = () if current is None else current.shape
+            raise DataError(f"{where or 'merge'}: {name} has shape {shape}, earlier records gave "
+                             f"{earlier} (records with different layer/head counts cannot be pooled)")
         else:
             current += value
 

@@ -156,8 +156,7 @@ class EntropyAccumulator(Accumulator):
                 continue
             values, used = got
             rows = int(used.sum())
-            # every row used: the boolean index would copy values unchanged (same layout, same sums)
-            sums = values[..., used].sum(axis=-1)
+            sums = values[..., used].sum(axis=-1)     # (the boolean index's layout fixes the summation order)
             where = describe(record) if where is None else where
             self.sums.add(f"{kind}.sum", sums, where)
             self.sums.add(f"{kind}.rows", rows)

@@ -27,11 +27,11 @@ The child is a fresh interpreter (``python -m geocap.dump.writer_process``), not
 ``multiprocessing`` fork or spawn: fork is unsafe once torch runs threads, and spawn re-runs the
 parent's ``__main__`` in the child (a user script without a ``__main__`` guard would dump again;
 one with a guard still imports torch there). The child imports only numpy, h5py and
-:mod:`geocap.dump.writer` (~0.3 s), and for a stats-only dump its collector's module (the
-analyses import torch: ~1 s, while the model loads). It dies with its parent: ``PR_SET_PDEATHSIG`` = SIGKILL on
-Linux (sent when the thread that started it exits: start it from the thread that runs the job),
-plus a check of ``os.getppid()`` every poll; so a SIGKILLed dump's rerun never races an orphan
-writer. SIGINT is ignored in the child: the parent aborts it.
+:mod:`geocap.dump.writer` (~0.3 s), and for a stats-only dump its collector's module (the analyses
+import torch: ~1 s, while the model runs its first batches). It dies with its parent:
+``PR_SET_PDEATHSIG`` = SIGKILL on Linux (sent when the thread that started it exits: start it from
+the thread that runs the job), plus a check of ``os.getppid()`` every poll; so a SIGKILLed dump's
+rerun never races an orphan writer. SIGINT is ignored in the child: the parent aborts it.
 """
 from __future__ import annotations
 
@@ -72,10 +72,6 @@ def collect_records(collector, records) -> None:
         r.encoder_self = r.decoder_self = r.cross = None
 
 
-def _collector(spec):
-    return None if spec is None else new_collector(*spec)
-
-
 def _serve(commands: Connection, replies: Connection, parent_pid: int) -> None:
     """The child's loop (see the module doc)."""
     from geocap.dump.writer import ShardWriter
@@ -102,7 +98,7 @@ def _serve(commands: Connection, replies: Connection, parent_pid: int) -> None:
                 writer, collector, failed = None, None, False
                 seq = msg[1]
                 writer = ShardWriter(msg[2], **msg[3])
-                collector = _collector(msg[4])
+                collector = None if msg[4] is None else new_collector(*msg[4])
             elif msg[1] != seq or failed:
                 continue                                 # a failed or finished shard's leftovers
             elif op == "image":
