@@ -9,9 +9,10 @@ partial correlations given feature similarity for proximity and thematic cluster
 effect for grounding; :mod:`.rows`, :mod:`.uncertainty`), the naive measure kept beside it.
 
 Each analysis is a function over any iterable of Records returning a result with ``to_json()``,
-``plot(path)`` and ``reading()``, built on a streaming, mergeable accumulator (``update``, ``merge``,
-``state``, ``from_state``, ``result``); :class:`StatsCollector` bundles the four (what
-``geocap dump --stats-only`` stores per shard) and :func:`run_analyses` writes analysis.json, the
+``plot(path)`` and ``reading()``, built on a streaming, mergeable accumulator (``update``,
+``update_image`` for one image's records at once, ``merge``, ``state``, ``from_state``,
+``result``); :class:`StatsCollector` bundles the four (what ``geocap dump --stats-only`` stores
+per shard) and :func:`run_analyses` writes analysis.json, the
 figures and report.md (``geocap analyze``).
 """
 from .collector import StatsCollector

@@ -14,7 +14,7 @@ import numpy as np
 
 from geocap.data.attention_record import Record
 
-from .accumulator import STATE_SEPARATOR, one_thread, shared_per_record
+from .accumulator import STATE_SEPARATOR, image_group, one_thread, shared_per_record
 from .entropy import EntropyAccumulator
 from .grounding import GroundingAccumulator
 from .proximity import ProximityAccumulator
@@ -62,6 +62,18 @@ class StatsCollector:
             for part in self.parts.values():
                 part._update(record)
         self.records += 1
+        return self
+
+    def update_image(self, records) -> "StatsCollector":
+        """Add one image's records (consecutive, one image id: what a dump sends per image) to every
+        analysis, validating each (ValueError naming it): the sums of :meth:`update` on each in turn,
+        up to float64 summation order, at a fraction of the cost (see
+        :meth:`.accumulator.Accumulator.update_image`); returns self."""
+        records = image_group(records, "StatsCollector.update_image")
+        with one_thread(), shared_per_record():
+            for part in self.parts.values():
+                part._update_image(records)
+        self.records += len(records)
         return self
 
     def shard_share(self, images: int, total: int) -> None:

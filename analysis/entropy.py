@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from geocap.data.attention_record import ENTROPY_NAMES, MAP_NAMES, Record
-from geocap.kernels import attention_entropy
 
-from .accumulator import Accumulator, SumTable, describe, fold, one_thread, ratio, to_list
+from .accumulator import Accumulator, SumTable, describe, fold, one_thread, ratio, rows_of, to_list
 from .uncertainty import ImageUnits, layer_uncertainty, trend_phrase, uncertainty_json
 from geocap.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _valid_keys(kind: str, rows: int, num_objects: int) -> np.ndarray:
@@ -43,6 +45,8 @@ def _valid_keys(kind: str, rows: int, num_objects: int) -> np.ndarray:
 def _causal_mask(t: int) -> torch.Tensor:
     """``[t, t]`` bool, True on and below the diagonal (cached per length: never modify it). Built in
     numpy: under CPU contention torch's ``tril`` on a tiny tensor was measured at ~20 ms a call."""
+    import torch
+
     return torch.from_numpy(np.tril(np.ones((t, t), dtype=bool)))
 
 
@@ -73,6 +77,10 @@ def normalised_entropy(record: Record, kind: str) -> tuple[np.ndarray, np.ndarra
     weights = getattr(record, kind)
     if weights is None:
         return None
+    import torch                      # (here: records with stored entropies need neither torch nor the kernels)
+
+    from geocap.kernels import attention_entropy
+
     x = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
     mask = None
     if kind == "decoder_self":
@@ -83,6 +91,36 @@ def normalised_entropy(record: Record, kind: str) -> tuple[np.ndarray, np.ndarra
     except ValueError as err:
         raise DataError(f"record of {describe(record)}: {kind}: {err}") from None
     return out, _valid_keys(kind, x.shape[-2], record.num_objects) >= 2
+
+
+def image_entropy(records: list, kind: str) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    """``(entropy [L, H, R] / log(valid keys), used [R] bool, missing)`` of one attention kind over
+    the rows of ``records`` (one image's), joined in record order: what :func:`normalised_entropy`
+    gives for each record that has the map or its entropies (``missing``: how many have neither;
+    ``(None, None, missing)`` when none has). Stored entropies are converted and checked once for
+    all records; an invalid one is named as :func:`normalised_entropy` names it."""
+    stored = [getattr(r, ENTROPY_NAMES[kind]) for r in records]
+    if all(value is not None for value in stored):
+        nats = np.asarray(rows_of(records, stored), dtype=np.float64)
+        if np.isfinite(nats).all():
+            scales = [_row_scale(kind, np.shape(value)[-1], r.num_objects) for r, value in zip(records, stored)]
+            if len(scales) == 1:
+                used, log_valid, every_row = scales[0]
+            else:
+                used, log_valid = (np.concatenate([s[i] for s in scales]) for i in (0, 1))
+                every_row = all(s[2] for s in scales)
+            if every_row:
+                return nats / log_valid, used, 0
+            out = np.zeros_like(nats)
+            out[..., used] = nats[..., used] / log_valid
+            return out, used, 0
+    got = [(r, normalised_entropy(r, kind)) for r in records]          # names an invalid record
+    present = [(r, g) for r, g in got if g is not None]
+    if not present:
+        return None, None, len(records)
+    values = rows_of([r for r, _ in present], [g[0] for _, g in present])
+    used = np.concatenate([g[1] for _, g in present])
+    return values, used, len(records) - len(present)
 
 
 @dataclass
@@ -144,24 +182,28 @@ class EntropyAccumulator(Accumulator):
         self.units = ImageUnits()
 
     def _update(self, record: Record) -> None:
-        if record.kind == "hypothetical":
-            self.sums.add("skipped_hypothetical", 1)
+        self._update_image([record])
+
+    def _update_image(self, records: list) -> None:
+        counted = [r for r in records if r.kind != "hypothetical"]
+        if len(counted) < len(records):
+            self.sums.add("skipped_hypothetical", len(records) - len(counted))
+        if not counted:
             return
-        self.sums.add("records", 1)
-        where = None
+        self.sums.add("records", len(counted))
+        where = describe(counted[0])
         for kind in MAP_NAMES:
-            got = normalised_entropy(record, kind)
-            if got is None:
-                self.sums.add(f"{kind}.missing", 1)
+            values, used, missing = image_entropy(counted, kind)
+            if missing:
+                self.sums.add(f"{kind}.missing", missing)
+            if values is None:
                 continue
-            values, used = got
             rows = int(used.sum())
             sums = values[..., used].sum(axis=-1)     # (the boolean index's layout fixes the summation order)
-            where = describe(record) if where is None else where
             self.sums.add(f"{kind}.sum", sums, where)
             self.sums.add(f"{kind}.rows", rows)
             # the head mean as sum / H: what ndarray.mean computes for float64, without its Python wrapper
-            self.units.add(self.sums, f"units.{kind}", record.image_id, sums.sum(axis=1) / sums.shape[1], rows,
+            self.units.add(self.sums, f"units.{kind}", counted[0].image_id, sums.sum(axis=1) / sums.shape[1], rows,
                            where)
 
     def _merge(self, other: "EntropyAccumulator") -> None:

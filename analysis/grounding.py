@@ -53,7 +53,7 @@ import numpy as np
 
 from geocap.data.attention_record import Record, referent_objects, regular_objects
 
-from .accumulator import Accumulator, SumTable, as_map, describe, fold, ratio, to_list
+from .accumulator import Accumulator, SumTable, as_map, describe, fold, ratio, rows_of, same_objects, to_list
 from .uncertainty import (ImageMeans, ImageUnits, image_means, layer_uncertainty, layer_verdicts, layers_text,
                           trend_phrase, uncertainty_json)
 
@@ -175,26 +175,58 @@ class GroundingAccumulator(Accumulator):
         self.means = ImageMeans()
 
     def _update(self, record: Record) -> None:
-        hypothetical = record.kind == "hypothetical"
-        self.sums.add("hypothetical_records" if hypothetical else "records", 1)
-        cross = as_map(record, "cross")
-        if cross is None:
-            self.sums.add("records_without_cross", 1)
-            return
-        if record.referents is None or (hypothetical and record.source_referents is None):
-            self.sums.add("records_without_referents", 1)
-            return
-        where = describe(record)
+        self._update_image([record])
+
+    def _update_image(self, records: list) -> None:
+        grounded = []                                # reference and generated records with cross maps and referents
+        counts = {"records": 0, "hypothetical_records": 0, "records_without_cross": 0, "records_without_referents": 0}
+        for record in records:
+            hypothetical = record.kind == "hypothetical"
+            counts["hypothetical_records" if hypothetical else "records"] += 1
+            if record.cross is None:
+                counts["records_without_cross"] += 1
+            elif record.referents is None or (hypothetical and record.source_referents is None):
+                as_map(record, "cross")              # (checks its weights)
+                counts["records_without_referents"] += 1
+            elif hypothetical:
+                self._follow(record)
+            else:
+                grounded.append(record)
+        for name, count in counts.items():
+            if count:
+                self.sums.add(name, count)
+        if len(grounded) > 1 and not all(same_objects(grounded[0], r) for r in grounded[1:]):
+            for record in grounded:
+                self._ground([record])
+        elif grounded:
+            self._ground(grounded)
+
+    def _ground(self, records: list) -> None:
+        """Add the grounded tokens of ``records`` (reference or generated, with cross maps and
+        referents, of one image with the same objects): their rows joined, counted as one record's."""
+        first, where = records[0], describe(records[0])
+        if len(records) == 1:
+            cross, referents, record_of_row = as_map(first, "cross"), np.asarray(first.referents, np.int64), None
+        else:
+            cross = np.asarray(rows_of(records, [r.cross for r in records], axis=2), dtype=np.float64)
+            if cross.size and not (cross.min() >= 0 and cross.max() < np.inf):
+                for record in records:
+                    as_map(record, "cross")          # names the record with invalid weights
+            referents = np.concatenate([np.asarray(r.referents, dtype=np.int64) for r in records])
+            record_of_row = np.repeat(np.arange(len(records)), [r.num_tokens for r in records])
+        regular = regular_objects(first)
+        rows = np.flatnonzero(referents >= 0)
+        target = referents[rows]
+        member = self._members(first, target, regular)
+        picked = self._hits("ground", first, cross, rows, member, regular, where)
+        self.sums.add("ground.chance", self._chance(member, regular))
+        self._referent_effect(first, cross, rows, target, regular, where, member, picked,
+                              None if record_of_row is None else (record_of_row[rows], len(records)))
+
+    def _follow(self, record: Record) -> None:
+        """Add a hypothetical record's swapped tokens: where attention goes at the step after each."""
+        cross, where, regular = as_map(record, "cross"), describe(record), regular_objects(record)
         referents = np.asarray(record.referents, dtype=np.int64)
-        regular = regular_objects(record)
-        if not hypothetical:
-            rows = np.flatnonzero(referents >= 0)
-            target = referents[rows]
-            member = self._members(record, target, regular)
-            picked = self._hits("ground", record, cross, rows, member, regular, where)
-            self.sums.add("ground.chance", self._chance(member, regular))
-            self._referent_effect(record, cross, rows, target, regular, where, member, picked)
-            return
         source = np.asarray(record.source_referents, dtype=np.int64)
         t = np.flatnonzero((referents >= 0) & (source >= 0) & (referents != source))
         t = t[t + 1 < record.num_tokens]
@@ -258,31 +290,42 @@ class GroundingAccumulator(Accumulator):
     @classmethod
     def referent_hits(cls, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray,
                       regular: np.ndarray, own: np.ndarray | None = None, picked: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, int]:
-        """``(own [L], wrong [L], tokens)``: over the ``rows`` (tokens naming ``target``) that have a
-        wrong referent, the sums of ``hit(own referent)`` and of the mean ``hit(wrong referent)`` of the
-        layer's head-mean map, and how many such tokens there are. ``own`` (:meth:`_members` of
-        ``target``) and ``picked`` (the rows' head-mean picks ``[L, K]``): when the caller has them."""
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(own [L], wrong [L], counted [K] bool)``: over the ``rows`` (tokens naming ``target``) that
+        have a wrong referent (``counted``), the sums of ``hit(own referent)`` and of the mean
+        ``hit(wrong referent)`` of the layer's head-mean map. ``own`` (:meth:`_members` of ``target``)
+        and ``picked`` (the rows' head-mean picks ``[L, K]``): when the caller has them."""
         layers = cross.shape[0]
         if len(rows) == 0 or not regular.any():
-            return np.zeros(layers), np.zeros(layers), 0
+            return np.zeros(layers), np.zeros(layers), np.zeros(len(rows), dtype=bool)
         share, has = cls._wrong_shares(record, target, regular)
         own = cls._members(record, target, regular) if own is None else own
         picked = cls._head_mean_pick(cross, rows, regular)[0] if picked is None else picked    # [L, K]
         k = np.arange(len(rows))
         own_hit = np.where(has, own[k, picked], False)                          # [L, K]
-        return own_hit.sum(axis=-1).astype(np.float64), share[k, picked].sum(axis=-1), int(has.sum())
+        return own_hit.sum(axis=-1).astype(np.float64), share[k, picked].sum(axis=-1), has
 
     def _referent_effect(self, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray,
-                         regular: np.ndarray, where: str, member: np.ndarray, picked: np.ndarray | None) -> None:
+                         regular: np.ndarray, where: str, member: np.ndarray, picked: np.ndarray | None,
+                         records: tuple[np.ndarray, int] | None = None) -> None:
         """Add the image's per-token ``hit(own referent) - mean hit(wrong referents)`` per layer
-        (``member``, ``picked``: the rows' :meth:`_members` and head-mean picks)."""
+        (``member``, ``picked``: the rows' :meth:`_members` and head-mean picks). ``records``: when
+        the rows are several records' (:meth:`_ground`), ``(record of each row [K], records)``, so
+        that records without a token with a wrong referent are counted as such, one by one."""
         if len(rows) == 0 or not regular.any():
             return
-        own, wrong, tokens = self.referent_hits(record, cross, rows, target, regular, member, picked)
+        own, wrong, counted = self.referent_hits(record, cross, rows, target, regular, member, picked)
+        tokens = int(counted.sum())
         self.sums.add("effect.tokens", tokens)
+        if records is None:
+            without = int(not tokens)
+        else:                                        # the records with rows but none of them counted
+            of_row, n = records
+            without = int(((np.bincount(of_row, minlength=n) > 0) & (np.bincount(of_row[counted], minlength=n) == 0))
+                          .sum())
+        if without:
+            self.sums.add("effect.no_wrong_referent", without)
         if not tokens:
-            self.sums.add("effect.no_wrong_referent", 1)
             return
         count = np.full(cross.shape[0], float(tokens))
         for name, value in (("effect", own - wrong), ("effect_own", own), ("effect_wrong", wrong)):
@@ -399,8 +442,9 @@ def record_referent_effect(record: Record) -> list | None:
         return None
     referents = np.asarray(record.referents, dtype=np.int64)
     rows = np.flatnonzero(referents >= 0)
-    own, wrong, tokens = GroundingAccumulator.referent_hits(record, cross, rows, referents[rows],
-                                                            regular_objects(record))
+    own, wrong, counted = GroundingAccumulator.referent_hits(record, cross, rows, referents[rows],
+                                                             regular_objects(record))
+    tokens = int(counted.sum())
     return [float(v) for v in (own - wrong) / tokens] if tokens else None
 
 

@@ -277,13 +277,23 @@ class ProximityAccumulator(Accumulator):
         self.samples[measure].add(keys, x, weights, where)
 
     def _update(self, record: Record) -> None:
-        if record.kind == "hypothetical":
-            self.sums.add("skipped_hypothetical", 1)
+        self._update_image([record])
+
+    def _update_image(self, records: list) -> None:
+        counted = [r for r in records if r.kind != "hypothetical"]
+        if len(counted) < len(records):
+            self.sums.add("skipped_hypothetical", len(records) - len(counted))
+        if not counted:
             return
-        self.sums.add("records", 1)
-        if not self.images.first(record.image_id):
-            self.sums.add("records_repeating_an_image", 1)
-            return
+        self.sums.add("records", len(counted))
+        first = self.images.first(counted[0].image_id)
+        if len(counted) > 1 or not first:
+            self.sums.add("records_repeating_an_image", len(counted) - first)
+        if first:
+            self._add_image(counted[0])
+
+    def _add_image(self, record: Record) -> None:
+        """Add the pairs of an image seen for the first time (its encoder maps and boxes)."""
         head_mean = encoder_head_mean(record)                                  # [L, N, N]
         if head_mean is None:
             self.sums.add("records_without_encoder_self", 1)
@@ -297,11 +307,11 @@ class ProximityAccumulator(Accumulator):
         self._rows("distance", record, distances)
         if cosines is None:
             self.sums.add("records_without_features", 1)
-            self.units.flush(self.sums)
+            self.units.close(self.sums)
             return
         cosine, nonzero = cosines
         self._rows("distance_given_similarity", record, distances)
-        self.units.flush(self.sums)
+        self.units.close(self.sums)
         keep = nonzero[i] & nonzero[j]
         i, j = i[keep], j[keep]
         self._add("similarity", record, cosine[i, j], weights[:, keep], i, j)
@@ -331,11 +341,14 @@ class ProximityAccumulator(Accumulator):
             raise ValueError("proximity: cannot merge accumulators with different bins, reservoir or seed "
                              f"({(self.bins, self.capacity, self.seed)} vs {(other.bins, other.capacity, other.seed)})")
         self.images.merge(other.images, "proximity")
+        self.units.flush(self.sums)
+        other.units.flush(other.sums)
         self.sums.merge(other.sums)
         for m in MEASURES:
             self.samples[m].merge(other.samples[m])
 
     def state(self) -> dict[str, np.ndarray]:
+        self.units.flush(self.sums)
         state = self.sums.state()
         state.update(config_state(bins=self.bins, reservoir=self.capacity, seed=self.seed))
         state.update(self.images.state("seen"))
@@ -357,6 +370,7 @@ class ProximityAccumulator(Accumulator):
         return acc
 
     def result(self) -> ProximityResult:
+        self.units.flush(self.sums)
         s = self.sums
         res = ProximityResult(bins=self.bins, records=int(s.scalar("records")), images=len(self.images.ids),
                               records_repeating_an_image=int(s.scalar("records_repeating_an_image")),

@@ -18,6 +18,7 @@ import numpy as np
 
 from geocap.data.atomic import write_text_atomic
 
+from .accumulator import image_runs
 from .collector import ANALYSES, StatsCollector, model_size
 from .proximity import MEASURES, MIN_BIN_PAIRS
 
@@ -94,8 +95,8 @@ def collect(source, *, progress: bool = True, **options) -> StatsCollector:
             raise ValueError(f"the stats-only dump's stats() returned {type(stats).__name__}, not a StatsCollector")
         return stats
     collector = StatsCollector(**options)
-    for record in _records(source, progress):
-        collector.update(record)
+    for records in image_runs(_records(source, progress)):
+        collector.update_image(records)
     return collector
 
 

@@ -49,7 +49,7 @@ import numpy as np
 from geocap.data.attention_record import Record, regular_objects
 
 from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, encoder_rows, feature_cosines, fold,
-                          ratio, read_config, to_list, unit_features)
+                          ratio, read_config, same_objects, same_values, to_list, unit_features)
 from .rows import MIN_ROW_KEYS, mean_over_rows
 from .uncertainty import (ImageMeans, ImageUnits, first_measured, image_means, layer_uncertainty, layer_verdicts,
                           layers_text, trend_phrase, uncertainty_json)
@@ -236,12 +236,29 @@ class ThematicAccumulator(Accumulator):
             if len(self._pending) >= self.kmeans_buffer:
                 self._fit()
 
-    def _process(self, record: Record, clusters: np.ndarray, source: str) -> None:
-        """Add the record's sums. An image's records share its objects and encoder maps, so the sums
-        computed for the image's previous record are reused when its inputs are equal (each record
-        still counts, as the pooled affinity always has), and the per-image measures read its first."""
+    def _update_image(self, records: list) -> None:
+        counted = [r for r in records if r.kind != "hypothetical"]
+        first = counted[0] if counted else None
+        if (len(counted) < 2 or (first.clusters is None and first.labels is None)
+                or not all(same_objects(first, r) and same_values(first.encoder_self, r.encoder_self)
+                           for r in counted[1:])):
+            for record in records:
+                self._update(record)
+            return
+        if len(counted) < len(records):
+            self.sums.add("skipped_hypothetical", len(records) - len(counted))
+        self.sums.add("records", len(counted))
+        clusters, source = (first.clusters, "clusters") if first.clusters is not None else (first.labels, "labels")
+        self._process(first, np.asarray(clusters), source, records=len(counted))
+
+    def _process(self, record: Record, clusters: np.ndarray, source: str, records: int = 1) -> None:
+        """Add the record's sums, ``records`` times (the image's records with the same objects and
+        encoder maps: :meth:`_update_image`). An image's records share its objects and encoder maps,
+        so the sums computed for the image's previous record are reused when its inputs are equal
+        (each record still counts, as the pooled affinity always has), and the per-image measures
+        read its first."""
         where = describe(record)
-        self.sums.add(f"source.{source}", 1)
+        self.sums.add(f"source.{source}", records)
         inputs = (record.image_id, record.encoder_self, clusters, record.features, record.boxes)
         cached = self._cache
         repeat = cached is not None and _same_inputs(cached[0], inputs)
@@ -249,9 +266,10 @@ class ThematicAccumulator(Accumulator):
         self._cache = (inputs, adds)
         for name, value in adds.items():
             if not name.startswith("_"):
-                self.sums.add(name, value, where)
+                self.sums.add(name, value if records == 1 else value * records, where)
         if "_unit" in adds:
-            self.units.add(self.sums, "units.affinity", record.image_id, *adds["_unit"], where)
+            x, n = adds["_unit"]
+            self.units.add(self.sums, "units.affinity", record.image_id, x * records, n * records, where)
         if repeat or "_unit" not in adds:
             return
         self.means.add(self.sums, "per_image.affinity", record.image_id, *adds["_unit"], where)
@@ -405,14 +423,7 @@ class ThematicAccumulator(Accumulator):
 
 def _same_inputs(a: tuple, b: tuple) -> bool:
     """Whether two records' (image id, encoder map, clusters, features, boxes) are equal."""
-    if a[0] != b[0]:
-        return False
-    for x, y in zip(a[1:], b[1:]):
-        if x is y:
-            continue
-        if x is None or y is None or np.shape(x) != np.shape(y) or not np.array_equal(x, y):
-            return False
-    return True
+    return a[0] == b[0] and all(same_values(x, y) for x, y in zip(a[1:], b[1:]))
 
 
 def thematic(records, **options) -> ThematicResult:

@@ -17,6 +17,9 @@ from geocap.errors import DataError
 TREND_Z = 2.0   # a by-layer change is called a rise or a fall when it exceeds TREND_Z standard errors
 
 
+FOLD_UNITS = 256   # closed units held before their sums go to the table in one vectorised step
+
+
 class ImageUnits:
     """Per-layer ratios of sums ``R[l] = sum x[l] / sum n[l]`` over records, with their covariance
     ``[L, L]`` estimated from the spread between images (cluster-robust, delta method), so that the
@@ -24,19 +27,22 @@ class ImageUnits:
 
     A unit is a run of consecutive records of one image (a dump stores an image's records together);
     ``add(table, name, image_id, x [L], n [L] or scalar)`` adds a record's sums to the current unit,
-    and a record of another image closes it: its sums and second moments go to ``table`` (a
-    :class:`SumTable`, so they merge and round-trip with it) under ``<name>.x``, ``.n``, ``.xx``,
-    ``.xn``, ``.nn`` and ``.units``. Call ``flush(table)`` before ``state``, ``merge`` and
-    ``result``. For m units with linearised values ``z_i[l] = (x_i[l] - R[l] n_i[l]) / N[l]``
+    and a record of another image closes it (as does :meth:`close`): its sums and second moments go
+    to ``table`` (a :class:`SumTable`, so they merge and round-trip with it) under ``<name>.x``,
+    ``.n``, ``.xx``, ``.xn``, ``.nn`` and ``.units``, :data:`FOLD_UNITS` closed units at a time (one
+    vectorised sum instead of a dozen small adds per unit). Call ``flush(table)`` before ``state``,
+    ``merge`` and ``result``. For m units with linearised values ``z_i[l] = (x_i[l] - R[l] n_i[l]) / N[l]``
     (``N = sum n``), ``cov(R) = m / (m - 1) * sum_i z_i z_i^T``, computed from the moment sums."""
 
     def __init__(self):
         self.image = None
         self.pending: dict[str, list[np.ndarray]] = {}
+        self.closed: dict[str, list[list[np.ndarray]]] = {}     # name -> closed units' [x, n], not yet in a table
+        self.units_closed = 0
 
     def add(self, table: SumTable, name: str, image_id: int, x, n, where: str = "") -> None:
         if image_id != self.image:
-            self.flush(table)
+            self.close(table)
             self.image = image_id
         x = np.asarray(x, dtype=np.float64)
         if name in self.pending:
@@ -51,16 +57,42 @@ class ImageUnits:
             pn[...] = n
             self.pending[name] = [x.copy(), pn]
 
-    def flush(self, table: SumTable) -> None:
-        for name, (x, n) in self.pending.items():
-            table.add(f"{name}.x", x)
-            table.add(f"{name}.n", n)
-            table.add(f"{name}.xx", np.outer(x, x))
-            table.add(f"{name}.xn", np.outer(x, n))
-            table.add(f"{name}.nn", np.outer(n, n))
-            table.add(f"{name}.units", 1)
-        self.pending = {}
+    def close(self, table: SumTable) -> None:
+        """End the current unit; its sums reach ``table`` with the next :data:`FOLD_UNITS` units' (or
+        at :meth:`flush`)."""
+        if self.pending:
+            for name, pair in self.pending.items():
+                self.closed.setdefault(name, []).append(pair)
+            self.units_closed += 1
+            self.pending = {}
         self.image = None
+        if self.units_closed >= FOLD_UNITS:
+            self._fold(table)
+
+    def flush(self, table: SumTable) -> None:
+        """Add every unit, the current one included, to ``table``."""
+        self.close(table)
+        self._fold(table)
+
+    def _fold(self, table: SumTable) -> None:
+        closed, self.closed, self.units_closed = self.closed, {}, 0
+        for name, pairs in closed.items():
+            if len({x.shape for x, _ in pairs}) == 1:
+                self._add_units(table, name, np.stack([x for x, _ in pairs]), np.stack([n for _, n in pairs]))
+            else:                                    # units of different layer counts: the table names the clash
+                for x, n in pairs:
+                    self._add_units(table, name, x[None], n[None])
+
+    @staticmethod
+    def _add_units(table: SumTable, name: str, x: np.ndarray, n: np.ndarray) -> None:
+        """Add the sums and second moments of the units ``x``, ``n`` ``[m, L]`` (elementwise products:
+        no BLAS call, whose threads cost more than these few numbers)."""
+        table.add(f"{name}.x", x.sum(axis=0))
+        table.add(f"{name}.n", n.sum(axis=0))
+        table.add(f"{name}.xx", (x[:, :, None] * x[:, None, :]).sum(axis=0))
+        table.add(f"{name}.xn", (x[:, :, None] * n[:, None, :]).sum(axis=0))
+        table.add(f"{name}.nn", (n[:, :, None] * n[:, None, :]).sum(axis=0))
+        table.add(f"{name}.units", len(x))
 
 
 def ratio_with_covariance(table: SumTable, name: str) -> tuple[np.ndarray, np.ndarray | None, int] | None:
@@ -159,15 +191,13 @@ class ImageMeans(ImageUnits):
     adds, per layer with a value ``v``, ``v``, ``v**2`` and 1 to ``<name>.sum``, ``.sumsq`` and
     ``.images`` of ``table``: exact to merge, and memory does not grow with the images."""
 
-    def flush(self, table: SumTable) -> None:
-        for name, (num, den) in self.pending.items():
-            has = den > 0
-            value = np.divide(num, den, out=np.zeros_like(num), where=has)
-            table.add(f"{name}.sum", value)
-            table.add(f"{name}.sumsq", value * value)
-            table.add(f"{name}.images", has.astype(np.float64))
-        self.pending = {}
-        self.image = None
+    @staticmethod
+    def _add_units(table: SumTable, name: str, num: np.ndarray, den: np.ndarray) -> None:
+        has = den > 0
+        value = np.divide(num, den, out=np.zeros_like(num), where=has)         # [m, L]
+        table.add(f"{name}.sum", value.sum(axis=0))
+        table.add(f"{name}.sumsq", (value * value).sum(axis=0))
+        table.add(f"{name}.images", has.sum(axis=0).astype(np.float64))
 
 
 def image_means(table: SumTable, name: str, reason: str) -> tuple[list | None, dict]:

@@ -56,8 +56,9 @@ def run_shards(plan, record_images, result: DumpResult, *, collector_class=None,
     if plan.todo and o.writer == "process":
         from geocap.dump.writer_process import QUEUE_IMAGES, WriterProcess
         t0 = time.perf_counter()
-        # a collector in the child lets it fall behind while it imports the analyses (~1 s, torch):
-        # a longer queue keeps the model going meanwhile (stats-only records hold no decoder maps)
+        # a collector in the child lets it fall behind while it imports the analyses (torch too, for
+        # records without stored entropies): a longer queue keeps the model going meanwhile
+        # (stats-only records hold no decoder maps)
         child = WriterProcess(queue_images=QUEUE_IMAGES * (4 if in_child else 1))
         result.writer_seconds += time.perf_counter() - t0
     closing: dict = {}          # writer process: seq -> (k, t_shard, parent seconds) of shards closing

@@ -27,8 +27,9 @@ The child is a fresh interpreter (``python -m geocap.dump.writer_process``), not
 ``multiprocessing`` fork or spawn: fork is unsafe once torch runs threads, and spawn re-runs the
 parent's ``__main__`` in the child (a user script without a ``__main__`` guard would dump again;
 one with a guard still imports torch there). The child imports only numpy, h5py and
-:mod:`geocap.dump.writer` (~0.3 s), and for a stats-only dump its collector's module (the analyses
-import torch: ~1 s, while the model runs its first batches). It dies with its parent:
+:mod:`geocap.dump.writer` (~0.3 s), and for a stats-only dump its collector's module (the analyses:
+~0.2 s more; they import torch only for records without stored entropies or with features). It
+dies with its parent:
 ``PR_SET_PDEATHSIG`` = SIGKILL on Linux (sent when the thread that started it exits: start it from
 the thread that runs the job), plus a check of ``os.getppid()`` every poll; so a SIGKILLed dump's
 rerun never races an orphan writer. SIGINT is ignored in the child: the parent aborts it.
@@ -65,10 +66,14 @@ def new_collector(collector_class, shard_images: int, total_images: int):
 
 
 def collect_records(collector, records) -> None:
-    """Update ``collector`` with one image's records, then drop their maps (a stats-only shard
-    stores none)."""
+    """Update ``collector`` with one image's records (with its ``update_image`` when it has one, else
+    ``update`` per record), then drop their maps (a stats-only shard stores none)."""
+    if hasattr(collector, "update_image"):
+        collector.update_image(records)
+    else:
+        for r in records:
+            collector.update(r)
     for r in records:
-        collector.update(r)
         r.encoder_self = r.decoder_self = r.cross = None
 
 
