@@ -370,6 +370,18 @@ class Accumulator:
         raise NotImplementedError
 
 
+def skip_hypothetical(sums: "SumTable", records: list) -> list:
+    """The reference and generated records of ``records``, counted under ``records`` in ``sums``,
+    the hypothetical ones (interventions, which every analysis but grounding skips) under
+    ``skipped_hypothetical``."""
+    counted = [r for r in records if r.kind != "hypothetical"]
+    if len(counted) < len(records):
+        sums.add("skipped_hypothetical", len(records) - len(counted))
+    if counted:
+        sums.add("records", len(counted))
+    return counted
+
+
 def image_group(records, owner: str) -> list:
     """``records`` as a list of validated Records of one image; ValueError naming the first record
     that is not a Record, fails validation or has another image id."""

@@ -26,7 +26,8 @@ import numpy as np
 
 from geocap.data.attention_record import ENTROPY_NAMES, MAP_NAMES, Record
 
-from .accumulator import Accumulator, SumTable, describe, fold, one_thread, ratio, rows_of, to_list
+from .accumulator import (Accumulator, SumTable, describe, fold, one_thread, ratio, rows_of, skip_hypothetical,
+                          to_list)
 from .uncertainty import ImageUnits, layer_uncertainty, trend_phrase, uncertainty_json
 from geocap.errors import DataError
 
@@ -185,12 +186,9 @@ class EntropyAccumulator(Accumulator):
         self._update_image([record])
 
     def _update_image(self, records: list) -> None:
-        counted = [r for r in records if r.kind != "hypothetical"]
-        if len(counted) < len(records):
-            self.sums.add("skipped_hypothetical", len(records) - len(counted))
+        counted = skip_hypothetical(self.sums, records)
         if not counted:
             return
-        self.sums.add("records", len(counted))
         where = describe(counted[0])
         for kind in MAP_NAMES:
             values, used, missing = image_entropy(counted, kind)

@@ -58,7 +58,7 @@ from geocap.data.attention_record import Record, regular_objects
 from geocap.errors import DataError, UsageError
 
 from .accumulator import (Accumulator, SeenImages, SumTable, config_state, describe, encoder_head_mean,
-                          encoder_rows, feature_cosines, fold, ratio, read_config, to_list)
+                          encoder_rows, feature_cosines, fold, ratio, read_config, skip_hypothetical, to_list)
 from .reservoir import PairReservoir, pair_keys
 from .rows import MIN_ROW_KEYS, mean_over_rows
 from .uncertainty import ImageMeans, first_measured, image_means, layer_verdicts, layers_text
@@ -280,12 +280,9 @@ class ProximityAccumulator(Accumulator):
         self._update_image([record])
 
     def _update_image(self, records: list) -> None:
-        counted = [r for r in records if r.kind != "hypothetical"]
-        if len(counted) < len(records):
-            self.sums.add("skipped_hypothetical", len(records) - len(counted))
+        counted = skip_hypothetical(self.sums, records)
         if not counted:
             return
-        self.sums.add("records", len(counted))
         first = self.images.first(counted[0].image_id)
         if len(counted) > 1 or not first:
             self.sums.add("records_repeating_an_image", len(counted) - first)

@@ -49,7 +49,7 @@ import numpy as np
 from geocap.data.attention_record import Record, regular_objects
 
 from .accumulator import (Accumulator, SumTable, as_map, config_state, describe, encoder_rows, feature_cosines, fold,
-                          ratio, read_config, same_objects, same_values, to_list, unit_features)
+                          ratio, read_config, same_objects, same_values, skip_hypothetical, to_list, unit_features)
 from .rows import MIN_ROW_KEYS, mean_over_rows
 from .uncertainty import (ImageMeans, ImageUnits, first_measured, image_means, layer_uncertainty, layer_verdicts,
                           layers_text, trend_phrase, uncertainty_json)
@@ -245,9 +245,7 @@ class ThematicAccumulator(Accumulator):
             for record in records:
                 self._update(record)
             return
-        if len(counted) < len(records):
-            self.sums.add("skipped_hypothetical", len(records) - len(counted))
-        self.sums.add("records", len(counted))
+        skip_hypothetical(self.sums, records)
         clusters, source = (first.clusters, "clusters") if first.clusters is not None else (first.labels, "labels")
         self._process(first, np.asarray(clusters), source, records=len(counted))
 

@@ -12,7 +12,7 @@ from geocap.analysis.accumulator import image_runs
 from geocap.data.attention_record import Record
 from geocap.errors import DataError
 
-from test_analysis import causal_softmax, make_record, softmax
+from test_analysis import assert_json_close, causal_softmax, make_record, softmax
 
 L, H = 2, 3
 
@@ -106,7 +106,7 @@ def test_update_image_adds_what_update_adds_record_by_record():
     expected = one.results()
     for name, alone in (("entropy", entropy(recs)), ("grounding", grounding(recs)), ("thematic", thematic(recs)),
                         ("proximity", proximity(recs, reservoir=500))):
-        assert_tree_close(expected[name].to_json(), alone.to_json())
+        assert_json_close(expected[name].to_json(), alone.to_json())
 
 
 def test_the_comparison_sees_a_wrong_record():
@@ -118,21 +118,6 @@ def test_the_comparison_sees_a_wrong_record():
     flipped[7].cross = np.ascontiguousarray(flipped[7].cross[..., ::-1])
     assert not states_close(want, by_image(flipped).state())
     assert not states_close(want, by_image(recs[:3] + recs[4:]).state())
-
-
-def assert_tree_close(a, b, path="$"):
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for key in a:
-            assert_tree_close(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_tree_close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, rel=1e-9, abs=1e-12), path
-    else:
-        assert a == b, path
 
 
 def test_update_image_names_the_bad_record():
