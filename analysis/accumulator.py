@@ -45,13 +45,18 @@ def as_map(record: Record, name: str) -> np.ndarray | None:
 
     def compute():
         value = np.asarray(getattr(record, name), dtype=np.float64)
-        # NaN makes both comparisons false, inf the second: two reductions, no temporary array
-        if value.size and not (value.min() >= 0 and value.max() < np.inf):
+        if not valid_weights(value):
             raise DataError(f"record of {describe(record)}: {name} holds NaN, infinite or negative attention "
                              f"weights")
         return value
 
     return shared(record, f"map.{name}", compute)
+
+
+def valid_weights(value: np.ndarray) -> bool:
+    """Whether attention weights are all finite and non-negative (NaN makes both comparisons false,
+    inf the second: two reductions, no temporary array)."""
+    return not value.size or bool(value.min() >= 0 and value.max() < np.inf)
 
 
 def unit_features(record: Record) -> np.ndarray | None:
@@ -323,7 +328,8 @@ def read_config(state: dict, name: str, kind: type, owner: str):
 class Accumulator:
     """Base of the four analyses' accumulators; see the module docstring for the protocol.
 
-    Subclasses implement ``_update(record)`` (the record is already validated), ``_merge(other)``,
+    Subclasses implement ``_update_image(records)`` (one image's validated records) or, when the
+    records of an image share nothing worth computing once, ``_update(record)``; ``_merge(other)``,
     ``state()``, ``from_state(state)`` and ``result()``. Records of kind ``"hypothetical"`` are
     interventions, not the model's own behaviour: every analysis except grounding skips them and
     counts them under ``skipped_hypothetical``.
@@ -333,13 +339,7 @@ class Accumulator:
 
     def update(self, record: Record) -> "Accumulator":
         """Validate ``record`` (ValueError naming it on a bad shape) and add it; returns self."""
-        if not isinstance(record, Record):
-            raise ValueError(f"{self.name}: expected a geocap.data.attention_record.Record, "
-                             f"got {type(record).__name__}")
-        record.validate()
-        with one_thread():
-            self._update(record)
-        return self
+        return self.update_image([record])
 
     def update_image(self, records) -> "Accumulator":
         """Add the records of one image (a run of consecutive records with one image id, as a dump
@@ -362,7 +362,7 @@ class Accumulator:
         raise NotImplementedError
 
     def _update_image(self, records: list) -> None:
-        """One image's validated records; analyses whose sums add up over the records' rows override it."""
+        """One image's validated records (by default each in turn through :meth:`_update`)."""
         for record in records:
             self._update(record)
 
@@ -370,7 +370,7 @@ class Accumulator:
         raise NotImplementedError
 
 
-def skip_hypothetical(sums: "SumTable", records: list) -> list:
+def skip_hypothetical(sums: SumTable, records: list) -> list:
     """The reference and generated records of ``records``, counted under ``records`` in ``sums``,
     the hypothetical ones (interventions, which every analysis but grounding skips) under
     ``skipped_hypothetical``."""

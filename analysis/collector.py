@@ -55,21 +55,14 @@ class StatsCollector:
 
     def update(self, record: Record) -> "StatsCollector":
         """Validate ``record`` (ValueError naming it) and add it to every analysis; returns self."""
-        if not isinstance(record, Record):
-            raise ValueError(f"StatsCollector.update: expected a Record, got {type(record).__name__}")
-        record.validate()
-        with one_thread(), shared_per_record():
-            for part in self.parts.values():
-                part._update(record)
-        self.records += 1
-        return self
+        return self.update_image([record])
 
     def update_image(self, records) -> "StatsCollector":
         """Add one image's records (consecutive, one image id: what a dump sends per image) to every
         analysis, validating each (ValueError naming it): the sums of :meth:`update` on each in turn,
         up to float64 summation order, at a fraction of the cost (see
         :meth:`.accumulator.Accumulator.update_image`); returns self."""
-        records = image_group(records, "StatsCollector.update_image")
+        records = image_group(records, "StatsCollector")
         with one_thread(), shared_per_record():
             for part in self.parts.values():
                 part._update_image(records)

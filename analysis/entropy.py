@@ -182,9 +182,6 @@ class EntropyAccumulator(Accumulator):
         self.sums = SumTable()
         self.units = ImageUnits()
 
-    def _update(self, record: Record) -> None:
-        self._update_image([record])
-
     def _update_image(self, records: list) -> None:
         counted = skip_hypothetical(self.sums, records)
         if not counted:

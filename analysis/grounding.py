@@ -53,7 +53,8 @@ import numpy as np
 
 from geocap.data.attention_record import Record, referent_objects, regular_objects
 
-from .accumulator import Accumulator, SumTable, as_map, describe, fold, ratio, rows_of, same_objects, to_list
+from .accumulator import (Accumulator, SumTable, as_map, describe, fold, ratio, rows_of, same_objects, to_list,
+                          valid_weights)
 from .uncertainty import (ImageMeans, ImageUnits, image_means, layer_uncertainty, layer_verdicts, layers_text,
                           trend_phrase, uncertainty_json)
 
@@ -174,9 +175,6 @@ class GroundingAccumulator(Accumulator):
         self.units = ImageUnits()
         self.means = ImageMeans()
 
-    def _update(self, record: Record) -> None:
-        self._update_image([record])
-
     def _update_image(self, records: list) -> None:
         grounded = []                                # reference and generated records with cross maps and referents
         counts = {"records": 0, "hypothetical_records": 0, "records_without_cross": 0, "records_without_referents": 0}
@@ -205,23 +203,20 @@ class GroundingAccumulator(Accumulator):
         """Add the grounded tokens of ``records`` (reference or generated, with cross maps and
         referents, of one image with the same objects): their rows joined, counted as one record's."""
         first, where = records[0], describe(records[0])
-        if len(records) == 1:
-            cross, referents, record_of_row = as_map(first, "cross"), np.asarray(first.referents, np.int64), None
-        else:
-            cross = np.asarray(rows_of(records, [r.cross for r in records], axis=2), dtype=np.float64)
-            if cross.size and not (cross.min() >= 0 and cross.max() < np.inf):
-                for record in records:
-                    as_map(record, "cross")          # names the record with invalid weights
-            referents = np.concatenate([np.asarray(r.referents, dtype=np.int64) for r in records])
-            record_of_row = np.repeat(np.arange(len(records)), [r.num_tokens for r in records])
+        cross = np.asarray(rows_of(records, [r.cross for r in records], axis=2), dtype=np.float64)
+        if not valid_weights(cross):
+            for record in records:
+                as_map(record, "cross")              # names the record with invalid weights
+        referents = np.concatenate([np.asarray(r.referents, dtype=np.int64) for r in records])
+        record_of_row = np.repeat(np.arange(len(records)), [r.num_tokens for r in records])
         regular = regular_objects(first)
         rows = np.flatnonzero(referents >= 0)
         target = referents[rows]
         member = self._members(first, target, regular)
         picked = self._hits("ground", first, cross, rows, member, regular, where)
         self.sums.add("ground.chance", self._chance(member, regular))
-        self._referent_effect(first, cross, rows, target, regular, where, member, picked,
-                              None if record_of_row is None else (record_of_row[rows], len(records)))
+        self._referent_effect(first, cross, rows, target, regular, where, member, picked, record_of_row[rows],
+                              len(records))
 
     def _follow(self, record: Record) -> None:
         """Add a hypothetical record's swapped tokens: where attention goes at the step after each."""
@@ -307,22 +302,19 @@ class GroundingAccumulator(Accumulator):
 
     def _referent_effect(self, record: Record, cross: np.ndarray, rows: np.ndarray, target: np.ndarray,
                          regular: np.ndarray, where: str, member: np.ndarray, picked: np.ndarray | None,
-                         records: tuple[np.ndarray, int] | None = None) -> None:
+                         of_row: np.ndarray, records: int) -> None:
         """Add the image's per-token ``hit(own referent) - mean hit(wrong referents)`` per layer
-        (``member``, ``picked``: the rows' :meth:`_members` and head-mean picks). ``records``: when
-        the rows are several records' (:meth:`_ground`), ``(record of each row [K], records)``, so
-        that records without a token with a wrong referent are counted as such, one by one."""
+        (``member``, ``picked``: the rows' :meth:`_members` and head-mean picks; ``of_row [K]``: the
+        record, of ``records``, each row is from, so that records without a token with a wrong
+        referent are counted as such, one by one)."""
         if len(rows) == 0 or not regular.any():
             return
         own, wrong, counted = self.referent_hits(record, cross, rows, target, regular, member, picked)
         tokens = int(counted.sum())
         self.sums.add("effect.tokens", tokens)
-        if records is None:
-            without = int(not tokens)
-        else:                                        # the records with rows but none of them counted
-            of_row, n = records
-            without = int(((np.bincount(of_row, minlength=n) > 0) & (np.bincount(of_row[counted], minlength=n) == 0))
-                          .sum())
+        # the records with rows but none of them counted
+        without = int(((np.bincount(of_row, minlength=records) > 0)
+                       & (np.bincount(of_row[counted], minlength=records) == 0)).sum())
         if without:
             self.sums.add("effect.no_wrong_referent", without)
         if not tokens:

@@ -276,9 +276,6 @@ class ProximityAccumulator(Accumulator):
         keys = pair_keys(self.seed, record.image_id, i, j)
         self.samples[measure].add(keys, x, weights, where)
 
-    def _update(self, record: Record) -> None:
-        self._update_image([record])
-
     def _update_image(self, records: list) -> None:
         counted = skip_hypothetical(self.sums, records)
         if not counted:

@@ -264,7 +264,7 @@ class ThematicAccumulator(Accumulator):
         self._cache = (inputs, adds)
         for name, value in adds.items():
             if not name.startswith("_"):
-                self.sums.add(name, value if records == 1 else value * records, where)
+                self.sums.add(name, value * records, where)
         if "_unit" in adds:
             x, n = adds["_unit"]
             self.units.add(self.sums, "units.affinity", record.image_id, x * records, n * records, where)

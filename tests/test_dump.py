@@ -404,12 +404,13 @@ def test_stats_collector_runs_in_the_writer_process_with_the_same_result(ckpt, d
 
 
 def test_collector_runs_in_the_writer_process(monkeypatch, ckpt, data_dir, tmp_path):
-    """The model's process never calls StatsCollector.update when the writer process runs it."""
+    """The model's process never updates a StatsCollector when the writer process runs it
+    (``update`` is ``update_image`` of one record: refusing the latter refuses both)."""
     from geocap.analysis import StatsCollector
 
-    def refuse(self, record):
+    def refuse(self, records):
         raise AssertionError("updated in the model's process")
-    monkeypatch.setattr(StatsCollector, "update", refuse)
+    monkeypatch.setattr(StatsCollector, "update_image", refuse)
     assert dump(ckpt, data_dir, "train", tmp_path / "d", stats_only=True, stats_collector=StatsCollector, limit=4,
                 **dict(SETTINGS, writer="process")).complete
 

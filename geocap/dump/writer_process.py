@@ -29,10 +29,9 @@ parent's ``__main__`` in the child (a user script without a ``__main__`` guard w
 one with a guard still imports torch there). The child imports only numpy, h5py and
 :mod:`geocap.dump.writer` (~0.3 s), and for a stats-only dump its collector's module (the analyses:
 ~0.2 s more; they import torch only for records without stored entropies or with features). It
-dies with its parent:
-``PR_SET_PDEATHSIG`` = SIGKILL on Linux (sent when the thread that started it exits: start it from
-the thread that runs the job), plus a check of ``os.getppid()`` every poll; so a SIGKILLed dump's
-rerun never races an orphan writer. SIGINT is ignored in the child: the parent aborts it.
+dies with its parent: ``PR_SET_PDEATHSIG`` = SIGKILL on Linux (sent when the thread that started it
+exits: start it from the thread that runs the job), plus a check of ``os.getppid()`` every poll; so
+a SIGKILLed dump's rerun never races an orphan writer. SIGINT is ignored in the child: the parent aborts it.
 """
 from __future__ import annotations
 

@@ -40,8 +40,6 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == 0:  # an empty batch (B = 0 or N = 0): nothing to normalise, and std() would warn
-            return self.a_2 * x + self.b_2
         centred = x - x.mean(-1, keepdim=True)
         std = (centred * centred).sum(-1, keepdim=True).div(x.shape[-1] - 1).sqrt()     # unbiased
         return self.a_2 * centred / (std + self.eps) + self.b_2
