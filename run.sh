@@ -3,7 +3,8 @@
 #   ./run.sh          installs everything into .venv (first run only) and runs the main job on the
 #                     embedded synthetic data: kernel check, synth -> prepro -> train and evaluate
 #                     ORT and its no-geometry ablation (variants ort and none) -> a table of both
-#   ./run.sh test     installs likewise and runs the test suite (extra arguments go to pytest)
+#   ./run.sh test     installs likewise and runs the test suite, one pytest-xdist worker per core
+#                     (GEOCAP_TEST_WORKERS=N to choose, 0 for one process; extra arguments go to pytest)
 #   ./run.sh lint     installs likewise and runs ruff (pyproject.toml's rules)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -64,7 +65,8 @@ case "$command" in
         echo "attention viewer: file://$PWD/$work/view/index.html"
         echo "${SECONDS} s in all"
         ;;
-    test) exec "$py" -m pytest tests "$@" ;;
+    # worksteal: the Triton-interpreter tests take up to ~45 s each, and idle workers take over queued ones
+    test) exec "$py" -m pytest tests -n "${GEOCAP_TEST_WORKERS:-auto}" --dist worksteal "$@" ;;
     lint) exec "$venv/bin/ruff" check . "$@" ;;
     *) echo "usage: ./run.sh [demo|test|lint] [args...]" >&2; exit 2 ;;
 esac
