@@ -22,6 +22,7 @@ import torch
 
 from ._backend import resolve_backend
 from .deprecation import renamed_argument
+from .torch_attention import torch_attention
 from .validation import (KERNEL_DTYPES, check_attention_mask, check_boxes, check_embedding, check_geometry_weights,
                          check_qkv, require_dtype, require_same_device)
 
@@ -50,7 +51,6 @@ def _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, attention_mask, ca
         from .triton_attention import triton_attention
         fn = triton_attention
     else:
-        from .torch_attention import torch_attention
         fn = torch_attention
     out, entropy, probs = fn(q, k, v, boxes=boxes, wg_weight=wg_weight, wg_bias=wg_bias,
                              attention_mask=attention_mask, causal=causal, dropout_p=dropout_p,

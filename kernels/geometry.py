@@ -38,6 +38,7 @@ torch.compile or torch.func cannot trace.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -168,7 +169,7 @@ def zero_padded_boxes(boxes: torch.Tensor, attention_mask) -> torch.Tensor:
     padding may hold anything, and the rows of padded queries should not depend on it."""
     if attention_mask is None:
         return boxes
-    return torch.where(attention_mask[..., None], boxes, scalar_constant(0.0, boxes.dtype, boxes.device))
+    return torch.where(attention_mask.unsqueeze(-1), boxes, scalar_constant(0.0, boxes.dtype, boxes.device))
 
 
 def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:
@@ -177,53 +178,68 @@ def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:
 
 
 class BoxFactors:
-    """Per-box quantities of the PyTorch fast path, computed once per call.
+    """Per-box quantities of the PyTorch fast path, computed once per call, already shaped for
+    the pair tensors ``[..., Nq, Nk]`` (the tiny calls of this path are bound by the number of
+    operator calls: each view here saves one per use).
 
-    Attributes (``B`` batch, ``N`` boxes, float32 or float64), channel-first: ``lo`` ``[B, 2, N]``
-    = (x1, y1), ``hi`` = (x2, y2) (centre offsets are taken from them, :func:`coordinate_offset`),
-    ``size`` = ORT's (w, h), ``two_size`` = 2 (w, h), ``edges`` ``[B, 2, 2, N]`` = (lo, hi);
-    ``embedding`` the dx/dy form (``EMBEDDINGS``).
+    Attributes (``B`` batch, ``N`` boxes, float32 or float64): ``query_edges`` ``[B, 2 (lo, hi),
+    2 (x, y), N, 1]`` and ``key_edges`` ``[B, 2, 2, 1, N]`` = the boxes' (x1, y1) and (x2, y2)
+    (centre offsets are taken from them, :func:`coordinate_offset`); ``query_two_size``
+    ``[B, 2, N, 1]`` and ``key_two_size`` ``[B, 2, 1, N]`` = 2 (w, h) with ORT's +1 (exactly twice
+    ORT's sizes: their ratios are ORT's ratios, bit for bit); ``freq`` the frequencies
+    (:func:`pair_constants`); ``embedding`` the dx/dy form (``EMBEDDINGS``).
     """
 
     def __init__(self, boxes: torch.Tensor, dtype: torch.dtype, embedding: str = "ort"):
         self.embedding = embedding
         b = boxes if boxes.dtype == dtype else boxes.to(dtype)
-        self.edges = b.transpose(1, 2).unflatten(1, (2, 2))                    # [B, 2 (lo, hi), 2 (x, y), N]
-        self.lo, self.hi = self.edges[:, 0], self.edges[:, 1]
-        self.size = self.hi - self.lo + 1.0
-        self.two_size = self.size * 2.0
-        self.freq = pair_frequencies(dtype, b.device)
+        edges = b.view(b.shape[0], b.shape[1], 2, 2).permute(0, 2, 3, 1)        # [B, 2 (lo, hi), 2 (x, y), N]
+        lo, hi = edges.unbind(1)
+        constants = pair_constants(dtype, b.device)
+        # 2 + 2 (hi - lo) rounds once, to exactly 2 (hi - lo + 1) as ORT rounds it: one operator fewer
+        two_size = torch.add(constants.two, hi - lo, alpha=2.0)
+        self.query_edges, self.key_edges = edges.unsqueeze(-1), edges.unsqueeze(-2)
+        self.query_two_size, self.key_two_size = two_size.unsqueeze(-1), two_size.unsqueeze(-2)
+        self.freq = constants.freq
 
     def rows(self, start: int, stop: int) -> "BoxFactors":
-        """The same factors restricted to boxes ``start:stop`` (a query block)."""
+        """The same factors with the queries restricted to boxes ``start:stop`` (a query block)."""
         sub = object.__new__(BoxFactors)
-        for name in ("edges", "lo", "hi", "size", "two_size"):
-            setattr(sub, name, getattr(self, name)[..., start:stop])
-        sub.freq, sub.embedding = self.freq, self.embedding
+        sub.__dict__.update(self.__dict__)
+        sub.query_edges = self.query_edges[..., start:stop, :]
+        sub.query_two_size = self.query_two_size[..., start:stop, :]
         return sub
 
 
-def pair_frequencies(dtype: torch.dtype, device) -> torch.Tensor:
-    """``[dim_g // 8, 1, 1]`` the frequencies f_k shaped to scale ``[..., Nq, Nk]`` pair tensors
-    (cached, except under a FakeTensorMode; do not modify)."""
+class PairConstants(NamedTuple):
+    """The PyTorch path's constants for one dtype and device: ``freq`` ``[dim_g // 8, 1, 1]`` the
+    frequencies f_k shaped to scale ``[..., Nq, Nk]`` pair tensors, ``two`` a 0-dim 2.0."""
+    freq: torch.Tensor
+    two: torch.Tensor
+
+
+def pair_constants(dtype: torch.dtype, device) -> PairConstants:
+    """:class:`PairConstants` (cached, except under a FakeTensorMode; do not modify): one lookup
+    per call instead of one per constant."""
     if _fake_mode_active():
-        return _pair_frequencies.__wrapped__(dtype, torch.device(device))
-    return _pair_frequencies(dtype, torch.device(device))
+        return _pair_constants.__wrapped__(dtype, torch.device(device))
+    return _pair_constants(dtype, torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)
-def _pair_frequencies(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=device).view(-1, 1, 1)
+def _pair_constants(dtype: torch.dtype, device: torch.device) -> PairConstants:
+    freq = geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=device).view(-1, 1, 1)
+    return PairConstants(freq, torch.tensor(2.0, dtype=dtype, device=device))
 
 
 def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
-    """``[B, 32, Nq, Nk]`` the embedding's arguments ``100 f_k d`` for d = dx, dy, dw, dh (8
-    frequencies each, in the embedding's channel order): the sin and the cos of this tensor are
-    the embedding's two halves. dx/dy from the edges (:func:`coordinate_offset`'s formula),
+    """``[B, 4, 8, Nq, Nk]`` the embedding's arguments ``100 f_k d`` for d = dx, dy, dw, dh and the
+    8 frequencies (flattened, the embedding's channel order): the sin and the cos of this tensor
+    are the embedding's two halves. dx/dy from the edges (:func:`coordinate_offset`'s formula),
     dw/dh = log(w_i / w_j) as ORT computes them."""
-    edge_offsets = qf.edges[..., :, None] - kf.edges[..., None, :]                   # [B, 2, 2, Nq, Nk]
-    u = edge_offsets.sum(1) / qf.two_size[..., None]                               # (lo_i - lo_j) + (hi_i - hi_j)
-    size_ratio = qf.size[..., :, None] / kf.size[..., None, :]                     # dw, dh = log of it
+    edge_offsets = qf.query_edges - kf.key_edges                                   # [B, 2, 2, Nq, Nk]
+    u = edge_offsets.sum(1) / qf.query_two_size                                    # (lo_i - lo_j) + (hi_i - hi_j)
+    size_ratio = qf.query_two_size / kf.key_two_size                               # dw, dh = log of it
     if qf.embedding == "ort":                                                      # one log for all four
         disp = torch.log(torch.cat([_clamped_ratio(u), size_ratio], dim=1))        # [B, 4, Nq, Nk]
     else:
@@ -231,8 +247,7 @@ def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
     # (100 d) f, rounded in the reference's order (not d (100 f)): near the log floor of the
     # geometry logit the sinusoids of these ~700 rad arguments magnify a different rounding into
     # errors up to 14x eager's (tests/test_attention_precision.py)
-    args = (disp * SCALE).unsqueeze(2) * qf.freq                                   # [B, 4, 8, Nq, Nk]
-    return args.flatten(1, 2)
+    return (disp * SCALE).unsqueeze(2) * qf.freq                                   # [B, 4, 8, Nq, Nk]
 
 
 def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight, wg_bias) -> torch.Tensor:
@@ -240,10 +255,10 @@ def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight, wg_bias) -> torch
     building the embedding pair-last: one ``[H, 64] @ [64, Nq Nk]`` product per image.
     Differentiable in wg_weight and wg_bias (the factors' dtype)."""
     args = pair_arguments(qf, kf)
-    batch, channels, n_q, n_k = args.shape
-    heads = wg_weight.shape[0]
-    feats = torch.cat([torch.sin(args), torch.cos(args)], dim=1).view(batch, 2 * channels, n_q * n_k)
-    x = torch.baddbmm(wg_bias.view(1, heads, 1), wg_weight.expand(batch, heads, 2 * channels), feats)
+    batch, _, _, n_q, n_k = args.shape
+    heads, dim_g = wg_weight.shape
+    feats = torch.cat([torch.sin(args), torch.cos(args)], dim=1).view(batch, dim_g, n_q * n_k)
+    x = torch.baddbmm(wg_bias.view(1, heads, 1), wg_weight.expand(batch, heads, dim_g), feats)
     return x.view(batch, heads, n_q, n_k)
 
 
@@ -251,7 +266,7 @@ def block_log_bias(qf: BoxFactors, kf: BoxFactors, wg_weight: torch.Tensor, wg_b
     """``[B, H, Nq, Nk]`` log-geometry bias ``log(max(x, 1e-6))`` (= ORT's ``log(clamp(relu(x), 1e-6))``)
     for a block of query boxes; differentiable in wg_weight and wg_bias (same dtype as the
     factors). The geometry term is ill-conditioned: always in the factors' dtype, never autocast's."""
-    device_type = qf.lo.device.type
+    device_type = qf.freq.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             return block_log_bias(qf, kf, wg_weight, wg_bias)
@@ -277,13 +292,13 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
     check_geometry_weights(wg_weight, wg_bias)
     check_embedding(embedding)
     f = BoxFactors(boxes, compute_dtype(boxes.dtype), embedding)
-    ct = f.lo.dtype
+    ct = f.freq.dtype
     return block_log_bias(f, f, wg_weight.to(ct), wg_bias.to(ct))
 
 
 __all__ = [
     "DIM_G", "EMBEDDINGS", "WAVE_LEN", "BoxFactors", "block_log_bias", "box_centers_sizes", "box_displacement",
     "box_relation_embedding", "center_offset", "compute_dtype", "coordinate_offset", "geometry_frequencies",
-    "geometry_log_bias", "geometry_logits", "log_geometry_bias_from_logits", "pair_arguments", "pair_frequencies",
+    "geometry_log_bias", "geometry_logits", "log_geometry_bias_from_logits", "pair_arguments", "pair_constants",
     "scalar_constant", "zero_padded_boxes",
 ]

@@ -95,10 +95,6 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _joined(parts, dim):
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
 def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, attention_mask=None,
                     causal=False, dropout_p=0.0, return_entropy=False, return_probs=False, embedding="ort"):
     """Inputs validated by the caller; padded boxes (mask False) count as zeros; ``embedding`` is
@@ -106,24 +102,33 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, attent
     ``(out, entropy, probs)``: out in q's dtype,
     entropy ``[B, H, Nq]`` and probs ``[B, H, Nq, Nk]`` in the compute dtype (or None)."""
     ct = compute_dtype(q.dtype)
-    qc, kc, vc = _as(q, ct), _as(k, ct), _as(v, ct)
     batch, heads, n_queries, _ = q.shape
     n_keys = k.shape[-2]
+    if n_queries == 0:
+        out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+        return out, (q.new_zeros(q.shape[:-1], dtype=ct) if return_entropy else None), (
+            q.new_zeros((batch, heads, 0, n_keys), dtype=ct) if return_probs else None)
+    qc, kc, vc = _as(q, ct), _as(k, ct), _as(v, ct)
     geo = boxes is not None
-    factors = BoxFactors(zero_padded_boxes(boxes, attention_mask), ct, embedding) if geo else None
-    wgw = _as(wg_weight, ct) if geo else None
-    wgb = _as(wg_bias, ct) if geo else None
-    keep_keys = attention_mask[:, None, None, :] if attention_mask is not None else None
-    if attention_mask is not None and not causal:
-        # padded keys' values zeroed (one multiply): their weights are exactly 0 in any row with a
-        # valid key, and a row without one (uniform weights) then gives 0, as the reference's
-        # zeroed output; also keeps non-finite padding out of every output
-        vc = vc * attention_mask[:, None, :, None]
-    step = _query_block_size(batch, heads, n_keys, torch.finfo(ct).bits // 8)
-    needs_grad = torch.is_grad_enabled() and any(
+    factors = wgw = wgb = keep_keys = None
+    if geo:
+        factors = BoxFactors(zero_padded_boxes(boxes, attention_mask), ct, embedding)
+        wgw, wgb = _as(wg_weight, ct), _as(wg_bias, ct)
+    if attention_mask is not None:
+        keep_keys = attention_mask.view(batch, 1, 1, n_keys)
+        if not causal:
+            # padded keys' values zeroed (one multiply): their weights are exactly 0 in any row with
+            # a valid key, and a row without one (uniform weights) then gives 0, as the reference's
+            # zeroed output; also keeps non-finite padding out of every output
+            vc = vc * attention_mask.view(batch, 1, n_keys, 1)
+    step = _query_block_size(batch, heads, n_keys, ct.itemsize)
+    recompute = batch * heads * n_queries * n_keys > CHECKPOINT_ABOVE_ELEMENTS and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, wg_weight, wg_bias))
-    recompute = needs_grad and batch * heads * n_queries * n_keys > CHECKPOINT_ABOVE_ELEMENTS
-
+    if step >= n_queries and not recompute:   # one block, the common case: no lists, no joins
+        out, prob, entropy = _block(qc, kc, vc, keep_keys, factors, factors, wgw, wgb, 0, n_queries, causal,
+                                    dropout_p, return_probs, return_entropy)
+        return (_as(out, q.dtype), entropy.detach() if return_entropy else None,
+                prob.detach() if return_probs else None)
     outs, probs, entropies = [], [], []
     for start in range(0, n_queries, step):
         stop = min(start + step, n_queries)
@@ -131,20 +136,11 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, attent
         args = (qc if whole else qc[:, :, start:stop], kc, vc, keep_keys,
                 (factors if whole else factors.rows(start, stop)) if geo else None,
                 factors, wgw, wgb, start, n_queries, causal, dropout_p, return_probs, return_entropy)
-        if recompute:
-            o, p, h = checkpoint(_block, *args, use_reentrant=False)
-        else:
-            o, p, h = _block(*args)
+        o, p, h = checkpoint(_block, *args, use_reentrant=False) if recompute else _block(*args)
         outs.append(o)
-        if return_entropy:
-            entropies.append(h)
-        if return_probs:
-            probs.append(p)
-    if not outs:  # Nq == 0
-        out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
-        return out, (q.new_zeros(q.shape[:-1], dtype=ct) if return_entropy else None), (
-            q.new_zeros((batch, heads, 0, n_keys), dtype=ct) if return_probs else None)
-    out = _as(outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2), q.dtype)
-    entropy = _joined(entropies, -1).detach() if return_entropy else None
-    prob = _joined(probs, -2).detach() if return_probs else None
+        entropies.append(h)
+        probs.append(p)
+    out = _as(torch.cat(outs, dim=-2), q.dtype)
+    entropy = torch.cat(entropies, dim=-1).detach() if return_entropy else None
+    prob = torch.cat(probs, dim=-2).detach() if return_probs else None
     return out, entropy, prob

@@ -108,7 +108,7 @@ def test_a_fake_tensor_trace_never_leaves_fake_constants_for_real_calls():
     from geocap.kernels import geometry
 
     geometry._frequencies.cache_clear()
-    geometry._pair_frequencies.cache_clear()
+    geometry._pair_constants.cache_clear()
     real = random_inputs(1, 2, 5, 8, torch.float64, "cpu")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x = {n: (mode.from_tensor(t) if torch.is_tensor(t) else t) for n, t in real.items()}
@@ -116,9 +116,9 @@ def test_a_fake_tensor_trace_never_leaves_fake_constants_for_real_calls():
         assert isinstance(traced, FakeTensor) and traced.shape == (1, 2, 5, 8)
     got = geo_attention(*[real[n] for n in ARGS], backend="torch").out
     assert not isinstance(got, FakeTensor)
-    assert not isinstance(geometry.pair_frequencies(torch.float64, "cpu"), FakeTensor)
+    assert not any(isinstance(c, FakeTensor) for c in geometry.pair_constants(torch.float64, "cpu"))
     assert not isinstance(geometry.geometry_frequencies(dtype=torch.float64), FakeTensor)
     geometry._frequencies.cache_clear()
-    geometry._pair_frequencies.cache_clear()
+    geometry._pair_constants.cache_clear()
     expected = geo_attention(*[real[n] for n in ARGS], backend="torch").out
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
