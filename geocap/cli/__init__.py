@@ -44,6 +44,13 @@ COMMANDS = {
     "demo-table": "evaluated models side by side with sample captions (the closing table of ./run.sh)",
 }
 DEPRECATED = {"demo": "kernel-check"}      # old name -> new name (the old one still runs, with a note)
+PROGRESS_HELP = "no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)"
+
+
+def add_progress_option(parser: argparse.ArgumentParser, help: str = PROGRESS_HELP, **kwargs) -> None:
+    """``--no-progress``, read as ``args.progress`` (True unless given), for every command that
+    shows progress; ``kwargs`` go to ``add_argument`` (``default=argparse.SUPPRESS`` for train)."""
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help=help, **kwargs)
 
 
 def _module(name: str):

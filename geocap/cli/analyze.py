@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from geocap.out_dir import check_out_dir
+from geocap.cli import add_progress_option
 from geocap.errors import DataError, UsageError
+from geocap.out_dir import check_out_dir
 
 REPORT_MARKER = "analysis.json"       # what every report folder holds (geocap.analysis.run_analyses)
 
@@ -66,7 +67,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--reservoir", type=int, default=20000, metavar="PAIRS",
                         help="object pairs sampled for each Spearman correlation (default 20000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the k-means fallback and the pair sample")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
+    add_progress_option(parser)
     parser.set_defaults(func=run)
     return parser

@@ -25,6 +25,8 @@ dumps its share of the shards (shard k: rank k % WORLD_SIZE) into one dump; each
 from __future__ import annotations
 
 import argparse
+
+from geocap.cli import add_progress_option
 from geocap.errors import UsageError
 
 __all__ = ["add_parser", "run"]
@@ -152,6 +154,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--captions", default=None,
                         help="captions directory inside --data (default caps); with --hf: a COCO captions file")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when available), cpu, cuda, ...")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_progress_option(parser)
     parser.set_defaults(func=run)
     return parser

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from geocap.cli import add_progress_option
+
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``geocap evaluate``: prints the report, returns 0 (geocap's errors for bad options or data)."""
@@ -48,8 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "(default ground_truth.json; skipped when absent)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
+    add_progress_option(parser)
     parser.set_defaults(func=run)
     return parser
 

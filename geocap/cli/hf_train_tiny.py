@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from geocap.cli import add_progress_option
+
 
 def run(args) -> int:
     """Handler of ``geocap hf-train-tiny``: trains, saves, prints a summary."""
@@ -11,7 +13,7 @@ def run(args) -> int:
 
     sizes = {k: getattr(args, k) for k in ("image_size", "patch_size", "d_model", "layers", "heads")}
     summary = train_tiny_captioner(args.images, args.captions, args.out, steps=args.steps, batch_size=args.batch_size,
-                                   lr=args.lr, seed=args.seed, progress=not args.no_progress, **sizes)
+                                   lr=args.lr, seed=args.seed, progress=args.progress, **sizes)
     print(f"trained a tiny VisionEncoderDecoderModel ({summary['parameters']} parameters, vocabulary "
           f"{summary['vocab_size']}) on {summary['images']} images / {summary['captions']} captions: "
           f"{summary['steps']} steps, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, "
@@ -44,6 +46,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int, default=d["d_model"], help=f"width (default {d['d_model']})")
     p.add_argument("--layers", type=int, default=d["layers"], help=f"layers per side (default {d['layers']})")
     p.add_argument("--heads", type=int, default=d["heads"], help=f"attention heads (default {d['heads']})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(p)
     p.set_defaults(func=run)
     return p

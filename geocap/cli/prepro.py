@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from geocap.cli import add_progress_option
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``prepro features`` and ``prepro captions`` to ``subparsers``; returns the ``prepro`` parser."""
@@ -29,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="JSON files whose 'images' carry width/height (COCO annotations): needed for "
                            "pixel boxes (m2-h5, npz-dir --box-units pixel)")
     feat.add_argument("--box-units", choices=("pixel", "relative"), help="npz-dir: units of the box folder")
-    feat.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_option(feat)
     feat.set_defaults(func=run)
 
     caps = sub.add_parser("captions", help="caption annotations -> vocab.json + captions.h5")
@@ -47,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     caps.add_argument("--vocab-split", choices=("train", "all"), default="train",
                       help="count words over the train split only (default, when the source has splits) "
                            "or over every caption")
-    caps.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_option(caps)
     caps.set_defaults(func=run)
     return parser
 

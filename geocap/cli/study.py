@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
+
+from geocap.cli import add_progress_option
 from geocap.errors import UsageError
 
 __all__ = ["add_parser", "run", "settings_from_args"]
@@ -81,7 +83,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--settings", default=None, metavar="FILE",
                         help="JSON object of study settings (a subset of the fields of "
                              "geocap.study.settings.StudySettings) over the full or quick defaults")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bars (log lines stay)")
+    add_progress_option(parser, help="no progress bars (log lines stay)")
     parser.set_defaults(func=run)
     return parser

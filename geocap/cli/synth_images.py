@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from geocap.cli import add_progress_option
+
 
 def run(args) -> int:
     """Handler of ``geocap synth-images``: draws the images, writes the COCO files, prints a summary."""
     from geocap.data.synth import render_images
 
-    summary = render_images(args.data, args.out, split=args.split, size=args.size, progress=not args.no_progress)
+    summary = render_images(args.data, args.out, split=args.split, size=args.size, progress=args.progress)
     print(f"rendered {summary['images']} images ({summary['split']}, {summary['objects']} objects, "
           f"{summary['captions']} captions) into {summary['images_dir']} in {summary['seconds']:.1f} s; "
           f"wrote {summary['captions_json']} and {summary['instances_json']}")
@@ -31,6 +33,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLITS, default=None, help="only this split's images (default: every image)")
     p.add_argument("--size", type=int, default=None,
                    help="longer side of the written images in pixels (default: the ground truth's sizes)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(p)
     p.set_defaults(func=run)
     return p

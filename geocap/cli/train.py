@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import fields
 from typing import TYPE_CHECKING
+
+from geocap.cli import add_progress_option
 from geocap.errors import UsageError
 
 if TYPE_CHECKING:
@@ -71,8 +73,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
                             metavar="BOOL" if kind is _bool else f.name.upper(),
                             help=f"{_HELP.get(f.name, '')} (default {f.default!r})".strip())
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                        help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
+    add_progress_option(parser, default=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> "TrainConfig":

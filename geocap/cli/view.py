@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+
+from geocap.cli import add_progress_option
 from geocap.errors import UsageError
 
 
@@ -94,7 +96,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="keep only the K largest weights of each encoder self-attention row (the pages say how "
                              "much weight a row lost); a patch encoder's N x N maps are most of a site's size. "
                              "Default: whole maps")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress (a bar on a terminal; in a log a line every GEOCAP_PROGRESS_INTERVAL s)")
+    add_progress_option(parser)
     parser.set_defaults(func=run)
     return parser
