@@ -95,6 +95,19 @@ def _same_dumps(path_a, path_b):
         _same(x, y)
 
 
+def test_records_of_one_image_share_its_arrays(base):
+    """As the writer's records do: the analyses compare objects by identity first (a value
+    comparison per record otherwise), and a top-k encoder map is expanded once per image."""
+    records = list(open_dump(base, progress=False))
+    pairs = [(a, b) for a, b in zip(records, records[1:]) if a.image_id == b.image_id]
+    assert len(pairs) >= len(records) // 2
+    for a, b in pairs:
+        for name in ("boxes", "labels", "clusters", "extra", "encoder_self", "encoder_entropy"):
+            assert getattr(a, name) is getattr(b, name) is not None, name
+        assert a.decoder_self is not b.decoder_self and a.cross is not b.cross
+    assert records[0].boxes is not records[-1].boxes
+
+
 def test_round_trip_teacher_forced(base, ckpt, data_dir):
     d = open_dump(base, progress=False)
     truth = json.load(open(os.path.join(data_dir, "ground_truth.json")))

@@ -466,30 +466,13 @@ class _Shard:
                 off = self.ent_off[name]
                 rows = self._read(f"entropy/{name}", int(off[a]), int(off[b]))   # float16 in stats-only shards
                 blocks[ENTROPY_NAMES[name]] = (int(off[a]), rows.astype(np.float32, copy=False))
-        out = []
-        for j in range(lo, hi):
-            m = int(self.rec_image[j])
-            n, t = int(self.n_objects[m]), int(self.n_tokens[j])
-            oa, ob = int(self.obj_off[m]) - o0, int(self.obj_off[m + 1]) - o0
-            ta, tb = int(self.tok_off[j]) - t0, int(self.tok_off[j + 1]) - t0
-            width, height = int(self.sizes["width"][m]), int(self.sizes["height"][m])
-            fields = {"extra": {"width": width, "height": height} if width > 0 and height > 0 else {}}
-            fields["extra"].update(self.extra_fields[m])
-            for name in ("labels", "clusters"):
-                if name in obj:
-                    fields[name] = obj[name][oa:ob].astype(np.int64)
-            if "features" in obj:
-                fields["features"] = obj["features"][oa:ob]
-            if self.has_ref[j]:
-                fields["referents"] = tok["referents"][ta:tb].astype(np.int64)
-            if self.has_src[j]:
-                fields["source_referents"] = tok["source_referents"][ta:tb].astype(np.int64)
-            rows = {"encoder_self": (n, n), "decoder_self": (t, t), "cross": (t, n)}
-            for name in MAP_NAMES:
+        rows = {"encoder_self": lambda n, t: (n, n), "decoder_self": lambda n, t: (t, t), "cross": lambda n, t: (t, n)}
+
+        def maps_of(names, index: int, n: int, t: int, m: int, fields: dict) -> None:
+            for name in names:
                 layers, heads = self.lh[name]
-                index = m if name == "encoder_self" else j
-                for key, off, tail in ((name, self.map_off, rows[name]),
-                                       (ENTROPY_NAMES[name], self.ent_off, rows[name][:1])):
+                tail = rows[name](n, t)
+                for key, off, shape in ((name, self.map_off, tail), (ENTROPY_NAMES[name], self.ent_off, tail[:1])):
                     if key in blocks:
                         base, data = blocks[key]
                         s, e = int(off[name][index]) - base, int(off[name][index + 1]) - base
@@ -498,11 +481,40 @@ class _Shard:
                             values, columns = (part[s:e].reshape(layers, heads, n, k) for part in data)
                             fields[key] = self._expand(values, columns, n, m)
                         else:
-                            fields[key] = data[s:e].reshape(layers, heads, *tail)
+                            fields[key] = data[s:e].reshape(layers, heads, *shape)
+
+        # the fields of an image (objects, extra, encoder maps) are built once and shared by all its
+        # records, as the writer's records share them: analyses compare them by identity, and a
+        # top-k encoder map is expanded once per image, not once per record
+        images: dict = {}
+        out = []
+        for j in range(lo, hi):
+            m = int(self.rec_image[j])
+            n, t = int(self.n_objects[m]), int(self.n_tokens[j])
+            image = images.get(m)
+            if image is None:
+                oa, ob = int(self.obj_off[m]) - o0, int(self.obj_off[m + 1]) - o0
+                width, height = int(self.sizes["width"][m]), int(self.sizes["height"][m])
+                image = {"boxes": obj["boxes"][oa:ob],
+                         "extra": {"width": width, "height": height} if width > 0 and height > 0 else {}}
+                image["extra"].update(self.extra_fields[m])
+                for name in ("labels", "clusters"):
+                    if name in obj:
+                        image[name] = obj[name][oa:ob].astype(np.int64)
+                if "features" in obj:
+                    image["features"] = obj["features"][oa:ob]
+                maps_of(("encoder_self",), m, n, t, m, image)
+                images[m] = image
+            fields = dict(image)
+            ta, tb = int(self.tok_off[j]) - t0, int(self.tok_off[j + 1]) - t0
+            if self.has_ref[j]:
+                fields["referents"] = tok["referents"][ta:tb].astype(np.int64)
+            if self.has_src[j]:
+                fields["source_referents"] = tok["source_referents"][ta:tb].astype(np.int64)
+            maps_of(("decoder_self", "cross"), j, n, t, m, fields)
             ids = tok["ids"][ta:tb]
-            out.append(Record(image_id=int(self.image_id[m]), boxes=obj["boxes"][oa:ob],
-                              tokens=[self.vocab[int(k)] for k in ids], kind=KINDS[int(self.kind[j])],
-                              caption_id=int(self.caption_id[j]), **fields))
+            out.append(Record(image_id=int(self.image_id[m]), tokens=[self.vocab[int(k)] for k in ids],
+                              kind=KINDS[int(self.kind[j])], caption_id=int(self.caption_id[j]), **fields))
         return out
 
     def _expand(self, values, columns, n: int, image: int) -> np.ndarray:
