@@ -104,6 +104,8 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, attent
     ct = compute_dtype(q.dtype)
     batch, heads, n_queries, _ = q.shape
     n_keys = k.shape[-2]
+    if causal and n_queries == 1 and n_keys >= 1:
+        causal = False   # bottom-right aligned, one query sees every key: cached decoding's every step
     if n_queries == 0:
         out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
         return out, (q.new_zeros(q.shape[:-1], dtype=ct) if return_entropy else None), (

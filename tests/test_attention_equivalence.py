@@ -121,8 +121,10 @@ def test_entropy_and_probs_outputs(backend, dtype, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("causal,nq,nk", [(True, 19, 19), (True, 5, 23), (True, 23, 5), (False, 7, 40), (False, 33, 1)],
-                         ids=["causal_square", "causal_cached", "causal_more_queries", "cross", "cross_one_key"])
+@pytest.mark.parametrize("causal,nq,nk", [(True, 19, 19), (True, 5, 23), (True, 23, 5), (True, 1, 17), (False, 7, 40),
+                                          (False, 33, 1)],
+                         ids=["causal_square", "causal_cached", "causal_more_queries", "causal_one_query", "cross",
+                              "cross_one_key"])
 def test_attention_matches_reference(backend, dtype, causal, nq, nk, device):
     inputs = random_inputs(2, 2, nq, 32, dtype, device, seed=nq + nk, n_keys=nk, geometry=False)
 
