@@ -12,7 +12,10 @@ Both return :class:`AttentionResult` ``(out, entropy, probs)``: ``out`` ``[B, H,
 dtype; ``entropy`` ``[B, H, Nq]`` (nats, per query row, of the attention distribution before
 dropout) and ``probs`` ``[B, H, Nq, Nk]`` (before dropout) are None unless asked for, float32
 (float64 for float64 inputs) and detached: they are diagnostics, not differentiable outputs.
-A query row whose keys are all padded attends to nothing: out 0, probs 0, entropy 0.
+A query row whose keys are all padded attends to nothing: out 0, probs 0, entropy 0. Padded
+boxes may hold anything; padded keys and values must be finite (weight 0 times NaN is NaN; the
+PyTorch path adds the mask to the scores, so a NaN key leaks there too, while the Triton kernel
+replaces masked scores).
 """
 from __future__ import annotations
 

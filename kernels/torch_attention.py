@@ -121,7 +121,7 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, attent
         if not causal:
             # padded keys' values zeroed (one multiply): their weights are exactly 0 in any row with
             # a valid key, and a row without one (uniform weights) then gives 0, as the reference's
-            # zeroed output; also keeps non-finite padding out of every output
+            # zeroed output (finite padding only: 0 x NaN is NaN, as in the reference)
             vc = vc * attention_mask.view(batch, 1, n_keys, 1)
     step = _query_block_size(batch, heads, n_keys, ct.itemsize)
     recompute = batch * heads * n_queries * n_keys > CHECKPOINT_ABOVE_ELEMENTS and torch.is_grad_enabled() and any(
