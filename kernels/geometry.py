@@ -291,8 +291,8 @@ def geometry_log_bias(boxes: torch.Tensor, wg_weight: torch.Tensor, wg_bias: tor
     check_boxes(boxes)
     check_geometry_weights(wg_weight, wg_bias)
     check_embedding(embedding)
-    f = BoxFactors(boxes, compute_dtype(boxes.dtype), embedding)
-    ct = f.freq.dtype
+    ct = compute_dtype(boxes.dtype)
+    f = BoxFactors(boxes, ct, embedding)
     return block_log_bias(f, f, wg_weight.to(ct), wg_bias.to(ct))
 
 

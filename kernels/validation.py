@@ -6,7 +6,6 @@ attention_mask ``[B, Nk]`` bool with True = real object (attend to it), False = 
 """
 from __future__ import annotations
 
-
 import torch
 
 from .geometry import EMBEDDINGS
@@ -37,7 +36,7 @@ class value_checks:  # noqa: N801 - used like torch.no_grad
     __slots__ = ("_enabled", "_previous")
 
     # a class, not contextlib.contextmanager: entering and leaving cost ~0.5 us instead of ~2 us,
-    # which counts where a model enters it around every attention call
+    # which counts where it wraps single attention calls (the encoder's layers after the first)
     def __init__(self, enabled: bool):
         self._enabled = bool(enabled)
 

@@ -466,12 +466,12 @@ class _Shard:
                 off = self.ent_off[name]
                 rows = self._read(f"entropy/{name}", int(off[a]), int(off[b]))   # float16 in stats-only shards
                 blocks[ENTROPY_NAMES[name]] = (int(off[a]), rows.astype(np.float32, copy=False))
-        rows = {"encoder_self": lambda n, t: (n, n), "decoder_self": lambda n, t: (t, t), "cross": lambda n, t: (t, n)}
-
         def maps_of(names, index: int, n: int, t: int, m: int, fields: dict) -> None:
+            """The maps and entropies ``names`` of record (or, for the encoder, image) ``index`` into ``fields``."""
+            tails = {"encoder_self": (n, n), "decoder_self": (t, t), "cross": (t, n)}
             for name in names:
                 layers, heads = self.lh[name]
-                tail = rows[name](n, t)
+                tail = tails[name]
                 for key, off, shape in ((name, self.map_off, tail), (ENTROPY_NAMES[name], self.ent_off, tail[:1])):
                     if key in blocks:
                         base, data = blocks[key]
