@@ -179,28 +179,33 @@ def log_geometry_bias_from_logits(x: torch.Tensor) -> torch.Tensor:
 
 class BoxFactors:
     """Per-box quantities of the PyTorch fast path, computed once per call, already shaped for
-    the pair tensors ``[..., Nq, Nk]`` (the tiny calls of this path are bound by the number of
-    operator calls: each view here saves one per use).
+    the pair tensors ``[B, 4, 8, Nq, Nk]`` of :func:`pair_arguments` (the tiny calls of this path
+    are bound by the number of operator calls: each view here saves one per use).
 
     Attributes (``B`` batch, ``N`` boxes, float32 or float64): ``query_edges`` ``[B, 2 (lo, hi),
-    2 (x, y), N, 1]`` and ``key_edges`` ``[B, 2, 2, 1, N]`` = the boxes' (x1, y1) and (x2, y2)
+    2 (x, y), 1, N, 1]`` and ``key_edges`` ``[B, 2, 2, 1, 1, N]`` = the boxes' (x1, y1) and (x2, y2)
     (centre offsets are taken from them, :func:`coordinate_offset`); ``query_two_size``
-    ``[B, 2, N, 1]`` and ``key_two_size`` ``[B, 2, 1, N]`` = 2 (w, h) with ORT's +1 (exactly twice
-    ORT's sizes: their ratios are ORT's ratios, bit for bit); ``freq`` the frequencies
-    (:func:`pair_constants`); ``embedding`` the dx/dy form (``EMBEDDINGS``).
+    ``[B, 2, 1, N, 1]`` and ``key_two_size`` ``[B, 2, 1, 1, N]`` = 2 (w, h) with ORT's +1 (exactly
+    twice ORT's sizes: their ratios are ORT's ratios, bit for bit); the singleton dimension is
+    the frequencies' (``freq`` and ``scale`` from :func:`pair_constants`); ``embedding`` the dx/dy
+    form (``EMBEDDINGS``). Boxes whose ``attention_mask [B, N]`` is False count as zeros (as
+    :func:`zero_padded_boxes` makes them: padding may hold anything).
     """
 
-    def __init__(self, boxes: torch.Tensor, dtype: torch.dtype, embedding: str = "ort"):
+    def __init__(self, boxes: torch.Tensor, dtype: torch.dtype, embedding: str = "ort", attention_mask=None):
         self.embedding = embedding
         b = boxes if boxes.dtype == dtype else boxes.to(dtype)
-        edges = b.view(b.shape[0], b.shape[1], 2, 2).permute(0, 2, 3, 1)        # [B, 2 (lo, hi), 2 (x, y), N]
-        lo, hi = edges.unbind(1)
         constants = pair_constants(dtype, b.device)
+        if attention_mask is not None:
+            b = torch.where(attention_mask.view(b.shape[0], b.shape[1], 1), b, constants.zero)
+        # [B, N, 4] -> [B, 2 (lo, hi), 2 (x, y), 1, N, 1]
+        self.query_edges = b.view(b.shape[0], b.shape[1], 2, 2, 1, 1).permute(0, 2, 3, 4, 1, 5)
+        self.key_edges = self.query_edges.mT
+        lo, hi = self.query_edges.unbind(1)
         # 2 + 2 (hi - lo) rounds once, to exactly 2 (hi - lo + 1) as ORT rounds it: one operator fewer
-        two_size = torch.add(constants.two, hi - lo, alpha=2.0)
-        self.query_edges, self.key_edges = edges.unsqueeze(-1), edges.unsqueeze(-2)
-        self.query_two_size, self.key_two_size = two_size.unsqueeze(-1), two_size.unsqueeze(-2)
-        self.freq = constants.freq
+        self.query_two_size = torch.add(constants.two, hi - lo, alpha=2.0)
+        self.key_two_size = self.query_two_size.mT
+        self.freq, self.scale = constants.freq, constants.scale
 
     def rows(self, start: int, stop: int) -> "BoxFactors":
         """The same factors with the queries restricted to boxes ``start:stop`` (a query block)."""
@@ -213,9 +218,13 @@ class BoxFactors:
 
 class PairConstants(NamedTuple):
     """The PyTorch path's constants for one dtype and device: ``freq`` ``[dim_g // 8, 1, 1]`` the
-    frequencies f_k shaped to scale ``[..., Nq, Nk]`` pair tensors, ``two`` a 0-dim 2.0."""
+    frequencies f_k shaped to scale ``[..., Nq, Nk]`` pair tensors; 0-dim ``two`` (2.0), ``scale``
+    (``SCALE``) and ``zero`` (0.0): tensor operands, as a Python number costs a wrapped-scalar
+    tensor per call."""
     freq: torch.Tensor
     two: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
 
 
 def pair_constants(dtype: torch.dtype, device) -> PairConstants:
@@ -229,7 +238,8 @@ def pair_constants(dtype: torch.dtype, device) -> PairConstants:
 @functools.lru_cache(maxsize=64)
 def _pair_constants(dtype: torch.dtype, device: torch.device) -> PairConstants:
     freq = geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=device).view(-1, 1, 1)
-    return PairConstants(freq, torch.tensor(2.0, dtype=dtype, device=device))
+    return PairConstants(freq, torch.tensor(2.0, dtype=dtype, device=device),
+                         torch.tensor(SCALE, dtype=dtype, device=device), torch.tensor(0.0, dtype=dtype, device=device))
 
 
 def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
@@ -237,17 +247,17 @@ def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:
     8 frequencies (flattened, the embedding's channel order): the sin and the cos of this tensor
     are the embedding's two halves. dx/dy from the edges (:func:`coordinate_offset`'s formula),
     dw/dh = log(w_i / w_j) as ORT computes them."""
-    edge_offsets = qf.query_edges - kf.key_edges                                   # [B, 2, 2, Nq, Nk]
+    edge_offsets = qf.query_edges - kf.key_edges                                   # [B, 2, 2, 1, Nq, Nk]
     u = edge_offsets.sum(1) / qf.query_two_size                                    # (lo_i - lo_j) + (hi_i - hi_j)
     size_ratio = qf.query_two_size / kf.key_two_size                               # dw, dh = log of it
     if qf.embedding == "ort":                                                      # one log for all four
-        disp = torch.log(torch.cat([_clamped_ratio(u), size_ratio], dim=1))        # [B, 4, Nq, Nk]
+        disp = torch.log(torch.cat([_clamped_ratio(u), size_ratio], dim=1))        # [B, 4, 1, Nq, Nk]
     else:
         disp = torch.cat([_offset_feature(u, qf.embedding), torch.log(size_ratio)], dim=1)
     # (100 d) f, rounded in the reference's order (not d (100 f)): near the log floor of the
     # geometry logit the sinusoids of these ~700 rad arguments magnify a different rounding into
     # errors up to 14x eager's (tests/test_attention_precision.py)
-    return (disp * SCALE).unsqueeze(2) * qf.freq                                   # [B, 4, 8, Nq, Nk]
+    return disp * qf.scale * qf.freq                                               # [B, 4, 8, Nq, Nk]
 
 
 def geometry_logits(qf: BoxFactors, kf: BoxFactors, wg_weight, wg_bias) -> torch.Tensor:

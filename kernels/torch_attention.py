@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .geometry import BoxFactors, block_log_bias, compute_dtype, scalar_constant, zero_padded_boxes
+from .geometry import BoxFactors, block_log_bias, compute_dtype, scalar_constant
 from .reference import MASKED_SCORE, causal_keep
 
 # Temporaries per query block stay below about this many bytes.
@@ -31,14 +31,15 @@ def _query_block_size(batch: int, heads: int, n_keys: int, itemsize: int) -> int
 
 
 def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, causal, dropout_p,
-           want_probs, want_entropy):
+           want_probs, want_entropy, differentiating, sdpa_masks):
     """Attention of the query block ``q [B, H, m, d]`` (rows ``q_start:q_start + m``) over all keys.
 
     The log-geometry and the masks become one additive bias for
     ``F.scaled_dot_product_attention`` (fused softmax), except when differentiating on CPU,
-    where plain ops are cheaper than SDPA's math fallback. Returns
-    ``(out [B, H, m, d], probs [B, H, m, Nk] or None, entropy [B, H, m] or None)`` in the
-    compute dtype.
+    where plain ops are cheaper than SDPA's math fallback. ``sdpa_masks``: SDPA alone computes
+    the block (:func:`torch_attention`), so masked keys get -inf and a row without any valid key
+    comes out 0 from SDPA itself. Returns ``(out [B, H, m, d], probs [B, H, m, Nk] or None,
+    entropy [B, H, m] or None)`` in the compute dtype.
     """
     m, n_keys = q.shape[-2], k.shape[-2]
     bias = None
@@ -50,16 +51,14 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
         keep = keep_causal[None, None] if keep is None else keep & keep_causal
     has_key = None
     if keep is not None:
-        # masked keys get the reference's finite -1e9, so a row without any valid key gets finite
-        # (uniform) weights, zeroed below by one multiply: no test of the mask on the host. Without
-        # a causal mask the caller zeroed the padded keys' values instead (such a row then averages
-        # zeros), so only the weights, when wanted, need the multiply
-        if causal or want_probs or want_entropy:
+        # elsewhere masked keys get the reference's finite -1e9, so a row without any valid key
+        # gets finite (uniform) weights, zeroed below by one multiply: no test of the mask on the
+        # host. Without a causal mask the caller zeroed the padded keys' values instead (such a row
+        # then averages zeros), so only the weights, when wanted, need the multiply
+        if not sdpa_masks and (causal or want_probs or want_entropy):
             has_key = keep.any(-1, keepdim=True)
-        masked = scalar_constant(MASKED_SCORE, q.dtype, q.device)
+        masked = scalar_constant(-math.inf if sdpa_masks else MASKED_SCORE, q.dtype, q.device)
         bias = torch.where(keep, scalar_constant(0.0, q.dtype, q.device) if bias is None else bias, masked)
-    differentiating = torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad or (bias is not None and bias.requires_grad))
     if (want_probs or want_entropy) and not differentiating and dropout_p == 0:
         # the weights are wanted anyway (dumps, recorded decoding): one softmax serves the output
         # too, instead of SDPA's own plus a second for the weights
@@ -110,25 +109,30 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, attent
         out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
         return out, (q.new_zeros(q.shape[:-1], dtype=ct) if return_entropy else None), (
             q.new_zeros((batch, heads, 0, n_keys), dtype=ct) if return_probs else None)
-    qc, kc, vc = _as(q, ct), _as(k, ct), _as(v, ct)
+    qc, kc, vc = (q, k, v) if q.dtype == ct else (q.to(ct), k.to(ct), v.to(ct))   # one dtype (validated)
     geo = boxes is not None
     factors = wgw = wgb = keep_keys = None
     if geo:
-        factors = BoxFactors(zero_padded_boxes(boxes, attention_mask), ct, embedding)
+        factors = BoxFactors(boxes, ct, embedding, attention_mask)
         wgw, wgb = _as(wg_weight, ct), _as(wg_bias, ct)
+    differentiating = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, wg_weight, wg_bias))
+    # SDPA alone on CPU (no weights wanted, nothing to differentiate) gives a row whose scores are
+    # all -inf zeros (tests/test_attention_equivalence.py checks it): no values to zero, no
+    # multiply. Elsewhere masked scores are the reference's finite -1e9
+    sdpa_masks = not (return_probs or return_entropy or differentiating) and q.device.type == "cpu"
     if attention_mask is not None:
         keep_keys = attention_mask.view(batch, 1, 1, n_keys)
-        if not causal:
+        if not (causal or sdpa_masks):
             # padded keys' values zeroed (one multiply): their weights are exactly 0 in any row with
             # a valid key, and a row without one (uniform weights) then gives 0, as the reference's
             # zeroed output (finite padding only: 0 x NaN is NaN, as in the reference)
             vc = vc * attention_mask.view(batch, 1, n_keys, 1)
     step = _query_block_size(batch, heads, n_keys, ct.itemsize)
-    recompute = batch * heads * n_queries * n_keys > CHECKPOINT_ABOVE_ELEMENTS and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, wg_weight, wg_bias))
+    recompute = differentiating and batch * heads * n_queries * n_keys > CHECKPOINT_ABOVE_ELEMENTS
     if step >= n_queries and not recompute:   # one block, the common case: no lists, no joins
         out, prob, entropy = _block(qc, kc, vc, keep_keys, factors, factors, wgw, wgb, 0, n_queries, causal,
-                                    dropout_p, return_probs, return_entropy)
+                                    dropout_p, return_probs, return_entropy, differentiating, sdpa_masks)
         return (_as(out, q.dtype), entropy.detach() if return_entropy else None,
                 prob.detach() if return_probs else None)
     outs, probs, entropies = [], [], []
@@ -137,7 +141,8 @@ def torch_attention(q, k, v, *, boxes=None, wg_weight=None, wg_bias=None, attent
         whole = start == 0 and stop == n_queries
         args = (qc if whole else qc[:, :, start:stop], kc, vc, keep_keys,
                 (factors if whole else factors.rows(start, stop)) if geo else None,
-                factors, wgw, wgb, start, n_queries, causal, dropout_p, return_probs, return_entropy)
+                factors, wgw, wgb, start, n_queries, causal, dropout_p, return_probs, return_entropy,
+                differentiating, sdpa_masks)
         o, p, h = checkpoint(_block, *args, use_reentrant=False) if recompute else _block(*args)
         outs.append(o)
         entropies.append(h)

@@ -108,15 +108,14 @@ def check_qkv(q, k, v, *, same_length: bool) -> None:
             require_dtype(name, t, TORCH_DTYPES)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim ([B, H, N, d])"
-        )
-    if same_length and q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k must have the same number of objects N, got {q.shape[2]} and {k.shape[2]}")
-    if q.shape[3] == 0:
+    qs, ks = q.shape, k.shape
+    if ks != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(ks)} and {tuple(v.shape)}")
+    if qs[0] != ks[0] or qs[1] != ks[1] or qs[3] != ks[3]:
+        raise ValueError(f"q {tuple(qs)} and k {tuple(ks)} must agree in batch, heads and head dim ([B, H, N, d])")
+    if same_length and qs[2] != ks[2]:
+        raise ValueError(f"q and k must have the same number of objects N, got {qs[2]} and {ks[2]}")
+    if qs[3] == 0:
         raise ValueError("q has head dim d = 0")
 
 

@@ -147,6 +147,42 @@ def test_fully_padded_rows_attend_to_nothing(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["geo_attention", "attention", "causal"])
+def test_fully_padded_rows_attend_to_nothing_without_autograd(backend, op, device):
+    """Nothing to differentiate and no weights asked for: on CPU the PyTorch path leaves a row
+    without valid keys to SDPA (-inf scores, values not zeroed), which must give it 0 too, and
+    the other rows must be the reference's."""
+    inputs = random_inputs(2, 2, 12, 16, torch.float32, device, geometry=op == "geo_attention")
+    inputs["attention_mask"][1] = False
+    if op == "geo_attention":
+        out = _geo(inputs, backend).out
+    else:
+        out = attention(inputs["q"], inputs["k"], inputs["v"], inputs["attention_mask"], causal=op == "causal",
+                        backend=backend).out
+    assert (out[1] == 0).all()
+    ref = run_reference(upcast(inputs), None, causal=op == "causal")[0]
+    torch.testing.assert_close(out[0].double(), ref[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["geo_attention", "attention", "causal"])
+def test_forward_without_autograd_matches_reference(backend, dtype, op, device):
+    """The forward that inference runs (no tensor requiring a gradient, no weights asked for), by
+    the eager rule at every dtype: the PyTorch path computes it another way than the
+    differentiable forward (tests above), with -inf for masked keys."""
+    inputs = random_inputs(2, 2, 19, 32, dtype, device, seed=7, geometry=op == "geo_attention")
+    if op == "geo_attention":
+        out = _geo(inputs, backend).out
+    else:
+        out = attention(inputs["q"], inputs["k"], inputs["v"], inputs["attention_mask"], causal=op == "causal",
+                        backend=backend).out
+    ref = run_reference(upcast(inputs), None, causal=op == "causal")[0]
+    eager = run_reference(inputs, None, causal=op == "causal")[0]
+    assert_within_eager_rule("out", out, eager, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batches(backend, device):
     for shape in [(0, 2, 5, 16), (2, 2, 0, 16)]:
         inputs = random_inputs(*shape, dtype=torch.float32, device=device, masked=False)

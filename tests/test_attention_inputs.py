@@ -33,6 +33,7 @@ def inputs():
     (lambda x: {"attention_mask": x["attention_mask"][:, :5]}, r"attention_mask must have shape \[B, N\]"),
     (lambda x: {"attention_mask": x["attention_mask"].float()}, "attention_mask must be a bool tensor"),
     (lambda x: {"boxes": x["boxes"].to("meta")}, "boxes is on meta but q is on cpu"),
+    (lambda x: {"attention_mask": x["attention_mask"].to("meta")}, "attention_mask is on meta but q is on cpu"),
     (lambda x: {"backend": "cuda"}, "backend must be one of"),
     (lambda x: {"embedding": "mirror"}, "embedding must be one of 'ort', 'signed', got 'mirror'"),
 ])
