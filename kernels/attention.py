@@ -42,16 +42,6 @@ def _check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
-def _same_device(names: str, *tensors) -> torch.device:
-    """The device of ``tensors`` (the first is a tensor; None allowed after it), named in order by
-    the words of ``names``: ValueError from require_same_device when they differ."""
-    device = tensors[0].device
-    for t in tensors:
-        if t is not None and t.device != device:
-            return require_same_device(dict(zip(names.split(), tensors)))
-    return device
-
-
 def _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, attention_mask, causal, dropout_p,
          return_entropy, return_probs, embedding="ort") -> AttentionResult:
     chosen = resolve_backend(backend, device)
@@ -85,8 +75,11 @@ def geo_attention(q, k, v, boxes, wg_weight, wg_bias, attention_mask=None, *, dr
     batch, heads, n, _ = q.shape
     check_attention_mask(attention_mask, batch, n)
     check_geometry_weights(wg_weight, wg_bias, heads)
-    device = _same_device("q k v boxes wg_weight wg_bias attention_mask", q, k, v, boxes, wg_weight, wg_bias,
-                          attention_mask)
+    device = q.device
+    if not (k.device == device == v.device == boxes.device == wg_weight.device == wg_bias.device
+            and (attention_mask is None or attention_mask.device == device)):
+        require_same_device(dict(q=q, k=k, v=v, boxes=boxes, wg_weight=wg_weight, wg_bias=wg_bias,
+                                 attention_mask=attention_mask))
     check_boxes(boxes, batch, n, attention_mask)
     return _run(backend, device, q, k, v, boxes, wg_weight, wg_bias, attention_mask, False, _check_dropout(dropout_p),
                 return_entropy, return_probs, embedding)
@@ -100,6 +93,8 @@ def attention(q, k, v, attention_mask=None, *, causal=False, dropout_p=0.0, retu
     ``attention_mask [B, Nk]`` bool, True = attend to this key, False = padding; None = all keys."""
     check_qkv(q, k, v, same_length=False)
     check_attention_mask(attention_mask, q.shape[0], k.shape[2])
-    device = _same_device("q k v attention_mask", q, k, v, attention_mask)
+    device = q.device
+    if not (k.device == device == v.device and (attention_mask is None or attention_mask.device == device)):
+        require_same_device(dict(q=q, k=k, v=v, attention_mask=attention_mask))
     return _run(backend, device, q, k, v, None, None, None, attention_mask, bool(causal), _check_dropout(dropout_p),
                 return_entropy, return_probs)

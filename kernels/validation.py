@@ -99,13 +99,16 @@ def require_same_device(named: dict) -> torch.device:
 
 def check_qkv(q, k, v, *, same_length: bool) -> None:
     """q ``[B, H, Nq, d]``, k/v ``[B, H, Nk, d]`` of one float dtype; Nq == Nk when ``same_length``."""
-    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-            and q.dim() == k.dim() == v.dim() == 4 and q.dtype in TORCH_DTYPES and q.dtype == k.dtype == v.dtype):
-        # the common case passes the test above in one go; otherwise name the first bad argument
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            require_tensor(name, t)
-            require_ndim(name, t, 4, "[B, H, N, d]")
-            require_dtype(name, t, TORCH_DTYPES)
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor):
+        qs, ks = q.shape, k.shape
+        if (len(qs) == 4 and ks == v.shape and len(ks) == 4 and q.dtype in TORCH_DTYPES
+                and q.dtype == k.dtype == v.dtype and qs[0] == ks[0] and qs[1] == ks[1] and qs[3] == ks[3] != 0
+                and (qs[2] == ks[2] or not same_length)):
+            return   # the common case in one expression; otherwise name the first bad argument
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_tensor(name, t)
+        require_ndim(name, t, 4, "[B, H, N, d]")
+        require_dtype(name, t, TORCH_DTYPES)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     qs, ks = q.shape, k.shape
@@ -117,6 +120,7 @@ def check_qkv(q, k, v, *, same_length: bool) -> None:
         raise ValueError(f"q and k must have the same number of objects N, got {qs[2]} and {ks[2]}")
     if qs[3] == 0:
         raise ValueError("q has head dim d = 0")
+    raise AssertionError("check_qkv: the common-case test and the checks disagree")  # pragma: no cover
 
 
 def check_attention_mask(mask, batch: int, n_keys: int, name: str = "attention_mask") -> None:
@@ -126,7 +130,7 @@ def check_attention_mask(mask, batch: int, n_keys: int, name: str = "attention_m
     require_tensor(name, mask)
     if mask.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor (True = real object), got dtype {mask.dtype}")
-    if tuple(mask.shape) != (batch, n_keys):
+    if mask.shape != (batch, n_keys):
         raise ValueError(f"{name} must have shape [B, N] = {(batch, n_keys)}, got {tuple(mask.shape)}")
 
 
@@ -139,6 +143,10 @@ def check_embedding(embedding) -> str:
 
 def check_geometry_weights(wg_weight, wg_bias, heads: int | None = None, dim_g: int = 64) -> None:
     """wg_weight ``[H, dim_g]`` and wg_bias ``[H]``; ``heads=None`` takes H from wg_weight."""
+    if (heads is not None and isinstance(wg_weight, torch.Tensor) and isinstance(wg_bias, torch.Tensor)
+            and wg_weight.dtype in TORCH_DTYPES and wg_bias.dtype in TORCH_DTYPES
+            and wg_weight.shape == (heads, dim_g) and wg_bias.shape == (heads,)):
+        return   # the common case in one expression; otherwise name the first bad argument
     require_tensor("wg_weight", wg_weight)
     require_tensor("wg_bias", wg_bias)
     require_dtype("wg_weight", wg_weight, TORCH_DTYPES)

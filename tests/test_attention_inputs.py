@@ -26,6 +26,8 @@ def inputs():
     (lambda x: {"q": x["q"][0]}, r"q must have shape \[B, H, N, d\]"),
     (lambda x: {"v": x["v"].half()}, "share one dtype"),
     (lambda x: {"q": x["q"].int(), "k": x["k"].int(), "v": x["v"].int()}, "q has dtype int32"),
+    (lambda x: {"q": x["q"][..., :0], "k": x["k"][..., :0], "v": x["v"][..., :0]}, "head dim d = 0"),
+    (lambda x: {"k": x["k"][..., :8], "v": x["v"][..., :8]}, "must agree in batch, heads and head dim"),
     (lambda x: {"boxes": x["boxes"][:, :4]}, r"boxes must have shape \[B, N, 4\] = \(2, 6, 4\)"),
     (lambda x: {"boxes": x["boxes"][..., :3]}, r"boxes must have shape \[B, N, 4\]"),
     (lambda x: {"wg_weight": x["wg_weight"][:, :32]}, r"wg_weight must have shape \[H, 64\]"),
