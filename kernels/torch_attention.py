@@ -51,10 +51,10 @@ def _block(q, k, v, keep_keys, qf, kf, wg_weight, wg_bias, q_start, n_queries, c
         keep = keep_causal[None, None] if keep is None else keep & keep_causal
     has_key = None
     if keep is not None:
-        # elsewhere masked keys get the reference's finite -1e9, so a row without any valid key
-        # gets finite (uniform) weights, zeroed below by one multiply: no test of the mask on the
-        # host. Without a causal mask the caller zeroed the padded keys' values instead (such a row
-        # then averages zeros), so only the weights, when wanted, need the multiply
+        # unless SDPA alone masks (-inf, above), masked keys get the reference's finite -1e9, so a
+        # row without any valid key gets finite (uniform) weights, zeroed below by one multiply: no
+        # test of the mask on the host. Without a causal mask the caller zeroed the padded keys'
+        # values instead (such a row then averages zeros), so only the weights, when wanted, need it
         if not sdpa_masks and (causal or want_probs or want_entropy):
             has_key = keep.any(-1, keepdim=True)
         masked = scalar_constant(-math.inf if sdpa_masks else MASKED_SCORE, q.dtype, q.device)

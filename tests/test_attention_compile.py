@@ -3,7 +3,8 @@ forward and backward through the PyTorch backend equals eager; torch.func.grad w
 backends; the Triton path (registered ops with fake implementations) traces under FakeTensorMode
 with the right shapes and dtypes without launching a kernel; its dropout seed is a device tensor.
 
-torch.compile on CPU takes tens of seconds, so only one test compiles.
+torch.compile on CPU takes tens of seconds, so only two tests compile: forward and backward
+through aot_eager, and inference (the branch that leaves fully masked rows to SDPA) through inductor.
 """
 import pytest
 import torch
@@ -43,6 +44,23 @@ def test_torch_backend_compiles_fullgraph_forward_and_backward_equal_to_eager():
     # for equal shapes: fullgraph would raise on a graph break)
     y = _inputs(seed=1)
     torch.testing.assert_close(_grads(compiled, y)[0], _grads(lambda *a: _loss("torch", *a), y)[0])
+
+
+def test_torch_backend_inference_compiles_with_inductor_and_keeps_padded_images_zero():
+    """Without gradients the PyTorch path gives masked keys -inf and leaves a row without valid
+    keys to SDPA; inductor's lowering of it must give such a row 0 too, as eager does."""
+    torch._dynamo.reset()
+    x = random_inputs(2, 2, 7, 16, torch.float32, "cpu", seed=3)
+    x["attention_mask"][1] = False
+
+    def forward(*a):
+        return geo_attention(*a, backend="torch").out
+
+    with torch.no_grad():
+        eager = forward(*[x[n] for n in ARGS])
+        compiled = torch.compile(forward, fullgraph=True)(*[x[n] for n in ARGS])
+    assert (compiled[1] == 0).all()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
