@@ -188,16 +188,14 @@ class BoxFactors:
     ``[B, 2, 1, N, 1]`` and ``key_two_size`` ``[B, 2, 1, 1, N]`` = 2 (w, h) with ORT's +1 (exactly
     twice ORT's sizes: their ratios are ORT's ratios, bit for bit); the singleton dimension is
     the frequencies' (``freq`` and ``scale`` from :func:`pair_constants`); ``embedding`` the dx/dy
-    form (``EMBEDDINGS``). Boxes whose ``attention_mask [B, N]`` is False count as zeros (as
-    :func:`zero_padded_boxes` makes them: padding may hold anything).
+    form (``EMBEDDINGS``). Boxes whose ``attention_mask [B, N]`` is False count as zeros
+    (:func:`zero_padded_boxes`: padding may hold anything).
     """
 
     def __init__(self, boxes: torch.Tensor, dtype: torch.dtype, embedding: str = "ort", attention_mask=None):
         self.embedding = embedding
-        b = boxes if boxes.dtype == dtype else boxes.to(dtype)
+        b = zero_padded_boxes(boxes if boxes.dtype == dtype else boxes.to(dtype), attention_mask)
         constants = pair_constants(dtype, b.device)
-        if attention_mask is not None:
-            b = torch.where(attention_mask.view(b.shape[0], b.shape[1], 1), b, constants.zero)
         # [B, N, 4] -> [B, 2 (lo, hi), 2 (x, y), 1, N, 1]
         self.query_edges = b.view(b.shape[0], b.shape[1], 2, 2, 1, 1).permute(0, 2, 3, 4, 1, 5)
         self.key_edges = self.query_edges.mT
@@ -218,13 +216,11 @@ class BoxFactors:
 
 class PairConstants(NamedTuple):
     """The PyTorch path's constants for one dtype and device: ``freq`` ``[dim_g // 8, 1, 1]`` the
-    frequencies f_k shaped to scale ``[..., Nq, Nk]`` pair tensors; 0-dim ``two`` (2.0), ``scale``
-    (``SCALE``) and ``zero`` (0.0): tensor operands, as a Python number costs a wrapped-scalar
-    tensor per call."""
+    frequencies f_k shaped to scale ``[..., Nq, Nk]`` pair tensors; 0-dim ``two`` (2.0) and ``scale``
+    (``SCALE``): tensor operands, as a Python number costs a wrapped-scalar tensor per call."""
     freq: torch.Tensor
     two: torch.Tensor
     scale: torch.Tensor
-    zero: torch.Tensor
 
 
 def pair_constants(dtype: torch.dtype, device) -> PairConstants:
@@ -239,7 +235,7 @@ def pair_constants(dtype: torch.dtype, device) -> PairConstants:
 def _pair_constants(dtype: torch.dtype, device: torch.device) -> PairConstants:
     freq = geometry_frequencies(DIM_G, WAVE_LEN, dtype=dtype, device=device).view(-1, 1, 1)
     return PairConstants(freq, torch.tensor(2.0, dtype=dtype, device=device),
-                         torch.tensor(SCALE, dtype=dtype, device=device), torch.tensor(0.0, dtype=dtype, device=device))
+                         torch.tensor(SCALE, dtype=dtype, device=device))
 
 
 def pair_arguments(qf: BoxFactors, kf: BoxFactors) -> torch.Tensor:

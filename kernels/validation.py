@@ -120,7 +120,6 @@ def check_qkv(q, k, v, *, same_length: bool) -> None:
         raise ValueError(f"q and k must have the same number of objects N, got {qs[2]} and {ks[2]}")
     if qs[3] == 0:
         raise ValueError("q has head dim d = 0")
-    raise AssertionError("check_qkv: the common-case test and the checks disagree")  # pragma: no cover
 
 
 def check_attention_mask(mask, batch: int, n_keys: int, name: str = "attention_mask") -> None:
